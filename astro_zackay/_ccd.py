@@ -1,0 +1,475 @@
+"""The CCDData boundary: the one place where inputs become arrays and results become CCDData.
+
+Every public image-level function of astro_zackay calls :func:`to_image` on its
+inputs and :func:`to_ccddata` on its outputs, so that all of them accept the
+same things (`~astropy.nddata.CCDData`, `~astropy.nddata.NDData`, a plain
+`~numpy.ndarray` with ``unit=``, a FITS path or an HDU) and return the same
+things (a new `~astropy.nddata.CCDData` with unit, mask, uncertainty, WCS and a
+record of the step in ``meta``). Inputs are never mutated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.nddata import (
+    CCDData,
+    InverseVariance,
+    NDData,
+    StdDevUncertainty,
+    VarianceUncertainty,
+)
+from astropy.stats import sigma_clipped_stats
+from astropy.wcs import WCS
+
+__all__ = ["ImageData", "record_step", "to_ccddata", "to_image"]
+
+log = logging.getLogger(__name__)
+
+#: Header keywords searched, in order, for the gain (e-/ADU), read noise (e-) and saturation.
+GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
+READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
+SATURATION_KEYS = ("SATURATE", "SATURATN", "SATLEVEL")
+
+_ELECTRON_UNITS = (u.electron, u.photon)
+
+
+@dataclass(frozen=True, repr=False)
+class ImageData:
+    """An image as plain arrays, ready for the numerical core.
+
+    Attributes
+    ----------
+    data : `~numpy.ndarray`
+        Native-endian floating-point pixel values (a copy; never the caller's array).
+    variance : `~numpy.ndarray`
+        Per-pixel variance in ``unit**2``, from the input uncertainty or estimated
+        from the data (see ``variance_estimated``).
+    mask : `~numpy.ndarray`
+        Boolean, True for bad pixels: the input mask, non-finite data or variance,
+        and pixels at or above ``saturation``.
+    unit : `~astropy.units.Unit`
+        The unit of ``data``.
+    wcs : `~astropy.wcs.WCS` or None
+        The world coordinate system, if any.
+    meta : dict
+        A copy of the input metadata (a FITS header for FITS inputs).
+    gain : float or None
+        Electrons per data unit (1 for data in electrons), when known.
+    read_noise : float or None
+        Read noise in electrons, when known.
+    saturation : float or None
+        The saturation level in data units that was applied to the mask.
+    variance_estimated : bool
+        True when the variance was estimated from the data rather than propagated.
+    """
+
+    data: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    unit: u.UnitBase
+    wcs: WCS | None = None
+    meta: dict = field(default_factory=dict)
+    gain: float | None = None
+    read_noise: float | None = None
+    saturation: float | None = None
+    variance_estimated: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The image shape ``(ny, nx)``."""
+        return self.data.shape
+
+    def filled(self, value: float = 0.0) -> np.ndarray:
+        """Return a copy of the data with masked pixels replaced by ``value``."""
+        return np.where(self.mask, value, self.data)
+
+    def __repr__(self) -> str:
+        ny, nx = self.shape
+        return (
+            f"<ImageData {ny}x{nx} {self.data.dtype} [{self.unit}] "
+            f"masked={int(self.mask.sum())} variance_estimated={self.variance_estimated} "
+            f"wcs={'yes' if self.wcs is not None else 'no'}>"
+        )
+
+
+def _header_float(meta: Any, keys: tuple[str, ...]) -> float | None:
+    """First finite, positive float among ``keys`` in ``meta``, else None."""
+    if meta is None:
+        return None
+    for key in keys:
+        try:
+            value = float(meta[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def _as_float(value: Any, unit: u.UnitBase | None = None, name: str = "value") -> float | None:
+    """Convert a float or Quantity to a plain float (in ``unit`` when it is a Quantity)."""
+    if value is None:
+        return None
+    if isinstance(value, u.Quantity):
+        if unit is None:
+            return float(value.value)
+        try:
+            return float(value.to_value(unit))
+        except u.UnitConversionError as exc:
+            raise u.UnitsError(f"{name}={value} cannot be converted to {unit}: {exc}") from None
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def _read_fits(path: str | os.PathLike, hdu: int | str | None, unit: Any) -> CCDData:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no FITS file at {path!r}")
+    kwargs: dict[str, Any] = {}
+    if hdu is not None:
+        kwargs["hdu"] = hdu
+    try:
+        return CCDData.read(path, unit=unit, **kwargs)
+    except ValueError as exc:
+        if "unit" in str(exc).lower():
+            raise ValueError(
+                f"{path!r} has no BUNIT keyword, so its unit is unknown: pass unit='adu' "
+                "(or 'electron', ...) explicitly"
+            ) from None
+        raise
+
+
+def _from_hdu(hdu: Any, unit: Any) -> CCDData:
+    if isinstance(hdu, fits.HDUList):
+        with_data = [h for h in hdu if getattr(h, "data", None) is not None and h.is_image]
+        if not with_data:
+            raise ValueError("the HDUList has no image HDU with data")
+        hdu = with_data[0]
+    if hdu.data is None:
+        raise ValueError(f"the {type(hdu).__name__} has no data")
+    header = hdu.header.copy()
+    if unit is None:
+        bunit = header.get("BUNIT")
+        if bunit is None:
+            raise ValueError(
+                "the HDU has no BUNIT keyword, so its unit is unknown: pass unit='adu' "
+                "(or 'electron', ...) explicitly"
+            )
+        unit = u.Unit(bunit, parse_strict="warn")
+    wcs = None
+    if header.get("CTYPE1"):
+        wcs = WCS(header)
+    return CCDData(np.array(hdu.data), unit=unit, meta=header, wcs=wcs)
+
+
+def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
+    """Turn any accepted input into an NDData-like object (may share memory with the input)."""
+    if isinstance(image, NDData):
+        return image
+    if isinstance(image, str | os.PathLike):
+        return _read_fits(image, hdu, unit)
+    if isinstance(image, fits.HDUList | fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
+        return _from_hdu(image, unit)
+    if isinstance(image, u.Quantity):
+        return NDData(image.value, unit=image.unit)
+    if isinstance(image, np.ndarray | list | tuple):
+        if unit is None:
+            raise ValueError(
+                "a plain array has no unit: pass unit='adu' or unit='electron' (or give a CCDData)"
+            )
+        return NDData(np.asarray(image), unit=unit)
+    raise TypeError(
+        f"cannot use a {type(image).__name__} as an image: give a CCDData, NDData, "
+        "ndarray (with unit=), FITS path or FITS HDU"
+    )
+
+
+def _variance_from_uncertainty(
+    unc: Any, shape: tuple[int, ...], unit: u.UnitBase
+) -> np.ndarray | None:
+    if unc is None:
+        return None
+    if isinstance(unc, StdDevUncertainty | VarianceUncertainty | InverseVariance):
+        var = unc.represent_as(VarianceUncertainty)
+    else:
+        raise TypeError(
+            f"uncertainty of type {type(unc).__name__} is not supported: use "
+            "StdDevUncertainty, VarianceUncertainty or InverseVariance"
+        )
+    values = np.array(var.array, dtype=np.float64)
+    if var.unit is not None and unit is not None and var.unit != unit**2:
+        try:
+            values = (values * var.unit).to_value(unit**2)
+        except u.UnitConversionError:
+            raise u.UnitsError(
+                f"the uncertainty's unit ({var.unit}) does not match the data unit ({unit})"
+            ) from None
+    return np.broadcast_to(values, shape).copy()
+
+
+def _estimate_variance(
+    data: np.ndarray, mask: np.ndarray, gain: float | None
+) -> np.ndarray:
+    """Variance from the data: robust background variance plus Poisson noise of sources."""
+    good = ~mask & np.isfinite(data)
+    if good.sum() < 16:
+        raise ValueError("too few unmasked pixels to estimate the noise; give an uncertainty")
+    _, median, std = sigma_clipped_stats(data[good], sigma=4.0, maxiters=10, stdfunc="mad_std")
+    variance = np.full(data.shape, std**2, dtype=np.float64)
+    if gain is not None:
+        excess = np.nan_to_num(data - median, nan=0.0, posinf=0.0, neginf=0.0)
+        variance += np.clip(excess, 0.0, None) / gain
+        log.info(
+            "no uncertainty given: variance estimated as the clipped background variance "
+            "(%.4g) plus source Poisson noise with gain %.4g",
+            std**2,
+            gain,
+        )
+    else:
+        log.info(
+            "no uncertainty and no gain given: variance estimated as the clipped background "
+            "variance (%.4g) everywhere, so source Poisson noise is ignored; pass gain= or an "
+            "uncertainty (e.g. ccdproc.create_deviation) to include it",
+            std**2,
+        )
+    return variance
+
+
+def to_image(
+    image: Any,
+    *,
+    unit: Any = None,
+    mask: np.ndarray | None = None,
+    uncertainty: Any = None,
+    gain: Any = None,
+    read_noise: Any = None,
+    saturation: Any = None,
+    hdu: int | str | None = None,
+    dtype: type = np.float64,
+) -> ImageData:
+    """Turn any accepted image into `ImageData` (plain native-endian arrays).
+
+    Parameters
+    ----------
+    image : `~astropy.nddata.CCDData`, `~astropy.nddata.NDData`, `~numpy.ndarray`, str, path or HDU
+        The image. A plain array needs ``unit``; a FITS file without BUNIT needs ``unit``.
+    unit : str or `~astropy.units.Unit`, optional
+        The unit of the data; overrides none that the input already has (a mismatch raises).
+    mask : array-like of bool, optional
+        Extra bad pixels, OR-combined with the input's own mask.
+    uncertainty : `~astropy.nddata.NDUncertainty`, optional
+        Overrides the input's uncertainty.
+    gain : float or `~astropy.units.Quantity`, optional
+        Electrons per data unit; default the GAIN header keyword, or 1 for data in electrons.
+        Used only to estimate source Poisson noise when there is no uncertainty.
+    read_noise : float or `~astropy.units.Quantity`, optional
+        Read noise in electrons; default the RDNOISE header keyword.
+    saturation : float or `~astropy.units.Quantity`, optional
+        Pixels at or above this level (data units) are masked; default the SATURATE
+        header keyword.
+    hdu : int or str, optional
+        The HDU to read from a FITS file.
+    dtype : numpy dtype, optional
+        The floating-point type of the arrays (default float64).
+
+    Returns
+    -------
+    ImageData
+
+    Raises
+    ------
+    TypeError
+        For inputs that are not images.
+    ValueError
+        For inputs with no unit, not 2-D, or of mismatched shapes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._ccd import to_image
+    >>> img = to_image(np.ones((4, 5)), unit="adu", saturation=10.0)
+    >>> img.shape, str(img.unit), bool(img.mask.any())
+    ((4, 5), 'adu', False)
+    """
+    nd = _as_nddata(image, unit, hdu)
+    if nd.unit is None:
+        if unit is None:
+            raise ValueError(
+                f"the {type(image).__name__} has no unit: pass unit='adu' or unit='electron'"
+            )
+        data_unit = u.Unit(unit)
+    else:
+        data_unit = u.Unit(nd.unit)
+        if unit is not None and u.Unit(unit) != data_unit:
+            raise u.UnitsError(f"unit={unit!r} contradicts the image's own unit {data_unit}")
+    data = np.asarray(nd.data)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got an array of shape {data.shape}")
+    data = np.array(data, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
+
+    bad = ~np.isfinite(data)
+    for extra in (nd.mask, mask):
+        if extra is not None:
+            extra = np.asarray(extra, dtype=bool)
+            if extra.shape != data.shape:
+                raise ValueError(f"mask shape {extra.shape} does not match image {data.shape}")
+            bad |= extra
+
+    meta = nd.meta
+    electrons = data_unit in _ELECTRON_UNITS
+    gain_value = _as_float(gain, u.electron / data_unit, "gain")
+    if gain_value is None:
+        gain_value = 1.0 if electrons else _header_float(meta, GAIN_KEYS)
+    read_noise_value = _as_float(read_noise, u.electron, "read_noise")
+    if read_noise_value is None:
+        read_noise_value = _header_float(meta, READ_NOISE_KEYS)
+    saturation_value = _as_float(saturation, data_unit, "saturation")
+    if saturation_value is None:
+        saturation_value = _header_float(meta, SATURATION_KEYS)
+    if saturation_value is not None:
+        with np.errstate(invalid="ignore"):
+            bad |= data >= saturation_value
+
+    if uncertainty is None:
+        uncertainty = nd.uncertainty
+    variance = _variance_from_uncertainty(uncertainty, data.shape, data_unit)
+    estimated = variance is None
+    if estimated:
+        variance = _estimate_variance(data, bad, gain_value)
+    variance = variance.astype(data.dtype, copy=False)
+    bad |= ~np.isfinite(variance) | (variance < 0)
+
+    wcs = nd.wcs if isinstance(nd.wcs, WCS) else None
+    return ImageData(
+        data=data,
+        variance=variance,
+        mask=bad,
+        unit=data_unit,
+        wcs=wcs.deepcopy() if wcs is not None else None,
+        meta=_copy_meta(meta),
+        gain=gain_value,
+        read_noise=read_noise_value,
+        saturation=saturation_value,
+        variance_estimated=estimated,
+    )
+
+
+def _copy_meta(meta: Any) -> dict:
+    if meta is None:
+        return {}
+    if isinstance(meta, fits.Header):
+        return meta.copy()
+    return dict(meta)
+
+
+def record_step(meta: Any, key: str, text: str) -> Any:
+    """Record a processing step in ``meta`` under a short FITS-safe key.
+
+    The spirit of ccdproc's ``log_to_metadata``: the key names the step, the
+    value says what was done with which parameters. Keys are at most 8
+    characters so that `~astropy.nddata.CCDData.write` needs no HIERARCH cards.
+
+    Parameters
+    ----------
+    meta : dict or `~astropy.io.fits.Header`
+        Updated in place (pass a copy you own).
+    key : str
+        Upper-case key of at most 8 characters, e.g. ``"AZSUB"``.
+    text : str
+        A printable-ASCII description of the step.
+
+    Returns
+    -------
+    dict or `~astropy.io.fits.Header`
+        ``meta``, for chaining.
+
+    Examples
+    --------
+    >>> from astro_zackay._ccd import record_step
+    >>> record_step({}, "AZSUB", "ZOGY difference, beta=0.98")
+    {'AZSUB': 'ZOGY difference, beta=0.98'}
+    """
+    if len(key) > 8 or not key.isupper():
+        raise ValueError(f"meta key {key!r} must be upper case and at most 8 characters")
+    text = text.encode("ascii", "replace").decode("ascii")
+    meta[key] = text
+    return meta
+
+
+def to_ccddata(
+    data: np.ndarray,
+    template: ImageData,
+    *,
+    unit: Any = None,
+    variance: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    step: tuple[str, str] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> CCDData:
+    """Wrap a result array into a new `~astropy.nddata.CCDData` like ``template``.
+
+    Parameters
+    ----------
+    data : `~numpy.ndarray`
+        The result, the same shape as the template image.
+    template : ImageData
+        Gives the WCS, a copy of the meta, and default unit and mask.
+    unit : str or `~astropy.units.Unit`, optional
+        The result's unit; default the template's.
+    variance : `~numpy.ndarray`, optional
+        The result's variance, stored as a `~astropy.nddata.StdDevUncertainty`.
+    mask : `~numpy.ndarray`, optional
+        The result's mask; default the template's mask. Non-finite results are masked too.
+    step : (str, str), optional
+        ``(key, text)`` recorded in meta with :func:`record_step`.
+    extra_meta : dict, optional
+        Further (short-keyed) entries for meta.
+
+    Returns
+    -------
+    `~astropy.nddata.CCDData`
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._ccd import to_ccddata, to_image
+    >>> from astropy.nddata import StdDevUncertainty
+    >>> img = to_image(np.zeros((3, 3)), unit="electron",
+    ...                uncertainty=StdDevUncertainty(np.ones((3, 3))))
+    >>> out = to_ccddata(np.ones((3, 3)), img, variance=np.full((3, 3), 4.0),
+    ...                  step=("AZTEST", "a test step"))
+    >>> out.uncertainty.array[0, 0], out.meta["AZTEST"]
+    (np.float64(2.0), 'a test step')
+    """
+    data = np.asarray(data)
+    if data.shape != template.shape:
+        raise ValueError(f"result shape {data.shape} differs from the image {template.shape}")
+    out_mask = template.mask.copy() if mask is None else np.asarray(mask, dtype=bool).copy()
+    out_mask |= ~np.isfinite(data)
+    uncertainty = None
+    if variance is not None:
+        variance = np.asarray(variance)
+        out_mask |= ~np.isfinite(variance)
+        uncertainty = StdDevUncertainty(np.sqrt(np.clip(variance, 0.0, None)))
+    meta = _copy_meta(template.meta)
+    if step is not None:
+        record_step(meta, *step)
+    for key, value in (extra_meta or {}).items():
+        meta[key] = value
+    return CCDData(
+        data,
+        unit=template.unit if unit is None else u.Unit(unit),
+        mask=out_mask,
+        uncertainty=uncertainty,
+        wcs=template.wcs.deepcopy() if template.wcs is not None else None,
+        meta=meta,
+    )

@@ -1,0 +1,22 @@
+"""Shared fixtures and helpers of the test suite."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: Where the real FITS images live: $ASTRO_ZACKAY_DATA, else ../shared/data beside the checkout.
+DATA_ROOT = Path(
+    os.environ.get("ASTRO_ZACKAY_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
+
+
+def data_path(*parts: str) -> Path:
+    """Path of a real data file under DATA_ROOT, skipping the test when it is absent."""
+    path = DATA_ROOT.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"real data {path} not found: set ASTRO_ZACKAY_DATA to the folder holding "
+            "properimage/, decam-sfft/ and nircam-a2744/"
+        )
+    return path
