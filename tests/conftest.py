@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 #: Where the real FITS images live: $ASTRO_ZACKAY_DATA, else ../shared/data beside the checkout.
-DATA_ROOT = Path(
-    os.environ.get("ASTRO_ZACKAY_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+_DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("ASTRO_ZACKAY_DATA", _DEFAULT_DATA))
 
 
 def data_path(*parts: str) -> Path:
