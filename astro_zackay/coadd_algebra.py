@@ -1,0 +1,345 @@
+"""Proper coaddition (Zackay & Ofek 2017, ApJ 836, 187/188): the streaming array core.
+
+Arrays in, arrays out; no astropy objects.  With ``w_j = F_j / s_j**2`` (SCIENCE.md
+section 2)::
+
+    den_R = sum_j F_j**2/s_j**2 |Pj_h|**2
+    S_h   = sum_j w_j conj(Pj_h) Mj_h                 score image (matched filter)
+    R_h   = S_h / sqrt(den_R)                         white, unit variance
+    F_R   = sqrt(sum_j F_j**2/s_j**2),  PR_h = sqrt(den_R) / F_R   (PR_h[0, 0] == 1)
+
+Only the two Fourier sums are kept, so frames are added one at a time.
+
+Masked pixels.  A Fourier-space sum cannot drop one pixel of one frame exactly.
+Masked and NaN pixels of a frame are replaced by 0 before the transform (so they
+never leak), and the accumulator records how much matched-filter depth each output
+pixel lost.  For a point source at ``x`` the score is unbiased relative to its own
+noise: ``E[S(x)] = f * G(x)`` and ``Var(S(x)) = G(x)`` with the depth map::
+
+    G(x) = sum_j F_j**2/s_j**2 * sum_y good_j(y) P_j(y - x)**2
+         = G_full - sum_j F_j**2/s_j**2 (bad_j ⋆ P_j**2)(x)
+
+(exact for background-limited noise; the padding around the image counts as bad),
+so ``S / sqrt(G)`` is the local S/N and ``S / G`` the PSF flux everywhere.  ``R`` is
+divided by the square root of its exact local noise variance
+``1 - sum_j s_j**2 ((bad_j | outside) ⊛ K_j**2)`` (``K_j_h = w_j conj(Pj_h) / sqrt(den_R)``,
+computed in `ProperCoaddAccumulator.finalize` from the stored PSF stamps and bit-packed
+masks), so its noise is unit everywhere; near masks it is no longer white, and its local
+zero point is only approximately ``F_R * sqrt(G / G_full)``.  Pixels with
+``G < min_depth_fraction * G_full`` are set to 0 and flagged in ``mask``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .fourier import (
+    abs2,
+    fast_shape,
+    floored_inv_sqrt,
+    get_array_module,
+    origin_to_stamp,
+    pad_image,
+    psf_rfft,
+    unit_sum_psf,
+)
+from .zogy import _positive
+
+__all__ = ["CoaddAlgebraResult", "ProperCoaddAccumulator"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, repr=False)
+class CoaddAlgebraResult:
+    """Output of `ProperCoaddAccumulator.finalize` (numpy arrays on the image grid).
+
+    Attributes
+    ----------
+    R : ndarray
+        Proper coadd, white with unit variance; near masked pixels and edges it is
+        rescaled to unit local noise (correlated there).
+    S : ndarray
+        Score image ``sum_j w_j M_j ⋆ P_j = F_R * (R ⋆ P_R)`` (unmasked regions).
+    P_R : ndarray
+        Centred odd-sized stamp of the coadd PSF, renormalised to unit sum.
+    psf_r_at_origin : ndarray
+        The full coadd PSF on the FFT grid, centre at ``[0, 0]``, sum 1.
+    F_R : float
+        Flux zero point of ``R``: ``sqrt(sum_j F_j**2 / s_j**2)``.
+    depth : ndarray
+        ``G(x)``: variance of ``S`` and its response to unit flux (see the module
+        docstring); ``S / depth`` is the PSF flux and `snr` the S/N.
+    depth_full : float
+        ``G`` without masks, ``sum_j F_j**2/s_j**2 sum(P_j**2)``: the squared S/N of a
+        unit-flux point source.
+    n_used : ndarray of int
+        Number of frames not masked at each pixel.
+    mask : ndarray of bool
+        Pixels whose depth is below the ``min_depth_fraction`` of `finalize`.
+    n_frames : int
+        Frames added.
+    """
+
+    R: np.ndarray
+    S: np.ndarray
+    P_R: np.ndarray
+    psf_r_at_origin: np.ndarray
+    F_R: float
+    depth: np.ndarray
+    depth_full: float
+    n_used: np.ndarray
+    mask: np.ndarray
+    n_frames: int
+
+    @property
+    def snr(self) -> np.ndarray:
+        """Matched-filter S/N of a point source at each pixel: ``S / sqrt(depth)``, 0 if masked."""
+        return np.where(self.mask, 0.0, self.S / np.sqrt(np.where(self.mask, 1.0, self.depth)))
+
+    def __repr__(self) -> str:
+        return (
+            f"<CoaddAlgebraResult shape={self.R.shape} n_frames={self.n_frames} "
+            f"F_R={self.F_R:.6g} masked={int(self.mask.sum())}>"
+        )
+
+
+class ProperCoaddAccumulator:
+    """Streaming proper coaddition: add registered frames one at a time, then `finalize`.
+
+    Memory is a few half-plane spectra of the FFT grid, independent of the number of
+    frames.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of every input frame.
+    border : int, optional
+        Zero padding on each side (default 0: the FFT is circular over ``shape``); the
+        FFT grid is ``fast_shape(shape, border)`` unless ``fft_shape`` is given.
+        Use at least the PSF stamp size for images with sources near the edges.
+    fft_shape : tuple of int, optional
+        Explicit FFT grid, at least ``shape``.
+    dtype : {numpy.float64, numpy.float32}, optional
+        Working precision of the image transforms (PSF sums are kept in float64).
+    backend : {"numpy", "cupy"}, optional
+        Array backend; results are returned as numpy.
+    workers : int, optional
+        scipy.fft threads (default `~astro_zackay.fourier.DEFAULT_WORKERS`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.coadd_algebra import ProperCoaddAccumulator
+    >>> rng = np.random.default_rng(1)
+    >>> psf = np.zeros((3, 3)); psf[1, 1] = 0.5; psf[1, 0] = psf[1, 2] = 0.25
+    >>> acc = ProperCoaddAccumulator((32, 32))
+    >>> for s in (1.0, 2.0):
+    ...     acc.add(rng.normal(0, s, (32, 32)), psf, sigma=s)
+    >>> res = acc.finalize()
+    >>> round(res.F_R, 6), round(float(res.P_R.sum()), 12)
+    (1.118034, 1.0)
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        border: int = 0,
+        fft_shape: tuple[int, int] | None = None,
+        dtype: Any = np.float64,
+        backend: str = "numpy",
+        workers: int | None = None,
+    ) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"shape must be a 2-D image shape, got {shape}")
+        self.fft_shape = fast_shape(self.shape, border) if fft_shape is None else tuple(fft_shape)
+        if any(f < s for f, s in zip(self.fft_shape, self.shape)):
+            raise ValueError(f"fft_shape {self.fft_shape} is smaller than shape {self.shape}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self._be = get_array_module(backend)
+        self._workers = workers
+        self._ctype = np.result_type(self.dtype, np.complex64)
+        half = (self.fft_shape[0], self.fft_shape[1] // 2 + 1)
+        xp = self._be.xp
+        self._num_h = xp.zeros(half, dtype=self._ctype)  # sum_j w_j conj(Pj_h) Mj_h
+        self._den_h = np.zeros(half)  # sum_j F_j**2/s_j**2 |Pj_h|**2
+        self._p2_h = np.zeros(half, dtype=complex)  # sum_j F_j**2/s_j**2 conj(rfft(P_j**2))
+        self._deficit_h = None  # sum_j F_j**2/s_j**2 conj(rfft(P_j**2)) rfft(bad_j)
+        self._n_used = np.zeros(self.shape, dtype=np.int32)
+        self._w2 = 0.0
+        self._depth_full = 0.0
+        self._stamp = 1
+        self._frames: list[tuple[np.ndarray, float, float, np.ndarray | None]] = []
+        self._inner = pad_image(np.zeros(self.shape, bool), self.fft_shape)[1]
+        self.n_frames = 0
+
+    def add(
+        self,
+        image: np.ndarray,
+        psf: np.ndarray,
+        sigma: float,
+        flux_scale: float = 1.0,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Add one registered, background-subtracted frame.
+
+        Parameters
+        ----------
+        image : ndarray
+            Frame of ``shape`` (not modified); NaN pixels are treated as masked.
+        psf : ndarray
+            Odd-sized unit-sum PSF stamp of this frame.
+        sigma : float
+            Background noise of the frame.
+        flux_scale : float, optional
+            Flux zero point ``F_j`` (image = F_j * sky ⊛ P_j).
+        mask : ndarray of bool, optional
+            Bad pixels (True = bad); they are excluded (filled with 0) and recorded in
+            the depth map.
+        """
+        image = np.asarray(image)
+        if image.shape != self.shape:
+            raise ValueError(
+                f"image shape {image.shape} differs from the accumulator's {self.shape}"
+            )
+        s = _positive("sigma", sigma)
+        f = _positive("flux_scale", flux_scale)
+        psf = unit_sum_psf(psf, "psf")
+        bad = ~np.isfinite(image)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != self.shape:
+                raise ValueError(f"mask shape {mask.shape} differs from image shape {self.shape}")
+            bad |= mask
+        data = image.astype(self.dtype, copy=True)
+        data[bad] = 0.0
+        data, _ = pad_image(data, self.fft_shape)
+        be, grid, w2 = self._be, self.fft_shape, f * f / (s * s)
+
+        p_h = psf_rfft(psf, grid, workers=self._workers)
+        p2_h = psf_rfft(psf * psf, grid, workers=self._workers)
+        np.conjugate(p2_h, out=p2_h)
+        p2_h *= w2
+        self._p2_h += p2_h
+        self._den_h += w2 * abs2(p_h)
+        np.conjugate(p_h, out=p_h)
+        p_h *= f / (s * s)
+        m_h = be.rfft2(be.asarray(data), s=grid, workers=self._workers)
+        m_h *= be.asarray(p_h.astype(self._ctype, copy=False))
+        self._num_h += m_h
+        if bad.any():
+            bad_pad, _ = pad_image(bad.astype(np.float64), grid)
+            b_h = be.to_numpy(be.rfft2(be.asarray(bad_pad), s=grid, workers=self._workers))
+            b_h *= p2_h
+            if self._deficit_h is None:
+                self._deficit_h = b_h
+            else:
+                self._deficit_h += b_h
+        self._frames.append((psf, f, s, np.packbits(bad) if bad.any() else None))
+        self._n_used += ~bad
+        self._w2 += w2
+        self._depth_full += w2 * float((psf * psf).sum())
+        self._stamp = max(self._stamp, *psf.shape)
+        self.n_frames += 1
+
+    def _local_variance_of_r(self, inv_sqrt: np.ndarray, outside: np.ndarray) -> np.ndarray:
+        """Local noise variance of the unscaled R (exact for background-limited noise).
+
+        ``Var(R(x)) = 1 - sum_j s_j**2 ((bad_j | outside) ⊛ K_j**2)(x)`` with the
+        per-frame kernels ``K_j_h = w_j conj(Pj_h) / sqrt(den_R)``; needs ``den_R``, so
+        it is done here, from the stored PSF stamps and bit-packed masks.
+        """
+        grid, inner = self.fft_shape, self._inner
+        if not outside.any() and all(packed is None for *_, packed in self._frames):
+            return np.ones(self.shape)
+        clean_k2 = np.zeros(grid)  # sum of s_j**2 K_j**2 over frames without masked pixels
+        lost_h = np.zeros_like(self._p2_h)
+        for psf, f, s, packed in self._frames:
+            k_h = np.conj(psf_rfft(psf, grid, workers=self._workers))
+            k_h *= inv_sqrt * (f / (s * s))
+            k2 = np.fft.irfft2(k_h, s=grid)
+            k2 *= k2 * (s * s)
+            if packed is None:
+                clean_k2 += k2
+                continue
+            bad = np.zeros(grid)
+            bad[inner] = np.unpackbits(packed, count=int(np.prod(self.shape))).reshape(self.shape)
+            np.maximum(bad, outside, out=bad)
+            lost_h += np.fft.rfft2(bad) * np.fft.rfft2(k2)
+        lost_h += np.fft.rfft2(outside) * np.fft.rfft2(clean_k2)
+        return 1.0 - np.fft.irfft2(lost_h, s=grid)[inner]
+
+    def finalize(
+        self, psf_stamp_size: int | None = None, min_depth_fraction: float = 1e-3
+    ) -> CoaddAlgebraResult:
+        """Form the coadd from the accumulated sums (the accumulator stays usable).
+
+        Parameters
+        ----------
+        psf_stamp_size : int, optional
+            Odd size of the ``P_R`` stamp; default twice the largest input stamp, plus 1.
+        min_depth_fraction : float, optional
+            Pixels with ``depth < min_depth_fraction * depth_full`` (e.g. masked in every
+            frame) get ``R = 0`` and are flagged.
+
+        Returns
+        -------
+        CoaddAlgebraResult
+
+        Raises
+        ------
+        ValueError
+            If no frame was added.
+        """
+        if self.n_frames == 0:
+            raise ValueError("no frame was added; call add() first")
+        be, grid = self._be, self.fft_shape
+        inv_sqrt, _ = floored_inv_sqrt(self._den_h.copy())
+        f_r = float(np.sqrt(self._w2))
+        pr_full = np.fft.irfft2(np.sqrt(self._den_h) / f_r, s=grid)
+        size = 2 * self._stamp + 1 if psf_stamp_size is None else int(psf_stamp_size)
+        if size % 2 == 0:
+            raise ValueError(f"psf_stamp_size must be odd, got {size}")
+        size = min(size, *[n - 1 + n % 2 for n in grid])
+        p_r = origin_to_stamp(pr_full, size, normalize=True)
+
+        inner = self._inner
+        S = be.to_numpy(be.irfft2(self._num_h, s=grid, workers=self._workers)[inner])
+        r_h = self._num_h * be.asarray(inv_sqrt.astype(self.dtype, copy=False))
+        R = be.to_numpy(be.irfft2(r_h, s=grid, workers=self._workers)[inner])
+        del r_h
+
+        # depth lost to masks and to the padding around the image
+        outside = np.ones(grid)
+        outside[inner] = 0.0
+        lost_h = np.fft.rfft2(outside) * self._p2_h
+        if self._deficit_h is not None:
+            lost_h += self._deficit_h
+        lost = np.fft.irfft2(lost_h, s=grid)[inner]
+        depth = np.maximum(self._depth_full - lost, 0.0)
+        var_r = self._local_variance_of_r(inv_sqrt, outside)
+        flag = (depth < min_depth_fraction * self._depth_full) | (var_r < min_depth_fraction)
+        scale = 1.0 / np.sqrt(np.where(flag, 1.0, var_r))
+        scale[flag] = 0.0
+        R *= scale.astype(R.dtype, copy=False)
+        _log.debug("proper coadd of %d frames, F_R=%g", self.n_frames, f_r)
+        return CoaddAlgebraResult(
+            R=R,
+            S=S,
+            P_R=p_r,
+            psf_r_at_origin=pr_full,
+            F_R=f_r,
+            depth=depth.astype(self.dtype, copy=False),
+            depth_full=self._depth_full,
+            n_used=self._n_used.copy(),
+            mask=flag,
+            n_frames=self.n_frames,
+        )

@@ -1,0 +1,681 @@
+"""FFT helpers: the single place where images are padded, PSFs are put at the origin
+and real 2-D transforms are taken.
+
+All transforms are real (`scipy.fft.rfft2` / `scipy.fft.irfft2` with an explicit
+``s=``), unnormalised forward and ``1/Npix`` backward, so outputs are real by
+construction.  Spectra therefore have the "half-plane" layout
+``(ny, nx // 2 + 1)``; `half_spectrum_sum` turns a sum over that half plane into
+the sum over the full plane (Parseval).
+
+Threads: scipy's transforms take ``workers=``; every function here takes
+``workers=None`` meaning `DEFAULT_WORKERS` (``-1``: all cores that the process
+may use).  Pass an explicit integer to limit threads (for example inside a Dask
+worker).
+
+Array backend: `get_array_module` returns an `ArrayBackend` bundling the array
+module (numpy or cupy) with its FFT module (`scipy.fft` or `cupyx.scipy.fft`),
+so the numerical core is written once for both.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+__all__ = [
+    "DEFAULT_WORKERS",
+    "PSF_SUM_TOLERANCE",
+    "ArrayBackend",
+    "abs2",
+    "convolve_fft",
+    "correlate_fft",
+    "fast_shape",
+    "floored_inv_sqrt",
+    "frequency_grids",
+    "get_array_module",
+    "half_spectrum_sum",
+    "origin_to_stamp",
+    "pad_image",
+    "phase_ramp",
+    "psf_rfft",
+    "psf_to_origin",
+    "shift_image",
+    "unit_sum_psf",
+]
+
+#: Number of threads given to `scipy.fft` when a function is called with
+#: ``workers=None``; ``-1`` means all cores available to the process.
+DEFAULT_WORKERS: int = -1
+
+#: Stamps with at most this many rows get a direct (matrix-product) DFT in `psf_rfft`.
+_DIRECT_DFT_MAX = 64
+
+#: Largest ``|sum(psf) - 1|`` accepted by `unit_sum_psf`; smaller deviations are divided out.
+PSF_SUM_TOLERANCE: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ArrayBackend:
+    """An array module together with its FFT module.
+
+    Attributes
+    ----------
+    name : str
+        ``"numpy"`` or ``"cupy"``.
+    xp : module
+        `numpy` or ``cupy``.
+    fft : module
+        `scipy.fft` or ``cupyx.scipy.fft``.
+    """
+
+    name: str
+    xp: ModuleType
+    fft: ModuleType
+
+    def rfft2(self, a: Any, s: tuple[int, int] | None = None, workers: int | None = None) -> Any:
+        """Unnormalised real 2-D forward transform (``workers`` ignored by cupy)."""
+        if self.name == "numpy":
+            return self.fft.rfft2(a, s=s, workers=DEFAULT_WORKERS if workers is None else workers)
+        return self.fft.rfft2(a, s=s)
+
+    def irfft2(self, a: Any, s: tuple[int, int], workers: int | None = None) -> Any:
+        """Inverse of `rfft2` onto the real grid of shape ``s`` (``workers`` ignored by cupy)."""
+        if self.name == "numpy":
+            return self.fft.irfft2(a, s=s, workers=DEFAULT_WORKERS if workers is None else workers)
+        return self.fft.irfft2(a, s=s)
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Move ``a`` to this backend (no copy when it is already there with ``dtype``)."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """Return ``a`` as a numpy array (copies from the GPU for cupy)."""
+        if self.name == "numpy" or a is None or np.isscalar(a):
+            return a
+        return self.xp.asnumpy(a)
+
+
+def get_array_module(backend: str = "numpy") -> ArrayBackend:
+    """Return the array backend named ``backend``.
+
+    Parameters
+    ----------
+    backend : {"numpy", "cupy"}
+        ``"numpy"`` (default) gives `numpy` with `scipy.fft`; ``"cupy"`` gives
+        ``cupy`` with ``cupyx.scipy.fft`` and needs CuPy to be installed.
+
+    Returns
+    -------
+    ArrayBackend
+
+    Raises
+    ------
+    ValueError
+        If ``backend`` is not one of the names above.
+    ImportError
+        If ``backend="cupy"`` and CuPy cannot be imported.
+
+    Examples
+    --------
+    >>> from astro_zackay.fourier import get_array_module
+    >>> get_array_module().name
+    'numpy'
+    """
+    if backend == "numpy":
+        return ArrayBackend("numpy", np, scipy.fft)
+    if backend == "cupy":
+        try:
+            cupy = importlib.import_module("cupy")
+            cufft = importlib.import_module("cupyx.scipy.fft")
+        except ImportError as exc:
+            raise ImportError(
+                "backend='cupy' needs CuPy (and a CUDA GPU); install the cupy wheel that "
+                "matches your CUDA version, e.g. 'pip install cupy-cuda12x', or use "
+                "backend='numpy'."
+            ) from exc
+        return ArrayBackend("cupy", cupy, cufft)
+    raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
+
+
+def fast_shape(shape: tuple[int, ...], border: int = 0) -> tuple[int, ...]:
+    """Smallest fast real-FFT shape holding ``shape`` plus ``border`` pixels on each side.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the image.
+    border : int, optional
+        Pixels of padding wanted on each side of every axis (default 0).
+
+    Returns
+    -------
+    tuple of int
+        ``scipy.fft.next_fast_len(n + 2*border, real=True)`` for every axis.
+
+    Examples
+    --------
+    >>> from astro_zackay.fourier import fast_shape
+    >>> fast_shape((2049, 1000), border=10)
+    (2160, 1024)
+    """
+    if border < 0:
+        raise ValueError(f"border must be >= 0, got {border}")
+    return tuple(scipy.fft.next_fast_len(int(n) + 2 * int(border), real=True) for n in shape)
+
+
+def pad_image(
+    arr: np.ndarray, shape: tuple[int, int], fill: float = 0.0
+) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Embed ``arr`` in the centre of a ``shape`` array filled with ``fill``.
+
+    Parameters
+    ----------
+    arr : ndarray
+        2-D image (not modified).
+    shape : tuple of int
+        Output shape, at least ``arr.shape`` along each axis.
+    fill : float, optional
+        Value of the border pixels (default 0, right for background-subtracted data).
+
+    Returns
+    -------
+    padded : ndarray
+        New array of ``shape`` and ``arr``'s dtype.
+    slices : tuple of slice
+        ``padded[slices]`` is ``arr``; use it to cut results back to the input grid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import pad_image
+    >>> padded, inner = pad_image(np.ones((2, 3)), (4, 5))
+    >>> padded
+    array([[0., 0., 0., 0., 0.],
+           [0., 1., 1., 1., 0.],
+           [0., 1., 1., 1., 0.],
+           [0., 0., 0., 0., 0.]])
+    >>> bool(np.all(padded[inner] == 1))
+    True
+    """
+    arr = np.asarray(arr)
+    if arr.ndim != 2 or len(shape) != 2:
+        raise ValueError(f"pad_image needs a 2-D image and a 2-D shape, got {arr.shape}, {shape}")
+    if any(s < n for s, n in zip(shape, arr.shape)):
+        raise ValueError(f"pad shape {tuple(shape)} is smaller than the image shape {arr.shape}")
+    start = [(s - n) // 2 for s, n in zip(shape, arr.shape)]
+    slices = tuple(slice(a, a + n) for a, n in zip(start, arr.shape))
+    out = np.full(shape, fill, dtype=arr.dtype)
+    out[slices] = arr
+    return out, slices
+
+
+def unit_sum_psf(stamp: Any, name: str = "psf") -> np.ndarray:
+    """Validate a PSF stamp and return a float64 copy with exactly unit sum.
+
+    Parameters
+    ----------
+    stamp : array_like
+        Finite 2-D PSF stamp whose sum is 1 within `PSF_SUM_TOLERANCE`; flux scales
+        belong in the zero points, not in the PSF.
+    name : str, optional
+        Name used in error messages.
+
+    Returns
+    -------
+    ndarray
+
+    Raises
+    ------
+    ValueError
+        If the stamp is not finite and 2-D, or its sum is not 1 within the tolerance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import unit_sum_psf
+    >>> float(unit_sum_psf(np.full((3, 3), 1.0002 / 9)).sum())
+    1.0
+    """
+    stamp = np.asarray(stamp, dtype=np.float64)
+    if stamp.ndim != 2 or not np.all(np.isfinite(stamp)):
+        raise ValueError(f"{name} must be a finite 2-D stamp, got shape {stamp.shape}")
+    total = stamp.sum()
+    if abs(total - 1.0) > PSF_SUM_TOLERANCE:
+        raise ValueError(
+            f"{name} must have unit sum (the flux scale lives in the zero points), "
+            f"got sum {total:.6g}; divide the stamp by its sum"
+        )
+    return stamp / total
+
+
+def _check_stamp(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    stamp = np.asarray(stamp)
+    if stamp.ndim != 2:
+        raise ValueError(f"a PSF stamp must be 2-D, got shape {stamp.shape}")
+    if stamp.shape[0] % 2 == 0 or stamp.shape[1] % 2 == 0:
+        raise ValueError(
+            f"a PSF stamp must have odd sizes so that its centre is a pixel, got {stamp.shape}; "
+            "pad it with one row/column of zeros on the side away from the centre."
+        )
+    if stamp.shape[0] > shape[0] or stamp.shape[1] > shape[1]:
+        raise ValueError(f"PSF stamp {stamp.shape} is larger than the image grid {tuple(shape)}")
+    return stamp
+
+
+def psf_to_origin(stamp: np.ndarray, shape: tuple[int, int], dtype: Any = None) -> np.ndarray:
+    """Zero-pad an odd-sized PSF stamp to ``shape`` with its central pixel moved to ``[0, 0]``.
+
+    This is the zero-pad-then-roll-by ``-(size // 2)`` of SCIENCE.md pitfall 1
+    (equal to centring the stamp in the image and applying ``ifftshift``), done in
+    one scatter: stamp pixel ``(i, j)`` lands on ``((i - h) % ny, (j - w) % nx)``
+    with ``h, w = size // 2``.  Even-sized stamps have no central pixel and are
+    rejected.
+
+    Parameters
+    ----------
+    stamp : ndarray
+        2-D PSF stamp with odd sizes, no larger than ``shape``; its centre pixel is
+        ``stamp[h, w]``.
+    shape : tuple of int
+        Shape of the (padded) image grid.
+    dtype : dtype, optional
+        Output dtype (default: the stamp's floating dtype).
+
+    Returns
+    -------
+    ndarray
+
+    Raises
+    ------
+    ValueError
+        For a non 2-D or even-sized stamp, or a stamp larger than ``shape``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import psf_to_origin
+    >>> stamp = np.zeros((3, 3)); stamp[1, 1] = 1.0; stamp[1, 2] = 0.5
+    >>> psf_to_origin(stamp, (4, 4))
+    array([[1. , 0.5, 0. , 0. ],
+           [0. , 0. , 0. , 0. ],
+           [0. , 0. , 0. , 0. ],
+           [0. , 0. , 0. , 0. ]])
+    """
+    stamp = _check_stamp(stamp, shape)
+    dtype = np.result_type(stamp.dtype, np.float32) if dtype is None else dtype
+    out = np.zeros(shape, dtype=dtype)
+    h, w = stamp.shape[0] // 2, stamp.shape[1] // 2
+    rows = (np.arange(stamp.shape[0]) - h) % shape[0]
+    cols = (np.arange(stamp.shape[1]) - w) % shape[1]
+    out[np.ix_(rows, cols)] = stamp
+    return out
+
+
+def origin_to_stamp(
+    arr: np.ndarray, size: int | tuple[int, int], normalize: bool = False
+) -> np.ndarray:
+    """Cut a centred odd-sized stamp out of an origin-centred array (inverse of `psf_to_origin`).
+
+    Parameters
+    ----------
+    arr : ndarray
+        2-D array whose centre is at pixel ``[0, 0]`` (wrapping around the edges),
+        e.g. ``irfft2`` of a PSF transform.
+    size : int or tuple of int
+        Odd stamp size(s).
+    normalize : bool, optional
+        Divide the stamp by its sum (default False).
+
+    Returns
+    -------
+    ndarray
+        New array of shape ``size`` with the centre at ``[size // 2, size // 2]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import origin_to_stamp, psf_to_origin
+    >>> stamp = np.arange(9.0).reshape(3, 3)
+    >>> bool(np.array_equal(origin_to_stamp(psf_to_origin(stamp, (8, 8)), 3), stamp))
+    True
+    """
+    sy, sx = (size, size) if np.isscalar(size) else size
+    sy, sx = int(sy), int(sx)
+    if sy % 2 == 0 or sx % 2 == 0 or sy > arr.shape[0] or sx > arr.shape[1]:
+        raise ValueError(f"stamp size must be odd and at most {arr.shape}, got {(sy, sx)}")
+    rows = (np.arange(sy) - sy // 2) % arr.shape[0]
+    cols = (np.arange(sx) - sx // 2) % arr.shape[1]
+    out = np.asarray(arr)[np.ix_(rows, cols)]
+    if normalize:
+        out = out / out.sum()
+    return out
+
+
+def psf_rfft(
+    stamp: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    dtype: Any = np.float64,
+    backend: str | ArrayBackend = "numpy",
+    workers: int | None = None,
+) -> Any:
+    """Real transform of a PSF stamp placed at the origin of a ``shape`` grid.
+
+    Stamps up to 64 rows are transformed by a separable direct DFT (two matrix
+    products, about half the time of a float64 FFT of the whole grid for typical
+    stamps); larger ones by `psf_to_origin` and an FFT.  Either way the transform is
+    computed in float64 and then cast to the complex type matching ``dtype``: a
+    float32 FFT of a compact stamp has an absolute round-off floor of ~1e-7 that would
+    replace the true (tiny) high-frequency PSF power and
+    make float32 and float64 subtractions differ by O(1) at those frequencies.
+
+    Parameters
+    ----------
+    stamp : ndarray
+        Odd-sized 2-D PSF stamp (see `psf_to_origin`).
+    shape : tuple of int
+        Real grid shape.
+    dtype : dtype, optional
+        Real working dtype, ``float32`` or ``float64`` (default).
+    backend : str or ArrayBackend, optional
+        Where the result lives (default numpy).
+    workers : int, optional
+        FFT threads (default `DEFAULT_WORKERS`).
+
+    Returns
+    -------
+    ndarray
+        Complex array of shape ``(ny, nx // 2 + 1)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import psf_rfft
+    >>> p_h = psf_rfft(np.full((3, 3), 1 / 9), (8, 8))
+    >>> p_h.shape, complex(p_h[0, 0])
+    ((8, 5), (1+0j))
+    """
+    be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
+    ctype = np.result_type(dtype, np.complex64)
+    stamp = _check_stamp(stamp, shape)
+    h, w = stamp.shape
+    if h <= _DIRECT_DFT_MAX:
+        # separable direct DFT: E_y (ny x h) @ stamp (h x w) @ E_x (w x nx//2+1)
+        ey = np.exp(-2j * np.pi * np.outer(np.fft.fftfreq(shape[0]), np.arange(h) - h // 2))
+        ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - w // 2, np.fft.rfftfreq(shape[1])))
+        p_h = ey @ (stamp.astype(np.float64) @ ex)
+    else:
+        cpu = get_array_module("numpy")
+        p_h = cpu.rfft2(
+            psf_to_origin(stamp, shape, dtype=np.float64), s=tuple(shape), workers=workers
+        )
+    return be.asarray(p_h.astype(ctype, copy=False))
+
+
+def half_spectrum_sum(a: Any, nx: int) -> Any:
+    """Sum over the full 2-D frequency plane of a real quantity stored on the rfft half plane.
+
+    Columns ``1 .. (nx - 1) // 2`` stand for two frequencies (``k`` and ``-k``); the
+    zero column and, for even ``nx``, the Nyquist column stand for one.
+
+    Parameters
+    ----------
+    a : ndarray
+        Real array of shape ``(ny, nx // 2 + 1)`` that is even in frequency
+        (e.g. ``|X_h|**2``).
+    nx : int
+        Length of the real last axis.
+
+    Returns
+    -------
+    float
+        The full-plane sum; with ``a = |X_h|**2`` it equals ``Npix * sum(X**2)``.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.fft
+    >>> from astro_zackay.fourier import half_spectrum_sum
+    >>> x = np.arange(12.0).reshape(3, 4)
+    >>> float(half_spectrum_sum(np.abs(scipy.fft.rfft2(x))**2, 4) / x.size), float((x**2).sum())
+    (506.0, 506.0)
+    """
+    total = 2.0 * a.sum() - a[:, 0].sum()
+    if nx % 2 == 0:
+        total = total - a[:, -1].sum()
+    return total
+
+
+def abs2(z: Any) -> Any:
+    """``|z|**2`` of a complex array as a new real array (no square root).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import abs2
+    >>> abs2(np.array([3 + 4j]))
+    array([25.])
+    """
+    out = z.real * z.real
+    out += z.imag * z.imag
+    return out
+
+
+def floored_inv_sqrt(den: Any) -> tuple[Any, Any]:
+    """``1 / sqrt(max(den, floor))`` computed in place in ``den``, and the mask ``den > floor``.
+
+    The floor is ``den.max() * sqrt(finfo(den.dtype).tiny)``: low enough that it only
+    bites where the denominator has (nearly) underflowed, so whitened images keep unit
+    variance at every frequency (see `astro_zackay.zogy`), high enough that the
+    reciprocal can never overflow.
+
+    Parameters
+    ----------
+    den : ndarray
+        Non-negative real array (overwritten).
+
+    Returns
+    -------
+    inv_sqrt : ndarray
+        ``den`` itself, now holding the floored inverse square root.
+    good : ndarray of bool
+        Where ``den`` was above the floor; zero derived filters elsewhere.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import floored_inv_sqrt
+    >>> inv, good = floored_inv_sqrt(np.array([4.0, 0.0]))
+    >>> float(inv[0]), bool(np.isfinite(inv[1])), good.tolist()
+    (0.5, True, [True, False])
+    """
+    xp = np if isinstance(den, np.ndarray) else importlib.import_module("cupy")
+    floor = float(den.max()) * float(np.sqrt(np.finfo(den.dtype).tiny))
+    good = den > floor
+    xp.maximum(den, floor, out=den)
+    xp.sqrt(den, out=den)
+    xp.divide(1.0, den, out=den)
+    return den, good
+
+
+def frequency_grids(
+    shape: tuple[int, int], dtype: Any = np.float64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frequencies (cycles per pixel) of the rfft half plane as broadcastable ``(ky, kx)``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Real grid shape ``(ny, nx)``.
+    dtype : dtype, optional
+        Float dtype of the grids.
+
+    Returns
+    -------
+    ky : ndarray
+        Shape ``(ny, 1)``, from `numpy.fft.fftfreq`.
+    kx : ndarray
+        Shape ``(1, nx // 2 + 1)``, from `numpy.fft.rfftfreq`.
+
+    Examples
+    --------
+    >>> from astro_zackay.fourier import frequency_grids
+    >>> ky, kx = frequency_grids((4, 4))
+    >>> ky.ravel(), kx.ravel()
+    (array([ 0.  ,  0.25, -0.5 , -0.25]), array([0.  , 0.25, 0.5 ]))
+    """
+    ky = np.fft.fftfreq(shape[0]).astype(dtype)[:, None]
+    kx = np.fft.rfftfreq(shape[1]).astype(dtype)[None, :]
+    return ky, kx
+
+
+def phase_ramp(
+    shape: tuple[int, int], dx: float, dy: float, dtype: Any = np.complex128
+) -> np.ndarray:
+    """Half-plane transfer function ``exp(-2 pi i (kx dx + ky dy))`` of a shift by ``(dx, dy)``.
+
+    Multiplying an rfft2 spectrum by it moves the image content by ``+dx`` pixels
+    along x (axis 1) and ``+dy`` along y (axis 0), circularly.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Real grid shape.
+    dx, dy : float
+        Shift in pixels.
+    dtype : dtype, optional
+        Complex dtype of the result.
+
+    Returns
+    -------
+    ndarray
+        Shape ``(ny, nx // 2 + 1)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import phase_ramp
+    >>> np.round(phase_ramp((2, 4), 1.0, 0.0)[0], 12) + 0.0
+    array([ 1.+0.j,  0.-1.j, -1.+0.j])
+    """
+    ky, kx = frequency_grids(shape)
+    ramp = np.exp(-2j * np.pi * kx * dx) * np.exp(-2j * np.pi * ky * dy)
+    return ramp.astype(dtype, copy=False)
+
+
+def shift_image(arr: np.ndarray, dx: float, dy: float, *, workers: int | None = None) -> np.ndarray:
+    """Shift an image by ``(dx, dy)`` pixels with a Fourier phase ramp (circular, band-limited).
+
+    Integer shifts equal ``np.roll(arr, (dy, dx), axis=(0, 1))``.  For sub-pixel
+    shifts the Nyquist row/column keeps only the real part of its ramp (what
+    ``irfft2`` does for a real output); use it on well-sampled, padded images.
+
+    Parameters
+    ----------
+    arr : ndarray
+        2-D real image (not modified); NaN must be filled beforehand.
+    dx, dy : float
+        Shift in pixels along x (axis 1) and y (axis 0); content moves to larger
+        indices for positive values.
+    workers : int, optional
+        FFT threads (default `DEFAULT_WORKERS`).
+
+    Returns
+    -------
+    ndarray
+        Same shape and floating dtype as ``arr``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import shift_image
+    >>> shift_image(np.array([[0.0, 1.0, 0.0, 0.0]]), 2, 0)
+    array([[0., 0., 0., 1.]])
+    """
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"shift_image needs a 2-D image, got shape {arr.shape}")
+    be = get_array_module("numpy")
+    a_h = be.rfft2(arr, s=arr.shape, workers=workers)
+    a_h *= phase_ramp(arr.shape, dx, dy, dtype=a_h.dtype)
+    return be.irfft2(a_h, s=arr.shape, workers=workers)
+
+
+def convolve_fft(
+    image: np.ndarray, kernel_h: np.ndarray, *, workers: int | None = None
+) -> np.ndarray:
+    """Circular convolution ``image ⊛ k`` given ``kernel_h = rfft2(k)`` (k centred at the origin).
+
+    Parameters
+    ----------
+    image : ndarray
+        2-D real array.
+    kernel_h : ndarray
+        Half-plane transform of the kernel on ``image``'s grid, e.g. from `psf_rfft`.
+    workers : int, optional
+        FFT threads (default `DEFAULT_WORKERS`).
+
+    Returns
+    -------
+    ndarray
+        Real array of ``image``'s shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import convolve_fft, psf_rfft
+    >>> img = np.zeros((4, 4)); img[1, 1] = 1.0
+    >>> k = np.zeros((3, 3)); k[1, 2] = 1.0          # shift by +1 in x
+    >>> np.argwhere(convolve_fft(img, psf_rfft(k, img.shape)) > 0.5).tolist()
+    [[1, 2]]
+    """
+    return _fft_product(image, kernel_h, conjugate=False, workers=workers)
+
+
+def correlate_fft(
+    image: np.ndarray, kernel_h: np.ndarray, *, workers: int | None = None
+) -> np.ndarray:
+    """Circular cross-correlation ``image ⋆ k`` (the matched filter) given ``kernel_h = rfft2(k)``.
+
+    Parameters
+    ----------
+    image : ndarray
+        2-D real array.
+    kernel_h : ndarray
+        Half-plane transform of the kernel on ``image``'s grid.
+    workers : int, optional
+        FFT threads (default `DEFAULT_WORKERS`).
+
+    Returns
+    -------
+    ndarray
+        ``sum_y image(y) k(y - x)``, real, of ``image``'s shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import correlate_fft, psf_rfft
+    >>> img = np.zeros((4, 4)); img[1, 1] = 1.0
+    >>> k = np.zeros((3, 3)); k[1, 2] = 1.0
+    >>> np.argwhere(correlate_fft(img, psf_rfft(k, img.shape)) > 0.5).tolist()
+    [[1, 0]]
+    """
+    return _fft_product(image, kernel_h, conjugate=True, workers=workers)
+
+
+def _fft_product(image: np.ndarray, kernel_h: np.ndarray, *, conjugate: bool, workers: int | None):
+    image = np.asarray(image)
+    expected = (image.shape[0], image.shape[1] // 2 + 1)
+    if image.ndim != 2 or kernel_h.shape != expected:
+        raise ValueError(
+            f"kernel transform shape {kernel_h.shape} does not match image shape {image.shape} "
+            f"(expected {expected}); build it with psf_rfft(stamp, image.shape)"
+        )
+    be = get_array_module("numpy")
+    i_h = be.rfft2(image, s=image.shape, workers=workers)
+    i_h *= np.conj(kernel_h) if conjugate else kernel_h
+    return be.irfft2(i_h, s=image.shape, workers=workers)

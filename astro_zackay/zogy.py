@@ -1,0 +1,816 @@
+"""ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27): the array core.
+
+Arrays in, arrays out; no astropy objects.  The equations are those of SCIENCE.md
+section 1, with ``Fr = flux_ref``, ``Fn = flux_new`` and the PSF transforms
+``Pr_h``, ``Pn_h`` of unit-sum stamps put at the origin (`~astro_zackay.fourier.psf_rfft`).
+Writing ``A = Fr*Pr_h`` and ``B = Fn*Pn_h``::
+
+    den   = sn**2 |A|**2 + sr**2 |B|**2                 (floored, see below)
+    D_h   = (A N_h - B R_h) / sqrt(den)                 white, unit variance
+    Q     = A B / sqrt(den) = F_D * PD_h                (zeroed where den is floored)
+    S_h   = conj(Q) D_h = kn_h N_h - kr_h R_h           kn_h = conj(Q) A / sqrt(den), ...
+    F_S   = sum(|Q|**2) / Npix = F_D**2 sum(P_D**2)
+
+so the identities ``S == F_D * (D ⋆ P_D)`` and ``F_S == F_D**2 sum(P_D**2)`` hold by
+construction.
+
+Denominator floor: ``den`` is floored at ``den.max() * sqrt(finfo(dtype).tiny)``
+(``~1e-19`` relative in float32, ``~1e-154`` in float64) and ``P_D``, ``S`` and the
+noise kernels are zeroed where the floor bites.  The larger floor
+``den.max() * 1e-12`` of SCIENCE.md pitfall 2 also prevents NaN, but it removes the
+noise of ``D`` at every frequency where both PSFs are below 1e-6 of their peak: for
+a Gaussian PSF of sigma 2 px that is 45 % of the plane and ``std(D)`` drops to
+~0.75.  The float32 path stays NaN-free because the PSF transforms are computed in
+float64 (`~astro_zackay.fourier.psf_rfft`), so no round-off noise sits in the
+denominator.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .fourier import (
+    ArrayBackend,
+    abs2,
+    fast_shape,
+    floored_inv_sqrt,
+    frequency_grids,
+    get_array_module,
+    half_spectrum_sum,
+    origin_to_stamp,
+    pad_image,
+    phase_ramp,
+    psf_rfft,
+    unit_sum_psf,
+)
+
+__all__ = ["FluxMatch", "ShiftMatch", "ZogyResult", "fit_flux_ratio", "fit_shift", "zogy"]
+
+_log = logging.getLogger(__name__)
+
+#: Variance floor of Scorr's denominator, relative to the background-only variance F_S.
+_VAR_FLOOR = 1e-6
+#: Tukey biweight and Huber tuning constants (95 % Gaussian efficiency).
+_BIWEIGHT_C = 4.685
+_HUBER_K = 1.345
+
+
+@dataclass(frozen=True, repr=False)
+class ZogyResult:
+    """Outputs of `zogy` (all arrays are numpy arrays on the input grid).
+
+    Attributes
+    ----------
+    D : ndarray
+        Proper difference image, white with unit variance (divide by ``F_D`` for flux units).
+    S : ndarray
+        Matched-filter score ``S = S_N - S_R = F_D * (D ⋆ P_D)``.
+    Scorr : ndarray
+        ``S / sqrt(V_SN + V_SR + V_ast + V_beta)``: detection statistic in sigma units.
+    F_D : float
+        Flux zero point of ``D`` (eq 15).
+    F_S : float
+        Flux normalisation of ``S`` (eq 42): ``alpha = S / F_S``; also the variance of
+        ``S`` for background-only noise.
+    V_SN, V_SR : ndarray or float
+        Variance of ``S_N`` and ``S_R``: ``V ⊛ k**2`` with the variance maps, or the
+        constant ``sigma**2 * sum(k**2)`` without them.
+    V_ast : ndarray or None
+        Astrometric-noise variance (eq 30-33), None when both astrometric noises are 0.
+    V_beta : ndarray or None
+        Flux-ratio-error variance ``(R sigma_beta)**2 ⊛ kr**2``, None when the error is 0.
+    psf_d_at_origin : ndarray
+        Unit-sum PSF of ``D`` on the FFT grid (the padded grid when ``pad=True``), centre
+        at pixel ``[0, 0]``; `psf_d_stamp` cuts a centred stamp from it.
+    mask : ndarray or None
+        True where outputs are unreliable: within a PSF stamp of a masked/NaN input
+        pixel and, with ``pad=True``, of the image edge.  None when nothing is flagged.
+    flux_new, flux_ref, sigma_new, sigma_ref : float
+        The flux zero points and background noises used.
+    """
+
+    D: np.ndarray
+    S: np.ndarray
+    Scorr: np.ndarray
+    F_D: float
+    F_S: float
+    V_SN: np.ndarray | float
+    V_SR: np.ndarray | float
+    V_ast: np.ndarray | None
+    V_beta: np.ndarray | None
+    psf_d_at_origin: np.ndarray
+    mask: np.ndarray | None
+    flux_new: float
+    flux_ref: float
+    sigma_new: float
+    sigma_ref: float
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """PSF-photometry flux of a point source centred at each pixel, ``S / F_S`` (eq 41)."""
+        return self.S / self.F_S
+
+    @property
+    def alpha_err(self) -> np.ndarray:
+        """1-sigma error of `alpha` from source + background noise, ``sqrt(V_SN + V_SR) / F_S``."""
+        err = np.sqrt(np.maximum(self.V_SN + self.V_SR, 0.0)) / self.F_S
+        return np.full(self.S.shape, err, dtype=self.S.dtype) if np.ndim(err) == 0 else err
+
+    def psf_d_stamp(self, size: int, normalize: bool = False) -> np.ndarray:
+        """Centred odd-sized stamp of ``P_D`` (optionally renormalised to unit sum)."""
+        return origin_to_stamp(self.psf_d_at_origin, size, normalize=normalize)
+
+    def __repr__(self) -> str:
+        terms = [n for n in ("V_ast", "V_beta") if getattr(self, n) is not None]
+        return (
+            f"<ZogyResult shape={self.D.shape} dtype={self.D.dtype} F_D={self.F_D:.6g} "
+            f"F_S={self.F_S:.6g} beta={self.flux_new / self.flux_ref:.6g}"
+            f"{' +' + '+'.join(terms) if terms else ''}>"
+        )
+
+
+@dataclass(frozen=True)
+class FluxMatch:
+    """Result of `fit_flux_ratio`: ``new ≈ beta * ref + background_offset``.
+
+    Attributes
+    ----------
+    beta : float
+        Flux ratio ``Fn / Fr`` (a ratio of fluxes, never of magnitudes).
+    beta_err : float
+        1-sigma error of ``beta`` (sandwich estimate from the fit residuals).
+    background_offset : float
+        ``new - beta * ref`` background difference, in units of ``new``.
+    background_offset_err : float
+        1-sigma error of ``background_offset``.
+    n_used : int
+        Bright pixels that entered the final fit (with non-zero weight).
+    converged : bool
+        Whether the last update of ``beta`` was below ``tol * beta``.
+    n_iter : int
+        Iterations done.
+    """
+
+    beta: float
+    beta_err: float
+    background_offset: float
+    background_offset_err: float
+    n_used: int
+    converged: bool
+    n_iter: int
+
+
+@dataclass(frozen=True)
+class ShiftMatch:
+    """Result of `fit_shift`: ``new ≈ beta * shift_image(ref, dx, dy) + background_offset``.
+
+    Attributes
+    ----------
+    dx, dy : float
+        Shift of ``new`` relative to ``ref`` in pixels along x (axis 1) and y (axis 0).
+    dx_err, dy_err : float
+        1-sigma errors.
+    beta, beta_err, background_offset, background_offset_err, n_used, converged, n_iter
+        As in `FluxMatch`, from the joint fit.
+    """
+
+    dx: float
+    dy: float
+    dx_err: float
+    dy_err: float
+    beta: float
+    beta_err: float
+    background_offset: float
+    background_offset_err: float
+    n_used: int
+    converged: bool
+    n_iter: int
+
+
+# --------------------------------------------------------------------------------------
+# input handling
+
+
+def _positive(name: str, value: Any) -> float:
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return value
+
+
+def _grow_mask(bad: np.ndarray, size: int) -> np.ndarray:
+    """Flag every pixel within a ``size`` x ``size`` box of a True pixel."""
+    return ndimage.maximum_filter(bad.view(np.uint8), size=size, mode="constant") > 0
+
+
+def _prepare(
+    images: dict[str, Any], mask: Any, dtype: Any, shape_to: tuple[int, int] | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple[slice, slice]]:
+    """Cast to ``dtype``, fill NaN/masked pixels with 0 and optionally pad (never in place)."""
+    first = np.asarray(images["new"])
+    if first.ndim != 2:
+        raise ValueError(f"images must be 2-D, got shape {first.shape}")
+    bad = np.zeros(first.shape, bool) if mask is None else np.array(mask, dtype=bool)
+    if bad.shape != first.shape:
+        raise ValueError(f"mask shape {bad.shape} differs from image shape {first.shape}")
+    arrays = {}
+    for name, arr in images.items():
+        if arr is None:
+            continue
+        arr = np.asarray(arr)
+        if arr.shape != first.shape:
+            raise ValueError(f"{name} has shape {arr.shape}, expected {first.shape} like new")
+        finite = np.isfinite(arr)
+        if name.startswith("var") and np.any(arr[finite] < 0):
+            raise ValueError(f"{name} has negative variances; pass background + source variance")
+        bad |= ~finite
+        arrays[name] = arr
+    any_bad = bool(bad.any())
+    out = {}
+    for name, arr in arrays.items():
+        arr = arr.astype(dtype, copy=True)
+        if any_bad:
+            arr[bad] = 0.0
+        out[name] = arr
+    inner = (slice(0, first.shape[0]), slice(0, first.shape[1]))
+    if shape_to is not None:
+        for name in out:
+            out[name], inner = pad_image(out[name], shape_to)
+    return out, (bad if any_bad else None), inner
+
+
+# --------------------------------------------------------------------------------------
+# the subtraction
+
+
+def zogy(
+    new: np.ndarray,
+    ref: np.ndarray,
+    psf_new: np.ndarray,
+    psf_ref: np.ndarray,
+    *,
+    sigma_new: float,
+    sigma_ref: float,
+    flux_new: float = 1.0,
+    flux_ref: float = 1.0,
+    var_new: np.ndarray | None = None,
+    var_ref: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    astrometric_noise_new: tuple[float, float] = (0.0, 0.0),
+    astrometric_noise_ref: tuple[float, float] = (0.0, 0.0),
+    flux_ratio_error: float = 0.0,
+    pad: bool = False,
+    border: int | None = None,
+    dtype: Any = np.float64,
+    backend: str = "numpy",
+    workers: int | None = None,
+) -> ZogyResult:
+    """ZOGY proper subtraction of two registered, background-subtracted images.
+
+    FFT convolution is circular: with ``pad=False`` (default) the inputs are used as
+    they are and must already be padded by the caller (ideally to a fast FFT shape,
+    `~astro_zackay.fourier.fast_shape`).  ``pad=True`` pads them with zeros to
+    ``fast_shape(shape, border)`` and cuts the outputs back to the input grid.
+    NaN and ``mask``-ed pixels (of either image or variance map) are replaced by 0 in
+    copies of the inputs and flagged, grown by the PSF stamp size, in ``mask`` of the
+    result.
+
+    Parameters
+    ----------
+    new, ref : ndarray
+        Science and reference images, same 2-D shape, registered and background
+        subtracted, linear units.
+    psf_new, psf_ref : ndarray
+        Odd-sized PSF stamps (centre = central pixel), no larger than the image.  They
+        must have unit sum within ``1e-3`` (the flux scale belongs in ``flux_*``); the
+        remaining deviation is divided out.
+    sigma_new, sigma_ref : float
+        Background noise (sky + read noise, no source noise) of each image.
+    flux_new, flux_ref : float, optional
+        Flux zero points ``Fn`` and ``Fr``; only ``beta = Fn / Fr`` changes ``D``.
+    var_new, var_ref : ndarray, optional
+        Per-pixel variance maps (background + source) for the source-noise terms
+        ``V_SN = var_new ⊛ kn**2`` and ``V_SR = var_ref ⊛ kr**2``.  Without them the
+        constant ``sigma**2`` is used and ``Scorr == S / sqrt(F_S)``.
+    mask : ndarray of bool, optional
+        Bad pixels of either image (True = bad).
+    astrometric_noise_new, astrometric_noise_ref : tuple of float, optional
+        Registration noise ``(sigma_x, sigma_y)`` in pixels, giving
+        ``V_ast = sx**2 (dS_N/dx)**2 + ...`` (eq 30-33); the gradients are central
+        differences (`numpy.gradient`) of the smooth ``S_N`` and ``S_R``.
+    flux_ratio_error : float, optional
+        Absolute error of ``beta``; adds ``V_beta = (R * sigma_beta)**2 ⊛ kr**2``
+        (with ``flux_ref = 1`` conventions: it scales the reference's flux).
+    pad : bool, optional
+        Pad to a fast FFT shape and crop back (see above).
+    border : int, optional
+        Padding on each side with ``pad=True``; default the larger PSF stamp size.
+    dtype : {numpy.float64, numpy.float32}, optional
+        Working precision.
+    backend : {"numpy", "cupy"}, optional
+        Array backend for the transforms; results are always returned as numpy.
+    workers : int, optional
+        scipy.fft threads (default `~astro_zackay.fourier.DEFAULT_WORKERS`).
+
+    Returns
+    -------
+    ZogyResult
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, non-positive noises or fluxes, PSFs that are not
+        unit-sum odd stamps, negative variances or an unsupported ``dtype``.
+
+    Examples
+    --------
+    Identical PSFs reduce ZOGY to the noise-weighted plain difference:
+
+    >>> import numpy as np
+    >>> from astro_zackay.zogy import zogy
+    >>> rng = np.random.default_rng(0)
+    >>> new, ref = rng.normal(0, 2.0, (16, 16)), rng.normal(0, 1.0, (16, 16))
+    >>> psf = np.zeros((3, 3)); psf[1, 1] = 0.6; psf[0, 1] = psf[2, 1] = 0.2
+    >>> res = zogy(new, ref, psf, psf, sigma_new=2.0, sigma_ref=1.0)
+    >>> bool(np.allclose(res.D, (new - ref) / np.sqrt(5.0)))
+    True
+    >>> round(float(res.psf_d_at_origin.sum()), 12)
+    1.0
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    sn, sr = _positive("sigma_new", sigma_new), _positive("sigma_ref", sigma_ref)
+    fn, fr = _positive("flux_new", flux_new), _positive("flux_ref", flux_ref)
+    sb = float(flux_ratio_error)
+    if not np.isfinite(sb) or sb < 0:
+        raise ValueError(f"flux_ratio_error must be >= 0, got {flux_ratio_error}")
+    ast_n = tuple(float(v) for v in astrometric_noise_new)
+    ast_r = tuple(float(v) for v in astrometric_noise_ref)
+    if len(ast_n) != 2 or len(ast_r) != 2 or min(ast_n + ast_r) < 0:
+        raise ValueError("astrometric noises must be (sigma_x, sigma_y) pairs of values >= 0")
+    pn, pr = unit_sum_psf(psf_new, "psf_new"), unit_sum_psf(psf_ref, "psf_ref")
+    stamp = max(pn.shape + pr.shape)
+    shape_in = np.shape(new)
+    if len(shape_in) != 2:
+        raise ValueError(f"new must be a 2-D image, got shape {shape_in}")
+    shape_to = fast_shape(shape_in, stamp if border is None else border) if pad else None
+    arrays, bad, inner = _prepare(
+        {"new": new, "ref": ref, "var_new": var_new, "var_ref": var_ref}, mask, dtype, shape_to
+    )
+    be = get_array_module(backend)
+    out = _zogy_core(be, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers)
+    flag = None
+    if bad is not None:
+        flag = _grow_mask(bad, stamp)
+    if pad:
+        edge = np.ones(shape_in, bool)
+        edge[stamp:-stamp, stamp:-stamp] = False
+        flag = edge if flag is None else flag | edge
+
+    def crop(a):
+        return a if a is None or np.isscalar(a) else be.to_numpy(a[inner])
+
+    return ZogyResult(
+        D=crop(out["D"]),
+        S=crop(out["S"]),
+        Scorr=crop(out["Scorr"]),
+        F_D=out["F_D"],
+        F_S=out["F_S"],
+        V_SN=crop(out["V_SN"]),
+        V_SR=crop(out["V_SR"]),
+        V_ast=crop(out["V_ast"]),
+        V_beta=crop(out["V_beta"]),
+        psf_d_at_origin=be.to_numpy(out["P_D"]),
+        mask=flag,
+        flux_new=fn,
+        flux_ref=fr,
+        sigma_new=sn,
+        sigma_ref=sr,
+    )
+
+
+def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers):
+    xp = be.xp
+    shape = arrays["new"].shape
+    npix = shape[0] * shape[1]
+
+    def fwd(a):
+        return be.rfft2(be.asarray(a), s=shape, workers=workers)
+
+    def inv(a_h):
+        return be.irfft2(a_h, s=shape, workers=workers)
+
+    # PSF-only factors in float64 (see the module docstring), then cast: wa = A/sqrt(den),
+    # wb = B/sqrt(den) are bounded by 1/sigma, so float32 holds them even where |A|**2
+    # would underflow.
+    a_h = psf_rfft(pr, shape, dtype=np.float64, workers=workers)
+    a_h *= fr  # A = Fr Pr_h
+    b_h = psf_rfft(pn, shape, dtype=np.float64, workers=workers)
+    b_h *= fn  # B = Fn Pn_h
+    inv_sqrt = abs2(a_h)
+    inv_sqrt *= sn * sn
+    tmp = abs2(b_h)
+    tmp *= sr * sr
+    inv_sqrt += tmp  # den
+    del tmp
+    inv_sqrt, good = floored_inv_sqrt(inv_sqrt)
+    ctype = np.result_type(dtype, np.complex64)
+    a_h *= inv_sqrt
+    wa = be.asarray(a_h.astype(ctype, copy=False))  # A / sqrt(den)
+    q_h = b_h * a_h  # Q = A B / sqrt(den) = F_D PD_h
+    q_h *= good
+    f_s = float(half_spectrum_sum(abs2(q_h), shape[1])) / npix
+    b_h *= inv_sqrt
+    wb = be.asarray(b_h.astype(ctype, copy=False))  # B / sqrt(den)
+    q_h = be.asarray(q_h.astype(ctype, copy=False))
+    del a_h, b_h, inv_sqrt, good
+
+    n_h, r_h = fwd(arrays["new"]), fwd(arrays["ref"])
+    # D_h = wa N_h - wb R_h
+    d_h = wa * n_h
+    t_h = wb * r_h
+    d_h -= t_h
+    D = inv(d_h)
+
+    f_d = fr * fn / np.sqrt(sn**2 * fr**2 + sr**2 * fn**2)
+    P_D = inv(q_h)
+    P_D /= f_d
+
+    xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
+    need_split = max(ast_n + ast_r) > 0
+    kn_h = q_h * wa
+    kr_h = q_h * wb
+    del wa, wb
+    if need_split:
+        xp.multiply(kn_h, n_h, out=t_h)
+        s_n = inv(t_h)
+        xp.multiply(kr_h, r_h, out=t_h)
+        s_r = inv(t_h)
+        S = s_n - s_r
+    else:
+        xp.multiply(q_h, d_h, out=t_h)
+        S = inv(t_h)
+    del d_h, n_h
+
+    def source_variance(k_h, var, sigma):
+        """``var ⊛ k**2`` (or ``sigma**2 sum(k**2)``) and the transform of ``k**2``."""
+        if var is None:
+            return sigma**2 * float(half_spectrum_sum(abs2(k_h), shape[1])) / npix
+        k = inv(k_h)
+        k *= k
+        k2_h = fwd(k)
+        k2_h *= fwd(var)
+        return inv(k2_h)
+
+    v_sn = source_variance(kn_h, arrays.get("var_new"), sn)
+    v_sr = source_variance(kr_h, arrays.get("var_ref"), sr)
+    v_beta = None
+    if sb > 0:
+        ref_beta = be.asarray(arrays["ref"]) * sb
+        ref_beta *= ref_beta
+        v_beta = source_variance(kr_h, ref_beta, sr)
+    del kn_h, kr_h, q_h, t_h
+
+    v_ast = None
+    if need_split:
+        v_ast = xp.zeros(shape, dtype=dtype)
+        for img, (sx, sy) in ((s_n, ast_n), (s_r, ast_r)):
+            gy, gx = xp.gradient(img)
+            v_ast += (sx * sx) * gx * gx
+            v_ast += (sy * sy) * gy * gy
+        del s_n, s_r
+
+    var = v_sn + v_sr
+    if v_ast is not None:
+        var = var + v_ast
+    if v_beta is not None:
+        var = var + v_beta
+    if np.isscalar(var):
+        Scorr = S / np.sqrt(var)
+    else:
+        var = xp.maximum(var, _VAR_FLOOR * f_s)
+        xp.sqrt(var, out=var)
+        Scorr = xp.divide(S, var, out=var)
+    return {
+        "D": D,
+        "S": S,
+        "Scorr": Scorr,
+        "P_D": P_D,
+        "F_D": float(f_d),
+        "F_S": f_s,
+        "V_SN": v_sn,
+        "V_SR": v_sr,
+        "V_ast": v_ast,
+        "V_beta": v_beta,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# flux ratio, background offset and shift (eq 37-38)
+
+
+def fit_flux_ratio(
+    new: np.ndarray,
+    ref: np.ndarray,
+    psf_new: np.ndarray,
+    psf_ref: np.ndarray,
+    *,
+    sigma_new: float,
+    sigma_ref: float,
+    mask: np.ndarray | None = None,
+    beta0: float = 1.0,
+    snr_min: float = 10.0,
+    tol: float = 1e-5,
+    max_iter: int = 30,
+    workers: int | None = None,
+) -> FluxMatch:
+    """Fit the flux ratio ``beta = Fn / Fr`` and background offset of ``new ≈ beta * ref + c``.
+
+    Following eq 37-38, ``Dn_h = Pr_h N_h / sqrt(den)`` and ``Dr_h = Pn_h R_h / sqrt(den)``
+    with ``den = sn**2 |Pr_h|**2 + beta**2 sr**2 |Pn_h|**2`` satisfy ``Dn = beta * Dr``
+    exactly for the same sky, and ``Dn - beta * Dr = D`` is white.  ``beta`` is fitted on
+    bright pixels by iteratively reweighted least squares (Tukey biweight on the
+    residuals, scale from their MAD) with a corrected score for the noise in ``Dr``
+    (the errors-in-variables bias ``beta * var(Dr noise)``), recomputing ``den`` with
+    the current ``beta`` at every iteration.  Bright pixels are those where
+    ``beta sr_D**2 Dn + sn_D**2 Dr`` (a combination uncorrelated with the residual, so
+    selecting on it does not bias the fit) exceeds ``snr_min`` times its noise.  The
+    error is the sandwich estimate from the per-pixel scores.  The background offset
+    is ``median(Dn - beta Dr) * sqrt(sn**2 + beta**2 sr**2)`` over all good pixels.
+
+    Pixels within a PSF stamp of the image edge or of a masked/NaN pixel are not used;
+    mask saturated pixels.  Source (Poisson) noise is not modelled in the
+    errors-in-variables correction, which leaves a bias of order ``1/(S/N)**2`` of the
+    bright pixels.
+
+    Parameters
+    ----------
+    new, ref : ndarray
+        Registered, background-subtracted images of the same shape.
+    psf_new, psf_ref : ndarray
+        Odd-sized unit-sum PSF stamps.
+    sigma_new, sigma_ref : float
+        Background noise of each image.
+    mask : ndarray of bool, optional
+        Bad (e.g. saturated) pixels of either image.
+    beta0 : float, optional
+        Starting flux ratio (only its sign and rough size matter).
+    snr_min : float, optional
+        Per-pixel S/N threshold of the bright pixels (default 10).
+    tol : float, optional
+        Relative change of ``beta`` that ends the iterations.
+    max_iter : int, optional
+        Most iterations.
+    workers : int, optional
+        scipy.fft threads.
+
+    Returns
+    -------
+    FluxMatch
+
+    Raises
+    ------
+    ValueError
+        If fewer than 10 bright pixels are found (lower ``snr_min`` or check the inputs).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.zogy import fit_flux_ratio
+    >>> rng = np.random.default_rng(3)
+    >>> y, x = np.mgrid[-3:4, -3:4]
+    >>> psf = np.exp(-(x**2 + y**2) / 2.0); psf /= psf.sum()
+    >>> sky = np.zeros((64, 64)); sky[16::16, 16::16] = 500.0
+    >>> from astro_zackay.fourier import convolve_fft, psf_rfft
+    >>> img = convolve_fft(sky, psf_rfft(psf, sky.shape))
+    >>> ref = img + rng.normal(0, 1, img.shape)
+    >>> new = 1.5 * img + 2.0 + rng.normal(0, 1, img.shape)
+    >>> fit = fit_flux_ratio(new, ref, psf, psf, sigma_new=1.0, sigma_ref=1.0)
+    >>> bool(abs(fit.beta - 1.5) < 5 * fit.beta_err), bool(abs(fit.background_offset - 2) < 0.1)
+    (True, True)
+    """
+    res = _fit_match(
+        new,
+        ref,
+        psf_new,
+        psf_ref,
+        sigma_new,
+        sigma_ref,
+        mask,
+        beta0,
+        snr_min,
+        tol,
+        max_iter,
+        False,
+        workers,
+    )
+    return FluxMatch(**{k: v for k, v in res.items() if k in FluxMatch.__dataclass_fields__})
+
+
+def fit_shift(
+    new: np.ndarray,
+    ref: np.ndarray,
+    psf_new: np.ndarray,
+    psf_ref: np.ndarray,
+    *,
+    sigma_new: float,
+    sigma_ref: float,
+    mask: np.ndarray | None = None,
+    beta0: float = 1.0,
+    snr_min: float = 10.0,
+    tol: float = 1e-5,
+    max_iter: int = 30,
+    workers: int | None = None,
+) -> ShiftMatch:
+    """Fit a translation jointly with the flux ratio: ``new ≈ beta * shift_image(ref, dx, dy) + c``.
+
+    The same bright-pixel fit as `fit_flux_ratio`, with the model
+    ``Dn = beta * Dr(x - d) + gamma``: the shift is applied to ``Dr_h`` as a Fourier
+    phase ramp and linearised with its Fourier derivatives (Gauss-Newton).  The start
+    is the integer peak of the cross-correlation of ``Dn`` and ``Dr``, so shifts of
+    several pixels are fine.  Registration residuals at this level are the
+    astrometric noise of `zogy`.
+
+    Parameters
+    ----------
+    new, ref, psf_new, psf_ref, sigma_new, sigma_ref, mask, beta0, snr_min, tol, max_iter, workers
+        As in `fit_flux_ratio`; ``tol`` also applies to the shift in pixels.
+
+    Returns
+    -------
+    ShiftMatch
+
+    Raises
+    ------
+    ValueError
+        If fewer than 10 bright pixels are found.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import convolve_fft, psf_rfft, shift_image
+    >>> from astro_zackay.zogy import fit_shift
+    >>> rng = np.random.default_rng(4)
+    >>> y, x = np.mgrid[-4:5, -4:5]
+    >>> psf = np.exp(-(x**2 + y**2) / 4.0); psf /= psf.sum()
+    >>> sky = np.zeros((64, 64)); sky[16::16, 16::16] = 2000.0
+    >>> img = convolve_fft(sky, psf_rfft(psf, sky.shape))
+    >>> new = shift_image(img, 0.4, -1.3) + rng.normal(0, 1, img.shape)
+    >>> fit = fit_shift(new, img + rng.normal(0, 1, img.shape), psf, psf, sigma_new=1, sigma_ref=1)
+    >>> round(fit.dx, 1), round(fit.dy, 1)
+    (0.4, -1.3)
+    """
+    res = _fit_match(
+        new,
+        ref,
+        psf_new,
+        psf_ref,
+        sigma_new,
+        sigma_ref,
+        mask,
+        beta0,
+        snr_min,
+        tol,
+        max_iter,
+        True,
+        workers,
+    )
+    return ShiftMatch(**res)
+
+
+def _fit_match(
+    new,
+    ref,
+    psf_new,
+    psf_ref,
+    sigma_new,
+    sigma_ref,
+    mask,
+    beta0,
+    snr_min,
+    tol,
+    max_iter,
+    with_shift,
+    workers,
+):
+    sn, sr = _positive("sigma_new", sigma_new), _positive("sigma_ref", sigma_ref)
+    beta = _positive("beta0", beta0)
+    pn, pr = unit_sum_psf(psf_new, "psf_new"), unit_sum_psf(psf_ref, "psf_ref")
+    arrays, bad, _ = _prepare({"new": new, "ref": ref}, mask, np.float64, None)
+    shape = arrays["new"].shape
+    npix = shape[0] * shape[1]
+    stamp = max(pn.shape + pr.shape)
+    usable = np.zeros(shape, bool) if bad is None else _grow_mask(bad, stamp)
+    usable[:stamp] = usable[-stamp:] = True
+    usable[:, :stamp] = usable[:, -stamp:] = True
+    usable = ~usable
+    be = get_array_module("numpy")
+    pr_h = psf_rfft(pr, shape, workers=workers)
+    pn_h = psf_rfft(pn, shape, workers=workers)
+    ar2, an2 = abs2(pr_h), abs2(pn_h)
+    n_h = be.rfft2(arrays["new"], s=shape, workers=workers)
+    r_h = be.rfft2(arrays["ref"], s=shape, workers=workers)
+    ky, kx = frequency_grids(shape)
+    dx = dy = 0.0
+    gamma = None
+    phase = "huber"  # monotone weights to converge, then the redescending biweight
+    converged = False
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        inv_sqrt, _ = floored_inv_sqrt(sn**2 * ar2 + beta**2 * sr**2 * an2)
+        var_dn = sn**2 * float(half_spectrum_sum(ar2 * inv_sqrt**2, shape[1])) / npix
+        var_dr = sr**2 * float(half_spectrum_sum(an2 * inv_sqrt**2, shape[1])) / npix
+        dn_h = pr_h * n_h * inv_sqrt
+        dn = be.irfft2(dn_h, s=shape, workers=workers)
+        dr_h = pn_h * r_h * inv_sqrt
+        if with_shift and n_iter == 1:
+            xc = be.irfft2(dn_h * np.conj(dr_h), s=shape, workers=workers)
+            iy, ix = np.unravel_index(np.argmax(xc), shape)
+            dy = float((iy + shape[0] // 2) % shape[0] - shape[0] // 2)
+            dx = float((ix + shape[1] // 2) % shape[1] - shape[1] // 2)
+        if with_shift:
+            dr_h *= phase_ramp(shape, dx, dy)
+        dr = be.irfft2(dr_h, s=shape, workers=workers)
+        sel_stat = beta * var_dr * dn + var_dn * dr
+        sel_noise = np.sqrt(beta**2 * var_dr**2 * var_dn + var_dn**2 * var_dr)
+        sel = usable & (sel_stat > snr_min * sel_noise)
+        if sel.sum() < 10:
+            raise ValueError(
+                f"only {int(sel.sum())} pixels have S/N > {snr_min} in both images; lower "
+                "snr_min, or check the PSFs, noises and masks"
+            )
+        y, x = dn[sel], dr[sel]
+        cols = [x, np.ones_like(x)]
+        if with_shift:
+            cols.append(-beta * be.irfft2(2j * np.pi * kx * dr_h, s=shape, workers=workers)[sel])
+            cols.append(-beta * be.irfft2(2j * np.pi * ky * dr_h, s=shape, workers=workers)[sel])
+        jac = np.stack(cols, axis=1)
+        if gamma is None:  # robust start: median ratio, then median intercept
+            beta = float(np.median(y / x))
+            gamma = float(np.median(y - beta * x))
+            w_map = np.ones(shape)
+        w_prev = w_map[sel]
+        resid = y - beta * x - gamma
+        # residual variance model var = v0 + v1 * max(x, 0): background + source noise
+        xpos = np.maximum(x, 0.0)
+        design = np.stack([np.ones_like(x), xpos], axis=1) * w_prev[:, None]
+        v0, v1 = np.linalg.lstsq(design, resid**2 * w_prev, rcond=None)[0]
+        v_i = max(v0, 1e-3 * float(np.median(resid**2))) + max(v1, 0.0) * xpos
+        u = resid / np.sqrt(v_i)
+        u /= 1.4826 * max(float(np.median(np.abs(u - np.median(u)))), np.finfo(float).tiny)
+        if phase == "huber":
+            w_rob = np.minimum(1.0, _HUBER_K / np.maximum(np.abs(u), np.finfo(float).tiny))
+        else:
+            w_rob = np.where(np.abs(u) < _BIWEIGHT_C, (1.0 - (u / _BIWEIGHT_C) ** 2) ** 2, 0.0)
+        w_map[sel] = w_rob
+        w = w_rob / v_i
+        corr = np.zeros(jac.shape[1])
+        corr[0] = beta * var_dr  # E[w r x] = -beta var_dr E[w] at the truth
+        hess = (jac * w[:, None]).T @ jac
+        hess[0, 0] -= var_dr * float(w.sum())
+        scores = w[:, None] * (resid[:, None] * jac + corr[None, :])
+        step = np.linalg.solve(hess, scores.sum(axis=0))
+        beta += float(step[0])
+        gamma += float(step[1])
+        if with_shift:
+            dx += float(step[2])
+            dy += float(step[3])
+        small = abs(step[0]) < tol * abs(beta)
+        if with_shift:
+            small = small and max(abs(step[2]), abs(step[3])) < tol
+        if small and phase == "biweight":
+            converged = True
+            break
+        if small:
+            phase = "biweight"
+    cov = np.linalg.solve(hess, np.linalg.solve(hess, scores.T @ scores).T)
+    err = np.sqrt(np.diag(cov))
+    # background offset from all usable pixels with the final beta and shift
+    inv_sqrt, _ = floored_inv_sqrt(sn**2 * ar2 + beta**2 * sr**2 * an2)
+    d_h = pr_h * n_h
+    rs_h = pn_h * r_h
+    if with_shift:
+        rs_h *= phase_ramp(shape, dx, dy)
+    d_h -= beta * rs_h
+    d_h *= inv_sqrt
+    d = be.irfft2(d_h, s=shape, workers=workers)[usable]
+    dc = np.sqrt(sn**2 + beta**2 * sr**2)
+    out = {
+        "beta": beta,
+        "beta_err": float(err[0]),
+        "background_offset": float(np.median(d) * dc),
+        "background_offset_err": float(1.2533 * np.std(d) / np.sqrt(d.size) * dc),
+        "n_used": int(np.count_nonzero(w_rob)),
+        "converged": converged,
+        "n_iter": n_iter,
+    }
+    if with_shift:
+        out.update(dx=dx, dy=dy, dx_err=float(err[2]), dy_err=float(err[3]))
+    _log.debug("flux/shift fit: %s", out)
+    return out

@@ -1,0 +1,207 @@
+"""Science tests of the proper-coaddition core (SCIENCE.md section 2 and section 4 item 5)."""
+
+import numpy as np
+import pytest
+
+from astro_zackay.coadd_algebra import ProperCoaddAccumulator
+from astro_zackay.fourier import convolve_fft, correlate_fft, psf_rfft, psf_to_origin
+
+
+def gaussian_psf(sigma, size=None):
+    size = size or int(2 * np.ceil(5 * sigma) + 1)
+    h = size // 2
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    p = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+    return p / p.sum()
+
+
+def frames_setup(rng, n, seeing_sigmas):
+    sig = rng.uniform(1.0, 3.0, n)
+    flux = rng.uniform(0.5, 2.0, n)
+    psfs = [gaussian_psf(s, size=31) for s in seeing_sigmas]
+    return sig, flux, psfs
+
+
+def coadd(frames, psfs, sig, flux, shape, **kw):
+    acc = ProperCoaddAccumulator(shape, **kw)
+    for m, p, s, f in zip(frames, psfs, sig, flux):
+        acc.add(m, p, s, f)
+    return acc.finalize()
+
+
+def test_noise_only_coadd_is_white_unit_variance():
+    rng = np.random.default_rng(40)
+    shape, n = (1024, 1024), 6
+    sig, flux, psfs = frames_setup(rng, n, rng.uniform(1.2, 3.0, n))
+    acc = ProperCoaddAccumulator(shape)
+    for j in range(n):
+        acc.add(rng.normal(0, sig[j], shape), psfs[j], sig[j], flux[j])
+    res = acc.finalize()
+    assert abs(res.R.std() - 1) < 0.003
+    assert abs(np.mean(res.R[:, 1:] * res.R[:, :-1])) < 0.005
+    assert pytest.approx(np.sqrt(np.sum(flux**2 / sig**2)), rel=1e-14) == res.F_R
+    assert res.psf_r_at_origin.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.fft.rfft2(res.psf_r_at_origin)[0, 0].real == pytest.approx(1.0, abs=1e-12)
+    assert res.P_R.sum() == pytest.approx(1.0, abs=1e-12) and res.P_R.shape == (63, 63)
+    assert np.unravel_index(np.argmax(res.P_R), res.P_R.shape) == (31, 31)
+    assert not res.mask.any() and np.all(res.n_used == n)
+    # S is the matched filter of R with P_R, scaled by F_R
+    s_check = res.F_R * correlate_fft(res.R, np.fft.rfft2(res.psf_r_at_origin))
+    np.testing.assert_allclose(s_check, res.S, atol=1e-10 * np.abs(res.S).max())
+    # and its noise variance is the depth
+    assert res.S.std() ** 2 == pytest.approx(res.depth_full, rel=0.03)
+
+
+def test_injected_source_snr_matches_theory():
+    rng = np.random.default_rng(41)
+    shape, n, f_src = (512, 512), 8, 60.0
+    sig, flux, psfs = frames_setup(rng, n, rng.uniform(1.2, 3.0, n))
+    theory = f_src * np.sqrt(
+        sum(flux[j] ** 2 / sig[j] ** 2 * (psfs[j] ** 2).sum() for j in range(n))
+    )
+    y0, x0 = 200, 300
+    signal = [
+        flux[j] * f_src * np.roll(psf_to_origin(psfs[j], shape), (y0, x0), (0, 1)) for j in range(n)
+    ]
+    noise = [rng.normal(0, sig[j], shape) for j in range(n)]
+    sig_res = coadd(signal, psfs, sig, flux, shape)
+    noise_res = coadd(noise, psfs, sig, flux, shape)
+    # signal part is exact; the noise is measured from the white coadd R
+    assert sig_res.snr[y0, x0] == pytest.approx(theory, rel=1e-10)
+    measured = sig_res.S[y0, x0] / (np.sqrt(noise_res.depth_full) * noise_res.R.std())
+    assert measured == pytest.approx(theory, rel=0.01)
+    # a single noisy coadd: flux estimate S/depth within its error
+    total = coadd([a + b for a, b in zip(signal, noise)], psfs, sig, flux, shape)
+    f_hat = total.S[y0, x0] / total.depth[y0, x0]
+    assert abs(f_hat - f_src) < 4 * f_src / theory
+
+
+def snr_gain(rng, seeing, n=20, shape=(256, 256)):
+    """Measured and predicted S/N ratio: proper coadd / inverse-variance mean + matched filter."""
+    sig = rng.uniform(1.0, 2.0, n)
+    flux = rng.uniform(0.8, 1.2, n)
+    psfs = [gaussian_psf(s, size=41) for s in seeing]
+    w2 = flux**2 / sig**2
+    y0, x0 = 128, 128
+    signal = [flux[j] * np.roll(psf_to_origin(psfs[j], shape), (y0, x0), (0, 1)) for j in range(n)]
+    noise = [rng.normal(0, sig[j], shape) for j in range(n)]
+    res_sig = coadd(signal, psfs, sig, flux, shape)
+    res_noise = coadd(noise, psfs, sig, flux, shape)
+    snr_proper = res_sig.S[y0, x0] / res_noise.S.std()
+
+    def mean_mf(frames):
+        mean = sum((flux[j] / sig[j] ** 2) * frames[j] for j in range(n)) / w2.sum()
+        p_mean = sum(w2[j] * psfs[j] for j in range(n)) / w2.sum()
+        return correlate_fft(mean, psf_rfft(p_mean, shape)), p_mean
+
+    mf_sig, p_mean = mean_mf(signal)
+    mf_noise, _ = mean_mf(noise)
+    snr_mean = mf_sig[y0, x0] / mf_noise.std()
+    predicted = np.sqrt(
+        sum(w2[j] * (psfs[j] ** 2).sum() for j in range(n)) / (w2.sum() * (p_mean**2).sum())
+    )
+    return snr_proper / snr_mean, predicted
+
+
+def test_snr_gain_over_weighted_mean():
+    rng = np.random.default_rng(42)
+    # identical PSFs: no gain at all (the two statistics are proportional)
+    measured, predicted = snr_gain(rng, np.full(20, 2.0))
+    assert predicted == pytest.approx(1.0, abs=1e-12)
+    assert measured == pytest.approx(1.0, abs=1e-9)
+    # lognormal seeing (sigma_ln = 0.2): a few per cent, as SCIENCE.md's +3.5 %
+    seeing = 2.0 * np.exp(rng.normal(0, 0.2, 20))
+    measured, predicted = snr_gain(rng, seeing)
+    assert 1.01 < predicted < 1.07
+    assert measured == pytest.approx(predicted, abs=0.01)
+    # a wide FWHM range gains more (SCIENCE.md: +10 % for FWHM 2.5-8 px)
+    measured, predicted = snr_gain(rng, rng.uniform(2.5, 8.0, 20) / 2.3548)
+    assert 1.06 < predicted < 1.2
+    assert measured == pytest.approx(predicted, abs=0.015)
+
+
+def test_masked_pixels_never_leak():
+    rng = np.random.default_rng(43)
+    shape, n = (256, 256), 4
+    sig, flux, psfs = frames_setup(rng, n, [1.5, 2.0, 2.5, 1.8])
+    frames = [rng.normal(0, sig[j], shape) for j in range(n)]
+    box = (slice(100, 160), slice(80, 150))
+    bad0 = np.zeros(shape, bool)
+    bad0[box] = True
+    dirty = frames[0].copy()
+    dirty[box] = 1e6  # a saturated blob, masked
+    dirty[120, 100] = np.nan
+    dirty_copy = dirty.copy()
+    acc = ProperCoaddAccumulator(shape)
+    acc.add(dirty, psfs[0], sig[0], flux[0], mask=bad0)
+    for j in range(1, n):
+        acc.add(frames[j], psfs[j], sig[j], flux[j])
+    res = acc.finalize()
+    np.testing.assert_array_equal(dirty, dirty_copy)  # input untouched
+    assert np.all(np.isfinite(res.R)) and np.all(np.isfinite(res.S))
+    assert np.abs(res.R).max() < 6
+    assert res.n_used[130, 110] == n - 1 and res.n_used[10, 10] == n
+    inner = (slice(115, 145), slice(95, 135))  # a PSF width inside the masked box
+    full = sum(flux[j] ** 2 / sig[j] ** 2 * (psfs[j] ** 2).sum() for j in range(n))
+    assert res.depth[inner] == pytest.approx(
+        full - flux[0] ** 2 / sig[0] ** 2 * (psfs[0] ** 2).sum(), rel=1e-6
+    )
+    assert res.depth[10, 10] == pytest.approx(full, rel=1e-6)
+    # R is rescaled by its exact local noise; masked regions hold correlated noise, so a
+    # 60 x 70 box samples its variance only to ~5 %
+    assert abs(res.R[box].std() - 1) < 0.08
+    # a source inside the box: the noise-free S/N is f * sqrt(local depth), exactly
+    y0, x0 = 130, 115
+    signal = [
+        flux[j] * 50.0 * np.roll(psf_to_origin(psfs[j], shape), (y0, x0), (0, 1)) for j in range(n)
+    ]
+    acc = ProperCoaddAccumulator(shape)
+    acc.add(signal[0], psfs[0], sig[0], flux[0], mask=bad0)
+    for j in range(1, n):
+        acc.add(signal[j], psfs[j], sig[j], flux[j])
+    res_sig = acc.finalize()
+    assert res_sig.snr[y0, x0] == pytest.approx(50.0 * np.sqrt(res_sig.depth[y0, x0]), rel=1e-9)
+    assert res_sig.S[y0, x0] / res_sig.depth[y0, x0] == pytest.approx(50.0, rel=1e-9)
+
+
+def test_all_frames_masked_is_flagged_and_borders():
+    rng = np.random.default_rng(44)
+    shape = (64, 80)
+    psf = gaussian_psf(1.5)
+    bad = np.zeros(shape, bool)
+    bad[20:40, 30:50] = True
+    acc = ProperCoaddAccumulator(shape, border=12)
+    assert acc.fft_shape[0] >= 64 + 24
+    for _ in range(3):
+        acc.add(rng.normal(size=shape), psf, 1.0, mask=bad)
+    res = acc.finalize()
+    assert res.R.shape == shape
+    assert res.mask[30, 40] and res.R[30, 40] == 0 and not res.mask[5, 5]
+    # the padding counts as missing data: a corner keeps one quadrant of the PSF**2 footprint
+    h = psf.shape[0] // 2
+    quadrant = (psf[h:, h:] ** 2).sum() / (psf**2).sum()
+    assert res.depth[0, 0] / res.depth_full == pytest.approx(quadrant, rel=1e-6)
+    assert abs(res.R[:5].std() - 1) < 0.15  # unit noise restored along the edges
+    assert res.depth[32, 10] / res.depth_full == pytest.approx(1.0, abs=1e-6)
+
+
+def test_float32_and_errors():
+    rng = np.random.default_rng(45)
+    shape = (128, 128)
+    psfs = [gaussian_psf(1.5), gaussian_psf(2.5)]
+    frames = [rng.normal(size=shape) for _ in psfs]
+    r64 = coadd(frames, psfs, [1, 1], [1, 1], shape)
+    r32 = coadd(frames, psfs, [1, 1], [1, 1], shape, dtype=np.float32)
+    assert r32.R.dtype == np.float32 and np.all(np.isfinite(r32.R))
+    assert np.max(np.abs(r32.R - r64.R)) < 1e-3
+    acc = ProperCoaddAccumulator(shape)
+    with pytest.raises(ValueError, match="no frame"):
+        acc.finalize()
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(np.zeros((10, 10)), psfs[0], 1.0)
+    with pytest.raises(ValueError, match="unit sum"):
+        acc.add(frames[0], 3 * psfs[0], 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        acc.add(frames[0], psfs[0], -1.0)
+    # a convolution helper sanity check used by these tests
+    assert convolve_fft(frames[0], psf_rfft(psfs[0], shape)).shape == shape

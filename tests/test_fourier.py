@@ -1,0 +1,180 @@
+"""Tests of astro_zackay.fourier: PSF placement, padding, shifts and transforms."""
+
+import numpy as np
+import pytest
+import scipy.fft
+
+from astro_zackay.fourier import (
+    abs2,
+    convolve_fft,
+    correlate_fft,
+    fast_shape,
+    floored_inv_sqrt,
+    get_array_module,
+    half_spectrum_sum,
+    origin_to_stamp,
+    pad_image,
+    psf_rfft,
+    psf_to_origin,
+    shift_image,
+    unit_sum_psf,
+)
+
+
+def gaussian_stamp(sigma, size, x0=0.0, y0=0.0):
+    h = size // 2
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    p = np.exp(-0.5 * ((x - x0) ** 2 + (y - y0) ** 2) / sigma**2)
+    return p / p.sum()
+
+
+def test_psf_to_origin_peak_and_equivalence_with_ifftshift():
+    stamp = gaussian_stamp(1.5, 11)
+    out = psf_to_origin(stamp, (40, 37))
+    assert np.unravel_index(np.argmax(out), out.shape) == (0, 0)
+    assert out.sum() == pytest.approx(1.0, abs=1e-14)
+    # same as centring the stamp in the image and ifftshift (pitfall 1)
+    centred = np.zeros((40, 37))
+    centred[20 - 5 : 20 + 6, 18 - 5 : 18 + 6] = stamp
+    np.testing.assert_array_equal(out, np.fft.ifftshift(centred))
+    np.testing.assert_array_equal(origin_to_stamp(out, 11), stamp)
+
+
+def test_psf_to_origin_known_offset():
+    stamp = np.zeros((7, 9))
+    stamp[3 + 2, 4 - 3] = 1.0  # two rows down, three columns left of the centre
+    out = psf_to_origin(stamp, (16, 20))
+    assert np.argwhere(out == 1.0).tolist() == [[2, 20 - 3]]
+
+
+def test_delta_stamp_is_identity_convolution():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(30, 24))
+    delta = np.zeros((5, 5))
+    delta[2, 2] = 1.0
+    k_h = psf_rfft(delta, img.shape)
+    np.testing.assert_allclose(convolve_fft(img, k_h), img, atol=1e-13)
+    np.testing.assert_allclose(correlate_fft(img, k_h), img, atol=1e-13)
+
+
+def test_convolution_matches_direct_sum():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(20, 22))
+    k = rng.normal(size=(5, 3))
+    conv = convolve_fft(img, psf_rfft(k, img.shape))
+    corr = correlate_fft(img, psf_rfft(k, img.shape))
+    y, x = 7, 11
+    direct_conv = sum(
+        img[(y - i) % 20, (x - j) % 22] * k[i + 2, j + 1]
+        for i in range(-2, 3)
+        for j in range(-1, 2)
+    )
+    direct_corr = sum(
+        img[(y + i) % 20, (x + j) % 22] * k[i + 2, j + 1]
+        for i in range(-2, 3)
+        for j in range(-1, 2)
+    )
+    assert conv[y, x] == pytest.approx(direct_conv, abs=1e-12)
+    assert corr[y, x] == pytest.approx(direct_corr, abs=1e-12)
+
+
+def test_even_or_oversized_stamp_rejected():
+    with pytest.raises(ValueError, match="odd"):
+        psf_to_origin(np.ones((4, 5)), (16, 16))
+    with pytest.raises(ValueError, match="larger"):
+        psf_to_origin(np.ones((21, 21)), (16, 16))
+    with pytest.raises(ValueError, match="unit sum"):
+        unit_sum_psf(np.ones((3, 3)))
+
+
+@pytest.mark.parametrize("shape,border", [((2049, 2049), 0), ((1000, 1500), 12), ((7, 13), 3)])
+def test_fast_shape(shape, border):
+    out = fast_shape(shape, border)
+    for n, m in zip(shape, out):
+        assert m >= n + 2 * border
+        assert m == scipy.fft.next_fast_len(n + 2 * border, real=True)
+        # nothing smaller between the minimum and the answer is 5-smooth
+        for k in range(n + 2 * border, m):
+            assert k != scipy.fft.next_fast_len(k, real=True)
+    assert fast_shape((2049, 2049)) == (2160, 2160)  # 2**4 * 3**3 * 5
+
+
+def test_pad_image_roundtrip_and_no_mutation():
+    img = np.arange(12.0).reshape(3, 4)
+    copy = img.copy()
+    padded, inner = pad_image(img, (8, 9), fill=-1.0)
+    np.testing.assert_array_equal(padded[inner], img)
+    assert padded.sum() == img.sum() - (72 - 12)
+    np.testing.assert_array_equal(img, copy)
+    with pytest.raises(ValueError):
+        pad_image(img, (2, 9))
+
+
+@pytest.mark.parametrize("dx,dy", [(3, 0), (-2, 5), (7, -11)])
+def test_integer_shift_equals_roll(dx, dy):
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(32, 27))
+    np.testing.assert_allclose(
+        shift_image(img, dx, dy), np.roll(img, (dy, dx), axis=(0, 1)), atol=1e-12
+    )
+
+
+def test_subpixel_shift_moves_centroid():
+    n = 64
+    y, x = np.mgrid[:n, :n]
+    img = np.exp(-0.5 * ((x - 30.0) ** 2 + (y - 33.0) ** 2) / 2.5**2)
+    out = shift_image(img, 0.37, -0.81)
+    cx, cy = (out * x).sum() / out.sum(), (out * y).sum() / out.sum()
+    assert cx == pytest.approx(30.37, abs=1e-4)
+    assert cy == pytest.approx(33.0 - 0.81, abs=1e-4)
+    expected = np.exp(-0.5 * ((x - 30.37) ** 2 + (y - 32.19) ** 2) / 2.5**2)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_half_spectrum_sum_is_parseval():
+    rng = np.random.default_rng(3)
+    for shape in [(10, 12), (9, 11)]:
+        a = rng.normal(size=shape)
+        total = half_spectrum_sum(abs2(scipy.fft.rfft2(a)), shape[1]) / a.size
+        assert total == pytest.approx((a**2).sum(), rel=1e-12)
+
+
+def test_psf_rfft_float32_keeps_small_values():
+    stamp = gaussian_stamp(2.0, 21)
+    p64 = psf_rfft(stamp, (64, 64))
+    p32 = psf_rfft(stamp, (64, 64), dtype=np.float32)
+    assert p32.dtype == np.complex64
+    assert p64[0, 0] == pytest.approx(1.0)
+    # relative (not absolute) precision even where the transform is tiny
+    tiny = np.abs(p64) < 1e-10
+    assert tiny.any()
+    np.testing.assert_allclose(np.abs(p32[tiny]), np.abs(p64[tiny]), rtol=1e-5)
+
+
+def test_floored_inv_sqrt_never_infinite():
+    den = np.array([1.0, 1e-30, 0.0], dtype=np.float32)
+    inv, good = floored_inv_sqrt(den)
+    assert np.all(np.isfinite(inv))
+    assert good.tolist() == [True, False, False]
+
+
+def test_backend_shim():
+    be = get_array_module("numpy")
+    assert be.xp is np and be.fft is scipy.fft
+    with pytest.raises(ValueError, match="numpy"):
+        get_array_module("torch")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="CuPy"):
+            get_array_module("cupy")
+
+
+@pytest.mark.parametrize("size", [5, 31, 67])
+def test_psf_rfft_direct_dft_equals_fft(size):
+    rng = np.random.default_rng(4)
+    stamp = rng.uniform(size=(size, size - 2 if size > 5 else 3))
+    stamp /= stamp.sum()
+    shape = (96, 81)
+    expected = scipy.fft.rfft2(psf_to_origin(stamp, shape))
+    np.testing.assert_allclose(psf_rfft(stamp, shape), expected, atol=1e-14)
