@@ -739,7 +739,11 @@ def _fit_match(
         dr = be.irfft2(dr_h, s=shape, workers=workers)
         sel_stat = beta * var_dr * dn + var_dn * dr
         sel_noise = np.sqrt(beta**2 * var_dr**2 * var_dn + var_dn**2 * var_dr)
-        sel = usable & (sel_stat > snr_min * sel_noise)
+        if phase == "huber":
+            # the bright-pixel selection is frozen once the Huber phase has converged:
+            # re-selecting in the biweight phase makes single pixels flip in and out
+            # and the iterations cycle at the 0.02-sigma level without converging
+            sel = usable & (sel_stat > snr_min * sel_noise)
         if sel.sum() < 10:
             raise ValueError(
                 f"only {int(sel.sum())} pixels have S/N > {snr_min} in both images; lower "
