@@ -11,7 +11,7 @@ them with one line::
 
 from astropy.utils.exceptions import AstropyUserWarning
 
-__all__ = ["AstroZackayWarning", "NoiseEstimateWarning", "PSFQualityWarning"]
+__all__ = ["AstroZackayWarning", "FewStarsWarning", "NoiseEstimateWarning", "PSFQualityWarning"]
 
 
 class AstroZackayWarning(AstropyUserWarning):
@@ -24,3 +24,7 @@ class NoiseEstimateWarning(AstroZackayWarning):
 
 class PSFQualityWarning(AstroZackayWarning):
     """A PSF could not be estimated to the requested quality."""
+
+
+class FewStarsWarning(PSFQualityWarning):
+    """Fewer PSF stars were found than a reliable PSF model needs."""

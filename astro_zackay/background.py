@@ -1,0 +1,471 @@
+"""Sky background and background-noise maps of an image.
+
+:func:`estimate_background` measures a smooth sky map and a background rms map
+(sky + read noise, no source noise) on a mesh of boxes, after masking the
+image's bad pixels, the caller's mask and (by default) the detected sources.
+:func:`subtract_background` and :meth:`BackgroundResult.subtract` return a new
+`~astropy.nddata.CCDData` with the sky removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sep
+from astropy import units as u
+from astropy.nddata import CCDData
+from photutils.background import Background2D, MADStdBackgroundRMS, SExtractorBackground
+from scipy import ndimage
+
+from astro_zackay._ccd import ImageData, to_ccddata, to_image
+
+__all__ = ["BackgroundResult", "estimate_background", "subtract_background"]
+
+log = logging.getLogger(__name__)
+
+#: Methods accepted by :func:`estimate_background`; "auto" means :data:`DEFAULT_METHOD`.
+METHODS = ("auto", "sep", "photutils")
+#: The method used for ``method="auto"`` (see the measurements in `estimate_background`).
+DEFAULT_METHOD = "sep"
+
+#: sep (like SExtractor) reports the standard deviation of pixels clipped at +-3 sigma,
+#: which is this factor times the sigma of Gaussian noise: sqrt(1 - 6 phi(3) / erf(3/sqrt 2)).
+_SEP_CLIP_STD_FACTOR = 0.986578
+#: Detection threshold (in units of the first-pass rms) of the sources masked before the
+#: final estimate. High enough that noise peaks are not masked: masking them would bias
+#: the sky and rms low.
+_SOURCE_THRESHOLD = 5.0
+#: Source segments are grown by this many pixels in each direction to cover PSF wings.
+_SOURCE_GROW = 2
+
+
+def _default_box_size(shape: tuple[int, int]) -> int:
+    """64 px for images of 512 px and more; an eighth of the short side (>= 16 px) below."""
+    return int(min(64, max(16, min(shape) // 8)))
+
+
+def _pair(value: Any, name: str, shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Normalise an int or (ny, nx) pair of positive ints."""
+    pair = np.broadcast_to(np.asarray(value), (2,))
+    if not np.all(np.equal(np.mod(pair, 1), 0)) or np.any(pair < 1):
+        raise ValueError(f"{name} must be a positive integer or a pair of them, got {value!r}")
+    ny, nx = (int(v) for v in pair)
+    if shape is not None and (ny > shape[0] or nx > shape[1]):
+        raise ValueError(f"{name}={value!r} is larger than the image {shape}")
+    return ny, nx
+
+
+@dataclass(frozen=True, repr=False)
+class BackgroundResult:
+    """The sky and background-noise maps of an image.
+
+    Attributes
+    ----------
+    sky : `~astropy.nddata.CCDData`
+        The smooth sky map, in the unit of the image.
+    rms : `~astropy.nddata.CCDData`
+        The background noise map (1 sigma per pixel, sky + read noise, without the
+        Poisson noise of sources), in the unit of the image.
+    global_sky : float
+        Median of the sky map.
+    global_rms : float
+        Median of the rms map.
+    method : str
+        ``"sep"`` or ``"photutils"``.
+    box_size : (int, int)
+        Mesh box size ``(ny, nx)`` in pixels.
+    filter_size : (int, int)
+        Median filter size ``(ny, nx)`` in boxes.
+    masked_fraction : float
+        Fraction of pixels excluded from the final estimate (bad pixels, the caller's
+        mask and detected sources).
+    """
+
+    sky: CCDData
+    rms: CCDData
+    global_sky: float
+    global_rms: float
+    method: str
+    box_size: tuple[int, int]
+    filter_size: tuple[int, int]
+    masked_fraction: float
+
+    def __repr__(self) -> str:
+        ny, nx = self.sky.shape
+        return (
+            f"<BackgroundResult {ny}x{nx} method={self.method!r} "
+            f"global_sky={self.global_sky:.6g} global_rms={self.global_rms:.6g} "
+            f"[{self.sky.unit}] box_size={self.box_size} filter_size={self.filter_size} "
+            f"masked_fraction={self.masked_fraction:.3f}>"
+        )
+
+    def subtract(
+        self,
+        image: Any,
+        *,
+        unit: Any = None,
+        mask: np.ndarray | None = None,
+        saturation: Any = None,
+    ) -> CCDData:
+        """Return a new CCDData of ``image`` minus the sky map.
+
+        Parameters
+        ----------
+        image : `~astropy.nddata.CCDData`, `~numpy.ndarray`, str, path or HDU
+            The image the background was measured on (or one of the same shape and
+            a compatible unit). Anything :func:`~astro_zackay._ccd.to_image` accepts.
+        unit : str or `~astropy.units.Unit`, optional
+            Unit of a plain array or of a FITS file without BUNIT.
+        mask : array-like of bool, optional
+            Extra bad pixels, OR-combined into the output mask.
+        saturation : float or `~astropy.units.Quantity`, optional
+            Pixels at or above this level are masked in the output.
+
+        Returns
+        -------
+        `~astropy.nddata.CCDData`
+            The sky-subtracted image, with the input's mask, WCS and a copy of its meta
+            (plus an ``AZBKG`` entry). The input's uncertainty is kept unchanged; an
+            input without uncertainty gives an output without one.
+
+        Raises
+        ------
+        ValueError
+            If the image shape differs from the background's.
+        astropy.units.UnitsError
+            If the image unit cannot be converted from the background's unit.
+        """
+        return self._subtract_from(to_image(image, unit=unit, mask=mask, saturation=saturation))
+
+    def _subtract_from(self, img: ImageData) -> CCDData:
+        if img.shape != self.sky.shape:
+            raise ValueError(
+                f"the image shape {img.shape} differs from the background's {self.sky.shape}"
+            )
+        try:
+            scale = (1.0 * self.sky.unit).to_value(img.unit)
+        except u.UnitConversionError:
+            raise u.UnitsError(
+                f"the image unit ({img.unit}) is not compatible with the background's "
+                f"({self.sky.unit})"
+            ) from None
+        text = (
+            f"subtracted {self.method} background: box {self.box_size[1]}x{self.box_size[0]}, "
+            f"filter {self.filter_size[1]}x{self.filter_size[0]}, "
+            f"sky {self.global_sky:.6g}, rms {self.global_rms:.6g} {self.sky.unit}"
+        )
+        return to_ccddata(
+            img.data - scale * self.sky.data,
+            img,
+            variance=None if img.variance_estimated else img.variance,
+            step=("AZBKG", text),
+        )
+
+
+def _sep_maps(
+    data: np.ndarray, mask: np.ndarray, box: tuple[int, int], filt: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    bkg = sep.Background(
+        np.ascontiguousarray(data, dtype=np.float64),
+        mask=np.ascontiguousarray(mask),
+        bw=box[1],
+        bh=box[0],
+        fw=filt[1],
+        fh=filt[0],
+    )
+    return bkg.back(dtype=np.float64), bkg.rms(dtype=np.float64) / _SEP_CLIP_STD_FACTOR
+
+
+def _photutils_maps(
+    data: np.ndarray, mask: np.ndarray, box: tuple[int, int], filt: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        bkg = Background2D(
+            data,
+            box,
+            mask=mask,
+            filter_size=filt,
+            exclude_percentile=50.0,
+            bkg_estimator=SExtractorBackground(),
+            bkg_rms_estimator=MADStdBackgroundRMS(),
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"photutils could not estimate the background ({exc}); too many pixels are "
+            "masked for the box size: use a larger box_size, a smaller mask or method='sep'"
+        ) from None
+    return np.asarray(bkg.background, dtype=np.float64), np.asarray(
+        bkg.background_rms, dtype=np.float64
+    )
+
+
+_MAPS = {"sep": _sep_maps, "photutils": _photutils_maps}
+
+
+def _sep_extract(
+    data: np.ndarray, threshold: float, rms: np.ndarray, mask: np.ndarray, **kwargs: Any
+) -> Any:
+    """``sep.extract`` at ``threshold`` x ``rms`` with sep's arrays and pixel stack prepared.
+
+    The pixel stack is raised (for this call only) to a quarter of the image, so that
+    crowded fields do not overflow it. ``kwargs`` go to ``sep.extract``.
+    """
+    pixstack = sep.get_extract_pixstack()
+    sep.set_extract_pixstack(max(pixstack, data.size // 4))
+    try:
+        return sep.extract(
+            np.ascontiguousarray(data, dtype=np.float64),
+            threshold,
+            err=np.ascontiguousarray(np.where(rms > 0, rms, np.inf), dtype=np.float64),
+            mask=np.ascontiguousarray(mask),
+            minarea=5,
+            **kwargs,
+        )
+    finally:
+        sep.set_extract_pixstack(pixstack)
+
+
+def _source_mask(
+    data: np.ndarray, mask: np.ndarray, sky: np.ndarray, rms: np.ndarray
+) -> np.ndarray:
+    """Pixels of sources detected above the first-pass background, grown by a few pixels."""
+    residual = np.where(mask, 0.0, data - sky)
+    _, segmap = _sep_extract(
+        residual, _SOURCE_THRESHOLD, rms, mask, deblend_cont=1.0, segmentation_map=True
+    )
+    return ndimage.maximum_filter(segmap > 0, size=2 * _SOURCE_GROW + 1)
+
+
+def _estimate_from(
+    img: ImageData,
+    *,
+    box_size: Any = None,
+    filter_size: Any = 3,
+    method: str = "auto",
+    detect_sources: bool = True,
+) -> BackgroundResult:
+    """`estimate_background` on an already coerced image."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = DEFAULT_METHOD if method == "auto" else method
+    box = _pair(
+        _default_box_size(img.shape) if box_size is None else box_size, "box_size", img.shape
+    )
+    filt = _pair(filter_size, "filter_size")
+    if filt[0] % 2 == 0 or filt[1] % 2 == 0:
+        raise ValueError(f"filter_size must be odd, got {filter_size!r}")
+    good = ~img.mask
+    if good.sum() < box[0] * box[1]:
+        raise ValueError(
+            f"only {int(good.sum())} unmasked pixels, fewer than one {box[1]}x{box[0]} box: "
+            "check the mask and the saturation level"
+        )
+    data = img.filled(0.0)
+    maps = _MAPS[method]
+    mask = img.mask
+    sky, rms = maps(data, mask, box, filt)
+    if detect_sources:
+        mask = mask | _source_mask(data, mask, sky, rms)
+        if (~mask).sum() < box[0] * box[1]:
+            raise ValueError(
+                "masking the detected sources leaves fewer unmasked pixels than one box: "
+                "pass detect_sources=False or a larger box_size"
+            )
+        sky, rms = maps(data, mask, box, filt)
+    masked_fraction = float(mask.mean())
+    log.info(
+        "%s background: box %s, filter %s, %.1f%% of pixels masked",
+        method,
+        box,
+        filt,
+        100 * masked_fraction,
+    )
+    text = f"{method} background map: box {box[1]}x{box[0]}, filter {filt[1]}x{filt[0]}"
+    no_mask = np.zeros(img.shape, dtype=bool)
+    return BackgroundResult(
+        sky=to_ccddata(sky, img, mask=no_mask, step=("AZBKG", text)),
+        rms=to_ccddata(rms, img, mask=no_mask, step=("AZBKG", text)),
+        global_sky=float(np.median(sky)),
+        global_rms=float(np.median(rms)),
+        method=method,
+        box_size=box,
+        filter_size=filt,
+        masked_fraction=masked_fraction,
+    )
+
+
+def estimate_background(
+    image: Any,
+    *,
+    box_size: int | tuple[int, int] | None = None,
+    filter_size: int | tuple[int, int] = 3,
+    method: str = "auto",
+    mask: np.ndarray | None = None,
+    detect_sources: bool = True,
+    unit: Any = None,
+    saturation: Any = None,
+) -> BackgroundResult:
+    """Estimate the sky and background-noise maps of an image.
+
+    The image is divided into boxes; in each box the sky is a sigma-clipped mode
+    estimate (2.5 median - 1.5 mean, as in SExtractor) and the noise a clipped
+    standard deviation; the box values are median-filtered over ``filter_size``
+    boxes and interpolated with a bicubic spline. Masked pixels (the image's mask,
+    ``mask``, non-finite and saturated pixels) never enter. With ``detect_sources``
+    a first pass is followed by source detection at 5 sigma (sep, no deblending,
+    segments grown by 2 pixels) and a second pass with the sources masked.
+
+    Method choice, measured with ``benchmarks/bench_background.py`` on a simulated
+    2048x2048 image in electrons (`~astro_zackay.simulation.simulate_image`: 2000
+    Gaussian stars of FWHM 3.5 px, sky 200 e- plus a 100 e- linear gradient, read
+    noise 5 e-, true rms 15 e-), box 64, filter 3, on 2 shared cores. One pass of
+    each library, then the whole of this function (two passes, sources masked):
+
+    ======================== ======= ======== ======== ========== =========
+    estimator                time    peak mem sky err  edge error rms/truth
+    ======================== ======= ======== ======== ========== =========
+    photutils Background2D   0.59 s  104 MB   -0.20 e- 2.6 e-     1.003
+    sep.Background           0.05 s  64 MB    -0.20 e- 0.41 e-    0.992
+    this, method="photutils" 1.5 s   276 MB   -0.24 e- 2.6 e-     1.001
+    this, method="sep"       0.31 s  256 MB   -0.25 e- 0.43 e-    1.003
+    ======================== ======= ======== ======== ========== =========
+
+    (sky err: median of sky - truth away from the edges, 1.6 % of the rms, the
+    mode estimator on Poisson sky; edge error: median error in the outermost half
+    box.) Both agree in the interior; ``"sep"`` is the default (``method="auto"``):
+    it is five to ten times faster and extrapolates a sky gradient to the image
+    edges, where photutils' interpolator holds the value of the outermost box
+    centres (2.6 e- = 0.17 sigma off at the edges here). sep's clipped rms is
+    divided by 0.9866, its bias for Gaussian noise clipped at 3 sigma (without
+    this it reads 1.3 % low once sources are masked); photutils uses the MAD
+    standard deviation. A sky gradient within one box adds to the rms
+    (``(gradient per box)**2 / 12``): choose smaller boxes for steep gradients.
+
+    Parameters
+    ----------
+    image : `~astropy.nddata.CCDData`, `~numpy.ndarray`, str, path or HDU
+        The image; anything :func:`~astro_zackay._ccd.to_image` accepts.
+    box_size : int or (int, int), optional
+        Mesh box size in pixels, ``(ny, nx)`` or one int for both. Default 64 for
+        images of 512 px and more, an eighth of the shorter side (at least 16) below.
+        Choose boxes several times larger than the sources and smaller than the
+        scale on which the sky varies.
+    filter_size : int or (int, int), optional
+        Size of the median filter applied to the box values, in boxes (odd).
+    method : {"auto", "sep", "photutils"}, optional
+        The estimator; ``"auto"`` is ``"sep"``.
+    mask : array-like of bool, optional
+        Extra pixels to ignore (True = bad), OR-combined with the image's mask.
+    detect_sources : bool, optional
+        Mask detected sources before the final estimate (default True).
+    unit : str or `~astropy.units.Unit`, optional
+        Unit of a plain array or of a FITS file without BUNIT.
+    saturation : float or `~astropy.units.Quantity`, optional
+        Pixels at or above this level are ignored; default the SATURATE keyword.
+
+    Returns
+    -------
+    BackgroundResult
+        ``sky`` and ``rms`` maps as CCDData in the image unit, their medians
+        ``global_sky`` and ``global_rms``, and the settings used.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, bad box or filter sizes, or too few unmasked pixels.
+
+    See Also
+    --------
+    subtract_background : estimate and subtract in one step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.background import estimate_background
+    >>> rng = np.random.default_rng(0)
+    >>> data = rng.normal(100.0, 5.0, (128, 128))
+    >>> bkg = estimate_background(data, unit="electron")
+    >>> bkg.method, bkg.box_size, str(bkg.sky.unit)
+    ('sep', (16, 16), 'electron')
+    >>> round(bkg.global_sky), round(bkg.global_rms)
+    (100, 5)
+    """
+    img = to_image(image, unit=unit, mask=mask, saturation=saturation)
+    return _estimate_from(
+        img,
+        box_size=box_size,
+        filter_size=filter_size,
+        method=method,
+        detect_sources=detect_sources,
+    )
+
+
+def subtract_background(
+    image: Any,
+    background: BackgroundResult | None = None,
+    *,
+    box_size: int | tuple[int, int] | None = None,
+    filter_size: int | tuple[int, int] = 3,
+    method: str = "auto",
+    mask: np.ndarray | None = None,
+    detect_sources: bool = True,
+    unit: Any = None,
+    saturation: Any = None,
+) -> CCDData:
+    """Return a new CCDData of the image minus its sky background.
+
+    Parameters
+    ----------
+    image : `~astropy.nddata.CCDData`, `~numpy.ndarray`, str, path or HDU
+        The image; anything :func:`~astro_zackay._ccd.to_image` accepts. Not modified.
+    background : BackgroundResult, optional
+        A background measured before; default: measured now with
+        :func:`estimate_background` and the keywords below.
+    box_size, filter_size, method, detect_sources
+        Passed to :func:`estimate_background` when ``background`` is None.
+    mask : array-like of bool, optional
+        Extra bad pixels (True = bad), ignored by the estimate and OR-combined into
+        the output mask.
+    unit : str or `~astropy.units.Unit`, optional
+        Unit of a plain array or of a FITS file without BUNIT.
+    saturation : float or `~astropy.units.Quantity`, optional
+        Pixels at or above this level are ignored and masked in the output.
+
+    Returns
+    -------
+    `~astropy.nddata.CCDData`
+        The sky-subtracted image with the input's uncertainty (unchanged; none if the
+        input has none), mask, WCS and a copy of its meta with an ``AZBKG`` entry.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.nddata import CCDData, StdDevUncertainty
+    >>> from astro_zackay.background import subtract_background
+    >>> rng = np.random.default_rng(1)
+    >>> ccd = CCDData(rng.normal(50.0, 2.0, (64, 64)), unit="adu",
+    ...               uncertainty=StdDevUncertainty(np.full((64, 64), 2.0)))
+    >>> out = subtract_background(ccd)
+    >>> abs(float(np.median(out.data))) < 0.2, out.uncertainty.array[0, 0]
+    (True, np.float64(2.0))
+    >>> out.meta["AZBKG"].split(",")[0]
+    'subtracted sep background: box 16x16'
+    """
+    img = to_image(image, unit=unit, mask=mask, saturation=saturation)
+    if background is None:
+        background = _estimate_from(
+            img,
+            box_size=box_size,
+            filter_size=filter_size,
+            method=method,
+            detect_sources=detect_sources,
+        )
+    elif not isinstance(background, BackgroundResult):
+        raise TypeError(
+            f"background must be a BackgroundResult (from estimate_background), got "
+            f"{type(background).__name__}"
+        )
+    return background._subtract_from(img)

@@ -1,0 +1,250 @@
+"""Tests of astro_zackay.stars (PSF-star selection) against simulated truth."""
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from astro_zackay._warnings import FewStarsWarning, PSFQualityWarning
+from astro_zackay.simulation import PSFField, simulate_image
+from astro_zackay.stars import REASONS, find_psf_stars
+
+SHAPE = (1024, 1024)
+FULL_WELL = 3e4  # e-: stars brighter than ~3e5 e- (FWHM 3) saturate
+
+
+def _field(profile):
+    return simulate_image(
+        SHAPE,
+        psf=PSFField(fwhm=3.0, profile=profile),
+        n_stars=700,
+        flux_range=(1e3, 6e5),
+        flux_distribution="loguniform",
+        saturation=FULL_WELL,
+        n_cosmic_rays=150,
+        seed=21,
+    )
+
+
+@pytest.fixture(scope="module")
+def gaussian_field():
+    sim = _field("gaussian")
+    return sim, find_psf_stars(sim.ccd)
+
+
+@pytest.fixture(scope="module")
+def moffat_field():
+    sim = _field("moffat")
+    return sim, find_psf_stars(sim.ccd)
+
+
+def _match(stars, truth):
+    """Index of the nearest truth star of each selected star, and the distance."""
+    dist, idx = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
+        np.column_stack([stars["x"], stars["y"]])
+    )
+    return idx, dist
+
+
+def _reference(truth, stars):
+    """Truth stars a PSF-star finder should find: isolated (the simulation's definition:
+    no star brighter than 1 % of it within 3 FWHM), not in the wings of a 10x brighter
+    star within 5 FWHM (Moffat wings make these bad PSF stars, and sep merges them into
+    the bright star's isophote), unsaturated, S/N > 25, and with the stamp inside the
+    image. S/N > 25 rather than 20: the measured S/N scatters by +-1, so stars just above
+    20 are found about half of the time."""
+    half = stars.meta["stamp_shape"][0] // 2
+    inside = (
+        (truth["x"] >= half + 0.5)
+        & (truth["x"] < SHAPE[1] - half - 0.5)
+        & (truth["y"] >= half + 0.5)
+        & (truth["y"] < SHAPE[0] - half - 0.5)
+    )
+    xy = np.column_stack([truth["x"], truth["y"]])
+    flux = np.asarray(truth["flux"])
+    in_wings = np.zeros(len(truth), dtype=bool)
+    for i, j in cKDTree(xy).query_pairs(5 * 3.0, output_type="ndarray"):
+        in_wings[i] |= flux[j] > 10 * flux[i]
+        in_wings[j] |= flux[i] > 10 * flux[j]
+    return truth["isolated"] & ~in_wings & ~truth["saturated"] & (truth["snr"] > 25) & inside
+
+
+@pytest.mark.parametrize("field", ["gaussian_field", "moffat_field"])
+def test_completeness_and_purity(field, request):
+    sim, stars = request.getfixturevalue(field)
+    truth = sim.truth
+    ref = _reference(truth, stars)
+    assert ref.sum() > 100
+    dist, _ = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(
+        np.column_stack([truth["x"][ref], truth["y"][ref]])
+    )
+    assert np.mean(dist < 0.5) >= 0.90
+    idx, dist = _match(stars, truth)
+    assert np.all(dist < 0.5)  # every selection is a real star: no cosmic ray, no blend
+    assert not np.any(truth["saturated"][idx])
+    assert np.all(stars["snr"] >= 20.0)
+
+
+@pytest.mark.parametrize("field", ["gaussian_field", "moffat_field"])
+def test_centroids_and_errors(field, request):
+    """Honest criterion: the centroid error is set by S/N (Cramer-Rao: ~0.08 px at S/N 20
+    for FWHM 3), so 0.05 px holds for the median at S/N > 50 and the 90th percentile at
+    S/N > 100; at all S/N the offsets match the reported errors (pull std ~ 1)."""
+    sim, stars = request.getfixturevalue(field)
+    idx, _ = _match(stars, sim.truth)
+    dx = stars["x"] - sim.truth["x"][idx]
+    dy = stars["y"] - sim.truth["y"][idx]
+    off = np.hypot(dx, dy)
+    snr = np.asarray(sim.truth["snr"][idx])
+    assert np.median(off[snr > 50]) < 0.05
+    assert np.percentile(off[snr > 100], 90) < 0.05
+    assert np.median(off) < 0.06
+    for d, err in ((dx, stars["x_err"]), (dy, stars["y_err"])):
+        pull = np.asarray(d / err)
+        assert 0.8 < np.std(pull) < 1.25
+        assert abs(np.mean(pull)) < 0.25
+
+
+@pytest.mark.parametrize("field", ["gaussian_field", "moffat_field"])
+def test_fwhm_shape_and_flux(field, request):
+    sim, stars = request.getfixturevalue(field)
+    idx, _ = _match(stars, sim.truth)
+    truth = sim.truth[idx]
+    assert abs(stars.meta["fwhm"] / 3.0 - 1) < 0.03
+    assert abs(np.median(stars["fwhm"] / truth["fwhm"]) - 1) < 0.03
+    bright = truth["snr"] > 100
+    assert abs(np.median(stars["fwhm"][bright] / truth["fwhm"][bright]) - 1) < 0.01
+    assert np.median(stars["ellipticity"]) < 0.05
+    assert abs(np.median(stars["flux"][bright] / truth["flux"][bright]) - 1) < 0.01
+    assert abs(np.median(stars["snr"] / truth["snr"]) - 1) < 0.05
+    assert abs(np.median(stars["peak"][bright] / truth["peak"][bright]) - 1) < 0.03
+    if field == "moffat_field":
+        assert 2.0 < np.median(stars["beta"][bright]) < 6.0  # true beta 3.5
+    else:
+        assert np.median(stars["beta"][bright]) > 10.0  # a Gaussian
+
+
+def test_table_layout(gaussian_field):
+    sim, stars = gaussian_field
+    assert stars.colnames == [
+        "id",
+        "x",
+        "y",
+        "x_err",
+        "y_err",
+        "flux",
+        "flux_err",
+        "snr",
+        "fwhm",
+        "ellipticity",
+        "theta",
+        "beta",
+        "peak",
+    ]
+    np.testing.assert_array_equal(stars["id"], np.arange(len(stars)))
+    assert np.all(np.diff(stars["snr"]) <= 0)
+    assert stars.meta["stamp_shape"] == (19, 19)  # 2 * ceil(3 * 3.0) + 1
+    assert stars.meta["n_selected"] == len(stars)
+    total = stars.meta["n_selected"] + sum(stars.meta[f"n_rejected_{r}"] for r in REASONS)
+    assert total == stars.meta["n_detected"]
+    assert stars.meta["n_rejected_saturated"] > 0
+    assert stars.meta["n_rejected_sharp"] > 0  # cosmic rays
+    assert str(stars["flux"].unit) == "electron"
+
+
+def test_no_masked_pixel_in_stamps(gaussian_field):
+    sim, stars = gaussian_field
+    half = stars.meta["stamp_shape"][0] // 2
+    for x, y in zip(np.rint(stars["x"]).astype(int), np.rint(stars["y"]).astype(int)):
+        assert not sim.ccd.mask[y - half : y + half + 1, x - half : x + half + 1].any()
+
+
+def test_cosmic_rays_not_selected(gaussian_field):
+    sim, stars = gaussian_field
+    crs = sim.cosmic_rays
+    dist, _ = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(
+        np.column_stack([crs["x"], crs["y"]])
+    )
+    # no selected source sits on a hit (a star within 1.5 px of one is unlikely)
+    assert np.sum(dist < 1.5) <= 2
+    assert (
+        stars.meta["n_rejected_sharp"] + stars.meta["n_rejected_elongated"]
+        >= 0.5 * len(np.unique(crs["id"])) * 0.5
+    )
+
+
+def test_close_pairs_and_saturated_rejected():
+    rng = np.random.default_rng(7)
+    grid = np.stack(np.meshgrid(np.arange(60, 1000, 110), np.arange(60, 1000, 110)), -1)
+    xy = grid.reshape(-1, 2).astype(float) + rng.uniform(-0.5, 0.5, (81, 2))
+    kind = np.array(["single", "pair", "saturated"] * 27)
+    sep = np.tile([1.0, 1.5, 2.0, 2.5], 21)[:81] * 3.0  # pair separations: 1-2.5 FWHM
+    rows = []
+    for (x, y), k, s in zip(xy, kind, sep):
+        if k == "single":
+            rows.append((x, y, 2e4, k))
+        elif k == "saturated":
+            rows.append((x, y, 1e6, k))
+        else:
+            rows.append((x - s / 2, y, 2e4, k))
+            rows.append((x + s / 2, y, 1e4, k))
+    stars_in = Table(rows=rows, names=("x", "y", "flux", "kind"))
+    sim = simulate_image(SHAPE, psf=3.0, stars=stars_in, saturation=FULL_WELL, seed=8)
+    stars = find_psf_stars(sim.ccd)
+    idx, dist = _match(stars, sim.truth)
+    assert np.all(dist < 0.5)
+    picked = stars_in["kind"][idx]
+    assert np.all(picked == "single")
+    assert len(stars) >= 0.9 * np.sum(stars_in["kind"] == "single")
+    assert stars.meta["n_rejected_saturated"] >= 20
+
+
+def test_user_stamp_shape_kept_and_checked(gaussian_field):
+    sim, _ = gaussian_field
+    cut = sim.ccd[:512, :512]
+    stars = find_psf_stars(cut, stamp_shape=(15, 21))
+    assert stars.meta["stamp_shape"] == (15, 21)
+    with pytest.raises(ValueError, match="must be odd"):
+        find_psf_stars(cut, stamp_shape=(16, 16))
+    with pytest.raises(ValueError, match="too small"):
+        find_psf_stars(cut, stamp_shape=5)
+
+
+def test_inputs_fits_path_ndarray_and_not_mutated(tmp_path):
+    sim = simulate_image(
+        (256, 256), psf=3.0, n_stars=40, flux_range=(5e3, 5e4), min_separation=15, seed=4
+    )
+    before = sim.ccd.data.copy()
+    from_ccd = find_psf_stars(sim.ccd)
+    np.testing.assert_array_equal(sim.ccd.data, before)
+    path = tmp_path / "image.fits"
+    sim.ccd.write(path)
+    from_path = find_psf_stars(path)
+    np.testing.assert_allclose(from_path["x"], from_ccd["x"])
+    # a sky-subtracted ndarray without uncertainty: variance estimated, sky given as 0
+    data = np.asarray(sim.ccd.data) - sim.sky
+    from_array = find_psf_stars(data, unit="electron", background=0.0)
+    idx, dist = _match(from_array, sim.truth)
+    assert len(from_array) >= 0.8 * len(from_ccd) and np.all(dist < 0.5)
+    with pytest.raises(ValueError, match="unit"):
+        find_psf_stars(data)
+
+
+def test_few_and_no_stars_and_max_stars(gaussian_field):
+    sim, stars = gaussian_field
+    cut = sim.ccd[:256, :256]
+    few = find_psf_stars(cut, max_stars=3)  # trimmed: keeps the 3 of highest S/N
+    assert len(few) == 3 and few.meta["n_rejected_max_stars"] > 0
+    with pytest.warns(FewStarsWarning, match="only 3 PSF star"):
+        find_psf_stars(cut, snr_min=0.999 * float(few["snr"][2]))
+    assert issubclass(FewStarsWarning, PSFQualityWarning)
+    with pytest.raises(ValueError, match="no PSF star passed the cuts.*lower snr_min"):
+        find_psf_stars(cut, snr_min=1e7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="snr_min must be positive"):
+            find_psf_stars(cut, snr_min=0)
+    with pytest.raises(ValueError, match="no sources detected"):
+        find_psf_stars(np.zeros((64, 64)), unit="adu", background=0.0)
