@@ -1,0 +1,237 @@
+"""Karhunen-Loeve PSF algebra (Lauer 2002): arrays in, arrays out.
+
+* :func:`kl_basis` - eigen-PSFs from the SVD of the (weighted) matrix of recentred,
+  unit-sum star stamps, with a fixed sign (the mean coefficient of every component
+  is positive).
+* :func:`fit_fields` - every coefficient ``a_k`` as a 2-D polynomial of total degree
+  ``degree`` in SCALED coordinates ``u, v`` in ``[-1, 1]`` over the image.
+* :func:`evaluate_psf` - ``PSF(x, y) = sum_k a_k(x, y) P_k``, normalised to unit sum
+  at every position.
+* :func:`select_n_components` / :func:`n_components_from_inf_loss` - the choice of K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "design_matrix",
+    "evaluate_psf",
+    "fit_fields",
+    "image_scaling",
+    "kl_basis",
+    "n_components_from_inf_loss",
+    "polynomial_terms",
+    "scale_coordinates",
+    "select_n_components",
+]
+
+
+def polynomial_terms(degree: int) -> np.ndarray:
+    """Exponents ``(i, j)`` of the monomials ``u**i * v**j`` with ``i + j <= degree``.
+
+    Examples
+    --------
+    >>> from astro_zackay.psf.kl import polynomial_terms
+    >>> polynomial_terms(1).tolist()
+    [[0, 0], [1, 0], [0, 1]]
+    """
+    terms = [(total - j, j) for total in range(degree + 1) for j in range(total + 1)]
+    return np.array(terms, dtype=int).reshape(-1, 2)
+
+
+def image_scaling(shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``(xc, xs, yc, ys)`` mapping pixel centres of an image onto ``[-1, 1]`` in both axes.
+
+    Examples
+    --------
+    >>> from astro_zackay.psf.kl import image_scaling
+    >>> image_scaling((11, 21))
+    (10.0, 10.0, 5.0, 5.0)
+    """
+    ny, nx = shape
+    return (nx - 1) / 2, max((nx - 1) / 2, 1.0), (ny - 1) / 2, max((ny - 1) / 2, 1.0)
+
+
+def scale_coordinates(
+    x: np.ndarray, y: np.ndarray, scaling: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map pixel coordinates to scaled ones: ``u = (x - xc) / xs``, ``v = (y - yc) / ys``.
+
+    ``scaling`` is ``(xc, xs, yc, ys)``, e.g. from :func:`image_scaling`.
+    """
+    xc, xs, yc, ys = scaling
+    return (np.asarray(x, dtype=float) - xc) / xs, (np.asarray(y, dtype=float) - yc) / ys
+
+
+def design_matrix(u: np.ndarray, v: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """``(n, n_terms)`` matrix of the monomials at scaled coordinates ``(u, v)``."""
+    u = np.atleast_1d(u)[:, None]
+    v = np.atleast_1d(v)[:, None]
+    return u ** terms[:, 0] * v ** terms[:, 1]
+
+
+def kl_basis(stamps: np.ndarray, weights: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-PSFs of a set of unit-sum stamps.
+
+    Parameters
+    ----------
+    stamps : `~numpy.ndarray`
+        ``(n, n_pix)`` recentred unit-sum stamps (flattened).
+    weights : `~numpy.ndarray`
+        ``(n,)`` star weights (e.g. inverse noise of the normalised stamp); the SVD is
+        of ``weights[:, None] * stamps`` (not mean-subtracted, as in Lauer 2002).
+    n_max : int
+        Number of components to return.
+
+    Returns
+    -------
+    basis : `~numpy.ndarray`
+        ``(n_max, n_pix)`` orthonormal eigen-PSFs; sign fixed so that the weighted
+        mean coefficient of every component is positive.
+    eigenvalues : `~numpy.ndarray`
+        All squared singular values, largest first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.kl import kl_basis
+    >>> stamps = np.array([[0.2, 0.6, 0.2], [0.1, 0.8, 0.1]])
+    >>> basis, ev = kl_basis(stamps, np.ones(2), 1)
+    >>> bool(basis[0].sum() > 0), ev.shape
+    (True, (2,))
+    """
+    weighted = weights[:, None] * stamps
+    _, sing, vt = np.linalg.svd(weighted, full_matrices=False)
+    basis = vt[:n_max]
+    sign = np.sign(weights @ weighted @ basis.T)
+    sign[sign == 0] = 1.0
+    return basis * sign[:, None], sing**2
+
+
+def fit_fields(
+    coefficients: np.ndarray,
+    variances: np.ndarray,
+    design: np.ndarray,
+    *,
+    clip: float = 5.0,
+    iterations: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit each coefficient field as a polynomial by weighted least squares.
+
+    Parameters
+    ----------
+    coefficients : `~numpy.ndarray`
+        ``(n, K)`` star coefficients ``a_k(x_i, y_i)``.
+    variances : `~numpy.ndarray`
+        ``(n, K)`` their variances (weights are their inverse).
+    design : `~numpy.ndarray`
+        ``(n, n_terms)`` from :func:`design_matrix`.
+    clip : float, optional
+        Stars deviating by more than ``clip`` sigma in any component are dropped and
+        the fit repeated, ``iterations`` times at most.
+    iterations : int, optional
+        Maximum number of clipping rounds.
+
+    Returns
+    -------
+    fields : `~numpy.ndarray`
+        ``(K, n_terms)`` polynomial coefficients.
+    used : `~numpy.ndarray`
+        ``(n,)`` True for the stars kept by the clipping.
+    """
+    used = np.ones(len(coefficients), dtype=bool)
+    for _ in range(iterations + 1):
+        fields = np.empty((coefficients.shape[1], design.shape[1]))
+        for k in range(coefficients.shape[1]):
+            w = np.sqrt(1.0 / variances[used, k])
+            fields[k] = np.linalg.lstsq(
+                design[used] * w[:, None], coefficients[used, k] * w, rcond=None
+            )[0]
+        pulls = (coefficients - design @ fields.T) / np.sqrt(variances)
+        # the noise estimate ignores PSF mismatch: scale the pulls by their robust spread
+        spread = np.maximum(1.4826 * np.median(np.abs(pulls[used]), axis=0), 1.0)
+        new_used = np.all(np.abs(pulls) < clip * spread, axis=1)
+        if np.array_equal(new_used, used) or new_used.sum() <= design.shape[1]:
+            break
+        used = new_used
+    return fields, used
+
+
+def evaluate_psf(basis: np.ndarray, fields: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Unit-sum PSFs ``sum_k a_k P_k / sum(...)`` at the rows of ``design``.
+
+    Parameters
+    ----------
+    basis : `~numpy.ndarray`
+        ``(K, n_pix)`` eigen-PSFs.
+    fields : `~numpy.ndarray`
+        ``(K, n_terms)`` polynomial coefficients.
+    design : `~numpy.ndarray`
+        ``(n, n_terms)`` monomials at the positions.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        ``(n, n_pix)`` PSFs, each summing to 1.
+    """
+    psf = (design @ fields.T) @ basis
+    return psf / psf.sum(axis=1, keepdims=True)
+
+
+def select_n_components(chi2_dof: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """Choose K from held-out chi2/dof with the one-standard-error rule.
+
+    For each candidate K the score is the median held-out chi2/dof; its standard
+    error is ``1.2533 * sigma / sqrt(n_holdout)``, with ``sigma`` the robust
+    (1.4826 MAD) spread of the per-star chi2/dof at the best K. The chosen K is the
+    smallest one whose score is within one standard error of the best score: extra
+    components must improve the held-out fit by more than the noise of the estimate.
+
+    Parameters
+    ----------
+    chi2_dof : `~numpy.ndarray`
+        ``(K_max, n_holdout)`` per-star chi2/dof with 1..K_max components.
+
+    Returns
+    -------
+    n_components : int
+        The chosen K.
+    scores : `~numpy.ndarray`
+        ``(K_max,)`` median chi2/dof per K.
+    sigma : float
+        The standard error used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.kl import select_n_components
+    >>> chi2 = np.array([[1.8, 1.9, 1.7], [1.2, 1.1, 1.3],
+    ...                  [1.0, 1.1, 1.05], [1.0, 1.1, 1.04]])
+    >>> select_n_components(chi2)[0]
+    3
+    """
+    scores = np.median(chi2_dof, axis=1)
+    best = int(np.argmin(scores))
+    n = chi2_dof.shape[1]
+    spread = 1.4826 * np.median(np.abs(chi2_dof[best] - scores[best]))
+    sigma = 1.2533 * float(spread) / np.sqrt(n)
+    n_components = int(np.flatnonzero(scores <= scores[best] + sigma)[0]) + 1
+    return n_components, scores, sigma
+
+
+def n_components_from_inf_loss(eigenvalues: np.ndarray, inf_loss: float) -> int:
+    """Smallest K whose discarded eigen-spectrum fraction is at most ``inf_loss``.
+
+    ``sum(eigenvalues[K:]) / sum(eigenvalues) <= inf_loss`` (properimage's meaning).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.kl import n_components_from_inf_loss
+    >>> n_components_from_inf_loss(np.array([90.0, 8.0, 2.0]), 0.05)
+    2
+    """
+    total = eigenvalues.sum()
+    discarded = 1.0 - np.cumsum(eigenvalues) / total
+    return int(np.flatnonzero(discarded <= inf_loss)[0]) + 1
