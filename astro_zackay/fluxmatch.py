@@ -1,0 +1,193 @@
+"""Flux ratios, offsets and registration noise from stars matched between two images.
+
+These measurements use each star's own fitted flux and centroid
+(`astro_zackay.stars.find_psf_stars`), so they do not depend on the accuracy of a
+PSF model; they are what `astro_zackay.subtract` and `astro_zackay.coadd` use to put
+images on one flux scale and one pixel grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.table import Table
+
+__all__ = ["StarMatch", "match_stars"]
+
+log = logging.getLogger(__name__)
+
+
+def _weighted_clipped_mean(
+    values: np.ndarray, errors: np.ndarray, nsigma: float = 3.0, iterations: int = 5
+) -> tuple[float, float, np.ndarray]:
+    """Inverse-variance mean with iterative clipping; its error scaled by sqrt(reduced chi2)."""
+    keep = np.isfinite(values) & np.isfinite(errors) & (errors > 0)
+    mean = float(np.median(values[keep]))
+    scale = 1.0
+    for _ in range(iterations):
+        weights = 1.0 / errors[keep] ** 2
+        mean = float(np.sum(weights * values[keep]) / np.sum(weights))
+        pulls = (values - mean) / errors
+        chi2 = float(np.sum(pulls[keep] ** 2) / max(keep.sum() - 1, 1))
+        scale = max(1.0, np.sqrt(chi2))
+        new_keep = keep & (np.abs(pulls) < nsigma * scale)
+        if new_keep.sum() < 3 or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    weights = 1.0 / errors[keep] ** 2
+    return mean, float(scale / np.sqrt(np.sum(weights))), keep
+
+
+@dataclass(frozen=True)
+class StarMatch:
+    """Stars matched between a reference and a second image, and what they measure.
+
+    Attributes
+    ----------
+    n_matched : int
+        Stars matched within the radius.
+    flux_ratio, flux_ratio_error : float
+        Flux of the image over flux of the reference (a ratio of FLUXES), clipped
+        inverse-variance weighted mean of the star-by-star ratios, with its error
+        scaled by the square root of the reduced chi-square of the ratios.
+    offset, offset_error : tuple of float
+        ``(dx, dy)``: the position in the image minus the position in the reference,
+        in pixels, and its error.
+    scatter : tuple of float
+        ``(sigma_x, sigma_y)``: the registration scatter of the matched stars beyond
+        their centroid errors, in pixels (the astrometric noise of the two images
+        together).
+    table : `~astropy.table.Table`
+        The matched pairs: ``x``, ``y`` (in the image), ``x_ref``, ``y_ref``, ``ratio``,
+        ``ratio_err`` and ``used`` (kept by the clipping).
+    """
+
+    n_matched: int
+    flux_ratio: float
+    flux_ratio_error: float
+    offset: tuple[float, float]
+    offset_error: tuple[float, float]
+    scatter: tuple[float, float]
+    table: Table
+
+
+def match_stars(
+    reference: Table,
+    image: Table,
+    *,
+    radius: float = 1.5,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_matches: int = 5,
+) -> StarMatch:
+    """Match two star lists by position and measure the flux ratio, offset and scatter.
+
+    Parameters
+    ----------
+    reference, image : `~astropy.table.Table`
+        Star lists with ``x``, ``y``, ``flux``, ``flux_err`` and optionally ``x_err``,
+        ``y_err`` (as made by `~astro_zackay.stars.find_psf_stars`).
+    radius : float
+        Largest distance in pixels of a match, after applying ``offset``.
+    offset : tuple of float
+        A first guess of ``(dx, dy)`` = image minus reference position.
+    min_matches : int
+        Fewest matches accepted.
+
+    Returns
+    -------
+    StarMatch
+
+    Raises
+    ------
+    ValueError
+        If fewer than ``min_matches`` stars match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.table import Table
+    >>> from astro_zackay.fluxmatch import match_stars
+    >>> rng = np.random.default_rng(0)
+    >>> x, y, f = rng.uniform(0, 500, 30), rng.uniform(0, 500, 30), rng.uniform(1e3, 1e4, 30)
+    >>> ref = Table({"x": x, "y": y, "flux": f, "flux_err": 0.01 * f})
+    >>> new = Table({"x": x + 0.3, "y": y - 0.2, "flux": 0.8 * f, "flux_err": 0.008 * f})
+    >>> m = match_stars(ref, new)
+    >>> round(m.flux_ratio, 6), round(m.offset[0], 6), round(m.offset[1], 6)
+    (0.8, 0.3, -0.2)
+    """
+    for name, table in (("reference", reference), ("image", image)):
+        missing = {"x", "y", "flux", "flux_err"} - set(table.colnames)
+        if missing:
+            raise ValueError(f"the {name} star list lacks the columns {sorted(missing)}")
+    rx = np.asarray(reference["x"], float) + offset[0]
+    ry = np.asarray(reference["y"], float) + offset[1]
+    ix, iy = np.asarray(image["x"], float), np.asarray(image["y"], float)
+    if rx.size == 0 or ix.size == 0:
+        raise ValueError("cannot match stars: one of the star lists is empty")
+    distance = np.hypot(ix[:, None] - rx[None, :], iy[:, None] - ry[None, :])
+    nearest = np.argmin(distance, axis=1)
+    close = distance[np.arange(ix.size), nearest] < radius
+    # one-to-one: a reference star claimed twice keeps only its closest partner
+    order = np.argsort(distance[np.arange(ix.size), nearest])
+    claimed: set[int] = set()
+    for i in order:
+        if close[i]:
+            if nearest[i] in claimed:
+                close[i] = False
+            else:
+                claimed.add(int(nearest[i]))
+    if close.sum() < min_matches:
+        raise ValueError(
+            f"only {int(close.sum())} stars match within {radius} px (need {min_matches}): "
+            "check that the images are registered (or give an offset guess / align)"
+        )
+    sel, ref_sel = np.flatnonzero(close), nearest[close]
+
+    def col(table: Table, name: str, rows: np.ndarray) -> np.ndarray:
+        if name in table.colnames:
+            return np.asarray(table[name], float)[rows]
+        return np.full(rows.size, np.nan)
+
+    f_img, e_img = col(image, "flux", sel), col(image, "flux_err", sel)
+    f_ref, e_ref = col(reference, "flux", ref_sel), col(reference, "flux_err", ref_sel)
+    ratio = f_img / f_ref
+    ratio_err = np.abs(ratio) * np.hypot(e_img / f_img, e_ref / f_ref)
+    flux_ratio, flux_ratio_error, used = _weighted_clipped_mean(ratio, ratio_err)
+
+    dx = ix[sel] - rx[ref_sel] + offset[0]
+    dy = iy[sel] - ry[ref_sel] + offset[1]
+    centroid = []
+    for name in ("x_err", "y_err"):
+        err = np.hypot(col(image, name, sel), col(reference, name, ref_sel))
+        centroid.append(np.where(np.isfinite(err) & (err > 0), err, 0.05))
+    mean_dx, err_dx, keep_x = _weighted_clipped_mean(dx, centroid[0])
+    mean_dy, err_dy, keep_y = _weighted_clipped_mean(dy, centroid[1])
+
+    def scatter(delta: np.ndarray, err: np.ndarray, keep: np.ndarray, mean: float) -> float:
+        # robust total scatter minus the part the centroid errors explain
+        total = 1.4826 * np.median(np.abs(delta[keep] - mean))
+        return float(np.sqrt(max(total**2 - np.median(err[keep] ** 2), 0.0)))
+
+    table = Table(
+        {
+            "x": ix[sel], "y": iy[sel], "x_ref": rx[ref_sel] - offset[0],
+            "y_ref": ry[ref_sel] - offset[1], "ratio": ratio, "ratio_err": ratio_err,
+            "used": used,
+        }
+    )
+    result = StarMatch(
+        n_matched=int(sel.size),
+        flux_ratio=flux_ratio,
+        flux_ratio_error=flux_ratio_error,
+        offset=(mean_dx, mean_dy),
+        offset_error=(err_dx, err_dy),
+        scatter=(scatter(dx, centroid[0], keep_x, mean_dx),
+                 scatter(dy, centroid[1], keep_y, mean_dy)),
+        table=table,
+    )
+    log.info("matched %d stars: flux ratio %.5f +- %.5f, offset (%.4f, %.4f), scatter "
+             "(%.4f, %.4f) px", result.n_matched, flux_ratio, flux_ratio_error,
+             *result.offset, *result.scatter)
+    return result
