@@ -57,7 +57,7 @@ _MIN_FWHM = 1.0
 #: Only sources rounder than this define the reference FWHM (cosmic-ray tracks are not).
 _REF_MAX_ELLIPTICITY = 0.3
 #: Profile fits stop after this many Levenberg-Marquardt iterations.
-_MAX_ITER = 40
+_MAX_ITER = 25
 #: Bounds of t = 1/beta of the Moffat profile (t -> 0 is a Gaussian).
 _T_MIN, _T_MAX = 1e-3, 0.8
 #: 2x2 Gauss-Legendre points per pixel: the model is integrated over pixels like the data.
@@ -194,7 +194,7 @@ def _fit_profiles(
         cost[good] = trial_cost[better]
         lam[good] = np.maximum(lam[good] / 5.0, 1e-7)
         lam[idx[~better]] *= 10.0
-        done = (np.abs(rel) < 1e-7) | (lam[idx] > 1e8)
+        done = (np.abs(rel) < 1e-6) | (lam[idx] > 1e6)
         active[idx[done]] = False
     jac = jacobian(p, model, slice(None))
     fisher = np.einsum("npi,npj->nij", jac, jac)
@@ -418,7 +418,9 @@ def find_psf_stars(
         if not clean.any():
             clean = flux_det > 0
         bright = np.flatnonzero(clean)[np.argsort(-flux_det[clean])[:300]]
-        rmax = max(8.0, 10.0 * float(np.median(objects["a"][bright])))
+        # a radius of ~2.5 FWHM (sep's isophotal a is about sigma) holds the star's light;
+        # a larger one takes in the neighbours of a crowded field and inflates the FWHM
+        rmax = max(5.0, 6.0 * float(np.median(objects["a"][bright])))
         r_half, _ = sep.flux_radius(
             data,
             x_det[bright],
@@ -456,6 +458,8 @@ def find_psf_stars(
         0.0,
         1.0 / np.where(var > 0, var, 1.0),
     )
+    log.debug("fitting %d candidates in %d px windows (starting FWHM %.2f)", fit_idx.size,
+              2 * h + 1, fwhm0)
     params, cov, fit_ok = _fit_profiles(
         x_det[fit_idx], y_det[fit_idx], pix, w, gx.astype(float), gy.astype(float), fwhm0
     )
