@@ -28,7 +28,7 @@ from astropy.nddata import (
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 
-__all__ = ["ImageData", "record_step", "to_ccddata", "to_image"]
+__all__ = ["ImageData", "as_ccddata", "record_step", "to_ccddata", "to_image"]
 
 log = logging.getLogger(__name__)
 
@@ -472,4 +472,26 @@ def to_ccddata(
         uncertainty=uncertainty,
         wcs=template.wcs.deepcopy() if template.wcs is not None else None,
         meta=meta,
+    )
+
+
+def as_ccddata(image: ImageData) -> CCDData:
+    """A CCDData view of `ImageData` (no copy of the arrays), for steps that take images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.nddata import StdDevUncertainty
+    >>> from astro_zackay._ccd import as_ccddata, to_image
+    >>> img = to_image(np.ones((2, 2)), unit="adu", uncertainty=StdDevUncertainty(np.ones((2, 2))))
+    >>> as_ccddata(img).data is img.data
+    True
+    """
+    return CCDData(
+        image.data,
+        unit=image.unit,
+        mask=image.mask,
+        uncertainty=StdDevUncertainty(np.sqrt(image.variance)),
+        wcs=image.wcs,
+        meta=image.meta,
     )

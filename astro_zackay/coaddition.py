@@ -1,0 +1,477 @@
+"""Proper coaddition (Zackay & Ofek 2017) of CCDData images: the image-level step.
+
+This module turns each input into arrays, estimates what the user did not give
+(background, background noise, PSF, flux scale), feeds the frames one at a time to
+the streaming array core (`~astro_zackay.coadd_algebra.ProperCoaddAccumulator`) and
+wraps the coadd back into `~astropy.nddata.CCDData`.
+
+Streaming design (single pass).  Every input is read, prepared and added before the
+next one is read, so a generator is consumed exactly once and the memory is the
+accumulator (a few half-plane spectra of the FFT grid) plus about ten frame-sized
+arrays, whatever the number of frames.  The first image is the flux reference
+(``F_1 = 1``): its background-subtracted data, PSF and noise are kept, and the flux
+scale of every later image is fitted against it as it arrives (ZOGY's eq 37-38
+bright-pixel fit, `~astro_zackay.zogy.fit_flux_ratio`), which is known before the
+image is added with its weight ``F_j / s_j**2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.modeling import Model
+from astropy.nddata import CCDData
+from astropy.table import Table
+
+from ._ccd import (
+    GAIN_KEYS,
+    READ_NOISE_KEYS,
+    SATURATION_KEYS,
+    ImageData,
+    as_ccddata,
+    to_ccddata,
+    to_image,
+)
+from ._psf_input import as_psf_sampler
+from .alignment import align as align_image
+from .background import estimate_background
+from .coadd_algebra import ProperCoaddAccumulator
+from .psf import estimate_psf
+from .stars import find_psf_stars
+from .zogy import fit_flux_ratio
+
+__all__ = ["CoaddResult", "coadd"]
+
+log = logging.getLogger(__name__)
+
+#: Pixels brighter than this many background rms above the sky are not background
+#: pixels when the noise is taken from the uncertainty (see `coadd`).
+BACKGROUND_CLIP = 3.0
+
+#: Header keywords that describe a single exposure and are dropped from the coadd's meta.
+_EXPOSURE_KEYS = GAIN_KEYS + READ_NOISE_KEYS + SATURATION_KEYS
+
+
+@dataclass(frozen=True, repr=False)
+class CoaddResult:
+    """The outputs of `coadd`, on the pixel grid of the first image.
+
+    Attributes
+    ----------
+    image : `~astropy.nddata.CCDData`
+        The proper coadd R (dimensionless): white noise of unit variance, PSF `psf`,
+        flux zero point `flux_scale`. Where frames were masked, R is rescaled to
+        unit noise (its local zero point is then ``flux_scale * sqrt(depth)``).
+    score : `~astropy.nddata.CCDData`
+        The score S (the matched filter of the stack, ``flux_scale * R ⊛ psf`` where
+        no frame is masked), in the inverse of the input unit; its uncertainty is
+        ``sqrt(G)``, the local depth, so ``score / uncertainty`` is the S/N of a point
+        source (`snr`) and ``score / uncertainty**2`` its flux.
+    calibrated : `~astropy.nddata.CCDData`
+        The flux-calibrated coadd ``R / (flux_scale * sqrt(depth))`` in the unit
+        (and flux scale) of the first image, with PSF `psf`; its uncertainty is the
+        background noise ``1 / (flux_scale * sqrt(depth))``, ``1 / flux_scale`` where
+        no frame is masked. This is the image to use as the reference of
+        `~astro_zackay.subtraction.subtract`.
+    psf : `~numpy.ndarray`
+        P_R, the PSF of `image` and `calibrated`: a unit-sum, odd-sized stamp.
+    flux_scale : float
+        F_R = ``sqrt(sum_j F_j**2 / s_j**2)``, in the inverse of the input unit.
+    frames : `~astropy.table.Table`
+        One row per input image: ``name`` (the file name, else ``image <j>``),
+        ``flux_scale`` (F_j, flux ratio to the first image unless given),
+        ``flux_scale_err`` (0 when given), ``sigma`` (s_j, background noise in the
+        input unit), ``weight`` (F_j / s_j**2, the weight of the image's matched
+        filter in S), ``depth_share`` (the image's fraction of the squared S/N of a
+        point source, ``F_j**2/s_j**2 sum(P_j**2) / sum_k ...``) and ``n_masked``.
+    depth : `~numpy.ndarray`
+        G / G_full: the fraction of the full squared S/N reached at each pixel
+        (1 where no frame is masked, smaller near masked pixels and image edges).
+    n_used : `~numpy.ndarray`
+        The number of images not masked at each pixel; pixels with 0 are masked in
+        every output.
+    snr_full : float
+        The S/N of a point source of unit flux (first-image units) where no frame
+        is masked: ``sqrt(sum_j F_j**2/s_j**2 sum(P_j**2))``.
+    """
+
+    image: CCDData
+    score: CCDData
+    calibrated: CCDData
+    psf: np.ndarray
+    flux_scale: float
+    frames: Table
+    depth: np.ndarray
+    n_used: np.ndarray
+    snr_full: float
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The weight ``F_j / s_j**2`` of each image (the ``weight`` column of `frames`)."""
+        return np.asarray(self.frames["weight"])
+
+    @property
+    def snr(self) -> CCDData:
+        """Point-source S/N map ``score / sqrt(G)`` (dimensionless; 0 where masked)."""
+        sigma = self.score.uncertainty.array
+        mask = self.score.mask
+        data = np.where(mask, 0.0, self.score.data / np.where(mask | (sigma == 0), 1.0, sigma))
+        return CCDData(data, unit=u.dimensionless_unscaled, mask=mask.copy(),
+                       wcs=self.score.wcs, meta=self.score.meta.copy())
+
+    def __repr__(self) -> str:
+        ny, nx = self.image.shape
+        return (
+            f"<CoaddResult {ny}x{nx} n_frames={len(self.frames)} "
+            f"unit={self.calibrated.unit} flux_scale={self.flux_scale:.6g} "
+            f"snr_full={self.snr_full:.6g} psf={self.psf.shape[0]}x{self.psf.shape[1]} "
+            f"masked={int(self.image.mask.sum())}>"
+        )
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One input image made ready for the accumulator."""
+
+    image: ImageData
+    data: np.ndarray  # background-subtracted, masked pixels as in the input
+    psf: np.ndarray
+    sigma: float
+    name: str
+
+
+def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
+    """Yield ``(item, name, hdu)`` for each input image."""
+    if hasattr(images, "files_filtered") and hasattr(images, "location"):  # ImageFileCollection
+        for path in images.files_filtered(include_path=True):
+            yield path, os.path.basename(path), images.ext
+        return
+    if isinstance(images, CCDData | np.ndarray | str | os.PathLike | fits.HDUList):
+        raise TypeError(
+            f"images must be an iterable of images (a list, a generator or a ccdproc "
+            f"ImageFileCollection), got a single {type(images).__name__}"
+        )
+    if not isinstance(images, Iterable):
+        raise TypeError(
+            f"images must be a list, a generator or a ccdproc ImageFileCollection, "
+            f"got {type(images).__name__}"
+        )
+    for j, item in enumerate(images):
+        name = os.path.basename(item) if isinstance(item, str | os.PathLike) else f"image {j}"
+        yield item, name, None
+
+
+class _PerImage:
+    """A per-image option given as a sequence, consumed in step with the images."""
+
+    def __init__(self, values: Any, name: str) -> None:
+        self.name = name
+        self.given = values is not None
+        if self.given:
+            ndim = values.ndim if isinstance(values, np.ndarray) else None
+            single = isinstance(values, str | Model) or not isinstance(values, Iterable)
+            if single or ndim == 0 or (name == "psfs" and ndim == 2):
+                raise TypeError(
+                    f"{name} must give one value per image (a list or array), got a single "
+                    f"{type(values).__name__}"
+                )
+            self._values = list(values)
+        self._n = 0
+
+    def next(self) -> Any:
+        if not self.given:
+            return None
+        if self._n >= len(self._values):
+            raise ValueError(
+                f"{self.name} has {len(self._values)} entries but there are more images"
+            )
+        self._n += 1
+        return self._values[self._n - 1]
+
+    def check_exhausted(self, n_images: int) -> None:
+        if self.given and len(self._values) != n_images:
+            raise ValueError(
+                f"{self.name} has {len(self._values)} entries for {n_images} images"
+            )
+
+
+def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> float:
+    """Background noise s_j: the uncertainty over background pixels, else the data's rms."""
+    good = ~img.mask
+    if img.variance_estimated:
+        return float(np.median(rms[good]))
+    with np.errstate(invalid="ignore"):
+        background = good & (data < BACKGROUND_CLIP * rms)
+    return float(np.sqrt(np.median(img.variance[background])))
+
+
+def _prepare(
+    img: ImageData, ccd: CCDData, psf: Any, sigma: Any, name: str
+) -> _Frame:
+    """Background-subtract one image and find its PSF stamp and background noise."""
+    bkg = estimate_background(ccd)
+    data = img.data - bkg.sky.data.astype(img.data.dtype, copy=False)
+    ny, nx = img.shape
+    centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    if psf is None:
+        stars = find_psf_stars(ccd, background=bkg)
+        model = estimate_psf(ccd, stars)
+        log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
+        psf = model
+    stamp = as_psf_sampler(psf)(*centre)
+    if sigma is None:
+        s = _background_sigma(img, data, bkg.rms.data)
+    else:
+        s = float(u.Quantity(sigma, img.unit).value) if isinstance(sigma, u.Quantity) else float(
+            sigma
+        )
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"{name}: the background noise must be positive, got {s}")
+    return _Frame(img, data, stamp, s, name)
+
+
+def _check_like(img: ImageData, first: ImageData, name: str) -> None:
+    if img.unit != first.unit:
+        raise u.UnitsError(
+            f"{name} is in {img.unit} but the first image is in {first.unit}: give every "
+            "image in the same unit (e.g. ccdproc.gain_correct to convert ADU to electrons)"
+        )
+    if img.shape != first.shape:
+        raise ValueError(
+            f"{name} has shape {img.shape} but the first image has {first.shape}: give "
+            "registered images of one shape, or pass align=True"
+        )
+
+
+def _output_template(first: ImageData) -> ImageData:
+    """The first image's WCS and meta, without the keywords of a single exposure."""
+    meta = first.meta.copy()
+    for key in _EXPOSURE_KEYS:
+        if key in meta:
+            del meta[key]
+    return replace(first, meta=meta)
+
+
+def coadd(
+    images: Any,
+    *,
+    psfs: Any = None,
+    flux_scales: Any = None,
+    sigmas: Any = None,
+    align: Literal["stars", "wcs"] | bool = False,
+    unit: Any = None,
+    saturation: Any = None,
+    border: int | None = None,
+    min_depth_fraction: float = 1e-3,
+    dtype: type = np.float64,
+) -> CoaddResult:
+    """Proper coaddition of registered images (Zackay & Ofek 2017).
+
+    With background-subtracted images ``M_j``, PSFs ``P_j``, background noise
+    ``s_j`` and flux scales ``F_j`` (``M_j = F_j * sky ⊛ P_j + noise``)::
+
+        R_h = sum_j (F_j/s_j**2) conj(Pj_h) Mj_h / sqrt(sum_j F_j**2/s_j**2 |Pj_h|**2)
+
+    R has white noise of unit variance and is a sufficient statistic of the stack
+    for any measurement: no information is lost, whatever the seeing of each image,
+    and a point source of flux f has the S/N ``f * sqrt(sum_j F_j**2/s_j**2
+    sum(P_j**2))``, more than any weighted mean can give when the PSFs differ.
+
+    The images are processed one at a time, in a single pass (a generator is
+    consumed once; memory does not grow with the number of images):
+
+    1. read through the CCDData boundary (mask, NaN, saturated pixels; with
+       ``align``, resampled onto the first image's grid by
+       `~astro_zackay.alignment.align`);
+    2. background: `~astro_zackay.background.estimate_background`, subtracted;
+    3. background noise ``s_j``: the median of the input uncertainty over unmasked
+       background pixels (less than 3 background rms above the sky), or, for
+       images without uncertainty, the median of the background rms map;
+    4. PSF: ``psfs[j]`` or `~astro_zackay.psf.estimate_psf` on the stars of
+       `~astro_zackay.stars.find_psf_stars`, evaluated at the image centre (one PSF
+       per image: a PSF that varies across the field is averaged out to its
+       central value);
+    5. flux scale: ``flux_scales[j]``, or 1 for the first image and, for each later
+       image, the flux ratio to the first one fitted on their bright pixels
+       (`~astro_zackay.zogy.fit_flux_ratio`, robust to variable stars);
+    6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator`, masked and
+       NaN pixels excluded.
+
+    Masked pixels.  A pixel masked in some images gets the estimate of the others:
+    the depth G (the squared S/N reached there) is recorded in ``depth`` and the
+    outputs are normalised with it. Pixels masked in every image, and pixels where
+    the depth is below ``min_depth_fraction`` of the full depth, are masked.
+
+    Parameters
+    ----------
+    images : iterable or `ccdproc.ImageFileCollection`
+        The images: a list or generator of anything the CCDData boundary accepts
+        (`~astropy.nddata.CCDData`, `~astropy.nddata.NDData`, FITS path or HDU,
+        array with ``unit=``), or an ImageFileCollection (its filtered files,
+        HDU ``collection.ext``). All in one unit; of one shape unless ``align``.
+    psfs : sequence, optional
+        One PSF per image: a `~astro_zackay.psf.KLPSFModel`, an astropy/photutils
+        model or an odd-sized stamp. Default: estimated from each image's stars.
+    flux_scales : sequence of float, optional
+        One flux scale ``F_j`` per image (flux ratios, not magnitudes: 0.5 for an
+        image recording half the counts of a star). Default: fitted against the
+        first image, whose scale is 1.
+    sigmas : sequence of float or `~astropy.units.Quantity`, optional
+        One background noise ``s_j`` per image, in the image unit. Default: from
+        the uncertainty or the data (step 3 above).
+    align : {'stars', 'wcs'} or bool, optional
+        Resample every image onto the first image's grid (True means 'stars').
+    unit : str or `~astropy.units.Unit`, optional
+        The unit of inputs without one (arrays, FITS files without BUNIT).
+    saturation : float or `~astropy.units.Quantity`, optional
+        Pixels at or above this level are masked; default each image's SATURATE
+        keyword.
+    border : int, optional
+        Zero padding of the FFT grid on each side, so that sources at one edge do
+        not wrap around to the other; default the size of the first PSF stamp.
+    min_depth_fraction : float, optional
+        Pixels whose depth is below this fraction of the full depth are masked.
+    dtype : {numpy.float64, numpy.float32}, optional
+        Working precision of the images and their transforms.
+
+    Returns
+    -------
+    CoaddResult
+        R (``image``), the score S, the flux-calibrated coadd, the PSF P_R, the zero
+        point F_R, the per-image table and the depth map. The first image's WCS
+        and a copy of its meta (less GAIN, RDNOISE and SATURATE, which describe
+        one exposure) are carried; ``meta`` records ``AZCOADD`` and ``NCOMBINE``.
+
+    Raises
+    ------
+    ValueError
+        For no images, images of different shapes (without ``align``), per-image
+        options of the wrong length, or a flux scale that cannot be fitted.
+    astropy.units.UnitsError
+        For images in different units.
+    TypeError
+        For inputs that are not iterables of images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.nddata import CCDData, StdDevUncertainty
+    >>> from astro_zackay.coaddition import coadd
+    >>> from astro_zackay.simulation import psf_stamp
+    >>> rng = np.random.default_rng(0)
+    >>> frames = [CCDData(rng.normal(0.0, s, (64, 64)), unit="electron",
+    ...                   uncertainty=StdDevUncertainty(np.full((64, 64), s)))
+    ...           for s in (1.0, 2.0, 3.0)]
+    >>> psfs = [psf_stamp(15, fwhm) for fwhm in (2.5, 3.0, 4.0)]
+    >>> result = coadd(frames, psfs=psfs, flux_scales=[1.0, 1.0, 1.0])
+    >>> result
+    <CoaddResult 64x64 n_frames=3 unit=electron flux_scale=1.16667 snr_full=0.283789
+     psf=31x31 masked=0>
+    >>> round(float(result.psf.sum()), 12), result.weights.round(3).tolist()
+    (1.0, [1.0, 0.25, 0.111])
+    """
+    psf_list = _PerImage(psfs, "psfs")
+    scale_list = _PerImage(flux_scales, "flux_scales")
+    sigma_list = _PerImage(sigmas, "sigmas")
+    method = "stars" if align is True else align
+    if method not in (False, "stars", "wcs"):
+        raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
+
+    acc = None
+    first: _Frame | None = None
+    target: CCDData | None = None
+    rows = []
+    for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
+        if method and target is not None:
+            item = align_image(item, target, method=method, unit=unit, saturation=saturation)
+        img = to_image(item, unit=unit, saturation=saturation, hdu=hdu, dtype=dtype)
+        if first is not None:
+            _check_like(img, first.image, name)
+        ccd = as_ccddata(img)
+        frame = _prepare(img, ccd, psf_list.next(), sigma_list.next(), name)
+        given = scale_list.next()
+        if given is not None:
+            f, f_err = float(given), 0.0
+            if not np.isfinite(f) or f <= 0:
+                raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
+        elif first is None:
+            f, f_err = 1.0, 0.0
+        else:
+            f, f_err = _fit_scale(frame, first)
+        if first is None:
+            first = frame
+            if method:
+                target = ccd
+            acc = ProperCoaddAccumulator(
+                img.shape, border=max(frame.psf.shape) if border is None else int(border),
+                dtype=dtype,
+            )
+        acc.add(frame.data, frame.psf, frame.sigma, f, mask=img.mask)
+        rows.append((name, f, f_err, frame.sigma, f / frame.sigma**2,
+                     f**2 / frame.sigma**2 * float((frame.psf**2).sum()), int(img.mask.sum())))
+        log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
+                 name, f, f_err, frame.sigma, frame.psf.shape, rows[-1][-1])
+    if acc is None:
+        raise ValueError("coadd needs at least one image; got an empty input")
+    for option in (psf_list, scale_list, sigma_list):
+        option.check_exhausted(len(rows))
+    frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma", "weight",
+                                     "depth_share", "n_masked"))
+    frames["depth_share"] /= frames["depth_share"].sum()
+    return _wrap(acc, first.image, frames, min_depth_fraction)
+
+
+def _fit_scale(frame: _Frame, first: _Frame) -> tuple[float, float]:
+    """Flux ratio of ``frame`` to the first image, fitted on their bright pixels."""
+    try:
+        match = fit_flux_ratio(
+            frame.data, first.data, frame.psf, first.psf, sigma_new=frame.sigma,
+            sigma_ref=first.sigma, mask=frame.image.mask | first.image.mask,
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"{frame.name}: the flux scale relative to the first image could not be fitted "
+            f"({exc}); pass flux_scales= explicitly"
+        ) from None
+    return match.beta, match.beta_err
+
+
+def _wrap(
+    acc: ProperCoaddAccumulator, first: ImageData, frames: Table, min_depth_fraction: float
+) -> CoaddResult:
+    """Finalize the accumulator and wrap its arrays into CCDData."""
+    res = acc.finalize(min_depth_fraction=min_depth_fraction)
+    template = _output_template(first)
+    mask = res.mask | (res.n_used == 0)
+    frac = res.depth / res.depth_full
+    local_scale = res.F_R * np.sqrt(np.where(res.mask, 1.0, frac))
+    text = (f"proper coadd (Zackay & Ofek 2017) of {res.n_frames} images, "
+            f"F_R={res.F_R:.6g}")
+    meta = {"NCOMBINE": res.n_frames}
+    image = to_ccddata(res.R, template, unit=u.dimensionless_unscaled,
+                       variance=np.ones(res.R.shape), mask=mask, step=("AZCOADD", text),
+                       extra_meta=meta)
+    score = to_ccddata(res.S, template, unit=first.unit**-1, variance=res.depth, mask=mask,
+                       step=("AZCOADD", text + ", score image S"), extra_meta=meta)
+    calibrated_variance = np.where(res.mask, np.inf, 1.0 / local_scale**2)
+    calibrated = to_ccddata(res.R / local_scale, template, variance=calibrated_variance,
+                            mask=mask, step=("AZCOADD", text + ", divided by F_R"),
+                            extra_meta=meta)
+    return CoaddResult(
+        image=image,
+        score=score,
+        calibrated=calibrated,
+        psf=res.P_R,
+        flux_scale=res.F_R,
+        frames=frames,
+        depth=frac,
+        n_used=res.n_used,
+        snr_full=float(np.sqrt(res.depth_full)),
+    )

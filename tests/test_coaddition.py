@@ -1,0 +1,428 @@
+"""Tests of astro_zackay.coaddition: proper coaddition of CCDData (SCIENCE.md 4 item 5)."""
+
+import os
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.table import Table
+from ccdproc import ImageFileCollection
+
+from astro_zackay.coaddition import CoaddResult, coadd
+from astro_zackay.fourier import correlate_fft, psf_rfft
+from astro_zackay.simulation import inject_sources, psf_stamp, simulate_image
+
+READ_NOISE = 5.0
+
+
+def _grid(n, spacing, margin):
+    """Integer (x, y) positions of a square grid of sources."""
+    g = np.arange(margin, n - margin, spacing)
+    yy, xx = np.meshgrid(g, g, indexing="ij")
+    return xx.ravel(), yy.ravel(), g
+
+
+def _empty(n, g, radius, margin):
+    """Pixels farther than ``radius`` (along x or y) from every grid line, inside ``margin``."""
+    r = np.arange(n)
+    far = np.min(np.abs(r[:, None] - g[None, :]), axis=1) > radius
+    empty = far[:, None] | far[None, :]
+    inner = np.zeros((n, n), bool)
+    inner[margin:-margin, margin:-margin] = True
+    return empty & inner
+
+
+def _stack(n, fwhm, flux_scales, sky, *, f0=0.0, spacing=32, seed=0):
+    """Frames with a grid of sources of flux ``f0 * F_j`` at integer pixels."""
+    xs, ys, g = _grid(n, spacing, 24)
+    frames, psfs = [], []
+    for j, (w, f, b) in enumerate(zip(fwhm, flux_scales, sky)):
+        stars = Table({"x": xs.astype(float), "y": ys.astype(float),
+                       "flux": np.full(xs.size, f0 * f)})
+        sim = simulate_image((n, n), psf=float(w), stars=stars, sky=float(b),
+                             read_noise=READ_NOISE, seed=seed + j, wcs=False)
+        frames.append(sim.ccd)
+        psfs.append(sim.psf.stamp(n / 2, n / 2))
+    return frames, psfs, xs, ys, g
+
+
+def _pad(stamp, size):
+    k = (size - stamp.shape[0]) // 2
+    return np.pad(stamp, k)
+
+
+def _weighted_mean_mf(frames, psfs, flux_scales, sky):
+    """Inverse-variance weighted mean of the calibrated frames, then its matched filter."""
+    s2 = np.asarray(sky) + READ_NOISE**2
+    a = np.asarray(flux_scales) ** 2 / s2
+    mean = sum(a_j * (fr.data - b) / f for a_j, fr, b, f in zip(a, frames, sky, flux_scales))
+    mean /= a.sum()
+    size = max(p.shape[0] for p in psfs)
+    psf_mean = sum(a_j * _pad(p, size) for a_j, p in zip(a, psfs)) / a.sum()
+    mf = correlate_fft(mean, psf_rfft(psf_mean, mean.shape))
+    theory = np.sqrt(a.sum() * (psf_mean**2).sum())
+    return mf, theory
+
+
+def _measured_snr(score, xs, ys, empty):
+    """Mean score at the sources above the empty-sky level, over the empty-sky noise."""
+    sky = score[empty]
+    return (score[ys, xs].mean() - sky.mean()) / sky.std()
+
+
+def _theory(psfs, flux_scales, sky):
+    s2 = np.asarray(sky) + READ_NOISE**2
+    p2 = np.array([(p**2).sum() for p in psfs])
+    return np.sqrt(np.sum(np.asarray(flux_scales) ** 2 / s2 * p2))
+
+
+# --------------------------------------------------------------------------------------
+# science: SCIENCE.md section 4 item 5
+
+
+@pytest.fixture(scope="module")
+def lognormal_stack():
+    """10 frames of 1024^2 with lognormal seeing, different skies and flux scales."""
+    rng = np.random.default_rng(42)
+    nf, n = 10, 1024
+    fwhm = 3.5 * np.exp(rng.normal(0.0, 0.2, nf))
+    flux_scales = rng.uniform(0.6, 1.4, nf)
+    flux_scales[0] = 1.0
+    sky = rng.uniform(100.0, 400.0, nf)
+    f0 = 480.0  # coadd S/N ~ 20 per source; 900 sources
+    frames, psfs, xs, ys, g = _stack(n, fwhm, flux_scales, sky, f0=f0, seed=100)
+    result = coadd(frames, psfs=psfs, flux_scales=flux_scales)
+    return {"frames": frames, "psfs": psfs, "F": flux_scales, "sky": sky, "f0": f0,
+            "result": result, "xs": xs, "ys": ys, "empty": _empty(n, g, 8, 40)}
+
+
+def test_unit_variance_and_unit_sum_psf(lognormal_stack):
+    res = lognormal_stack["result"]
+    std = res.image.data[lognormal_stack["empty"]].std()
+    assert abs(std - 1.0) < 0.003, std
+    assert res.psf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert res.psf.shape[0] % 2 == 1 and np.argmax(res.psf) == res.psf.size // 2
+    assert isinstance(res, CoaddResult)
+    assert res.image.unit == u.dimensionless_unscaled
+    assert not res.image.mask.any()
+    np.testing.assert_allclose(res.depth[50:-50, 50:-50], 1.0, atol=1e-6)
+    assert (res.n_used == 10).all()
+
+
+def test_snr_matches_theory(lognormal_stack):
+    st = lognormal_stack
+    res = st["result"]
+    theory = st["f0"] * _theory(st["psfs"], st["F"], st["sky"])
+    assert res.snr_full * st["f0"] == pytest.approx(theory, rel=1e-3)
+    measured = _measured_snr(res.score.data, st["xs"], st["ys"], st["empty"])
+    assert measured / theory == pytest.approx(1.0, abs=0.01)
+    # the S/N map is calibrated: sigma units on empty sky
+    snr = res.snr.data[st["empty"]]
+    assert snr.std() == pytest.approx(1.0, abs=0.01)
+
+
+def test_gain_over_weighted_mean_matches_theory(lognormal_stack):
+    st = lognormal_stack
+    res = st["result"]
+    mf, theory_mf = _weighted_mean_mf(st["frames"], st["psfs"], st["F"], st["sky"])
+    gain = _measured_snr(res.score.data, st["xs"], st["ys"], st["empty"]) / _measured_snr(
+        mf, st["xs"], st["ys"], st["empty"])
+    gain_theory = _theory(st["psfs"], st["F"], st["sky"]) / theory_mf
+    assert gain_theory > 1.01  # lognormal seeing: a real gain to measure
+    assert gain == pytest.approx(gain_theory, abs=0.01)
+
+
+def test_no_gain_for_identical_psfs():
+    n, nf = 512, 5
+    flux_scales = [1.0, 0.8, 1.2, 1.1, 0.9]
+    sky = [150.0, 300.0, 200.0, 250.0, 100.0]
+    frames, psfs, xs, ys, g = _stack(n, [3.5] * nf, flux_scales, sky, f0=480.0, seed=7)
+    res = coadd(frames, psfs=psfs, flux_scales=flux_scales)
+    mf, theory_mf = _weighted_mean_mf(frames, psfs, flux_scales, sky)
+    assert _theory(psfs, flux_scales, sky) == pytest.approx(theory_mf, rel=1e-12)
+    empty = _empty(n, g, 8, 40)
+    gain = _measured_snr(res.score.data, xs, ys, empty) / _measured_snr(mf, xs, ys, empty)
+    assert gain == pytest.approx(1.0, abs=0.01)
+
+
+def test_flux_scales_recovered():
+    n = 512
+    rng = np.random.default_rng(3)
+    truth = simulate_image((n, n), n_stars=300, flux_range=(1e3, 3e5), seed=11).truth
+    fwhm = [3.0, 4.5, 2.6, 3.8, 5.0]
+    flux_scales = [1.0, 0.55, 1.6, 0.9, 1.25]
+    frames, psfs = [], []
+    for j, (w, f) in enumerate(zip(fwhm, flux_scales)):
+        stars = Table({"x": truth["x"], "y": truth["y"], "flux": truth["flux"] * f})
+        sim = simulate_image((n, n), psf=w, stars=stars, sky=rng.uniform(100, 400),
+                             seed=50 + j)
+        frames.append(sim.ccd)
+        psfs.append(sim.psf.stamp(n / 2, n / 2))
+    res = coadd(frames, psfs=psfs)
+    fitted = np.asarray(res.frames["flux_scale"])
+    np.testing.assert_allclose(fitted, flux_scales, rtol=0.01)
+    assert res.frames["flux_scale_err"][0] == 0.0
+    assert (np.asarray(res.frames["flux_scale_err"][1:]) < 0.005).all()
+
+
+# --------------------------------------------------------------------------------------
+# masks
+
+
+def _noise_frames(n, nf, seed, sigma=(1.0, 1.5, 2.0, 2.5)):
+    rng = np.random.default_rng(seed)
+    return [CCDData(rng.normal(0.0, s, (n, n)), unit="electron",
+                    uncertainty=StdDevUncertainty(np.full((n, n), s)))
+            for s in sigma[:nf]]
+
+
+def test_masked_and_nan_pixels_never_leak():
+    n = 256
+    frames = _noise_frames(n, 4, seed=5)
+    psfs = [psf_stamp(15, w) for w in (2.5, 3.0, 3.5, 4.0)]
+    # a hot pixel masked in frame 0, a NaN in frame 1, a block masked in frames 2 and 3
+    frames[0].data[60, 70] = 1e7
+    frames[0].mask = np.zeros((n, n), bool)
+    frames[0].mask[60, 70] = True
+    frames[1].data[130, 40] = np.nan
+    for fr in frames[2:]:
+        fr.mask = np.zeros((n, n), bool)
+        fr.mask[150:200, 150:200] = True
+    # one pixel and one small block masked in every frame
+    for fr in frames:
+        if fr.mask is None:
+            fr.mask = np.zeros((n, n), bool)
+        fr.mask[100, 200] = True
+        fr.mask[30:33, 30:33] = True
+    res = coadd(frames, psfs=psfs, flux_scales=[1.0] * 4, sigmas=[1.0, 1.5, 2.0, 2.5])
+    for out in (res.image, res.score, res.calibrated):
+        assert np.isfinite(out.data).all()
+        assert np.isfinite(out.uncertainty.array[~out.mask]).all()
+        assert out.mask[100, 200] and out.mask[30:33, 30:33].all()
+        assert not out.mask[60, 70] and not out.mask[130, 40] and not out.mask[175, 175]
+    assert res.image.mask.sum() == 10
+    assert res.n_used[60, 70] == 3 and res.n_used[130, 40] == 3 and res.n_used[175, 175] == 2
+    # the hot pixel does not leak; R stays white where frames were masked
+    assert np.abs(res.image.data[50:71, 60:81]).max() < 5
+    block = res.image.data[155:195, 155:195]
+    assert abs(block.mean()) < 0.1 and block.std() == pytest.approx(1.0, abs=0.05)
+    # the depth is recorded and the calibrated noise grows where frames are missing
+    share = np.array([(p**2).sum() / s**2 for p, s in zip(psfs, (1.0, 1.5, 2.0, 2.5))])
+    assert res.depth[175, 175] == pytest.approx(share[:2].sum() / share.sum(), rel=1e-6)
+    assert res.depth[60, 70] < 1.0 and res.depth[20, 220] == pytest.approx(1.0)
+    cal_err = res.calibrated.uncertainty.array
+    assert cal_err[175, 175] > cal_err[20, 220] == pytest.approx(1.0 / res.flux_scale)
+
+
+def test_masked_star_flux_unbiased():
+    """A star under a mask in some frames is measured at its true flux by the others."""
+    n, flux = 128, 4e4
+    psfs = [psf_stamp(21, w) for w in (2.5, 3.0, 3.5, 4.0)]
+    estimates = []
+    for seed in range(8):
+        frames = []
+        for j, (fr, p) in enumerate(zip(_noise_frames(n, 4, seed=seed), psfs)):
+            star = inject_sources(fr, Table({"x": [64.0], "y": [64.0], "flux": [flux]}), p,
+                                  add_noise=False)
+            if j < 2:
+                star.mask = np.zeros((n, n), bool)
+                star.mask[62:67, 60:70] = True
+            frames.append(star)
+        res = coadd(frames, psfs=psfs, flux_scales=[1.0] * 4, sigmas=[1.0, 1.5, 2.0, 2.5])
+        estimates.append(res.score.data[64, 64] / res.score.uncertainty.array[64, 64] ** 2)
+        assert res.depth[64, 64] < 0.6
+    assert np.mean(estimates) == pytest.approx(flux, rel=0.005)
+
+
+# --------------------------------------------------------------------------------------
+# input handling
+
+
+def _small_frames(n=96, nf=3, seed=1):
+    frames = _noise_frames(n, nf, seed)
+    for fr in frames:
+        fr.meta["OBJECT"] = "field"
+        fr.meta["GAIN"] = 1.0
+    return frames
+
+
+def test_inputs_not_mutated():
+    frames = _small_frames()
+    frames[0].mask = np.zeros(frames[0].shape, bool)
+    frames[0].data[5, 5] = np.nan
+    before = [(fr.data.copy(), None if fr.mask is None else fr.mask.copy(),
+               fr.uncertainty.array.copy(), dict(fr.meta)) for fr in frames]
+    psfs = [psf_stamp(11, 2.5)] * 3
+    scales = np.array([1.0, 1.0, 1.0])
+    coadd(frames, psfs=psfs, flux_scales=scales)
+    for fr, (data, mask, err, meta) in zip(frames, before):
+        np.testing.assert_array_equal(fr.data, data)
+        assert (fr.mask is None) == (mask is None)
+        if mask is not None:
+            np.testing.assert_array_equal(fr.mask, mask)
+        np.testing.assert_array_equal(fr.uncertainty.array, err)
+        assert dict(fr.meta) == meta
+    np.testing.assert_array_equal(scales, [1.0, 1.0, 1.0])
+
+
+def test_generator_and_collection_inputs(tmp_path):
+    frames = _small_frames()
+    psfs = [psf_stamp(11, w) for w in (2.5, 3.0, 3.5)]
+    kwargs = {"psfs": psfs, "flux_scales": [1.0, 0.9, 1.1]}
+    ref = coadd(frames, **kwargs)
+    gen = coadd((fr for fr in frames), **kwargs)
+    np.testing.assert_allclose(gen.image.data, ref.image.data)
+    for j, fr in enumerate(frames):
+        fr.write(tmp_path / f"frame{j}.fits")
+    collection = ImageFileCollection(os.fspath(tmp_path))
+    col = coadd(collection, **kwargs)
+    np.testing.assert_allclose(col.image.data, ref.image.data, atol=1e-12)
+    assert list(col.frames["name"]) == ["frame0.fits", "frame1.fits", "frame2.fits"]
+    paths = coadd(sorted(tmp_path.glob("*.fits")), **kwargs)
+    np.testing.assert_allclose(paths.image.data, ref.image.data, atol=1e-12)
+
+
+def test_result_metadata_and_repr():
+    frames = _small_frames()
+    res = coadd(frames, psfs=[psf_stamp(11, 2.5)] * 3, flux_scales=[1.0, 1.0, 1.0])
+    assert repr(res).startswith("<CoaddResult 96x96 n_frames=3 unit=electron")
+    for out in (res.image, res.score, res.calibrated):
+        assert out.meta["NCOMBINE"] == 3 and "AZCOADD" in out.meta
+        assert out.meta["OBJECT"] == "field" and "GAIN" not in out.meta
+    assert res.calibrated.unit == u.electron and res.score.unit == u.electron**-1
+    np.testing.assert_allclose(res.weights, [1.0, 1 / 1.5**2, 1 / 2.0**2])
+    assert res.frames["depth_share"].sum() == pytest.approx(1.0)
+    assert list(res.frames["sigma"]) == pytest.approx([1.0, 1.5, 2.0], rel=1e-12)
+
+
+def test_clear_errors():
+    frames = _small_frames()
+    psfs = [psf_stamp(11, 2.5)] * 3
+    with pytest.raises(ValueError, match="at least one image"):
+        coadd([], psfs=[])
+    with pytest.raises(ValueError, match="shape"):
+        coadd([frames[0], frames[1][:80, :80]], psfs=psfs[:2])
+    other = CCDData(frames[1].data, unit="adu",
+                    uncertainty=StdDevUncertainty(np.ones((96, 96))))
+    with pytest.raises(u.UnitsError, match="same unit"):
+        coadd([frames[0], other], psfs=psfs[:2])
+    with pytest.raises(ValueError, match="psfs has 2 entries"):
+        coadd(frames, psfs=psfs[:2], flux_scales=[1.0] * 3)
+    with pytest.raises(ValueError, match="flux_scales has 4 entries"):
+        coadd(frames, psfs=psfs, flux_scales=[1.0] * 4)
+    with pytest.raises(ValueError, match="positive"):
+        coadd(frames, psfs=psfs, flux_scales=[1.0, -1.0, 1.0])
+    with pytest.raises(TypeError, match="iterable of images"):
+        coadd(frames[0])
+    with pytest.raises(TypeError, match="one value per image"):
+        coadd(frames, psfs=psfs[0])
+    with pytest.raises(ValueError, match="align"):
+        coadd(frames, psfs=psfs, align="sideways")
+    with pytest.raises(ValueError, match="no unit"):
+        coadd([fr.data for fr in frames], psfs=psfs)
+
+
+# --------------------------------------------------------------------------------------
+# the coadd as the reference of subtract
+
+
+def _at_origin(stamp, shape):
+    full = np.zeros(shape)
+    full[: stamp.shape[0], : stamp.shape[1]] = stamp
+    return np.roll(full, (-(stamp.shape[0] // 2), -(stamp.shape[1] // 2)), (0, 1))
+
+
+def test_coadd_as_subtraction_reference():
+    """Coadd 10 references, subtract a new image with transients: Scorr = ZOGY's S/N."""
+    from astro_zackay.subtraction import subtract
+
+    n, nf = 512, 10
+    rng = np.random.default_rng(8)
+    truth = simulate_image((n, n), n_stars=60, flux_range=(2e3, 1e5), seed=21).truth
+    fwhm = 3.5 * np.exp(rng.normal(0.0, 0.2, nf))
+    flux_scales = rng.uniform(0.7, 1.3, nf)
+    flux_scales[0] = 1.0
+    sky = rng.uniform(100.0, 400.0, nf)
+    frames, psfs = [], []
+    for j in range(nf):
+        stars = Table({"x": truth["x"], "y": truth["y"], "flux": truth["flux"] * flux_scales[j]})
+        sim = simulate_image((n, n), psf=fwhm[j], stars=stars, sky=sky[j],
+                             read_noise=READ_NOISE, seed=200 + j)
+        frames.append(sim.ccd)
+        psfs.append(sim.psf.stamp(n / 2, n / 2))
+    ref = coadd(frames, psfs=psfs, flux_scales=flux_scales)
+
+    f_new, sky_new = 0.8, 250.0
+    stars = Table({"x": truth["x"], "y": truth["y"], "flux": truth["flux"] * f_new})
+    sim = simulate_image((n, n), psf=4.0, stars=stars, sky=sky_new, read_noise=READ_NOISE,
+                         seed=999)
+    psf_new = sim.psf.stamp(n / 2, n / 2)
+    # ZOGY's S/N of a transient of unit reference-frame flux (eq 17 with Fr = 1, sr = 1/F_R)
+    pr2 = np.abs(np.fft.fft2(_at_origin(ref.psf, (n, n)))) ** 2
+    pn2 = np.abs(np.fft.fft2(_at_origin(psf_new, (n, n)))) ** 2
+    s_new2, s_ref2 = sky_new + READ_NOISE**2, 1.0 / ref.flux_scale**2
+    f_s = np.sum(f_new**2 * pn2 * pr2 / (s_new2 * pr2 + s_ref2 * f_new**2 * pn2)) / n**2
+    target = 8.0
+    xs, ys, _ = _grid(n, 40, 40)
+    keep = np.hypot(xs[:, None] - truth["x"][None, :],
+                    ys[:, None] - truth["y"][None, :]).min(axis=1) > 12
+    transients = Table({"x": xs.astype(float), "y": ys.astype(float),
+                        "flux": np.full(xs.size, f_new * target / np.sqrt(f_s))})
+    science = inject_sources(sim.ccd, transients, psf_new, add_noise=False)
+
+    for reference, kwargs in ((ref, {}), (ref.calibrated, {"reference_psf": ref.psf})):
+        sub = subtract(reference, science, science_psf=psf_new, flux_ratio=f_new,
+                       fit_shift=False, astrometric_noise=None, **kwargs)
+        scorr = sub.score.data[ys[keep], xs[keep]]
+        assert keep.sum() > 80
+        assert scorr.mean() / target == pytest.approx(1.0, abs=0.04)
+
+
+# --------------------------------------------------------------------------------------
+# the default path: background, noise, PSF and flux scales all estimated; alignment
+
+
+def _same_field(n, fwhm, flux_scales, *, n_stars, shifts=None, seed=11):
+    truth = simulate_image((n, n), n_stars=n_stars, flux_range=(2e3, 3e5), seed=seed).truth
+    rng = np.random.default_rng(seed)
+    frames, psfs = [], []
+    for j, (w, f) in enumerate(zip(fwhm, flux_scales)):
+        dx, dy = (0.0, 0.0) if shifts is None else shifts[j]
+        stars = Table({"x": truth["x"] + dx, "y": truth["y"] + dy, "flux": truth["flux"] * f})
+        sim = simulate_image((n, n), psf=w, stars=stars, sky=rng.uniform(100, 400),
+                             seed=70 + j)
+        frames.append(sim.ccd)
+        psfs.append(sim.psf.stamp(n / 2, n / 2))
+    return frames, psfs, truth
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.PSFQualityWarning")
+def test_default_estimates():
+    flux_scales = [1.0, 0.6, 1.4, 0.9]
+    frames, psfs, truth = _same_field(384, [3.0, 4.2, 2.7, 3.6], flux_scales, n_stars=250)
+    res = coadd(frames)
+    fitted = np.asarray(res.frames["flux_scale"])
+    # loose: limited by estimate_psf, whose stamps come out 5-20 % too broad (sum P**2) here
+    np.testing.assert_allclose(fitted, flux_scales, rtol=0.15)
+    sigma_true = [np.median(fr.uncertainty.array) for fr in frames]
+    np.testing.assert_allclose(res.frames["sigma"], sigma_true, rtol=0.02)
+    assert res.psf.sum() == pytest.approx(1.0)
+    bright = truth[np.argmax(truth["flux"])]
+    iy, ix = np.unravel_index(np.argmax(res.snr.data), res.snr.shape)
+    assert abs(ix - bright["x"]) <= 1 and abs(iy - bright["y"]) <= 1
+
+
+def test_align_onto_first_image():
+    shifts = [(0.0, 0.0), (3.0, -2.0), (-1.5, 2.5)]
+    frames, psfs, truth = _same_field(192, [3.0, 3.5, 3.2], [1.0, 1.0, 1.0], n_stars=80,
+                                      shifts=shifts, seed=4)
+    kwargs = {"psfs": psfs, "flux_scales": [1.0, 1.0, 1.0]}
+    aligned = coadd(frames, align=True, **kwargs)
+    unaligned = coadd(frames, **kwargs)
+    bright = truth[np.argsort(truth["flux"])[-5:]]
+    xs, ys = np.round(bright["x"]).astype(int), np.round(bright["y"]).astype(int)
+    # all three frames stack on the first image's stars only when aligned
+    assert (aligned.snr.data[ys, xs] > 1.3 * unaligned.snr.data[ys, xs]).all()
+    assert (aligned.n_used[20:-20, -2:] == 2).all() and aligned.n_used[96, 96] == 3
