@@ -1,0 +1,469 @@
+"""Proper image subtraction (ZOGY) of two CCDData images: the image-level step.
+
+This module turns images into arrays, estimates what the user did not give
+(background, PSFs, flux ratio, shift, astrometric noise), runs the array core
+(`astro_zackay.zogy`) on overlapping tiles when the PSFs vary across the field,
+and wraps the results back into `~astropy.nddata.CCDData`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from astropy import units as u
+from astropy.nddata import CCDData
+from astropy.table import Table
+
+from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
+from ._psf_input import PSFSampler, as_psf_sampler
+from ._tiles import tile_layout
+from ._warnings import AstroZackayWarning, FewStarsWarning
+from .fluxmatch import aperture_photometry, encircled_energy, flux_ratio, match_stars
+from .fourier import shift_image
+from .zogy import ZogyResult, fit_flux_ratio, zogy
+from .zogy import fit_shift as _fit_shift
+
+__all__ = ["SubtractionResult", "subtract"]
+
+log = logging.getLogger(__name__)
+
+#: Inner tile side used by ``tiles="auto"`` when a PSF varies across the field.
+AUTO_TILE_SIZE = 512
+#: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
+MIN_MATCHED_STARS = 5
+#: S/N of the stars matched between the images, and of those the PSF is built from.
+MATCH_SNR_MIN = 10.0
+PSF_SNR_MIN = 20.0
+
+
+@dataclass(frozen=True, repr=False)
+class SubtractionResult:
+    """The outputs of `subtract`, on the science image's pixel grid.
+
+    Attributes
+    ----------
+    difference : `~astropy.nddata.CCDData`
+        The proper difference image D: white noise of unit variance (dimensionless);
+        ``difference / flux_scale`` is in flux units.
+    score : `~astropy.nddata.CCDData`
+        Scorr, the matched-filter score corrected for source, astrometric and
+        flux-ratio noise, in sigma units.
+    flux : `~astropy.nddata.CCDData`
+        The flux of a point source centred at each pixel (PSF photometry on the
+        difference, ``alpha``), in the science image's units, with its uncertainty.
+    flux_error : `~astropy.nddata.CCDData`
+        The 1-sigma error of ``flux``.
+    psf : `~numpy.ndarray`
+        P_D, the unit-sum PSF of the difference image at the image centre.
+    flux_scale : float
+        F_D, the flux zero point of D at the image centre (science-image units).
+    flux_ratio : float
+        The science / reference flux ratio used (fitted unless given).
+    flux_ratio_error : float
+        Its 1-sigma error (0 when given by the user).
+    shift : tuple of float
+        ``(dx, dy)``: the science image's offset from the reference in pixels,
+        fitted and removed by shifting the reference (``(0, 0)`` when not fitted).
+    background_offset : float
+        The residual background difference removed, in science-image units.
+    astrometric_noise : tuple of float
+        ``(sigma_x, sigma_y)`` registration noise in pixels per image used in Scorr.
+    tiles : `~astropy.table.Table`
+        One row per tile: its inner region, centre, background noises, F_D and F_S.
+    """
+
+    difference: CCDData
+    score: CCDData
+    flux: CCDData
+    flux_error: CCDData
+    psf: np.ndarray
+    flux_scale: float
+    flux_ratio: float
+    flux_ratio_error: float
+    shift: tuple[float, float]
+    background_offset: float
+    astrometric_noise: tuple[float, float]
+    tiles: Table = field(default_factory=Table)
+
+    def find_transients(self, threshold: float = 5.0, **kwargs: Any) -> Table:
+        """Transient candidates: local extrema of ``|score|`` above ``threshold`` sigma.
+
+        Parameters
+        ----------
+        threshold : float
+            Detection threshold in sigma.
+        **kwargs
+            Passed to `astro_zackay.transients.find_transients` (``sign``,
+            ``min_separation``).
+
+        Returns
+        -------
+        `~astropy.table.Table`
+            ``id``, ``x``, ``y`` (0-based pixels), ``ra``, ``dec`` (with a WCS),
+            ``score``, ``flux``, ``flux_err`` and ``snr``, sorted by ``|score|``.
+        """
+        from .transients import find_transients
+
+        return find_transients(
+            self.score, threshold=threshold, flux=self.flux, flux_error=self.flux_error,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        ny, nx = self.score.shape
+        return (
+            f"<SubtractionResult {ny}x{nx} flux_ratio={self.flux_ratio:.5f}"
+            f"+-{self.flux_ratio_error:.5f} shift=({self.shift[0]:+.3f}, {self.shift[1]:+.3f}) "
+            f"astrometric_noise=({self.astrometric_noise[0]:.3f}, {self.astrometric_noise[1]:.3f})"
+            f" F_D={self.flux_scale:.5g} tiles={len(self.tiles)}>"
+        )
+
+
+def _pair(value: Any, name: str) -> tuple[Any, Any]:
+    """A per-image option: one value for both images, or (reference, science)."""
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value or a (reference, science) pair")
+        return value[0], value[1]
+    return value, value
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One image made ready for ZOGY: background-subtracted data, noise and PSF."""
+
+    image: ImageData
+    data: np.ndarray
+    rms: np.ndarray
+    psf: PSFSampler
+    stars: Table | None
+
+
+def _prepare(image: ImageData, psf: Any, name: str) -> _Prepared:
+    from .background import estimate_background
+    from .stars import find_psf_stars
+
+    ccd = as_ccddata(image)
+    background = estimate_background(ccd)
+    sky = np.asarray(background.sky.data, dtype=image.data.dtype)
+    rms = np.asarray(background.rms.data, dtype=image.data.dtype)
+    try:
+        with warnings.catch_warnings():
+            if psf is not None:
+                # stars only serve the matching then, which falls back to pixel fits
+                warnings.simplefilter("ignore", FewStarsWarning)
+            stars = find_psf_stars(ccd, snr_min=MATCH_SNR_MIN, background=background)
+    except ValueError as exc:
+        if psf is None:
+            raise ValueError(f"cannot estimate the {name} PSF: {exc}") from None
+        log.info("no stars found in the %s image (%s): star matching is skipped", name, exc)
+        stars = None
+    if psf is None:
+        from .psf import estimate_psf
+
+        model = estimate_psf(ccd, stars[stars["snr"] >= PSF_SNR_MIN])
+        sampler = as_psf_sampler(model)
+        log.info("%s PSF estimated: %r", name, model)
+    else:
+        sampler = as_psf_sampler(psf)
+    data = np.where(image.mask, 0.0, image.data - sky)
+    return _Prepared(image, data, rms, sampler, stars)
+
+
+def _star_flux_ratio(matched: Table, ref: _Prepared, sci: _Prepared) -> tuple[float, float]:
+    """Flux ratio of the matched stars from aperture photometry, aperture-corrected.
+
+    Apertures of radius 2 FWHM (of the broader PSF) with local annuli need no PSF
+    model; each image's aperture fluxes are divided by its PSF's encircled energy
+    at that radius, so only the far wings of the PSF models enter the ratio.
+    """
+    fwhm = max(float(ref.stars.meta.get("fwhm", 3.0)), float(sci.stars.meta.get("fwhm", 3.0)))
+    radius = 2.0 * fwhm
+    fluxes = []
+    for prep, xs, ys in ((ref, matched["x_ref"], matched["y_ref"]),
+                         (sci, matched["x"], matched["y"])):
+        ny, nx = prep.image.shape
+        enclosed = encircled_energy(prep.psf((nx - 1) / 2.0, (ny - 1) / 2.0), radius)
+        flux, error = aperture_photometry(prep.image.data, prep.image.variance, xs, ys,
+                                          radius=radius, mask=prep.image.mask)
+        fluxes.append((flux / enclosed, error / enclosed))
+    ratio, error, used = flux_ratio(fluxes[1][0], fluxes[1][1], fluxes[0][0], fluxes[0][1])
+    log.info("flux ratio %.5f +- %.5f from aperture photometry of %d matched stars",
+             ratio, error, int(used.sum()))
+    return ratio, error
+
+
+def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
+    """The residual background difference of a tile, as offsets of D and S and in N's units.
+
+    SCIENCE.md eq 37-38: a constant ``c`` in the new image adds ``c / sqrt(sn**2 +
+    beta**2 sr**2)`` to D (the PSFs sum to one, so their transforms are 1 at zero
+    frequency) and ``c * beta / (sn**2 + beta**2 sr**2)`` to S; ZOGY is linear, so
+    removing them afterwards is exact away from the masked edges. ``c`` is taken
+    from the median of D over the good pixels.
+    """
+    good = ~bad
+    if not good.any():
+        return 0.0, 0.0, 0.0
+    den0 = res.sigma_new**2 + beta**2 * res.sigma_ref**2
+    d_offset = float(np.median(res.D[good]))
+    c = d_offset * np.sqrt(den0)
+    return d_offset, c * beta / den0, c
+
+
+def _auto_tile_size(tiles: Any, shape: tuple[int, int], varying: bool) -> int | None:
+    if tiles is None:
+        return None
+    if isinstance(tiles, str):
+        if tiles != "auto":
+            raise ValueError(f"tiles must be 'auto', None or a tile size in pixels, got {tiles!r}")
+        return AUTO_TILE_SIZE if varying and max(shape) > 1.5 * AUTO_TILE_SIZE else None
+    size = int(tiles)
+    if size < 32:
+        raise ValueError(f"a tile size of {size} px is too small; use >= 32 (or None)")
+    return size
+
+
+def subtract(
+    reference: Any,
+    science: Any,
+    *,
+    reference_psf: Any = None,
+    science_psf: Any = None,
+    flux_ratio: float | None = None,
+    fit_shift: bool = True,
+    astrometric_noise: Literal["auto"] | tuple[float, float] | float | None = "auto",
+    align: Literal["stars", "wcs"] | bool = False,
+    tiles: Literal["auto"] | int | None = "auto",
+    unit: Any = None,
+    gain: Any = None,
+    read_noise: Any = None,
+    saturation: Any = None,
+    dtype: type = np.float64,
+) -> SubtractionResult:
+    """Proper image subtraction (ZOGY) of a science image and a reference.
+
+    Implements Zackay, Ofek & Gal-Yam (2016): the difference D has white noise of
+    unit variance, and Scorr is the optimal point-source score corrected for the
+    noise of the sources themselves (from the images' variance), for the
+    registration noise and for the error of the flux ratio, so that it is in
+    sigma units everywhere.
+
+    Parameters
+    ----------
+    reference, science : `~astropy.nddata.CCDData` or any input of the CCDData boundary
+        The two images, on the same pixel grid (or give ``align``). The reference
+        may also be a `~astro_zackay.coaddition.CoaddResult`, whose calibrated
+        coadd and PSF are then used. Their uncertainties give the source noise;
+        without one, the noise is estimated from the data (see ``gain``).
+    reference_psf, science_psf : KLPSFModel, astropy/photutils model or array, optional
+        The PSFs; default `~astro_zackay.psf.estimate_psf` on each image.
+    flux_ratio : float, optional
+        The science / reference flux ratio (a ratio of fluxes: 0.5 when the science
+        image records half the counts of the reference for the same star); fitted
+        by default (properimage's ``beta=True``).
+    fit_shift : bool
+        Fit a sub-pixel translation jointly with the flux ratio and remove it by a
+        Fourier shift of the reference (properimage's ``shift=True``).
+    astrometric_noise : 'auto', float, (float, float) or None
+        Registration noise ``(sigma_x, sigma_y)`` in pixels of each image; ``'auto'``
+        measures it from the scatter of matched star positions; None means 0.
+    align : {'stars', 'wcs'} or False
+        Resample the reference onto the science image's grid first, matching stars
+        (astroalign) or through the WCSs (reproject).
+    tiles : 'auto', int or None
+        Inner side in pixels of the overlapping tiles over which the PSFs are taken
+        as constant; ``'auto'`` uses 512 px tiles when a PSF varies across a large
+        image and one tile otherwise; None forces one PSF per image.
+    unit, gain, read_noise, saturation : optional
+        Passed to the CCDData boundary; each may be one value or a
+        ``(reference, science)`` pair. ``gain`` (e-/ADU) lets the source noise be
+        estimated for images in ADU without an uncertainty.
+    dtype : {numpy.float64, numpy.float32}
+        Working precision of the FFT algebra.
+
+    Returns
+    -------
+    SubtractionResult
+        On the science image's grid, with its WCS.
+
+    Raises
+    ------
+    ValueError
+        When the images differ in shape (and ``align`` is off), or an option is invalid.
+
+    Examples
+    --------
+    >>> from astro_zackay import subtract
+    >>> from astro_zackay.simulation import simulate_pair
+    >>> from astropy.table import Table
+    >>> transient = Table({"x": [150.2], "y": [200.7], "flux": [3000.0]})
+    >>> pair = simulate_pair((384, 384), n_stars=100, flux_range=(2e3, 2e5),
+    ...                      flux_ratio=0.8, transients=transient, seed=4)
+    >>> result = subtract(pair.reference.ccd, pair.science.ccd)
+    >>> abs(result.flux_ratio - 0.8) < 0.02
+    True
+    >>> best = result.find_transients(5.0)[0]
+    >>> round(float(best["x"])), round(float(best["y"])), bool(best["score"] > 20)
+    (150, 201, True)
+    """
+    if hasattr(reference, "calibrated") and hasattr(reference, "psf"):
+        reference_psf = reference.psf if reference_psf is None else reference_psf
+        reference = reference.calibrated
+    units, gains = _pair(unit, "unit"), _pair(gain, "gain")
+    noises, saturations = _pair(read_noise, "read_noise"), _pair(saturation, "saturation")
+    sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
+                   saturation=saturations[1], dtype=dtype)
+    if align:
+        from .alignment import align as align_images
+
+        method = "stars" if align is True else align
+        reference = align_images(reference, as_ccddata(sci), method=method, unit=units[0],
+                                 saturation=saturations[0])
+    ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
+                   saturation=saturations[0], dtype=dtype)
+    if ref.shape != sci.shape:
+        raise ValueError(
+            f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
+            "give registered images or pass align='stars' (or 'wcs')"
+        )
+
+    pref = _prepare(ref, reference_psf, "reference")
+    psci = _prepare(sci, science_psf, "science")
+    bad = ref.mask | sci.mask
+    ny, nx = sci.shape
+    centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    psf_r0, psf_n0 = pref.psf(*centre), psci.psf(*centre)
+    sigma_r0 = float(np.median(pref.rms[~bad]))
+    sigma_n0 = float(np.median(psci.rms[~bad]))
+    # the fits need the bright stars unsaturated: saturation is already in the masks
+
+    match = None
+    if pref.stars is not None and psci.stars is not None:
+        try:
+            match = match_stars(pref.stars, psci.stars, radius=2.0,
+                                min_matches=MIN_MATCHED_STARS)
+        except ValueError as exc:
+            log.info("star matching failed (%s): flux ratio and shift come from pixel fits",
+                     exc)
+    shift, beta, beta_err = (0.0, 0.0), flux_ratio, 0.0
+    if match is not None:
+        if fit_shift:
+            shift = match.offset
+        if flux_ratio is None:
+            beta, beta_err = _star_flux_ratio(match.table, pref, psci)
+    elif fit_shift or flux_ratio is None:
+        fitter = _fit_shift if fit_shift else fit_flux_ratio
+        fit = fitter(psci.data, pref.data, psf_n0, psf_r0, sigma_new=sigma_n0,
+                     sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
+        if not fit.converged:
+            warnings.warn(
+                f"the pixel fit of the flux ratio did not converge (beta={fit.beta:.5g}); "
+                "give flux_ratio= if it is known", AstroZackayWarning, stacklevel=2,
+            )
+        if fit_shift:
+            shift = (fit.dx, fit.dy)
+        if flux_ratio is None:
+            beta, beta_err = fit.beta, fit.beta_err
+    if flux_ratio is not None:
+        beta, beta_err = float(flux_ratio), 0.0
+        if not np.isfinite(beta) or beta <= 0:
+            raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
+
+    ref_data, ref_var, ref_bad = pref.data, ref.variance, ref.mask
+    if shift != (0.0, 0.0):
+        ref_data = shift_image(ref_data, *shift)
+        ref_var = np.clip(shift_image(np.where(ref.mask, 0.0, ref.variance), *shift), 0, None)
+        ref_bad = shift_image(ref.mask.astype(float), *shift) > 0.01
+    bad = ref_bad | sci.mask
+
+    if astrometric_noise == "auto":
+        # the matched-star scatter is that of both images together: half the variance each
+        ast = (0.0, 0.0) if match is None else tuple(v / np.sqrt(2.0) for v in match.scatter)
+    elif astrometric_noise is None:
+        ast = (0.0, 0.0)
+    else:
+        ast = _pair(astrometric_noise, "astrometric_noise")
+        ast = (float(ast[0]), float(ast[1]))
+
+    varying = pref.psf.varying or psci.psf.varying
+    tile_size = _auto_tile_size(tiles, sci.shape, varying)
+    stamp = max(psf_r0.shape + psf_n0.shape)
+    layout = tile_layout(sci.shape, tile_size or max(sci.shape), 2 * stamp)
+    outputs = {name: np.zeros(sci.shape, dtype) for name in ("D", "S", "Scorr", "alpha", "err")}
+    out_bad = bad.copy()
+    rows, offsets = [], []
+    central = None
+    for tile in layout:
+        cx, cy = tile.centre
+        psf_r = pref.psf(cx, cy) if pref.psf.varying else psf_r0
+        psf_n = psci.psf(cx, cy) if psci.psf.varying else psf_n0
+        good = ~bad[tile.outer]
+        sigma_r = float(np.median(pref.rms[tile.outer][good])) if good.any() else sigma_r0
+        sigma_n = float(np.median(psci.rms[tile.outer][good])) if good.any() else sigma_n0
+        res = zogy(
+            psci.data[tile.outer], ref_data[tile.outer], psf_n, psf_r,
+            sigma_new=sigma_n, sigma_ref=sigma_r, flux_new=beta, flux_ref=1.0,
+            var_new=sci.variance[tile.outer], var_ref=ref_var[tile.outer],
+            mask=bad[tile.outer], astrometric_noise_new=ast, astrometric_noise_ref=ast,
+            flux_ratio_error=beta_err, pad=True, border=stamp, dtype=dtype,
+        )
+        keep = tile.inner_in_outer
+        tile_bad = bad[tile.outer] if res.mask is None else bad[tile.outer] | res.mask
+        d_offset, s_offset, offset = _background_offset(res, tile_bad, beta)
+        offsets.append(offset)
+        variance = res.V_SN + res.V_SR
+        total = variance + sum(v for v in (res.V_ast, res.V_beta) if v is not None)
+        S = res.S - s_offset
+        outputs["D"][tile.inner] = (res.D - d_offset)[keep]
+        outputs["S"][tile.inner] = S[keep]
+        outputs["Scorr"][tile.inner] = (S / np.sqrt(np.maximum(total, res.F_S * 1e-6)))[keep]
+        # alpha is in reference-flux units (Fr = 1); beta * alpha is in science units
+        outputs["alpha"][tile.inner] = (beta / res.F_S * S)[keep]
+        outputs["err"][tile.inner] = (beta / res.F_S * np.sqrt(np.maximum(variance, 0)))[keep]
+        out_bad[tile.inner] |= tile_bad[keep]
+        rows.append((tile.inner[1].start, tile.inner[1].stop, tile.inner[0].start,
+                     tile.inner[0].stop, cx, cy, sigma_r, sigma_n, res.F_D / beta,
+                     res.F_S / beta, offsets[-1]))
+        inner = tile.inner
+        if (inner[1].start <= centre[0] < inner[1].stop
+                and inner[0].start <= centre[1] < inner[0].stop):
+            central = res
+
+    offset = float(np.median(offsets))
+    tiles_table = Table(
+        rows=rows,
+        names=("x_start", "x_stop", "y_start", "y_stop", "x_centre", "y_centre",
+               "sigma_ref", "sigma_sci", "F_D", "F_S", "background_offset"),
+    )
+    psf_d = central.psf_d_stamp(stamp, normalize=True)
+    # D / F_D and S / F_S are reference-unit fluxes (Fr = 1); science units are beta times them
+    flux_scale = central.F_D / beta
+    text = (f"ZOGY: beta={beta:.6g}+-{beta_err:.2g} shift=({shift[0]:.4f},{shift[1]:.4f}) "
+            f"ast=({ast[0]:.3f},{ast[1]:.3f}) tiles={len(layout)}")
+    extra = {"AZBETA": beta, "AZBETAE": beta_err, "AZDX": shift[0], "AZDY": shift[1],
+             "AZBKGOFF": offset, "AZFD": flux_scale, "AZNTILE": len(layout)}
+    ones = np.ones(sci.shape)
+
+    def wrap(data: np.ndarray, unit: Any, variance: np.ndarray | None, key: str) -> CCDData:
+        return to_ccddata(data, sci, unit=unit, variance=variance, mask=out_bad,
+                          step=(key, text), extra_meta=extra)
+
+    return SubtractionResult(
+        difference=wrap(outputs["D"], u.dimensionless_unscaled, ones, "AZSUB"),
+        score=wrap(outputs["Scorr"], u.dimensionless_unscaled, ones, "AZSCORR"),
+        flux=wrap(outputs["alpha"], sci.unit, outputs["err"] ** 2, "AZFLUX"),
+        flux_error=wrap(outputs["err"], sci.unit, None, "AZFLUXE"),
+        psf=psf_d,
+        flux_scale=float(flux_scale),
+        flux_ratio=float(beta),
+        flux_ratio_error=float(beta_err),
+        shift=(float(shift[0]), float(shift[1])),
+        background_offset=float(offset),
+        astrometric_noise=ast,
+        tiles=tiles_table,
+    )
