@@ -21,7 +21,7 @@ from astropy.table import Table
 from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
 from ._psf_input import PSFSampler, as_psf_sampler
 from ._tiles import tile_layout
-from ._warnings import AstroZackayWarning, FewStarsWarning
+from ._warnings import AstroZackayWarning, FewStarsWarning, PSFQualityWarning
 from .fluxmatch import aperture_photometry, encircled_energy, flux_ratio, match_stars
 from .fourier import shift_image
 from .zogy import ZogyResult, fit_flux_ratio, zogy
@@ -165,7 +165,18 @@ def _prepare(image: ImageData, psf: Any, name: str) -> _Prepared:
     if psf is None:
         from .psf import estimate_psf
 
-        model = estimate_psf(ccd, stars[stars["snr"] >= PSF_SNR_MIN])
+        psf_stars = stars[stars["snr"] >= PSF_SNR_MIN]
+        try:
+            model = estimate_psf(ccd, psf_stars)
+        except ValueError as exc:
+            if "too few usable PSF stars" not in str(exc):
+                raise
+            # too few stars to map the PSF's variation: one PSF for the whole image
+            warnings.warn(
+                f"the {name} image has too few PSF stars for a spatially varying PSF "
+                f"({exc}); using a constant PSF (degree=0)", PSFQualityWarning, stacklevel=3,
+            )
+            model = estimate_psf(ccd, psf_stars, degree=0)
         sampler = as_psf_sampler(model)
         log.info("%s PSF estimated: %r", name, model)
     else:

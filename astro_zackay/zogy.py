@@ -89,7 +89,8 @@ class ZogyResult:
         at pixel ``[0, 0]``; `psf_d_stamp` cuts a centred stamp from it.
     mask : ndarray or None
         True where outputs are unreliable: within a PSF stamp of a masked/NaN input
-        pixel and, with ``pad=True``, of the image edge.  None when nothing is flagged.
+        pixel and, with ``pad=True``, within half a stamp of the image edge.  None when
+        nothing is flagged.
     flux_new, flux_ref, sigma_new, sigma_ref : float
         The flux zero points and background noises used.
     """
@@ -369,8 +370,10 @@ def zogy(
     if bad is not None:
         flag = _grow_mask(bad, stamp)
     if pad:
+        # the kernels of D and S reach half a stamp: beyond that the zero padding is unseen
+        reach = stamp // 2 + 1
         edge = np.ones(shape_in, bool)
-        edge[stamp:-stamp, stamp:-stamp] = False
+        edge[reach:-reach, reach:-reach] = False
         flag = edge if flag is None else flag | edge
 
     def crop(a):

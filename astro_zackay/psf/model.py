@@ -217,6 +217,15 @@ class KLPSFModel(Fittable2DModel):
         return self._state.basis.shape[0]
 
     @property
+    def is_varying(self) -> bool:
+        """Whether the PSF changes across the image (more than one component and degree > 0).
+
+        With one component the unit-sum normalisation removes the coefficient field,
+        so the PSF is the same everywhere.
+        """
+        return self.n_components > 1 and self.degree > 0
+
+    @property
     def degree(self) -> int:
         """Total degree of the coefficient polynomials."""
         return self._state.degree
