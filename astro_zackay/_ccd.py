@@ -465,9 +465,15 @@ def to_ccddata(
         record_step(meta, *step)
     for key, value in (extra_meta or {}).items():
         meta[key] = value
+    out_unit = template.unit if unit is None else u.Unit(unit)
+    # the input's BUNIT describes the input; CCDData.write writes the result's own unit,
+    # except a dimensionless one, which astropy omits and CCDData.read then rejects
+    meta.pop("BUNIT", None)
+    if out_unit == u.dimensionless_unscaled:
+        meta["BUNIT"] = "1"
     return CCDData(
         data,
-        unit=template.unit if unit is None else u.Unit(unit),
+        unit=out_unit,
         mask=out_mask,
         uncertainty=uncertainty,
         wcs=template.wcs.deepcopy() if template.wcs is not None else None,

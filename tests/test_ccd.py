@@ -251,3 +251,17 @@ def test_non_finite_results_are_masked(ccd):
 def test_record_step_rejects_long_keys():
     with pytest.raises(ValueError, match="at most 8"):
         record_step({}, "AZTOOLONGKEY", "x")
+
+
+def test_dimensionless_result_reads_back_and_drops_the_input_bunit(tmp_path):
+    img = to_image(
+        CCDData(np.ones((4, 4)), unit="electron", meta={"BUNIT": "electron"},
+                uncertainty=StdDevUncertainty(np.ones((4, 4))))
+    )
+    out = to_ccddata(np.zeros((4, 4)), img, unit=u.dimensionless_unscaled)
+    out.write(tmp_path / "score.fits")
+    back = CCDData.read(tmp_path / "score.fits")
+    assert back.unit == u.dimensionless_unscaled
+    out = to_ccddata(np.zeros((4, 4)), img, unit="adu")
+    out.write(tmp_path / "adu.fits")
+    assert CCDData.read(tmp_path / "adu.fits").unit == u.adu
