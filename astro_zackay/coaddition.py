@@ -10,15 +10,16 @@ next one is read, so a generator is consumed exactly once and the memory is the
 accumulator (a few half-plane spectra of the FFT grid) plus about ten frame-sized
 arrays, whatever the number of frames.  The first image is the flux reference
 (``F_1 = 1``): its background-subtracted data, PSF and noise are kept, and the flux
-scale of every later image is fitted against it as it arrives (ZOGY's eq 37-38
-bright-pixel fit, `~astro_zackay.zogy.fit_flux_ratio`), which is known before the
-image is added with its weight ``F_j / s_j**2``.
+scale of every later image is measured against it as it arrives (aperture
+photometry of matched stars, `~astro_zackay.fluxmatch.match_stars`), so it is
+known before the image is added with its weight ``F_j / s_j**2``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -40,12 +41,13 @@ from ._ccd import (
     to_image,
 )
 from ._psf_input import as_psf_sampler
+from ._warnings import FewStarsWarning
 from .alignment import align as align_image
 from .background import estimate_background
 from .coadd_algebra import ProperCoaddAccumulator
+from .fluxmatch import MATCH_SNR_MIN, match_stars
 from .psf import estimate_psf
 from .stars import find_psf_stars
-from .zogy import fit_flux_ratio
 
 __all__ = ["CoaddResult", "coadd"]
 
@@ -145,6 +147,7 @@ class _Frame:
     psf: np.ndarray
     sigma: float
     name: str
+    stars: Table | None  # for the flux scale; None when it was given
 
 
 def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
@@ -213,15 +216,26 @@ def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> floa
 
 
 def _prepare(
-    img: ImageData, ccd: CCDData, psf: Any, sigma: Any, name: str
+    img: ImageData, ccd: CCDData, psf: Any, sigma: Any, name: str, need_stars: bool
 ) -> _Frame:
-    """Background-subtract one image and find its PSF stamp and background noise."""
+    """Background-subtract one image and find its PSF stamp, noise and (if needed) stars."""
     bkg = estimate_background(ccd)
     data = img.data - bkg.sky.data.astype(img.data.dtype, copy=False)
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    stars = None
     if psf is None:
-        stars = find_psf_stars(ccd, background=bkg)
+        stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
+    elif need_stars:
+        # only the flux scale needs them: a frame without stars fails later, and only if
+        # a flux scale must be measured against it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FewStarsWarning)
+                stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
+        except ValueError as exc:
+            log.info("%s: no stars for a flux scale (%s)", name, exc)
+    if psf is None:
         model = estimate_psf(ccd, stars)
         log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
         psf = model
@@ -234,7 +248,7 @@ def _prepare(
         )
     if not np.isfinite(s) or s <= 0:
         raise ValueError(f"{name}: the background noise must be positive, got {s}")
-    return _Frame(img, data, stamp, s, name)
+    return _Frame(img, data, stamp, s, name, stars)
 
 
 def _check_like(img: ImageData, first: ImageData, name: str) -> None:
@@ -299,8 +313,9 @@ def coadd(
        per image: a PSF that varies across the field is averaged out to its
        central value);
     5. flux scale: ``flux_scales[j]``, or 1 for the first image and, for each later
-       image, the flux ratio to the first one fitted on their bright pixels
-       (`~astro_zackay.zogy.fit_flux_ratio`, robust to variable stars);
+       image, the flux ratio to the first one from aperture photometry of the stars
+       matched between them (`~astro_zackay.fluxmatch.match_stars`: clipped, so
+       robust to variable stars, and free of PSF-model errors);
     6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator`, masked and
        NaN pixels excluded.
 
@@ -395,8 +410,9 @@ def coadd(
         if first is not None:
             _check_like(img, first.image, name)
         ccd = as_ccddata(img)
-        frame = _prepare(img, ccd, psf_list.next(), sigma_list.next(), name)
         given = scale_list.next()
+        frame = _prepare(img, ccd, psf_list.next(), sigma_list.next(), name,
+                         need_stars=given is None)
         if given is not None:
             f, f_err = float(given), 0.0
             if not np.isfinite(f) or f <= 0:
@@ -429,18 +445,25 @@ def coadd(
 
 
 def _fit_scale(frame: _Frame, first: _Frame) -> tuple[float, float]:
-    """Flux ratio of ``frame`` to the first image, fitted on their bright pixels."""
-    try:
-        match = fit_flux_ratio(
-            frame.data, first.data, frame.psf, first.psf, sigma_new=frame.sigma,
-            sigma_ref=first.sigma, mask=frame.image.mask | first.image.mask,
+    """Flux ratio of ``frame`` to the first image, from aperture photometry of matched stars.
+
+    The ratio needs no PSF model (`~astro_zackay.fluxmatch.match_stars` with images);
+    a pixel fit through the estimated PSFs inherits their errors (1-14 % measured).
+    """
+    if frame.stars is None or first.stars is None:
+        raise ValueError(
+            f"{frame.name}: the flux scale needs stars in this image and the first one; "
+            "pass flux_scales= explicitly"
         )
+    try:
+        match = match_stars(first.stars, frame.stars, radius=2.0, images=(first.image,
+                            frame.image), psfs=(first.psf, frame.psf))
     except ValueError as exc:
         raise ValueError(
-            f"{frame.name}: the flux scale relative to the first image could not be fitted "
+            f"{frame.name}: the flux scale relative to the first image could not be measured "
             f"({exc}); pass flux_scales= explicitly"
         ) from None
-    return match.beta, match.beta_err
+    return match.flux_ratio, match.flux_ratio_error
 
 
 def _wrap(

@@ -22,7 +22,7 @@ from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
 from ._psf_input import PSFSampler, as_psf_sampler
 from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning, PSFQualityWarning
-from .fluxmatch import aperture_photometry, encircled_energy, flux_ratio, match_stars
+from .fluxmatch import match_stars
 from .fourier import shift_image
 from .zogy import ZogyResult, fit_flux_ratio, zogy
 from .zogy import fit_shift as _fit_shift
@@ -185,29 +185,6 @@ def _prepare(image: ImageData, psf: Any, name: str) -> _Prepared:
     return _Prepared(image, data, rms, sampler, stars)
 
 
-def _star_flux_ratio(matched: Table, ref: _Prepared, sci: _Prepared) -> tuple[float, float]:
-    """Flux ratio of the matched stars from aperture photometry, aperture-corrected.
-
-    Apertures of radius 2 FWHM (of the broader PSF) with local annuli need no PSF
-    model; each image's aperture fluxes are divided by its PSF's encircled energy
-    at that radius, so only the far wings of the PSF models enter the ratio.
-    """
-    fwhm = max(float(ref.stars.meta.get("fwhm", 3.0)), float(sci.stars.meta.get("fwhm", 3.0)))
-    radius = 2.0 * fwhm
-    fluxes = []
-    for prep, xs, ys in ((ref, matched["x_ref"], matched["y_ref"]),
-                         (sci, matched["x"], matched["y"])):
-        ny, nx = prep.image.shape
-        enclosed = encircled_energy(prep.psf((nx - 1) / 2.0, (ny - 1) / 2.0), radius)
-        flux, error = aperture_photometry(prep.image.data, prep.image.variance, xs, ys,
-                                          radius=radius, mask=prep.image.mask)
-        fluxes.append((flux / enclosed, error / enclosed))
-    ratio, error, used = flux_ratio(fluxes[1][0], fluxes[1][1], fluxes[0][0], fluxes[0][1])
-    log.info("flux ratio %.5f +- %.5f from aperture photometry of %d matched stars",
-             ratio, error, int(used.sum()))
-    return ratio, error
-
-
 def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
     """The residual background difference of a tile, as offsets of D and S and in N's units.
 
@@ -357,7 +334,8 @@ def subtract(
     if pref.stars is not None and psci.stars is not None:
         try:
             match = match_stars(pref.stars, psci.stars, radius=2.0,
-                                min_matches=MIN_MATCHED_STARS)
+                                min_matches=MIN_MATCHED_STARS, images=(ref, sci),
+                                psfs=(psf_r0, psf_n0))
         except ValueError as exc:
             log.info("star matching failed (%s): flux ratio and shift come from pixel fits",
                      exc)
@@ -366,7 +344,7 @@ def subtract(
         if fit_shift:
             shift = match.offset
         if flux_ratio is None:
-            beta, beta_err = _star_flux_ratio(match.table, pref, psci)
+            beta, beta_err = match.flux_ratio, match.flux_ratio_error
     elif fit_shift or flux_ratio is None:
         fitter = _fit_shift if fit_shift else fit_flux_ratio
         fit = fitter(psci.data, pref.data, psf_n0, psf_r0, sigma_new=sigma_n0,
