@@ -195,10 +195,10 @@ def encircled_energy(psf: np.ndarray, radius: float) -> float:
     >>> encircled_energy(psf, 2.0)
     0.5
     """
-    from photutils.aperture import CircularAperture
+    from photutils.aperture import ApertureStats, CircularAperture
 
     centre = ((psf.shape[1] - 1) / 2.0, (psf.shape[0] - 1) / 2.0)
-    enclosed = CircularAperture(centre, r=radius).do_photometry(psf, method="exact")[0][0]
+    enclosed = ApertureStats(psf, CircularAperture(centre, r=radius), sum_method="exact").sum
     return float(enclosed / psf.sum())
 
 
