@@ -219,27 +219,43 @@ def _variance_from_uncertainty(
 def _estimate_variance(
     data: np.ndarray, mask: np.ndarray, gain: float | None
 ) -> np.ndarray:
-    """Variance from the data: robust background variance plus Poisson noise of sources."""
+    """Variance from the data: local background variance plus Poisson noise of sources.
+
+    The background variance is sep's rms map (64 px boxes, an eighth of a small
+    image), not one global value: sky gradients and extended sources inflate a
+    global MAD (by 1.6x in variance on properimage's sample pair, which left its
+    off-star Scorr with a standard deviation of 0.79).
+    """
     good = ~mask & np.isfinite(data)
     if good.sum() < 16:
         raise ValueError("too few unmasked pixels to estimate the noise; give an uncertainty")
-    _, median, std = sigma_clipped_stats(data[good], sigma=4.0, maxiters=10, stdfunc="mad_std")
-    variance = np.full(data.shape, std**2, dtype=np.float64)
+    box = min(64, max(8, min(data.shape) // 8))
+    if min(data.shape) >= 4 * box:
+        # imported here: the background module builds on this one
+        from .background import _sep_maps
+
+        sky, rms = _sep_maps(np.where(good, data, 0.0), ~good, (box, box), (3, 3))
+        variance = rms**2
+    else:  # too small for a map: one clipped value
+        _, median, std = sigma_clipped_stats(data[good], sigma=4.0, maxiters=10,
+                                             stdfunc="mad_std")
+        sky, variance = np.full(data.shape, median), np.full(data.shape, std**2)
+    background = float(np.median(variance[good]))
     if gain is not None:
-        excess = np.nan_to_num(data - median, nan=0.0, posinf=0.0, neginf=0.0)
-        variance += np.clip(excess, 0.0, None) / gain
+        excess = np.nan_to_num(data - sky, nan=0.0, posinf=0.0, neginf=0.0)
+        variance = variance + np.clip(excess, 0.0, None) / gain
         log.info(
-            "no uncertainty given: variance estimated as the clipped background variance "
-            "(%.4g) plus source Poisson noise with gain %.4g",
-            std**2,
+            "no uncertainty given: variance estimated as the local background variance "
+            "(median %.4g) plus source Poisson noise with gain %.4g",
+            background,
             gain,
         )
     else:
         log.info(
-            "no uncertainty and no gain given: variance estimated as the clipped background "
-            "variance (%.4g) everywhere, so source Poisson noise is ignored; pass gain= or an "
+            "no uncertainty and no gain given: variance estimated as the local background "
+            "variance (median %.4g), so source Poisson noise is ignored; pass gain= or an "
             "uncertainty (e.g. ccdproc.create_deviation) to include it",
-            std**2,
+            background,
         )
     return variance
 

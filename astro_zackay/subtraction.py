@@ -31,8 +31,10 @@ __all__ = ["SubtractionResult", "subtract"]
 
 log = logging.getLogger(__name__)
 
-#: Inner tile side used by ``tiles="auto"`` when a PSF varies across the field.
-AUTO_TILE_SIZE = 512
+#: Inner tile sides that ``tiles="auto"`` tries, largest first, when a PSF varies.
+AUTO_TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
+#: Largest L1 difference between a PSF at a tile's centre and at its inner corners.
+MAX_PSF_CHANGE = 0.04
 #: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
 MIN_MATCHED_STARS = 5
 #: S/N of the stars matched between the images, and of those the PSF is built from.
@@ -203,13 +205,50 @@ def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[f
     return d_offset, c * beta / den0, c
 
 
-def _auto_tile_size(tiles: Any, shape: tuple[int, int], varying: bool) -> int | None:
+def _psf_change(psf: PSFSampler, shape: tuple[int, int], tile_size: int) -> float:
+    """Largest L1 difference between each tile's central PSF and the PSF at its corners."""
+    worst = 0.0
+    for tile in tile_layout(shape, tile_size, 0):
+        cx, cy = tile.centre
+        centre = psf(cx, cy)
+        ys, xs = tile.inner
+        for x in (xs.start, xs.stop - 1):
+            for y in (ys.start, ys.stop - 1):
+                worst = max(worst, float(np.abs(psf(x, y) - centre).sum()))
+    return worst
+
+
+def _auto_tile_size(
+    tiles: Any, shape: tuple[int, int], psfs: tuple[PSFSampler, PSFSampler]
+) -> int | None:
+    """The tile side: given, or the largest over which neither PSF changes by > MAX_PSF_CHANGE.
+
+    A PSF that changes within a tile leaves residuals on bright stars, in proportion
+    to their S/N. Measured on a simulated 1536^2 pair whose FWHMs vary by +-15 %
+    (201 stars of S/N > 50): tiles of 512, 256, 192 and 128 px left 5, 1, 3 and 0
+    of them above 5 sigma, at the same run time (the PSF estimation dominates); the
+    estimated PSFs change by 0.06 (L1) over 192 px tiles and 0.04 over 128 px ones.
+    Hence the 0.04 threshold.
+    """
     if tiles is None:
         return None
     if isinstance(tiles, str):
         if tiles != "auto":
             raise ValueError(f"tiles must be 'auto', None or a tile size in pixels, got {tiles!r}")
-        return AUTO_TILE_SIZE if varying and max(shape) > 1.5 * AUTO_TILE_SIZE else None
+        varying = [psf for psf in psfs if psf.varying]
+        if not varying:
+            return None
+        for size in AUTO_TILE_SIZES:
+            if size >= max(shape):
+                continue
+            change = max(_psf_change(psf, shape, size) for psf in varying)
+            if change <= MAX_PSF_CHANGE:
+                log.info("tiles of %d px: the PSFs change by at most %.3f (L1) within one",
+                         size, change)
+                return size
+        log.info("tiles of %d px: the PSFs change by %.3f (L1) even within one",
+                 AUTO_TILE_SIZES[-1], change)
+        return AUTO_TILE_SIZES[-1]
     size = int(tiles)
     if size < 32:
         raise ValueError(f"a tile size of {size} px is too small; use >= 32 (or None)")
@@ -265,8 +304,9 @@ def subtract(
         (astroalign) or through the WCSs (reproject).
     tiles : 'auto', int or None
         Inner side in pixels of the overlapping tiles over which the PSFs are taken
-        as constant; ``'auto'`` uses 512 px tiles when a PSF varies across a large
-        image and one tile otherwise; None forces one PSF per image.
+        as constant; ``'auto'`` takes the largest of 1024, 768, ... 128 px over which
+        neither PSF changes by more than 4 % (L1 norm) from a tile's centre to its
+        corners, and one tile when neither PSF varies; None forces one PSF per image.
     unit, gain, read_noise, saturation : optional
         Passed to the CCDData boundary; each may be one value or a
         ``(reference, science)`` pair. ``gain`` (e-/ADU) lets the source noise be
@@ -379,8 +419,7 @@ def subtract(
         ast = _pair(astrometric_noise, "astrometric_noise")
         ast = (float(ast[0]), float(ast[1]))
 
-    varying = pref.psf.varying or psci.psf.varying
-    tile_size = _auto_tile_size(tiles, sci.shape, varying)
+    tile_size = _auto_tile_size(tiles, sci.shape, (pref.psf, psci.psf))
     stamp = max(psf_r0.shape + psf_n0.shape)
     layout = tile_layout(sci.shape, tile_size or max(sci.shape), 2 * stamp)
     outputs = {name: np.zeros(sci.shape, dtype) for name in ("D", "S", "Scorr", "alpha", "err")}
