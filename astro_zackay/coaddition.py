@@ -41,6 +41,7 @@ from ._ccd import (
     to_image,
 )
 from ._psf_input import as_psf_sampler
+from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning
 from .alignment import align as align_image
 from .background import estimate_background
@@ -273,6 +274,7 @@ def _output_template(first: ImageData) -> ImageData:
     return replace(first, meta=meta)
 
 
+@single_threaded_blas
 def coadd(
     images: Any,
     *,

@@ -21,9 +21,10 @@ from astropy import units as u
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from astro_zackay._ccd import ImageData, to_image
-from astro_zackay._warnings import FewStarsWarning
-from astro_zackay.background import BackgroundResult, _estimate_from, _sep_extract
+from ._ccd import ImageData, to_image
+from ._threads import single_threaded_blas
+from ._warnings import FewStarsWarning
+from .background import BackgroundResult, _estimate_from, _sep_extract
 
 __all__ = ["find_psf_stars"]
 
@@ -262,6 +263,7 @@ def _reject(reason: np.ndarray, keep: np.ndarray, fail: np.ndarray, name: str) -
     keep &= ~fail
 
 
+@single_threaded_blas
 def find_psf_stars(
     image: Any,
     *,

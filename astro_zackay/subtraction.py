@@ -20,6 +20,7 @@ from astropy.table import Table
 
 from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
 from ._psf_input import PSFSampler, as_psf_sampler
+from ._threads import single_threaded_blas
 from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning, PSFQualityWarning
 from .fluxmatch import match_stars
@@ -255,6 +256,7 @@ def _auto_tile_size(
     return size
 
 
+@single_threaded_blas
 def subtract(
     reference: Any,
     science: Any,

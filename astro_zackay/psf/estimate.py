@@ -10,6 +10,7 @@ import numpy as np
 from astropy.table import Table
 
 from .._ccd import to_image
+from .._threads import single_threaded_blas
 from .._warnings import PSFQualityWarning
 from ..stars import find_psf_stars
 from .analytic import fit_profile, mean_stamp, render_profile
@@ -194,6 +195,7 @@ def _choose_k(
     return n_components, scores
 
 
+@single_threaded_blas
 def estimate_psf(
     image: Any,
     stars: Table | None = None,
