@@ -248,3 +248,25 @@ def test_few_and_no_stars_and_max_stars(gaussian_field):
             find_psf_stars(cut, snr_min=0)
     with pytest.raises(ValueError, match="no sources detected"):
         find_psf_stars(np.zeros((64, 64)), unit="adu", background=0.0)
+
+
+def test_profile_jacobian_matches_finite_differences():
+    """The analytic derivatives of the Moffat profile agree with central differences."""
+    from astro_zackay.stars import _profile, _profile_jacobian
+
+    rng = np.random.default_rng(0)
+    n, h = 3, 6
+    oy, ox = np.mgrid[-h:h + 1, -h:h + 1]
+    gx = np.repeat((20.0 + ox.ravel())[None, :], n, axis=0)
+    gy = np.repeat((30.0 + oy.ravel())[None, :], n, axis=0)
+    params = np.column_stack([
+        rng.uniform(50, 100, n), 20 + rng.uniform(-0.4, 0.4, n), 30 + rng.uniform(-0.4, 0.4, n),
+        rng.uniform(-1.5, -0.5, n), rng.uniform(-1.5, -0.5, n), rng.uniform(-0.5, 0.5, n),
+        rng.uniform(0.05, 0.6, n),
+    ])
+    jac = _profile_jacobian(params, gx, gy)
+    for k in range(7):
+        step = np.zeros(7)
+        step[k] = 1e-6
+        numeric = (_profile(params + step, gx, gy) - _profile(params - step, gx, gy)) / 2e-6
+        assert np.max(np.abs(numeric - jac[:, :, k])) < 1e-6 * np.max(np.abs(numeric))
