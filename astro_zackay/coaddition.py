@@ -6,13 +6,15 @@ the streaming array core (`~astro_zackay.coadd_algebra.ProperCoaddAccumulator`) 
 wraps the coadd back into `~astropy.nddata.CCDData`.
 
 Streaming design (single pass).  Every input is read, prepared and added before the
-next one is read, so a generator is consumed exactly once and the memory is the
-accumulator (a few half-plane spectra of the FFT grid) plus about ten frame-sized
-arrays, whatever the number of frames.  The first image is the flux reference
-(``F_1 = 1``): its background-subtracted data, PSF and noise are kept, and the flux
-scale of every later image is measured against it as it arrives (aperture
-photometry of matched stars, `~astro_zackay.fluxmatch.match_stars`), so it is
-known before the image is added with its weight ``F_j / s_j**2``.
+next one is read (and released before the next one is read), so a generator is
+consumed exactly once and the memory does not grow with the number of frames: the
+accumulator (a few half-plane spectra of the FFT grid and one image), the frame in
+hand with its temporaries, and the outputs.  The first image is the flux reference
+(``F_1 = 1``): unless every flux scale is given, its background-subtracted data,
+variance, mask, PSF and stars are kept, and the flux scale of every later image is
+measured against it as it arrives (aperture photometry of matched stars,
+`~astro_zackay.fluxmatch.match_stars`), so it is known before the image is added with
+its weight ``F_j / s_j**2``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning
 from .alignment import align as align_image
 from .background import estimate_background
-from .coadd_algebra import ProperCoaddAccumulator
+from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
 from .fluxmatch import MATCH_SNR_MIN, match_stars
 from .psf import estimate_psf
 from .stars import find_psf_stars
@@ -69,20 +71,29 @@ class CoaddResult:
     Attributes
     ----------
     image : `~astropy.nddata.CCDData`
-        The proper coadd R (dimensionless): white noise of unit variance, PSF `psf`,
-        flux zero point `flux_scale`. Where frames were masked, R is rescaled to
-        unit noise (its local zero point is then ``flux_scale * sqrt(depth)``).
+        The proper coadd R (dimensionless): white background noise of unit variance,
+        PSF `psf`, flux zero point `flux_scale`. Where frames were masked, R is
+        rescaled to unit noise (its local zero point is then
+        ``flux_scale * sqrt(depth)``). Its uncertainty includes the sources' own
+        noise, from the inputs' variance (uncertainty, or the estimate of
+        `~astro_zackay._ccd.to_image`): 1 on the background, more near bright
+        sources (a pointwise approximation, exact for identical Gaussian-like PSFs
+        and otherwise low by up to about 20-30 % in variance at the peaks of bright
+        stars when the seeing differs by a factor 2; see
+        `~astro_zackay.coadd_algebra`).
     score : `~astropy.nddata.CCDData`
         The score S (the matched filter of the stack, ``flux_scale * R ⊛ psf`` where
         no frame is masked), in the inverse of the input unit; its uncertainty is
         ``sqrt(G)``, the local depth, so ``score / uncertainty`` is the S/N of a point
-        source (`snr`) and ``score / uncertainty**2`` its flux.
+        source (`snr`) and ``score / uncertainty**2`` its flux. This uncertainty is
+        the background noise only (the S/N of detection).
     calibrated : `~astropy.nddata.CCDData`
         The flux-calibrated coadd ``R / (flux_scale * sqrt(depth))`` in the unit
-        (and flux scale) of the first image, with PSF `psf`; its uncertainty is the
-        background noise ``1 / (flux_scale * sqrt(depth))``, ``1 / flux_scale`` where
-        no frame is masked. This is the image to use as the reference of
-        `~astro_zackay.subtraction.subtract`.
+        (and flux scale) of the first image, with PSF `psf`; its uncertainty is that
+        of `image` divided by ``flux_scale * sqrt(depth)``: ``1 / flux_scale`` on the
+        background where no frame is masked, more near bright sources. This is the
+        image to use as the reference of `~astro_zackay.subtraction.subtract`, whose
+        source-noise term reads this uncertainty.
     psf : `~numpy.ndarray`
         P_R, the PSF of `image` and `calibrated`: a unit-sum, odd-sized stamp.
     flux_scale : float
@@ -143,8 +154,7 @@ class CoaddResult:
 class _Frame:
     """One input image made ready for the accumulator."""
 
-    image: ImageData
-    data: np.ndarray  # background-subtracted, masked pixels as in the input
+    image: ImageData  # its data background-subtracted in place
     psf: np.ndarray
     sigma: float
     name: str
@@ -216,12 +226,14 @@ def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> floa
     return float(np.sqrt(np.median(img.variance[background])))
 
 
-def _prepare(
-    img: ImageData, ccd: CCDData, psf: Any, sigma: Any, name: str, need_stars: bool
-) -> _Frame:
-    """Background-subtract one image and find its PSF stamp, noise and (if needed) stars."""
+def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) -> _Frame:
+    """Find one image's PSF stamp, noise and (if needed) stars; subtract its background.
+
+    The background is subtracted from ``img.data`` in place (after the stars and the
+    PSF are measured on the original), so that no second frame-sized copy is made.
+    """
+    ccd = as_ccddata(img)
     bkg = estimate_background(ccd)
-    data = img.data - bkg.sky.data.astype(img.data.dtype, copy=False)
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     stars = None
@@ -241,15 +253,17 @@ def _prepare(
         log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
         psf = model
     stamp = as_psf_sampler(psf)(*centre)
+    del ccd
+    np.subtract(img.data, bkg.sky.data, out=img.data, casting="same_kind")
     if sigma is None:
-        s = _background_sigma(img, data, bkg.rms.data)
+        s = _background_sigma(img, img.data, bkg.rms.data)
     else:
         s = float(u.Quantity(sigma, img.unit).value) if isinstance(sigma, u.Quantity) else float(
             sigma
         )
     if not np.isfinite(s) or s <= 0:
         raise ValueError(f"{name}: the background noise must be positive, got {s}")
-    return _Frame(img, data, stamp, s, name, stars)
+    return _Frame(img, stamp, s, name, stars)
 
 
 def _check_like(img: ImageData, first: ImageData, name: str) -> None:
@@ -266,12 +280,17 @@ def _check_like(img: ImageData, first: ImageData, name: str) -> None:
 
 
 def _output_template(first: ImageData) -> ImageData:
-    """The first image's WCS and meta, without the keywords of a single exposure."""
+    """The first image's unit, shape, WCS and meta (less the keywords of one exposure).
+
+    Its arrays are zero-stride views, so it holds no frame-sized memory.
+    """
     meta = first.meta.copy()
     for key in _EXPOSURE_KEYS:
         if key in meta:
             del meta[key]
-    return replace(first, meta=meta)
+    return replace(first, data=np.broadcast_to(first.data.dtype.type(0), first.shape),
+                   variance=np.broadcast_to(first.variance.dtype.type(0), first.shape),
+                   mask=np.broadcast_to(False, first.shape), meta=meta)
 
 
 @single_threaded_blas
@@ -318,8 +337,9 @@ def coadd(
        image, the flux ratio to the first one from aperture photometry of the stars
        matched between them (`~astro_zackay.fluxmatch.match_stars`: clipped, so
        robust to variable stars, and free of PSF-model errors);
-    6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator`, masked and
-       NaN pixels excluded.
+    6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator` with its
+       per-pixel variance (for the source noise in the outputs' uncertainties),
+       masked and NaN pixels excluded.
 
     Masked pixels.  A pixel masked in some images gets the estimate of the others:
     the depth G (the squared S/N reached there) is recorded in ``depth`` and the
@@ -402,40 +422,44 @@ def coadd(
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
 
     acc = None
-    first: _Frame | None = None
+    template: ImageData | None = None  # the first image's unit, shape, WCS and meta
+    reference: _Frame | None = None  # the first image, kept for the flux scales
     target: CCDData | None = None
     rows = []
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
         if method and target is not None:
             item = align_image(item, target, method=method, unit=unit, saturation=saturation)
         img = to_image(item, unit=unit, saturation=saturation, hdu=hdu, dtype=dtype)
-        if first is not None:
-            _check_like(img, first.image, name)
-        ccd = as_ccddata(img)
+        del item
+        if template is not None:
+            _check_like(img, template, name)
+        elif method:
+            target = as_ccddata(replace(img, data=img.data.copy()))
         given = scale_list.next()
-        frame = _prepare(img, ccd, psf_list.next(), sigma_list.next(), name,
+        frame = _prepare(img, psf_list.next(), sigma_list.next(), name,
                          need_stars=given is None)
         if given is not None:
             f, f_err = float(given), 0.0
             if not np.isfinite(f) or f <= 0:
                 raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
-        elif first is None:
+        elif template is None:
             f, f_err = 1.0, 0.0
         else:
-            f, f_err = _fit_scale(frame, first)
-        if first is None:
-            first = frame
-            if method:
-                target = ccd
+            f, f_err = _fit_scale(frame, reference)
+        if template is None:
+            template = _output_template(img)
+            if given is None:
+                reference = frame
             acc = ProperCoaddAccumulator(
                 img.shape, border=max(frame.psf.shape) if border is None else int(border),
                 dtype=dtype,
             )
-        acc.add(frame.data, frame.psf, frame.sigma, f, mask=img.mask)
+        acc.add(img.data, frame.psf, frame.sigma, f, mask=img.mask, variance=img.variance)
         rows.append((name, f, f_err, frame.sigma, f / frame.sigma**2,
                      f**2 / frame.sigma**2 * float((frame.psf**2).sum()), int(img.mask.sum())))
         log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
                  name, f, f_err, frame.sigma, frame.psf.shape, rows[-1][-1])
+        del img, frame  # release this image before the next one is read
     if acc is None:
         raise ValueError("coadd needs at least one image; got an empty input")
     for option in (psf_list, scale_list, sigma_list):
@@ -443,16 +467,19 @@ def coadd(
     frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma", "weight",
                                      "depth_share", "n_masked"))
     frames["depth_share"] /= frames["depth_share"].sum()
-    return _wrap(acc, first.image, frames, min_depth_fraction)
+    del reference, target
+    res = acc.finalize(min_depth_fraction=min_depth_fraction)
+    del acc  # its spectra are not needed to wrap the outputs
+    return _wrap(res, template, frames)
 
 
-def _fit_scale(frame: _Frame, first: _Frame) -> tuple[float, float]:
+def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
     """Flux ratio of ``frame`` to the first image, from aperture photometry of matched stars.
 
     The ratio needs no PSF model (`~astro_zackay.fluxmatch.match_stars` with images);
     a pixel fit through the estimated PSFs inherits their errors (1-14 % measured).
     """
-    if frame.stars is None or first.stars is None:
+    if frame.stars is None or first is None or first.stars is None:
         raise ValueError(
             f"{frame.name}: the flux scale needs stars in this image and the first one; "
             "pass flux_scales= explicitly"
@@ -468,25 +495,29 @@ def _fit_scale(frame: _Frame, first: _Frame) -> tuple[float, float]:
     return match.flux_ratio, match.flux_ratio_error
 
 
-def _wrap(
-    acc: ProperCoaddAccumulator, first: ImageData, frames: Table, min_depth_fraction: float
-) -> CoaddResult:
-    """Finalize the accumulator and wrap its arrays into CCDData."""
-    res = acc.finalize(min_depth_fraction=min_depth_fraction)
-    template = _output_template(first)
+def _wrap(res: CoaddAlgebraResult, template: ImageData, frames: Table) -> CoaddResult:
+    """Wrap the arrays of the finalized accumulator into CCDData."""
     mask = res.mask | (res.n_used == 0)
     frac = res.depth / res.depth_full
-    local_scale = res.F_R * np.sqrt(np.where(res.mask, 1.0, frac))
     text = (f"proper coadd (Zackay & Ofek 2017) of {res.n_frames} images, "
             f"F_R={res.F_R:.6g}")
     meta = {"NCOMBINE": res.n_frames}
-    image = to_ccddata(res.R, template, unit=u.dimensionless_unscaled,
-                       variance=np.ones(res.R.shape), mask=mask, step=("AZCOADD", text),
-                       extra_meta=meta)
-    score = to_ccddata(res.S, template, unit=first.unit**-1, variance=res.depth, mask=mask,
+    score = to_ccddata(res.S, template, unit=template.unit**-1, variance=res.depth, mask=mask,
                        step=("AZCOADD", text + ", score image S"), extra_meta=meta)
-    calibrated_variance = np.where(res.mask, np.inf, 1.0 / local_scale**2)
-    calibrated = to_ccddata(res.R / local_scale, template, variance=calibrated_variance,
+    image = to_ccddata(res.R, template, unit=u.dimensionless_unscaled,
+                       variance=res.R_variance, mask=mask, step=("AZCOADD", text),
+                       extra_meta=meta)
+    # calibrated = R / local_scale, local_scale = F_R sqrt(depth / depth_full); in place
+    inv_scale = np.where(res.mask, 1.0, frac)
+    np.sqrt(inv_scale, out=inv_scale)
+    inv_scale *= res.F_R
+    np.divide(1.0, inv_scale, out=inv_scale)
+    calibrated_variance = res.R_variance * inv_scale
+    calibrated_variance *= inv_scale
+    calibrated_variance[res.mask] = np.inf
+    calibrated_data = inv_scale.astype(res.R.dtype, copy=False)
+    calibrated_data *= res.R
+    calibrated = to_ccddata(calibrated_data, template, variance=calibrated_variance,
                             mask=mask, step=("AZCOADD", text + ", divided by F_R"),
                             extra_meta=meta)
     return CoaddResult(

@@ -239,6 +239,51 @@ def test_masked_star_flux_unbiased():
 
 
 # --------------------------------------------------------------------------------------
+# source noise in the uncertainties
+
+
+def test_background_limited_uncertainty_unchanged():
+    """Uncertainty == sigma everywhere: exactly the background-only calibrated noise."""
+    n = 128
+    frames = _noise_frames(n, 3, seed=9)
+    frames[1].mask = np.zeros((n, n), bool)
+    frames[1].mask[50:70, 40:90] = True
+    psfs = [psf_stamp(15, w) for w in (2.5, 3.0, 3.5)]
+    res = coadd(frames, psfs=psfs, flux_scales=[1.0, 0.8, 1.2], sigmas=[1.0, 1.5, 2.0])
+    old = 1.0 / (res.flux_scale * np.sqrt(res.depth))
+    good = ~res.calibrated.mask
+    np.testing.assert_allclose(res.calibrated.uncertainty.array[good], old[good], rtol=1e-10)
+    np.testing.assert_allclose(res.image.uncertainty.array[good], 1.0, rtol=1e-10)
+
+
+def test_calibrated_uncertainty_includes_source_noise():
+    """At bright-star peaks the uncertainty matches the scatter over noise realisations."""
+    n, fwhm, scales, sky = 128, (3.0, 3.4, 3.8), [1.0, 0.8, 1.2], (150.0, 200.0, 250.0)
+    stars = Table({"x": [40.0, 88.0, 40.0, 88.0, 64.0], "y": [40.0, 40.0, 88.0, 88.0, 64.0],
+                   "flux": [2e5, 4e5, 8e5, 1.6e6, 3e5]})
+    ys, xs = stars["y"].astype(int), stars["x"].astype(int)
+    cal, err, bkg_err = [], [], []
+    for r in range(40):
+        frames, psfs = [], []
+        for j in range(3):
+            table = Table({"x": stars["x"], "y": stars["y"], "flux": stars["flux"] * scales[j]})
+            sim = simulate_image((n, n), psf=fwhm[j], stars=table, sky=sky[j],
+                                 read_noise=READ_NOISE, seed=1000 * r + j, wcs=False)
+            frames.append(sim.ccd)
+            psfs.append(sim.psf.stamp(n / 2, n / 2))
+        res = coadd(frames, psfs=psfs, flux_scales=scales)
+        cal.append(res.calibrated.data[ys, xs])
+        err.append(res.calibrated.uncertainty.array[ys, xs])
+        bkg_err.append(res.calibrated.uncertainty.array[5:25, 5:25] * res.flux_scale)
+    cal, err = np.array(cal), np.array(err)
+    pulls = (cal - cal.mean(axis=0)) / err * np.sqrt(40 / 39)
+    assert pulls.std() == pytest.approx(1.0, abs=0.1)
+    assert (err[0] * res.flux_scale > 8).all()  # source noise dominates at the peaks
+    # background pixels keep the background-only noise 1 / F_R
+    np.testing.assert_allclose(bkg_err, 1.0, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
 # input handling
 
 
@@ -374,12 +419,21 @@ def test_coadd_as_subtraction_reference():
                         "flux": np.full(xs.size, f_new * target / np.sqrt(f_s))})
     science = inject_sources(sim.ccd, transients, psf_new, add_noise=False)
 
+    bright = truth[truth["flux"] > 1e4]
+    yy, xx = np.mgrid[:n, :n]
+    near_bright = np.zeros((n, n), bool)
+    for star in bright:
+        near_bright |= np.hypot(xx - star["x"], yy - star["y"]) < 6
+    for x0, y0 in zip(xs, ys):  # not the transients injected next to stars
+        near_bright &= np.hypot(xx - x0, yy - y0) > 8
     for reference, kwargs in ((ref, {}), (ref.calibrated, {"reference_psf": ref.psf})):
         sub = subtract(reference, science, science_psf=psf_new, flux_ratio=f_new,
                        fit_shift=False, astrometric_noise=None, **kwargs)
         scorr = sub.score.data[ys[keep], xs[keep]]
         assert keep.sum() > 80
         assert scorr.mean() / target == pytest.approx(1.0, abs=0.04)
+        # the bright reference stars subtract cleanly: no |Scorr| > 5 residual near them
+        assert len(bright) >= 8 and not (np.abs(sub.score.data[near_bright]) > 5).any()
 
 
 # --------------------------------------------------------------------------------------
@@ -429,3 +483,30 @@ def test_align_onto_first_image():
     # all three frames stack on the first image's stars only when aligned
     assert (aligned.snr.data[ys, xs] > 1.3 * unaligned.snr.data[ys, xs]).all()
     assert (aligned.n_used[20:-20, -2:] == 2).all() and aligned.n_used[96, 96] == 3
+
+
+# --------------------------------------------------------------------------------------
+# memory
+
+
+def test_memory_does_not_grow_with_the_number_of_frames(tmp_path):
+    """Streaming: the peak memory over 12 frames is that over 3 (tracemalloc)."""
+    import tracemalloc
+
+    n, nf = 256, 12
+    rng = np.random.default_rng(12)
+    paths = []
+    for j in range(nf):
+        ccd = CCDData(rng.normal(0.0, 2.0, (n, n)), unit="electron",
+                      uncertainty=StdDevUncertainty(np.full((n, n), 2.0)))
+        paths.append(tmp_path / f"frame{j:02d}.fits")
+        ccd.write(paths[-1])
+    psfs = [psf_stamp(15, 2.5 + 0.1 * j) for j in range(nf)]
+    peaks = []
+    for k in (3, nf):
+        tracemalloc.start()
+        coadd(paths[:k], psfs=psfs[:k], flux_scales=[1.0] * k)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0]
+    assert peaks[0] < 20 * 8 * n * n  # a few frames' worth
