@@ -46,7 +46,7 @@ from ._psf_input import as_psf_sampler
 from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning
 from .alignment import align as align_image
-from .background import estimate_background
+from .background import _estimate_from
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
 from .fluxmatch import MATCH_SNR_MIN, match_stars
 from .psf import estimate_psf
@@ -233,7 +233,7 @@ def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) 
     PSF are measured on the original), so that no second frame-sized copy is made.
     """
     ccd = as_ccddata(img)
-    bkg = estimate_background(ccd)
+    bkg = _estimate_from(img)  # on the coerced image: no second copy of data and variance
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     stars = None

@@ -147,11 +147,11 @@ class _Prepared:
 
 
 def _prepare(image: ImageData, psf: Any, name: str) -> _Prepared:
-    from .background import estimate_background
+    from .background import _estimate_from
     from .stars import find_psf_stars
 
     ccd = as_ccddata(image)
-    background = estimate_background(ccd)
+    background = _estimate_from(image)  # on the coerced image: no second copy
     sky = np.asarray(background.sky.data, dtype=image.data.dtype)
     rms = np.asarray(background.rms.data, dtype=image.data.dtype)
     try:
