@@ -176,7 +176,9 @@ def _sep_maps(
         fw=filt[1],
         fh=filt[0],
     )
-    return bkg.back(dtype=np.float64), bkg.rms(dtype=np.float64) / _SEP_CLIP_STD_FACTOR
+    rms = bkg.rms(dtype=np.float64)
+    rms /= _SEP_CLIP_STD_FACTOR
+    return bkg.back(dtype=np.float64), rms
 
 
 def _photutils_maps(
@@ -269,6 +271,7 @@ def _estimate_from(
     sky, rms = maps(data, mask, box, filt)
     if detect_sources:
         mask = mask | _source_mask(data, mask, sky, rms)
+        del sky, rms  # freed before the second pass: two frame-sizes less at the peak
         if (~mask).sum() < box[0] * box[1]:
             raise ValueError(
                 "masking the detected sources leaves fewer unmasked pixels than one box: "
