@@ -510,3 +510,19 @@ def test_memory_does_not_grow_with_the_number_of_frames(tmp_path):
         tracemalloc.stop()
     assert peaks[1] < 1.5 * peaks[0]
     assert peaks[0] < 20 * 8 * n * n  # a few frames' worth
+
+
+def test_moffat_encircled_energy_limits():
+    """The aperture correction of the flux scales: Gaussian limit and Moffat wings."""
+    from astro_zackay.fluxmatch import moffat_encircled_energy
+
+    # Gaussian: 1 - 2**(-4 (R/FWHM)**2)
+    assert moffat_encircled_energy(4.0, 1e6, 6.0) == pytest.approx(1 - 2 ** (-4 * 1.5**2),
+                                                                   rel=1e-4)
+    # Moffat beta 2.5: alpha = FWHM / (2 sqrt(2**0.4 - 1)), EE = 1 - (1 + (R/alpha)**2)**-1.5
+    alpha = 4.0 / (2 * np.sqrt(2**0.4 - 1))
+    assert moffat_encircled_energy(4.0, 2.5, 6.0) == pytest.approx(
+        1 - (1 + (6.0 / alpha) ** 2) ** -1.5, rel=1e-12)
+    # more light outside for smaller beta, less for a larger radius
+    assert moffat_encircled_energy(4.0, 2.0, 6.0) < moffat_encircled_energy(4.0, 4.0, 6.0)
+    assert moffat_encircled_energy(4.0, 2.5, 6.0) < moffat_encircled_energy(4.0, 2.5, 8.0)
