@@ -54,6 +54,7 @@ from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 from ._warnings import AstroZackayWarning
+from .fourier import shift_stack
 
 __all__ = [
     "PSFField",
@@ -1464,14 +1465,7 @@ def _fourier_shifted_stamps(
     py, px = ny + 2 * pad + (ny + 1) % 2, nx + 2 * pad + (nx + 1) % 2
     padded = np.zeros((n, py, px))
     padded[:, pad : pad + ny, pad : pad + nx] = stamps
-    ky = np.fft.fftfreq(py)
-    kx = np.fft.rfftfreq(px)
-    ramp = np.exp(
-        -2j
-        * np.pi
-        * (ky[None, :, None] * fy[:, None, None] + kx[None, None, :] * fx[:, None, None])
-    )
-    return np.fft.irfft2(np.fft.rfft2(padded) * ramp, s=(py, px))
+    return shift_stack(padded, fx, fy)
 
 
 def _data_gain(ccd: CCDData, gain: float | None) -> float:

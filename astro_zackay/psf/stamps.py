@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.stats import sigma_clip
 
-from ..fourier import get_array_module, phase_ramp
+from ..fourier import shift_stack
 
 __all__ = [
     "StampSet",
@@ -25,7 +25,6 @@ __all__ = [
     "cut_stamps",
     "fit_offsets",
     "recentre",
-    "shift_stack",
     "stamp_moments",
 ]
 
@@ -160,26 +159,6 @@ def cut_stamps(
         flux=np.where(valid, flux, 0.0),
         valid=valid,
     )
-
-
-def shift_stack(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Shift each stamp of a ``(n, ny, nx)`` stack by its own ``(dx[i], dy[i])`` (Fourier).
-
-    The batched form of `astro_zackay.fourier.shift_image` (same phase ramp, same
-    direction: content moves to larger indices for positive shifts).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from astro_zackay.psf.stamps import shift_stack
-    >>> shift_stack(np.array([[[0.0, 1.0, 0.0, 0.0]]]), np.array([1.0]), np.array([0.0]))
-    array([[[0., 0., 1., 0.]]])
-    """
-    shape = stamps.shape[-2:]
-    be = get_array_module("numpy")
-    spectrum = be.rfft2(stamps, s=shape)
-    spectrum *= phase_ramp(shape, np.asarray(dx)[:, None, None], np.asarray(dy)[:, None, None])
-    return be.irfft2(spectrum, s=shape)
 
 
 def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
