@@ -1,13 +1,12 @@
 """Constant and analytic (elliptical Gaussian / Moffat) PSFs: arrays in, arrays out.
 
 The constant PSF is the weighted mean of the recentred unit-sum star stamps. The
-analytic PSFs are fitted to that mean stamp (properimage's ``fitted_psf``), with the
-profile integrated over pixels (5 x 5 sub-samples per pixel), and rendered centred on
-the stamp's central pixel with unit sum.
-
-Shape convention: ``fwhm`` is the geometric mean of the major and minor FWHMs,
-``ellipticity = 1 - b / a``, ``theta`` (radians) the angle of the major axis from the
-x axis towards y; Moffat profiles are ``(1 + r**2 / alpha**2) ** -beta``.
+analytic PSFs are fitted to that mean stamp (properimage's ``fitted_psf``) and rendered
+centred on the stamp's central pixel with unit sum, both through
+`astro_zackay.simulation.psf_stamp` (pixel-integrated profiles), so the package has one
+profile renderer and one shape convention: ``fwhm`` along the major axis, the minor
+axis ``fwhm * (1 - ellipticity)``, ``theta`` (radians) the angle of the major axis from
+the x axis towards y; Moffat profiles are ``(1 + r**2 / alpha**2) ** -beta``.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-__all__ = ["fit_profile", "mean_stamp", "render_profile"]
+from ..simulation import psf_stamp
 
-_SUBSAMPLE = 5
+__all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
 
 def mean_stamp(stamps: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -34,32 +33,6 @@ def mean_stamp(stamps: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return mean / mean.sum()
 
 
-def _profile(
-    shape: tuple[int, int],
-    xc: float,
-    yc: float,
-    fwhm: float,
-    ellipticity: float,
-    theta: float,
-    beta: float | None,
-) -> np.ndarray:
-    """Pixel-integrated profile with peak 1 (before integration) at ``(xc, yc)``."""
-    ny, nx = shape
-    sub = (np.arange(_SUBSAMPLE) + 0.5) / _SUBSAMPLE - 0.5
-    ys = (np.arange(ny)[:, None] + sub).ravel() - yc
-    xs = (np.arange(nx)[:, None] + sub).ravel() - xc
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    q = 1.0 - ellipticity
-    a, b = fwhm / np.sqrt(q), fwhm * np.sqrt(q)
-    cos, sin = np.cos(theta), np.sin(theta)
-    r2 = ((cos * xx + sin * yy) / a) ** 2 + ((-sin * xx + cos * yy) / b) ** 2
-    if beta is None:
-        values = np.exp(-4.0 * np.log(2.0) * r2)
-    else:
-        values = (1.0 + 4.0 * (2.0 ** (1.0 / beta) - 1.0) * r2) ** (-beta)
-    return values.reshape(ny, _SUBSAMPLE, nx, _SUBSAMPLE).mean(axis=(1, 3))
-
-
 def render_profile(
     shape: tuple[int, int],
     fwhm: float,
@@ -69,6 +42,10 @@ def render_profile(
 ) -> np.ndarray:
     """A unit-sum Gaussian (``beta=None``) or Moffat stamp centred on the central pixel.
 
+    Rendered by `astro_zackay.simulation.psf_stamp` (pixel-integrated), whose
+    conventions hold here: ``fwhm`` along the major axis, the minor axis
+    ``fwhm * (1 - ellipticity)``, ``theta`` the major axis' angle from +x.
+
     Examples
     --------
     >>> from astro_zackay.psf.analytic import render_profile
@@ -76,8 +53,14 @@ def render_profile(
     >>> round(float(stamp.sum()), 12), bool(stamp[7, 7] == stamp.max())
     (1.0, True)
     """
-    stamp = _profile(shape, shape[1] // 2, shape[0] // 2, fwhm, ellipticity, theta, beta)
-    return stamp / stamp.sum()
+    return psf_stamp(
+        shape,
+        fwhm,
+        profile="gaussian" if beta is None else "moffat",
+        ellipticity=ellipticity,
+        theta=theta,
+        beta=3.5 if beta is None else beta,
+    )
 
 
 def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
@@ -115,15 +98,17 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     def unpack(p: np.ndarray) -> tuple:
         amp, xc, yc, log_a, log_b, theta = p[:6]
         a, b = np.exp(log_a), np.exp(log_b)
-        beta = 1.0 + np.exp(p[6]) if moffat else None
-        return amp, xc, yc, np.sqrt(a * b), 1.0 - min(a, b) / max(a, b), theta, beta, a < b
+        beta = 1.0 + np.exp(p[6]) if moffat else 3.5
+        return amp, xc, yc, max(a, b), 1.0 - min(a, b) / max(a, b), theta, beta, a < b
 
     def residual(p: np.ndarray) -> np.ndarray:
         amp, xc, yc, fwhm, ell, theta, beta, swap = unpack(p)
         theta = theta + np.pi / 2 if swap else theta
-        return (amp * _profile(stamp.shape, xc, yc, fwhm, ell, theta, beta) - stamp).ravel()
+        model = psf_stamp(stamp.shape, fwhm, profile=profile, ellipticity=ell, theta=theta,
+                          beta=beta, center=(xc, yc))
+        return (amp * model - stamp).ravel()
 
-    start = [stamp.max(), nx // 2, ny // 2, np.log(fwhm0), np.log(fwhm0), 0.0]
+    start = [1.0, nx // 2, ny // 2, np.log(fwhm0), np.log(fwhm0), 0.0]
     if moffat:
         start.append(np.log(2.5))
     result = least_squares(residual, np.array(start, dtype=float), method="lm")
