@@ -126,12 +126,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _subtract(args: argparse.Namespace) -> int:
+    from ._ccd import as_ccddata, to_image
     from .subtraction import subtract
 
     result = subtract(args.reference, args.science, unit=args.unit, gain=args.gain,
                       saturation=args.saturation)
     log.info("%r", result)
-    science = CCDData.read(args.science, unit=args.unit)
+    science = as_ccddata(to_image(args.science, unit=args.unit))
     candidates = _save_result(result, Path(args.outdir), args.threshold, science)
     log.info("%d candidate(s) above %.1f sigma written to %s", len(candidates), args.threshold,
              args.outdir)

@@ -40,6 +40,23 @@ def test_subtract_command_on_fits_files(tmp_path):
     assert "AZSUB" in difference.meta
 
 
+def test_subtract_command_on_files_without_bunit(tmp_path):
+    """Raw frames with no BUNIT and no uncertainty: --unit and --gain make them usable."""
+    from astropy.io import fits
+
+    from astro_zackay.simulation import simulate_pair
+
+    pair = simulate_pair((384, 384), n_stars=100, flux_range=(2e3, 2e5), seed=4)
+    for name, sim in (("ref.fits", pair.reference), ("sci.fits", pair.science)):
+        fits.PrimaryHDU(sim.ccd.data).writeto(tmp_path / name)
+    out = tmp_path / "out"
+    assert main(["subtract", str(tmp_path / "ref.fits"), str(tmp_path / "sci.fits"),
+                 "--unit", "adu", "--gain", "1.0", "--outdir", str(out)]) == 0
+    flux = CCDData.read(out / "flux.fits")
+    assert flux.unit == "adu"
+    assert (out / "subtraction.png").stat().st_size > 0
+
+
 def test_bad_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
