@@ -3,7 +3,7 @@
 The constant PSF is the weighted mean of the recentred unit-sum star stamps. The
 analytic PSFs are fitted to that mean stamp (properimage's ``fitted_psf``) and rendered
 centred on the stamp's central pixel with unit sum, both through
-`astro_zackay.simulation.psf_stamp` (pixel-integrated profiles), so the package has one
+`astro_zackay.profiles.psf_stamp` (pixel-integrated profiles), so the package has one
 profile renderer and one shape convention: ``fwhm`` along the major axis, the minor
 axis ``fwhm * (1 - ellipticity)``, ``theta`` (radians) the angle of the major axis from
 the x axis towards y; Moffat profiles are ``(1 + r**2 / alpha**2) ** -beta``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..simulation import psf_stamp
+from ..profiles import psf_stamp
 
 __all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
@@ -42,7 +42,7 @@ def render_profile(
 ) -> np.ndarray:
     """A unit-sum Gaussian (``beta=None``) or Moffat stamp centred on the central pixel.
 
-    Rendered by `astro_zackay.simulation.psf_stamp` (pixel-integrated), whose
+    Rendered by `astro_zackay.profiles.psf_stamp` (pixel-integrated), whose
     conventions hold here: ``fwhm`` along the major axis, the minor axis
     ``fwhm * (1 - ellipticity)``, ``theta`` the major axis' angle from +x.
 
