@@ -24,6 +24,7 @@ from ._warnings import (
     FewStarsWarning,
     NoiseEstimateWarning,
     PSFQualityWarning,
+    SaturationWarning,
 )
 from .alignment import align
 from .background import BackgroundResult, estimate_background, subtract_background
@@ -42,6 +43,7 @@ __all__ = [
     "KLPSFModel",
     "NoiseEstimateWarning",
     "PSFQualityWarning",
+    "SaturationWarning",
     "StarMatch",
     "SubtractionResult",
     "__version__",

@@ -11,7 +11,13 @@ them with one line::
 
 from astropy.utils.exceptions import AstropyUserWarning
 
-__all__ = ["AstroZackayWarning", "FewStarsWarning", "NoiseEstimateWarning", "PSFQualityWarning"]
+__all__ = [
+    "AstroZackayWarning",
+    "FewStarsWarning",
+    "NoiseEstimateWarning",
+    "PSFQualityWarning",
+    "SaturationWarning",
+]
 
 
 class AstroZackayWarning(AstropyUserWarning):
@@ -28,3 +34,7 @@ class PSFQualityWarning(AstroZackayWarning):
 
 class FewStarsWarning(PSFQualityWarning):
     """Fewer PSF stars were found than a reliable PSF model needs."""
+
+
+class SaturationWarning(AstroZackayWarning):
+    """Saturation was detected in the data (no keyword or ``saturation=`` gave it) and masked."""
