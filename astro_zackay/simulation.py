@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -50,7 +50,10 @@ from astropy.nddata import (
     VarianceUncertainty,
 )
 from astropy.table import Table
+from astropy.table import vstack as vstack_tables
 from astropy.wcs import WCS
+from scipy import special
+from scipy.signal import fftconvolve
 from scipy.spatial import cKDTree
 
 from ._warnings import AstroZackayWarning
@@ -67,11 +70,13 @@ from .profiles import (
 
 __all__ = [
     "PSFField",
+    "PSFMosaic",
     "SimulatedImage",
     "SimulatedPair",
     "inject_sources",
     "psf_stamp",
     "simulate_image",
+    "simulate_mosaic",
     "simulate_pair",
 ]
 
@@ -584,6 +589,204 @@ def _check_sources(table: Table, name: str) -> tuple[np.ndarray, np.ndarray, np.
         raise ValueError(f"{name}['flux'] must be >= 0 (fluxes are added with Poisson noise).")
     return cols[0], cols[1], cols[2]
 
+# ---------------------------------------------------------------------------
+# Galaxies: pixel-integrated elliptical Sersic profiles convolved with the PSF
+# ---------------------------------------------------------------------------
+_GALAXY_COLUMNS = ("x", "y", "flux", "r_eff", "sersic_n", "ellipticity", "theta")
+_GALAXY_TRUNCATION = 5.0  # profiles are cut at this many half-light radii (then renormalised)
+
+
+def _sersic_b(n: np.ndarray) -> np.ndarray:
+    """``b_n`` of the Sersic profile ``exp(-b_n (r/r_e)**(1/n))``: half the light within r_e."""
+    return special.gammaincinv(2.0 * n, 0.5)
+
+
+def _check_range(value: Any, name: str, low: float, high: float = np.inf) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair, got {value!r}.") from None
+    if not (low <= lo <= hi <= high and np.isfinite(hi)):
+        raise ValueError(
+            f"{name} must satisfy {low:g} <= low <= high <= {high:g}, got {value!r}."
+        )
+    return lo, hi
+
+
+def _draw_galaxies(
+    rng: np.random.Generator,
+    n: int,
+    xy: tuple[np.ndarray, np.ndarray],
+    flux_range: tuple[float, float],
+    size_range: tuple[float, float],
+    sersic_range: tuple[float, float],
+    ellipticity_max: float,
+) -> Table:
+    """Random intrinsic galaxy parameters at positions ``xy`` (log-uniform fluxes and sizes)."""
+    lo, hi = _check_range(size_range, "galaxy_size_range", 1e-3)
+    n_lo, n_hi = _check_range(sersic_range, "galaxy_sersic_range", 0.3, 8.0)
+    e_max = float(ellipticity_max)
+    if not 0.0 <= e_max < 1.0:
+        raise ValueError(f"galaxy_ellipticity_max must be in [0, 1), got {ellipticity_max!r}.")
+    return Table(
+        {
+            "x": xy[0],
+            "y": xy[1],
+            "flux": _draw_fluxes(rng, n, flux_range, "loguniform", 1.0),
+            "r_eff": lo * (hi / lo) ** rng.random(n),
+            "sersic_n": n_lo + (n_hi - n_lo) * rng.random(n),
+            "ellipticity": e_max * rng.random(n),
+            "theta": np.pi * rng.random(n),
+        }
+    )
+
+
+def _check_galaxies(table: Table) -> Table:
+    """A validated float copy of a user's galaxy table (columns `_GALAXY_COLUMNS`)."""
+    if not isinstance(table, Table):
+        raise TypeError(f"galaxies must be an astropy Table with columns {_GALAXY_COLUMNS}.")
+    missing = [c for c in _GALAXY_COLUMNS if c not in table.colnames]
+    if missing:
+        raise ValueError(f"galaxies lacks column(s) {missing}; it needs {_GALAXY_COLUMNS}.")
+    cols = {
+        c: np.asarray(getattr(table[c], "value", table[c]), float).ravel()
+        for c in _GALAXY_COLUMNS
+    }
+    if not all(np.all(np.isfinite(v)) for v in cols.values()):
+        raise ValueError("galaxies holds non-finite values.")
+    if np.any(cols["flux"] < 0) or np.any(cols["r_eff"] <= 0):
+        raise ValueError("galaxies need flux >= 0 and r_eff > 0 (half-light radius, pixels).")
+    if np.any((cols["sersic_n"] < 0.3) | (cols["sersic_n"] > 8)):
+        raise ValueError("galaxies['sersic_n'] must be in [0.3, 8].")
+    if np.any((cols["ellipticity"] < 0) | (cols["ellipticity"] >= 1)):
+        raise ValueError("galaxies['ellipticity'] = 1 - b/a must be in [0, 1).")
+    return Table(cols)
+
+
+def _sersic_stamps(
+    xoff: np.ndarray, yoff: np.ndarray, gal: Table, oversample: int
+) -> np.ndarray:
+    """Pixel-integrated, truncated, unit-sum intrinsic Sersic stamps, shape (n, ny, nx)."""
+    n = len(gal)
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    xs = (xoff[:, :, None] + sub).reshape(n, -1)
+    ys = (yoff[:, :, None] + sub).reshape(n, -1)
+    a = np.asarray(gal["r_eff"], float)
+    b = a * (1.0 - np.asarray(gal["ellipticity"], float))
+    c, s = np.cos(gal["theta"]), np.sin(gal["theta"])
+    xp = c[:, None, None] * xs[:, None, :] + s[:, None, None] * ys[:, :, None]
+    yp = -s[:, None, None] * xs[:, None, :] + c[:, None, None] * ys[:, :, None]
+    r = np.sqrt((xp / a[:, None, None]) ** 2 + (yp / b[:, None, None]) ** 2)
+    sersic_n = np.asarray(gal["sersic_n"], float)[:, None, None]
+    profile = np.exp(-_sersic_b(sersic_n) * (r ** (1.0 / sersic_n) - 1.0))
+    profile[r > _GALAXY_TRUNCATION] = 0.0
+    ny, nx = yoff.shape[1], xoff.shape[1]
+    stamps = profile.reshape(n, ny, oversample, nx, oversample).mean(axis=(2, 4))
+    return stamps / stamps.sum(axis=(1, 2), keepdims=True)
+
+
+def _render_galaxies(
+    shape: tuple[int, int], gal: Table, psf: PSFField
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image of the galaxies (intrinsic profile convolved with the local PSF) and their peaks.
+
+    Galaxies are rendered in chunks of similar size: the intrinsic Sersic profile,
+    integrated over the pixels, is convolved (FFT) with the local PSF sampled at the pixel
+    centres, renormalised to the galaxy's flux and scatter-added.
+    """
+    ny, nx = shape
+    image = np.zeros(ny * nx)
+    peak = np.zeros(len(gal))
+    h_psf = psf.half_size()
+    offs_psf = np.arange(-h_psf, h_psf + 1, dtype=float)
+    order = np.argsort(np.asarray(gal["r_eff"], float))
+    half = np.maximum(1, np.ceil(_GALAXY_TRUNCATION * np.asarray(gal["r_eff"], float)[order]))
+    cost = (2 * half + 1) ** 2 * psf.oversample**2  # evaluation points per galaxy
+    fwhm, ell, theta = psf.params(np.asarray(gal["x"], float), np.asarray(gal["y"], float))
+    start = 0
+    while start < len(order):
+        # sorted by size: a chunk of k galaxies costs k times the cost of its largest
+        k_cost = np.arange(1, len(order) - start + 1) * cost[start:]
+        k = max(1, int(np.count_nonzero(k_cost <= _CHUNK_ELEMENTS)))
+        idx = order[start : start + k]
+        h_gal = int(half[start + k - 1])
+        offs = np.arange(-h_gal, h_gal + 1)
+        sub = gal[idx]
+        gx, gy = np.asarray(sub["x"], float), np.asarray(sub["y"], float)
+        ix, iy = np.rint(gx).astype(np.int64), np.rint(gy).astype(np.int64)
+        intrinsic = _sersic_stamps(
+            offs[None, :] - (gx - ix)[:, None], offs[None, :] - (gy - iy)[:, None], sub,
+            psf.oversample,
+        )
+        kernel = _pixel_integrated(
+            np.broadcast_to(offs_psf, (len(idx), offs_psf.size)),
+            np.broadcast_to(offs_psf, (len(idx), offs_psf.size)),
+            fwhm[idx], ell[idx], theta[idx], psf.profile, psf.beta, 1,
+        )
+        kernel /= kernel.sum(axis=(1, 2), keepdims=True)
+        stamps = np.clip(fftconvolve(intrinsic, kernel, mode="full", axes=(1, 2)), 0.0, None)
+        stamps /= stamps.sum(axis=(1, 2), keepdims=True)
+        values = stamps * np.asarray(sub["flux"], float)[:, None, None]
+        peak[idx] = values.max(axis=(1, 2))
+        offs_out = np.arange(-(h_gal + h_psf), h_gal + h_psf + 1)
+        cols = ix[:, None, None] + offs_out[None, None, :]
+        rows = iy[:, None, None] + offs_out[None, :, None]
+        inside = (cols >= 0) & (cols < nx) & (rows >= 0) & (rows < ny)
+        image += np.bincount((rows * nx + cols)[inside], values[inside], minlength=ny * nx)
+        start += len(idx)
+    logger.debug("Rendered %d galaxies", len(gal))
+    return image.reshape(ny, nx), peak
+
+
+def _galaxy_truth(gal: Table, peak: np.ndarray) -> Table:
+    """The galaxies' truth table: intrinsic parameters, ``id`` and observed ``peak``."""
+    truth = Table(gal, copy=True)
+    truth.add_column(np.arange(len(gal)), name="id", index=0)
+    truth["peak"] = peak
+    for col, unit in (("x", u.pix), ("y", u.pix), ("flux", u.electron), ("r_eff", u.pix),
+                      ("theta", u.rad), ("peak", u.electron)):
+        truth[col].unit = unit
+    truth.meta["description"] = (
+        "galaxies: Sersic profiles (half-light radius r_eff along the major axis) convolved "
+        "with the PSF; flux and peak in e-"
+    )
+    return truth
+
+
+@dataclass(frozen=True)
+class _GalaxyOptions:
+    """The galaxy arguments of `simulate_image` / `simulate_pair`."""
+
+    n: int = 0
+    table: Table | None = None
+    flux_range: tuple[float, float] | None = None
+    size_range: tuple[float, float] = (1.0, 5.0)
+    sersic_range: tuple[float, float] = (1.0, 4.0)
+    ellipticity_max: float = 0.6
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+        edge: float,
+        min_separation: float | None,
+        existing: np.ndarray,
+        star_flux_range: tuple[float, float],
+    ) -> Table | None:
+        """The intrinsic galaxies: the user's table, ``n`` random ones, or None."""
+        n = _check_count(self.n, "n_galaxies")
+        if self.table is not None:
+            if n:
+                raise ValueError("Give either galaxies or n_galaxies, not both.")
+            return _check_galaxies(self.table)
+        if n == 0:
+            return None
+        xy = _draw_positions(rng, n, shape, edge, min_separation, existing=existing)
+        flux_range = star_flux_range if self.flux_range is None else self.flux_range
+        return _draw_galaxies(
+            rng, n, xy, flux_range, self.size_range, self.sersic_range, self.ellipticity_max
+        )
+
 
 # ---------------------------------------------------------------------------
 # Results
@@ -601,8 +804,9 @@ class SimulatedImage:
         (saturated and bad pixels), the true-model uncertainty, header and WCS.
     truth : `~astropy.table.Table`
         One row per star; see `simulate_image` for the columns.
-    psf : PSFField
-        The true PSF field (bound to the image shape).
+    psf : PSFField or PSFMosaic
+        The true PSF field (bound to the image shape); a `PSFMosaic` for the
+        frames of `simulate_mosaic`.
     sky : float
         Sky level in e-/pixel (present in ``ccd`` unless ``sky_subtracted``).
     read_noise : float
@@ -622,11 +826,17 @@ class SimulatedImage:
         ``x``, ``y``, ``kind`` ('hot'/'dead') and ``value`` (e-); all masked.
     sky_subtracted : bool
         Whether the sky was subtracted from ``ccd``.
+    galaxies : `~astropy.table.Table` or None
+        One row per galaxy (see ``n_galaxies`` of `simulate_image`): ``id``, ``x``,
+        ``y``, ``flux`` (e-), ``r_eff`` (intrinsic half-light radius along the
+        major axis, pixels), ``sersic_n``, ``ellipticity``, ``theta`` (intrinsic
+        shape, before the PSF) and ``peak`` (e-/pix of the observed, PSF-convolved
+        galaxy in its brightest pixel).  None without galaxies.
     """
 
     ccd: CCDData
     truth: Table
-    psf: PSFField
+    psf: PSFField | PSFMosaic
     sky: float
     read_noise: float
     gain: float
@@ -635,6 +845,7 @@ class SimulatedImage:
     cosmic_rays: Table | None = None
     bad_pixels: Table | None = None
     sky_subtracted: bool = False
+    galaxies: Table | None = None
 
     def __iter__(self) -> Iterator[Any]:
         yield self.ccd
@@ -642,10 +853,11 @@ class SimulatedImage:
 
     def __repr__(self) -> str:
         ny, nx = self.ccd.shape
+        n_gal = 0 if self.galaxies is None else len(self.galaxies)
         return (
             f"<SimulatedImage {ny}x{nx} [{self.ccd.unit}], {len(self.truth)} stars, "
-            f"psf={self.psf.profile} fwhm={self.psf.fwhm:g}, sky={self.sky:g} e-, "
-            f"read_noise={self.read_noise:g} e-, gain={self.gain:g}>"
+            f"{n_gal} galaxies, psf={self.psf.profile} fwhm={self.psf.fwhm:g}, "
+            f"sky={self.sky:g} e-, read_noise={self.read_noise:g} e-, gain={self.gain:g}>"
         )
 
     @property
@@ -741,12 +953,18 @@ def _simulate(
     subtract_sky: bool,
     wcs: bool | WCS,
     rng: np.random.Generator,
+    galaxies: Table | None = None,
 ) -> SimulatedImage:
-    """Render, add noise and defects, wrap into CCDData (all sources in one list)."""
+    """Render, add noise and defects, wrap into CCDData (all point sources in one list)."""
     ny, nx = shape
     bvar = sky + read_noise**2
     rendered = _render(shape, x, y, flux, psf, background_var=bvar)
     model_e = rendered.image
+    galaxy_truth = None
+    if galaxies is not None:
+        galaxy_image, galaxy_peak = _render_galaxies(shape, galaxies, psf)
+        model_e += galaxy_image
+        galaxy_truth = _galaxy_truth(galaxies, galaxy_peak)
     model_e += sky
     if noise:
         data = rng.poisson(model_e).astype(float)
@@ -852,6 +1070,7 @@ def _simulate(
     if saturation is not None:
         header["SATURATE"] = ((saturation - (sky if subtract_sky else 0.0)) / g, "image units")
     header["NSTARS"] = (x.size, "simulated point sources")
+    header["NGALAXY"] = (0 if galaxies is None else len(galaxies), "simulated galaxies")
     header["NCOSMIC"] = (n_cosmic_rays, "cosmic-ray hits (not masked)")
     header["PSFPROF"] = (psf.profile, "PSF profile")
     header["PSFFWHM"] = (psf.fwhm, "PSF FWHM at frame centre (pix)")
@@ -881,6 +1100,7 @@ def _simulate(
         cosmic_rays=cosmic_rays,
         bad_pixels=bad_pixels,
         sky_subtracted=bool(subtract_sky),
+        galaxies=galaxy_truth,
     )
 
 
@@ -922,6 +1142,12 @@ def simulate_image(
     noise: bool = True,
     subtract_sky: bool = False,
     wcs: bool | WCS = True,
+    n_galaxies: int = 0,
+    galaxies: Table | None = None,
+    galaxy_flux_range: tuple[float, float] | None = None,
+    galaxy_size_range: tuple[float, float] = (1.0, 5.0),
+    galaxy_sersic_range: tuple[float, float] = (1.0, 4.0),
+    galaxy_ellipticity_max: float = 0.6,
 ) -> SimulatedImage:
     """Simulate a star field with a known PSF, noise and detector defects.
 
@@ -975,6 +1201,28 @@ def simulate_image(
     wcs : bool or `~astropy.wcs.WCS`, optional
         Attach a simple TAN WCS (0.5"/pix, centred at RA 150, Dec 2.2 deg), or
         the given WCS, or none.
+    n_galaxies : int, optional
+        Number of random galaxies: elliptical Sersic profiles
+        ``exp(-b_n (r/r_eff)**(1/n))``, integrated over the pixels, cut at 5
+        ``r_eff`` and convolved with the local PSF, each rendered with exactly its
+        truth flux.  Positions are uniform like the stars' (``edge``, and at least
+        ``min_separation`` from the stars and from each other when given); fluxes
+        log-uniform in ``galaxy_flux_range``, half-light radii log-uniform in
+        ``galaxy_size_range``, Sersic indices uniform in ``galaxy_sersic_range``
+        (1 exponential disc, 4 de Vaucouleurs), ellipticities uniform in
+        ``[0, galaxy_ellipticity_max)`` and angles uniform.  Fields where galaxies
+        outnumber stars: e.g. ``n_galaxies=3 * n_stars``.
+    galaxies : `~astropy.table.Table`, optional
+        Galaxies to render instead of random ones: columns ``x``, ``y``, ``flux``
+        (e-), ``r_eff`` (pixels), ``sersic_n``, ``ellipticity``, ``theta``.
+    galaxy_flux_range : tuple of float, optional
+        ``(low, high)`` galaxy flux in e-; default ``flux_range``.
+    galaxy_size_range : tuple of float, optional
+        ``(low, high)`` intrinsic half-light radius along the major axis, pixels.
+    galaxy_sersic_range : tuple of float, optional
+        ``(low, high)`` Sersic index, within ``[0.3, 8]``.
+    galaxy_ellipticity_max : float, optional
+        Upper end of the intrinsic ellipticity ``1 - b/a``.
 
     Returns
     -------
@@ -984,10 +1232,10 @@ def simulate_image(
         rendered stamp is renormalised to it); ``fwhm``, ``ellipticity``,
         ``theta`` (the local PSF); ``peak`` (e-/pix of the noiseless star in
         its brightest pixel, sky excluded); ``saturated`` (the noiseless image
-        including sky and neighbours exceeds ``saturation`` at that pixel);
-        ``isolated`` (no other star brighter than 1 % of this one within 3
-        local FWHM); ``snr`` (optimal PSF-fit S/N with known PSF and position,
-        including the star's own Poisson noise:
+        including sky, neighbours and galaxies exceeds ``saturation`` at that
+        pixel); ``isolated`` (no other star brighter than 1 % of this one within
+        3 local FWHM; galaxies are not counted); ``snr`` (optimal PSF-fit S/N
+        with known PSF and position, including the star's own Poisson noise:
         ``flux * sqrt(sum(P**2 / (sky + rn**2 + flux*P)))``); ``snr_background``
         (background-limited: ``flux * sqrt(sum(P**2)) / sqrt(sky + rn**2)``).
 
@@ -1008,6 +1256,14 @@ def simulate_image(
     ((64, 64), Unit("electron"), 5)
     >>> ccd.meta["SKYLEVEL"], sim.noise_rms ** 2
     (200.0, 225.0)
+
+    Three galaxies for every star:
+
+    >>> sim = simulate_image((128, 128), n_stars=10, n_galaxies=30, seed=2)
+    >>> len(sim.truth), len(sim.galaxies), sim.ccd.meta["NGALAXY"]
+    (10, 30, 30)
+    >>> bool(sim.galaxies["r_eff"].min() >= 1.0 and sim.galaxies["r_eff"].max() <= 5.0)
+    True
     """
     shape = _check_shape(shape, "shape")
     sky, read_noise, gain, saturation = _common_checks(sky, read_noise, gain, saturation)
@@ -1015,13 +1271,21 @@ def simulate_image(
     n_cosmic_rays = _check_count(n_cosmic_rays, "n_cosmic_rays")
     psf = _as_psf_field(psf, shape, "psf")
     rng = np.random.default_rng(seed)
+    edge = float(psf.half_size()) if edge is None else _check_nonneg(edge, "edge")
     if stars is not None:
         x, y, flux = _check_sources(stars, "stars")
     else:
         n_stars = _check_count(n_stars, "n_stars")
-        edge = float(psf.half_size()) if edge is None else _check_nonneg(edge, "edge")
         x, y = _draw_positions(rng, n_stars, shape, edge, min_separation)
         flux = _draw_fluxes(rng, n_stars, flux_range, flux_distribution, powerlaw_index)
+    gal = _GalaxyOptions(
+        n_galaxies,
+        galaxies,
+        galaxy_flux_range,
+        galaxy_size_range,
+        galaxy_sersic_range,
+        galaxy_ellipticity_max,
+    ).draw(rng, shape, edge, min_separation, np.column_stack([x, y]), flux_range)
     return _simulate(
         shape,
         psf,
@@ -1038,6 +1302,7 @@ def simulate_image(
         subtract_sky=subtract_sky,
         wcs=wcs,
         rng=rng,
+        galaxies=gal,
     )
 
 
@@ -1077,6 +1342,12 @@ def simulate_pair(
     subtract_sky: bool = False,
     wcs: bool | WCS = True,
     seed: int | np.random.Generator | None = None,
+    n_galaxies: int = 0,
+    galaxies: Table | None = None,
+    galaxy_flux_range: tuple[float, float] | None = None,
+    galaxy_size_range: tuple[float, float] = (1.0, 5.0),
+    galaxy_sersic_range: tuple[float, float] = (1.0, 4.0),
+    galaxy_ellipticity_max: float = 0.6,
 ) -> SimulatedPair:
     """Simulate a reference and a science image of the same star field.
 
@@ -1130,6 +1401,13 @@ def simulate_pair(
         with CRPIX moved by ``shift``.
     seed : int, Generator or None, optional
         Seed; equal seeds give equal pairs.
+    n_galaxies, galaxies, galaxy_flux_range, galaxy_size_range, galaxy_sersic_range, \
+galaxy_ellipticity_max
+        Galaxies as in `simulate_image` (``galaxies`` in REFERENCE-frame pixels and
+        e-).  They do not vary: the same intrinsic galaxies appear in both images,
+        moved by ``shift``, scaled by ``flux_ratio`` and convolved with each image's
+        PSF, like the stars; ``reference.galaxies`` and ``science.galaxies`` list them
+        row by row.
 
     Returns
     -------
@@ -1204,6 +1482,22 @@ def simulate_pair(
             target = lo + rng_stars.random(n_transients) * (hi - lo)
             unit = _render(shape, tx, ty, np.ones(n_transients), spsf)
             tflux = target * math.sqrt(s_bvar) / np.sqrt(unit.sum_p2)
+    gal = _GalaxyOptions(
+        n_galaxies,
+        galaxies,
+        galaxy_flux_range,
+        galaxy_size_range,
+        galaxy_sersic_range,
+        galaxy_ellipticity_max,
+    ).draw(
+        rng_stars, shape, edge, min_separation, np.column_stack([x, y]), flux_range
+    )
+    sci_gal = None
+    if gal is not None:
+        sci_gal = gal.copy()
+        sci_gal["x"] += dx
+        sci_gal["y"] += dy
+        sci_gal["flux"] *= flux_ratio
     if np.any((tx < 0) | (tx > shape[1] - 1) | (ty < 0) | (ty > shape[0] - 1)):
         warnings.warn(
             "Some transients lie outside the science image; they are only partly rendered.",
@@ -1237,6 +1531,7 @@ def simulate_pair(
         read_noise=rn_r,
         wcs=ref_wcs,
         rng=rng_ref,
+        galaxies=gal,
         **common,
     )
     n = x.size
@@ -1250,6 +1545,7 @@ def simulate_pair(
         read_noise=rn_s,
         wcs=sci_wcs,
         rng=rng_sci,
+        galaxies=sci_gal,
         **common,
     )
     truth_all = science_all.truth
@@ -1272,6 +1568,259 @@ def simulate_pair(
         sim.ccd.meta["SHIFTY"] = (dy, "science y - reference y (pix)")
     science.ccd.meta["NTRANS"] = (len(ttab), "transients (science only)")
     return SimulatedPair(reference, science, ttab, flux_ratio, (dx, dy))
+
+
+# ---------------------------------------------------------------------------
+# Mosaics: frames tiled from independent images (a PSF that jumps between tiles)
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PSFMosaic:
+    """The PSF of a frame tiled from independently simulated images (`simulate_mosaic`).
+
+    Tile ``k`` (row-major: row ``k // ncols``, column ``k % ncols``) covers rows
+    ``[row * ny, (row + 1) * ny)`` and columns ``[col * nx, (col + 1) * nx)`` of the
+    frame, where ``(ny, nx)`` is ``tile_shape``, and has the PSF ``fields[k]`` (in tile
+    coordinates).  `params` and `stamp` take FRAME coordinates, like those of
+    `PSFField`, so either can serve as the true PSF of a `SimulatedImage`.
+
+    Parameters
+    ----------
+    fields : tuple of PSFField
+        One PSF per tile, row-major.
+    grid : tuple of int
+        ``(nrows, ncols)`` of the tiles.
+    tile_shape : tuple of int
+        ``(ny, nx)`` of every tile.
+
+    Examples
+    --------
+    >>> from astro_zackay.simulation import PSFField, PSFMosaic
+    >>> mosaic = PSFMosaic((PSFField(3.0), PSFField(5.0)), (1, 2), (32, 32))
+    >>> mosaic.shape, [float(f) for f in mosaic.params([10.0, 40.0], [5.0, 5.0])[0]]
+    ((32, 64), [3.0, 5.0])
+    """
+
+    fields: tuple[PSFField, ...]
+    grid: tuple[int, int]
+    tile_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        grid = _check_shape(self.grid, "grid")
+        tile_shape = _check_shape(self.tile_shape, "tile_shape")
+        fields = tuple(self.fields)
+        if len(fields) != grid[0] * grid[1]:
+            raise ValueError(
+                f"A {grid[0]}x{grid[1]} mosaic needs {grid[0] * grid[1]} PSFs, got {len(fields)}."
+            )
+        bound = tuple(_as_psf_field(f, tile_shape, "fields[k]") for f in fields)
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "tile_shape", tile_shape)
+        object.__setattr__(self, "fields", bound)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(ny, nx)`` of the whole frame."""
+        return self.grid[0] * self.tile_shape[0], self.grid[1] * self.tile_shape[1]
+
+    @property
+    def profile(self) -> str:
+        """The tiles' common profile, or ``'mixed'``."""
+        profiles = {f.profile for f in self.fields}
+        return profiles.pop() if len(profiles) == 1 else "mixed"
+
+    @property
+    def fwhm(self) -> float:
+        """The largest FWHM at a tile centre, in pixels."""
+        return max(f.fwhm for f in self.fields)
+
+    @property
+    def max_fwhm(self) -> float:
+        """Largest major-axis FWHM over the frame, in pixels."""
+        return max(f.max_fwhm for f in self.fields)
+
+    @property
+    def is_variable(self) -> bool:
+        """Always True: the PSF changes from tile to tile."""
+        return True
+
+    def half_size(self) -> int:
+        """The largest rendering half size of the tiles."""
+        return max(f.half_size() for f in self.fields)
+
+    @property
+    def stamp_shape(self) -> tuple[int, int]:
+        """Shape of the largest rendering stamps, ``(2*h + 1, 2*h + 1)``."""
+        size = 2 * self.half_size() + 1
+        return size, size
+
+    def tile_of(
+        self, x: float | np.ndarray, y: float | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tile index of frame positions ``(x, y)`` and the positions inside that tile."""
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+        ty, tx = self.tile_shape
+        col = np.clip(np.floor((x + 0.5) / tx), 0, self.grid[1] - 1).astype(int)
+        row = np.clip(np.floor((y + 0.5) / ty), 0, self.grid[0] - 1).astype(int)
+        return row * self.grid[1] + col, x - col * tx, y - row * ty
+
+    def params(
+        self, x: float | np.ndarray, y: float | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return ``(fwhm, ellipticity, theta)`` arrays at frame positions ``(x, y)``."""
+        tile, lx, ly = self.tile_of(x, y)
+        out = [np.zeros(tile.shape) for _ in range(3)]
+        for k, psf in enumerate(self.fields):
+            sel = tile == k
+            for arr, value in zip(out, psf.params(lx[sel], ly[sel])):
+                arr[sel] = value
+        return out[0], out[1], out[2]
+
+    def stamp(
+        self,
+        x: float,
+        y: float,
+        shape: int | tuple[int, int] | None = None,
+        *,
+        center: tuple[float, float] | None = None,
+    ) -> np.ndarray:
+        """Return the true unit-sum PSF at frame position ``(x, y)`` (see `PSFField.stamp`)."""
+        tile, lx, ly = self.tile_of(x, y)
+        if tile.ndim:
+            raise ValueError("PSFMosaic.stamp takes a single (x, y) position.")
+        return self.fields[int(tile)].stamp(
+            float(lx), float(ly), self.stamp_shape if shape is None else shape, center=center
+        )
+
+
+def _tile(arrays: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """Arrange equal-shape 2-D arrays row-major into one ``grid`` of tiles."""
+    ncols = grid[1]
+    return np.block([list(arrays[r * ncols : (r + 1) * ncols]) for r in range(grid[0])])
+
+
+def _stack_tables(
+    tables: Sequence[Table | None], offsets: Sequence[tuple[int, int]], id_column: str | None
+) -> Table | None:
+    """Stack per-tile tables into frame coordinates, adding a ``tile`` column."""
+    present = [(k, t) for k, t in enumerate(tables) if t is not None and len(t)]
+    if not present:
+        return None
+    parts = []
+    n_ids = 0
+    for k, t in present:
+        part = t.copy()
+        part["x"] = part["x"] + offsets[k][0]
+        part["y"] = part["y"] + offsets[k][1]
+        if id_column is not None:
+            ids = np.asarray(part[id_column])
+            part[id_column] = ids + n_ids
+            n_ids += int(ids.max()) + 1
+        part["tile"] = np.full(len(part), k)
+        parts.append(part)
+    out = vstack_tables(parts)
+    out.meta = dict(present[0][1].meta)
+    return out
+
+
+def simulate_mosaic(
+    tile_shape: int | tuple[int, int],
+    psfs: Sequence[PSFField | float],
+    *,
+    grid: tuple[int, int] = (2, 2),
+    seed: int | np.random.Generator | None = None,
+    wcs: bool | WCS = True,
+    **kwargs: Any,
+) -> SimulatedImage:
+    """Simulate a frame tiled from independent images, each with its own PSF.
+
+    Each tile is a `simulate_image` of ``tile_shape`` with the PSF ``psfs[k]``
+    (row-major: tile ``k`` at row ``k // ncols``, column ``k % ncols``), its own
+    stars, galaxies, noise and defects, and the tiles are placed side by side.
+    The PSF therefore jumps at the tile borders, as in properimage's Tutorial 2
+    frame (four 512^2 quadrants, x-FWHM from 5 to 10.4 px, y-FWHM 5 px, rotated
+    per quadrant); the result's ``psf`` is a `PSFMosaic`, whose ``stamp(x, y)`` is
+    the true PSF at any frame position.
+
+    Parameters
+    ----------
+    tile_shape : int or tuple of int
+        Shape ``(ny, nx)`` of every tile.
+    psfs : sequence of PSFField or float
+        One PSF per tile (a float is a round Gaussian FWHM), row-major.
+    grid : tuple of int, optional
+        ``(nrows, ncols)`` of the tiles.
+    seed : int, Generator or None, optional
+        Seed; each tile draws from its own child generator.
+    wcs : bool or `~astropy.wcs.WCS`, optional
+        A WCS of the whole frame (True: the default TAN WCS of `simulate_image`).
+    **kwargs
+        Passed to `simulate_image` for every tile (``n_stars`` and ``n_galaxies``
+        are per tile; ``stars`` and ``galaxies`` are in tile coordinates).
+
+    Returns
+    -------
+    SimulatedImage
+        The frame, with ``truth`` (and ``galaxies``, ``cosmic_rays``,
+        ``bad_pixels``) in frame coordinates, ids running over the frame and a
+        ``tile`` column, and ``psf`` the `PSFMosaic`.
+
+    Examples
+    --------
+    properimage's Tutorial 2 frame (its quadrants were 512 px wide; tiles of 128 px here
+    to keep the example quick):
+
+    >>> import numpy as np
+    >>> from astro_zackay.simulation import PSFField, simulate_mosaic
+    >>> psfs = [
+    ...     PSFField(fwhm=5 + 6.5 * a / 180, ellipticity=1 - 5 / (5 + 6.5 * a / 180),
+    ...              theta=np.radians(a))
+    ...     for a in (0, 45, 105, 150)
+    ... ]
+    >>> frame = simulate_mosaic((128, 128), psfs, n_stars=10, flux_range=(1e3, 1e5),
+    ...                         flux_distribution="uniform", sky=100.0, seed=0)
+    >>> frame.ccd.shape, len(frame.truth), np.bincount(frame.truth["tile"]).tolist()
+    ((256, 256), 40, [10, 10, 10, 10])
+    >>> fwhm, e, theta = frame.psf.params(200.0, 200.0)  # the last quadrant: 150 degrees
+    >>> round(float(fwhm), 3), round(float(np.degrees(theta)), 1)
+    (10.417, 150.0)
+    """
+    tile_shape = _check_shape(tile_shape, "tile_shape")
+    grid = _check_shape(grid, "grid")
+    mosaic = PSFMosaic(tuple(psfs), grid, tile_shape)
+    children = np.random.default_rng(seed).spawn(len(mosaic.fields))
+    tiles = [
+        simulate_image(tile_shape, psf=psf, seed=child, wcs=False, **kwargs)
+        for psf, child in zip(mosaic.fields, children)
+    ]
+    ty, tx = tile_shape
+    offsets = [((k % grid[1]) * tx, (k // grid[1]) * ty) for k in range(len(tiles))]
+    first = tiles[0]
+    header = first.ccd.meta.copy()
+    header["NSTARS"] = sum(len(t.truth) for t in tiles)
+    header["NGALAXY"] = sum(int(t.ccd.meta["NGALAXY"]) for t in tiles)
+    header["NCOSMIC"] = sum(int(t.ccd.meta["NCOSMIC"]) for t in tiles)
+    header["PSFPROF"] = mosaic.profile
+    header["PSFFWHM"] = (mosaic.fwhm, "largest PSF FWHM at a tile centre (pix)")
+    header["NTILES"] = (len(tiles), f"tiles of {ty}x{tx} px, {grid[0]}x{grid[1]}")
+    frame_wcs = wcs if isinstance(wcs, WCS) else (_make_wcs(mosaic.shape) if wcs else None)
+    ccd = CCDData(
+        _tile([t.ccd.data for t in tiles], grid),
+        unit=first.ccd.unit,
+        uncertainty=StdDevUncertainty(_tile([t.ccd.uncertainty.array for t in tiles], grid)),
+        mask=_tile([t.ccd.mask for t in tiles], grid),
+        meta=header,
+        wcs=frame_wcs,
+    )
+    return replace(
+        first,
+        ccd=ccd,
+        truth=_stack_tables([t.truth for t in tiles], offsets, "id"),
+        psf=mosaic,
+        model=_tile([t.model for t in tiles], grid),
+        cosmic_rays=_stack_tables([t.cosmic_rays for t in tiles], offsets, "id"),
+        bad_pixels=_stack_tables([t.bad_pixels for t in tiles], offsets, None),
+        galaxies=_stack_tables([t.galaxies for t in tiles], offsets, "id"),
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,152 @@
+"""False transient candidates near bright stars: estimated PSFs vs the true PSFs.
+
+Clean simulated pairs (no transient; reference FWHM 2.5 px, science 3.5 px, flux ratio
+0.85, sub-pixel shift (0.37, -0.21) px, sky 200 e-, read noise 5 e-, star fluxes
+log-uniform from 1e3 e- up to a maximum) go through `astro_zackay.subtract` twice: with
+the default call (PSFs estimated from the images) and with the TRUE PSF stamps given
+(``reference_psf=``/``science_psf=``, rendered by `astro_zackay.profiles.psf_stamp`).
+Every 5-sigma candidate of ``find_transients(threshold=5)`` is false, so the count per
+Mpix measures how cleanly the bright stars are subtracted. Issue 8's target: estimated
+at most 1 per Mpix above true on these pairs (stars up to 3e6 e-, Gaussian and Moffat
+beta 2.5), and at most 2 candidates on a 256^2 field with one star 10x brighter than
+the rest (``one-bright`` rows).
+
+Run from the repository root: ``python benchmarks/bench_bright_stars.py`` (add
+``--quick`` for one seed of the 512^2 fields only, about a minute here).
+"""
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+from astropy.table import Table
+
+from astro_zackay import subtract
+from astro_zackay.simulation import PSFField, simulate_pair
+
+SHAPE = (512, 512)
+N_STARS = 120  # per 512^2 field: ~460 per Mpix, ~30 % of them brighter than 1e5 e-
+FWHM = (2.5, 3.5)
+FLUX_RATIO = 0.85
+SHIFT = (0.37, -0.21)
+BETA = 2.5
+
+
+def psf_fields(profile: str) -> tuple[PSFField, PSFField]:
+    """The (reference, science) PSFs of the benchmark pairs."""
+    return tuple(PSFField(fwhm=f, profile=profile, beta=BETA) for f in FWHM)
+
+
+def clean_pair(profile: str, max_flux: float, seed: int, shape=SHAPE, n_stars=N_STARS):
+    """A clean pair (no transient) with log-uniform star fluxes from 1e3 e- to ``max_flux``."""
+    ref_psf, sci_psf = psf_fields(profile)
+    return simulate_pair(
+        shape,
+        reference_psf=ref_psf,
+        science_psf=sci_psf,
+        flux_ratio=FLUX_RATIO,
+        shift=SHIFT,
+        n_stars=n_stars,
+        flux_range=(1e3, max_flux),
+        flux_distribution="loguniform",
+        min_separation=8.0,
+        seed=seed,
+    )
+
+
+def one_bright_pair(profile: str, seed: int, shape=(256, 256)):
+    """A 256^2 clean pair whose brightest star is 10x brighter than all the others."""
+    ref_psf, sci_psf = psf_fields(profile)
+    rng = np.random.default_rng(seed)
+    n = 30
+    edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
+    x = rng.uniform(edge, shape[1] - 1 - edge, n)
+    y = rng.uniform(edge, shape[0] - 1 - edge, n)
+    flux = rng.uniform(5e3, 3e4, n)
+    x[0], y[0], flux[0] = shape[1] / 2 + 0.3, shape[0] / 2 - 0.2, 10 * flux[1:].max()
+    return simulate_pair(
+        shape,
+        reference_psf=ref_psf,
+        science_psf=sci_psf,
+        flux_ratio=FLUX_RATIO,
+        shift=SHIFT,
+        stars=Table({"x": x, "y": y, "flux": flux}),
+        seed=seed,
+    )
+
+
+def true_psfs(pair) -> tuple[np.ndarray, np.ndarray]:
+    """The true PSF stamps of both images (constant PSFs: the stamp at the centre)."""
+    ny, nx = pair.reference.ccd.shape
+    return (
+        pair.reference.psf.stamp((nx - 1) / 2, (ny - 1) / 2),
+        pair.science.psf.stamp((nx - 1) / 2, (ny - 1) / 2),
+    )
+
+
+def false_candidates(pair, *, true_psf: bool) -> tuple[int, float]:
+    """Number of 5-sigma candidates of the subtraction of a clean pair, and its time."""
+    kwargs = {}
+    if true_psf:
+        kwargs["reference_psf"], kwargs["science_psf"] = true_psfs(pair)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = subtract(pair.reference.ccd, pair.science.ccd, **kwargs)
+    seconds = time.perf_counter() - t0
+    return len(result.find_transients(threshold=5)), seconds
+
+
+def measure(pair) -> dict:
+    """False candidates per Mpix with estimated and true PSFs (or the exception text)."""
+    mpix = pair.reference.ccd.data.size / 1e6
+    row = {}
+    for key, given in (("estimated", False), ("true", True)):
+        try:
+            n, seconds = false_candidates(pair, true_psf=given)
+            row[key] = n / mpix
+            row[key + "_n"] = n
+            row[key + "_s"] = seconds
+        except Exception as exc:  # report, do not stop the table
+            row[key] = np.nan
+            row[key + "_n"] = f"{type(exc).__name__}: {str(exc)[:60]}"
+            row[key + "_s"] = np.nan
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, 512^2 fields only")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    args = parser.parse_args()
+    seeds = range(1 if args.quick else args.seeds)
+    max_fluxes = (3e5, 3e6) if args.quick else (3e5, 3e6, 1e7)
+    header = (
+        f"{'field':26s} {'seed':>4s} {'est /Mpix':>10s} {'true /Mpix':>10s} {'excess':>8s}"
+        f" {'target':>8s} {'est s':>6s}  counts (est / true)"
+    )
+    print(header)
+    print("-" * len(header))
+    for profile in ("gaussian", "moffat"):
+        cases = [(f"{profile} <= {m:.0e}", m) for m in max_fluxes]
+        cases.append((f"{profile} one-bright 256^2", None))
+        for name, max_flux in cases:
+            for seed in seeds:
+                if max_flux is None:
+                    pair = one_bright_pair(profile, seed)
+                    target = "n <= 2"
+                else:
+                    pair = clean_pair(profile, max_flux, seed)
+                    target = "<= +1"
+                r = measure(pair)
+                print(
+                    f"{name:26s} {seed:4d} {r['estimated']:10.1f} {r['true']:10.1f} "
+                    f"{r['estimated'] - r['true']:8.1f} {target:>8s} {r['estimated_s']:6.2f}  "
+                    f"{r['estimated_n']} / {r['true_n']}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
