@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,9 @@ from astropy.nddata import (
 )
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
+
+from ._warnings import SaturationWarning
+from .saturation import detect_saturation
 
 __all__ = ["ImageData", "as_ccddata", "record_step", "to_ccddata", "to_image"]
 
@@ -291,7 +296,9 @@ def to_image(
         Read noise in electrons; default the RDNOISE header keyword.
     saturation : float or `~astropy.units.Quantity`, optional
         Pixels at or above this level (data units) are masked; default the SATURATE
-        header keyword.
+        header keyword, else the level found in the data by
+        :func:`~astro_zackay.saturation.detect_saturation` (with a
+        `~astro_zackay.SaturationWarning`); ``np.inf`` disables both.
     hdu : int or str, optional
         The HDU to read from a FITS file.
     dtype : numpy dtype, optional
@@ -307,6 +314,13 @@ def to_image(
         For inputs that are not images.
     ValueError
         For inputs with no unit, not 2-D, or of mismatched shapes.
+
+    Warns
+    -----
+    SaturationWarning
+        When the saturation level was found in the data (no ``saturation=`` and no
+        keyword); pixels already masked never trigger it, so an image coerced twice
+        warns once.
 
     Examples
     --------
@@ -348,9 +362,7 @@ def to_image(
     read_noise_value = _as_float(read_noise, u.electron, "read_noise")
     if read_noise_value is None:
         read_noise_value = _header_float(meta, READ_NOISE_KEYS)
-    saturation_value = _as_float(saturation, data_unit, "saturation")
-    if saturation_value is None:
-        saturation_value = _header_float(meta, SATURATION_KEYS)
+    saturation_value = _saturation_level(saturation, meta, data, bad, data_unit)
     if saturation_value is not None:
         with np.errstate(invalid="ignore"):
             bad |= data >= saturation_value
@@ -377,6 +389,48 @@ def to_image(
         saturation=saturation_value,
         variance_estimated=estimated,
     )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by our caller at the user's code.
+
+    Counts the frames up to the first one outside the astro_zackay package, so that
+    the warning names the user's line however deep inside the package it is issued.
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _saturation_level(
+    saturation: Any, meta: Any, data: np.ndarray, bad: np.ndarray, unit: u.UnitBase
+) -> float | None:
+    """The saturation level: given, else the header keyword, else detected (with a warning).
+
+    ``saturation=np.inf`` (or an infinite Quantity) disables masking and detection.
+    """
+    raw = saturation.value if isinstance(saturation, u.Quantity) else saturation
+    if raw is not None and np.ndim(raw) == 0 and np.isposinf(float(raw)):
+        return None
+    level = _as_float(saturation, unit, "saturation")
+    if level is None:
+        level = _header_float(meta, SATURATION_KEYS)
+    if level is not None:
+        return level
+    level = detect_saturation(data, bad)
+    if level is not None:
+        with np.errstate(invalid="ignore"):
+            n_pix = int(np.count_nonzero((data >= level) & ~bad))
+        warnings.warn(
+            f"saturation found in the data (no saturation= and no SATURATE keyword): "
+            f"{n_pix} pixels at or above {level:.6g} {unit} are masked; pass saturation= "
+            "to set the level, or saturation=np.inf to keep them",
+            SaturationWarning,
+            stacklevel=_user_stacklevel(),
+        )
+    return level
 
 
 def _copy_meta(meta: Any) -> dict:

@@ -6,6 +6,10 @@ profiles from here, so they share one convention: ``fwhm`` along the major axis,
 the minor axis ``fwhm * (1 - ellipticity)``, ``theta`` (radians) the angle of the
 major axis counter-clockwise from +x, and the Moffat profile
 ``(1 + r**2 / alpha**2) ** -beta``.
+
+`psf_stamp` renders a profile; `moffat_model`, `moffat_jacobian` and `moffat_shape`
+are the parametrised elliptical Moffat model (and its analytic derivatives) that
+the star finder fits to stars by least squares.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["psf_stamp"]
+__all__ = ["moffat_jacobian", "moffat_model", "moffat_shape", "psf_stamp"]
 
 _GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))  # FWHM / sigma of a Gaussian
 _PROFILES = ("gaussian", "moffat")
+_LN2 = math.log(2.0)
+#: 2x2 Gauss-Legendre points per pixel: the fitted model is integrated over pixels like data.
+_SUB = 0.5 / math.sqrt(3.0)
+_SUB_DX = np.array([-_SUB, _SUB, -_SUB, _SUB])
+_SUB_DY = np.array([-_SUB, -_SUB, _SUB, _SUB])
 
 
 # Numerical core: pixel-integrated elliptical profiles (arrays in, arrays out)
@@ -198,3 +207,142 @@ def _check_shape(shape: Any, name: str) -> tuple[int, int]:
     if ny < 1 or nx < 1 or (ny, nx) != tuple(shape):
         raise ValueError(f"{name} must hold positive integers (ny, nx), got {shape!r}.")
     return ny, nx
+
+
+# The fitted model: an elliptical Moffat profile in a parametrisation for least squares
+# ------------------------------------------------------------------------------------
+def moffat_model(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Pixel-integrated elliptical Moffat profiles, one per row of ``p``.
+
+    ``p[:, k]`` = amplitude, x0, y0, u, v, s, t with the half-maximum ellipse
+    ``Q = m11 dx**2 + 2 m12 dx dy + m22 dy**2 = 1``, ``m11 = exp(u)``,
+    ``m22 = exp(v)``, ``m12 = tanh(s) sqrt(m11 m22)`` and index ``beta = 1/t``:
+    ``A (1 + (2**t - 1) Q)**(-1/t)``, a Gaussian for ``t -> 0``. Unconstrained
+    ``u, v, s`` keep every parameter vector a valid (positive-definite) shape.
+
+    Parameters
+    ----------
+    p : ndarray, shape (n, 7)
+        The parameters of ``n`` profiles.
+    dx, dy : ndarray, shape (n, npix)
+        Pixel-centre coordinates (the same frame as x0, y0).
+
+    Returns
+    -------
+    ndarray, shape (n, npix)
+        The profiles averaged over each pixel (2x2 Gauss-Legendre points).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.profiles import moffat_model, moffat_shape
+    >>> p = np.array([[1.0, 0.0, 0.0, np.log((2 / 3.0) ** 2), np.log((2 / 3.0) ** 2), 0.0, 0.4]])
+    >>> fwhm, ellipticity, theta, integral = moffat_shape(p)
+    >>> round(float(fwhm[0]), 6), round(float(ellipticity[0]), 6)  # beta 2.5, FWHM 3
+    (3.0, 0.0)
+    >>> y, x = np.mgrid[-60:61, -60:61]
+    >>> total = moffat_model(p, x.reshape(1, -1) * 1.0, y.reshape(1, -1) * 1.0).sum()
+    >>> bool(abs(total / integral[0] - 1) < 0.01)  # all but the far wings
+    True
+    """
+    a, x0, y0, uu, vv, ss, t = (p[:, k, None, None] for k in range(7))
+    m11, m22 = np.exp(uu), np.exp(vv)
+    m12 = np.tanh(ss) * np.sqrt(m11 * m22)
+    ddx = dx[:, :, None] + _SUB_DX - x0
+    ddy = dy[:, :, None] + _SUB_DY - y0
+    q = m11 * ddx**2 + 2.0 * m12 * ddx * ddy + m22 * ddy**2
+    return a[:, :, 0] * np.exp(-np.log1p(np.expm1(t * _LN2) * q) / t).mean(axis=2)
+
+
+def moffat_jacobian(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Analytic derivatives of `moffat_model` with respect to its 7 parameters.
+
+    With ``g = (1 + c q)**(-1/t)``, ``c = 2**t - 1``: ``dg/dq = -g c / (t (1 + c q))``,
+    ``dg/dt = g (ln(1 + c q) / t**2 - q (c + 1) ln 2 / (t (1 + c q)))``, and the
+    derivatives of the quadratic form ``q`` follow from ``m11 = exp(u)``,
+    ``m22 = exp(v)``, ``m12 = tanh(s) sqrt(m11 m22)``; all are averaged over the same
+    sub-pixel samples as the profile.
+
+    Parameters
+    ----------
+    p : ndarray, shape (n, 7)
+        The parameters (see `moffat_model`).
+    dx, dy : ndarray, shape (n, npix)
+        Pixel-centre coordinates.
+
+    Returns
+    -------
+    ndarray, shape (n, npix, 7)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.profiles import moffat_jacobian, moffat_model
+    >>> p = np.array([[2.0, 0.2, -0.1, -0.8, -0.9, 0.3, 0.3]])
+    >>> x = np.arange(-4.0, 5.0)[None, :]
+    >>> jac = moffat_jacobian(p, x, 0.5 * x)
+    >>> bool(np.allclose(jac[..., 0], moffat_model(p, x, 0.5 * x) / 2.0))  # d/d amplitude
+    True
+    """
+    a, x0, y0, uu, vv, ss, t = (p[:, k, None, None] for k in range(7))
+    m11, m22 = np.exp(uu), np.exp(vv)
+    root = np.sqrt(m11 * m22)
+    tanh_s = np.tanh(ss)
+    m12 = tanh_s * root
+    ddx = dx[:, :, None] + _SUB_DX - x0
+    ddy = dy[:, :, None] + _SUB_DY - y0
+    q = m11 * ddx**2 + 2.0 * m12 * ddx * ddy + m22 * ddy**2
+    c = np.expm1(t * _LN2)
+    log_term = np.log1p(c * q)
+    g = np.exp(-log_term / t)
+    dg_dq = -g * c / (t * (1.0 + c * q))
+    xy = ddx * ddy
+    derivatives = (
+        g,
+        a * dg_dq * -2.0 * (m11 * ddx + m12 * ddy),
+        a * dg_dq * -2.0 * (m12 * ddx + m22 * ddy),
+        a * dg_dq * (m11 * ddx**2 + m12 * xy),
+        a * dg_dq * (m22 * ddy**2 + m12 * xy),
+        a * dg_dq * 2.0 * xy * (1.0 - tanh_s**2) * root,
+        a * g * (log_term / t**2 - q * (c + 1.0) * _LN2 / (t * (1.0 + c * q))),
+    )
+    return np.stack([d.mean(axis=2) for d in derivatives], axis=2)
+
+
+def moffat_shape(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Major-axis FWHM, ellipticity ``1 - b/a``, major-axis angle and integral per amplitude.
+
+    Parameters
+    ----------
+    p : ndarray, shape (n, 7)
+        The parameters of `moffat_model`.
+
+    Returns
+    -------
+    fwhm, ellipticity, theta, integral : ndarray, shape (n,)
+        ``theta`` in radians counter-clockwise from +x, in ``[-pi/2, pi/2)``;
+        ``integral`` the profile's total over the plane for a unit amplitude.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.profiles import moffat_shape
+    >>> p = np.array([[1.0, 0, 0, np.log(4 / 16.0), np.log(4 / 4.0), 0.0, 1e-3]])
+    >>> fwhm, ellipticity, theta, _ = moffat_shape(p)  # 4 px along x, 2 px along y
+    >>> round(float(fwhm[0]), 6), round(float(ellipticity[0]), 6), round(float(theta[0]), 6)
+    (4.0, 0.5, 0.0)
+    """
+    m11, m22 = np.exp(p[:, 3]), np.exp(p[:, 4])
+    m12 = np.tanh(p[:, 5]) * np.sqrt(m11 * m22)
+    half_tr = 0.5 * (m11 + m22)
+    root = np.sqrt(0.25 * (m11 - m22) ** 2 + m12**2)
+    lam_min, lam_max = half_tr - root, half_tr + root
+    fwhm = 2.0 / np.sqrt(lam_min)
+    ellipticity = 1.0 - np.sqrt(lam_min / lam_max)
+    # the major axis is the eigenvector of the smaller eigenvalue of M
+    theta = 0.5 * np.arctan2(2.0 * m12, m11 - m22) + 0.5 * np.pi
+    theta = (theta + 0.5 * np.pi) % np.pi - 0.5 * np.pi
+    t = p[:, 6]
+    det = m11 * m22 - m12**2
+    integral = np.pi * t / (np.expm1(t * _LN2) * (1.0 - t) * np.sqrt(det))
+    return fwhm, ellipticity, theta, integral

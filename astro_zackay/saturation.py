@@ -1,0 +1,131 @@
+"""Saturation found in the pixel values themselves, for images without a SATURATE keyword.
+
+A saturated detector (or its analogue-to-digital converter) clips every pixel at one
+level, so a saturated image shows either a pile-up of identical highest values (65535
+ADU in many raw frames) or, after bias subtraction and flat fielding, flat-topped cores
+of its brightest sources: many adjacent pixels within a few per cent of the highest
+value, where an unsaturated PSF has one sharp peak. :func:`detect_saturation` looks
+for both (arrays in, a level or None out); :func:`~astro_zackay._ccd.to_image` calls it
+when neither ``saturation=`` nor a header keyword gives the level.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["detect_saturation"]
+
+log = logging.getLogger(__name__)
+
+#: The highest value must lie this many (robust) sigma above the median to be a saturation.
+_MIN_SIGNIFICANCE = 50.0
+#: At least this many pixels at exactly the highest value make a pile-up.
+_PILE_MIN = 3
+#: Flat top: pixels within this fraction (of the highest value above the median) of it ...
+_FLAT_TOLERANCE = 0.02
+#: ... in at least two clumps of this many adjacent pixels, or in one clump of _FLAT_ONE.
+_FLAT_CLUMP = 3
+_FLAT_ONE = 9
+#: Pixels sampled for the median and the robust sigma.
+_SAMPLE = 65536
+
+
+def _robust_level(values: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based sigma of a regular subsample of ``values``."""
+    sample = values[:: max(1, values.size // _SAMPLE)]
+    median = float(np.median(sample))
+    sigma = 1.4826 * float(np.median(np.abs(sample - median)))
+    return median, sigma
+
+
+def _flat_top_level(
+    data: np.ndarray, good: np.ndarray, median: float, top: float
+) -> float | None:
+    """The lowest value of flat-topped cores within 2 % of ``top``, or None.
+
+    Pixels beside masked ones do not count: they are the rims of cores masked
+    already (an image coerced a second time must not find them again).
+    """
+    near = good & (data >= median + (1.0 - _FLAT_TOLERANCE) * (top - median))
+    if np.count_nonzero(near) < 2 * _FLAT_CLUMP:
+        return None
+    near &= ~ndimage.binary_dilation(~good, structure=np.ones((3, 3), dtype=bool))
+    labels, n = ndimage.label(near, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    clumps = np.flatnonzero(sizes >= _FLAT_CLUMP) + 1
+    if not (clumps.size >= 2 or (clumps.size == 1 and sizes[clumps[0] - 1] >= _FLAT_ONE)):
+        return None
+    return float(data[np.isin(labels, clumps)].min())
+
+
+def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float | None:
+    """Find the saturation level of an image from its pixel values.
+
+    Two signatures are recognised, among the unmasked finite pixels:
+
+    pile-up
+        at least 3 pixels share exactly the highest value (a clipped detector or
+        converter); the level is that value;
+    flat tops
+        the pixels within 2 % of the highest value (measured above the median) form
+        at least two clumps of 3 adjacent pixels, or one of 9: the flat-topped cores
+        of saturated stars, where an unsaturated PSF narrower than about 12 px FWHM
+        has at most a few pixels that close to its peak; the level is the lowest
+        value of those clumps.
+
+    Neither fires unless the highest value lies 50 robust sigma above the median,
+    so noise, cosmic rays and unsaturated stars do not trigger it.
+
+    Parameters
+    ----------
+    data : ndarray
+        The 2-D image, in any unit (the sky included or not).
+    mask : ndarray of bool, optional
+        True for pixels to ignore; nor do pixels beside them count towards a flat top
+        (already masked cores never re-trigger detection).
+
+    Returns
+    -------
+    float or None
+        The saturation level (pixels at or above it are saturated), or None when the
+        image shows no sign of saturation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.saturation import detect_saturation
+    >>> rng = np.random.default_rng(1)
+    >>> image = rng.normal(100.0, 5.0, (64, 64))
+    >>> image[30:33, 30:34] = 65535.0  # a clipped star core
+    >>> detect_saturation(image)
+    65535.0
+    >>> print(detect_saturation(rng.normal(100.0, 5.0, (64, 64))))
+    None
+    """
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got an array of shape {data.shape}")
+    good = np.isfinite(data)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != data.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match the image {data.shape}")
+        good &= ~mask
+    values = data[good]
+    if values.size < 16:
+        return None
+    top = float(values.max())
+    median, sigma = _robust_level(values)
+    if not top - median > _MIN_SIGNIFICANCE * max(sigma, np.finfo(float).tiny):
+        return None
+    n_top = int(np.count_nonzero(values == top))
+    if n_top >= _PILE_MIN:
+        log.debug("saturation: %d pixels at the highest value %.6g", n_top, top)
+        return top
+    level = _flat_top_level(data, good, median, top)
+    if level is not None:
+        log.debug("saturation: flat-topped cores at and above %.6g", level)
+    return level
