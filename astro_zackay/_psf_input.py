@@ -1,16 +1,32 @@
-"""The one place where a user's PSF (model, array or None) becomes a function of position."""
+"""The one place where a user's PSF (model, array, FWHM or None) becomes a function of position.
+
+`as_psf_sampler` turns what a user gave into a `PSFSampler`; `estimate_image_psf`
+estimates the PSF of one image of `~astro_zackay.subtraction.subtract` or
+`~astro_zackay.coaddition.coadd` when nothing was given, and `ImageWarnings`
+re-issues the package's warnings about one image with the image named, once each.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.modeling import Model
+from astropy.table import Table
 
-__all__ = ["PSFSampler", "as_psf_sampler"]
+from ._warnings import AstroZackayWarning
+from .profiles import psf_stamp
+
+__all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "estimate_image_psf",
+           "user_stacklevel"]
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +99,46 @@ def _model_sampler(model: Model, stamp_shape: tuple[int, int]) -> PSFSampler:
     return PSFSampler(sample, varying, type(model).__name__)
 
 
+#: A PSF given as a FWHM is a Gaussian stamp reaching this many FWHM from its centre
+#: (1 - 2e-8 of the profile).
+FWHM_STAMP_REACH = 2.5
+
+
+def _fwhm_sampler(fwhm: float) -> PSFSampler:
+    """A circular pixel-integrated Gaussian of ``fwhm`` pixels, the same everywhere."""
+    if not (math.isfinite(fwhm) and fwhm > 0):
+        raise ValueError(f"a PSF given as a FWHM must be a positive number of pixels, got {fwhm}")
+    half = max(3, math.ceil(FWHM_STAMP_REACH * fwhm))
+    stamp = psf_stamp(2 * half + 1, fwhm)
+    return PSFSampler(lambda x, y: stamp, False, f"Gaussian of FWHM {fwhm:g} px")
+
+
 def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFSampler:
     """Turn a PSF given by a user into a `PSFSampler`.
 
     Parameters
     ----------
-    psf : KLPSFModel, astropy/photutils model, or `~numpy.ndarray`
+    psf : KLPSFModel, astropy/photutils model, `~numpy.ndarray` or float
         A model with a ``psf_at(x, y)`` method (`~astro_zackay.psf.KLPSFModel`), an
         astropy 2-D model with ``x_0``/``y_0`` (photutils PSF models) or
-        ``x_mean``/``y_mean`` (`~astropy.modeling.functional_models.Gaussian2D`), or
-        an odd-sized stamp centred on its central pixel (normalised to unit sum).
+        ``x_mean``/``y_mean`` (`~astropy.modeling.functional_models.Gaussian2D`), an
+        odd-sized stamp centred on its central pixel (normalised to unit sum), or a
+        FWHM in pixels: a circular pixel-integrated Gaussian of that FWHM
+        (`~astro_zackay.profiles.psf_stamp`) on a stamp reaching 2.5 FWHM from its
+        centre.
     stamp_shape : tuple of int
-        The odd stamp shape for models that have no stamp of their own.
+        The odd stamp shape for astropy models, which have no stamp of their own.
 
     Returns
     -------
     PSFSampler
+
+    Raises
+    ------
+    TypeError
+        For a PSF of none of these kinds.
+    ValueError
+        For an even-sized or non-finite stamp, or a FWHM that is not positive.
 
     Examples
     --------
@@ -109,6 +149,12 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
     >>> stamp = sampler(40.3, 12.0)
     >>> stamp.shape, round(float(stamp.sum()), 12), bool(stamp[7, 7] == stamp.max())
     ((15, 15), 1.0, True)
+
+    A FWHM in pixels gives a Gaussian PSF:
+
+    >>> gaussian = as_psf_sampler(3.0)
+    >>> gaussian.source, gaussian(10.0, 20.0).shape, gaussian.varying
+    ('Gaussian of FWHM 3 px', (17, 17), False)
     """
     if hasattr(psf, "psf_at"):
         varying = bool(getattr(psf, "is_varying", True))
@@ -118,10 +164,129 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         if any(n % 2 == 0 for n in stamp_shape):
             raise ValueError(f"stamp_shape must be odd, got {stamp_shape}")
         return _model_sampler(psf, tuple(stamp_shape))
+    if isinstance(psf, numbers.Real) and not isinstance(psf, bool):
+        return _fwhm_sampler(float(psf))
     if isinstance(psf, np.ndarray | list | tuple):
         stamp = _unit_sum(psf, "the PSF array")
         return PSFSampler(lambda x, y: stamp, False, "array")
     raise TypeError(
         f"cannot use a {type(psf).__name__} as a PSF: give a KLPSFModel, an astropy or "
-        "photutils PSF model, or an odd-sized 2-D array"
+        "photutils PSF model, an odd-sized 2-D array, or a FWHM in pixels"
     )
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller point at the user's code.
+
+    Counts the frames from the function that calls this one up to the first frame
+    whose code lies outside the astro_zackay package (decorators and private
+    helpers included), so that a warning names the user's line however deep in the
+    package it is issued.
+    """
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+class ImageWarnings:
+    """Re-issue the warnings raised while one image is processed, naming it, once each.
+
+    A context manager, entered around each step of one image (``with named: ...``,
+    as many times as needed). The package's warnings
+    (`~astro_zackay._warnings.AstroZackayWarning`) are re-issued as
+    ``"<name>: <message>"`` and others unchanged, each (category, message) once over
+    all the blocks of this object, at the user's line (`user_stacklevel`). Nothing
+    is swallowed: the filters in force outside the blocks decide what is shown.
+
+    Parameters
+    ----------
+    name : str
+        The image as the user knows it ("reference image", a file name, ...).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from astro_zackay._psf_input import ImageWarnings
+    >>> from astro_zackay._warnings import FewStarsWarning
+    >>> named = ImageWarnings("science image")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     for _ in range(2):
+    ...         with named:
+    ...             warnings.warn("3 stars: a Moffat PSF", FewStarsWarning)
+    >>> [str(w.message) for w in caught]
+    ['science image: 3 stars: a Moffat PSF']
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._issued: set[tuple[type, str]] = set()
+        self._catcher: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def __enter__(self) -> ImageWarnings:
+        if self._catcher is not None:
+            raise RuntimeError("an ImageWarnings block cannot be nested in itself")
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._catcher.__exit__(*exc_info)
+        self._catcher = None
+        for record in self._caught:
+            category, text = record.category, str(record.message)
+            if issubclass(category, AstroZackayWarning):
+                text = f"{self.name}: {text}"
+            if (category, text) not in self._issued:
+                self._issued.add((category, text))
+                warnings.warn(text, category, stacklevel=user_stacklevel())
+
+
+def estimate_image_psf(image: Any, stars: Table | None, *, name: str, option: str) -> Any:
+    """Estimate the PSF of one image of a subtraction or coadd from the stars found in it.
+
+    `~astro_zackay.psf.estimate_psf` chooses the model from the stars (its
+    degradation ladder, each step down announced with a
+    `~astro_zackay._warnings.FewStarsWarning`); when it cannot build any PSF the
+    error names the image and the option that gives its PSF.
+
+    Parameters
+    ----------
+    image : `~astropy.nddata.CCDData`
+        The image, as read through the CCDData boundary.
+    stars : `~astropy.table.Table` or None
+        The stars found in it (`~astro_zackay.stars.find_psf_stars`); None or
+        empty when none was found.
+    name : str
+        The image as the user knows it ("reference image", a file name, ...).
+    option : str
+        The argument through which the user can give this image's PSF.
+
+    Returns
+    -------
+    `~astro_zackay.psf.KLPSFModel`
+
+    Raises
+    ------
+    ValueError
+        When no PSF can be estimated (no usable star).
+    """
+    from .psf import estimate_psf
+
+    hint = (f"pass {option} (a PSF model, an odd-sized array, or the FWHM in pixels of a "
+            "Gaussian PSF)")
+    if stars is None or len(stars) == 0:
+        raise ValueError(f"{name}: cannot estimate a PSF: no usable PSF star; {hint}")
+    try:
+        model = estimate_psf(image, stars)
+    except ValueError as exc:
+        raise ValueError(f"{name}: cannot estimate a PSF: {exc}; {hint}") from None
+    log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
+    return model

@@ -42,15 +42,15 @@ from ._ccd import (
     to_ccddata,
     to_image,
 )
-from ._psf_input import as_psf_sampler
+from ._psf_input import ImageWarnings, as_psf_sampler, estimate_image_psf, user_stacklevel
 from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning
 from .alignment import align as align_image
 from .background import _estimate_from
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
 from .fluxmatch import MATCH_SNR_MIN, match_stars
-from .psf import estimate_psf
 from .stars import find_psf_stars
+from .zogy import fit_flux_ratio
 
 __all__ = ["CoaddResult", "coadd"]
 
@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 #: Pixels brighter than this many background rms above the sky are not background
 #: pixels when the noise is taken from the uncertainty (see `coadd`).
 BACKGROUND_CLIP = 3.0
+
+#: Matched stars for a flux scale without a FewStarsWarning (fewer still give one).
+MIN_SCALE_STARS = 5
 
 #: Header keywords that describe a single exposure and are dropped from the coadd's meta.
 _EXPOSURE_KEYS = GAIN_KEYS + READ_NOISE_KEYS + SATURATION_KEYS
@@ -226,32 +229,31 @@ def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> floa
     return float(np.sqrt(np.median(img.variance[background])))
 
 
+def _find_stars(ccd: CCDData, bkg: Any, name: str) -> Table | None:
+    """The image's stars for its PSF and flux scale; None when none is found."""
+    try:
+        stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
+    except ValueError as exc:
+        log.info("%s: no stars found (%s)", name, exc)
+        return None
+    return stars if len(stars) else None
+
+
 def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) -> _Frame:
     """Find one image's PSF stamp, noise and (if needed) stars; subtract its background.
 
-    The background is subtracted from ``img.data`` in place (after the stars and the
-    PSF are measured on the original), so that no second frame-sized copy is made.
+    The stars are found once, for the PSF (when not given) and the flux scale (when
+    not given). The background is subtracted from ``img.data`` in place (after the
+    stars and the PSF are measured on the original), so that no second frame-sized
+    copy is made.
     """
     ccd = as_ccddata(img)
     bkg = _estimate_from(img)  # on the coerced image: no second copy of data and variance
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    stars = None
+    stars = _find_stars(ccd, bkg, name) if psf is None or need_stars else None
     if psf is None:
-        stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
-    elif need_stars:
-        # only the flux scale needs them: a frame without stars fails later, and only if
-        # a flux scale must be measured against it
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FewStarsWarning)
-                stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
-        except ValueError as exc:
-            log.info("%s: no stars for a flux scale (%s)", name, exc)
-    if psf is None:
-        model = estimate_psf(ccd, stars)
-        log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
-        psf = model
+        psf = estimate_image_psf(ccd, stars, name=name, option="psfs=")
     stamp = as_psf_sampler(psf)(*centre)
     del ccd
     np.subtract(img.data, bkg.sky.data, out=img.data, casting="same_kind")
@@ -330,13 +332,18 @@ def coadd(
        background pixels (less than 3 background rms above the sky), or, for
        images without uncertainty, the median of the background rms map;
     4. PSF: ``psfs[j]`` or `~astro_zackay.psf.estimate_psf` on the stars of
-       `~astro_zackay.stars.find_psf_stars`, evaluated at the image centre (one PSF
-       per image: a PSF that varies across the field is averaged out to its
-       central value);
+       `~astro_zackay.stars.find_psf_stars` (found once per image, for the PSF and
+       the flux scale), evaluated at the image centre (one PSF per image: a PSF
+       that varies across the field is averaged out to its central value);
+       `~astro_zackay.psf.estimate_psf` chooses the model from the usable stars
+       (down to a Moffat profile fitted to 1-3 stars), each step down announced
+       with a `~astro_zackay._warnings.FewStarsWarning` that names the image;
     5. flux scale: ``flux_scales[j]``, or 1 for the first image and, for each later
        image, the flux ratio to the first one from aperture photometry of the stars
        matched between them (`~astro_zackay.fluxmatch.match_stars`: clipped, so
-       robust to variable stars, and free of PSF-model errors);
+       robust to variable stars, and free of PSF-model errors); with fewer than 5
+       matched stars a FewStarsWarning says so, and with none the ratio comes from
+       a ZOGY pixel fit through the PSFs (`~astro_zackay.zogy.fit_flux_ratio`);
     6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator` with its
        per-pixel variance (for the source noise in the outputs' uncertainties),
        masked and NaN pixels excluded.
@@ -355,7 +362,8 @@ def coadd(
         HDU ``collection.ext``). All in one unit; of one shape unless ``align``.
     psfs : sequence, optional
         One PSF per image: a `~astro_zackay.psf.KLPSFModel`, an astropy/photutils
-        model or an odd-sized stamp. Default: estimated from each image's stars.
+        model, an odd-sized stamp, or a FWHM in pixels (a Gaussian PSF). Default:
+        estimated from each image's stars.
     flux_scales : sequence of float, optional
         One flux scale ``F_j`` per image (flux ratios, not magnitudes: 0.5 for an
         image recording half the counts of a star). Default: fitted against the
@@ -390,7 +398,9 @@ def coadd(
     ------
     ValueError
         For no images, images of different shapes (without ``align``), per-image
-        options of the wrong length, or a flux scale that cannot be fitted.
+        options of the wrong length, an image with no usable PSF star and no
+        ``psfs`` entry (the message names the image), or a flux scale that cannot
+        be fitted.
     astropy.units.UnitsError
         For images in different units.
     TypeError
@@ -401,7 +411,7 @@ def coadd(
     >>> import numpy as np
     >>> from astropy.nddata import CCDData, StdDevUncertainty
     >>> from astro_zackay.coaddition import coadd
-    >>> from astro_zackay.simulation import psf_stamp
+    >>> from astro_zackay.profiles import psf_stamp
     >>> rng = np.random.default_rng(0)
     >>> frames = [CCDData(rng.normal(0.0, s, (64, 64)), unit="electron",
     ...                   uncertainty=StdDevUncertainty(np.full((64, 64), s)))
@@ -427,25 +437,27 @@ def coadd(
     target: CCDData | None = None
     rows = []
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
-        if method and target is not None:
-            item = align_image(item, target, method=method, unit=unit, saturation=saturation)
-        img = to_image(item, unit=unit, saturation=saturation, hdu=hdu, dtype=dtype)
-        del item
-        if template is not None:
-            _check_like(img, template, name)
-        elif method:
-            target = as_ccddata(replace(img, data=img.data.copy()))
         given = scale_list.next()
-        frame = _prepare(img, psf_list.next(), sigma_list.next(), name,
-                         need_stars=given is None)
-        if given is not None:
-            f, f_err = float(given), 0.0
-            if not np.isfinite(f) or f <= 0:
-                raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
-        elif template is None:
-            f, f_err = 1.0, 0.0
-        else:
-            f, f_err = _fit_scale(frame, reference)
+        if given is not None and not (np.isfinite(float(given)) and float(given) > 0):
+            raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
+        with ImageWarnings(name):
+            if method and target is not None:
+                item = align_image(item, target, method=method, unit=unit,
+                                   saturation=saturation)
+            img = to_image(item, unit=unit, saturation=saturation, hdu=hdu, dtype=dtype)
+            del item
+            if template is not None:
+                _check_like(img, template, name)
+            elif method:
+                target = as_ccddata(replace(img, data=img.data.copy()))
+            frame = _prepare(img, psf_list.next(), sigma_list.next(), name,
+                             need_stars=given is None)
+            if given is not None:
+                f, f_err = float(given), 0.0
+            elif template is None:
+                f, f_err = 1.0, 0.0
+            else:
+                f, f_err = _fit_scale(frame, reference)
         if template is None:
             template = _output_template(img)
             if given is None:
@@ -474,25 +486,49 @@ def coadd(
 
 
 def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
-    """Flux ratio of ``frame`` to the first image, from aperture photometry of matched stars.
+    """Flux ratio of ``frame`` to the first image: matched stars, else a pixel fit.
 
-    The ratio needs no PSF model (`~astro_zackay.fluxmatch.match_stars` with images);
-    a pixel fit through the estimated PSFs inherits their errors (1-14 % measured).
+    Aperture photometry of the stars matched between them
+    (`~astro_zackay.fluxmatch.match_stars` with images) needs no PSF model; a pixel
+    fit through the estimated PSFs (`~astro_zackay.zogy.fit_flux_ratio`) inherits
+    their errors (1-14 % measured), so it serves only when no star matches. Fewer
+    than `MIN_SCALE_STARS` matched stars, or the pixel fit, are announced with a
+    `~astro_zackay._warnings.FewStarsWarning`.
     """
-    if frame.stars is None or first is None or first.stars is None:
+    if first is None:
         raise ValueError(
-            f"{frame.name}: the flux scale needs stars in this image and the first one; "
-            "pass flux_scales= explicitly"
+            f"{frame.name}: the flux scale is measured against the first image, whose flux "
+            "scale was given: pass flux_scales= for every image"
         )
+    reason = "no stars were found in this image or the first one"
+    if frame.stars is not None and first.stars is not None:
+        try:
+            match = match_stars(first.stars, frame.stars, radius=2.0, min_matches=1,
+                                images=(first.image, frame.image), psfs=(first.psf, frame.psf))
+        except ValueError as exc:
+            reason = str(exc)
+        else:
+            if match.n_matched < MIN_SCALE_STARS:
+                warnings.warn(
+                    f"the flux scale comes from only {match.n_matched} star(s) matched with "
+                    f"the first image ({MIN_SCALE_STARS} wanted)", FewStarsWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return match.flux_ratio, match.flux_ratio_error
     try:
-        match = match_stars(first.stars, frame.stars, radius=2.0, images=(first.image,
-                            frame.image), psfs=(first.psf, frame.psf))
+        fit = fit_flux_ratio(frame.image.data, first.image.data, frame.psf, first.psf,
+                             sigma_new=frame.sigma, sigma_ref=first.sigma,
+                             mask=frame.image.mask | first.image.mask)
     except ValueError as exc:
         raise ValueError(
             f"{frame.name}: the flux scale relative to the first image could not be measured "
-            f"({exc}); pass flux_scales= explicitly"
+            f"({reason}; the pixel fit: {exc}); pass flux_scales= explicitly"
         ) from None
-    return match.flux_ratio, match.flux_ratio_error
+    warnings.warn(
+        f"no star matches the first image ({reason}): the flux scale {fit.beta:.4g} comes from "
+        "a pixel fit through the PSFs", FewStarsWarning, stacklevel=user_stacklevel(),
+    )
+    return fit.beta, fit.beta_err
 
 
 def _wrap(res: CoaddAlgebraResult, template: ImageData, frames: Table) -> CoaddResult:

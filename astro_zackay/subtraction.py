@@ -19,11 +19,17 @@ from astropy.nddata import CCDData
 from astropy.table import Table
 
 from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
-from ._psf_input import PSFSampler, as_psf_sampler
+from ._psf_input import (
+    ImageWarnings,
+    PSFSampler,
+    as_psf_sampler,
+    estimate_image_psf,
+    user_stacklevel,
+)
 from ._threads import single_threaded_blas
 from ._tiles import tile_layout
-from ._warnings import AstroZackayWarning, FewStarsWarning, PSFQualityWarning
-from .fluxmatch import match_stars
+from ._warnings import AstroZackayWarning, FewStarsWarning
+from .fluxmatch import StarMatch, match_stars
 from .fourier import shift_image
 from .zogy import ZogyResult, fit_flux_ratio, zogy
 from .zogy import fit_shift as _fit_shift
@@ -38,9 +44,8 @@ AUTO_TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 MAX_PSF_CHANGE = 0.04
 #: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
 MIN_MATCHED_STARS = 5
-#: S/N of the stars matched between the images, and of those the PSF is built from.
+#: S/N of the stars found in each image, for the matching and the PSF (which cuts harder).
 MATCH_SNR_MIN = 10.0
-PSF_SNR_MIN = 20.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -146,46 +151,63 @@ class _Prepared:
     stars: Table | None
 
 
-def _prepare(image: ImageData, psf: Any, name: str) -> _Prepared:
-    from .background import _estimate_from
+def _find_stars(ccd: CCDData, background: Any, name: str) -> Table | None:
+    """The image's stars for matching and PSF estimation; None when none is found."""
     from .stars import find_psf_stars
+
+    try:
+        stars = find_psf_stars(ccd, snr_min=MATCH_SNR_MIN, background=background)
+    except ValueError as exc:
+        log.info("no stars found in the %s (%s)", name, exc)
+        return None
+    return stars if len(stars) else None
+
+
+def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
+    """Background, noise, stars (found once) and PSF (given, else estimated) of one image."""
+    from .background import _estimate_from
 
     ccd = as_ccddata(image)
     background = _estimate_from(image)  # on the coerced image: no second copy
     sky = np.asarray(background.sky.data, dtype=image.data.dtype)
     rms = np.asarray(background.rms.data, dtype=image.data.dtype)
-    try:
-        with warnings.catch_warnings():
-            if psf is not None:
-                # stars only serve the matching then, which falls back to pixel fits
-                warnings.simplefilter("ignore", FewStarsWarning)
-            stars = find_psf_stars(ccd, snr_min=MATCH_SNR_MIN, background=background)
-    except ValueError as exc:
-        if psf is None:
-            raise ValueError(f"cannot estimate the {name} PSF: {exc}") from None
-        log.info("no stars found in the %s image (%s): star matching is skipped", name, exc)
-        stars = None
+    stars = _find_stars(ccd, background, name)
     if psf is None:
-        from .psf import estimate_psf
-
-        psf_stars = stars[stars["snr"] >= PSF_SNR_MIN]
-        try:
-            model = estimate_psf(ccd, psf_stars)
-        except ValueError as exc:
-            if "too few usable PSF stars" not in str(exc):
-                raise
-            # too few stars to map the PSF's variation: one PSF for the whole image
-            warnings.warn(
-                f"the {name} image has too few PSF stars for a spatially varying PSF "
-                f"({exc}); using a constant PSF (degree=0)", PSFQualityWarning, stacklevel=3,
-            )
-            model = estimate_psf(ccd, psf_stars, degree=0)
-        sampler = as_psf_sampler(model)
-        log.info("%s PSF estimated: %r", name, model)
-    else:
-        sampler = as_psf_sampler(psf)
+        psf = estimate_image_psf(ccd, stars, name=name, option=option)
+    sampler = as_psf_sampler(psf)
+    log.info("%s PSF: %s", name, sampler.source)
     data = np.where(image.mask, 0.0, image.data - sky)
     return _Prepared(image, data, rms, sampler, stars)
+
+
+def _match(
+    pref: _Prepared, psci: _Prepared, psfs: tuple[np.ndarray, np.ndarray], needs: list[str]
+) -> StarMatch | None:
+    """Stars matched between the images; None, announced, when fewer than MIN_MATCHED_STARS.
+
+    ``needs`` names what the match would have measured; without a match the flux ratio
+    and shift come from a ZOGY pixel fit through the PSFs and the astrometric noise is 0.
+    """
+    if not needs:
+        return None
+    reason = "no stars were found in one of the images"
+    if pref.stars is not None and psci.stars is not None:
+        try:
+            return match_stars(pref.stars, psci.stars, radius=2.0, min_matches=MIN_MATCHED_STARS,
+                               images=(pref.image, psci.image), psfs=psfs)
+        except ValueError as exc:
+            reason = str(exc)
+    fitted = [what for what in needs if what != "astrometric noise"]
+    used = []
+    if fitted:
+        used.append(f"the {' and '.join(fitted)} come from a pixel fit through the PSFs")
+    if "astrometric noise" in needs:
+        used.append("the astrometric noise is taken as 0")
+    warnings.warn(
+        f"too few stars match between the images ({reason}): {'; '.join(used)}",
+        FewStarsWarning, stacklevel=user_stacklevel(),
+    )
+    return None
 
 
 def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
@@ -289,18 +311,29 @@ def subtract(
         may also be a `~astro_zackay.coaddition.CoaddResult`, whose calibrated
         coadd and PSF are then used. Their uncertainties give the source noise;
         without one, the noise is estimated from the data (see ``gain``).
-    reference_psf, science_psf : KLPSFModel, astropy/photutils model or array, optional
-        The PSFs; default `~astro_zackay.psf.estimate_psf` on each image.
+    reference_psf, science_psf : KLPSFModel, astropy/photutils model, array or float, optional
+        The PSFs: a model, an odd-sized unit-sum stamp, or a FWHM in pixels (a
+        Gaussian PSF). By default each is estimated from the stars of its image
+        (`~astro_zackay.stars.find_psf_stars`, once per image, the same stars serving
+        the matching) by `~astro_zackay.psf.estimate_psf`, which chooses the model
+        from the number and spread of the usable stars: a spatially varying KL PSF,
+        a constant one, or a Moffat profile fitted to a handful of stars, each step
+        down announced with a `~astro_zackay._warnings.FewStarsWarning` that names
+        the image.
     flux_ratio : float, optional
         The science / reference flux ratio (a ratio of fluxes: 0.5 when the science
         image records half the counts of the reference for the same star); fitted
-        by default (properimage's ``beta=True``).
+        by default (properimage's ``beta=True``): from aperture photometry of the
+        stars matched between the images, or, when fewer than 5 match, from a ZOGY
+        pixel fit through the PSFs (announced with a FewStarsWarning).
     fit_shift : bool
-        Fit a sub-pixel translation jointly with the flux ratio and remove it by a
-        Fourier shift of the reference (properimage's ``shift=True``).
+        Fit a sub-pixel translation (from the matched stars, else jointly with the
+        flux ratio in the pixel fit) and remove it by a Fourier shift of the
+        reference (properimage's ``shift=True``).
     astrometric_noise : 'auto', float, (float, float) or None
         Registration noise ``(sigma_x, sigma_y)`` in pixels of each image; ``'auto'``
-        measures it from the scatter of matched star positions; None means 0.
+        measures it from the scatter of matched star positions (0 when fewer than 5
+        stars match); None means 0.
     align : {'stars', 'wcs'} or False
         Resample the reference onto the science image's grid first, matching stars
         (astroalign) or through the WCSs (reproject).
@@ -324,7 +357,9 @@ def subtract(
     Raises
     ------
     ValueError
-        When the images differ in shape (and ``align`` is off), or an option is invalid.
+        When the images differ in shape (and ``align`` is off), an option is invalid,
+        or a PSF must be estimated from an image with no usable star (the message
+        names the image and the option that gives its PSF).
 
     Examples
     --------
@@ -344,26 +379,33 @@ def subtract(
     if hasattr(reference, "calibrated") and hasattr(reference, "psf"):
         reference_psf = reference.psf if reference_psf is None else reference_psf
         reference = reference.calibrated
+    if flux_ratio is not None and not (np.isfinite(flux_ratio) and flux_ratio > 0):
+        raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
     units, gains = _pair(unit, "unit"), _pair(gain, "gain")
     noises, saturations = _pair(read_noise, "read_noise"), _pair(saturation, "saturation")
-    sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
-                   saturation=saturations[1], dtype=dtype)
-    if align:
-        from .alignment import align as align_images
+    ref_warnings, sci_warnings = ImageWarnings("reference image"), ImageWarnings("science image")
+    with sci_warnings:
+        sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
+                       saturation=saturations[1], dtype=dtype)
+    with ref_warnings:
+        if align:
+            from .alignment import align as align_images
 
-        method = "stars" if align is True else align
-        reference = align_images(reference, as_ccddata(sci), method=method, unit=units[0],
-                                 saturation=saturations[0])
-    ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
-                   saturation=saturations[0], dtype=dtype)
+            method = "stars" if align is True else align
+            reference = align_images(reference, as_ccddata(sci), method=method, unit=units[0],
+                                     saturation=saturations[0])
+        ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
+                       saturation=saturations[0], dtype=dtype)
     if ref.shape != sci.shape:
         raise ValueError(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
 
-    pref = _prepare(ref, reference_psf, "reference")
-    psci = _prepare(sci, science_psf, "science")
+    with ref_warnings:
+        pref = _prepare(ref, reference_psf, "reference image", "reference_psf=")
+    with sci_warnings:
+        psci = _prepare(sci, science_psf, "science image", "science_psf=")
     bad = ref.mask | sci.mask
     ny, nx = sci.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
@@ -372,15 +414,10 @@ def subtract(
     sigma_n0 = float(np.median(psci.rms[~bad]))
     # the fits need the bright stars unsaturated: saturation is already in the masks
 
-    match = None
-    if pref.stars is not None and psci.stars is not None:
-        try:
-            match = match_stars(pref.stars, psci.stars, radius=2.0,
-                                min_matches=MIN_MATCHED_STARS, images=(ref, sci),
-                                psfs=(psf_r0, psf_n0))
-        except ValueError as exc:
-            log.info("star matching failed (%s): flux ratio and shift come from pixel fits",
-                     exc)
+    needs = [what for what, needed in (("flux ratio", flux_ratio is None), ("shift", fit_shift),
+                                        ("astrometric noise", astrometric_noise == "auto"))
+             if needed]
+    match = _match(pref, psci, (psf_r0, psf_n0), needs)
     shift, beta, beta_err = (0.0, 0.0), flux_ratio, 0.0
     if match is not None:
         if fit_shift:
@@ -394,7 +431,8 @@ def subtract(
         if not fit.converged:
             warnings.warn(
                 f"the pixel fit of the flux ratio did not converge (beta={fit.beta:.5g}); "
-                "give flux_ratio= if it is known", AstroZackayWarning, stacklevel=2,
+                "give flux_ratio= if it is known", AstroZackayWarning,
+                stacklevel=user_stacklevel(),
             )
         if fit_shift:
             shift = (fit.dx, fit.dy)
@@ -402,8 +440,6 @@ def subtract(
             beta, beta_err = fit.beta, fit.beta_err
     if flux_ratio is not None:
         beta, beta_err = float(flux_ratio), 0.0
-        if not np.isfinite(beta) or beta <= 0:
-            raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
 
     ref_data, ref_var, ref_bad = pref.data, ref.variance, ref.mask
     if shift != (0.0, 0.0):
