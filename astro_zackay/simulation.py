@@ -1475,7 +1475,7 @@ galaxy_ellipticity_max
             lo, hi = _pair_value(10.0 if transient_snr is None else transient_snr, "transient_snr")
             if not (0 < lo <= hi and np.isfinite(hi)):
                 raise ValueError(f"transient_snr must be > 0, got {transient_snr!r}.")
-            if s_bvar == 0:
+            if s_bvar == 0 and n_transients:
                 raise ValueError(
                     "transient_snr needs a science noise level: science_sky + read_noise**2 > 0."
                 )

@@ -730,3 +730,204 @@ def test_inject_errors_and_warnings():
     sigma = 2.0 / GAUSS  # the flux at x >= -0.5 is Phi(0.5 / sigma)
     assert out.data.sum() == pytest.approx(1e3 * stats.norm.cdf(0.5 / sigma), rel=0.01)
     assert out.data[:, 30:].sum() == 0.0
+
+
+# ---------------------------------------------------------------------------
+# galaxies
+# ---------------------------------------------------------------------------
+def one_galaxy(r_eff, sersic_n, e, theta, psf, x=80.3, y=79.6, shape=(160, 160), flux=1e5):
+    gal = Table(
+        {
+            "x": [x],
+            "y": [y],
+            "flux": [flux],
+            "r_eff": [r_eff],
+            "sersic_n": [sersic_n],
+            "ellipticity": [e],
+            "theta": [theta],
+        }
+    )
+    return simulate_image(
+        shape, psf=psf, stars=Table({"x": [], "y": [], "flux": []}), galaxies=gal,
+        sky=0.0, read_noise=0.0, noise=False, wcs=False,
+    )
+
+
+def truncated_sersic_r2(r_eff, n, cut=5.0):
+    """<r^2> (elliptical-radius units of r_eff = 1) of a Sersic profile cut at ``cut`` r_eff."""
+    b = special.gammaincinv(2 * n, 0.5)
+    edge = b * cut ** (1 / n)
+    ratio = special.gamma(4 * n) * special.gammainc(4 * n, edge)
+    ratio /= special.gamma(2 * n) * special.gammainc(2 * n, edge)
+    return r_eff**2 * b ** (-2 * n) * ratio
+
+
+@pytest.mark.parametrize(
+    ("r_eff", "sersic_n", "e", "theta"),
+    [(4.0, 1.0, 0.0, 0.0), (4.0, 1.0, 0.5, 0.7), (2.5, 4.0, 0.3, -1.1), (6.0, 0.6, 0.2, 2.0)],
+)
+def test_galaxy_flux_size_and_shape_against_analytic_moments(r_eff, sersic_n, e, theta):
+    """Flux exact; moments = intrinsic truncated Sersic + pixel box + PSF (convolution)."""
+    fwhm = 3.0
+    img = one_galaxy(r_eff, sersic_n, e, theta, PSFField(fwhm=fwhm))
+    model = img.model
+    assert model.sum() == pytest.approx(1e5, rel=1e-10)
+    assert model.min() >= 0
+    g = img.galaxies
+    assert len(g) == 1 and g["peak"][0] == pytest.approx(model.max(), rel=1e-12)
+    xc, yc, mxx, myy, mxy = moments(model)
+    # pixel-centre centroids of a cuspy (n = 4) profile carry a pixel-phase bias of ~0.02 px
+    assert xc == pytest.approx(80.3, abs=0.03) and yc == pytest.approx(79.6, abs=0.03)
+    # remove the PSF's variance (point-sampled Gaussian) and the pixel box, then compare
+    psf_var = (fwhm / GAUSS) ** 2
+    cov = np.array([[mxx, mxy], [mxy, myy]]) - (psf_var + 1 / 12) * np.eye(2)
+    lam, vec = np.linalg.eigh(cov)
+    r2 = truncated_sersic_r2(r_eff, sersic_n)
+    assert lam[1] == pytest.approx(r2 / 2, rel=0.02)  # major axis
+    assert lam[0] == pytest.approx(r2 / 2 * (1 - e) ** 2, rel=0.02)
+    if e > 0:
+        assert angle_diff(math.atan2(vec[1, 1], vec[0, 1]), theta) < 0.02
+
+
+def test_galaxy_half_light_radius():
+    """A round exponential galaxy under a narrow PSF holds half its (cut) light within r_eff."""
+    from photutils.aperture import CircularAperture, aperture_photometry
+
+    r_eff = 6.0
+    img = one_galaxy(r_eff, 1.0, 0.0, 0.0, PSFField(fwhm=0.8))
+    phot = aperture_photometry(img.model, CircularAperture((80.3, 79.6), r_eff), method="exact")
+    b = special.gammaincinv(2.0, 0.5)
+    expected = 0.5 / special.gammainc(2.0, b * 5.0)  # renormalised after the cut at 5 r_eff
+    assert float(phot["aperture_sum"][0]) / 1e5 == pytest.approx(expected, abs=0.01)
+
+
+def test_random_galaxies_truth_ranges_and_flux():
+    sim = simulate_image(
+        (256, 256), n_stars=20, n_galaxies=60, flux_range=(1e3, 1e5), galaxy_size_range=(1.5, 4.0),
+        galaxy_sersic_range=(1.0, 4.0), galaxy_ellipticity_max=0.5, edge=30.0, min_separation=6.0,
+        noise=False, sky=0.0, read_noise=0.0, seed=3,
+    )
+    g = sim.galaxies
+    assert len(g) == 60 and len(sim.truth) == 20  # galaxies outnumber the stars 3:1
+    assert sim.ccd.meta["NGALAXY"] == 60
+    assert np.all((g["r_eff"] >= 1.5) & (g["r_eff"] <= 4.0))
+    assert np.all((g["sersic_n"] >= 1.0) & (g["sersic_n"] <= 4.0))
+    assert np.all((g["ellipticity"] >= 0) & (g["ellipticity"] < 0.5))
+    assert np.all((g["flux"] >= 1e3) & (g["flux"] <= 1e5))
+    assert np.all((g["x"] >= 30) & (g["x"] <= 225) & (g["y"] >= 30) & (g["y"] <= 225))
+    # every source fully inside (edge 30 > 5 r_eff + PSF stamp): the image holds all flux
+    total = sim.truth["flux"].sum() + g["flux"].sum()
+    assert sim.model.sum() == pytest.approx(total, rel=1e-10)
+    # galaxies keep min_separation from the stars and from each other
+    xy = np.column_stack([np.r_[sim.truth["x"], g["x"]], np.r_[sim.truth["y"], g["y"]]])
+    d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
+    assert d[np.triu_indices(len(xy), 1)].min() >= 6.0
+    # a galaxy's peak is lower than that of a star of the same flux (it is extended)
+    star_peak_per_flux = sim.truth["peak"] / sim.truth["flux"]
+    assert np.all(g["peak"] / g["flux"] < star_peak_per_flux.min())
+
+
+def test_galaxies_reproducible_and_noise_includes_them():
+    kw = dict(shape=(128, 128), n_stars=5, n_galaxies=15, seed=11)
+    a, b = simulate_image(**kw), simulate_image(**kw)
+    assert np.array_equal(a.ccd.data, b.ccd.data)
+    assert np.array_equal(np.asarray(a.galaxies["x"]), np.asarray(b.galaxies["x"]))
+    c = simulate_image(**{**kw, "seed": 12})
+    assert not np.allclose(np.asarray(a.galaxies["x"]), np.asarray(c.galaxies["x"]))
+    # without galaxies the same seed gives the same stars and noise as before galaxies existed
+    plain = simulate_image((128, 128), n_stars=5, seed=11)
+    assert np.array_equal(np.asarray(plain.truth["x"]), np.asarray(a.truth["x"]))
+    assert plain.galaxies is None and plain.ccd.meta["NGALAXY"] == 0
+    # the uncertainty is the true model variance, galaxies included
+    assert np.allclose(a.ccd.uncertainty.array ** 2, a.model + 25.0)
+
+
+def test_pair_galaxies_identical_in_both_images():
+    pair = simulate_pair(
+        (192, 192), reference_psf=2.5, science_psf=3.5, flux_ratio=0.7, shift=(0.4, -0.3),
+        n_stars=10, n_galaxies=30, noise=False, reference_sky=0.0, science_sky=0.0,
+        read_noise=0.0, edge=40.0, seed=5,
+    )
+    rg, sg = pair.reference.galaxies, pair.science.galaxies
+    assert len(rg) == len(sg) == 30
+    assert np.allclose(sg["x"], rg["x"] + 0.4) and np.allclose(sg["y"], rg["y"] - 0.3)
+    assert np.allclose(sg["flux"], 0.7 * rg["flux"])
+    for col in ("r_eff", "sersic_n", "ellipticity", "theta"):
+        assert np.array_equal(np.asarray(sg[col]), np.asarray(rg[col]))
+    # the broader science PSF lowers every galaxy's peak
+    assert np.all(sg["peak"] / sg["flux"] < rg["peak"] / rg["flux"])
+    for img in (pair.reference, pair.science):
+        total = img.truth["flux"].sum() + img.galaxies["flux"].sum()
+        assert img.model.sum() == pytest.approx(total, rel=1e-10)
+
+
+def test_galaxy_bad_inputs():
+    with pytest.raises(ValueError, match="either galaxies or n_galaxies"):
+        simulate_image(
+            (64, 64), n_galaxies=2,
+            galaxies=Table({c: [1.0] for c in sim._GALAXY_COLUMNS}),
+        )
+    with pytest.raises(ValueError, match="galaxy_size_range"):
+        simulate_image((64, 64), n_galaxies=2, galaxy_size_range=(3.0, 1.0))
+    with pytest.raises(ValueError, match="galaxy_sersic_range"):
+        simulate_image((64, 64), n_galaxies=2, galaxy_sersic_range=(0.1, 4.0))
+    with pytest.raises(ValueError, match="galaxy_ellipticity_max"):
+        simulate_image((64, 64), n_galaxies=2, galaxy_ellipticity_max=1.0)
+    with pytest.raises(ValueError, match="lacks column"):
+        simulate_image((64, 64), galaxies=Table({"x": [1.0], "y": [1.0], "flux": [1.0]}))
+    bad = Table({c: [1.0] for c in sim._GALAXY_COLUMNS})
+    bad["r_eff"] = [0.0]
+    with pytest.raises(ValueError, match="r_eff > 0"):
+        simulate_image((64, 64), galaxies=bad)
+
+
+# ---------------------------------------------------------------------------
+# simulate_mosaic
+# ---------------------------------------------------------------------------
+def tutorial2_psfs():
+    """properimage's Tutorial 2: x-FWHM 5 + 6.5 theta/180, y-FWHM 5, theta in degrees."""
+    return [
+        PSFField(
+            fwhm=5 + 6.5 * a / 180, ellipticity=1 - 5 / (5 + 6.5 * a / 180), theta=math.radians(a)
+        )
+        for a in (0, 45, 105, 150)
+    ]
+
+
+def test_mosaic_tiles_truth_and_psf():
+    psfs = tutorial2_psfs()
+    frame = sim.simulate_mosaic(
+        (96, 128), psfs, n_stars=6, n_galaxies=3, n_cosmic_rays=2, n_bad_pixels=3, seed=4
+    )
+    assert frame.ccd.shape == (192, 256) and isinstance(frame.psf, sim.PSFMosaic)
+    assert frame.ccd.wcs is not None and frame.ccd.meta["NTILES"] == 4
+    truth = frame.truth
+    assert len(truth) == 24 and np.array_equal(np.asarray(truth["id"]), np.arange(24))
+    assert np.bincount(truth["tile"]).tolist() == [6, 6, 6, 6]
+    assert np.bincount(frame.galaxies["tile"]).tolist() == [3, 3, 3, 3]
+    # each star's truth PSF is its tile's PSF; the mosaic's params agree at its position
+    fwhm, e, theta = frame.psf.params(truth["x"], truth["y"])
+    assert np.allclose(fwhm, truth["fwhm"]) and np.allclose(e, truth["ellipticity"])
+    assert np.allclose(fwhm, [psfs[k].fwhm for k in truth["tile"]])
+    # the frame is the tiles side by side: star k of tile 3 (row 1, col 1) sits at +(128, 96)
+    row = truth[truth["tile"] == 3][0]
+    assert 128 <= row["x"] < 256 and 96 <= row["y"] < 192
+    stamp = frame.psf.stamp(row["x"], row["y"], 31)
+    assert np.allclose(stamp, psfs[3].stamp(row["x"] - 128, row["y"] - 96, 31))
+    # a noiseless check of one tile: its model equals simulate_image with the same child seed
+    child = np.random.default_rng(4).spawn(4)[3]
+    tile = simulate_image((96, 128), psf=psfs[3], n_stars=6, n_galaxies=3, n_cosmic_rays=2,
+                          n_bad_pixels=3, seed=child, wcs=False)
+    assert np.array_equal(frame.model[96:, 128:], tile.model)
+    assert np.array_equal(frame.ccd.data[96:, 128:], tile.ccd.data)
+    assert np.array_equal(frame.ccd.mask[96:, 128:], tile.ccd.mask)
+    bad = frame.bad_pixels[frame.bad_pixels["tile"] == 3]
+    assert np.array_equal(np.asarray(bad["x"]) - 128, np.asarray(tile.bad_pixels["x"]))
+    assert frame.ccd.meta["NSTARS"] == 24 and frame.ccd.meta["NGALAXY"] == 12
+
+
+def test_mosaic_errors():
+    with pytest.raises(ValueError, match="needs 4 PSFs"):
+        sim.simulate_mosaic((32, 32), [3.0, 4.0], n_stars=1)
+    with pytest.raises(ValueError, match="single"):
+        sim.PSFMosaic((PSFField(3.0),), (1, 1), (32, 32)).stamp([1.0, 2.0], [1.0, 2.0])
