@@ -140,6 +140,13 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
     return value, value
 
 
+def _unpack_coadd(image: Any, psf: Any) -> tuple[Any, Any]:
+    """A `~astro_zackay.coaddition.CoaddResult` gives its calibrated coadd and its PSF."""
+    if hasattr(image, "calibrated") and hasattr(image, "psf"):
+        return image.calibrated, image.psf if psf is None else psf
+    return image, psf
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """One image made ready for ZOGY: background-subtracted data, noise and PSF."""
@@ -307,9 +314,9 @@ def subtract(
     Parameters
     ----------
     reference, science : `~astropy.nddata.CCDData` or any input of the CCDData boundary
-        The two images, on the same pixel grid (or give ``align``). The reference
-        may also be a `~astro_zackay.coaddition.CoaddResult`, whose calibrated
-        coadd and PSF are then used. Their uncertainties give the source noise;
+        The two images, on the same pixel grid (or give ``align``). Either may
+        also be a `~astro_zackay.coaddition.CoaddResult`, whose calibrated coadd
+        and PSF are then used. Their uncertainties give the source noise;
         without one, the noise is estimated from the data (see ``gain``).
     reference_psf, science_psf : KLPSFModel, astropy/photutils model, array or float, optional
         The PSFs: a model, an odd-sized unit-sum stamp, or a FWHM in pixels (a
@@ -376,9 +383,8 @@ def subtract(
     >>> round(float(best["x"])), round(float(best["y"])), bool(best["score"] > 20)
     (150, 201, True)
     """
-    if hasattr(reference, "calibrated") and hasattr(reference, "psf"):
-        reference_psf = reference.psf if reference_psf is None else reference_psf
-        reference = reference.calibrated
+    reference, reference_psf = _unpack_coadd(reference, reference_psf)
+    science, science_psf = _unpack_coadd(science, science_psf)
     if flux_ratio is not None and not (np.isfinite(flux_ratio) and flux_ratio > 0):
         raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
     units, gains = _pair(unit, "unit"), _pair(gain, "gain")
