@@ -1,4 +1,12 @@
-"""`estimate_psf`: the image-level step that turns an image into a `KLPSFModel`."""
+"""`estimate_psf`: the image-level step that turns an image into a `KLPSFModel`.
+
+The stages: stars (given or found) -> stamp size (shrunk before stars are lost at
+the edge) -> background-subtracted stamps (a background map, or a ring beyond the
+wings) -> neighbours cleaned, then sub-pixel recentring -> the degradation ladder
+(`astro_zackay.psf.ladder`) picks the model the stars support -> one builder per
+method (`astro_zackay.psf.builders`) -> an analytic outer wing fitted to the bright
+stars (`astro_zackay.psf.wings`) -> quality on held-out stars.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +15,23 @@ import warnings
 from typing import Any
 
 import numpy as np
+from astropy.nddata import NDData
 from astropy.table import Table
 
 from .._ccd import to_image
 from .._threads import single_threaded_blas
-from .._warnings import PSFQualityWarning
+from .._warnings import FewStarsWarning, PSFQualityWarning
 from ..stars import find_psf_stars
-from .analytic import fit_profile, mean_stamp, render_profile
-from .kl import (
-    design_matrix,
-    evaluate_psf,
-    fit_fields,
-    image_scaling,
-    kl_basis,
-    n_components_from_inf_loss,
-    polynomial_terms,
-    scale_coordinates,
-    select_n_components,
+from .builders import (
+    Built,
+    TrainingSet,
+    build_analytic,
+    build_constant,
+    build_gaussian,
+    build_kl,
 )
+from .kl import image_scaling, scale_coordinates
+from .ladder import Plan, plan_model
 from .model import KLPSFModel
 from .stamps import (
     StampSet,
@@ -32,29 +39,36 @@ from .stamps import (
     cut_stamps,
     fit_offsets,
     recentre,
+    stamp_fits,
     stamp_moments,
 )
+from .wings import fit_wing, render_wing
 
 __all__ = ["estimate_psf"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("kl", "constant", "gaussian", "moffat")
-#: largest number of eigen-PSFs tried when K is chosen from held-out stars
-MAX_COMPONENTS = 8
 #: a held-out median chi2/dof above this emits a PSFQualityWarning
 CHI2_WARN = 1.3
-#: fewest held-out stars for choosing K or reporting quality
-MIN_HOLDOUT = 5
+#: the core stamp reaches this many FWHM from the centre ...
+CORE_FWHM = 3.0
+#: ... and is shrunk down to this many FWHM to keep stars near the edge
+MIN_CORE_FWHM = 2.0
+#: the wing is fitted from 2 FWHM out to this many FWHM; the background ring lies beyond
+WING_FIT_FWHM = 8.0
+#: number of bright stars whose stacked profile gives the wing
+WING_STARS = 25
 
 
 def _check_arguments(
     method: str,
     n_components: int | None,
     inf_loss: float | None,
-    degree: int,
+    degree: int | None,
     stamp_shape: Any,
     holdout_fraction: float,
+    fwhm: float | None,
 ) -> tuple[int, int] | None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -66,15 +80,12 @@ def _check_arguments(
         raise ValueError(f"inf_loss is a fraction of the eigen-spectrum in [0, 1), got {inf_loss}")
     if method != "kl" and (n_components not in (None, 1) or inf_loss is not None):
         raise ValueError(f"n_components/inf_loss only apply to method='kl', not {method!r}")
-    if int(degree) != degree or degree < 0:
-        raise ValueError(f"degree must be a non-negative integer, got {degree!r}")
+    if degree is not None and (int(degree) != degree or degree < 0):
+        raise ValueError(f"degree must be a non-negative integer or None, got {degree!r}")
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    if method == "kl" and n_components is None and inf_loss is None and holdout_fraction == 0:
-        raise ValueError(
-            "K is chosen from held-out stars by default: give holdout_fraction > 0, "
-            "or n_components / inf_loss"
-        )
+    if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
+        raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm!r}")
     if stamp_shape is None:
         return None
     shape = (stamp_shape, stamp_shape) if np.isscalar(stamp_shape) else tuple(stamp_shape)
@@ -86,36 +97,20 @@ def _check_arguments(
     return int(shape[0]), int(shape[1])
 
 
-def _stamp_shape_from_fwhm(fwhm: float) -> tuple[int, int]:
-    """Stamps reach 3 FWHM from the centre (at least 5, at most 40 pixels)."""
-    half = int(np.clip(np.ceil(3.0 * fwhm), 5, 40))
-    return 2 * half + 1, 2 * half + 1
-
-
-def _default_stamp_shape(stars: Table, img: Any) -> tuple[int, int]:
-    shape = stars.meta.get("stamp_shape")
-    if shape is not None:
-        return tuple(int(n) for n in shape)
-    fwhm = stars.meta.get("fwhm")
-    if fwhm is None and "fwhm" in stars.colnames:
-        fwhm = float(np.nanmedian(stars["fwhm"]))
-    if fwhm is None:
-        # measure it: windowed moments of the brightest stars in generous stamps
-        probe = cut_stamps(img.data, img.variance, img.mask, stars["x"], stars["y"], (31, 31))
-        good = np.flatnonzero(probe.valid)
-        if good.size == 0:
-            raise ValueError(
-                "no star has a clean 31x31 stamp to measure the FWHM: give stamp_shape"
-            )
-        good = good[np.argsort(probe.flux[good])[::-1][:20]]
-        size, _, _ = stamp_moments(recentre(probe.data[good], probe.dx[good], probe.dy[good]), 4.0)
-        fwhm = 2.3548 * np.sqrt(np.median(size) / 2.0)
-    return _stamp_shape_from_fwhm(float(fwhm))
-
-
-def _select_stars(stars: Table | None, image: Any, snr_min: float, kwargs: dict) -> Table:
+def _select_stars(
+    stars: Table | None, image: Any, snr_min: float, kwargs: dict, fwhm: float | None
+) -> Table:
     if stars is None:
-        stars = find_psf_stars(image, snr_min=snr_min, **kwargs)
+        try:
+            stars = find_psf_stars(image, snr_min=snr_min, **kwargs)
+        except ValueError as exc:
+            if fwhm is None:
+                raise ValueError(
+                    f"{exc}. Give the PSF (reference_psf= / science_psf= to subtract, psfs= "
+                    "to coadd), or fwhm= for a Gaussian PSF of that FWHM"
+                ) from None
+            log.info("no PSF stars (%s): a Gaussian of FWHM %g", exc, fwhm)
+            return Table({"x": np.zeros(0), "y": np.zeros(0)})
         log.info("find_psf_stars found %d PSF stars", len(stars))
         return stars
     if not isinstance(stars, Table) or not {"x", "y"} <= set(stars.colnames):
@@ -128,20 +123,96 @@ def _select_stars(stars: Table | None, image: Any, snr_min: float, kwargs: dict)
     return stars
 
 
+def _measured_fwhm(stars: Table, img: Any) -> float | None:
+    """The stars' FWHM: their table's, else windowed moments of the brightest stamps."""
+    fwhm = stars.meta.get("fwhm")
+    if fwhm is None and "fwhm" in stars.colnames and np.isfinite(stars["fwhm"]).any():
+        fwhm = float(np.nanmedian(stars["fwhm"]))
+    if fwhm is not None or len(stars) == 0:
+        return fwhm
+    probe = cut_stamps(img.data, img.variance, img.mask, stars["x"], stars["y"], (31, 31))
+    good = np.flatnonzero(probe.valid)
+    if good.size == 0:
+        probe = cut_stamps(img.data, img.variance, img.mask, stars["x"], stars["y"], (15, 15))
+        good = np.flatnonzero(probe.valid)
+    if good.size == 0:
+        return None
+    good = good[np.argsort(probe.flux[good])[::-1][:20]]
+    size, _, _ = stamp_moments(recentre(probe.data[good], probe.dx[good], probe.dy[good]), 4.0)
+    return float(2.3548 * np.sqrt(np.median(size) / 2.0))
+
+
+def _side(fwhm: float, n_fwhm: float) -> int:
+    return 2 * int(np.clip(np.ceil(n_fwhm * fwhm), 3, 60)) + 1
+
+
+def _core_shape(stars: Table, img: Any, fwhm: float) -> tuple[int, int]:
+    """The core stamp: +-3 FWHM, shrunk (to +-2 FWHM at least) when that keeps more stars.
+
+    A smaller stamp is taken when the full one would lose more than a fifth of the
+    stars that a +-2 FWHM stamp keeps; the wing model covers what it leaves out.
+    """
+    default = stars.meta.get("stamp_shape")
+    full = int(default[0]) if default is not None else _side(fwhm, CORE_FWHM)
+    smallest = min(_side(fwhm, MIN_CORE_FWHM), full)
+    x, y = np.asarray(stars["x"], dtype=float), np.asarray(stars["y"], dtype=float)
+
+    def n_fit(side: int) -> int:
+        if "stamp_max" in stars.colnames:
+            return int(np.sum(np.asarray(stars["stamp_max"]) >= side))
+        return int(stamp_fits(x, y, img.shape, (side, side)).sum())
+
+    wanted = 0.8 * n_fit(smallest)
+    side = next(s for s in range(full, smallest - 1, -2) if n_fit(s) >= wanted or s == smallest)
+    if side < full:
+        log.info("core stamp shrunk from %d to %d pixels: %d instead of %d stars fit",
+                 full, side, n_fit(side), n_fit(full))
+    return side, side
+
+
+def _sky_map(background: Any) -> np.ndarray | None:
+    if background is None:
+        return None
+    sky = getattr(background, "sky", background)
+    return np.asarray(sky.data if isinstance(sky, NDData) else sky, dtype=float)
+
+
 def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Recentred unit-sum stamps (flattened, neighbours cleaned), variances and star weights."""
+    """Recentred unit-sum stamps (flattened, outliers cleaned), variances and star weights."""
     n = len(stamps)
-    norm = (recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]).reshape(n, -1)
-    variance = (stamps.variance / stamps.flux[:, None, None] ** 2).reshape(n, -1)
-    norm, _ = clean_neighbours(norm, variance)
-    weights = 1.0 / np.sqrt(variance.sum(axis=1))
-    return norm, variance, weights
+    shape = stamps.data.shape[1:]
+    norm = recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]
+    variance = stamps.variance / stamps.flux[:, None, None] ** 2
+    norm, _ = clean_neighbours(norm, variance, grow=0)
+    weights = 1.0 / np.sqrt(variance.sum(axis=(1, 2)))
+    return norm.reshape(n, -1), variance.reshape(n, -1), weights, shape
+
+
+def _without_neighbours(stamps: StampSet) -> StampSet:
+    """The stamps with neighbours replaced, on their own pixel grid (before any shift)."""
+    flux = stamps.flux[:, None, None]
+    cleaned, replaced = clean_neighbours(stamps.data / flux, stamps.variance / flux**2)
+    log.info("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
+             int(replaced.any(axis=(1, 2)).sum()))
+    return StampSet(cleaned * flux, stamps.variance, stamps.dx, stamps.dy,
+                    stamps.background, stamps.flux, stamps.valid)
+
+
+def _refine(stamps: StampSet, train: np.ndarray) -> StampSet:
+    """Sub-pixel offsets refined twice against the mean of the training stamps."""
+    dx, dy = stamps.dx, stamps.dy
+    for _ in range(2):
+        norm, _, weights, shape = _normalised(stamps, dx, dy)
+        mean = np.tensordot(weights[train] ** 2, norm[train], axes=1).reshape(shape)
+        dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())
+    return StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
+                    stamps.valid)
 
 
 def _held_out_quality(
     model: KLPSFModel, stamps: StampSet, x: np.ndarray, y: np.ndarray
 ) -> tuple[dict, dict]:
-    """Per-star and summary quality of ``model`` on held-out stars."""
+    """Per-star and summary quality of ``model`` (its core) on held-out stars."""
     psf = model.psf_at(x, y)
     dx, dy, flux, chi2 = fit_offsets(stamps, psf)
     n_pix = psf.shape[1] * psf.shape[2]
@@ -149,7 +220,7 @@ def _held_out_quality(
     fitted = np.stack([f * p for f, p in zip(flux, recentre(psf, -dx, -dy))])
     residual = np.abs(stamps.data - fitted).sum(axis=(1, 2)) / flux
     noise = np.sqrt(2.0 / np.pi) * np.sqrt(stamps.variance).sum(axis=(1, 2)) / flux
-    size_psf, e1_psf, e2_psf = stamp_moments(psf)
+    size_psf, _, _ = stamp_moments(psf)
     window = float(np.sqrt(np.median(size_psf) / 2.0))
     t_model, e1_model, e2_model = stamp_moments(psf, window)
     t_star, e1_star, e2_star = stamp_moments(
@@ -173,26 +244,37 @@ def _held_out_quality(
     return per_star, summary
 
 
-def _choose_k(
-    basis: np.ndarray,
-    fields: np.ndarray,
-    design: np.ndarray,
-    stamps: StampSet,
-) -> tuple[int, np.ndarray]:
-    n_pix = basis.shape[1]
-    chi2_dof = np.empty((basis.shape[0], len(stamps)))
-    for k in range(1, basis.shape[0] + 1):
-        psf = evaluate_psf(basis[:k], fields[:k], design).reshape(stamps.data.shape)
-        chi2_dof[k - 1] = fit_offsets(stamps, psf)[3] / (n_pix - 3)
-    n_components, scores, sigma = select_n_components(chi2_dof)
-    log.info(
-        "held-out median chi2/dof for K=1..%d: %s (one-standard-error band %.4f): K=%d",
-        len(scores),
-        np.array2string(scores, precision=4),
-        sigma,
-        n_components,
+def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_components: int | None,
+           inf_loss: float | None) -> Built:
+    if plan.method == "kl":
+        return build_kl(train, hold, plan.degrees, n_components=n_components, inf_loss=inf_loss)
+    if plan.method == "constant":
+        return build_constant(train)
+    return build_analytic(train, plan.method)
+
+
+def _wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
+          core_shape: tuple[int, int], sky: np.ndarray | None, ring: float) -> tuple:
+    """The wing stamp fitted to the brightest stars (or None) and its law for the meta."""
+    bright = np.argsort(stamps.flux)[::-1][:WING_STARS]
+    wing = fit_wing(
+        img.data, img.mask, x[bright], y[bright], stamps.flux[bright],
+        r_min=2.0 * fwhm, r_max=ring, background=stamps.background[bright], sky=sky,
+        ring_radius=None if sky is not None else ring,
     )
-    return n_components, scores
+    stamp = render_wing(wing, core_shape)
+    law = {"wing_amplitude": wing.amplitude, "wing_power": wing.power,
+           "wing_fraction": 0.0 if stamp is None else float(stamp.sum())}
+    log.info("outer wing: %s", law)
+    return stamp, law
+
+
+def _announce(plan: Plan, n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
+    lost = n_given - n_usable
+    text = (f"{n_usable} usable PSF stars ({n_given} given, {lost} without a clean "
+            f"{shape[0]}x{shape[1]} stamp): using " + "; ".join(plan.steps))
+    warnings.warn(text, FewStarsWarning, stacklevel=4)
+    return "; ".join(plan.steps)
 
 
 @single_threaded_blas
@@ -202,11 +284,13 @@ def estimate_psf(
     *,
     n_components: int | None = None,
     inf_loss: float | None = None,
-    degree: int = 2,
+    degree: int | None = None,
     stamp_shape: int | tuple[int, int] | None = None,
     method: str = "kl",
     holdout_fraction: float = 0.25,
     snr_min: float = 20.0,
+    fwhm: float | None = None,
+    background: Any = None,
     saturation: float | None = None,
     mask: np.ndarray | None = None,
     unit: Any = None,
@@ -215,22 +299,40 @@ def estimate_psf(
 ) -> KLPSFModel:
     """Estimate the PSF of an image from its stars (Karhunen-Loeve, constant or analytic).
 
-    Stars (from `~astro_zackay.stars.find_psf_stars` unless given) are cut into stamps,
-    background-subtracted (sigma-clipped mean of a 4-pixel ring around each
-    stamp), recentred to the central pixel with a Fourier shift and normalised to
-    unit sum. Their sub-pixel positions are refined twice by fitting the mean stamp.
-    A random ``holdout_fraction`` of them is held out; the model is built from the
-    rest:
+    Stars (from `~astro_zackay.stars.find_psf_stars` unless given) are cut into stamps
+    of +-3 FWHM (shrunk to as little as +-2 FWHM when that keeps stars near the
+    edge), minus the background (the ``background`` map, else the clipped mean of a
+    ring 8 FWHM out, beyond the wings). Neighbours are replaced in the wings on the
+    stamps' own pixel grid (symmetric rejection, before any shift); the stamps are
+    then recentred with a Fourier shift (mirrored at their edges, so nothing wraps
+    around) and normalised to unit sum; their sub-pixel positions are refined twice
+    against the mean stamp.
+
+    What is built depends on the usable stars (the degradation ladder, never a dead
+    end): a spatially varying KL PSF when they constrain its coefficient fields (the
+    degree lowered until they do), a constant PSF (the mean stamp) with fewer than a
+    degree-1 field needs, a Moffat profile fitted to 1-3 stars, and with none a round
+    Gaussian of ``fwhm`` when it is given. A random ``holdout_fraction`` of the stars
+    is held out when at least 5 would be; otherwise the quality is unmeasured
+    (``quality['measured']`` False). Every step down from what was asked is announced
+    once with a `~astro_zackay.FewStarsWarning` and recorded in ``model.meta``.
 
     * ``'kl'``: eigen-PSFs from the SVD of the inverse-noise weighted stamps, each
       coefficient a polynomial of total degree ``degree`` in scaled coordinates,
-      the PSF unit-sum everywhere. K is the smallest number of components whose
-      median held-out chi2/dof is within one standard error of the best K
-      (1..8), unless ``n_components`` (K itself) or ``inf_loss`` (the largest
-      fraction of the eigen-spectrum that may be discarded, as in properimage)
-      is given.
+      the PSF unit-sum everywhere. K (1..8) and, when ``degree`` is None, the degree
+      (0..3) are the simplest whose median held-out chi2/dof is within one standard
+      error of the best, unless ``n_components`` (K itself) or ``inf_loss`` (the
+      largest fraction of the eigen-spectrum that may be discarded, as in
+      properimage) is given; without held-out stars K counts the eigen-PSFs above the
+      noise and the degree is at most 2.
     * ``'constant'``: the weighted mean stamp (K = 1, no spatial variation).
     * ``'gaussian'`` / ``'moffat'``: an elliptical profile fitted to the mean stamp.
+
+    The core stamp is extended by an analytic wing, ``A r**-p`` fitted to the stacked
+    profile of the brightest stars between 2 and 8 FWHM, out to where 1e-3 of the flux
+    remains, when the wing holds a significant flux outside the core (Moffat-like
+    PSFs): ``psf_at`` returns core and wing, unit sum. A given ``stamp_shape`` is kept
+    as it is (no wing).
 
     The held-out stars measure the quality (``model.quality``): chi2/dof with the
     image variance, residual flux against the noise floor, ellipticity and size
@@ -243,21 +345,28 @@ def estimate_psf(
         model of the held-out chi2.
     stars : `~astropy.table.Table`, optional
         Stars with ``x``, ``y`` (0-based pixels); ``snr`` (cut at ``snr_min``) is used
-        when present; ``meta['fwhm']`` / ``meta['stamp_shape']`` set the stamp size.
+        when present, ``stamp_max`` (the largest odd stamp side that fits) too;
+        ``meta['fwhm']`` / ``meta['stamp_shape']`` set the stamp size.
     n_components : int, optional
         Number of eigen-PSFs K (``'kl'`` only).
     inf_loss : float, optional
         Choose K so that at most this fraction of the eigen-spectrum is discarded.
     degree : int, optional
-        Total degree of the coefficient polynomials (``'kl'``).
+        Total degree of the coefficient polynomials (``'kl'``); default chosen from
+        the held-out stars. A degree the stars cannot constrain is lowered (announced).
     stamp_shape : int or tuple of int, optional
-        Odd stamp shape; default 3 FWHM either side of the centre (kept as given).
+        Odd stamp shape, kept as given; default +-3 FWHM plus the wing.
     method : {'kl', 'constant', 'gaussian', 'moffat'}, optional
-        The PSF model.
+        The PSF model asked for (stepped down when the stars cannot support it).
     holdout_fraction : float, optional
         Fraction of the stars held out to choose K and measure the quality.
     snr_min : float, optional
         Minimum signal-to-noise of the PSF stars.
+    fwhm : float, optional
+        FWHM (pixels) of a round Gaussian PSF to use when there is no usable star.
+    background : `~astro_zackay.background.BackgroundResult`, CCDData or array, optional
+        A background map of the image (e.g. from `~astro_zackay.estimate_background`),
+        subtracted from the stamps instead of a local ring.
     saturation : float, optional
         Saturation level in data units (stars touching it are rejected).
     mask : array-like of bool, optional
@@ -273,12 +382,14 @@ def estimate_psf(
     Returns
     -------
     KLPSFModel
+        ``model.meta`` records ``method_used``, ``n_stars``, ``reason`` (the steps
+        down, empty if none) and the wing law.
 
     Raises
     ------
     ValueError
         For inconsistent arguments (both ``n_components`` and ``inf_loss``, an even
-        ``stamp_shape``, ...) or too few usable stars.
+        ``stamp_shape``, ...), or no usable star and no ``fwhm``.
 
     Examples
     --------
@@ -291,114 +402,99 @@ def estimate_psf(
     (1, 1.0)
     >>> model.quality["chi2_dof"] < 1.1
     True
+
+    With three stars the ladder steps down to a fitted Moffat profile, and says so:
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     few = estimate_psf(sim.ccd, sim.truth[:3])
+    >>> few.method, few.quality["measured"], caught[0].category.__name__
+    ('moffat', False, 'FewStarsWarning')
     """
-    shape = _check_arguments(method, n_components, inf_loss, degree, stamp_shape, holdout_fraction)
+    shape = _check_arguments(method, n_components, inf_loss, degree, stamp_shape,
+                             holdout_fraction, fwhm)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation, gain=gain)
     finder_kwargs = {"unit": unit, "mask": mask, "saturation": saturation}
     if shape is not None:
         finder_kwargs["stamp_shape"] = shape
-    stars = _select_stars(stars, image, snr_min, finder_kwargs)
-    if shape is None:
-        shape = _default_stamp_shape(stars, img)
-
+    stars = _select_stars(stars, image, snr_min, finder_kwargs, fwhm)
+    star_fwhm = _measured_fwhm(stars, img)
+    if star_fwhm is None and fwhm is None:
+        plan_model(np.zeros(0), np.zeros(0), method=method, degree=degree,
+                   holdout_fraction=holdout_fraction, have_fwhm=False)  # raises: no star
+    star_fwhm = fwhm if star_fwhm is None else star_fwhm
+    core = shape if shape is not None else _core_shape(stars, img, star_fwhm)
+    sky = _sky_map(background)
+    ring = max(WING_FIT_FWHM * star_fwhm, max(core) / 2.0 + 2.0)
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
-    stamps = cut_stamps(img.data, img.variance, img.mask, x, y, shape)
-    log.info(
-        "%d of %d stars have clean %dx%d stamps (inside the image, unmasked, positive flux)",
-        int(stamps.valid.sum()),
-        len(stars),
-        *shape,
-    )
-    stars = stars[stamps.valid]
-    stamps = stamps.select(stamps.valid)
-    n_terms = len(polynomial_terms(int(degree))) if method == "kl" else 1
-    n_hold = int(round(holdout_fraction * len(stars)))
-    n_train = len(stars) - n_hold
-    need_hold = MIN_HOLDOUT if holdout_fraction > 0 else 0
-    if n_train < n_terms + 5 or n_hold < need_hold:
-        raise ValueError(
-            f"too few usable PSF stars: {len(stars)} ({n_train} to train, {n_hold} held out); "
-            f"method={method!r} with degree={degree} needs at least {n_terms + 5} training and "
-            f"{need_hold} held-out stars. Lower snr_min or degree, or give more stars"
-        )
+    stamps = cut_stamps(img.data, img.variance, img.mask, x, y, core, sky=sky,
+                        background_radius=ring)
+    log.info("%d of %d stars have clean %dx%d stamps (inside the image, unmasked, positive "
+             "flux)", int(stamps.valid.sum()), len(stars), *core)
+    n_given = len(stars)
+    order = np.random.default_rng(seed).permutation(int(stamps.valid.sum()))
+    stars = stars[stamps.valid][order]
+    stamps = stamps.select(np.flatnonzero(stamps.valid)[order])
+    x = np.asarray(stars["x"], dtype=float)
+    y = np.asarray(stars["y"], dtype=float)
+    scaling = image_scaling(img.shape)
+    u, v = scale_coordinates(x, y, scaling)
+    plan = plan_model(u, v, method=method, degree=degree, holdout_fraction=holdout_fraction,
+                      have_fwhm=fwhm is not None)
+    reason = _announce(plan, len(stars), n_given, core) if plan.steps else ""
+    meta: dict[str, Any] = {"method_used": plan.method, "n_stars": len(stars),
+                            "reason": reason, "fwhm_stars": float(star_fwhm)}
+    if len(stars) == 0:
+        built = build_gaussian(core, fwhm)
+        return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
+
     holdout = np.zeros(len(stars), dtype=bool)
-    holdout[np.random.default_rng(seed).permutation(len(stars))[:n_hold]] = True
-    train = ~holdout
-
-    # sub-pixel positions: refine twice against the mean of the training stamps
-    dx, dy = stamps.dx, stamps.dy
-    for _ in range(2):
-        norm, _, weights = _normalised(stamps, dx, dy)
-        mean = mean_stamp(norm[train], weights[train] ** 2).reshape(shape)
-        dx, dy, _, _ = fit_offsets(stamps, mean)
-    refined = StampSet(
-        stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux, stamps.valid
-    )
-    norm, norm_var, weights = _normalised(refined, dx, dy)
-    x_fit = np.round(np.asarray(stars["x"], dtype=float)) + dx
-    y_fit = np.round(np.asarray(stars["y"], dtype=float)) + dy
-
-    selection = None
-    meta: dict[str, float] = {}
-    eigenvalues = None
-    if method == "kl":
-        scaling = image_scaling(img.shape)
-        design = design_matrix(*scale_coordinates(x_fit, y_fit, scaling), polynomial_terms(degree))
-        k_max = min(MAX_COMPONENTS, n_train - n_terms, norm.shape[1])
-        if n_components is not None:
-            k_max = int(n_components)
-            if k_max > min(n_train - n_terms, norm.shape[1]):
-                raise ValueError(
-                    f"n_components={n_components} is too many for {n_train} training stars "
-                    f"and {norm.shape[1]}-pixel stamps"
-                )
-        basis, eigenvalues = kl_basis(norm[train], weights[train], k_max)
-        coefficients = norm[train] @ basis.T
-        coefficient_var = norm_var[train] @ (basis**2).T
-        fields, used = fit_fields(coefficients, coefficient_var, design[train])
-        log.info("coefficient fields: %d of %d training stars kept", int(used.sum()), n_train)
-        if inf_loss is not None:
-            n_comp = min(n_components_from_inf_loss(eigenvalues, inf_loss), k_max)
-        elif n_components is not None:
-            n_comp = int(n_components)
-        else:
-            n_comp, selection = _choose_k(basis, fields, design[holdout], refined.select(holdout))
-        basis, fields = basis[:n_comp].reshape(n_comp, *shape), fields[:n_comp]
-        model_degree = int(degree)
-    else:
-        scaling = None
-        mean = mean_stamp(norm[train], weights[train] ** 2).reshape(shape)
-        if method == "constant":
-            basis = mean[None]
-        else:
-            meta = fit_profile(mean, method)
-            basis = render_profile(
-                shape, meta["fwhm"], meta["ellipticity"], meta["theta"], meta.get("beta")
-            )[None]
-            log.info("fitted %s PSF: %s", method, meta)
-        fields = np.ones((1, 1))
-        model_degree = 0
+    holdout[len(stars) - plan.n_holdout :] = True
+    stamps = _refine(_without_neighbours(stamps), ~holdout)
+    norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy)
+    x_fit = np.round(x) + stamps.dx
+    y_fit = np.round(y) + stamps.dy
+    u, v = scale_coordinates(x_fit, y_fit, scaling)
+    everything = TrainingSet(norm, norm_var, weights, u, v, core)
+    hold = everything.select(holdout) if plan.n_holdout else None
+    built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss)
+    meta.update(built.meta)
+    wing = None
+    if shape is None:
+        wing, law = _wing(img, stamps, x_fit, y_fit, star_fwhm, core, sky, ring)
+        meta.update(law)
 
     table = stars.copy(copy_data=True)
     table.meta = {}
     table["x_fit"] = x_fit
     table["y_fit"] = y_fit
     table["subset"] = np.where(holdout, "holdout", "train")
-    model_args = {
+    return _assemble(img, built, plan, table, (stamps, holdout, x_fit, y_fit), meta, wing,
+                     scaling)
+
+
+def _assemble(img: Any, built: Built, plan: Plan, table: Table | None, held: tuple | None,
+              meta: dict, wing: np.ndarray | None, scaling: Any) -> KLPSFModel:
+    """The model, with the quality measured on the held-out stars when there are some."""
+    args = {
         "image_shape": img.shape,
-        "degree": model_degree,
+        "degree": built.degree,
         "scaling": scaling,
-        "eigenvalues": eigenvalues,
-        "selection": selection,
-        "method": method,
+        "eigenvalues": built.eigenvalues,
+        "selection": built.selection,
+        "method": plan.method,
         "meta": meta,
     }
-    model = KLPSFModel(basis, fields, **model_args)
-    quality: dict[str, float] = {"n_train": int(n_train), "n_holdout": int(n_hold)}
-    if n_hold:
+    n_train = 0 if table is None else int(np.sum(table["subset"] == "train"))
+    quality: dict[str, Any] = {"n_train": n_train, "n_holdout": plan.n_holdout,
+                               "measured": bool(plan.n_holdout), "chi2_dof": np.nan}
+    if plan.n_holdout:
+        stamps, holdout, x_fit, y_fit = held
+        core = KLPSFModel(built.basis, built.fields, **args)
         per_star, summary = _held_out_quality(
-            model, refined.select(holdout), x_fit[holdout], y_fit[holdout]
+            core, stamps.select(holdout), x_fit[holdout], y_fit[holdout]
         )
         quality.update(summary)
         for name, values in per_star.items():
@@ -407,13 +503,13 @@ def estimate_psf(
             table[name] = column
         if summary["chi2_dof"] > CHI2_WARN:
             warnings.warn(
-                f"the {method} PSF leaves a held-out median chi2/dof of "
+                f"the {plan.method} PSF leaves a held-out median chi2/dof of "
                 f"{summary['chi2_dof']:.2f}: it does not describe the stars to the noise "
-                "(a PSF varying faster than degree allows, crowding, or a variance without "
-                "source noise: give an uncertainty or gain)",
+                "(a PSF varying faster than the degree allows, crowding, or a variance "
+                "without source noise: give an uncertainty or gain)",
                 PSFQualityWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-    model = KLPSFModel(basis, fields, stars=table, quality=quality, **model_args)
+    model = KLPSFModel(built.basis, built.fields, stars=table, quality=quality, wing=wing, **args)
     log.info("estimated PSF: %r", model)
     return model

@@ -93,8 +93,12 @@ class KLPSFModel(Fittable2DModel):
     method : str, optional
         ``'kl'``, ``'constant'``, ``'gaussian'`` or ``'moffat'``.
     meta : dict, optional
-        Extra numbers (e.g. the fitted analytic ``fwhm``, ``ellipticity``, ``theta``,
-        ``beta``).
+        Extra numbers and notes (e.g. the fitted analytic ``fwhm``, ``ellipticity``,
+        ``theta``, ``beta``; how the model was chosen).
+    wing : array-like, optional
+        ``(my, mx)`` outer wing, larger than the basis stamps and zero over them, that
+        holds the PSF's flux beyond them (its sum is that fraction): the PSF is then
+        ``(1 - sum(wing)) * core + wing`` on the wing's stamp.
     x_0, y_0, flux : float, optional
         The model parameters.
     **kwargs
@@ -130,7 +134,8 @@ class KLPSFModel(Fittable2DModel):
         quality: Mapping[str, float] | None = None,
         selection: Any = None,
         method: str = "kl",
-        meta: Mapping[str, float] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        wing: Any = None,
         x_0: float = x_0.default,
         y_0: float = y_0.default,
         flux: float = flux.default,
@@ -146,6 +151,7 @@ class KLPSFModel(Fittable2DModel):
                 f"fields must have shape (K, n_terms) = {(basis.shape[0], len(terms))} for "
                 f"degree {degree}; got {fields.shape}"
             )
+        wing = _check_wing(wing, basis.shape[1:])
         ny, nx = (int(n) for n in image_shape)
         if scaling is None:
             scaling = image_scaling((ny, nx))
@@ -162,6 +168,7 @@ class KLPSFModel(Fittable2DModel):
             selection=np.array([] if selection is None else selection, dtype=float),
             method=str(method),
             meta=MappingProxyType(dict(meta or {})),
+            wing=wing,
         )
         if kwargs.get("n_models", 1) > 1:
             raise ValueError("KLPSFModel does not support model sets (n_models > 1)")
@@ -207,9 +214,20 @@ class KLPSFModel(Fittable2DModel):
         return self._state.method
 
     @property
-    def meta(self) -> Mapping[str, float]:
-        """Extra numbers of the model (the analytic fit parameters, if any)."""
+    def meta(self) -> Mapping[str, Any]:
+        """Extra numbers of the model: how it was chosen (``method_used``, ``n_stars``,
+        ``reason``), the analytic fit parameters, the wing law, if any."""
         return self._state.meta
+
+    @property
+    def wing(self) -> np.ndarray | None:
+        """The outer wing stamp (zero over the core), or None (read-only)."""
+        return self._state.wing
+
+    @property
+    def core_shape(self) -> tuple[int, int]:
+        """Shape ``(ny, nx)`` of the eigen-PSFs (the core of the PSF)."""
+        return self._state.basis.shape[1:]
 
     @property
     def n_components(self) -> int:
@@ -232,8 +250,9 @@ class KLPSFModel(Fittable2DModel):
 
     @property
     def stamp_shape(self) -> tuple[int, int]:
-        """Shape ``(ny, nx)`` of the PSF stamps."""
-        return self._state.basis.shape[1:]
+        """Shape ``(ny, nx)`` of the PSF stamps (core and wing)."""
+        wing = self._state.wing
+        return self.core_shape if wing is None else wing.shape
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -284,7 +303,14 @@ class KLPSFModel(Fittable2DModel):
         design, scalar = self._design(x, y)
         k = self.n_components
         psf = evaluate_psf(self._state.basis.reshape(k, -1), self._state.fields, design)
-        psf = psf.reshape(-1, *self.stamp_shape)
+        psf = psf.reshape(-1, *self.core_shape)
+        wing = self._state.wing
+        if wing is not None:
+            full = np.broadcast_to(wing, (len(psf), *wing.shape)).copy()
+            (cy, cx), (wy, wx) = self.core_shape, wing.shape
+            oy, ox = (wy - cy) // 2, (wx - cx) // 2
+            full[:, oy : oy + cy, ox : ox + cx] = (1.0 - wing.sum()) * psf
+            psf = full
         return psf[0] if scalar else psf
 
     def evaluate(self, x, y, x_0, y_0, flux):
@@ -368,7 +394,7 @@ class KLPSFModel(Fittable2DModel):
         HDUs: primary (header: method, degree, image shape, scaling), ``BASIS``
         ``(K, ny, nx)``, ``FIELDS`` ``(K, n_terms)``, ``EIGEN`` (eigen-spectrum),
         ``SELECT`` (held-out chi2/dof by K), ``QUALITY`` and ``META`` (one-row
-        tables) and ``STARS``.
+        tables), ``WING`` (when there is one) and ``STARS``.
         """
         s = self._state
         header = fits.Header()
@@ -388,6 +414,8 @@ class KLPSFModel(Fittable2DModel):
             _mapping_to_hdu(s.quality, "QUALITY"),
             _mapping_to_hdu(s.meta, "META"),
         ]
+        if s.wing is not None:
+            hdus.append(fits.ImageHDU(np.asarray(s.wing), name="WING"))
         if s.stars is not None:
             hdus.append(_stars_to_hdu(s.stars))
         fits.HDUList(hdus).writeto(path, overwrite=overwrite)
@@ -412,14 +440,19 @@ class KLPSFModel(Fittable2DModel):
                 quality=_mapping_from_hdu(hdul["QUALITY"]),
                 method=header["METHOD"],
                 meta=_mapping_from_hdu(hdul["META"]),
+                wing=np.array(hdul["WING"].data, dtype=float) if "WING" in hdul else None,
             )
 
     # --- reporting --------------------------------------------------------------------
     def quality_report(self) -> str:
         """A short human-readable summary of the held-out quality."""
         q = self.quality
-        if not q:
-            return "no held-out quality available (holdout_fraction=0?)"
+        if not q.get("measured", bool(q)):
+            reason = self.meta.get("reason", "no stars were held out")
+            return (
+                f"{self.method} PSF, K={self.n_components}, degree={self.degree}, "
+                f"{q.get('n_train', '?')} training stars: quality unmeasured ({reason})"
+            )
         lines = [
             f"{self.method} PSF, K={self.n_components}, degree={self.degree}, "
             f"{q.get('n_train', '?')} training / {q.get('n_holdout', '?')} held-out stars",
@@ -436,13 +469,32 @@ class KLPSFModel(Fittable2DModel):
 
     def __repr__(self) -> str:
         q = self.quality
-        chi2 = f" chi2/dof={q['chi2_dof']:.3f}" if "chi2_dof" in q else ""
+        chi2 = f" chi2/dof={q['chi2_dof']:.3f}" if np.isfinite(q.get("chi2_dof", np.nan)) else ""
         n_stars = "" if self._state.stars is None else f" stars={len(self._state.stars)}"
         return (
             f"<KLPSFModel method={self.method!r} K={self.n_components} degree={self.degree} "
             f"stamp={self.stamp_shape} image={self.image_shape}{n_stars}{chi2} "
             f"x_0={self.x_0.value:g} y_0={self.y_0.value:g} flux={self.flux.value:g}>"
         )
+
+
+def _check_wing(wing: Any, core_shape: tuple[int, int]) -> np.ndarray | None:
+    if wing is None:
+        return None
+    wing = np.array(wing, dtype=float)
+    (cy, cx), shape = core_shape, wing.shape
+    if (
+        wing.ndim != 2
+        or any(n % 2 == 0 for n in shape)
+        or shape[0] <= cy
+        or shape[1] <= cx
+        or not 0.0 <= wing.sum() < 1.0
+    ):
+        raise ValueError(
+            f"wing must be an odd 2-D stamp larger than the {core_shape} basis, with a sum "
+            f"(the flux fraction outside the core) in [0, 1); got shape {shape}"
+        )
+    return wing
 
 
 def _mapping_to_hdu(mapping: Mapping[str, Any], name: str) -> fits.BinTableHDU:

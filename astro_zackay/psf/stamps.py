@@ -12,19 +12,24 @@ for band-limited images and keeps white noise white.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.stats import sigma_clip
+from scipy.ndimage import binary_dilation
 
 from ..fourier import shift_stack
 
 __all__ = [
     "StampSet",
     "clean_neighbours",
+    "clipped_mean",
     "cut_stamps",
     "fit_offsets",
     "recentre",
+    "ring_background",
+    "ring_offsets",
+    "stamp_fits",
     "stamp_moments",
 ]
 
@@ -68,6 +73,134 @@ class StampSet:
         return StampSet(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
 
 
+def ring_offsets(radius: float, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer pixel offsets ``(dy, dx)`` of the annulus ``radius <= r < radius + width``.
+
+    Examples
+    --------
+    >>> from astro_zackay.psf.stamps import ring_offsets
+    >>> dy, dx = ring_offsets(1.0, 0.4)
+    >>> len(dy)  # the four neighbours at r = 1 (the diagonals are at 1.41)
+    4
+    """
+    h = int(np.ceil(radius + width))
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    r = np.hypot(yy, xx)
+    keep = (r >= radius) & (r < radius + width)
+    return yy[keep], xx[keep]
+
+
+def clipped_mean(values: np.ndarray, *, nsigma: float = 3.0, iterations: int = 4) -> np.ndarray:
+    """Mean of each row after symmetric sigma clipping about its median (NaNs ignored).
+
+    The clipping is symmetric (median +- ``nsigma`` * 1.4826 MAD), so it removes
+    neighbours and cosmic rays without biasing the mean of symmetric noise; the mean,
+    not the median, is returned because the median of Poisson sky is biased low.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import clipped_mean
+    >>> rows = np.array([[1.0, 2.0, 3.0, 2.0, 100.0], [0.0, 0.0, np.nan, 1.0, 1.0]])
+    >>> clipped_mean(rows).tolist()
+    [2.0, 0.5]
+    """
+    values = np.array(values, dtype=float)
+    if values.shape[1] == 0:
+        return np.full(len(values), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with no good value: NaN
+        return _clip_rows(values, nsigma, iterations)
+
+
+def _clip_rows(values: np.ndarray, nsigma: float, iterations: int) -> np.ndarray:
+    for _ in range(iterations):
+        centre = np.nanmedian(values, axis=1, keepdims=True)
+        spread = 1.4826 * np.nanmedian(np.abs(values - centre), axis=1, keepdims=True)
+        out = np.abs(values - centre) > nsigma * np.maximum(spread, np.finfo(float).tiny)
+        if not out.any():
+            break
+        values[out] = np.nan
+    return np.nanmean(values, axis=1)
+
+
+def ring_background(
+    data: np.ndarray,
+    mask: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius: float,
+    *,
+    width: float = 4.0,
+    min_pixels: int = 20,
+) -> np.ndarray:
+    """Local background of each star: clipped mean of a circular ring around it.
+
+    The ring ``radius <= r < radius + width`` should lie beyond the star's wings;
+    pixels outside the image or masked are left out, and a star with fewer than
+    ``min_pixels`` good ring pixels gets NaN.
+
+    Parameters
+    ----------
+    data, mask : `~numpy.ndarray`
+        The image and its boolean bad-pixel mask.
+    x, y : `~numpy.ndarray`
+        Star positions (x column, y row, 0-based).
+    radius, width : float
+        Inner radius and width of the ring, pixels.
+    min_pixels : int, optional
+        Fewest good ring pixels for a background.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The backgrounds.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import ring_background
+    >>> img = np.full((50, 50), 7.0); img[25, 25] = 1e4
+    >>> ring_background(img, img < 0, np.array([25.0, 2.0]), np.array([25.0, 2.0]), 10.0)
+    array([7., 7.])
+    """
+    dy, dx = ring_offsets(radius, width)
+    rows = np.round(np.asarray(y, dtype=float)).astype(int)[:, None] + dy
+    cols = np.round(np.asarray(x, dtype=float)).astype(int)[:, None] + dx
+    ny, nx = data.shape
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
+    good = inside & ~mask[rows, cols]
+    values = np.where(good, data[rows, cols], np.nan)
+    background = clipped_mean(values)
+    background[good.sum(axis=1) < min_pixels] = np.nan
+    return background
+
+
+def stamp_fits(
+    x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int], shape: tuple[int, int]
+) -> np.ndarray:
+    """Whether a stamp of ``shape`` around each star lies inside the image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import stamp_fits
+    >>> stamp_fits(np.array([3.0, 10.0]), np.array([10.0, 10.0]), (20, 20), (7, 7)).tolist()
+    [True, True]
+    >>> stamp_fits(np.array([2.4]), np.array([10.0]), (20, 20), (7, 7)).tolist()
+    [False]
+    """
+    ix = np.round(np.asarray(x, dtype=float))
+    iy = np.round(np.asarray(y, dtype=float))
+    hy, hx = shape[0] // 2, shape[1] // 2
+    with np.errstate(invalid="ignore"):
+        return (
+            (ix - hx >= 0) & (iy - hy >= 0)
+            & (ix + hx < image_shape[1]) & (iy + hy < image_shape[0])
+        )
+
+
 def cut_stamps(
     data: np.ndarray,
     variance: np.ndarray,
@@ -76,13 +209,16 @@ def cut_stamps(
     y: np.ndarray,
     shape: tuple[int, int],
     *,
-    annulus: int = 4,
+    sky: np.ndarray | None = None,
+    background_radius: float | None = None,
+    annulus: float = 4.0,
 ) -> StampSet:
     """Cut background-subtracted stamps of the stars at ``(x, y)``.
 
-    The background of each star is the 3-sigma clipped mean of the ring of width
-    ``annulus`` pixels just outside its stamp (masked pixels excluded; the mean, not
-    the median, because the median of Poisson sky is biased low by ~1/6 count).
+    The background is the ``sky`` map when given (subtracted pixel by pixel), else
+    the clipped mean of a circular ring around each star (`ring_background`) at
+    ``background_radius`` (default: just outside the stamp). Put the ring beyond the
+    PSF's wings: a ring inside them subtracts part of the star from its own stamp.
 
     Parameters
     ----------
@@ -94,8 +230,12 @@ def cut_stamps(
         Star positions (x column, y row, 0-based).
     shape : tuple of int
         Odd stamp shape ``(ny, nx)``.
-    annulus : int, optional
-        Width in pixels of the background ring around the stamp.
+    sky : `~numpy.ndarray`, optional
+        A background map of the image.
+    background_radius : float, optional
+        Inner radius of the background ring, pixels.
+    annulus : float, optional
+        Width in pixels of the background ring.
 
     Returns
     -------
@@ -114,40 +254,31 @@ def cut_stamps(
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     ny, nx = shape
-    hy, hx = ny // 2 + annulus, nx // 2 + annulus
-    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
-    inside = (
-        np.isfinite(x)
-        & np.isfinite(y)
-        & (ix - hx >= 0)
-        & (iy - hy >= 0)
-        & (ix + hx < data.shape[1])
-        & (iy + hy < data.shape[0])
-    )
-    ixs, iys = np.where(inside, ix, hx), np.where(inside, iy, hy)
-    rows = iys[:, None, None] + np.arange(-hy, hy + 1)[None, :, None]
-    cols = ixs[:, None, None] + np.arange(-hx, hx + 1)[None, None, :]
-    big, big_var, big_mask = data[rows, cols], variance[rows, cols], mask[rows, cols]
-
-    inner = (slice(None), slice(annulus, annulus + ny), slice(annulus, annulus + nx))
-    ring = np.ones(big.shape[1:], dtype=bool)
-    ring[inner[1:]] = False
-    ring_values = np.ma.masked_array(big[:, ring], mask=big_mask[:, ring])
-    clipped = sigma_clip(ring_values, sigma=3.0, maxiters=5, axis=1, masked=True)
-    background = np.ma.mean(clipped, axis=1).filled(np.nan)
-
-    stamps = big[inner] - background[:, None, None]
+    inside = np.isfinite(x) & np.isfinite(y) & stamp_fits(x, y, data.shape, shape)
+    ix = np.where(inside, np.round(x), nx // 2).astype(int)
+    iy = np.where(inside, np.round(y), ny // 2).astype(int)
+    rows = iy[:, None, None] + np.arange(-(ny // 2), ny // 2 + 1)[None, :, None]
+    cols = ix[:, None, None] + np.arange(-(nx // 2), nx // 2 + 1)[None, None, :]
+    stamps, stamp_mask = data[rows, cols], mask[rows, cols]
+    if sky is not None:
+        local_sky = sky[rows, cols]
+        stamps = stamps - local_sky
+        background = local_sky.mean(axis=(1, 2))
+    else:
+        radius = max(ny, nx) / 2.0 if background_radius is None else float(background_radius)
+        background = ring_background(data, mask, ix, iy, radius, width=annulus)
+        stamps = stamps - background[:, None, None]
     flux = stamps.sum(axis=(1, 2))
     valid = (
         inside
-        & ~big_mask[inner].any(axis=(1, 2))
+        & ~stamp_mask.any(axis=(1, 2))
         & np.isfinite(background)
         & np.isfinite(flux)
         & (flux > 0)
     )
     zero = ~valid
     stamps[zero] = 0.0
-    stamp_var = big_var[inner].copy()
+    stamp_var = variance[rows, cols]
     stamp_var[zero] = 1.0
     log.debug("cut %d stamps of shape %s: %d valid", len(x), shape, int(valid.sum()))
     return StampSet(
@@ -164,6 +295,10 @@ def cut_stamps(
 def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Move each star from ``(dx, dy)`` onto the stamp's central pixel (Fourier shift).
 
+    The stamps are mirrored about their edges before the shift (half a stamp on
+    each side), so light cut by the stamp edge does not wrap around and ring
+    across the stamp as a periodic shift would make it.
+
     Parameters
     ----------
     stamps : `~numpy.ndarray`
@@ -175,8 +310,22 @@ def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     -------
     `~numpy.ndarray`
         The recentred stamps, a new array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import recentre
+    >>> ramp = np.tile(np.arange(5.0), (5, 1))[None]  # cut at both edges: no wrap-around
+    >>> out = recentre(ramp, np.array([0.5]), np.array([0.0]))
+    >>> bool(np.all(np.abs(out[0, :, 1:-1] - (ramp[0, :, 1:-1] + 0.5)) < 0.1))
+    True
     """
-    return shift_stack(stamps, -np.asarray(dx), -np.asarray(dy))
+    stamps = np.asarray(stamps, dtype=float)
+    ny, nx = stamps.shape[-2:]
+    py, px = ny // 2 + 1, nx // 2 + 1
+    padded = np.pad(stamps, ((0, 0), (py, py), (px, px)), mode="symmetric")
+    shifted = shift_stack(padded, -np.asarray(dx), -np.asarray(dy))
+    return shifted[:, py : py + ny, px : px + nx]
 
 
 def _weighted_lstsq(design: np.ndarray, data: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -285,52 +434,63 @@ def stamp_moments(
 
 
 def clean_neighbours(
-    stamps: np.ndarray, variance: np.ndarray, *, nsigma: float = 4.0, core_level: float = 0.01
+    stamps: np.ndarray,
+    variance: np.ndarray,
+    *,
+    nsigma: float = 4.0,
+    core_level: float = 0.01,
+    grow: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace the light of neighbouring sources in the wings of normalised stamps.
 
     Stars that pass an isolation cut still have fainter neighbours in the corners of
     their stamps; a mean or an SVD of the stamps turns that light into a spurious
-    pedestal in the PSF wings (measured: 1-2 % of the flux outside 2 FWHM, which
-    biases PSF photometry and ZOGY flux ratios by as much). Outside the PSF core
-    (where the median stamp is below ``core_level`` of its peak) every pixel more
-    than ``nsigma`` sigma ABOVE the per-pixel median stamp is replaced by that
-    median. Only positive outliers are touched, so noise is left unbiased to
-    ``~3e-5`` of the pixels.
+    pedestal in the PSF wings. Outside the PSF core (where the median stamp is below
+    ``core_level`` of its peak) every pixel more than ``nsigma`` sigma away from the
+    per-pixel median stamp, ABOVE OR BELOW it, is replaced by that median, and so
+    are its neighbours within ``grow`` pixels (a neighbour's fainter outskirts). The
+    rejection is symmetric, so pure noise is left unbiased. Run it on the stamps
+    BEFORE any sub-pixel shift: a shift spreads a neighbour cut at the stamp edge
+    into stripes of both signs.
 
     Parameters
     ----------
     stamps : `~numpy.ndarray`
-        ``(n, n_pix)`` recentred unit-sum stamps (flattened).
+        ``(n, ny, nx)`` unit-sum stamps.
     variance : `~numpy.ndarray`
-        ``(n, n_pix)`` their variances.
+        ``(n, ny, nx)`` their variances.
     nsigma : float, optional
         Threshold of a neighbour pixel, in sigma of that pixel.
     core_level : float, optional
         Pixels where the median stamp exceeds this fraction of its peak are never changed.
+    grow : int, optional
+        Pixels within this (chessboard) distance of a rejected pixel are replaced too.
 
     Returns
     -------
     cleaned : `~numpy.ndarray`
         A cleaned copy of ``stamps``.
     replaced : `~numpy.ndarray`
-        Boolean ``(n, n_pix)``, the replaced pixels.
+        Boolean ``(n, ny, nx)``, the replaced pixels.
 
     Examples
     --------
     >>> import numpy as np
     >>> from astro_zackay.psf.stamps import clean_neighbours
-    >>> stamps = np.tile([0.0, 0.1, 0.8, 0.1, 0.0], (5, 1))
-    >>> stamps[0, 0] = 0.3  # a neighbour in the first star's wing
-    >>> cleaned, replaced = clean_neighbours(stamps, np.full(stamps.shape, 1e-4))
-    >>> float(cleaned[0, 0]), int(replaced.sum())
+    >>> stamps = np.tile(np.outer([0, 0.1, 0.8, 0.1, 0], [0, 0.1, 0.8, 0.1, 0]), (5, 1, 1))
+    >>> stamps[0, 0, 0] = 0.3  # a neighbour in the first star's corner
+    >>> cleaned, replaced = clean_neighbours(stamps, np.full(stamps.shape, 1e-4), grow=0)
+    >>> float(cleaned[0, 0, 0]), int(replaced.sum())
     (0.0, 1)
     """
     median = np.median(stamps, axis=0)
     wing = median < core_level * median.max()
-    excess = (stamps - median[None, :]) / np.sqrt(np.maximum(variance, np.finfo(float).tiny))
-    replaced = wing[None, :] & (excess > nsigma)
-    cleaned = np.where(replaced, median[None, :], stamps)
+    excess = (stamps - median[None]) / np.sqrt(np.maximum(variance, np.finfo(float).tiny))
+    replaced = np.abs(excess) > nsigma
+    if grow > 0:
+        replaced = binary_dilation(replaced, structure=np.ones((1, 3, 3), bool), iterations=grow)
+    replaced &= wing[None]
+    cleaned = np.where(replaced, median[None], stamps)
     log.debug("replaced %d neighbour pixels in %d stamps", int(replaced.sum()),
-              int(replaced.any(axis=1).sum()))
+              int(replaced.any(axis=(1, 2)).sum()))
     return cleaned, replaced

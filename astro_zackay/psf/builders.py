@@ -1,0 +1,258 @@
+"""One builder per PSF method: training stamps in, eigen-PSFs and coefficient fields out.
+
+Every builder takes the recentred, unit-sum training stamps (`TrainingSet`) and
+returns a `Built` (the ``basis`` and ``fields`` of a `~astro_zackay.psf.KLPSFModel`,
+with what was learned on the way); `~astro_zackay.psf.estimate_psf` picks the
+builder that the degradation ladder (`astro_zackay.psf.ladder`) allows.
+
+* `build_kl` - Karhunen-Loeve eigen-PSFs (Lauer 2002) with polynomial coefficient
+  fields; K and the degree chosen from held-out stars, or K from the eigen-spectrum.
+* `build_constant` - the weighted mean stamp.
+* `build_analytic` - an elliptical Gaussian or Moffat profile fitted to the mean stamp.
+* `build_gaussian` - a round Gaussian of a given FWHM (no star needed).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .analytic import fit_profile, mean_stamp, render_profile
+from .kl import (
+    design_matrix,
+    evaluate_psf,
+    fit_fields,
+    kl_basis,
+    n_components_from_inf_loss,
+    polynomial_terms,
+    select_n_components,
+)
+
+__all__ = [
+    "Built",
+    "TrainingSet",
+    "build_analytic",
+    "build_constant",
+    "build_gaussian",
+    "build_kl",
+    "noise_components",
+]
+
+log = logging.getLogger(__name__)
+
+#: largest number of eigen-PSFs
+MAX_COMPONENTS = 8
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Recentred unit-sum star stamps and where the stars are.
+
+    Attributes
+    ----------
+    stamps, variance : `~numpy.ndarray`
+        ``(n, n_pix)`` flattened stamps and their variances.
+    weights : `~numpy.ndarray`
+        ``(n,)`` star weights, the inverse noise of each normalised stamp.
+    u, v : `~numpy.ndarray`
+        ``(n,)`` scaled coordinates (``[-1, 1]`` over the image).
+    shape : tuple of int
+        The stamp shape ``(ny, nx)``.
+    """
+
+    stamps: np.ndarray
+    variance: np.ndarray
+    weights: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    shape: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def select(self, index: np.ndarray) -> TrainingSet:
+        """The stars picked by ``index`` (boolean or integer)."""
+        return TrainingSet(
+            self.stamps[index], self.variance[index], self.weights[index],
+            self.u[index], self.v[index], self.shape,
+        )
+
+    def design(self, degree: int) -> np.ndarray:
+        """The ``(n, n_terms)`` monomials of ``degree`` at the stars."""
+        return design_matrix(self.u, self.v, polynomial_terms(degree))
+
+    def mean(self) -> np.ndarray:
+        """The inverse-variance weighted mean stamp, ``(ny, nx)``, unit sum."""
+        return mean_stamp(self.stamps, self.weights**2).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a builder made: the model's arrays and what was learned on the way."""
+
+    basis: np.ndarray
+    fields: np.ndarray
+    degree: int = 0
+    eigenvalues: np.ndarray | None = None
+    selection: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def build_constant(train: TrainingSet) -> Built:
+    """The weighted mean stamp: one component, no spatial variation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.builders import TrainingSet, build_constant
+    >>> stamps = np.array([[0.0, 1.0, 0.0], [0.2, 0.6, 0.2]])
+    >>> train = TrainingSet(stamps, np.ones((2, 3)), np.ones(2), np.zeros(2), np.zeros(2),
+    ...                     (1, 3))
+    >>> build_constant(train).basis.tolist()
+    [[[0.1, 0.8, 0.1]]]
+    """
+    return Built(train.mean()[None], np.ones((1, 1)))
+
+
+def build_analytic(train: TrainingSet, profile: str) -> Built:
+    """An elliptical ``profile`` ('gaussian' or 'moffat') fitted to the weighted mean stamp."""
+    fit = fit_profile(train.mean(), profile)
+    log.info("fitted %s PSF: %s", profile, fit)
+    basis = render_profile(train.shape, fit["fwhm"], fit["ellipticity"], fit["theta"],
+                           fit.get("beta"))
+    return Built(basis[None], np.ones((1, 1)), meta=fit)
+
+
+def build_gaussian(shape: tuple[int, int], fwhm: float) -> Built:
+    """A round Gaussian of ``fwhm`` pixels (for an image without usable stars).
+
+    Examples
+    --------
+    >>> from astro_zackay.psf.builders import build_gaussian
+    >>> built = build_gaussian((11, 11), 2.5)
+    >>> built.basis.shape, round(float(built.basis.sum()), 12), built.meta["fwhm"]
+    ((1, 11, 11), 1.0, 2.5)
+    """
+    basis = render_profile(shape, fwhm)
+    return Built(basis[None], np.ones((1, 1)), meta={"fwhm": float(fwhm), "ellipticity": 0.0,
+                                                     "theta": 0.0})
+
+
+def noise_components(eigenvalues: np.ndarray, n_stars: int, n_pix: int) -> int:
+    """Eigen-PSFs standing above the noise of inverse-noise weighted stamps.
+
+    Each weighted stamp carries unit noise power spread over ``n_pix`` pixels, so
+    pure noise has eigenvalues up to about ``(sqrt(n_stars) + sqrt(n_pix))**2 /
+    n_pix`` (the Marchenko-Pastur edge); components above twice that are signal.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.builders import noise_components
+    >>> noise_components(np.array([5e4, 300.0, 2.5, 2.0]), 40, 400)
+    2
+    """
+    edge = (np.sqrt(n_stars) + np.sqrt(n_pix)) ** 2 / n_pix
+    return max(int(np.sum(eigenvalues > 2.0 * edge)), 1)
+
+
+def _held_out_chi2(basis: np.ndarray, fields: np.ndarray, hold: TrainingSet,
+                   degree: int) -> np.ndarray:
+    """Per-star chi2/dof of held-out stamps against the model, flux fitted (linear)."""
+    psf = evaluate_psf(basis, fields, hold.design(degree))
+    weight = 1.0 / hold.variance
+    flux = np.sum(psf * hold.stamps * weight, axis=1) / np.sum(psf**2 * weight, axis=1)
+    chi2 = np.sum((hold.stamps - flux[:, None] * psf) ** 2 * weight, axis=1)
+    return chi2 / (psf.shape[1] - 1)
+
+
+def _fields(train: TrainingSet, basis: np.ndarray, degree: int) -> np.ndarray:
+    coefficients = train.stamps @ basis.T
+    coefficient_var = train.variance @ (basis**2).T
+    fields, used = fit_fields(coefficients, coefficient_var, train.design(degree))
+    log.debug("degree %d fields: %d of %d training stars kept", degree, int(used.sum()),
+              len(train))
+    return fields
+
+
+def _choose(
+    train: TrainingSet, hold: TrainingSet, basis: np.ndarray, degrees: tuple[int, ...]
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(degree, K, fields, scores over K at that degree) by the one-standard-error rule.
+
+    Candidates are ordered by their number of parameters (K times the terms of the
+    degree): the simplest one within one standard error of the best held-out median
+    chi2/dof wins.
+    """
+    candidates, chi2, fields = [], [], {}
+    for degree in degrees:
+        fields[degree] = _fields(train, basis, degree)
+        for k in range(1, len(basis) + 1):
+            candidates.append((k * len(polynomial_terms(degree)), degree, k))
+            chi2.append(_held_out_chi2(basis[:k], fields[degree][:k], hold, degree))
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i])
+    index, scores, sigma = select_n_components(np.array(chi2)[order])
+    _, degree, k = candidates[order[index - 1]]
+    at_degree = [i for i in range(len(candidates)) if candidates[i][1] == degree]
+    by_k = np.median(np.array(chi2)[at_degree], axis=1)
+    log.info(
+        "held-out median chi2/dof by K at degree %d: %s (one-standard-error band %.4f): "
+        "degree %d, K=%d", degree, np.array2string(by_k, precision=4), sigma, degree, k,
+    )
+    return degree, k, fields[degree][:k], by_k
+
+
+def build_kl(
+    train: TrainingSet,
+    hold: TrainingSet | None,
+    degrees: tuple[int, ...],
+    *,
+    n_components: int | None = None,
+    inf_loss: float | None = None,
+) -> Built:
+    """Karhunen-Loeve eigen-PSFs with polynomial coefficient fields.
+
+    K (and the degree, when ``degrees`` offers several) is chosen from the held-out
+    stars ``hold`` unless ``n_components`` or ``inf_loss`` fixes K; without held-out
+    stars K counts the eigen-PSFs above the noise (`noise_components`).
+
+    Parameters
+    ----------
+    train : TrainingSet
+        The training stamps.
+    hold : TrainingSet or None
+        The held-out stamps.
+    degrees : tuple of int
+        Candidate total degrees of the coefficient polynomials.
+    n_components : int, optional
+        K itself (at most what the stars allow).
+    inf_loss : float, optional
+        The largest fraction of the eigen-spectrum that may be discarded.
+
+    Returns
+    -------
+    Built
+    """
+    n_pix = train.stamps.shape[1]
+    k_max = max(min(MAX_COMPONENTS, len(train) - len(polynomial_terms(max(degrees))), n_pix), 1)
+    if n_components is not None:
+        k_max = min(int(n_components), len(train), n_pix)
+    basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
+    selection = None
+    if n_components is None and inf_loss is None and hold is not None:
+        degree, k, fields, selection = _choose(train, hold, basis, degrees)
+    else:
+        degree = max(degrees)
+        if inf_loss is not None:
+            k = min(n_components_from_inf_loss(eigenvalues, inf_loss), k_max)
+        elif n_components is not None:
+            k = k_max
+        else:
+            k = min(noise_components(eigenvalues, len(train), n_pix), k_max)
+        fields = _fields(train, basis[:k], degree)
+    return Built(
+        basis[:k].reshape(k, *train.shape), fields, degree, eigenvalues, selection
+    )
