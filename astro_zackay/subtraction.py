@@ -432,8 +432,14 @@ def subtract(
             beta, beta_err = match.flux_ratio, match.flux_ratio_error
     elif fit_shift or flux_ratio is None:
         fitter = _fit_shift if fit_shift else fit_flux_ratio
-        fit = fitter(psci.data, pref.data, psf_n0, psf_r0, sigma_new=sigma_n0,
-                     sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
+        try:
+            fit = fitter(psci.data, pref.data, psf_n0, psf_r0, sigma_new=sigma_n0,
+                         sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
+        except ValueError as exc:
+            raise ValueError(
+                f"cannot fit the flux ratio or shift: too few stars match and the pixel fit "
+                f"failed ({exc}); pass flux_ratio= and fit_shift=False"
+            ) from None
         if not fit.converged:
             warnings.warn(
                 f"the pixel fit of the flux ratio did not converge (beta={fit.beta:.5g}); "

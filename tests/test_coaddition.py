@@ -1,6 +1,7 @@
 """Tests of astro_zackay.coaddition: proper coaddition of CCDData (SCIENCE.md 4 item 5)."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 from ccdproc import ImageFileCollection
 
+from astro_zackay._warnings import FewStarsWarning
 from astro_zackay.coaddition import CoaddResult, coadd
 from astro_zackay.fourier import correlate_fft, psf_rfft
 from astro_zackay.simulation import inject_sources, psf_stamp, simulate_image
@@ -369,6 +371,66 @@ def test_clear_errors():
         coadd(frames, psfs=psfs, align="sideways")
     with pytest.raises(ValueError, match="no unit"):
         coadd([fr.data for fr in frames], psfs=psfs)
+
+
+# --------------------------------------------------------------------------------------
+# few stars: the PSF ladder's errors, flux scales from few stars or a pixel fit
+
+
+def _recorded(call):
+    """``call()`` and every warning it issued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, caught
+
+
+def _sparse_frames(flux_scales, n_stars=3, seed=31):
+    """Frames of the same few bright stars, Gaussian FWHM 3 px, scaled by ``flux_scales``."""
+    truth = simulate_image((256, 256), n_stars=n_stars, flux_range=(5e4, 2e5),
+                           min_separation=50.0, edge=30.0, seed=seed).truth
+    return [simulate_image((256, 256), psf=3.0, sky=200.0, seed=seed + 1 + j,
+                           stars=Table({"x": truth["x"], "y": truth["y"],
+                                        "flux": truth["flux"] * f})).ccd
+            for j, f in enumerate(flux_scales)]
+
+
+def test_frame_without_stars_names_it_and_the_option():
+    frames = _noise_frames(128, 3, seed=30)
+    with pytest.raises(ValueError, match=r"^image 0: cannot estimate a PSF.*psfs="):
+        _recorded(lambda: coadd(frames))
+
+
+def test_flux_scales_from_few_stars_are_announced_and_right():
+    """3 matched stars (fewer than MIN_SCALE_STARS): the scales are right, and said to be few."""
+    scales = [1.0, 0.7, 1.3]
+    result, caught = _recorded(lambda: coadd(_sparse_frames(scales), psfs=[3.0] * 3))
+    fitted = np.asarray(result.frames["flux_scale"])
+    errors = np.asarray(result.frames["flux_scale_err"])
+    assert (errors[1:] < 0.01).all()
+    assert (np.abs(fitted - scales)[1:] < 3 * errors[1:] + 0.002).all()
+    messages = sorted(str(w.message) for w in caught
+                      if issubclass(w.category, FewStarsWarning) and "flux scale" in str(w.message))
+    assert messages == [f"image {j}: the flux scale comes from only 3 star(s) matched with the "
+                        "first image (5 wanted)" for j in (1, 2)]
+
+
+def test_flux_scale_falls_back_to_a_pixel_fit(monkeypatch):
+    """No star matches (the matching made to fail): the pixel fit gives the scale, announced."""
+    import astro_zackay.coaddition as coaddition
+
+    def no_match(*args, **kwargs):
+        raise ValueError("only 0 stars match")
+
+    monkeypatch.setattr(coaddition, "match_stars", no_match)
+    result, caught = _recorded(lambda: coadd(_sparse_frames([1.0, 0.7]), psfs=[3.0] * 2))
+    fitted, error = result.frames["flux_scale"][1], result.frames["flux_scale_err"][1]
+    assert fitted == pytest.approx(0.7, abs=3 * error + 0.005)
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, FewStarsWarning) and "flux scale" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith("image 1: no star matches the first image (only 0 stars")
+    assert "pixel fit" in messages[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ transient of flux alpha has optimal S/N alpha*sqrt(F_S)"; `subtract` reports
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy import units as u
@@ -24,6 +26,7 @@ from conftest import data_path
 from scipy import ndimage, stats
 
 from astro_zackay import subtract
+from astro_zackay._warnings import FewStarsWarning
 from astro_zackay.fourier import psf_rfft
 from astro_zackay.psf import estimate_psf
 from astro_zackay.simulation import PSFField, inject_sources, simulate_pair
@@ -594,6 +597,93 @@ def test_float32_matches_float64(small_run):
     good = ~(result32.score.mask | result64.score.mask)
     assert np.max(np.abs(result32.score.data - result64.score.data)[good]) < 0.02
     assert result32.flux_ratio == pytest.approx(result64.flux_ratio, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# 6b. few stars: PSFs given as a FWHM, the estimate_psf ladder, the pixel-fit fallback
+# ---------------------------------------------------------------------------
+SPARSE_KW = dict(flux_ratio=0.8, shift=(0.3, -0.2), min_separation=50.0, edge=30.0)
+
+
+def _recorded(call):
+    """``call()`` and every warning it issued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, caught
+
+
+def _few_star_messages(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, FewStarsWarning)]
+
+
+def test_psfs_given_as_fwhm_equal_the_true_gaussians():
+    """A FWHM in pixels is the pixel-integrated Gaussian the simulation draws: the same Scorr."""
+    transient = Table({"x": [150.0], "y": [200.0], "flux": [3000.0]})
+    pair = simulate_pair(SMALL, transients=transient, seed=8, **SMALL_KW)
+    kw = dict(flux_ratio=1.0, fit_shift=False, astrometric_noise=None)
+    by_fwhm = subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5,
+                       science_psf=3.5, **kw)
+    by_stamp = subtract(pair.reference.ccd, pair.science.ccd,
+                        reference_psf=pair.reference.psf.stamp(0, 0),
+                        science_psf=pair.science.psf.stamp(0, 0), **kw)
+    good = ~(by_fwhm.score.mask | by_stamp.score.mask)
+    assert np.max(np.abs(by_fwhm.score.data - by_stamp.score.data)[good]) < 0.01
+    best = by_fwhm.find_transients(5.0)[0]
+    assert (best["x_peak"], best["y_peak"]) == (150, 200)
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        subtract(pair.reference.ccd, pair.science.ccd, reference_psf=-2.0)
+
+
+def test_no_usable_star_names_the_image_and_the_option():
+    """Blank images: the error names the image and the option that gives its PSF."""
+    pair = simulate_pair((256, 256), n_stars=0, seed=9)
+    with pytest.raises(ValueError, match=r"^reference image: .*reference_psf="):
+        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+    with pytest.raises(ValueError, match=r"^science image: .*science_psf="):
+        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5))
+    # PSFs given: nothing to fit the flux ratio on either, and the error says what to pass
+    with pytest.raises(ValueError, match="pass flux_ratio= and fit_shift=False"):
+        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5,
+                                   science_psf=3.5))
+
+
+def test_pixel_fit_fallback_is_announced_once_and_recovers_the_truth():
+    """3 stars (fewer than MIN_MATCHED_STARS): ratio and shift from the pixel fit, announced."""
+    pair = simulate_pair((256, 256), n_stars=3, flux_range=(1e5, 2e5), seed=1, **SPARSE_KW)
+    result, caught = _recorded(lambda: subtract(
+        pair.reference.ccd, pair.science.ccd, reference_psf=pair.reference.psf.stamp(0, 0),
+        science_psf=pair.science.psf.stamp(0, 0)))
+    messages = [m for m in _few_star_messages(caught) if "match" in m]
+    assert len(messages) == 1
+    assert "flux ratio and shift come from a pixel fit" in messages[0]
+    assert "astrometric noise is taken as 0" in messages[0]
+    assert result.flux_ratio == pytest.approx(0.8, abs=3 * result.flux_ratio_error + 0.005)
+    assert result.shift == pytest.approx((0.3, -0.2), abs=0.02)
+    assert result.astrometric_noise == (0.0, 0.0)
+
+
+def test_sparse_field_runs_with_default_call():
+    """6 stars per image: the default call runs down estimate_psf's ladder, each image named.
+
+    Each step down is announced once per image; the transient is found at its
+    true S/N level and Scorr stays calibrated.
+    """
+    transient = Table({"x": [128.0], "y": [128.0], "flux": [8000.0]})
+    pair = simulate_pair((256, 256), n_stars=6, flux_range=(3e4, 2e5), transients=transient,
+                         seed=2, **SPARSE_KW)
+    result, caught = _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+    messages = _few_star_messages(caught)
+    assert len(messages) == len(set(messages))
+    for image in ("reference image", "science image"):
+        assert sum(m.startswith(f"{image}: ") for m in messages) >= 1
+    assert all(m.startswith(("reference image: ", "science image: ")) or "pixel fit" in m
+               for m in messages)
+    best = result.find_transients(5.0)[0]
+    assert (best["x_peak"], best["y_peak"]) == (128, 128)
+    assert best["flux"] == pytest.approx(8000.0, abs=4 * best["flux_err"])
+    good = ~result.score.mask
+    assert abs(_robust_std(result.score.data[good]) - 1.0) < 0.1
 
 
 # ---------------------------------------------------------------------------
