@@ -129,7 +129,8 @@ def _subtract(args: argparse.Namespace) -> int:
     from ._ccd import as_ccddata, to_image
     from .subtraction import subtract
 
-    result = subtract(args.reference, args.science, unit=args.unit, gain=args.gain,
+    result = subtract(args.reference, args.science, reference_psf=args.reference_fwhm,
+                      science_psf=args.science_fwhm, unit=args.unit, gain=args.gain,
                       saturation=args.saturation)
     log.info("%r", result)
     science = as_ccddata(to_image(args.science, unit=args.unit))
@@ -174,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--unit", default=None, help="data unit when the files have no BUNIT")
     sub.add_argument("--gain", type=float, default=None, help="e-/ADU when there is no GAIN")
     sub.add_argument("--saturation", type=float, default=None, help="saturation level")
+    for image in ("reference", "science"):
+        sub.add_argument(f"--{image}-fwhm", type=float, default=None, metavar="PIXELS",
+                         help=f"FWHM of a Gaussian {image} PSF (default: estimated from "
+                              "its stars)")
     sub.add_argument("--threshold", type=float, default=5.0)
     sub.set_defaults(func=_subtract)
 

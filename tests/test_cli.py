@@ -57,6 +57,23 @@ def test_subtract_command_on_files_without_bunit(tmp_path):
     assert (out / "subtraction.png").stat().st_size > 0
 
 
+def test_subtract_command_with_psf_fwhms(tmp_path):
+    """--reference-fwhm/--science-fwhm give Gaussian PSFs: the transient is found where it is."""
+    from astro_zackay.simulation import simulate_pair
+
+    transient = Table({"x": [100.0], "y": [140.0], "flux": [5000.0]})
+    pair = simulate_pair((256, 256), n_stars=40, flux_range=(2e3, 2e5), transients=transient,
+                         seed=5)
+    pair.reference.ccd.write(tmp_path / "ref.fits")
+    pair.science.ccd.write(tmp_path / "sci.fits")
+    out = tmp_path / "out"
+    assert main(["subtract", str(tmp_path / "ref.fits"), str(tmp_path / "sci.fits"),
+                 "--reference-fwhm", "2.5", "--science-fwhm", "3.5", "--outdir", str(out)]) == 0
+    candidates = Table.read(out / "candidates.ecsv")
+    best = candidates[np.argmax(candidates["score"])]
+    assert np.hypot(best["x"] - 100.0, best["y"] - 140.0) < 1.0
+
+
 def test_bad_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
