@@ -3,10 +3,10 @@
 The fast measurement of every star candidate: centroid, second moments, a
 Gaussian-weighted flux and its S/N, computed for all sources together in windows
 of one size. The weight is an elliptical Gaussian matched iteratively to the
-source (adaptive moments as in Bernstein & Jarvis 2002, with the weight set at each
-step to the source covariance deconvolved from the weighted moments), so that for a
-Gaussian source it converges to the source's own covariance whatever the starting size, and sizes that change across the field are measured
-without a global reference.
+source (adaptive moments as in Bernstein & Jarvis 2002, the weight set at each
+step to the source covariance deconvolved from the weighted moments), so that for
+a Gaussian source it converges to the source's own covariance from any starting
+size, and sizes that change across the field need no global reference.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ __all__ = ["Moments", "adaptive_moments"]
 GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Weight-covariance eigenvalues are kept within (0.3 px)**2 and (window / 2)**2.
 _MIN_VAR = 0.09
+#: The variance of a pixel's top-hat response, per axis (px**2).
+_PIXEL_VAR = 1.0 / 12.0
 #: A centroid moves at most this many pixels per iteration.
 _MAX_STEP = 1.0
 
@@ -60,15 +62,26 @@ class Moments:
         """S/N of the Gaussian-weighted flux (near the optimal S/N for a compact source)."""
         return self.flux / self.flux_err
 
+    def source_covariance(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``cxx, cxy, cyy`` less a pixel's own (1/12 px**2 per axis): the source before pixelation.
+
+        For a Gaussian source, its true covariance (at least 0.01 px**2 per axis).
+        """
+        cxx = np.clip(self.cxx - _PIXEL_VAR, 0.01, None)
+        cyy = np.clip(self.cyy - _PIXEL_VAR, 0.01, None)
+        limit = 0.99 * np.sqrt(cxx * cyy)
+        return cxx, np.clip(self.cxy, -limit, limit), cyy
+
     def shape(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Major-axis FWHM of the Gaussian of covariance ``c``, ellipticity ``1 - b/a``, angle."""
-        half_tr = 0.5 * (self.cxx + self.cyy)
-        root = np.sqrt(0.25 * (self.cxx - self.cyy) ** 2 + self.cxy**2)
-        lam_max = half_tr + root
+        """Major-axis FWHM, ellipticity ``1 - b/a`` and angle of `source_covariance`."""
+        cxx, cxy, cyy = self.source_covariance()
+        half_tr = 0.5 * (cxx + cyy)
+        root = np.sqrt(0.25 * (cxx - cyy) ** 2 + cxy**2)
+        lam_max = np.clip(half_tr + root, 1e-12, None)
         lam_min = np.clip(half_tr - root, 1e-12, None)
         fwhm = GAUSS_FWHM * np.sqrt(lam_max)
         ellipticity = 1.0 - np.sqrt(lam_min / lam_max)
-        theta = 0.5 * np.arctan2(2.0 * self.cxy, self.cxx - self.cyy)
+        theta = 0.5 * np.arctan2(2.0 * cxy, cxx - cyy)
         return fwhm, ellipticity, theta
 
 
@@ -80,7 +93,7 @@ def adaptive_moments(
     y: np.ndarray,
     sigma0: float,
     half: int,
-    n_iter: int = 4,
+    n_iter: int = 3,
 ) -> Moments:
     """Adaptive elliptical-Gaussian-weighted moments of sources at ``(x, y)``.
 

@@ -254,8 +254,10 @@ def moffat_model(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return a[:, :, 0] * np.exp(-np.log1p(np.expm1(t * _LN2) * q) / t).mean(axis=2)
 
 
-def moffat_jacobian(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Analytic derivatives of `moffat_model` with respect to its 7 parameters.
+def moffat_jacobian(
+    p: np.ndarray, dx: np.ndarray, dy: np.ndarray, n_params: int = 7
+) -> np.ndarray:
+    """Analytic derivatives of `moffat_model` with respect to its first ``n_params`` parameters.
 
     With ``g = (1 + c q)**(-1/t)``, ``c = 2**t - 1``: ``dg/dq = -g c / (t (1 + c q))``,
     ``dg/dt = g (ln(1 + c q) / t**2 - q (c + 1) ln 2 / (t (1 + c q)))``, and the
@@ -269,10 +271,13 @@ def moffat_jacobian(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray
         The parameters (see `moffat_model`).
     dx, dy : ndarray, shape (n, npix)
         Pixel-centre coordinates.
+    n_params : int, optional
+        How many leading parameters to differentiate by (3: amplitude and position,
+        for fits with the shape held fixed).
 
     Returns
     -------
-    ndarray, shape (n, npix, 7)
+    ndarray, shape (n, npix, n_params)
 
     Examples
     --------
@@ -297,16 +302,16 @@ def moffat_jacobian(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray
     g = np.exp(-log_term / t)
     dg_dq = -g * c / (t * (1.0 + c * q))
     xy = ddx * ddy
-    derivatives = (
-        g,
-        a * dg_dq * -2.0 * (m11 * ddx + m12 * ddy),
-        a * dg_dq * -2.0 * (m12 * ddx + m22 * ddy),
-        a * dg_dq * (m11 * ddx**2 + m12 * xy),
-        a * dg_dq * (m22 * ddy**2 + m12 * xy),
-        a * dg_dq * 2.0 * xy * (1.0 - tanh_s**2) * root,
-        a * g * (log_term / t**2 - q * (c + 1.0) * _LN2 / (t * (1.0 + c * q))),
-    )
-    return np.stack([d.mean(axis=2) for d in derivatives], axis=2)
+    derivatives = [
+        lambda: g,
+        lambda: a * dg_dq * -2.0 * (m11 * ddx + m12 * ddy),
+        lambda: a * dg_dq * -2.0 * (m12 * ddx + m22 * ddy),
+        lambda: a * dg_dq * (m11 * ddx**2 + m12 * xy),
+        lambda: a * dg_dq * (m22 * ddy**2 + m12 * xy),
+        lambda: a * dg_dq * 2.0 * xy * (1.0 - tanh_s**2) * root,
+        lambda: a * g * (log_term / t**2 - q * (c + 1.0) * _LN2 / (t * (1.0 + c * q))),
+    ]
+    return np.stack([d().mean(axis=2) for d in derivatives[:n_params]], axis=2)
 
 
 def moffat_shape(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

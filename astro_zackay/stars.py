@@ -1,37 +1,58 @@
 """Selection of PSF stars: bright, isolated, unsaturated, unblended point sources.
 
-:func:`find_psf_stars` detects sources with sep, fits every plausible candidate
-with an elliptical Moffat profile (the Gaussian is its limit, so both shapes are
-measured without bias), and keeps the stars that pass every cut. The result is
-an astropy Table with sub-pixel centroids, PSF fluxes, S/N and shapes; its
-``meta`` records the FWHM, the stamp shape to cut PSF stamps with, and how many
-sources each cut rejected.
+:func:`find_psf_stars` runs five small stages:
+
+detect
+    sep finds the sources on the background-subtracted image;
+measure
+    adaptive Gaussian-weighted moments of every plausible candidate, all at once
+    (centroid, size, ellipticity, flux, S/N, peak);
+reference shape
+    a smooth size model across the field: the stellar locus (the tight band of
+    sizes at the small end, where point sources of every flux pile up, while
+    galaxies spread to larger sizes) found locally among each position's nearest
+    candidates, so a PSF that changes across the field, even by quadrant, keeps
+    its stars everywhere;
+cuts
+    edge, saturated, masked, low S/N, crowded, sharp, extended, elongated;
+table
+    the brightest stars are fitted with an elliptical Moffat profile (their
+    ``beta`` feeds aperture corrections); the others get the profile's position
+    and flux with the shape fixed from their moments.
+
+The result is an astropy Table with sub-pixel centroids, PSF fluxes, S/N and
+shapes; its ``meta`` records the FWHM, the stamp shape to cut PSF stamps with, the
+range of the size model and how many sources each cut rejected.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sep
 from astropy import units as u
 from astropy.table import Table
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
+from ._moments import GAUSS_FWHM, Moments, adaptive_moments
 from ._threads import single_threaded_blas
-from ._warnings import FewStarsWarning
-from .background import BackgroundResult, _estimate_from, _sep_extract
+from .background import (
+    BackgroundResult,
+    _default_box_size,
+    _sep_extract,
+    _sep_maps,
+)
+from .profiles import moffat_jacobian, moffat_model, moffat_shape
 
 __all__ = ["find_psf_stars"]
 
 log = logging.getLogger(__name__)
 
-#: Fewer selected stars than this give a FewStarsWarning.
-MIN_STARS = 5
 #: Rejection reasons, in the order they are applied (each source counts under its first).
 REASONS = (
     "edge",
@@ -47,27 +68,43 @@ REASONS = (
 )
 #: Detection threshold in units of the background rms (sep, 3x3 matched filter).
 _DETECT_THRESHOLD = 3.0
+#: Detections are grown by this many pixels to mask them in the second background pass.
+_SOURCE_GROW = 2
 #: Neighbours fainter than this fraction of a star's flux do not spoil its isolation.
 _NEIGHBOUR_FRACTION = 0.01
-#: Shape cuts relative to the median selected star.
+#: Shape cuts relative to the local size model (the stellar locus) at each star.
 _SHARP_RATIO = 0.75
-_EXTENDED_RATIO = 1.25
+#: Extended: ln(FWHM / local FWHM) above 4.5 / S/N (the scatter of moment sizes of point
+#: sources is 1-2.4 / S/N, measured), within ln 1.08 (the size model's own error where
+#: the PSF varies) and ln 1.25.
+_EXTENDED_SNR = 4.5
+_EXTENDED_MIN, _EXTENDED_MAX = math.log(1.08), math.log(1.25)
 _ELONGATION_EXCESS = 0.1
 #: Sources with a FWHM below this (pixels) are sharper than a pixel: cosmic rays, hot pixels.
 _MIN_FWHM = 1.0
-#: Only sources rounder than this define the reference FWHM (cosmic-ray tracks are not).
-_REF_MAX_ELLIPTICITY = 0.3
+#: Only sources rounder than this can define the stellar locus (cosmic-ray tracks are not).
+_LOCUS_MAX_ELLIPTICITY = 0.6
+#: The locus is a band of this full width in ln(FWHM) among the nearest candidates.
+_LOCUS_WIDTH = 0.1
+#: Candidates this far (in ln FWHM) from their local locus do not inform the size model.
+_LOCUS_BAND = math.log(1.2)
+#: Nearest candidates for the local locus, and locus members for the size model.
+_LOCUS_NEIGHBOURS = 40
+_MODEL_NEIGHBOURS = 15
+#: The moment S/N pre-cut, a fraction of snr_min (the fitted S/N decides in the end).
+_MOMENT_SNR_FRACTION = 0.8
+#: Stars fitted with the full Moffat profile (the brightest); the rest keep their shape fixed.
+N_PROFILE_FITS = 30
 #: Profile fits stop after this many Levenberg-Marquardt iterations.
 _MAX_ITER = 15
+#: Gauss-Newton iterations of the fixed-shape (amplitude and position) fits.
+_POSITION_ITER = 3
 #: Bounds of t = 1/beta of the Moffat profile (t -> 0 is a Gaussian).
 _T_MIN, _T_MAX = 1e-3, 0.8
-#: 2x2 Gauss-Legendre points per pixel: the model is integrated over pixels like the data.
-_SUB = 0.5 / math.sqrt(3.0)
-_SUB_DX = np.array([-_SUB, _SUB, -_SUB, _SUB])
-_SUB_DY = np.array([-_SUB, -_SUB, _SUB, _SUB])
-_LN2 = math.log(2.0)
 
 
+# Arguments
+# ---------
 def _check_stamp_shape(stamp_shape: Any) -> tuple[int, int] | None:
     if stamp_shape is None:
         return None
@@ -82,16 +119,35 @@ def _check_stamp_shape(stamp_shape: Any) -> tuple[int, int] | None:
     return int(shape[0]), int(shape[1])
 
 
+def _check_arguments(
+    snr_min: float,
+    fwhm: float | None,
+    isolation: float | None,
+    max_stars: int | None,
+    edge: int | None,
+) -> None:
+    if not snr_min > 0:
+        raise ValueError(f"snr_min must be positive, got {snr_min}")
+    if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
+        raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
+    if isolation is not None and not isolation >= 0:
+        raise ValueError(f"isolation must be a radius >= 0 in pixels, got {isolation}")
+    if max_stars is not None and int(max_stars) < 1:
+        raise ValueError(f"max_stars must be at least 1, got {max_stars}")
+    if edge is not None and int(edge) < 0:
+        raise ValueError(f"edge must be >= 0 pixels, got {edge}")
+
+
 def _default_stamp_shape(fwhm: float) -> tuple[int, int]:
     """``2 * ceil(3 FWHM) + 1`` pixels (at least 11): +-3 FWHM holds the wings."""
     size = max(11, 2 * math.ceil(3.0 * fwhm) + 1)
     return size, size
 
 
-def _background(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Sky and rms maps (arrays in the image unit) from the ``background`` argument."""
-    if background is None:
-        background = _estimate_from(img)
+# Stage 1: detect
+# ---------------
+def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Sky and rms maps (image unit) from a BackgroundResult or a constant sky."""
     if isinstance(background, BackgroundResult):
         if background.sky.shape != img.shape:
             raise ValueError(
@@ -106,113 +162,340 @@ def _background(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray
     return np.full(img.shape, sky), np.full(img.shape, rms)
 
 
-def _profile(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Pixel-integrated elliptical Moffat profiles.
+def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Background-subtracted data (masked pixels 0), the rms map and sep's detections.
 
-    ``p[:, k]`` = amplitude, x0, y0, u, v, s, t with the half-maximum ellipse
-    ``Q = m11 dx**2 + 2 m12 dx dy + m22 dy**2 = 1``, ``m11 = exp(u)``,
-    ``m22 = exp(v)``, ``m12 = tanh(s) sqrt(m11 m22)`` and index ``beta = 1/t``:
-    ``A (1 + (2**t - 1) Q)**(-1/t)``, a Gaussian for ``t -> 0``.
-    ``dx``, ``dy`` are pixel-centre coordinates of shape (n, npix).
+    Without a ``background``, the sky is measured in two sep passes (as
+    `~astro_zackay.background.estimate_background` does) with the detections of
+    the first pass masked in the second; they are the detections returned.
     """
-    a, x0, y0, uu, vv, ss, t = (p[:, k, None, None] for k in range(7))
-    m11, m22 = np.exp(uu), np.exp(vv)
-    m12 = np.tanh(ss) * np.sqrt(m11 * m22)
-    ddx = dx[:, :, None] + _SUB_DX - x0
-    ddy = dy[:, :, None] + _SUB_DY - y0
-    q = m11 * ddx**2 + 2.0 * m12 * ddx * ddy + m22 * ddy**2
-    return a[:, :, 0] * np.exp(-np.log1p(np.expm1(t * _LN2) * q) / t).mean(axis=2)
-
-
-def _profile_jacobian(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Analytic derivatives of `_profile` with respect to its 7 parameters, (n, npix, 7).
-
-    With ``g = (1 + c q)**(-1/t)``, ``c = 2**t - 1``: ``dg/dq = -g c / (t (1 + c q))``,
-    ``dg/dt = g (ln(1 + c q) / t**2 - q (c + 1) ln 2 / (t (1 + c q)))``, and the
-    derivatives of the quadratic form ``q`` follow from ``m11 = exp(u)``,
-    ``m22 = exp(v)``, ``m12 = tanh(s) sqrt(m11 m22)``; all are averaged over the same
-    sub-pixel samples as the profile (one evaluation instead of six for differences).
-    """
-    a, x0, y0, uu, vv, ss, t = (p[:, k, None, None] for k in range(7))
-    m11, m22 = np.exp(uu), np.exp(vv)
-    root = np.sqrt(m11 * m22)
-    tanh_s = np.tanh(ss)
-    m12 = tanh_s * root
-    ddx = dx[:, :, None] + _SUB_DX - x0
-    ddy = dy[:, :, None] + _SUB_DY - y0
-    q = m11 * ddx**2 + 2.0 * m12 * ddx * ddy + m22 * ddy**2
-    c = np.expm1(t * _LN2)
-    log_term = np.log1p(c * q)
-    g = np.exp(-log_term / t)
-    dg_dq = -g * c / (t * (1.0 + c * q))
-    xy = ddx * ddy
-    derivatives = (
-        g,
-        a * dg_dq * -2.0 * (m11 * ddx + m12 * ddy),
-        a * dg_dq * -2.0 * (m12 * ddx + m22 * ddy),
-        a * dg_dq * (m11 * ddx**2 + m12 * xy),
-        a * dg_dq * (m22 * ddy**2 + m12 * xy),
-        a * dg_dq * 2.0 * xy * (1.0 - tanh_s**2) * root,
-        a * g * (log_term / t**2 - q * (c + 1.0) * _LN2 / (t * (1.0 + c * q))),
+    filled = img.filled(0.0)
+    if background is not None:
+        sky, rms = _given_background(img, background)
+        data = np.where(img.mask, 0.0, filled - sky)
+        return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, img.mask)
+    box = _default_box_size(img.shape)
+    if np.count_nonzero(~img.mask) < box * box:
+        raise ValueError(
+            f"only {int(np.count_nonzero(~img.mask))} unmasked pixels, fewer than one "
+            f"{box}x{box} background box: check the mask and the saturation level"
+        )
+    sky, rms = _sep_maps(filled, img.mask, (box, box), (3, 3))
+    objects, segmap = _sep_extract(
+        np.where(img.mask, 0.0, filled - sky), _DETECT_THRESHOLD, rms, img.mask,
+        segmentation_map=True,
     )
-    return np.stack([d.mean(axis=2) for d in derivatives], axis=2)
+    sources = ndimage.maximum_filter(segmap > 0, size=2 * _SOURCE_GROW + 1)
+    if np.count_nonzero(~(img.mask | sources)) >= box * box:
+        sky, rms = _sep_maps(filled, img.mask | sources, (box, box), (3, 3))
+    return np.where(img.mask, 0.0, filled - sky), rms, objects
+
+
+def _start_fwhm(objects: Any) -> tuple[float, float]:
+    """Typical and broad-end FWHM of the bright, round detections: a start for the moments.
+
+    From sep's isophotal second moments (about the Gaussian sigma for bright
+    stars) of the 300 brightest: their median starts the moments, which converge
+    from any start, and their 90th percentile sizes the moments' windows.
+    """
+    flux = np.asarray(objects["flux"], dtype=float)
+    a, b = np.asarray(objects["a"], dtype=float), np.asarray(objects["b"], dtype=float)
+    clean = (flux > 0) & (b > 0.7 * a) & (a > 0)
+    if not clean.any():
+        clean = (flux > 0) & (a > 0)
+    if not clean.any():
+        return 3.0, 3.0
+    bright = np.flatnonzero(clean)[np.argsort(-flux[clean])[:300]]
+    sizes = GAUSS_FWHM * np.sqrt(a[bright] * b[bright])
+    typical, broad = np.clip(np.percentile(sizes, [50, 90]), _MIN_FWHM, 50.0)
+    return float(typical), float(broad)
+
+
+# Stage 2: measure
+# ----------------
+@dataclass(frozen=True)
+class _Candidates:
+    """Per-detection measurements (NaN / False where not measured)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux_det: np.ndarray
+    moments: Moments
+    measured: np.ndarray
+    fwhm: np.ndarray
+    ellipticity: np.ndarray
+    snr: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.x.size
+
+
+def _measure(
+    data: np.ndarray,
+    img: ImageData,
+    objects: Any,
+    fwhm0: float,
+    fwhm_broad: float,
+    snr_min: float,
+) -> _Candidates:
+    """Adaptive moments of every detection plausibly bright enough to be a PSF star."""
+    x_det = np.asarray(objects["x"], dtype=float)
+    y_det = np.asarray(objects["y"], dtype=float)
+    flux_det = np.asarray(objects["flux"], dtype=float)
+    npix = np.maximum(np.asarray(objects["npix"]), 1)
+    noise = float(np.median(np.sqrt(img.variance[~img.mask]))) if (~img.mask).any() else 1.0
+    # cheap pre-cut on the isophotal S/N (generously below the PSF S/N)
+    rough_snr = flux_det / np.sqrt(
+        npix * noise**2 + np.clip(flux_det, 0, None) / (img.gain or 1.0)
+    )
+    idx = np.flatnonzero((flux_det > 0) & (rough_snr > 0.5 * snr_min))
+    half = int(np.clip(math.ceil(2.0 * max(fwhm0, fwhm_broad)), 4, 40))
+    mom = adaptive_moments(
+        data, img.variance, img.mask, x_det[idx], y_det[idx], fwhm0 / GAUSS_FWHM, half
+    )
+    fwhm, ell, _ = mom.shape()
+
+    def scatter(values: np.ndarray, fill: Any = np.nan) -> np.ndarray:
+        out = np.full(x_det.size, fill, dtype=np.asarray(values).dtype)
+        out[idx] = values
+        return out
+
+    full = Moments(**{
+        name: scatter(getattr(mom, name), False if name == "ok" else np.nan)
+        for name in ("x", "y", "cxx", "cxy", "cyy", "flux", "flux_err", "peak", "ok")
+    })
+    measured = full.ok & np.isfinite(scatter(fwhm))
+    return _Candidates(
+        x=np.where(measured, full.x, x_det),
+        y=np.where(measured, full.y, y_det),
+        flux_det=flux_det,
+        moments=full,
+        measured=measured,
+        fwhm=scatter(fwhm),
+        ellipticity=scatter(ell),
+        snr=np.where(measured, full.snr, np.nan),
+    )
+
+
+# Stage 3: reference shape
+# ------------------------
+@dataclass(frozen=True)
+class _SizeModel:
+    """The stellar locus as a function of position: local medians of its members.
+
+    ``at(x, y)`` gives the FWHM and ellipticity of the point sources near ``(x, y)``
+    (the median over the nearest locus members), so that the reference follows a
+    PSF that changes across the field, smoothly or by quadrant.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    fwhm: np.ndarray
+    ellipticity: np.ndarray
+    default: float
+
+    def at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = np.atleast_1d(x), np.atleast_1d(y)
+        if self.x.size == 0:
+            return np.full(x.shape, self.default), np.zeros(x.shape)
+        k = min(_MODEL_NEIGHBOURS, self.x.size)
+        _, nearest = cKDTree(np.column_stack([self.x, self.y])).query(
+            np.column_stack([x, y]), k=k
+        )
+        nearest = nearest.reshape(x.size, k)
+        return (
+            np.median(self.fwhm[nearest], axis=1),
+            np.median(self.ellipticity[nearest], axis=1),
+        )
+
+
+def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarray:
+    """ln FWHM of the stellar locus among each candidate's nearest candidates.
+
+    Point sources share one size and pile into a narrow band; galaxies, convolved
+    with the PSF, are all larger and spread over sizes. So the locus is the band of
+    the smallest sizes that holds at least half as many candidates as the densest
+    band (and 3): the stars' even where galaxies outnumber them.
+    """
+    k = min(_LOCUS_NEIGHBOURS, x.size)
+    _, nearest = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
+    values = np.sort(log_size[nearest.reshape(x.size, k)], axis=1)
+    upper = values + _LOCUS_WIDTH
+    counts = np.sum(values[:, None, :] <= upper[:, :, None], axis=2) - np.arange(k)
+    enough = counts >= np.maximum(np.minimum(3, k), 0.5 * counts.max(axis=1))[:, None]
+    start = np.argmax(enough, axis=1)
+    low = values[np.arange(x.size), start]
+    band = (values >= low[:, None]) & (values <= low[:, None] + _LOCUS_WIDTH)
+    return np.array([np.median(v[b]) for v, b in zip(values, band)])
+
+
+def _reference_shape(
+    cand: _Candidates, usable: np.ndarray, crowded: np.ndarray, snr_min: float, fwhm0: float
+) -> _SizeModel:
+    """The size model from the stellar locus of the clean, isolated candidates."""
+    base = (
+        usable
+        & (cand.snr >= _MOMENT_SNR_FRACTION * snr_min)
+        & (cand.fwhm > _MIN_FWHM)
+        & (cand.ellipticity < _LOCUS_MAX_ELLIPTICITY)
+    )
+    pool = base & ~crowded
+    if not pool.any():
+        pool = base if base.any() else usable & (cand.fwhm > _MIN_FWHM)
+    idx = np.flatnonzero(pool)
+    if idx.size == 0:
+        return _SizeModel(np.empty(0), np.empty(0), np.empty(0), np.empty(0), fwhm0)
+    log_size = np.log(cand.fwhm[idx])
+    locus = _local_locus(cand.x[idx], cand.y[idx], log_size)
+    member = idx[np.abs(log_size - locus) < _LOCUS_BAND]
+    if member.size == 0:
+        member = idx
+    return _SizeModel(
+        cand.x[member], cand.y[member], cand.fwhm[member], cand.ellipticity[member], fwhm0
+    )
+
+
+# Stage 4: cuts
+# -------------
+def _reject(reason: np.ndarray, keep: np.ndarray, fail: np.ndarray, name: str) -> None:
+    """Mark ``fail & keep`` as rejected for ``name`` (in place)."""
+    hit = keep & fail
+    reason[hit] = name
+    keep &= ~fail
+
+
+def _window_any(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, hy: int, hx: int) -> np.ndarray:
+    """Whether each window ``[iy-hy, iy+hy] x [ix-hx, ix+hx]`` (clipped) holds a True pixel."""
+    py, px = np.nonzero(image)
+    if py.size == 0 or ix.size == 0:
+        return np.zeros(ix.size, dtype=bool)
+    if py.size > 20 * ix.size:  # many flagged pixels: a maximum filter over the image
+        grown = ndimage.maximum_filter(image, size=(2 * hy + 1, 2 * hx + 1), mode="constant")
+        return grown[iy, ix]
+    # few: the nearest flagged pixel in the window's own (Chebyshev) metric
+    tree = cKDTree(np.column_stack([px / (hx + 0.5), py / (hy + 0.5)]))
+    dist, _ = tree.query(np.column_stack([ix / (hx + 0.5), iy / (hy + 0.5)]), p=np.inf)
+    return dist < 1.0
+
+
+def _crowded(cand: _Candidates, radius: np.ndarray) -> np.ndarray:
+    """A detected neighbour brighter than 1 % of the source within its ``radius``."""
+    crowded = np.zeros(cand.n, dtype=bool)
+    if cand.n < 2 or not np.any(radius > 0):
+        return crowded
+    xy = np.column_stack([cand.x, cand.y])
+    pairs = cKDTree(xy).query_pairs(float(np.max(radius)), output_type="ndarray")
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        dist = np.hypot(*(xy[i] - xy[j]).T)
+        fi, fj = np.abs(cand.flux_det[i]), np.abs(cand.flux_det[j])
+        crowded[i[(fj > _NEIGHBOUR_FRACTION * fi) & (dist < radius[i])]] = True
+        crowded[j[(fi > _NEIGHBOUR_FRACTION * fj) & (dist < radius[j])]] = True
+    return crowded
+
+
+def _edge_cuts(
+    cand: _Candidates, img: ImageData, fwhm_local: np.ndarray, margin: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stars whose +-2 FWHM box (at least 11 px) leaves the image; each star's ``stamp_max``."""
+    ny, nx = img.shape
+    ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
+    room = np.minimum.reduce([ix, nx - 1 - ix, iy, ny - 1 - iy]) - margin
+    need = np.maximum(5, np.ceil(2.0 * np.nan_to_num(fwhm_local, nan=1.0))).astype(int)
+    return room < need, 2 * np.maximum(room, 0) + 1
+
+
+def _cuts(
+    cand: _Candidates,
+    img: ImageData,
+    model: _SizeModel,
+    stamp: tuple[int, int],
+    radius: np.ndarray,
+    snr_min: float,
+    margin: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The keep flags, rejection reasons, local FWHM and ``stamp_max`` of every detection."""
+    fwhm_local, ell_local = model.at(cand.x, cand.y)
+    reason = np.full(cand.n, "", dtype=object)
+    keep = np.ones(cand.n, dtype=bool)
+    at_edge, stamp_max = _edge_cuts(cand, img, fwhm_local, margin)
+    _reject(reason, keep, at_edge, "edge")
+    ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
+    k = np.flatnonzero(keep)
+    hy, hx = stamp[0] // 2, stamp[1] // 2
+    if img.saturation is not None:
+        with np.errstate(invalid="ignore"):
+            saturated = img.data >= img.saturation
+        has_sat = np.zeros(cand.n, dtype=bool)
+        has_sat[k] = _window_any(saturated, ix[k], iy[k], hy, hx)
+        _reject(reason, keep, has_sat, "saturated")
+    has_mask = np.zeros(cand.n, dtype=bool)
+    has_mask[k] = _window_any(img.mask, ix[k], iy[k], hy, hx)
+    _reject(reason, keep, has_mask, "masked")
+    _reject(reason, keep, ~(cand.snr >= _MOMENT_SNR_FRACTION * snr_min), "low_snr")
+    _reject(reason, keep, ~cand.measured, "fit")
+    _reject(reason, keep, _crowded(cand, radius), "crowded")
+    size = cand.fwhm / fwhm_local
+    _reject(reason, keep, (size < _SHARP_RATIO) | (cand.fwhm < _MIN_FWHM), "sharp")
+    limit = np.clip(_EXTENDED_SNR / cand.snr, _EXTENDED_MIN, _EXTENDED_MAX)
+    _reject(reason, keep, np.log(size) > limit, "extended")
+    _reject(reason, keep, cand.ellipticity > ell_local + _ELONGATION_EXCESS, "elongated")
+    return keep, reason, fwhm_local, stamp_max
+
+
+# Stage 5: profile fits and the table
+# -----------------------------------
+def _fit_windows(
+    data: np.ndarray,
+    img: ImageData,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels, weights (inverse variance inside ``radius``) and coordinates around stars."""
+    ny, nx = img.shape
+    h = max(3, math.ceil(float(np.max(radius))))
+    oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
+    ox, oy = ox.ravel(), oy.ravel()
+    gx = np.rint(x).astype(int)[:, None] + ox
+    gy = np.rint(y).astype(int)[:, None] + oy
+    inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
+    gx, gy = np.clip(gx, 0, nx - 1), np.clip(gy, 0, ny - 1)
+    var = img.variance[gy, gx]
+    bad = img.mask[gy, gx] | ~(var > 0) | ~inside | (ox**2 + oy**2 > radius[:, None] ** 2)
+    w = np.where(bad, 0.0, 1.0 / np.where(var > 0, var, 1.0))
+    return data[gy, gx], w, gx.astype(float), gy.astype(float)
 
 
 def _fit_profiles(
-    x: np.ndarray,
-    y: np.ndarray,
-    pix: np.ndarray,
-    w: np.ndarray,
-    gx: np.ndarray,
-    gy: np.ndarray,
-    fwhm0: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batched Levenberg-Marquardt fit of `_profile` to each star's pixels.
-
-    Returns the parameters (n, 7), their covariance (n, 7, 7) and a success flag.
-    """
-    n = x.size
-    m0 = math.log((2.0 / fwhm0) ** 2)
-    p = np.column_stack(
-        [
-            np.clip(pix.max(axis=1), 1e-30, None),
-            x,
-            y,
-            np.full(n, m0),
-            np.full(n, m0),
-            np.zeros(n),
-            np.full(n, 0.25),
-        ]
-    )
+    p: np.ndarray, pix: np.ndarray, w: np.ndarray, gx: np.ndarray, gy: np.ndarray
+) -> np.ndarray:
+    """Batched Levenberg-Marquardt fit of all 7 parameters of `moffat_model` (from ``p``)."""
+    p = p.copy()
+    n = p.shape[0]
     sw = np.sqrt(w)
-
-    def jacobian(params: np.ndarray, sel: slice | np.ndarray) -> np.ndarray:
-        return _profile_jacobian(params, gx[sel], gy[sel]) * sw[sel][:, :, None]
-
     lam = np.full(n, 1e-2)
-    model = _profile(p, gx, gy)
+    model = moffat_model(p, gx, gy)
     cost = np.sum(((model - pix) * sw) ** 2, axis=1)
     active = np.ones(n, dtype=bool)
     for _ in range(_MAX_ITER):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        jac = jacobian(p[idx], idx)
+        jac = moffat_jacobian(p[idx], gx[idx], gy[idx]) * sw[idx][:, :, None]
         res = (model[idx] - pix[idx]) * sw[idx]
         jtj = np.einsum("npi,npj->nij", jac, jac)
         grad = np.einsum("npi,np->ni", jac, res)
         diag = np.einsum("nii->ni", jtj)
         damped = jtj + (lam[idx, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(7)
-        try:
-            delta = -np.linalg.solve(damped, grad[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:  # a singular system (e.g. all weights zero)
-            delta = -np.einsum("nij,nj->ni", np.linalg.pinv(damped), grad)
+        delta = -np.einsum("nij,nj->ni", np.linalg.pinv(damped), grad)
         trial = p[idx] + delta
         trial[:, 6] = np.clip(trial[:, 6], _T_MIN, _T_MAX)
         trial[:, 0] = np.clip(trial[:, 0], 1e-30, None)
         trial[:, 3:5] = np.clip(trial[:, 3:5], -13.0, 11.0)  # FWHM 0.01 to 1000 px
         trial[:, 5] = np.clip(trial[:, 5], -3.0, 3.0)
-        trial_model = _profile(trial, gx[idx], gy[idx])
+        trial_model = moffat_model(trial, gx[idx], gy[idx])
         trial_cost = np.sum(((trial_model - pix[idx]) * sw[idx]) ** 2, axis=1)
         better = trial_cost < cost[idx]
         rel = (cost[idx] - trial_cost) / np.maximum(cost[idx], 1e-300)
@@ -224,19 +507,150 @@ def _fit_profiles(
         lam[idx[~better]] *= 10.0
         done = (np.abs(rel) < 1e-6) | (lam[idx] > 1e6)
         active[idx[done]] = False
-    jac = jacobian(p, slice(None))
-    fisher = np.einsum("npi,npj->nij", jac, jac)
-    ok = np.linalg.cond(fisher) < 1e14
-    cov = np.full_like(fisher, np.nan)
-    cov[ok] = np.linalg.inv(fisher[ok])
-    # where the profile does not describe a star to its noise (chi2/dof > 1), inflate the
-    # covariance by chi2/dof so that the errors include the model mismatch
-    dof = np.maximum(np.count_nonzero(w, axis=1) - 7, 1)
-    cov *= np.maximum(cost / dof, 1.0)[:, None, None]
     if active.any():
         log.debug("%d of %d profile fits stopped after %d iterations", active.sum(), n, _MAX_ITER)
-    ok &= np.all(np.isfinite(p), axis=1) & (p[:, 0] > 0)
-    return p, cov, ok
+    return p
+
+
+def _fit_positions(
+    p: np.ndarray, pix: np.ndarray, w: np.ndarray, gx: np.ndarray, gy: np.ndarray
+) -> np.ndarray:
+    """Gauss-Newton fit of amplitude and position of `moffat_model`, the shape held fixed."""
+    p = p.copy()
+    sw = np.sqrt(w)
+    for _ in range(_POSITION_ITER):
+        jac = moffat_jacobian(p, gx, gy, n_params=3) * sw[:, :, None]
+        res = (moffat_model(p, gx, gy) - pix) * sw
+        jtj = np.einsum("npi,npj->nij", jac, jac) + 1e-12 * np.eye(3)
+        step = -np.linalg.solve(jtj, np.einsum("npi,np->ni", jac, res)[:, :, None])[:, :, 0]
+        step[:, 1:] = np.clip(step[:, 1:], -1.0, 1.0)
+        p[:, :3] += step
+        p[:, 0] = np.clip(p[:, 0], 1e-30, None)
+    return p
+
+
+def _covariance(
+    p: np.ndarray, pix: np.ndarray, w: np.ndarray, gx: np.ndarray, gy: np.ndarray
+) -> np.ndarray:
+    """Covariance of amplitude and position, (n, 3, 3), inflated by chi2/dof where above 1.
+
+    Where the profile does not describe a star to its noise, the inflation makes the
+    errors include the model mismatch.
+    """
+    sw = np.sqrt(w)
+    jac = moffat_jacobian(p, gx, gy, n_params=3) * sw[:, :, None]
+    fisher = np.einsum("npi,npj->nij", jac, jac)
+    cov = np.full_like(fisher, np.nan)
+    ok = np.linalg.cond(fisher) < 1e14
+    cov[ok] = np.linalg.inv(fisher[ok])
+    chi2 = np.sum(((moffat_model(p, gx, gy) - pix) * sw) ** 2, axis=1)
+    dof = np.maximum(np.count_nonzero(w, axis=1) - 7, 1)
+    return cov * np.maximum(chi2 / dof, 1.0)[:, None, None]
+
+
+def _shape_from_moments(mom: Moments, idx: np.ndarray, scale: float, t: float) -> np.ndarray:
+    """Moffat parameters (amplitude 1) whose half-maximum ellipse is the moments' one, scaled.
+
+    A Gaussian of covariance ``C`` has the half-maximum ellipse ``x C**-1 x = 2 ln 2``;
+    ``scale`` (FWHM of the fitted profile over the moment FWHM, from the brightest
+    stars) carries it over to the Moffat profile of index ``1/t``.
+    """
+    cxx, cxy, cyy = (c[idx] for c in mom.source_covariance())
+    det = cxx * cyy - cxy**2
+    norm = 2.0 * math.log(2.0) * scale**2
+    m11, m22, m12 = cyy / det / norm, cxx / det / norm, -cxy / det / norm
+    return np.column_stack([
+        np.ones(idx.size), mom.x[idx], mom.y[idx], np.log(m11), np.log(m22),
+        np.arctanh(np.clip(m12 / np.sqrt(m11 * m22), -0.995, 0.995)),
+        np.full(idx.size, t),
+    ])
+
+
+@dataclass(frozen=True)
+class _Fits:
+    """Profile fits of the selected stars, in the order given."""
+
+    params: np.ndarray
+    cov: np.ndarray
+    flux: np.ndarray
+    flux_err: np.ndarray
+    peak: np.ndarray
+    fwhm: np.ndarray
+    ellipticity: np.ndarray
+    theta: np.ndarray
+    beta: np.ndarray
+
+
+def _fit_stars(
+    data: np.ndarray, img: ImageData, cand: _Candidates, sel: np.ndarray, fwhm_local: np.ndarray
+) -> _Fits:
+    """Full Moffat fits of the brightest selected stars, fixed-shape fits of the rest."""
+    radius = np.maximum(3.0, 1.75 * fwhm_local[sel])
+    pix, w, gx, gy = _fit_windows(data, img, cand.x[sel], cand.y[sel], radius)
+    n_full = min(N_PROFILE_FITS, sel.size)
+    full = np.arange(n_full)
+    start = _shape_from_moments(cand.moments, sel[full], 1.0, 0.25)
+    start[:, 0] = np.clip(cand.moments.peak[sel[full]], 1e-30, None)
+    params = np.empty((sel.size, 7))
+    params[full] = _fit_profiles(start, pix[full], w[full], gx[full], gy[full])
+    fwhm_fit = moffat_shape(params[full])[0]
+    ok = np.isfinite(fwhm_fit) & (fwhm_fit > 0)
+    scale = float(np.median(fwhm_fit[ok] / cand.fwhm[sel[full]][ok])) if ok.any() else 1.0
+    t = float(np.median(params[full][ok, 6])) if ok.any() else 0.25
+    rest = np.arange(n_full, sel.size)
+    if rest.size:
+        start = _shape_from_moments(cand.moments, sel[rest], scale, t)
+        start[:, 0] = np.clip(cand.moments.peak[sel[rest]], 1e-30, None)
+        params[rest] = _fit_positions(start, pix[rest], w[rest], gx[rest], gy[rest])
+    cov = _covariance(params, pix, w, gx, gy)
+    fwhm, ell, theta, integral = moffat_shape(params)
+    model = moffat_model(params, gx, gy)
+    profile = model / (params[:, :1] * integral[:, None])
+    flux_err = 1.0 / np.sqrt(np.sum(w * profile**2, axis=1))
+    beta = np.full(sel.size, np.nan)
+    beta[full] = 1.0 / params[full, 6]
+    return _Fits(
+        params=params,
+        cov=cov,
+        flux=np.sum(w * profile * pix, axis=1) * flux_err**2,
+        flux_err=flux_err,
+        peak=model.max(axis=1),
+        fwhm=fwhm,
+        ellipticity=ell,
+        theta=theta,
+        beta=beta,
+    )
+
+
+def _table(fits: _Fits, order: np.ndarray, fwhm_local: np.ndarray, stamp_max: np.ndarray,
+           unit: u.UnitBase) -> Table:
+    """The star table, rows in ``order``."""
+    p = fits.params[order]
+    table = Table(
+        {
+            "id": np.arange(order.size),
+            "x": p[:, 1],
+            "y": p[:, 2],
+            "x_err": np.sqrt(fits.cov[order, 1, 1]),
+            "y_err": np.sqrt(fits.cov[order, 2, 2]),
+            "flux": fits.flux[order],
+            "flux_err": fits.flux_err[order],
+            "snr": fits.flux[order] / fits.flux_err[order],
+            "fwhm": fits.fwhm[order],
+            "ellipticity": fits.ellipticity[order],
+            "theta": fits.theta[order],
+            "beta": fits.beta[order],
+            "peak": fits.peak[order],
+            "stamp_max": stamp_max[order],
+            "fwhm_local": fwhm_local[order],
+        }
+    )
+    for col in ("x", "y", "x_err", "y_err", "fwhm", "stamp_max", "fwhm_local"):
+        table[col].unit = u.pix
+    for col in ("flux", "flux_err", "peak"):
+        table[col].unit = unit
+    table["theta"].unit = u.rad
+    return table
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -246,48 +660,30 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
-def _shape_params(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Major-axis FWHM, ellipticity 1 - b/a, major-axis angle and integral per unit amplitude."""
-    m11, m22 = np.exp(p[:, 3]), np.exp(p[:, 4])
-    m12 = np.tanh(p[:, 5]) * np.sqrt(m11 * m22)
-    half_tr = 0.5 * (m11 + m22)
-    root = np.sqrt(0.25 * (m11 - m22) ** 2 + m12**2)
-    lam_min, lam_max = half_tr - root, half_tr + root
-    fwhm = 2.0 / np.sqrt(lam_min)
-    ellipticity = 1.0 - np.sqrt(lam_min / lam_max)
-    # the major axis is the eigenvector of the smaller eigenvalue of M
-    theta = 0.5 * np.arctan2(2.0 * m12, m11 - m22) + 0.5 * np.pi
-    theta = (theta + 0.5 * np.pi) % np.pi - 0.5 * np.pi
-    t = p[:, 6]
-    det = m11 * m22 - m12**2
-    integral = np.pi * t / (np.expm1(t * _LN2) * (1.0 - t) * np.sqrt(det))
-    return fwhm, ellipticity, theta, integral
+def _fwhm_range(model: _SizeModel, shape: tuple[int, int], scale: float) -> tuple[float, float]:
+    """(min, max) of the size model on an 8x8 grid over the image, in fitted-profile FWHM."""
+    gy, gx = np.mgrid[0 : shape[0] : 8j, 0 : shape[1] : 8j]
+    fwhm, _ = model.at(gx.ravel(), gy.ravel())
+    return float(scale * fwhm.min()), float(scale * fwhm.max())
 
 
-def _stamp_flags(
-    mask: np.ndarray,
-    saturated: np.ndarray,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    half: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Whether each stamp (centred on ix, iy) holds a saturated / any masked pixel."""
-    hy, hx = half
-    # window sums through a 2-D cumulative sum (summed-area table)
-    out = []
-    for image in (saturated, mask):
-        table = np.zeros((image.shape[0] + 1, image.shape[1] + 1), dtype=np.int64)
-        table[1:, 1:] = np.cumsum(np.cumsum(image, axis=0), axis=1)
-        y0, y1, x0, x1 = iy - hy, iy + hy + 1, ix - hx, ix + hx + 1
-        out.append((table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]) > 0)
-    return out[0], out[1]
+def _stamp_scale(model: _SizeModel, shape: tuple[int, int]) -> float:
+    """The FWHM that sizes the default stamps: the locus median, or its broad end if it varies."""
+    if model.fwhm.size == 0:
+        return model.default
+    low, high = _fwhm_range(model, shape, 1.0)
+    median = float(np.median(model.fwhm))
+    return high if high > 1.3 * low else median
 
 
-def _reject(reason: np.ndarray, keep: np.ndarray, fail: np.ndarray, name: str) -> None:
-    """Mark ``fail & keep`` as rejected for ``name`` (in place)."""
-    hit = keep & fail
-    reason[hit] = name
-    keep &= ~fail
+def _no_star_error(n_det: int, summary: str, snr_min: float, radius: float) -> ValueError:
+    return ValueError(
+        f"no PSF star passed the cuts ({n_det} detected; rejected by {summary}). Try a "
+        f"lower snr_min (now {snr_min}), a smaller isolation radius (now {radius:.1f} px) "
+        "or edge, and check the mask and the saturation level; or give the PSF itself "
+        "(reference_psf= / science_psf= to subtract, psfs= to coadd, a FWHM in pixels "
+        "for a Gaussian)"
+    )
 
 
 @single_threaded_blas
@@ -308,36 +704,49 @@ def find_psf_stars(
     """Find bright, isolated, unsaturated, unblended point sources for PSF modelling.
 
     Sources are detected with ``sep.extract`` (3 sigma, 3x3 matched filter) on the
-    background-subtracted image. Every candidate that is not at the edge, not
-    saturated or masked, and plausibly bright enough is fitted by weighted least
-    squares (the image uncertainty) with an elliptical Moffat profile whose index
-    ``beta`` is free (a Gaussian is the limit ``beta -> inf``), integrated over the
-    pixels. The fit gives the sub-pixel centroid and its error, the major-axis
-    FWHM, the ellipticity and angle; ``flux`` is the optimal (PSF-weighted) flux
-    with the fitted profile, and ``snr = flux / flux_err``, the same definition as
-    the ``snr`` column of `~astro_zackay.simulation.simulate_image`.
+    background-subtracted image and measured with adaptive Gaussian-weighted
+    moments. Their sizes are judged against a size model of the stellar locus across
+    the field (the narrow band of the smallest sizes that holds at least half as many
+    of each position's 40 nearest candidates as the densest band, then the median of
+    the 15 nearest locus members), so a PSF that
+    varies across the field keeps its stars everywhere, and galaxies, which spread to
+    larger sizes, are told from stars even where they outnumber them.
+
+    The 30 brightest selected stars are fitted by weighted least squares (the image
+    uncertainty) with an elliptical Moffat profile whose index ``beta`` is free (a
+    Gaussian is the limit ``beta -> inf``), integrated over the pixels; the others are
+    fitted for amplitude and position with the shape fixed from their moments (and
+    the fitted stars' profile index). The fits give the sub-pixel centroid and its
+    error; ``flux`` is the optimal (PSF-weighted) flux with the profile, and
+    ``snr = flux / flux_err``, the same definition as the ``snr`` column of
+    `~astro_zackay.simulation.simulate_image`.
 
     Cuts, applied in this order (``meta["n_rejected_<reason>"]`` counts each
     source under the first cut it fails):
 
     ``edge``
-        the stamp is not inside the image, ``edge`` pixels from its border;
+        a box of +-2 local FWHM (at least 11 px) is not inside the image, ``edge``
+        pixels from its border (the stamp is not required to fit: ``stamp_max``
+        says how large a stamp does);
     ``saturated``, ``masked``
-        a pixel at or above ``saturation`` / any other masked pixel in the stamp;
+        a pixel at or above the saturation level (given, keyword or detected, see
+        `~astro_zackay._ccd.to_image`) / any other masked pixel within the stamp
+        (``meta["stamp_shape"]``, clipped to the image);
     ``low_snr``
-        ``snr < snr_min``;
+        S/N below ``snr_min`` (of the moments, generously, then of the fit);
     ``fit``
-        the profile fit did not converge;
+        the moments did not converge (negative flux or shape);
     ``crowded``
         a detected neighbour brighter than 1 % of the star within ``isolation``
         (resolved blends; sep's deblending flag is not used, as the isophotes of
         bright stars merge with neighbours well outside any stamp);
     ``sharp``, ``extended``
-        FWHM below 0.75 or above 1.25 times the reference FWHM (cosmic rays and hot
-        pixels; galaxies and unresolved blends);
+        a FWHM below 0.75 times the size model's at the star (cosmic rays and hot
+        pixels), or above it by more than the noise allows: a factor
+        ``exp(4.5 / snr)``, within 1.08 and 1.25 (galaxies and unresolved blends);
     ``elongated``
-        ellipticity more than 0.1 above the reference (unresolved blends, cosmic-ray
-        tracks);
+        ellipticity more than 0.1 above the size model's (unresolved blends,
+        cosmic-ray tracks);
     ``max_stars``
         beyond the ``max_stars`` of highest S/N.
 
@@ -350,31 +759,33 @@ def find_psf_stars(
     snr_min : float, optional
         Minimum S/N of a PSF star.
     fwhm : float, optional
-        FWHM in pixels used to start the fits and, when given, to set the default
-        ``stamp_shape`` and ``isolation``; default: estimated from the detections
-        (their half-light radius) to start the fits, and the defaults derive from
-        the measured median FWHM.
+        FWHM in pixels to start the moments and to set the default ``stamp_shape``
+        and ``isolation``; default: from the detections' half-light radii to start,
+        and the size model for the defaults.
     stamp_shape : int or (int, int), optional
         Shape ``(ny, nx)`` of the PSF stamps; odd. Default ``2 * ceil(3 FWHM) + 1``
-        (at least 11), which holds the core and the wings to about 3 FWHM. A
+        (at least 11), which holds the core and the wings to about 3 FWHM, with the
+        broadest FWHM of the size model where it varies by more than 30 %. A
         user-set value is kept unchanged (it must hold at least +-1 FWHM).
     isolation : float, optional
         Radius in pixels within which no detected neighbour brighter than 1 % of the
-        star may lie; default 3 FWHM (the ``isolated`` definition of the simulation).
+        star may lie; default 3 times the local FWHM (the ``isolated`` definition of
+        the simulation).
     max_stars : int, optional
         Keep at most this many stars, those of highest S/N.
     saturation : float or `~astropy.units.Quantity`, optional
-        Saturation level in data units; default the SATURATE keyword. Without it,
-        saturated stars cannot be recognised unless the image mask marks them.
+        Saturation level in data units; default the SATURATE keyword, else the level
+        found in the data (``np.inf`` disables both).
     mask : array-like of bool, optional
         Extra bad pixels (True = bad), OR-combined with the image's mask.
     edge : int, optional
-        Minimum distance of a stamp from the image border in pixels (default 0:
-        the whole stamp inside the image).
+        Minimum distance of a star's +-2 FWHM box from the image border in pixels
+        (default 0).
     background : BackgroundResult, float or `~astropy.units.Quantity`, optional
         The sky: a `~astro_zackay.background.BackgroundResult`, or a constant level
         (0 for a sky-subtracted image, whose noise then comes from the variance).
-        Default: measured with :func:`~astro_zackay.background.estimate_background`.
+        Default: measured like :func:`~astro_zackay.background.estimate_background`
+        (two sep passes, the detections masked in the second).
     unit : str or `~astropy.units.Unit`, optional
         Unit of a plain array or of a FITS file without BUNIT.
 
@@ -385,22 +796,29 @@ def find_psf_stars(
         (sequential), ``x``, ``y`` (0-based pixels, ``x`` the column), ``x_err``,
         ``y_err``, ``flux``, ``flux_err`` (image unit), ``snr``, ``fwhm`` (major
         axis, pixels), ``ellipticity`` (1 - b/a), ``theta`` (major-axis angle,
-        radians counter-clockwise from +x), ``beta`` (Moffat index; large for a
-        Gaussian) and ``peak`` (brightest pixel of the fitted star, sky excluded).
-        ``meta`` holds ``fwhm`` (median over the selected stars), ``stamp_shape``,
-        ``isolation``, ``snr_min``, ``n_detected``, ``n_selected`` and
+        radians counter-clockwise from +x), ``beta`` (Moffat index of the fitted
+        stars, large for a Gaussian; NaN for the stars fitted with a fixed shape),
+        ``peak`` (brightest pixel of the fitted star, sky excluded), ``stamp_max``
+        (the largest odd square stamp, centred on the star's rounded pixel, inside
+        the image) and ``fwhm_local`` (the size model's FWHM at the star).
+        ``meta`` holds ``fwhm`` (S/N-weighted median over the selected stars),
+        ``stamp_shape``, ``isolation`` (the median radius), ``snr_min``,
+        ``saturation`` (the level used, or None), ``fwhm_range`` ((min, max) of the
+        size model over the image), ``n_detected``, ``n_selected`` and
         ``n_rejected_<reason>`` for every reason above.
 
     Raises
     ------
     ValueError
         For an even ``stamp_shape`` or one smaller than +-1 FWHM, bad numbers, or
-        when no star passes the cuts (the message gives the counts per cut).
+        when no star passes the cuts (the message gives the counts per cut and what
+        to pass instead). One to four stars are returned without a warning: the PSF
+        estimation chooses what they support and says so.
 
     Warns
     -----
-    FewStarsWarning
-        When fewer than 5 stars (or ``max_stars``, if smaller) are selected.
+    SaturationWarning
+        When the saturation level was found in the data.
 
     Examples
     --------
@@ -414,135 +832,29 @@ def find_psf_stars(
     >>> stars.meta["n_rejected_crowded"], stars.meta["n_rejected_saturated"]
     (0, 0)
     """
-    if not snr_min > 0:
-        raise ValueError(f"snr_min must be positive, got {snr_min}")
-    if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
-        raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
-    if isolation is not None and not isolation >= 0:
-        raise ValueError(f"isolation must be a radius >= 0 in pixels, got {isolation}")
-    if max_stars is not None and int(max_stars) < 1:
-        raise ValueError(f"max_stars must be at least 1, got {max_stars}")
-    if edge is not None and int(edge) < 0:
-        raise ValueError(f"edge must be >= 0 pixels, got {edge}")
+    _check_arguments(snr_min, fwhm, isolation, max_stars, edge)
     user_stamp = _check_stamp_shape(stamp_shape)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
-    sky, rms = _background(img, background)
-    data = np.where(img.mask, 0.0, img.data - sky)
-    ny, nx = img.shape
-
-    objects = _sep_extract(data, _DETECT_THRESHOLD, rms, img.mask)
+    data, _, objects = _detect(img, background)
     n_det = len(objects)
     if n_det == 0:
         raise ValueError(
             "no sources detected above 3 sigma: check the image, its mask (all pixels "
             "masked?) and the background"
         )
-    x_det, y_det = objects["x"].astype(float), objects["y"].astype(float)
-    flux_det = np.asarray(objects["flux"], dtype=float)
-
-    # starting FWHM: twice the median half-light radius of the bright, clean, round
-    # detections broader than a pixel (not cosmic rays or hot pixels)
-    if fwhm is None:
-        clean = (flux_det > 0) & (objects["b"] > 0.7 * objects["a"])
-        if not clean.any():
-            clean = flux_det > 0
-        bright = np.flatnonzero(clean)[np.argsort(-flux_det[clean])[:300]]
-        # a radius of ~2.5 FWHM (sep's isophotal a is about sigma) holds the star's light;
-        # a larger one takes in the neighbours of a crowded field and inflates the FWHM
-        rmax = max(5.0, 6.0 * float(np.median(objects["a"][bright])))
-        r_half, _ = sep.flux_radius(
-            data,
-            x_det[bright],
-            y_det[bright],
-            np.full(bright.size, rmax),
-            0.5,
-            mask=img.mask,
-            subpix=5,
-        )
-        resolved = np.isfinite(r_half) & (r_half > 0.5 * _MIN_FWHM)
-        r_half = r_half[resolved] if resolved.any() else r_half[np.isfinite(r_half)]
-        fwhm0 = float(np.clip(2.0 * np.median(r_half), _MIN_FWHM, 50.0)) if r_half.size else 3.0
-    else:
+    fwhm0, fwhm_broad = _start_fwhm(objects)
+    if fwhm is not None:
         fwhm0 = float(fwhm)
-
-    # fit window: radius 1.75 FWHM around the rounded detection position
-    h = max(3, math.ceil(1.75 * fwhm0))
-    ix = np.rint(x_det).astype(int)
-    iy = np.rint(y_det).astype(int)
-    inside = (ix >= h) & (ix < nx - h) & (iy >= h) & (iy < ny - h)
-    # cheap pre-cut on the isophotal S/N (generously below the PSF S/N)
-    npix = np.maximum(objects["npix"], 1)
-    rough_snr = flux_det / np.sqrt(
-        npix * np.median(rms) ** 2 + np.clip(flux_det, 0, None) / (img.gain or 1.0)
+    cand = _measure(data, img, objects, fwhm0, fwhm_broad, snr_min)
+    crowded_start = _crowded(cand, np.full(cand.n, 3.0 * fwhm0))
+    # saturated cores (masked) share one broad shape: they must not pose as the locus
+    core = max(2, math.ceil(fwhm0))
+    clean = cand.measured & ~_window_any(
+        img.mask, np.rint(cand.x).astype(int), np.rint(cand.y).astype(int), core, core
     )
-    fit_idx = np.flatnonzero(inside & (rough_snr > 0.5 * snr_min))
-    oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
-    ox, oy = ox.ravel(), oy.ravel()
-    gx = ix[fit_idx, None] + ox
-    gy = iy[fit_idx, None] + oy
-    pix = data[gy, gx]
-    var = img.variance[gy, gx]
-    w = np.where(
-        img.mask[gy, gx] | ~(var > 0) | (ox**2 + oy**2 > h**2),
-        0.0,
-        1.0 / np.where(var > 0, var, 1.0),
-    )
-    log.debug("fitting %d candidates in %d px windows (starting FWHM %.2f)", fit_idx.size,
-              2 * h + 1, fwhm0)
-    params, cov, fit_ok = _fit_profiles(
-        x_det[fit_idx], y_det[fit_idx], pix, w, gx.astype(float), gy.astype(float), fwhm0
-    )
-    fwhm_fit, ell_fit, theta_fit, integral = _shape_params(params)
-    model = _profile(params, gx.astype(float), gy.astype(float))
-    profile = model / (params[:, :1] * integral[:, None])
-    flux_err = 1.0 / np.sqrt(np.sum(w * profile**2, axis=1))
-    flux = np.sum(w * profile * pix, axis=1) * flux_err**2
-    snr = flux / flux_err
-    fit_ok &= np.isfinite(snr) & np.isfinite(fwhm_fit)
+    model = _reference_shape(cand, clean, crowded_start, snr_min, fwhm0)
 
-    # per-detection arrays (NaN where not fitted)
-    def scatter(values: np.ndarray) -> np.ndarray:
-        out = np.full(n_det, np.nan)
-        out[fit_idx] = values
-        return out
-
-    snr_all = scatter(snr)
-    fitted = np.zeros(n_det, dtype=bool)
-    fitted[fit_idx] = fit_ok
-    fwhm_all = scatter(fwhm_fit)
-    ell_all = scatter(ell_fit)
-
-    # neighbours: detections within the isolation radius brighter than 1 % of the star
-    def crowded_flags(radius: float) -> np.ndarray:
-        crowded = np.zeros(n_det, dtype=bool)
-        if radius <= 0 or n_det < 2:
-            return crowded
-        pairs = cKDTree(np.column_stack([x_det, y_det])).query_pairs(radius, output_type="ndarray")
-        if len(pairs):
-            i, j = pairs[:, 0], pairs[:, 1]
-            fi, fj = np.abs(flux_det[i]), np.abs(flux_det[j])
-            crowded[i[fj > _NEIGHBOUR_FRACTION * fi]] = True
-            crowded[j[fi > _NEIGHBOUR_FRACTION * fj]] = True
-        return crowded
-
-    # the reference star: the clean, isolated, S/N >= snr_min fits broader than a pixel
-    # (not cosmic rays or hot pixels) and round (not cosmic-ray tracks; ignored if none
-    # is), then those within 30 % of their median FWHM. Its FWHM (median weighted by
-    # S/N**2) is the reference of the shape cuts and, unless fwhm is given, sets the
-    # default stamp shape and isolation radius
-    base = fitted & (snr_all >= snr_min)
-    ref = base & ~crowded_flags(3.0 * fwhm0) & (fwhm_all > _MIN_FWHM)
-    if (ref & (ell_all < _REF_MAX_ELLIPTICITY)).any():
-        ref &= ell_all < _REF_MAX_ELLIPTICITY
-    if not ref.any():
-        ref = base if base.any() else fitted
-    ref_fwhm = float(np.median(fwhm_all[ref])) if ref.any() else fwhm0
-    near = ref & (np.abs(fwhm_all / ref_fwhm - 1.0) < 0.3)
-    if near.any():
-        ref = near
-        ref_fwhm = _weighted_median(fwhm_all[ref], snr_all[ref] ** 2)
-    ref_ell = float(np.median(ell_all[ref])) if ref.any() else 0.0
-    scale_fwhm = ref_fwhm if fwhm is None else float(fwhm)
+    scale_fwhm = _stamp_scale(model, img.shape) if fwhm is None else float(fwhm)
     if user_stamp is not None:
         min_size = 2 * math.ceil(scale_fwhm) + 1
         if min(user_stamp) < min_size:
@@ -553,103 +865,55 @@ def find_psf_stars(
         stamp = user_stamp
     else:
         stamp = _default_stamp_shape(scale_fwhm)
-    radius = 3.0 * scale_fwhm if isolation is None else float(isolation)
+    local, _ = model.at(cand.x, cand.y)
+    radius = 3.0 * local if isolation is None else np.full(cand.n, float(isolation))
     margin = 0 if edge is None else int(edge)
-
-    reason = np.full(n_det, "", dtype=object)
-    keep = np.ones(n_det, dtype=bool)
-    half = (stamp[0] // 2, stamp[1] // 2)
-    ix_c = np.clip(ix, 0, nx - 1)
-    iy_c = np.clip(iy, 0, ny - 1)
-    _reject(
-        reason,
-        keep,
-        (ix - half[1] < margin)
-        | (ix + half[1] >= nx - margin)
-        | (iy - half[0] < margin)
-        | (iy + half[0] >= ny - margin)
-        | ~inside,
-        "edge",
+    keep, reason, fwhm_local, stamp_max = _cuts(
+        cand, img, model, stamp, radius, snr_min, margin
     )
-    sat_pix = (
-        (img.data >= img.saturation)
-        if img.saturation is not None
-        else np.zeros(img.shape, dtype=bool)
-    )
-    has_sat, has_mask = np.zeros(n_det, bool), np.zeros(n_det, bool)
-    k = np.flatnonzero(keep)
-    has_sat[k], has_mask[k] = _stamp_flags(img.mask, sat_pix, ix_c[k], iy_c[k], half)
-    _reject(reason, keep, has_sat, "saturated")
-    _reject(reason, keep, has_mask, "masked")
-    attempted = np.zeros(n_det, dtype=bool)
-    attempted[fit_idx] = True
-    # not fitted: below the S/N pre-cut; fitted: below snr_min
-    _reject(reason, keep, ~attempted | (fitted & ~(snr_all >= snr_min)), "low_snr")
-    _reject(reason, keep, ~fitted, "fit")
-    _reject(reason, keep, crowded_flags(radius), "crowded")
-    _reject(reason, keep, fwhm_all < _SHARP_RATIO * ref_fwhm, "sharp")
-    _reject(reason, keep, fwhm_all > _EXTENDED_RATIO * ref_fwhm, "extended")
-    _reject(reason, keep, ell_all > ref_ell + _ELONGATION_EXCESS, "elongated")
-    if max_stars is not None and keep.sum() > max_stars:
-        order = np.flatnonzero(keep)[np.argsort(-snr_all[keep])]
-        extra = np.zeros(n_det, dtype=bool)
-        extra[order[int(max_stars) :]] = True
-        _reject(reason, keep, extra, "max_stars")
-    counts = {f"n_rejected_{r}": int(np.sum(reason == r)) for r in REASONS}
-
+    counts_so_far = {r: int(np.sum(reason == r)) for r in REASONS}
     sel = np.flatnonzero(keep)
-    summary = ", ".join(f"{r}: {counts[f'n_rejected_{r}']}" for r in REASONS)
+    sel = sel[np.argsort(-cand.snr[sel])]
+    summary = ", ".join(f"{r}: {counts_so_far[r]}" for r in REASONS)
     if sel.size == 0:
-        raise ValueError(
-            f"no PSF star passed the cuts ({n_det} detected; rejected by {summary}). Try a "
-            f"lower snr_min (now {snr_min}), a smaller isolation radius (now {radius:.1f} px), "
-            "a smaller stamp_shape, or check the mask and the saturation level"
-        )
-    if sel.size < min(MIN_STARS, max_stars or MIN_STARS):
-        warnings.warn(
-            f"only {sel.size} PSF star(s) found ({n_det} detected; rejected by {summary}); "
-            f"a PSF model needs at least {MIN_STARS}: lower snr_min or the isolation radius",
-            FewStarsWarning,
-            stacklevel=2,
-        )
-    # map from detection index to fitted row
-    row = np.full(n_det, -1)
-    row[fit_idx] = np.arange(fit_idx.size)
-    r_sel = row[sel][np.argsort(-snr_all[sel])]
-    p = params[r_sel]
-    t = p[:, 6]
-    table = Table(
-        {
-            "id": np.arange(r_sel.size),
-            "x": p[:, 1],
-            "y": p[:, 2],
-            "x_err": np.sqrt(cov[r_sel, 1, 1]),
-            "y_err": np.sqrt(cov[r_sel, 2, 2]),
-            "flux": flux[r_sel],
-            "flux_err": flux_err[r_sel],
-            "snr": snr[r_sel],
-            "fwhm": fwhm_fit[r_sel],
-            "ellipticity": ell_fit[r_sel],
-            "theta": theta_fit[r_sel],
-            "beta": 1.0 / t,
-            "peak": model[r_sel].max(axis=1),
-        }
-    )
-    for col in ("x", "y", "x_err", "y_err", "fwhm"):
-        table[col].unit = u.pix
-    for col in ("flux", "flux_err", "peak"):
-        table[col].unit = img.unit
-    table["theta"].unit = u.rad
+        raise _no_star_error(n_det, summary, snr_min, float(np.median(radius)))
+    if max_stars is not None and sel.size > max_stars:
+        # fit a few more than asked: some may fall below snr_min after the fit
+        sel = sel[: 2 * int(max_stars) + 5]
+        reason[np.flatnonzero(keep)[~np.isin(np.flatnonzero(keep), sel)]] = "max_stars"
+    fits = _fit_stars(data, img, cand, sel, fwhm_local)
+    snr = fits.flux / fits.flux_err
+    good = np.isfinite(snr) & np.isfinite(fits.fwhm) & np.all(np.isfinite(fits.params), axis=1)
+    reason[sel[~good]] = "fit"
+    reason[sel[good & ~(snr >= snr_min)]] = "low_snr"
+    rows = np.flatnonzero(good & (snr >= snr_min))
+    rows = rows[np.argsort(-snr[rows])]
+    if max_stars is not None and rows.size > max_stars:
+        reason[sel[rows[int(max_stars):]]] = "max_stars"
+        rows = rows[: int(max_stars)]
+    counts = {f"n_rejected_{r}": int(np.sum(reason == r)) for r in REASONS}
+    summary = ", ".join(f"{r}: {counts[f'n_rejected_{r}']}" for r in REASONS)
+    if rows.size == 0:
+        raise _no_star_error(n_det, summary, snr_min, float(np.median(radius)))
+
+    ratio = fits.fwhm[: min(N_PROFILE_FITS, sel.size)] / cand.fwhm[sel[: N_PROFILE_FITS]]
+    ratio = ratio[np.isfinite(ratio)]
+    scale = float(np.median(ratio)) if ratio.size else 1.0
+    fwhm_col = np.where(np.isfinite(fits.beta), fits.fwhm, scale * cand.fwhm[sel])
+    fits = _Fits(**{**fits.__dict__, "fwhm": fwhm_col})
+    table = _table(fits, rows, scale * fwhm_local[sel], stamp_max[sel], img.unit)
     table.meta.update(
         {
             "fwhm": _weighted_median(np.asarray(table["fwhm"]), np.asarray(table["snr"]) ** 2),
             "stamp_shape": stamp,
-            "isolation": radius,
+            "isolation": float(np.median(radius[sel[rows]])),
             "snr_min": float(snr_min),
+            "saturation": img.saturation,
+            "fwhm_range": _fwhm_range(model, img.shape, scale),
             "n_detected": n_det,
-            "n_selected": int(sel.size),
+            "n_selected": int(rows.size),
             **counts,
         }
     )
-    log.info("%d PSF stars of %d detections (rejected by %s)", sel.size, n_det, summary)
+    log.info("%d PSF stars of %d detections (rejected by %s)", rows.size, n_det, summary)
     return table
