@@ -43,6 +43,10 @@ class Moments:
         Twice the Gaussian-weighted sum (the total of a Gaussian source) and its error.
     peak : ndarray
         The brightest pixel within 1.5 px of the centroid.
+    concentration : ndarray
+        The Gaussian-weighted sum under the matched weight over that under a weight
+        twice as wide (0.625 for a Gaussian source; lower for sources with extended
+        wings, such as galaxies, at the same size).
     ok : ndarray of bool
         Whether the moments converged to a positive flux and a positive-definite shape.
     """
@@ -55,6 +59,7 @@ class Moments:
     flux: np.ndarray
     flux_err: np.ndarray
     peak: np.ndarray
+    concentration: np.ndarray
     ok: np.ndarray
 
     @property
@@ -171,12 +176,14 @@ def adaptive_moments(
     weight, _, _ = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
     s0 = np.sum(weight * pix, axis=1)
     err = np.sqrt(np.sum(weight**2 * var, axis=1))
+    broad, _, _ = _weights(gx, gy, xc, yc, 4.0 * wxx, 4.0 * wxy, 4.0 * wyy, valid)
+    s_broad = np.sum(broad * pix, axis=1)
     ok &= (s0 > 0) & (err > 0) & np.isfinite(s0)
     near = (gx - xc[:, None]) ** 2 + (gy - yc[:, None]) ** 2 <= 2.25
     peak = np.max(np.where(near & valid, pix, -np.inf), axis=1)
     return Moments(
         x=xc, y=yc, cxx=wxx, cxy=wxy, cyy=wyy, flux=2.0 * s0, flux_err=2.0 * err,
-        peak=peak, ok=ok,
+        peak=peak, concentration=s0 / np.where(s_broad > 0, s_broad, np.nan), ok=ok,
     )
 
 

@@ -79,6 +79,10 @@ _SHARP_RATIO = 0.75
 #: the PSF varies) and ln 1.25.
 _EXTENDED_SNR = 4.5
 _EXTENDED_MIN, _EXTENDED_MAX = math.log(1.08), math.log(1.25)
+#: ... or a concentration below the locus's by more than ln 1.6 / S/N (its scatter is
+#: 0.2-0.45 / S/N, measured) and 3 % (extended wings: galaxies with compact cores).
+_DIFFUSE_SNR = 1.6
+_DIFFUSE_MIN = 0.03
 _ELONGATION_EXCESS = 0.1
 #: Sources with a FWHM below this (pixels) are sharper than a pixel: cosmic rays, hot pixels.
 _MIN_FWHM = 1.0
@@ -86,6 +90,8 @@ _MIN_FWHM = 1.0
 _LOCUS_MAX_ELLIPTICITY = 0.6
 #: The locus is a band of this full width in ln(FWHM) among the nearest candidates.
 _LOCUS_WIDTH = 0.1
+#: ... the band of the smallest sizes with at least this fraction of the densest band's count.
+_LOCUS_FRACTION = 0.25
 #: Candidates this far (in ln FWHM) from their local locus do not inform the size model.
 _LOCUS_BAND = math.log(1.2)
 #: Nearest candidates for the local locus, and locus members for the size model.
@@ -263,7 +269,9 @@ def _measure(
 
     full = Moments(**{
         name: scatter(getattr(mom, name), False if name == "ok" else np.nan)
-        for name in ("x", "y", "cxx", "cxy", "cyy", "flux", "flux_err", "peak", "ok")
+        for name in (
+            "x", "y", "cxx", "cxy", "cyy", "flux", "flux_err", "peak", "concentration", "ok"
+        )
     })
     measured = full.ok & np.isfinite(scatter(fwhm))
     return _Candidates(
@@ -293,12 +301,14 @@ class _SizeModel:
     y: np.ndarray
     fwhm: np.ndarray
     ellipticity: np.ndarray
+    concentration: np.ndarray
     default: float
 
-    def at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """FWHM, ellipticity and concentration of the locus at ``(x, y)``."""
         x, y = np.atleast_1d(x), np.atleast_1d(y)
         if self.x.size == 0:
-            return np.full(x.shape, self.default), np.zeros(x.shape)
+            return np.full(x.shape, self.default), np.zeros(x.shape), np.full(x.shape, np.nan)
         k = min(_MODEL_NEIGHBOURS, self.x.size)
         _, nearest = cKDTree(np.column_stack([self.x, self.y])).query(
             np.column_stack([x, y]), k=k
@@ -307,6 +317,7 @@ class _SizeModel:
         return (
             np.median(self.fwhm[nearest], axis=1),
             np.median(self.ellipticity[nearest], axis=1),
+            np.median(self.concentration[nearest], axis=1),
         )
 
 
@@ -315,15 +326,15 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
 
     Point sources share one size and pile into a narrow band; galaxies, convolved
     with the PSF, are all larger and spread over sizes. So the locus is the band of
-    the smallest sizes that holds at least half as many candidates as the densest
-    band (and 3): the stars' even where galaxies outnumber them.
+    the smallest sizes that holds at least a quarter as many candidates as the
+    densest band (and 3): the stars' even where galaxies outnumber them.
     """
     k = min(_LOCUS_NEIGHBOURS, x.size)
     _, nearest = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
     values = np.sort(log_size[nearest.reshape(x.size, k)], axis=1)
     upper = values + _LOCUS_WIDTH
     counts = np.sum(values[:, None, :] <= upper[:, :, None], axis=2) - np.arange(k)
-    enough = counts >= np.maximum(np.minimum(3, k), 0.5 * counts.max(axis=1))[:, None]
+    enough = counts >= np.maximum(np.minimum(3, k), _LOCUS_FRACTION * counts.max(axis=1))[:, None]
     start = np.argmax(enough, axis=1)
     low = values[np.arange(x.size), start]
     band = (values >= low[:, None]) & (values <= low[:, None] + _LOCUS_WIDTH)
@@ -345,14 +356,15 @@ def _reference_shape(
         pool = base if base.any() else usable & (cand.fwhm > _MIN_FWHM)
     idx = np.flatnonzero(pool)
     if idx.size == 0:
-        return _SizeModel(np.empty(0), np.empty(0), np.empty(0), np.empty(0), fwhm0)
+        return _SizeModel(*(np.empty(0),) * 5, fwhm0)
     log_size = np.log(cand.fwhm[idx])
     locus = _local_locus(cand.x[idx], cand.y[idx], log_size)
     member = idx[np.abs(log_size - locus) < _LOCUS_BAND]
     if member.size == 0:
         member = idx
     return _SizeModel(
-        cand.x[member], cand.y[member], cand.fwhm[member], cand.ellipticity[member], fwhm0
+        cand.x[member], cand.y[member], cand.fwhm[member], cand.ellipticity[member],
+        cand.moments.concentration[member], fwhm0,
     )
 
 
@@ -416,7 +428,7 @@ def _cuts(
     margin: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The keep flags, rejection reasons, local FWHM and ``stamp_max`` of every detection."""
-    fwhm_local, ell_local = model.at(cand.x, cand.y)
+    fwhm_local, ell_local, conc_local = model.at(cand.x, cand.y)
     reason = np.full(cand.n, "", dtype=object)
     keep = np.ones(cand.n, dtype=bool)
     at_edge, stamp_max = _edge_cuts(cand, img, fwhm_local, margin)
@@ -439,7 +451,9 @@ def _cuts(
     size = cand.fwhm / fwhm_local
     _reject(reason, keep, (size < _SHARP_RATIO) | (cand.fwhm < _MIN_FWHM), "sharp")
     limit = np.clip(_EXTENDED_SNR / cand.snr, _EXTENDED_MIN, _EXTENDED_MAX)
-    _reject(reason, keep, np.log(size) > limit, "extended")
+    deficit = np.log(conc_local / cand.moments.concentration)
+    diffuse = deficit > np.maximum(_DIFFUSE_SNR / cand.snr, _DIFFUSE_MIN)
+    _reject(reason, keep, (np.log(size) > limit) | diffuse, "extended")
     _reject(reason, keep, cand.ellipticity > ell_local + _ELONGATION_EXCESS, "elongated")
     return keep, reason, fwhm_local, stamp_max
 
@@ -663,7 +677,7 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 def _fwhm_range(model: _SizeModel, shape: tuple[int, int], scale: float) -> tuple[float, float]:
     """(min, max) of the size model on an 8x8 grid over the image, in fitted-profile FWHM."""
     gy, gx = np.mgrid[0 : shape[0] : 8j, 0 : shape[1] : 8j]
-    fwhm, _ = model.at(gx.ravel(), gy.ravel())
+    fwhm, _, _ = model.at(gx.ravel(), gy.ravel())
     return float(scale * fwhm.min()), float(scale * fwhm.max())
 
 
@@ -706,7 +720,7 @@ def find_psf_stars(
     Sources are detected with ``sep.extract`` (3 sigma, 3x3 matched filter) on the
     background-subtracted image and measured with adaptive Gaussian-weighted
     moments. Their sizes are judged against a size model of the stellar locus across
-    the field (the narrow band of the smallest sizes that holds at least half as many
+    the field (the narrow band of the smallest sizes that holds at least a quarter as many
     of each position's 40 nearest candidates as the densest band, then the median of
     the 15 nearest locus members), so a PSF that
     varies across the field keeps its stars everywhere, and galaxies, which spread to
@@ -743,7 +757,9 @@ def find_psf_stars(
     ``sharp``, ``extended``
         a FWHM below 0.75 times the size model's at the star (cosmic rays and hot
         pixels), or above it by more than the noise allows: a factor
-        ``exp(4.5 / snr)``, within 1.08 and 1.25 (galaxies and unresolved blends);
+        ``exp(4.5 / snr)``, within 1.08 and 1.25, or less concentrated (the
+        matched-weight flux over that of a weight twice as wide) by a factor
+        ``exp(1.6 / snr)``, at least 1.03 (galaxies and unresolved blends);
     ``elongated``
         ellipticity more than 0.1 above the size model's (unresolved blends,
         cosmic-ray tracks);
@@ -865,7 +881,7 @@ def find_psf_stars(
         stamp = user_stamp
     else:
         stamp = _default_stamp_shape(scale_fwhm)
-    local, _ = model.at(cand.x, cand.y)
+    local, _, _ = model.at(cand.x, cand.y)
     radius = 3.0 * local if isolation is None else np.full(cand.n, float(isolation))
     margin = 0 if edge is None else int(edge)
     keep, reason, fwhm_local, stamp_max = _cuts(
