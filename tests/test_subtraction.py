@@ -692,6 +692,8 @@ def test_sparse_field_runs_with_default_call():
 #: e-/ADU: not in the headers; SOURCE.md measures sky rms 73-78 ADU at a sky of ~8200 ADU,
 #: i.e. a gain of 1.35-1.5 e-/ADU if the sky noise is Poisson-dominated.
 PROPERIMAGE_GAIN = 1.4
+#: ADU: the frames reach 65535 (16-bit) with flat-topped cores from ~65000 (SOURCE.md)
+PROPERIMAGE_SATURATION = 65000.0
 
 
 @pytest.fixture(scope="module")
@@ -703,7 +705,7 @@ def real_run():
         with fits.open(data_path("properimage", name)) as hdul:
             frames.append(CCDData(hdul[0].data.astype(float), unit="adu",
                                   meta=hdul[0].header))
-    kw = dict(unit="adu", gain=PROPERIMAGE_GAIN, saturation=65000.0)
+    kw = dict(unit="adu", gain=PROPERIMAGE_GAIN, saturation=PROPERIMAGE_SATURATION)
     result = subtract(frames[0], frames[1], **kw)
     return frames, result, kw
 
@@ -714,7 +716,8 @@ def _real_off_star(result, frames, radius=12):
 
     bright = np.zeros(result.score.shape, bool)
     for frame in frames:
-        smooth = ndimage.gaussian_filter(frame.data - estimate_background(frame).sky.data, 2.0)
+        sky = estimate_background(frame, saturation=PROPERIMAGE_SATURATION).sky.data
+        smooth = ndimage.gaussian_filter(frame.data - sky, 2.0)
         bright |= smooth > 5 * _robust_std(smooth)
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
     near = ndimage.binary_dilation(bright, structure=np.hypot(xx, yy) <= radius)
@@ -762,7 +765,8 @@ def test_real_pair_injected_sources_are_recovered(real_run):
     xs, ys = np.array(xs), np.array(ys)
     target = np.repeat([10.0, 20.0, 50.0], 8)
     flux = target * first.flux_error.data[ys, xs]  # ADU
-    model = estimate_psf(frames[1], unit="adu", gain=PROPERIMAGE_GAIN, saturation=65000.0)
+    model = estimate_psf(frames[1], unit="adu", gain=PROPERIMAGE_GAIN,
+                         saturation=PROPERIMAGE_SATURATION)
     injected = inject_sources(frames[1], Table({"x": xs, "y": ys, "flux": flux}), model.psf_at,
                               gain=PROPERIMAGE_GAIN, seed=4)
     result = subtract(frames[0], injected, **kw)
