@@ -145,8 +145,12 @@ def _check_arguments(
 
 
 def _default_stamp_shape(fwhm: float) -> tuple[int, int]:
-    """``2 * ceil(3 FWHM) + 1`` pixels (at least 11): +-3 FWHM holds the wings."""
-    size = max(11, 2 * math.ceil(3.0 * fwhm) + 1)
+    """``2 * ceil(3 FWHM) + 1`` pixels (at least 11): +-3 FWHM holds the wings.
+
+    3 FWHM is taken to 0.05 px, so that a FWHM measured a hair above a whole third of
+    a pixel does not add two pixels to every stamp.
+    """
+    size = max(11, 2 * math.ceil(3.0 * fwhm - 0.05) + 1)
     return size, size
 
 
@@ -302,6 +306,7 @@ class _SizeModel:
     fwhm: np.ndarray
     ellipticity: np.ndarray
     concentration: np.ndarray
+    snr: np.ndarray
     default: float
 
     def at(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -356,7 +361,7 @@ def _reference_shape(
         pool = base if base.any() else usable & (cand.fwhm > _MIN_FWHM)
     idx = np.flatnonzero(pool)
     if idx.size == 0:
-        return _SizeModel(*(np.empty(0),) * 5, fwhm0)
+        return _SizeModel(*(np.empty(0),) * 6, fwhm0)
     log_size = np.log(cand.fwhm[idx])
     locus = _local_locus(cand.x[idx], cand.y[idx], log_size)
     member = idx[np.abs(log_size - locus) < _LOCUS_BAND]
@@ -364,7 +369,7 @@ def _reference_shape(
         member = idx
     return _SizeModel(
         cand.x[member], cand.y[member], cand.fwhm[member], cand.ellipticity[member],
-        cand.moments.concentration[member], fwhm0,
+        cand.moments.concentration[member], cand.snr[member], fwhm0,
     )
 
 
@@ -407,15 +412,20 @@ def _crowded(cand: _Candidates, radius: np.ndarray) -> np.ndarray:
     return crowded
 
 
+def _stamp_max(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The largest odd square stamp side centred on each rounded position inside the image."""
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    room = np.minimum.reduce([ix, shape[1] - 1 - ix, iy, shape[0] - 1 - iy])
+    return 2 * np.maximum(room, 0) + 1
+
+
 def _edge_cuts(
     cand: _Candidates, img: ImageData, fwhm_local: np.ndarray, margin: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stars whose +-2 FWHM box (at least 11 px) leaves the image; each star's ``stamp_max``."""
-    ny, nx = img.shape
-    ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
-    room = np.minimum.reduce([ix, nx - 1 - ix, iy, ny - 1 - iy]) - margin
+) -> np.ndarray:
+    """Stars whose +-2 FWHM box (at least 11 px) reaches within ``margin`` of the border."""
+    room = (_stamp_max(cand.x, cand.y, img.shape) - 1) // 2 - margin
     need = np.maximum(5, np.ceil(2.0 * np.nan_to_num(fwhm_local, nan=1.0))).astype(int)
-    return room < need, 2 * np.maximum(room, 0) + 1
+    return room < need
 
 
 def _cuts(
@@ -426,13 +436,12 @@ def _cuts(
     radius: np.ndarray,
     snr_min: float,
     margin: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The keep flags, rejection reasons, local FWHM and ``stamp_max`` of every detection."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The keep flags, rejection reasons and local FWHM of every detection."""
     fwhm_local, ell_local, conc_local = model.at(cand.x, cand.y)
     reason = np.full(cand.n, "", dtype=object)
     keep = np.ones(cand.n, dtype=bool)
-    at_edge, stamp_max = _edge_cuts(cand, img, fwhm_local, margin)
-    _reject(reason, keep, at_edge, "edge")
+    _reject(reason, keep, _edge_cuts(cand, img, fwhm_local, margin), "edge")
     ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
     k = np.flatnonzero(keep)
     hy, hx = stamp[0] // 2, stamp[1] // 2
@@ -455,7 +464,7 @@ def _cuts(
     diffuse = deficit > np.maximum(_DIFFUSE_SNR / cand.snr, _DIFFUSE_MIN)
     _reject(reason, keep, (np.log(size) > limit) | diffuse, "extended")
     _reject(reason, keep, cand.ellipticity > ell_local + _ELONGATION_EXCESS, "elongated")
-    return keep, reason, fwhm_local, stamp_max
+    return keep, reason, fwhm_local
 
 
 # Stage 5: profile fits and the table
@@ -682,11 +691,14 @@ def _fwhm_range(model: _SizeModel, shape: tuple[int, int], scale: float) -> tupl
 
 
 def _stamp_scale(model: _SizeModel, shape: tuple[int, int]) -> float:
-    """The FWHM that sizes the default stamps: the locus median, or its broad end if it varies."""
+    """The FWHM that sizes the default stamps: the locus's, or its broad end if it varies.
+
+    The locus's FWHM is the median weighted by S/N**2 (the sizes of faint stars scatter).
+    """
     if model.fwhm.size == 0:
         return model.default
     low, high = _fwhm_range(model, shape, 1.0)
-    median = float(np.median(model.fwhm))
+    median = _weighted_median(model.fwhm, model.snr**2)
     return high if high > 1.3 * low else median
 
 
@@ -884,7 +896,7 @@ def find_psf_stars(
     local, _, _ = model.at(cand.x, cand.y)
     radius = 3.0 * local if isolation is None else np.full(cand.n, float(isolation))
     margin = 0 if edge is None else int(edge)
-    keep, reason, fwhm_local, stamp_max = _cuts(
+    keep, reason, fwhm_local = _cuts(
         cand, img, model, stamp, radius, snr_min, margin
     )
     counts_so_far = {r: int(np.sum(reason == r)) for r in REASONS}
@@ -917,7 +929,8 @@ def find_psf_stars(
     scale = float(np.median(ratio)) if ratio.size else 1.0
     fwhm_col = np.where(np.isfinite(fits.beta), fits.fwhm, scale * cand.fwhm[sel])
     fits = _Fits(**{**fits.__dict__, "fwhm": fwhm_col})
-    table = _table(fits, rows, scale * fwhm_local[sel], stamp_max[sel], img.unit)
+    stamp_max = _stamp_max(fits.params[:, 1], fits.params[:, 2], img.shape)
+    table = _table(fits, rows, scale * fwhm_local[sel], stamp_max, img.unit)
     table.meta.update(
         {
             "fwhm": _weighted_median(np.asarray(table["fwhm"]), np.asarray(table["snr"]) ** 2),
