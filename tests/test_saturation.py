@@ -1,0 +1,140 @@
+"""Saturation found in the data (astro_zackay.saturation) and masked by to_image."""
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData
+from conftest import data_path
+from scipy.spatial import cKDTree
+
+from astro_zackay._ccd import as_ccddata, to_image
+from astro_zackay._warnings import AstroZackayWarning, SaturationWarning
+from astro_zackay.saturation import detect_saturation
+from astro_zackay.simulation import PSFField, simulate_image
+from astro_zackay.stars import find_psf_stars
+
+FULL_WELL = 6e4  # e-, the sky (200 e-) included
+
+
+def _saturated_field(seed=11, profile="gaussian"):
+    """A 512^2 field whose brightest stars saturate, as a raw frame: no SATURATE keyword
+    and no mask (the simulation masks its clipped pixels)."""
+    sim = simulate_image((512, 512), psf=PSFField(3.0, profile=profile), n_stars=150,
+                         flux_range=(2e3, 3e6), flux_distribution="loguniform",
+                         saturation=FULL_WELL, n_cosmic_rays=20, seed=seed)
+    ccd = sim.ccd.copy()
+    del ccd.meta["SATURATE"]
+    ccd.mask = None
+    return sim, ccd
+
+
+def test_pile_up_detected_masked_and_warned_once():
+    sim, ccd = _saturated_field()
+    clipped = np.asarray(ccd.data) >= FULL_WELL  # the simulation clips at the full well
+    assert sim.truth["saturated"].sum() >= 5 and clipped.sum() >= 20
+    with pytest.warns(SaturationWarning, match=rf"{clipped.sum()} pixels at or above 60000") as rec:
+        img = to_image(ccd)
+    assert len(rec) == 1 and rec[0].filename == __file__  # points at the caller's line
+    assert img.saturation == FULL_WELL
+    assert np.array_equal(img.mask & clipped, clipped)
+    # coerced a second time (as every step does with as_ccddata): no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = to_image(as_ccddata(img))
+        assert np.array_equal(again.mask, img.mask)
+        # disabled: nothing masked, no warning
+        off = to_image(ccd, saturation=np.inf)
+    assert off.saturation is None and not off.mask.any()
+    assert issubclass(SaturationWarning, AstroZackayWarning)
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "moffat"])
+def test_saturated_stars_never_selected_without_keyword(profile):
+    sim, ccd = _saturated_field(seed=12, profile=profile)
+    with pytest.warns(SaturationWarning):
+        stars = find_psf_stars(ccd)
+    assert stars.meta["saturation"] == FULL_WELL
+    assert stars.meta["n_rejected_saturated"] >= sim.truth["saturated"].sum() - 2
+    truth = sim.truth
+    dist, idx = cKDTree(np.column_stack([truth["x"], truth["y"]])).query(
+        np.column_stack([stars["x"], stars["y"]]))
+    assert np.all(dist < 0.5) and not truth["saturated"][idx].any()
+
+
+def test_flat_topped_cores_without_a_pile_up():
+    """Saturated cores that vary by ~1 % (a flat field applied after clipping): no two
+    pixels share the highest value, yet the flat tops are found."""
+    _, ccd = _saturated_field(seed=13)
+    rng = np.random.default_rng(0)
+    data = np.asarray(ccd.data) * rng.normal(1.0, 0.003, ccd.shape)
+    clipped = np.asarray(ccd.data) >= FULL_WELL
+    assert np.count_nonzero(data == data.max()) == 1
+    level = detect_saturation(data)
+    assert level is not None and 0.98 * FULL_WELL < level <= data[clipped].min() + 1e-9
+    assert np.count_nonzero(data >= level) >= 0.9 * clipped.sum()
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "moffat"])
+def test_no_false_detection_on_unsaturated_fields(profile):
+    """Stars up to 1e7 e- (peaks ~1e6 e-), cosmic rays and hot pixels, no saturation."""
+    for seed in range(3):
+        sim = simulate_image((256, 256), psf=PSFField(2.5 + seed, profile=profile),
+                             n_stars=60, flux_range=(1e3, 1e7), flux_distribution="loguniform",
+                             n_cosmic_rays=15, n_bad_pixels=20, seed=seed)
+        assert detect_saturation(np.asarray(sim.ccd.data)) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SaturationWarning)
+            assert to_image(sim.ccd).saturation is None
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        detect_saturation(np.zeros(10))
+    with pytest.raises(ValueError, match="mask shape"):
+        detect_saturation(np.zeros((4, 4)), np.zeros((3, 3), bool))
+    assert detect_saturation(np.full((8, 8), 5.0)) is None  # flat: nothing stands out
+
+
+def test_real_properimage_image_pile_up_at_65535():
+    """properimage's sample frame: 67 pixels at exactly 65535 ADU, no SATURATE keyword."""
+    path = data_path("properimage", "aligned_eso085-030-004.fit")
+    data = fits.getdata(path).astype(float)
+    assert detect_saturation(data) == 65535.0
+    with pytest.warns(SaturationWarning, match="67 pixels at or above 65535 adu"):
+        stars = find_psf_stars(CCDData(data, unit="adu"))
+    assert stars.meta["saturation"] == 65535.0
+    # the stars with clipped cores: none is selected
+    yy, xx = np.nonzero(data >= 65535.0)
+    dist, _ = cKDTree(np.column_stack([xx, yy])).query(
+        np.column_stack([stars["x"], stars["y"]]))
+    assert np.all(dist > 3 * stars.meta["fwhm"])
+    assert stars.meta["n_rejected_saturated"] >= 3
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("decam-sfft", "input_data", "DEC-OBS04a.mini.fits"),
+        ("decam-sfft", "input_data", "DEC-OBS18a.mini.fits"),
+        ("decam-sfft", "4check", "Stack-DEC-OBS04.fits"),
+        ("nircam-a2744", "input_data",
+         "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp.fits"),
+        ("nircam-a2744", "input_data",
+         "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp.fits"),
+    ],
+)
+def test_no_false_detection_on_real_unsaturated_images(parts):
+    """The DECam stamps peak at 9-22 kADU against SATURATE 46 kADU, and the JWST stamps'
+    brightest pixels are single (no plateau): nothing is saturated in frame."""
+    path = data_path(*parts)
+    with fits.open(path) as hdul:
+        hdu = next(h for h in hdul if h.data is not None and h.data.ndim == 2)
+        data = hdu.data.astype(float)
+        keyword = hdu.header.get("SATURATE")
+    good = np.isfinite(data)
+    if keyword is not None:
+        assert data[good].max() < 0.5 * keyword  # verified unsaturated
+    assert np.count_nonzero(data[good] >= 0.98 * data[good].max()) <= 2
+    assert detect_saturation(data) is None
