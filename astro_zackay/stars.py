@@ -255,12 +255,13 @@ def _measure(
     flux_det = np.asarray(objects["flux"], dtype=float)
     npix = np.maximum(np.asarray(objects["npix"]), 1)
     noise = float(np.median(np.sqrt(img.variance[~img.mask]))) if (~img.mask).any() else 1.0
-    # cheap pre-cut on the isophotal S/N (generously below the PSF S/N)
-    rough_snr = flux_det / np.sqrt(
-        npix * noise**2 + np.clip(flux_det, 0, None) / (img.gain or 1.0)
-    )
+    # cheap pre-cut on the isophotal S/N (generously below the PSF S/N); source Poisson
+    # noise only with a known gain (the estimated variance has none without one)
+    poisson = np.clip(flux_det, 0, None) / img.gain if img.gain else 0.0
+    rough_snr = flux_det / np.sqrt(npix * noise**2 + poisson)
     idx = np.flatnonzero((flux_det > 0) & (rough_snr > 0.5 * snr_min))
-    half = int(np.clip(math.ceil(2.0 * max(fwhm0, fwhm_broad)), 4, 40))
+    # windows of +-2 FWHM of the broad end of the stars (not of the largest galaxies)
+    half = int(np.clip(math.ceil(2.0 * min(max(fwhm0, fwhm_broad), 2.5 * fwhm0)), 4, 40))
     mom = adaptive_moments(
         data, img.variance, img.mask, x_det[idx], y_det[idx], fwhm0 / GAUSS_FWHM, half
     )
@@ -367,6 +368,16 @@ def _reference_shape(
     member = idx[np.abs(log_size - locus) < _LOCUS_BAND]
     if member.size == 0:
         member = idx
+    model = _locus_model(cand, member, fwhm0)
+    # second pass: members that stand out from the model at their own position (a bright
+    # galaxy in a patch with few stars) leave it
+    fwhm, _, _ = model.at(cand.x[member], cand.y[member])
+    limit = np.clip(_EXTENDED_SNR / cand.snr[member], _EXTENDED_MIN, _EXTENDED_MAX)
+    consistent = np.abs(np.log(cand.fwhm[member] / fwhm)) < limit
+    return _locus_model(cand, member[consistent], fwhm0) if consistent.any() else model
+
+
+def _locus_model(cand: _Candidates, member: np.ndarray, fwhm0: float) -> _SizeModel:
     return _SizeModel(
         cand.x[member], cand.y[member], cand.fwhm[member], cand.ellipticity[member],
         cand.moments.concentration[member], cand.snr[member], fwhm0,
@@ -693,12 +704,13 @@ def _fwhm_range(model: _SizeModel, shape: tuple[int, int], scale: float) -> tupl
 def _stamp_scale(model: _SizeModel, shape: tuple[int, int]) -> float:
     """The FWHM that sizes the default stamps: the locus's, or its broad end if it varies.
 
-    The locus's FWHM is the median weighted by S/N**2 (the sizes of faint stars scatter).
+    The locus's FWHM is the median weighted by S/N**2 up to S/N 200 (the sizes of faint
+    stars scatter; no single bright star decides).
     """
     if model.fwhm.size == 0:
         return model.default
     low, high = _fwhm_range(model, shape, 1.0)
-    median = _weighted_median(model.fwhm, model.snr**2)
+    median = _weighted_median(model.fwhm, np.minimum(model.snr, 200.0) ** 2)
     return high if high > 1.3 * low else median
 
 
