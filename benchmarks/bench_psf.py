@@ -10,7 +10,7 @@ every position:
     1024^2, 500 stars; the FWHM changes from 2.0 to 5.0 px across the frame, the
     ellipticity from 0 to 0.4, the angle by 0.8 rad (issue 8, Deliver 5).
 ``tutorial2``
-    properimage's Tutorial 2 frame rebuilt with `~astro_zackay.simulation.simulate_mosaic`:
+    properimage's Tutorial 2 frame rebuilt by `~astro_zackay.simulation.tutorial2_frame`:
     four 512^2 quadrants of 80 stars, x-FWHM 5 + 6.5 a/180 px, y-FWHM 5 px, rotated by
     a = 0, 45, 105, 150 degrees.
 ``galaxies-3:1``
@@ -57,7 +57,7 @@ from astropy.table import Table
 
 from astro_zackay.fourier import shift_image
 from astro_zackay.psf import estimate_psf
-from astro_zackay.simulation import PSFField, simulate_image, simulate_mosaic
+from astro_zackay.simulation import PSFField, simulate_image, tutorial2_frame
 from astro_zackay.stars import find_psf_stars
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,16 +87,6 @@ def grid_positions(shape: tuple[int, int], n: int, margin: float) -> tuple[np.nd
     return xx.ravel(), yy.ravel()
 
 
-def tutorial2_psfs() -> list[PSFField]:
-    """properimage Tutorial 2: x-FWHM 5 + 6.5 a/180, y-FWHM 5, rotated by a degrees."""
-    return [
-        PSFField(
-            fwhm=5 + 6.5 * a / 180, ellipticity=1 - 5 / (5 + 6.5 * a / 180), theta=math.radians(a)
-        )
-        for a in (0, 45, 105, 150)
-    ]
-
-
 def make_fields() -> list[Field]:
     fields = []
     for profile in ("gaussian", "moffat"):
@@ -114,10 +104,7 @@ def make_fields() -> list[Field]:
         flux_distribution="loguniform", min_separation=8.0, seed=2,
     )
     fields.append(Field("varying-2.5x", sim, *grid_positions(sim.ccd.shape, 9, 0.05)))
-    sim = simulate_mosaic(
-        (512, 512), tutorial2_psfs(), n_stars=80, flux_range=(1e3, 1e5),
-        flux_distribution="uniform", sky=100.0, seed=3,
-    )
+    sim = tutorial2_frame(seed=3)
     fields.append(Field("tutorial2", sim, np.asarray(sim.truth["x"]), np.asarray(sim.truth["y"])))
     sim = simulate_image(
         (768, 768), psf=3.0, n_stars=120, n_galaxies=360, flux_range=(1e3, 3e5),

@@ -884,18 +884,9 @@ def test_galaxy_bad_inputs():
 # ---------------------------------------------------------------------------
 # simulate_mosaic
 # ---------------------------------------------------------------------------
-def tutorial2_psfs():
-    """properimage's Tutorial 2: x-FWHM 5 + 6.5 theta/180, y-FWHM 5, theta in degrees."""
-    return [
-        PSFField(
-            fwhm=5 + 6.5 * a / 180, ellipticity=1 - 5 / (5 + 6.5 * a / 180), theta=math.radians(a)
-        )
-        for a in (0, 45, 105, 150)
-    ]
-
-
 def test_mosaic_tiles_truth_and_psf():
-    psfs = tutorial2_psfs()
+    psfs = [PSFField(fwhm=f, ellipticity=e, theta=t)
+            for f, e, t in ((3.0, 0.0, 0.0), (4.0, 0.2, 0.5), (5.0, 0.3, 1.0), (6.0, 0.4, 2.0))]
     frame = sim.simulate_mosaic(
         (96, 128), psfs, n_stars=6, n_galaxies=3, n_cosmic_rays=2, n_bad_pixels=3, seed=4
     )
@@ -931,3 +922,20 @@ def test_mosaic_errors():
         sim.simulate_mosaic((32, 32), [3.0, 4.0], n_stars=1)
     with pytest.raises(ValueError, match="single"):
         sim.PSFMosaic((PSFField(3.0),), (1, 1), (32, 32)).stamp([1.0, 2.0], [1.0, 2.0])
+
+
+def test_tutorial2_frame_matches_properimage_recipe():
+    frame = sim.tutorial2_frame(128, n_stars=8, seed=3)
+    assert frame.ccd.shape == (256, 256) and frame.sky == 100.0
+    assert np.bincount(frame.truth["tile"]).tolist() == [8, 8, 8, 8]
+    for field, angle in zip(frame.psf.fields, (0, 45, 105, 150)):
+        # x-FWHM 5 + 6.5 a / 180 along the major axis, y-FWHM 5 along the minor one
+        assert field.fwhm == pytest.approx(5 + 6.5 * angle / 180)
+        assert field.fwhm * (1 - field.ellipticity) == pytest.approx(5.0)
+        assert math.degrees(field.theta) == pytest.approx(angle)
+    flux = np.asarray(frame.truth["flux"])
+    assert flux.min() >= 1e3 and flux.max() <= 1e5
+    # every star carries its quadrant's PSF
+    tiles = np.asarray(frame.truth["tile"])
+    assert np.allclose(frame.truth["fwhm"], [frame.psf.fields[k].fwhm for k in tiles])
+    assert np.allclose(frame.truth["theta"], [frame.psf.fields[k].theta for k in tiles])
