@@ -1,8 +1,9 @@
 """The one place where a user's PSF (model, array, FWHM or None) becomes a function of position.
 
-`as_psf_sampler` turns what a user gave into a `PSFSampler`; `estimate_image_psf`
-estimates the PSF of one image of `~astro_zackay.subtraction.subtract` or
-`~astro_zackay.coaddition.coadd` when nothing was given, and `ImageWarnings`
+`as_psf_sampler` turns what a user gave into a `PSFSampler`; `find_image_stars` and
+`estimate_image_psf` find the stars of one image of
+`~astro_zackay.subtraction.subtract` or `~astro_zackay.coaddition.coadd` (once) and
+estimate its PSF from them when nothing was given, and `ImageWarnings`
 re-issues the package's warnings about one image with the image named, once each.
 """
 
@@ -26,7 +27,7 @@ from ._warnings import AstroZackayWarning
 from .profiles import psf_stamp
 
 __all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "estimate_image_psf",
-           "user_stacklevel"]
+           "find_image_stars", "user_stacklevel"]
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,56 @@ class ImageWarnings:
                 warnings.warn(text, category, stacklevel=user_stacklevel())
 
 
+def _cannot_estimate(name: str, reason: Any, option: str | None) -> ValueError:
+    """The error for an image whose PSF cannot be estimated: it says what to pass."""
+    text = f"{name}: {reason}"
+    if option is not None and option not in text:
+        text += (f"; pass {option} (a PSF model, an odd-sized array, or the FWHM in pixels "
+                 "of a Gaussian PSF)")
+    return ValueError(text)
+
+
+def find_image_stars(
+    image: Any, background: Any, *, name: str, option: str | None
+) -> Table | None:
+    """The stars of one image of a subtraction or coadd, found once for all their uses.
+
+    `~astro_zackay.stars.find_psf_stars` at S/N >= `~astro_zackay.fluxmatch.MATCH_SNR_MIN`
+    (the flux matching's cut; `~astro_zackay.psf.estimate_psf` cuts harder for the
+    PSF itself).
+
+    Parameters
+    ----------
+    image : `~astropy.nddata.CCDData`
+        The image, as read through the CCDData boundary.
+    background : `~astro_zackay.background.BackgroundResult`
+        Its background.
+    name : str
+        The image as the user knows it, for the log and the error.
+    option : str or None
+        The argument that gives this image's PSF when the PSF depends on the stars:
+        the finder's error is then raised, naming the image and this option. None
+        when the PSF was given: a failure then gives None (the stars only serve the
+        flux matching, which has a fallback).
+
+    Returns
+    -------
+    `~astropy.table.Table` or None
+        None when no star was found and none is required.
+    """
+    from .fluxmatch import MATCH_SNR_MIN
+    from .stars import find_psf_stars
+
+    try:
+        stars = find_psf_stars(image, snr_min=MATCH_SNR_MIN, background=background)
+    except ValueError as exc:
+        if option is not None:
+            raise _cannot_estimate(name, exc, option) from None
+        log.info("%s: no stars found (%s)", name, exc)
+        return None
+    return stars if len(stars) else None
+
+
 def estimate_image_psf(image: Any, stars: Table | None, *, name: str, option: str) -> Any:
     """Estimate the PSF of one image of a subtraction or coadd from the stars found in it.
 
@@ -280,13 +331,11 @@ def estimate_image_psf(image: Any, stars: Table | None, *, name: str, option: st
     """
     from .psf import estimate_psf
 
-    hint = (f"pass {option} (a PSF model, an odd-sized array, or the FWHM in pixels of a "
-            "Gaussian PSF)")
     if stars is None or len(stars) == 0:
-        raise ValueError(f"{name}: cannot estimate a PSF: no usable PSF star; {hint}")
+        raise _cannot_estimate(name, "no usable PSF star", option)
     try:
         model = estimate_psf(image, stars)
     except ValueError as exc:
-        raise ValueError(f"{name}: cannot estimate a PSF: {exc}; {hint}") from None
+        raise _cannot_estimate(name, exc, option) from None
     log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)
     return model

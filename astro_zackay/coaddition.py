@@ -42,14 +42,19 @@ from ._ccd import (
     to_ccddata,
     to_image,
 )
-from ._psf_input import ImageWarnings, as_psf_sampler, estimate_image_psf, user_stacklevel
+from ._psf_input import (
+    ImageWarnings,
+    as_psf_sampler,
+    estimate_image_psf,
+    find_image_stars,
+    user_stacklevel,
+)
 from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning
 from .alignment import align as align_image
 from .background import _estimate_from
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
-from .fluxmatch import MATCH_SNR_MIN, match_stars
-from .stars import find_psf_stars
+from .fluxmatch import match_stars
 from .zogy import fit_flux_ratio
 
 __all__ = ["CoaddResult", "coadd"]
@@ -229,16 +234,6 @@ def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> floa
     return float(np.sqrt(np.median(img.variance[background])))
 
 
-def _find_stars(ccd: CCDData, bkg: Any, name: str) -> Table | None:
-    """The image's stars for its PSF and flux scale; None when none is found."""
-    try:
-        stars = find_psf_stars(ccd, background=bkg, snr_min=MATCH_SNR_MIN)
-    except ValueError as exc:
-        log.info("%s: no stars found (%s)", name, exc)
-        return None
-    return stars if len(stars) else None
-
-
 def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) -> _Frame:
     """Find one image's PSF stamp, noise and (if needed) stars; subtract its background.
 
@@ -251,7 +246,9 @@ def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) 
     bkg = _estimate_from(img)  # on the coerced image: no second copy of data and variance
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    stars = _find_stars(ccd, bkg, name) if psf is None or need_stars else None
+    stars = None
+    if psf is None or need_stars:
+        stars = find_image_stars(ccd, bkg, name=name, option="psfs=" if psf is None else None)
     if psf is None:
         psf = estimate_image_psf(ccd, stars, name=name, option="psfs=")
     stamp = as_psf_sampler(psf)(*centre)

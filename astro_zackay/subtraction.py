@@ -24,6 +24,7 @@ from ._psf_input import (
     PSFSampler,
     as_psf_sampler,
     estimate_image_psf,
+    find_image_stars,
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
@@ -44,8 +45,6 @@ AUTO_TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 MAX_PSF_CHANGE = 0.04
 #: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
 MIN_MATCHED_STARS = 5
-#: S/N of the stars found in each image, for the matching and the PSF (which cuts harder).
-MATCH_SNR_MIN = 10.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -158,18 +157,6 @@ class _Prepared:
     stars: Table | None
 
 
-def _find_stars(ccd: CCDData, background: Any, name: str) -> Table | None:
-    """The image's stars for matching and PSF estimation; None when none is found."""
-    from .stars import find_psf_stars
-
-    try:
-        stars = find_psf_stars(ccd, snr_min=MATCH_SNR_MIN, background=background)
-    except ValueError as exc:
-        log.info("no stars found in the %s (%s)", name, exc)
-        return None
-    return stars if len(stars) else None
-
-
 def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
     """Background, noise, stars (found once) and PSF (given, else estimated) of one image."""
     from .background import _estimate_from
@@ -178,7 +165,7 @@ def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
     background = _estimate_from(image)  # on the coerced image: no second copy
     sky = np.asarray(background.sky.data, dtype=image.data.dtype)
     rms = np.asarray(background.rms.data, dtype=image.data.dtype)
-    stars = _find_stars(ccd, background, name)
+    stars = find_image_stars(ccd, background, name=name, option=option if psf is None else None)
     if psf is None:
         psf = estimate_image_psf(ccd, stars, name=name, option=option)
     sampler = as_psf_sampler(psf)

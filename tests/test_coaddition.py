@@ -397,7 +397,7 @@ def _sparse_frames(flux_scales, n_stars=3, seed=31):
 
 def test_frame_without_stars_names_it_and_the_option():
     frames = _noise_frames(128, 3, seed=30)
-    with pytest.raises(ValueError, match=r"^image 0: cannot estimate a PSF.*psfs="):
+    with pytest.raises(ValueError, match=r"^image 0: .*psfs="):
         _recorded(lambda: coadd(frames))
 
 
