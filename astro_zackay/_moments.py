@@ -36,6 +36,8 @@ class Moments:
     ----------
     x, y : ndarray
         Weighted centroids (0-based pixels).
+    x_err, y_err : ndarray
+        Their errors propagated from the pixel variances.
     cxx, cxy, cyy : ndarray
         The source covariance (the final weight's: exact for a Gaussian source, the
         covariance of the best-matched Gaussian otherwise), pixels squared.
@@ -53,6 +55,8 @@ class Moments:
 
     x: np.ndarray
     y: np.ndarray
+    x_err: np.ndarray
+    y_err: np.ndarray
     cxx: np.ndarray
     cxy: np.ndarray
     cyy: np.ndarray
@@ -173,17 +177,21 @@ def adaptive_moments(
         wyy[ok] = np.clip(cyy[ok], _MIN_VAR, max_var)
         limit = 0.99 * np.sqrt(wxx[ok] * wyy[ok])
         wxy[ok] = np.clip(cxy[ok], -limit, limit)
-    weight, _, _ = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
+    weight, dx, dy = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
     s0 = np.sum(weight * pix, axis=1)
     err = np.sqrt(np.sum(weight**2 * var, axis=1))
+    # the centroid moves by twice the weighted mean offset, 2 sum(w I dx) / sum(w I)
+    x_err = 2.0 * np.sqrt(np.sum(weight**2 * var * dx**2, axis=1)) / np.abs(s0)
+    y_err = 2.0 * np.sqrt(np.sum(weight**2 * var * dy**2, axis=1)) / np.abs(s0)
     broad, _, _ = _weights(gx, gy, xc, yc, 4.0 * wxx, 4.0 * wxy, 4.0 * wyy, valid)
     s_broad = np.sum(broad * pix, axis=1)
     ok &= (s0 > 0) & (err > 0) & np.isfinite(s0)
     near = (gx - xc[:, None]) ** 2 + (gy - yc[:, None]) ** 2 <= 2.25
     peak = np.max(np.where(near & valid, pix, -np.inf), axis=1)
     return Moments(
-        x=xc, y=yc, cxx=wxx, cxy=wxy, cyy=wyy, flux=2.0 * s0, flux_err=2.0 * err,
-        peak=peak, concentration=s0 / np.where(s_broad > 0, s_broad, np.nan), ok=ok,
+        x=xc, y=yc, x_err=x_err, y_err=y_err, cxx=wxx, cxy=wxy, cyy=wyy, flux=2.0 * s0,
+        flux_err=2.0 * err, peak=peak,
+        concentration=s0 / np.where(s_broad > 0, s_broad, np.nan), ok=ok,
     )
 
 
