@@ -45,6 +45,8 @@ AUTO_TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
 MAX_PSF_CHANGE = 0.04
 #: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
 MIN_MATCHED_STARS = 5
+#: Flux fraction of each PSF kept in the cores that the pixel fit of the flux ratio uses.
+PIXEL_FIT_CORE = 0.995
 
 
 @dataclass(frozen=True, repr=False)
@@ -202,6 +204,34 @@ def _match(
         FewStarsWarning, stacklevel=user_stacklevel(),
     )
     return None
+
+
+def _core_half(psf: np.ndarray) -> int:
+    """Half-side of the smallest centred square of ``psf`` holding PIXEL_FIT_CORE of its flux."""
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    for half in range(min(cy, cx)):
+        if psf[cy - half:cy + half + 1, cx - half:cx + half + 1].sum() >= PIXEL_FIT_CORE:
+            return half
+    return min(cy, cx)
+
+
+def _common_core(*psfs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The unit-sum PSFs cut to one centred square holding PIXEL_FIT_CORE of each one's flux.
+
+    The pixel fit of the flux ratio and shift leaves a PSF stamp free at the image
+    edges: stamps extended to the faint wings would leave it no pixels on a small
+    image (a 256^2 DECam stamp with 99x99 PSFs), while the cores fit the same bright
+    pixels. Cut to the same size, each keeps all but 0.5 % of its flux, so the ratio
+    is biased by less than that.
+    """
+    half = max(_core_half(psf) for psf in psfs)
+    cores = []
+    for psf in psfs:
+        cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+        h = min(half, cy, cx)
+        core = psf[cy - h:cy + h + 1, cx - h:cx + h + 1]
+        cores.append(core / core.sum())
+    return tuple(cores)
 
 
 def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
@@ -419,8 +449,9 @@ def subtract(
             beta, beta_err = match.flux_ratio, match.flux_ratio_error
     elif fit_shift or flux_ratio is None:
         fitter = _fit_shift if fit_shift else fit_flux_ratio
+        core_n, core_r = _common_core(psf_n0, psf_r0)
         try:
-            fit = fitter(psci.data, pref.data, psf_n0, psf_r0, sigma_new=sigma_n0,
+            fit = fitter(psci.data, pref.data, core_n, core_r, sigma_new=sigma_n0,
                          sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
         except ValueError as exc:
             raise ValueError(
