@@ -211,11 +211,13 @@ def _deconvolve(
     """
     det_m = mxx * myy - mxy**2
     det_w = wxx * wyy - wxy**2
-    axx = myy / det_m - wyy / det_w
-    ayy = mxx / det_m - wxx / det_w
-    axy = -mxy / det_m + wxy / det_w
-    det_a = axx * ayy - axy**2
-    definite = (axx > 0) & (det_a > 0)
+    # sources whose moments failed (det_m <= 0) are flagged by the caller; no warnings
+    with np.errstate(divide="ignore", invalid="ignore"):
+        axx = myy / det_m - wyy / det_w
+        ayy = mxx / det_m - wxx / det_w
+        axy = -mxy / det_m + wxy / det_w
+        det_a = axx * ayy - axy**2
+        definite = (axx > 0) & (det_a > 0)
     safe = np.where(definite, det_a, 1.0)
     cxx = np.where(definite, ayy / safe, 4.0 * wxx)
     cyy = np.where(definite, axx / safe, 4.0 * wyy)
