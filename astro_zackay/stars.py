@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 from astropy import units as u
 from astropy.table import Table
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
@@ -337,9 +336,10 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
     counts = np.sum(values[:, None, :] <= upper[:, :, None], axis=2) - np.arange(k)
     enough = counts >= np.maximum(np.minimum(3, k), _LOCUS_FRACTION * counts.max(axis=1))[:, None]
     start = np.argmax(enough, axis=1)
-    low = values[np.arange(x.size), start]
-    band = (values >= low[:, None]) & (values <= low[:, None] + _LOCUS_WIDTH)
-    return np.array([np.median(v[b]) for v, b in zip(values, band)])
+    count = counts[np.arange(x.size), start]
+    # the band is a run of the sorted values: its median from the middle one or two
+    rows = np.arange(x.size)
+    return 0.5 * (values[rows, start + (count - 1) // 2] + values[rows, start + count // 2])
 
 
 def _reference_shape(
@@ -388,15 +388,17 @@ def _reject(reason: np.ndarray, keep: np.ndarray, fail: np.ndarray, name: str) -
     keep &= ~fail
 
 
-def _window_any(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, hy: int, hx: int) -> np.ndarray:
-    """Whether each window ``[iy-hy, iy+hy] x [ix-hx, ix+hx]`` (clipped) holds a True pixel."""
-    py, px = np.nonzero(image)
+def _window_any(
+    flagged: tuple[np.ndarray, np.ndarray], ix: np.ndarray, iy: np.ndarray, hy: int, hx: int
+) -> np.ndarray:
+    """Whether each window ``[iy-hy, iy+hy] x [ix-hx, ix+hx]`` holds a flagged pixel.
+
+    ``flagged`` holds the (row, column) indices of the flagged pixels, as from
+    `numpy.nonzero`; the nearest of them in the window's own (Chebyshev) metric decides.
+    """
+    py, px = flagged
     if py.size == 0 or ix.size == 0:
         return np.zeros(ix.size, dtype=bool)
-    if py.size > 20 * ix.size:  # many flagged pixels: a maximum filter over the image
-        grown = ndimage.maximum_filter(image, size=(2 * hy + 1, 2 * hx + 1), mode="constant")
-        return grown[iy, ix]
-    # few: the nearest flagged pixel in the window's own (Chebyshev) metric
     tree = cKDTree(np.column_stack([px / (hx + 0.5), py / (hy + 0.5)]))
     dist, _ = tree.query(np.column_stack([ix / (hx + 0.5), iy / (hy + 0.5)]), p=np.inf)
     return dist < 1.0
@@ -437,13 +439,17 @@ def _edge_cuts(
 def _cuts(
     cand: _Candidates,
     img: ImageData,
+    masked: tuple[np.ndarray, np.ndarray],
     model: _SizeModel,
     stamp: tuple[int, int],
     radius: np.ndarray,
     snr_min: float,
     margin: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The keep flags, rejection reasons and local FWHM of every detection."""
+    """The keep flags, rejection reasons and local FWHM of every detection.
+
+    ``masked`` holds the indices of the image's masked pixels (`numpy.nonzero`).
+    """
     fwhm_local, ell_local, conc_local = model.at(cand.x, cand.y)
     reason = np.full(cand.n, "", dtype=object)
     keep = np.ones(cand.n, dtype=bool)
@@ -452,13 +458,13 @@ def _cuts(
     k = np.flatnonzero(keep)
     hy, hx = stamp[0] // 2, stamp[1] // 2
     if img.saturation is not None:
-        with np.errstate(invalid="ignore"):
-            saturated = img.data >= img.saturation
+        py, px = masked
+        saturated = img.data[py, px] >= img.saturation  # saturated pixels are masked
         has_sat = np.zeros(cand.n, dtype=bool)
-        has_sat[k] = _window_any(saturated, ix[k], iy[k], hy, hx)
+        has_sat[k] = _window_any((py[saturated], px[saturated]), ix[k], iy[k], hy, hx)
         _reject(reason, keep, has_sat, "saturated")
     has_mask = np.zeros(cand.n, dtype=bool)
-    has_mask[k] = _window_any(img.mask, ix[k], iy[k], hy, hx)
+    has_mask[k] = _window_any(masked, ix[k], iy[k], hy, hx)
     _reject(reason, keep, has_mask, "masked")
     _reject(reason, keep, ~(cand.snr >= _MOMENT_SNR_FRACTION * snr_min), "low_snr")
     _reject(reason, keep, ~cand.measured, "fit")
@@ -889,8 +895,9 @@ def find_psf_stars(
     crowded_start = _crowded(cand, np.full(cand.n, 3.0 * fwhm0))
     # saturated cores (masked) share one broad shape: they must not pose as the locus
     core = max(2, math.ceil(fwhm0))
+    masked = np.nonzero(img.mask)
     clean = cand.measured & ~_window_any(
-        img.mask, np.rint(cand.x).astype(int), np.rint(cand.y).astype(int), core, core
+        masked, np.rint(cand.x).astype(int), np.rint(cand.y).astype(int), core, core
     )
     model = _reference_shape(cand, clean, crowded_start, snr_min, fwhm0)
 
@@ -908,9 +915,7 @@ def find_psf_stars(
     local, _, _ = model.at(cand.x, cand.y)
     radius = 3.0 * local if isolation is None else np.full(cand.n, float(isolation))
     margin = 0 if edge is None else int(edge)
-    keep, reason, fwhm_local = _cuts(
-        cand, img, model, stamp, radius, snr_min, margin
-    )
+    keep, reason, fwhm_local = _cuts(cand, img, masked, model, stamp, radius, snr_min, margin)
     counts_so_far = {r: int(np.sum(reason == r)) for r in REASONS}
     sel = np.flatnonzero(keep)
     sel = sel[np.argsort(-cand.snr[sel])]
