@@ -160,12 +160,16 @@ def noise_components(eigenvalues: np.ndarray, n_stars: int, n_pix: int) -> int:
 
 
 def _held_out_chi2(basis: np.ndarray, fields: np.ndarray, hold: TrainingSet,
-                   degree: int) -> np.ndarray:
-    """Per-star chi2/dof of held-out stamps against the model, flux fitted (linear)."""
-    psf = evaluate_psf(basis, fields, hold.design(degree))
-    weight = 1.0 / hold.variance
-    flux = np.sum(psf * hold.stamps * weight, axis=1) / np.sum(psf**2 * weight, axis=1)
-    chi2 = np.sum((hold.stamps - flux[:, None] * psf) ** 2 * weight, axis=1)
+                   degree: int, aperture: np.ndarray) -> np.ndarray:
+    """Per-star chi2/dof of held-out stamps against the model within ``aperture``.
+
+    The flux is fitted (linear); the aperture keeps the pixels where the PSF's shape
+    is (the wings' noise would dilute the differences between models).
+    """
+    psf = evaluate_psf(basis, fields, hold.design(degree))[:, aperture]
+    data, weight = hold.stamps[:, aperture], 1.0 / hold.variance[:, aperture]
+    flux = np.sum(psf * data * weight, axis=1) / np.sum(psf**2 * weight, axis=1)
+    chi2 = np.sum((data - flux[:, None] * psf) ** 2 * weight, axis=1)
     return chi2 / (psf.shape[1] - 1)
 
 
@@ -179,7 +183,11 @@ def _fields(train: TrainingSet, basis: np.ndarray, degree: int) -> np.ndarray:
 
 
 def _choose(
-    train: TrainingSet, hold: TrainingSet, basis: np.ndarray, degrees: tuple[int, ...]
+    train: TrainingSet,
+    hold: TrainingSet,
+    basis: np.ndarray,
+    degrees: tuple[int, ...],
+    aperture: np.ndarray,
 ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(degree, K, fields, scores over K at that degree) by the one-standard-error rule.
 
@@ -192,7 +200,7 @@ def _choose(
         fields[degree] = _fields(train, basis, degree)
         for k in range(1, len(basis) + 1):
             candidates.append((k * len(polynomial_terms(degree)), degree, k))
-            chi2.append(_held_out_chi2(basis[:k], fields[degree][:k], hold, degree))
+            chi2.append(_held_out_chi2(basis[:k], fields[degree][:k], hold, degree, aperture))
     order = sorted(range(len(candidates)), key=lambda i: candidates[i])
     index, scores, sigma = select_n_components(np.array(chi2)[order])
     _, degree, k = candidates[order[index - 1]]
@@ -212,6 +220,7 @@ def build_kl(
     *,
     n_components: int | None = None,
     inf_loss: float | None = None,
+    aperture: np.ndarray | None = None,
 ) -> Built:
     """Karhunen-Loeve eigen-PSFs with polynomial coefficient fields.
 
@@ -231,6 +240,9 @@ def build_kl(
         K itself (at most what the stars allow).
     inf_loss : float, optional
         The largest fraction of the eigen-spectrum that may be discarded.
+    aperture : `~numpy.ndarray`, optional
+        Boolean ``(n_pix,)``: the pixels whose held-out chi2 chooses the model
+        (default all).
 
     Returns
     -------
@@ -243,7 +255,8 @@ def build_kl(
     basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
     selection = None
     if n_components is None and inf_loss is None and hold is not None:
-        degree, k, fields, selection = _choose(train, hold, basis, degrees)
+        aperture = np.ones(n_pix, dtype=bool) if aperture is None else aperture
+        degree, k, fields, selection = _choose(train, hold, basis, degrees, aperture)
     else:
         degree = max(degrees)
         if inf_loss is not None:

@@ -42,7 +42,7 @@ from .stamps import (
     stamp_fits,
     stamp_moments,
 )
-from .wings import fit_wing, render_wing
+from .wings import Wing, fit_wing, render_wing
 
 __all__ = ["estimate_psf"]
 
@@ -57,6 +57,8 @@ CORE_FWHM = 3.0
 MIN_CORE_FWHM = 2.0
 #: the wing is fitted from 2 FWHM out to this many FWHM; the background ring lies beyond
 WING_FIT_FWHM = 8.0
+#: K and the degree are chosen by the held-out chi2 within this many FWHM of the centre
+SELECT_FWHM = 2.0
 #: number of bright stars whose stacked profile gives the wing
 WING_STARS = 25
 
@@ -152,8 +154,7 @@ def _core_shape(stars: Table, img: Any, fwhm: float) -> tuple[int, int]:
     A smaller stamp is taken when the full one would lose more than a fifth of the
     stars that a +-2 FWHM stamp keeps; the wing model covers what it leaves out.
     """
-    default = stars.meta.get("stamp_shape")
-    full = int(default[0]) if default is not None else _side(fwhm, CORE_FWHM)
+    full = _side(fwhm, CORE_FWHM)
     smallest = min(_side(fwhm, MIN_CORE_FWHM), full)
     x, y = np.asarray(stars["x"], dtype=float), np.asarray(stars["y"], dtype=float)
 
@@ -183,19 +184,11 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray) -> tuple[np.nd
     shape = stamps.data.shape[1:]
     norm = recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]
     variance = stamps.variance / stamps.flux[:, None, None] ** 2
-    norm, _ = clean_neighbours(norm, variance, grow=0)
+    norm, replaced = clean_neighbours(norm, variance)
+    log.debug("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
+              int(replaced.any(axis=(1, 2)).sum()))
     weights = 1.0 / np.sqrt(variance.sum(axis=(1, 2)))
     return norm.reshape(n, -1), variance.reshape(n, -1), weights, shape
-
-
-def _without_neighbours(stamps: StampSet) -> StampSet:
-    """The stamps with neighbours replaced, on their own pixel grid (before any shift)."""
-    flux = stamps.flux[:, None, None]
-    cleaned, replaced = clean_neighbours(stamps.data / flux, stamps.variance / flux**2)
-    log.info("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
-             int(replaced.any(axis=(1, 2)).sum()))
-    return StampSet(cleaned * flux, stamps.variance, stamps.dx, stamps.dy,
-                    stamps.background, stamps.flux, stamps.valid)
 
 
 def _refine(stamps: StampSet, train: np.ndarray) -> StampSet:
@@ -244,35 +237,54 @@ def _held_out_quality(
     return per_star, summary
 
 
+def _aperture(shape: tuple[int, int], radius: float) -> np.ndarray:
+    """Flattened boolean disk of ``radius`` pixels around the stamp's central pixel."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (np.hypot(yy - shape[0] // 2, xx - shape[1] // 2) <= radius).ravel()
+
+
 def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_components: int | None,
-           inf_loss: float | None) -> Built:
+           inf_loss: float | None, fwhm: float) -> Built:
     if plan.method == "kl":
-        return build_kl(train, hold, plan.degrees, n_components=n_components, inf_loss=inf_loss)
+        return build_kl(train, hold, plan.degrees, n_components=n_components, inf_loss=inf_loss,
+                        aperture=_aperture(train.shape, SELECT_FWHM * fwhm))
     if plan.method == "constant":
         return build_constant(train)
     return build_analytic(train, plan.method)
 
 
-def _wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
-          core_shape: tuple[int, int], sky: np.ndarray | None, ring: float) -> tuple:
-    """The wing stamp fitted to the brightest stars (or None) and its law for the meta."""
+def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
+              sky: np.ndarray | None, ring: float) -> tuple[Wing, StampSet]:
+    """The wing law of the brightest stars, and the stamps with their fitted backgrounds.
+
+    The brightest stars weigh most in every builder; their residual backgrounds,
+    fitted with the wing, replace the ring's (which carries neighbours' light).
+    """
     bright = np.argsort(stamps.flux)[::-1][:WING_STARS]
-    wing = fit_wing(
-        img.data, img.mask, x[bright], y[bright], stamps.flux[bright],
+    wing, offsets = fit_wing(
+        img.data, img.variance, img.mask, x[bright], y[bright], stamps.flux[bright], fwhm=fwhm,
         r_min=2.0 * fwhm, r_max=ring, background=stamps.background[bright], sky=sky,
-        ring_radius=None if sky is not None else ring,
     )
-    stamp = render_wing(wing, core_shape)
-    law = {"wing_amplitude": wing.amplitude, "wing_power": wing.power,
-           "wing_fraction": 0.0 if stamp is None else float(stamp.sum())}
-    log.info("outer wing: %s", law)
-    return stamp, law
+    level = np.zeros(len(stamps))
+    level[bright] = offsets * stamps.flux[bright]
+    data = stamps.data - level[:, None, None]
+    flux = data.sum(axis=(1, 2))
+    usable = flux > 0
+    level, data, flux = level[usable], data[usable], flux[usable]
+    ratio = float(np.median(flux[np.isin(np.flatnonzero(usable), bright)]
+                            / stamps.flux[usable][np.isin(np.flatnonzero(usable), bright)]))
+    wing = Wing(wing.amplitude / ratio, wing.beta, wing.alpha, wing.amplitude_err / ratio)
+    log.info("outer wing %s; bright stars' backgrounds corrected by a median %.3g of their "
+             "flux per pixel", wing, float(np.median(offsets)))
+    kept = stamps.select(usable)
+    return wing, StampSet(data, kept.variance, kept.dx, kept.dy, kept.background + level, flux,
+                          kept.valid)
 
 
 def _announce(plan: Plan, n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
     lost = n_given - n_usable
     text = (f"{n_usable} usable PSF stars ({n_given} given, {lost} without a clean "
-            f"{shape[0]}x{shape[1]} stamp): using " + "; ".join(plan.steps))
+            f"{shape[0]}x{shape[1]} stamp): " + "; ".join(plan.steps))
     warnings.warn(text, FewStarsWarning, stacklevel=4)
     return "; ".join(plan.steps)
 
@@ -302,11 +314,11 @@ def estimate_psf(
     Stars (from `~astro_zackay.stars.find_psf_stars` unless given) are cut into stamps
     of +-3 FWHM (shrunk to as little as +-2 FWHM when that keeps stars near the
     edge), minus the background (the ``background`` map, else the clipped mean of a
-    ring 8 FWHM out, beyond the wings). Neighbours are replaced in the wings on the
-    stamps' own pixel grid (symmetric rejection, before any shift); the stamps are
-    then recentred with a Fourier shift (mirrored at their edges, so nothing wraps
-    around) and normalised to unit sum; their sub-pixel positions are refined twice
-    against the mean stamp.
+    ring 8 FWHM out, beyond the wings). The stamps are recentred with a Fourier
+    shift (mirrored at their edges, so nothing wraps around and rings), normalised
+    to unit sum, and neighbours in their wings are replaced by the star's own light
+    at the same radius (`~astro_zackay.psf.stamps.clean_neighbours`); their
+    sub-pixel positions are refined twice against the mean stamp.
 
     What is built depends on the usable stars (the degradation ladder, never a dead
     end): a spatially varying KL PSF when they constrain its coefficient fields (the
@@ -328,11 +340,12 @@ def estimate_psf(
     * ``'constant'``: the weighted mean stamp (K = 1, no spatial variation).
     * ``'gaussian'`` / ``'moffat'``: an elliptical profile fitted to the mean stamp.
 
-    The core stamp is extended by an analytic wing, ``A r**-p`` fitted to the stacked
-    profile of the brightest stars between 2 and 8 FWHM, out to where 1e-3 of the flux
-    remains, when the wing holds a significant flux outside the core (Moffat-like
-    PSFs): ``psf_at`` returns core and wing, unit sum. A given ``stamp_shape`` is kept
-    as it is (no wing).
+    The core stamp is extended by an analytic wing, a Moffat law ``A (1 + r**2 /
+    alpha**2) ** -beta`` of the stars' FWHM fitted to the profiles of the brightest
+    stars between 2 and 8 FWHM (each with its own residual background, which then
+    replaces its ring's), out to where 1e-3 of the flux remains, when the wing holds
+    a significant flux outside the core (Moffat-like PSFs): ``psf_at`` returns core
+    and wing, unit sum. A given ``stamp_shape`` is kept as it is (no wing).
 
     The held-out stars measure the quality (``model.quality``): chi2/dof with the
     image variance, residual flux against the noise floor, ellipticity and size
@@ -346,7 +359,7 @@ def estimate_psf(
     stars : `~astropy.table.Table`, optional
         Stars with ``x``, ``y`` (0-based pixels); ``snr`` (cut at ``snr_min``) is used
         when present, ``stamp_max`` (the largest odd stamp side that fits) too;
-        ``meta['fwhm']`` / ``meta['stamp_shape']`` set the stamp size.
+        ``meta['fwhm']`` (else the median ``fwhm``) sets the stamp size.
     n_components : int, optional
         Number of eigen-PSFs K (``'kl'`` only).
     inf_loss : float, optional
@@ -450,29 +463,34 @@ def estimate_psf(
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
+    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring)
+    stars = stars[stamps.flux > 0] if len(stamps) < len(stars) else stars
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True
-    stamps = _refine(_without_neighbours(stamps), ~holdout)
+    stamps = _refine(stamps, ~holdout)
     norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy)
+    x = np.asarray(stars["x"], dtype=float)
+    y = np.asarray(stars["y"], dtype=float)
     x_fit = np.round(x) + stamps.dx
     y_fit = np.round(y) + stamps.dy
     u, v = scale_coordinates(x_fit, y_fit, scaling)
     everything = TrainingSet(norm, norm_var, weights, u, v, core)
     hold = everything.select(holdout) if plan.n_holdout else None
-    built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss)
+    built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss,
+                   star_fwhm)
     meta.update(built.meta)
-    wing = None
-    if shape is None:
-        wing, law = _wing(img, stamps, x_fit, y_fit, star_fwhm, core, sky, ring)
-        meta.update(law)
+    wing_stamp = None if shape is not None else render_wing(wing, core)
+    meta.update({"wing_amplitude": wing.amplitude, "wing_beta": wing.beta,
+                 "wing_alpha": wing.alpha,
+                 "wing_fraction": 0.0 if wing_stamp is None else float(wing_stamp.sum())})
 
     table = stars.copy(copy_data=True)
     table.meta = {}
     table["x_fit"] = x_fit
     table["y_fit"] = y_fit
     table["subset"] = np.where(holdout, "holdout", "train")
-    return _assemble(img, built, plan, table, (stamps, holdout, x_fit, y_fit), meta, wing,
-                     scaling)
+    return _assemble(img, built, plan, table, (stamps, holdout, x_fit, y_fit), meta,
+                     wing_stamp, scaling)
 
 
 def _assemble(img: Any, built: Built, plan: Plan, table: Table | None, held: tuple | None,

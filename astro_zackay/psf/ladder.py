@@ -159,7 +159,7 @@ def plan_model(
     >>> plan = plan_model(u[:5], v[:5], method="kl", degree=2, holdout_fraction=0.25,
     ...                   have_fwhm=False)
     >>> plan.method, plan.n_holdout, plan.steps[0]
-    ('constant', 0, 'a constant PSF (the mean stamp) instead of a KL PSF of degree 2 (degree 2 needs 15 training stars)')
+    ('constant', 0, 'using a constant PSF (the mean stamp) instead of a KL PSF of degree 2 (degree 2 needs 15 training stars)')
     """  # noqa: E501
     n = len(u)
     n_hold = int(round(holdout_fraction * n))
@@ -177,7 +177,7 @@ def plan_model(
         if chosen > 0 or (degree == 0 and n_train >= MIN_CONSTANT):
             degrees = tuple(range(chosen + 1)) if degree is None and n_hold else (chosen,)
             if degree is not None and chosen < degree:
-                steps.append(f"a KL PSF of degree {chosen} instead of {degree} ({why})")
+                steps.append(f"using a KL PSF of degree {chosen} instead of {degree} ({why})")
             return Plan("kl", degrees, n_hold, tuple(steps + hold))
         asked = f"a KL PSF of degree {top}"
         reason = why
@@ -185,18 +185,18 @@ def plan_model(
         asked, reason = f"a {method} PSF", ""
     if method in ("kl", "constant") and n_train >= MIN_CONSTANT:
         if method == "kl":
-            steps.append(f"a constant PSF (the mean stamp) instead of {asked} ({reason})")
+            steps.append(f"using a constant PSF (the mean stamp) instead of {asked} ({reason})")
         return Plan("constant", (0,), n_hold, tuple(steps + hold))
     if n_train >= 1:
         if method in ("kl", "constant"):
             steps.append(
-                f"a Moffat profile fitted to the mean stamp instead of {asked} "
+                f"using a Moffat profile fitted to the mean stamp instead of {asked} "
                 f"(a mean stamp needs {MIN_CONSTANT} stars)"
             )
             return Plan("moffat", (0,), n_hold, tuple(steps + hold))
         return Plan(method, (0,), n_hold, tuple(steps + hold))
     if have_fwhm:
-        steps = [f"a round Gaussian of the given FWHM instead of {asked} (no usable star)"]
+        steps = [f"using a round Gaussian of the given FWHM instead of {asked} (no usable star)"]
         return Plan("gaussian", (0,), 0, tuple(steps))
     raise ValueError(
         "no usable PSF star: give the PSF (reference_psf= / science_psf= to subtract, psfs= "

@@ -498,8 +498,13 @@ def _check_wing(wing: Any, core_shape: tuple[int, int]) -> np.ndarray | None:
 
 
 def _mapping_to_hdu(mapping: Mapping[str, Any], name: str) -> fits.BinTableHDU:
-    """A one-row table of numbers (exact float64 / int64 round trip)."""
-    table = Table({key: [value] for key, value in mapping.items()})
+    """A one-row table of numbers and strings (exact float64 / int64 / bool round trip).
+
+    Strings get one padding space (FITS has no empty string column), stripped on reading.
+    """
+    table = Table(
+        {key: [value + " " if isinstance(value, str) else value] for key, value in mapping.items()}
+    )
     hdu = fits.table_to_hdu(table) if mapping else fits.BinTableHDU()
     hdu.name = name
     return hdu
@@ -508,7 +513,11 @@ def _mapping_to_hdu(mapping: Mapping[str, Any], name: str) -> fits.BinTableHDU:
 def _mapping_from_hdu(hdu: fits.BinTableHDU) -> dict[str, Any]:
     if hdu.data is None:
         return {}
-    return {name: hdu.data[name][0].item() for name in hdu.columns.names}
+    values = {}
+    for name in hdu.columns.names:
+        value = hdu.data[name][0]
+        values[name] = value[:-1] if isinstance(value, str) else value.item()
+    return values
 
 
 def _stars_to_hdu(stars: Table) -> fits.BinTableHDU:

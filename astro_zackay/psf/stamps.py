@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import binary_dilation, uniform_filter
 
 from ..fourier import shift_stack
 
@@ -295,8 +295,9 @@ def cut_stamps(
 def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Move each star from ``(dx, dy)`` onto the stamp's central pixel (Fourier shift).
 
-    The stamps are mirrored about their edges before the shift (half a stamp on
-    each side), so light cut by the stamp edge does not wrap around and ring
+    The stamps are mirrored about their edges before the shift (a whole mirror copy
+    on each side, so the star's mirror images are complete and the period's seam lies
+    a stamp away), so light cut by the stamp edge does not wrap around and ring
     across the stamp as a periodic shift would make it.
 
     Parameters
@@ -315,14 +316,14 @@ def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from astro_zackay.psf.stamps import recentre
-    >>> ramp = np.tile(np.arange(5.0), (5, 1))[None]  # cut at both edges: no wrap-around
-    >>> out = recentre(ramp, np.array([0.5]), np.array([0.0]))
-    >>> bool(np.all(np.abs(out[0, :, 1:-1] - (ramp[0, :, 1:-1] + 0.5)) < 0.1))
-    True
+    >>> s = np.zeros((1, 9, 9)); s[0, :, 8] = 1.0  # a neighbour cut by the right edge
+    >>> out = recentre(s, np.array([0.5]), np.array([0.0]))
+    >>> round(float(out[0, 4, 0]), 3)  # a periodic shift wraps -0.222 of it to here
+    -0.045
     """
     stamps = np.asarray(stamps, dtype=float)
     ny, nx = stamps.shape[-2:]
-    py, px = ny // 2 + 1, nx // 2 + 1
+    py, px = ny, nx
     padded = np.pad(stamps, ((0, 0), (py, py), (px, px)), mode="symmetric")
     shifted = shift_stack(padded, -np.asarray(dx), -np.asarray(dy))
     return shifted[:, py : py + ny, px : px + nx]
@@ -441,26 +442,32 @@ def clean_neighbours(
     core_level: float = 0.01,
     grow: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Replace the light of neighbouring sources in the wings of normalised stamps.
+    """Replace the light of neighbouring sources in the wings of recentred stamps.
 
     Stars that pass an isolation cut still have fainter neighbours in the corners of
     their stamps; a mean or an SVD of the stamps turns that light into a spurious
-    pedestal in the PSF wings. Outside the PSF core (where the median stamp is below
-    ``core_level`` of its peak) every pixel more than ``nsigma`` sigma away from the
-    per-pixel median stamp, ABOVE OR BELOW it, is replaced by that median, and so
-    are its neighbours within ``grow`` pixels (a neighbour's fainter outskirts). The
-    rejection is symmetric, so pure noise is left unbiased. Run it on the stamps
-    BEFORE any sub-pixel shift: a shift spreads a neighbour cut at the stamp edge
-    into stripes of both signs.
+    pedestal in the PSF wings. A PSF is point-symmetric about its centre (an
+    elliptical profile of any size or angle is), a neighbour is not: outside the core
+    (where the median stamp is below ``core_level`` of its peak) a pixel brighter
+    than its mirror image through the star by more than ``nsigma`` sigma of their
+    difference is a neighbour's, and it and its neighbours within ``grow`` pixels
+    are replaced by their mirror pixels (the star's own light at the same radius),
+    averaged over 3x3 pixels so that the noise of the replacement value barely
+    enters the selection (a single mirror pixel is chosen for being low, and would
+    bias the wing low).
+    The test compares each star with itself, so a PSF that varies across the field is
+    left alone, and pure noise is replaced only in pairs beyond ``nsigma``. Run it on
+    stamps recentred to the central pixel, after a shift that does not wrap around
+    (`recentre`), so a neighbour cut by the edge does not ring across the stamp.
 
     Parameters
     ----------
     stamps : `~numpy.ndarray`
-        ``(n, ny, nx)`` unit-sum stamps.
+        ``(n, ny, nx)`` unit-sum stamps with the star on the central pixel.
     variance : `~numpy.ndarray`
         ``(n, ny, nx)`` their variances.
     nsigma : float, optional
-        Threshold of a neighbour pixel, in sigma of that pixel.
+        Threshold of a neighbour pixel, in sigma of the difference with its mirror.
     core_level : float, optional
         Pixels where the median stamp exceeds this fraction of its peak are never changed.
     grow : int, optional
@@ -477,20 +484,25 @@ def clean_neighbours(
     --------
     >>> import numpy as np
     >>> from astro_zackay.psf.stamps import clean_neighbours
-    >>> stamps = np.tile(np.outer([0, 0.1, 0.8, 0.1, 0], [0, 0.1, 0.8, 0.1, 0]), (5, 1, 1))
-    >>> stamps[0, 0, 0] = 0.3  # a neighbour in the first star's corner
+    >>> profile = np.array([0.0, 0.01, 0.1, 0.8, 0.1, 0.01, 0.0])
+    >>> stamps = np.tile(np.outer(profile, profile), (3, 1, 1))
+    >>> stamps[0, 0, 1] = 0.3  # a neighbour in the first star's corner
     >>> cleaned, replaced = clean_neighbours(stamps, np.full(stamps.shape, 1e-4), grow=0)
-    >>> float(cleaned[0, 0, 0]), int(replaced.sum())
-    (0.0, 1)
+    >>> round(float(cleaned[0, 0, 1]), 5), int(replaced.sum())  # the 3x3 mean of its mirror
+    (0.00012, 1)
     """
     median = np.median(stamps, axis=0)
     wing = median < core_level * median.max()
-    excess = (stamps - median[None]) / np.sqrt(np.maximum(variance, np.finfo(float).tiny))
-    replaced = np.abs(excess) > nsigma
+    # the mirror image, averaged over 3x3 pixels: a replacement value whose own noise
+    # barely enters the selection (a pixel-for-pixel mirror is selected for being low)
+    mirror = uniform_filter(stamps[:, ::-1, ::-1], size=(1, 3, 3), mode="nearest")
+    mirror_var = uniform_filter(variance[:, ::-1, ::-1], size=(1, 3, 3), mode="nearest") / 9.0
+    noise = np.sqrt(np.maximum(variance + mirror_var, np.finfo(float).tiny))
+    replaced = (stamps - mirror) > nsigma * noise
     if grow > 0:
         replaced = binary_dilation(replaced, structure=np.ones((1, 3, 3), bool), iterations=grow)
-    replaced &= wing[None]
-    cleaned = np.where(replaced, median[None], stamps)
+    replaced &= wing[None] & ~replaced[:, ::-1, ::-1]
+    cleaned = np.where(replaced, mirror, stamps)
     log.debug("replaced %d neighbour pixels in %d stamps", int(replaced.sum()),
               int(replaced.any(axis=(1, 2)).sum()))
     return cleaned, replaced

@@ -1,17 +1,21 @@
-"""The PSF's outer wing: a power law fitted to the stacked profile of the bright stars.
+"""The PSF's outer wing: a Moffat law fitted to the stacked profile of the bright stars.
 
 A stamp of a few FWHM holds the PSF's core, not its wings: a Moffat profile of
 ``beta = 2.5`` leaves 1-1.5 % of its flux outside +-3 FWHM, so a model cut there
 leaves rings of residual flux around bright stars when they are subtracted. The
 wing is fitted where the core stamp cannot see it: the azimuthal profile of the
 brightest stars between 2 FWHM and a few times the stamp size, stacked with
-symmetric clipping (neighbours are rejected without biasing the noise), as
-``I(r) = A r**-p`` relative to each star's core-stamp flux. Arrays in, arrays out.
+symmetric clipping (neighbours are rejected without biasing the noise), as a
+Moffat law ``A (1 + r**2 / alpha**2) ** -beta`` of the stars' FWHM relative to each
+star's core-stamp flux (a pure power law fitted there misses the curvature of a
+Moffat profile between 2 and 8 FWHM and underestimates the flux further out).
+Arrays in, arrays out.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,31 +24,53 @@ __all__ = ["Wing", "fit_wing", "render_wing"]
 
 log = logging.getLogger(__name__)
 
-#: powers p of the wing ``r**-p`` tried in the fit (p > 2: finite flux)
-POWERS = np.linspace(2.3, 12.0, 98)
+#: Moffat indices beta of the wing tried in the fit (r**-3 to r**-12 far out)
+BETAS = np.linspace(1.5, 6.0, 91)
 #: a wing is kept when its flux outside the core stamp is this many sigma
 WING_SIGNIFICANCE = 3.0
 #: ... and at least this fraction of the star's flux
 WING_MIN_FLUX = 2e-4
+#: ... and at most this fraction (more is a background or a crowding problem, not a wing)
+WING_MAX_FLUX = 0.05
 #: the wing stamp reaches the radius beyond which this fraction of the flux remains
 WING_TAIL = 1e-3
 
 
+def moffat_alpha(fwhm: float, beta: np.ndarray | float) -> np.ndarray | float:
+    """The Moffat scale ``alpha`` of a profile of ``fwhm`` and index ``beta``.
+
+    Examples
+    --------
+    >>> from astro_zackay.psf.wings import moffat_alpha
+    >>> round(float(moffat_alpha(3.0, 2.5)), 4)
+    2.6537
+    """
+    return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / np.asarray(beta, dtype=float)) - 1.0))
+
+
 @dataclass(frozen=True)
 class Wing:
-    """A round power-law wing ``amplitude * r**-power`` (relative to the core-stamp flux).
+    """A round Moffat-law wing ``amplitude * (1 + r**2 / alpha**2) ** -beta``.
+
+    The law is relative to the core-stamp flux; ``alpha`` follows from the stars'
+    FWHM and ``beta``, so a Moffat PSF's wing is its own profile.
 
     Attributes
     ----------
-    amplitude, power : float
+    amplitude, beta, alpha : float
         The fitted law, ``r`` in pixels.
     amplitude_err : float
-        The amplitude's standard error at the fitted power.
+        The amplitude's standard error at the fitted ``beta``.
     """
 
     amplitude: float
-    power: float
+    beta: float
+    alpha: float
     amplitude_err: float
+
+    def law(self, radius: np.ndarray) -> np.ndarray:
+        """The wing per pixel at ``radius`` pixels."""
+        return self.amplitude * (1.0 + np.asarray(radius) ** 2 / self.alpha**2) ** -self.beta
 
     def flux_beyond(self, radius: float) -> float:
         """Flux of the law outside a circle of ``radius`` pixels.
@@ -52,11 +78,11 @@ class Wing:
         Examples
         --------
         >>> from astro_zackay.psf.wings import Wing
-        >>> round(Wing(1.0, 4.0, 0.0).flux_beyond(2.0), 6)  # 2 pi / (2 * 2**2)
-        0.785398
+        >>> round(Wing(1.0, 2.0, 1.0, 0.0).flux_beyond(0.0), 6)  # pi alpha**2 / (beta - 1)
+        3.141593
         """
-        p = self.power
-        return 2.0 * np.pi * self.amplitude * radius ** (2.0 - p) / (p - 2.0)
+        a2, b = self.alpha**2, self.beta
+        return float(np.pi * self.amplitude * a2 / (b - 1.0) * (1.0 + radius**2 / a2) ** (1.0 - b))
 
     def radius_for_tail(self, tail: float) -> float:
         """The radius outside which the law holds ``tail`` of the flux.
@@ -64,25 +90,26 @@ class Wing:
         Examples
         --------
         >>> from astro_zackay.psf.wings import Wing
-        >>> round(Wing(1.0, 4.0, 0.0).radius_for_tail(0.785398), 3)
-        2.0
+        >>> wing = Wing(1.0, 2.0, 1.0, 0.0)
+        >>> round(wing.radius_for_tail(wing.flux_beyond(5.0)), 6)
+        5.0
         """
-        p = self.power
-        return float((tail * (p - 2.0) / (2.0 * np.pi * self.amplitude)) ** (1.0 / (2.0 - p)))
+        a2, b = self.alpha**2, self.beta
+        q = tail * (b - 1.0) / (np.pi * self.amplitude * a2)
+        return float(np.sqrt(a2 * max(q ** (1.0 / (1.0 - b)) - 1.0, 0.0)))
 
 
 def _profile_pixels(
-    data: np.ndarray,
+    images: tuple[np.ndarray, ...],
     mask: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
     r_min: float,
     r_max: float,
-    sky: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Radii and values ``(n_star, n_pix)`` of the pixels between ``r_min`` and ``r_max``.
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Radii and the ``images``' values ``(n_star, n_pix)`` between ``r_min`` and ``r_max``.
 
-    Pixels outside the image or masked are NaN; ``sky`` (a map) is subtracted.
+    Pixels outside the image or masked are NaN.
     """
     h = int(np.ceil(r_max)) + 1
     oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
@@ -90,127 +117,153 @@ def _profile_pixels(
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     rows, cols = iy[:, None] + oy, ix[:, None] + ox
     radius = np.hypot(cols - x[:, None], rows - y[:, None])
-    ny, nx = data.shape
+    ny, nx = mask.shape
     good = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
     good &= ~mask[rows, cols] & (radius >= r_min) & (radius < r_max)
-    values = data[rows, cols] if sky is None else data[rows, cols] - sky[rows, cols]
-    values = np.where(good, values, np.nan)
     keep = good.any(axis=0)
-    return radius[:, keep], values[:, keep]
+    good, rows, cols = good[:, keep], rows[:, keep], cols[:, keep]
+    return radius[:, keep], [np.where(good, image[rows, cols], np.nan) for image in images]
 
 
-def _stacked_profile(
-    radius: np.ndarray, values: np.ndarray, edges: np.ndarray
+def _star_levels(
+    radius: np.ndarray, values: np.ndarray, pixel_var: np.ndarray, edges: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Clipped-mean profile per radial bin: bin index of each pixel, mean, error, weights."""
+    """Each star's level in each radial bin, its variance, and the bins' radii.
+
+    A star's level in a bin is the mean of its pixels there after a symmetric
+    3-sigma clip about their median (1.4826 MAD): a neighbour covers a small part of
+    an annulus and is clipped, the noise is not biased (a median would be, by the
+    profile's slope across the bin). The variance is the mean of the kept pixels'
+    variances (``pixel_var``, from the noise model, not from the data: variances
+    estimated from the same pixels would weight low fluctuations up) over their number.
+
+    Returns
+    -------
+    level, variance : ``(n_star, n_bins)`` (NaN / inf where a star has too few pixels);
+    r_mean, r_var : ``(n_star, n_bins)`` mean and variance of the kept pixels' radii.
+    """
     index = np.digitize(radius, edges) - 1
-    n_bins = len(edges) - 1
-    mean = np.full(n_bins, np.nan)
-    error = np.full(n_bins, np.nan)
-    used = np.zeros(values.shape, dtype=bool)
-    for b in range(n_bins):
-        in_bin = (index == b) & np.isfinite(values)
-        if in_bin.sum() < 10:
-            continue
-        v = values[in_bin]
-        centre = np.median(v)
-        spread = 1.4826 * np.median(np.abs(v - centre))
-        keep = np.abs(v - centre) <= 3.0 * spread
-        mean[b] = v[keep].mean()
-        error[b] = np.std(v[keep]) / np.sqrt(keep.sum())
-        flat = np.flatnonzero(in_bin.ravel())[keep]
-        used.reshape(-1)[flat] = True
-    return index, mean, error, used
-
-
-def _bin_radii(
-    radius: np.ndarray, index: np.ndarray, n_bins: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of the radii of the pixels in each bin."""
-    counts = np.maximum(np.bincount(index, minlength=n_bins), 1)
-    mean = np.bincount(index, weights=radius, minlength=n_bins) / counts
-    square = np.bincount(index, weights=radius**2, minlength=n_bins) / counts
-    return mean, np.maximum(square - mean**2, 0.0)
+    shape = (values.shape[0], len(edges) - 1)
+    level, variance = np.full(shape, np.nan), np.full(shape, np.inf)
+    r_mean, r_var = np.ones(shape), np.zeros(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # stars with no pixel in a bin
+        for b in range(shape[1]):
+            v = np.where((index == b) & np.isfinite(values), values, np.nan)
+            centre = np.nanmedian(v, axis=1, keepdims=True)
+            spread = 1.4826 * np.nanmedian(np.abs(v - centre), axis=1, keepdims=True)
+            v[np.abs(v - centre) > 3.0 * spread] = np.nan
+            n = np.isfinite(v).sum(axis=1)
+            ok = n >= 5
+            r = np.where(np.isfinite(v), radius, np.nan)
+            var = np.where(np.isfinite(v), pixel_var, np.nan)
+            level[ok, b] = np.nanmean(v[ok], axis=1)
+            variance[ok, b] = np.nanmean(var[ok], axis=1) / n[ok]
+            r_mean[ok, b] = np.nanmean(r[ok], axis=1)
+            r_var[ok, b] = np.nanvar(r[ok], axis=1)
+    variance[~(variance > 0)] = np.inf
+    return level, variance, r_mean, r_var
 
 
 def fit_wing(
     data: np.ndarray,
+    variance: np.ndarray,
     mask: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
     flux: np.ndarray,
     *,
+    fwhm: float,
     r_min: float,
     r_max: float,
     background: np.ndarray | float = 0.0,
     sky: np.ndarray | None = None,
-    ring_radius: float | None = None,
-) -> Wing:
-    """Fit ``I(r) = A r**-p`` to the stacked outer profile of background-subtracted stars.
+) -> tuple[Wing, np.ndarray]:
+    """Fit a Moffat law of the stars' FWHM to their outer profiles, with their backgrounds.
+
+    Each star's profile between ``r_min`` and ``r_max`` (binned, neighbours clipped)
+    is modelled as ``A law(r) + c``: the law is common, the offset ``c`` is the
+    star's own residual background (a local background measured in a ring carries
+    the light of neighbours and of the star's own wing; this one is fitted where the
+    star's profile is known).
 
     Parameters
     ----------
-    data : `~numpy.ndarray`
-        The image.
+    data, variance : `~numpy.ndarray`
+        The image and its variance.
     mask : `~numpy.ndarray`
         Boolean bad-pixel mask.
     x, y, flux : `~numpy.ndarray`
         The stars' positions and core-stamp fluxes (the wing is relative to them).
+    fwhm : float
+        The stars' FWHM, which ties the law's ``alpha`` to its ``beta``.
     r_min, r_max : float
         The radial range of the fit, pixels (from about 2 FWHM).
     background : float or `~numpy.ndarray`, optional
         Each star's local background, subtracted from its pixels.
     sky : `~numpy.ndarray`, optional
         A background map, subtracted from the pixels (instead of ``background``).
-    ring_radius : float, optional
-        When each star's background was the mean of a ring at this radius, the law
-        there was subtracted with it: the fit models ``A (r**-p - ring_radius**-p)``.
 
     Returns
     -------
-    Wing
+    wing : Wing
+        The law.
+    offsets : `~numpy.ndarray`
+        Each star's residual background per pixel, relative to its flux.
 
     Examples
     --------
     >>> import numpy as np
+    >>> from astro_zackay.profiles import psf_stamp
     >>> from astro_zackay.psf.wings import fit_wing
-    >>> yy, xx = np.mgrid[:121, :121]
-    >>> r = np.hypot(xx - 60.0, yy - 60.0)
-    >>> img = 1e5 * 0.5 * np.maximum(r, 1.0) ** -3.0
-    >>> wing = fit_wing(img, img < 0, np.array([60.0]), np.array([60.0]), np.array([1e5]),
-    ...                 r_min=6.0, r_max=40.0)
-    >>> round(wing.power, 2), round(wing.amplitude, 3)
-    (3.0, 0.5)
+    >>> img = 1e6 * psf_stamp(201, 3.0, profile="moffat", beta=2.5)
+    >>> wing, offsets = fit_wing(img + 3.0, img + 1.0, img < 0, np.array([100.0]),
+    ...                          np.array([100.0]), np.array([1e6]), fwhm=3.0, r_min=6.0,
+    ...                          r_max=40.0)
+    >>> round(wing.beta, 2), round(float(offsets[0]) * 1e6, 1)  # and the 3-unit sky
+    (2.5, 3.0)
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    radius, values = _profile_pixels(data, mask, x, y, r_min, r_max, sky)
+    images = (data, variance) if sky is None else (data, variance, sky)
+    radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
+    values = pixels[0] - (pixels[2] if sky is not None else 0.0)
     background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
-    values = (values - background[:, None]) / np.asarray(flux, dtype=float)[:, None]
+    flux = np.asarray(flux, dtype=float)[:, None]
+    values = (values - background[:, None]) / flux
     edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / 1.5)), 4) + 1)
-    index, mean, error, used = _stacked_profile(radius, values, edges)
-    fit_bins = np.isfinite(mean) & (error > 0)
-    if fit_bins.sum() < 3:
-        return Wing(0.0, float(POWERS[-1]), np.inf)
-    weight = 1.0 / error[fit_bins] ** 2
-    r_mean, r_var = _bin_radii(radius[used], index[used], len(mean))
-    r_mean, r_var = r_mean[fit_bins], r_var[fit_bins]
-    # mean of r**-p over a bin, to second order in its spread of radii
-    p = POWERS[:, None]
-    law = r_mean**-p * (1.0 + 0.5 * p * (p + 1.0) * r_var / r_mean**2)
-    if ring_radius is not None:
-        law = law - float(ring_radius) ** -p
-    norm = law**2 @ weight
-    amplitudes = (law * mean[fit_bins]) @ weight / norm
-    chi2 = (mean[fit_bins] - amplitudes[:, None] * law) ** 2 @ weight
+    level, level_var, r_mean, r_var = _star_levels(radius, values, pixels[1] / flux**2, edges)
+    weight = np.where(np.isfinite(level), 1.0 / level_var, 0.0)
+    level = np.nan_to_num(level)
+    alphas = moffat_alpha(fwhm, BETAS)
+    if np.sum(weight.sum(axis=0) > 0) < 4:
+        return Wing(0.0, float(BETAS[-1]), float(alphas[-1]), np.inf), np.zeros(len(x))
+    beta, alpha2 = BETAS[:, None, None], alphas[:, None, None] ** 2
+
+    def law(r: np.ndarray) -> np.ndarray:
+        return (1.0 + r**2 / alpha2) ** -beta
+
+    # mean of the law over a bin, to second order in its spread of radii
+    step = 0.1
+    curvature = (law(r_mean + step) - 2.0 * law(r_mean) + law(r_mean - step)) / step**2
+    model = law(r_mean) + 0.5 * curvature * r_var  # (n_beta, n_star, n_bins)
+    # level = A model + c_star: eliminate each star's offset c by its weighted means
+    w_sum = np.maximum(weight.sum(axis=1), np.finfo(float).tiny)
+    dm = model - ((model * weight).sum(axis=2) / w_sum)[..., None]
+    dl = level - ((level * weight).sum(axis=1) / w_sum)[:, None]
+    norm = (dm**2 * weight).sum(axis=(1, 2))
+    amplitudes = (dm * dl * weight).sum(axis=(1, 2)) / norm
+    chi2 = ((dl - amplitudes[:, None, None] * dm) ** 2 * weight).sum(axis=(1, 2))
     i = int(np.argmin(chi2))
-    amplitude, power, amplitude_err = amplitudes[i], POWERS[i], 1.0 / np.sqrt(norm[i])
-    log.debug("wing fit: A=%.3g +- %.2g, p=%.2f", amplitude, amplitude_err, power)
-    return Wing(float(amplitude), float(power), float(amplitude_err))
+    offsets = ((level - amplitudes[i] * model[i]) * weight).sum(axis=1) / w_sum
+    wing = Wing(float(amplitudes[i]), float(BETAS[i]), float(alphas[i]),
+                float(1.0 / np.sqrt(norm[i])))
+    log.debug("wing fit: %s", wing)
+    return wing, offsets
 
 
 def render_wing(
-    wing: Wing, core_shape: tuple[int, int], *, tail: float = WING_TAIL, max_half: int = 150
+    wing: Wing, core_shape: tuple[int, int], *, tail: float = WING_TAIL, max_half: int = 100
 ) -> np.ndarray | None:
     """The wing outside the core stamp as a stamp that sums to the wing's flux fraction.
 
@@ -219,7 +272,8 @@ def render_wing(
     ``tail`` of the flux remains (at most ``max_half`` pixels from the centre), zero
     inside the core stamp; the flux beyond the stamp is spread over the drawn wing in
     proportion, so the stamp holds the whole wing fraction. ``None`` when the wing is
-    not significant (less than `WING_SIGNIFICANCE` sigma or `WING_MIN_FLUX`).
+    not significant (less than `WING_SIGNIFICANCE` sigma or `WING_MIN_FLUX`) or not
+    credible (more than `WING_MAX_FLUX`, or the flattest law tried).
 
     Parameters
     ----------
@@ -241,7 +295,7 @@ def render_wing(
     --------
     >>> import numpy as np
     >>> from astro_zackay.psf.wings import Wing, render_wing
-    >>> wing = Wing(0.5, 5.0, 0.01)
+    >>> wing = Wing(0.05, 2.5, 2.8, 0.001)
     >>> stamp = render_wing(wing, (15, 15))
     >>> h = stamp.shape[0] // 2
     >>> h > 7, float(stamp[h, h]), bool(stamp[h, h + 8] > 0)
@@ -254,12 +308,14 @@ def render_wing(
     core_radius = 2.0 * np.sqrt((hy + 0.5) * (hx + 0.5) / np.pi)  # a circle of the core's area
     outside = wing.flux_beyond(core_radius)
     significant = wing.amplitude > WING_SIGNIFICANCE * wing.amplitude_err
-    if not (significant and outside > WING_MIN_FLUX):
+    credible = outside < WING_MAX_FLUX and wing.beta > BETAS[0]
+    if not (significant and credible and outside > WING_MIN_FLUX):
+        log.info("no outer wing: %s (%.2g of the flux outside the core)", wing, outside)
         return None
     half = int(np.ceil(wing.radius_for_tail(tail * (1.0 + outside))))
     half = int(np.clip(half, max(hy, hx) + 1, max(max_half, hy + 1, hx + 1)))
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-    stamp = wing.amplitude * np.maximum(np.hypot(xx, yy), 1.0) ** -wing.power
+    stamp = wing.law(np.hypot(xx, yy))
     stamp[half - hy : half + hy + 1, half - hx : half + hx + 1] = 0.0
     fraction = outside / (1.0 + outside)
     return stamp * (fraction / stamp.sum())
