@@ -56,14 +56,14 @@ def clean_pair(profile: str, max_flux: float, seed: int, shape=SHAPE, n_stars=N_
 
 
 def one_bright_pair(profile: str, seed: int, shape=(256, 256)):
-    """A 256^2 clean pair whose brightest star is 10x brighter than all the others."""
+    """A 256^2 clean pair: 30 stars of 1e4-3e5 e- and one 10x brighter than all of them."""
     ref_psf, sci_psf = psf_fields(profile)
     rng = np.random.default_rng(seed)
-    n = 30
+    n = 31
     edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
     x = rng.uniform(edge, shape[1] - 1 - edge, n)
     y = rng.uniform(edge, shape[0] - 1 - edge, n)
-    flux = rng.uniform(5e3, 3e4, n)
+    flux = rng.uniform(1e4, 3e5, n)
     x[0], y[0], flux[0] = shape[1] / 2 + 0.3, shape[0] / 2 - 0.2, 10 * flux[1:].max()
     return simulate_pair(
         shape,

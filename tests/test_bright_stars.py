@@ -57,15 +57,19 @@ def bright_pair(request):
     return request.param, pair
 
 
-def one_bright_pair(profile, seed=7):
-    """A clean 256^2 pair: 30 stars of 5e3-3e4 e- and one star 10x the brightest of them."""
+def one_bright_pair(profile, seed):
+    """A clean 256^2 pair: 30 stars of 1e4-3e5 e- and one star 10x the brightest of them.
+
+    On main before issue 8's PSF work this field gave 54-59 (Gaussian) and 14-36 (Moffat)
+    false candidates for seeds 0-2, the issue's "45-64"; 0-1 with the true PSFs.
+    """
     ref_psf, sci_psf = psfs(profile)
     shape = (256, 256)
     rng = np.random.default_rng(seed)
     edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
     x = rng.uniform(edge, shape[1] - 1 - edge, 31)
     y = rng.uniform(edge, shape[0] - 1 - edge, 31)
-    flux = rng.uniform(5e3, 3e4, 31)
+    flux = rng.uniform(1e4, 3e5, 31)
     x[0], y[0], flux[0] = 128.3, 127.8, 10 * flux[1:].max()
     return simulate_pair(
         shape,
@@ -123,11 +127,12 @@ def test_true_psfs_subtract_bright_stars_cleanly(bright_pair):
     )
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("profile", PROFILES)
-def test_one_star_ten_times_brighter(profile):
-    pair = one_bright_pair(profile)
+def test_one_star_ten_times_brighter(profile, seed):
+    pair = one_bright_pair(profile, seed)
     _, found = false_candidates(pair, true_psf=False)
     assert len(found) <= 2, (
-        f"{profile}: {len(found)} false candidates on the 256^2 field, at "
+        f"{profile}, seed {seed}: {len(found)} false candidates on the 256^2 field, at "
         f"{[(round(float(x)), round(float(y))) for x, y in zip(found['x'], found['y'])]}"
     )
