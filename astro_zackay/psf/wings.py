@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .stamps import row_median
+
 __all__ = ["Wing", "fit_wing", "render_wing"]
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,8 @@ def _star_levels(
         warnings.simplefilter("ignore", RuntimeWarning)  # stars with no pixel in a bin
         for b in range(shape[1]):
             v = np.where((index == b) & np.isfinite(values), values, np.nan)
-            centre = np.nanmedian(v, axis=1, keepdims=True)
-            spread = 1.4826 * np.nanmedian(np.abs(v - centre), axis=1, keepdims=True)
+            centre = row_median(v)[:, None]
+            spread = 1.4826 * row_median(np.abs(v - centre))[:, None]
             v[np.abs(v - centre) > 3.0 * spread] = np.nan
             n = np.isfinite(v).sum(axis=1)
             ok = n >= 5
