@@ -4,10 +4,14 @@ import warnings
 
 import numpy as np
 import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData
 from astropy.table import Table
+from conftest import data_path
 from scipy.spatial import cKDTree
 
-from astro_zackay.simulation import PSFField, simulate_image
+from astro_zackay._warnings import SaturationWarning
+from astro_zackay.simulation import PSFField, simulate_image, simulate_mosaic
 from astro_zackay.stars import N_PROFILE_FITS, REASONS, find_psf_stars
 
 SHAPE = (1024, 1024)
@@ -291,3 +295,143 @@ def test_edge_stars_kept_with_their_stamp_max():
     assert len(stars) == 2 and stars.meta["n_rejected_edge"] == 1
     edge_star = stars[np.argmin(stars["x"])]
     assert abs(edge_star["x"] - 8.2) < 0.1 and edge_star["stamp_max"] == 17
+
+
+def _kept_fraction(stars, truth, ref):
+    dist, _ = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(
+        np.column_stack([truth["x"][ref], truth["y"][ref]])
+    )
+    return np.mean(dist < 0.5)
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "moffat"])
+def test_strongly_varying_psf_keeps_stars_everywhere(profile):
+    """FWHM 1.9 px in one corner to 6.1 px in the other (3.2x across the frame, at least
+    2.3x among the stars), ellipticity 0 to 0.4: stars are selected in every quadrant,
+    >= 80 % of the isolated bright ones, and the size model follows the truth."""
+    shape = (512, 512)
+    psf = PSFField(fwhm=4.0, profile=profile, fwhm_gradient=(1.4, 0.6), ellipticity=0.2,
+                   ellipticity_gradient=(0.1, 0.1), theta_gradient=(0.5, 0.0), shape=shape)
+    sim = simulate_image(shape, psf=psf, n_stars=250, flux_range=(3e3, 3e5),
+                         flux_distribution="loguniform", n_cosmic_rays=20, seed=5)
+    truth = sim.truth
+    fwhm_true, ell_true, _ = psf.params(truth["x"], truth["y"])
+    assert fwhm_true.max() / fwhm_true.min() > 2.3 and ell_true.max() > 0.35
+    stars = find_psf_stars(sim.ccd)
+    idx, dist = _match(stars, truth)
+    assert np.all(dist < 0.5) and not truth["saturated"][idx].any()
+    quadrant = (stars["x"] > 256).astype(int) + 2 * (stars["y"] > 256).astype(int)
+    assert np.bincount(quadrant, minlength=4).min() >= 20
+    inside = (truth["x"] > 15) & (truth["x"] < 497) & (truth["y"] > 15) & (truth["y"] < 497)
+    ref = truth["isolated"] & (truth["snr"] > 30) & ~truth["saturated"] & inside
+    assert ref.sum() > 100 and _kept_fraction(stars, truth, ref) >= 0.8
+    # the size model and the measured FWHM follow the truth to a few per cent
+    fwhm_at, _, _ = psf.params(stars["x"], stars["y"])
+    assert np.median(np.abs(stars["fwhm_local"] / fwhm_at - 1)) < 0.04
+    bright = stars["snr"] > 100
+    assert np.median(np.abs(stars["fwhm"][bright] / fwhm_at[bright] - 1)) < 0.03
+    low, high = stars.meta["fwhm_range"]
+    assert high / low > 1.8
+
+
+def test_tutorial2_quadrants_all_give_stars():
+    """properimage's Tutorial 2 frame rebuilt: four 512^2 quadrants, x-FWHM 5 to 10.4 px,
+    y-FWHM 5 px, rotated per quadrant. Stars come from all four quadrants, with their
+    quadrant's FWHM and ellipticity; at most one unresolved blend (a pair 0.6 FWHM
+    apart, 4:1 in flux) gets through."""
+    psfs = [
+        PSFField(fwhm=5 + 6.5 * a / 180, ellipticity=1 - 5 / (5 + 6.5 * a / 180),
+                 theta=np.radians(a))
+        for a in (0, 45, 105, 150)
+    ]
+    frame = simulate_mosaic((512, 512), psfs, n_stars=60, flux_range=(3e3, 3e5),
+                            flux_distribution="loguniform", sky=100.0, seed=0)
+    stars = find_psf_stars(frame.ccd)
+    idx, dist = _match(stars, frame.truth)
+    assert np.sum(dist >= 0.5) <= 1
+    tile = np.asarray(frame.truth["tile"][idx])
+    assert np.bincount(tile, minlength=4).min() >= 20
+    fwhm, ell, _ = frame.psf.params(np.asarray(stars["x"]), np.asarray(stars["y"]))
+    for k in range(4):
+        here = tile == k
+        assert abs(np.median(stars["fwhm"][here] / fwhm[here]) - 1) < 0.03
+        assert abs(np.median(stars["ellipticity"][here] - ell[here])) < 0.03
+    assert stars.meta["fwhm_range"][1] > 1.9 * stars.meta["fwhm_range"][0]
+    # the default stamps hold the broadest PSF to +-3 FWHM
+    assert stars.meta["stamp_shape"][0] >= 6 * 10.4
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "moffat"])
+def test_galaxies_outnumber_stars(profile):
+    """240 galaxies (Sersic n 1-4, half-light radii 1-5 px) and 60 stars: no galaxy is
+    selected, the stars are found, and the FWHM is the stars'."""
+    sim = simulate_image((512, 512), psf=PSFField(3.0, profile=profile), n_stars=60,
+                         n_galaxies=240, flux_range=(5e3, 3e5), flux_distribution="loguniform",
+                         seed=7)
+    stars = find_psf_stars(sim.ccd)
+    idx, dist = _match(stars, sim.truth)
+    assert np.all(dist < 0.5)  # every selection is a star, none a galaxy
+    gal = sim.galaxies
+    gdist, _ = cKDTree(np.column_stack([gal["x"], gal["y"]])).query(
+        np.column_stack([stars["x"], stars["y"]]))
+    assert np.all(gdist > 1.0)
+    truth = sim.truth
+    ref = truth["isolated"] & (truth["snr"] > 30) & ~truth["saturated"]
+    # isolated from galaxies too: none within 3 FWHM
+    gnear, _ = cKDTree(np.column_stack([gal["x"], gal["y"]])).query(
+        np.column_stack([truth["x"], truth["y"]]))
+    ref &= (gnear > 9.0) & (truth["x"] > 12) & (truth["x"] < 500)
+    ref &= (truth["y"] > 12) & (truth["y"] < 500)
+    assert ref.sum() >= 20 and _kept_fraction(stars, truth, ref) >= 0.8
+    assert abs(stars.meta["fwhm"] / 3.0 - 1) < 0.02
+    assert stars.meta["n_rejected_extended"] > 150
+
+
+def test_real_properimage_image():
+    """properimage's sample frame (1024x682, ADU, no SATURATE keyword): the saturation
+    found at 65535, none of the clipped stars selected, a FWHM near the 3.5 px
+    properimage reports and a default call that runs."""
+    data = fits.getdata(data_path("properimage", "aligned_eso085-030-004.fit")).astype(float)
+    with pytest.warns(SaturationWarning):
+        stars = find_psf_stars(CCDData(data, unit="adu"))
+    assert stars.meta["saturation"] == 65535.0
+    assert len(stars) > 100 and stars.meta["n_rejected_saturated"] >= 3
+    peak_pixels = np.column_stack(np.nonzero(data >= 65535.0)[::-1])
+    dist, _ = cKDTree(peak_pixels).query(np.column_stack([stars["x"], stars["y"]]))
+    assert dist.min() > 10.0
+    assert 2.5 < stars.meta["fwhm"] < 3.8
+    # the brightest selected stars are not flat-topped: their fitted peak stays below
+    # the clipping level
+    assert np.all(stars["peak"] < 65535.0 - np.median(data))
+
+
+@pytest.mark.parametrize(
+    "name, n_min, fwhm_range",
+    [
+        ("DEC-OBS04a.mini.fits", 5, (4.5, 5.5)),  # SOURCE.md: fit FWHM 5.15 px
+        ("DEC-OBS18a.mini.fits", 5, (3.4, 4.2)),  # SOURCE.md: fit FWHM 3.88 px
+    ],
+)
+def test_real_decam_stamps_default_call(name, n_min, fwhm_range):
+    """The sparse DECam stamps: the 5 usable stars are found (S/N up to ~860), with no
+    error and no warning, at the FWHM SOURCE.md gives."""
+    ccd = CCDData.read(data_path("decam-sfft", "input_data", name), unit="adu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stars = find_psf_stars(ccd)
+    assert len(stars) >= n_min and stars["snr"][0] > 500
+    assert fwhm_range[0] < stars.meta["fwhm"] < fwhm_range[1]
+    assert stars.meta["saturation"] == pytest.approx(ccd.meta["SATURATE"])
+
+
+def test_real_jwst_stamp_stars_not_galaxies():
+    """The JWST NIRCam F200W stamp of Abell 2744 (galaxies outnumber stars): the FWHM is
+    the PSF's 2.0-2.4 px, not the galaxies' 12 px, and the stamps are small."""
+    path = data_path("nircam-a2744", "input_data",
+                     "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp.fits")
+    ccd = CCDData.read(path, unit="MJy/sr")
+    stars = find_psf_stars(ccd)
+    assert len(stars) >= 5
+    assert 1.8 < stars.meta["fwhm"] < 2.6
+    assert stars.meta["stamp_shape"][0] <= 21
+    assert stars.meta["n_rejected_extended"] > 50
