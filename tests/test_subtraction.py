@@ -26,7 +26,7 @@ from conftest import data_path
 from scipy import ndimage, stats
 
 from astro_zackay import subtract
-from astro_zackay._warnings import FewStarsWarning
+from astro_zackay._warnings import FewStarsWarning, PSFQualityWarning
 from astro_zackay.fourier import psf_rfft
 from astro_zackay.psf import estimate_psf
 from astro_zackay.simulation import PSFField, inject_sources, simulate_pair
@@ -684,6 +684,39 @@ def test_sparse_field_runs_with_default_call():
     assert best["flux"] == pytest.approx(8000.0, abs=4 * best["flux_err"])
     good = ~result.score.mask
     assert abs(_robust_std(result.score.data[good]) - 1.0) < 0.1
+
+
+def test_psf_stamps_wider_than_the_image_allows_are_cut():
+    """Moffat PSFs given on 151x151 stamps for a 256^2 pair are cut to fit.
+
+    ZOGY leaves half a stamp unusable at each edge: uncut, nothing of the image would
+    remain. Moffat beta 2.5 stamps are cut to the square holding 99.8 % of the flux
+    (45x45 for FWHM 3.5), silently; a beta 1.5 wing loses more at the widest cut
+    allowed (65x65, a quarter of the side), which is announced. Both keep Scorr
+    calibrated and find the transient.
+    """
+    from astro_zackay.profiles import psf_stamp
+
+    transient = Table({"x": [128.0], "y": [120.0], "flux": [6000.0]})
+    pair = simulate_pair((256, 256), n_stars=30, flux_range=(2e3, 1e5), transients=transient,
+                         reference_psf=PSFField(2.5, profile="moffat", beta=2.5),
+                         science_psf=PSFField(3.5, profile="moffat", beta=2.5),
+                         flux_ratio=0.8, seed=3)
+    for beta, side, warned in ((2.5, 45, 0), (1.5, 65, 1)):
+        wide = [psf_stamp(151, fwhm, profile="moffat", beta=beta) for fwhm in (2.5, 3.5)]
+        result, caught = _recorded(lambda wide=wide: subtract(
+            pair.reference.ccd, pair.science.ccd, reference_psf=wide[0], science_psf=wide[1],
+            flux_ratio=0.8))
+        messages = [str(w.message) for w in caught if issubclass(w.category, PSFQualityWarning)]
+        assert len(messages) == warned
+        assert all(f"do not fit the 256x256 image: cut to {side}x{side}" in m for m in messages)
+        assert result.psf.shape == (side, side)
+        if beta == 2.5:  # the true PSFs: the difference is clean
+            good = ~result.score.mask
+            assert good.mean() > 0.5
+            assert abs(_robust_std(result.score.data[good]) - 1.0) < 0.1
+        best = result.find_transients(5.0)[0]
+        assert (best["x_peak"], best["y_peak"]) == (128, 120)
 
 
 # ---------------------------------------------------------------------------
