@@ -55,8 +55,13 @@ CHI2_WARN = 1.3
 CORE_FWHM = 3.0
 #: ... and is shrunk down to this many FWHM to keep stars near the edge
 MIN_CORE_FWHM = 2.0
-#: the wing is fitted from 2 FWHM out to this many FWHM; the background ring lies beyond
-WING_FIT_FWHM = 8.0
+#: the stamps' background ring lies this many FWHM out, beyond most of the wing
+RING_FWHM = 8.0
+#: the wing and each bright star's residual background are fitted from 2 FWHM to this
+#: many FWHM (the background is degenerate with the wing's slope over a shorter range) ...
+WING_FIT_FWHM = 12.0
+#: ... or this many pixels at most
+WING_FIT_MAX = 100.0
 #: K and the degree are chosen by the held-out chi2 within this many FWHM of the centre
 SELECT_FWHM = 2.0
 #: number of bright stars whose stacked profile gives the wing
@@ -254,18 +259,21 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
 
 
 def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
-              sky: np.ndarray | None, ring: float) -> tuple[Wing, StampSet]:
+              sky: np.ndarray | None) -> tuple[Wing, StampSet]:
     """The wing law of the brightest stars, and the stamps with their fitted backgrounds.
 
     The brightest stars weigh most in every builder; their residual backgrounds,
-    fitted with the wing, replace the ring's (which carries neighbours' light).
+    fitted with the wing out to 12 FWHM, correct the ring's (which carries the light
+    of neighbours too faint to clip); the other stars are corrected by the median.
     """
     bright = np.argsort(stamps.flux)[::-1][:WING_STARS]
     wing, offsets = fit_wing(
         img.data, img.variance, img.mask, x[bright], y[bright], stamps.flux[bright], fwhm=fwhm,
-        r_min=2.0 * fwhm, r_max=ring, background=stamps.background[bright], sky=sky,
+        r_min=2.0 * fwhm, r_max=min(WING_FIT_FWHM * fwhm, WING_FIT_MAX), sky=sky,
+        background=stamps.background[bright] if sky is None else 0.0,
     )
-    level = np.zeros(len(stamps))
+    # the other stars' backgrounds share the bright stars' median error (diffuse light)
+    level = np.full(len(stamps), float(np.median(offsets * stamps.flux[bright])))
     level[bright] = offsets * stamps.flux[bright]
     data = stamps.data - level[:, None, None]
     flux = data.sum(axis=(1, 2))
@@ -342,8 +350,8 @@ def estimate_psf(
 
     The core stamp is extended by an analytic wing, a Moffat law ``A (1 + r**2 /
     alpha**2) ** -beta`` of the stars' FWHM fitted to the profiles of the brightest
-    stars between 2 and 8 FWHM (each with its own residual background, which then
-    replaces its ring's), out to where 1e-3 of the flux remains, when the wing holds
+    stars between 2 and 12 FWHM (each with its own residual background, which then
+    corrects its ring's), out to where 1e-3 of the flux remains, when the wing holds
     a significant flux outside the core (Moffat-like PSFs): ``psf_at`` returns core
     and wing, unit sum. A given ``stamp_shape`` is kept as it is (no wing).
 
@@ -439,7 +447,7 @@ def estimate_psf(
     star_fwhm = fwhm if star_fwhm is None else star_fwhm
     core = shape if shape is not None else _core_shape(stars, img, star_fwhm)
     sky = _sky_map(background)
-    ring = max(WING_FIT_FWHM * star_fwhm, max(core) / 2.0 + 2.0)
+    ring = max(RING_FWHM * star_fwhm, max(core) / 2.0 + 2.0)
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
     stamps = cut_stamps(img.data, img.variance, img.mask, x, y, core, sky=sky,
@@ -463,7 +471,7 @@ def estimate_psf(
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
-    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring)
+    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky)
     stars = stars[stamps.flux > 0] if len(stamps) < len(stars) else stars
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True

@@ -34,6 +34,10 @@ WING_SIGNIFICANCE = 3.0
 WING_MIN_FLUX = 2e-4
 #: ... and at most this fraction (more is a background or a crowding problem, not a wing)
 WING_MAX_FLUX = 0.05
+#: width of the radial bins of the profiles, pixels
+BIN_WIDTH = 0.75
+#: the profile is sampled every pixel out to this radius, every n-th pixel beyond
+MAX_SAMPLES = 45.0
 #: the wing stamp reaches the radius beyond which this fraction of the flux remains
 WING_TAIL = 1e-3
 
@@ -114,7 +118,8 @@ def _profile_pixels(
     Pixels outside the image or masked are NaN.
     """
     h = int(np.ceil(r_max)) + 1
-    oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
+    step = max(1, int(round(r_max / MAX_SAMPLES)))  # every pixel out to MAX_SAMPLES, then fewer
+    oy, ox = np.mgrid[-h : h + 1 : step, -h : h + 1 : step]
     oy, ox = oy.ravel(), ox.ravel()
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     rows, cols = iy[:, None] + oy, ix[:, None] + ox
@@ -233,7 +238,7 @@ def fit_wing(
     background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
     flux = np.asarray(flux, dtype=float)[:, None]
     values = (values - background[:, None]) / flux
-    edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / 1.5)), 4) + 1)
+    edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / BIN_WIDTH)), 4) + 1)
     level, level_var, r_mean, r_var = _star_levels(radius, values, pixels[1] / flux**2, edges)
     weight = np.where(np.isfinite(level), 1.0 / level_var, 0.0)
     level = np.nan_to_num(level)
