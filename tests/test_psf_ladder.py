@@ -192,5 +192,5 @@ def test_jwst_stamp_default_call():
     with pytest.warns(FewStarsWarning, match="usable PSF stars"):
         model = estimate_psf(path)
     assert 2.0 <= model.meta["fwhm_stars"] <= 2.4
-    assert model.method in ("constant", "moffat")
+    assert model.meta["n_stars"] < 15 and model.quality["measured"] is False
     assert abs(model.psf_at(450, 450).sum() - 1) < 1e-12
