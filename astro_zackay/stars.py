@@ -287,13 +287,40 @@ def _measure(
 
 # Stage 3: reference shape
 # ------------------------
+def _trend_terms(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], n_terms: int) -> np.ndarray:
+    """Columns 1, u, v, u**2, u v, v**2 (the first ``n_terms``), ``u, v`` in [-1, 1]."""
+    u = 2.0 * np.asarray(x, float) / max(shape[1] - 1, 1) - 1.0
+    v = 2.0 * np.asarray(y, float) / max(shape[0] - 1, 1) - 1.0
+    return np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v][:n_terms])
+
+
+def _fit_trend(
+    x: np.ndarray, y: np.ndarray, values: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
+    """Coefficients of a quadratic (linear, constant with fewer points) 2-D polynomial.
+
+    Least squares with 3-sigma clipping (MAD) of the residuals, three rounds.
+    """
+    n_terms = 6 if values.size >= 20 else 3 if values.size >= 8 else 1
+    terms = _trend_terms(x, y, shape, n_terms)
+    use = np.ones(values.size, dtype=bool)
+    for _ in range(3):
+        coef = np.linalg.lstsq(terms[use], values[use], rcond=None)[0]
+        resid = values - terms @ coef
+        sigma = 1.4826 * np.median(np.abs(resid[use])) + 1e-6
+        use = np.abs(resid) < 3.0 * sigma
+        if use.sum() < n_terms:
+            break
+    return coef
+
+
 @dataclass(frozen=True)
 class _SizeModel:
     """The stellar locus as a function of position: local medians of its members.
 
-    ``at(x, y)`` gives the FWHM and ellipticity of the point sources near ``(x, y)``
-    (the median over the nearest locus members), so that the reference follows a
-    PSF that changes across the field, smoothly or by quadrant.
+    ``at(x, y)`` gives the FWHM, ellipticity and concentration of the point sources
+    near ``(x, y)`` (medians over the nearest locus members), so that the reference
+    follows a PSF that changes across the field, smoothly or by quadrant.
     """
 
     x: np.ndarray
@@ -343,9 +370,20 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
 
 
 def _reference_shape(
-    cand: _Candidates, usable: np.ndarray, crowded: np.ndarray, snr_min: float, fwhm0: float
+    cand: _Candidates,
+    usable: np.ndarray,
+    crowded: np.ndarray,
+    snr_min: float,
+    fwhm0: float,
+    shape: tuple[int, int],
 ) -> _SizeModel:
-    """The size model from the stellar locus of the clean, isolated candidates."""
+    """The size model from the stellar locus of the clean, isolated candidates.
+
+    The locus is found twice: in the sizes as measured, then in the sizes less a
+    smooth trend (a 2-D polynomial) fitted to the first members, so that the
+    smallest stars of a neighbourhood across which the PSF grows do not pass for the
+    locus.
+    """
     base = (
         usable
         & (cand.snr >= _MOMENT_SNR_FRACTION * snr_min)
@@ -358,18 +396,27 @@ def _reference_shape(
     idx = np.flatnonzero(pool)
     if idx.size == 0:
         return _SizeModel(*(np.empty(0),) * 6, fwhm0)
-    log_size = np.log(cand.fwhm[idx])
-    locus = _local_locus(cand.x[idx], cand.y[idx], log_size)
-    member = idx[np.abs(log_size - locus) < _LOCUS_BAND]
-    if member.size == 0:
-        member = idx
-    model = _locus_model(cand, member, fwhm0)
-    # second pass: members that stand out from the model at their own position (a bright
-    # galaxy in a patch with few stars) leave it
-    fwhm, _, _ = model.at(cand.x[member], cand.y[member])
-    limit = np.clip(_EXTENDED_SNR / cand.snr[member], _EXTENDED_MIN, _EXTENDED_MAX)
-    consistent = np.abs(np.log(cand.fwhm[member] / fwhm)) < limit
-    return _locus_model(cand, member[consistent], fwhm0) if consistent.any() else model
+    x, y, log_size = cand.x[idx], cand.y[idx], np.log(cand.fwhm[idx])
+    first = _local_locus(x, y, log_size)
+    member = np.abs(log_size - first) < _LOCUS_BAND
+    coef = _fit_trend(x[member], y[member], log_size[member], shape)
+    trend = _trend_terms(x, y, shape, coef.size) @ coef
+    locus = _local_locus(x, y, log_size - trend) + trend
+    # stars are the smallest sources: where the detrended locus lies well above the
+    # first one, the trend was pulled by galaxies among the first members
+    locus = np.where(locus - first > _LOCUS_BAND, first, locus)
+    member = np.abs(log_size - locus) < _LOCUS_BAND
+    if not member.any():
+        member = np.ones(idx.size, dtype=bool)
+    model = _locus_model(cand, idx[member], fwhm0)
+    # members that stand out from the model at their own position (a bright galaxy in a
+    # patch with few stars) leave it
+    fwhm, _, _ = model.at(model.x, model.y)
+    limit = np.clip(_EXTENDED_SNR / model.snr, _EXTENDED_MIN, _EXTENDED_MAX)
+    consistent = np.abs(np.log(model.fwhm / fwhm)) < limit
+    if not consistent.any():
+        return model
+    return _locus_model(cand, idx[member][consistent], fwhm0)
 
 
 def _locus_model(cand: _Candidates, member: np.ndarray, fwhm0: float) -> _SizeModel:
@@ -899,7 +946,7 @@ def find_psf_stars(
     clean = cand.measured & ~_window_any(
         masked, np.rint(cand.x).astype(int), np.rint(cand.y).astype(int), core, core
     )
-    model = _reference_shape(cand, clean, crowded_start, snr_min, fwhm0)
+    model = _reference_shape(cand, clean, crowded_start, snr_min, fwhm0, img.shape)
 
     scale_fwhm = _stamp_scale(model, img.shape) if fwhm is None else float(fwhm)
     if user_stamp is not None:
