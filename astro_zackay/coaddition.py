@@ -403,6 +403,17 @@ def coadd(
     TypeError
         For inputs that are not iterables of images.
 
+    Warns
+    -----
+    FewStarsWarning
+        Once per image and step down of its PSF model, and for a flux scale from
+        fewer than 5 matched stars or from the pixel fit.
+    SaturationWarning
+        Once per image whose saturation level was found in the data.
+
+    Each warning about one image starts with its name (the file name, else
+    ``"image <j>"``).
+
     Examples
     --------
     >>> import numpy as np

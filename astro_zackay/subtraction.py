@@ -431,6 +431,21 @@ def subtract(
         or a PSF must be estimated from an image with no usable star (the message
         names the image and the option that gives its PSF).
 
+    Warns
+    -----
+    FewStarsWarning
+        Once per image and step down of the PSF model, and when fewer than 5 stars
+        match between the images (the pixel fit is then used).
+    SaturationWarning
+        Once per image whose saturation level was found in the data.
+    PSFQualityWarning
+        When a PSF does not describe its stars, or when PSF stamps wider than a
+        quarter of the image must be cut and lose more than 0.2 % of their flux
+        (ZOGY leaves half a stamp unusable at each edge).
+
+    Each warning about one image starts with ``"reference image: "`` or
+    ``"science image: "``.
+
     Examples
     --------
     >>> from astro_zackay import subtract
