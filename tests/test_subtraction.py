@@ -686,6 +686,24 @@ def test_sparse_field_runs_with_default_call():
     assert abs(_robust_std(result.score.data[good]) - 1.0) < 0.1
 
 
+def test_stars_are_found_once_per_image(monkeypatch):
+    """One star search per image serves both the PSF and the matching."""
+    import astro_zackay.stars as stars
+
+    calls = []
+    finder = stars.find_psf_stars
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return finder(*args, **kwargs)
+
+    monkeypatch.setattr(stars, "find_psf_stars", counted)
+    pair = simulate_pair((256, 256), n_stars=25, flux_range=(3e4, 2e5), seed=4, flux_ratio=0.8)
+    result, _ = _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+    assert len(calls) == 2
+    assert result.flux_ratio == pytest.approx(0.8, abs=0.03)
+
+
 def test_psf_stamps_wider_than_the_image_allows_are_cut():
     """Moffat PSFs given on 151x151 stamps for a 256^2 pair are cut to fit.
 
