@@ -143,7 +143,7 @@ def _subtract(args: argparse.Namespace) -> int:
 def _coadd(args: argparse.Namespace) -> int:
     from .coaddition import coadd
 
-    result = coadd(args.images, unit=args.unit)
+    result = coadd(args.images, unit=args.unit, psfs=args.fwhm)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     result.image.write(outdir / "coadd.fits", overwrite=True)
@@ -186,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("images", nargs="+")
     add.add_argument("--outdir", default="coadd-output")
     add.add_argument("--unit", default=None)
+    add.add_argument("--fwhm", type=float, nargs="+", default=None, metavar="PIXELS",
+                     help="FWHM of a Gaussian PSF for each image, in order (default: "
+                          "estimated from their stars)")
     add.set_defaults(func=_coadd)
     return parser
 

@@ -527,6 +527,8 @@ def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
         fit = fit_flux_ratio(frame.image.data, first.image.data, frame.psf, first.psf,
                              sigma_new=frame.sigma, sigma_ref=first.sigma,
                              mask=frame.image.mask | first.image.mask)
+        if not (np.isfinite(fit.beta) and fit.beta > 0):
+            raise ValueError(f"it gives {fit.beta:.4g}: the images share no bright source")
     except ValueError as exc:
         raise ValueError(
             f"{frame.name}: the flux scale relative to the first image could not be measured "

@@ -514,6 +514,8 @@ def subtract(
         try:
             fit = fitter(psci.data, pref.data, core_n, core_r, sigma_new=sigma_n0,
                          sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
+            if not (np.isfinite(fit.beta) and fit.beta > 0):
+                raise ValueError(f"it gives a flux ratio of {fit.beta:.4g}")
         except ValueError as exc:
             raise ValueError(
                 f"cannot fit the flux ratio or shift: too few stars match and the pixel fit "

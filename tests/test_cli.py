@@ -74,6 +74,23 @@ def test_subtract_command_with_psf_fwhms(tmp_path):
     assert np.hypot(best["x"] - 100.0, best["y"] - 140.0) < 1.0
 
 
+def test_coadd_command_with_psf_fwhms(tmp_path):
+    """--fwhm gives one Gaussian PSF per image; the coadd's PSF is between them."""
+    from astro_zackay.simulation import simulate_image
+
+    stars = simulate_image((128, 128), n_stars=20, flux_range=(1e4, 1e5), seed=0).truth
+    names = []
+    for j, fwhm in enumerate((2.5, 3.5)):
+        sim = simulate_image((128, 128), psf=fwhm, stars=stars["x", "y", "flux"], seed=j)
+        names.append(str(tmp_path / f"frame{j}.fits"))
+        sim.ccd.write(names[-1])
+    out = tmp_path / "out"
+    assert main(["coadd", *names, "--fwhm", "2.5", "3.5", "--outdir", str(out)]) == 0
+    image = CCDData.read(out / "coadd.fits")
+    assert image.shape == (128, 128)
+    assert image.meta["NCOMBINE"] == 2
+
+
 def test_bad_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])

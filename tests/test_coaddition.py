@@ -433,6 +433,14 @@ def test_flux_scale_falls_back_to_a_pixel_fit(monkeypatch):
     assert "pixel fit" in messages[0]
 
 
+def test_frames_without_common_sources_need_flux_scales():
+    """Frames of different stars: no match and no pixel fit, so flux_scales= is asked for."""
+    frames = [simulate_image((128, 128), psf=3.0, n_stars=15, flux_range=(1e4, 1e5),
+                             seed=40 + j).ccd for j in range(2)]
+    with pytest.raises(ValueError, match=r"^image 1: the flux scale .* pass flux_scales="):
+        _recorded(lambda: coadd(frames, psfs=[3.0, 3.0]))
+
+
 # --------------------------------------------------------------------------------------
 # the coadd as the reference of subtract
 
