@@ -33,9 +33,12 @@ _FLAT_ONE = 9
 _SAMPLE = 65536
 
 
-def _robust_level(values: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based sigma of a regular subsample of ``values``."""
-    sample = values[:: max(1, values.size // _SAMPLE)]
+def _robust_level(data: np.ndarray, good: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based sigma of a regular subsample of the good pixels."""
+    step = max(1, data.size // _SAMPLE)
+    sample = data.ravel()[::step][good.ravel()[::step]]
+    if sample.size == 0:
+        sample = data[good]
     median = float(np.median(sample))
     sigma = 1.4826 * float(np.median(np.abs(sample - median)))
     return median, sigma
@@ -114,14 +117,13 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
         if mask.shape != data.shape:
             raise ValueError(f"mask shape {mask.shape} does not match the image {data.shape}")
         good &= ~mask
-    values = data[good]
-    if values.size < 16:
+    if np.count_nonzero(good) < 16:
         return None
-    top = float(values.max())
-    median, sigma = _robust_level(values)
+    top = float(np.max(data, where=good, initial=-np.inf))
+    median, sigma = _robust_level(data, good)
     if not top - median > _MIN_SIGNIFICANCE * max(sigma, np.finfo(float).tiny):
         return None
-    n_top = int(np.count_nonzero(values == top))
+    n_top = int(np.count_nonzero((data == top) & good))
     if n_top >= _PILE_MIN:
         log.debug("saturation: %d pixels at the highest value %.6g", n_top, top)
         return top
