@@ -16,9 +16,9 @@ reference shape
 cuts
     edge, saturated, masked, low S/N, crowded, sharp, extended, elongated;
 table
-    the brightest stars are fitted with an elliptical Moffat profile (their
-    ``beta`` feeds aperture corrections); the others get the profile's position
-    and flux with the shape fixed from their moments.
+    the brightest 20 stars are fitted with an elliptical Moffat profile (their
+    ``beta`` feeds aperture corrections); the others keep their moment centroids
+    and get the PSF flux of the profile with the shape fixed from their moments.
 
 The result is an astropy Table with sub-pixel centroids, PSF fluxes, S/N and
 shapes; its ``meta`` records the FWHM, the stamp shape to cut PSF stamps with, the
