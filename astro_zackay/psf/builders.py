@@ -23,7 +23,6 @@ import numpy as np
 from .analytic import fit_profile, mean_stamp, render_profile
 from .kl import (
     design_matrix,
-    evaluate_psf,
     fit_fields,
     kl_basis,
     n_components_from_inf_loss,
@@ -161,16 +160,21 @@ def noise_components(eigenvalues: np.ndarray, n_stars: int, n_pix: int) -> int:
 
 def _held_out_chi2(basis: np.ndarray, fields: np.ndarray, hold: TrainingSet,
                    degree: int, aperture: np.ndarray) -> np.ndarray:
-    """Per-star chi2/dof of held-out stamps against the model within ``aperture``.
+    """``(K, n_hold)`` chi2/dof of held-out stamps within ``aperture`` for K = 1, 2, ...
 
-    The flux is fitted (linear); the aperture keeps the pixels where the PSF's shape
-    is (the wings' noise would dilute the differences between models).
+    The PSF with the first k components is ``sum_{j<=k} a_j P_j`` over its sum; the
+    flux is fitted (linear). The aperture keeps the pixels where the PSF's shape is
+    (the wings' noise would dilute the differences between models).
     """
-    psf = evaluate_psf(basis, fields, hold.design(degree))[:, aperture]
-    data, weight = hold.stamps[:, aperture], 1.0 / hold.variance[:, aperture]
-    flux = np.sum(psf * data * weight, axis=1) / np.sum(psf**2 * weight, axis=1)
-    chi2 = np.sum((data - flux[:, None] * psf) ** 2 * weight, axis=1)
-    return chi2 / (psf.shape[1] - 1)
+    coefficients = hold.design(degree) @ fields.T  # (n_hold, K)
+    psf = np.cumsum(coefficients[:, :, None] * basis[None, :, aperture], axis=1)
+    total = np.cumsum(coefficients * basis.sum(axis=1)[None], axis=1)
+    psf /= total[:, :, None]
+    data = hold.stamps[:, None, aperture]
+    weight = 1.0 / hold.variance[:, None, aperture]
+    flux = np.sum(psf * data * weight, axis=2) / np.sum(psf**2 * weight, axis=2)
+    chi2 = np.sum((data - flux[:, :, None] * psf) ** 2 * weight, axis=2)
+    return (chi2 / (aperture.sum() - 1)).T
 
 
 def _fields(train: TrainingSet, basis: np.ndarray, degree: int) -> np.ndarray:
@@ -198,9 +202,10 @@ def _choose(
     candidates, chi2, fields = [], [], {}
     for degree in degrees:
         fields[degree] = _fields(train, basis, degree)
-        for k in range(1, len(basis) + 1):
-            candidates.append((k * len(polynomial_terms(degree)), degree, k))
-            chi2.append(_held_out_chi2(basis[:k], fields[degree][:k], hold, degree, aperture))
+        chi2.extend(_held_out_chi2(basis, fields[degree], hold, degree, aperture))
+        candidates.extend(
+            (k * len(polynomial_terms(degree)), degree, k) for k in range(1, len(basis) + 1)
+        )
     order = sorted(range(len(candidates)), key=lambda i: candidates[i])
     index, scores, sigma = select_n_components(np.array(chi2)[order])
     _, degree, k = candidates[order[index - 1]]

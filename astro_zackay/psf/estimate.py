@@ -62,6 +62,8 @@ RING_FWHM = 8.0
 WING_FIT_FWHM = 12.0
 #: ... or this many pixels at most
 WING_FIT_MAX = 100.0
+#: rounds of position refinement against the mean stamp
+REFINE = 1
 #: K and the degree are chosen by the held-out chi2 within this many FWHM of the centre
 SELECT_FWHM = 2.0
 #: number of bright stars whose stacked profile gives the wing
@@ -197,9 +199,9 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray) -> tuple[np.nd
 
 
 def _refine(stamps: StampSet, train: np.ndarray) -> StampSet:
-    """Sub-pixel offsets refined twice against the mean of the training stamps."""
+    """Sub-pixel offsets refined against the mean of the training stamps (REFINE times)."""
     dx, dy = stamps.dx, stamps.dy
-    for _ in range(2):
+    for _ in range(REFINE):
         norm, _, weights, shape = _normalised(stamps, dx, dy)
         mean = np.tensordot(weights[train] ** 2, norm[train], axes=1).reshape(shape)
         dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())

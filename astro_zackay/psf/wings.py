@@ -35,7 +35,7 @@ WING_MIN_FLUX = 2e-4
 #: ... and at most this fraction (more is a background or a crowding problem, not a wing)
 WING_MAX_FLUX = 0.05
 #: width of the radial bins of the profiles, pixels
-BIN_WIDTH = 0.75
+BIN_WIDTH = 1.0
 #: the profile is sampled every pixel out to this radius, every n-th pixel beyond
 MAX_SAMPLES = 45.0
 #: the wing stamp reaches the radius beyond which this fraction of the flux remains
@@ -112,15 +112,20 @@ def _profile_pixels(
     y: np.ndarray,
     r_min: float,
     r_max: float,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Radii and the ``images``' values ``(n_star, n_pix)`` between ``r_min`` and ``r_max``.
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The ``images``' values ``(n_star, n_pix)`` between ``r_min`` and ``r_max``.
 
-    Pixels outside the image or masked are NaN.
+    Returns the offsets' radii on the pixel grid (sorted, shared by all stars), each
+    pixel's radius from its star, and the values (NaN outside the image, masked, or
+    outside the radial range).
     """
     h = int(np.ceil(r_max)) + 1
     step = max(1, int(round(r_max / MAX_SAMPLES)))  # every pixel out to MAX_SAMPLES, then fewer
     oy, ox = np.mgrid[-h : h + 1 : step, -h : h + 1 : step]
-    oy, ox = oy.ravel(), ox.ravel()
+    grid = np.hypot(oy, ox).ravel()
+    order = np.argsort(grid[(grid >= r_min - 1) & (grid < r_max + 1)], kind="stable")
+    near = np.flatnonzero((grid >= r_min - 1) & (grid < r_max + 1))[order]
+    grid, oy, ox = grid[near], oy.ravel()[near], ox.ravel()[near]
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     rows, cols = iy[:, None] + oy, ix[:, None] + ox
     radius = np.hypot(cols - x[:, None], rows - y[:, None])
@@ -128,15 +133,21 @@ def _profile_pixels(
     good = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
     good &= ~mask[rows, cols] & (radius >= r_min) & (radius < r_max)
-    keep = good.any(axis=0)
-    good, rows, cols = good[:, keep], rows[:, keep], cols[:, keep]
-    return radius[:, keep], [np.where(good, image[rows, cols], np.nan) for image in images]
+    return grid, radius, [np.where(good, image[rows, cols], np.nan) for image in images]
 
 
 def _star_levels(
-    radius: np.ndarray, values: np.ndarray, pixel_var: np.ndarray, edges: np.ndarray
+    grid: np.ndarray,
+    radius: np.ndarray,
+    values: np.ndarray,
+    pixel_var: np.ndarray,
+    edges: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each star's level in each radial bin, its variance, and the bins' radii.
+
+    The bins are by the pixel-grid radius ``grid`` (sorted, the same for every star),
+    so each bin is a slice of columns; the law is evaluated at the kept pixels' own
+    radii (``radius``).
 
     A star's level in a bin is the mean of its pixels there after a symmetric
     3-sigma clip about their median (1.4826 MAD): a neighbour covers a small part of
@@ -150,25 +161,26 @@ def _star_levels(
     level, variance : ``(n_star, n_bins)`` (NaN / inf where a star has too few pixels);
     r_mean, r_var : ``(n_star, n_bins)`` mean and variance of the kept pixels' radii.
     """
-    index = np.digitize(radius, edges) - 1
+    bounds = np.searchsorted(grid, edges)
     shape = (values.shape[0], len(edges) - 1)
     level, variance = np.full(shape, np.nan), np.full(shape, np.inf)
     r_mean, r_var = np.ones(shape), np.zeros(shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # stars with no pixel in a bin
         for b in range(shape[1]):
-            v = np.where((index == b) & np.isfinite(values), values, np.nan)
+            v = values[:, bounds[b] : bounds[b + 1]].copy()
             centre = row_median(v)[:, None]
             spread = 1.4826 * row_median(np.abs(v - centre))[:, None]
             v[np.abs(v - centre) > 3.0 * spread] = np.nan
-            n = np.isfinite(v).sum(axis=1)
+            kept = np.isfinite(v)
+            n = kept.sum(axis=1)
             ok = n >= 5
-            r = np.where(np.isfinite(v), radius, np.nan)
-            var = np.where(np.isfinite(v), pixel_var, np.nan)
+            r = np.where(kept, radius[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
+            var = np.where(kept, pixel_var[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
             level[ok, b] = np.nanmean(v[ok], axis=1)
-            variance[ok, b] = np.nanmean(var[ok], axis=1) / n[ok]
-            r_mean[ok, b] = np.nanmean(r[ok], axis=1)
-            r_var[ok, b] = np.nanvar(r[ok], axis=1)
+            variance[ok, b] = np.nanmean(var, axis=1) / n[ok]
+            r_mean[ok, b] = np.nanmean(r, axis=1)
+            r_var[ok, b] = np.nanvar(r, axis=1)
     variance[~(variance > 0)] = np.inf
     return level, variance, r_mean, r_var
 
@@ -233,13 +245,14 @@ def fit_wing(
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     images = (data, variance) if sky is None else (data, variance, sky)
-    radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
+    grid, radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
     values = pixels[0] - (pixels[2] if sky is not None else 0.0)
     background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
     flux = np.asarray(flux, dtype=float)[:, None]
     values = (values - background[:, None]) / flux
     edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / BIN_WIDTH)), 4) + 1)
-    level, level_var, r_mean, r_var = _star_levels(radius, values, pixels[1] / flux**2, edges)
+    level, level_var, r_mean, r_var = _star_levels(grid, radius, values, pixels[1] / flux**2,
+                                                   edges)
     weight = np.where(np.isfinite(level), 1.0 / level_var, 0.0)
     level = np.nan_to_num(level)
     alphas = moffat_alpha(fwhm, BETAS)
