@@ -369,6 +369,18 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
     return 0.5 * (values[rows, start + (count - 1) // 2] + values[rows, start + count // 2])
 
 
+def _unmasked_cores(
+    cand: _Candidates, masked: tuple[np.ndarray, np.ndarray], fwhm0: float
+) -> np.ndarray:
+    """Measured candidates with no masked pixel within +-1 FWHM of their centre.
+
+    Saturated (masked) cores share one broad shape: they must not pose as the locus.
+    """
+    core = max(2, math.ceil(fwhm0))
+    ix, iy = np.rint(cand.x).astype(int), np.rint(cand.y).astype(int)
+    return cand.measured & ~_window_any(masked, ix, iy, core, core)
+
+
 def _reference_shape(
     cand: _Candidates,
     usable: np.ndarray,
@@ -487,17 +499,18 @@ def _cuts(
     cand: _Candidates,
     img: ImageData,
     masked: tuple[np.ndarray, np.ndarray],
-    model: _SizeModel,
+    local: tuple[np.ndarray, np.ndarray, np.ndarray],
     stamp: tuple[int, int],
     radius: np.ndarray,
     snr_min: float,
     margin: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The keep flags, rejection reasons and local FWHM of every detection.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The keep flags and rejection reasons of every detection.
 
-    ``masked`` holds the indices of the image's masked pixels (`numpy.nonzero`).
+    ``masked`` holds the indices of the image's masked pixels (`numpy.nonzero`),
+    ``local`` the size model's FWHM, ellipticity and concentration at each detection.
     """
-    fwhm_local, ell_local, conc_local = model.at(cand.x, cand.y)
+    fwhm_local, ell_local, conc_local = local
     reason = np.full(cand.n, "", dtype=object)
     keep = np.ones(cand.n, dtype=bool)
     _reject(reason, keep, _edge_cuts(cand, img, fwhm_local, margin), "edge")
@@ -523,7 +536,7 @@ def _cuts(
     diffuse = deficit > np.maximum(_DIFFUSE_SNR / cand.snr, _DIFFUSE_MIN)
     _reject(reason, keep, (np.log(size) > limit) | diffuse, "extended")
     _reject(reason, keep, cand.ellipticity > ell_local + _ELONGATION_EXCESS, "elongated")
-    return keep, reason, fwhm_local
+    return keep, reason
 
 
 # Stage 5: profile fits and the table
@@ -658,6 +671,7 @@ class _Fits:
     ellipticity: np.ndarray
     theta: np.ndarray
     beta: np.ndarray
+    scale: float
 
 
 def _fit_stars(
@@ -691,6 +705,7 @@ def _fit_stars(
         start = _shape_from_moments(cand.moments, sel[rest], scale, t)
         params[rest] = _fit_amplitudes(start, pix[rest], w[rest], gx[rest], gy[rest])
     fwhm, ell, theta, integral = moffat_shape(params)
+    fwhm[rest] = scale * cand.fwhm[sel[rest]]  # the moments' FWHM in the profile's terms
     model = moffat_model(params, gx, gy)
     profile = model / (params[:, :1] * integral[:, None])
     flux_err = 1.0 / np.sqrt(np.sum(w * profile**2, axis=1))
@@ -707,6 +722,7 @@ def _fit_stars(
         ellipticity=ell,
         theta=theta,
         beta=beta,
+        scale=scale,
     )
 
 
@@ -766,6 +782,63 @@ def _stamp_scale(model: _SizeModel, shape: tuple[int, int]) -> float:
     low, high = _fwhm_range(model, shape, 1.0)
     median = _weighted_median(model.fwhm, np.minimum(model.snr, 200.0) ** 2)
     return high if high > 1.3 * low else median
+
+
+def _summary(reason: np.ndarray) -> str:
+    return ", ".join(f"{r}: {int(np.sum(reason == r))}" for r in REASONS)
+
+
+def _candidates_to_fit(
+    keep: np.ndarray, reason: np.ndarray, snr: np.ndarray, max_stars: int | None
+) -> np.ndarray:
+    """The kept detections by decreasing S/N; beyond ``2 max_stars + 5`` marked max_stars.
+
+    A few more than ``max_stars`` are fitted: some may fall below snr_min after the fit.
+    """
+    sel = np.flatnonzero(keep)
+    sel = sel[np.argsort(-snr[sel])]
+    if max_stars is not None and sel.size > 2 * int(max_stars) + 5:
+        reason[sel[2 * int(max_stars) + 5 :]] = "max_stars"
+        sel = sel[: 2 * int(max_stars) + 5]
+    return sel
+
+
+def _accepted_rows(
+    fits: _Fits, sel: np.ndarray, reason: np.ndarray, snr_min: float, max_stars: int | None
+) -> np.ndarray:
+    """Rows of ``fits`` that pass the fitted S/N (and ``max_stars``), by decreasing S/N.
+
+    The others get their reason in ``reason`` (in place): fit, low_snr or max_stars.
+    """
+    snr = fits.flux / fits.flux_err
+    good = np.isfinite(snr) & np.isfinite(fits.fwhm) & np.all(np.isfinite(fits.params), axis=1)
+    reason[sel[~good]] = "fit"
+    reason[sel[good & ~(snr >= snr_min)]] = "low_snr"
+    rows = np.flatnonzero(good & (snr >= snr_min))
+    rows = rows[np.argsort(-snr[rows])]
+    if max_stars is not None and rows.size > max_stars:
+        reason[sel[rows[int(max_stars) :]]] = "max_stars"
+        rows = rows[: int(max_stars)]
+    return rows
+
+
+def _choose_stamp(
+    user_stamp: tuple[int, int] | None,
+    model: _SizeModel,
+    shape: tuple[int, int],
+    fwhm: float | None,
+) -> tuple[int, int]:
+    """The user's stamp shape (checked to hold +-1 FWHM) or the default one."""
+    scale_fwhm = _stamp_scale(model, shape) if fwhm is None else float(fwhm)
+    if user_stamp is None:
+        return _default_stamp_shape(scale_fwhm)
+    min_size = 2 * math.ceil(scale_fwhm) + 1
+    if min(user_stamp) < min_size:
+        raise ValueError(
+            f"stamp_shape={user_stamp} is too small for the FWHM of {scale_fwhm:.2f} px: "
+            f"it must hold at least +-1 FWHM, i.e. be at least {min_size} px on each side"
+        )
+    return user_stamp
 
 
 def _no_star_error(n_det: int, summary: str, snr_min: float, radius: float) -> ValueError:
@@ -939,62 +1012,27 @@ def find_psf_stars(
     if fwhm is not None:
         fwhm0 = float(fwhm)
     cand = _measure(data, img, objects, fwhm0, fwhm_broad, snr_min)
-    crowded_start = _crowded(cand, np.full(cand.n, 3.0 * fwhm0))
-    # saturated cores (masked) share one broad shape: they must not pose as the locus
-    core = max(2, math.ceil(fwhm0))
     masked = np.nonzero(img.mask)
-    clean = cand.measured & ~_window_any(
-        masked, np.rint(cand.x).astype(int), np.rint(cand.y).astype(int), core, core
+    model = _reference_shape(
+        cand, _unmasked_cores(cand, masked, fwhm0), _crowded(cand, np.full(cand.n, 3.0 * fwhm0)),
+        snr_min, fwhm0, img.shape,
     )
-    model = _reference_shape(cand, clean, crowded_start, snr_min, fwhm0, img.shape)
 
-    scale_fwhm = _stamp_scale(model, img.shape) if fwhm is None else float(fwhm)
-    if user_stamp is not None:
-        min_size = 2 * math.ceil(scale_fwhm) + 1
-        if min(user_stamp) < min_size:
-            raise ValueError(
-                f"stamp_shape={user_stamp} is too small for the FWHM of {scale_fwhm:.2f} px: "
-                f"it must hold at least +-1 FWHM, i.e. be at least {min_size} px on each side"
-            )
-        stamp = user_stamp
-    else:
-        stamp = _default_stamp_shape(scale_fwhm)
-    local, _, _ = model.at(cand.x, cand.y)
-    radius = 3.0 * local if isolation is None else np.full(cand.n, float(isolation))
+    stamp = _choose_stamp(user_stamp, model, img.shape, fwhm)
+    local = model.at(cand.x, cand.y)
+    fwhm_local = local[0]
+    radius = 3.0 * fwhm_local if isolation is None else np.full(cand.n, float(isolation))
     margin = 0 if edge is None else int(edge)
-    keep, reason, fwhm_local = _cuts(cand, img, masked, model, stamp, radius, snr_min, margin)
-    counts_so_far = {r: int(np.sum(reason == r)) for r in REASONS}
-    sel = np.flatnonzero(keep)
-    sel = sel[np.argsort(-cand.snr[sel])]
-    summary = ", ".join(f"{r}: {counts_so_far[r]}" for r in REASONS)
+    keep, reason = _cuts(cand, img, masked, local, stamp, radius, snr_min, margin)
+    sel = _candidates_to_fit(keep, reason, cand.snr, max_stars)
     if sel.size == 0:
-        raise _no_star_error(n_det, summary, snr_min, float(np.median(radius)))
-    if max_stars is not None and sel.size > max_stars:
-        # fit a few more than asked: some may fall below snr_min after the fit
-        sel = sel[: 2 * int(max_stars) + 5]
-        reason[np.flatnonzero(keep)[~np.isin(np.flatnonzero(keep), sel)]] = "max_stars"
+        raise _no_star_error(n_det, _summary(reason), snr_min, float(np.median(radius)))
     fits = _fit_stars(data, img, cand, sel, fwhm_local)
-    snr = fits.flux / fits.flux_err
-    good = np.isfinite(snr) & np.isfinite(fits.fwhm) & np.all(np.isfinite(fits.params), axis=1)
-    reason[sel[~good]] = "fit"
-    reason[sel[good & ~(snr >= snr_min)]] = "low_snr"
-    rows = np.flatnonzero(good & (snr >= snr_min))
-    rows = rows[np.argsort(-snr[rows])]
-    if max_stars is not None and rows.size > max_stars:
-        reason[sel[rows[int(max_stars):]]] = "max_stars"
-        rows = rows[: int(max_stars)]
-    counts = {f"n_rejected_{r}": int(np.sum(reason == r)) for r in REASONS}
-    summary = ", ".join(f"{r}: {counts[f'n_rejected_{r}']}" for r in REASONS)
+    rows = _accepted_rows(fits, sel, reason, snr_min, max_stars)
     if rows.size == 0:
-        raise _no_star_error(n_det, summary, snr_min, float(np.median(radius)))
-
-    ratio = fits.fwhm[: min(N_PROFILE_FITS, sel.size)] / cand.fwhm[sel[: N_PROFILE_FITS]]
-    ratio = ratio[np.isfinite(ratio)]
-    scale = float(np.median(ratio)) if ratio.size else 1.0
-    fwhm_col = np.where(np.isfinite(fits.beta), fits.fwhm, scale * cand.fwhm[sel])
-    fits = _Fits(**{**fits.__dict__, "fwhm": fwhm_col})
+        raise _no_star_error(n_det, _summary(reason), snr_min, float(np.median(radius)))
     stamp_max = _stamp_max(fits.params[:, 1], fits.params[:, 2], img.shape)
-    table = _table(fits, rows, scale * fwhm_local[sel], stamp_max, img.unit)
+    table = _table(fits, rows, fits.scale * fwhm_local[sel], stamp_max, img.unit)
     table.meta.update(
         {
             "fwhm": _weighted_median(np.asarray(table["fwhm"]), np.asarray(table["snr"]) ** 2),
@@ -1002,11 +1040,12 @@ def find_psf_stars(
             "isolation": float(np.median(radius[sel[rows]])),
             "snr_min": float(snr_min),
             "saturation": img.saturation,
-            "fwhm_range": _fwhm_range(model, img.shape, scale),
+            "fwhm_range": _fwhm_range(model, img.shape, fits.scale),
             "n_detected": n_det,
             "n_selected": int(rows.size),
-            **counts,
+            **{f"n_rejected_{r}": int(np.sum(reason == r)) for r in REASONS},
         }
     )
-    log.info("%d PSF stars of %d detections (rejected by %s)", rows.size, n_det, summary)
+    log.info("%d PSF stars of %d detections (rejected by %s)", rows.size, n_det,
+             _summary(reason))
     return table
