@@ -236,6 +236,7 @@ class _Candidates:
 
 def _measure(
     data: np.ndarray,
+    rms: np.ndarray,
     img: ImageData,
     objects: Any,
     fwhm0: float,
@@ -247,7 +248,9 @@ def _measure(
     y_det = np.asarray(objects["y"], dtype=float)
     flux_det = np.asarray(objects["flux"], dtype=float)
     npix = np.maximum(np.asarray(objects["npix"]), 1)
-    noise = float(np.median(np.sqrt(img.variance[~img.mask]))) if (~img.mask).any() else 1.0
+    ix = np.clip(np.rint(x_det).astype(int), 0, data.shape[1] - 1)
+    iy = np.clip(np.rint(y_det).astype(int), 0, data.shape[0] - 1)
+    noise = rms[iy, ix]  # the background rms at each detection
     # cheap pre-cut on the isophotal S/N (generously below the PSF S/N); source Poisson
     # noise only with a known gain (the estimated variance has none without one)
     poisson = np.clip(flux_det, 0, None) / img.gain if img.gain else 0.0
@@ -1001,7 +1004,7 @@ def find_psf_stars(
     _check_arguments(snr_min, fwhm, isolation, max_stars, edge)
     user_stamp = _check_stamp_shape(stamp_shape)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
-    data, _, objects = _detect(img, background)
+    data, rms, objects = _detect(img, background)
     n_det = len(objects)
     if n_det == 0:
         raise ValueError(
@@ -1011,7 +1014,7 @@ def find_psf_stars(
     fwhm0, fwhm_broad = _start_fwhm(objects)
     if fwhm is not None:
         fwhm0 = float(fwhm)
-    cand = _measure(data, img, objects, fwhm0, fwhm_broad, snr_min)
+    cand = _measure(data, rms, img, objects, fwhm0, fwhm_broad, snr_min)
     masked = np.nonzero(img.mask)
     model = _reference_shape(
         cand, _unmasked_cores(cand, masked, fwhm0), _crowded(cand, np.full(cand.n, 3.0 * fwhm0)),
