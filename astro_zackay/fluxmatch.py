@@ -168,7 +168,7 @@ def aperture_photometry(
     y = np.asarray(y, float)
     bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool)
     bad = bad | ~np.isfinite(data) | ~np.isfinite(variance)
-    r_out = 2.5 * radius + 2.0
+    r_in, r_out = _annulus(radius)
     half = int(np.ceil(r_out)) + 1
     ny, nx = data.shape
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
@@ -187,7 +187,7 @@ def aperture_photometry(
         cols = ix[k, None, None] + offsets[None, None, :]
         dist = np.hypot(offsets[None, None, :] - dx[:, None, None],
                         offsets[None, :, None] - dy[:, None, None])
-        ring = (dist >= radius + 2.0) & (dist <= r_out) & ~bad[rows, cols]
+        ring = (dist >= r_in) & (dist <= r_out) & ~bad[rows, cols]
         sky, sky_std, n_sky = _clipped_ring_mean(np.where(ring, data[rows, cols], np.nan))
         rows = iy[k, None, None] + ap_offsets[None, :, None]
         cols = ix[k, None, None] + ap_offsets[None, None, :]
@@ -286,8 +286,19 @@ def moffat_encircled_energy(
     return -np.expm1((1.0 - beta) * np.log1p((radius / alpha) ** 2))
 
 
+def _annulus(radius: float) -> tuple[float, float]:
+    """Inner and outer radius of the background annulus of `aperture_photometry`."""
+    return radius + 2.0, 2.5 * radius + 2.0
+
+
 def _aperture_correction(stars: Table, psf: np.ndarray | None, radius: float) -> float:
-    """Encircled energy at ``radius`` for the aperture photometry of one image's stars.
+    """The fraction of a star's flux that `aperture_photometry` at ``radius`` measures.
+
+    The encircled energy at ``radius`` less the star's own light that the background
+    annulus removes with the sky: ``area(aperture) / area(annulus)`` times the light in
+    the annulus. Ignoring it made the flux ratio of Moffat (beta 2.5) pairs of FWHM 2.5
+    and 3.5 px 0.6 % low (0.8446 for 0.85, 20 sigma), leaving false candidates at stars
+    of 1e6 e- even with the true PSFs given.
 
     From the stars' own Moffat fits (`~astro_zackay.stars.find_psf_stars` columns
     ``fwhm``, ``beta``, ``ellipticity``; the median over stars) when present: a KL PSF
@@ -295,9 +306,15 @@ def _aperture_correction(stars: Table, psf: np.ndarray | None, radius: float) ->
     (measured: 11.5 % of the flux beyond 2 FWHM for a 6.5 px PSF), which made every
     flux scale of a coadd 7-10 % low. Else from the PSF stamp, at most 1.
     """
+    r_in, r_out = _annulus(radius)
+    share = radius**2 / (r_out**2 - r_in**2)  # aperture area over annulus area
     if {"fwhm", "beta"} <= set(stars.colnames) and len(stars):
         ellipticity = stars["ellipticity"] if "ellipticity" in stars.colnames else 0.0
-        energy = moffat_encircled_energy(stars["fwhm"], stars["beta"], radius, ellipticity)
+
+        def energy_at(r: float) -> np.ndarray:
+            return moffat_encircled_energy(stars["fwhm"], stars["beta"], r, ellipticity)
+
+        energy = energy_at(radius) - share * (energy_at(r_out) - energy_at(r_in))
         energy = energy[np.isfinite(energy)]
         if energy.size:
             return float(np.median(energy))
@@ -306,7 +323,8 @@ def _aperture_correction(stars: Table, psf: np.ndarray | None, radius: float) ->
             "the aperture correction needs the stars' Moffat fits (fwhm and beta columns, "
             "as find_psf_stars makes) or a PSF stamp (psfs=)"
         )
-    return encircled_energy(psf, radius)
+    ring = encircled_energy(psf, r_out) - encircled_energy(psf, r_in)
+    return encircled_energy(psf, radius) - share * ring
 
 
 @dataclass(frozen=True)
