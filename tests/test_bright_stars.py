@@ -2,7 +2,8 @@
 
 Clean simulated pairs - no transient, so every 5-sigma candidate is false - with a
 sharper reference (FWHM 2.5 px) than science image (3.5 px), a flux ratio of 0.85, a
-sub-pixel shift and stars up to 3e6 e-, Gaussian and Moffat (beta 2.5), go through
+sub-pixel shift and stars up to 3e6 e- (eight 512^2 fields per profile, 2.1 Mpix),
+Gaussian and Moffat (beta 2.5), go through
 `astro_zackay.subtract` twice: with its default call (PSFs estimated from the images)
 and with the TRUE PSF stamps given. An estimated PSF that misses the wings or the core
 of the bright stars leaves rings of false candidates around them; the target is at most
@@ -36,25 +37,45 @@ def psfs(profile):
     )
 
 
-@pytest.fixture(scope="module", params=PROFILES)
-def bright_pair(request):
-    """A clean 1024^2 pair with 480 stars, fluxes log-uniform in 1e3-3e6 e-."""
-    ref_psf, sci_psf = psfs(request.param)
-    pair = simulate_pair(
-        (1024, 1024),
+SEEDS = range(8)  # eight 512^2 fields: 2.1 Mpix per profile
+
+
+def bright_pair(profile, seed):
+    """A clean 512^2 pair with 120 stars, fluxes log-uniform in 1e3-3e6 e-."""
+    ref_psf, sci_psf = psfs(profile)
+    return simulate_pair(
+        (512, 512),
         reference_psf=ref_psf,
         science_psf=sci_psf,
         flux_ratio=FLUX_RATIO,
         shift=SHIFT,
-        n_stars=480,
+        n_stars=120,
         flux_range=(1e3, 3e6),
         flux_distribution="loguniform",
         min_separation=8.0,
-        seed=2026,
+        seed=seed,
     )
-    # the field really holds the bright stars the target is about
-    assert np.sum(pair.reference.truth["flux"] > 1e6) >= 30
-    return request.param, pair
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def bright_counts(request):
+    """False candidates on each bright-star field: estimated PSFs, true PSFs, true + ratio."""
+    counts = {"estimated": [], "true": [], "true, ratio given": [], "fitted ratios": [],
+              "mpix": 0.0, "bright": 0}
+    for seed in SEEDS:
+        pair = bright_pair(request.param, seed)
+        counts["mpix"] += pair.reference.ccd.data.size / 1e6
+        counts["bright"] += int(np.sum(pair.reference.truth["flux"] > 1e6))
+        counts["estimated"].append(len(false_candidates(pair, true_psf=False)[1]))
+        result, found = false_candidates(pair, true_psf=True)
+        counts["true"].append(len(found))
+        counts["fitted ratios"].append(round(result.flux_ratio, 5))
+        if seed == SEEDS[0]:
+            found = false_candidates(pair, true_psf=True, flux_ratio=FLUX_RATIO)[1]
+            counts["true, ratio given"].append(len(found))
+    # the fields really hold the bright stars the target is about
+    assert counts["bright"] >= 100
+    return request.param, counts
 
 
 def one_bright_pair(profile, seed):
@@ -98,32 +119,28 @@ def false_candidates(pair, *, true_psf, **kwargs):
     return result, result.find_transients(threshold=5)
 
 
-def test_estimated_psfs_subtract_bright_stars_as_cleanly_as_true_psfs(bright_pair):
-    profile, pair = bright_pair
-    mpix = pair.reference.ccd.data.size / 1e6
-    _, with_true = false_candidates(pair, true_psf=True)
-    _, with_estimated = false_candidates(pair, true_psf=False)
-    excess = (len(with_estimated) - len(with_true)) / mpix
+def test_estimated_psfs_subtract_bright_stars_as_cleanly_as_true_psfs(bright_counts):
+    profile, counts = bright_counts
+    excess = (sum(counts["estimated"]) - sum(counts["true"])) / counts["mpix"]
     assert excess <= 1.0, (
-        f"{profile}: {len(with_estimated) / mpix:.1f} false 5-sigma candidates per Mpix with "
-        f"estimated PSFs, {len(with_true) / mpix:.1f} with the true PSFs"
+        f"{profile}: {sum(counts['estimated']) / counts['mpix']:.1f} false 5-sigma candidates "
+        f"per Mpix with estimated PSFs, {sum(counts['true']) / counts['mpix']:.1f} with the "
+        f"true PSFs (per 512^2 field: {counts['estimated']} / {counts['true']})"
     )
 
 
-def test_true_psfs_subtract_bright_stars_cleanly(bright_pair):
+def test_true_psfs_subtract_bright_stars_cleanly(bright_counts):
     """The baseline of the test above: with the true PSFs at most 2 false candidates per Mpix.
 
-    It holds when the flux ratio is right: with ``flux_ratio=0.85`` given, none.
+    With the flux ratio given there are none; a fitted flux ratio 0.6 % low (the background
+    annulus of the aperture photometry holding the stars' own Moffat wings) gave 36 per Mpix.
     """
-    profile, pair = bright_pair
-    mpix = pair.reference.ccd.data.size / 1e6
-    result, found = false_candidates(pair, true_psf=True)
-    _, found_given_ratio = false_candidates(pair, true_psf=True, flux_ratio=FLUX_RATIO)
-    assert len(found_given_ratio) == 0
-    assert len(found) / mpix <= 2.0, (
-        f"{profile}: {len(found) / mpix:.1f} false candidates per Mpix with the true PSFs; "
-        f"fitted flux ratio {result.flux_ratio:.5f} +- {result.flux_ratio_error:.5f} "
-        f"(true {FLUX_RATIO})"
+    profile, counts = bright_counts
+    assert counts["true, ratio given"] == [0]
+    assert sum(counts["true"]) / counts["mpix"] <= 2.0, (
+        f"{profile}: {sum(counts['true']) / counts['mpix']:.1f} false candidates per Mpix "
+        f"with the true PSFs (per field {counts['true']}); fitted flux ratios "
+        f"{counts['fitted ratios']} (true {FLUX_RATIO})"
     )
 
 
