@@ -587,7 +587,10 @@ def _fit_profiles(
         grad = np.einsum("npi,np->ni", jac, res)
         diag = np.einsum("nii->ni", jtj)
         damped = jtj + (lam[idx, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(7)
-        delta = -np.einsum("nij,nj->ni", np.linalg.pinv(damped), grad)
+        try:
+            delta = -np.linalg.solve(damped, grad[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # a singular system (e.g. all weights zero)
+            delta = -np.einsum("nij,nj->ni", np.linalg.pinv(damped), grad)
         trial = p[idx] + delta
         trial[:, 6] = np.clip(trial[:, 6], _T_MIN, _T_MAX)
         trial[:, 0] = np.clip(trial[:, 0], 1e-30, None)
