@@ -2,9 +2,12 @@
 
 This module is the test bed of the package: it renders star fields with a
 known, optionally spatially varying point-spread function (PSF), adds
-realistic noise and detector defects, and returns the images as
-`~astropy.nddata.CCDData` together with the truth needed to check every
-later step (PSF estimation, ZOGY subtraction, proper coaddition).
+galaxies (Sersic profiles convolved with the PSF), realistic noise and
+detector defects, and returns the images as `~astropy.nddata.CCDData`
+together with the truth needed to check every later step (star selection,
+PSF estimation, ZOGY subtraction, proper coaddition).  `simulate_mosaic`
+tiles independent images into one frame whose PSF jumps between tiles
+(`tutorial2_frame` rebuilds properimage's Tutorial 2 frame that way).
 
 Conventions
 -----------
