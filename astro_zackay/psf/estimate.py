@@ -55,8 +55,9 @@ CHI2_WARN = 1.3
 CORE_FWHM = 3.0
 #: ... and is shrunk down to this many FWHM to keep stars near the edge
 MIN_CORE_FWHM = 2.0
-#: the stamps' background ring lies this many FWHM out, beyond most of the wing
-RING_FWHM = 8.0
+#: the stamps' background ring lies this many FWHM out (further rings carry more of the
+#: neighbours' faint light, which isolated stars lack; the wing's light there is restored)
+RING_FWHM = 5.0
 #: the wing and each bright star's residual background are fitted from 2 FWHM to this
 #: many FWHM (the background is degenerate with the wing's slope over a shorter range) ...
 WING_FIT_FWHM = 12.0
@@ -261,34 +262,31 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
 
 
 def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
-              sky: np.ndarray | None) -> tuple[Wing, StampSet]:
-    """The wing law of the brightest stars, and the stamps with their fitted backgrounds.
+              sky: np.ndarray | None, ring: float) -> tuple[Wing, StampSet]:
+    """The wing law of the brightest stars, and the stamps with the law's light restored.
 
-    The brightest stars weigh most in every builder; their residual backgrounds,
-    fitted with the wing out to 12 FWHM, correct the ring's (which carries the light
-    of neighbours too faint to clip); the other stars are corrected by the median.
+    The law is fitted out to 12 FWHM, each bright star with its own residual
+    background (far out, a ring carries the light of neighbours too faint to clip, so
+    that offset is only a nuisance here). A background ring at ``ring`` pixels holds
+    ``law(ring)`` of each star's own wing: it is given back to every stamp.
     """
     bright = np.argsort(stamps.flux)[::-1][:WING_STARS]
-    wing, offsets = fit_wing(
+    wing, _ = fit_wing(
         img.data, img.variance, img.mask, x[bright], y[bright], stamps.flux[bright], fwhm=fwhm,
         r_min=2.0 * fwhm, r_max=min(WING_FIT_FWHM * fwhm, WING_FIT_MAX), sky=sky,
         background=stamps.background[bright] if sky is None else 0.0,
     )
-    # the other stars' backgrounds share the bright stars' median error (diffuse light)
-    level = np.full(len(stamps), float(np.median(offsets * stamps.flux[bright])))
-    level[bright] = offsets * stamps.flux[bright]
+    if sky is not None or not wing.amplitude > 0:
+        return wing, stamps
+    level = -float(wing.law(ring)) * stamps.flux
     data = stamps.data - level[:, None, None]
     flux = data.sum(axis=(1, 2))
-    usable = flux > 0
-    level, data, flux = level[usable], data[usable], flux[usable]
-    ratio = float(np.median(flux[np.isin(np.flatnonzero(usable), bright)]
-                            / stamps.flux[usable][np.isin(np.flatnonzero(usable), bright)]))
-    wing = Wing(wing.amplitude / ratio, wing.beta, wing.alpha, wing.amplitude_err / ratio)
-    log.info("outer wing %s; bright stars' backgrounds corrected by a median %.3g of their "
-             "flux per pixel", wing, float(np.median(offsets)))
-    kept = stamps.select(usable)
-    return wing, StampSet(data, kept.variance, kept.dx, kept.dy, kept.background + level, flux,
-                          kept.valid)
+    wing = Wing(wing.amplitude / float(np.median(flux / stamps.flux)), wing.beta, wing.alpha,
+                wing.amplitude_err)
+    log.info("outer wing %s; %.3g of each star's flux per pixel given back from its ring",
+             wing, -level[0] / stamps.flux[0])
+    return wing, StampSet(data, stamps.variance, stamps.dx, stamps.dy,
+                          stamps.background + level, flux, stamps.valid)
 
 
 def _announce(plan: Plan, n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
@@ -324,11 +322,12 @@ def estimate_psf(
     Stars (from `~astro_zackay.stars.find_psf_stars` unless given) are cut into stamps
     of +-3 FWHM (shrunk to as little as +-2 FWHM when that keeps stars near the
     edge), minus the background (the ``background`` map, else the clipped mean of a
-    ring 8 FWHM out, beyond the wings). The stamps are recentred with a Fourier
-    shift (mirrored at their edges, so nothing wraps around and rings), normalised
-    to unit sum, and neighbours in their wings are replaced by the star's own light
-    at the same radius (`~astro_zackay.psf.stamps.clean_neighbours`); their
-    sub-pixel positions are refined twice against the mean stamp.
+    ring 5 FWHM out, with the light of the fitted wing there given back). The stamps
+    are recentred with a Fourier shift (mirrored at their edges, so nothing wraps
+    around and rings), normalised to unit sum, and neighbours in their wings are
+    replaced by the star's own light at the same radius
+    (`~astro_zackay.psf.stamps.clean_neighbours`); their sub-pixel positions are
+    refined against the mean stamp.
 
     What is built depends on the usable stars (the degradation ladder, never a dead
     end): a spatially varying KL PSF when they constrain its coefficient fields (the
@@ -352,10 +351,10 @@ def estimate_psf(
 
     The core stamp is extended by an analytic wing, a Moffat law ``A (1 + r**2 /
     alpha**2) ** -beta`` of the stars' FWHM fitted to the profiles of the brightest
-    stars between 2 and 12 FWHM (each with its own residual background, which then
-    corrects its ring's), out to where 1e-3 of the flux remains, when the wing holds
-    a significant flux outside the core (Moffat-like PSFs): ``psf_at`` returns core
-    and wing, unit sum. A given ``stamp_shape`` is kept as it is (no wing).
+    stars between 2 and 12 FWHM (each with its own residual background), out to where
+    1e-3 of the flux remains, when the wing holds a significant flux outside the core
+    (Moffat-like PSFs): ``psf_at`` returns core and wing, unit sum. A given
+    ``stamp_shape`` is kept as it is (no wing).
 
     The held-out stars measure the quality (``model.quality``): chi2/dof with the
     image variance, residual flux against the noise floor, ellipticity and size
@@ -473,8 +472,7 @@ def estimate_psf(
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
-    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky)
-    stars = stars[stamps.flux > 0] if len(stamps) < len(stars) else stars
+    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring)
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True
     stamps = _refine(stamps, ~holdout)
