@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from astropy.nddata import (
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 
+from ._psf_input import user_stacklevel
 from ._warnings import SaturationWarning
 from .saturation import detect_saturation
 
@@ -391,19 +391,6 @@ def to_image(
     )
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning issued by our caller at the user's code.
-
-    Counts the frames up to the first one outside the astro_zackay package, so that
-    the warning names the user's line however deep inside the package it is issued.
-    """
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _saturation_level(
     saturation: Any, meta: Any, data: np.ndarray, bad: np.ndarray, unit: u.UnitBase
 ) -> float | None:
@@ -428,7 +415,7 @@ def _saturation_level(
             f"{n_pix} pixels at or above {level:.6g} {unit} are masked; pass saturation= "
             "to set the level, or saturation=np.inf to keep them",
             SaturationWarning,
-            stacklevel=_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
     return level
 
