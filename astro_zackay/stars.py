@@ -167,8 +167,18 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
     return np.full(img.shape, sky), np.full(img.shape, rms)
 
 
+def _no_mask(data: np.ndarray) -> np.ndarray:
+    """An all-False mask: sep runs on data whose masked pixels are set to 0 instead."""
+    return np.zeros(data.shape, dtype=bool)
+
+
 def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     """Background-subtracted data (masked pixels 0), the rms map and sep's detections.
+
+    sep detects on the data with the masked pixels set to 0 (the sky), not with its
+    ``mask``: with the saturated cores of a few bright stars masked, sep dropped 30 of
+    91 isolated unsaturated stars of S/N 30-600 on a 512^2 field (Moffat beta 2.5,
+    measured), whole isophotes that reached a masked pixel.
 
     Without a ``background``, the sky is one pass of sep's clipped background map
     (64 px boxes, 3x3 filter). The second, source-masked pass of
@@ -181,7 +191,7 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
     if background is not None:
         sky, rms = _given_background(img, background)
         data = np.where(img.mask, 0.0, filled - sky)
-        return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, img.mask)
+        return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, _no_mask(data))
     box = _default_box_size(img.shape)
     if np.count_nonzero(~img.mask) < box * box:
         raise ValueError(
@@ -190,8 +200,7 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
         )
     sky, rms = _sep_maps(filled, img.mask, (box, box), (3, 3))
     data = np.where(img.mask, 0.0, filled - sky)
-    objects = _sep_extract(data, _DETECT_THRESHOLD, rms, img.mask)
-    return data, rms, objects
+    return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, _no_mask(data))
 
 
 def _start_fwhm(objects: Any) -> tuple[float, float]:

@@ -126,7 +126,8 @@ def test_fwhm_shape_and_flux(field, request):
     # beta is fitted for the brightest stars only (NaN for the fixed-shape fits)
     beta = np.asarray(stars["beta"])
     assert np.isfinite(beta).sum() == N_PROFILE_FITS
-    assert np.all(np.isfinite(beta[:N_PROFILE_FITS]))  # rows sorted by S/N
+    # the fitted ones are the brightest (chosen by their moment S/N; rows by fitted S/N)
+    assert np.all(np.flatnonzero(np.isfinite(beta)) < 1.5 * N_PROFILE_FITS)
     if field == "moffat_field":
         assert 3.0 < np.nanmedian(beta) < 4.0  # true beta 3.5
     else:
