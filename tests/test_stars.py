@@ -437,3 +437,26 @@ def test_real_jwst_stamp_stars_not_galaxies():
     assert 1.8 < stars.meta["fwhm"] < 2.6
     assert stars.meta["stamp_shape"][0] <= 21
     assert stars.meta["n_rejected_extended"] > 50
+
+
+def test_stars_beside_saturated_ones_are_detected():
+    """Saturated Moffat (beta 2.5) stars, their cores masked, must not hide the isolated
+    stars around them from the detection (sep with the mask dropped 30 of 91 here; 81 %
+    of the clean isolated stars are selected now, the rest mostly crowded or in wings)."""
+    sim = simulate_image((512, 512), psf=PSFField(3.0, profile="moffat", beta=2.5),
+                         n_stars=150, flux_range=(2e3, 3e6), flux_distribution="loguniform",
+                         saturation=6e4, n_cosmic_rays=20, seed=4)
+    stars = find_psf_stars(sim.ccd)
+    truth = sim.truth
+    assert truth["saturated"].sum() >= 20
+    half = stars.meta["stamp_shape"][0] // 2
+    ix, iy = np.rint(truth["x"]).astype(int), np.rint(truth["y"]).astype(int)
+    clean = np.array([
+        half <= x < 512 - half and half <= y < 512 - half
+        and not sim.ccd.mask[y - half:y + half + 1, x - half:x + half + 1].any()
+        for x, y in zip(ix, iy)
+    ])
+    ref = truth["isolated"] & ~truth["saturated"] & (truth["snr"] > 30) & clean
+    assert ref.sum() > 80 and _kept_fraction(stars, truth, ref) >= 0.75
+    idx, dist = _match(stars, truth)
+    assert np.all(dist < 0.5) and not truth["saturated"][idx].any()
