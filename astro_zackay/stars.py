@@ -80,6 +80,7 @@ _EXTENDED_MIN, _EXTENDED_MAX = math.log(1.08), math.log(1.25)
 #: 0.2-0.45 / S/N, measured) and 3 % (extended wings: galaxies with compact cores).
 _DIFFUSE_SNR = 1.6
 _DIFFUSE_MIN = 0.03
+#: Elongated: an ellipticity above the locus's by more than 0.1 ...
 _ELONGATION_EXCESS = 0.1
 #: ... or 5 / S/N, the 99th percentile of the ellipticity of round stars (measured: 0.25 at
 #: S/N 15-30, 0.11 at 30-100 for FWHM 3).
