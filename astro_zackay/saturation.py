@@ -70,8 +70,8 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     Two signatures are recognised, among the unmasked finite pixels:
 
     pile-up
-        at least 3 pixels share exactly the highest value (a clipped detector or
-        converter); the level is that value;
+        at least 3 pixels, not all in one 2x2 block, share exactly the highest value
+        (a clipped detector or converter); the level is that value;
     flat tops
         the pixels within 2 % of the highest value (measured above the median) form
         at least two clumps of 3 adjacent pixels, or one of 9: the flat-topped cores
@@ -80,7 +80,9 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
         value of those clumps.
 
     Neither fires unless the highest value lies 50 robust sigma above the median,
-    so noise, cosmic rays and unsaturated stars do not trigger it.
+    so noise, cosmic rays and unsaturated stars do not trigger it, nor on noiseless
+    images (models, whose robust sigma is 0), nor for equal highest values within
+    one 2x2 block (a symmetric peak centred on a pixel corner).
 
     Parameters
     ----------
@@ -121,11 +123,13 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
         return None
     top = float(np.max(data, where=good, initial=-np.inf))
     median, sigma = _robust_level(data, good)
-    if not top - median > _MIN_SIGNIFICANCE * max(sigma, np.finfo(float).tiny):
-        return None
-    n_top = int(np.count_nonzero((data == top) & good))
-    if n_top >= _PILE_MIN:
-        log.debug("saturation: %d pixels at the highest value %.6g", n_top, top)
+    if not (sigma > 0 and top - median > _MIN_SIGNIFICANCE * sigma):
+        return None  # noiseless (a model, not a detector) or nothing bright
+    rows, cols = np.nonzero((data == top) & good)
+    # a symmetric peak on a pixel corner repeats its value in a 2x2 block: not a pile-up
+    in_one_block = np.ptp(rows) <= 1 and np.ptp(cols) <= 1
+    if rows.size >= _PILE_MIN and not in_one_block:
+        log.debug("saturation: %d pixels at the highest value %.6g", rows.size, top)
         return top
     level = _flat_top_level(data, good, median, top)
     if level is not None:

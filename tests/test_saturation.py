@@ -138,3 +138,17 @@ def test_no_false_detection_on_real_unsaturated_images(parts):
         assert data[good].max() < 0.5 * keyword  # verified unsaturated
     assert np.count_nonzero(data[good] >= 0.98 * data[good].max()) <= 2
     assert detect_saturation(data) is None
+
+
+def test_symmetric_peaks_and_noiseless_images_are_not_saturation():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100.0, 5.0, (64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    # a bright star centred on a pixel corner: its 4 central pixels are equal
+    star = 1e5 * np.exp(-0.5 * ((xx - 31.5) ** 2 + (yy - 31.5) ** 2) / 1.5**2)
+    image[30:34, 30:34] = 100.0 + star[30:34, 30:34]
+    image[31:33, 31:33] = image[31, 31]
+    assert detect_saturation(image) is None
+    # a noiseless model, even with a clipped star, is not a detector image
+    model = 100.0 + np.minimum(star, 5e4)
+    assert detect_saturation(model) is None
