@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 #: largest number of eigen-PSFs
 MAX_COMPONENTS = 8
+#: without held-out stars, K and the degree are chosen by this many-fold cross-validation
+CV_FOLDS = 5
+#: ... when there are at least this many training stars
+CV_MIN = 10
 
 
 @dataclass(frozen=True)
@@ -186,36 +190,53 @@ def _fields(train: TrainingSet, basis: np.ndarray, degree: int) -> np.ndarray:
     return fields
 
 
-def _choose(
-    train: TrainingSet,
-    hold: TrainingSet,
-    basis: np.ndarray,
-    degrees: tuple[int, ...],
+def _candidate_chi2(
+    train: TrainingSet, hold: TrainingSet, degrees: tuple[int, ...], k_max: int,
     aperture: np.ndarray,
-) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(degree, K, fields, scores over K at that degree) by the one-standard-error rule.
+) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Held-out chi2/dof ``(n_candidates, n_hold)`` of every (degree, K) trained on ``train``.
 
-    Candidates are ordered by their number of parameters (K times the terms of the
-    degree): the simplest one within one standard error of the best held-out median
-    chi2/dof wins.
+    Candidates are ``(n_parameters, degree, K)``, n_parameters = K times the terms.
     """
-    candidates, chi2, fields = [], [], {}
+    basis, _ = kl_basis(train.stamps, train.weights, k_max)
+    candidates, chi2 = [], []
     for degree in degrees:
-        fields[degree] = _fields(train, basis, degree)
-        chi2.extend(_held_out_chi2(basis, fields[degree], hold, degree, aperture))
+        fields = _fields(train, basis, degree)
+        chi2.extend(_held_out_chi2(basis, fields, hold, degree, aperture))
         candidates.extend(
             (k * len(polynomial_terms(degree)), degree, k) for k in range(1, len(basis) + 1)
         )
+    return candidates, np.array(chi2)
+
+
+def _cross_validated(
+    train: TrainingSet, degrees: tuple[int, ...], k_max: int, aperture: np.ndarray
+) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """`_candidate_chi2` with every star held out once (CV_FOLDS folds)."""
+    fold = np.arange(len(train)) % CV_FOLDS
+    runs = [_candidate_chi2(train.select(fold != f), train.select(fold == f), degrees, k_max,
+                            aperture) for f in range(CV_FOLDS)]
+    return runs[0][0], np.concatenate([chi2 for _, chi2 in runs], axis=1)
+
+
+def _select(
+    candidates: list[tuple[int, int, int]], chi2: np.ndarray
+) -> tuple[int, int, np.ndarray]:
+    """(degree, K, median chi2/dof by K at that degree) by the one-standard-error rule.
+
+    Candidates are ordered by their number of parameters: the simplest one within one
+    standard error of the best held-out median chi2/dof wins.
+    """
     order = sorted(range(len(candidates)), key=lambda i: candidates[i])
-    index, scores, sigma = select_n_components(np.array(chi2)[order])
+    index, _, sigma = select_n_components(chi2[order])
     _, degree, k = candidates[order[index - 1]]
     at_degree = [i for i in range(len(candidates)) if candidates[i][1] == degree]
-    by_k = np.median(np.array(chi2)[at_degree], axis=1)
+    by_k = np.median(chi2[at_degree], axis=1)
     log.info(
         "held-out median chi2/dof by K at degree %d: %s (one-standard-error band %.4f): "
         "degree %d, K=%d", degree, np.array2string(by_k, precision=4), sigma, degree, k,
     )
-    return degree, k, fields[degree][:k], by_k
+    return degree, k, by_k
 
 
 def build_kl(
@@ -230,8 +251,11 @@ def build_kl(
     """Karhunen-Loeve eigen-PSFs with polynomial coefficient fields.
 
     K (and the degree, when ``degrees`` offers several) is chosen from the held-out
-    stars ``hold`` unless ``n_components`` or ``inf_loss`` fixes K; without held-out
-    stars K counts the eigen-PSFs above the noise (`noise_components`).
+    stars ``hold``, or without them by `CV_FOLDS`-fold cross-validation of the training
+    stars (each held out once), unless ``n_components`` or ``inf_loss`` fixes K. The
+    choice is the simplest (fewest parameters) within one standard error of the best
+    median held-out chi2/dof. Too few stars to cross-validate: K counts the eigen-PSFs
+    above the noise (`noise_components`) at the highest degree.
 
     Parameters
     ----------
@@ -254,23 +278,29 @@ def build_kl(
     Built
     """
     n_pix = train.stamps.shape[1]
-    k_max = max(min(MAX_COMPONENTS, len(train) - len(polynomial_terms(max(degrees))), n_pix), 1)
+    n_fit = len(train) if hold is not None else len(train) - -(-len(train) // CV_FOLDS)
+    k_max = max(min(MAX_COMPONENTS, n_fit - len(polynomial_terms(max(degrees))), n_pix), 1)
     if n_components is not None:
         k_max = min(int(n_components), len(train), n_pix)
-    basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
+    aperture = np.ones(n_pix, dtype=bool) if aperture is None else aperture
+    choose = n_components is None and inf_loss is None
     selection = None
-    if n_components is None and inf_loss is None and hold is not None:
-        aperture = np.ones(n_pix, dtype=bool) if aperture is None else aperture
-        degree, k, fields, selection = _choose(train, hold, basis, degrees, aperture)
+    if choose and (hold is not None or len(train) >= CV_MIN):
+        if hold is not None:
+            candidates, chi2 = _candidate_chi2(train, hold, degrees, k_max, aperture)
+        else:
+            candidates, chi2 = _cross_validated(train, degrees, k_max, aperture)
+        degree, k, selection = _select(candidates, chi2)
+        basis, eigenvalues = kl_basis(train.stamps, train.weights, k)
     else:
         degree = max(degrees)
+        basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
         if inf_loss is not None:
             k = min(n_components_from_inf_loss(eigenvalues, inf_loss), k_max)
         elif n_components is not None:
             k = k_max
         else:
             k = min(noise_components(eigenvalues, len(train), n_pix), k_max)
-        fields = _fields(train, basis[:k], degree)
-    return Built(
-        basis[:k].reshape(k, *train.shape), fields, degree, eigenvalues, selection
-    )
+    basis = basis[:k]
+    fields = _fields(train, basis, degree)
+    return Built(basis.reshape(k, *train.shape), fields, degree, eigenvalues, selection)

@@ -262,7 +262,7 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
 
 
 def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
-              sky: np.ndarray | None, ring: float) -> tuple[Wing, StampSet]:
+              sky: np.ndarray | None, ring: float, core: tuple[int, int]) -> tuple[Wing, StampSet]:
     """The wing law of the brightest stars, and the stamps with the law's light restored.
 
     The law is fitted out to 12 FWHM, each bright star with its own residual
@@ -276,7 +276,7 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
         r_min=2.0 * fwhm, r_max=min(WING_FIT_FWHM * fwhm, WING_FIT_MAX), sky=sky,
         background=stamps.background[bright] if sky is None else 0.0,
     )
-    if sky is not None or not wing.amplitude > 0:
+    if sky is not None or render_wing(wing, core) is None:  # no (significant) wing
         return wing, stamps
     level = -float(wing.law(ring)) * stamps.flux
     data = stamps.data - level[:, None, None]
@@ -344,8 +344,8 @@ def estimate_psf(
       (0..3) are the simplest whose median held-out chi2/dof is within one standard
       error of the best, unless ``n_components`` (K itself) or ``inf_loss`` (the
       largest fraction of the eigen-spectrum that may be discarded, as in
-      properimage) is given; without held-out stars K counts the eigen-PSFs above the
-      noise and the degree is at most 2.
+      properimage) is given. Without held-out stars (fewer than 20 usable) they are
+      chosen by 5-fold cross-validation of the training stars, the degree at most 2.
     * ``'constant'``: the weighted mean stamp (K = 1, no spatial variation).
     * ``'gaussian'`` / ``'moffat'``: an elliptical profile fitted to the mean stamp.
 
@@ -472,7 +472,7 @@ def estimate_psf(
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
-    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring)
+    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring, core)
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True
     stamps = _refine(stamps, ~holdout)

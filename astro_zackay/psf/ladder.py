@@ -175,7 +175,7 @@ def plan_model(
         top = (MAX_DEGREE if n_hold else DEFAULT_DEGREE) if degree is None else int(degree)
         chosen, why = _kl_degree(train_u, train_v, top)
         if chosen > 0 or (degree == 0 and n_train >= MIN_CONSTANT):
-            degrees = tuple(range(chosen + 1)) if degree is None and n_hold else (chosen,)
+            degrees = tuple(range(chosen + 1)) if degree is None else (chosen,)
             if degree is not None and chosen < degree:
                 steps.append(f"using a KL PSF of degree {chosen} instead of {degree} ({why})")
             return Plan("kl", degrees, n_hold, tuple(steps + hold))
