@@ -108,8 +108,9 @@ _MODEL_NEIGHBOURS = 15
 _MOMENT_SNR_FRACTION = 0.8
 #: Stars fitted with the full Moffat profile (the brightest); the rest keep their shape fixed.
 N_PROFILE_FITS = 20
-#: Profile fits stop after this many Levenberg-Marquardt iterations.
-_MAX_ITER = 10
+#: Profile fits stop after this many Levenberg-Marquardt iterations (from the moments'
+#: start, 6 and 25 give the same beta and FWHM to 4 digits, measured).
+_MAX_ITER = 6
 #: Bounds of t = 1/beta of the Moffat profile (t -> 0 is a Gaussian).
 _T_MIN, _T_MAX = 1e-3, 0.8
 
