@@ -36,6 +36,7 @@ from .model import KLPSFModel
 from .stamps import (
     StampSet,
     clean_neighbours,
+    clipped_mean,
     cut_stamps,
     fit_offsets,
     recentre,
@@ -63,6 +64,10 @@ RING_FWHM = 5.0
 WING_FIT_FWHM = 12.0
 #: ... or this many pixels at most
 WING_FIT_MAX = 100.0
+#: without a wing, each stamp's background comes from its own pixels beyond this many FWHM
+OUTER_FWHM = 2.0
+#: ... when it has at least this many of them
+MIN_OUTER_PIXELS = 20
 #: rounds of position refinement against the mean stamp
 REFINE = 1
 #: K and the degree are chosen by the held-out chi2 within this many FWHM of the centre
@@ -186,8 +191,14 @@ def _sky_map(background: Any) -> np.ndarray | None:
     return np.asarray(sky.data if isinstance(sky, NDData) else sky, dtype=float)
 
 
-def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Recentred unit-sum stamps (flattened, outliers cleaned), variances and star weights."""
+def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray,
+                outer: float | None) -> tuple[np.ndarray, ...]:
+    """Recentred unit-sum stamps (flattened, neighbours cleaned), variances and star weights.
+
+    With ``outer`` (a PSF without a wing there), each stamp's background is then taken
+    from its own cleaned pixels beyond ``outer`` pixels (clipped mean): a ring further
+    out carries the faint light of neighbours that an isolated star's stamp lacks.
+    """
     n = len(stamps)
     shape = stamps.data.shape[1:]
     norm = recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]
@@ -195,15 +206,21 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray) -> tuple[np.nd
     norm, replaced = clean_neighbours(norm, variance)
     log.debug("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
               int(replaced.any(axis=(1, 2)).sum()))
-    weights = 1.0 / np.sqrt(variance.sum(axis=(1, 2)))
-    return norm.reshape(n, -1), variance.reshape(n, -1), weights, shape
+    norm, variance = norm.reshape(n, -1), variance.reshape(n, -1)
+    beyond = ~_aperture(shape, outer) if outer is not None else np.zeros(norm.shape[1], bool)
+    if beyond.sum() >= MIN_OUTER_PIXELS:
+        norm = norm - clipped_mean(norm[:, beyond])[:, None]
+        total = norm.sum(axis=1, keepdims=True)
+        norm, variance = norm / total, variance / total**2
+    weights = 1.0 / np.sqrt(variance.sum(axis=1))
+    return norm, variance, weights, shape
 
 
-def _refine(stamps: StampSet, train: np.ndarray) -> StampSet:
+def _refine(stamps: StampSet, train: np.ndarray, outer: float | None) -> StampSet:
     """Sub-pixel offsets refined against the mean of the training stamps (REFINE times)."""
     dx, dy = stamps.dx, stamps.dy
     for _ in range(REFINE):
-        norm, _, weights, shape = _normalised(stamps, dx, dy)
+        norm, _, weights, shape = _normalised(stamps, dx, dy, outer)
         mean = np.tensordot(weights[train] ** 2, norm[train], axes=1).reshape(shape)
         dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())
     return StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
@@ -473,10 +490,13 @@ def estimate_psf(
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
     wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring, core)
+    significant = render_wing(wing, core)
+    wing_stamp = None if shape is not None else significant
+    outer = None if significant is not None else OUTER_FWHM * star_fwhm
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True
-    stamps = _refine(stamps, ~holdout)
-    norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy)
+    stamps = _refine(stamps, ~holdout, outer)
+    norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy, outer)
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
     x_fit = np.round(x) + stamps.dx
@@ -487,7 +507,6 @@ def estimate_psf(
     built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss,
                    star_fwhm)
     meta.update(built.meta)
-    wing_stamp = None if shape is not None else render_wing(wing, core)
     meta.update({"wing_amplitude": wing.amplitude, "wing_beta": wing.beta,
                  "wing_alpha": wing.alpha,
                  "wing_fraction": 0.0 if wing_stamp is None else float(wing_stamp.sum())})
