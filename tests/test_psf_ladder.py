@@ -85,6 +85,9 @@ def test_explicit_choices_work_with_few_stars(field):
     with pytest.warns(FewStarsWarning, match=r"6 given, 0 without .*: no stars held out"):
         model = estimate_psf(field.ccd, stars, degree=0, n_components=2)
     assert (model.method, model.degree, model.n_components) == ("kl", 0, 2)
+    with pytest.warns(FewStarsWarning, match="K=6 instead of n_components=8"):
+        model = estimate_psf(field.ccd, stars, degree=0, n_components=8)
+    assert model.n_components == 6 and "K=6" in model.meta["reason"]
     with pytest.warns(FewStarsWarning, match=r"degree 2 instead of 3 \(degree 3 needs 23"):
         model = estimate_psf(field.ccd, field.truth[:20], degree=3, holdout_fraction=0)
     assert model.degree == 2

@@ -306,12 +306,15 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
                           stamps.background + level, flux, stamps.valid)
 
 
-def _announce(plan: Plan, n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
+def _announce(steps: list[str], n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
+    """One FewStarsWarning naming every step down; the steps, for the model's meta."""
+    if not steps:
+        return ""
     lost = n_given - n_usable
     text = (f"{n_usable} usable PSF stars ({n_given} given, {lost} without a clean "
-            f"{shape[0]}x{shape[1]} stamp): " + "; ".join(plan.steps))
+            f"{shape[0]}x{shape[1]} stamp): " + "; ".join(steps))
     warnings.warn(text, FewStarsWarning, stacklevel=4)
-    return "; ".join(plan.steps)
+    return "; ".join(steps)
 
 
 @single_threaded_blas
@@ -482,10 +485,11 @@ def estimate_psf(
     u, v = scale_coordinates(x, y, scaling)
     plan = plan_model(u, v, method=method, degree=degree, holdout_fraction=holdout_fraction,
                       have_fwhm=fwhm is not None)
-    reason = _announce(plan, len(stars), n_given, core) if plan.steps else ""
+    n_usable = len(stars)
     meta: dict[str, Any] = {"method_used": plan.method, "n_stars": len(stars),
-                            "reason": reason, "fwhm_stars": float(star_fwhm)}
+                            "fwhm_stars": float(star_fwhm)}
     if len(stars) == 0:
+        meta["reason"] = _announce(list(plan.steps), n_usable, n_given, core)
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
@@ -506,6 +510,11 @@ def estimate_psf(
     hold = everything.select(holdout) if plan.n_holdout else None
     built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss,
                    star_fwhm)
+    steps = list(plan.steps)
+    if plan.method == "kl" and n_components is not None and len(built.basis) < n_components:
+        steps.append(f"K={len(built.basis)} instead of n_components={n_components} "
+                     f"({int((~holdout).sum())} training stars)")
+    meta["reason"] = _announce(steps, n_usable, n_given, core)
     meta.update(built.meta)
     meta.update({"wing_amplitude": wing.amplitude, "wing_beta": wing.beta,
                  "wing_alpha": wing.alpha,
