@@ -29,8 +29,7 @@ from astropy.nddata import (
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 
-from ._psf_input import user_stacklevel
-from ._warnings import SaturationWarning
+from ._warnings import SaturationWarning, user_stacklevel
 from .saturation import detect_saturation
 
 __all__ = ["ImageData", "as_ccddata", "record_step", "to_ccddata", "to_image"]

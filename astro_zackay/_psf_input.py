@@ -12,22 +12,20 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.modeling import Model
 from astropy.table import Table
 
-from ._warnings import AstroZackayWarning
+from ._warnings import AstroZackayWarning, user_stacklevel
 from .profiles import psf_stamp
 
 __all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "estimate_image_psf",
-           "find_image_stars", "user_stacklevel"]
+           "find_image_stars"]
 
 log = logging.getLogger(__name__)
 
@@ -174,24 +172,6 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         f"cannot use a {type(psf).__name__} as a PSF: give a KLPSFModel, an astropy or "
         "photutils PSF model, an odd-sized 2-D array, or a FWHM in pixels"
     )
-
-
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning issued by the caller point at the user's code.
-
-    Counts the frames from the function that calls this one up to the first frame
-    whose code lies outside the astro_zackay package (decorators and private
-    helpers included), so that a warning names the user's line however deep in the
-    package it is issued.
-    """
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 class ImageWarnings:

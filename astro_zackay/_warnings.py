@@ -7,7 +7,13 @@ them with one line::
     import warnings
     from astro_zackay import AstroZackayWarning
     warnings.simplefilter("ignore", AstroZackayWarning)
+
+`user_stacklevel` gives the ``stacklevel`` with which the package's warnings
+point at the user's line.
 """
+
+import sys
+from pathlib import Path
 
 from astropy.utils.exceptions import AstropyUserWarning
 
@@ -17,7 +23,10 @@ __all__ = [
     "NoiseEstimateWarning",
     "PSFQualityWarning",
     "SaturationWarning",
+    "user_stacklevel",
 ]
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 
 class AstroZackayWarning(AstropyUserWarning):
@@ -38,3 +47,31 @@ class FewStarsWarning(PSFQualityWarning):
 
 class SaturationWarning(AstroZackayWarning):
     """Saturation was detected in the data (no keyword or ``saturation=`` gave it) and masked."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller point at the user's code.
+
+    Counts the frames from the function that calls this one up to the first frame
+    whose code lies outside the astro_zackay package (decorators and private
+    helpers included), so that a warning names the user's line however deep in the
+    package it is issued.
+
+    Returns
+    -------
+    int
+        The ``stacklevel`` to pass to `warnings.warn` in the calling function.
+
+    Examples
+    --------
+    Called from outside the package, the caller's own frame is the user's:
+
+    >>> from astro_zackay._warnings import user_stacklevel
+    >>> user_stacklevel()
+    1
+    """
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -47,10 +47,9 @@ from ._psf_input import (
     as_psf_sampler,
     estimate_image_psf,
     find_image_stars,
-    user_stacklevel,
 )
 from ._threads import single_threaded_blas
-from ._warnings import FewStarsWarning
+from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .background import _estimate_from
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
