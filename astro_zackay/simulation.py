@@ -598,6 +598,8 @@ def _check_sources(table: Table, name: str) -> tuple[np.ndarray, np.ndarray, np.
 # ---------------------------------------------------------------------------
 _GALAXY_COLUMNS = ("x", "y", "flux", "r_eff", "sersic_n", "ellipticity", "theta")
 _GALAXY_TRUNCATION = 5.0  # profiles are cut at this many half-light radii (then renormalised)
+_GALAXY_CORE = 2  # the central (2k+1)^2 pixels of a galaxy are integrated exactly
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
 def _sersic_b(n: np.ndarray) -> np.ndarray:
@@ -667,10 +669,59 @@ def _check_galaxies(table: Table) -> Table:
     return Table(cols)
 
 
+def _sersic_pixel_integrals(xc: np.ndarray, yc: np.ndarray, gal: Table) -> np.ndarray:
+    """Exact integrals of the truncated Sersic profiles over unit pixels, shape (n, ny, nx).
+
+    ``xc`` (n, nx) and ``yc`` (n, ny) are the pixel centres' offsets from each galaxy
+    centre; the profile is ``exp(-b_n ((r/r_eff)**(1/n) - 1))`` as in `_sersic_stamps`.
+    In coordinates where the ellipses are circles each pixel is a parallelogram, the sum of
+    the signed triangles that its edges make with the galaxy centre; over a triangle the
+    integral is an integral over angle of the analytic light within radius ``R(angle)``
+    (an incomplete gamma function), smooth even for the cusp of n = 4 that a grid of
+    sub-pixel samples misses by up to 6 % of the central pixel.
+    """
+    def per_galaxy(column: str) -> np.ndarray:
+        return np.asarray(gal[column], float)[:, None, None, None]
+
+    r_eff, sersic_n = per_galaxy("r_eff"), per_galaxy("sersic_n")
+    q = 1.0 - per_galaxy("ellipticity")
+    c, s = np.cos(per_galaxy("theta")), np.sin(per_galaxy("theta"))
+    cx = xc[:, None, :, None] + np.array([-0.5, 0.5, 0.5, -0.5])  # corners, anticlockwise
+    cy = yc[:, :, None, None] + np.array([-0.5, -0.5, 0.5, 0.5])
+    cx, cy = np.broadcast_arrays(cx, cy)
+    u, v = c * cx + s * cy, (c * cy - s * cx) / q  # the ellipses' frame, scaled to circles
+    u_end, v_end = np.roll(u, -1, axis=-1), np.roll(v, -1, axis=-1)
+    cross = u * v_end - v * u_end  # twice the signed area of each triangle
+    start = np.arctan2(v, u)
+    sweep = (np.arctan2(v_end, u_end) - start + np.pi) % (2.0 * np.pi) - np.pi
+    angle = start[..., None] + 0.5 * (_GL_NODES + 1.0) * sweep[..., None]
+    denom = np.cos(angle) * (v_end - v)[..., None] - np.sin(angle) * (u_end - u)[..., None]
+    radius = np.divide(
+        np.broadcast_to(cross[..., None], denom.shape), denom,
+        out=np.zeros(denom.shape), where=denom != 0,
+    )
+    radius = np.clip(radius, 0.0, _GALAXY_TRUNCATION * r_eff[..., None])
+    b_n = _sersic_b(sersic_n)
+    index = sersic_n[..., None]
+    enclosed = special.gammainc(
+        2.0 * index, b_n[..., None] * (radius / r_eff[..., None]) ** (1.0 / index)
+    )
+    triangles = sweep * (0.5 * _GL_WEIGHTS * enclosed).sum(axis=-1)
+    # light per radian within radius R: r_eff^2 n e^b b^-2n Gamma(2n) P(2n, b (R/r_eff)^(1/n))
+    scale = q * r_eff**2 * sersic_n * np.exp(
+        b_n + special.gammaln(2.0 * sersic_n) - 2.0 * sersic_n * np.log(b_n)
+    )
+    return scale[..., 0] * triangles.sum(axis=-1)
+
+
 def _sersic_stamps(
     xoff: np.ndarray, yoff: np.ndarray, gal: Table, oversample: int
 ) -> np.ndarray:
-    """Pixel-integrated, truncated, unit-sum intrinsic Sersic stamps, shape (n, ny, nx)."""
+    """Pixel-integrated, truncated, unit-sum intrinsic Sersic stamps, shape (n, ny, nx).
+
+    ``oversample`` x ``oversample`` samples per pixel, except for the central
+    ``(2 * _GALAXY_CORE + 1)**2`` pixels, integrated exactly (`_sersic_pixel_integrals`).
+    """
     n = len(gal)
     sub = (np.arange(oversample) + 0.5) / oversample - 0.5
     xs = (xoff[:, :, None] + sub).reshape(n, -1)
@@ -686,6 +737,10 @@ def _sersic_stamps(
     profile[r > _GALAXY_TRUNCATION] = 0.0
     ny, nx = yoff.shape[1], xoff.shape[1]
     stamps = profile.reshape(n, ny, oversample, nx, oversample).mean(axis=(2, 4))
+    ky, kx = min(_GALAXY_CORE, ny // 2), min(_GALAXY_CORE, nx // 2)
+    rows = slice(ny // 2 - ky, ny // 2 + ky + 1)
+    cols = slice(nx // 2 - kx, nx // 2 + kx + 1)
+    stamps[:, rows, cols] = _sersic_pixel_integrals(xoff[:, cols], yoff[:, rows], gal)
     return stamps / stamps.sum(axis=(1, 2), keepdims=True)
 
 
