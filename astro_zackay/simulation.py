@@ -599,6 +599,7 @@ def _check_sources(table: Table, name: str) -> tuple[np.ndarray, np.ndarray, np.
 _GALAXY_COLUMNS = ("x", "y", "flux", "r_eff", "sersic_n", "ellipticity", "theta")
 _GALAXY_TRUNCATION = 5.0  # profiles are cut at this many half-light radii (then renormalised)
 _GALAXY_CORE = 2  # the central (2k+1)^2 pixels of a galaxy are integrated exactly
+_GALAXY_SUBPIXELS = 3  # odd: galaxies are convolved with the PSF on a 3x finer grid
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
@@ -750,17 +751,24 @@ def _render_galaxies(
     """Image of the galaxies (intrinsic profile convolved with the local PSF) and their peaks.
 
     Galaxies are rendered in chunks of similar size: the intrinsic Sersic profile,
-    integrated over the pixels, is convolved (FFT) with the local PSF sampled at the pixel
-    centres, renormalised to the galaxy's flux and scatter-added.
+    integrated over sub-pixels of 1/3 pixel, is convolved (FFT) with the local PSF sampled
+    at the sub-pixel centres, binned into pixels, renormalised to the galaxy's flux and
+    scatter-added.  (A convolution on the pixel grid itself depends on the sub-pixel phase
+    for a cuspy profile: 4 % of the peak of a n = 4 galaxy.)
     """
     ny, nx = shape
+    m = _GALAXY_SUBPIXELS
     image = np.zeros(ny * nx)
     peak = np.zeros(len(gal))
     h_psf = psf.half_size()
-    offs_psf = np.arange(-h_psf, h_psf + 1, dtype=float)
+    h_kernel = m * h_psf + (m - 1) // 2
+    offs_kernel = np.arange(-h_kernel, h_kernel + 1) / m  # pixels
+    oversample = max(1, math.ceil(psf.oversample / m))
     order = np.argsort(np.asarray(gal["r_eff"], float))
     half = np.maximum(1, np.ceil(_GALAXY_TRUNCATION * np.asarray(gal["r_eff"], float)[order]))
-    cost = (2 * half + 1) ** 2 * psf.oversample**2  # evaluation points per galaxy
+    # elements per galaxy: its sub-pixel samples, or its convolution, the larger
+    h_sub = m * half + (m - 1) // 2
+    cost = np.maximum((2 * h_sub + 1) ** 2 * oversample**2, 4 * (2 * (h_sub + h_kernel) + 1) ** 2)
     fwhm, ell, theta = psf.params(np.asarray(gal["x"], float), np.asarray(gal["y"], float))
     start = 0
     while start < len(order):
@@ -769,25 +777,33 @@ def _render_galaxies(
         k = max(1, int(np.count_nonzero(k_cost <= _CHUNK_ELEMENTS)))
         idx = order[start : start + k]
         h_gal = int(half[start + k - 1])
-        offs = np.arange(-h_gal, h_gal + 1)
+        offs = np.arange(-(m * h_gal + (m - 1) // 2), m * h_gal + (m - 1) // 2 + 1)
         sub = gal[idx]
         gx, gy = np.asarray(sub["x"], float), np.asarray(sub["y"], float)
         ix, iy = np.rint(gx).astype(np.int64), np.rint(gy).astype(np.int64)
+        scaled = sub.copy()
+        scaled["r_eff"] = m * np.asarray(sub["r_eff"], float)  # in sub-pixels
         intrinsic = _sersic_stamps(
-            offs[None, :] - (gx - ix)[:, None], offs[None, :] - (gy - iy)[:, None], sub,
-            psf.oversample,
+            offs[None, :] - m * (gx - ix)[:, None], offs[None, :] - m * (gy - iy)[:, None],
+            scaled, oversample,
         )
         kernel = _pixel_integrated(
-            np.broadcast_to(offs_psf, (len(idx), offs_psf.size)),
-            np.broadcast_to(offs_psf, (len(idx), offs_psf.size)),
+            np.broadcast_to(offs_kernel, (len(idx), offs_kernel.size)),
+            np.broadcast_to(offs_kernel, (len(idx), offs_kernel.size)),
             fwhm[idx], ell[idx], theta[idx], psf.profile, psf.beta, 1,
         )
         kernel /= kernel.sum(axis=(1, 2), keepdims=True)
-        stamps = np.clip(fftconvolve(intrinsic, kernel, mode="full", axes=(1, 2)), 0.0, None)
+        fine = fftconvolve(intrinsic, kernel, mode="full", axes=(1, 2))
+        h_out = h_gal + h_psf + 1
+        pad = m * h_out + (m - 1) // 2 - (offs[-1] + h_kernel)
+        fine = np.pad(fine, ((0, 0), (pad, pad), (pad, pad)))
+        size = 2 * h_out + 1
+        stamps = fine.reshape(len(idx), size, m, size, m).sum(axis=(2, 4))
+        stamps = np.clip(stamps, 0.0, None)
         stamps /= stamps.sum(axis=(1, 2), keepdims=True)
         values = stamps * np.asarray(sub["flux"], float)[:, None, None]
         peak[idx] = values.max(axis=(1, 2))
-        offs_out = np.arange(-(h_gal + h_psf), h_gal + h_psf + 1)
+        offs_out = np.arange(-h_out, h_out + 1)
         cols = ix[:, None, None] + offs_out[None, None, :]
         rows = iy[:, None, None] + offs_out[None, :, None]
         inside = (cols >= 0) & (cols < nx) & (rows >= 0) & (rows < ny)

@@ -939,3 +939,28 @@ def test_tutorial2_frame_matches_properimage_recipe():
     tiles = np.asarray(frame.truth["tile"])
     assert np.allclose(frame.truth["fwhm"], [frame.psf.fields[k].fwhm for k in tiles])
     assert np.allclose(frame.truth["theta"], [frame.psf.fields[k].theta for k in tiles])
+
+
+@pytest.mark.parametrize(("sersic_n", "tolerance"), [(1.0, 2e-4), (4.0, 5e-3)])
+def test_galaxy_rendering_consistent_between_subpixel_phases(sersic_n, tolerance):
+    """A galaxy moved by a sub-pixel shift equals the Fourier-shifted image of it (as a star).
+
+    The two images of a pair render the same galaxy at different sub-pixel phases; on the
+    pixel grid alone the cusp of n = 4 made them differ by 4 % of the peak, which
+    `subtract` with the true PSFs found as false candidates.
+    """
+    from astro_zackay.fourier import shift_image
+
+    def render(dx, dy):
+        gal = Table({"x": [64.2 + dx], "y": [63.9 + dy], "flux": [1e6], "r_eff": [1.5],
+                     "sersic_n": [sersic_n], "ellipticity": [0.3], "theta": [0.4]})
+        return one_galaxy_table(gal, PSFField(fwhm=3.5, profile="moffat", beta=2.5)).model
+
+    moved = render(0.37, -0.21)
+    shifted = shift_image(render(0.0, 0.0), 0.37, -0.21)
+    assert np.abs(shifted - moved).max() / moved.max() < tolerance
+
+
+def one_galaxy_table(gal, psf):
+    return simulate_image((160, 160), psf=psf, stars=Table({"x": [], "y": [], "flux": []}),
+                          galaxies=gal, sky=0.0, read_noise=0.0, noise=False, wcs=False)
