@@ -55,6 +55,15 @@ _log = logging.getLogger(__name__)
 
 #: Variance floor of Scorr's denominator, relative to the background-only variance F_S.
 _VAR_FLOOR = 1e-6
+#: Level, relative to its peak, below which S's kernels (``kn`` on N, ``kr`` on R) are
+#: taken to have ended: masks and edges are grown to the radius beyond which both
+#: stay below it.  A zero-filled (masked or padding) pixel whose true value was X moves
+#: Scorr at distance r by ``k(r) X / sqrt(var S)``; ``k0 / sqrt(sum k**2)`` is 0.1-0.2
+#: for PSFs of FWHM 3-6 px, so beyond the radius a pixel missing ~600 sigma of light
+#: moves Scorr by <= 0.1 sigma.  A share of the kernels' absolute weight would be
+#: no radius at all: their faint far tails (the Fourier ratios, the estimated PSFs'
+#: noisy wings) hold 0.5-1 % of it across the whole stamp.
+MASK_KERNEL_LEVEL = 1e-3
 #: Tukey biweight and Huber tuning constants (95 % Gaussian efficiency).
 _BIWEIGHT_C = 4.685
 _HUBER_K = 1.345
@@ -88,11 +97,13 @@ class ZogyResult:
         Unit-sum PSF of ``D`` on the FFT grid (the padded grid when ``pad=True``), centre
         at pixel ``[0, 0]``; `psf_d_stamp` cuts a centred stamp from it.
     mask : ndarray or None
-        True where outputs are unreliable: within a PSF stamp of a masked/NaN input
-        pixel and, with ``pad=True``, within half a stamp of the image edge.  None when
-        nothing is flagged.
+        True where outputs are unreliable: within ``mask_radius`` of a masked/NaN input
+        pixel and, with ``pad=True``, of the image edge.  None when nothing is flagged.
     flux_new, flux_ref, sigma_new, sigma_ref : float
         The flux zero points and background noises used.
+    mask_radius : int
+        Radius in pixels beyond which both of S's kernels stay below
+        ``MASK_KERNEL_LEVEL`` (1e-3) of their peaks.
     """
 
     D: np.ndarray
@@ -110,6 +121,7 @@ class ZogyResult:
     flux_ref: float
     sigma_new: float
     sigma_ref: float
+    mask_radius: int = 0
 
     @property
     def alpha(self) -> np.ndarray:
@@ -204,9 +216,27 @@ def _positive(name: str, value: Any) -> float:
     return value
 
 
-def _grow_mask(bad: np.ndarray, size: int) -> np.ndarray:
-    """Flag every pixel within a ``size`` x ``size`` box of a True pixel."""
-    return ndimage.maximum_filter(bad.view(np.uint8), size=size, mode="constant") > 0
+def _grow_mask(bad: np.ndarray, radius: int) -> np.ndarray:
+    """Flag every pixel within ``radius`` pixels (Euclidean) of a True pixel."""
+    if not bad.any():
+        return bad.copy()
+    return ndimage.distance_transform_edt(~bad) <= radius
+
+
+def _edge_mask(shape: tuple[int, int], radius: int) -> np.ndarray:
+    """Flag every pixel within ``radius`` pixels of the image edge (beyond it: padding)."""
+    edge = np.ones(shape, bool)
+    edge[radius : shape[0] - radius, radius : shape[1] - radius] = False
+    return edge
+
+
+def _kernel_radius(be: ArrayBackend, k_h: Any, shape: tuple[int, int], workers) -> int:
+    """Radius beyond which the origin-centred ``|k|`` stays below MASK_KERNEL_LEVEL of its peak."""
+    k = np.abs(be.to_numpy(be.irfft2(k_h, s=shape, workers=workers)))
+    iy, ix = np.nonzero(k >= MASK_KERNEL_LEVEL * k.max())
+    dy = np.minimum(iy, shape[0] - iy)  # wrapped distances from the origin
+    dx = np.minimum(ix, shape[1] - ix)
+    return int(np.ceil(np.hypot(dy, dx).max()))
 
 
 def _prepare(
@@ -278,8 +308,10 @@ def zogy(
     `~astro_zackay.fourier.fast_shape`).  ``pad=True`` pads them with zeros to
     ``fast_shape(shape, border)`` and cuts the outputs back to the input grid.
     NaN and ``mask``-ed pixels (of either image or variance map) are replaced by 0 in
-    copies of the inputs and flagged, grown by the PSF stamp size, in ``mask`` of the
-    result.
+    copies of the inputs and flagged in ``mask`` of the result, grown by the radius
+    of the cores of S's kernels (where they fall below ``MASK_KERNEL_LEVEL`` of their
+    peaks; ``mask_radius`` of the result), as is the edge with ``pad=True``.  The FFT
+    algebra and the padding use the whole stamps.
 
     Parameters
     ----------
@@ -366,14 +398,13 @@ def zogy(
     )
     be = get_array_module(backend)
     out = _zogy_core(be, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers)
+    radius = out["mask_radius"]
     flag = None
     if bad is not None:
-        flag = _grow_mask(bad, stamp)
+        flag = _grow_mask(bad, radius)
     if pad:
-        # the kernels of D and S reach half a stamp: beyond that the zero padding is unseen
-        reach = stamp // 2 + 1
-        edge = np.ones(shape_in, bool)
-        edge[reach:-reach, reach:-reach] = False
+        # the zero padding beyond the edge is a masked region like any other
+        edge = _edge_mask(shape_in, radius)
         flag = edge if flag is None else flag | edge
 
     def crop(a):
@@ -395,6 +426,7 @@ def zogy(
         flux_ref=fr,
         sigma_new=sn,
         sigma_ref=sr,
+        mask_radius=radius,
     )
 
 
@@ -450,6 +482,7 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     kn_h = q_h * wa
     kr_h = q_h * wb
     del wa, wb
+    radius = max(_kernel_radius(be, k_h, shape, workers) for k_h in (kn_h, kr_h))
     if need_split:
         xp.multiply(kn_h, n_h, out=t_h)
         s_n = inv(t_h)
@@ -511,6 +544,7 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
         "V_SR": v_sr,
         "V_ast": v_ast,
         "V_beta": v_beta,
+        "mask_radius": radius,
     }
 
 
@@ -709,7 +743,7 @@ def _fit_match(
     shape = arrays["new"].shape
     npix = shape[0] * shape[1]
     stamp = max(pn.shape + pr.shape)
-    usable = np.zeros(shape, bool) if bad is None else _grow_mask(bad, stamp)
+    usable = np.zeros(shape, bool) if bad is None else _grow_mask(bad, stamp // 2)
     usable[:stamp] = usable[-stamp:] = True
     usable[:, :stamp] = usable[:, -stamp:] = True
     usable = ~usable
