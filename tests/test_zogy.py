@@ -310,3 +310,37 @@ def test_fit_shift():
     # a large integer + fractional shift is found from the cross-correlation start
     big = fit_shift(shift_image(new, -3, 2), ref, pn, pr, sigma_new=sn, sigma_ref=sr)
     assert abs(big.dx + 2.7) < 0.02 and abs(big.dy - 1.8) < 0.02
+
+
+def test_mask_radius_is_the_kernel_core_not_the_stamp():
+    """Masks and edges grow by the radius of S's kernel cores, whatever the stamp size.
+
+    With identical PSFs and noises S's kernels are the PSF itself (``kn_h = P_h / (2
+    sigma**2)``), so the radius is where a Gaussian of sigma 2 px falls below 1e-3 of
+    its peak (8 px on the pixel grid), not half of the 61 px stamp.  A masked pixel
+    that held 600 sigma of light moves Scorr beyond that radius by less than 0.1 sigma
+    (the bound of MASK_KERNEL_LEVEL's comment), and the grown mask is that disk.
+    """
+    psf = gaussian_psf(2.0, size=61)
+    yy, xx = np.mgrid[-30:31, -30:31]
+    truth = int(np.ceil(np.hypot(yy, xx)[psf >= 1e-3 * psf.max()].max()))
+    rng = np.random.default_rng(5)
+    shape = (128, 128)
+    new, ref = rng.normal(0, 1, shape), rng.normal(0, 1, shape)
+    new[64, 64] += 600.0
+    mask = np.zeros(shape, bool)
+    mask[64, 64] = True
+    res = zogy(new, ref, psf, psf, sigma_new=1, sigma_ref=1, mask=mask, pad=True)
+    assert res.mask_radius == truth == 8
+    disk = np.hypot(*np.mgrid[-64:64, -64:64]) <= truth
+    edge = np.ones(shape, bool)
+    edge[truth:-truth, truth:-truth] = False
+    np.testing.assert_array_equal(res.mask, disk | edge)
+    # different PSFs: compare the masked run with the unmasked one beyond the grown mask
+    pn = gaussian_psf(2.0, size=61)
+    pr = gaussian_psf(1.5, size=61)
+    masked = zogy(new, ref, pn, pr, sigma_new=1, sigma_ref=1, mask=mask, pad=True)
+    whole = zogy(new, ref, pn, pr, sigma_new=1, sigma_ref=1, pad=True)
+    outside = ~masked.mask
+    assert 6 <= masked.mask_radius <= 12 and outside.mean() > 0.6
+    assert np.max(np.abs(masked.Scorr - whole.Scorr)[outside]) < 0.1
