@@ -506,6 +506,34 @@ def test_coadd_as_subtraction_reference():
         assert len(bright) >= 8 and not (np.abs(sub.score.data[near_bright]) > 5).any()
 
 
+def test_coadd_pair_flux_ratio_from_the_exact_psfs():
+    """Two coadds of mixed seeing: the flux ratio's aperture correction comes from P_R.
+
+    One Moffat profile per star misdescribes a mixture of seeings (FWHM 2 and 9 px):
+    its aperture correction gave a ratio of 0.928 for the true 0.8; P_R gives 0.8005.
+    """
+    from astro_zackay.subtraction import subtract
+
+    n = 384
+    truth = simulate_image((n, n), n_stars=120, flux_range=(3e3, 3e5), seed=5, edge=20).truth
+
+    def stack(fwhm, flux, seed):
+        frames, psfs = [], []
+        for j, w in enumerate(fwhm):
+            stars = Table({"x": truth["x"], "y": truth["y"], "flux": truth["flux"] * flux})
+            sim = simulate_image((n, n), psf=w, stars=stars, sky=200.0, seed=seed + j)
+            frames.append(sim.ccd)
+            psfs.append(sim.psf.stamp(n / 2, n / 2))
+        return coadd(frames, psfs=psfs, flux_scales=[1.0] * len(fwhm))
+
+    reference = stack([2.0, 2.0, 9.0], 1.0, 100)
+    science = stack([3.0, 3.0], 0.8, 200)  # calibrated in its first frame's units: 0.8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FewStarsWarning)  # the ratio comes from the stars
+        result = subtract(reference, science)
+    assert result.flux_ratio == pytest.approx(0.8, abs=0.004)
+
+
 # --------------------------------------------------------------------------------------
 # the default path: background, noise, PSF and flux scales all estimated; alignment
 
