@@ -22,6 +22,7 @@ from .._ccd import to_image
 from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning
 from ..stars import find_psf_stars
+from .analytic import fit_profile
 from .builders import (
     Built,
     TrainingSet,
@@ -40,6 +41,7 @@ from .stamps import (
     cut_stamps,
     fit_offsets,
     recentre,
+    recentring_bias,
     stamp_fits,
     stamp_moments,
 )
@@ -191,9 +193,12 @@ def _sky_map(background: Any) -> np.ndarray | None:
     return np.asarray(sky.data if isinstance(sky, NDData) else sky, dtype=float)
 
 
-def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray,
-                outer: float | None) -> tuple[np.ndarray, ...]:
+def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray, outer: float | None,
+                profile: dict[str, float] | None = None) -> tuple[np.ndarray, ...]:
     """Recentred unit-sum stamps (flattened, neighbours cleaned), variances and star weights.
+
+    With ``profile`` (a Moffat fit to the mean stamp), the error that the Fourier
+    recentring of an undersampled star makes is subtracted (`recentring_bias`).
 
     With ``outer`` (a PSF without a wing there), each stamp's background is then taken
     from its own cleaned pixels beyond ``outer`` pixels (clipped mean): a ring further
@@ -202,6 +207,8 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray,
     n = len(stamps)
     shape = stamps.data.shape[1:]
     norm = recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]
+    if profile is not None:
+        norm -= recentring_bias(shape, dx, dy, profile)
     variance = stamps.variance / stamps.flux[:, None, None] ** 2
     norm, replaced = clean_neighbours(norm, variance)
     log.debug("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
@@ -216,15 +223,20 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray,
     return norm, variance, weights, shape
 
 
-def _refine(stamps: StampSet, train: np.ndarray, outer: float | None) -> StampSet:
-    """Sub-pixel offsets refined against the mean of the training stamps (REFINE times)."""
+def _refine(stamps: StampSet, train: np.ndarray,
+            outer: float | None) -> tuple[StampSet, dict[str, float]]:
+    """Sub-pixel offsets refined against the mean of the training stamps (REFINE times).
+
+    Also returns a Moffat profile fitted to that mean, for `recentring_bias`.
+    """
     dx, dy = stamps.dx, stamps.dy
     for _ in range(REFINE):
         norm, _, weights, shape = _normalised(stamps, dx, dy, outer)
         mean = np.tensordot(weights[train] ** 2, norm[train], axes=1).reshape(shape)
         dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())
-    return StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
-                    stamps.valid)
+    refined = StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
+                       stamps.valid)
+    return refined, fit_profile(mean / mean.sum(), "moffat")
 
 
 def _held_out_quality(
@@ -499,8 +511,8 @@ def estimate_psf(
     outer = None if significant is not None else OUTER_FWHM * star_fwhm
     holdout = np.zeros(len(stars), dtype=bool)
     holdout[len(stars) - plan.n_holdout :] = True
-    stamps = _refine(stamps, ~holdout, outer)
-    norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy, outer)
+    stamps, profile = _refine(stamps, ~holdout, outer)
+    norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy, outer, profile)
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
     x_fit = np.round(x) + stamps.dx
