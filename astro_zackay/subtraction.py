@@ -29,7 +29,7 @@ from ._psf_input import (
 )
 from ._threads import single_threaded_blas
 from ._tiles import tile_layout
-from ._warnings import AstroZackayWarning, FewStarsWarning, PSFQualityWarning
+from ._warnings import AstroZackayWarning, FewStarsWarning
 from .fluxmatch import StarMatch, match_stars
 from .fourier import shift_image
 from .zogy import ZogyResult, fit_flux_ratio, zogy
@@ -47,10 +47,6 @@ MAX_PSF_CHANGE = 0.04
 MIN_MATCHED_STARS = 5
 #: Flux fraction of each PSF kept in the cores that the pixel fit of the flux ratio uses.
 PIXEL_FIT_CORE = 0.995
-#: Widest PSF stamp handed to ZOGY, as a fraction of the image's smaller side ...
-MAX_STAMP_FRACTION = 0.25
-#: ... beyond which the stamps are cut to the square holding this fraction of each PSF.
-ZOGY_CORE = 0.998
 
 
 @dataclass(frozen=True, repr=False)
@@ -246,40 +242,6 @@ def _common_core(psfs: tuple[np.ndarray, ...], fraction: float) -> tuple[np.ndar
     return tuple(_cut(psf, half) for psf in psfs)
 
 
-def _zogy_half(psfs: tuple[np.ndarray, ...], shape: tuple[int, int]) -> int | None:
-    """The half-side the PSF stamps are cut to for ZOGY; None when they fit the image.
-
-    ZOGY leaves half a stamp unusable at every edge and a stamp around masked
-    pixels, so a stamp wider than MAX_STAMP_FRACTION of the image's smaller side
-    (wing-extended PSFs on a 256^2 image, a coadd's PSF) is cut to the common
-    square holding ZOGY_CORE of each PSF's flux, at most that wide; a larger loss
-    is announced with a PSFQualityWarning.
-    """
-    limit = int(MAX_STAMP_FRACTION * min(shape)) // 2
-    widest = max(max(psf.shape) for psf in psfs)
-    if widest <= 2 * limit + 1:
-        return None
-    half = min(limit, max(_core_half(psf, ZOGY_CORE) for psf in psfs))
-    lost = max(1.0 - float(psf[_centre_square(psf, half)].sum() / psf.sum()) for psf in psfs)
-    side = 2 * half + 1
-    if lost > 1.0 - ZOGY_CORE:
-        warnings.warn(
-            f"the PSF stamps ({widest} px wide) do not fit the {shape[0]}x{shape[1]} image: "
-            f"cut to {side}x{side}, which loses {lost:.2%} of a PSF's flux in its wings",
-            PSFQualityWarning, stacklevel=user_stacklevel(),
-        )
-    else:
-        log.info("PSF stamps cut from %d to %d px for the %dx%d image (%.2f %% of the flux "
-                 "lost)", widest, side, shape[0], shape[1], 100 * lost)
-    return half
-
-
-def _tile_psf(psf: PSFSampler, x: float, y: float, half: int | None) -> np.ndarray:
-    """The PSF at a tile's centre, cut to ``half`` when the stamps do not fit the image."""
-    stamp = psf(x, y)
-    return stamp if half is None else _cut(stamp, half)
-
-
 def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
     """The residual background difference of a tile, as offsets of D and S and in N's units.
 
@@ -439,9 +401,7 @@ def subtract(
     SaturationWarning
         Once per image whose saturation level was found in the data.
     PSFQualityWarning
-        When a PSF does not describe its stars, or when PSF stamps wider than a
-        quarter of the image must be cut and lose more than 0.2 % of their flux
-        (ZOGY leaves half a stamp unusable at each edge).
+        When a PSF does not describe its stars.
 
     Each warning about one image starts with ``"reference image: "`` or
     ``"science image: "``.
@@ -551,9 +511,6 @@ def subtract(
         ast = (float(ast[0]), float(ast[1]))
 
     tile_size = _auto_tile_size(tiles, sci.shape, (pref.psf, psci.psf))
-    half = _zogy_half((psf_r0, psf_n0), sci.shape)
-    if half is not None:
-        psf_r0, psf_n0 = _cut(psf_r0, half), _cut(psf_n0, half)
     stamp = max(psf_r0.shape + psf_n0.shape)
     layout = tile_layout(sci.shape, tile_size or max(sci.shape), 2 * stamp)
     outputs = {name: np.zeros(sci.shape, dtype) for name in ("D", "S", "Scorr", "alpha", "err")}
@@ -562,8 +519,8 @@ def subtract(
     central = None
     for tile in layout:
         cx, cy = tile.centre
-        psf_r = _tile_psf(pref.psf, cx, cy, half) if pref.psf.varying else psf_r0
-        psf_n = _tile_psf(psci.psf, cx, cy, half) if psci.psf.varying else psf_n0
+        psf_r = pref.psf(cx, cy) if pref.psf.varying else psf_r0
+        psf_n = psci.psf(cx, cy) if psci.psf.varying else psf_n0
         good = ~bad[tile.outer]
         sigma_r = float(np.median(pref.rms[tile.outer][good])) if good.any() else sigma_r0
         sigma_n = float(np.median(psci.rms[tile.outer][good])) if good.any() else sigma_n0

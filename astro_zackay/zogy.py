@@ -56,14 +56,18 @@ _log = logging.getLogger(__name__)
 #: Variance floor of Scorr's denominator, relative to the background-only variance F_S.
 _VAR_FLOOR = 1e-6
 #: Level, relative to its peak, below which S's kernels (``kn`` on N, ``kr`` on R) are
-#: taken to have ended: masks and edges are grown to the radius beyond which both
-#: stay below it.  A zero-filled (masked or padding) pixel whose true value was X moves
-#: Scorr at distance r by ``k(r) X / sqrt(var S)``; ``k0 / sqrt(sum k**2)`` is 0.1-0.2
-#: for PSFs of FWHM 3-6 px, so beyond the radius a pixel missing ~600 sigma of light
-#: moves Scorr by <= 0.1 sigma.  A share of the kernels' absolute weight would be
-#: no radius at all: their faint far tails (the Fourier ratios, the estimated PSFs'
-#: noisy wings) hold 0.5-1 % of it across the whole stamp.
+#: taken to have ended for missing sky: the edges (zero padding beyond them) and every
+#: mask are grown at least to the radius beyond which both stay below it.  A zero-filled
+#: pixel whose true value was X moves Scorr at distance r by ``k(r) X / sqrt(var S)``;
+#: ``k0 / sqrt(sum k**2)`` is 0.1-0.2 for PSFs of FWHM 3-6 px, so beyond the radius a
+#: pixel missing ~600 sigma of light moves Scorr by <= 0.1 sigma.  A share of the
+#: kernels' absolute weight would be no radius at all: their faint far tails (the
+#: Fourier ratios, the estimated PSFs' noisy wings) hold 0.5-1 % of it across the stamp.
 MASK_KERNEL_LEVEL = 1e-3
+#: Largest change of Scorr, in sigma, that the light hidden under one masked region
+#: (a saturated core) may cause beyond its grown mask.  The hidden light is taken as
+#: the region's area times the brightest pixel on its rim (saturated cores hold more).
+MASK_SCORR_CHANGE = 0.1
 #: Tukey biweight and Huber tuning constants (95 % Gaussian efficiency).
 _BIWEIGHT_C = 4.685
 _HUBER_K = 1.345
@@ -97,8 +101,9 @@ class ZogyResult:
         Unit-sum PSF of ``D`` on the FFT grid (the padded grid when ``pad=True``), centre
         at pixel ``[0, 0]``; `psf_d_stamp` cuts a centred stamp from it.
     mask : ndarray or None
-        True where outputs are unreliable: within ``mask_radius`` of a masked/NaN input
-        pixel and, with ``pad=True``, of the image edge.  None when nothing is flagged.
+        True where outputs are unreliable: within ``mask_radius`` of the image edge
+        (with ``pad=True``) and of a masked/NaN input pixel, farther around masked
+        regions that hide bright light (up to a stamp).  None when nothing is flagged.
     flux_new, flux_ref, sigma_new, sigma_ref : float
         The flux zero points and background noises used.
     mask_radius : int
@@ -230,13 +235,71 @@ def _edge_mask(shape: tuple[int, int], radius: int) -> np.ndarray:
     return edge
 
 
-def _kernel_radius(be: ArrayBackend, k_h: Any, shape: tuple[int, int], workers) -> int:
-    """Radius beyond which the origin-centred ``|k|`` stays below MASK_KERNEL_LEVEL of its peak."""
-    k = np.abs(be.to_numpy(be.irfft2(k_h, s=shape, workers=workers)))
-    iy, ix = np.nonzero(k >= MASK_KERNEL_LEVEL * k.max())
-    dy = np.minimum(iy, shape[0] - iy)  # wrapped distances from the origin
-    dx = np.minimum(ix, shape[1] - ix)
-    return int(np.ceil(np.hypot(dy, dx).max()))
+@dataclass(frozen=True)
+class _KernelReach:
+    """How far a kernel reaches each level: ``|k|`` in descending order, farthest radius."""
+
+    levels: np.ndarray
+    radii: np.ndarray
+
+    @classmethod
+    def of(cls, k: np.ndarray) -> _KernelReach:
+        """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
+        a = np.abs(k)
+        iy, ix = np.nonzero(a >= 1e-12 * a.max())
+        dy = np.minimum(iy, k.shape[0] - iy)
+        dx = np.minimum(ix, k.shape[1] - ix)
+        levels = a[iy, ix]
+        order = np.argsort(-levels, kind="stable")
+        return cls(levels[order], np.maximum.accumulate(np.hypot(dy, dx)[order]))
+
+    def radius(self, level: float) -> int:
+        """Radius beyond which ``|k|`` stays below ``level`` (absolute)."""
+        n = int(np.searchsorted(-self.levels, -level, side="right"))
+        return int(np.ceil(self.radii[n - 1])) if n else 0
+
+
+def _hidden_light(bad: np.ndarray, images: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    """Labels of the masked regions and, per image, each region's area times its rim maximum."""
+    labels, n = ndimage.label(bad)
+    rim = ndimage.grey_dilation(labels, size=3) * ~bad
+    index = np.arange(1, n + 1)
+    area = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    light = [
+        area * np.nan_to_num(ndimage.maximum(np.abs(img), rim, index), nan=0.0) for img in images
+    ]
+    return labels, light
+
+
+def _grow_bad(
+    bad: np.ndarray,
+    images: list[np.ndarray],
+    reaches: list[_KernelReach],
+    s_sigma: float,
+    floor: int,
+    cap: int,
+) -> np.ndarray:
+    """Grow each masked region until its hidden light moves Scorr by < MASK_SCORR_CHANGE.
+
+    Every region grows by ``floor`` at least (one global distance transform); brighter
+    ones (saturated cores) by the radius beyond which each kernel times the region's
+    hidden light in its image stays below ``MASK_SCORR_CHANGE * s_sigma``, at most ``cap``,
+    each in its own box.
+    """
+    grown = _grow_mask(bad, floor)
+    labels, light = _hidden_light(bad, images)
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        radius = max(
+            reach.radius(MASK_SCORR_CHANGE * s_sigma / x[i]) if x[i] > 0 else 0
+            for reach, x in zip(reaches, light)
+        )
+        radius = min(radius, cap)
+        if radius <= floor:
+            continue
+        ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
+        xs = slice(max(box[1].start - radius, 0), box[1].stop + radius)
+        grown[ys, xs] |= ndimage.distance_transform_edt(labels[ys, xs] != i + 1) <= radius
+    return grown
 
 
 def _prepare(
@@ -310,8 +373,11 @@ def zogy(
     NaN and ``mask``-ed pixels (of either image or variance map) are replaced by 0 in
     copies of the inputs and flagged in ``mask`` of the result, grown by the radius
     of the cores of S's kernels (where they fall below ``MASK_KERNEL_LEVEL`` of their
-    peaks; ``mask_radius`` of the result), as is the edge with ``pad=True``.  The FFT
-    algebra and the padding use the whole stamps.
+    peaks; ``mask_radius`` of the result), as is the edge with ``pad=True``.  A masked
+    region that hides bright light (a saturated core: its area times its rim's
+    brightest pixel) grows until that light moves Scorr by less than
+    ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.  The FFT algebra and the
+    padding use the whole stamps.
 
     Parameters
     ----------
@@ -401,7 +467,8 @@ def zogy(
     radius = out["mask_radius"]
     flag = None
     if bad is not None:
-        flag = _grow_mask(bad, radius)
+        images = [arrays[name][inner] for name in ("new", "ref")]
+        flag = _grow_bad(bad, images, out["reach"], out["s_sigma"], radius, stamp)
     if pad:
         # the zero padding beyond the edge is a masked region like any other
         edge = _edge_mask(shape_in, radius)
@@ -482,7 +549,12 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     kn_h = q_h * wa
     kr_h = q_h * wb
     del wa, wb
-    radius = max(_kernel_radius(be, k_h, shape, workers) for k_h in (kn_h, kr_h))
+    kernels = [be.to_numpy(inv(k_h)) for k_h in (kn_h, kr_h)]
+    reach = [_KernelReach.of(k) for k in kernels]
+    # Scorr's background noise, in S units, and the radius where both kernels end
+    s_sigma = float(np.sqrt(sn**2 * np.sum(kernels[0] ** 2) + sr**2 * np.sum(kernels[1] ** 2)))
+    radius = max(r.radius(MASK_KERNEL_LEVEL * r.levels[0]) for r in reach)
+    del kernels
     if need_split:
         xp.multiply(kn_h, n_h, out=t_h)
         s_n = inv(t_h)
@@ -545,6 +617,8 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
         "V_ast": v_ast,
         "V_beta": v_beta,
         "mask_radius": radius,
+        "reach": reach,
+        "s_sigma": s_sigma,
     }
 
 
