@@ -55,19 +55,20 @@ _log = logging.getLogger(__name__)
 
 #: Variance floor of Scorr's denominator, relative to the background-only variance F_S.
 _VAR_FLOOR = 1e-6
-#: Level, relative to its peak, below which S's kernels (``kn`` on N, ``kr`` on R) are
-#: taken to have ended for missing sky: the edges (zero padding beyond them) and every
-#: mask are grown at least to the radius beyond which both stay below it.  A zero-filled
-#: pixel whose true value was X moves Scorr at distance r by ``k(r) X / sqrt(var S)``;
-#: ``k0 / sqrt(sum k**2)`` is 0.1-0.2 for PSFs of FWHM 3-6 px, so beyond the radius a
-#: pixel missing ~600 sigma of light moves Scorr by <= 0.1 sigma.  A share of the
+#: Largest change of Scorr, in sigma, that light hidden by masked pixels or beyond the
+#: edge (zero-filled) may cause outside the grown mask.  Hidden sky noise moves Scorr
+#: by ``sqrt(share of sum(k**2) over the hidden pixels)``: every mask and the edge grow
+#: at least to the radius beyond which each kernel of S holds MASK_SCORR_CHANGE**2 of
+#: its squared weight (``mask_radius``).  Hidden light moves Scorr by ``k(r) X / sqrt(var
+#: S)``: regions hiding more (saturated cores; stars cut by the edge) grow to the radius
+#: beyond which that stays below MASK_SCORR_CHANGE, at most a stamp.  A share of the
 #: kernels' absolute weight would be no radius at all: their faint far tails (the
-#: Fourier ratios, the estimated PSFs' noisy wings) hold 0.5-1 % of it across the stamp.
-MASK_KERNEL_LEVEL = 1e-3
-#: Largest change of Scorr, in sigma, that the light hidden under one masked region
-#: (a saturated core) may cause beyond its grown mask.  The hidden light is taken as
-#: the region's area times the brightest pixel on its rim (saturated cores hold more).
+#: Fourier ratios, estimated PSFs' noisy wings) hold 0.5-1 % of it across the stamp.
 MASK_SCORR_CHANGE = 0.1
+#: Edge pixels brighter than this many sigma of their image are taken as stars cut by
+#: the edge, which hide ``sum(|edge pixels|) * sqrt(1 / sum(P**2))`` of light beyond it
+#: (about 3 times a centred star's hidden half).
+EDGE_SOURCE_SIGMA = 5.0
 #: Tukey biweight and Huber tuning constants (95 % Gaussian efficiency).
 _BIWEIGHT_C = 4.685
 _HUBER_K = 1.345
@@ -103,12 +104,14 @@ class ZogyResult:
     mask : ndarray or None
         True where outputs are unreliable: within ``mask_radius`` of the image edge
         (with ``pad=True``) and of a masked/NaN input pixel, farther around masked
-        regions that hide bright light (up to a stamp).  None when nothing is flagged.
+        regions and stars cut by the edge that hide bright light (up to a stamp).  None
+        when nothing is flagged.
     flux_new, flux_ref, sigma_new, sigma_ref : float
         The flux zero points and background noises used.
     mask_radius : int
-        Radius in pixels beyond which both of S's kernels stay below
-        ``MASK_KERNEL_LEVEL`` (1e-3) of their peaks.
+        Radius in pixels of the disk that holds ``1 - MASK_SCORR_CHANGE**2`` (99 %) of
+        the squared weight of each of S's kernels: hidden sky noise beyond it moves
+        Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma).
     """
 
     D: np.ndarray
@@ -237,21 +240,25 @@ def _edge_mask(shape: tuple[int, int], radius: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _KernelReach:
-    """How far a kernel reaches each level: ``|k|`` in descending order, farthest radius."""
+    """How far a kernel reaches: each ``|k|`` level's farthest radius, and its energy radius."""
 
     levels: np.ndarray
     radii: np.ndarray
+    core_radius: int
 
     @classmethod
     def of(cls, k: np.ndarray) -> _KernelReach:
         """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
         a = np.abs(k)
         iy, ix = np.nonzero(a >= 1e-12 * a.max())
-        dy = np.minimum(iy, k.shape[0] - iy)
-        dx = np.minimum(ix, k.shape[1] - ix)
+        r = np.hypot(np.minimum(iy, k.shape[0] - iy), np.minimum(ix, k.shape[1] - ix))
         levels = a[iy, ix]
-        order = np.argsort(-levels, kind="stable")
-        return cls(levels[order], np.maximum.accumulate(np.hypot(dy, dx)[order]))
+        by_level = np.argsort(-levels, kind="stable")
+        by_radius = np.argsort(r, kind="stable")
+        energy = np.cumsum(levels[by_radius] ** 2)
+        inside = np.searchsorted(energy, (1.0 - MASK_SCORR_CHANGE**2) * energy[-1])
+        return cls(levels[by_level], np.maximum.accumulate(r[by_level]),
+                   int(np.ceil(r[by_radius][inside])))
 
     def radius(self, level: float) -> int:
         """Radius beyond which ``|k|`` stays below ``level`` (absolute)."""
@@ -259,35 +266,77 @@ class _KernelReach:
         return int(np.ceil(self.radii[n - 1])) if n else 0
 
 
-def _hidden_light(bad: np.ndarray, images: list[np.ndarray]) -> tuple[np.ndarray, list]:
-    """Labels of the masked regions and, per image, each region's area times its rim maximum."""
+def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """Light a star's masked core of each area hides, per unit of its brightest rim pixel.
+
+    The core is taken as the centred disk of that area: the PSF's sum inside it over
+    the PSF's largest value on the ring 1.5 px outside it (infinite where that is not
+    positive, as for masked regions wider than the PSF's wings).
+    """
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    yy, xx = np.mgrid[-cy : psf.shape[0] - cy, -cx : psf.shape[1] - cx]
+    r = np.hypot(yy, xx)
+    out = np.full(areas.shape, np.inf)
+    for area in np.unique(areas):
+        r_a = np.sqrt(area / np.pi)
+        ring = (r > r_a) & (r <= r_a + 1.5)
+        rim = float(psf[ring].max()) if ring.any() else 0.0
+        if rim > 0:
+            out[areas == area] = float(psf[r <= r_a].sum()) / rim
+    return out
+
+
+def _masked_regions(
+    bad: np.ndarray, images: list[np.ndarray], psfs: list[np.ndarray]
+) -> tuple[np.ndarray, list]:
+    """Labels of the masked regions and, per image, the light each hides.
+
+    Each region is taken as a star's masked core: its brightest rim pixel times
+    `_light_per_rim_value` of its area (a lone bad pixel hides about its rim's value).
+    """
     labels, n = ndimage.label(bad)
     rim = ndimage.grey_dilation(labels, size=3) * ~bad
     index = np.arange(1, n + 1)
     area = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    light = []
+    for img, psf in zip(images, psfs):
+        peak = np.nan_to_num(ndimage.maximum(np.abs(img), rim, index), nan=0.0)
+        light.append(peak * _light_per_rim_value(psf, area))
+    return labels, light
+
+
+def _edge_sources(
+    images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray]
+) -> tuple[np.ndarray, list]:
+    """Labels of the runs of edge pixels above EDGE_SOURCE_SIGMA and the light each hides."""
+    edge = _edge_mask(images[0].shape, 1)
+    seeds = np.zeros(edge.shape, bool)
+    for img, sigma in zip(images, sigmas):
+        seeds |= edge & (np.abs(img) > EDGE_SOURCE_SIGMA * sigma)
+    labels, n = ndimage.label(seeds, structure=np.ones((3, 3)))
+    index = np.arange(1, n + 1)
     light = [
-        area * np.nan_to_num(ndimage.maximum(np.abs(img), rim, index), nan=0.0) for img in images
+        ndimage.sum_labels(np.abs(img), labels, index) / np.sqrt(np.sum(psf**2))
+        for img, psf in zip(images, psfs)
     ]
     return labels, light
 
 
-def _grow_bad(
-    bad: np.ndarray,
-    images: list[np.ndarray],
+def _grow_regions(
+    flag: np.ndarray,
+    labels: np.ndarray,
+    light: list[np.ndarray],
     reaches: list[_KernelReach],
     s_sigma: float,
-    floor: int,
     cap: int,
-) -> np.ndarray:
-    """Grow each masked region until its hidden light moves Scorr by < MASK_SCORR_CHANGE.
+) -> None:
+    """Flag, in place, each region's disk beyond which its hidden light moves Scorr < 0.1 sigma.
 
-    Every region grows by ``floor`` at least (one global distance transform); brighter
-    ones (saturated cores) by the radius beyond which each kernel times the region's
-    hidden light in its image stays below ``MASK_SCORR_CHANGE * s_sigma``, at most ``cap``,
-    each in its own box.
+    The radius is where each kernel times the region's hidden light in its image falls
+    below ``MASK_SCORR_CHANGE * s_sigma`` for good, at most ``cap``; regions within
+    their kernels' core radius (already flagged) are skipped.
     """
-    grown = _grow_mask(bad, floor)
-    labels, light = _hidden_light(bad, images)
+    floor = max(reach.core_radius for reach in reaches)
     for i, box in enumerate(ndimage.find_objects(labels)):
         radius = max(
             reach.radius(MASK_SCORR_CHANGE * s_sigma / x[i]) if x[i] > 0 else 0
@@ -298,8 +347,7 @@ def _grow_bad(
             continue
         ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
         xs = slice(max(box[1].start - radius, 0), box[1].stop + radius)
-        grown[ys, xs] |= ndimage.distance_transform_edt(labels[ys, xs] != i + 1) <= radius
-    return grown
+        flag[ys, xs] |= ndimage.distance_transform_edt(labels[ys, xs] != i + 1) <= radius
 
 
 def _prepare(
@@ -372,12 +420,12 @@ def zogy(
     ``fast_shape(shape, border)`` and cuts the outputs back to the input grid.
     NaN and ``mask``-ed pixels (of either image or variance map) are replaced by 0 in
     copies of the inputs and flagged in ``mask`` of the result, grown by the radius
-    of the cores of S's kernels (where they fall below ``MASK_KERNEL_LEVEL`` of their
-    peaks; ``mask_radius`` of the result), as is the edge with ``pad=True``.  A masked
-    region that hides bright light (a saturated core: its area times its rim's
-    brightest pixel) grows until that light moves Scorr by less than
-    ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.  The FFT algebra and the
-    padding use the whole stamps.
+    of the cores of S's kernels (``mask_radius`` of the result: the sky noise hidden
+    beyond it moves Scorr by < 0.1 sigma), as is the edge with ``pad=True``.  A masked
+    region that hides bright light (a saturated core: its brightest rim pixel scaled
+    by the PSF to the light within the region) or a star cut by the edge grows until
+    that light moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a
+    stamp.  The FFT algebra and the padding use the whole stamps.
 
     Parameters
     ----------
@@ -464,14 +512,16 @@ def zogy(
     )
     be = get_array_module(backend)
     out = _zogy_core(be, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers)
-    radius = out["mask_radius"]
+    radius, reach, s_sigma = out["mask_radius"], out["reach"], out["s_sigma"]
+    images = [arrays[name][inner] for name in ("new", "ref")]
     flag = None
     if bad is not None:
-        images = [arrays[name][inner] for name in ("new", "ref")]
-        flag = _grow_bad(bad, images, out["reach"], out["s_sigma"], radius, stamp)
+        flag = _grow_mask(bad, radius)
+        _grow_regions(flag, *_masked_regions(bad, images, [pn, pr]), reach, s_sigma, stamp)
     if pad:
-        # the zero padding beyond the edge is a masked region like any other
+        # the zero padding beyond the edge hides sky, and parts of the stars cut by it
         edge = _edge_mask(shape_in, radius)
+        _grow_regions(edge, *_edge_sources(images, [sn, sr], [pn, pr]), reach, s_sigma, stamp)
         flag = edge if flag is None else flag | edge
 
     def crop(a):
@@ -553,7 +603,7 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     reach = [_KernelReach.of(k) for k in kernels]
     # Scorr's background noise, in S units, and the radius where both kernels end
     s_sigma = float(np.sqrt(sn**2 * np.sum(kernels[0] ** 2) + sr**2 * np.sum(kernels[1] ** 2)))
-    radius = max(r.radius(MASK_KERNEL_LEVEL * r.levels[0]) for r in reach)
+    radius = max(r.core_radius for r in reach)
     del kernels
     if need_split:
         xp.multiply(kn_h, n_h, out=t_h)
