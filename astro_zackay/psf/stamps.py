@@ -518,7 +518,7 @@ def clean_neighbours(
     variance: np.ndarray,
     *,
     nsigma: float = 4.0,
-    core_level: float = 0.01,
+    core_level: float = 0.03,
     grow: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace the light of neighbouring sources in the wings of recentred stamps.

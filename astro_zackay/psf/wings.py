@@ -22,7 +22,7 @@ import numpy as np
 
 from .stamps import row_median
 
-__all__ = ["Wing", "fit_wing", "render_wing"]
+__all__ = ["Wing", "fit_wing", "render_wing", "stars_light"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,45 @@ def _star_levels(
     return level, variance, r_mean, r_var
 
 
+def stars_light(
+    shape: tuple[int, int],
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    wing: Wing,
+    radius: float,
+) -> np.ndarray:
+    """An image of the stars' light by the wing's law, out to ``radius`` pixels from each.
+
+    Used to take the neighbours' wings out of a star's outer profile: a neighbour's
+    core is clipped from an annulus, its wing (a smooth gradient over the annulus) is
+    not, and in a field of bright stars it flattens the fitted law.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.wings import Wing, stars_light
+    >>> light = stars_light((21, 21), np.array([10.0]), np.array([10.0]), np.array([100.0]),
+    ...                     Wing(0.1, 2.5, 2.0, 0.0), 5.0)
+    >>> float(light[10, 10]), float(light[10, 16])  # the law at 0; nothing beyond 5 px
+    (10.0, 0.0)
+    """
+    light = np.zeros(shape)
+    h = int(np.ceil(radius))
+    oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
+    ny, nx = shape
+    for xs, ys, f in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float)):
+        ix, iy = int(round(xs)), int(round(ys))
+        y0, y1 = max(iy - h, 0), min(iy + h + 1, ny)
+        x0, x1 = max(ix - h, 0), min(ix + h + 1, nx)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        r = np.hypot(ox + ix - xs, oy + iy - ys)[y0 - iy + h : y1 - iy + h,
+                                                 x0 - ix + h : x1 - ix + h]
+        light[y0:y1, x0:x1] += np.where(r <= radius, f * wing.law(r), 0.0)
+    return light
+
+
 def fit_wing(
     data: np.ndarray,
     variance: np.ndarray,
@@ -198,6 +237,7 @@ def fit_wing(
     r_max: float,
     background: np.ndarray | float = 0.0,
     sky: np.ndarray | None = None,
+    neighbours: tuple[np.ndarray, Wing] | None = None,
 ) -> tuple[Wing, np.ndarray]:
     """Fit a Moffat law of the stars' FWHM to their outer profiles, with their backgrounds.
 
@@ -223,6 +263,11 @@ def fit_wing(
         Each star's local background, subtracted from its pixels.
     sky : `~numpy.ndarray`, optional
         A background map, subtracted from the pixels (instead of ``background``).
+    neighbours : tuple, optional
+        ``(light, wing)``: an image of the stars' light by a first fit's law
+        (`stars_light`) and that law; the light is subtracted and each star's own
+        part, ``flux * wing.law(r)``, given back, so the profiles lose their
+        neighbours' wings.
 
     Returns
     -------
@@ -244,11 +289,15 @@ def fit_wing(
     (2.5, 3.0)
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if neighbours is not None:
+        data = data - neighbours[0]
     images = (data, variance) if sky is None else (data, variance, sky)
     grid, radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
     values = pixels[0] - (pixels[2] if sky is not None else 0.0)
     background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
     flux = np.asarray(flux, dtype=float)[:, None]
+    if neighbours is not None:
+        values = values + flux * neighbours[1].law(radius)
     values = (values - background[:, None]) / flux
     edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / BIN_WIDTH)), 4) + 1)
     level, level_var, r_mean, r_var = _star_levels(grid, radius, values, pixels[1] / flux**2,
