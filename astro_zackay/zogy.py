@@ -59,11 +59,12 @@ _VAR_FLOOR = 1e-6
 #: edge (zero-filled) may cause outside the grown mask.  Hidden sky noise moves Scorr
 #: by ``sqrt(share of sum(k**2) over the hidden pixels)``: every mask and the edge grow
 #: at least to the radius beyond which each kernel of S holds MASK_SCORR_CHANGE**2 of
-#: its squared weight (``mask_radius``).  Hidden light moves Scorr by ``k(r) X / sqrt(var
-#: S)``: regions hiding more (saturated cores; stars cut by the edge) grow to the radius
-#: beyond which that stays below MASK_SCORR_CHANGE, at most a stamp.  A share of the
-#: kernels' absolute weight would be no radius at all: their faint far tails (the
-#: Fourier ratios, estimated PSFs' noisy wings) hold 0.5-1 % of it across the stamp.
+#: its squared weight (``mask_radius``).  Light X hidden or uncertain moves Scorr by
+#: ``k(r) X / sqrt(var S)``: regions holding more (saturated stars, stars cut by the
+#: edge) grow to the radius beyond which that stays below MASK_SCORR_CHANGE, at most a
+#: stamp.  A share of the kernels' absolute weight would be no radius at all: their
+#: faint far tails (the Fourier ratios, estimated PSFs' noisy wings) hold 0.5-1 % of it
+#: across the stamp.
 MASK_SCORR_CHANGE = 0.1
 #: Edge pixels brighter than this many sigma of their image are taken as stars cut by
 #: the edge, which hide ``sum(|edge pixels|) * sqrt(1 / sum(P**2))`` of light beyond it
@@ -267,11 +268,11 @@ class _KernelReach:
 
 
 def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
-    """Light a star's masked core of each area hides, per unit of its brightest rim pixel.
+    """Light of a star whose masked core has each area, per unit of its brightest rim pixel.
 
-    The core is taken as the centred disk of that area: the PSF's sum inside it over
-    the PSF's largest value on the ring 1.5 px outside it (infinite where that is not
-    positive, as for masked regions wider than the PSF's wings).
+    The core is taken as the centred disk of that area: the star's light is its
+    brightest rim pixel over the PSF's largest value on the ring 1.5 px outside it
+    (infinite where that is not positive, as for masked regions wider than the PSF).
     """
     cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
     yy, xx = np.mgrid[-cy : psf.shape[0] - cy, -cx : psf.shape[1] - cx]
@@ -282,17 +283,19 @@ def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
         ring = (r > r_a) & (r <= r_a + 1.5)
         rim = float(psf[ring].max()) if ring.any() else 0.0
         if rim > 0:
-            out[areas == area] = float(psf[r <= r_a].sum()) / rim
+            out[areas == area] = 1.0 / rim
     return out
 
 
 def _masked_regions(
     bad: np.ndarray, images: list[np.ndarray], psfs: list[np.ndarray]
 ) -> tuple[np.ndarray, list]:
-    """Labels of the masked regions and, per image, the light each hides.
+    """Labels of the masked regions and, per image, the light each makes unreliable.
 
-    Each region is taken as a star's masked core: its brightest rim pixel times
-    `_light_per_rim_value` of its area (a lone bad pixel hides about its rim's value).
+    Each region is taken as a star's masked core (a saturated star): its flux, centre
+    and the non-linear pixels on its rim are uncertain, so the star's whole light
+    counts, from its brightest rim pixel and `_light_per_rim_value` of its area (a
+    lone bad pixel at sky level counts about its rim's value over the PSF's peak).
     """
     labels, n = ndimage.label(bad)
     rim = ndimage.grey_dilation(labels, size=3) * ~bad
@@ -422,10 +425,10 @@ def zogy(
     copies of the inputs and flagged in ``mask`` of the result, grown by the radius
     of the cores of S's kernels (``mask_radius`` of the result: the sky noise hidden
     beyond it moves Scorr by < 0.1 sigma), as is the edge with ``pad=True``.  A masked
-    region that hides bright light (a saturated core: its brightest rim pixel scaled
-    by the PSF to the light within the region) or a star cut by the edge grows until
-    that light moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a
-    stamp.  The FFT algebra and the padding use the whole stamps.
+    region that hides a bright star (a saturated core: the star's light from its
+    brightest rim pixel and the PSF) or a star cut by the edge grows until that light
+    moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.
+    The FFT algebra and the padding use the whole stamps.
 
     Parameters
     ----------

@@ -344,8 +344,9 @@ def test_masked_saturated_core_moves_scorr_less_than_a_tenth_sigma_outside_the_m
 
     A Gaussian star (sigma 2 and 1.5 px, flux 3e5 or 3e6 against unit noise) whose
     pixels above 2000 are masked in both images: the light the mask hides moves Scorr
-    by less than MASK_SCORR_CHANGE (0.1 sigma) beyond the grown mask, which stays far
-    smaller than the 61 px stamp the masks used to grow by.
+    by less than MASK_SCORR_CHANGE (0.1 sigma) beyond the grown mask (grown by the sky
+    radius alone, 5 px, it leaves 50-75 sigma there), which stays far smaller than the
+    61 px stamp the masks used to grow by.
     """
     pn, pr = gaussian_psf(2.0, size=61), gaussian_psf(1.5, size=61)
     rng = np.random.default_rng(6)
