@@ -241,30 +241,47 @@ def _edge_mask(shape: tuple[int, int], radius: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _KernelReach:
-    """How far a kernel reaches: each ``|k|`` level's farthest radius, and its energy radius."""
+    """How far a kernel reaches, up to ``cap`` px: each ``|k|`` level's farthest radius.
+
+    ``levels`` (descending) and ``radii`` cover the pixels within ``cap`` of the origin;
+    ``outer`` is the largest ``|k|`` beyond (levels at or below it reach ``cap``);
+    ``core_radius`` holds ``1 - MASK_SCORR_CHANGE**2`` of ``sum(k**2)``.
+    """
 
     levels: np.ndarray
     radii: np.ndarray
+    outer: float
+    cap: int
     core_radius: int
 
     @classmethod
-    def of(cls, k: np.ndarray) -> _KernelReach:
+    def of(cls, k: np.ndarray, cap: int) -> _KernelReach:
         """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
+        ny, nx = k.shape
+        rows = np.r_[0 : min(cap + 1, ny), max(ny - cap, cap + 1) : ny]
+        cols = np.r_[0 : min(cap + 1, nx), max(nx - cap, cap + 1) : nx]
         a = np.abs(k)
-        iy, ix = np.nonzero(a >= 1e-12 * a.max())
-        r = np.hypot(np.minimum(iy, k.shape[0] - iy), np.minimum(ix, k.shape[1] - ix))
-        levels = a[iy, ix]
+        window = a[np.ix_(rows, cols)]
+        r = np.hypot(np.minimum(rows, ny - rows)[:, None], np.minimum(cols, nx - cols)[None, :])
+        inside = r <= cap
+        levels, r = window[inside], r[inside]
+        outer_energy = float(np.sum(a**2)) - float(np.sum(levels**2))
+        a[np.ix_(rows, cols)] = np.where(inside, 0.0, window)
+        outer = float(a.max())
         by_level = np.argsort(-levels, kind="stable")
         by_radius = np.argsort(r, kind="stable")
         energy = np.cumsum(levels[by_radius] ** 2)
-        inside = np.searchsorted(energy, (1.0 - MASK_SCORR_CHANGE**2) * energy[-1])
-        return cls(levels[by_level], np.maximum.accumulate(r[by_level]),
-                   int(np.ceil(r[by_radius][inside])))
+        need = (1.0 - MASK_SCORR_CHANGE**2) * (energy[-1] + outer_energy)
+        n = int(np.searchsorted(energy, need))
+        core = cap if n >= r.size else int(np.ceil(r[by_radius][n]))
+        return cls(levels[by_level], np.maximum.accumulate(r[by_level]), outer, cap, core)
 
     def radius(self, level: float) -> int:
-        """Radius beyond which ``|k|`` stays below ``level`` (absolute)."""
+        """Radius beyond which ``|k|`` stays below ``level`` (absolute), at most ``cap``."""
+        if level <= self.outer:
+            return self.cap
         n = int(np.searchsorted(-self.levels, -level, side="right"))
-        return int(np.ceil(self.radii[n - 1])) if n else 0
+        return min(int(np.ceil(self.radii[n - 1])), self.cap) if n else 0
 
 
 def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
@@ -331,13 +348,12 @@ def _grow_regions(
     light: list[np.ndarray],
     reaches: list[_KernelReach],
     s_sigma: float,
-    cap: int,
 ) -> None:
     """Flag, in place, each region's disk beyond which its hidden light moves Scorr < 0.1 sigma.
 
     The radius is where each kernel times the region's hidden light in its image falls
-    below ``MASK_SCORR_CHANGE * s_sigma`` for good, at most ``cap``; regions within
-    their kernels' core radius (already flagged) are skipped.
+    below ``MASK_SCORR_CHANGE * s_sigma`` for good (at most the kernels' ``cap``);
+    regions within their kernels' core radius (already flagged) are skipped.
     """
     floor = max(reach.core_radius for reach in reaches)
     for i, box in enumerate(ndimage.find_objects(labels)):
@@ -345,7 +361,6 @@ def _grow_regions(
             reach.radius(MASK_SCORR_CHANGE * s_sigma / x[i]) if x[i] > 0 else 0
             for reach, x in zip(reaches, light)
         )
-        radius = min(radius, cap)
         if radius <= floor:
             continue
         ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
@@ -520,11 +535,11 @@ def zogy(
     flag = None
     if bad is not None:
         flag = _grow_mask(bad, radius)
-        _grow_regions(flag, *_masked_regions(bad, images, [pn, pr]), reach, s_sigma, stamp)
+        _grow_regions(flag, *_masked_regions(bad, images, [pn, pr]), reach, s_sigma)
     if pad:
         # the zero padding beyond the edge hides sky, and parts of the stars cut by it
         edge = _edge_mask(shape_in, radius)
-        _grow_regions(edge, *_edge_sources(images, [sn, sr], [pn, pr]), reach, s_sigma, stamp)
+        _grow_regions(edge, *_edge_sources(images, [sn, sr], [pn, pr]), reach, s_sigma)
         flag = edge if flag is None else flag | edge
 
     def crop(a):
@@ -603,7 +618,7 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     kr_h = q_h * wb
     del wa, wb
     kernels = [be.to_numpy(inv(k_h)) for k_h in (kn_h, kr_h)]
-    reach = [_KernelReach.of(k) for k in kernels]
+    reach = [_KernelReach.of(k, max(pn.shape + pr.shape)) for k in kernels]
     # Scorr's background noise, in S units, and the radius where both kernels end
     s_sigma = float(np.sqrt(sn**2 * np.sum(kernels[0] ** 2) + sr**2 * np.sum(kernels[1] ** 2)))
     radius = max(r.core_radius for r in reach)
