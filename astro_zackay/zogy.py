@@ -723,8 +723,8 @@ def fit_flux_ratio(
     error is the sandwich estimate from the per-pixel scores.  The background offset
     is ``median(Dn - beta Dr) * sqrt(sn**2 + beta**2 sr**2)`` over all good pixels.
 
-    Pixels within a PSF stamp of the image edge or of a masked/NaN pixel are not used;
-    mask saturated pixels.  Source (Poisson) noise is not modelled in the
+    Pixels within a PSF stamp of the image edge or half a stamp of a masked/NaN pixel
+    are not used; mask saturated pixels.  Source (Poisson) noise is not modelled in the
     errors-in-variables correction, which leaves a bias of order ``1/(S/N)**2`` of the
     bright pixels.
 
