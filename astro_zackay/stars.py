@@ -1003,8 +1003,11 @@ def find_psf_stars(
         ``meta`` holds ``fwhm`` (S/N-weighted median over the selected stars),
         ``stamp_shape``, ``isolation`` (the median radius), ``snr_min``,
         ``saturation`` (the level used, or None), ``fwhm_range`` ((min, max) of the
-        size model over the image), ``n_detected``, ``n_selected`` and
-        ``n_rejected_<reason>`` for every reason above.
+        size model over the image), ``n_detected``, ``n_selected``,
+        ``n_rejected_<reason>`` for every reason above, and ``sources`` (a dict of
+        arrays ``x``, ``y``, ``flux``: every detection, selected or rejected, with
+        its isophotal flux; `~astro_zackay.psf.estimate_psf` models their wings on
+        the PSF stars' stamps).
 
     Raises
     ------
@@ -1076,6 +1079,7 @@ def find_psf_stars(
             "fwhm_range": _fwhm_range(model, img.shape, fits.scale),
             "n_detected": n_det,
             "n_selected": int(rows.size),
+            "sources": {"x": cand.x, "y": cand.y, "flux": cand.flux_det},
             **{f"n_rejected_{r}": int(np.sum(reason == r)) for r in REASONS},
         }
     )

@@ -2,21 +2,23 @@
 
 The stages: stars (given or found) -> stamp size (shrunk before stars are lost at
 the edge) -> background-subtracted stamps (a background map, or a ring beyond the
-wings) -> neighbours cleaned, then sub-pixel recentring -> the degradation ladder
+wings) -> an analytic outer wing fitted to the bright stars (`astro_zackay.psf.wings`)
+-> stars left out whose stamps hold the wings of other sources -> neighbours
+cleaned, then sub-pixel recentring -> the degradation ladder
 (`astro_zackay.psf.ladder`) picks the model the stars support -> one builder per
-method (`astro_zackay.psf.builders`) -> an analytic outer wing fitted to the bright
-stars (`astro_zackay.psf.wings`) -> quality on held-out stars.
+method (`astro_zackay.psf.builders`) -> quality on held-out stars.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from astropy.nddata import NDData
 from astropy.table import Table
+from scipy.spatial import cKDTree
 
 from .._ccd import to_image
 from .._threads import single_threaded_blas
@@ -43,6 +45,7 @@ from .stamps import (
     recentre,
     recentring_bias,
     ring_offsets,
+    row_median,
     stamp_fits,
     stamp_moments,
 )
@@ -79,6 +82,10 @@ REFINE = 1
 SELECT_FWHM = 2.0
 #: number of bright stars whose stacked profile gives the wing
 WING_STARS = 25
+#: a star whose core stamp holds more of the other sources' light (by the wing law, net
+#: of what its background ring takes off) than this many sigma of its sum's noise is
+#: left out of the stamps (kept for the wing); at most half the stars are left out
+CONTAMINATION_MAX = 10.0
 
 
 def _check_arguments(
@@ -293,9 +300,39 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
     return build_analytic(train, plan.method)
 
 
+class _Light(NamedTuple):
+    """The sources' light by the wing law (`stars_light`), and what it was drawn from."""
+
+    image: np.ndarray
+    flux: np.ndarray  # the stars' fluxes, first in the sources
+    wing: Wing
+    radius: float
+
+
+def _other_sources(stars: Table, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions and fluxes of the detections that are not ``stars`` (``meta['sources']``).
+
+    `~astro_zackay.stars.find_psf_stars` records every detection there, the crowded,
+    saturated and extended ones too: their wings fall on the PSF stars' stamps.
+    """
+    sources = stars.meta.get("sources")
+    if sources is None:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    sx, sy, flux = (np.asarray(sources[k], dtype=float) for k in ("x", "y", "flux"))
+    good = np.isfinite(sx) & np.isfinite(sy) & (flux > 0)
+    if len(stars):
+        xy = np.column_stack([np.asarray(stars["x"], float), np.asarray(stars["y"], float)])
+        dist, _ = cKDTree(xy).query(np.column_stack([sx, sy]))
+        good &= dist > fwhm
+    return sx[good], sy[good], flux[good]
+
+
 def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: float,
-              sky: np.ndarray | None, ring: float, core: tuple[int, int]) -> tuple[Wing, StampSet]:
-    """The wing law of the brightest stars, and the stamps with the law's light restored.
+              others: tuple[np.ndarray, ...], sky: np.ndarray | None, ring: float,
+              core: tuple[int, int]) -> tuple[Wing, StampSet, _Light | None]:
+    """The wing law of the brightest stars, the stamps with the law's light restored, and
+    the light of all the sources (the stars and ``others``) by the law (None without a
+    significant wing).
 
     The law is fitted twice, the second time to the profiles less the light of all the
     stars' wings but their own by the first law (a field of bright stars otherwise
@@ -314,11 +351,17 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
               "background": stamps.background[bright] if sky is None else 0.0}
     wing, _ = fit_wing(*args, **kwargs)
     if render_wing(wing, core) is None:  # no (significant) wing
-        return wing, stamps
-    light = stars_light(img.shape, x, y, stamps.flux, wing, r_max + 1.0)
+        return wing, stamps, None
+    sx, sy = np.concatenate([x, others[0]]), np.concatenate([y, others[1]])
+    flux = np.concatenate([stamps.flux, others[2]])
+    light = stars_light(img.shape, sx, sy, flux, wing, r_max + 1.0)
     wing, _ = fit_wing(*args, **kwargs, neighbours=(light, wing))
-    if sky is not None or render_wing(wing, core) is None:
-        return wing, stamps
+    if render_wing(wing, core) is None:
+        return wing, stamps, None
+    light = _Light(stars_light(img.shape, sx, sy, flux, wing, r_max + 1.0), stamps.flux, wing,
+                   r_max + 1.0)
+    if sky is not None:
+        return wing, stamps, light
     ring_dy, ring_dx = ring_offsets(ring, RING_WIDTH)
     level = -float(np.mean(wing.law(np.hypot(ring_dy, ring_dx)))) * stamps.flux
     data = stamps.data - level[:, None, None]
@@ -328,16 +371,66 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     log.info("outer wing %s; %.3g of each star's flux per pixel given back from its ring",
              wing, -level[0] / stamps.flux[0])
     return wing, StampSet(data, stamps.variance, stamps.dx, stamps.dy,
-                          stamps.background + level, flux, stamps.valid)
+                          stamps.background + level, flux, stamps.valid), light
 
 
-def _announce(steps: list[str], n_usable: int, n_given: int, shape: tuple[int, int]) -> str:
+def _others_light(light: _Light, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                  cols: np.ndarray) -> np.ndarray:
+    """The other sources' light at pixels ``(rows, cols)`` ``(n_star, n_pix)`` of each star.
+
+    The light image less the star's own law; NaN outside the image.
+    """
+    ny, nx = light.image.shape
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    r = np.hypot(cols - x[:, None], rows - y[:, None])
+    own = np.where(r <= light.radius, light.flux[:, None] * light.wing.law(r), 0.0)
+    value = light.image[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)] - own
+    return np.where(inside, value, np.nan)
+
+
+def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
+                   ring: float) -> np.ndarray:
+    """The other sources' light in each stamp, net of its ring's, in sigma of the sum's noise.
+
+    The light in the stamp less the stamp's area times the light's median over the
+    background ring (what the clipped ring background takes off), by the wing law:
+    a brighter neighbour just outside the isolation radius slopes its wing across the
+    stamp, which the mirror cleaning (`~astro_zackay.psf.stamps.clean_neighbours`)
+    removes only on one side (Moffat bright pairs: 5 false candidates around 3e6 e-
+    stars from one such star).
+    """
+    n, ny, nx = stamps.data.shape
+    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
+    oy, ox = np.mgrid[-(ny // 2) : ny // 2 + 1, -(nx // 2) : nx // 2 + 1]
+    in_stamp = _others_light(light, x, y, iy[:, None] + oy.ravel(), ix[:, None] + ox.ravel())
+    ry, rx = ring_offsets(ring, RING_WIDTH)
+    in_ring = _others_light(light, x, y, iy[:, None] + ry, ix[:, None] + rx)
+    net = in_stamp.sum(axis=1) - ox.size * row_median(in_ring)
+    return np.abs(net) / np.sqrt(stamps.variance.sum(axis=(1, 2)))
+
+
+def _uncontaminated(contamination: np.ndarray) -> np.ndarray:
+    """The stars whose stamps are clean enough: at most `CONTAMINATION_MAX` sigma.
+
+    When that would leave out more than half the stars, the cleaner half is kept.
+    """
+    keep = ~(contamination > CONTAMINATION_MAX)
+    if keep.sum() < 0.5 * keep.size:
+        keep = ~(contamination > np.median(contamination))
+    log.info("%d of %d stars left out of the stamps: other sources' wings in them",
+             int((~keep).sum()), keep.size)
+    return keep
+
+
+def _announce(steps: list[str], n_usable: int, n_given: int, shape: tuple[int, int],
+              n_contaminated: int = 0) -> str:
     """One FewStarsWarning naming every step down; the steps, for the model's meta."""
     if not steps:
         return ""
-    lost = n_given - n_usable
+    lost = n_given - n_usable - n_contaminated
+    wings = f", {n_contaminated} with other sources' wings in it" if n_contaminated else ""
     text = (f"{n_usable} usable PSF stars ({n_given} given, {lost} without a clean "
-            f"{shape[0]}x{shape[1]} stamp): " + "; ".join(steps))
+            f"{shape[0]}x{shape[1]} stamp{wings}): " + "; ".join(steps))
     warnings.warn(text, FewStarsWarning, stacklevel=4)
     return "; ".join(steps)
 
@@ -506,19 +599,26 @@ def estimate_psf(
     stamps = stamps.select(np.flatnonzero(stamps.valid)[order])
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
+    n_contaminated = 0
+    if len(stars):
+        others = _other_sources(stars, star_fwhm)
+        wing, stamps, light = _fit_wing(img, stamps, x, y, star_fwhm, others, sky, ring, core)
+        if light is not None:
+            keep = _uncontaminated(_contamination(stamps, x, y, light, ring))
+            n_contaminated = int((~keep).sum())
+            stars, stamps, x, y = stars[keep], stamps.select(keep), x[keep], y[keep]
     scaling = image_scaling(img.shape)
     u, v = scale_coordinates(x, y, scaling)
     plan = plan_model(u, v, method=method, degree=degree, holdout_fraction=holdout_fraction,
                       have_fwhm=fwhm is not None)
     n_usable = len(stars)
     meta: dict[str, Any] = {"method_used": plan.method, "n_stars": len(stars),
-                            "fwhm_stars": float(star_fwhm)}
+                            "n_contaminated": n_contaminated, "fwhm_stars": float(star_fwhm)}
     if len(stars) == 0:
         meta["reason"] = _announce(list(plan.steps), n_usable, n_given, core)
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
 
-    wing, stamps = _fit_wing(img, stamps, x, y, star_fwhm, sky, ring, core)
     significant = render_wing(wing, core)
     wing_stamp = None if shape is not None else significant
     outer = None if significant is not None else OUTER_FWHM * star_fwhm
@@ -539,7 +639,7 @@ def estimate_psf(
     if plan.method == "kl" and n_components is not None and len(built.basis) < n_components:
         steps.append(f"K={len(built.basis)} instead of n_components={n_components} "
                      f"({int((~holdout).sum())} training stars)")
-    meta["reason"] = _announce(steps, n_usable, n_given, core)
+    meta["reason"] = _announce(steps, n_usable, n_given, core, n_contaminated)
     meta.update(built.meta)
     meta.update({"wing_amplitude": wing.amplitude, "wing_beta": wing.beta,
                  "wing_alpha": wing.alpha,
