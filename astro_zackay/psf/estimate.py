@@ -49,7 +49,7 @@ from .stamps import (
     stamp_fits,
     stamp_moments,
 )
-from .wings import Wing, fit_wing, render_wing, stars_light
+from .wings import Wing, fit_wing, light_reach, render_wing, stars_light
 
 __all__ = ["estimate_psf"]
 
@@ -86,6 +86,9 @@ WING_STARS = 25
 #: of what its background ring takes off) than this many sigma of its sum's noise is
 #: left out of the stamps (kept for the wing); at most half the stars are left out
 CONTAMINATION_MAX = 10.0
+#: the other sources' light is drawn out to where it falls below this fraction of the
+#: sky noise per pixel
+LIGHT_FLOOR = 0.01
 
 
 def _check_arguments(
@@ -306,7 +309,7 @@ class _Light(NamedTuple):
     image: np.ndarray
     flux: np.ndarray  # the stars' fluxes, first in the sources
     wing: Wing
-    radius: float
+    reach: np.ndarray  # how far out each star is drawn
 
 
 def _other_sources(stars: Table, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -352,14 +355,19 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     wing, _ = fit_wing(*args, **kwargs)
     if render_wing(wing, core) is None:  # no (significant) wing
         return wing, stamps, None
-    sx, sy = np.concatenate([x, others[0]]), np.concatenate([y, others[1]])
-    flux = np.concatenate([stamps.flux, others[2]])
-    light = stars_light(img.shape, sx, sy, flux, wing, r_max + 1.0)
-    wing, _ = fit_wing(*args, **kwargs, neighbours=(light, wing))
+    floor = LIGHT_FLOOR * float(np.sqrt(np.median(stamps.variance[:, 0])))
+
+    def all_light(law: Wing) -> np.ndarray:
+        sx, sy = np.concatenate([x, others[0]]), np.concatenate([y, others[1]])
+        flux = np.concatenate([stamps.flux, others[2]])
+        return stars_light(img.shape, sx, sy, flux, law, r_max + 1.0, floor=floor)
+
+    # by the first law, each star drawn out to light_reach
+    light = _Light(all_light(wing), stamps.flux, wing, light_reach(stamps.flux, wing,
+                                                                    r_max + 1.0, floor))
+    wing, _ = fit_wing(*args, **kwargs, neighbours=(light.image, wing))
     if render_wing(wing, core) is None:
         return wing, stamps, None
-    light = _Light(stars_light(img.shape, sx, sy, flux, wing, r_max + 1.0), stamps.flux, wing,
-                   r_max + 1.0)
     if sky is not None:
         return wing, stamps, light
     ring_dy, ring_dx = ring_offsets(ring, RING_WIDTH)
@@ -383,7 +391,7 @@ def _others_light(light: _Light, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
     ny, nx = light.image.shape
     inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     r = np.hypot(cols - x[:, None], rows - y[:, None])
-    own = np.where(r <= light.radius, light.flux[:, None] * light.wing.law(r), 0.0)
+    own = np.where(r <= light.reach[:, None], light.flux[:, None] * light.wing.law(r), 0.0)
     value = light.image[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)] - own
     return np.where(inside, value, np.nan)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .stamps import row_median
 
-__all__ = ["Wing", "fit_wing", "render_wing", "stars_light"]
+__all__ = ["Wing", "fit_wing", "light_reach", "render_wing", "stars_light"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,27 @@ def _star_levels(
     return level, variance, r_mean, r_var
 
 
+def light_reach(flux: np.ndarray, wing: Wing, radius: float, floor: float) -> np.ndarray:
+    """How far out `stars_light` draws stars of ``flux``: to ``floor``, ``radius`` at most.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.wings import Wing, light_reach
+    >>> wing = Wing(0.1, 2.0, 1.0, 0.0)  # 1e4 * 0.1 * (1 + r**2)**-2 = 1 at r = 5.53
+    >>> np.round(light_reach(np.array([1e4, 10.0]), wing, 30.0, 1.0), 2).tolist()
+    [5.53, 0.0]
+    >>> light_reach(np.array([1e4]), wing, 30.0, 0.0).tolist()  # no floor: the radius
+    [30.0]
+    """
+    flux = np.asarray(flux, dtype=float)
+    reach = np.full(flux.shape, float(radius))
+    if floor > 0 and wing.amplitude > 0:
+        ratio = np.maximum(flux * wing.amplitude / floor, 1.0) ** (1.0 / wing.beta)
+        reach = np.minimum(reach, wing.alpha * np.sqrt(ratio - 1.0))
+    return reach
+
+
 def stars_light(
     shape: tuple[int, int],
     x: np.ndarray,
@@ -192,12 +213,15 @@ def stars_light(
     flux: np.ndarray,
     wing: Wing,
     radius: float,
+    *,
+    floor: float = 0.0,
 ) -> np.ndarray:
     """An image of the stars' light by the wing's law, out to ``radius`` pixels from each.
 
     Used to take the neighbours' wings out of a star's outer profile: a neighbour's
     core is clipped from an annulus, its wing (a smooth gradient over the annulus) is
-    not, and in a field of bright stars it flattens the fitted law.
+    not, and in a field of bright stars it flattens the fitted law. Each star is drawn
+    only out to where its light falls below ``floor`` (faint sources stay small).
 
     Examples
     --------
@@ -209,18 +233,18 @@ def stars_light(
     (10.0, 0.0)
     """
     light = np.zeros(shape)
-    h = int(np.ceil(radius))
-    oy, ox = np.mgrid[-h : h + 1, -h : h + 1]
+    x, y, flux = (np.asarray(v, dtype=float) for v in (x, y, flux))
+    reach = light_reach(flux, wing, radius, floor)
     ny, nx = shape
-    for xs, ys, f in zip(np.asarray(x, float), np.asarray(y, float), np.asarray(flux, float)):
+    for xs, ys, f, r_star in zip(x, y, flux, reach):
+        h = int(np.ceil(r_star))
         ix, iy = int(round(xs)), int(round(ys))
         y0, y1 = max(iy - h, 0), min(iy + h + 1, ny)
         x0, x1 = max(ix - h, 0), min(ix + h + 1, nx)
         if y0 >= y1 or x0 >= x1:
             continue
-        r = np.hypot(ox + ix - xs, oy + iy - ys)[y0 - iy + h : y1 - iy + h,
-                                                 x0 - ix + h : x1 - ix + h]
-        light[y0:y1, x0:x1] += np.where(r <= radius, f * wing.law(r), 0.0)
+        r = np.hypot(np.arange(x0, x1)[None, :] - xs, np.arange(y0, y1)[:, None] - ys)
+        light[y0:y1, x0:x1] += np.where(r <= min(r_star, radius), f * wing.law(r), 0.0)
     return light
 
 
