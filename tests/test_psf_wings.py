@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+from astropy.table import Table
 
 from astro_zackay.profiles import psf_stamp
 from astro_zackay.psf import KLPSFModel, estimate_psf
 from astro_zackay.simulation import PSFField, simulate_image
+from astro_zackay.stars import find_psf_stars
 
 FWHM = 3.5
 
@@ -73,3 +75,26 @@ def test_wing_round_trip_and_checks(tmp_path):
     assert np.array_equal(back.psf_at(3.0, 4.0), model.psf_at(3.0, 4.0))
     with pytest.raises(ValueError, match="wing must be an odd 2-D stamp larger"):
         KLPSFModel(core[None], [[1.0]], image_shape=(50, 50), degree=0, wing=np.ones((9, 9)))
+
+
+def test_stars_with_a_neighbours_wing_in_their_stamps_are_left_out():
+    """Two bright Moffat stars 15.9 px apart (outside the finder's isolation radius, 3 FWHM)
+    slope their wings across each other's stamps: both are left out of the PSF stamps,
+    none of the 24 isolated stars is (on main the pair's 1.6x brighter neighbour made the
+    smaller star's stamp the whole excess of a bright pair's PSF wing along x)."""
+    gx, gy = np.meshgrid(np.linspace(30, 226, 5), np.linspace(30, 226, 5))
+    x, y = gx.ravel() + 0.3, gy.ravel() - 0.2
+    isolated = np.hypot(x - 128, y - 128) > 40
+    flux = np.random.default_rng(1).uniform(1e5, 5e5, int(isolated.sum()))
+    stars = Table({"x": np.concatenate([x[isolated], [128.2, 143.8]]),
+                   "y": np.concatenate([y[isolated], [127.7, 130.2]]),
+                   "flux": np.concatenate([flux, [6e5, 1e6]])})
+    psf = PSFField(fwhm=FWHM, profile="moffat", beta=2.5, half_size_override=64)
+    sim = simulate_image((256, 256), psf=psf, stars=stars, seed=2)
+    found = find_psf_stars(sim.ccd)
+    assert len(found.meta["sources"]["x"]) == found.meta["n_detected"]
+    model = estimate_psf(sim.ccd, found)
+    assert model.meta["n_contaminated"] == 2
+    assert len(model.stars) == isolated.sum()
+    for xs, ys in zip(stars["x"][-2:], stars["y"][-2:]):
+        assert np.hypot(model.stars["x"] - xs, model.stars["y"] - ys).min() > 15
