@@ -473,7 +473,11 @@ def estimate_psf(
     around and rings), normalised to unit sum, and neighbours in their wings are
     replaced by the star's own light at the same radius
     (`~astro_zackay.psf.stamps.clean_neighbours`); their sub-pixel positions are
-    refined against the mean stamp.
+    refined against the mean stamp. With a significant wing, a star whose stamp holds
+    more than 10 sigma of the other sources' wings (by the fitted law, from every
+    detection in the stars' ``meta['sources']``, net of what its background ring
+    takes off) is left out of the stamps, at most half the stars
+    (``model.meta['n_contaminated']``); it still serves the wing fit.
 
     What is built depends on the usable stars (the degradation ladder, never a dead
     end): a spatially varying KL PSF when they constrain its coefficient fields (the
