@@ -357,14 +357,17 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
         return wing, stamps, None
     floor = LIGHT_FLOOR * float(np.sqrt(np.median(stamps.variance[:, 0])))
 
-    def all_light(law: Wing) -> np.ndarray:
+    def all_light(law: Wing, flux: np.ndarray) -> _Light:
         sx, sy = np.concatenate([x, others[0]]), np.concatenate([y, others[1]])
-        flux = np.concatenate([stamps.flux, others[2]])
-        return stars_light(img.shape, sx, sy, flux, law, r_max + 1.0, floor=floor)
+        image = stars_light(img.shape, sx, sy, np.concatenate([flux, others[2]]), law,
+                            r_max + 1.0, floor=floor)
+        return _Light(image, flux, law, light_reach(flux, law, r_max + 1.0, floor))
 
-    # by the first law, each star drawn out to light_reach
-    light = _Light(all_light(wing), stamps.flux, wing, light_reach(stamps.flux, wing,
-                                                                    r_max + 1.0, floor))
+    # by the first law; the stars' fluxes less the others' light in their stamps
+    light = all_light(wing, stamps.flux)
+    own = np.maximum(stamps.flux - _net_light(stamps, x, y, light, ring), 0.1 * stamps.flux)
+    light = all_light(wing, own)
+    args = (*args[:5], own[bright])
     wing, _ = fit_wing(*args, **kwargs, neighbours=(light.image, wing))
     if render_wing(wing, core) is None:
         return wing, stamps, None
@@ -396,16 +399,12 @@ def _others_light(light: _Light, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
     return np.where(inside, value, np.nan)
 
 
-def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
-                   ring: float) -> np.ndarray:
-    """The other sources' light in each stamp, net of its ring's, in sigma of the sum's noise.
+def _net_light(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
+               ring: float) -> np.ndarray:
+    """The other sources' light in each stamp, net of what its background ring takes off.
 
     The light in the stamp less the stamp's area times the light's median over the
-    background ring (what the clipped ring background takes off), by the wing law:
-    a brighter neighbour just outside the isolation radius slopes its wing across the
-    stamp, which the mirror cleaning (`~astro_zackay.psf.stamps.clean_neighbours`)
-    removes only on one side (Moffat bright pairs: 5 false candidates around 3e6 e-
-    stars from one such star).
+    background ring (the ring background is a clipped mean), by the wing law.
     """
     n, ny, nx = stamps.data.shape
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
@@ -413,7 +412,19 @@ def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light
     in_stamp = _others_light(light, x, y, iy[:, None] + oy.ravel(), ix[:, None] + ox.ravel())
     ry, rx = ring_offsets(ring, RING_WIDTH)
     in_ring = _others_light(light, x, y, iy[:, None] + ry, ix[:, None] + rx)
-    net = in_stamp.sum(axis=1) - ox.size * row_median(in_ring)
+    return in_stamp.sum(axis=1) - ox.size * row_median(in_ring)
+
+
+def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
+                   ring: float) -> np.ndarray:
+    """The other sources' light in each stamp (`_net_light`), in sigma of the sum's noise.
+
+    A brighter neighbour just outside the isolation radius slopes its wing across the
+    stamp, which the mirror cleaning (`~astro_zackay.psf.stamps.clean_neighbours`)
+    removes only on one side (Moffat bright pairs: 5 false candidates around 3e6 e-
+    stars from one such star).
+    """
+    net = _net_light(stamps, x, y, light, ring)
     return np.abs(net) / np.sqrt(stamps.variance.sum(axis=(1, 2)))
 
 
