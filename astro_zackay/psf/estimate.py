@@ -314,6 +314,7 @@ class _Light(NamedTuple):
     wing: Wing
     reach: np.ndarray  # how far out each star is drawn
     ring_level: np.ndarray | float = 0.0  # the stars' own wing light given back from the ring
+    net: np.ndarray | float = 0.0  # the others' light in each star's stamp (`_net_light`)
 
 
 def _other_sources(stars: Table, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -368,9 +369,9 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
         return _Light(image, flux, law, light_reach(flux, law, r_max + 1.0, floor))
 
     # by the first law; the stars' fluxes less the others' light in their stamps
-    light = all_light(wing, stamps.flux)
-    own = np.maximum(stamps.flux - _net_light(stamps, x, y, light, ring), 0.1 * stamps.flux)
-    light = all_light(wing, own)
+    net = _net_light(stamps, x, y, all_light(wing, stamps.flux), ring)
+    own = np.maximum(stamps.flux - net, 0.1 * stamps.flux)
+    light = all_light(wing, own)._replace(net=net)
     args = (*args[:5], own[bright])
     wing, _ = fit_wing(*args, **kwargs, neighbours=(light.image, wing))
     if render_wing(wing, core) is None:
@@ -451,8 +452,7 @@ def _net_light(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
     return in_stamp.sum(axis=1) - ox.size * row_median(in_ring)
 
 
-def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
-                   ring: float) -> np.ndarray:
+def _contamination(stamps: StampSet, light: _Light) -> np.ndarray:
     """The other sources' light in each stamp (`_net_light`), in sigma of the sum's noise.
 
     A brighter neighbour just outside the isolation radius slopes its wing across the
@@ -460,8 +460,7 @@ def _contamination(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light
     removes only on one side (Moffat bright pairs: 5 false candidates around 3e6 e-
     stars from one such star).
     """
-    net = _net_light(stamps, x, y, light, ring)
-    return np.abs(net) / np.sqrt(stamps.variance.sum(axis=(1, 2)))
+    return np.abs(light.net) / np.sqrt(stamps.variance.sum(axis=(1, 2)))
 
 
 def _uncontaminated(contamination: np.ndarray) -> np.ndarray:
@@ -665,7 +664,7 @@ def estimate_psf(
         if light is not None and sky is None:
             stamps = _without_others(img, stamps, x, y, light, ring)
         if light is not None:
-            keep = _uncontaminated(_contamination(stamps, x, y, light, ring))
+            keep = _uncontaminated(_contamination(stamps, light))
             n_contaminated = int((~keep).sum())
             stars, stamps, x, y = stars[keep], stamps.select(keep), x[keep], y[keep]
     scaling = image_scaling(img.shape)
