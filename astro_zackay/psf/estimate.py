@@ -549,7 +549,8 @@ def estimate_psf(
     alpha**2) ** -beta`` of the stars' FWHM fitted to the profiles of the brightest
     stars between 2 and 12 FWHM (each with its own residual background), out to where
     1e-3 of the flux remains, when the wing holds a significant flux outside the core
-    (Moffat-like PSFs): ``psf_at`` returns core and wing, unit sum. A given
+    (Moffat-like PSFs): ``psf_at`` returns core and wing, unit sum, the core stamp's
+    corners (beyond its inscribed disk, where few stars leave it noisy) from the law. A given
     ``stamp_shape`` is kept as it is (no wing).
 
     The held-out stars measure the quality (``model.quality``): chi2/dof with the

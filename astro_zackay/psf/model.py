@@ -96,9 +96,11 @@ class KLPSFModel(Fittable2DModel):
         Extra numbers and notes (e.g. the fitted analytic ``fwhm``, ``ellipticity``,
         ``theta``, ``beta``; how the model was chosen).
     wing : array-like, optional
-        ``(my, mx)`` outer wing, larger than the basis stamps and zero over them, that
-        holds the PSF's flux beyond them (its sum is that fraction): the PSF is then
-        ``(1 - sum(wing)) * core + wing`` on the wing's stamp.
+        ``(my, mx)`` outer wing, larger than the basis stamps and zero over the disk
+        inscribed in them (or over the whole basis stamp), that holds the PSF's flux
+        beyond that disk (its sum is that fraction): the PSF is then the core's pixels
+        where the wing is zero, scaled to ``1 - sum(wing)``, plus the wing, on the wing's
+        stamp (the core stamp's noisy corners come from the wing law).
     x_0, y_0, flux : float, optional
         The model parameters.
     **kwargs
@@ -221,7 +223,7 @@ class KLPSFModel(Fittable2DModel):
 
     @property
     def wing(self) -> np.ndarray | None:
-        """The outer wing stamp (zero over the core), or None (read-only)."""
+        """The outer wing stamp (zero over the core's inscribed disk), or None (read-only)."""
         return self._state.wing
 
     @property
@@ -309,7 +311,10 @@ class KLPSFModel(Fittable2DModel):
             full = np.broadcast_to(wing, (len(psf), *wing.shape)).copy()
             (cy, cx), (wy, wx) = self.core_shape, wing.shape
             oy, ox = (wy - cy) // 2, (wx - cx) // 2
-            full[:, oy : oy + cy, ox : ox + cx] = (1.0 - wing.sum()) * psf
+            disk = wing[oy : oy + cy, ox : ox + cx] == 0.0
+            core = psf * disk
+            core *= ((1.0 - wing.sum()) / core.sum(axis=(1, 2)))[:, None, None]
+            full[:, oy : oy + cy, ox : ox + cx] += core
             psf = full
         return psf[0] if scalar else psf
 
