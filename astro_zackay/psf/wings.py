@@ -232,20 +232,29 @@ def stars_light(
     >>> float(light[10, 10]), float(light[10, 16])  # the law at 0; nothing beyond 5 px
     (10.0, 0.0)
     """
-    light = np.zeros(shape)
     x, y, flux = (np.asarray(v, dtype=float) for v in (x, y, flux))
     reach = light_reach(flux, wing, radius, floor)
-    ny, nx = shape
-    for xs, ys, f, r_star in zip(x, y, flux, reach):
-        h = int(np.ceil(r_star))
-        ix, iy = int(round(xs)), int(round(ys))
-        y0, y1 = max(iy - h, 0), min(iy + h + 1, ny)
-        x0, x1 = max(ix - h, 0), min(ix + h + 1, nx)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        r = np.hypot(np.arange(x0, x1)[None, :] - xs, np.arange(y0, y1)[:, None] - ys)
-        light[y0:y1, x0:x1] += np.where(r <= min(r_star, radius), f * wing.law(r), 0.0)
-    return light
+    half = np.ceil(reach).astype(int)
+    pieces = [_disk_light(shape, x[half == h], y[half == h], flux[half == h],
+                          np.minimum(reach[half == h], radius), h, wing)
+              for h in np.unique(half)]
+    index = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, int)
+    value = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0)
+    return np.bincount(index, value, minlength=shape[0] * shape[1]).reshape(shape)
+
+
+def _disk_light(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                reach: np.ndarray, half: int,
+                wing: Wing) -> tuple[np.ndarray, np.ndarray]:
+    """Flat pixel indices and light of stars drawn in ``2 half + 1`` boxes to ``reach``."""
+    offsets = np.arange(-half, half + 1)
+    rows = np.round(y).astype(int)[:, None, None] + offsets[None, :, None]
+    cols = np.round(x).astype(int)[:, None, None] + offsets[None, None, :]
+    r = np.hypot(cols - x[:, None, None], rows - y[:, None, None])
+    keep = ((r <= reach[:, None, None]) & (rows >= 0) & (rows < shape[0])
+            & (cols >= 0) & (cols < shape[1]))
+    value = (flux[:, None, None] * wing.law(r))[keep]
+    return (rows * shape[1] + cols)[keep], value
 
 
 def fit_wing(
