@@ -191,14 +191,14 @@ def _fields(train: TrainingSet, basis: np.ndarray, degree: int) -> np.ndarray:
 
 
 def _candidate_chi2(
-    train: TrainingSet, hold: TrainingSet, degrees: tuple[int, ...], k_max: int,
+    train: TrainingSet, hold: TrainingSet, degrees: tuple[int, ...], basis: np.ndarray,
     aperture: np.ndarray,
 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """Held-out chi2/dof ``(n_candidates, n_hold)`` of every (degree, K) trained on ``train``.
 
-    Candidates are ``(n_parameters, degree, K)``, n_parameters = K times the terms.
+    ``basis`` holds the eigen-PSFs of ``train`` (K up to its length). Candidates are
+    ``(n_parameters, degree, K)``, n_parameters = K times the terms.
     """
-    basis, _ = kl_basis(train.stamps, train.weights, k_max)
     candidates, chi2 = [], []
     for degree in degrees:
         fields = _fields(train, basis, degree)
@@ -214,8 +214,11 @@ def _cross_validated(
 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """`_candidate_chi2` with every star held out once (CV_FOLDS folds)."""
     fold = np.arange(len(train)) % CV_FOLDS
-    runs = [_candidate_chi2(train.select(fold != f), train.select(fold == f), degrees, k_max,
-                            aperture) for f in range(CV_FOLDS)]
+    runs = []
+    for f in range(CV_FOLDS):
+        part = train.select(fold != f)
+        basis, _ = kl_basis(part.stamps, part.weights, k_max)
+        runs.append(_candidate_chi2(part, train.select(fold == f), degrees, basis, aperture))
     return runs[0][0], np.concatenate([chi2 for _, chi2 in runs], axis=1)
 
 
@@ -286,12 +289,12 @@ def build_kl(
     choose = n_components is None and inf_loss is None
     selection = None
     if choose and (hold is not None or len(train) >= CV_MIN):
-        if hold is not None:
-            candidates, chi2 = _candidate_chi2(train, hold, degrees, k_max, aperture)
+        basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
+        if hold is not None:  # the eigen-PSFs of all of train: reused for the model
+            candidates, chi2 = _candidate_chi2(train, hold, degrees, basis, aperture)
         else:
             candidates, chi2 = _cross_validated(train, degrees, k_max, aperture)
         degree, k, selection = _select(candidates, chi2)
-        basis, eigenvalues = kl_basis(train.stamps, train.weights, k)
     else:
         degree = max(degrees)
         basis, eigenvalues = kl_basis(train.stamps, train.weights, k_max)
