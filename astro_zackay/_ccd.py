@@ -32,7 +32,7 @@ from astropy.wcs import WCS
 from ._warnings import SaturationWarning, user_stacklevel
 from .saturation import detect_saturation
 
-__all__ = ["ImageData", "as_ccddata", "record_step", "to_ccddata", "to_image"]
+__all__ = ["ImageData", "SkyMaps", "as_ccddata", "record_step", "to_ccddata", "to_image"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,24 @@ READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
 SATURATION_KEYS = ("SATURATE", "SATURATN", "SATLEVEL")
 
 _ELECTRON_UNITS = (u.electron, u.photon)
+
+
+@dataclass(frozen=True, eq=False)
+class SkyMaps:
+    """sep's clipped sky and rms maps of an image (masked pixels set to 0), 3x3 filtered.
+
+    ``data`` is the very array they were computed from: a copy of the image with other
+    data (``dataclasses.replace``) does not match it, so the maps are not reused there.
+    """
+
+    data: np.ndarray
+    box: int
+    sky: np.ndarray
+    rms: np.ndarray
+
+    def matches(self, img: ImageData, box: int) -> bool:
+        """Whether these are the maps of ``img.data`` (unmasked) in ``box`` px boxes."""
+        return self.data is img.data and self.box == box
 
 
 @dataclass(frozen=True, repr=False)
@@ -72,6 +90,9 @@ class ImageData:
         The saturation level in data units that was applied to the mask.
     variance_estimated : bool
         True when the variance was estimated from the data rather than propagated.
+    sky_maps : `SkyMaps` or None
+        sep's clipped sky and rms maps that estimated the variance, kept for reuse by
+        source detection (None when the variance was not estimated from such maps).
     """
 
     data: np.ndarray
@@ -84,6 +105,7 @@ class ImageData:
     read_noise: float | None = None
     saturation: float | None = None
     variance_estimated: bool = False
+    sky_maps: SkyMaps | None = field(default=None, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -240,13 +262,14 @@ def _log_variance_estimate(background: float, gain: float | None) -> None:
 
 def _estimate_variance(
     data: np.ndarray, mask: np.ndarray, gain: float | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, SkyMaps | None]:
     """Variance from the data: local background variance plus Poisson noise of sources.
 
     The background variance is sep's rms map (64 px boxes, an eighth of a small
     image), not one global value: sky gradients and extended sources inflate a
     global MAD (by 1.6x in variance on properimage's sample pair, which left its
-    off-star Scorr with a standard deviation of 0.79).
+    off-star Scorr with a standard deviation of 0.79). The maps are returned too (None
+    for an image too small for them).
     """
     good = ~mask & np.isfinite(data)
     if good.sum() < 16:
@@ -257,17 +280,20 @@ def _estimate_variance(
         from .background import _sep_maps
 
         sky, rms = _sep_maps(np.where(good, data, 0.0), ~good, (box, box), (3, 3))
+        sky.flags.writeable = rms.flags.writeable = False  # shared through the maps
+        maps = SkyMaps(data, box, sky, rms)
         variance = rms**2
     else:  # too small for a map: one clipped value
         _, median, std = sigma_clipped_stats(data[good], sigma=4.0, maxiters=10,
                                              stdfunc="mad_std")
         sky, variance = np.full(data.shape, median), np.full(data.shape, std**2)
+        maps = None
     if log.isEnabledFor(logging.INFO):  # the median costs ~5 ms a frame: only when logged
         _log_variance_estimate(float(np.median(variance[good])), gain)
     if gain is not None:
         excess = np.nan_to_num(data - sky, nan=0.0, posinf=0.0, neginf=0.0)
         variance = variance + np.clip(excess, 0.0, None) / gain
-    return variance
+    return variance, maps
 
 
 def to_image(
@@ -376,10 +402,14 @@ def to_image(
         uncertainty = nd.uncertainty
     variance = _variance_from_uncertainty(uncertainty, data.shape, data_unit)
     estimated = variance is None
+    maps = None
     if estimated:
-        variance = _estimate_variance(data, bad, gain_value)
+        variance, maps = _estimate_variance(data, bad, gain_value)
     variance = variance.astype(data.dtype, copy=False)
+    n_bad = np.count_nonzero(bad)
     bad |= ~np.isfinite(variance) | (variance < 0)
+    if np.count_nonzero(bad) != n_bad:  # the maps were made with another mask
+        maps = None
 
     wcs = nd.wcs if isinstance(nd.wcs, WCS) else None
     return ImageData(
@@ -393,6 +423,7 @@ def to_image(
         read_noise=read_noise_value,
         saturation=saturation_value,
         variance_estimated=estimated,
+        sky_maps=maps,
     )
 
 
