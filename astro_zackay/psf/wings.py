@@ -322,11 +322,12 @@ def fit_wing(
     (2.5, 3.0)
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if neighbours is not None:
-        data = data - neighbours[0]
-    images = (data, variance) if sky is None else (data, variance, sky)
+    # the neighbours' light is taken off the sampled pixels, not off the whole image
+    images = (data, variance) + ((sky,) if sky is not None else ()) + (
+        (neighbours[0],) if neighbours is not None else ())
     grid, radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
-    values = pixels[0] - (pixels[2] if sky is not None else 0.0)
+    values = pixels[0] - pixels[-1] if neighbours is not None else pixels[0]
+    values = values - (pixels[2] if sky is not None else 0.0)
     background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
     flux = np.asarray(flux, dtype=float)[:, None]
     if neighbours is not None:
