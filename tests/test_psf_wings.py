@@ -54,8 +54,8 @@ def test_moffat_wings(seed):
     assert abs(psf.sum() - 1.0) < 1e-12
     flux, truth_flux, per_pixel, truth_per_pixel = _beyond(model, "moffat", 2.5)
     assert abs(per_pixel - truth_per_pixel) < 3e-6
-    # the target is 0.001; measured -0.0011 and +0.0002 on these two seeds
-    assert abs(flux - truth_flux) < 0.002
+    # measured -0.0009 and -0.0008 on these two seeds (-0.0010 and -0.0006 on seeds 3, 4)
+    assert abs(flux - truth_flux) < 0.001
 
 
 def test_wing_round_trip_and_checks(tmp_path):
