@@ -11,15 +11,14 @@ size, and sizes that change across the field need no global reference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .profiles import GAUSS_FWHM
+
 __all__ = ["Moments", "adaptive_moments"]
 
-#: FWHM / sigma of a Gaussian.
-GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Weight-covariance eigenvalues are kept within (0.3 px)**2 and (window / 2)**2.
 _MIN_VAR = 0.09
 #: The variance of a pixel's top-hat response, per axis (px**2).

@@ -21,7 +21,8 @@ import numpy as np
 
 __all__ = ["moffat_jacobian", "moffat_model", "moffat_shape", "psf_stamp"]
 
-_GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))  # FWHM / sigma of a Gaussian
+#: FWHM / sigma of a Gaussian.
+GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _PROFILES = ("gaussian", "moffat")
 _LN2 = math.log(2.0)
 #: 2x2 Gauss-Legendre points per pixel: the fitted model is integrated over pixels like data.
@@ -35,7 +36,7 @@ _SUB_DY = np.array([-_SUB, -_SUB, _SUB, _SUB])
 def _profile_scale(fwhm: np.ndarray, profile: str, beta: float) -> np.ndarray:
     """Return the major-axis scale (Gaussian sigma or Moffat alpha) for a FWHM."""
     if profile == "gaussian":
-        return fwhm / _GAUSS_FWHM
+        return fwhm / GAUSS_FWHM
     return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
 
 

@@ -62,7 +62,7 @@ from scipy.spatial import cKDTree
 from ._warnings import AstroZackayWarning
 from .fourier import shift_stack
 from .profiles import (
-    _GAUSS_FWHM,
+    GAUSS_FWHM,
     _check_oversample,
     _check_profile,
     _check_shape,
@@ -290,7 +290,7 @@ class PSFField:
         if self.half_size_override is not None:
             return int(self.half_size_override)
         fwhm = self.max_fwhm
-        radius = 6.0 * fwhm / _GAUSS_FWHM
+        radius = 6.0 * fwhm / GAUSS_FWHM
         if self.profile == "moffat":
             alpha = float(_profile_scale(np.float64(fwhm), "moffat", self.beta))
             r999 = alpha * math.sqrt(1e-3 ** (1.0 / (1.0 - self.beta)) - 1.0)

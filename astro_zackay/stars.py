@@ -38,7 +38,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
-from ._moments import GAUSS_FWHM, Moments, adaptive_moments
+from ._moments import Moments, adaptive_moments
 from ._threads import single_threaded_blas
 from .background import (
     BackgroundResult,
@@ -46,7 +46,7 @@ from .background import (
     _sep_extract,
     _sep_maps,
 )
-from .profiles import moffat_jacobian, moffat_model, moffat_shape
+from .profiles import GAUSS_FWHM, moffat_jacobian, moffat_model, moffat_shape
 
 __all__ = ["find_psf_stars"]
 

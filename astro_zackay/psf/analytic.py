@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..profiles import psf_stamp
+from ..profiles import GAUSS_FWHM, psf_stamp
 
 __all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
@@ -92,7 +92,7 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     total = stamp.sum()
     mxx = float((stamp * (xx - nx // 2) ** 2).sum() / total)
     myy = float((stamp * (yy - ny // 2) ** 2).sum() / total)
-    fwhm0 = 2.3548 * np.sqrt(max(0.5 * (mxx + myy), 0.25))
+    fwhm0 = GAUSS_FWHM * np.sqrt(max(0.5 * (mxx + myy), 0.25))
     moffat = profile == "moffat"
 
     def unpack(p: np.ndarray) -> tuple:

@@ -23,6 +23,7 @@ from scipy.spatial import cKDTree
 from .._ccd import to_image
 from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning
+from ..profiles import GAUSS_FWHM
 from ..stars import find_psf_stars
 from .analytic import fit_profile
 from .builders import (
@@ -172,7 +173,7 @@ def _measured_fwhm(stars: Table, img: Any) -> float | None:
         return None
     good = good[np.argsort(probe.flux[good])[::-1][:20]]
     size, _, _ = stamp_moments(recentre(probe.data[good], probe.dx[good], probe.dy[good]), 4.0)
-    return float(2.3548 * np.sqrt(np.median(size) / 2.0))
+    return float(GAUSS_FWHM * np.sqrt(np.median(size) / 2.0))
 
 
 def _side(fwhm: float, n_fwhm: float) -> int:
