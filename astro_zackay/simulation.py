@@ -78,6 +78,7 @@ __all__ = [
     "SimulatedPair",
     "inject_sources",
     "psf_stamp",
+    "simulate_bright_star_pair",
     "simulate_image",
     "simulate_mosaic",
     "simulate_pair",
@@ -975,6 +976,21 @@ class SimulatedPair:
     flux_ratio: float
     shift: tuple[float, float]
 
+    def true_psf_stamps(
+        self, x: float | None = None, y: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The true unit-sum PSF stamps ``(reference, science)`` at ``(x, y)``.
+
+        The default position is the frame's centre, which is all a constant PSF needs.
+        The stamps can be given to `~astro_zackay.subtraction.subtract` as
+        ``reference_psf=`` and ``science_psf=`` to separate the error of an estimated PSF
+        from the rest.
+        """
+        ny, nx = self.reference.ccd.shape
+        x = (nx - 1) / 2.0 if x is None else x
+        y = (ny - 1) / 2.0 if y is None else y
+        return self.reference.psf.stamp(x, y), self.science.psf.stamp(x, y)
+
     def __repr__(self) -> str:
         return (
             f"<SimulatedPair {self.reference.ccd.shape}, {len(self.reference.truth)} stars, "
@@ -1643,6 +1659,85 @@ galaxy_ellipticity_max
         sim.ccd.meta["SHIFTY"] = (dy, "science y - reference y (pix)")
     science.ccd.meta["NTRANS"] = (len(ttab), "transients (science only)")
     return SimulatedPair(reference, science, ttab, flux_ratio, (dx, dy))
+
+
+def simulate_bright_star_pair(
+    shape: int | tuple[int, int] = (256, 256),
+    *,
+    reference_psf: PSFField | float = 2.5,
+    science_psf: PSFField | float = 3.5,
+    n_stars: int = 30,
+    flux_range: tuple[float, float] = (1e4, 3e5),
+    contrast: float = 10.0,
+    seed: int | None = None,
+    **pair_options: Any,
+) -> SimulatedPair:
+    """A pair whose brightest star, near the centre, outshines all the others ``contrast`` times.
+
+    An adversarial field for PSF models and subtraction: the wings of one star far
+    brighter than the stars the PSF is learned from show every error of the model's
+    wing. ``n_stars`` stars of fluxes uniform in ``flux_range`` (reference e-) are placed
+    uniformly, a PSF half-size from the edges, and one more star of ``contrast`` times
+    the brightest of them at ``(nx / 2 + 0.3, ny / 2 - 0.2)``; the pair is then drawn
+    by `simulate_pair` with the same ``seed``.
+
+    Parameters
+    ----------
+    shape : int or (int, int)
+        Image shape ``(ny, nx)``.
+    reference_psf, science_psf : PSFField or float
+        The PSFs (a FWHM in pixels gives a Gaussian).
+    n_stars : int
+        Number of ordinary stars, besides the bright one.
+    flux_range : (float, float)
+        Their fluxes (reference e-), drawn uniformly.
+    contrast : float
+        Flux of the bright star over the brightest ordinary star (> 1).
+    seed : int, optional
+        Seed of the star positions and fluxes and of `simulate_pair`.
+    **pair_options
+        Passed to `simulate_pair` (``flux_ratio``, ``shift``, ``reference_sky``, ...);
+        ``stars``, ``n_stars`` and ``flux_range`` are set here.
+
+    Returns
+    -------
+    SimulatedPair
+        Row 0 of the truth tables is the bright star.
+
+    Examples
+    --------
+    >>> from astro_zackay.simulation import simulate_bright_star_pair
+    >>> pair = simulate_bright_star_pair((128, 128), n_stars=10, seed=1)
+    >>> truth = pair.reference.truth
+    >>> bool(truth["flux"][0] == 10 * truth["flux"][1:].max())
+    True
+    """
+    shape = (shape, shape) if np.isscalar(shape) else tuple(shape)
+    if not contrast > 1:
+        raise ValueError(f"contrast must be > 1, got {contrast}")
+    count = _check_count(n_stars, "n_stars")
+    if count < 1:
+        raise ValueError("n_stars must be >= 1: the bright star outshines the others")
+    low, high = _check_range(flux_range, "flux_range", 0.0)
+    taken = {"stars", "n_stars", "flux_range"} & set(pair_options)
+    if taken:
+        raise TypeError(f"simulate_bright_star_pair sets {sorted(taken)} itself")
+    ref_psf = _as_psf_field(reference_psf, shape, "reference_psf")
+    sci_psf = _as_psf_field(science_psf, shape, "science_psf")
+    rng = np.random.default_rng(seed)
+    edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
+    x = rng.uniform(edge, shape[1] - 1 - edge, count + 1)
+    y = rng.uniform(edge, shape[0] - 1 - edge, count + 1)
+    flux = rng.uniform(low, high, count + 1)
+    x[0], y[0], flux[0] = shape[1] / 2 + 0.3, shape[0] / 2 - 0.2, contrast * flux[1:].max()
+    return simulate_pair(
+        shape,
+        reference_psf=ref_psf,
+        science_psf=sci_psf,
+        stars=Table({"x": x, "y": y, "flux": flux}),
+        seed=seed,
+        **pair_options,
+    )
 
 
 # ---------------------------------------------------------------------------

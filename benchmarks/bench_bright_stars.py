@@ -21,10 +21,9 @@ import time
 import warnings
 
 import numpy as np
-from astropy.table import Table
 
 from astro_zackay import subtract
-from astro_zackay.simulation import PSFField, simulate_pair
+from astro_zackay.simulation import PSFField, simulate_bright_star_pair, simulate_pair
 
 SHAPE = (512, 512)
 N_STARS = 120  # per 512^2 field: ~460 per Mpix, ~30 % of them brighter than 1e5 e-
@@ -59,30 +58,9 @@ def clean_pair(profile: str, max_flux: float, seed: int, shape=SHAPE, n_stars=N_
 def one_bright_pair(profile: str, seed: int, shape=(256, 256)):
     """A 256^2 clean pair: 30 stars of 1e4-3e5 e- and one 10x brighter than all of them."""
     ref_psf, sci_psf = psf_fields(profile)
-    rng = np.random.default_rng(seed)
-    n = 31
-    edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
-    x = rng.uniform(edge, shape[1] - 1 - edge, n)
-    y = rng.uniform(edge, shape[0] - 1 - edge, n)
-    flux = rng.uniform(1e4, 3e5, n)
-    x[0], y[0], flux[0] = shape[1] / 2 + 0.3, shape[0] / 2 - 0.2, 10 * flux[1:].max()
-    return simulate_pair(
-        shape,
-        reference_psf=ref_psf,
-        science_psf=sci_psf,
-        flux_ratio=FLUX_RATIO,
-        shift=SHIFT,
-        stars=Table({"x": x, "y": y, "flux": flux}),
-        seed=seed,
-    )
-
-
-def true_psfs(pair) -> tuple[np.ndarray, np.ndarray]:
-    """The true PSF stamps of both images (constant PSFs: the stamp at the centre)."""
-    ny, nx = pair.reference.ccd.shape
-    return (
-        pair.reference.psf.stamp((nx - 1) / 2, (ny - 1) / 2),
-        pair.science.psf.stamp((nx - 1) / 2, (ny - 1) / 2),
+    return simulate_bright_star_pair(
+        shape, reference_psf=ref_psf, science_psf=sci_psf, n_stars=30, flux_range=(1e4, 3e5),
+        contrast=10.0, flux_ratio=FLUX_RATIO, shift=SHIFT, seed=seed,
     )
 
 
@@ -102,7 +80,7 @@ def false_candidates(pair, *, true_psf: bool) -> tuple[int, float, float]:
     """5-sigma candidates of the subtraction of a clean pair, their ring radius, the time."""
     kwargs = {}
     if true_psf:
-        kwargs["reference_psf"], kwargs["science_psf"] = true_psfs(pair)
+        kwargs["reference_psf"], kwargs["science_psf"] = pair.true_psf_stamps()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

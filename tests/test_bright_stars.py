@@ -18,10 +18,9 @@ import warnings
 
 import numpy as np
 import pytest
-from astropy.table import Table
 
 from astro_zackay import subtract
-from astro_zackay.simulation import PSFField, simulate_pair
+from astro_zackay.simulation import PSFField, simulate_bright_star_pair, simulate_pair
 
 FWHM_REF, FWHM_SCI = 2.5, 3.5
 FLUX_RATIO = 0.85
@@ -85,34 +84,15 @@ def one_bright_pair(profile, seed):
     false candidates for seeds 0-2, the issue's "45-64"; 0-1 with the true PSFs.
     """
     ref_psf, sci_psf = psfs(profile)
-    shape = (256, 256)
-    rng = np.random.default_rng(seed)
-    edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
-    x = rng.uniform(edge, shape[1] - 1 - edge, 31)
-    y = rng.uniform(edge, shape[0] - 1 - edge, 31)
-    flux = rng.uniform(1e4, 3e5, 31)
-    x[0], y[0], flux[0] = 128.3, 127.8, 10 * flux[1:].max()
-    return simulate_pair(
-        shape,
-        reference_psf=ref_psf,
-        science_psf=sci_psf,
-        flux_ratio=FLUX_RATIO,
-        shift=SHIFT,
-        stars=Table({"x": x, "y": y, "flux": flux}),
-        seed=seed,
+    return simulate_bright_star_pair(
+        (256, 256), reference_psf=ref_psf, science_psf=sci_psf, n_stars=30,
+        flux_range=(1e4, 3e5), contrast=10.0, flux_ratio=FLUX_RATIO, shift=SHIFT, seed=seed,
     )
-
-
-def true_psf_stamps(pair):
-    """The true PSFs (constant over the frame) as unit-sum stamps, rendered by psf_stamp."""
-    ny, nx = pair.reference.ccd.shape
-    centre = ((nx - 1) / 2, (ny - 1) / 2)
-    return tuple(img.psf.stamp(*centre) for img in (pair.reference, pair.science))
 
 
 def false_candidates(pair, *, true_psf, **kwargs):
     if true_psf:
-        kwargs["reference_psf"], kwargs["science_psf"] = true_psf_stamps(pair)
+        kwargs["reference_psf"], kwargs["science_psf"] = pair.true_psf_stamps()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FewStarsWarning etc. are not what is measured here
         result = subtract(pair.reference.ccd, pair.science.ccd, **kwargs)
