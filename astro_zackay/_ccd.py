@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,15 @@ from astropy.wcs import WCS
 from ._warnings import SaturationWarning, user_stacklevel
 from .saturation import detect_saturation
 
-__all__ = ["ImageData", "SkyMaps", "as_ccddata", "record_step", "to_ccddata", "to_image"]
+__all__ = [
+    "ImageData",
+    "SkyMaps",
+    "as_ccddata",
+    "match_unit",
+    "record_step",
+    "to_ccddata",
+    "to_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ log = logging.getLogger(__name__)
 GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
 READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
 SATURATION_KEYS = ("SATURATE", "SATURATN", "SATLEVEL")
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "TEXPTIME")
 
 _ELECTRON_UNITS = (u.electron, u.photon)
 
@@ -593,4 +602,147 @@ def as_ccddata(image: ImageData) -> CCDData:
         uncertainty=StdDevUncertainty(np.sqrt(image.variance)),
         wcs=image.wcs,
         meta=image.meta,
+    )
+
+
+def _count_form(unit: u.UnitBase) -> tuple[u.UnitBase, float, bool] | None:
+    """``(base, scale, rate)``: ``unit = scale * base`` (per second when ``rate``), else None.
+
+    ``base`` is `~astropy.units.electron` (photons count as electrons, as in `to_image`)
+    or `~astropy.units.adu`.
+    """
+    for base, aliases in ((u.electron, _ELECTRON_UNITS), (u.adu, (u.adu,))):
+        for alias in aliases:
+            for rate in (False, True):
+                try:
+                    return base, float(unit.to(alias / u.s if rate else alias)), rate
+                except u.UnitConversionError:
+                    continue
+    return None
+
+
+def _unit_gain(img: ImageData, gain: Any, name: str, target: str, unit: u.UnitBase) -> float:
+    """The gain (e-/ADU) for converting ``img`` to ``unit``: given, the image's, or a keyword."""
+    value = _as_float(gain, u.electron / u.adu, "gain")
+    if value is None and img.unit == u.adu:
+        value = img.gain
+    if value is None:
+        value = _header_float(img.meta, GAIN_KEYS)
+    if value is None:
+        raise u.UnitsError(
+            f"the {name} is in {img.unit} and the {target} in {unit}: converting between "
+            f"electrons and ADU needs the {name}'s gain (e-/ADU); pass gain= or give the "
+            "image a GAIN keyword"
+        )
+    return value
+
+
+def _unit_factor(
+    img: ImageData, unit: u.UnitBase, gain: Any, name: str, target: str
+) -> tuple[float, str]:
+    """The factor that takes ``img``'s data to ``unit``, and how it was made."""
+    try:
+        return float(img.unit.to(unit)), "scale"
+    except u.UnitConversionError:
+        pass
+    source, goal = _count_form(img.unit), _count_form(unit)
+    if source is None or goal is None:
+        raise u.UnitsError(
+            f"the {name} is in {img.unit} and the {target} in {unit}: no conversion between "
+            "them is known (only electrons, ADU and their rates per second convert)"
+        )
+    factor, how = source[1] / goal[1], []
+    if source[0] != goal[0]:
+        value = _unit_gain(img, gain, name, target, unit)
+        factor *= value if goal[0] == u.electron else 1.0 / value
+        how.append(f"gain {value:.6g} e-/ADU")
+    if source[2] != goal[2]:
+        exptime = _header_float(img.meta, EXPTIME_KEYS)
+        if exptime is None:
+            raise u.UnitsError(
+                f"the {name} is in {img.unit} and the {target} in {unit}: converting a count "
+                f"rate needs the {name}'s exposure time, and it has no EXPTIME keyword"
+            )
+        factor *= exptime if source[2] else 1.0 / exptime
+        how.append(f"exposure time {exptime:.6g} s")
+    return factor, ", ".join(how)
+
+
+def match_unit(
+    img: ImageData, unit: u.UnitBase, *, gain: float | None, name: str, target: str
+) -> ImageData:
+    """``img`` in ``unit``: itself when already in it, else a converted copy.
+
+    The data, variance, saturation level, gain and sky maps are converted; electrons
+    and ADU convert through the gain, count rates (e.g. electron / s) and counts
+    through the EXPTIME (or EXPOSURE) keyword. The conversion is logged and recorded
+    in the copy's meta under ``AZUNIT``.
+
+    Parameters
+    ----------
+    img : ImageData
+        The image to convert (never modified).
+    unit : `~astropy.units.UnitBase`
+        The unit wanted, e.g. the other image's.
+    gain : float or `~astropy.units.Quantity` or None
+        Electrons per ADU of ``img`` (or of the ADU side of the conversion); default the
+        image's own gain when it is in ADU, else its GAIN (EGAIN, CCDGAIN) keyword.
+    name, target : str
+        What ``img`` and the image giving ``unit`` are, for the messages, e.g.
+        ``"science image"`` and ``"reference image"``.
+
+    Returns
+    -------
+    ImageData
+
+    Raises
+    ------
+    astropy.units.UnitsError
+        When electrons and ADU must be converted without a gain, a count rate without
+        an exposure time, or the units are not related at all.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy import units as u
+    >>> from astropy.nddata import StdDevUncertainty
+    >>> from astro_zackay._ccd import match_unit, to_image
+    >>> img = to_image(np.full((3, 3), 10.0), unit="adu", saturation=100.0,
+    ...                uncertainty=StdDevUncertainty(np.ones((3, 3))))
+    >>> out = match_unit(img, u.electron, gain=1.5, name="science image",
+    ...                  target="reference image")
+    >>> float(out.data[0, 0]), float(out.variance[0, 0]), out.saturation, str(out.unit)
+    (15.0, 2.25, 150.0, 'electron')
+    >>> out.meta["AZUNIT"]
+    'science image: adu -> electron x1.5 (gain 1.5 e-/ADU)'
+    >>> match_unit(img, u.adu, gain=None, name="science image", target="reference") is img
+    True
+    """
+    unit = u.Unit(unit)
+    factor, how = _unit_factor(img, unit, gain, name, target)
+    if factor == 1.0 and how == "scale":
+        return img
+    if not (np.isfinite(factor) and factor > 0):
+        raise u.UnitsError(f"the {name}'s unit {img.unit} gives a factor {factor} to {unit}")
+    return _scaled(img, unit, factor, f"{name}: {img.unit} -> {unit} x{factor:.6g} ({how})")
+
+
+def _scaled(img: ImageData, unit: u.UnitBase, factor: float, text: str) -> ImageData:
+    """A copy of ``img`` with everything in data units multiplied by ``factor``."""
+    log.info("unit conversion: %s", text)
+    data = img.data * factor
+    maps = img.sky_maps
+    if maps is not None:
+        maps = SkyMaps(data, maps.box, maps.sky * factor, maps.rms * factor)
+    electrons = unit in _ELECTRON_UNITS
+    return replace(
+        img,
+        data=data,
+        variance=img.variance * factor**2,
+        mask=img.mask.copy(),
+        unit=unit,
+        meta=record_step(_copy_meta(img.meta), "AZUNIT", text),
+        gain=1.0 if electrons else (None if img.gain is None else img.gain / factor),
+        saturation=None if img.saturation is None else img.saturation * factor,
+        sky_maps=maps,
     )
