@@ -13,6 +13,11 @@ Cases
   science frame (``inject_sources``, Poisson noise at gain 1.4, the science PSF from our
   ``estimate_psf`` at each position) on empty sky, at a true S/N of 10-15, written to a new
   float32 FITS file.
+* ``decam``: DECam stamps of one field (256 x 256 ADU, ``unit='adu'``; GAIN, RDNOISE and
+  SATURATE keywords): exposure 18a (2018) as reference, 04a (2016) as science; one source
+  changed between the epochs (13 sigma at (129, 128) in SFFT's decorrelated difference).
+* ``jwst``: the JWST NIRCam F200W pair of Abell 2744 (900 x 900, MJy/sr, resampled, so
+  its noise is correlated), each with its error map as the uncertainty; no transient stated.
 * ``sim``: ``simulate_pair`` 2048^2 (1024^2 with ``--quick``): ~2000 Gaussian stars
   (500 at 1024^2), fluxes 2e3-2e5 e- (power law, index 2.5), FWHM 2.5 (reference) vs 3.5
   (science) px, flux ratio 0.9, shift (0.3, -0.2) px, sky 200 / 300 e-, read noise 5 e-,
@@ -95,6 +100,10 @@ SAMPLE_SCIENCE = SHARED / "data" / "properimage" / "aligned_eso085-030-005.fit"
 #: Real pair: SOURCE.md (sky noise implies a gain of 1.35-1.5 e-/ADU; saturated at 65535).
 REAL_GAIN = 1.4
 REAL_SATURATION = 65000.0
+DECAM = SHARED / "data" / "decam-sfft" / "input_data"
+NIRCAM = SHARED / "data" / "nircam-a2744"
+NIRCAM_REFERENCE = "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp"
+NIRCAM_SCIENCE = "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp"
 
 EDGE = 32  # px trimmed from every side of the common region
 SATURATION_GROW = 15  # px around saturated input pixels left out of the region
@@ -113,7 +122,7 @@ METHODS: tuple[tuple[str, str | None, str], ...] = (
     ("sfft CP", "sfft", "tutorial"),
     ("ois Bramich", "ois", "default"),
 )
-CASES = ("real", "real+inj", "sim")
+CASES = ("real", "real+inj", "decam", "jwst", "sim")
 #: Peak RSS per megapixel measured here (sfft CP: 3.4 GB at 0.70 Mpix, 4.9 GB at 1.05 Mpix;
 #: ois Bramich 11x11: 0.77 / 1.1 GB): a run whose estimate exceeds --max-mem-gb is skipped.
 GB_PER_MPIX = {"sfft": 4.8, "ois": 1.1}
@@ -145,6 +154,13 @@ def ours_worker(spec_path: str) -> int:
         result["info"]["cpu_s"] = time.process_time() - c0
         result["info"]["flux_ratio"] = res.flux_ratio
         result["info"]["shift"] = list(res.shift)
+        candidates = res.find_transients(THRESHOLD)
+        good = (np.asarray(candidates["good"], bool) if "good" in candidates.colnames
+                else np.ones(len(candidates), bool))
+        result["info"]["candidates"] = len(candidates)
+        result["info"]["good"] = int(good.sum())
+        np.save(workdir / "candidates.npy", np.column_stack(
+            [np.asarray(candidates["x"], float), np.asarray(candidates["y"], float), good]))
         np.save(workdir / "D.npy", np.asarray(res.difference.data, dtype=float))
         np.save(workdir / "Scorr.npy", np.asarray(res.score.data, dtype=float))
         result["ok"] = True
@@ -173,13 +189,14 @@ class Run:
     difference: np.ndarray | None = None
     score: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    candidates: np.ndarray | None = None  # ours: (n, 3) x, y, good of find_transients
 
 
 def run_ours(reference: Path, science: Path, kwargs: dict[str, Any], workdir: Path,
              threads: int, timeout: float = 1800.0) -> Run:
     """Run ``subtract`` in a child process of astro_zackay's own python."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "D.npy", "Scorr.npy"):
+    for stale in ("result.json", "D.npy", "Scorr.npy", "candidates.npy"):
         (workdir / stale).unlink(missing_ok=True)
     spec = {"reference": str(reference), "science": str(science), "kwargs": kwargs,
             "workdir": str(workdir), "threads": threads}
@@ -207,7 +224,7 @@ def run_ours(reference: Path, science: Path, kwargs: dict[str, Any], workdir: Pa
     return Run("ours", True, wall_s=res["wall_s"], cpu_s=res["info"]["cpu_s"],
                import_s=res["import_s"], peak_rss_mb=res["peak_rss_mb"],
                difference=np.load(workdir / "D.npy"), score=np.load(workdir / "Scorr.npy"),
-               info=res["info"])
+               info=res["info"], candidates=np.load(workdir / "candidates.npy"))
 
 
 def run_method(label: str, peer: str | None, variant: str, case: Case, workdir: Path,
@@ -259,7 +276,8 @@ def run_one(spec_path: str) -> int:
                      spec["threads"], spec["max_mem_gb"])
     run.label = spec["label"]
     q = quality(run, case) if run.ok else {}
-    out = {k: v for k, v in vars(run).items() if k not in ("difference", "score", "info")}
+    out = {k: v for k, v in vars(run).items()
+           if k not in ("difference", "score", "info", "candidates")}
     out.update(quality=q, launcher_rss_mb=launcher_rss)
     (Path(spec["workdir"]) / "metrics.json").write_text(json.dumps(out, indent=1))
     return 0
@@ -467,6 +485,38 @@ def real_case(workdir: Path, n_inject: int, seed: int) -> tuple[Case, Case]:
     return real, inj
 
 
+def decam_case() -> Case:
+    """DECam stamps of one field two years apart: one exposure of 2018 against one of 2016."""
+    from astropy.io import fits
+
+    reference, science = DECAM / "DEC-OBS18a.mini.fits", DECAM / "DEC-OBS04a.mini.fits"
+    saturation = min(float(fits.getheader(p)["SATURATE"]) for p in (reference, science))
+    region, offstar = regions(reference, science, "adu", saturation)
+    return Case("decam", reference, science, {"unit": "adu"}, region, offstar,
+                note="256^2; one real change at (129, 128), 13 sigma in SFFT's difference")
+
+
+def jwst_case(workdir: Path) -> Case:
+    """The JWST NIRCam pair (resampled: correlated noise) with its error maps as uncertainty.
+
+    Each image and its error map (the ``auxiliary/*.noise.fits`` files) are written as one
+    CCDData file (UNCERT extension, read by ours; the peers read the primary HDU).
+    """
+    from astropy.nddata import CCDData, StdDevUncertainty
+
+    paths = {}
+    for name, stem in (("reference", NIRCAM_REFERENCE), ("science", NIRCAM_SCIENCE)):
+        ccd = CCDData.read(NIRCAM / "input_data" / f"{stem}.fits")
+        error = CCDData.read(NIRCAM / "auxiliary" / f"{stem}.noise.fits")
+        ccd.uncertainty = StdDevUncertainty(error.data)
+        paths[name] = workdir / f"jwst_{name}.fits"
+        ccd.write(paths[name], overwrite=True)
+    region, offstar = regions(paths["reference"], paths["science"], "MJy/sr", None)
+    return Case("jwst", paths["reference"], paths["science"], {}, region, offstar,
+                note="900^2 MJy/sr, SWarp-resampled (lag-1 noise correlation 0.44); "
+                     "no transient stated")
+
+
 def sim_case(workdir: Path, size: int, seed: int) -> Case:
     """A simulated pair with transients at known positions and fluxes (see the docstring)."""
     from astropy.table import Table
@@ -563,6 +613,34 @@ def quality(run: Run, case: Case) -> dict[str, Any]:
     out["sigma_T"], out["kind"] = sigma, kind
     normalised = blob_metrics(blobs(stat / sigma, case.region), case.injected)
     out.update({f"T_{k}": v for k, v in normalised.items()})
+    if run.candidates is not None:
+        out.update(candidate_metrics(run.candidates, case))
+    return out
+
+
+def candidate_metrics(candidates: np.ndarray, case: Case) -> dict[str, Any]:
+    """Our ``find_transients`` list: all and ``good`` candidates, injected ones found good.
+
+    Candidates within ``RESIDUAL_EXCLUSION`` of an injected source are detections of it
+    and are not counted as candidates; ``inj good`` is the fraction of the injected
+    sources (in brackets: of those at true S/N >= 8) with a ``good`` candidate within
+    ``MATCH_RADIUS``.
+    """
+    xy, good = candidates[:, :2], candidates[:, 2].astype(bool)
+    out: dict[str, Any] = {"cands": len(xy), "good": int(good.sum())}
+    if case.injected is None or len(case.injected) == 0:
+        return out
+    dist = np.hypot(case.injected[:, 0, None] - xy[None, :, 0],
+                    case.injected[:, 1, None] - xy[None, :, 1]) if len(xy) else None
+    if dist is None:
+        out.update(good_recovered=0.0, good_recovered_hi=0.0)
+        return out
+    own = (dist <= RESIDUAL_EXCLUSION).any(axis=0)
+    out["cands"], out["good"] = int((~own).sum()), int((good & ~own).sum())
+    found = (np.where(good[None, :], dist, np.inf) <= MATCH_RADIUS).any(axis=1)
+    hi = case.injected[:, 2] >= 8.0
+    out["good_recovered"] = float(found.mean())
+    out["good_recovered_hi"] = float(found[hi].mean()) if hi.any() else None
     return out
 
 
@@ -589,16 +667,22 @@ def _recovery(q: dict[str, Any], prefix: str) -> str:
 
 
 HEADER = ("case", "method", "wall s", "t/ours", "cpu s", "import s", "RSS MB", "RSS/ours",
-          "std Sc", "sigma_T", "blobs raw", "blobs T", "recovered T / raw")
+          "std Sc", "sigma_T", "blobs raw", "blobs T", "recovered T / raw", "cands / good",
+          "inj good")
 
 
 def table_row(case: str, run: Run, q: dict[str, Any], ours: Run | None) -> list[str]:
     """One table row; ratios to ``ours`` (same case) when it ran."""
     if not run.ok:
         status = "skipped" if run.reason.startswith("skipped") else "n/a"
-        return [case, run.label, status, "", "", "", "", "", "", "", "", "", "(see below)"]
+        return [case, run.label, status, "", "", "", "", "", "", "", "", "", "(see below)",
+                "", ""]
     ref_wall = ours.wall_s if ours is not None and ours.ok else float("nan")
     ref_rss = ours.peak_rss_mb if ours is not None and ours.ok else float("nan")
+    if "cands" in q:
+        candidate_cells = [f"{q['cands']} / {q['good']}", _recovery(q, "good")]
+    else:
+        candidate_cells = ["-", "-"]
     if "error" in q:
         quality_cells = ["-", "-", "-", "-", q["error"]]
     else:
@@ -610,7 +694,7 @@ def table_row(case: str, run: Run, q: dict[str, Any], ours: Run | None) -> list[
                          str(q["T_residual"]), rec]
     return [case, run.label, _num(run.wall_s, ".2f"), _num(run.wall_s / ref_wall, ".2f"),
             _num(run.cpu_s, ".2f"), _num(run.import_s, ".2f"), _num(run.peak_rss_mb, ".0f"),
-            _num(run.peak_rss_mb / ref_rss, ".2f"), *quality_cells]
+            _num(run.peak_rss_mb / ref_rss, ".2f"), *quality_cells, *candidate_cells]
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -638,7 +722,10 @@ Legend (details in the docstring of benchmarks/bench_subtract.py):
   not within 4 px of an injected source (residuals: stars, cosmic rays, artefacts).
 - recovered: injected sources with a |T| > 5 (then |Scorr| > 5 as returned) blob within
   2 px; in brackets the fraction at true S/N >= 8.  True S/N = optimal ZOGY S/N with
-  background noise only; a perfect method recovers ~50% at S/N 5 and ~100% at S/N >= 7."""
+  background noise only; a perfect method recovers ~50% at S/N 5 and ~100% at S/N >= 7.
+- cands / good (ours): candidates of ``SubtractionResult.find_transients(5)`` (not within
+  4 px of an injected source) and those with no vetting flag set; inj good: injected
+  sources with a ``good`` candidate within 2 px (at true S/N >= 8 in brackets)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,6 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     if "real" in cases or "real+inj" in cases:
         real, inj = real_case(workroot, args.n_inject, args.seed)
         built += [c for c in (real, inj) if c.name in cases]
+    if "decam" in cases:
+        built.append(decam_case())
+    if "jwst" in cases:
+        built.append(jwst_case(workroot))
     if "sim" in cases:
         built.append(sim_case(workroot, size, args.seed))
 
