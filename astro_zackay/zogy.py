@@ -48,6 +48,7 @@ from .fourier import (
     psf_rfft,
     unit_sum_psf,
 )
+from .noise import NoiseSpectrum
 
 __all__ = ["FluxMatch", "ShiftMatch", "ZogyResult", "fit_flux_ratio", "fit_shift", "zogy"]
 
@@ -99,6 +100,9 @@ class ZogyResult:
         Astrometric-noise variance (eq 30-33), None when both astrometric noises are 0.
     V_beta : ndarray or None
         Flux-ratio-error variance ``(R sigma_beta)**2 ⊛ kr**2``, None when the error is 0.
+    V_psf : ndarray or None
+        PSF-model-error variance ``(eps_n**2 + eps_r**2) min(|S_N|, |S_R|)**2``, None
+        when both PSF errors are 0 (see `zogy`).
     psf_d_at_origin : ndarray
         Unit-sum PSF of ``D`` on the FFT grid (the padded grid when ``pad=True``), centre
         at pixel ``[0, 0]``; `psf_d_stamp` cuts a centred stamp from it.
@@ -131,6 +135,7 @@ class ZogyResult:
     sigma_new: float
     sigma_ref: float
     mask_radius: int = 0
+    V_psf: np.ndarray | None = None
 
     @property
     def alpha(self) -> np.ndarray:
@@ -148,7 +153,7 @@ class ZogyResult:
         return origin_to_stamp(self.psf_d_at_origin, size, normalize=normalize)
 
     def __repr__(self) -> str:
-        terms = [n for n in ("V_ast", "V_beta") if getattr(self, n) is not None]
+        terms = [n for n in ("V_ast", "V_beta", "V_psf") if getattr(self, n) is not None]
         return (
             f"<ZogyResult shape={self.D.shape} dtype={self.D.dtype} F_D={self.F_D:.6g} "
             f"F_S={self.F_S:.6g} beta={self.flux_new / self.flux_ref:.6g}"
@@ -223,6 +228,75 @@ def _positive(name: str, value: Any) -> float:
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return value
+
+
+def _non_negative(name: str, value: Any) -> float:
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _fill_reference(
+    ref: Any, var_ref: Any, mask_ref: Any, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The reference and its variance with their bad pixels (and NaN) set to 0, and those pixels.
+
+    The reference's bad pixels stay in its own frame (the shift is applied in the
+    FFT core); None when there are none.
+    """
+    ref = np.asarray(ref)
+    if ref.shape != tuple(shape):
+        raise ValueError(f"ref has shape {ref.shape}, expected {tuple(shape)} like new")
+    bad = np.zeros(ref.shape, bool) if mask_ref is None else np.array(mask_ref, dtype=bool)
+    if bad.shape != ref.shape:
+        raise ValueError(f"mask_ref shape {bad.shape} differs from image shape {ref.shape}")
+    bad |= ~np.isfinite(ref)
+    if var_ref is not None:
+        var_ref = np.asarray(var_ref)
+        if var_ref.shape == ref.shape:
+            bad |= ~np.isfinite(var_ref)
+    if not bad.any():
+        return ref, var_ref, None
+    ref = np.where(bad, 0.0, ref).astype(ref.dtype, copy=False)
+    if var_ref is not None and var_ref.shape == ref.shape:
+        var_ref = np.where(bad, 0.0, var_ref).astype(var_ref.dtype, copy=False)
+    return ref, var_ref, bad
+
+
+def _moved_mask(bad: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """``bad`` moved by the rounded ``shift = (dx, dy)`` (no wrap) and grown by one pixel.
+
+    Without a shift it is returned as it is.
+    """
+    if shift == (0.0, 0.0):
+        return bad
+    ix, iy = int(np.rint(shift[0])), int(np.rint(shift[1]))
+    ny, nx = bad.shape
+    moved = np.zeros_like(bad)
+    src = bad[max(-iy, 0) : ny - max(iy, 0), max(-ix, 0) : nx - max(ix, 0)]
+    moved[max(iy, 0) : max(iy, 0) + src.shape[0], max(ix, 0) : max(ix, 0) + src.shape[1]] = src
+    return ndimage.binary_dilation(moved, structure=np.ones((3, 3), bool))
+
+
+def _noise_power(
+    spectrum: NoiseSpectrum | np.ndarray | None, sigma: float, grid: tuple[int, int], name: str
+) -> float | np.ndarray:
+    """The noise power per pixel on ``grid``'s rfft half plane: ``sigma**2`` or a spectrum."""
+    if spectrum is None:
+        return sigma * sigma
+    if isinstance(spectrum, NoiseSpectrum):
+        return spectrum.spectrum(grid, sigma=sigma)
+    power = np.asarray(spectrum, dtype=np.float64)
+    expected = (grid[0], grid[1] // 2 + 1)
+    if power.shape != expected:
+        raise ValueError(
+            f"{name} has shape {power.shape}; on this grid {grid} it must be {expected} "
+            "(or pass a NoiseSpectrum)"
+        )
+    if not np.all(np.isfinite(power) & (power > 0)):
+        raise ValueError(f"{name} must be finite and positive")
+    return power
 
 
 def _grow_mask(bad: np.ndarray, radius: int) -> np.ndarray:
@@ -424,6 +498,12 @@ def zogy(
     astrometric_noise_new: tuple[float, float] = (0.0, 0.0),
     astrometric_noise_ref: tuple[float, float] = (0.0, 0.0),
     flux_ratio_error: float = 0.0,
+    noise_spectrum_new: NoiseSpectrum | np.ndarray | None = None,
+    noise_spectrum_ref: NoiseSpectrum | np.ndarray | None = None,
+    psf_error_new: float = 0.0,
+    psf_error_ref: float = 0.0,
+    shift_ref: tuple[float, float] = (0.0, 0.0),
+    mask_ref: np.ndarray | None = None,
     pad: bool = False,
     border: int | None = None,
     dtype: Any = np.float64,
@@ -444,6 +524,27 @@ def zogy(
     brightest rim pixel and the PSF) or a star cut by the edge grows until that light
     moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.
     The FFT algebra and the padding use the whole stamps.
+
+    Correlated noise: ``noise_spectrum_*`` replace ``sigma**2`` by the noise power
+    per pixel at each frequency in ``den``, ``F_D``, ``F_S``, ``P_D`` and S's kernels,
+    so that ``D`` comes out white and ``S / sqrt(F_S)`` has unit variance for any
+    stationary noise.  The source-noise variances scale ``var ⊛ k**2`` by the ratio
+    of the kernel's variance under the spectrum to that under white noise of the
+    same per-pixel variance (the source noise is taken as correlated like the
+    background, as resampling makes it); with the background-only variance map they
+    equal the spectrum's variance of ``S_N`` and ``S_R`` exactly.
+
+    PSF error: a PSF model wrong by a fraction ``eps`` of a star's matched-filter
+    response leaves that fraction of it in ``S`` wherever a star's light cancels
+    between the images.  ``V_psf = (eps_n**2 + eps_r**2) min(|S_N|, |S_R|)**2``
+    (``min`` is the light present in both, so a new source keeps its significance)
+    is added to Scorr's variance.
+
+    Shifted reference: ``shift_ref = (dx, dy)`` moves the reference by ``(dx, dy)``
+    pixels inside the FFT algebra (a phase ramp on its transform and on its variance
+    map's), never by resampling an image or a mask; the reference's bad pixels
+    (``mask_ref`` and its non-finite pixels) are zero-filled in its own frame and
+    flagged at their position moved by the rounded shift, grown by one pixel.
 
     Parameters
     ----------
@@ -471,6 +572,18 @@ def zogy(
     flux_ratio_error : float, optional
         Absolute error of ``beta``; adds ``V_beta = (R * sigma_beta)**2 ⊛ kr**2``
         (with ``flux_ref = 1`` conventions: it scales the reference's flux).
+    noise_spectrum_new, noise_spectrum_ref : NoiseSpectrum or ndarray, optional
+        Noise power spectrum of each image (default white, ``sigma**2``): a
+        `~astro_zackay.noise.NoiseSpectrum` (its correlation, scaled to
+        ``sigma_*``), or the power per pixel on the rfft half plane of the working
+        grid (the padded grid with ``pad=True``), shape ``(ny, nx // 2 + 1)``.
+    psf_error_new, psf_error_ref : float, optional
+        Fractional error ``eps`` of each PSF model's matched-filter response to a
+        star (adds ``V_psf``, see above).
+    shift_ref : tuple of float, optional
+        ``(dx, dy)`` in pixels by which the reference is moved onto the new image.
+    mask_ref : ndarray of bool, optional
+        Bad pixels of the reference only, in its own (unshifted) frame.
     pad : bool, optional
         Pad to a fast FFT shape and crop back (see above).
     border : int, optional
@@ -512,9 +625,12 @@ def zogy(
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     sn, sr = _positive("sigma_new", sigma_new), _positive("sigma_ref", sigma_ref)
     fn, fr = _positive("flux_new", flux_new), _positive("flux_ref", flux_ref)
-    sb = float(flux_ratio_error)
-    if not np.isfinite(sb) or sb < 0:
-        raise ValueError(f"flux_ratio_error must be >= 0, got {flux_ratio_error}")
+    sb = _non_negative("flux_ratio_error", flux_ratio_error)
+    eps = (_non_negative("psf_error_new", psf_error_new),
+           _non_negative("psf_error_ref", psf_error_ref))
+    shift_ref = tuple(float(v) for v in shift_ref)
+    if len(shift_ref) != 2 or not np.all(np.isfinite(shift_ref)):
+        raise ValueError(f"shift_ref must be a finite (dx, dy) pair, got {shift_ref}")
     ast_n = tuple(float(v) for v in astrometric_noise_new)
     ast_r = tuple(float(v) for v in astrometric_noise_ref)
     if len(ast_n) != 2 or len(ast_r) != 2 or min(ast_n + ast_r) < 0:
@@ -525,11 +641,24 @@ def zogy(
     if len(shape_in) != 2:
         raise ValueError(f"new must be a 2-D image, got shape {shape_in}")
     shape_to = fast_shape(shape_in, stamp if border is None else border) if pad else None
+    ref_bad = None
+    if mask_ref is not None or shift_ref != (0.0, 0.0):
+        ref, var_ref, ref_bad = _fill_reference(ref, var_ref, mask_ref, shape_in)
     arrays, bad, inner = _prepare(
         {"new": new, "ref": ref, "var_new": var_new, "var_ref": var_ref}, mask, dtype, shape_to
     )
+    if ref_bad is not None:
+        moved = _moved_mask(ref_bad, shift_ref)
+        bad = moved if bad is None else bad | moved
+    grid = arrays["new"].shape
+    noise = (
+        _noise_power(noise_spectrum_new, sn, grid, "noise_spectrum_new"),
+        _noise_power(noise_spectrum_ref, sr, grid, "noise_spectrum_ref"),
+    )
     be = get_array_module(backend)
-    out = _zogy_core(be, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers)
+    out = _zogy_core(
+        be, arrays, pn, pr, noise, fn, fr, (ast_n, ast_r), sb, eps, shift_ref, dtype, workers
+    )
     radius, reach, s_sigma = out["mask_radius"], out["reach"], out["s_sigma"]
     images = [arrays[name][inner] for name in ("new", "ref")]
     flag = None
@@ -555,6 +684,7 @@ def zogy(
         V_SR=crop(out["V_SR"]),
         V_ast=crop(out["V_ast"]),
         V_beta=crop(out["V_beta"]),
+        V_psf=crop(out["V_psf"]),
         psf_d_at_origin=be.to_numpy(out["P_D"]),
         mask=flag,
         flux_new=fn,
@@ -565,10 +695,12 @@ def zogy(
     )
 
 
-def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, sb, dtype, workers):
+def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, shift_ref, dtype,
+               workers):
     xp = be.xp
     shape = arrays["new"].shape
     npix = shape[0] * shape[1]
+    sig_n, sig_r = noise  # noise power per pixel: sigma**2, or a spectrum on the half plane
 
     def fwd(a):
         return be.rfft2(be.asarray(a), s=shape, workers=workers)
@@ -584,9 +716,9 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     b_h = psf_rfft(pn, shape, dtype=np.float64, workers=workers)
     b_h *= fn  # B = Fn Pn_h
     inv_sqrt = abs2(a_h)
-    inv_sqrt *= sn * sn
+    inv_sqrt *= sig_n
     tmp = abs2(b_h)
-    tmp *= sr * sr
+    tmp *= sig_r
     inv_sqrt += tmp  # den
     del tmp
     inv_sqrt, good = floored_inv_sqrt(inv_sqrt)
@@ -601,28 +733,34 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     q_h = be.asarray(q_h.astype(ctype, copy=False))
     del a_h, b_h, inv_sqrt, good
 
+    ramp = None
+    if shift_ref != (0.0, 0.0):
+        ramp = be.asarray(phase_ramp(shape, *shift_ref, dtype=ctype))
     n_h, r_h = fwd(arrays["new"]), fwd(arrays["ref"])
+    if ramp is not None:
+        r_h *= ramp
     # D_h = wa N_h - wb R_h
     d_h = wa * n_h
     t_h = wb * r_h
     d_h -= t_h
     D = inv(d_h)
 
-    f_d = fr * fn / np.sqrt(sn**2 * fr**2 + sr**2 * fn**2)
+    f_d = fr * fn / np.sqrt(_at_zero(sig_n) * fr**2 + _at_zero(sig_r) * fn**2)
     P_D = inv(q_h)
     P_D /= f_d
 
     xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
-    need_split = max(ast_n + ast_r) > 0
+    need_split = max(ast[0] + ast[1] + eps) > 0
     kn_h = q_h * wa
     kr_h = q_h * wb
     del wa, wb
     kernels = [be.to_numpy(inv(k_h)) for k_h in (kn_h, kr_h)]
     reach = [_KernelReach.of(k, max(pn.shape + pr.shape)) for k in kernels]
-    # Scorr's background noise, in S units, and the radius where both kernels end
-    s_sigma = float(np.sqrt(sn**2 * np.sum(kernels[0] ** 2) + sr**2 * np.sum(kernels[1] ** 2)))
-    radius = max(r.core_radius for r in reach)
     del kernels
+    # S's background variance from each image, and the radius where both kernels end
+    bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in ((kn_h, sig_n), (kr_h, sig_r))]
+    s_sigma = float(np.sqrt(bkg[0] + bkg[1]))
+    radius = max(r.core_radius for r in reach)
     if need_split:
         xp.multiply(kn_h, n_h, out=t_h)
         s_n = inv(t_h)
@@ -632,41 +770,51 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
     else:
         xp.multiply(q_h, d_h, out=t_h)
         S = inv(t_h)
-    del d_h, n_h
+    del d_h, n_h, r_h
 
-    def source_variance(k_h, var, sigma):
-        """``var ⊛ k**2`` (or ``sigma**2 sum(k**2)``) and the transform of ``k**2``."""
+    def source_variance(k_h, var, background, sig, shift):
+        """``var ⊛ k**2`` scaled to the noise spectrum (or ``background`` without ``var``)."""
         if var is None:
-            return sigma**2 * float(half_spectrum_sum(abs2(k_h), shape[1])) / npix
+            return background
         k = inv(k_h)
         k *= k
         k2_h = fwd(k)
-        k2_h *= fwd(var)
-        return inv(k2_h)
+        v_h = fwd(var)
+        if shift is not None:
+            v_h *= shift
+        k2_h *= v_h
+        out = inv(k2_h)
+        if not np.isscalar(sig):
+            # the source noise correlated like the background: var ⊛ k**2 times the
+            # ratio of the spectrum's variance of S to white noise's of the same
+            # per-pixel variance (1 for a white spectrum)
+            white = _at_mean(sig, shape[1]) * float(half_spectrum_sum(abs2(k_h), shape[1]))
+            out *= background * npix / white
+        return out
 
-    v_sn = source_variance(kn_h, arrays.get("var_new"), sn)
-    v_sr = source_variance(kr_h, arrays.get("var_ref"), sr)
+    v_sn = source_variance(kn_h, arrays.get("var_new"), bkg[0], sig_n, None)
+    v_sr = source_variance(kr_h, arrays.get("var_ref"), bkg[1], sig_r, ramp)
     v_beta = None
     if sb > 0:
         ref_beta = be.asarray(arrays["ref"]) * sb
         ref_beta *= ref_beta
-        v_beta = source_variance(kr_h, ref_beta, sr)
+        v_beta = source_variance(kr_h, ref_beta, 0.0, 1.0, ramp)
     del kn_h, kr_h, q_h, t_h
 
-    v_ast = None
+    v_ast = v_psf = None
     if need_split:
-        v_ast = xp.zeros(shape, dtype=dtype)
-        for img, (sx, sy) in ((s_n, ast_n), (s_r, ast_r)):
-            gy, gx = xp.gradient(img)
-            v_ast += (sx * sx) * gx * gx
-            v_ast += (sy * sy) * gy * gy
+        v_ast = _astrometric_variance(xp, (s_n, s_r), ast, dtype)
+        if max(eps) > 0:
+            # the PSF error's residual scales with the light that cancels: in both images
+            v_psf = xp.minimum(xp.abs(s_n), xp.abs(s_r))
+            v_psf *= v_psf
+            v_psf *= eps[0] ** 2 + eps[1] ** 2
         del s_n, s_r
 
     var = v_sn + v_sr
-    if v_ast is not None:
-        var = var + v_ast
-    if v_beta is not None:
-        var = var + v_beta
+    for extra in (v_ast, v_beta, v_psf):
+        if extra is not None:
+            var = var + extra
     if np.isscalar(var):
         Scorr = S / np.sqrt(var)
     else:
@@ -684,10 +832,42 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, sn, sr, fn, fr, ast_n, ast_r, s
         "V_SR": v_sr,
         "V_ast": v_ast,
         "V_beta": v_beta,
+        "V_psf": v_psf,
         "mask_radius": radius,
         "reach": reach,
         "s_sigma": s_sigma,
     }
+
+
+def _at_zero(power: float | np.ndarray) -> float:
+    """The noise power at zero frequency (a scalar power is the same everywhere)."""
+    return float(power) if np.isscalar(power) else float(power[0, 0])
+
+
+def _at_mean(power: float | np.ndarray, nx: int) -> float:
+    """The per-pixel variance of a noise power: its mean over the full frequency plane."""
+    if np.isscalar(power):
+        return float(power)
+    return float(half_spectrum_sum(power, nx)) / (power.shape[0] * nx)
+
+
+def _kernel_noise(k_h: Any, power: float | np.ndarray, nx: int) -> float:
+    """``Npix`` times the variance of ``k ⋆ noise``: ``sum |k_h|**2 power`` over the full plane."""
+    if np.isscalar(power):
+        return power * float(half_spectrum_sum(abs2(k_h), nx))
+    return float(half_spectrum_sum(abs2(k_h) * power, nx))
+
+
+def _astrometric_variance(xp, images, ast, dtype):
+    """``sum sx**2 (dS/dx)**2 + sy**2 (dS/dy)**2`` over ``S_N`` and ``S_R`` (eq 30-33), or None."""
+    if max(ast[0] + ast[1]) == 0:
+        return None
+    v_ast = xp.zeros(images[0].shape, dtype=dtype)
+    for img, (sx, sy) in zip(images, ast):
+        gy, gx = xp.gradient(img)
+        v_ast += (sx * sx) * gx * gx
+        v_ast += (sy * sy) * gy * gy
+    return v_ast
 
 
 # --------------------------------------------------------------------------------------
