@@ -21,6 +21,7 @@ import numpy as np
 from astropy.modeling import Model
 from astropy.table import Table
 
+from ._ccd import ImageData, to_image
 from ._warnings import AstroZackayWarning, user_stacklevel
 from .profiles import psf_stamp
 
@@ -256,6 +257,11 @@ def _drop_profile_fits(stars: Table) -> Table:
     return stars
 
 
+def _coerced(image: Any) -> ImageData:
+    """The image as `~astro_zackay._ccd.ImageData`: as it is when it is one already."""
+    return image if isinstance(image, ImageData) else to_image(image)
+
+
 def find_image_stars(
     image: Any, background: Any, *, name: str, option: str | None
 ) -> Table | None:
@@ -267,8 +273,8 @@ def find_image_stars(
 
     Parameters
     ----------
-    image : `~astropy.nddata.CCDData`
-        The image, as read through the CCDData boundary.
+    image : `~astro_zackay._ccd.ImageData` or `~astropy.nddata.CCDData`
+        The image as coerced at the boundary (used as it is), or a CCDData view of it.
     background : `~astro_zackay.background.BackgroundResult`
         Its background.
     name : str
@@ -288,10 +294,11 @@ def find_image_stars(
         None when no star was found and none is required.
     """
     from .fluxmatch import MATCH_SNR_MIN
-    from .stars import find_psf_stars
+    from .stars import _find_stars
 
+    image = _coerced(image)
     try:
-        stars = find_psf_stars(image, snr_min=MATCH_SNR_MIN, background=background)
+        stars = _find_stars(image, snr_min=MATCH_SNR_MIN, background=background)
     except ValueError as exc:
         if option is not None:
             raise _cannot_estimate(name, exc, option) from None
@@ -314,8 +321,8 @@ def estimate_image_psf(image: Any, stars: Table | None, *, name: str, option: st
 
     Parameters
     ----------
-    image : `~astropy.nddata.CCDData`
-        The image, as read through the CCDData boundary.
+    image : `~astro_zackay._ccd.ImageData` or `~astropy.nddata.CCDData`
+        The image as coerced at the boundary (used as it is), or a CCDData view of it.
     stars : `~astropy.table.Table` or None
         The stars found in it (`~astro_zackay.stars.find_psf_stars`); None or
         empty when none was found.
@@ -333,12 +340,12 @@ def estimate_image_psf(image: Any, stars: Table | None, *, name: str, option: st
     ValueError
         When no PSF can be estimated (no usable star).
     """
-    from .psf import estimate_psf
+    from .psf.estimate import _estimate_psf
 
     if stars is None or len(stars) == 0:
         raise _cannot_estimate(name, "no usable PSF star", option)
     try:
-        model = estimate_psf(image, stars)
+        model = _estimate_psf(_coerced(image), stars)
     except ValueError as exc:
         raise _cannot_estimate(name, exc, option) from None
     log.info("%s: PSF estimated from %d stars: %r", name, len(stars), model)

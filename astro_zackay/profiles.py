@@ -68,11 +68,12 @@ def _pixel_integrated(
     Returns
     -------
     ndarray, shape (n, ny, nx)
-        The profile averaged over each pixel (not normalised).
+        The profile averaged over each pixel (not normalised), in the inputs' float type.
     """
     n, nx = xoff.shape
     ny = yoff.shape[1]
-    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    dtype = np.result_type(xoff, yoff, fwhm, ellipticity, theta)  # float32 stays float32
+    sub = ((np.arange(oversample) + 0.5) / oversample - 0.5).astype(dtype)
     xs = (xoff[:, :, None] + sub).reshape(n, nx * oversample)
     ys = (yoff[:, :, None] + sub).reshape(n, ny * oversample)
     a = _profile_scale(fwhm, profile, beta)

@@ -1041,6 +1041,29 @@ def find_psf_stars(
     _check_arguments(snr_min, fwhm, isolation, max_stars, edge)
     user_stamp = _check_stamp_shape(stamp_shape)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
+    return _find_stars(img, snr_min=snr_min, fwhm=fwhm, stamp_shape=user_stamp,
+                       isolation=isolation, max_stars=max_stars, edge=edge,
+                       background=background)
+
+
+def _find_stars(
+    img: ImageData,
+    *,
+    snr_min: float = 20.0,
+    fwhm: float | None = None,
+    stamp_shape: tuple[int, int] | None = None,
+    isolation: float | None = None,
+    max_stars: int | None = None,
+    edge: int | None = None,
+    background: BackgroundResult | float | u.Quantity | None = None,
+) -> Table:
+    """`find_psf_stars` on an image already coerced (`~astro_zackay._ccd.to_image`).
+
+    The array-level step that orchestrators call with the image they coerced once;
+    the arguments are checked by the public function (``stamp_shape`` as the checked
+    tuple or None).
+    """
+    user_stamp = stamp_shape
     data, rms, objects = _detect(img, background)
     n_det = len(objects)
     if n_det == 0:

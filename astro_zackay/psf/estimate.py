@@ -20,11 +20,11 @@ from astropy.nddata import NDData
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from .._ccd import to_image
+from .._ccd import ImageData, to_image
 from .._threads import single_threaded_blas
-from .._warnings import FewStarsWarning, PSFQualityWarning
+from .._warnings import FewStarsWarning, PSFQualityWarning, user_stacklevel
 from ..profiles import GAUSS_FWHM
-from ..stars import find_psf_stars
+from ..stars import _find_stars
 from .analytic import fit_profile
 from .builders import (
     Built,
@@ -132,11 +132,12 @@ def _check_arguments(
 
 
 def _select_stars(
-    stars: Table | None, image: Any, snr_min: float, kwargs: dict, fwhm: float | None
+    stars: Table | None, img: ImageData, snr_min: float, stamp_shape: tuple[int, int] | None,
+    fwhm: float | None,
 ) -> Table:
     if stars is None:
         try:
-            stars = find_psf_stars(image, snr_min=snr_min, **kwargs)
+            stars = _find_stars(img, snr_min=snr_min, stamp_shape=stamp_shape)
         except ValueError as exc:
             if fwhm is None:
                 raise ValueError(
@@ -486,7 +487,7 @@ def _announce(steps: list[str], n_usable: int, n_given: int, shape: tuple[int, i
     wings = f", {n_contaminated} with other sources' wings in it" if n_contaminated else ""
     text = (f"{n_usable} usable PSF stars ({n_given} given, {lost} without a clean "
             f"{shape[0]}x{shape[1]} stamp{wings}): " + "; ".join(steps))
-    warnings.warn(text, FewStarsWarning, stacklevel=4)
+    warnings.warn(text, FewStarsWarning, stacklevel=user_stacklevel())
     return "; ".join(steps)
 
 
@@ -635,10 +636,35 @@ def estimate_psf(
     shape = _check_arguments(method, n_components, inf_loss, degree, stamp_shape,
                              holdout_fraction, fwhm)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation, gain=gain)
-    finder_kwargs = {"unit": unit, "mask": mask, "saturation": saturation}
-    if shape is not None:
-        finder_kwargs["stamp_shape"] = shape
-    stars = _select_stars(stars, image, snr_min, finder_kwargs, fwhm)
+    return _estimate_psf(img, stars, n_components=n_components, inf_loss=inf_loss,
+                         degree=degree, stamp_shape=shape, method=method,
+                         holdout_fraction=holdout_fraction, snr_min=snr_min, fwhm=fwhm,
+                         background=background, seed=seed)
+
+
+def _estimate_psf(
+    img: ImageData,
+    stars: Table | None = None,
+    *,
+    n_components: int | None = None,
+    inf_loss: float | None = None,
+    degree: int | None = None,
+    stamp_shape: tuple[int, int] | None = None,
+    method: str = "kl",
+    holdout_fraction: float = 0.25,
+    snr_min: float = 20.0,
+    fwhm: float | None = None,
+    background: Any = None,
+    seed: int | None = 0,
+) -> KLPSFModel:
+    """`estimate_psf` on an image already coerced (`~astro_zackay._ccd.to_image`).
+
+    The array-level step that orchestrators call with the image they coerced once
+    (stars, when not given, are found on the same image); the arguments are checked
+    by the public function (``stamp_shape`` as the checked tuple or None).
+    """
+    shape = stamp_shape
+    stars = _select_stars(stars, img, snr_min, shape, fwhm)
     star_fwhm = _measured_fwhm(stars, img)
     if star_fwhm is None and fwhm is None:
         plan_model(np.zeros(0), np.zeros(0), method=method, degree=degree,
@@ -749,7 +775,7 @@ def _assemble(img: Any, built: Built, plan: Plan, table: Table | None, held: tup
                 "(a PSF varying faster than the degree allows, crowding, or a variance "
                 "without source noise: give an uncertainty or gain)",
                 PSFQualityWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
     model = KLPSFModel(built.basis, built.fields, stars=table, quality=quality, wing=wing, **args)
     log.info("estimated PSF: %r", model)
