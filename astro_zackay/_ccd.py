@@ -29,7 +29,7 @@ from astropy.nddata import (
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 
-from ._warnings import SaturationWarning, user_stacklevel
+from ._warnings import NoiseEstimateWarning, SaturationWarning, user_stacklevel
 from .saturation import detect_saturation
 
 __all__ = [
@@ -37,9 +37,11 @@ __all__ = [
     "SkyMaps",
     "as_ccddata",
     "match_unit",
+    "missing_source_noise",
     "record_step",
     "to_ccddata",
     "to_image",
+    "warn_missing_source_noise",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,8 +332,10 @@ def to_image(
     uncertainty : `~astropy.nddata.NDUncertainty`, optional
         Overrides the input's uncertainty.
     gain : float or `~astropy.units.Quantity`, optional
-        Electrons per data unit; default the GAIN header keyword, or 1 for data in electrons.
-        Used only to estimate source Poisson noise when there is no uncertainty.
+        Electrons per data unit; default the GAIN header keyword. Data in electrons
+        always have a gain of 1 (a gain given for them, e.g. one value for a pair of
+        images of which the other is in ADU, is logged and not used). Used only to
+        estimate source Poisson noise when there is no uncertainty.
     read_noise : float or `~astropy.units.Quantity`, optional
         Read noise in electrons; default the RDNOISE header keyword.
     saturation : float or `~astropy.units.Quantity`, optional
@@ -395,10 +399,7 @@ def to_image(
             bad |= extra
 
     meta = nd.meta
-    electrons = data_unit in _ELECTRON_UNITS
-    gain_value = _as_float(gain, u.electron / data_unit, "gain")
-    if gain_value is None:
-        gain_value = 1.0 if electrons else _header_float(meta, GAIN_KEYS)
+    gain_value = _data_gain(gain, meta, data_unit)
     read_noise_value = _as_float(read_noise, u.electron, "read_noise")
     if read_noise_value is None:
         read_noise_value = _header_float(meta, READ_NOISE_KEYS)
@@ -434,6 +435,49 @@ def to_image(
         variance_estimated=estimated,
         sky_maps=maps,
     )
+
+
+def _data_gain(gain: Any, meta: Any, unit: u.UnitBase) -> float | None:
+    """Electrons per data unit: 1 for data in electrons, else ``gain``, else the keyword."""
+    if unit in _ELECTRON_UNITS:
+        value = _as_float(gain, None, "gain")
+        if value is not None and value != 1.0:
+            log.info("the data are in %s, so their gain is 1: gain=%s is not used", unit, gain)
+        return 1.0
+    value = _as_float(gain, u.electron / unit, "gain")
+    return _header_float(meta, GAIN_KEYS) if value is None else value
+
+
+def missing_source_noise(img: ImageData) -> bool:
+    """Whether ``img``'s variance, estimated without a gain, lacks the sources' Poisson noise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._ccd import missing_source_noise, to_image
+    >>> missing_source_noise(to_image(np.ones((8, 8)), unit="adu", saturation=np.inf))
+    True
+    >>> missing_source_noise(to_image(np.ones((8, 8)), unit="adu", gain=2.0, saturation=np.inf))
+    False
+    """
+    return img.variance_estimated and img.gain is None
+
+
+def warn_missing_source_noise(img: ImageData) -> None:
+    """A `~astro_zackay.NoiseEstimateWarning` when `missing_source_noise` holds for ``img``.
+
+    Issue it once per image, inside the image's `~astro_zackay._psf_input.ImageWarnings`
+    block so that the message names the image.
+    """
+    if missing_source_noise(img):
+        warnings.warn(
+            f"no uncertainty and no gain for data in {img.unit}: the variance is the "
+            "background's alone, so the Poisson noise of the sources is missing (bright "
+            "stars and transients score too high); pass gain= (e-/ADU), give a GAIN keyword, "
+            "or give an uncertainty (e.g. ccdproc.create_deviation)",
+            NoiseEstimateWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _saturation_level(

@@ -18,7 +18,14 @@ from astropy import units as u
 from astropy.nddata import CCDData
 from astropy.table import Table
 
-from ._ccd import ImageData, as_ccddata, to_ccddata, to_image
+from ._ccd import (
+    ImageData,
+    as_ccddata,
+    match_unit,
+    to_ccddata,
+    to_image,
+    warn_missing_source_noise,
+)
 from ._psf_input import (
     ImageWarnings,
     PSFSampler,
@@ -141,6 +148,18 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
     return value, value
 
 
+def _conversion_gain(sci: ImageData, ref: ImageData, gains: tuple[Any, Any]) -> Any:
+    """The e-/ADU that converts between the images' units: that of the image in ADU.
+
+    Its ``gain=`` value, else its own gain when it is in ADU (its GAIN keyword); None
+    leaves `~astro_zackay._ccd.match_unit` to look for a keyword of the science image.
+    """
+    image, given = (sci, gains[1]) if u.adu in sci.unit.decompose().bases else (ref, gains[0])
+    if given is not None:
+        return given
+    return image.gain if image.unit == u.adu else None
+
+
 def _unpack_coadd(image: Any, psf: Any) -> tuple[Any, Any]:
     """A `~astro_zackay.coaddition.CoaddResult` gives its calibrated coadd and its PSF."""
     if hasattr(image, "calibrated") and hasattr(image, "psf"):
@@ -196,7 +215,8 @@ def _match(
     fitted = [what for what in needs if what != "astrometric noise"]
     used = []
     if fitted:
-        used.append(f"the {' and '.join(fitted)} come from a pixel fit through the PSFs")
+        verb = "come" if len(fitted) > 1 else "comes"
+        used.append(f"the {' and '.join(fitted)} {verb} from a pixel fit through the PSFs")
     if "astrometric noise" in needs:
         used.append("the astrometric noise is taken as 0")
     warnings.warn(
@@ -204,6 +224,64 @@ def _match(
         FewStarsWarning, stacklevel=user_stacklevel(),
     )
     return None
+
+
+def _pixel_fit(
+    psci: _Prepared,
+    pref: _Prepared,
+    psfs: tuple[np.ndarray, np.ndarray],
+    sigmas: tuple[float, float],
+    bad: np.ndarray,
+    flux_ratio: float | None,
+    fit_shift: bool,
+) -> tuple[tuple[float, float], float | None, float]:
+    """``(shift, flux ratio, its error)`` from a ZOGY pixel fit through the PSF cores.
+
+    When only the shift is wanted (``flux_ratio`` given) and the fit fails, as on a
+    field without stars, the shift comes from the WCSs (0 without them), announced.
+    """
+    fitter = _fit_shift if fit_shift else fit_flux_ratio
+    core_n, core_r = _common_core(psfs, PIXEL_FIT_CORE)
+    try:
+        fit = fitter(psci.data, pref.data, core_n, core_r, sigma_new=sigmas[0],
+                     sigma_ref=sigmas[1], mask=bad, beta0=flux_ratio or 1.0)
+        if not (np.isfinite(fit.beta) and fit.beta > 0):
+            raise ValueError(f"it gives a flux ratio of {fit.beta:.4g}")
+    except ValueError as exc:
+        reason = str(exc).split(";")[0]  # the fitter's own options are not subtract's
+        if flux_ratio is None:
+            raise ValueError(
+                f"cannot fit the flux ratio or shift: too few stars match and the pixel fit "
+                f"failed ({reason}); pass flux_ratio= and fit_shift=False"
+            ) from None
+        shift, source = _wcs_shift(pref.image, psci.image)
+        warnings.warn(
+            f"the shift cannot be fitted (too few stars match and the pixel fit failed: "
+            f"{reason}): it is taken {source}, ({shift[0]:.4f}, {shift[1]:.4f}) px; pass "
+            "fit_shift=False to skip the fit", FewStarsWarning, stacklevel=user_stacklevel(),
+        )
+        return shift, flux_ratio, 0.0
+    if not fit.converged:
+        warnings.warn(
+            f"the pixel fit of the flux ratio did not converge (beta={fit.beta:.5g}); "
+            "give flux_ratio= if it is known", AstroZackayWarning,
+            stacklevel=user_stacklevel(),
+        )
+    shift = (fit.dx, fit.dy) if fit_shift else (0.0, 0.0)
+    return shift, fit.beta, fit.beta_err
+
+
+def _wcs_shift(ref: ImageData, sci: ImageData) -> tuple[tuple[float, float], str]:
+    """The science image's offset from the reference at its centre by the WCSs, and whence.
+
+    ``(0, 0)`` unless both images have a WCS.
+    """
+    if ref.wcs is None or sci.wcs is None:
+        return (0.0, 0.0), "as 0 (the images lack WCSs)"
+    ny, nx = sci.shape
+    x, y = (nx - 1) / 2.0, (ny - 1) / 2.0
+    x_ref, y_ref = ref.wcs.world_to_pixel_values(*sci.wcs.pixel_to_world_values(x, y))
+    return (float(x - x_ref), float(y - y_ref)), "from the WCSs"
 
 
 def _core_half(psf: np.ndarray, fraction: float) -> int:
@@ -431,6 +509,7 @@ def subtract(
     with sci_warnings:
         sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
                        saturation=saturations[1], dtype=dtype)
+        warn_missing_source_noise(sci)
     with ref_warnings:
         if align:
             from .alignment import align as align_images
@@ -440,11 +519,14 @@ def subtract(
                                      saturation=saturations[0])
         ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
                        saturation=saturations[0], dtype=dtype)
+        warn_missing_source_noise(ref)
     if ref.shape != sci.shape:
         raise ValueError(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
+    sci = match_unit(sci, ref.unit, gain=_conversion_gain(sci, ref, gains),
+                     name="science image", target="reference image")
 
     with ref_warnings:
         pref = _prepare(ref, reference_psf, "reference image", "reference_psf=")
@@ -469,28 +551,8 @@ def subtract(
         if flux_ratio is None:
             beta, beta_err = match.flux_ratio, match.flux_ratio_error
     elif fit_shift or flux_ratio is None:
-        fitter = _fit_shift if fit_shift else fit_flux_ratio
-        core_n, core_r = _common_core((psf_n0, psf_r0), PIXEL_FIT_CORE)
-        try:
-            fit = fitter(psci.data, pref.data, core_n, core_r, sigma_new=sigma_n0,
-                         sigma_ref=sigma_r0, mask=bad, beta0=flux_ratio or 1.0)
-            if not (np.isfinite(fit.beta) and fit.beta > 0):
-                raise ValueError(f"it gives a flux ratio of {fit.beta:.4g}")
-        except ValueError as exc:
-            raise ValueError(
-                f"cannot fit the flux ratio or shift: too few stars match and the pixel fit "
-                f"failed ({exc}); pass flux_ratio= and fit_shift=False"
-            ) from None
-        if not fit.converged:
-            warnings.warn(
-                f"the pixel fit of the flux ratio did not converge (beta={fit.beta:.5g}); "
-                "give flux_ratio= if it is known", AstroZackayWarning,
-                stacklevel=user_stacklevel(),
-            )
-        if fit_shift:
-            shift = (fit.dx, fit.dy)
-        if flux_ratio is None:
-            beta, beta_err = fit.beta, fit.beta_err
+        shift, beta, beta_err = _pixel_fit(psci, pref, (psf_n0, psf_r0), (sigma_n0, sigma_r0),
+                                           bad, flux_ratio, fit_shift)
     if flux_ratio is not None:
         beta, beta_err = float(flux_ratio), 0.0
 
