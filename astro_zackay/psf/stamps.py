@@ -374,7 +374,9 @@ def recentring_bias(
         ``(n,)`` offsets of the stars from the central pixel.
     profile : dict
         ``fwhm``, ``ellipticity``, ``theta`` and ``beta`` (a Moffat profile, as fitted
-        by `astro_zackay.psf.analytic.fit_profile`).
+        by `astro_zackay.psf.analytic.fit_profile`); ``fwhm``, ``ellipticity`` and
+        ``theta`` may be ``(n,)`` arrays, one profile per star (a PSF that varies
+        across the field: the error grows fast as the PSF gets sharper).
 
     Returns
     -------
@@ -391,17 +393,20 @@ def recentring_bias(
     (True, True)
     """
     dx, dy = np.asarray(dx, dtype=float), np.asarray(dy, dtype=float)
-    offsets = np.concatenate([[0.0], dx]), np.concatenate([[0.0], dy])
+    n = dx.size
+    shapes = [np.asarray(profile[k], dtype=float) for k in ("fwhm", "ellipticity", "theta")]
+    n_ref = 1 if all(a.ndim == 0 for a in shapes) else n  # the centred stars
+    fwhm, ell, theta = (np.concatenate([np.broadcast_to(a, n_ref), np.broadcast_to(a, n)])
+                        .astype(np.float32) for a in shapes)
+    offsets = np.concatenate([np.zeros(n_ref), dx]), np.concatenate([np.zeros(n_ref), dy])
     ny, nx = shape
     # rendered in float32 (twice as fast; 1e-7 of a bias of 1e-4 of the flux), then shifted
     # in float64
     xoff = (np.arange(nx)[None, :] - nx // 2 - offsets[0][:, None]).astype(np.float32)
     yoff = (np.arange(ny)[None, :] - ny // 2 - offsets[1][:, None]).astype(np.float32)
-    ones = np.ones(len(offsets[0]), dtype=np.float32)
-    stars = _pixel_integrated(xoff, yoff, profile["fwhm"] * ones, profile["ellipticity"] * ones,
-                              profile["theta"] * ones, "moffat", profile["beta"], 5)
+    stars = _pixel_integrated(xoff, yoff, fwhm, ell, theta, "moffat", profile["beta"], 5)
     stars = stars / stars.sum(axis=(1, 2), keepdims=True, dtype=float)
-    return recentre(stars[1:], dx, dy) - stars[0]
+    return recentre(stars[n_ref:], dx, dy) - stars[:n_ref]
 
 
 def _taper(n: int, pad: int) -> np.ndarray:
