@@ -49,6 +49,29 @@ different skies (pulls of std 1.04 for FWHM 3.0-3.8 px, 1.2 for 2.5-5 px).  The
 smoothed variance of the score, ``sum_j w_j**2 (V_j ⋆ P_j**2)``, is exact for S but
 not a good model of R: for a star it underestimates R's peak variance by a third even
 for identical PSFs (R is S sharpened, not smoothed).
+
+Outliers (`find_outliers`).  Each frame ``j`` is compared with what the other frames
+predict at the same place, through their PSFs and flux scales (a ZOGY difference of the
+frame against the proper coadd of the others; no deconvolution).  With the others'
+sums ``S_-j_h = S_h - w_j conj(Pj_h) Mj_h`` and ``den_-j = den_R - F_j**2/s_j**2
+|Pj_h|**2`` and ``c_h = 1 / sqrt(s_j**2 den_-j + F_j**2 |Pj_h|**2)``::
+
+    D_j_h = sqrt(den_-j) c_h Mj_h - T_j_h,   T_j_h = F_j Pj_h S_-j_h c_h / sqrt(den_-j)
+
+D_j has white noise of unit variance on the background (when the other frames are
+deep, it is the frame minus their prediction, over ``s_j``, pixel by pixel); T_j is the
+prediction in the same units.  A pixel of frame ``j`` is an outlier where
+
+    D_j > k sqrt(V_j / s_j**2 + (eta T_j)**2)
+
+(``V_j`` the pixel variance with the sources' noise, at least ``s_j**2``; ``eta`` the
+fractional error of the prediction: PSF model, flux scale and registration errors), the
+other frames predict it with at least `MIN_PREDICTION_DEPTH` of their depth (not where
+they are masked), and no other frame has an outlier within ``grow + 1`` pixels: what
+several frames show (a transient, a variable star, a star whose PSF model is off in
+several frames) is real, what one frame shows (a cosmic ray, a satellite trail, a hot
+pixel) is not.  The outliers are then grown by ``grow`` pixels and removed from their
+frame with `ProperCoaddAccumulator.exclude`.
 """
 
 from __future__ import annotations
@@ -58,6 +81,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from .fourier import (
     abs2,
@@ -71,9 +95,17 @@ from .fourier import (
 )
 from .zogy import _positive
 
-__all__ = ["CoaddAlgebraResult", "ProperCoaddAccumulator"]
+__all__ = ["CoaddAlgebraResult", "ProperCoaddAccumulator", "find_outliers"]
 
 _log = logging.getLogger(__name__)
+
+#: Outliers are looked for only where the other frames reach this fraction of their
+#: full depth (not next to their masked pixels, e.g. saturated cores).
+MIN_PREDICTION_DEPTH = 0.8
+
+#: Frequencies where the other frames hold less than this fraction of the summed PSF
+#: power carry no prediction (their difference of two sums is round-off there).
+_OTHERS_POWER_FLOOR = 1e-6
 
 
 @dataclass(frozen=True, repr=False)
@@ -312,6 +344,162 @@ class ProperCoaddAccumulator:
         self._stamp = max(self._stamp, *psf.shape)
         self.n_frames += 1
 
+    def _bad(self, index: int) -> np.ndarray:
+        """The pixels of frame ``index`` left out of the sums (masked, NaN, excluded)."""
+        packed = self._frames[index][3]
+        if packed is None:
+            return np.zeros(self.shape, bool)
+        n = int(np.prod(self.shape))
+        return np.unpackbits(packed, count=n).reshape(self.shape).astype(bool)
+
+    def _frame_spectrum(self, image: np.ndarray, bad: np.ndarray) -> Any:
+        """The transform of a frame as it was added: bad pixels 0, padded to the grid."""
+        data = np.zeros(self.fft_shape, dtype=self.dtype)
+        data[self._inner] = image
+        data[self._inner][bad] = 0.0
+        return self._be.rfft2(self._be.asarray(data), s=self.fft_shape, workers=self._workers)
+
+    def frame_residual(
+        self, index: int, image: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame ``index`` against the prediction of the other frames (`find_outliers`).
+
+        Parameters
+        ----------
+        index : int
+            Which frame (in the order of `add`).
+        image : ndarray
+            The image given to `add` for that frame (not modified).
+
+        Returns
+        -------
+        difference : ndarray
+            ``D_j``: white noise of unit variance on the background, positive where the
+            frame holds more light than the others predict (module docstring).
+        prediction : ndarray
+            ``T_j``, the others' prediction in the units of ``difference``.
+        depth : ndarray
+            The fraction of the other frames' depth reached at each pixel (1 where none
+            of them is masked); 0 everywhere when there is no other frame.
+
+        Raises
+        ------
+        ValueError
+            For an index that was not added or an image of the wrong shape.
+        """
+        if not 0 <= index < self.n_frames:
+            raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
+        if np.shape(image) != self.shape:
+            raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
+        psf, f, s, packed = self._frames[index]
+        be, grid, inner = self._be, self.fft_shape, self._inner
+        bad = self._bad(index)
+        p_h = psf_rfft(psf, grid, workers=self._workers)
+        own = (f * f / (s * s)) * abs2(p_h)
+        others = self._den_h - own
+        informed = others > _OTHERS_POWER_FLOOR * self._den_h
+        others[~informed] = 0.0
+        c_h, _ = floored_inv_sqrt(s * s * (others + own))
+        m_h = self._frame_spectrum(image, bad)
+        s_h = self._num_h - m_h * be.asarray((np.conj(p_h) * (f / (s * s))).astype(self._ctype))
+        inv_others = np.where(informed, 1.0 / np.sqrt(np.where(informed, others, 1.0)), 0.0)
+        t_h = s_h * be.asarray((f * p_h * c_h * inv_others).astype(self._ctype))
+        del s_h
+        m_h *= be.asarray((np.sqrt(others) * c_h).astype(self._ctype))
+        m_h -= t_h
+        difference = be.to_numpy(be.irfft2(m_h, s=grid, workers=self._workers)[inner])
+        prediction = be.to_numpy(be.irfft2(t_h, s=grid, workers=self._workers)[inner])
+        return np.ascontiguousarray(difference), np.ascontiguousarray(prediction), (
+            self._others_depth(index, bad)
+        )
+
+    def _others_depth(self, index: int, bad: np.ndarray) -> np.ndarray:
+        """Fraction of the depth of every frame but ``index`` reached at each pixel.
+
+        Only the masked pixels count (not the padding: the background-subtracted sky
+        beyond the edge is 0, as the padding is).
+        """
+        psf, f, s, packed = self._frames[index]
+        w2 = f * f / (s * s)
+        full = self._depth_full - w2 * float((psf * psf).sum())
+        if full <= 0:
+            return np.zeros(self.shape)
+        if self._deficit_h is None:
+            return np.ones(self.shape)
+        lost_h = self._deficit_h.copy()
+        if packed is not None:
+            lost_h -= self._mask_deficit(psf, w2, bad)
+        lost = self._be.irfft2(lost_h, s=self.fft_shape, workers=self._workers)[self._inner]
+        return np.clip(1.0 - self._be.to_numpy(lost) / full, 0.0, 1.0)
+
+    def _mask_deficit(self, psf: np.ndarray, w2: float, bad: np.ndarray) -> np.ndarray:
+        """One frame's term of the depth deficit: ``w2 conj(rfft(P**2)) rfft(bad)``."""
+        p2_h = psf_rfft(psf * psf, self.fft_shape, workers=self._workers)
+        np.conjugate(p2_h, out=p2_h)
+        p2_h *= w2
+        bad_pad = np.zeros(self.fft_shape)
+        bad_pad[self._inner] = bad
+        b_h = self._be.to_numpy(self._be.rfft2(self._be.asarray(bad_pad), s=self.fft_shape,
+                                               workers=self._workers))
+        b_h *= p2_h
+        return b_h
+
+    def exclude(
+        self,
+        index: int,
+        pixels: np.ndarray,
+        image: np.ndarray,
+        variance: np.ndarray | None = None,
+    ) -> int:
+        """Take some pixels of an added frame out of the sums, as if they had been masked.
+
+        Parameters
+        ----------
+        index : int
+            Which frame (in the order of `add`).
+        pixels : ndarray of bool
+            The pixels to leave out (True); those already left out are ignored.
+        image, variance : ndarray
+            The ``image`` and ``variance`` given to `add` for that frame (not modified).
+
+        Returns
+        -------
+        int
+            The number of pixels newly left out.
+
+        Raises
+        ------
+        ValueError
+            For an index that was not added or arrays of the wrong shape.
+        """
+        if not 0 <= index < self.n_frames:
+            raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
+        for name, arr in (("pixels", pixels), ("image", image), ("variance", variance)):
+            if arr is not None and np.shape(arr) != self.shape:
+                raise ValueError(f"{name} shape {np.shape(arr)} differs from {self.shape}")
+        psf, f, s, packed = self._frames[index]
+        bad = self._bad(index)
+        new = np.asarray(pixels, dtype=bool) & ~bad
+        n_new = int(new.sum())
+        if n_new == 0:
+            return 0
+        be, grid, w2 = self._be, self.fft_shape, f * f / (s * s)
+        # the sums are linear in the frame: subtract what the new pixels contributed
+        m_h = self._frame_spectrum(np.where(new, image, 0.0), ~new)
+        p_h = np.conj(psf_rfft(psf, grid, workers=self._workers)) * (f / (s * s))
+        m_h *= be.asarray(p_h.astype(self._ctype, copy=False))
+        self._num_h -= m_h
+        del m_h
+        deficit = self._mask_deficit(psf, w2, new)
+        self._deficit_h = deficit if self._deficit_h is None else self._deficit_h + deficit
+        if self._excess is not None and variance is not None:
+            self._excess[new] -= (np.asarray(variance)[new] - s * s) * (
+                w2 / (s * s) * float((psf * psf).sum())
+            )
+        self._n_used -= new
+        self._frames[index] = (psf, f, s, np.packbits(bad | new))
+        return n_new
+
     def _local_variance_of_r(self, inv_sqrt: np.ndarray, outside: np.ndarray) -> np.ndarray:
         """Local noise variance of the unscaled R (exact for background-limited noise).
 
@@ -420,3 +608,124 @@ class ProperCoaddAccumulator:
             mask=flag,
             n_frames=self.n_frames,
         )
+
+
+def _candidates(
+    acc: ProperCoaddAccumulator,
+    index: int,
+    image: np.ndarray,
+    variance: np.ndarray | None,
+    threshold: float,
+    model_error: float,
+) -> np.ndarray:
+    """Pixels of one frame above ``threshold`` sigma over the others' prediction.
+
+    Tested pixel by pixel (sharp outliers: cosmic rays, hot pixels) and in 3x3 boxes
+    (faint extended ones: the wings of satellite trails), each against its own noise.
+    """
+    difference, prediction, depth = acc.frame_residual(index, image)
+    s2 = acc._frames[index][2] ** 2
+    noise = np.ones(acc.shape) if variance is None else np.maximum(
+        np.nan_to_num(np.asarray(variance, dtype=np.float64) / s2, nan=1.0), 1.0
+    )
+    prediction *= model_error
+    cand = difference > threshold * np.sqrt(noise + prediction * prediction)
+    # 3x3 box means: background noise 1/3; the model error adds coherently
+    box = ndimage.uniform_filter(difference, 3, mode="constant")
+    box_noise = ndimage.uniform_filter(noise, 3, mode="constant")
+    box_noise /= 9.0
+    box_error = ndimage.uniform_filter(prediction, 3, mode="constant")
+    box_noise += box_error * box_error
+    cand |= box > threshold * np.sqrt(box_noise)
+    return cand & (depth >= MIN_PREDICTION_DEPTH) & ~acc._bad(index)
+
+
+def find_outliers(
+    acc: ProperCoaddAccumulator,
+    images: list[np.ndarray],
+    variances: list[np.ndarray | None] | None = None,
+    *,
+    threshold: float = 5.0,
+    grow: int = 1,
+    model_error: float = 0.1,
+) -> list[np.ndarray]:
+    """Pixels that one frame shows and the other frames do not (see the module docstring).
+
+    Parameters
+    ----------
+    acc : ProperCoaddAccumulator
+        The accumulator, with every frame added.
+    images : list of ndarray
+        The images given to `ProperCoaddAccumulator.add`, in its order.
+    variances : list of ndarray or None, optional
+        Their pixel variances (with the sources' noise); default each frame's
+        ``sigma**2``.
+    threshold : float, optional
+        ``k``: the excess over the prediction, in sigma, that makes an outlier.
+    grow : int, optional
+        Outliers are grown by this many pixels (a 3x3 step each), and an outlier in
+        another frame within ``grow + 1`` pixels makes both real.
+    model_error : float, optional
+        ``eta``: the fractional error of the prediction (PSF models, flux scales,
+        registration), added to the noise in proportion to the predicted light.
+
+    Returns
+    -------
+    list of ndarray of bool
+        One map per frame, True for its outlier pixels (never an already masked one).
+
+    Raises
+    ------
+    ValueError
+        For a non-positive threshold, a negative ``grow`` or ``model_error``, or not one
+        image per added frame.
+
+    Examples
+    --------
+    A cosmic ray in one of three frames of a star:
+
+    >>> import numpy as np
+    >>> from astro_zackay.coadd_algebra import ProperCoaddAccumulator, find_outliers
+    >>> from astro_zackay.profiles import psf_stamp
+    >>> rng = np.random.default_rng(3)
+    >>> psf = psf_stamp(15, 3.0)
+    >>> star = np.zeros((48, 48)); star[17:32, 17:32] = 5000 * psf
+    >>> frames = [star + rng.normal(0, 5, star.shape) for _ in range(3)]
+    >>> frames[1][10, 30] += 400.0
+    >>> acc = ProperCoaddAccumulator((48, 48), border=15)
+    >>> for frame in frames:
+    ...     acc.add(frame, psf, sigma=5.0)
+    >>> [int(m.sum()) for m in find_outliers(acc, frames, grow=0)]
+    [0, 1, 0]
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+    if grow < 0 or model_error < 0:
+        raise ValueError(f"grow and model_error must be >= 0, got {grow} and {model_error}")
+    if len(images) != acc.n_frames:
+        raise ValueError(f"{len(images)} images for {acc.n_frames} added frames")
+    variances = [None] * len(images) if variances is None else variances
+    empty = [np.zeros(acc.shape, bool) for _ in images]
+    if acc.n_frames < 2:
+        return empty
+    step = ndimage.generate_binary_structure(2, 2)
+    near, count = [], np.zeros(acc.shape, np.int16)
+    for j, (image, variance) in enumerate(zip(images, variances)):
+        cand = _candidates(acc, j, image, variance, threshold, model_error)
+        wide = ndimage.binary_dilation(cand, step, iterations=grow + 1) if cand.any() else cand
+        count += wide
+        near.append(np.packbits(cand))
+    n = int(np.prod(acc.shape))
+    outliers = []
+    for j, packed in enumerate(near):
+        cand = np.unpackbits(packed, count=n).reshape(acc.shape).astype(bool)
+        if not cand.any():
+            outliers.append(empty[j])
+            continue
+        own = ndimage.binary_dilation(cand, step, iterations=grow + 1)
+        alone = cand & (count - own == 0)
+        if grow and alone.any():
+            alone = ndimage.binary_dilation(alone, step, iterations=grow)
+        outliers.append(alone & ~acc._bad(j))
+    _log.debug("outliers per frame: %s", [int(m.sum()) for m in outliers])
+    return outliers

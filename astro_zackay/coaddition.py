@@ -39,6 +39,7 @@ from ._ccd import (
     SATURATION_KEYS,
     ImageData,
     as_ccddata,
+    match_unit,
     to_ccddata,
     to_image,
 )
@@ -52,7 +53,7 @@ from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .background import _estimate_from
-from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator
+from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, find_outliers
 from .fluxmatch import match_stars
 from .zogy import fit_flux_ratio
 
@@ -111,13 +112,17 @@ class CoaddResult:
         ``flux_scale_err`` (0 when given), ``sigma`` (s_j, background noise in the
         input unit), ``weight`` (F_j / s_j**2, the weight of the image's matched
         filter in S), ``depth_share`` (the image's fraction of the squared S/N of a
-        point source, ``F_j**2/s_j**2 sum(P_j**2) / sum_k ...``) and ``n_masked``.
+        point source, ``F_j**2/s_j**2 sum(P_j**2) / sum_k ...``), ``n_masked`` and
+        ``n_rejected`` (its pixels rejected as outliers).
     depth : `~numpy.ndarray`
         G / G_full: the fraction of the full squared S/N reached at each pixel
         (1 where no frame is masked, smaller near masked pixels and image edges).
     n_used : `~numpy.ndarray`
-        The number of images not masked at each pixel; pixels with 0 are masked in
-        every output.
+        The number of images not masked (nor rejected) at each pixel; pixels with 0
+        are masked in every output.
+    rejected : `~numpy.ndarray`
+        The number of images whose pixel was rejected as an outlier (``reject`` of
+        `coadd`), per pixel; all 0 without rejection.
     snr_full : float
         The S/N of a point source of unit flux (first-image units) where no frame
         is masked: ``sqrt(sum_j F_j**2/s_j**2 sum(P_j**2))``.
@@ -131,6 +136,7 @@ class CoaddResult:
     frames: Table
     depth: np.ndarray
     n_used: np.ndarray
+    rejected: np.ndarray
     snr_full: float
 
     @property
@@ -264,17 +270,16 @@ def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) 
     return _Frame(img, stamp, s, name, stars)
 
 
-def _check_like(img: ImageData, first: ImageData, name: str) -> None:
+def _check_like(img: ImageData, first: ImageData, name: str, gain: Any) -> ImageData:
+    """``img`` in the first image's unit (through ``gain`` if needed), of its shape."""
     if img.unit != first.unit:
-        raise u.UnitsError(
-            f"{name} is in {img.unit} but the first image is in {first.unit}: give every "
-            "image in the same unit (e.g. ccdproc.gain_correct to convert ADU to electrons)"
-        )
+        img = match_unit(img, first.unit, gain=gain, name=name, target="first image")
     if img.shape != first.shape:
         raise ValueError(
             f"{name} has shape {img.shape} but the first image has {first.shape}: give "
             "registered images of one shape, or pass align=True"
         )
+    return img
 
 
 def _output_template(first: ImageData) -> ImageData:
@@ -304,6 +309,10 @@ def coadd(
     border: int | None = None,
     min_depth_fraction: float = 1e-3,
     dtype: type = np.float64,
+    gain: Any = None,
+    reject: float | None = 6.0,
+    reject_grow: int = 1,
+    reject_model_error: float = 0.1,
 ) -> CoaddResult:
     """Proper coaddition of registered images (Zackay & Ofek 2017).
 
@@ -342,7 +351,23 @@ def coadd(
        a ZOGY pixel fit through the PSFs (`~astro_zackay.zogy.fit_flux_ratio`);
     6. added to `~astro_zackay.coadd_algebra.ProperCoaddAccumulator` with its
        per-pixel variance (for the source noise in the outputs' uncertainties),
-       masked and NaN pixels excluded.
+       masked and NaN pixels excluded;
+    7. with ``reject`` (the default), outliers: once every image is added, each
+       image is compared with what the others predict at the same place through
+       their PSFs and flux scales (`~astro_zackay.coadd_algebra.find_outliers`: a
+       ZOGY difference of the image against the proper coadd of the others, white
+       with unit noise), and its pixels more than ``reject`` sigma above the
+       prediction (the noise including the sources' own and ``reject_model_error``
+       times the predicted light) are taken out of the coadd in that image only,
+       grown by ``reject_grow`` pixels, unless another image has an outlier there
+       too (what several images show is real: a transient, a variable star, a PSF
+       model off in several images; what one image shows is not: a cosmic ray, a
+       satellite trail, a hot pixel). Pixels next to the other images' masked
+       pixels (e.g. saturated cores) are left alone, and only positive excesses are
+       rejected. The images are then kept in memory until the end (their data and
+       a float32 variance: about 12 bytes a pixel per image in float64), so memory
+       grows with the number of images; ``reject=None`` keeps the single streaming
+       pass whose memory does not.
 
     Masked pixels.  A pixel masked in some images gets the estimate of the others:
     the depth G (the squared S/N reached there) is recorded in ``depth`` and the
@@ -355,7 +380,8 @@ def coadd(
         The images: a list or generator of anything the CCDData boundary accepts
         (`~astropy.nddata.CCDData`, `~astropy.nddata.NDData`, FITS path or HDU,
         array with ``unit=``), or an ImageFileCollection (its filtered files,
-        HDU ``collection.ext``). All in one unit; of one shape unless ``align``.
+        HDU ``collection.ext``). Of one shape unless ``align``; images in another
+        unit than the first are converted to it (see ``gain``).
     psfs : sequence, optional
         One PSF per image: a `~astro_zackay.psf.KLPSFModel`, an astropy/photutils
         model, an odd-sized stamp, or a FWHM in pixels (a Gaussian PSF). Default:
@@ -381,6 +407,20 @@ def coadd(
         Pixels whose depth is below this fraction of the full depth are masked.
     dtype : {numpy.float64, numpy.float32}, optional
         Working precision of the images and their transforms.
+    gain : float, `~astropy.units.Quantity` or sequence, optional
+        Electrons per ADU, one value for every image or one per image; default each
+        image's GAIN (or EGAIN) keyword. It converts an image whose unit differs from
+        the first image's (electrons and ADU) to that unit, and gives the sources'
+        Poisson noise of images without uncertainty.
+    reject : float or None, optional
+        Threshold, in sigma, of the per-pixel outlier rejection across images (step
+        7); None turns it off.
+    reject_grow : int, optional
+        Pixels by which each image's outliers are grown before they are rejected.
+    reject_model_error : float, optional
+        Fractional error of the other images' prediction (PSF models, flux scales,
+        registration), added to the noise of the comparison so that the cores of
+        bright stars are not rejected for PSF differences.
 
     Returns
     -------
@@ -395,10 +435,11 @@ def coadd(
     ValueError
         For no images, images of different shapes (without ``align``), per-image
         options of the wrong length, an image with no usable PSF star and no
-        ``psfs`` entry (the message names the image), or a flux scale that cannot
-        be fitted.
+        ``psfs`` entry (the message names the image), a flux scale that cannot
+        be fitted, or bad rejection options.
     astropy.units.UnitsError
-        For images in different units.
+        For an image whose unit cannot be converted to the first image's (electrons
+        and ADU without a gain: the message names both units and ``gain=``).
     TypeError
         For inputs that are not iterables of images.
 
@@ -434,27 +475,32 @@ def coadd(
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
     sigma_list = _PerImage(sigmas, "sigmas")
+    gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
     method = "stars" if align is True else align
     if method not in (False, "stars", "wcs"):
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
+    rejection = _check_rejection(reject, reject_grow, reject_model_error)
 
     acc = None
     template: ImageData | None = None  # the first image's unit, shape, WCS and meta
     reference: _Frame | None = None  # the first image, kept for the flux scales
     target: CCDData | None = None
+    stack: list[tuple[np.ndarray, np.ndarray]] = []  # kept only to reject outliers
     rows = []
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
         given = scale_list.next()
         if given is not None and not (np.isfinite(float(given)) and float(given) > 0):
             raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
+        frame_gain = gain if gain_list is None else gain_list.next()
         with ImageWarnings(name):
             if method and target is not None:
                 item = align_image(item, target, method=method, unit=unit,
                                    saturation=saturation)
-            img = to_image(item, unit=unit, saturation=saturation, hdu=hdu, dtype=dtype)
+            img = to_image(item, unit=unit, gain=frame_gain, saturation=saturation, hdu=hdu,
+                           dtype=dtype)
             del item
             if template is not None:
-                _check_like(img, template, name)
+                img = _check_like(img, template, name, frame_gain)
             elif method:
                 target = as_ccddata(replace(img, data=img.data.copy()))
             frame = _prepare(img, psf_list.next(), sigma_list.next(), name,
@@ -474,22 +520,74 @@ def coadd(
                 dtype=dtype,
             )
         acc.add(img.data, frame.psf, frame.sigma, f, mask=img.mask, variance=img.variance)
+        if rejection is not None:
+            stack.append((img.data, img.variance.astype(np.float32)))
         rows.append((name, f, f_err, frame.sigma, f / frame.sigma**2,
                      f**2 / frame.sigma**2 * float((frame.psf**2).sum()), int(img.mask.sum())))
         log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
                  name, f, f_err, frame.sigma, frame.psf.shape, rows[-1][-1])
-        del img, frame  # release this image before the next one is read
+        del img, frame  # release this image before the next one is read (unless stacked)
     if acc is None:
         raise ValueError("coadd needs at least one image; got an empty input")
-    for option in (psf_list, scale_list, sigma_list):
-        option.check_exhausted(len(rows))
+    for option in (psf_list, scale_list, sigma_list, gain_list):
+        if option is not None:
+            option.check_exhausted(len(rows))
     frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma", "weight",
                                      "depth_share", "n_masked"))
     frames["depth_share"] /= frames["depth_share"].sum()
     del reference, target
+    rejected = _reject_outliers(acc, stack, rejection, frames)
+    del stack
     res = acc.finalize(min_depth_fraction=min_depth_fraction)
     del acc  # its spectra are not needed to wrap the outputs
-    return _wrap(res, template, frames)
+    return _wrap(res, template, frames, rejected)
+
+
+def _per_image(gain: Any) -> bool:
+    """Whether ``gain`` gives one value per image (else one value, or None, for all)."""
+    if gain is None or isinstance(gain, str | u.Quantity) and np.ndim(gain) == 0:
+        return False
+    return isinstance(gain, Iterable) and np.ndim(gain) == 1
+
+
+def _check_rejection(
+    reject: float | None, grow: int, model_error: float
+) -> dict[str, float] | None:
+    """The outlier options for `find_outliers`, checked; None when rejection is off."""
+    if reject is None or reject is False:
+        return None
+    if isinstance(reject, bool) or not (np.isfinite(float(reject)) and float(reject) > 0):
+        raise ValueError(f"reject must be a positive threshold in sigma or None, got {reject!r}")
+    if int(grow) != grow or grow < 0:
+        raise ValueError(f"reject_grow must be a non-negative integer, got {grow!r}")
+    if not (np.isfinite(float(model_error)) and float(model_error) >= 0):
+        raise ValueError(f"reject_model_error must be >= 0, got {model_error!r}")
+    return {"threshold": float(reject), "grow": int(grow), "model_error": float(model_error)}
+
+
+def _reject_outliers(
+    acc: ProperCoaddAccumulator,
+    stack: list[tuple[np.ndarray, np.ndarray]],
+    rejection: dict[str, float] | None,
+    frames: Table,
+) -> np.ndarray:
+    """Find and exclude each frame's outliers; their count per pixel and per frame.
+
+    Adds the ``n_rejected`` column to ``frames`` (0 without rejection).
+    """
+    rejected = np.zeros(acc.shape, np.int16)
+    frames["n_rejected"] = 0
+    if rejection is None:
+        return rejected
+    outliers = find_outliers(acc, [data for data, _ in stack],
+                             [variance for _, variance in stack], **rejection)
+    for j, ((data, variance), pixels) in enumerate(zip(stack, outliers)):
+        frames["n_rejected"][j] = acc.exclude(j, pixels, data, variance)
+        rejected += pixels
+        if frames["n_rejected"][j]:
+            log.info("%s: %d outlier pixels rejected", frames["name"][j],
+                     frames["n_rejected"][j])
+    return rejected
 
 
 def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
@@ -540,7 +638,9 @@ def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
     return fit.beta, fit.beta_err
 
 
-def _wrap(res: CoaddAlgebraResult, template: ImageData, frames: Table) -> CoaddResult:
+def _wrap(
+    res: CoaddAlgebraResult, template: ImageData, frames: Table, rejected: np.ndarray
+) -> CoaddResult:
     """Wrap the arrays of the finalized accumulator into CCDData."""
     mask = res.mask | (res.n_used == 0)
     frac = res.depth / res.depth_full
@@ -574,5 +674,6 @@ def _wrap(res: CoaddAlgebraResult, template: ImageData, frames: Table) -> CoaddR
         frames=frames,
         depth=frac,
         n_used=res.n_used,
+        rejected=rejected,
         snr_full=float(np.sqrt(res.depth_full)),
     )
