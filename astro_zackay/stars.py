@@ -65,6 +65,9 @@ REASONS = (
     "elongated",
     "max_stars",
 )
+#: A star whose stamp has masked pixels (not saturated ones) stays usable when they are at
+#: most this fraction of the stamp and none lies within one FWHM of its centre.
+MASKED_MAX_FRACTION = 0.03
 #: Detection threshold in units of the background rms (sep, 3x3 matched filter).
 _DETECT_THRESHOLD = 3.0
 #: Neighbours fainter than this fraction of a star's flux do not spoil its isolation.
@@ -490,6 +493,28 @@ def _window_any(
     return dist < 1.0
 
 
+def _badly_masked(
+    flagged: tuple[np.ndarray, np.ndarray], x: np.ndarray, y: np.ndarray, ix: np.ndarray,
+    iy: np.ndarray, hy: int, hx: int, fwhm: np.ndarray,
+) -> np.ndarray:
+    """Whether each star's stamp has too many masked pixels, or one in its core.
+
+    A star stays usable with a few bad pixels (cosmic rays, hot pixels, NaN) in its
+    wings, at most `MASKED_MAX_FRACTION` of the ``(2 hy + 1, 2 hx + 1)`` stamp and
+    none within one FWHM of its centre: `~astro_zackay.psf.estimate_psf` fills them
+    from their mirror pixels through the star.
+    """
+    py, px = flagged
+    if py.size == 0 or ix.size == 0:
+        return np.zeros(ix.size, dtype=bool)
+    scaled = cKDTree(np.column_stack([px / (hx + 0.5), py / (hy + 0.5)]))
+    count = scaled.query_ball_point(np.column_stack([ix / (hx + 0.5), iy / (hy + 0.5)]),
+                                    r=1.0 - 1e-9, p=np.inf, return_length=True)
+    core, _ = cKDTree(np.column_stack([px, py])).query(np.column_stack([x, y]))
+    area = (2 * hy + 1) * (2 * hx + 1)
+    return (count > MASKED_MAX_FRACTION * area) | (core <= np.maximum(fwhm, 1.5))
+
+
 def _crowded(cand: _Candidates, radius: np.ndarray) -> np.ndarray:
     """A detected neighbour brighter than 1 % of the source within its ``radius``."""
     crowded = np.zeros(cand.n, dtype=bool)
@@ -551,7 +576,8 @@ def _cuts(
         has_sat[k] = _window_any((py[saturated], px[saturated]), ix[k], iy[k], hy, hx)
         _reject(reason, keep, has_sat, "saturated")
     has_mask = np.zeros(cand.n, dtype=bool)
-    has_mask[k] = _window_any(masked, ix[k], iy[k], hy, hx)
+    has_mask[k] = _badly_masked(masked, cand.x[k], cand.y[k], ix[k], iy[k], hy, hx,
+                                fwhm_local[k])
     _reject(reason, keep, has_mask, "masked")
     _reject(reason, keep, ~(cand.snr >= _MOMENT_SNR_FRACTION * snr_min), "low_snr")
     _reject(reason, keep, ~cand.measured, "fit")
@@ -932,8 +958,10 @@ def find_psf_stars(
         says how large a stamp does);
     ``saturated``, ``masked``
         a pixel at or above the saturation level (given, keyword or detected, see
-        `~astro_zackay._ccd.to_image`) / any other masked pixel within the stamp
-        (``meta["stamp_shape"]``, clipped to the image);
+        `~astro_zackay._ccd.to_image`) within the stamp (``meta["stamp_shape"]``,
+        clipped to the image) / other masked pixels there: one within 1 FWHM of the
+        centre, or more than 3 % of the stamp (a few bad pixels in the wings are
+        filled by `~astro_zackay.psf.estimate_psf` from their mirror pixels);
     ``low_snr``
         S/N below ``snr_min`` (of the moments, generously, then of the fit);
     ``fit``

@@ -24,7 +24,7 @@ from .._ccd import ImageData, to_image
 from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning, user_stacklevel
 from ..profiles import GAUSS_FWHM
-from ..stars import _find_stars
+from ..stars import MASKED_MAX_FRACTION, _find_stars
 from .analytic import fit_profile, mean_stamp
 from .builders import (
     Built,
@@ -655,7 +655,10 @@ def estimate_psf(
     saturation : float, optional
         Saturation level in data units (stars touching it are rejected).
     mask : array-like of bool, optional
-        Bad pixels (stars whose stamp touches one are rejected).
+        Bad pixels, OR-combined with the image's own. A star keeps its stamp when its
+        masked pixels are at most 3 % of it, none within 1 FWHM of the centre: each is
+        filled from its mirror pixel through the star (the star's own light at the same
+        radius); otherwise it is rejected.
     unit : str or `~astropy.units.Unit`, optional
         The data unit, for inputs without one.
     gain : float, optional
@@ -740,9 +743,10 @@ def _estimate_psf(
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
     stamps = cut_stamps(img.data, img.variance, img.mask, x, y, core, sky=sky,
-                        background_radius=ring, annulus=RING_WIDTH)
-    log.info("%d of %d stars have clean %dx%d stamps (inside the image, unmasked, positive "
-             "flux)", int(stamps.valid.sum()), len(stars), *core)
+                        background_radius=ring, annulus=RING_WIDTH,
+                        max_masked=MASKED_MAX_FRACTION, core_radius=max(star_fwhm, 1.5))
+    log.info("%d of %d stars have clean %dx%d stamps (inside the image, at most a few masked "
+             "pixels in the wings, positive flux)", int(stamps.valid.sum()), len(stars), *core)
     n_given = len(stars)
     order = np.random.default_rng(seed).permutation(int(stamps.valid.sum()))
     stars = stars[stamps.valid][order]

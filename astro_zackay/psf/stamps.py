@@ -26,6 +26,7 @@ __all__ = [
     "clean_neighbours",
     "clipped_mean",
     "cut_stamps",
+    "fill_masked",
     "fit_offsets",
     "recentre",
     "recentring_bias",
@@ -56,7 +57,7 @@ class StampSet:
     flux : `~numpy.ndarray`
         The sum of each background-subtracted stamp.
     valid : `~numpy.ndarray`
-        False for stars whose stamp leaves the image, touches a masked pixel or has
+        False for stars whose stamp leaves the image, has masked pixels it cannot fill or has
         non-positive flux; such rows hold zeros.
     """
 
@@ -235,6 +236,8 @@ def cut_stamps(
     sky: np.ndarray | None = None,
     background_radius: float | None = None,
     annulus: float = 4.0,
+    max_masked: float = 0.0,
+    core_radius: float = 0.0,
 ) -> StampSet:
     """Cut background-subtracted stamps of the stars at ``(x, y)``.
 
@@ -242,6 +245,11 @@ def cut_stamps(
     the clipped mean of a circular ring around each star (`ring_background`) at
     ``background_radius`` (default: just outside the stamp). Put the ring beyond the
     PSF's wings: a ring inside them subtracts part of the star from its own stamp.
+
+    A stamp with masked pixels is valid when they are at most ``max_masked`` of it,
+    none within ``core_radius`` pixels of the star and none whose mirror pixel through
+    the stamp's centre is masked too: each is filled with its mirror pixel (value and
+    variance), the star's own light at the same radius (`fill_masked`).
 
     Parameters
     ----------
@@ -259,6 +267,10 @@ def cut_stamps(
         Inner radius of the background ring, pixels.
     annulus : float, optional
         Width in pixels of the background ring.
+    max_masked : float, optional
+        Largest fraction of masked pixels a valid stamp may hold (default none).
+    core_radius : float, optional
+        No masked pixel may lie this close to the star, pixels.
 
     Returns
     -------
@@ -291,17 +303,19 @@ def cut_stamps(
         radius = max(ny, nx) / 2.0 if background_radius is None else float(background_radius)
         background = ring_background(data, mask, ix, iy, radius, width=annulus)
         stamps = stamps - background[:, None, None]
+    stamp_var = variance[rows, cols]
+    fillable = _fillable(stamp_mask, x - ix, y - iy, max_masked, core_radius)
+    stamps, stamp_var = fill_masked(stamps, stamp_var, stamp_mask & fillable[:, None, None])
     flux = stamps.sum(axis=(1, 2))
     valid = (
         inside
-        & ~stamp_mask.any(axis=(1, 2))
+        & (~stamp_mask.any(axis=(1, 2)) | fillable)
         & np.isfinite(background)
         & np.isfinite(flux)
         & (flux > 0)
     )
     zero = ~valid
     stamps[zero] = 0.0
-    stamp_var = variance[rows, cols]
     stamp_var[zero] = 1.0
     log.debug("cut %d stamps of shape %s: %d valid", len(x), shape, int(valid.sum()))
     return StampSet(
@@ -313,6 +327,50 @@ def cut_stamps(
         flux=np.where(valid, flux, 0.0),
         valid=valid,
     )
+
+
+def _fillable(mask: np.ndarray, dx: np.ndarray, dy: np.ndarray, max_masked: float,
+              core_radius: float) -> np.ndarray:
+    """Whether each ``(n, ny, nx)`` stamp's masked pixels can be filled (`cut_stamps`)."""
+    n, ny, nx = mask.shape
+    yy, xx = np.mgrid[-(ny // 2) : ny // 2 + 1, -(nx // 2) : nx // 2 + 1]
+    r = np.hypot(xx[None] - dx[:, None, None], yy[None] - dy[:, None, None])
+    few = mask.sum(axis=(1, 2)) <= max_masked * ny * nx
+    return (few & ~(mask & (r <= core_radius)).any(axis=(1, 2))
+            & ~(mask & mask[:, ::-1, ::-1]).any(axis=(1, 2)))
+
+
+def fill_masked(
+    stamps: np.ndarray, variance: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replace masked stamp pixels by their mirror pixels through the stamp's centre.
+
+    A PSF is point-symmetric about its centre, so the mirror pixel holds the star's
+    own light at the same radius (to the star's sub-pixel offset from the central
+    pixel, a small error in the wings, where a star's few bad pixels are allowed).
+
+    Parameters
+    ----------
+    stamps, variance : `~numpy.ndarray`
+        ``(n, ny, nx)`` stamps (odd sides) and their variances.
+    mask : `~numpy.ndarray`
+        Boolean ``(n, ny, nx)``: the pixels to replace (their mirrors must be good).
+
+    Returns
+    -------
+    stamps, variance : `~numpy.ndarray`
+        Filled copies.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import fill_masked
+    >>> s = np.arange(9.0).reshape(1, 3, 3); bad = np.zeros(s.shape, bool); bad[0, 0, 1] = True
+    >>> fill_masked(s, np.ones_like(s), bad)[0][0].tolist()
+    [[0.0, 7.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    """
+    return (np.where(mask, stamps[:, ::-1, ::-1], stamps),
+            np.where(mask, variance[:, ::-1, ::-1], variance))
 
 
 def recentre(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
