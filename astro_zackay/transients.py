@@ -1,7 +1,38 @@
-"""Detection of transient candidates in a score image (Scorr) of a subtraction."""
+"""Detection and vetting of transient candidates in a score image (Scorr) of a subtraction.
+
+`find_transients` finds the local extrema of ``|Scorr|`` above a threshold and
+gives each candidate an integer ``flags`` bitmask, one bit per vetting test
+(`FLAGS` names and describes them), and ``good`` (no bit set). The tests and
+what each needs:
+
+========== ===== =================================================================
+flag       bit   set when (needs)
+========== ===== =================================================================
+DIPOLE     1     an extremum of the opposite sign beyond ``dipole_threshold`` sigma
+                 lies within ``dipole_radius`` FWHM: misregistration or motion
+                 (the score alone)
+MASKED     2     a masked or saturated input pixel lies within ``mask_radius``
+                 FWHM (``bad_pixels``)
+SHARP      4     the peak pixel of D stands above the PSF fit by more than
+                 ``sharp_threshold`` sigma: cosmic rays, hot pixels (``difference``
+                 and ``psf``)
+CHI2       8     the PSF fit to a D stamp has chi^2 / dof above ``chi2_threshold``
+                 (``difference`` and ``psf``)
+EDGE       16    closer than ``edge_distance`` FWHM to the image border (the score
+                 alone)
+BRIGHT     32    within ``bright_radius`` FWHM of a source with S/N of at least
+                 ``bright_snr`` in both images: a bright star (``sources``)
+========== ===== =================================================================
+
+A flag whose inputs are not given is not computed (its bit is never set), and the
+table's ``meta["flags_computed"]`` lists the ones that were: on a bare score array
+only DIPOLE and EDGE are, with the FWHM of P_D measured from the score's own noise
+(or given as ``fwhm``).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import numpy as np
@@ -11,7 +42,70 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy import ndimage
 
-__all__ = ["find_transients"]
+from .fourier import correlate_fft, psf_rfft, shift_image
+from .profiles import GAUSS_FWHM
+
+__all__ = [
+    "FLAGS",
+    "FLAG_BRIGHT",
+    "FLAG_CHI2",
+    "FLAG_DIPOLE",
+    "FLAG_EDGE",
+    "FLAG_MASKED",
+    "FLAG_SHARP",
+    "bright_sources",
+    "describe_flags",
+    "find_transients",
+]
+
+log = logging.getLogger(__name__)
+
+#: Opposite-sign extremum nearby: misregistration (a dipole) or motion.
+FLAG_DIPOLE = 1
+#: A masked or saturated input pixel nearby.
+FLAG_MASKED = 2
+#: Sharper than the difference PSF: a cosmic ray or hot pixel.
+FLAG_SHARP = 4
+#: The difference PSF does not fit the difference image's stamp.
+FLAG_CHI2 = 8
+#: Near the image border.
+FLAG_EDGE = 16
+#: Near a bright star.
+FLAG_BRIGHT = 32
+
+#: Each flag's name: its bit and what it means.
+FLAGS: dict[str, tuple[int, str]] = {
+    "DIPOLE": (FLAG_DIPOLE, "opposite-sign score extremum nearby (misregistration or motion)"),
+    "MASKED": (FLAG_MASKED, "masked or saturated input pixel nearby"),
+    "SHARP": (FLAG_SHARP, "sharper than the difference PSF (cosmic ray, hot pixel)"),
+    "CHI2": (FLAG_CHI2, "PSF fit to the difference image: chi^2/dof too high"),
+    "EDGE": (FLAG_EDGE, "near the image border"),
+    "BRIGHT": (FLAG_BRIGHT, "near a bright star"),
+}
+
+
+def describe_flags(flags: int) -> list[str]:
+    """The names of the flags set in a ``flags`` value, in bit order.
+
+    Parameters
+    ----------
+    flags : int
+        A value of the ``flags`` column of `find_transients`.
+
+    Returns
+    -------
+    list of str
+        Keys of `FLAGS`; empty for a ``good`` candidate.
+
+    Examples
+    --------
+    >>> from astro_zackay.transients import FLAG_DIPOLE, FLAG_EDGE, describe_flags
+    >>> describe_flags(FLAG_DIPOLE | FLAG_EDGE)
+    ['DIPOLE', 'EDGE']
+    >>> describe_flags(0)
+    []
+    """
+    return [name for name, (bit, _) in FLAGS.items() if int(flags) & bit]
 
 
 def _as_array(value: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, WCS | None, Any]:
@@ -45,6 +139,315 @@ def _subpixel_peak(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tup
     return cols + dx, rows + dy
 
 
+def _psf_fwhm(psf: np.ndarray) -> float:
+    """FWHM in pixels of a PSF stamp: the diameter of the disc as large as its half-maximum area."""
+    return float(2.0 * np.sqrt(np.count_nonzero(psf >= 0.5 * psf.max()) / np.pi))
+
+
+def _score_fwhm(score: np.ndarray, bad: np.ndarray) -> float | None:
+    """FWHM of P_D from the lag-1 autocorrelation of a score image's noise.
+
+    Scorr of white D is D correlated with P_D, so its noise autocorrelation is that
+    of P_D: ``exp(-1 / (4 sigma**2))`` at lag 1 for a Gaussian P_D of width sigma.
+    Only pixels with ``|score| < 3`` (noise) enter. None when it cannot be measured
+    (fewer than 100 pixel pairs, or no positive correlation).
+    """
+    noise = np.where(bad | ~(np.abs(score) < 3.0), np.nan, score)
+    lags = []
+    for a, b in ((noise[:, :-1], noise[:, 1:]), (noise[:-1, :], noise[1:, :])):
+        both = np.isfinite(a) & np.isfinite(b)
+        if both.sum() < 100 or np.std(a[both]) == 0 or np.std(b[both]) == 0:
+            return None
+        lags.append(np.corrcoef(a[both], b[both])[0, 1])
+    rho = float(np.mean(lags))
+    if not 0 < rho < 1:
+        return None
+    return float(GAUSS_FWHM * np.sqrt(-1.0 / (4.0 * np.log(rho))))
+
+
+def _centre(shape: tuple[int, int]) -> tuple[float, float]:
+    """``(x, y)`` of the centre of an image of ``shape``."""
+    return (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
+
+
+def _disc(radius: float) -> np.ndarray:
+    """Boolean disc footprint of ``radius`` pixels (at least the 3x3 box)."""
+    half = max(int(np.ceil(radius)), 1)
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    return np.hypot(xx, yy) <= max(radius, 1.0)
+
+
+def _near(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float) -> np.ndarray:
+    """Whether a True pixel of ``mask`` lies within ``radius`` pixels of each (row, col)."""
+    if not mask.any() or rows.size == 0:
+        return np.zeros(rows.size, bool)
+    return ndimage.binary_dilation(mask, structure=_disc(radius))[rows, cols]
+
+
+def _dipole(score: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float,
+            threshold: float) -> np.ndarray:
+    """Whether an extremum of the opposite sign beyond ``threshold`` lies within ``radius``."""
+    disc = _disc(radius)
+    finite = np.where(np.isfinite(score), score, 0.0)
+    highest = ndimage.maximum_filter(finite, footprint=disc, mode="constant", cval=0.0)
+    lowest = ndimage.minimum_filter(finite, footprint=disc, mode="constant", cval=0.0)
+    positive = finite[rows, cols] > 0
+    return np.where(positive, -lowest[rows, cols], highest[rows, cols]) >= threshold
+
+
+def _edge(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, distance: float) -> np.ndarray:
+    """Whether each position is closer than ``distance`` pixels to the image border."""
+    ny, nx = shape
+    return np.minimum.reduce([x, y, nx - 1 - x, ny - 1 - y]) < distance
+
+
+def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[slice, slice]:
+    """The ``2*half+1`` square around ``(row, col)``, clipped to the image."""
+    return (slice(max(row - half, 0), min(row + half + 1, shape[0])),
+            slice(max(col - half, 0), min(col + half + 1, shape[1])))
+
+
+def _fit_one(
+    stamp: np.ndarray, variance: np.ndarray, psf: np.ndarray, box: tuple[slice, slice],
+    row: int, col: int, dx: float, dy: float, psf_error: float,
+) -> tuple[float, float]:
+    """(chi^2/dof, peak-pixel residual in sigma) of the PSF fit to one D stamp.
+
+    The amplitude and position are fitted by two Gauss-Newton steps from the score
+    peak's sub-pixel offset ``(dx, dy)`` (each step linear in the amplitude and the
+    PSF's gradient, the shift kept within 1 px). Each pixel's variance is
+    ``variance + (psf_error * model)**2``: D's noise plus the PSF model's own error.
+    """
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    cut = (slice(cy - (row - box[0].start), cy + (box[0].stop - row)),
+           slice(cx - (col - box[1].start), cx + (box[1].stop - col)))
+    good = np.isfinite(stamp)
+    data = stamp[good]
+    for _ in range(2):
+        model = shift_image(psf, dx, dy)
+        grad_y, grad_x = np.gradient(model)
+        design = np.stack([m[cut][good] for m in (model, grad_x, grad_y)], axis=1)
+        coef = np.linalg.lstsq(design, data, rcond=None)[0]
+        if coef[0] == 0:
+            break
+        dx = float(np.clip(dx - coef[1] / coef[0], -1.0, 1.0))
+        dy = float(np.clip(dy - coef[2] / coef[0], -1.0, 1.0))
+    p = shift_image(psf, dx, dy)[cut]
+    weight = 1.0 / (variance + (psf_error * coef[0] * p) ** 2)
+    amplitude = float(np.sum(weight * p * stamp, where=good) / np.sum(weight * p * p, where=good))
+    residual = stamp - amplitude * p
+    chi2 = float(np.sum(weight * residual**2, where=good) / max(good.sum() - 3, 1))
+    centre = (row - box[0].start, col - box[1].start)
+    leverage = weight[centre] * p[centre] ** 2 / np.sum(weight * p * p, where=good)
+    sigma = np.sqrt(max(1.0 - leverage, 1e-3) / weight[centre])
+    sign = 1.0 if amplitude >= 0 else -1.0
+    return chi2, float(sign * residual[centre] / sigma)
+
+
+def _psf_fits(
+    difference: np.ndarray, variance: np.ndarray, psf: Any, x: np.ndarray, y: np.ndarray,
+    rows: np.ndarray, cols: np.ndarray, radius: float, psf_error: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PSF fits to D stamps: (chi^2/dof, peak-pixel residual in sigma) of each candidate.
+
+    The pixels of D within ``radius`` of each candidate are fitted with ``psf``
+    (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
+    ``variance``; NaN for a candidate whose peak pixel is masked or whose stamp has
+    fewer than 6 finite pixels.
+    """
+    chi2 = np.full(rows.size, np.nan)
+    sharp = np.full(rows.size, np.nan)
+    for i, (row, col) in enumerate(zip(rows, cols)):
+        stamp_psf = _check_psf(psf(x[i], y[i])) if callable(psf) else psf
+        half = min(int(np.ceil(radius)), stamp_psf.shape[0] // 2, stamp_psf.shape[1] // 2)
+        box = _stamp_box(difference.shape, row, col, half)
+        yy, xx = np.mgrid[box]
+        stamp = np.where(np.hypot(xx - x[i], yy - y[i]) <= radius, difference[box], np.nan)
+        if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
+            continue
+        chi2[i], sharp[i] = _fit_one(stamp, variance[box], stamp_psf, box, row, col,
+                                     x[i] - col, y[i] - row, psf_error)
+    return chi2, sharp
+
+
+def _difference_variance(flux_error: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """D's per-pixel variance: 1 where the background dominates, more near sources.
+
+    D is white with unit variance where the background noise dominates; the sources'
+    own noise adds to it, as it adds to the flux error, so the variance is taken as
+    ``(flux_error / median(flux_error))**2`` (1 without a flux error).
+    """
+    if flux_error is None:
+        return np.ones(shape)
+    finite = np.isfinite(flux_error) & (flux_error > 0)
+    if not finite.any():
+        return np.ones(shape)
+    ratio = flux_error / np.median(flux_error[finite])
+    return np.where(finite, ratio**2, 1.0)
+
+
+def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: float) -> np.ndarray:
+    """Whether a source of S/N >= ``snr`` in both images lies within ``radius`` of each position."""
+    weaker = np.minimum(np.asarray(sources["snr_reference"], float),
+                        np.asarray(sources["snr_science"], float))
+    bright = weaker >= snr
+    if not bright.any() or x.size == 0:
+        return np.zeros(x.size, bool)
+    sx, sy = np.asarray(sources["x"], float)[bright], np.asarray(sources["y"], float)[bright]
+    distance = np.hypot(x[:, None] - sx[None, :], y[:, None] - sy[None, :])
+    return (distance <= radius).any(axis=1)
+
+
+def _snr_map(data: np.ndarray, variance: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """Matched-filter (PSF-fit) S/N of a point source centred at each pixel."""
+    psf_h = psf_rfft(psf, data.shape)
+    square_h = psf_rfft(psf**2, data.shape)
+    signal = correlate_fft(data, psf_h)
+    noise = correlate_fft(variance, square_h)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(noise > 0, signal / np.sqrt(np.abs(noise)), 0.0)
+
+
+def bright_sources(
+    images: tuple[np.ndarray, np.ndarray],
+    variances: tuple[np.ndarray, np.ndarray],
+    psfs: tuple[np.ndarray, np.ndarray],
+    *,
+    mask: np.ndarray | None = None,
+    snr_min: float = 20.0,
+) -> Table:
+    """Sources of a (reference, science) pair with their S/N in each image.
+
+    Each image's matched-filter S/N map (its PSF correlated with the data, over the
+    square root of the PSF squared correlated with the variance) is computed; the
+    sources are the local maxima of the larger of the two maps, above ``snr_min``,
+    and each keeps both maps' values at its pixel. `find_transients` takes this
+    table as ``sources`` for its BRIGHT flag.
+
+    Parameters
+    ----------
+    images : (ndarray, ndarray)
+        The background-subtracted reference and science images, on one grid.
+    variances : (ndarray, ndarray)
+        Their per-pixel variances.
+    psfs : (ndarray, ndarray)
+        Their unit-sum PSF stamps (odd-sized).
+    mask : ndarray of bool, optional
+        Bad pixels: taken as zero data and zero variance.
+    snr_min : float
+        The least S/N, in either image, of a source kept.
+
+    Returns
+    -------
+    `~astropy.table.Table`
+        Columns ``x``, ``y`` (0-based pixels), ``snr_reference``, ``snr_science``,
+        sorted by the larger S/N, highest first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.transients import bright_sources
+    >>> psf = np.exp(-((np.mgrid[-5:6, -5:6] ** 2).sum(axis=0)) / 4.0); psf /= psf.sum()
+    >>> image = np.zeros((64, 64)); image[20:31, 30:41] = 5000 * psf
+    >>> table = bright_sources((image, image), (np.ones((64, 64)),) * 2, (psf, psf))
+    >>> table["x"].tolist(), table["y"].tolist(), bool(table["snr_science"][0] > 100)
+    ([35], [25], True)
+    """
+    snr = []
+    for data, variance, psf in zip(images, variances, psfs):
+        if mask is not None:
+            data, variance = np.where(mask, 0.0, data), np.where(mask, 0.0, variance)
+        snr.append(_snr_map(data, np.nan_to_num(variance), psf))
+    larger = np.fmax(*snr)
+    size = 2 * max(int(np.ceil(_psf_fwhm(psfs[0]))), 1) + 1
+    peaks = (larger == ndimage.maximum_filter(larger, size=size)) & (larger >= snr_min)
+    rows, cols = np.nonzero(peaks)
+    order = np.argsort(-larger[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    return Table({"x": cols, "y": rows, "snr_reference": snr[0][rows, cols],
+                  "snr_science": snr[1][rows, cols]})
+
+
+def _candidates(
+    data: np.ndarray, bad: np.ndarray, threshold: float, min_separation: int, sign: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer peaks (rows, cols) and sub-pixel positions (x, y), by ``|score|`` descending."""
+    signed = {"both": np.abs(data), "positive": data, "negative": -data}[sign]
+    signed = np.where(bad, -np.inf, signed)
+    size = 2 * int(min_separation) + 1
+    local_max = ndimage.maximum_filter(signed, size=size, mode="constant", cval=-np.inf)
+    rows, cols = np.nonzero((signed == local_max) & (signed >= threshold))
+    order = np.argsort(-signed[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    x, y = _subpixel_peak(np.where(bad, 0.0, signed), rows, cols)
+    return rows, cols, x, y
+
+
+def _check_image(value: Any, shape: tuple[int, int], name: str) -> np.ndarray | None:
+    """A 2-D array of the score's shape (or None)."""
+    if value is None:
+        return None
+    array = _as_array(value, name)[0]
+    if array.shape != shape:
+        raise ValueError(f"{name} shape {array.shape} does not match score {shape}")
+    return array
+
+
+def _check_psf(psf: Any) -> Any:
+    """An odd-sized 2-D PSF stamp with a positive peak, a callable (unchecked), or None."""
+    if psf is None or callable(psf):
+        return psf
+    psf = np.asarray(psf, dtype=float)
+    if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0 or not psf.max() > 0:
+        raise ValueError(f"psf must be an odd-sized 2-D stamp with a positive peak, "
+                         f"got shape {psf.shape}")
+    return psf
+
+
+def _check_sources(sources: Table | None) -> None:
+    """``sources`` must have the columns of `bright_sources`."""
+    needed = {"x", "y", "snr_reference", "snr_science"}
+    if sources is not None and not needed <= set(sources.colnames):
+        raise ValueError(f"sources needs the columns {sorted(needed)} (see bright_sources), "
+                         f"got {sources.colnames}")
+
+
+def _flags(
+    data: np.ndarray, rows: np.ndarray, cols: np.ndarray, x: np.ndarray, y: np.ndarray,
+    fwhm: float | None, inputs: dict[str, Any], limits: dict[str, float], table: Table,
+) -> np.ndarray:
+    """The flags bitmask of each candidate; adds the fit columns and ``flags_computed``."""
+    flags = np.zeros(rows.size, dtype=np.int32)
+    table.meta["flags_computed"] = computed = []
+    if fwhm is None:
+        log.info("no psf= or fwhm= and the score's scale cannot be measured: no flag computed")
+        return flags
+    computed += ["DIPOLE", "EDGE"]
+    flags[_dipole(data, rows, cols, limits["dipole_radius"] * fwhm,
+                  limits["dipole_threshold"])] |= FLAG_DIPOLE
+    flags[_edge(data.shape, x, y, limits["edge_distance"] * fwhm)] |= FLAG_EDGE
+    if inputs["bad_pixels"] is not None:
+        computed.append("MASKED")
+        near = _near(inputs["bad_pixels"], rows, cols, limits["mask_radius"] * fwhm)
+        flags[near] |= FLAG_MASKED
+    if inputs["difference"] is not None and inputs["psf"] is not None:
+        computed += ["SHARP", "CHI2"]
+        radius = max(limits["fit_radius"] * fwhm, 2.0)
+        variance = _difference_variance(inputs["flux_error"], data.shape)
+        chi2, sharp = _psf_fits(inputs["difference"], variance, inputs["psf"], x, y, rows, cols,
+                                radius, limits["psf_error"])
+        table["chi2_dof"] = chi2
+        table["sharpness"] = sharp
+        flags[sharp > limits["sharp_threshold"]] |= FLAG_SHARP
+        flags[chi2 > limits["chi2_threshold"]] |= FLAG_CHI2
+    if inputs["sources"] is not None:
+        computed.append("BRIGHT")
+        near = _bright(inputs["sources"], x, y, limits["bright_snr"],
+                       limits["bright_radius"] * fwhm)
+        flags[near] |= FLAG_BRIGHT
+    return flags
+
+
 def find_transients(
     score: Any,
     *,
@@ -55,8 +458,27 @@ def find_transients(
     wcs: WCS | None = None,
     min_separation: int = 3,
     sign: Literal["both", "positive", "negative"] = "both",
+    difference: Any = None,
+    psf: Any = None,
+    bad_pixels: np.ndarray | None = None,
+    sources: Table | None = None,
+    fwhm: float | None = None,
+    dipole_radius: float = 2.0,
+    dipole_threshold: float = 3.5,
+    mask_radius: float = 2.0,
+    fit_radius: float = 1.0,
+    sharp_threshold: float = 4.0,
+    chi2_threshold: float = 4.0,
+    psf_error: float = 0.05,
+    edge_distance: float = 2.0,
+    bright_snr: float = 100.0,
+    bright_radius: float = 3.0,
 ) -> Table:
-    """Find transient candidates as local extrema of a score image above a threshold.
+    """Find transient candidates as local extrema of a score image, and vet them.
+
+    Each candidate gets a ``flags`` bitmask (see `FLAGS`; one bit per test, set
+    when the test fails) and ``good`` (no bit set). Distances are in units of
+    ``fwhm``, the FWHM of the difference PSF P_D.
 
     Parameters
     ----------
@@ -77,6 +499,44 @@ def find_transients(
         is ``2*min_separation + 1`` wide).
     sign : {'both', 'positive', 'negative'}
         Brightening (positive score), fading (negative) or both.
+    difference : `~astropy.nddata.CCDData` or `~numpy.ndarray`, optional
+        The proper difference image D (white, unit variance; NaN where masked).
+        With ``psf``, enables the SHARP and CHI2 flags.
+    psf : `~numpy.ndarray` or callable, optional
+        P_D, the odd-sized PSF stamp of D (centred), or a callable ``psf(x, y)``
+        returning the stamp at a position (a PSF that varies across the field).
+        Enables SHARP and CHI2 with ``difference``, and sets ``fwhm`` (from the
+        stamp at the image centre).
+    bad_pixels : `~numpy.ndarray` of bool, optional
+        The masked and saturated pixels of the input images (before any growth);
+        enables the MASKED flag.
+    sources : `~astropy.table.Table`, optional
+        Sources of both images with their S/N (`bright_sources`); enables BRIGHT.
+    fwhm : float, optional
+        FWHM of P_D in pixels; default measured from ``psf`` (the diameter of the
+        disc of its half-maximum area), else from the lag-1 autocorrelation of the
+        score's noise (when that cannot be measured, as on a constant score, no
+        flag is computed).
+    dipole_radius, dipole_threshold : float
+        DIPOLE: an opposite-sign score beyond ``dipole_threshold`` sigma within
+        ``dipole_radius`` FWHM.
+    mask_radius : float
+        MASKED: a bad pixel within this many FWHM of the peak pixel.
+    fit_radius : float
+        Half-side of the D stamp of the PSF fit, in FWHM (at least 2 px).
+    sharp_threshold : float
+        SHARP: the peak pixel of D exceeds the PSF fit by more than this many sigma.
+    chi2_threshold : float
+        CHI2: chi^2 per degree of freedom of the PSF fit above this.
+    psf_error : float
+        The PSF model's own error as a fraction of the fitted model in each pixel,
+        added in quadrature to D's noise in the fit (so that bright point sources,
+        whose residuals from a slightly wrong P_D exceed the noise, are not flagged).
+    edge_distance : float
+        EDGE: closer than this many FWHM to the border.
+    bright_snr, bright_radius : float
+        BRIGHT: a source of S/N >= ``bright_snr`` in both images (a star, not the
+        transient itself) within ``bright_radius`` FWHM.
 
     Returns
     -------
@@ -84,8 +544,17 @@ def find_transients(
         Columns ``id``, ``x``, ``y`` (0-based pixels, x the column, refined to
         sub-pixel with a parabola through the peak), ``x_peak``, ``y_peak`` (the
         integer peak pixel), ``score`` (signed, sigma), and, when given, ``flux``,
-        ``flux_err`` and ``snr`` (= flux / flux_err), and ``ra``, ``dec`` (deg)
-        with a WCS. Sorted by ``|score|``, highest first.
+        ``flux_err`` and ``snr`` (= flux / flux_err), ``ra``, ``dec`` (deg) with a
+        WCS, ``chi2_dof`` and ``sharpness`` (with ``difference`` and ``psf``);
+        then ``flags`` and ``good``. Sorted by ``|score|``, highest first.
+        ``meta`` holds the threshold, the sign, the FWHM, every flag's bit and
+        meaning (``FLAG_<NAME>``), its parameters, and ``flags_computed``.
+
+    Raises
+    ------
+    ValueError
+        For an invalid ``sign``, ``threshold``, an image or mask whose shape differs
+        from the score's, a malformed ``psf`` or ``sources``.
 
     Examples
     --------
@@ -94,9 +563,11 @@ def find_transients(
     >>> score = np.zeros((32, 32))
     >>> score[10, 20] = 8.0
     >>> score[25, 5] = -6.0
-    >>> table = find_transients(score, threshold=5.0)
+    >>> table = find_transients(score, threshold=5.0, fwhm=3.0)
     >>> table["x_peak"].tolist(), table["y_peak"].tolist(), table["score"].tolist()
     ([20, 5], [10, 25], [8.0, -6.0])
+    >>> table["flags"].tolist(), table["good"].tolist()  # the second is 5 px from the edge
+    ([0, 16], [True, False])
     """
     if sign not in ("both", "positive", "negative"):
         raise ValueError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
@@ -109,24 +580,57 @@ def find_transients(
             if extra.shape != data.shape:
                 raise ValueError(f"mask shape {extra.shape} does not match score {data.shape}")
             bad |= extra
+    inputs = {
+        "difference": _check_image(difference, data.shape, "difference"),
+        "psf": _check_psf(psf),
+        "bad_pixels": _check_image(bad_pixels, data.shape, "bad_pixels"),
+        "sources": sources,
+        "flux_error": _check_image(flux_error, data.shape, "flux_error"),
+    }
+    if inputs["bad_pixels"] is not None:
+        inputs["bad_pixels"] = inputs["bad_pixels"].astype(bool)
+    _check_sources(sources)
+    if fwhm is None:
+        fwhm = _score_fwhm(data, bad) if inputs["psf"] is None else _psf_fwhm(
+            _check_psf(inputs["psf"](*_centre(data.shape))) if callable(inputs["psf"])
+            else inputs["psf"])
+    if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
+        raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
     wcs = own_wcs if wcs is None else wcs
-
-    signed = {"both": np.abs(data), "positive": data, "negative": -data}[sign]
-    signed = np.where(bad, -np.inf, signed)
-    size = 2 * int(min_separation) + 1
-    local_max = ndimage.maximum_filter(signed, size=size, mode="constant", cval=-np.inf)
-    rows, cols = np.nonzero((signed == local_max) & (signed >= threshold))
+    rows, cols, x, y = _candidates(data, bad, threshold, min_separation, sign)
 
     table = Table()
-    order = np.argsort(-signed[rows, cols], kind="stable")
-    rows, cols = rows[order], cols[order]
-    x, y = _subpixel_peak(np.where(bad, 0.0, signed), rows, cols)
     table["id"] = np.arange(1, rows.size + 1)
     table["x"] = x
     table["y"] = y
     table["x_peak"] = cols
     table["y_peak"] = rows
     table["score"] = data[rows, cols]
+    _add_flux(table, flux, flux_error, rows, cols)
+    if wcs is not None and wcs.has_celestial:
+        sky = wcs.celestial.pixel_to_world(x, y)
+        table["ra"] = sky.ra.deg * u.deg
+        table["dec"] = sky.dec.deg * u.deg
+    limits = {
+        "dipole_radius": dipole_radius, "dipole_threshold": dipole_threshold,
+        "mask_radius": mask_radius, "fit_radius": fit_radius,
+        "sharp_threshold": sharp_threshold, "chi2_threshold": chi2_threshold,
+        "psf_error": psf_error,
+        "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
+    }
+    table["flags"] = _flags(data, rows, cols, x, y, fwhm, inputs, limits, table)
+    table["good"] = table["flags"] == 0
+    table.meta["threshold"] = float(threshold)
+    table.meta["sign"] = sign
+    table.meta["fwhm"] = None if fwhm is None else float(fwhm)
+    table.meta.update({f"FLAG_{name}": f"{bit}: {text}" for name, (bit, text) in FLAGS.items()})
+    table.meta.update({key: float(value) for key, value in limits.items()})
+    return table
+
+
+def _add_flux(table: Table, flux: Any, flux_error: Any, rows: np.ndarray,
+              cols: np.ndarray) -> None:
+    """Add the ``flux``, ``flux_err`` and ``snr`` columns sampled at the peak pixels."""
     if flux is not None:
         flux_data, _, _, flux_unit = _as_array(flux, "flux")
         table["flux"] = flux_data[rows, cols]
@@ -140,10 +644,3 @@ def find_transients(
         if flux is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 table["snr"] = flux_data[rows, cols] / err_data[rows, cols]
-    if wcs is not None and wcs.has_celestial:
-        sky = wcs.celestial.pixel_to_world(x, y)
-        table["ra"] = sky.ra.deg * u.deg
-        table["dec"] = sky.dec.deg * u.deg
-    table.meta["threshold"] = float(threshold)
-    table.meta["sign"] = sign
-    return table
