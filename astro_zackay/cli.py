@@ -42,9 +42,13 @@ def _write_png(
         if truth is not None and len(truth):
             ax.scatter(truth["x"], truth["y"], s=250, facecolors="none", edgecolors="tab:green",
                        label="injected")
-        if len(candidates):
-            ax.scatter(candidates["x"], candidates["y"], s=90, marker="x", color="tab:red",
-                       label="found (|Scorr| > threshold)")
+        good = np.asarray(candidates["good"], bool) if len(candidates) else np.zeros(0, bool)
+        if good.any():
+            ax.scatter(candidates["x"][good], candidates["y"][good], s=90, marker="x",
+                       color="tab:red", label="good candidate (|Scorr| > threshold, no flag)")
+        if (~good).any():
+            ax.scatter(candidates["x"][~good], candidates["y"][~good], s=60, marker="+",
+                       color="tab:orange", label="flagged candidate")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside upper center", ncol=2)
@@ -62,11 +66,25 @@ def _write_png(
     plt.close(fig)
 
 
+def _flag_cards() -> dict[str, str]:
+    """FITS header cards defining the candidates' flag bits: ``AZFLAG<bit>`` = name: meaning."""
+    from .transients import FLAGS
+
+    return {f"AZFLAG{bit}": f"{name}: {text}" for name, (bit, text) in FLAGS.items()}
+
+
 def _save_result(result, outdir: Path, threshold: float, science: CCDData,
                  truth: Table | None = None) -> Table:
+    """Write D, Scorr (with the flag definitions in its header), alpha, the candidates, a PNG.
+
+    Masked pixels are NaN in the FITS images (the mask extension says which). The
+    candidate table (ECSV) carries the flag definitions and thresholds in its meta.
+    """
     outdir.mkdir(parents=True, exist_ok=True)
     result.difference.write(outdir / "difference.fits", overwrite=True)
-    result.score.write(outdir / "score.fits", overwrite=True)
+    score = result.score.to_hdu()
+    score[0].header.update(_flag_cards())
+    score.writeto(outdir / "score.fits", overwrite=True)
     result.flux.write(outdir / "flux.fits", overwrite=True)
     candidates = result.find_transients(threshold=threshold)
     candidates.write(outdir / "candidates.ecsv", overwrite=True)
@@ -77,6 +95,7 @@ def _save_result(result, outdir: Path, threshold: float, science: CCDData,
 def _demo(args: argparse.Namespace) -> int:
     from .simulation import simulate_pair
     from .subtraction import subtract
+    from .transients import describe_flags
 
     rng = np.random.default_rng(args.seed)
     margin = args.size // 8
@@ -115,13 +134,14 @@ def _demo(args: argparse.Namespace) -> int:
             found += 1
             row = candidates[best]
             log.info("recovered the transient at (%.1f, %.1f): Scorr %.1f sigma, flux %.0f +- "
-                     "%.0f e- (true %.0f)", row["x"], row["y"], row["score"], row["flux"],
-                     row["flux_err"], flux)
+                     "%.0f e- (true %.0f), flags %s", row["x"], row["y"], row["score"],
+                     row["flux"], row["flux_err"], flux, describe_flags(row["flags"]) or "none")
         else:
             log.warning("missed the transient at (%.1f, %.1f) of flux %.0f e-", x, y, flux)
-    log.info("%d candidate(s) above %.1f sigma, %d of %d injected transient(s) recovered; "
-             "wrote difference.fits, score.fits, flux.fits, candidates.ecsv and subtraction.png "
-             "to %s", len(candidates), args.threshold, found, len(truth), outdir)
+    log.info("%d candidate(s) above %.1f sigma (%d good), %d of %d injected transient(s) "
+             "recovered; wrote difference.fits, score.fits, flux.fits, candidates.ecsv and "
+             "subtraction.png to %s", len(candidates), args.threshold,
+             int(np.sum(candidates["good"])), found, len(truth), outdir)
     return 0 if found == len(truth) else 1
 
 
@@ -135,8 +155,8 @@ def _subtract(args: argparse.Namespace) -> int:
     log.info("%r", result)
     science = as_ccddata(to_image(args.science, unit=args.unit))
     candidates = _save_result(result, Path(args.outdir), args.threshold, science)
-    log.info("%d candidate(s) above %.1f sigma written to %s", len(candidates), args.threshold,
-             args.outdir)
+    log.info("%d candidate(s) above %.1f sigma (%d good: no flag set) written to %s",
+             len(candidates), args.threshold, int(np.sum(candidates["good"])), args.outdir)
     return 0
 
 

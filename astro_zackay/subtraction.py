@@ -39,6 +39,7 @@ from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning
 from .fluxmatch import StarMatch, match_stars
 from .fourier import shift_image
+from .transients import bright_sources
 from .zogy import ZogyResult, fit_flux_ratio, zogy
 from .zogy import fit_shift as _fit_shift
 
@@ -90,6 +91,20 @@ class SubtractionResult:
         ``(sigma_x, sigma_y)`` registration noise in pixels per image used in Scorr.
     tiles : `~astropy.table.Table`
         One row per tile: its inner region, centre, background noises, F_D and F_S.
+    input_mask : `~numpy.ndarray` of bool or None
+        The masked and saturated pixels of either input image (the reference's
+        shifted with it), before the growth that masks the outputs; the MASKED flag
+        of `find_transients` is set near them.
+    sources : `~astropy.table.Table` or None
+        The sources of both images with their matched-filter S/N in each
+        (`~astro_zackay.transients.bright_sources`), for the BRIGHT flag.
+    tile_psfs : `~numpy.ndarray` or None
+        P_D of each tile (one unit-sum stamp per row of ``tiles``); `psf_at` picks one.
+
+    Notes
+    -----
+    Masked pixels of ``difference``, ``score``, ``flux`` and ``flux_error`` are NaN,
+    with their ``mask`` set, so that no viewer shows them as sources.
     """
 
     difference: CCDData
@@ -104,9 +119,37 @@ class SubtractionResult:
     background_offset: float
     astrometric_noise: tuple[float, float]
     tiles: Table = field(default_factory=Table)
+    input_mask: np.ndarray | None = None
+    sources: Table | None = None
+    tile_psfs: np.ndarray | None = None
+
+    def psf_at(self, x: float, y: float) -> np.ndarray:
+        """P_D at a position: that of the tile whose inner region holds it.
+
+        Parameters
+        ----------
+        x, y : float
+            0-based pixel position (x the column).
+
+        Returns
+        -------
+        `~numpy.ndarray`
+            The unit-sum stamp; ``psf`` (the central tile's) without per-tile stamps.
+        """
+        if self.tile_psfs is None or len(self.tile_psfs) != len(self.tiles):
+            return self.psf
+        t = self.tiles
+        inside = ((np.asarray(t["x_start"]) <= x + 0.5) & (x + 0.5 < np.asarray(t["x_stop"]))
+                  & (np.asarray(t["y_start"]) <= y + 0.5) & (y + 0.5 < np.asarray(t["y_stop"])))
+        if not inside.any():
+            raise ValueError(f"({x}, {y}) is outside the image")
+        return self.tile_psfs[int(np.argmax(inside))]
 
     def find_transients(self, threshold: float = 5.0, **kwargs: Any) -> Table:
-        """Transient candidates: local extrema of ``|score|`` above ``threshold`` sigma.
+        """Transient candidates: local extrema of ``|score|`` above ``threshold`` sigma, vetted.
+
+        Every vetting flag is computed: the difference image, its PSF, the input
+        masks and the sources of both images are passed on.
 
         Parameters
         ----------
@@ -114,19 +157,22 @@ class SubtractionResult:
             Detection threshold in sigma.
         **kwargs
             Passed to `astro_zackay.transients.find_transients` (``sign``,
-            ``min_separation``).
+            ``min_separation`` and the flags' thresholds, such as ``bright_snr``).
 
         Returns
         -------
         `~astropy.table.Table`
             ``id``, ``x``, ``y`` (0-based pixels), ``ra``, ``dec`` (with a WCS),
-            ``score``, ``flux``, ``flux_err`` and ``snr``, sorted by ``|score|``.
+            ``score``, ``flux``, ``flux_err``, ``snr``, ``chi2_dof``, ``sharpness``,
+            ``flags`` (`~astro_zackay.transients.FLAGS`) and ``good``, sorted by
+            ``|score|``.
         """
         from .transients import find_transients
 
         return find_transients(
             self.score, threshold=threshold, flux=self.flux, flux_error=self.flux_error,
-            **kwargs,
+            difference=self.difference, psf=self.psf_at, bad_pixels=self.input_mask,
+            sources=self.sources, **kwargs,
         )
 
     def __repr__(self) -> str:
@@ -579,6 +625,7 @@ def subtract(
     out_bad = bad.copy()
     rows, offsets = [], []
     central = None
+    tile_psfs = []  # P_D of each tile, for the candidate vetting
     for tile in layout:
         cx, cy = tile.centre
         psf_r = pref.psf(cx, cy) if pref.psf.varying else psf_r0
@@ -607,6 +654,7 @@ def subtract(
         outputs["alpha"][tile.inner] = (beta / res.F_S * S)[keep]
         outputs["err"][tile.inner] = (beta / res.F_S * np.sqrt(np.maximum(variance, 0)))[keep]
         out_bad[tile.inner] |= tile_bad[keep]
+        tile_psfs.append(res.psf_d_stamp(stamp, normalize=True))
         rows.append((tile.inner[1].start, tile.inner[1].stop, tile.inner[0].start,
                      tile.inner[0].stop, cx, cy, sigma_r, sigma_n, res.F_D / beta,
                      res.F_S / beta, offsets[-1]))
@@ -631,8 +679,13 @@ def subtract(
     ones = np.ones(sci.shape)
 
     def wrap(data: np.ndarray, unit: Any, variance: np.ndarray | None, key: str) -> CCDData:
-        return to_ccddata(data, sci, unit=unit, variance=variance, mask=out_bad,
-                          step=(key, text), extra_meta=extra)
+        # masked pixels are NaN (mask set): no viewer shows them as sources
+        blank = None if variance is None else np.where(out_bad, np.nan, variance)
+        return to_ccddata(np.where(out_bad, np.nan, data), sci, unit=unit, variance=blank,
+                          mask=out_bad, step=(key, text), extra_meta=extra)
+
+    sources = bright_sources((ref_data, psci.data), (ref_var, sci.variance), (psf_r0, psf_n0),
+                             mask=bad)
 
     return SubtractionResult(
         difference=wrap(outputs["D"], u.dimensionless_unscaled, ones, "AZSUB"),
@@ -647,4 +700,7 @@ def subtract(
         background_offset=float(offset),
         astrometric_noise=ast,
         tiles=tiles_table,
+        input_mask=bad.copy(),
+        tile_psfs=np.array(tile_psfs),
+        sources=sources,
     )

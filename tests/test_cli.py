@@ -22,7 +22,8 @@ def test_demo_writes_outputs_and_recovers_the_transients(tmp_path):
     good = ~score.mask
     assert abs(np.std(score.data[good]) - 1.0) < 0.05  # Scorr is in sigma units
     candidates = Table.read(tmp_path / "candidates.ecsv")
-    assert {"x", "y", "score", "flux", "flux_err", "ra", "dec"} <= set(candidates.colnames)
+    assert {"x", "y", "score", "flux", "flux_err", "ra", "dec", "flags", "good"} <= set(
+        candidates.colnames)
     assert len(candidates) >= 3
 
 
@@ -38,6 +39,35 @@ def test_subtract_command_on_fits_files(tmp_path):
     difference = CCDData.read(out / "difference.fits")
     assert difference.shape == (384, 384)
     assert "AZSUB" in difference.meta
+
+
+def test_subtract_command_writes_flags_and_blank_masked_pixels(tmp_path):
+    """Masked pixels are NaN in the FITS; the flag bits are defined in header and table."""
+    from astro_zackay.simulation import simulate_pair
+    from astro_zackay.transients import FLAGS
+
+    pair = simulate_pair((256, 256), n_stars=40, flux_range=(2e3, 2e5), seed=6)
+    science = pair.science.ccd.copy()
+    science.data[100, 60] += 5000.0  # a cosmic ray: a flagged candidate
+    science.mask = np.zeros(science.shape, bool)
+    science.mask[30:34, 200] = True  # a few bad pixels: masked (NaN) outputs
+    pair.reference.ccd.write(tmp_path / "ref.fits")
+    science.write(tmp_path / "sci.fits")
+    out = tmp_path / "out"
+    assert main(["subtract", str(tmp_path / "ref.fits"), str(tmp_path / "sci.fits"),
+                 "--reference-fwhm", "2.5", "--science-fwhm", "3.5", "--outdir", str(out)]) == 0
+    for name in ("difference.fits", "score.fits", "flux.fits"):
+        image = CCDData.read(out / name)
+        assert image.mask[30:34, 200].all()
+        assert np.isnan(image.data[image.mask]).all()
+        assert np.isfinite(image.data[~image.mask]).all()
+    header = CCDData.read(out / "score.fits").meta
+    candidates = Table.read(out / "candidates.ecsv")
+    for name, (bit, text) in FLAGS.items():
+        assert header[f"AZFLAG{bit}"] == f"{name}: {text}"
+        assert candidates.meta[f"FLAG_{name}"] == f"{bit}: {text}"
+    cosmic = candidates[np.hypot(candidates["x"] - 60, candidates["y"] - 100) < 1.5]
+    assert len(cosmic) == 1 and not cosmic["good"][0] and cosmic["flags"][0] & FLAGS["SHARP"][0]
 
 
 def test_subtract_command_on_files_without_bunit(tmp_path):

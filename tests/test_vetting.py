@@ -1,0 +1,182 @@
+"""Vetting of transient candidates: each flag of `find_transients` against simulated truth.
+
+One simulated pair holds a case for every flag (cosmic rays and a short track in the
+science image, a hot pixel in the reference, a moving star, a transient beside a bright
+star, one at the image border, one beside a bad pixel) and clean transients far from
+everything, which must come out ``good``.
+"""
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from astro_zackay import subtract
+from astro_zackay.profiles import psf_stamp
+from astro_zackay.simulation import inject_sources, simulate_pair
+from astro_zackay.transients import (
+    FLAG_BRIGHT,
+    FLAG_DIPOLE,
+    FLAG_EDGE,
+    FLAG_MASKED,
+    FLAG_SHARP,
+    FLAGS,
+    describe_flags,
+    find_transients,
+)
+
+SIZE = 384
+#: Transients far from every star, edge and defect: they must be ``good``.
+CLEAN = ((60.3, 60.7), (200.2, 200.4), (320.6, 250.1), (250.5, 330.2))
+BRIGHT_STAR = (100.0, 300.0)  # 6e5 e-: S/N of several hundred in both images
+SATURATED_STAR = (300.0, 80.0)  # 2e7 e-: saturated core in both images
+NEAR_BRIGHT = (106.0, 303.0)  # a transient 2 FWHM from the bright star
+AT_EDGE = (3.0, 150.0)
+NEAR_BAD = (200.2, 120.4)  # a transient with a bad science pixel 3 px away
+BAD_PIXEL = (200, 123)  # (x, y)
+COSMIC_RAYS = ((150, 100, 3000.0), (80, 200, 2000.0), (230, 60, 4000.0))  # (x, y, e-)
+TRACK = ((330, 120), (331, 121))  # two adjacent pixels of 2500 e- each
+HOT_PIXEL = (140, 260)  # in the reference: a negative candidate
+MOVER_REF, MOVER_SCI = (180.0, 300.0), (182.0, 300.5)  # 8000 e-, moved by 2 px
+
+
+def _field_stars(rng, special):
+    """90 field stars of 2e3-1e5 e-, none within 30 px of a special source."""
+    x, y = rng.uniform(20, SIZE - 20, 90), rng.uniform(20, SIZE - 20, 90)
+    flux = np.exp(rng.uniform(np.log(2e3), np.log(1e5), 90))
+    far = np.ones(x.size, bool)
+    for sx, sy in special:
+        far &= np.hypot(x - sx, y - sy) > 30
+    return x[far], y[far], flux[far]
+
+
+@pytest.fixture(scope="module")
+def vetted():
+    rng = np.random.default_rng(7)
+    special = (*CLEAN, BRIGHT_STAR, SATURATED_STAR, NEAR_BAD, MOVER_REF, HOT_PIXEL,
+               *[(x, y) for x, y, _ in COSMIC_RAYS], TRACK[0])
+    x, y, flux = _field_stars(rng, special)
+    stars = Table({"x": np.r_[x, BRIGHT_STAR[0], SATURATED_STAR[0]],
+                   "y": np.r_[y, BRIGHT_STAR[1], SATURATED_STAR[1]],
+                   "flux": np.r_[flux, 6e5, 2e7]})
+    positions = (*CLEAN, NEAR_BRIGHT, AT_EDGE, NEAR_BAD)
+    transients = Table({"x": [p[0] for p in positions], "y": [p[1] for p in positions],
+                        "flux": [1500.0, 2000.0, 1500.0, 2500.0, 3000.0, 2500.0, 2500.0]})
+    pair = simulate_pair((SIZE, SIZE), reference_psf=2.5, science_psf=3.0, stars=stars,
+                         transients=transients, saturation=1.5e5, seed=3)
+    reference = inject_sources(pair.reference.ccd, Table(
+        {"x": [MOVER_REF[0]], "y": [MOVER_REF[1]], "flux": [8000.0]}), psf_stamp(25, 2.5), seed=1)
+    science = inject_sources(pair.science.ccd, Table(
+        {"x": [MOVER_SCI[0]], "y": [MOVER_SCI[1]], "flux": [8000.0]}), psf_stamp(25, 3.0), seed=2)
+    for x, y, value in COSMIC_RAYS:
+        science.data[y, x] += value
+    for x, y in TRACK:
+        science.data[y, x] += 2500.0
+    reference.data[HOT_PIXEL[1], HOT_PIXEL[0]] += 3000.0
+    science.mask = np.zeros(science.shape, bool) if science.mask is None else science.mask.copy()
+    science.mask[BAD_PIXEL[1], BAD_PIXEL[0]] = True
+    result = subtract(reference, science)
+    return result, result.find_transients(5.0)
+
+
+def _at(candidates, x, y, radius=2.0):
+    """The candidates within ``radius`` px of (x, y)."""
+    near = np.hypot(candidates["x"] - x, candidates["y"] - y) <= radius
+    return candidates[near]
+
+
+def _one_at(candidates, x, y, radius=2.0):
+    found = _at(candidates, x, y, radius)
+    assert len(found) == 1, f"{len(found)} candidates at ({x}, {y})"
+    return found[0]
+
+
+def test_clean_transients_are_good_and_the_only_good_ones(vetted):
+    _, candidates = vetted
+    for x, y in CLEAN:
+        row = _one_at(candidates, x, y)
+        assert row["good"], describe_flags(row["flags"])
+        assert row["chi2_dof"] < 2.0 and abs(row["sharpness"]) < 3.0
+    good = candidates[candidates["good"]]
+    assert len(good) == len(CLEAN)
+
+
+def test_cosmic_rays_and_hot_pixel_are_sharp(vetted):
+    _, candidates = vetted
+    defects = [(x, y) for x, y, _ in COSMIC_RAYS] + [TRACK[0], HOT_PIXEL]
+    for x, y in defects:
+        row = _one_at(candidates, x, y)
+        assert row["flags"] & FLAG_SHARP, describe_flags(row["flags"])
+        assert row["sharpness"] > 10
+    assert _one_at(candidates, *HOT_PIXEL)["score"] < 0  # a reference defect reads as fading
+
+
+def test_moving_star_is_a_dipole(vetted):
+    _, candidates = vetted
+    lobes = _at(candidates, (MOVER_REF[0] + MOVER_SCI[0]) / 2, MOVER_REF[1], radius=5.0)
+    assert len(lobes) == 2 and (lobes["score"] > 0).sum() == 1
+    assert np.all(lobes["flags"] & FLAG_DIPOLE)
+
+
+def test_bright_star_edge_and_bad_pixel_are_flagged(vetted):
+    _, candidates = vetted
+    assert _one_at(candidates, *NEAR_BRIGHT)["flags"] & FLAG_BRIGHT
+    edge = _one_at(candidates, *AT_EDGE)
+    assert edge["flags"] == FLAG_EDGE, describe_flags(edge["flags"])
+    assert _one_at(candidates, *NEAR_BAD, radius=3.0)["flags"] & FLAG_MASKED
+
+
+def test_saturated_star_leaves_no_good_candidate(vetted):
+    result, candidates = vetted
+    assert result.input_mask[int(SATURATED_STAR[1]), int(SATURATED_STAR[0])]
+    assert not np.any(_at(candidates, *SATURATED_STAR, radius=30.0)["good"])
+
+
+def test_masked_outputs_are_nan(vetted):
+    result, _ = vetted
+    for image in (result.difference, result.score, result.flux, result.flux_error):
+        assert image.mask.any()
+        assert np.all(np.isnan(image.data[image.mask]))
+        assert np.all(np.isfinite(image.data[~image.mask]))
+
+
+def test_thresholds_are_parameters(vetted):
+    """A stricter or looser threshold changes exactly the flag it belongs to."""
+    result, candidates = vetted
+    loose = result.find_transients(5.0, sharp_threshold=1e6, chi2_threshold=1e6)
+    assert not np.any(loose["flags"] & FLAG_SHARP)
+    assert np.array_equal(loose["flags"] | FLAG_SHARP | 8, candidates["flags"] | FLAG_SHARP | 8)
+    wide = result.find_transients(5.0, edge_distance=30.0)
+    assert np.sum(wide["flags"] & FLAG_EDGE) > np.sum(candidates["flags"] & FLAG_EDGE)
+
+
+def test_table_meta_documents_the_flags(vetted):
+    _, candidates = vetted
+    for name, (bit, _) in FLAGS.items():
+        assert candidates.meta[f"FLAG_{name}"].startswith(f"{bit}:")
+    assert candidates.meta["flags_computed"] == ["DIPOLE", "EDGE", "MASKED", "SHARP", "CHI2",
+                                                 "BRIGHT"]
+    assert candidates.meta["bright_snr"] == 100.0
+
+
+def test_bare_score_array_measures_its_scale_and_flags_what_it_can(vetted):
+    """On a bare Scorr array the FWHM of P_D comes from the score's noise."""
+    result, candidates = vetted
+    score = np.asarray(result.score.data)
+    bare = find_transients(score)
+    assert bare.meta["flags_computed"] == ["DIPOLE", "EDGE"]
+    assert bare.meta["fwhm"] == pytest.approx(candidates.meta["fwhm"], rel=0.25)
+    assert len(bare) == len(candidates)
+    lobes = _at(bare, (MOVER_REF[0] + MOVER_SCI[0]) / 2, MOVER_REF[1], radius=5.0)
+    assert np.all(lobes["flags"] & FLAG_DIPOLE)
+
+
+def test_bad_vetting_inputs():
+    score = np.zeros((20, 20))
+    with pytest.raises(ValueError, match="difference shape"):
+        find_transients(score, difference=np.zeros((5, 5)), psf=np.ones((3, 3)))
+    with pytest.raises(ValueError, match="odd-sized"):
+        find_transients(score, psf=np.ones((4, 4)))
+    with pytest.raises(ValueError, match="sources needs"):
+        find_transients(score, sources=Table({"x": [1.0]}))
+    with pytest.raises(ValueError, match="fwhm"):
+        find_transients(score, fwhm=-1.0)
