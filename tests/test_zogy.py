@@ -364,3 +364,133 @@ def test_masked_saturated_core_moves_scorr_less_than_a_tenth_sigma_outside_the_m
     assert np.max(np.abs(masked.Scorr - whole.Scorr)[outside]) < 0.1
     grown = ~outside[masked.mask_radius:-masked.mask_radius, masked.mask_radius:-masked.mask_radius]
     assert grown.sum() < 61**2 / 2
+
+
+# --------------------------------------------------------------------------------------
+# correlated noise, PSF error and the reference shift inside the core
+
+
+def correlated_noise(rng, shape, sigma, taper):
+    """White noise smoothed by ``[taper, 1, taper]`` along x and y, per-pixel rms ``sigma``.
+
+    Its lag-1 correlation along each axis is ``2 taper / (1 + 2 taper**2)`` and its power
+    spectrum per pixel ``sigma**2 * H(kx)**2 H(ky)**2 / (1 + 2 taper**2)**2`` with
+    ``H(k) = 1 + 2 taper cos(2 pi k)``.
+    """
+    from scipy import ndimage
+
+    k = np.array([taper, 1.0, taper]) / np.sqrt(1 + 2 * taper**2)
+    white = rng.normal(0.0, sigma, shape)
+    return ndimage.convolve1d(ndimage.convolve1d(white, k, axis=1, mode="wrap"), k, axis=0,
+                              mode="wrap")
+
+
+def true_spectrum(shape, sigma, taper):
+    from astro_zackay.fourier import frequency_grids
+
+    ky, kx = frequency_grids(shape)
+    h = (1 + 2 * taper * np.cos(2 * np.pi * kx)) * (1 + 2 * taper * np.cos(2 * np.pi * ky))
+    return sigma**2 * h**2 / (1 + 2 * taper**2) ** 2
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_white_spectrum_equals_scalar_sigma(cfg):
+    """A flat spectrum sigma**2 gives the scalar-sigma outputs to float precision."""
+    spn, spr, sn, sr, fn, fr = cfg
+    rng = np.random.default_rng(11)
+    shape = (128, 144)
+    new, ref = rng.normal(0, sn, shape), rng.normal(0, sr, shape)
+    pn, pr = gaussian_psf(spn, ellip=0.1), gaussian_psf(spr)
+    var_n, var_r = np.full(shape, sn**2), np.full(shape, sr**2)
+    var_n[40:50, 60:70] += 30.0  # a source's excess
+    kw = dict(sigma_new=sn, sigma_ref=sr, flux_new=fn, flux_ref=fr, var_new=var_n, var_ref=var_r)
+    half = (shape[0], shape[1] // 2 + 1)
+    a = zogy(new, ref, pn, pr, **kw)
+    b = zogy(new, ref, pn, pr, noise_spectrum_new=np.full(half, sn**2),
+             noise_spectrum_ref=np.full(half, sr**2), **kw)
+    for name in ("D", "S", "Scorr", "psf_d_at_origin"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-9,
+                                   atol=1e-12 * np.abs(getattr(a, name)).max())
+    assert pytest.approx(a.F_D, rel=1e-14) == b.F_D
+    assert pytest.approx(a.F_S, rel=1e-12) == b.F_S
+
+
+def test_identities_hold_with_a_noise_spectrum():
+    """S == F_D (D ⋆ P_D), F_S == F_D**2 sum(P_D**2), sum(P_D) == 1 with a correlated spectrum."""
+    shape = (128, 144)
+    rng = np.random.default_rng(12)
+    new, ref = correlated_noise(rng, shape, 2.0, 0.3), correlated_noise(rng, shape, 1.0, 0.2)
+    pn, pr = gaussian_psf(2.0), gaussian_psf(1.4)
+    res = zogy(new, ref, pn, pr, sigma_new=2.0, sigma_ref=1.0, flux_new=0.8,
+               noise_spectrum_new=true_spectrum(shape, 2.0, 0.3),
+               noise_spectrum_ref=true_spectrum(shape, 1.0, 0.2))
+    p_d = res.psf_d_at_origin
+    assert p_d.sum() == pytest.approx(1.0, abs=1e-12)
+    assert pytest.approx(res.F_D**2 * (p_d**2).sum(), rel=1e-12) == res.F_S
+    s_check = res.F_D * correlate_fft(res.D, np.fft.rfft2(p_d))
+    assert np.max(np.abs(s_check - res.S)) < 1e-12 * np.max(np.abs(res.S))
+    np.testing.assert_allclose(res.Scorr, res.S / np.sqrt(res.F_S), rtol=1e-12)
+
+
+@pytest.mark.parametrize("taper", [0.1, 0.2, 0.3])
+def test_correlated_noise_gives_white_d_and_unit_scorr(taper):
+    """Lag-1 correlations 0.19-0.51: std(Scorr) = 1 +- 0.02 and D white with the spectra.
+
+    Assuming white noise instead leaves std(Scorr) 1.35-2.0 (checked, so that the test
+    can fail) although std(D) stays ~1.
+    """
+    shape = (512, 512)
+    rng = np.random.default_rng(int(taper * 100))
+    new = correlated_noise(rng, shape, 3.0, taper)
+    ref = correlated_noise(rng, shape, 2.0, taper)
+    pn, pr = gaussian_psf(3.5 / 2.355), gaussian_psf(2.5 / 2.355)
+    kw = dict(sigma_new=3.0, sigma_ref=2.0, flux_new=0.8, var_new=np.full(shape, 9.0),
+              var_ref=np.full(shape, 4.0))
+    white = zogy(new, ref, pn, pr, **kw)
+    res = zogy(new, ref, pn, pr, noise_spectrum_new=true_spectrum(shape, 3.0, taper),
+               noise_spectrum_ref=true_spectrum(shape, 2.0, taper), **kw)
+    assert np.std(white.Scorr) > 1.3
+    assert abs(np.std(res.Scorr) - 1.0) < 0.02
+    assert abs(np.std(res.D) - 1.0) < 0.005
+    for a, b in ((res.D[:, 1:], res.D[:, :-1]), (res.D[1:], res.D[:-1])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+
+
+def test_psf_error_term_suppresses_a_bright_star_residual_not_a_transient():
+    """A 2 % PSF mismatch on a bright star reads > 5 sigma without V_psf, < 5 with eps = 2 %.
+
+    A new point source (absent from the reference) keeps its Scorr within 0.5 %.
+    """
+    shape = (128, 128)
+    rng = np.random.default_rng(13)
+    pn, pr = gaussian_psf(2.0), gaussian_psf(1.5)
+    wrong = gaussian_psf(2.0 * 1.02)  # the science PSF model is 2 % too wide
+    star = render(shape, [40], [40], [3e5], pn)
+    ref = render(shape, [40], [40], [3e5], pr) + rng.normal(0, 5.0, shape)
+    new = star + render(shape, [90], [90], [600.0], pn) + rng.normal(0, 5.0, shape)
+    kw = dict(sigma_new=5.0, sigma_ref=5.0, var_new=25.0 + np.abs(new),
+              var_ref=25.0 + np.abs(ref))
+    plain = zogy(new, ref, wrong, pr, **kw)
+    with_eps = zogy(new, ref, wrong, pr, psf_error_new=0.02, psf_error_ref=0.0, **kw)
+    near = (slice(30, 51), slice(30, 51))
+    assert np.abs(plain.Scorr[near]).max() > 5
+    assert np.abs(with_eps.Scorr[near]).max() < 5
+    assert with_eps.V_psf is not None and plain.V_psf is None
+    assert with_eps.Scorr[90, 90] == pytest.approx(plain.Scorr[90, 90], rel=0.005)
+
+
+def test_shift_ref_is_the_phase_ramp_of_the_reference():
+    """shift_ref gives the outputs of a Fourier-shifted reference (and variance map)."""
+    shape = (96, 120)
+    rng = np.random.default_rng(14)
+    pn, pr = gaussian_psf(2.0), gaussian_psf(1.5)
+    ref = render(shape, [40, 60], [30, 80], [3e4, 1e4], pr) + rng.normal(0, 2.0, shape)
+    new = rng.normal(0, 3.0, shape)
+    var_r = 4.0 + np.abs(ref)
+    kw = dict(sigma_new=3.0, sigma_ref=2.0, flux_new=1.3, var_new=np.full(shape, 9.0))
+    shifted = zogy(new, shift_image(ref, 1.3, -0.4), pn, pr,
+                   var_ref=shift_image(var_r, 1.3, -0.4), **kw)
+    inside = zogy(new, ref, pn, pr, var_ref=var_r, shift_ref=(1.3, -0.4), **kw)
+    for name in ("D", "S", "Scorr"):
+        a, b = getattr(shifted, name), getattr(inside, name)
+        assert np.max(np.abs(a - b)) < 1e-9 * np.max(np.abs(a))
