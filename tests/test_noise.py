@@ -1,0 +1,200 @@
+"""The noise spectrum (astro_zackay.noise) and ZOGY on images with correlated noise.
+
+Correlated noise is simulated as white noise smoothed by ``[taper, 1, taper]`` along x
+and y (as resampling does), scaled to keep the per-pixel variance; its lag-1
+correlation along each axis is ``2 taper / (1 + 2 taper**2)``.
+"""
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData, StdDevUncertainty
+from conftest import data_path
+from scipy import ndimage
+
+from astro_zackay import subtract
+from astro_zackay.fourier import half_spectrum_sum
+from astro_zackay.noise import NoiseSpectrum, measure_noise_spectrum
+from astro_zackay.simulation import simulate_pair
+
+SHAPE = (512, 512)
+
+
+def lag1(taper):
+    return 2 * taper / (1 + 2 * taper**2)
+
+
+def smooth(white, taper):
+    """``white`` smoothed by ``[taper, 1, taper]`` along both axes, per-pixel variance kept."""
+    k = np.array([taper, 1.0, taper]) / np.sqrt(1 + 2 * taper**2)
+    return ndimage.convolve1d(ndimage.convolve1d(white, k, axis=1, mode="wrap"), k, axis=0,
+                              mode="wrap")
+
+
+def robust_std(values):
+    q25, q75 = np.percentile(values, [25, 75])
+    return (q75 - q25) / 1.349
+
+
+@pytest.mark.parametrize("taper", [0.0, 0.1, 0.2, 0.3])
+def test_measured_lag1_and_spectrum_of_smoothed_noise(taper):
+    """Lag-1 within 0.01 of ``2 t / (1 + 2 t**2)``; the spectrum's mean is sigma**2.
+
+    Bright stars in the image are left out by the source mask: with them the measure
+    is the same within 0.01.
+    """
+    rng = np.random.default_rng(7)
+    noise = smooth(rng.normal(0.0, 3.0, SHAPE), taper)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    stars = sum(f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+                for x, y, f in zip(*rng.uniform(20, 490, (2, 30)), rng.uniform(50, 500, 30)))
+    spectrum = measure_noise_spectrum(noise + stars)
+    rx, ry = spectrum.lag1
+    assert rx == pytest.approx(lag1(taper), abs=0.01)
+    assert ry == pytest.approx(lag1(taper), abs=0.01)
+    assert spectrum.sigma == pytest.approx(3.0, rel=0.01)
+    assert spectrum.is_correlated == (lag1(taper) > 0.15)
+    power = spectrum.spectrum((64, 80), sigma=2.0)
+    assert power.shape == (64, 41)
+    assert half_spectrum_sum(power, 80) / (64 * 80) == pytest.approx(4.0, rel=0.01)
+
+
+def test_rms_map_and_mask():
+    """A noise level varying by 4x across the image: its rms map gives the correlation back."""
+    rng = np.random.default_rng(8)
+    rms = np.linspace(1.0, 4.0, SHAPE[1])[None, :] * np.ones(SHAPE)
+    noise = smooth(rng.normal(size=SHAPE), 0.2) * rms
+    mask = np.zeros(SHAPE, bool)
+    mask[100:140, 200:260] = True
+    noise[mask] = 1e6  # masked pixels do not enter
+    spectrum = measure_noise_spectrum(noise, mask, rms=rms)
+    assert spectrum.lag1[0] == pytest.approx(lag1(0.2), abs=0.01)
+    assert spectrum.sigma == pytest.approx(np.median(rms[~mask]), rel=0.02)
+
+
+def test_measure_noise_spectrum_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        measure_noise_spectrum(np.zeros(10))
+    with pytest.raises(ValueError, match="mask has shape"):
+        measure_noise_spectrum(np.zeros((50, 50)), np.zeros((5, 5), bool))
+    with pytest.raises(ValueError, match="max_lag"):
+        measure_noise_spectrum(np.zeros((50, 50)), max_lag=0)
+    with pytest.raises(ValueError, match="source-free pixels"):
+        measure_noise_spectrum(np.random.default_rng(0).normal(size=(20, 20)))
+    with pytest.raises(ValueError, match="rms must be positive"):
+        measure_noise_spectrum(np.zeros((50, 50)), rms=np.zeros((50, 50)))
+    assert "lag1=" in repr(NoiseSpectrum(np.eye(3), 1.0, 100))
+
+
+def correlated_pair(taper, seed):
+    """A star pair (FWHM 2.5 / 3.5 px, flux ratio 0.8, shift) with correlated Gaussian noise.
+
+    The noise of each image is that of a Poisson sky + stars + read noise, smoothed by
+    the taper kernel; its uncertainty is the per-pixel rms (kept by the smoothing).
+    """
+    pair = simulate_pair(SHAPE, n_stars=80, flux_range=(1e3, 1e5), flux_ratio=0.8,
+                         shift=(0.3, -0.2), noise=False, seed=seed)
+    rng = np.random.default_rng(seed)
+    images = []
+    for image in (pair.reference, pair.science):
+        variance = image.ccd.data + image.noise_rms**2 - image.sky
+        noise = smooth(rng.normal(size=SHAPE), taper) * np.sqrt(variance)
+        images.append(CCDData(image.ccd.data + noise, unit="electron",
+                              uncertainty=StdDevUncertainty(np.sqrt(variance))))
+    return pair, images
+
+
+def off_star(pair, result, radius=10):
+    """Unmasked pixels farther than ``radius`` px from every star."""
+    near = np.zeros(SHAPE, bool)
+    t = pair.science.truth
+    near[np.clip(np.round(t["y"]).astype(int), 0, SHAPE[0] - 1),
+         np.clip(np.round(t["x"]).astype(int), 0, SHAPE[1] - 1)] = True
+    near = ndimage.distance_transform_edt(~near) <= radius
+    return ~near & ~result.score.mask
+
+
+@pytest.mark.parametrize("taper", [0.15, 0.3])
+def test_subtract_correlated_pair_gives_unit_scorr(taper, caplog):
+    """Lag-1 0.28 and 0.51: off-star std(Scorr) = 1 +- 0.02 (1.4-2.0 assuming white noise).
+
+    The measured correlations are logged and recorded in the outputs' meta.
+    """
+    pair, (ref, sci) = correlated_pair(taper, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with caplog.at_level(logging.INFO, logger="astro_zackay.subtraction"):
+            result = subtract(ref, sci)
+        white = subtract(ref, sci, noise="white")
+    off = off_star(pair, result)
+    assert off.mean() > 0.5
+    assert abs(np.std(result.score.data[off]) - 1.0) < 0.02
+    assert np.std(white.score.data[off & ~white.score.mask]) > 1.3
+    for key in ("AZRHOXR", "AZRHOYR", "AZRHOXS", "AZRHOYS"):
+        assert result.score.meta[key] == pytest.approx(lag1(taper), abs=0.03)
+        assert key not in white.score.meta
+    assert "reference image noise: lag-1 correlation" in caplog.text
+    assert "spectrum is used" in caplog.text
+
+
+def test_subtract_white_pair_is_unchanged_by_noise_auto():
+    """On white noise noise='auto' measures lag-1 ~ 0 and returns noise='white''s Scorr."""
+    pair = simulate_pair((256, 256), n_stars=30, flux_range=(1e3, 1e5), flux_ratio=0.8, seed=2)
+    kw = dict(reference_psf=2.5, science_psf=3.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = subtract(pair.reference.ccd, pair.science.ccd, **kw)
+        white = subtract(pair.reference.ccd, pair.science.ccd, noise="white", **kw)
+    assert abs(auto.score.meta["AZRHOXR"]) < 0.02
+    np.testing.assert_array_equal(auto.score.data, white.score.data)
+
+
+def test_subtract_rejects_bad_noise_options():
+    pair = simulate_pair((64, 64), n_stars=0, seed=1)
+    with pytest.raises(ValueError, match="noise must be"):
+        subtract(pair.reference.ccd, pair.science.ccd, noise="pink")
+    with pytest.raises(ValueError, match="psf_error must be"):
+        subtract(pair.reference.ccd, pair.science.ccd, psf_error=-0.1)
+    with pytest.raises(ValueError, match="psf_error must be"):
+        subtract(pair.reference.ccd, pair.science.ccd, psf_error="floor")
+
+
+# ---------------------------------------------------------------------------
+# JWST NIRCam F200W i2d mosaics (resampled: lag-1 ~0.36) with their error maps
+# ---------------------------------------------------------------------------
+NIRCAM = "nircam-a2744"
+NIRCAM_IMAGES = ("01324001001-01324-o001_t001", "02561001002-02561-o001_t003")
+
+
+def _nircam(kind):
+    stem = f"jw{kind}_nircam_clear-f200w_i2d_stamp"
+    data = fits.getdata(data_path(NIRCAM, "input_data", f"{stem}.fits")).astype(float)
+    err = fits.getdata(data_path(NIRCAM, "auxiliary", f"{stem}.noise.fits")).astype(float)
+    psf = fits.getdata(data_path(NIRCAM, "auxiliary", f"{stem}.WebbPSF.fits")).astype(float)
+    return CCDData(data, unit="MJy/sr", uncertainty=StdDevUncertainty(err)), psf / psf.sum()
+
+
+@pytest.mark.realdata
+def test_nircam_pair_with_error_maps_scorr_is_calibrated():
+    """Off-source robust std(Scorr) within 1 +- 0.1 (1.65 assuming white noise).
+
+    Off-source: unmasked pixels farther than 12 px from any 5-sigma source of either
+    image (on the images smoothed by a Gaussian of sigma 2 px).
+    """
+    (ref, psf_r), (sci, psf_s) = (_nircam(kind) for kind in NIRCAM_IMAGES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = subtract(ref, sci, reference_psf=psf_r, science_psf=psf_s)
+    bright = np.zeros(ref.shape, bool)
+    for image in (ref, sci):
+        smooth_img = ndimage.gaussian_filter(image.data - np.median(image.data), 2.0)
+        bright |= smooth_img > 5 * robust_std(smooth_img)
+    near = ndimage.distance_transform_edt(~bright) <= 12
+    off = ~near & ~result.score.mask
+    assert off.mean() > 0.2
+    assert abs(robust_std(result.score.data[off]) - 1.0) < 0.1
+    for key in ("AZRHOXR", "AZRHOXS"):
+        assert 0.25 < result.score.meta[key] < 0.5
