@@ -244,6 +244,25 @@ def _fit_one(
     return chi2, float(sign * residual[centre] / sigma)
 
 
+def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
+                    outer: float) -> float:
+    """D's robust variance (MAD) in the annulus ``inner < r <= outer`` around ``(x, y)``.
+
+    D is white with unit variance far from sources; near stars its pixels also carry
+    the stars' pixel-scale residuals (sub-pixel shifts of undersampled images, PSF
+    model errors), which Scorr smooths away but a pixel fit sees. 1 with fewer than
+    20 finite annulus pixels.
+    """
+    box = _stamp_box(difference.shape, int(round(y)), int(round(x)), int(np.ceil(outer)))
+    yy, xx = np.mgrid[box]
+    r = np.hypot(xx - x, yy - y)
+    ring = difference[box][(r > inner) & (r <= outer)]
+    ring = ring[np.isfinite(ring)]
+    if ring.size < 20:
+        return 1.0
+    return float((1.4826 * np.median(np.abs(ring - np.median(ring)))) ** 2)
+
+
 def _psf_fits(
     difference: np.ndarray, variance: np.ndarray, psf: Any, x: np.ndarray, y: np.ndarray,
     rows: np.ndarray, cols: np.ndarray, radius: float, psf_error: float,
@@ -252,8 +271,9 @@ def _psf_fits(
 
     The pixels of D within ``radius`` of each candidate are fitted with ``psf``
     (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
-    ``variance``; NaN for a candidate whose peak pixel is masked or whose stamp has
-    fewer than 6 finite pixels.
+    ``variance`` raised to D's local variance around the candidate where that is
+    larger (`_local_variance`); NaN for a candidate whose peak pixel is masked or
+    whose stamp has fewer than 6 finite pixels.
     """
     chi2 = np.full(rows.size, np.nan)
     sharp = np.full(rows.size, np.nan)
@@ -265,8 +285,9 @@ def _psf_fits(
         stamp = np.where(np.hypot(xx - x[i], yy - y[i]) <= radius, difference[box], np.nan)
         if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
             continue
-        chi2[i], sharp[i] = _fit_one(stamp, variance[box], stamp_psf, box, row, col,
-                                     x[i] - col, y[i] - row, psf_error)
+        local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
+        chi2[i], sharp[i] = _fit_one(stamp, np.maximum(variance[box], local), stamp_psf, box,
+                                     row, col, x[i] - col, y[i] - row, psf_error)
     return chi2, sharp
 
 
