@@ -49,6 +49,8 @@ def _pixel_integrated(
     profile: str,
     beta: float,
     oversample: int,
+    *,
+    gauss: bool = False,
 ) -> np.ndarray:
     """Evaluate pixel-integrated elliptical profiles for a batch of sources.
 
@@ -64,6 +66,10 @@ def _pixel_integrated(
         Moffat index.
     oversample : int
         Sub-pixel samples per pixel and axis (midpoint rule).
+    gauss : bool, optional
+        Gauss-Legendre points and weights instead of the midpoint rule: 3 of them per
+        axis integrate a FWHM 2 px Moffat profile ten times more closely than 5
+        midpoints, in a third of the evaluations.
 
     Returns
     -------
@@ -73,7 +79,11 @@ def _pixel_integrated(
     n, nx = xoff.shape
     ny = yoff.shape[1]
     dtype = np.result_type(xoff, yoff, fwhm, ellipticity, theta)  # float32 stays float32
-    sub = ((np.arange(oversample) + 0.5) / oversample - 0.5).astype(dtype)
+    if gauss:
+        sub, weights = (0.5 * a for a in np.polynomial.legendre.leggauss(oversample))
+        sub, weights = sub.astype(dtype), weights.astype(dtype)
+    else:
+        sub = ((np.arange(oversample) + 0.5) / oversample - 0.5).astype(dtype)
     xs = (xoff[:, :, None] + sub).reshape(n, nx * oversample)
     ys = (yoff[:, :, None] + sub).reshape(n, ny * oversample)
     a = _profile_scale(fwhm, profile, beta)
@@ -93,7 +103,10 @@ def _pixel_integrated(
         np.log1p(r2, out=r2)
         r2 *= -beta
         np.exp(r2, out=r2)
-    return r2.reshape(n, ny, oversample, nx, oversample).mean(axis=(2, 4))
+    r2 = r2.reshape(n, ny, oversample, nx, oversample)
+    if gauss:
+        return (r2 @ weights).transpose(0, 1, 3, 2) @ weights
+    return r2.mean(axis=(2, 4))
 
 
 

@@ -98,7 +98,7 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     def unpack(p: np.ndarray) -> tuple:
         amp, xc, yc, log_a, log_b, theta = p[:6]
         a, b = np.exp(log_a), np.exp(log_b)
-        beta = 1.0 + np.exp(p[6]) if moffat else 3.5
+        beta = 1.0 + np.exp(min(p[6], 7.0)) if moffat else 3.5  # beta <= 1100: a Gaussian
         return amp, xc, yc, max(a, b), 1.0 - min(a, b) / max(a, b), theta, beta, a < b
 
     def residual(p: np.ndarray) -> np.ndarray:
