@@ -50,7 +50,7 @@ smoothed variance of the score, ``sum_j w_j**2 (V_j ⋆ P_j**2)``, is exact for 
 not a good model of R: for a star it underestimates R's peak variance by a third even
 for identical PSFs (R is S sharpened, not smoothed).
 
-Outliers (`find_outliers`).  Each frame ``j`` is compared with what the other frames
+Outliers (`reject_outliers`).  Each frame ``j`` is compared with what the other frames
 predict at the same place, through their PSFs and flux scales (a ZOGY difference of the
 frame against the proper coadd of the others; no deconvolution).  With the others'
 sums ``S_-j_h = S_h - w_j conj(Pj_h) Mj_h`` and ``den_-j = den_R - F_j**2/s_j**2
@@ -65,13 +65,23 @@ prediction in the same units.  A pixel of frame ``j`` is an outlier where
     D_j > k sqrt(V_j / s_j**2 + (eta T_j)**2)
 
 (``V_j`` the pixel variance with the sources' noise, at least ``s_j**2``; ``eta`` the
-fractional error of the prediction: PSF model, flux scale and registration errors), the
-other frames predict it with at least `MIN_PREDICTION_DEPTH` of their depth (not where
-they are masked), and no other frame has an outlier within ``grow + 1`` pixels: what
-several frames show (a transient, a variable star, a star whose PSF model is off in
-several frames) is real, what one frame shows (a cosmic ray, a satellite trail, a hot
-pixel) is not.  The outliers are then grown by ``grow`` pixels and removed from their
-frame with `ProperCoaddAccumulator.exclude`.
+fractional error of the prediction: PSF model, flux scale and registration errors), or
+where the mean of ``D_j`` over the 3x3 box around it exceeds ``k`` times its noise and
+the pixel itself ``k / 3`` (faint extended outliers), and where the other frames
+predict it with at least `MIN_PREDICTION_DEPTH` of their depth (not next to their
+masked pixels).  It is rejected unless another frame
+has an outlier within ``grow + 1`` pixels of at least `SUPPORT_RATIO` of its
+significance: what several frames show (a transient, a variable star, a star whose PSF
+model is off in several frames) is real, what one frame shows (a cosmic ray, a
+satellite trail, a hot pixel) is not.  A much brighter outlier of another frame within
+a PSF stamp leaks into the comparison through the PSFs (a few to 10 % with noisy
+estimated PSF stamps), so such pixels wait for the next round.  The rejected pixels,
+grown by ``grow``, are replaced in the sums by what the other frames predict there
+(`ProperCoaddAccumulator.frame_prediction`, `ProperCoaddAccumulator.substitute`)
+rather than masked: a masked pixel on a star changes the coadd's local PSF, which a
+subtraction that uses P_R would read as a residual of the star, while the prediction
+keeps the star's profile (the pixels lose their own information, not their depth).
+The next round is made with the replaced values.
 """
 
 from __future__ import annotations
@@ -95,13 +105,18 @@ from .fourier import (
 )
 from .zogy import _positive
 
-__all__ = ["CoaddAlgebraResult", "ProperCoaddAccumulator", "find_outliers"]
+__all__ = ["CoaddAlgebraResult", "ProperCoaddAccumulator", "reject_outliers"]
 
 _log = logging.getLogger(__name__)
 
 #: Outliers are looked for only where the other frames reach this fraction of their
 #: full depth (not next to their masked pixels, e.g. saturated cores).
-MIN_PREDICTION_DEPTH = 0.8
+MIN_PREDICTION_DEPTH = 0.99
+
+#: An outlier of one frame is real when another frame has one nearby of at least this
+#: fraction of its significance; it may be a leak of another frame's outlier through the
+#: PSFs when one nearby is more than the inverse times as significant.
+SUPPORT_RATIO = 0.25
 
 #: Frequencies where the other frames hold less than this fraction of the summed PSF
 #: power carry no prediction (their difference of two sums is round-off there).
@@ -345,7 +360,7 @@ class ProperCoaddAccumulator:
         self.n_frames += 1
 
     def _bad(self, index: int) -> np.ndarray:
-        """The pixels of frame ``index`` left out of the sums (masked, NaN, excluded)."""
+        """The pixels of frame ``index`` left out of the sums (masked or NaN)."""
         packed = self._frames[index][3]
         if packed is None:
             return np.zeros(self.shape, bool)
@@ -359,10 +374,32 @@ class ProperCoaddAccumulator:
         data[self._inner][bad] = 0.0
         return self._be.rfft2(self._be.asarray(data), s=self.fft_shape, workers=self._workers)
 
+    def _split(self, index: int, image: np.ndarray) -> tuple[Any, ...]:
+        """Frame ``index`` and the sums of the others, on the half plane.
+
+        Returns ``(p_h, own, others, informed, m_h, s_h)``: the frame's PSF transform,
+        its and the others' ``F**2/s**2 |P_h|**2``, where the others carry information,
+        the frame's transform as added and the others' score ``S_-j_h``.
+        """
+        if not 0 <= index < self.n_frames:
+            raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
+        if np.shape(image) != self.shape:
+            raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
+        psf, f, s, _ = self._frames[index]
+        p_h = psf_rfft(psf, self.fft_shape, workers=self._workers)
+        own = (f * f / (s * s)) * abs2(p_h)
+        others = self._den_h - own
+        informed = others > _OTHERS_POWER_FLOOR * self._den_h
+        others[~informed] = 0.0
+        m_h = self._frame_spectrum(image, self._bad(index))
+        weight = (np.conj(p_h) * (f / (s * s))).astype(self._ctype)
+        s_h = self._num_h - m_h * self._be.asarray(weight)
+        return p_h, own, others, informed, m_h, s_h
+
     def frame_residual(
         self, index: int, image: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frame ``index`` against the prediction of the other frames (`find_outliers`).
+        """Frame ``index`` against the prediction of the other frames (`reject_outliers`).
 
         Parameters
         ----------
@@ -387,21 +424,10 @@ class ProperCoaddAccumulator:
         ValueError
             For an index that was not added or an image of the wrong shape.
         """
-        if not 0 <= index < self.n_frames:
-            raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
-        if np.shape(image) != self.shape:
-            raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
-        psf, f, s, packed = self._frames[index]
+        p_h, own, others, informed, m_h, s_h = self._split(index, image)
+        _, f, s, _ = self._frames[index]
         be, grid, inner = self._be, self.fft_shape, self._inner
-        bad = self._bad(index)
-        p_h = psf_rfft(psf, grid, workers=self._workers)
-        own = (f * f / (s * s)) * abs2(p_h)
-        others = self._den_h - own
-        informed = others > _OTHERS_POWER_FLOOR * self._den_h
-        others[~informed] = 0.0
         c_h, _ = floored_inv_sqrt(s * s * (others + own))
-        m_h = self._frame_spectrum(image, bad)
-        s_h = self._num_h - m_h * be.asarray((np.conj(p_h) * (f / (s * s))).astype(self._ctype))
         inv_others = np.where(informed, 1.0 / np.sqrt(np.where(informed, others, 1.0)), 0.0)
         t_h = s_h * be.asarray((f * p_h * c_h * inv_others).astype(self._ctype))
         del s_h
@@ -410,10 +436,42 @@ class ProperCoaddAccumulator:
         difference = be.to_numpy(be.irfft2(m_h, s=grid, workers=self._workers)[inner])
         prediction = be.to_numpy(be.irfft2(t_h, s=grid, workers=self._workers)[inner])
         return np.ascontiguousarray(difference), np.ascontiguousarray(prediction), (
-            self._others_depth(index, bad)
+            self._others_depth(index)
         )
 
-    def _others_depth(self, index: int, bad: np.ndarray) -> np.ndarray:
+    def frame_prediction(self, index: int, image: np.ndarray) -> np.ndarray:
+        """What the other frames predict frame ``index`` holds, in its units.
+
+        ``F_j Pj_h S_-j_h / max(den_-j, F_j**2/s_j**2 |Pj_h|**2)``: the others' sky
+        seen through this frame's PSF and flux scale, with no noise amplification (its
+        noise is at most the frame's own where this frame is sharper than the others
+        together, at the price of a smoother prediction there).
+
+        Parameters
+        ----------
+        index : int
+            Which frame (in the order of `add`).
+        image : ndarray
+            The image given to `add` for that frame (not modified).
+
+        Returns
+        -------
+        ndarray
+            The prediction, on the image grid.
+
+        Raises
+        ------
+        ValueError
+            For an index that was not added or an image of the wrong shape.
+        """
+        p_h, own, others, informed, _, s_h = self._split(index, image)
+        f = self._frames[index][1]
+        gain = np.where(informed, f / np.maximum(np.maximum(others, own), 1e-300), 0.0)
+        s_h *= self._be.asarray((p_h * gain).astype(self._ctype))
+        pred = self._be.irfft2(s_h, s=self.fft_shape, workers=self._workers)[self._inner]
+        return np.ascontiguousarray(self._be.to_numpy(pred))
+
+    def _others_depth(self, index: int) -> np.ndarray:
         """Fraction of the depth of every frame but ``index`` reached at each pixel.
 
         Only the masked pixels count (not the padding: the background-subtracted sky
@@ -428,44 +486,37 @@ class ProperCoaddAccumulator:
             return np.ones(self.shape)
         lost_h = self._deficit_h.copy()
         if packed is not None:
-            lost_h -= self._mask_deficit(psf, w2, bad)
+            p2_h = psf_rfft(psf * psf, self.fft_shape, workers=self._workers)
+            np.conjugate(p2_h, out=p2_h)
+            p2_h *= w2
+            bad_pad = np.zeros(self.fft_shape)
+            bad_pad[self._inner] = self._bad(index)
+            lost_h -= p2_h * self._be.to_numpy(
+                self._be.rfft2(self._be.asarray(bad_pad), s=self.fft_shape,
+                               workers=self._workers)
+            )
         lost = self._be.irfft2(lost_h, s=self.fft_shape, workers=self._workers)[self._inner]
         return np.clip(1.0 - self._be.to_numpy(lost) / full, 0.0, 1.0)
 
-    def _mask_deficit(self, psf: np.ndarray, w2: float, bad: np.ndarray) -> np.ndarray:
-        """One frame's term of the depth deficit: ``w2 conj(rfft(P**2)) rfft(bad)``."""
-        p2_h = psf_rfft(psf * psf, self.fft_shape, workers=self._workers)
-        np.conjugate(p2_h, out=p2_h)
-        p2_h *= w2
-        bad_pad = np.zeros(self.fft_shape)
-        bad_pad[self._inner] = bad
-        b_h = self._be.to_numpy(self._be.rfft2(self._be.asarray(bad_pad), s=self.fft_shape,
-                                               workers=self._workers))
-        b_h *= p2_h
-        return b_h
+    def substitute(
+        self, index: int, pixels: np.ndarray, image: np.ndarray, values: np.ndarray
+    ) -> None:
+        """Replace some pixels of an added frame by other values in the sums.
 
-    def exclude(
-        self,
-        index: int,
-        pixels: np.ndarray,
-        image: np.ndarray,
-        variance: np.ndarray | None = None,
-    ) -> int:
-        """Take some pixels of an added frame out of the sums, as if they had been masked.
+        The sums become those of ``image`` with ``values`` at ``pixels``: the
+        replaced pixels keep their depth and their place in ``n_used`` (use
+        `frame_prediction` for values that carry no information of their own).
 
         Parameters
         ----------
         index : int
             Which frame (in the order of `add`).
         pixels : ndarray of bool
-            The pixels to leave out (True); those already left out are ignored.
-        image, variance : ndarray
-            The ``image`` and ``variance`` given to `add` for that frame (not modified).
-
-        Returns
-        -------
-        int
-            The number of pixels newly left out.
+            The pixels to replace; masked ones are ignored.
+        image : ndarray
+            The image given to `add` for that frame, or last passed here (not modified).
+        values : ndarray
+            The new values (read at ``pixels``).
 
         Raises
         ------
@@ -474,31 +525,16 @@ class ProperCoaddAccumulator:
         """
         if not 0 <= index < self.n_frames:
             raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
-        for name, arr in (("pixels", pixels), ("image", image), ("variance", variance)):
-            if arr is not None and np.shape(arr) != self.shape:
+        for name, arr in (("pixels", pixels), ("image", image), ("values", values)):
+            if np.shape(arr) != self.shape:
                 raise ValueError(f"{name} shape {np.shape(arr)} differs from {self.shape}")
-        psf, f, s, packed = self._frames[index]
-        bad = self._bad(index)
-        new = np.asarray(pixels, dtype=bool) & ~bad
-        n_new = int(new.sum())
-        if n_new == 0:
-            return 0
-        be, grid, w2 = self._be, self.fft_shape, f * f / (s * s)
-        # the sums are linear in the frame: subtract what the new pixels contributed
-        m_h = self._frame_spectrum(np.where(new, image, 0.0), ~new)
-        p_h = np.conj(psf_rfft(psf, grid, workers=self._workers)) * (f / (s * s))
-        m_h *= be.asarray(p_h.astype(self._ctype, copy=False))
-        self._num_h -= m_h
-        del m_h
-        deficit = self._mask_deficit(psf, w2, new)
-        self._deficit_h = deficit if self._deficit_h is None else self._deficit_h + deficit
-        if self._excess is not None and variance is not None:
-            self._excess[new] -= (np.asarray(variance)[new] - s * s) * (
-                w2 / (s * s) * float((psf * psf).sum())
-            )
-        self._n_used -= new
-        self._frames[index] = (psf, f, s, np.packbits(bad | new))
-        return n_new
+        psf, f, s, _ = self._frames[index]
+        change = np.asarray(pixels, dtype=bool) & ~self._bad(index)
+        delta = np.where(change, np.asarray(values, dtype=np.float64) - image, 0.0)
+        d_h = self._frame_spectrum(delta, ~change)
+        weight = np.conj(psf_rfft(psf, self.fft_shape, workers=self._workers)) * (f / (s * s))
+        d_h *= self._be.asarray(weight.astype(self._ctype, copy=False))
+        self._num_h += d_h
 
     def _local_variance_of_r(self, inv_sqrt: np.ndarray, outside: np.ndarray) -> np.ndarray:
         """Local noise variance of the unscaled R (exact for background-limited noise).
@@ -610,7 +646,7 @@ class ProperCoaddAccumulator:
         )
 
 
-def _candidates(
+def _significance(
     acc: ProperCoaddAccumulator,
     index: int,
     image: np.ndarray,
@@ -618,10 +654,13 @@ def _candidates(
     threshold: float,
     model_error: float,
 ) -> np.ndarray:
-    """Pixels of one frame above ``threshold`` sigma over the others' prediction.
+    """Excess of one frame over the others' prediction, in sigma, where above ``threshold``.
 
-    Tested pixel by pixel (sharp outliers: cosmic rays, hot pixels) and in 3x3 boxes
-    (faint extended ones: the wings of satellite trails), each against its own noise.
+    Tested pixel by pixel (sharp outliers: cosmic rays, hot pixels) and in 3x3 box
+    means (faint extended ones: the wings of satellite trails), each against its own
+    noise; the larger of the two (the box only where the pixel itself is above a third
+    of ``threshold``), 0 below ``threshold``, where the others cannot predict and on
+    the frame's masked pixels.
     """
     difference, prediction, depth = acc.frame_residual(index, image)
     s2 = acc._frames[index][2] ** 2
@@ -629,34 +668,84 @@ def _candidates(
         np.nan_to_num(np.asarray(variance, dtype=np.float64) / s2, nan=1.0), 1.0
     )
     prediction *= model_error
-    cand = difference > threshold * np.sqrt(noise + prediction * prediction)
+    sig = difference / np.sqrt(noise + prediction * prediction)
     # 3x3 box means: background noise 1/3; the model error adds coherently
     box = ndimage.uniform_filter(difference, 3, mode="constant")
     box_noise = ndimage.uniform_filter(noise, 3, mode="constant")
     box_noise /= 9.0
     box_error = ndimage.uniform_filter(prediction, 3, mode="constant")
     box_noise += box_error * box_error
-    cand |= box > threshold * np.sqrt(box_noise)
-    return cand & (depth >= MIN_PREDICTION_DEPTH) & ~acc._bad(index)
+    box /= np.sqrt(box_noise)
+    # a box counts for its centre pixel only where that pixel holds some of the excess
+    np.maximum(sig, np.where(sig > threshold / 3.0, box, 0.0), out=sig)
+    sig[(sig <= threshold) | (depth < MIN_PREDICTION_DEPTH) | acc._bad(index)] = 0.0
+    return sig.astype(np.float32)
 
 
-def find_outliers(
+def _max_of_others(
+    maps: list[np.ndarray], size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two largest values of the maps within ``size // 2`` px, and whose the largest is.
+
+    The largest value of the other frames' maps, for frame ``j``, is ``second`` where
+    ``owner == j`` and ``top`` elsewhere.
+    """
+    top = np.zeros(maps[0].shape, np.float32)
+    second = np.zeros_like(top)
+    owner = np.full(top.shape, -1, np.int16)
+    for j, m in enumerate(maps):
+        wide = ndimage.maximum_filter(m, size) if m.any() else m
+        higher = wide > top
+        np.copyto(second, np.where(higher, top, np.maximum(second, wide)))
+        np.copyto(top, wide, where=higher)
+        owner[higher] = j
+    return top, second, owner
+
+
+def _alone(sigs: list[np.ndarray], grow: int, reach: int) -> list[np.ndarray]:
+    """The outliers that one frame shows alone, and that no other frame's outlier explains.
+
+    Another frame's outlier within ``grow + 1`` px of at least `SUPPORT_RATIO` of the
+    significance makes a pixel real; one within ``reach`` px (a PSF stamp) more than
+    ``1 / SUPPORT_RATIO`` times as significant may leak into this frame's comparison
+    through the PSFs, and the pixel waits for the next round.
+    """
+    near = _max_of_others(sigs, 2 * (grow + 1) + 1)
+    far = _max_of_others(sigs, 2 * reach + 1)
+    alone = []
+    for j, sig in enumerate(sigs):
+        n = np.where(near[2] == j, near[1], near[0])
+        f = np.where(far[2] == j, far[1], far[0])
+        alone.append((sig > 0) & (n < SUPPORT_RATIO * sig) & (f * SUPPORT_RATIO <= sig))
+    return alone
+
+
+def reject_outliers(
     acc: ProperCoaddAccumulator,
     images: list[np.ndarray],
     variances: list[np.ndarray | None] | None = None,
     *,
-    threshold: float = 5.0,
+    threshold: float = 6.0,
     grow: int = 1,
     model_error: float = 0.1,
+    max_rounds: int = 3,
 ) -> list[np.ndarray]:
-    """Pixels that one frame shows and the other frames do not (see the module docstring).
+    """Replace in ``acc`` the pixels that one frame shows and the others do not.
+
+    See the module docstring. In each round every frame is compared with the others;
+    its outliers (grown by ``grow`` pixels) are replaced in the sums by the others'
+    prediction (`ProperCoaddAccumulator.frame_prediction`), and the comparison is
+    made again with the replaced values (the outliers' light no longer reaches the
+    other frames' predictions), until a round finds none or ``max_rounds`` is
+    reached.
 
     Parameters
     ----------
     acc : ProperCoaddAccumulator
-        The accumulator, with every frame added.
+        The accumulator, with every frame added; modified in place.
     images : list of ndarray
-        The images given to `ProperCoaddAccumulator.add`, in its order.
+        The images given to `ProperCoaddAccumulator.add`, in its order (not
+        modified: a frame with outliers is copied).
     variances : list of ndarray or None, optional
         Their pixel variances (with the sources' noise); default each frame's
         ``sigma**2``.
@@ -668,24 +757,26 @@ def find_outliers(
     model_error : float, optional
         ``eta``: the fractional error of the prediction (PSF models, flux scales,
         registration), added to the noise in proportion to the predicted light.
+    max_rounds : int, optional
+        At most this many rounds of comparison.
 
     Returns
     -------
     list of ndarray of bool
-        One map per frame, True for its outlier pixels (never an already masked one).
+        One map per frame, True for its replaced outlier pixels.
 
     Raises
     ------
     ValueError
-        For a non-positive threshold, a negative ``grow`` or ``model_error``, or not one
-        image per added frame.
+        For a non-positive threshold or ``max_rounds``, a negative ``grow`` or
+        ``model_error``, or not one image per added frame.
 
     Examples
     --------
     A cosmic ray in one of three frames of a star:
 
     >>> import numpy as np
-    >>> from astro_zackay.coadd_algebra import ProperCoaddAccumulator, find_outliers
+    >>> from astro_zackay.coadd_algebra import ProperCoaddAccumulator, reject_outliers
     >>> from astro_zackay.profiles import psf_stamp
     >>> rng = np.random.default_rng(3)
     >>> psf = psf_stamp(15, 3.0)
@@ -695,37 +786,44 @@ def find_outliers(
     >>> acc = ProperCoaddAccumulator((48, 48), border=15)
     >>> for frame in frames:
     ...     acc.add(frame, psf, sigma=5.0)
-    >>> [int(m.sum()) for m in find_outliers(acc, frames, grow=0)]
+    >>> [int(m.sum()) for m in reject_outliers(acc, frames, grow=0)]
     [0, 1, 0]
+    >>> res = acc.finalize()
+    >>> bool(abs(res.R[10, 30]) < 4)  # the cosmic ray is gone from the coadd
+    True
     """
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold}")
+    if not threshold > 0 or max_rounds < 1:
+        raise ValueError(f"threshold and max_rounds must be positive, got {threshold} and "
+                         f"{max_rounds}")
     if grow < 0 or model_error < 0:
         raise ValueError(f"grow and model_error must be >= 0, got {grow} and {model_error}")
     if len(images) != acc.n_frames:
         raise ValueError(f"{len(images)} images for {acc.n_frames} added frames")
     variances = [None] * len(images) if variances is None else variances
-    empty = [np.zeros(acc.shape, bool) for _ in images]
+    outliers = [np.zeros(acc.shape, bool) for _ in images]
     if acc.n_frames < 2:
-        return empty
+        return outliers
     step = ndimage.generate_binary_structure(2, 2)
-    near, count = [], np.zeros(acc.shape, np.int16)
-    for j, (image, variance) in enumerate(zip(images, variances)):
-        cand = _candidates(acc, j, image, variance, threshold, model_error)
-        wide = ndimage.binary_dilation(cand, step, iterations=grow + 1) if cand.any() else cand
-        count += wide
-        near.append(np.packbits(cand))
-    n = int(np.prod(acc.shape))
-    outliers = []
-    for j, packed in enumerate(near):
-        cand = np.unpackbits(packed, count=n).reshape(acc.shape).astype(bool)
-        if not cand.any():
-            outliers.append(empty[j])
-            continue
-        own = ndimage.binary_dilation(cand, step, iterations=grow + 1)
-        alone = cand & (count - own == 0)
-        if grow and alone.any():
-            alone = ndimage.binary_dilation(alone, step, iterations=grow)
-        outliers.append(alone & ~acc._bad(j))
-    _log.debug("outliers per frame: %s", [int(m.sum()) for m in outliers])
+    reach = max(max(psf.shape) for psf, *_ in acc._frames) // 2
+    images = list(images)  # frames with outliers are copied before they are changed
+    for round_ in range(max_rounds):
+        sigs = [_significance(acc, j, image, variance, threshold, model_error)
+                for j, (image, variance) in enumerate(zip(images, variances))]
+        found = 0
+        for j, alone in enumerate(_alone(sigs, grow, reach)):
+            if not alone.any():
+                continue
+            if grow:
+                alone = ndimage.binary_dilation(alone, step, iterations=grow)
+            alone &= ~acc._bad(j) & ~outliers[j]
+            prediction = acc.frame_prediction(j, images[j])
+            acc.substitute(j, alone, images[j], prediction)
+            if not outliers[j].any():
+                images[j] = images[j].copy()
+            images[j][alone] = prediction[alone]
+            outliers[j] |= alone
+            found += int(alone.sum())
+        _log.debug("outlier round %d: %d pixels", round_ + 1, found)
+        if not found:
+            break
     return outliers

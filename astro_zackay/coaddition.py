@@ -53,7 +53,7 @@ from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .background import _estimate_from
-from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, find_outliers
+from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, reject_outliers
 from .fluxmatch import match_stars
 from .zogy import fit_flux_ratio
 
@@ -118,11 +118,12 @@ class CoaddResult:
         G / G_full: the fraction of the full squared S/N reached at each pixel
         (1 where no frame is masked, smaller near masked pixels and image edges).
     n_used : `~numpy.ndarray`
-        The number of images not masked (nor rejected) at each pixel; pixels with 0
-        are masked in every output.
+        The number of images not masked at each pixel; pixels with 0 are masked in
+        every output.
     rejected : `~numpy.ndarray`
         The number of images whose pixel was rejected as an outlier (``reject`` of
-        `coadd`), per pixel; all 0 without rejection.
+        `coadd`: replaced by the other images' prediction), per pixel; all 0 without
+        rejection.
     snr_full : float
         The S/N of a point source of unit flux (first-image units) where no frame
         is masked: ``sqrt(sum_j F_j**2/s_j**2 sum(P_j**2))``.
@@ -354,18 +355,20 @@ def coadd(
        masked and NaN pixels excluded;
     7. with ``reject`` (the default), outliers: once every image is added, each
        image is compared with what the others predict at the same place through
-       their PSFs and flux scales (`~astro_zackay.coadd_algebra.find_outliers`: a
+       their PSFs and flux scales (`~astro_zackay.coadd_algebra.reject_outliers`: a
        ZOGY difference of the image against the proper coadd of the others, white
        with unit noise), and its pixels more than ``reject`` sigma above the
-       prediction (the noise including the sources' own and ``reject_model_error``
-       times the predicted light) are taken out of the coadd in that image only,
-       grown by ``reject_grow`` pixels, unless another image has an outlier there
-       too (what several images show is real: a transient, a variable star, a PSF
-       model off in several images; what one image shows is not: a cosmic ray, a
+       prediction (pixel by pixel, and in 3x3 boxes for faint trails; the noise
+       including the sources' own and ``reject_model_error`` times the predicted
+       light) are replaced, in that image only and grown by ``reject_grow`` pixels,
+       by the others' prediction, unless another image has an outlier there too
+       (what several images show is real: a transient, a variable star, a PSF model
+       off in several images; what one image shows is not: a cosmic ray, a
        satellite trail, a hot pixel). Pixels next to the other images' masked
        pixels (e.g. saturated cores) are left alone, and only positive excesses are
-       rejected. The images are then kept in memory until the end (their data and
-       a float32 variance: about 12 bytes a pixel per image in float64), so memory
+       rejected. The images are kept in memory until the end (their data and a
+       float32 variance, and a float32 map of each image's outliers while they are
+       found: about 16 bytes a pixel per image in float64), so memory
        grows with the number of images; ``reject=None`` keeps the single streaming
        pass whose memory does not.
 
@@ -553,7 +556,7 @@ def _per_image(gain: Any) -> bool:
 def _check_rejection(
     reject: float | None, grow: int, model_error: float
 ) -> dict[str, float] | None:
-    """The outlier options for `find_outliers`, checked; None when rejection is off."""
+    """The outlier options for `reject_outliers`, checked; None when rejection is off."""
     if reject is None or reject is False:
         return None
     if isinstance(reject, bool) or not (np.isfinite(float(reject)) and float(reject) > 0):
@@ -571,7 +574,7 @@ def _reject_outliers(
     rejection: dict[str, float] | None,
     frames: Table,
 ) -> np.ndarray:
-    """Find and exclude each frame's outliers; their count per pixel and per frame.
+    """Find and replace each frame's outliers; their count per pixel and per frame.
 
     Adds the ``n_rejected`` column to ``frames`` (0 without rejection).
     """
@@ -579,10 +582,10 @@ def _reject_outliers(
     frames["n_rejected"] = 0
     if rejection is None:
         return rejected
-    outliers = find_outliers(acc, [data for data, _ in stack],
-                             [variance for _, variance in stack], **rejection)
-    for j, ((data, variance), pixels) in enumerate(zip(stack, outliers)):
-        frames["n_rejected"][j] = acc.exclude(j, pixels, data, variance)
+    outliers = reject_outliers(acc, [data for data, _ in stack],
+                               [variance for _, variance in stack], **rejection)
+    for j, pixels in enumerate(outliers):
+        frames["n_rejected"][j] = int(pixels.sum())
         rejected += pixels
         if frames["n_rejected"][j]:
             log.info("%s: %d outlier pixels rejected", frames["name"][j],

@@ -9,7 +9,6 @@ from astropy import units as u
 from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 from ccdproc import ImageFileCollection
-from scipy import ndimage
 
 from astro_zackay._warnings import FewStarsWarning
 from astro_zackay.coaddition import CoaddResult, coadd
@@ -110,12 +109,10 @@ def test_unit_variance_and_unit_sum_psf(lognormal_stack):
     assert res.image.unit == u.dimensionless_unscaled
     assert not res.image.mask.any()
     # outlier rejection: at most one spot (3x3) in 10 Mpix of noise (a 6.9-sigma 3x3
-    # excess of the simulated noise in frame 6); the depth is full away from it
+    # excess of the simulated noise in frame 6)
     assert res.rejected.sum() <= 9
-    assert (res.n_used + res.rejected == 10).all()
-    near = ndimage.binary_dilation(res.rejected > 0, iterations=25)
-    np.testing.assert_allclose(res.depth[50:-50, 50:-50][~near[50:-50, 50:-50]], 1.0,
-                               atol=1e-6)
+    assert (res.n_used == 10).all()  # outliers are replaced, not masked
+    np.testing.assert_allclose(res.depth[50:-50, 50:-50], 1.0, atol=1e-6)
 
 
 def test_snr_matches_theory(lognormal_stack):
@@ -597,7 +594,7 @@ def test_memory_does_not_grow_with_the_number_of_frames(tmp_path):
     """Streaming without rejection: the peak memory over 12 frames is that over 3.
 
     With outlier rejection the frames are kept: the peak grows by at most the
-    documented 12 bytes a pixel per frame (float64 data, float32 variance), plus slack.
+    documented 16 bytes a pixel per frame (float64 data, float32 variance and map).
     """
     import tracemalloc
 
@@ -619,7 +616,7 @@ def test_memory_does_not_grow_with_the_number_of_frames(tmp_path):
             tracemalloc.stop()
     assert peaks[None, nf] < 1.5 * peaks[None, 3]
     assert peaks[None, 3] < 20 * 8 * n * n  # a few frames' worth
-    assert peaks[6.0, nf] - peaks[6.0, 3] < (nf - 3) * 14 * n * n
+    assert peaks[6.0, nf] - peaks[6.0, 3] < (nf - 3) * 20 * n * n
 
 
 def test_moffat_encircled_energy_limits():
