@@ -209,9 +209,9 @@ def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[s
 
 def _fit_one(
     stamp: np.ndarray, variance: np.ndarray, psf: np.ndarray, box: tuple[slice, slice],
-    row: int, col: int, dx: float, dy: float, psf_error: float,
+    row: int, col: int, dx: float, dy: float, psf_error: float, sign: float,
 ) -> tuple[float, float]:
-    """(chi^2/dof, peak-pixel residual in sigma) of the PSF fit to one D stamp.
+    """(chi^2/dof, peak-pixel residual in sigma along ``sign``) of the PSF fit to one D stamp.
 
     The amplitude and position are fitted by two Gauss-Newton steps from the score
     peak's sub-pixel offset ``(dx, dy)`` (each step linear in the amplitude and the
@@ -240,7 +240,6 @@ def _fit_one(
     centre = (row - box[0].start, col - box[1].start)
     leverage = weight[centre] * p[centre] ** 2 / np.sum(weight * p * p, where=good)
     sigma = np.sqrt(max(1.0 - leverage, 1e-3) / weight[centre])
-    sign = 1.0 if amplitude >= 0 else -1.0
     return chi2, float(sign * residual[centre] / sigma)
 
 
@@ -265,15 +264,16 @@ def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
 
 def _psf_fits(
     difference: np.ndarray, variance: np.ndarray, psf: Any, x: np.ndarray, y: np.ndarray,
-    rows: np.ndarray, cols: np.ndarray, radius: float, psf_error: float,
+    rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, radius: float, psf_error: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PSF fits to D stamps: (chi^2/dof, peak-pixel residual in sigma) of each candidate.
 
     The pixels of D within ``radius`` of each candidate are fitted with ``psf``
     (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
     ``variance`` raised to D's local variance around the candidate where that is
-    larger (`_local_variance`); NaN for a candidate whose peak pixel is masked or
-    whose stamp has fewer than 6 finite pixels.
+    larger (`_local_variance`); the peak residual is taken along each candidate's
+    sign (``signs``, that of its score). NaN for a candidate whose peak pixel is
+    masked or whose stamp has fewer than 6 finite pixels.
     """
     chi2 = np.full(rows.size, np.nan)
     sharp = np.full(rows.size, np.nan)
@@ -287,7 +287,7 @@ def _psf_fits(
             continue
         local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
         chi2[i], sharp[i] = _fit_one(stamp, np.maximum(variance[box], local), stamp_psf, box,
-                                     row, col, x[i] - col, y[i] - row, psf_error)
+                                     row, col, x[i] - col, y[i] - row, psf_error, signs[i])
     return chi2, sharp
 
 
@@ -456,7 +456,7 @@ def _flags(
         radius = max(limits["fit_radius"] * fwhm, 2.0)
         variance = _difference_variance(inputs["flux_error"], data.shape)
         chi2, sharp = _psf_fits(inputs["difference"], variance, inputs["psf"], x, y, rows, cols,
-                                radius, limits["psf_error"])
+                                np.sign(data[rows, cols]), radius, limits["psf_error"])
         table["chi2_dof"] = chi2
         table["sharpness"] = sharp
         flags[sharp > limits["sharp_threshold"]] |= FLAG_SHARP
