@@ -43,6 +43,8 @@ _SIGNIFICANCE = 5.0
 SPECTRUM_FLOOR = 1e-3
 #: Fewest source-free pixels `measure_noise_spectrum` accepts.
 _MIN_PIXELS = 1000
+#: Values that the robust statistics of the source detection use, at most.
+_ROBUST_SAMPLE = 100_000
 
 
 @dataclass(frozen=True, repr=False)
@@ -156,7 +158,7 @@ def measure_noise_spectrum(
     source_sigma : float, optional
         Detection threshold of the sources left out.
     grow : int, optional
-        Radius in pixels by which the sources are grown.
+        Pixels by which the sources are grown along x and y (to a square).
 
     Returns
     -------
@@ -224,22 +226,30 @@ def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray
     return ~bad
 
 
-def _robust_std(values: np.ndarray) -> float:
-    """Standard deviation from the median absolute deviation."""
-    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+def _median_and_std(values: np.ndarray) -> tuple[float, float]:
+    """Median and standard deviation (from the median absolute deviation) of ``values``.
+
+    At most about `_ROBUST_SAMPLE` evenly strided values are used (their sampling error
+    is ~0.3 %, and the medians of whole images dominated the run time).
+    """
+    values = values[:: max(values.size // _ROBUST_SAMPLE, 1)]
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
 
 
 def _sources(x: np.ndarray, good: np.ndarray, nsigma: float, grow: int) -> np.ndarray:
-    """Pixels of sources (and outliers) in ``x`` (0 on bad pixels), grown by ``grow`` px."""
+    """Pixels of sources (and outliers) in ``x`` (0 on bad pixels), grown to squares."""
     smooth = ndimage.gaussian_filter(x, 1.0)
-    weight = ndimage.gaussian_filter(good.astype(np.float64), 1.0)
-    smooth = np.divide(smooth, weight, out=np.zeros_like(smooth), where=weight > 0.5)
-    level = np.median(smooth[good])
-    hits = good & (smooth - level > nsigma * _robust_std(smooth[good]))
-    hits |= good & (np.abs(x - np.median(x[good])) > 2 * nsigma * _robust_std(x[good]))
-    if grow > 0 and hits.any():
-        yy, xx = np.mgrid[-grow : grow + 1, -grow : grow + 1]
-        hits = ndimage.binary_dilation(hits, structure=np.hypot(yy, xx) <= grow)
+    if not good.all():
+        weight = ndimage.gaussian_filter(good.astype(np.float64), 1.0)
+        smooth = np.divide(smooth, weight, out=np.zeros_like(smooth), where=weight > 0.5)
+    level, scale = _median_and_std(smooth[good])
+    hits = good & (smooth - level > nsigma * scale)
+    level, scale = _median_and_std(x[good])
+    hits |= good & (np.abs(x - level) > 2 * nsigma * scale)
+    if grow > 0 and hits.any():  # a (2 grow + 1)-square, as two 1-D maxima (fast)
+        hits = ndimage.maximum_filter1d(hits.view(np.uint8), 2 * grow + 1, axis=0)
+        hits = ndimage.maximum_filter1d(hits, 2 * grow + 1, axis=1).astype(bool)
     return hits
 
 
