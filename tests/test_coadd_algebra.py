@@ -282,3 +282,104 @@ def test_source_variance_against_brute_force():
     truth = _brute_force_var_r(variances, psfs, sig, flux, shape)
     peak = np.unravel_index(np.argmax(truth), shape)
     assert 0.75 < (res.R_variance[peak] - 1) / (truth[peak] - 1) < 1.0
+
+
+# --------------------------------------------------------------------------------------
+# outliers: the leave-one-out difference, the prediction, substitution and rejection
+
+
+def _noise_stack(rng, shape, seeing, sig, flux, stars=()):
+    """Frames of noise plus point sources ``(x, y, flux)`` seen through each PSF."""
+    psfs = [gaussian_psf(s, size=31) for s in seeing]
+    sky = np.zeros(shape)
+    for x, y, f in stars:
+        sky[y, x] = f
+    frames = [convolve_fft(sky, psf_rfft(p, shape)) * fj + rng.normal(0, s, shape)
+              for p, s, fj in zip(psfs, sig, flux)]
+    return frames, psfs
+
+
+def test_frame_residual_is_white_and_prediction_matches_the_truth():
+    """D_j of noise plus stars: unit white noise; the prediction is the frame's truth."""
+    rng = np.random.default_rng(70)
+    shape, seeing = (256, 256), (1.2, 1.6, 2.0, 1.4)
+    sig, flux = (1.0, 1.5, 2.0, 1.2), (1.0, 0.8, 1.3, 1.1)
+    stars = [(64, 64, 3000.0), (180, 100, 1000.0), (100, 200, 2000.0)]
+    frames, psfs = _noise_stack(rng, shape, seeing, sig, flux, stars)
+    acc = ProperCoaddAccumulator(shape, border=31)
+    for m, p, s, f in zip(frames, psfs, sig, flux):
+        acc.add(m, p, s, f)
+    truth, _ = _noise_stack(np.random.default_rng(0), shape, seeing, (0.0,) * 4, flux, stars)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    far = np.min([np.hypot(xx - x, yy - y) for x, y, _ in stars], axis=0) > 15
+    for j in range(4):
+        difference, prediction, depth = acc.frame_residual(j, frames[j])
+        inner = difference[20:-20, 20:-20]
+        assert inner.std() == pytest.approx(1.0, abs=0.015)
+        lag1 = np.mean(inner[:, 1:] * inner[:, :-1]) / inner.var()
+        assert abs(lag1) < 0.02  # 4 sigma of the estimate on 216^2 pixels
+        np.testing.assert_array_equal(depth, 1.0)
+        assert prediction.max() > 50  # the stars are predicted...
+        error = acc.frame_prediction(j, frames[j]) - truth[j]
+        assert error[far].std() < sig[j]  # ...with no more than the frame's own noise
+        # the star's flux (the sharpest frame's profile rings by +-7 % within 8 px)
+        assert abs(error[49:80, 49:80].sum()) < 0.01 * 3000 * flux[j]
+
+
+def test_substitute_equals_adding_the_changed_frame():
+    rng = np.random.default_rng(71)
+    shape, seeing = (96, 96), (1.2, 2.0, 1.6)
+    sig, flux = (1.0, 2.0, 1.5), (1.0, 1.2, 0.9)
+    frames, psfs = _noise_stack(rng, shape, seeing, sig, flux, [(40, 40, 500.0)])
+    pixels = np.zeros(shape, bool)
+    pixels[30:34, 50:60] = True
+    values = rng.normal(5.0, 1.0, shape)
+    changed = np.where(pixels, values, frames[1])
+    acc, direct = ProperCoaddAccumulator(shape, border=31), ProperCoaddAccumulator(
+        shape, border=31)
+    for j, (m, p, s, f) in enumerate(zip(frames, psfs, sig, flux)):
+        acc.add(m, p, s, f)
+        direct.add(changed if j == 1 else m, p, s, f)
+    before = frames[1].copy()
+    acc.substitute(1, pixels, frames[1], values)
+    np.testing.assert_array_equal(frames[1], before)
+    a, b = acc.finalize(), direct.finalize()
+    np.testing.assert_allclose(a.R, b.R, atol=1e-10)
+    np.testing.assert_allclose(a.S, b.S, atol=1e-10)
+    with pytest.raises(ValueError, match="not added"):
+        acc.substitute(3, pixels, frames[1], values)
+    with pytest.raises(ValueError, match="shape"):
+        acc.frame_residual(0, frames[0][:50])
+
+
+def test_reject_outliers_one_frame_only():
+    """Cosmic rays in one frame are replaced; a source in every frame is not; a single
+    frame or two frames with a shared excess have no outliers."""
+    from astro_zackay.coadd_algebra import reject_outliers
+
+    rng = np.random.default_rng(72)
+    shape, seeing = (128, 128), (1.2, 2.0, 1.6, 1.4)
+    sig, flux = (1.0, 2.0, 1.5, 1.2), (1.0, 1.2, 0.9, 1.0)
+    frames, psfs = _noise_stack(rng, shape, seeing, sig, flux, [(40, 40, 5e4), (90, 70, 300.0)])
+    hits = [(20, 100), (64, 64), (100, 30)]
+    for y, x in hits:
+        frames[2][y, x] += 200.0
+    acc = ProperCoaddAccumulator(shape, border=31)
+    for m, p, s, f in zip(frames, psfs, sig, flux):
+        acc.add(m, p, s, f)
+    outliers = reject_outliers(acc, frames, grow=0)
+    assert [int(m.sum()) for m in outliers] == [0, 0, 3, 0]
+    assert all(outliers[2][y, x] for y, x in hits)
+    clean = ProperCoaddAccumulator(shape, border=31)
+    for j, (m, p, s, f) in enumerate(zip(frames, psfs, sig, flux)):
+        clean.add(m, p, s, f, mask=outliers[2] if j == 2 else None)
+    r, c = acc.finalize(), clean.finalize()
+    for y, x in hits:  # gone from the coadd, as if masked
+        assert abs(r.S[y, x] - c.S[y, x]) < 3 * np.sqrt(c.depth[y, x])
+    single = ProperCoaddAccumulator(shape)
+    single.add(frames[2], psfs[2], sig[2], flux[2])
+    assert not reject_outliers(single, frames[2:3])[0].any()
+    with pytest.raises(ValueError, match="threshold"):
+        reject_outliers(acc, frames, threshold=0.0)
+    with pytest.raises(ValueError, match="4 added frames"):
+        reject_outliers(acc, frames[:3])

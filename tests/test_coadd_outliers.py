@@ -178,3 +178,17 @@ def test_transient_in_several_frames_and_variable_star_are_kept():
             scores.append(candidates["score"][np.argmin(distance)])
             assert distance.min() < 1.5
         assert scores[0] == pytest.approx(scores[1], rel=0.02)
+
+
+def test_inputs_not_mutated_and_options_checked():
+    frames = [ccd for ccd, _ in _frames("science", junk=True, seed=600)]
+    before = [ccd.data.copy() for ccd in frames]
+    psfs = list(SEEING["science"])
+    result = coadd(frames, psfs=psfs)
+    assert result.frames["n_rejected"][JUNK_FRAME] > 0
+    for ccd, data in zip(frames, before):
+        np.testing.assert_array_equal(ccd.data, data)
+    for bad in ({"reject": -1.0}, {"reject": True}, {"reject_grow": -1},
+                {"reject_grow": 1.5}, {"reject_model_error": -0.1}):
+        with pytest.raises(ValueError, match="reject"):
+            coadd(frames, psfs=psfs, **bad)

@@ -319,6 +319,47 @@ def test_inputs_not_mutated():
     np.testing.assert_array_equal(scales, [1.0, 1.0, 1.0])
 
 
+def _field_frames(gain, n=128, seed=21):
+    """Three frames of one star field in electrons, and the same with frame 1 in ADU."""
+    stars = simulate_image((n, n), n_stars=40, flux_range=(2e3, 5e4), seed=seed,
+                           wcs=False).truth["x", "y", "flux"]
+    frames = []
+    for j, scale in enumerate((1.0, 0.9, 1.2)):
+        table = stars.copy()
+        table["flux"] *= scale
+        frames.append(simulate_image((n, n), stars=table, psf=3.0, sky=200.0, read_noise=5.0,
+                                     seed=seed + 1 + j, wcs=False).ccd)
+    adu = CCDData(frames[1].data / gain, unit=u.adu, mask=frames[1].mask,
+                  uncertainty=StdDevUncertainty(frames[1].uncertainty.array / gain),
+                  meta={**frames[1].meta, "GAIN": gain})
+    return frames, [frames[0], adu, frames[2]]
+
+
+def test_frames_in_other_units_are_converted_with_the_gain():
+    """A frame in ADU among frames in electrons: converted with its gain (keyword or
+    ``gain=``), it gives the coadd of the frames all in electrons; its flux scale is the
+    truth 0.9, not 0.9 / gain. Without a gain: a UnitsError naming both units and gain=.
+    """
+    gain = 1.6
+    electrons, mixed = _field_frames(gain)
+    kwargs = {"psfs": [3.0] * 3, "reject": None}
+    truth = coadd(electrons, **kwargs)
+    assert truth.frames["flux_scale"][1] == pytest.approx(0.9, abs=0.02)
+    by_keyword = coadd(mixed, **kwargs)
+    np.testing.assert_allclose(by_keyword.frames["flux_scale"], truth.frames["flux_scale"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(by_keyword.image.data, truth.image.data, atol=1e-6)
+    assert by_keyword.calibrated.unit == u.electron
+    del mixed[1].meta["GAIN"]
+    by_argument = coadd(mixed, gain=[None, gain, None], **kwargs)
+    np.testing.assert_allclose(by_argument.image.data, truth.image.data, atol=1e-6)
+    with pytest.raises(u.UnitsError, match="image 1 is in adu and the first image in "
+                                           "electron.*pass gain="):
+        coadd(mixed, **kwargs)
+    with pytest.raises(ValueError, match="gain has 2 entries"):
+        coadd(mixed, gain=[None, gain], **kwargs)
+
+
 def test_generator_and_collection_inputs(tmp_path):
     frames = _small_frames()
     psfs = [psf_stamp(11, w) for w in (2.5, 3.0, 3.5)]
