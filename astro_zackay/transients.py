@@ -208,15 +208,19 @@ def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[s
 
 
 def _fit_one(
-    stamp: np.ndarray, variance: np.ndarray, psf: np.ndarray, box: tuple[slice, slice],
-    row: int, col: int, dx: float, dy: float, psf_error: float, sign: float,
+    stamp: np.ndarray, variance: np.ndarray, local: float, psf: np.ndarray,
+    box: tuple[slice, slice], row: int, col: int, dx: float, dy: float, psf_error: float,
+    sign: float,
 ) -> tuple[float, float]:
     """(chi^2/dof, peak-pixel residual in sigma along ``sign``) of the PSF fit to one D stamp.
 
     The amplitude and position are fitted by two Gauss-Newton steps from the score
     peak's sub-pixel offset ``(dx, dy)`` (each step linear in the amplitude and the
-    PSF's gradient, the shift kept within 1 px). Each pixel's variance is
-    ``variance + (psf_error * model)**2``: D's noise plus the PSF model's own error.
+    PSF's gradient, the shift kept within 1 px). Each pixel's variance in the fit and
+    its chi^2 is ``max(variance, local) + (psf_error * model)**2``: D's noise, raised
+    to its ``local`` level around the candidate, plus the PSF model's own error. The
+    peak residual is measured against ``variance`` without ``local``: a defect's own
+    ringing in D, which raises ``local``, must not hide how sharp it is.
     """
     cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
     cut = (slice(cy - (row - box[0].start), cy + (box[0].stop - row)),
@@ -233,13 +237,14 @@ def _fit_one(
         dx = float(np.clip(dx - coef[1] / coef[0], -1.0, 1.0))
         dy = float(np.clip(dy - coef[2] / coef[0], -1.0, 1.0))
     p = shift_image(psf, dx, dy)[cut]
-    weight = 1.0 / (variance + (psf_error * coef[0] * p) ** 2)
+    model_variance = (psf_error * coef[0] * p) ** 2
+    weight = 1.0 / (np.maximum(variance, local) + model_variance)
     amplitude = float(np.sum(weight * p * stamp, where=good) / np.sum(weight * p * p, where=good))
     residual = stamp - amplitude * p
     chi2 = float(np.sum(weight * residual**2, where=good) / max(good.sum() - 3, 1))
     centre = (row - box[0].start, col - box[1].start)
     leverage = weight[centre] * p[centre] ** 2 / np.sum(weight * p * p, where=good)
-    sigma = np.sqrt(max(1.0 - leverage, 1e-3) / weight[centre])
+    sigma = np.sqrt(max(1.0 - leverage, 1e-3) * (variance[centre] + model_variance[centre]))
     return chi2, float(sign * residual[centre] / sigma)
 
 
@@ -270,8 +275,8 @@ def _psf_fits(
 
     The pixels of D within ``radius`` of each candidate are fitted with ``psf``
     (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
-    ``variance`` raised to D's local variance around the candidate where that is
-    larger (`_local_variance`); the peak residual is taken along each candidate's
+    ``variance`` and its local variance around the candidate (`_local_variance`);
+    the peak residual is taken along each candidate's
     sign (``signs``, that of its score). NaN for a candidate whose peak pixel is
     masked or whose stamp has fewer than 6 finite pixels.
     """
@@ -286,8 +291,8 @@ def _psf_fits(
         if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
             continue
         local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
-        chi2[i], sharp[i] = _fit_one(stamp, np.maximum(variance[box], local), stamp_psf, box,
-                                     row, col, x[i] - col, y[i] - row, psf_error, signs[i])
+        chi2[i], sharp[i] = _fit_one(stamp, variance[box], local, stamp_psf, box, row, col,
+                                     x[i] - col, y[i] - row, psf_error, signs[i])
     return chi2, sharp
 
 
