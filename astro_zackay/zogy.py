@@ -1,9 +1,8 @@
 """ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam 2016, ApJ 830, 27): the array core.
 
-Arrays in, arrays out; no astropy objects.  The equations are those of SCIENCE.md
-section 1, with ``Fr = flux_ref``, ``Fn = flux_new`` and the PSF transforms
-``Pr_h``, ``Pn_h`` of unit-sum stamps put at the origin (`~astro_zackay.fourier.psf_rfft`).
-Writing ``A = Fr*Pr_h`` and ``B = Fn*Pn_h``::
+Arrays in, arrays out; no astropy objects.  With ``Fr = flux_ref``, ``Fn = flux_new``
+and the PSF transforms ``Pr_h``, ``Pn_h`` of unit-sum stamps put at the origin
+(`~astro_zackay.fourier.psf_rfft`), writing ``A = Fr*Pr_h`` and ``B = Fn*Pn_h``::
 
     den   = sn**2 |A|**2 + sr**2 |B|**2                 (floored, see below)
     D_h   = (A N_h - B R_h) / sqrt(den)                 white, unit variance
@@ -12,12 +11,15 @@ Writing ``A = Fr*Pr_h`` and ``B = Fn*Pn_h``::
     F_S   = sum(|Q|**2) / Npix = F_D**2 sum(P_D**2)
 
 so the identities ``S == F_D * (D ⋆ P_D)`` and ``F_S == F_D**2 sum(P_D**2)`` hold by
-construction.
+construction.  For correlated (stationary) noise, ``sn**2`` and ``sr**2`` become the
+noise power spectra per pixel ``Sigma_n_h`` and ``Sigma_r_h`` (`~astro_zackay.noise`),
+and ``F_D = Fr Fn / sqrt(Sigma_n_h[0, 0] Fr**2 + Sigma_r_h[0, 0] Fn**2)``: D is then
+white and the identities still hold.
 
 Denominator floor: ``den`` is floored at ``den.max() * sqrt(finfo(dtype).tiny)``
 (``~1e-19`` relative in float32, ``~1e-154`` in float64) and ``P_D``, ``S`` and the
 noise kernels are zeroed where the floor bites.  The larger floor
-``den.max() * 1e-12`` of SCIENCE.md pitfall 2 also prevents NaN, but it removes the
+``den.max() * 1e-12`` also prevents NaN, but it removes the
 noise of ``D`` at every frequency where both PSFs are below 1e-6 of their peak: for
 a Gaussian PSF of sigma 2 px that is 45 % of the plane and ``std(D)`` drops to
 ~0.75.  The float32 path stays NaN-free because the PSF transforms are computed in
@@ -100,7 +102,8 @@ class ZogyResult:
         ``S`` for background-only noise.
     V_SN, V_SR : ndarray or float
         Variance of ``S_N`` and ``S_R``: ``V ⊛ k**2`` with the variance maps, or the
-        constant ``sigma**2 * sum(k**2)`` without them.
+        constant ``sigma**2 * sum(k**2)`` without them (with a noise spectrum: its
+        variance of ``S_N`` and ``S_R`` plus the maps' source excess, see `zogy`).
     V_ast : ndarray or None
         Astrometric-noise variance (eq 30-33), None when both astrometric noises are 0.
     V_beta : ndarray or None
@@ -537,11 +540,12 @@ def zogy(
     Correlated noise: ``noise_spectrum_*`` replace ``sigma**2`` by the noise power
     per pixel at each frequency in ``den``, ``F_D``, ``F_S``, ``P_D`` and S's kernels,
     so that ``D`` comes out white and ``S / sqrt(F_S)`` has unit variance for any
-    stationary noise.  The source-noise variances scale ``var ⊛ k**2`` by the ratio
-    of the kernel's variance under the spectrum to that under white noise of the
-    same per-pixel variance (the source noise is taken as correlated like the
-    background, as resampling makes it); with the background-only variance map they
-    equal the spectrum's variance of ``S_N`` and ``S_R`` exactly.
+    stationary noise.  The source-noise variances are then the spectrum's variance of
+    ``S_N`` and ``S_R`` plus ``(var - median(var)) ⊛ k**2`` (the sources' excess over
+    the background level of the variance map), scaled by the ratio of the kernel's
+    variance under the spectrum to that under white noise of the same per-pixel
+    variance: the source noise is taken as correlated like the background, as
+    resampling makes it.
 
     PSF error: a PSF model wrong by a fraction ``eps`` of a star's matched-filter
     response leaves that fraction of it in ``S`` wherever a star's light cancels
