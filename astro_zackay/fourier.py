@@ -271,7 +271,7 @@ def _check_stamp(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def psf_to_origin(stamp: np.ndarray, shape: tuple[int, int], dtype: Any = None) -> np.ndarray:
     """Zero-pad an odd-sized PSF stamp to ``shape`` with its central pixel moved to ``[0, 0]``.
 
-    This is the zero-pad-then-roll-by ``-(size // 2)`` of SCIENCE.md pitfall 1
+    This is the zero-pad-then-roll-by ``-(size // 2)`` that puts a PSF at the origin
     (equal to centring the stamp in the image and applying ``ifftshift``), done in
     one scatter: stamp pixel ``(i, j)`` lands on ``((i - h) % ny, (j - w) % nx)``
     with ``h, w = size // 2``.  Even-sized stamps have no central pixel and are
