@@ -50,7 +50,7 @@ from .stamps import (
     stamp_fits,
     stamp_moments,
 )
-from .wings import Wing, fit_wing, light_reach, render_wing, stars_light
+from .wings import Wing, fit_wing, light_reach, light_samples, render_wing
 
 __all__ = ["estimate_psf"]
 
@@ -373,7 +373,8 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
 
 
 class _Light(NamedTuple):
-    """The sources' light by the wing law (`stars_light`), and what it was drawn from."""
+    """The sources' light by the wing law (`~astro_zackay.psf.wings.stars_light`), and
+    what it was drawn from."""
 
     image: np.ndarray
     flux: np.ndarray  # the stars' fluxes, first in the sources
@@ -428,16 +429,21 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
         return wing, stamps, None
     floor = LIGHT_FLOOR * float(np.sqrt(np.median(stamps.variance[:, 0])))
 
-    def all_light(law: Wing, flux: np.ndarray) -> _Light:
-        sx, sy = np.concatenate([x, others[0]]), np.concatenate([y, others[1]])
-        image = stars_light(img.shape, sx, sy, np.concatenate([flux, others[2]]), law,
-                            r_max + 1.0, floor=floor)
-        return _Light(image, flux, law, light_reach(flux, law, r_max + 1.0, floor))
+    def reach(flux: np.ndarray) -> np.ndarray:
+        return light_reach(np.concatenate([flux, others[2]]), wing, r_max + 1.0, floor)
+
+    # drawn once, for the stars' full fluxes; their own fluxes below are smaller
+    samples = light_samples(img.shape, np.concatenate([x, others[0]]),
+                            np.concatenate([y, others[1]]), reach(stamps.flux), wing)
+
+    def all_light(flux: np.ndarray) -> _Light:
+        image = samples.image(np.concatenate([flux, others[2]]), reach(flux))
+        return _Light(image, flux, wing, reach(flux)[: flux.size])
 
     # by the first law; the stars' fluxes less the others' light in their stamps
-    net = _net_light(stamps, x, y, all_light(wing, stamps.flux), ring)
+    net = _net_light(stamps, x, y, all_light(stamps.flux), ring)
     own = np.maximum(stamps.flux - net, 0.1 * stamps.flux)
-    light = all_light(wing, own)._replace(net=net)
+    light = all_light(own)._replace(net=net)
     args = (*args[:5], own[bright])
     wing, _ = fit_wing(*args, **kwargs, neighbours=(light.image, wing))
     if render_wing(wing, core) is None:

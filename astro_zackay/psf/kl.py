@@ -168,20 +168,26 @@ def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray
     """Per component, the variance ``s**2`` the polynomial cannot follow, beyond the noise.
 
     The smallest ``s**2 >= 0`` for which the median of ``r**2 / (var + s**2)`` is at
-    most that of a chi-square of one degree of freedom (0.455), by bisection. Weights
-    of ``1 / var`` alone let the brightest stars pull the polynomial through their own
-    mismatch and swing it where stars are few (a field's corners: L1 errors of 0.26 in
-    a corner of a 2.5x varying field against 0.02-0.05 elsewhere).
+    most that of a chi-square of one degree of freedom (0.455), searched in log space
+    (to 3 %). Weights of ``1 / var`` alone let the brightest stars pull the polynomial
+    through their own mismatch and swing it where stars are few (a field's corners: L1
+    errors of 0.26 in a corner of a 2.5x varying field against 0.02-0.05 elsewhere).
     """
     r2 = residuals**2
-    low = np.zeros(r2.shape[1])
-    high = np.maximum(np.max(r2, axis=0, initial=0.0), np.finfo(float).tiny)
     need = np.median(r2 / variances, axis=0) > _CHI2_1_MEDIAN
-    for _ in range(40):
-        mid = 0.5 * (low + high)
-        above = np.median(r2 / (variances + mid), axis=0) > _CHI2_1_MEDIAN
-        low, high = np.where(above, mid, low), np.where(above, high, mid)
-    return np.where(need, high, 0.0)
+    if not need.any():
+        return np.zeros(r2.shape[1])
+    # two passes over 32 values in log space, from 1e-6 of the median noise to the
+    # largest residual, then between the two values that bracket the solution
+    low = np.log(1e-6 * np.median(variances, axis=0))
+    high = np.log(np.maximum(np.max(r2, axis=0), np.exp(low)))
+    for _ in range(2):
+        trial = np.linspace(low, high, 32)  # (32, K)
+        median = np.median(r2 / (variances + np.exp(trial)[:, None, :]), axis=1)
+        first = np.argmax(median <= _CHI2_1_MEDIAN, axis=0)  # the largest always qualifies
+        columns = np.arange(trial.shape[1])
+        low, high = trial[np.maximum(first - 1, 0), columns], trial[first, columns]
+    return np.where(need, np.exp(high), 0.0)
 
 
 def evaluate_psf(basis: np.ndarray, fields: np.ndarray, design: np.ndarray) -> np.ndarray:

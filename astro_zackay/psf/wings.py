@@ -21,7 +21,15 @@ import numpy as np
 
 from .stamps import row_median
 
-__all__ = ["Wing", "fit_wing", "light_reach", "render_wing", "stars_light"]
+__all__ = [
+    "LightSamples",
+    "Wing",
+    "fit_wing",
+    "light_reach",
+    "light_samples",
+    "render_wing",
+    "stars_light",
+]
 
 log = logging.getLogger(__name__)
 
@@ -242,28 +250,79 @@ def stars_light(
     (10.0, 0.0)
     """
     x, y, flux = (np.asarray(v, dtype=float) for v in (x, y, flux))
-    reach = light_reach(flux, wing, radius, floor)
+    reach = np.minimum(light_reach(flux, wing, radius, floor), radius)
+    return light_samples(shape, x, y, reach, wing).image(flux, reach)
+
+
+@dataclass(frozen=True)
+class LightSamples:
+    """The pixels of the disks that `stars_light` draws, and the wing law at each.
+
+    Drawn once to the largest reach wanted, they give the image of any fluxes whose
+    reaches are no larger (`image`), without evaluating the law again.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The image shape.
+    index : `~numpy.ndarray`
+        Flat image index of each sample.
+    source : `~numpy.ndarray`
+        The star each sample belongs to.
+    radius : `~numpy.ndarray`
+        Its distance from that star, pixels.
+    law : `~numpy.ndarray`
+        The wing law there, per unit flux.
+    """
+
+    shape: tuple[int, int]
+    index: np.ndarray
+    source: np.ndarray
+    radius: np.ndarray
+    law: np.ndarray
+
+    def image(self, flux: np.ndarray, reach: np.ndarray) -> np.ndarray:
+        """The stars' light for ``flux``, each drawn out to its ``reach`` (pixels)."""
+        keep = self.radius <= np.asarray(reach, dtype=float)[self.source]
+        value = np.asarray(flux, dtype=float)[self.source[keep]] * self.law[keep]
+        return np.bincount(self.index[keep], value,
+                           minlength=self.shape[0] * self.shape[1]).reshape(self.shape)
+
+
+def light_samples(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, reach: np.ndarray,
+                  wing: Wing) -> LightSamples:
+    """The pixels within ``reach`` of each star inside the image, and the law there.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.wings import Wing, light_samples
+    >>> samples = light_samples((21, 21), np.array([10.0]), np.array([10.0]),
+    ...                         np.array([5.0]), Wing(0.1, 2.5, 2.0, 0.0))
+    >>> len(samples.index), float(samples.image(np.array([100.0]), np.array([0.5])).sum())
+    (81, 10.0)
+    """
+    x, y, reach = (np.asarray(v, dtype=float) for v in (x, y, reach))
     half = np.ceil(reach).astype(int)
-    pieces = [_disk_light(shape, x[half == h], y[half == h], flux[half == h],
-                          np.minimum(reach[half == h], radius), h, wing)
+    pieces = [_disk_samples(shape, np.flatnonzero(half == h), x, y, reach, h)
               for h in np.unique(half)]
-    index = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, int)
-    value = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0)
-    return np.bincount(index, value, minlength=shape[0] * shape[1]).reshape(shape)
+    index, source, radius = (np.concatenate([p[i] for p in pieces]) if pieces
+                             else np.zeros(0, int if i < 2 else float) for i in range(3))
+    return LightSamples(tuple(shape), index, source, radius, wing.law(radius))
 
 
-def _disk_light(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-                reach: np.ndarray, half: int,
-                wing: Wing) -> tuple[np.ndarray, np.ndarray]:
-    """Flat pixel indices and light of stars drawn in ``2 half + 1`` boxes to ``reach``."""
+def _disk_samples(shape: tuple[int, int], stars: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  reach: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat pixel indices, star and radius of ``stars`` drawn in ``2 half + 1`` boxes."""
     offsets = np.arange(-half, half + 1)
+    x, y = x[stars], y[stars]
     rows = np.round(y).astype(int)[:, None, None] + offsets[None, :, None]
     cols = np.round(x).astype(int)[:, None, None] + offsets[None, None, :]
     r = np.hypot(cols - x[:, None, None], rows - y[:, None, None])
-    keep = ((r <= reach[:, None, None]) & (rows >= 0) & (rows < shape[0])
+    keep = ((r <= reach[stars][:, None, None]) & (rows >= 0) & (rows < shape[0])
             & (cols >= 0) & (cols < shape[1]))
-    value = (flux[:, None, None] * wing.law(r))[keep]
-    return (rows * shape[1] + cols)[keep], value
+    source = np.broadcast_to(stars[:, None, None], keep.shape)
+    return (rows * shape[1] + cols)[keep], source[keep], r[keep]
 
 
 def fit_wing(
