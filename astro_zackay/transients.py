@@ -359,7 +359,8 @@ def bright_sources(
     psfs : (ndarray, ndarray)
         Their unit-sum PSF stamps (odd-sized).
     mask : ndarray of bool, optional
-        Bad pixels: taken as zero data and zero variance.
+        Bad pixels: taken, like non-finite data or variances, as zero data and zero
+        variance.
     snr_min : float
         The least S/N, in either image, of a source kept.
 
@@ -368,6 +369,11 @@ def bright_sources(
     `~astropy.table.Table`
         Columns ``x``, ``y`` (0-based pixels), ``snr_reference``, ``snr_science``,
         sorted by the larger S/N, highest first.
+
+    Raises
+    ------
+    ValueError
+        When the images, variances and mask differ in shape.
 
     Examples
     --------
@@ -379,11 +385,18 @@ def bright_sources(
     >>> table["x"].tolist(), table["y"].tolist(), bool(table["snr_science"][0] > 100)
     ([35], [25], True)
     """
+    arrays = [np.asarray(a, dtype=float) for a in (*images, *variances)]
+    if mask is not None:
+        arrays.append(np.asarray(mask, dtype=bool))
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 2:
+        raise ValueError(f"the images, variances and mask must be 2-D of one shape, got "
+                         f"{[a.shape for a in arrays]}")
     snr = []
-    for data, variance, psf in zip(images, variances, psfs):
+    for data, variance, psf in zip(arrays[:2], arrays[2:4], psfs):
+        bad = ~(np.isfinite(data) & np.isfinite(variance))
         if mask is not None:
-            data, variance = np.where(mask, 0.0, data), np.where(mask, 0.0, variance)
-        snr.append(_snr_map(data, np.nan_to_num(variance), psf))
+            bad |= arrays[4]
+        snr.append(_snr_map(np.where(bad, 0.0, data), np.where(bad, 0.0, variance), psf))
     larger = np.fmax(*snr)
     size = 2 * max(int(np.ceil(_psf_fwhm(psfs[0]))), 1) + 1
     peaks = (larger == ndimage.maximum_filter(larger, size=size)) & (larger >= snr_min)

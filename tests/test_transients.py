@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 from astropy import units as u
 from astropy.nddata import CCDData
+from astropy.table import Table
 from astropy.wcs import WCS
 
-from astro_zackay.transients import find_transients
+from astro_zackay.transients import (
+    FLAG_BRIGHT,
+    FLAG_MASKED,
+    FLAG_SHARP,
+    bright_sources,
+    find_transients,
+)
 
 
 def _gaussian_blob(shape, x0, y0, amplitude, sigma=1.5):
@@ -83,3 +90,65 @@ def test_bad_arguments():
         find_transients(np.zeros(5))
     with pytest.raises(ValueError, match="mask shape"):
         find_transients(np.zeros((5, 5)), mask=np.zeros((3, 3), bool))
+
+
+def _white_difference(seed=0, shape=(128, 128), sigma=1.5):
+    """White unit-noise D with a PSF-shaped source and a one-pixel spike, its PSF and score."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[-7:8, -7:8]
+    psf = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+    psf /= psf.sum()
+    difference = rng.normal(size=shape)
+    source = np.zeros(shape)
+    source[40, 50] = 1.0
+    difference += 15.0 / np.sqrt((psf**2).sum()) * ndimage.convolve(source, psf)  # S/N 15
+    difference[90, 70] += 25.0  # a cosmic ray: one pixel (score ~9)
+    score = ndimage.correlate(difference, psf) / np.sqrt((psf**2).sum())
+    return difference, psf, score
+
+
+def test_psf_fit_tells_a_point_source_from_a_spike():
+    difference, psf, score = _white_difference()
+    table = find_transients(score, difference=difference, psf=psf)
+    assert table.meta["flags_computed"] == ["DIPOLE", "EDGE", "SHARP", "CHI2"]
+    source = table[(table["x_peak"] == 50) & (table["y_peak"] == 40)][0]
+    spike = table[(table["x_peak"] == 70) & (table["y_peak"] == 90)][0]
+    assert source["good"] and source["chi2_dof"] < 2 and abs(source["sharpness"]) < 3
+    assert spike["flags"] & FLAG_SHARP and spike["sharpness"] > 8
+    assert table.meta["fwhm"] == pytest.approx(2.3548 * 1.5, rel=0.1)
+    # a callable PSF gives the same fits
+    by_position = find_transients(score, difference=difference, psf=lambda x, y: psf)
+    np.testing.assert_allclose(by_position["chi2_dof"], table["chi2_dof"])
+
+
+def test_bad_pixels_and_bright_sources_flag_their_neighbours():
+    difference, psf, score = _white_difference()
+    bad = np.zeros(score.shape, bool)
+    bad[43, 52] = True  # 3.6 px from the source: within 2 FWHM
+    stars = Table({"x": [58.0, 20.0], "y": [40.0, 20.0], "snr_reference": [500.0, 500.0],
+                   "snr_science": [500.0, 50.0]})
+    table = find_transients(score, difference=difference, psf=psf, bad_pixels=bad,
+                            sources=stars)
+    source = table[(table["x_peak"] == 50) & (table["y_peak"] == 40)][0]
+    assert source["flags"] == FLAG_MASKED | FLAG_BRIGHT
+    # the star at (20, 20) is faint in one image: not a bright star
+    quiet = find_transients(score, difference=difference, psf=psf, sources=stars[1:])
+    assert quiet[(quiet["x_peak"] == 50) & (quiet["y_peak"] == 40)]["good"][0]
+
+
+def test_bright_sources_measures_each_image():
+    yy, xx = np.mgrid[-7:8, -7:8]
+    psf = np.exp(-(xx**2 + yy**2) / (2 * 1.5**2))
+    psf /= psf.sum()
+    reference, science = np.zeros((64, 64)), np.zeros((64, 64))
+    reference[20:35, 25:40] += 1000.0 * psf  # a star at (32, 27) of S/N 1000 * sqrt(sum P^2)
+    science[20:35, 25:40] += 200.0 * psf
+    table = bright_sources((reference, science), (np.ones((64, 64)),) * 2, (psf, psf))
+    assert len(table) == 1 and (table["x"][0], table["y"][0]) == (32, 27)
+    norm = np.sqrt((psf**2).sum())
+    assert table["snr_reference"][0] == pytest.approx(1000.0 * norm)
+    assert table["snr_science"][0] == pytest.approx(200.0 * norm)
+    with pytest.raises(ValueError, match="one shape"):
+        bright_sources((reference, science[:10]), (np.ones((64, 64)),) * 2, (psf, psf))
