@@ -1,9 +1,10 @@
 """Vetting of transient candidates: each flag of `find_transients` against simulated truth.
 
 One simulated pair holds a case for every flag (cosmic rays and a short track in the
-science image, a hot pixel in the reference, a moving star, a transient beside a bright
-star, one at the image border, one beside a bad pixel) and clean transients far from
-everything, which must come out ``good``.
+science image, a hot pixel in the reference, a star that moved by 2 px and one
+misregistered by 0.6 px, a saturated star, a transient beside a bright star, one at the
+image border, one beside a bad pixel) and clean transients far from everything, which
+must come out ``good``.
 """
 
 import contextlib
@@ -41,6 +42,7 @@ COSMIC_RAYS = ((150, 100, 3000.0), (80, 200, 2000.0), (230, 60, 4000.0))  # (x, 
 TRACK = ((330, 120), (331, 121))  # two adjacent pixels of 2500 e- each
 HOT_PIXEL = (140, 260)  # in the reference: a negative candidate
 MOVER_REF, MOVER_SCI = (180.0, 300.0), (182.0, 300.5)  # 8000 e-, moved by 2 px
+MISREGISTERED_REF, MISREGISTERED_SCI = (300.0, 330.0), (300.6, 330.0)  # 3e4 e-, off by 0.6 px
 
 
 def _field_stars(rng, special):
@@ -57,6 +59,7 @@ def _field_stars(rng, special):
 def vetted():
     rng = np.random.default_rng(7)
     special = (*CLEAN, BRIGHT_STAR, SATURATED_STAR, NEAR_BAD, MOVER_REF, HOT_PIXEL,
+               MISREGISTERED_REF,
                *[(x, y) for x, y, _ in COSMIC_RAYS], TRACK[0])
     x, y, flux = _field_stars(rng, special)
     stars = Table({"x": np.r_[x, BRIGHT_STAR[0], SATURATED_STAR[0]],
@@ -67,10 +70,13 @@ def vetted():
                         "flux": [1500.0, 2000.0, 1500.0, 2500.0, 3000.0, 2500.0, 2500.0]})
     pair = simulate_pair((SIZE, SIZE), reference_psf=2.5, science_psf=3.0, stars=stars,
                          transients=transients, saturation=1.5e5, seed=3)
+    flux = [8000.0, 3e4]
     reference = inject_sources(pair.reference.ccd, Table(
-        {"x": [MOVER_REF[0]], "y": [MOVER_REF[1]], "flux": [8000.0]}), psf_stamp(25, 2.5), seed=1)
+        {"x": [MOVER_REF[0], MISREGISTERED_REF[0]], "y": [MOVER_REF[1], MISREGISTERED_REF[1]],
+         "flux": flux}), psf_stamp(25, 2.5), seed=1)
     science = inject_sources(pair.science.ccd, Table(
-        {"x": [MOVER_SCI[0]], "y": [MOVER_SCI[1]], "flux": [8000.0]}), psf_stamp(25, 3.0), seed=2)
+        {"x": [MOVER_SCI[0], MISREGISTERED_SCI[0]], "y": [MOVER_SCI[1], MISREGISTERED_SCI[1]],
+         "flux": flux}), psf_stamp(25, 3.0), seed=2)
     for x, y, value in COSMIC_RAYS:
         science.data[y, x] += value
     for x, y in TRACK:
@@ -114,9 +120,12 @@ def test_cosmic_rays_and_hot_pixel_are_sharp(vetted):
     assert _one_at(candidates, *HOT_PIXEL)["score"] < 0  # a reference defect reads as fading
 
 
-def test_moving_star_is_a_dipole(vetted):
+@pytest.mark.parametrize("where", [(MOVER_REF, MOVER_SCI), (MISREGISTERED_REF,
+                                                            MISREGISTERED_SCI)])
+def test_moved_or_misregistered_star_is_a_dipole(vetted, where):
     _, candidates = vetted
-    lobes = _at(candidates, (MOVER_REF[0] + MOVER_SCI[0]) / 2, MOVER_REF[1], radius=5.0)
+    (x0, y0), (x1, y1) = where
+    lobes = _at(candidates, (x0 + x1) / 2, (y0 + y1) / 2, radius=5.0)
     assert len(lobes) == 2 and (lobes["score"] > 0).sum() == 1
     assert np.all(lobes["flags"] & FLAG_DIPOLE)
 
