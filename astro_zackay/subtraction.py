@@ -36,7 +36,7 @@ from ._psf_input import (
 )
 from ._threads import single_threaded_blas
 from ._tiles import tile_layout
-from ._warnings import AstroZackayWarning, FewStarsWarning
+from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
 from .fluxmatch import StarMatch, match_stars
 from .noise import NoiseSpectrum, measure_noise_spectrum
 from .transients import bright_sources
@@ -269,10 +269,20 @@ def _psf_errors(psf_error: Any) -> tuple[float, float]:
 
 def _noise_of(data: np.ndarray, image: ImageData, rms: np.ndarray, name: str,
               noise: str) -> NoiseSpectrum | None:
-    """The image's measured noise spectrum with ``noise='auto'``, None with ``'white'``."""
+    """The image's measured noise spectrum with ``noise='auto'``, None with ``'white'``.
+
+    An image too small or too crowded to measure it is taken as white, announced.
+    """
     if noise == "white":
         return None
-    spectrum = measure_noise_spectrum(data, image.mask, rms=rms)
+    try:
+        spectrum = measure_noise_spectrum(data, image.mask, rms=rms)
+    except ValueError as exc:
+        reason = str(exc).split(";")[0]  # measure_noise_spectrum's options are not subtract's
+        warnings.warn(f"the noise correlation cannot be measured ({reason}): white noise is "
+                      "assumed; pass noise='white' to skip the measure",
+                      NoiseEstimateWarning, stacklevel=user_stacklevel())
+        return None
     rx, ry = spectrum.lag1
     used = "correlated: its spectrum is used" if spectrum.is_correlated else "white"
     log.info("%s noise: lag-1 correlation %.3f (x), %.3f (y) -> %s", name, rx, ry, used)
@@ -601,6 +611,9 @@ def subtract(
         Once per image whose saturation level was found in the data.
     PSFQualityWarning
         When a PSF does not describe its stars.
+    NoiseEstimateWarning
+        When an image's noise correlation cannot be measured (``noise='auto'`` on an
+        image with fewer than 1000 source-free pixels): white noise is then assumed.
 
     Each warning about one image starts with ``"reference image: "`` or
     ``"science image: "``.

@@ -224,3 +224,20 @@ def test_psf_error_term_removes_bright_star_candidates():
     assert without >= 3
     mpix = SHAPE[0] * SHAPE[1] / 1e6
     assert (estimated - true) / mpix <= 1.0
+
+
+def test_subtract_small_image_assumes_white_noise_announced():
+    """Too few source-free pixels to measure the correlation: white noise, with a warning."""
+    from astro_zackay._warnings import NoiseEstimateWarning
+
+    pair = simulate_pair((30, 30), n_stars=0, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5,
+                          science_psf=3.5, flux_ratio=1.0, fit_shift=False)
+    texts = [str(w.message) for w in caught if w.category is NoiseEstimateWarning]
+    for name in ("reference image", "science image"):
+        assert any(t.startswith(f"{name}: the noise correlation cannot be measured (only ")
+                   and "white noise is assumed" in t and "noise='white'" in t for t in texts)
+    assert not any("source_sigma" in t for t in texts)
+    assert "AZRHOXR" not in result.score.meta
