@@ -771,7 +771,8 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, sh
     reach = [_KernelReach.of(k, max(pn.shape + pr.shape)) for k in kernels]
     del kernels
     # S's background variance from each image, and the radius where both kernels end
-    bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in ((kn_h, sig_n), (kr_h, sig_r))]
+    on_backend = [sig if np.isscalar(sig) else be.asarray(sig) for sig in (sig_n, sig_r)]
+    bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in zip((kn_h, kr_h), on_backend)]
     s_sigma = float(np.sqrt(bkg[0] + bkg[1]))
     radius = max(r.core_radius for r in reach)
     if need_split:
