@@ -8,6 +8,7 @@ frame holds (cosmic rays, a satellite trail) or as light that is really there.
 import numpy as np
 import pytest
 from astropy.table import Table
+from conftest import data_path
 from scipy import ndimage
 
 from astro_zackay import coadd, subtract
@@ -192,3 +193,36 @@ def test_inputs_not_mutated_and_options_checked():
                 {"reject_grow": 1.5}, {"reject_model_error": -0.1}):
         with pytest.raises(ValueError, match="reject"):
             coadd(frames, psfs=psfs, **bad)
+
+
+def _decam(name):
+    return data_path("decam-sfft", "input_data", f"DEC-OBS{name}.mini.fits")
+
+
+#: The source that changed between the DECam epochs (tests/test_real_data.py).
+DECAM_CHANGE = (129.0, 128.0)
+
+
+def test_decam_coadd_difference_keeps_only_the_change():
+    """Real DECam stamps, 5 + 5 frames: the coadd difference without rejection holds
+    the tracks and cosmic rays of single frames (a satellite-like track in 04e, another
+    in 04c, hits in 04d, 18c-e); with it, only the change between the epochs remains,
+    as strong as before, and the stars keep their S/N."""
+    found = {}
+    for reject in (6.0, None):
+        groups = [coadd([_decam(f"{group}{letter}") for letter in "abcde"], unit="adu",
+                        reject=reject) for group in ("18", "04")]
+        candidates = subtract(*groups).find_transients(5.0)
+        distance = np.hypot(candidates["x"] - DECAM_CHANGE[0], candidates["y"] - DECAM_CHANGE[1])
+        assert distance.min() < 2.0
+        found[reject] = (len(candidates), candidates["score"][np.argmin(distance)], groups)
+    assert found[None][0] >= 10
+    assert found[6.0][0] == 1
+    assert found[6.0][1] == pytest.approx(found[None][1], rel=0.02)
+    for with_rejection, without in zip(found[6.0][2], found[None][2]):
+        assert with_rejection.frames["n_rejected"][4] > 100  # 18e and the 04e track
+        junk = ndimage.binary_dilation(with_rejection.rejected > 0, iterations=6)
+        bright = (without.snr.data > 50) & ~junk
+        assert bright.sum() > 300
+        np.testing.assert_allclose(with_rejection.snr.data[bright], without.snr.data[bright],
+                                   rtol=0.02)
