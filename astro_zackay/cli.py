@@ -167,9 +167,19 @@ def _coadd(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     result.image.write(outdir / "coadd.fits", overwrite=True)
+    _append_rejected(outdir / "coadd.fits", result.rejected)
     result.score.write(outdir / "coadd_score.fits", overwrite=True)
     log.info("%r written to %s", result, outdir)
     return 0
+
+
+def _append_rejected(path: Path, rejected: np.ndarray) -> None:
+    """Add the outlier map of `coadd` to its FITS file as the REJECTED extension."""
+    from astropy.io import fits
+
+    header = fits.Header({"EXTNAME": "REJECTED"})
+    header["COMMENT"] = "number of images whose pixel was rejected as an outlier"
+    fits.append(path, rejected.astype(np.int16), header)
 
 
 def _parser() -> argparse.ArgumentParser:
