@@ -509,3 +509,18 @@ def test_float32_matches_float64_with_spectrum_shift_and_psf_error():
     b = zogy(new, ref, gaussian_psf(1.5), gaussian_psf(1.1), dtype=np.float32, **kw)
     assert b.Scorr.dtype == np.float32 and np.isfinite(b.Scorr).all()
     assert np.max(np.abs(a.Scorr - b.Scorr)) < 1e-4
+
+
+def test_new_input_errors():
+    img, psf = np.zeros((32, 32)), gaussian_psf(1.0)
+    kw = dict(sigma_new=1.0, sigma_ref=1.0)
+    with pytest.raises(ValueError, match=r"noise_spectrum_new has shape \(32, 32\).*\(32, 17\)"):
+        zogy(img, img, psf, psf, noise_spectrum_new=np.ones((32, 32)), **kw)
+    with pytest.raises(ValueError, match="noise_spectrum_ref must be finite and positive"):
+        zogy(img, img, psf, psf, noise_spectrum_ref=np.zeros((32, 17)), **kw)
+    with pytest.raises(ValueError, match="psf_error_ref must be >= 0"):
+        zogy(img, img, psf, psf, psf_error_ref=-0.01, **kw)
+    with pytest.raises(ValueError, match="shift_ref must be a finite"):
+        zogy(img, img, psf, psf, shift_ref=(np.nan, 0.0), **kw)
+    with pytest.raises(ValueError, match="mask_ref shape"):
+        zogy(img, img, psf, psf, mask_ref=np.zeros((4, 4), bool), **kw)
