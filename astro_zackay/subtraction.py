@@ -153,8 +153,10 @@ class SubtractionResult:
     def find_transients(self, threshold: float = 5.0, **kwargs: Any) -> Table:
         """Transient candidates: local extrema of ``|score|`` above ``threshold`` sigma, vetted.
 
-        Every vetting flag is computed: the difference image, its PSF, the input
-        masks and the sources of both images are passed on.
+        Every vetting flag is computed: the difference image, its PSF (that of each
+        candidate's tile), the input masks and the sources of both images are passed
+        on (each can be replaced through ``kwargs``, e.g. ``sources=None`` to skip the
+        BRIGHT flag).
 
         Parameters
         ----------
@@ -174,11 +176,10 @@ class SubtractionResult:
         """
         from .transients import find_transients
 
-        return find_transients(
-            self.score, threshold=threshold, flux=self.flux, flux_error=self.flux_error,
-            difference=self.difference, psf=self.psf_at, bad_pixels=self.input_mask,
-            sources=self.sources, **kwargs,
-        )
+        inputs = {"flux": self.flux, "flux_error": self.flux_error,
+                  "difference": self.difference, "psf": self.psf_at,
+                  "bad_pixels": self.input_mask, "sources": self.sources}
+        return find_transients(self.score, threshold=threshold, **(inputs | kwargs))
 
     def __repr__(self) -> str:
         ny, nx = self.score.shape

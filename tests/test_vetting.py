@@ -160,6 +160,9 @@ def test_thresholds_are_parameters(vetted):
     assert np.array_equal(loose["flags"] | FLAG_SHARP | 8, candidates["flags"] | FLAG_SHARP | 8)
     wide = result.find_transients(5.0, edge_distance=30.0)
     assert np.sum(wide["flags"] & FLAG_EDGE) > np.sum(candidates["flags"] & FLAG_EDGE)
+    unlit = result.find_transients(5.0, sources=None)  # an input replaced: BRIGHT skipped
+    assert "BRIGHT" not in unlit.meta["flags_computed"]
+    assert not np.any(unlit["flags"] & FLAG_BRIGHT)
 
 
 def test_table_meta_documents_the_flags(vetted):
