@@ -158,8 +158,8 @@ def test_snr_of_real_sources_kept_on_a_clean_stack():
 def test_transient_in_several_frames_and_variable_star_are_kept():
     """A transient that appears in the last three frames, and one that varies by 2x.
 
-    Each is in several frames, so neither is rejected, and both are found in the
-    difference with the clean reference as strongly as without rejection.
+    Each is in several frames, so no pixel is rejected (the coadd is the one without
+    rejection), and each is found in the difference with the clean reference.
     """
     reference = [ccd for ccd, _ in _frames("reference", seed=400)]
     flux = np.array([0.0, 0.0, 1.0, 1.0, 1.0]) * 6000.0
@@ -167,18 +167,14 @@ def test_transient_in_several_frames_and_variable_star_are_kept():
     varying = [ccd for ccd, _ in _frames("science", seed=500,
                                          transient_flux=[3000, 6000, 4000, 3000, 6000])]
     ref = coadd(reference)
-    yy, xx = np.mgrid[:N, :N]
-    around = np.hypot(xx - TRANSIENT[0], yy - TRANSIENT[1]) < 8
+    assert ref.rejected.sum() == 0
     for science in (rising, varying):
-        scores = []
-        for reject in (6.0, None):
-            sci = coadd(science, reject=reject)
-            assert sci.rejected[around].sum() == 0
-            candidates = subtract(ref, sci).find_transients(5.0)
-            distance = np.hypot(candidates["x"] - TRANSIENT[0], candidates["y"] - TRANSIENT[1])
-            scores.append(candidates["score"][np.argmin(distance)])
-            assert distance.min() < 1.5
-        assert scores[0] == pytest.approx(scores[1], rel=0.02)
+        sci = coadd(science)
+        assert sci.rejected.sum() == 0
+        candidates = subtract(ref, sci).find_transients(5.0)
+        distance = np.hypot(candidates["x"] - TRANSIENT[0], candidates["y"] - TRANSIENT[1])
+        assert distance.min() < 1.5
+        assert candidates["score"][np.argmin(distance)] > 20
 
 
 def test_inputs_not_mutated_and_options_checked():
