@@ -15,6 +15,7 @@ Arrays in, arrays out.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,35 +170,25 @@ def _star_levels(
     r_mean, r_var : ``(n_star, n_bins)`` mean and variance of the kept pixels' radii.
     """
     bounds = np.searchsorted(grid, edges)
-    n_star, n_bins = values.shape[0], len(edges) - 1
-    # every bin as one row of columns, padded with a NaN column: all bins at once
-    width = int(np.max(np.diff(bounds), initial=0))
-    columns = bounds[:-1, None] + np.arange(width)[None, :]
-    columns = np.where(columns < bounds[1:, None], columns, values.shape[1])
-
-    def binned(a: np.ndarray) -> np.ndarray:
-        padded = np.concatenate([a, np.full((n_star, 1), np.nan)], axis=1)
-        return padded[:, columns].reshape(n_star * n_bins, width)
-
-    v = binned(values)
-    centre = row_median(v)[:, None]
-    spread = 1.4826 * row_median(np.abs(v - centre))[:, None]
-    with np.errstate(invalid="ignore"):
-        v[np.abs(v - centre) > 3.0 * spread] = np.nan
-    kept = np.isfinite(v)
-    n = kept.sum(axis=1)
-    ok = n >= 5
-    r = np.where(kept, binned(radius), np.nan)[ok]
-    var = np.where(kept, binned(pixel_var), np.nan)[ok]
-    level, variance = np.full(n.shape, np.nan), np.full(n.shape, np.inf)
-    r_mean, r_var = np.ones(n.shape), np.zeros(n.shape)
-    level[ok] = np.nanmean(v[ok], axis=1)
-    variance[ok] = np.nanmean(var, axis=1) / n[ok]
-    r_mean[ok] = np.nanmean(r, axis=1)
-    r_var[ok] = np.nanvar(r, axis=1)
-    shape = (n_star, n_bins)
-    level, variance = level.reshape(shape), variance.reshape(shape)
-    r_mean, r_var = r_mean.reshape(shape), r_var.reshape(shape)
+    shape = (values.shape[0], len(edges) - 1)
+    level, variance = np.full(shape, np.nan), np.full(shape, np.inf)
+    r_mean, r_var = np.ones(shape), np.zeros(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # stars with no pixel in a bin
+        for b in range(shape[1]):
+            v = values[:, bounds[b] : bounds[b + 1]].copy()
+            centre = row_median(v)[:, None]
+            spread = 1.4826 * row_median(np.abs(v - centre))[:, None]
+            v[np.abs(v - centre) > 3.0 * spread] = np.nan
+            kept = np.isfinite(v)
+            n = kept.sum(axis=1)
+            ok = n >= 5
+            r = np.where(kept, radius[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
+            var = np.where(kept, pixel_var[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
+            level[ok, b] = np.nanmean(v[ok], axis=1)
+            variance[ok, b] = np.nanmean(var, axis=1) / n[ok]
+            r_mean[ok, b] = np.nanmean(r, axis=1)
+            r_var[ok, b] = np.nanvar(r, axis=1)
     variance[~(variance > 0)] = np.inf
     return level, variance, r_mean, r_var
 
