@@ -56,7 +56,8 @@ def _field_stars(rng, special):
 
 
 @pytest.fixture(scope="module")
-def vetted():
+def vetting_pair():
+    """The reference and science images with every case."""
     rng = np.random.default_rng(7)
     special = (*CLEAN, BRIGHT_STAR, SATURATED_STAR, NEAR_BAD, MOVER_REF, HOT_PIXEL,
                MISREGISTERED_REF,
@@ -84,7 +85,12 @@ def vetted():
     reference.data[HOT_PIXEL[1], HOT_PIXEL[0]] += 3000.0
     science.mask = np.zeros(science.shape, bool) if science.mask is None else science.mask.copy()
     science.mask[BAD_PIXEL[1], BAD_PIXEL[0]] = True
-    result = subtract(reference, science)
+    return reference, science
+
+
+@pytest.fixture(scope="module")
+def vetted(vetting_pair):
+    result = subtract(*vetting_pair)
     return result, result.find_transients(5.0)
 
 
@@ -138,10 +144,18 @@ def test_bright_star_edge_and_bad_pixel_are_flagged(vetted):
     assert _one_at(candidates, *NEAR_BAD, radius=3.0)["flags"] & FLAG_MASKED
 
 
-def test_saturated_star_leaves_no_good_candidate(vetted):
+def test_saturated_star_leaves_no_good_candidate(vetting_pair, vetted):
+    """Masked, the saturated star leaves no good candidate; unmasked, its flat-topped
+    core leaves several, each flagged (a bright star's residual)."""
     result, candidates = vetted
     assert result.input_mask[int(SATURATED_STAR[1]), int(SATURATED_STAR[0])]
     assert not np.any(_at(candidates, *SATURATED_STAR, radius=30.0)["good"])
+    reference, science = (image.copy() for image in vetting_pair)
+    reference.mask = science.mask = None
+    unmasked = subtract(reference, science, saturation=np.inf).find_transients(5.0)
+    residuals = _at(unmasked, *SATURATED_STAR, radius=30.0)
+    assert len(residuals) >= 3
+    assert np.all(residuals["flags"] & FLAG_BRIGHT)
 
 
 def test_masked_outputs_are_nan(vetted):
