@@ -474,6 +474,14 @@ def coadd(
      psf=31x31 masked=0>
     >>> round(float(result.psf.sum()), 12), result.weights.round(3).tolist()
     (1.0, [1.0, 0.25, 0.111])
+
+    A cosmic ray of 50 sigma in the second image is replaced by what the others
+    predict there (the pixel, grown by one):
+
+    >>> frames[1].data[30, 30] += 100.0
+    >>> result = coadd(frames, psfs=psfs, flux_scales=[1.0, 1.0, 1.0])
+    >>> result.frames["n_rejected"].tolist(), int(result.rejected[30, 30])
+    ([0, 9, 0], 1)
     """
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
