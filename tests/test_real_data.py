@@ -307,7 +307,7 @@ def test_properimage_masking_saturation_removes_candidates(properimage_pair):
     """The pair is 74 s apart: the saturated stars' false candidates go with their masks.
 
     Unmasked (``saturation=np.inf``), candidates cluster within 30 px of the saturated
-    pixels (21 of 38 measured); masked, none is left there.
+    pixels (8 of 18 measured); masked, none is left there.
     """
     reference, science, result, _, unmasked = properimage_pair
     saturated = (science.data >= 65535) | (reference.data >= 65535)
@@ -318,7 +318,7 @@ def test_properimage_masking_saturation_removes_candidates(properimage_pair):
         y = np.round(np.asarray(candidates["y"])).astype(int)
         return int((distance[y, x] < 30).sum())
 
-    assert near_saturation(unmasked.find_transients(5.0)) >= 10
+    assert near_saturation(unmasked.find_transients(5.0)) >= 5
     assert near_saturation(result.find_transients(5.0)) == 0
     off = _off_source(result, (reference, science))
     assert abs(_robust_std(result.score.data[off]) - 1.0) < 0.1
