@@ -21,7 +21,8 @@ CHI2       8     the PSF fit to a D stamp has chi^2 / dof above ``chi2_threshold
 EDGE       16    closer than ``edge_distance`` FWHM to the image border (the score
                  alone)
 BRIGHT     32    within ``bright_radius`` FWHM of a source with S/N of at least
-                 ``bright_snr`` in both images: a bright star (``sources``)
+                 ``bright_snr`` in both images, a radius that grows as the cube
+                 root of the S/N: a bright star (``sources``)
 ========== ===== =================================================================
 
 A flag whose inputs are not given is not computed (its bit is never set), and the
@@ -46,6 +47,7 @@ from .fourier import correlate_fft, psf_rfft, shift_image
 from .profiles import GAUSS_FWHM
 
 __all__ = [
+    "BRIGHT_GROWTH",
     "FLAGS",
     "FLAG_BRIGHT",
     "FLAG_CHI2",
@@ -72,6 +74,12 @@ FLAG_CHI2 = 8
 FLAG_EDGE = 16
 #: Near a bright star.
 FLAG_BRIGHT = 32
+
+#: The BRIGHT flag's radius grows as the star's S/N to this power: a PSF wing falling as
+#: r**-3 (a diffraction-limited PSF's) leaves a residual of one significance at that
+#: radius; seeing-limited (Moffat) wings fall faster. Measured on NIRCam's F200W pair,
+#: candidates lie 5-19 px (2-8 FWHM) from stars of S/N 2000-6000.
+BRIGHT_GROWTH = 1.0 / 3.0
 
 #: Each flag's name: its bit and what it means.
 FLAGS: dict[str, tuple[int, str]] = {
@@ -313,15 +321,20 @@ def _difference_variance(flux_error: np.ndarray | None, shape: tuple[int, int]) 
 
 
 def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: float) -> np.ndarray:
-    """Whether a source of S/N >= ``snr`` in both images lies within ``radius`` of each position."""
+    """Whether a bright source lies near each position.
+
+    A source is bright with S/N >= ``snr`` in both images; it reaches ``radius``
+    times ``(S/N / snr) ** BRIGHT_GROWTH``, S/N being the smaller of its two.
+    """
     weaker = np.minimum(np.asarray(sources["snr_reference"], float),
                         np.asarray(sources["snr_science"], float))
     bright = weaker >= snr
     if not bright.any() or x.size == 0:
         return np.zeros(x.size, bool)
     sx, sy = np.asarray(sources["x"], float)[bright], np.asarray(sources["y"], float)[bright]
+    reach = radius * (weaker[bright] / snr) ** BRIGHT_GROWTH
     distance = np.hypot(x[:, None] - sx[None, :], y[:, None] - sy[None, :])
-    return (distance <= radius).any(axis=1)
+    return (distance <= reach[None, :]).any(axis=1)
 
 
 def _snr_map(data: np.ndarray, variance: np.ndarray, psf: np.ndarray) -> np.ndarray:
@@ -575,7 +588,8 @@ def find_transients(
         EDGE: closer than this many FWHM to the border.
     bright_snr, bright_radius : float
         BRIGHT: a source of S/N >= ``bright_snr`` in both images (a star, not the
-        transient itself) within ``bright_radius`` FWHM.
+        transient itself) within ``bright_radius`` FWHM times ``(S/N / bright_snr)
+        ** (1/3)`` (`BRIGHT_GROWTH`; S/N the smaller of the two).
 
     Returns
     -------

@@ -19,6 +19,7 @@ from astro_zackay._warnings import AstroZackayWarning
 from astro_zackay.profiles import psf_stamp
 from astro_zackay.simulation import inject_sources, simulate_pair
 from astro_zackay.transients import (
+    BRIGHT_GROWTH,
     FLAG_BRIGHT,
     FLAG_DIPOLE,
     FLAG_EDGE,
@@ -262,19 +263,22 @@ def test_properimage_pair_has_at_most_five_good_candidates(properimage_pair):
 
 
 def _injection_positions(result, rng, n, fwhm):
-    """``n`` random positions 20 px from the edges, 6 px from masked pixels, 5 FWHM from
-    any source of S/N >= 50 in either image, and 25 px from each other."""
+    """``n`` random positions 20 px from the edges, 6 px from masked pixels, 25 px from
+    each other and 5 FWHM from any source of S/N >= 50 in either image, farther from
+    brighter ones as the residuals of bright stars reach (``BRIGHT_GROWTH``)."""
     from scipy import ndimage
 
     ny, nx = result.score.shape
     sources = result.sources
-    strong = np.fmax(sources["snr_reference"], sources["snr_science"]) >= 50
+    snr = np.fmax(sources["snr_reference"], sources["snr_science"])
+    strong = snr >= 50
     sx, sy = np.asarray(sources["x"])[strong], np.asarray(sources["y"])[strong]
+    reach = 5 * fwhm * np.maximum(np.asarray(snr)[strong] / 100, 1) ** BRIGHT_GROWTH
     masked = ndimage.binary_dilation(result.score.mask, iterations=6)
     xs, ys = [], []
     for _ in range(20000):
         x, y = rng.uniform(20, nx - 20), rng.uniform(20, ny - 20)
-        if (masked[round(y), round(x)] or np.hypot(sx - x, sy - y).min() < 5 * fwhm
+        if (masked[round(y), round(x)] or np.any(np.hypot(sx - x, sy - y) < reach)
                 or (xs and np.hypot(np.array(xs) - x, np.array(ys) - y).min() < 25)):
             continue
         xs.append(x)
