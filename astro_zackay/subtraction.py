@@ -572,7 +572,12 @@ def subtract(
     unit, gain, read_noise, saturation : optional
         Passed to the CCDData boundary; each may be one value or a
         ``(reference, science)`` pair. ``gain`` (e-/ADU) lets the source noise be
-        estimated for images in ADU without an uncertainty.
+        estimated for images in ADU without an uncertainty. When the two images
+        differ in unit, the science image is converted to the reference's (electrons
+        and ADU through the gain of the one in ADU: ``gain=``, else its GAIN or EGAIN
+        keyword; count rates through the EXPTIME keyword), as recorded in the
+        outputs' meta (``AZUNIT``); the flux ratio, ``flux`` and ``flux_error`` are
+        then in the reference's unit.
     noise : {'auto', 'white'}
         ``'auto'`` measures each image's noise autocorrelation once, from its
         source-free pixels (`~astro_zackay.noise.measure_noise_spectrum`), logs the
@@ -602,16 +607,24 @@ def subtract(
         When the images differ in shape (and ``align`` is off), an option is invalid,
         or a PSF must be estimated from an image with no usable star (the message
         names the image and the option that gives its PSF).
+    astropy.units.UnitsError
+        When the images' units differ and cannot be converted: electrons and ADU
+        without a gain (the message names both units and ``gain=``).
 
     Warns
     -----
     FewStarsWarning
         Once per image and step down of the PSF model, and when fewer than 5 stars
-        match between the images (the pixel fit is then used).
+        match between the images (the pixel fit is then used); with ``flux_ratio``
+        given, when the pixel fit of the shift fails too (a field without stars):
+        the shift then comes from the WCSs, or is 0 without them.
     SaturationWarning
         Once per image whose saturation level was found in the data.
     PSFQualityWarning
         When a PSF does not describe its stars.
+    NoiseEstimateWarning
+        Once per image in ADU with neither a gain nor an uncertainty: its variance
+        then lacks the Poisson noise of the sources.
     NoiseEstimateWarning
         When an image's noise correlation cannot be measured (``noise='auto'`` on an
         image with fewer than 1000 source-free pixels): white noise is then assumed.
