@@ -468,6 +468,18 @@ def warn_missing_source_noise(img: ImageData) -> None:
 
     Issue it once per image, inside the image's `~astro_zackay._psf_input.ImageWarnings`
     block so that the message names the image.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> from astro_zackay._ccd import to_image, warn_missing_source_noise
+    >>> img = to_image(np.ones((8, 8)), unit="adu", saturation=np.inf)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_missing_source_noise(img)
+    >>> caught[0].category.__name__, "gain=" in str(caught[0].message)
+    ('NoiseEstimateWarning', True)
     """
     if missing_source_noise(img):
         warnings.warn(
