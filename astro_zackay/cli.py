@@ -31,7 +31,9 @@ def _write_png(
         ("difference D (sigma)", result.difference.data, ImageNormalize(vmin=-4, vmax=4)),
         ("Scorr (sigma)", result.score.data, ImageNormalize(vmin=-6, vmax=6)),
     ]
-    marks = truth if truth is not None and len(truth) else candidates[:3]
+    good = np.asarray(candidates["good"], bool) if len(candidates) else np.zeros(0, bool)
+    order = np.argsort(~good, kind="stable")  # zoom on good candidates first, flagged last
+    marks = truth if truth is not None and len(truth) else candidates[order][:3]
     n_zoom = min(len(marks), 3)
     fig, axes = plt.subplots(2 if n_zoom else 1, 3, figsize=(15, 10.5 if n_zoom else 5.4),
                              constrained_layout=True, squeeze=False)
@@ -42,7 +44,6 @@ def _write_png(
         if truth is not None and len(truth):
             ax.scatter(truth["x"], truth["y"], s=250, facecolors="none", edgecolors="tab:green",
                        label="injected")
-        good = np.asarray(candidates["good"], bool) if len(candidates) else np.zeros(0, bool)
         if good.any():
             ax.scatter(candidates["x"][good], candidates["y"][good], s=90, marker="x",
                        color="tab:red", label="good candidate (|Scorr| > threshold, no flag)")
