@@ -178,41 +178,47 @@ def _centre(shape: tuple[int, int]) -> tuple[float, float]:
     return (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
 
 
-def _disc(radius: float) -> np.ndarray:
-    """Boolean disc footprint of ``radius`` pixels (at least the 3x3 box)."""
+def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[slice, slice]:
+    """The ``2*half+1`` square around ``(row, col)``, clipped to the image."""
+    return (slice(max(row - half, 0), min(row + half + 1, shape[0])),
+            slice(max(col - half, 0), min(col + half + 1, shape[1])))
+
+
+def _window_any(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float, test: Any
+) -> np.ndarray:
+    """Whether ``test(pixels)`` holds for a pixel within ``radius`` of each (row, col).
+
+    Only the candidates' windows are read, so the cost does not grow with the image.
+    """
     half = max(int(np.ceil(radius)), 1)
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
-    return np.hypot(xx, yy) <= max(radius, 1.0)
+    result = np.zeros(rows.size, bool)
+    for i, (row, col) in enumerate(zip(rows, cols)):
+        box = _stamp_box(image.shape, row, col, half)
+        yy, xx = np.mgrid[box]
+        inside = np.hypot(xx - col, yy - row) <= max(radius, 1.0)
+        result[i] = bool(np.any(test(image[box][inside])))
+    return result
 
 
 def _near(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float) -> np.ndarray:
     """Whether a True pixel of ``mask`` lies within ``radius`` pixels of each (row, col)."""
-    if not mask.any() or rows.size == 0:
-        return np.zeros(rows.size, bool)
-    return ndimage.binary_dilation(mask, structure=_disc(radius))[rows, cols]
+    return _window_any(mask, rows, cols, radius, lambda pixels: pixels)
 
 
 def _dipole(score: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float,
             threshold: float) -> np.ndarray:
     """Whether an extremum of the opposite sign beyond ``threshold`` lies within ``radius``."""
-    disc = _disc(radius)
-    finite = np.where(np.isfinite(score), score, 0.0)
-    highest = ndimage.maximum_filter(finite, footprint=disc, mode="constant", cval=0.0)
-    lowest = ndimage.minimum_filter(finite, footprint=disc, mode="constant", cval=0.0)
-    positive = finite[rows, cols] > 0
-    return np.where(positive, -lowest[rows, cols], highest[rows, cols]) >= threshold
+    positive = score[rows, cols] > 0
+    below = _window_any(score, rows, cols, radius, lambda pixels: pixels <= -threshold)
+    above = _window_any(score, rows, cols, radius, lambda pixels: pixels >= threshold)
+    return np.where(positive, below, above)
 
 
 def _edge(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, distance: float) -> np.ndarray:
     """Whether each position is closer than ``distance`` pixels to the image border."""
     ny, nx = shape
     return np.minimum.reduce([x, y, nx - 1 - x, ny - 1 - y]) < distance
-
-
-def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[slice, slice]:
-    """The ``2*half+1`` square around ``(row, col)``, clipped to the image."""
-    return (slice(max(row - half, 0), min(row + half + 1, shape[0])),
-            slice(max(col - half, 0), min(col + half + 1, shape[1])))
 
 
 def _fit_one(
