@@ -6,7 +6,9 @@ noise if each background variance is replaced by the power spectrum normalised p
 pixel, ``Sigma_h = E|eps_h|**2 / Npix`` (``sigma**2`` at every frequency for white
 noise).  `measure_noise_spectrum` estimates it from the autocorrelation of the
 masked, background-subtracted image within a few pixels of lag (sources and bad
-pixels left out); `NoiseSpectrum.spectrum` transforms it to any FFT grid.
+pixels left out); `measure_pair_noise` does so for two images of the same sky, less
+the faint static sky that they share (it cancels in their difference).
+`NoiseSpectrum.spectrum` transforms the result to any FFT grid.
 
 Arrays in, arrays out; no astropy objects.
 """
@@ -19,22 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .fourier import abs2, fast_shape, get_array_module, origin_to_stamp, psf_rfft
+from .fourier import abs2, fast_shape, get_array_module, origin_to_stamp, phase_ramp, psf_rfft
 
-__all__ = ["CORRELATION_THRESHOLD", "NoiseSpectrum", "measure_noise_spectrum"]
+__all__ = ["CORRELATION_THRESHOLD", "NoiseSpectrum", "measure_noise_spectrum", "measure_pair_noise"]
 
 _log = logging.getLogger(__name__)
 
 #: Lag-1 correlation (largest of x and y, in absolute value) above which the noise is
 #: taken as correlated by `NoiseSpectrum.is_correlated`, when it is also significant.
-#: Resampled images are well above it (the JWST NIRCam i2d mosaics: 0.35-0.37; white
-#: noise smoothed by ``[0.1, 1, 0.1]`` in x and y: 0.19, and white noise assumed there
-#: leaves Scorr's scale 35 % high).  Below it, part of what an image's pixels share is
-#: faint static sky, present in both images and cancelled in the difference: on a
-#: real ground-based pair with lag-1 correlations of 0.13 (x) and 0.04 in one image and
-#: 0.03 in the other, the measured spectra took the off-source std of Scorr from 0.96
-#: (white) to 0.88.
-CORRELATION_THRESHOLD = 0.15
+#: Resampled images are far above it (the JWST NIRCam i2d mosaics: 0.34-0.36); white
+#: noise assumed at 0.05 leaves Scorr's scale ~5 % high (1.35 at 0.19).  Measured on one
+#: image, faint static sky shared with the other image adds ~0.03-0.05 (a real
+#: ground-based pair: 0.15 and 0.05, of which `measure_pair_noise` attributes all but
+#: 0.09 and 0.00 to that sky).
+CORRELATION_THRESHOLD = 0.05
 #: Significance, in standard errors ``1 / sqrt(n_pixels)``, that `is_correlated` asks of it.
 _SIGNIFICANCE = 5.0
 #: The spectrum is floored at this fraction of its mean (the per-pixel variance): lags
@@ -184,36 +184,163 @@ def measure_noise_spectrum(
     >>> round(rx, 2), round(ry, 2)
     (0.36, -0.0)
     """
-    x = np.asarray(data, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"data must be a 2-D image, got shape {x.shape}")
+    max_lag = _checked_lag(max_lag)
+    x, good, scale = _normalised(data, mask, rms, "data")
+    good &= ~_sources(x, good, source_sigma, grow)
+    n_good = _count(good)
+    x = np.where(good, x - x[good].mean(), 0.0)
+    (cov,) = _covariances([x], good.astype(np.float64), 2 * max_lag, [(0, 0)])
+    spectrum = _spectrum(cov, max_lag, scale, n_good)
+    _log.debug("noise spectrum: %s", spectrum)
+    return spectrum
+
+
+def measure_pair_noise(
+    new: np.ndarray,
+    ref: np.ndarray,
+    mask_new: np.ndarray | None = None,
+    mask_ref: np.ndarray | None = None,
+    *,
+    rms_new: np.ndarray | None = None,
+    rms_ref: np.ndarray | None = None,
+    flux_ratio: float = 1.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    max_lag: int = 2,
+    source_sigma: float = 4.0,
+    grow: int = 4,
+) -> tuple[NoiseSpectrum, NoiseSpectrum]:
+    """The pixel noise of two images of the same sky, less the sky they share.
+
+    Faint static sources and sky structure below the detection limit are present in
+    both images: they correlate each image's pixels like noise does, but cancel in
+    their difference.  Their covariance is what the images share, the cross-covariance
+    of ``new`` and ``ref`` (noise is independent between them); it is taken off each
+    image's autocovariance (``flux_ratio * rms_ref / rms_new`` times it from ``new``'s,
+    its inverse from ``ref``'s) before the steps of `measure_noise_spectrum`, on the
+    pixels that are source-free in both.  ``sigma`` of each result is then the rms of
+    its pixel noise alone.
+
+    Parameters
+    ----------
+    new, ref : ndarray
+        Background-subtracted images of the same shape.
+    mask_new, mask_ref : ndarray of bool, optional
+        Bad pixels of each image.
+    rms_new, rms_ref : ndarray, optional
+        Background noise maps (see `measure_noise_spectrum`).
+    flux_ratio : float, optional
+        ``new``'s flux over ``ref``'s for the same source.
+    shift : tuple of float, optional
+        ``(dx, dy)`` position of ``new``'s content relative to ``ref``'s; ``ref`` is
+        moved by the rounded shift to compare the same sky.
+    max_lag, source_sigma, grow
+        As in `measure_noise_spectrum`.
+
+    Returns
+    -------
+    tuple of NoiseSpectrum
+        ``(new's, ref's)``.
+
+    Raises
+    ------
+    ValueError
+        As `measure_noise_spectrum`, and for images of different shapes or a
+        non-positive flux ratio.
+
+    Examples
+    --------
+    Two images of the same faint, smooth sky with white noise: each image's pixels
+    share the sky, their noise does not.
+
+    >>> import numpy as np
+    >>> from scipy import ndimage
+    >>> from astro_zackay.noise import measure_noise_spectrum, measure_pair_noise
+    >>> rng = np.random.default_rng(2)
+    >>> sky = ndimage.gaussian_filter(rng.normal(size=(256, 256)), 1.0)
+    >>> new, ref = sky + rng.normal(size=sky.shape), sky + rng.normal(size=sky.shape)
+    >>> round(measure_noise_spectrum(new).lag1[0], 2)
+    0.06
+    >>> [round(s.lag1[1], 2) for s in measure_pair_noise(new, ref)]
+    [0.0, 0.0]
+    """
+    max_lag = _checked_lag(max_lag)
+    xn, good_n, scale_n = _normalised(new, mask_new, rms_new, "new")
+    xr, good_r, scale_r = _normalised(ref, mask_ref, rms_ref, "ref")
+    if xn.shape != xr.shape:
+        raise ValueError(f"new {xn.shape} and ref {xr.shape} differ in shape")
+    if not (np.isfinite(flux_ratio) and flux_ratio > 0):
+        raise ValueError(f"flux_ratio must be positive, got {flux_ratio}")
+    good_n &= ~_sources(xn, good_n, source_sigma, grow)
+    good_r &= ~_sources(xr, good_r, source_sigma, grow)
+    move = (int(np.rint(shift[1])), int(np.rint(shift[0])))
+    good = good_n & _moved(good_r, move)
+    n_good = _count(good)
+    good_in_ref = _moved(good, (-move[0], -move[1]))
+    xn = np.where(good, xn - xn[good].mean(), 0.0)
+    xr = np.where(good_in_ref, xr - xr[good_in_ref].mean(), 0.0)
+    cov_n, cov_r, shared = _covariances([xn, xr], good.astype(np.float64), 2 * max_lag,
+                                        [(0, 0), (1, 1), (0, 1)], move)
+    shared = 0.5 * (shared + shared[::-1, ::-1])  # static sky is symmetric; noise is not shared
+    k = flux_ratio * scale_r / scale_n
+    spectra = (_spectrum(cov_n - k * shared, max_lag, scale_n, n_good),
+               _spectrum(cov_r - shared / k, max_lag, scale_r, n_good))
+    _log.debug("pair noise spectra (new, ref): %s", spectra)
+    return spectra
+
+
+def _checked_lag(max_lag: int) -> int:
     max_lag = int(max_lag)
     if max_lag < 1:
         raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+    return max_lag
+
+
+def _normalised(
+    data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``data / rms`` (0 on bad pixels), its good pixels and the median ``rms`` (1 without)."""
+    x = np.asarray(data, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {x.shape}")
     good = _checked_mask(mask, x.shape) & np.isfinite(x)
     scale = 1.0
     if rms is not None:
         rms = np.asarray(rms, dtype=np.float64)
         if rms.shape != x.shape:
-            raise ValueError(f"rms has shape {rms.shape}, expected {x.shape} like data")
+            raise ValueError(f"rms has shape {rms.shape}, expected {x.shape} like {name}")
         if not np.all(rms[good] > 0):
-            raise ValueError("rms must be positive wherever data is good")
+            raise ValueError(f"rms must be positive wherever {name} is good")
         scale = float(np.median(rms[good]))
-        x = np.where(good, x / np.where(good, rms, 1.0), 0.0)
-    good &= ~_sources(np.where(good, x, 0.0), good, source_sigma, grow)
+        x = x / np.where(good, rms, 1.0)
+    return np.where(good, x, 0.0), good, scale
+
+
+def _count(good: np.ndarray) -> int:
+    """The number of good pixels, at least `_MIN_PIXELS` (else a ValueError)."""
     n_good = int(good.sum())
     if n_good < _MIN_PIXELS:
         raise ValueError(
             f"only {n_good} source-free pixels to measure the noise from (at least "
             f"{_MIN_PIXELS} needed); check the mask or raise source_sigma"
         )
-    x = np.where(good, x - x[good].mean(), 0.0)
-    cov = _autocovariance(x, good.astype(np.float64), 2 * max_lag)
-    c0 = float(cov[2 * max_lag, 2 * max_lag])
+    return n_good
+
+
+def _moved(a: np.ndarray, move: tuple[int, int]) -> np.ndarray:
+    """``a`` moved by ``move = (dy, dx)`` whole pixels, False/0 where nothing moves in."""
+    out = np.zeros_like(a)
+    dy, dx = move
+    ny, nx = a.shape
+    src = a[max(-dy, 0) : ny - max(dy, 0), max(-dx, 0) : nx - max(dx, 0)]
+    out[max(dy, 0) : max(dy, 0) + src.shape[0], max(dx, 0) : max(dx, 0) + src.shape[1]] = src
+    return out
+
+
+def _spectrum(cov: np.ndarray, max_lag: int, scale: float, n_good: int) -> NoiseSpectrum:
+    """The NoiseSpectrum of a ``2 max_lag`` autocovariance stamp of ``x / rms``."""
     short = _short_range(cov, max_lag)
-    spectrum = NoiseSpectrum(short / short[max_lag, max_lag], scale * np.sqrt(c0), n_good)
-    _log.debug("noise spectrum: %s", spectrum)
-    return spectrum
+    variance = float(cov[2 * max_lag, 2 * max_lag])
+    return NoiseSpectrum(short / short[max_lag, max_lag], scale * np.sqrt(variance), n_good)
 
 
 def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -268,12 +395,30 @@ def _short_range(cov: np.ndarray, max_lag: int) -> np.ndarray:
     return cov[max_lag : 3 * max_lag + 1, max_lag : 3 * max_lag + 1] - plateau
 
 
-def _autocovariance(x: np.ndarray, w: np.ndarray, max_lag: int) -> np.ndarray:
-    """``(x ⋆ x) / (w ⋆ w)`` at lags up to ``max_lag`` as a centred stamp (zero-padded FFTs)."""
-    shape = fast_shape(x.shape, max_lag)
+def _covariances(
+    images: list[np.ndarray],
+    w: np.ndarray,
+    max_lag: int,
+    pairs: list[tuple[int, int]],
+    move: tuple[int, int] = (0, 0),
+) -> list[np.ndarray]:
+    """``(x_i ⋆ x_j) / (w ⋆ w)`` for each pair ``(i, j)`` at lags up to ``max_lag`` (stamps).
+
+    ``w`` (0/1) marks the good pixels in the first image's frame; images after the
+    first are in a frame moved by ``-move`` and are compared at that offset.  Zero-
+    padded FFTs.
+    """
+    shape = fast_shape(w.shape, max_lag + max(abs(v) for v in move))
     be = get_array_module("numpy")
-    sums = be.irfft2(abs2(be.rfft2(x, s=shape)), s=shape)
-    counts = be.irfft2(abs2(be.rfft2(w, s=shape)), s=shape)
+    spectra = [be.rfft2(x, s=shape) for x in images]
+    if len(images) > 1 and move != (0, 0):
+        ramp = phase_ramp(shape, move[1], move[0], dtype=spectra[1].dtype)
+        spectra[1:] = [f * ramp for f in spectra[1:]]
     size = 2 * max_lag + 1
-    sums, counts = origin_to_stamp(sums, size), origin_to_stamp(counts, size)
-    return sums / np.maximum(np.round(counts), 1.0)
+    counts = origin_to_stamp(be.irfft2(abs2(be.rfft2(w, s=shape)), s=shape), size)
+    counts = np.maximum(np.round(counts), 1.0)
+    out = []
+    for i, j in pairs:
+        product = abs2(spectra[i]) if i == j else spectra[i] * np.conj(spectra[j])
+        out.append(origin_to_stamp(be.irfft2(product, s=shape), size) / counts)
+    return out

@@ -38,7 +38,7 @@ from ._threads import single_threaded_blas
 from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
 from .fluxmatch import StarMatch, match_stars
-from .noise import NoiseSpectrum, measure_noise_spectrum
+from .noise import NoiseSpectrum, measure_pair_noise
 from .transients import bright_sources
 from .zogy import ZogyResult, _moved_mask, fit_flux_ratio, zogy
 from .zogy import fit_shift as _fit_shift
@@ -221,29 +221,13 @@ def _unpack_coadd(image: Any, psf: Any) -> tuple[Any, Any]:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """One image made ready for ZOGY: background-subtracted data, noise and PSF.
-
-    ``noise`` is the measured noise spectrum (None when white noise is assumed).
-    """
+    """One image made ready for ZOGY: background-subtracted data, noise and PSF."""
 
     image: ImageData
     data: np.ndarray
     rms: np.ndarray
     psf: PSFSampler
     stars: Table | None
-    noise: NoiseSpectrum | None = None
-
-    @property
-    def spectrum(self) -> NoiseSpectrum | None:
-        """The noise spectrum that ZOGY uses: the measured one when correlated, else None."""
-        return self.noise if self.noise is not None and self.noise.is_correlated else None
-
-    def noise_meta(self, suffix: str) -> dict[str, float]:
-        """The measured lag-1 correlations as meta keys ``AZRHOX``/``AZRHOY`` + ``suffix``."""
-        if self.noise is None:
-            return {}
-        rx, ry = self.noise.lag1
-        return {f"AZRHOX{suffix}": rx, f"AZRHOY{suffix}": ry}
 
 
 def _check_noise_options(noise: Any, psf_error: Any) -> None:
@@ -268,31 +252,59 @@ def _psf_errors(psf_error: Any) -> tuple[float, float]:
     return tuple(float(v) for v in _pair(psf_error, "psf_error"))
 
 
-def _noise_of(data: np.ndarray, image: ImageData, rms: np.ndarray, name: str,
-              noise: str) -> NoiseSpectrum | None:
-    """The image's measured noise spectrum with ``noise='auto'``, None with ``'white'``.
+def _pair_noise(
+    psci: _Prepared, pref: _Prepared, beta: float, shift: tuple[float, float], noise: str
+) -> tuple[NoiseSpectrum | None, NoiseSpectrum | None]:
+    """The (science, reference) pixel-noise spectra with ``noise='auto'``, else (None, None).
 
-    An image too small or too crowded to measure it is taken as white, announced.
+    Measured once, on the source-free pixels of both images, less the faint static sky
+    they share (`~astro_zackay.noise.measure_pair_noise`), and logged.  A pair too
+    small or too crowded to measure is taken as white, announced.
     """
     if noise == "white":
-        return None
+        return None, None
     try:
-        spectrum = measure_noise_spectrum(data, image.mask, rms=rms)
+        spectra = measure_pair_noise(psci.data, pref.data, psci.image.mask, pref.image.mask,
+                                     rms_new=psci.rms, rms_ref=pref.rms, flux_ratio=beta,
+                                     shift=shift)
     except ValueError as exc:
-        reason = str(exc).split(";")[0]  # measure_noise_spectrum's options are not subtract's
+        reason = str(exc).split(";")[0]  # measure_pair_noise's options are not subtract's
         warnings.warn(f"the noise correlation cannot be measured ({reason}): white noise is "
                       "assumed; pass noise='white' to skip the measure",
                       NoiseEstimateWarning, stacklevel=user_stacklevel())
-        return None
-    rx, ry = spectrum.lag1
-    used = "correlated: its spectrum is used" if spectrum.is_correlated else "white"
-    log.info("%s noise: lag-1 correlation %.3f (x), %.3f (y) -> %s", name, rx, ry, used)
-    return spectrum
+        return None, None
+    for name, spectrum in zip(("science image", "reference image"), spectra):
+        rx, ry = spectrum.lag1
+        used = "correlated: its spectrum is used" if spectrum.is_correlated else "white"
+        log.info("%s noise: lag-1 correlation %.3f (x), %.3f (y) -> %s", name, rx, ry, used)
+    return spectra
 
 
-def _prepare(image: ImageData, psf: Any, name: str, option: str,
-             noise: str = "auto") -> _Prepared:
-    """Background, noise (its spectrum measured once), stars (found once) and PSF of one image."""
+def _used(spectrum: NoiseSpectrum | None) -> NoiseSpectrum | None:
+    """The spectrum that ZOGY uses: the measured one when correlated, else None (white)."""
+    return spectrum if spectrum is not None and spectrum.is_correlated else None
+
+
+def _noise_sigma(spectrum: NoiseSpectrum | None, sigma: float, sigma_image: float) -> float:
+    """A tile's background rms for ZOGY: its pixel-noise share when the spectrum is used.
+
+    The rms map holds the faint static sky too, which cancels in the difference;
+    ``spectrum.sigma / sigma_image`` is the pixel noise's share of it over the image.
+    """
+    return sigma if _used(spectrum) is None else sigma * spectrum.sigma / sigma_image
+
+
+def _noise_meta(spectra: tuple[NoiseSpectrum | None, NoiseSpectrum | None]) -> dict:
+    """The measured lag-1 correlations as meta keys ``AZRHO[XY][SR]``."""
+    meta = {}
+    for suffix, spectrum in zip("SR", spectra):
+        if spectrum is not None:
+            meta[f"AZRHOX{suffix}"], meta[f"AZRHOY{suffix}"] = spectrum.lag1
+    return meta
+
+
+def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
+    """Background, noise, stars (found once) and PSF (given, else estimated) of one image."""
     from .background import _estimate_from
 
     ccd = as_ccddata(image)
@@ -305,8 +317,7 @@ def _prepare(image: ImageData, psf: Any, name: str, option: str,
     sampler = as_psf_sampler(psf)
     log.info("%s PSF: %s", name, sampler.source)
     data = np.where(image.mask, 0.0, image.data - sky)
-    spectrum = _noise_of(data, image, rms, name, noise)
-    return _Prepared(image, data, rms, sampler, stars, spectrum)
+    return _Prepared(image, data, rms, sampler, stars)
 
 
 def _match(
@@ -624,10 +635,9 @@ def subtract(
         When a PSF does not describe its stars.
     NoiseEstimateWarning
         Once per image in ADU with neither a gain nor an uncertainty: its variance
-        then lacks the Poisson noise of the sources.
-    NoiseEstimateWarning
-        When an image's noise correlation cannot be measured (``noise='auto'`` on an
-        image with fewer than 1000 source-free pixels): white noise is then assumed.
+        then lacks the Poisson noise of the sources. Also when an image's noise
+        correlation cannot be measured (``noise='auto'`` on an image with fewer
+        than 1000 source-free pixels): white noise is then assumed.
 
     Each warning about one image starts with ``"reference image: "`` or
     ``"science image: "``.
@@ -678,9 +688,9 @@ def subtract(
                      name="science image", target="reference image")
 
     with ref_warnings:
-        pref = _prepare(ref, reference_psf, "reference image", "reference_psf=", noise)
+        pref = _prepare(ref, reference_psf, "reference image", "reference_psf=")
     with sci_warnings:
-        psci = _prepare(sci, science_psf, "science image", "science_psf=", noise)
+        psci = _prepare(sci, science_psf, "science image", "science_psf=")
     bad = ref.mask | sci.mask
     ny, nx = sci.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
@@ -711,6 +721,7 @@ def subtract(
     ref_data, ref_var = pref.data, ref.variance
     bad = _moved_mask(ref.mask, shift) | sci.mask
     eps = _psf_errors(psf_error)
+    spectra = _pair_noise(psci, pref, beta, shift, noise)
 
     if astrometric_noise == "auto":
         # the matched-star scatter is that of both images together: half the variance each
@@ -738,10 +749,11 @@ def subtract(
         sigma_n = float(np.median(psci.rms[tile.outer][good])) if good.any() else sigma_n0
         res = zogy(
             psci.data[tile.outer], ref_data[tile.outer], psf_n, psf_r,
-            sigma_new=sigma_n, sigma_ref=sigma_r, flux_new=beta, flux_ref=1.0,
+            sigma_new=_noise_sigma(spectra[0], sigma_n, sigma_n0),
+            sigma_ref=_noise_sigma(spectra[1], sigma_r, sigma_r0), flux_new=beta, flux_ref=1.0,
             var_new=sci.variance[tile.outer], var_ref=ref_var[tile.outer],
             mask=sci.mask[tile.outer], mask_ref=ref.mask[tile.outer], shift_ref=shift,
-            noise_spectrum_new=psci.spectrum, noise_spectrum_ref=pref.spectrum,
+            noise_spectrum_new=_used(spectra[0]), noise_spectrum_ref=_used(spectra[1]),
             psf_error_new=eps[1], psf_error_ref=eps[0], astrometric_noise_new=ast,
             astrometric_noise_ref=ast, flux_ratio_error=beta_err, pad=True, border=stamp,
             dtype=dtype,
@@ -782,7 +794,7 @@ def subtract(
             f"ast=({ast[0]:.3f},{ast[1]:.3f}) tiles={len(layout)}")
     extra = {"AZBETA": beta, "AZBETAE": beta_err, "AZDX": shift[0], "AZDY": shift[1],
              "AZBKGOFF": offset, "AZFD": flux_scale, "AZNTILE": len(layout)}
-    extra.update(pref.noise_meta("R") | psci.noise_meta("S"))  # the measured noise correlation
+    extra.update(_noise_meta(spectra))  # the measured noise correlations
     ones = np.ones(sci.shape)
 
     def wrap(data: np.ndarray, unit: Any, variance: np.ndarray | None, key: str) -> CCDData:
