@@ -590,13 +590,15 @@ def subtract(
         outputs' meta (``AZUNIT``); the flux ratio, ``flux`` and ``flux_error`` are
         then in the reference's unit.
     noise : {'auto', 'white'}
-        ``'auto'`` measures each image's noise autocorrelation once, from its
-        source-free pixels (`~astro_zackay.noise.measure_noise_spectrum`), logs the
+        ``'auto'`` measures each image's pixel-noise autocorrelation once, from the
+        pixels that are source-free in both images, less the faint static sky that
+        the images share (`~astro_zackay.noise.measure_pair_noise`); it logs the
         lag-1 correlations, records them in the outputs' meta (``AZRHOXR``,
         ``AZRHOYR``, ``AZRHOXS``, ``AZRHOYS``) and, for an image whose noise is
-        measurably correlated (resampled images), uses its noise power spectrum in
-        place of the white variance, so that D stays white and Scorr in sigma units;
-        ``'white'`` assumes white noise.
+        correlated (lag-1 above `~astro_zackay.noise.CORRELATION_THRESHOLD`, 0.05:
+        resampled images), uses its noise power spectrum in place of the white
+        variance, so that D stays white and Scorr in sigma units; ``'white'``
+        assumes white noise.
     psf_error : 'auto', float, (float, float) or None
         Fractional error ``eps`` of each PSF model's response to a star, one value or
         ``(reference, science)``: Scorr's variance gains ``(eps_r**2 + eps_s**2)``
