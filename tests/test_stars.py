@@ -475,3 +475,20 @@ def test_undersampled_psf():
     ref = truth["isolated"] & (truth["snr"] > 30) & ~truth["saturated"] & inside
     assert ref.sum() > 150 and _kept_fraction(stars, truth, ref) >= 0.7
     assert abs(stars.meta["fwhm"] / 1.5 - 1) < 0.03
+
+
+def test_bad_pixel_in_the_wing_keeps_a_star_in_the_core_rejects_it():
+    """A masked pixel 2.5 FWHM from a star leaves it a PSF star (estimate_psf fills it
+    from its mirror pixel); one within 1 FWHM of its centre rejects it as 'masked'."""
+    sim = simulate_image((200, 200), psf=3.0, n_stars=9, flux_range=(5e4, 2e5), seed=5,
+                         edge=25, min_separation=40)
+    truth = sim.truth
+    data = sim.ccd.data.copy()
+    wing, core = truth[0], truth[1]
+    data[int(round(wing["y"])), int(round(wing["x"])) + 8] = np.nan
+    data[int(round(core["y"])) + 1, int(round(core["x"]))] = np.nan
+    stars = find_psf_stars(CCDData(data, unit=sim.ccd.unit, uncertainty=sim.ccd.uncertainty))
+    found = cKDTree(np.column_stack([stars["x"], stars["y"]]))
+    assert found.query([wing["x"], wing["y"]])[0] < 0.5
+    assert found.query([core["x"], core["y"]])[0] > 3.0
+    assert stars.meta["n_rejected_masked"] == 1
