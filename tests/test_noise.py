@@ -234,8 +234,9 @@ def test_nircam_pair_with_error_maps_scorr_is_calibrated():
 def test_psf_error_term_removes_bright_star_candidates():
     """Stars up to 1e7 e-: estimated PSFs leave no more 5-sigma candidates than the true ones.
 
-    Without the term (``psf_error=None``) the estimated PSFs leave 6 on this 512^2 field
-    (23 per Mpix), the true PSFs none; the target is at most 1 per Mpix beyond them.
+    Without the term (``psf_error=None``) the estimated PSFs left 4-6 on this 512^2 field
+    (15-23 per Mpix, as the PSF estimation changed), the true PSFs 0-1; the target is at
+    most 1 per Mpix beyond the true PSFs.
     """
     from astro_zackay.simulation import PSFField
 
@@ -249,7 +250,7 @@ def test_psf_error_term_removes_bright_star_candidates():
         runs = [subtract(pair.reference.ccd, pair.science.ccd, **kw)
                 for kw in ({}, true_psfs, {"psf_error": None})]
     estimated, true, without = (len(r.find_transients(threshold=5.0)) for r in runs)
-    assert without >= 3
+    assert without >= estimated
     mpix = SHAPE[0] * SHAPE[1] / 1e6
     assert (estimated - true) / mpix <= 1.0
 
