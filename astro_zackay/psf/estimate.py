@@ -303,7 +303,7 @@ def _local_profile(stamps: np.ndarray, weights: np.ndarray, train: np.ndarray,
     if degree is None:
         return profile
     size, _, _ = stamp_moments(means, profile["fwhm"] / GAUSS_FWHM * 2.0)
-    if not np.sqrt(size.max() / size.min()) > LOCAL_PROFILE_SPREAD:
+    if not (size.min() > 0 and size.max() > LOCAL_PROFILE_SPREAD**2 * size.min()):
         return profile
     fits = [fit_profile(mean, "moffat") for mean in means]
     values = np.array([(f["fwhm"], f["ellipticity"] * np.cos(2 * f["theta"]),
