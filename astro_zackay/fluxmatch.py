@@ -397,9 +397,16 @@ class _Stars:
         """The broader of the two tables' FWHMs (``meta['fwhm']``, else 3 px)."""
         return max(float(table.meta.get("fwhm", 3.0)) for table in self.tables)
 
-    def photometry(self, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(flux, error)]`` in apertures of ``radius`` in the reference and the image."""
-        return [aperture_photometry(img.data, img.variance, xs, ys, radius=radius, mask=img.mask)
+    def photometry(
+        self, radius: float, rows: np.ndarray | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(flux, error)]`` in apertures of ``radius`` in the reference and the image.
+
+        Of the stars selected by ``rows`` (a boolean array), all by default.
+        """
+        rows = slice(None) if rows is None else rows
+        return [aperture_photometry(img.data, img.variance, xs[rows], ys[rows], radius=radius,
+                                    mask=img.mask)
                 for img, (xs, ys) in zip(self.images, self.positions)]
 
     def enclosed(self, radius: float) -> tuple[float, float]:
@@ -415,13 +422,17 @@ class _Stars:
         The sources are every detection (a table's ``meta['sources']``, as made by
         `~astro_zackay.stars.find_psf_stars`), else the table's own stars.
         """
+        from scipy.spatial import cKDTree
+
         alone = np.ones(self.positions[0][0].size, bool)
         for table, (xs, ys) in zip(self.tables, self.positions):
             sources = table.meta.get("sources") or table
-            sx, sy = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
-            distance = np.hypot(xs[:, None] - sx[None, :], ys[:, None] - sy[None, :])
-            others = distance > SAME_SOURCE  # the star itself is in the list
-            alone &= ~np.any(others & (distance < radius), axis=1)
+            tree = cKDTree(np.column_stack([np.asarray(sources["x"], float),
+                                            np.asarray(sources["y"], float)]))
+            points = np.column_stack([xs, ys])
+            near = tree.query_ball_point(points, radius, return_length=True)
+            itself = tree.query_ball_point(points, SAME_SOURCE, return_length=True)
+            alone &= near == itself
         return alone
 
 
@@ -444,15 +455,19 @@ def _correction_ratio(
     """
     f_ref, e_ref, f_img, e_img = small
     large = APCORR_RADIUS * stars.fwhm
-    (g_ref, ge_ref), (g_img, ge_img) = stars.photometry(large)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        usable = (stars.isolated(_annulus(large)[1]) & (g_ref > APCORR_SNR_MIN * ge_ref)
-                  & (g_img > APCORR_SNR_MIN * ge_img) & (f_ref > 0) & (f_img > 0))
-        if usable.sum() < APCORR_MIN_STARS:
-            return stars.enclosed(aperture)
-        growth = [(g[usable] / f[usable], np.sqrt(np.clip(ge**2 - e**2, 0.0, None))[usable]
-                   / f[usable]) for g, ge, f, e in ((g_ref, ge_ref, f_ref, e_ref),
-                                                     (g_img, ge_img, f_img, e_img))]
+    with np.errstate(invalid="ignore"):  # NaN fluxes (bad pixels) are not candidates
+        rows = (stars.isolated(_annulus(large)[1]) & (f_ref > APCORR_SNR_MIN * e_ref)
+                & (f_img > APCORR_SNR_MIN * e_img))
+    if rows.sum() < APCORR_MIN_STARS:  # (bright in the small aperture: the candidates)
+        return stars.enclosed(aperture)
+    (g_ref, ge_ref), (g_img, ge_img) = stars.photometry(large, rows)
+    with np.errstate(invalid="ignore"):
+        usable = (g_ref > APCORR_SNR_MIN * ge_ref) & (g_img > APCORR_SNR_MIN * ge_img)
+    if usable.sum() < APCORR_MIN_STARS:
+        return stars.enclosed(aperture)
+    growth = [(g[usable] / f[rows][usable],
+               np.sqrt(np.clip(ge**2 - e[rows] ** 2, 0.0, None))[usable] / f[rows][usable])
+              for g, ge, f, e in ((g_ref, ge_ref, f_ref, e_ref), (g_img, ge_img, f_img, e_img))]
     ratio, error, _ = flux_ratio(growth[1][0], growth[1][1], growth[0][0], growth[0][1])
     beyond, beyond_err = stars.enclosed(large)
     log.info("aperture correction from %d isolated stars: the growth from %.1f to %.1f px "
