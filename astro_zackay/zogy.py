@@ -531,7 +531,8 @@ def zogy(
     NaN and ``mask``-ed pixels (of either image or variance map) are replaced by 0 in
     copies of the inputs and flagged in ``mask`` of the result, grown by the radius
     of the cores of S's kernels (``mask_radius`` of the result: the sky noise hidden
-    beyond it moves Scorr by < 0.1 sigma), as is the edge with ``pad=True``.  A masked
+    beyond it moves Scorr by < 0.1 sigma), as is the edge with ``pad=True`` (wider by
+    the reference's shift, which brings the padding in).  A masked
     region that hides a bright star (a saturated core: the star's light from its
     brightest rim pixel and the PSF) or a star cut by the edge grows until that light
     moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.
@@ -679,8 +680,9 @@ def zogy(
         flag = _grow_mask(bad, radius)
         _grow_regions(flag, *_masked_regions(bad, images, [sn, sr], [pn, pr]), reach, s_sigma)
     if pad:
-        # the zero padding beyond the edge hides sky, and parts of the stars cut by it
-        edge = _edge_mask(shape_in, radius)
+        # the zero padding beyond the edge hides sky, and parts of the stars cut by it; the
+        # shifted reference brings up to |shift| px of it into the image
+        edge = _edge_mask(shape_in, radius + int(np.ceil(max(map(abs, shift_ref)))))
         _grow_regions(edge, *_edge_sources(images, [sn, sr], [pn, pr]), reach, s_sigma)
         flag = edge if flag is None else flag | edge
 

@@ -110,3 +110,17 @@ def test_02_percent_bad_pixels_still_subtract_with_unit_scorr(star_pair):
     off = off_star(pair, result)
     assert off.sum() > 0.3 * off.size
     assert abs(np.std(result.score.data[off]) - 1.0) < 0.02
+
+
+def test_edge_flag_covers_the_padding_that_the_shift_brings_in():
+    """With pad=True a reference shifted by 6.3 px has no data within 6 px of the edge."""
+    rng = np.random.default_rng(2)
+    new, ref = rng.normal(0, 1.0, (96, 96)), rng.normal(0, 1.0, (96, 96))
+    psf = psf_stamp(15, 2.5)
+    still = zogy(new, ref, psf, psf, sigma_new=1.0, sigma_ref=1.0, pad=True)
+    moved = zogy(new, ref, psf, psf, sigma_new=1.0, sigma_ref=1.0, pad=True, shift_ref=(6.3, 0))
+    r = still.mask_radius
+    rows = slice(r + 8, -r - 8)
+    assert not still.mask[rows, r + 1 : -r - 1].any()
+    assert moved.mask[rows, : r + 7].all()
+    assert not moved.mask[rows, r + 8 : -r - 8].any()
