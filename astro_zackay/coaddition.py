@@ -15,6 +15,13 @@ variance, mask, PSF and stars are kept, and the flux scale of every later image 
 measured against it as it arrives (aperture photometry of matched stars,
 `~astro_zackay.fluxmatch.match_stars`), so it is known before the image is added with
 its weight ``F_j / s_j**2``.
+
+Outlier rejection (the default ``reject``) needs every frame once all are added, so the
+frames' background-subtracted data and variances are then kept (a stack in memory,
+about 16 bytes a pixel per frame in float64) until each frame has been compared with
+the others and its outliers replaced in the accumulator
+(`~astro_zackay.coadd_algebra.reject_outliers`); with ``reject=None`` the memory stays
+flat in the number of frames.
 """
 
 from __future__ import annotations
