@@ -466,10 +466,10 @@ def _correction_ratio(
     """
     f_ref, e_ref, f_img, e_img = small
     large = APCORR_RADIUS * stars.fwhm
-    with np.errstate(invalid="ignore"):  # NaN fluxes (bad pixels) are not candidates
+    with np.errstate(invalid="ignore"):  # candidates: bright already in the small aperture
         rows = (stars.isolated(_annulus(large)[1]) & (f_ref > APCORR_SNR_MIN * e_ref)
                 & (f_img > APCORR_SNR_MIN * e_img))
-    if rows.sum() < APCORR_MIN_STARS:  # (bright in the small aperture: the candidates)
+    if rows.sum() < APCORR_MIN_STARS:
         return stars.enclosed(aperture)
     (g_ref, ge_ref), (g_img, ge_img) = stars.photometry(large, rows)
     with np.errstate(invalid="ignore"):
@@ -498,7 +498,8 @@ class StarMatch:
     flux_ratio, flux_ratio_error : float
         Flux of the image over flux of the reference (a ratio of FLUXES), clipped
         errors-in-variables fit through the origin (`flux_ratio`), with its error
-        scaled by the square root of the reduced chi-square of the fit.
+        scaled by the square root of the reduced chi-square of the fit (and that of
+        the aperture correction).
     offset, offset_error : tuple of float
         ``(dx, dy)``: the position in the image minus the position in the reference,
         in pixels, and its error.
@@ -546,10 +547,12 @@ def match_stars(
     images : (ImageData, ImageData), optional
         The reference and the image. When given, the flux ratio comes from
         `aperture_photometry` of the matched stars in apertures of radius 1.5 FWHM (of
-        the broader PSF; the tables' ``meta['fwhm']``, else 3 px), each divided by its
-        encircled energy: from the stars' own Moffat fits when the tables have them
-        (`moffat_encircled_energy`), else from ``psfs``. Otherwise the ratio comes
-        from the tables' ``flux`` columns.
+        the broader PSF; the tables' ``meta['fwhm']``, else 3 px), times the ratio of
+        the two images' aperture corrections: measured on at least
+        `APCORR_MIN_STARS` isolated bright stars (their growth out to `APCORR_RADIUS`
+        FWHM), else from the stars' own Moffat fits when the tables have them
+        (`moffat_encircled_energy`), else from ``psfs``; its error is in the ratio's.
+        Otherwise the ratio comes from the tables' ``flux`` columns.
     psfs : (ndarray, ndarray), optional
         Unit-sum PSF stamps of the reference and the image, for the aperture
         correction of star tables without Moffat-fit columns.
