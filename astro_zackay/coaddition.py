@@ -255,17 +255,16 @@ def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) 
     stars and the PSF are measured on the original), so that no second frame-sized
     copy is made.
     """
-    ccd = as_ccddata(img)
     bkg = _estimate_from(img)  # on the coerced image: no second copy of data and variance
     ny, nx = img.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     stars = None
     if psf is None or need_stars:
-        stars = find_image_stars(ccd, bkg, name=name, option="psfs=" if psf is None else None)
+        # the coerced image itself, not a CCDData that each step would coerce again
+        stars = find_image_stars(img, bkg, name=name, option="psfs=" if psf is None else None)
     if psf is None:
-        psf = estimate_image_psf(ccd, stars, name=name, option="psfs=")
+        psf = estimate_image_psf(img, stars, name=name, option="psfs=")
     stamp = as_psf_sampler(psf)(*centre)
-    del ccd
     np.subtract(img.data, bkg.sky.data, out=img.data, casting="same_kind")
     if sigma is None:
         s = _background_sigma(img, img.data, bkg.rms.data)

@@ -307,13 +307,14 @@ def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
     """Background, noise, stars (found once) and PSF (given, else estimated) of one image."""
     from .background import _estimate_from
 
-    ccd = as_ccddata(image)
     background = _estimate_from(image)  # on the coerced image: no second copy
     sky = np.asarray(background.sky.data, dtype=image.data.dtype)
     rms = np.asarray(background.rms.data, dtype=image.data.dtype)
-    stars = find_image_stars(ccd, background, name=name, option=option if psf is None else None)
+    # the coerced image itself, not a CCDData that each step would coerce again
+    stars = find_image_stars(image, background, name=name,
+                             option=option if psf is None else None)
     if psf is None:
-        psf = estimate_image_psf(ccd, stars, name=name, option=option)
+        psf = estimate_image_psf(image, stars, name=name, option=option)
     sampler = as_psf_sampler(psf)
     log.info("%s PSF: %s", name, sampler.source)
     data = np.where(image.mask, 0.0, image.data - sky)
