@@ -1,6 +1,7 @@
 """Shared fixtures and helpers of the test suite."""
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,11 @@ def data_path(*parts: str) -> Path:
             "properimage/, decam-sfft/ and nircam-a2744/"
         )
     return path
+
+
+def record_warnings(call):
+    """``call()`` and every warning it issued (each one, however often it repeats)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, caught

@@ -9,6 +9,7 @@ from astropy import units as u
 from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 from ccdproc import ImageFileCollection
+from conftest import record_warnings
 
 from astro_zackay._warnings import FewStarsWarning
 from astro_zackay.coaddition import CoaddResult, coadd
@@ -421,14 +422,6 @@ def test_clear_errors():
 # few stars: the PSF ladder's errors, flux scales from few stars or a pixel fit
 
 
-def _recorded(call):
-    """``call()`` and every warning it issued."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call()
-    return result, caught
-
-
 def _sparse_frames(flux_scales, n_stars=3, seed=31):
     """Frames of the same few bright stars, Gaussian FWHM 3 px, scaled by ``flux_scales``."""
     truth = simulate_image((256, 256), n_stars=n_stars, flux_range=(5e4, 2e5),
@@ -442,13 +435,13 @@ def _sparse_frames(flux_scales, n_stars=3, seed=31):
 def test_frame_without_stars_names_it_and_the_option():
     frames = _noise_frames(128, 3, seed=30)
     with pytest.raises(ValueError, match=r"^image 0: .*psfs="):
-        _recorded(lambda: coadd(frames))
+        record_warnings(lambda: coadd(frames))
 
 
 def test_flux_scales_from_few_stars_are_announced_and_right():
     """3 matched stars (fewer than MIN_SCALE_STARS): the scales are right, and said to be few."""
     scales = [1.0, 0.7, 1.3]
-    result, caught = _recorded(lambda: coadd(_sparse_frames(scales), psfs=[3.0] * 3))
+    result, caught = record_warnings(lambda: coadd(_sparse_frames(scales), psfs=[3.0] * 3))
     fitted = np.asarray(result.frames["flux_scale"])
     errors = np.asarray(result.frames["flux_scale_err"])
     assert (errors[1:] < 0.01).all()
@@ -467,7 +460,7 @@ def test_flux_scale_falls_back_to_a_pixel_fit(monkeypatch):
         raise ValueError("only 0 stars match")
 
     monkeypatch.setattr(coaddition, "match_stars", no_match)
-    result, caught = _recorded(lambda: coadd(_sparse_frames([1.0, 0.7]), psfs=[3.0] * 2))
+    result, caught = record_warnings(lambda: coadd(_sparse_frames([1.0, 0.7]), psfs=[3.0] * 2))
     fitted, error = result.frames["flux_scale"][1], result.frames["flux_scale_err"][1]
     assert fitted == pytest.approx(0.7, abs=3 * error + 0.005)
     messages = [str(w.message) for w in caught
@@ -482,7 +475,7 @@ def test_frames_without_common_sources_need_flux_scales():
     frames = [simulate_image((128, 128), psf=3.0, n_stars=15, flux_range=(1e4, 1e5),
                              seed=40 + j).ccd for j in range(2)]
     with pytest.raises(ValueError, match=r"^image 1: the flux scale .* pass flux_scales="):
-        _recorded(lambda: coadd(frames, psfs=[3.0, 3.0]))
+        record_warnings(lambda: coadd(frames, psfs=[3.0, 3.0]))
 
 
 # --------------------------------------------------------------------------------------

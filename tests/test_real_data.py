@@ -9,13 +9,12 @@ properimage's Tutorial 1 image is built from ``np.random`` in its notebook and i
 not a file of the data folder, so it has no test here.
 """
 
-import warnings
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData
-from conftest import data_path
+from conftest import data_path, record_warnings
 from scipy import ndimage
 
 from astro_zackay import subtract
@@ -33,14 +32,6 @@ NIRCAM = "nircam-a2744"
 PROPERIMAGE_GAIN = 1.4
 
 
-def _run(call):
-    """``call()`` and the warnings it issued (all of them, each time)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call()
-    return result, caught
-
-
 def _messages(caught, category):
     return [str(w.message) for w in caught if issubclass(w.category, category)]
 
@@ -54,7 +45,7 @@ def _off_source(result, images, radius=12):
     """Unmasked pixels farther than ``radius`` from any 5-sigma source of either image."""
     bright = np.zeros(result.score.shape, bool)
     for image in images:
-        background, _ = _run(lambda image=image: estimate_background(image))
+        background, _ = record_warnings(lambda image=image: estimate_background(image))
         smooth = ndimage.gaussian_filter(image.data - background.sky.data, 2.0)
         bright |= smooth > 5 * _robust_std(smooth)
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
@@ -108,7 +99,7 @@ def _big_aperture_ratio(science, reference, radius=14):
 @pytest.fixture(scope="module")
 def decam_pair():
     reference, science = _decam("18a"), _decam("04a")
-    result, caught = _run(lambda: subtract(reference, science, unit="adu"))
+    result, caught = record_warnings(lambda: subtract(reference, science, unit="adu"))
     return _read_adu(reference), _read_adu(science), result, caught
 
 
@@ -157,7 +148,7 @@ def test_decam_pair_pixel_fit_fallback_is_announced(decam_pair, monkeypatch):
 
     reference, science, star_based, _ = decam_pair
     monkeypatch.setattr(subtraction, "MIN_MATCHED_STARS", 50)
-    result, caught = _run(lambda: subtract(reference, science))
+    result, caught = record_warnings(lambda: subtract(reference, science))
     fallback = [m for m in _messages(caught, FewStarsWarning) if "pixel fit" in m]
     assert len(fallback) == 1
     assert result.astrometric_noise == (0.0, 0.0)
@@ -171,8 +162,8 @@ def decam_coadds():
     groups = {}
     for group in ("18", "04"):
         files = [_decam(f"{group}{letter}") for letter in "abcde"]
-        groups[group] = _run(lambda files=files: coadd(files, unit="adu"))
-    result, caught = _run(lambda: subtract(groups["18"][0], groups["04"][0]))
+        groups[group] = record_warnings(lambda files=files: coadd(files, unit="adu"))
+    result, caught = record_warnings(lambda: subtract(groups["18"][0], groups["04"][0]))
     return groups, result, caught
 
 
@@ -249,7 +240,7 @@ NIRCAM_SCIENCE = "02561001002-02561-o001_t003"
 @pytest.fixture(scope="module")
 def nircam_pair():
     reference, science = _nircam(NIRCAM_REFERENCE), _nircam(NIRCAM_SCIENCE)
-    result, caught = _run(lambda: subtract(reference, science))
+    result, caught = record_warnings(lambda: subtract(reference, science))
     return reference, science, result, caught
 
 
@@ -261,7 +252,7 @@ def test_nircam_psf_stars_are_stars(kind):
     were taken for stars and gave 12.2 px.
     """
     path = _nircam(kind)
-    stars, _ = _run(lambda: find_psf_stars(path))
+    stars, _ = record_warnings(lambda: find_psf_stars(path))
     assert len(stars) >= 1
     assert 2.0 <= stars.meta["fwhm"] <= 2.6
 
@@ -287,8 +278,8 @@ def _properimage(number):
 def properimage_pair():
     reference, science = _properimage(4), _properimage(5)
     kw = {"unit": "adu", "gain": PROPERIMAGE_GAIN}
-    result, caught = _run(lambda: subtract(reference, science, **kw))
-    unmasked, _ = _run(lambda: subtract(reference, science, saturation=np.inf, **kw))
+    result, caught = record_warnings(lambda: subtract(reference, science, **kw))
+    unmasked, _ = record_warnings(lambda: subtract(reference, science, saturation=np.inf, **kw))
     return _read_adu(reference), _read_adu(science), result, caught, unmasked
 
 

@@ -11,19 +11,13 @@ import warnings
 import numpy as np
 import pytest
 from astropy.nddata import CCDData
+from conftest import record_warnings
 
 from astro_zackay import subtract
 from astro_zackay._warnings import FewStarsWarning, NoiseEstimateWarning
 from astro_zackay.simulation import simulate_pair
 
 SHIFT = (0.3, -0.2)
-
-
-def _run(call):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call()
-    return result, caught
 
 
 def _starless(wcs):
@@ -34,7 +28,7 @@ def _starless(wcs):
 
 @pytest.mark.parametrize("wcs", [True, False])
 def test_star_free_pair_subtracts_with_the_shift_from_the_wcs(wcs):
-    result, caught = _run(_starless(wcs))
+    result, caught = record_warnings(_starless(wcs))
     expected = SHIFT if wcs else (0.0, 0.0)
     np.testing.assert_allclose(result.shift, expected, atol=1e-6)
     messages = [str(w.message) for w in caught if issubclass(w.category, FewStarsWarning)]
@@ -66,12 +60,12 @@ def adu_pair():
 
 def test_missing_source_noise_is_announced_once_per_image(adu_pair):
     ref, sci = _adu(adu_pair.reference.ccd), _adu(adu_pair.science.ccd)
-    _, caught = _run(lambda: subtract(ref, sci))
+    _, caught = record_warnings(lambda: subtract(ref, sci))
     messages = [str(w.message) for w in caught if issubclass(w.category, NoiseEstimateWarning)]
     assert sorted(m.split(":")[0] for m in messages) == ["reference image", "science image"]
     assert all("gain=" in m and "uncertainty" in m for m in messages)
     # a gain (or an uncertainty) gives the source noise: no warning
-    _, caught = _run(lambda: subtract(ref, sci, gain=2.0))
+    _, caught = record_warnings(lambda: subtract(ref, sci, gain=2.0))
     assert not [w for w in caught if issubclass(w.category, NoiseEstimateWarning)]
-    _, caught = _run(lambda: subtract(adu_pair.reference.ccd, adu_pair.science.ccd))
+    _, caught = record_warnings(lambda: subtract(adu_pair.reference.ccd, adu_pair.science.ccd))
     assert not [w for w in caught if issubclass(w.category, NoiseEstimateWarning)]

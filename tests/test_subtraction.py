@@ -15,14 +15,12 @@ transient of flux alpha has optimal S/N alpha*sqrt(F_S)"; `subtract` reports
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from astropy import units as u
 from astropy.nddata import CCDData
 from astropy.table import Table
-from conftest import data_path
+from conftest import data_path, record_warnings
 from scipy import ndimage, stats
 
 from astro_zackay import subtract
@@ -609,14 +607,6 @@ def test_float32_matches_float64(small_run):
 SPARSE_KW = dict(flux_ratio=0.8, shift=(0.3, -0.2), min_separation=50.0, edge=30.0)
 
 
-def _recorded(call):
-    """``call()`` and every warning it issued."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call()
-    return result, caught
-
-
 def _few_star_messages(caught):
     return [str(w.message) for w in caught if issubclass(w.category, FewStarsWarning)]
 
@@ -643,19 +633,19 @@ def test_no_usable_star_names_the_image_and_the_option():
     """Blank images: the error names the image and the option that gives its PSF."""
     pair = simulate_pair((256, 256), n_stars=0, seed=9)
     with pytest.raises(ValueError, match=r"^reference image: .*reference_psf="):
-        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+        record_warnings(lambda: subtract(pair.reference.ccd, pair.science.ccd))
     with pytest.raises(ValueError, match=r"^science image: .*science_psf="):
-        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5))
+        record_warnings(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5))
     # PSFs given: nothing to fit the flux ratio on either, and the error says what to pass
     with pytest.raises(ValueError, match="pass flux_ratio= and fit_shift=False"):
-        _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5,
+        record_warnings(lambda: subtract(pair.reference.ccd, pair.science.ccd, reference_psf=2.5,
                                    science_psf=3.5))
 
 
 def test_pixel_fit_fallback_is_announced_once_and_recovers_the_truth():
     """3 stars (fewer than MIN_MATCHED_STARS): ratio and shift from the pixel fit, announced."""
     pair = simulate_pair((256, 256), n_stars=3, flux_range=(1e5, 2e5), seed=1, **SPARSE_KW)
-    result, caught = _recorded(lambda: subtract(
+    result, caught = record_warnings(lambda: subtract(
         pair.reference.ccd, pair.science.ccd, reference_psf=pair.reference.psf.stamp(0, 0),
         science_psf=pair.science.psf.stamp(0, 0)))
     messages = [m for m in _few_star_messages(caught) if "match" in m]
@@ -676,7 +666,7 @@ def test_sparse_field_runs_with_default_call():
     transient = Table({"x": [128.0], "y": [128.0], "flux": [8000.0]})
     pair = simulate_pair((256, 256), n_stars=6, flux_range=(3e4, 2e5), transients=transient,
                          seed=2, **SPARSE_KW)
-    result, caught = _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+    result, caught = record_warnings(lambda: subtract(pair.reference.ccd, pair.science.ccd))
     messages = _few_star_messages(caught)
     assert len(messages) == len(set(messages))
     for image in ("reference image", "science image"):
@@ -703,7 +693,7 @@ def test_stars_are_found_once_per_image(monkeypatch):
 
     monkeypatch.setattr(stars, "_find_stars", counted)
     pair = simulate_pair((256, 256), n_stars=25, flux_range=(3e4, 2e5), seed=4, flux_ratio=0.8)
-    result, _ = _recorded(lambda: subtract(pair.reference.ccd, pair.science.ccd))
+    result, _ = record_warnings(lambda: subtract(pair.reference.ccd, pair.science.ccd))
     assert len(calls) == 2
     assert result.flux_ratio == pytest.approx(0.8, abs=0.03)
 
@@ -724,7 +714,7 @@ def test_psf_stamps_wider_than_a_quarter_of_the_image_are_used_whole():
                          flux_ratio=0.8, seed=3)
     for beta in (2.5, 1.5):
         wide = [psf_stamp(151, fwhm, profile="moffat", beta=beta) for fwhm in (2.5, 3.5)]
-        result, caught = _recorded(lambda wide=wide: subtract(
+        result, caught = record_warnings(lambda wide=wide: subtract(
             pair.reference.ccd, pair.science.ccd, reference_psf=wide[0], science_psf=wide[1],
             flux_ratio=0.8))
         assert not [w for w in caught if issubclass(w.category, PSFQualityWarning)]
