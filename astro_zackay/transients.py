@@ -677,7 +677,9 @@ def find_transients(
         "psf_error": psf_error,
         "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
     }
-    table["flags"] = _flags(data, rows, cols, x, y, fwhm, inputs, limits, table)
+    # masked pixels are no partner of a dipole (their score is not measured)
+    table["flags"] = _flags(np.where(bad, np.nan, data), rows, cols, x, y, fwhm, inputs,
+                            limits, table)
     table["good"] = table["flags"] == 0
     table.meta["threshold"] = float(threshold)
     table.meta["sign"] = sign

@@ -9,6 +9,7 @@ from astropy.wcs import WCS
 
 from astro_zackay.transients import (
     FLAG_BRIGHT,
+    FLAG_DIPOLE,
     FLAG_MASKED,
     FLAG_SHARP,
     bright_sources,
@@ -152,3 +153,15 @@ def test_bright_sources_measures_each_image():
     assert table["snr_science"][0] == pytest.approx(200.0 * norm)
     with pytest.raises(ValueError, match="one shape"):
         bright_sources((reference, science[:10]), (np.ones((64, 64)),) * 2, (psf, psf))
+
+
+def test_a_masked_pixel_is_no_dipole_partner():
+    """Only measured score pixels count as the opposite lobe of a dipole."""
+    score = np.zeros((40, 40))
+    score[20, 20], score[22, 20] = 8.0, -50.0
+    mask = np.zeros(score.shape, bool)
+    mask[22, 20] = True
+    unmasked = find_transients(score, threshold=5.0, fwhm=2.0, sign="positive")
+    masked = find_transients(score, threshold=5.0, fwhm=2.0, sign="positive", mask=mask)
+    assert unmasked["flags"][0] & FLAG_DIPOLE
+    assert not masked["flags"][0] & FLAG_DIPOLE
