@@ -38,6 +38,7 @@ from ._threads import single_threaded_blas
 from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
 from .fluxmatch import StarMatch, match_stars
+from .fourier import shift_image
 from .noise import NoiseSpectrum, measure_pair_noise
 from .transients import bright_sources
 from .zogy import ZogyResult, _moved_mask, fit_flux_ratio, zogy
@@ -806,8 +807,13 @@ def subtract(
         return to_ccddata(np.where(out_bad, np.nan, data), sci, unit=unit, variance=blank,
                           mask=out_bad, step=(key, text), extra_meta=extra)
 
-    sources = bright_sources((ref_data, psci.data), (ref_var, sci.variance), (psf_r0, psf_n0),
-                             mask=bad)
+    # the BRIGHT flag needs both images on the science grid (ZOGY shifts inside its core)
+    ref_on_grid, ref_var_on_grid = ref_data, ref_var
+    if shift != (0.0, 0.0):
+        ref_on_grid = shift_image(ref_data, *shift)
+        ref_var_on_grid = np.clip(shift_image(np.where(ref.mask, 0.0, ref_var), *shift), 0, None)
+    sources = bright_sources((ref_on_grid, psci.data), (ref_var_on_grid, sci.variance),
+                             (psf_r0, psf_n0), mask=bad)
 
     return SubtractionResult(
         difference=wrap(outputs["D"], u.dimensionless_unscaled, ones, "AZSUB"),
