@@ -177,14 +177,15 @@ def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray
     need = np.median(r2 / variances, axis=0) > _CHI2_1_MEDIAN
     if not need.any():
         return np.zeros(r2.shape[1])
-    # two passes over 32 values in log space, from 1e-6 of the median noise to the
-    # largest residual, then between the two values that bracket the solution
+    # two passes over 32 values in log space, from 1e-6 of the median noise to
+    # max(r**2) / 0.455 (where every ratio, so the median, is at most 0.455: the top
+    # value always qualifies), then between the two values that bracket the solution
     low = np.log(1e-6 * np.median(variances, axis=0))
-    high = np.log(np.maximum(np.max(r2, axis=0), np.exp(low)))
+    high = np.log(np.maximum(np.max(r2, axis=0) / _CHI2_1_MEDIAN, np.exp(low)))
     for _ in range(2):
         trial = np.linspace(low, high, 32)  # (32, K)
         median = np.median(r2 / (variances + np.exp(trial)[:, None, :]), axis=1)
-        first = np.argmax(median <= _CHI2_1_MEDIAN, axis=0)  # the largest always qualifies
+        first = np.argmax(median <= _CHI2_1_MEDIAN, axis=0)  # the top value qualifies
         columns = np.arange(trial.shape[1])
         low, high = trial[np.maximum(first - 1, 0), columns], trial[first, columns]
     return np.where(need, np.exp(high), 0.0)
