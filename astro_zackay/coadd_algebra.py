@@ -334,11 +334,7 @@ class ProperCoaddAccumulator:
                 self._excess += excess
                 del excess
 
-        data = np.zeros(grid, dtype=self.dtype)
-        data[inner] = image
-        data[inner][bad] = 0.0
-        m_h = be.rfft2(be.asarray(data), s=grid, workers=self._workers)
-        del data
+        m_h = self._frame_spectrum(image, bad)
         p_h = psf_rfft(psf, grid, workers=self._workers)
         self._den_h += w2 * abs2(p_h)
         np.conjugate(p_h, out=p_h)
