@@ -39,6 +39,7 @@ __all__ = [
     "frequency_grids",
     "get_array_module",
     "half_spectrum_sum",
+    "move_whole_pixels",
     "origin_to_stamp",
     "pad_image",
     "phase_ramp",
@@ -566,6 +567,26 @@ def phase_ramp(
     ky, kx = frequency_grids(shape)
     ramp = np.exp(-2j * np.pi * kx * dx) * np.exp(-2j * np.pi * ky * dy)
     return ramp.astype(dtype, copy=False)
+
+
+def move_whole_pixels(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """``arr`` moved by ``(dx, dy)`` whole pixels without wrapping; 0 (False) moves in.
+
+    The integer counterpart of `shift_image` for masks and other arrays that must not
+    be resampled: content moves to larger indices for positive shifts.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import move_whole_pixels
+    >>> move_whole_pixels(np.array([[1, 2, 3]]), 1, 0)
+    array([[0, 1, 2]])
+    """
+    out = np.zeros_like(arr)
+    ny, nx = arr.shape
+    src = arr[max(-dy, 0) : ny - max(dy, 0), max(-dx, 0) : nx - max(dx, 0)]
+    out[max(dy, 0) : max(dy, 0) + src.shape[0], max(dx, 0) : max(dx, 0) + src.shape[1]] = src
+    return out
 
 
 def shift_image(arr: np.ndarray, dx: float, dy: float, *, workers: int | None = None) -> np.ndarray:

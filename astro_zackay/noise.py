@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .fourier import abs2, fast_shape, get_array_module, origin_to_stamp, phase_ramp, psf_rfft
+from .fourier import (
+    abs2,
+    fast_shape,
+    get_array_module,
+    move_whole_pixels,
+    origin_to_stamp,
+    phase_ramp,
+    psf_rfft,
+)
 
 __all__ = ["CORRELATION_THRESHOLD", "NoiseSpectrum", "measure_noise_spectrum", "measure_pair_noise"]
 
@@ -273,9 +281,9 @@ def measure_pair_noise(
     good_n &= ~_sources(xn, good_n, source_sigma, grow)
     good_r &= ~_sources(xr, good_r, source_sigma, grow)
     move = (int(np.rint(shift[1])), int(np.rint(shift[0])))
-    good = good_n & _moved(good_r, move)
+    good = good_n & move_whole_pixels(good_r, move[1], move[0])
     n_good = _count(good)
-    good_in_ref = _moved(good, (-move[0], -move[1]))
+    good_in_ref = move_whole_pixels(good, -move[1], -move[0])
     xn = np.where(good, xn - xn[good].mean(), 0.0)
     xr = np.where(good_in_ref, xr - xr[good_in_ref].mean(), 0.0)
     cov_n, cov_r, shared = _covariances([xn, xr], good.astype(np.float64), 2 * max_lag,
@@ -324,16 +332,6 @@ def _count(good: np.ndarray) -> int:
             f"{_MIN_PIXELS} needed); check the mask or raise source_sigma"
         )
     return n_good
-
-
-def _moved(a: np.ndarray, move: tuple[int, int]) -> np.ndarray:
-    """``a`` moved by ``move = (dy, dx)`` whole pixels, False/0 where nothing moves in."""
-    out = np.zeros_like(a)
-    dy, dx = move
-    ny, nx = a.shape
-    src = a[max(-dy, 0) : ny - max(dy, 0), max(-dx, 0) : nx - max(dx, 0)]
-    out[max(dy, 0) : max(dy, 0) + src.shape[0], max(dx, 0) : max(dx, 0) + src.shape[1]] = src
-    return out
 
 
 def _spectrum(cov: np.ndarray, max_lag: int, scale: float, n_good: int) -> NoiseSpectrum:

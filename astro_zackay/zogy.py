@@ -44,6 +44,7 @@ from .fourier import (
     frequency_grids,
     get_array_module,
     half_spectrum_sum,
+    move_whole_pixels,
     origin_to_stamp,
     pad_image,
     phase_ramp,
@@ -279,11 +280,7 @@ def _moved_mask(bad: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
     """
     if shift == (0.0, 0.0):
         return bad
-    ix, iy = int(np.rint(shift[0])), int(np.rint(shift[1]))
-    ny, nx = bad.shape
-    moved = np.zeros_like(bad)
-    src = bad[max(-iy, 0) : ny - max(iy, 0), max(-ix, 0) : nx - max(ix, 0)]
-    moved[max(iy, 0) : max(iy, 0) + src.shape[0], max(ix, 0) : max(ix, 0) + src.shape[1]] = src
+    moved = move_whole_pixels(bad, int(np.rint(shift[0])), int(np.rint(shift[1])))
     return ndimage.binary_dilation(moved, structure=np.ones((3, 3), bool))
 
 
