@@ -250,7 +250,7 @@ def test_psf_error_term_removes_bright_star_candidates():
         runs = [subtract(pair.reference.ccd, pair.science.ccd, **kw)
                 for kw in ({}, true_psfs, {"psf_error": None})]
     estimated, true, without = (len(r.find_transients(threshold=5.0)) for r in runs)
-    assert without >= estimated
+    assert without > estimated  # the field needs the term: 4 without it, 0 with it, here
     mpix = SHAPE[0] * SHAPE[1] / 1e6
     assert (estimated - true) / mpix <= 1.0
 
