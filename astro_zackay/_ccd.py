@@ -416,10 +416,10 @@ def to_image(
     if estimated:
         variance, maps = _estimate_variance(data, bad, gain_value)
     variance = variance.astype(data.dtype, copy=False)
-    n_bad = np.count_nonzero(bad)
-    bad |= ~np.isfinite(variance) | (variance < 0)
-    if np.count_nonzero(bad) != n_bad:  # the maps were made with another mask
+    invalid = ~np.isfinite(variance) | (variance < 0)
+    if maps is not None and np.any(invalid & ~bad):  # the maps were made with another mask
         maps = None
+    bad |= invalid
 
     wcs = nd.wcs if isinstance(nd.wcs, WCS) else None
     return ImageData(

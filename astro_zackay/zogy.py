@@ -404,7 +404,7 @@ def _masked_regions(
         peak = np.nan_to_num(ndimage.maximum(np.abs(img), rim, index), nan=0.0)
         excess = np.maximum(peak - RIM_NOISE_SIGMA * sigma, 0.0)
         per_rim = _light_per_rim_value(psf, area)
-        light.append(np.where(excess > 0, excess * np.where(excess > 0, per_rim, 0.0), 0.0))
+        light.append(excess * np.where(excess > 0, per_rim, 0.0))
     return labels, light
 
 

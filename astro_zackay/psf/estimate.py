@@ -437,8 +437,9 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
                             np.concatenate([y, others[1]]), reach(stamps.flux), wing)
 
     def all_light(flux: np.ndarray) -> _Light:
-        image = samples.image(np.concatenate([flux, others[2]]), reach(flux))
-        return _Light(image, flux, wing, reach(flux)[: flux.size])
+        radii = reach(flux)
+        image = samples.image(np.concatenate([flux, others[2]]), radii)
+        return _Light(image, flux, wing, radii[: flux.size])
 
     # by the first law; the stars' fluxes less the others' light in their stamps
     net = _net_light(stamps, x, y, all_light(stamps.flux), ring)
