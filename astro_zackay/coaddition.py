@@ -50,16 +50,11 @@ from ._ccd import (
     to_ccddata,
     to_image,
 )
-from ._psf_input import (
-    ImageWarnings,
-    as_psf_sampler,
-    estimate_image_psf,
-    find_image_stars,
-)
+from ._prepare import PreparedImage, prepare_image
+from ._psf_input import ImageWarnings
 from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
-from .background import _estimate_from
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, reject_outliers
 from .fluxmatch import match_stars
 from .zogy import fit_flux_ratio
@@ -67,10 +62,6 @@ from .zogy import fit_flux_ratio
 __all__ = ["CoaddResult", "coadd"]
 
 log = logging.getLogger(__name__)
-
-#: Pixels brighter than this many background rms above the sky are not background
-#: pixels when the noise is taken from the uncertainty (see `coadd`).
-BACKGROUND_CLIP = 3.0
 
 #: Matched stars for a flux scale without a FewStarsWarning (fewer still give one).
 MIN_SCALE_STARS = 5
@@ -171,17 +162,6 @@ class CoaddResult:
         )
 
 
-@dataclass(frozen=True)
-class _Frame:
-    """One input image made ready for the accumulator."""
-
-    image: ImageData  # its data background-subtracted in place
-    psf: np.ndarray
-    sigma: float
-    name: str
-    stars: Table | None  # for the flux scale; None when it was given
-
-
 def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
     """Yield ``(item, name, hdu)`` for each input image."""
     if hasattr(images, "files_filtered") and hasattr(images, "location"):  # ImageFileCollection
@@ -235,46 +215,6 @@ class _PerImage:
             raise ValueError(
                 f"{self.name} has {len(self._values)} entries for {n_images} images"
             )
-
-
-def _background_sigma(img: ImageData, data: np.ndarray, rms: np.ndarray) -> float:
-    """Background noise s_j: the uncertainty over background pixels, else the data's rms."""
-    good = ~img.mask
-    if img.variance_estimated:
-        return float(np.median(rms[good]))
-    with np.errstate(invalid="ignore"):
-        background = good & (data < BACKGROUND_CLIP * rms)
-    return float(np.sqrt(np.median(img.variance[background])))
-
-
-def _prepare(img: ImageData, psf: Any, sigma: Any, name: str, need_stars: bool) -> _Frame:
-    """Find one image's PSF stamp, noise and (if needed) stars; subtract its background.
-
-    The stars are found once, for the PSF (when not given) and the flux scale (when
-    not given). The background is subtracted from ``img.data`` in place (after the
-    stars and the PSF are measured on the original), so that no second frame-sized
-    copy is made.
-    """
-    bkg = _estimate_from(img)  # on the coerced image: no second copy of data and variance
-    ny, nx = img.shape
-    centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    stars = None
-    if psf is None or need_stars:
-        # the coerced image itself, not a CCDData that each step would coerce again
-        stars = find_image_stars(img, bkg, name=name, option="psfs=" if psf is None else None)
-    if psf is None:
-        psf = estimate_image_psf(img, stars, name=name, option="psfs=")
-    stamp = as_psf_sampler(psf)(*centre)
-    np.subtract(img.data, bkg.sky.data, out=img.data, casting="same_kind")
-    if sigma is None:
-        s = _background_sigma(img, img.data, bkg.rms.data)
-    else:
-        s = float(u.Quantity(sigma, img.unit).value) if isinstance(sigma, u.Quantity) else float(
-            sigma
-        )
-    if not np.isfinite(s) or s <= 0:
-        raise ValueError(f"{name}: the background noise must be positive, got {s}")
-    return _Frame(img, stamp, s, name, stars)
 
 
 def _check_like(img: ImageData, first: ImageData, name: str, gain: Any) -> ImageData:
@@ -500,7 +440,8 @@ def coadd(
 
     acc = None
     template: ImageData | None = None  # the first image's unit, shape, WCS and meta
-    reference: _Frame | None = None  # the first image, kept for the flux scales
+    # the first image and its PSF stamp, kept for the flux scales
+    reference: tuple[PreparedImage, np.ndarray] | None = None
     target: CCDData | None = None
     stack: list[tuple[np.ndarray, np.ndarray]] = []  # kept only to reject outliers
     rows = []
@@ -520,30 +461,31 @@ def coadd(
                 img = _check_like(img, template, name, frame_gain)
             elif method:
                 target = as_ccddata(replace(img, data=img.data.copy()))
-            frame = _prepare(img, psf_list.next(), sigma_list.next(), name,
-                             need_stars=given is None)
+            frame = prepare_image(img, psf_list.next(), name=name, option="psfs=",
+                                  need_stars=given is None, sigma=sigma_list.next())
+            stamp = frame.psf_stamp()
             if given is not None:
                 f, f_err = float(given), 0.0
             elif template is None:
                 f, f_err = 1.0, 0.0
             else:
-                f, f_err = _fit_scale(frame, reference)
+                f, f_err = _fit_scale(frame, stamp, reference)
         if template is None:
             template = _output_template(img)
             if given is None:
-                reference = frame
+                reference = (frame, stamp)
             acc = ProperCoaddAccumulator(
-                img.shape, border=max(frame.psf.shape) if border is None else int(border),
+                img.shape, border=max(stamp.shape) if border is None else int(border),
                 dtype=dtype,
             )
-        acc.add(img.data, frame.psf, frame.sigma, f, mask=img.mask, variance=img.variance)
+        acc.add(img.data, stamp, frame.sigma, f, mask=img.mask, variance=img.variance)
         if rejection is not None:
             stack.append((img.data, img.variance.astype(np.float32)))
         rows.append((name, f, f_err, frame.sigma, f / frame.sigma**2,
-                     f**2 / frame.sigma**2 * float((frame.psf**2).sum()), int(img.mask.sum())))
+                     f**2 / frame.sigma**2 * float((stamp**2).sum()), int(img.mask.sum())))
         log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
-                 name, f, f_err, frame.sigma, frame.psf.shape, rows[-1][-1])
-        del img, frame  # release this image before the next one is read (unless stacked)
+                 name, f, f_err, frame.sigma, stamp.shape, rows[-1][-1])
+        del img, frame, stamp  # release this image before the next one is read (unless stacked)
     if acc is None:
         raise ValueError("coadd needs at least one image; got an empty input")
     for option in (psf_list, scale_list, sigma_list, gain_list):
@@ -607,7 +549,9 @@ def _reject_outliers(
     return rejected
 
 
-def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
+def _fit_scale(
+    frame: PreparedImage, stamp: np.ndarray, first: tuple[PreparedImage, np.ndarray] | None
+) -> tuple[float, float]:
     """Flux ratio of ``frame`` to the first image: matched stars, else a pixel fit.
 
     Aperture photometry of the stars matched between them
@@ -622,11 +566,12 @@ def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
             f"{frame.name}: the flux scale is measured against the first image, whose flux "
             "scale was given: pass flux_scales= for every image"
         )
+    ref, ref_stamp = first
     reason = "no stars were found in this image or the first one"
-    if frame.stars is not None and first.stars is not None:
+    if frame.stars is not None and ref.stars is not None:
         try:
-            match = match_stars(first.stars, frame.stars, radius=2.0, min_matches=1,
-                                images=(first.image, frame.image), psfs=(first.psf, frame.psf))
+            match = match_stars(ref.stars, frame.stars, radius=2.0, min_matches=1,
+                                images=(ref.image, frame.image), psfs=(ref_stamp, stamp))
         except ValueError as exc:
             reason = str(exc)
         else:
@@ -638,9 +583,9 @@ def _fit_scale(frame: _Frame, first: _Frame | None) -> tuple[float, float]:
                 )
             return match.flux_ratio, match.flux_ratio_error
     try:
-        fit = fit_flux_ratio(frame.image.data, first.image.data, frame.psf, first.psf,
-                             sigma_new=frame.sigma, sigma_ref=first.sigma,
-                             mask=frame.image.mask | first.image.mask)
+        fit = fit_flux_ratio(frame.data, ref.data, stamp, ref_stamp,
+                             sigma_new=frame.sigma, sigma_ref=ref.sigma,
+                             mask=frame.image.mask | ref.image.mask)
         if not (np.isfinite(fit.beta) and fit.beta > 0):
             raise ValueError(f"it gives {fit.beta:.4g}: the images share no bright source")
     except ValueError as exc:

@@ -1,0 +1,174 @@
+"""Prepare one image for subtraction or coaddition: the stage both pipelines share.
+
+One coerced image (`~astro_zackay._ccd.ImageData`) goes in; out comes a
+`PreparedImage`: its background (estimated once), its stars (found once, for the PSF
+and the flux matching), its PSF (given, else estimated from those stars), its
+background-subtracted data with masked pixels set to 0, its background rms map and
+its background noise ``sigma``.
+
+Memory.  The image passed in is owned by the caller, freshly coerced at the
+CCDData boundary (`~astro_zackay._ccd.to_image` always copies the input's pixels), so
+the background is subtracted in its own data array, in place, once the stars and the
+PSF have been measured on the original pixels: no second frame-sized array is made.
+The `PreparedImage` holds that same image, whose ``data`` is then the
+background-subtracted one; the caller must not keep using the original pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from astropy import units as u
+from astropy.table import Table
+
+from ._ccd import ImageData
+from ._psf_input import PSFSampler, as_psf_sampler, estimate_image_psf, find_image_stars
+from .background import _estimate_from
+
+__all__ = ["BACKGROUND_CLIP", "PreparedImage", "prepare_image"]
+
+log = logging.getLogger(__name__)
+
+#: Pixels brighter than this many background rms above the sky are not background
+#: pixels when the noise is taken from the uncertainty (see `prepare_image`).
+BACKGROUND_CLIP = 3.0
+
+
+@dataclass(frozen=True, repr=False)
+class PreparedImage:
+    """One image made ready for the numerical core.
+
+    Attributes
+    ----------
+    image : `~astro_zackay._ccd.ImageData`
+        The coerced image; its ``data`` is background-subtracted, masked pixels 0
+        (the same array as `data`); variance, mask, unit, WCS and meta unchanged.
+    rms : `~numpy.ndarray`
+        The background rms map, in the data's dtype.
+    sigma : float
+        The background noise: the given value, else the median of the variance over
+        unmasked background pixels, or of ``rms`` when the variance was estimated.
+    psf : `~astro_zackay._psf_input.PSFSampler`
+        The PSF (given or estimated), sampled at any position.
+    stars : `~astropy.table.Table` or None
+        The stars found once (None when not needed, or none found and none required).
+    name : str
+        The image as the user knows it (for logs and errors).
+    """
+
+    image: ImageData
+    rms: np.ndarray
+    sigma: float
+    psf: PSFSampler
+    stars: Table | None
+    name: str
+
+    @property
+    def data(self) -> np.ndarray:
+        """The background-subtracted data, masked pixels 0 (``image.data``)."""
+        return self.image.data
+
+    def psf_stamp(self) -> np.ndarray:
+        """The PSF stamp at the centre of the image."""
+        ny, nx = self.image.shape
+        return self.psf((nx - 1) / 2.0, (ny - 1) / 2.0)
+
+    def __repr__(self) -> str:
+        ny, nx = self.image.shape
+        n_stars = "none" if self.stars is None else len(self.stars)
+        return (f"<PreparedImage {self.name!r} {ny}x{nx} sigma={self.sigma:.6g} "
+                f"stars={n_stars} psf={self.psf.source}>")
+
+
+def _given_sigma(sigma: Any, unit: u.UnitBase) -> float:
+    """A given background noise as a float in the image unit."""
+    return float(u.Quantity(sigma, unit).value) if isinstance(sigma, u.Quantity) else float(sigma)
+
+
+def _background_sigma(image: ImageData, rms: np.ndarray) -> float:
+    """The median background noise of a background-subtracted image.
+
+    The uncertainty over unmasked pixels less than `BACKGROUND_CLIP` rms above the
+    sky; the rms map itself when the variance was estimated from the data.
+    """
+    good = ~image.mask
+    if image.variance_estimated:
+        return float(np.median(rms[good]))
+    with np.errstate(invalid="ignore"):
+        background = good & (image.data < BACKGROUND_CLIP * rms)
+    return float(np.sqrt(np.median(image.variance[background])))
+
+
+def prepare_image(
+    image: ImageData,
+    psf: Any,
+    *,
+    name: str,
+    option: str,
+    need_stars: bool = True,
+    sigma: Any = None,
+) -> PreparedImage:
+    """Background, stars, PSF and noise of one image; its background subtracted in place.
+
+    Parameters
+    ----------
+    image : `~astro_zackay._ccd.ImageData`
+        The image as coerced at the boundary, owned by the caller: its ``data`` array
+        becomes the background-subtracted data (masked pixels 0) of the result.
+    psf : any PSF input or None
+        A PSF model, stamp or FWHM (`~astro_zackay._psf_input.as_psf_sampler`); None
+        to estimate it from the image's stars.
+    name : str
+        The image as the user knows it ("reference image", a file name).
+    option : str
+        The argument that gives this image's PSF (``"psfs="``), named in the error
+        when the PSF cannot be estimated.
+    need_stars : bool, optional
+        Find the stars even when the PSF is given (for the flux matching).
+    sigma : float or `~astropy.units.Quantity`, optional
+        The background noise in the image unit; default measured (`PreparedImage.sigma`).
+
+    Returns
+    -------
+    PreparedImage
+
+    Raises
+    ------
+    ValueError
+        When the PSF must be estimated and cannot be (the message names the image and
+        ``option``), or for a background noise that is not positive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astropy.nddata import CCDData
+    >>> from astro_zackay._ccd import to_image
+    >>> from astro_zackay._prepare import prepare_image
+    >>> rng = np.random.default_rng(0)
+    >>> img = to_image(CCDData(100.0 + rng.normal(0.0, 2.0, (128, 128)), unit="electron"))
+    >>> prep = prepare_image(img, 3.0, name="image 0", option="psfs=", need_stars=False)
+    >>> prep.data is img.data, round(prep.sigma, 1), abs(float(prep.data.mean())) < 0.5
+    (True, 2.0, True)
+    """
+    background = _estimate_from(image)  # on the coerced image: no second copy
+    stars = None
+    if psf is None or need_stars:
+        # the coerced image itself, not a CCDData that each step would coerce again
+        stars = find_image_stars(image, background, name=name,
+                                 option=option if psf is None else None)
+    if psf is None:
+        psf = estimate_image_psf(image, stars, name=name, option=option)
+    sampler = as_psf_sampler(psf)
+    log.info("%s PSF: %s", name, sampler.source)
+    data = image.data
+    np.subtract(data, background.sky.data, out=data, casting="same_kind")
+    data[image.mask] = 0.0
+    rms = np.asarray(background.rms.data, dtype=data.dtype)
+    del background
+    s = _background_sigma(image, rms) if sigma is None else _given_sigma(sigma, image.unit)
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"{name}: the background noise must be positive, got {s}")
+    return PreparedImage(image, rms, s, sampler, stars, name)
