@@ -334,19 +334,25 @@ class _KernelReach:
     core_radius: int
 
     @classmethod
-    def of(cls, k: np.ndarray, cap: int) -> _KernelReach:
-        """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
+    def of(cls, be: ArrayBackend, k: Any, cap: int) -> _KernelReach:
+        """From an origin-centred kernel on the FFT grid (wrapping around the edges).
+
+        ``k`` lives on ``be``; only the window within ``cap`` of the origin comes back.
+        """
+        xp = be.xp
         ny, nx = k.shape
         rows = np.r_[0 : min(cap + 1, ny), max(ny - cap, cap + 1) : ny]
         cols = np.r_[0 : min(cap + 1, nx), max(nx - cap, cap + 1) : nx]
-        a = np.abs(k)
-        window = a[np.ix_(rows, cols)]
+        a = xp.abs(k)
+        index = xp.ix_(be.asarray(rows), be.asarray(cols))
+        window = np.asarray(be.to_numpy(a[index]), dtype=np.float64)
         r = np.hypot(np.minimum(rows, ny - rows)[:, None], np.minimum(cols, nx - cols)[None, :])
         inside = r <= cap
         levels, r = window[inside], r[inside]
-        outer_energy = float(np.sum(a**2)) - float(np.sum(levels**2))
-        a[np.ix_(rows, cols)] = np.where(inside, 0.0, window)
+        outer_energy = float(xp.sum(a * a, dtype=np.float64)) - float(np.sum(levels**2))
+        a[index] = be.asarray(np.where(inside, 0.0, window).astype(a.dtype))
         outer = float(a.max())
+        del a
         by_level = np.argsort(-levels, kind="stable")
         by_radius = np.argsort(r, kind="stable")
         energy = np.cumsum(levels[by_radius] ** 2)
@@ -707,22 +713,69 @@ def zogy(
     )
 
 
-def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, shift_ref, dtype,
-               workers):
+@dataclass
+class _Spectra:
+    """Forward transforms of one pair of (padded) images and their variance maps.
+
+    Taken once and shared by every PSF node: ``n_h``, ``r_h`` (the reference moved by
+    the shift's phase ramp), ``vn_h``, ``vr_h`` (the variance maps, less their median
+    level when that image's noise is correlated, the reference's moved) and ``vb_h``
+    (``(sigma_beta R)**2``, moved), each None when not needed.
+    """
+
+    shape: tuple[int, int]
+    n_h: Any
+    r_h: Any
+    vn_h: Any = None
+    vr_h: Any = None
+    vb_h: Any = None
+
+
+def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: float,
+             shift_ref: tuple[float, float], dtype: Any, workers: int | None) -> _Spectra:
+    """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once)."""
     xp = be.xp
     shape = arrays["new"].shape
+    ctype = np.result_type(dtype, np.complex64)
+    ramp = None
+    if shift_ref != (0.0, 0.0):
+        ramp = be.asarray(phase_ramp(shape, *shift_ref, dtype=ctype))
+
+    def fwd(a, moved):
+        a_h = be.rfft2(a, s=shape, workers=workers)
+        if moved and ramp is not None:
+            a_h *= ramp
+        return a_h
+
+    def variance(name, is_correlated, moved):
+        var = arrays.get(name)
+        if var is None:
+            return None
+        if is_correlated:  # only the sources' excess over the background level
+            var = xp.maximum(var - xp.median(var[var > 0]), 0.0)
+        return fwd(var, moved)
+
+    vb_h = None
+    if sb > 0:
+        ref_beta = arrays["ref"] * sb
+        ref_beta *= ref_beta
+        vb_h = fwd(ref_beta, True)
+        del ref_beta
+    return _Spectra(shape, fwd(arrays["new"], False), fwd(arrays["ref"], True),
+                    variance("var_new", correlated[0], False),
+                    variance("var_ref", correlated[1], True), vb_h)
+
+
+def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: float, fr: float,
+                  shape: tuple[int, int], dtype: Any, workers: int | None):
+    """The PSF-only factors of one node: ``wa = A/sqrt(den)``, ``wb``, ``Q`` and ``F_S``.
+
+    Computed in float64 (see the module docstring), then cast to the working complex
+    type on ``be``: ``wa`` and ``wb`` are bounded by ``1/sigma``, so float32 holds them
+    even where ``|A|**2`` would underflow.
+    """
+    sig_n, sig_r = noise
     npix = shape[0] * shape[1]
-    sig_n, sig_r = noise  # noise power per pixel: sigma**2, or a spectrum on the half plane
-
-    def fwd(a):
-        return be.rfft2(be.asarray(a), s=shape, workers=workers)
-
-    def inv(a_h):
-        return be.irfft2(a_h, s=shape, workers=workers)
-
-    # PSF-only factors in float64 (see the module docstring), then cast: wa = A/sqrt(den),
-    # wb = B/sqrt(den) are bounded by 1/sigma, so float32 holds them even where |A|**2
-    # would underflow.
     a_h = psf_rfft(pr, shape, dtype=np.float64, workers=workers)
     a_h *= fr  # A = Fr Pr_h
     b_h = psf_rfft(pn, shape, dtype=np.float64, workers=workers)
@@ -736,128 +789,132 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, sh
     inv_sqrt, good = floored_inv_sqrt(inv_sqrt)
     ctype = np.result_type(dtype, np.complex64)
     a_h *= inv_sqrt
-    wa = be.asarray(a_h.astype(ctype, copy=False))  # A / sqrt(den)
     q_h = b_h * a_h  # Q = A B / sqrt(den) = F_D PD_h
     q_h *= good
     f_s = float(half_spectrum_sum(abs2(q_h), shape[1])) / npix
     b_h *= inv_sqrt
-    wb = be.asarray(b_h.astype(ctype, copy=False))  # B / sqrt(den)
-    q_h = be.asarray(q_h.astype(ctype, copy=False))
-    del a_h, b_h, inv_sqrt, good
+    wa = be.asarray(a_h.astype(ctype, copy=False))
+    wb = be.asarray(b_h.astype(ctype, copy=False))
+    return wa, wb, be.asarray(q_h.astype(ctype, copy=False)), f_s
 
-    ramp = None
-    if shift_ref != (0.0, 0.0):
-        ramp = be.asarray(phase_ramp(shape, *shift_ref, dtype=ctype))
-    n_h, r_h = fwd(arrays["new"]), fwd(arrays["ref"])
-    if ramp is not None:
-        r_h *= ramp
-    # D_h = wa N_h - wb R_h
-    d_h = wa * n_h
-    t_h = wb * r_h
+
+def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise, fn: float,
+          fr: float, split: bool, dtype: Any, workers: int | None) -> dict:
+    """ZOGY of one pair of PSFs on shared transforms: D, S (or S_N, S_R), variances, P_D.
+
+    Every kernel is inverse-transformed once: its reach (for the mask growth) and its
+    square (for the source-noise variance) come from the same real-space kernel.
+    """
+    xp = be.xp
+    shape = spec.shape
+    npix = shape[0] * shape[1]
+    sig_n, sig_r = noise  # noise power per pixel: sigma**2, or a spectrum on the half plane
+
+    def inv(a_h):
+        return be.irfft2(a_h, s=shape, workers=workers)
+
+    wa, wb, q_h, f_s = _node_filters(be, pn, pr, noise, fn, fr, shape, dtype, workers)
+    d_h = wa * spec.n_h
+    t_h = wb * spec.r_h
     d_h -= t_h
-    D = inv(d_h)
-
+    out = {"D": inv(d_h), "F_S": f_s}
     f_d = fr * fn / np.sqrt(_at_zero(sig_n) * fr**2 + _at_zero(sig_r) * fn**2)
     P_D = inv(q_h)
     P_D /= f_d
+    out.update(P_D=P_D, F_D=float(f_d))
 
     xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
-    need_split = max(ast[0] + ast[1] + eps) > 0
     kn_h = q_h * wa
     kr_h = q_h * wb
     del wa, wb
-    kernels = [be.to_numpy(inv(k_h)) for k_h in (kn_h, kr_h)]
-    reach = [_KernelReach.of(k, max(pn.shape + pr.shape)) for k in kernels]
-    del kernels
-    # S's background variance from each image, and the radius where both kernels end
-    on_backend = [sig if np.isscalar(sig) else be.asarray(sig) for sig in (sig_n, sig_r)]
-    bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in zip((kn_h, kr_h), on_backend)]
-    s_sigma = float(np.sqrt(bkg[0] + bkg[1]))
-    radius = max(r.core_radius for r in reach)
-    if need_split:
-        xp.multiply(kn_h, n_h, out=t_h)
-        s_n = inv(t_h)
-        xp.multiply(kr_h, r_h, out=t_h)
-        s_r = inv(t_h)
-        S = s_n - s_r
+    if split:
+        xp.multiply(kn_h, spec.n_h, out=t_h)
+        out["S_N"] = inv(t_h)
+        xp.multiply(kr_h, spec.r_h, out=t_h)
+        out["S_R"] = inv(t_h)
     else:
         xp.multiply(q_h, d_h, out=t_h)
-        S = inv(t_h)
-    del d_h, n_h, r_h
+        out["S"] = inv(t_h)
+    del d_h, t_h, q_h
 
-    def source_variance(k_h, var, background, sig, shift):
-        """``var ⊛ k**2`` (white noise), or ``background`` plus the source excess.
-
-        With a noise spectrum the background part comes from it (``background``) and
-        only the excess of ``var`` over its median (the sources) is convolved, scaled
-        by the ratio of the spectrum's variance of S to white noise's of the same
-        per-pixel variance: source noise is correlated like the background.
-        """
-        if var is None:
-            return background
-        correlated = not np.isscalar(sig)
-        if correlated:
-            var = be.asarray(var)
-            var = xp.maximum(var - xp.median(var[var > 0]), 0.0)
+    cap = max(pn.shape + pr.shape)
+    sigs = [sig if np.isscalar(sig) else be.asarray(sig) for sig in (sig_n, sig_r)]
+    bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in zip((kn_h, kr_h), sigs)]
+    reach = []
+    variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))
+    for k_h, sig, background, (name, v_h, beta_name) in zip((kn_h, kr_h), sigs, bkg, variances):
         k = inv(k_h)
+        reach.append(_KernelReach.of(be, k, cap))
+        if v_h is None and (beta_name is None or spec.vb_h is None):
+            out[name] = background
+            continue
         k *= k
-        k2_h = fwd(k)
-        v_h = fwd(var)
-        if shift is not None:
-            v_h *= shift
-        k2_h *= v_h
-        out = inv(k2_h)
-        if correlated:
-            white = _at_mean(sig, shape[1]) * float(half_spectrum_sum(abs2(k_h), shape[1]))
-            out *= background * npix / white
-            out += background
-        return out
+        k2_h = be.rfft2(k, s=shape, workers=workers)
+        del k
+        if v_h is None:
+            out[name] = background
+        else:
+            var = inv(k2_h * v_h)
+            if not np.isscalar(sig):  # the sources' excess, correlated like the background
+                white = _at_mean(sig, shape[1]) * float(half_spectrum_sum(abs2(k_h), shape[1]))
+                var *= background * npix / white
+                var += background
+            out[name] = var
+        if beta_name is not None and spec.vb_h is not None:
+            k2_h *= spec.vb_h
+            out[beta_name] = inv(k2_h)
+    out.update(reach=reach, s_sigma=float(np.sqrt(bkg[0] + bkg[1])),
+               mask_radius=max(r.core_radius for r in reach))
+    return out
 
-    v_sn = source_variance(kn_h, arrays.get("var_new"), bkg[0], sig_n, None)
-    v_sr = source_variance(kr_h, arrays.get("var_ref"), bkg[1], sig_r, ramp)
-    v_beta = None
-    if sb > 0:
-        ref_beta = be.asarray(arrays["ref"]) * sb
-        ref_beta *= ref_beta
-        v_beta = source_variance(kr_h, ref_beta, 0.0, 1.0, ramp)
-    del kn_h, kr_h, q_h, t_h
 
-    v_ast = v_psf = None
-    if need_split:
-        v_ast = _astrometric_variance(xp, (s_n, s_r), ast, dtype)
-        if max(eps) > 0:
-            # the PSF error's residual scales with the light that cancels: in both images
-            v_psf = xp.minimum(xp.abs(s_n), xp.abs(s_r))
-            v_psf *= v_psf
-            v_psf *= eps[0] ** 2 + eps[1] ** 2
+def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, shift_ref, dtype,
+               workers):
+    xp = be.xp
+    correlated = (not np.isscalar(noise[0]), not np.isscalar(noise[1]))
+    spec = _spectra(be, arrays, correlated, sb, shift_ref, dtype, workers)
+    split = max(ast[0] + ast[1] + eps) > 0
+    out = _node(be, spec, pn, pr, noise, fn, fr, split, dtype, workers)
+    del spec
+    out.setdefault("V_beta", None)
+    out["V_ast"] = out["V_psf"] = None
+    if split:
+        s_n, s_r = out.pop("S_N"), out.pop("S_R")
+        out["S"] = s_n - s_r
+        out["V_ast"] = _astrometric_variance(xp, (s_n, s_r), ast, dtype)
+        out["V_psf"] = _psf_variance(xp, s_n, s_r, eps)
         del s_n, s_r
+    out["Scorr"] = _scorr(xp, out["S"], _total_variance(out), out["F_S"])
+    return out
 
-    var = v_sn + v_sr
-    for extra in (v_ast, v_beta, v_psf):
-        if extra is not None:
-            var = var + extra
+
+def _total_variance(out: dict) -> Any:
+    """``V_SN + V_SR`` plus each of ``V_ast``, ``V_beta``, ``V_psf`` that is there."""
+    var = out["V_SN"] + out["V_SR"]
+    for name in ("V_ast", "V_beta", "V_psf"):
+        if out.get(name) is not None:
+            var = var + out[name]
+    return var
+
+
+def _scorr(xp, S: Any, var: Any, f_s: float) -> Any:
+    """``S / sqrt(var)``, the variance floored at ``_VAR_FLOOR * F_S`` (``var`` overwritten)."""
     if np.isscalar(var):
-        Scorr = S / np.sqrt(var)
-    else:
-        var = xp.maximum(var, _VAR_FLOOR * f_s)
-        xp.sqrt(var, out=var)
-        Scorr = xp.divide(S, var, out=var)
-    return {
-        "D": D,
-        "S": S,
-        "Scorr": Scorr,
-        "P_D": P_D,
-        "F_D": float(f_d),
-        "F_S": f_s,
-        "V_SN": v_sn,
-        "V_SR": v_sr,
-        "V_ast": v_ast,
-        "V_beta": v_beta,
-        "V_psf": v_psf,
-        "mask_radius": radius,
-        "reach": reach,
-        "s_sigma": s_sigma,
-    }
+        return S / np.sqrt(var)
+    xp.maximum(var, _VAR_FLOOR * f_s, out=var)
+    xp.sqrt(var, out=var)
+    return xp.divide(S, var, out=var)
+
+
+def _psf_variance(xp, s_n: Any, s_r: Any, eps: tuple[float, float]) -> Any:
+    """``(eps_n**2 + eps_r**2) min(|S_N|, |S_R|)**2``: the light that cancels, or None."""
+    if max(eps) == 0:
+        return None
+    v_psf = xp.minimum(xp.abs(s_n), xp.abs(s_r))
+    v_psf *= v_psf
+    v_psf *= eps[0] ** 2 + eps[1] ** 2
+    return v_psf
+
 
 
 def _at_zero(power: float | np.ndarray) -> float:
