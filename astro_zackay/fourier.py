@@ -410,13 +410,14 @@ def psf_rfft(
         # separable direct DFT: E_y (ny x h) @ stamp (h x w) @ E_x (w x nx//2+1)
         ey = np.exp(-2j * np.pi * np.outer(np.fft.fftfreq(shape[0]), np.arange(h) - h // 2))
         ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - w // 2, np.fft.rfftfreq(shape[1])))
-        p_h = ey @ (stamp.astype(np.float64) @ ex)
+        # on the backend: only the stamp and the two small DFT matrices are moved there
+        p_h = be.asarray(ey) @ (be.asarray(stamp.astype(np.float64)) @ be.asarray(ex))
     else:
         cpu = get_array_module("numpy")
-        p_h = cpu.rfft2(
+        p_h = be.asarray(cpu.rfft2(
             psf_to_origin(stamp, shape, dtype=np.float64), s=tuple(shape), workers=workers
-        )
-    return be.asarray(p_h.astype(ctype, copy=False))
+        ))
+    return p_h.astype(ctype, copy=False)
 
 
 def half_spectrum_sum(a: Any, nx: int) -> Any:
