@@ -2,7 +2,7 @@
 
 This module turns images into arrays, estimates what the user did not give
 (background, PSFs, flux ratio, shift, astrometric noise), runs the array core
-(`astro_zackay.zogy`) on overlapping tiles when the PSFs vary across the field,
+(`astro_zackay._zogy_field`, with PSF nodes when the PSFs vary across the field),
 and wraps the results back into `~astropy.nddata.CCDData`.
 """
 
@@ -35,23 +35,19 @@ from ._psf_input import (
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
-from ._tiles import tile_layout
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
+from ._zogy_field import zogy_field
 from .fluxmatch import StarMatch, match_stars
-from .fourier import shift_image
+from .fourier import get_array_module, shift_image
 from .noise import NoiseSpectrum, measure_pair_noise
 from .transients import bright_sources
-from .zogy import ZogyResult, _moved_mask, fit_flux_ratio, zogy
+from .zogy import _moved_mask, fit_flux_ratio
 from .zogy import fit_shift as _fit_shift
 
 __all__ = ["SubtractionResult", "subtract"]
 
 log = logging.getLogger(__name__)
 
-#: Inner tile sides that ``tiles="auto"`` tries, largest first, when a PSF varies.
-AUTO_TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128)
-#: Largest L1 difference between a PSF at a tile's centre and at its inner corners.
-MAX_PSF_CHANGE = 0.04
 #: Matched stars needed to take the flux ratio, shift and astrometric noise from stars.
 MIN_MATCHED_STARS = 5
 #: Flux fraction of each PSF kept in the cores that the pixel fit of the flux ratio uses.
@@ -96,7 +92,9 @@ class SubtractionResult:
     astrometric_noise : tuple of float
         ``(sigma_x, sigma_y)`` registration noise in pixels per image used in Scorr.
     tiles : `~astropy.table.Table`
-        One row per tile: its inner region, centre, background noises, F_D and F_S.
+        One row per PSF node (``nodes=`` of `subtract`): the pixels nearest to it
+        (``x_start``, ``x_stop``, ``y_start``, ``y_stop``), its position (``x_centre``,
+        ``y_centre``), the background noises, F_D, F_S and the background offset there.
     input_mask : `~numpy.ndarray` of bool or None
         The masked and saturated pixels of either input image (the reference's
         shifted with it), before the growth that masks the outputs; the MASKED flag
@@ -105,7 +103,7 @@ class SubtractionResult:
         The sources of both images with their matched-filter S/N in each
         (`~astro_zackay.transients.bright_sources`), for the BRIGHT flag.
     tile_psfs : `~numpy.ndarray` or None
-        P_D of each tile (one unit-sum stamp per row of ``tiles``); `psf_at` picks one.
+        P_D at each node (one unit-sum stamp per row of ``tiles``); `psf_at` picks one.
 
     Notes
     -----
@@ -130,7 +128,7 @@ class SubtractionResult:
     tile_psfs: np.ndarray | None = None
 
     def psf_at(self, x: float, y: float) -> np.ndarray:
-        """P_D at a position: that of the tile whose inner region holds it.
+        """P_D at a position: that of the nearest PSF node (the row of ``tiles`` holding it).
 
         Parameters
         ----------
@@ -140,7 +138,7 @@ class SubtractionResult:
         Returns
         -------
         `~numpy.ndarray`
-            The unit-sum stamp; ``psf`` (the central tile's) without per-tile stamps.
+            The unit-sum stamp; ``psf`` (at the image centre) without per-node stamps.
         """
         if self.tile_psfs is None or len(self.tile_psfs) != len(self.tiles):
             return self.psf
@@ -155,7 +153,7 @@ class SubtractionResult:
         """Transient candidates: local extrema of ``|score|`` above ``threshold`` sigma, vetted.
 
         Every vetting flag is computed: the difference image, its PSF (that of each
-        candidate's tile), the input masks and the sources of both images are passed
+        candidate's nearest PSF node), the input masks and the sources of both images are passed
         on (each can be replaced through ``kwargs``, e.g. ``sources=None`` to skip the
         BRIGHT flag).
 
@@ -284,15 +282,6 @@ def _pair_noise(
 def _used(spectrum: NoiseSpectrum | None) -> NoiseSpectrum | None:
     """The spectrum that ZOGY uses: the measured one when correlated, else None (white)."""
     return spectrum if spectrum is not None and spectrum.is_correlated else None
-
-
-def _noise_sigma(spectrum: NoiseSpectrum | None, sigma: float, sigma_image: float) -> float:
-    """A tile's background rms for ZOGY: its pixel-noise share when the spectrum is used.
-
-    The rms map holds the faint static sky too, which cancels in the difference;
-    ``spectrum.sigma / sigma_image`` is the pixel noise's share of it over the image.
-    """
-    return sigma if _used(spectrum) is None else sigma * spectrum.sigma / sigma_image
 
 
 def _noise_meta(spectra: tuple[NoiseSpectrum | None, NoiseSpectrum | None]) -> dict:
@@ -447,75 +436,6 @@ def _common_core(psfs: tuple[np.ndarray, ...], fraction: float) -> tuple[np.ndar
     return tuple(_cut(psf, half) for psf in psfs)
 
 
-def _background_offset(res: ZogyResult, bad: np.ndarray, beta: float) -> tuple[float, float, float]:
-    """The residual background difference of a tile, as offsets of D and S and in N's units.
-
-    A constant ``c`` in the new image adds ``c / sqrt(den0)`` to D (the PSFs sum to
-    one, so their transforms are 1 at zero frequency) and ``c * beta / den0`` to S,
-    with ``den0 = sn**2 + beta**2 sr**2`` (the noise powers at zero frequency for
-    correlated noise) ``= (beta / F_D)**2``; ZOGY is linear, so removing them
-    afterwards is exact away from the masked edges. ``c`` is taken from the median
-    of D over the good pixels.
-    """
-    good = ~bad
-    if not good.any():
-        return 0.0, 0.0, 0.0
-    den0 = (res.flux_new * res.flux_ref / res.F_D) ** 2
-    d_offset = float(np.median(res.D[good]))
-    c = d_offset * np.sqrt(den0)
-    return d_offset, c * beta / den0, c
-
-
-def _psf_change(psf: PSFSampler, shape: tuple[int, int], tile_size: int) -> float:
-    """Largest L1 difference between each tile's central PSF and the PSF at its corners."""
-    worst = 0.0
-    for tile in tile_layout(shape, tile_size, 0):
-        cx, cy = tile.centre
-        centre = psf(cx, cy)
-        ys, xs = tile.inner
-        for x in (xs.start, xs.stop - 1):
-            for y in (ys.start, ys.stop - 1):
-                worst = max(worst, float(np.abs(psf(x, y) - centre).sum()))
-    return worst
-
-
-def _auto_tile_size(
-    tiles: Any, shape: tuple[int, int], psfs: tuple[PSFSampler, PSFSampler]
-) -> int | None:
-    """The tile side: given, or the largest over which neither PSF changes by > MAX_PSF_CHANGE.
-
-    A PSF that changes within a tile leaves residuals on bright stars, in proportion
-    to their S/N. Measured on a simulated 1536^2 pair whose FWHMs vary by +-15 %
-    (201 stars of S/N > 50): tiles of 512, 256, 192 and 128 px left 5, 1, 3 and 0
-    of them above 5 sigma, at the same run time (the PSF estimation dominates); the
-    estimated PSFs change by 0.06 (L1) over 192 px tiles and 0.04 over 128 px ones.
-    Hence the 0.04 threshold.
-    """
-    if tiles is None:
-        return None
-    if isinstance(tiles, str):
-        if tiles != "auto":
-            raise ValueError(f"tiles must be 'auto', None or a tile size in pixels, got {tiles!r}")
-        varying = [psf for psf in psfs if psf.varying]
-        if not varying:
-            return None
-        for size in AUTO_TILE_SIZES:
-            if size >= max(shape):
-                continue
-            change = max(_psf_change(psf, shape, size) for psf in varying)
-            if change <= MAX_PSF_CHANGE:
-                log.info("tiles of %d px: the PSFs change by at most %.3f (L1) within one",
-                         size, change)
-                return size
-        log.info("tiles of %d px: the PSFs change by %.3f (L1) even within one",
-                 AUTO_TILE_SIZES[-1], change)
-        return AUTO_TILE_SIZES[-1]
-    size = int(tiles)
-    if size < 32:
-        raise ValueError(f"a tile size of {size} px is too small; use >= 32 (or None)")
-    return size
-
-
 @single_threaded_blas
 def subtract(
     reference: Any,
@@ -527,14 +447,16 @@ def subtract(
     fit_shift: bool = True,
     astrometric_noise: Literal["auto"] | tuple[float, float] | float | None = "auto",
     align: Literal["stars", "wcs"] | bool = False,
-    tiles: Literal["auto"] | int | None = "auto",
+    nodes: Literal["auto"] | int | None = "auto",
     unit: Any = None,
     gain: Any = None,
     read_noise: Any = None,
     saturation: Any = None,
     noise: Literal["auto", "white"] = "auto",
     psf_error: Literal["auto"] | float | tuple[float, float] | None = "auto",
-    dtype: type = np.float64,
+    dtype: type = np.float32,
+    backend: Literal["numpy", "cupy"] = "numpy",
+    workers: int | None = None,
 ) -> SubtractionResult:
     """Proper image subtraction (ZOGY) of a science image and a reference.
 
@@ -577,11 +499,12 @@ def subtract(
     align : {'stars', 'wcs'} or False
         Resample the reference onto the science image's grid first, matching stars
         (astroalign) or through the WCSs (reproject).
-    tiles : 'auto', int or None
-        Inner side in pixels of the overlapping tiles over which the PSFs are taken
-        as constant; ``'auto'`` takes the largest of 1024, 768, ... 128 px over which
-        neither PSF changes by more than 4 % (L1 norm) from a tile's centre to its
-        corners, and one tile when neither PSF varies; None forces one PSF per image.
+    nodes : 'auto', int or None
+        The PSFs are evaluated at an ``m x m`` grid of nodes spanning the image, and
+        each output is the sum of the nodes' outputs weighted by smooth (Lagrange)
+        weights: ``'auto'`` takes the fewest nodes per axis whose interpolated PSFs stay
+        within 1 % (L1 norm) of the PSFs between the nodes, and one node when neither
+        PSF varies; an integer fixes ``m``; None uses the PSFs at the image centre.
     unit, gain, read_noise, saturation : optional
         Passed to the CCDData boundary; each may be one value or a
         ``(reference, science)`` pair. ``gain`` (e-/ADU) lets the source noise be
@@ -608,8 +531,14 @@ def subtract(
         the residual cores of bright stars do not read as transients, while new
         sources keep their significance. ``'auto'`` takes `PSF_ERROR_FLOOR` (1 %)
         for both; None means 0.
-    dtype : {numpy.float64, numpy.float32}
-        Working precision of the FFT algebra.
+    dtype : {numpy.float32, numpy.float64}
+        Working precision of the image-sized FFT algebra (the PSF factors are always
+        computed in float64; float32 changes Scorr by ~1e-3 sigma).
+    backend : {'numpy', 'cupy'}
+        Where the subtraction's image-sized arrays live: ``'cupy'`` keeps them on the
+        GPU from upload to the final Scorr (needs CuPy, ``pip install cupy-cuda12x``).
+    workers : int, optional
+        FFT threads (default: all the cores the process may use).
 
     Returns
     -------
@@ -664,6 +593,7 @@ def subtract(
     reference, reference_psf = _unpack_coadd(reference, reference_psf)
     science, science_psf = _unpack_coadd(science, science_psf)
     _check_noise_options(noise, psf_error)
+    get_array_module(backend)  # an unknown name, or cupy without CuPy, fails before any work
     if flux_ratio is not None and not (np.isfinite(flux_ratio) and flux_ratio > 0):
         raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
     units, gains = _pair(unit, "unit"), _pair(gain, "gain")
@@ -736,68 +666,30 @@ def subtract(
         ast = _pair(astrometric_noise, "astrometric_noise")
         ast = (float(ast[0]), float(ast[1]))
 
-    tile_size = _auto_tile_size(tiles, sci.shape, (pref.psf, psci.psf))
-    stamp = max(psf_r0.shape + psf_n0.shape)
-    layout = tile_layout(sci.shape, tile_size or max(sci.shape), 2 * stamp)
-    outputs = {name: np.zeros(sci.shape, dtype) for name in ("D", "S", "Scorr", "alpha", "err")}
-    out_bad = bad.copy()
-    rows, offsets = [], []
-    central = None
-    tile_psfs = []  # P_D of each tile, for the candidate vetting
-    for tile in layout:
-        cx, cy = tile.centre
-        psf_r = pref.psf(cx, cy) if pref.psf.varying else psf_r0
-        psf_n = psci.psf(cx, cy) if psci.psf.varying else psf_n0
-        good = ~bad[tile.outer]
-        sigma_r = float(np.median(pref.rms[tile.outer][good])) if good.any() else sigma_r0
-        sigma_n = float(np.median(psci.rms[tile.outer][good])) if good.any() else sigma_n0
-        res = zogy(
-            psci.data[tile.outer], ref_data[tile.outer], psf_n, psf_r,
-            sigma_new=_noise_sigma(spectra[0], sigma_n, sigma_n0),
-            sigma_ref=_noise_sigma(spectra[1], sigma_r, sigma_r0), flux_new=beta, flux_ref=1.0,
-            var_new=sci.variance[tile.outer], var_ref=ref_var[tile.outer],
-            mask=sci.mask[tile.outer], mask_ref=ref.mask[tile.outer], shift_ref=shift,
-            noise_spectrum_new=_used(spectra[0]), noise_spectrum_ref=_used(spectra[1]),
-            psf_error_new=eps[1], psf_error_ref=eps[0], astrometric_noise_new=ast,
-            astrometric_noise_ref=ast, flux_ratio_error=beta_err, pad=True, border=stamp,
-            dtype=dtype,
-        )
-        keep = tile.inner_in_outer
-        tile_bad = bad[tile.outer] if res.mask is None else bad[tile.outer] | res.mask
-        d_offset, s_offset, offset = _background_offset(res, tile_bad, beta)
-        offsets.append(offset)
-        variance = res.V_SN + res.V_SR
-        total = variance + sum(v for v in (res.V_ast, res.V_beta, res.V_psf) if v is not None)
-        S = res.S - s_offset
-        outputs["D"][tile.inner] = (res.D - d_offset)[keep]
-        outputs["S"][tile.inner] = S[keep]
-        outputs["Scorr"][tile.inner] = (S / np.sqrt(np.maximum(total, res.F_S * 1e-6)))[keep]
-        # alpha is in reference-flux units (Fr = 1); beta * alpha is in science units
-        outputs["alpha"][tile.inner] = (beta / res.F_S * S)[keep]
-        outputs["err"][tile.inner] = (beta / res.F_S * np.sqrt(np.maximum(variance, 0)))[keep]
-        out_bad[tile.inner] |= tile_bad[keep]
-        tile_psfs.append(res.psf_d_stamp(stamp, normalize=True))
-        rows.append((tile.inner[1].start, tile.inner[1].stop, tile.inner[0].start,
-                     tile.inner[0].stop, cx, cy, sigma_r, sigma_n, res.F_D / beta,
-                     res.F_S / beta, offsets[-1]))
-        inner = tile.inner
-        if (inner[1].start <= centre[0] < inner[1].stop
-                and inner[0].start <= centre[1] < inner[0].stop):
-            central = res
-
-    offset = float(np.median(offsets))
+    core = zogy_field(
+        psci.data, ref_data, psci.psf, pref.psf, varying=(psci.psf.varying, pref.psf.varying),
+        rms_new=psci.rms, rms_ref=pref.rms, var_new=sci.variance, var_ref=ref_var,
+        mask_new=sci.mask, mask_ref=ref.mask, flux_ratio=beta, flux_ratio_error=beta_err,
+        shift_ref=shift, astrometric_noise=ast, psf_error=(eps[1], eps[0]),
+        noise_spectra=(_used(spectra[0]), _used(spectra[1])), nodes=nodes, dtype=dtype,
+        backend=backend, workers=workers,
+    )
+    out_bad = core.mask | bad
+    offset = core.background_offset
     tiles_table = Table(
-        rows=rows,
+        rows=core.nodes,
         names=("x_start", "x_stop", "y_start", "y_stop", "x_centre", "y_centre",
                "sigma_ref", "sigma_sci", "F_D", "F_S", "background_offset"),
     )
-    psf_d = central.psf_d_stamp(stamp, normalize=True)
     # D / F_D and S / F_S are reference-unit fluxes (Fr = 1); science units are beta times them
-    flux_scale = central.F_D / beta
+    tiles_table["F_D"] /= beta
+    tiles_table["F_S"] /= beta
+    flux_scale = core.F_D / beta
+    n_nodes = len(core.nodes)
     text = (f"ZOGY: beta={beta:.6g}+-{beta_err:.2g} shift=({shift[0]:.4f},{shift[1]:.4f}) "
-            f"ast=({ast[0]:.3f},{ast[1]:.3f}) tiles={len(layout)}")
+            f"ast=({ast[0]:.3f},{ast[1]:.3f}) nodes={n_nodes}")
     extra = {"AZBETA": beta, "AZBETAE": beta_err, "AZDX": shift[0], "AZDY": shift[1],
-             "AZBKGOFF": offset, "AZFD": flux_scale, "AZNTILE": len(layout)}
+             "AZBKGOFF": offset, "AZFD": flux_scale, "AZNTILE": n_nodes}
     extra.update(_noise_meta(spectra))  # the measured noise correlations
     ones = np.ones(sci.shape)
 
@@ -816,11 +708,11 @@ def subtract(
                              (psf_r0, psf_n0), mask=bad)
 
     return SubtractionResult(
-        difference=wrap(outputs["D"], u.dimensionless_unscaled, ones, "AZSUB"),
-        score=wrap(outputs["Scorr"], u.dimensionless_unscaled, ones, "AZSCORR"),
-        flux=wrap(outputs["alpha"], sci.unit, outputs["err"] ** 2, "AZFLUX"),
-        flux_error=wrap(outputs["err"], sci.unit, None, "AZFLUXE"),
-        psf=psf_d,
+        difference=wrap(core.D, u.dimensionless_unscaled, ones, "AZSUB"),
+        score=wrap(core.Scorr, u.dimensionless_unscaled, ones, "AZSCORR"),
+        flux=wrap(core.alpha, sci.unit, core.alpha_err**2, "AZFLUX"),
+        flux_error=wrap(core.alpha_err, sci.unit, None, "AZFLUXE"),
+        psf=core.psf_d,
         flux_scale=float(flux_scale),
         flux_ratio=float(beta),
         flux_ratio_error=float(beta_err),
@@ -829,6 +721,6 @@ def subtract(
         astrometric_noise=ast,
         tiles=tiles_table,
         input_mask=bad.copy(),
-        tile_psfs=np.array(tile_psfs),
+        tile_psfs=core.node_psfs,
         sources=sources,
     )

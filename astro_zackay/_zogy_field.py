@@ -1,0 +1,458 @@
+"""ZOGY over a whole image with spatially varying PSFs: PSF nodes and smooth weights.
+
+Arrays in, arrays out.  The images and variance maps are padded and transformed once;
+the PSFs are evaluated at an ``m x m`` grid of nodes that spans the image from edge
+to edge; each node's outputs (D, S_N and S_R, the source-noise variances) are
+computed on the shared transforms and summed with tensor Lagrange weights
+``w_ab(x, y) = l_a(y) l_b(x)`` (they sum to 1 everywhere).  A PSF model whose
+coefficient fields are polynomials of degree ``m - 1`` (a KL model of that degree)
+is reproduced exactly by the same weights, and ZOGY's filters, smooth functions of
+the PSFs, nearly so: `choose_nodes` takes the smallest ``m`` whose interpolated
+PSFs stay within `NODE_PSF_ERROR` (L1) of the PSFs between the nodes.  Everything
+that depends on a pixel's neighbourhood and not on the PSF (mask growth, edge flags)
+is done once for the image; Scorr, the flux and its error and the background offset
+are formed once, from the summed parts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .fourier import ArrayBackend, fast_shape, get_array_module, origin_to_stamp
+from .noise import NoiseSpectrum
+from .zogy import (
+    _astrometric_variance,
+    _at_zero,
+    _edge_mask,
+    _edge_sources,
+    _grow_mask,
+    _grow_regions,
+    _masked_regions,
+    _moved_mask,
+    _node,
+    _psf_variance,
+    _scorr,
+    _spectra,
+)
+
+__all__ = ["NODE_PSF_ERROR", "FieldResult", "choose_nodes", "lagrange_weights", "zogy_field"]
+
+_log = logging.getLogger(__name__)
+
+#: Largest L1 error of a PSF interpolated from the nodes, at test points between them,
+#: that `choose_nodes` accepts.  A quarter of the 0.04 L1 change within a tile that
+#: tiles of constant PSF allowed (which left no bright-star residual on the test fields).
+NODE_PSF_ERROR = 0.01
+#: Most nodes per axis that `choose_nodes` tries.
+MAX_NODES = 6
+#: Test points per axis at which the interpolation error is measured.
+_TEST_POINTS = 9
+
+PSF = Callable[[float, float], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """Outputs of `zogy_field` (numpy arrays on the input grid).
+
+    Attributes
+    ----------
+    D, S, Scorr : ndarray
+        Proper difference (unit variance), score and corrected score; the
+        background offset is removed from D and S.
+    alpha, alpha_err : ndarray
+        Point-source flux (in the new image's units, ``S / F_S`` times ``flux_new``)
+        and its 1-sigma error from source and background noise.
+    mask : ndarray of bool
+        The input bad pixels (the reference's moved by the rounded shift) grown as
+        in `astro_zackay.zogy.zogy`, and the edge.
+    input_mask : ndarray of bool
+        The input bad pixels before the growth.
+    psf_d : ndarray
+        Unit-sum P_D stamp at the image centre (the nodes' stamps interpolated).
+    F_D, F_S : float
+        Flux zero point of D and normalisation of S at the image centre.
+    nodes : list of tuple
+        Per node: ``(x_start, x_stop, y_start, y_stop, x_centre, y_centre, sigma_ref,
+        sigma_new, F_D, F_S, background_offset)``, the start/stop bounding the pixels
+        nearest to the node.
+    node_psfs : ndarray
+        The unit-sum P_D stamp of each node, one per row of ``nodes``.
+    background_offset : float
+        Median over the nodes of the constant removed, in the new image's units.
+    """
+
+    D: np.ndarray
+    S: np.ndarray
+    Scorr: np.ndarray
+    alpha: np.ndarray
+    alpha_err: np.ndarray
+    mask: np.ndarray
+    input_mask: np.ndarray
+    psf_d: np.ndarray
+    F_D: float
+    F_S: float
+    nodes: list
+    node_psfs: np.ndarray
+    background_offset: float
+
+
+def node_positions(n: int, m: int) -> np.ndarray:
+    """``m`` node positions spanning ``0 .. n - 1`` evenly (the centre for ``m = 1``)."""
+    return np.array([(n - 1) / 2.0]) if m == 1 else np.linspace(0.0, n - 1.0, m)
+
+
+def lagrange_weights(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Lagrange basis polynomials of ``nodes`` at ``x``: shape ``(len(nodes), len(x))``.
+
+    They sum to 1 at every ``x`` and reproduce polynomials of degree ``len(nodes) - 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._zogy_field import lagrange_weights
+    >>> w = lagrange_weights(np.array([0.0, 5.0, 10.0]), np.array([0.0, 2.5, 7.0]))
+    >>> np.round(w.sum(axis=0), 12).tolist(), np.round(w.T @ np.array([0, 25, 100.0]), 9).tolist()
+    ([1.0, 1.0, 1.0], [0.0, 6.25, 49.0])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w = np.ones((len(nodes), x.size))
+    for a, xa in enumerate(nodes):
+        for b, xb in enumerate(nodes):
+            if a != b:
+                w[a] *= (x - xb) / (xa - xb)
+    return w
+
+
+def _interpolation_error(psf: PSF, shape: tuple[int, int], m: int) -> float:
+    """Largest L1 error of ``psf`` interpolated from ``m x m`` nodes at test points."""
+    ny, nx = shape
+    ny_nodes, nx_nodes = node_positions(ny, m), node_positions(nx, m)
+    at_nodes = np.array([[psf(x, y) for x in nx_nodes] for y in ny_nodes])
+    ty = (np.arange(_TEST_POINTS) + 0.5) * (ny - 1) / _TEST_POINTS
+    tx = (np.arange(_TEST_POINTS) + 0.5) * (nx - 1) / _TEST_POINTS
+    wy, wx = lagrange_weights(ny_nodes, ty), lagrange_weights(nx_nodes, tx)
+    worst = 0.0
+    for i, y in enumerate(ty):
+        for j, x in enumerate(tx):
+            model = np.einsum("a,b,abij->ij", wy[:, i], wx[:, j], at_nodes)
+            worst = max(worst, float(np.abs(model - psf(x, y)).sum()))
+    return worst
+
+
+def choose_nodes(
+    psfs: tuple[PSF, PSF], varying: tuple[bool, bool], shape: tuple[int, int]
+) -> int:
+    """Nodes per axis: the fewest whose interpolated PSFs are within `NODE_PSF_ERROR`.
+
+    One node when neither PSF varies; at most `MAX_NODES`.  The error is the largest
+    L1 difference, over a grid of test points between the nodes, between each varying
+    PSF and its Lagrange interpolation from the nodes; the choice is logged.
+    """
+    moving = [psf for psf, v in zip(psfs, varying) if v]
+    if not moving:
+        return 1
+    error = np.inf
+    for m in range(1, MAX_NODES + 1):
+        error = max(_interpolation_error(psf, shape, m) for psf in moving)
+        if error <= NODE_PSF_ERROR:
+            break
+    _log.info("PSF nodes: %d x %d (interpolated PSFs within %.4f L1 between them)", m, m, error)
+    return m
+
+
+def _cells(positions: np.ndarray, n: int) -> list[int]:
+    """Edges of the pixels nearest to each node along one axis."""
+    mid = np.rint((positions[1:] + positions[:-1]) / 2.0 + 0.5).astype(int)
+    return [0, *mid.tolist(), n]
+
+
+def _noise_power(spectrum: NoiseSpectrum | None, sigma: float, unit: Any) -> Any:
+    """``sigma**2`` (white) or the spectrum's power scaled to ``sigma`` (``unit`` at 1)."""
+    return sigma * sigma if spectrum is None else unit * (sigma * sigma)
+
+
+def _node_sigma(
+    rms: np.ndarray, good: np.ndarray, cell: tuple[slice, slice], whole: float,
+    spectrum: NoiseSpectrum | None,
+) -> float:
+    """A node's background rms for ZOGY: the median rms of its cell's good pixels.
+
+    With a noise spectrum, its pixel-noise share: the rms map holds the faint static
+    sky too, which cancels in the difference, and ``spectrum.sigma / whole`` is the
+    pixel noise's share of it over the image.
+    """
+    in_cell = good[cell]
+    sigma = float(np.median(rms[cell][in_cell])) if in_cell.any() else whole
+    return sigma if spectrum is None else sigma * spectrum.sigma / whole
+
+
+def _upload(be: ArrayBackend, arr: Any, bad: Any, grid: tuple[int, int], dtype: Any):
+    """``arr`` on ``be`` in ``dtype``, bad pixels 0, centred in a zero ``grid`` (one copy)."""
+    xp = be.xp
+    out = xp.zeros(grid, dtype=dtype)
+    ny, nx = arr.shape
+    y0, x0 = (grid[0] - ny) // 2, (grid[1] - nx) // 2
+    inner = (slice(y0, y0 + ny), slice(x0, x0 + nx))
+    out[inner] = be.asarray(arr, dtype=dtype)
+    if bad is not None:
+        out[inner][be.asarray(bad)] = 0.0
+    return out, inner
+
+
+def zogy_field(
+    new: np.ndarray,
+    ref: np.ndarray,
+    psf_new: PSF,
+    psf_ref: PSF,
+    *,
+    varying: tuple[bool, bool],
+    rms_new: np.ndarray,
+    rms_ref: np.ndarray,
+    var_new: np.ndarray | None,
+    var_ref: np.ndarray | None,
+    mask_new: np.ndarray,
+    mask_ref: np.ndarray,
+    flux_ratio: float,
+    flux_ratio_error: float = 0.0,
+    shift_ref: tuple[float, float] = (0.0, 0.0),
+    astrometric_noise: tuple[float, float] = (0.0, 0.0),
+    psf_error: tuple[float, float] = (0.0, 0.0),
+    noise_spectra: tuple[NoiseSpectrum | None, NoiseSpectrum | None] = (None, None),
+    nodes: int | str | None = "auto",
+    dtype: Any = np.float32,
+    backend: str | ArrayBackend = "numpy",
+    workers: int | None = None,
+) -> FieldResult:
+    """ZOGY of a background-subtracted pair whose PSFs may vary across the field.
+
+    Parameters
+    ----------
+    new, ref : ndarray
+        Background-subtracted images on the same grid (the reference in its own frame).
+    psf_new, psf_ref : callable
+        ``psf(x, y)`` gives the unit-sum odd-sized stamp at a 0-based pixel position.
+    varying : tuple of bool
+        Whether each PSF (new, reference) changes across the field.
+    rms_new, rms_ref : ndarray
+        Background rms maps: each node's noise is the median over its nearest pixels.
+    var_new, var_ref : ndarray or None
+        Variance maps (background + source) for Scorr's source-noise terms.
+    mask_new, mask_ref : ndarray of bool
+        Bad pixels of each image (the reference's in its own frame).
+    flux_ratio, flux_ratio_error : float
+        ``beta = F_new / F_ref`` (``F_ref = 1``) and its error.
+    shift_ref : tuple of float
+        ``(dx, dy)`` by which the reference is moved onto ``new`` (a phase ramp).
+    astrometric_noise : tuple of float
+        ``(sigma_x, sigma_y)`` registration noise of each image, in pixels.
+    psf_error : tuple of float
+        Fractional PSF-model error of (new, reference), see `astro_zackay.zogy.zogy`.
+    noise_spectra : tuple
+        The `~astro_zackay.noise.NoiseSpectrum` of (new, reference) to use, or None
+        (white noise).
+    nodes : 'auto', int or None
+        Nodes per axis: `choose_nodes` (``'auto'``), a number, or None (one node).
+    dtype : {numpy.float32, numpy.float64}
+        Working precision of the image-sized algebra (the PSF factors are float64).
+    backend : str or ArrayBackend
+        Where the image-sized arrays live, from upload to the results.
+    workers : int, optional
+        FFT threads.
+
+    Returns
+    -------
+    FieldResult
+    """
+    be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
+    shape = tuple(np.shape(new))
+    m = _node_count(nodes, (psf_new, psf_ref), varying, shape)
+    centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+    stamp = max(psf_new(*centre).shape + psf_ref(*centre).shape)
+    grid = fast_shape(shape, stamp)
+    ref_bad = mask_ref | ~np.isfinite(ref)
+    new_bad = mask_new | ~np.isfinite(new)
+    if var_ref is not None:
+        ref_bad = ref_bad | ~np.isfinite(var_ref)
+    if var_new is not None:
+        new_bad = new_bad | ~np.isfinite(var_new)
+    bad = _moved_mask(ref_bad, shift_ref) | new_bad
+    arrays = {}
+    for name, arr, arr_bad in (("new", new, new_bad), ("ref", ref, ref_bad),
+                               ("var_new", var_new, new_bad), ("var_ref", var_ref, ref_bad)):
+        if arr is not None:
+            arrays[name], inner = _upload(be, arr, arr_bad if arr_bad.any() else None, grid,
+                                          dtype)
+    correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
+    eps = (float(psf_error[0]), float(psf_error[1]))
+    ast = (tuple(astrometric_noise), tuple(astrometric_noise))
+    spec = _spectra(be, arrays, correlated, float(flux_ratio_error), tuple(shift_ref), dtype,
+                    workers)
+    del arrays
+    split = max(ast[0] + ast[1] + eps) > 0
+    acc = _Accumulator(be, shape, inner, m, dtype)
+    units = [None if s is None else s.spectrum(grid, sigma=1.0) for s in noise_spectra]
+    good = ~bad
+    whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
+    rows, reaches, s_sigmas, node_psfs = [], [], [], []
+    for a, b, cell in acc.nodes():
+        x, y = acc.x_nodes[b], acc.y_nodes[a]
+        pn, pr = psf_new(x, y), psf_ref(x, y)
+        sigmas = [_node_sigma(rms, good, cell, w, s)
+                  for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)]
+        noise = tuple(_noise_power(s, sig, unit)
+                      for s, sig, unit in zip(noise_spectra, sigmas, units))
+        out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers)
+        den0 = _at_zero(noise[0]) + flux_ratio**2 * _at_zero(noise[1])
+        acc.add(a, b, out, den0)
+        reaches += out["reach"]
+        s_sigmas.append(out["s_sigma"])
+        node_psfs.append(origin_to_stamp(be.to_numpy(out["P_D"]), stamp, normalize=True))
+        rows.append([cell[1].start, cell[1].stop, cell[0].start, cell[0].stop, x, y,
+                     sigmas[1], sigmas[0], out["F_D"], out["F_S"]])
+    del spec
+    images = [np.where(b, 0.0, np.nan_to_num(a)) for a, b in ((new, new_bad), (ref, ref_bad))]
+    flag = _grown_mask(bad, images, whole, (psf_new(*centre), psf_ref(*centre)),
+                       reaches, min(s_sigmas), max(abs(v) for v in shift_ref))
+    result = acc.finish(be, flag, ast, eps, float(flux_ratio))
+    for row, offset in zip(rows, acc.offsets):
+        row.append(offset)
+    w_centre = acc.weights_at(*centre)
+    psf_d = np.tensordot(w_centre, np.array(node_psfs), axes=1)
+    return FieldResult(
+        **result, mask=flag, input_mask=bad, psf_d=psf_d / psf_d.sum(),
+        F_D=float(w_centre @ np.array([r[8] for r in rows])),
+        F_S=float(w_centre @ np.array([r[9] for r in rows])), nodes=[tuple(r) for r in rows],
+        node_psfs=np.array(node_psfs), background_offset=float(np.median(acc.offsets)),
+    )
+
+
+def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
+                shape: tuple[int, int]) -> int:
+    """Nodes per axis from the ``nodes`` option (validated)."""
+    if nodes is None:
+        return 1
+    if isinstance(nodes, str):
+        if nodes != "auto":
+            raise ValueError(f"nodes must be 'auto', None or a number of nodes, got {nodes!r}")
+        return choose_nodes(psfs, varying, shape)
+    m = int(nodes)
+    if m < 1 or m != nodes:
+        raise ValueError(f"nodes must be a positive integer, 'auto' or None, got {nodes!r}")
+    return m
+
+
+def _grown_mask(bad: np.ndarray, images: list[np.ndarray], sigmas: tuple[float, float],
+                psfs: tuple[np.ndarray, np.ndarray], reaches: list, s_sigma: float,
+                shift: float) -> np.ndarray:
+    """The bad pixels and the edge, grown once for the image by every node's kernels.
+
+    ``reaches`` alternates (new, reference) per node; the lights of the masked regions
+    and the edge are paired with them in the same order.
+    """
+    n_nodes = len(reaches) // 2
+    radius = max(r.core_radius for r in reaches)
+    flag = _grow_mask(bad, radius)
+    if bad.any():
+        labels, light = _masked_regions(bad, images, list(sigmas), list(psfs))
+        _grow_regions(flag, labels, light * n_nodes, reaches, s_sigma)
+    edge = _edge_mask(bad.shape, radius + int(np.ceil(shift)))
+    labels, light = _edge_sources(images, list(sigmas), list(psfs))
+    _grow_regions(edge, labels, light * n_nodes, reaches, s_sigma)
+    return flag | edge
+
+
+class _Accumulator:
+    """The weighted sums over the nodes of their cropped outputs, on the backend."""
+
+    def __init__(self, be: ArrayBackend, shape: tuple[int, int], inner: tuple[slice, slice],
+                 m: int, dtype: Any):
+        self.be, self.shape, self.inner, self.dtype = be, shape, inner, dtype
+        self.y_nodes = node_positions(shape[0], m)
+        self.x_nodes = node_positions(shape[1], m)
+        self.wy = be.asarray(lagrange_weights(self.y_nodes, np.arange(shape[0])), dtype=dtype)
+        self.wx = be.asarray(lagrange_weights(self.x_nodes, np.arange(shape[1])), dtype=dtype)
+        self.sums: dict[str, Any] = {}
+        self.inv_den = np.zeros((m, m))  # D's response to a unit constant in new, per node
+        self.f_s = np.zeros((m, m))
+        self.beta_den = np.zeros((m, m))
+        self.offsets: list[float] = []
+
+    def nodes(self):
+        """``(a, b, cell)`` of each node: row and column index and its nearest pixels."""
+        ye, xe = _cells(self.y_nodes, self.shape[0]), _cells(self.x_nodes, self.shape[1])
+        for a in range(len(self.y_nodes)):
+            for b in range(len(self.x_nodes)):
+                yield a, b, (slice(ye[a], ye[a + 1]), slice(xe[b], xe[b + 1]))
+
+    def weights_at(self, x: float, y: float) -> np.ndarray:
+        """The node weights at one position, flattened like `nodes`."""
+        wy = lagrange_weights(self.y_nodes, np.array([y]))[:, 0]
+        wx = lagrange_weights(self.x_nodes, np.array([x]))[:, 0]
+        return np.outer(wy, wx).ravel()
+
+    def add(self, a: int, b: int, out: dict, den0: float) -> None:
+        """Add one node's outputs times its weight map."""
+        xp = self.be.xp
+        weight = xp.multiply.outer(self.wy[a], self.wx[b])
+        for name in ("D", "S", "S_N", "S_R", "V_SN", "V_SR", "V_beta"):
+            value = out.get(name)
+            if value is None:
+                continue
+            if np.isscalar(value):
+                value = weight * value
+            else:
+                value = value[self.inner]
+                value *= weight
+            if name in self.sums:
+                self.sums[name] += value
+            else:
+                self.sums[name] = xp.array(value, dtype=self.dtype)
+        self.inv_den[a, b] = 1.0 / np.sqrt(den0)
+        self.beta_den[a, b] = 1.0 / den0
+        self.f_s[a, b] = out["F_S"]
+
+    def field(self, values: np.ndarray) -> Any:
+        """``sum_ab w_ab(x, y) values[a, b]`` as an image on the backend."""
+        v = self.be.asarray(values, dtype=self.dtype)
+        return self.wy.T @ (v @ self.wx)
+
+    def finish(self, be: ArrayBackend, flag: np.ndarray, ast, eps, beta: float) -> dict:
+        """Background offset, S, Scorr, alpha and its error; downloaded once."""
+        xp = be.xp
+        sums = self.sums
+        if "S" not in sums:
+            sums["S"] = sums["S_N"] - sums["S_R"]
+        good = be.asarray(~flag)
+        g_d = self.field(self.inv_den)
+        for *_, cell in self.nodes():
+            in_cell = good[cell]
+            ratio = sums["D"][cell][in_cell] / g_d[cell][in_cell]
+            self.offsets.append(float(xp.median(ratio)) if ratio.size else 0.0)
+        c = np.array(self.offsets).reshape(self.inv_den.shape)
+        sums["D"] -= self.field(c * self.inv_den)
+        sums["S"] -= self.field(c * beta * self.beta_den)
+        var = sums["V_SN"] + sums["V_SR"]
+        f_s = self.field(self.f_s)
+        alpha_err = xp.sqrt(xp.maximum(var, 0.0)) / f_s
+        total = var
+        if "S_N" in sums:
+            v_ast = _astrometric_variance(xp, (sums["S_N"], sums["S_R"]), ast, self.dtype)
+            v_psf = _psf_variance(xp, sums.pop("S_N"), sums.pop("S_R"), eps)
+            for extra in (v_ast, v_psf):
+                if extra is not None:
+                    total = total + extra
+        if "V_beta" in sums:
+            total = total + sums["V_beta"]
+        scorr = _scorr(xp, sums["S"], total, float(self.f_s.min()))
+        alpha = sums["S"] / f_s
+        alpha *= beta
+        alpha_err *= beta
+        return {name: be.to_numpy(value) for name, value in
+                (("D", sums["D"]), ("S", sums["S"]), ("Scorr", scorr), ("alpha", alpha),
+                 ("alpha_err", alpha_err))}
