@@ -10,7 +10,8 @@ image's bad pixels, the caller's mask and (by default) the detected sources.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,9 @@ class BackgroundResult:
     box_size: tuple[int, int]
     filter_size: tuple[int, int]
     masked_fraction: float
+    #: the sources detected for the source mask, which the star finder reuses on the
+    #: same image (`_Detection.of`) instead of detecting them again
+    _detection: _Detection | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         ny, nx = self.sky.shape
@@ -207,38 +211,141 @@ def _photutils_maps(
 _MAPS = {"sep": _sep_maps, "photutils": _photutils_maps}
 
 
-def _sep_extract(
-    data: np.ndarray, threshold: float, rms: np.ndarray, mask: np.ndarray, **kwargs: Any
-) -> Any:
-    """``sep.extract`` at ``threshold`` x ``rms`` with sep's arrays and pixel stack prepared.
+#: Detection threshold of `_detect_sources`, in units of the background rms (sep, 3x3
+#: filter): the star finder's catalogue.
+DETECT_THRESHOLD = 3.0
+#: The noise of sep's default 3x3 filter ``[[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16`` on white
+#: noise of unit rms, sqrt(sum k**2): its matched filter detects where the filtered image
+#: reaches threshold x rms x this.
+_FILTER_NOISE = 0.375
+#: Rows shared by neighbouring strips when sep's pixel buffer overflows (see `_extract_rows`).
+_STRIP_OVERLAP = 64
 
-    The pixel stack is raised (for this call only) to a quarter of the image, so that
-    crowded fields do not overflow it. ``kwargs`` go to ``sep.extract``.
+
+@dataclass(frozen=True)
+class _Detection:
+    """The sources found on one image by `_detect_sources`, kept for the star finder.
+
+    Attributes
+    ----------
+    objects : `~numpy.ndarray`
+        sep's catalogue (a structured array: ``x``, ``y``, ``flux``, ``npix``, ``a``,
+        ``b``, ...), 0-based pixels.
+    image : `weakref.ref`
+        The data array they were found in: `of` tells whether an image is that one,
+        without keeping the array alive.
     """
-    pixstack = sep.get_extract_pixstack()
-    sep.set_extract_pixstack(max(pixstack, data.size // 4))
+
+    objects: np.ndarray
+    image: weakref.ref
+
+    def of(self, img: ImageData) -> bool:
+        """Whether these are the detections of ``img.data`` itself."""
+        return self.image() is img.data
+
+
+def _sep_overflow(exc: Exception) -> bool:
+    """Whether sep stopped because its pixel buffer (its process-wide pixel stack) filled."""
+    return "pixel buffer full" in str(exc)
+
+
+def _sep_extract(data: np.ndarray, err: np.ndarray, threshold: float, segmentation: bool) -> Any:
+    """``sep.extract`` (minimum area 5 pixels), deblended unless sep's sub-object limit
+    (a process-wide setting, left alone) is reached: that object is then left whole."""
     try:
-        return sep.extract(
-            np.ascontiguousarray(data, dtype=np.float64),
-            threshold,
-            err=np.ascontiguousarray(np.where(rms > 0, rms, np.inf), dtype=np.float64),
-            mask=np.ascontiguousarray(mask),
-            minarea=5,
-            **kwargs,
-        )
-    finally:
-        sep.set_extract_pixstack(pixstack)
+        return sep.extract(data, threshold, err=err, minarea=5, segmentation_map=segmentation)
+    except Exception as exc:  # sep raises a bare Exception
+        if "deblending overflow" not in str(exc):
+            raise
+    log.info("sep's deblending overflowed (an object of too many peaks): detected undeblended")
+    return sep.extract(data, threshold, err=err, minarea=5, segmentation_map=segmentation,
+                       deblend_nthresh=1)
 
 
-def _source_mask(
-    data: np.ndarray, mask: np.ndarray, sky: np.ndarray, rms: np.ndarray
-) -> np.ndarray:
-    """Pixels of sources detected above the first-pass background, grown by a few pixels."""
-    residual = np.where(mask, 0.0, data - sky)
-    _, segmap = _sep_extract(
-        residual, _SOURCE_THRESHOLD, rms, mask, deblend_cont=1.0, segmentation_map=True
-    )
-    return ndimage.maximum_filter(segmap > 0, size=2 * _SOURCE_GROW + 1)
+def _extract_rows(
+    data: np.ndarray, err: np.ndarray, threshold: float, strong: float | None,
+    start: int, stop: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """sep's sources centred in rows ``[start, stop)`` and, with ``strong``, those rows'
+    pixels of the sources whose filtered peak reaches ``strong`` x rms.
+
+    sep holds the pixels above the threshold in a buffer of fixed size, a process-wide
+    setting that is left alone: when it overflows (a crowded or very large image), the
+    rows are halved and each half is detected with `_STRIP_OVERLAP` rows of its
+    neighbour, so that a source near the cut is whole in the strip of its centre.
+    """
+    ny = data.shape[0]
+    lo, hi = max(0, start - _STRIP_OVERLAP), min(ny, stop + _STRIP_OVERLAP)
+    try:
+        found = _sep_extract(data[lo:hi], err[lo:hi], threshold, strong is not None)
+    except Exception as exc:  # sep raises a bare Exception
+        if not _sep_overflow(exc) or stop - start < 4 * _STRIP_OVERLAP:
+            raise
+        middle = (start + stop) // 2
+        log.debug("sep's pixel buffer overflowed on rows %d-%d: detected in two strips",
+                  start, stop)
+        parts = [_extract_rows(data, err, threshold, strong, a, b)
+                 for a, b in ((start, middle), (middle, stop))]
+        pixels = None if strong is None else np.concatenate([p[1] for p in parts])
+        return np.concatenate([p[0] for p in parts]), pixels
+    objects, segmap = found if strong is not None else (found, None)
+    for name in ("y", "ymin", "ymax", "ycpeak", "ypeak"):
+        objects[name] += lo
+    own = np.ones(len(objects), dtype=bool)
+    if start > 0:
+        own &= objects["y"] >= start - 0.5
+    if stop < ny:
+        own &= objects["y"] < stop - 0.5
+    if strong is None:
+        return objects[own], None
+    # sep's filtered peak (cpeak) is in data units, its threshold (thresh) x err unfiltered
+    peak_snr = objects["cpeak"] / (objects["thresh"] / threshold * _FILTER_NOISE)
+    significant = np.concatenate([[False], peak_snr >= strong])
+    return objects[own], significant[segmap[start - lo : stop - lo]]
+
+
+def _extract(
+    data: np.ndarray, rms: np.ndarray, threshold: float, strong: float | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``sep.extract`` at ``threshold`` x ``rms`` on sky-subtracted ``data`` (masked pixels
+    0), without a mask; with ``strong``, the pixels of its sources peaking at ``strong``
+    x rms too. No process-wide sep setting is changed (see `_extract_rows`).
+    """
+    data = np.ascontiguousarray(data, dtype=np.float64)
+    err = np.ascontiguousarray(np.where(rms > 0, rms, np.inf), dtype=np.float64)
+    return _extract_rows(data, err, threshold, strong, 0, data.shape[0])
+
+
+def _detect_sources(
+    img: ImageData, sky: np.ndarray, rms: np.ndarray, strong: float | None = None
+) -> tuple[_Detection, np.ndarray | None]:
+    """The sources of ``img`` above `DETECT_THRESHOLD` x ``rms`` over ``sky``.
+
+    sep detects on the data with the masked pixels set to 0 (the sky), not with its
+    ``mask``: with the saturated cores of a few bright stars masked, sep dropped 30 of
+    91 isolated unsaturated stars of S/N 30-600 on a 512^2 field (Moffat beta 2.5,
+    measured), whole isophotes that reached a masked pixel. With ``strong``, also the
+    pixels (the 3-sigma isophotes) of the sources that peak at ``strong`` x ``rms``:
+    the sources the background masks.
+    """
+    data = np.where(img.mask, 0.0, img.data - sky)
+    objects, pixels = _extract(data, rms, DETECT_THRESHOLD, strong)
+    return _Detection(objects, weakref.ref(img.data)), pixels
+
+
+def _first_pass(
+    img: ImageData, data: np.ndarray, method: str, box: tuple[int, int], filt: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sky and rms maps before the sources are masked.
+
+    sep's maps that estimated the image's variance (`~astro_zackay._ccd.to_image`) are
+    these very maps when the boxes agree: they are reused.
+    """
+    maps = img.sky_maps
+    if (method == "sep" and box[0] == box[1] and filt == (3, 3) and maps is not None
+            and maps.matches(img, box[0])):
+        return maps.sky, maps.rms
+    return _MAPS[method](data, img.mask, box, filt)
 
 
 def _estimate_from(
@@ -268,16 +375,18 @@ def _estimate_from(
     data = img.filled(0.0)
     maps = _MAPS[method]
     mask = img.mask
-    sky, rms = maps(data, mask, box, filt)
+    detection = None
     if detect_sources:
-        mask = mask | _source_mask(data, mask, sky, rms)
+        sky, rms = _first_pass(img, data, method, box, filt)
+        detection, sources = _detect_sources(img, sky, rms, strong=_SOURCE_THRESHOLD)
+        mask = mask | ndimage.maximum_filter(sources, size=2 * _SOURCE_GROW + 1)
         del sky, rms  # freed before the second pass: two frame-sizes less at the peak
         if (~mask).sum() < box[0] * box[1]:
             raise ValueError(
                 "masking the detected sources leaves fewer unmasked pixels than one box: "
                 "pass detect_sources=False or a larger box_size"
             )
-        sky, rms = maps(data, mask, box, filt)
+    sky, rms = maps(data, mask, box, filt)
     masked_fraction = float(mask.mean())
     log.info(
         "%s background: box %s, filter %s, %.1f%% of pixels masked",
@@ -297,6 +406,7 @@ def _estimate_from(
         box_size=box,
         filter_size=filt,
         masked_fraction=masked_fraction,
+        _detection=detection,
     )
 
 
@@ -318,8 +428,10 @@ def estimate_background(
     standard deviation; the box values are median-filtered over ``filter_size``
     boxes and interpolated with a bicubic spline. Masked pixels (the image's mask,
     ``mask``, non-finite and saturated pixels) never enter. With ``detect_sources``
-    a first pass is followed by source detection at 5 sigma (sep, no deblending,
-    segments grown by 2 pixels) and a second pass with the sources masked.
+    a first pass is followed by source detection (sep at 3 sigma, 3x3 filter) and
+    a second pass with the sources that peak at 5 sigma masked (their 3-sigma
+    isophotes grown by 2 pixels); the star finder reuses that detection on the
+    same image.
 
     Method choice, measured with ``benchmarks/bench_background.py`` on a simulated
     2048x2048 image in electrons (`~astro_zackay.simulation.simulate_image`: 2000

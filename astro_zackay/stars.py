@@ -43,7 +43,7 @@ from ._threads import single_threaded_blas
 from .background import (
     BackgroundResult,
     _default_box_size,
-    _sep_extract,
+    _detect_sources,
     _sep_maps,
 )
 from .profiles import GAUSS_FWHM, moffat_jacobian, moffat_model, moffat_shape
@@ -68,8 +68,6 @@ REASONS = (
 #: A star whose stamp has masked pixels (not saturated ones) stays usable when they are at
 #: most this fraction of the stamp and none lies within one FWHM of its centre.
 MASKED_MAX_FRACTION = 0.03
-#: Detection threshold in units of the background rms (sep, 3x3 matched filter).
-_DETECT_THRESHOLD = 3.0
 #: Neighbours fainter than this fraction of a star's flux do not spoil its isolation.
 _NEIGHBOUR_FRACTION = 0.01
 #: Shape cuts relative to the local size model (the stellar locus) at each star.
@@ -181,18 +179,13 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
     return np.full(img.shape, sky), np.full(img.shape, rms)
 
 
-def _no_mask(data: np.ndarray) -> np.ndarray:
-    """An all-False mask: sep runs on data whose masked pixels are set to 0 instead."""
-    return np.zeros(data.shape, dtype=bool)
-
-
 def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Background-subtracted data (masked pixels 0), the rms map and sep's detections.
+    """Background-subtracted data (masked pixels 0), the rms map and the detections.
 
-    sep detects on the data with the masked pixels set to 0 (the sky), not with its
-    ``mask``: with the saturated cores of a few bright stars masked, sep dropped 30 of
-    91 isolated unsaturated stars of S/N 30-600 on a 512^2 field (Moffat beta 2.5,
-    measured), whole isophotes that reached a masked pixel.
+    The detections are `~astro_zackay.background.estimate_background`'s when
+    ``background`` was measured on this very image (it detected the sources to mask
+    them, on its first-pass sky: they are not detected again), else sep's on the
+    data less the sky (`~astro_zackay.background._detect_sources`).
 
     Without a ``background``, the sky is one pass of sep's clipped background map
     (64 px boxes, 3x3 filter). The second, source-masked pass of
@@ -202,11 +195,12 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
     (at most 0.5 % for S/N > 100). That pass is the one that estimated the variance
     (``img.sky_maps``) when the box sizes agree: it is reused.
     """
-    filled = img.filled(0.0)
     if background is not None:
         sky, rms = _given_background(img, background)
-        data = np.where(img.mask, 0.0, filled - sky)
-        return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, _no_mask(data))
+        found = getattr(background, "_detection", None)
+        if found is None or not found.of(img):
+            found, _ = _detect_sources(img, sky, rms)
+        return np.where(img.mask, 0.0, img.data - sky), rms, found.objects
     box = _default_box_size(img.shape)
     if np.count_nonzero(~img.mask) < box * box:
         raise ValueError(
@@ -216,9 +210,9 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
     if img.sky_maps is not None and img.sky_maps.matches(img, box):  # those of the variance
         sky, rms = img.sky_maps.sky, img.sky_maps.rms
     else:
-        sky, rms = _sep_maps(filled, img.mask, (box, box), (3, 3))
-    data = np.where(img.mask, 0.0, filled - sky)
-    return data, rms, _sep_extract(data, _DETECT_THRESHOLD, rms, _no_mask(data))
+        sky, rms = _sep_maps(img.filled(0.0), img.mask, (box, box), (3, 3))
+    found, _ = _detect_sources(img, sky, rms)
+    return np.where(img.mask, 0.0, img.data - sky), rms, found.objects
 
 
 def _start_fwhm(objects: Any) -> tuple[float, float]:

@@ -7,7 +7,13 @@ import pytest
 from astropy import units as u
 from astropy.nddata import CCDData
 
-from astro_zackay.background import BackgroundResult, estimate_background, subtract_background
+from astro_zackay._ccd import to_image
+from astro_zackay.background import (
+    BackgroundResult,
+    _detect_sources,
+    estimate_background,
+    subtract_background,
+)
 from astro_zackay.simulation import simulate_image
 
 SHAPE = (1024, 1024)
@@ -160,3 +166,33 @@ def test_errors(kwargs, match):
     data = np.random.default_rng(0).normal(10.0, 1.0, (64, 64))
     with pytest.raises(ValueError, match=match):
         estimate_background(data, unit="adu", **kwargs)
+
+
+def test_overflowing_detection_in_strips_without_global_settings():
+    """A source too large for sep's pixel buffer (300 000 pixels above the threshold by
+    default; this disk holds 320 000) is detected in strips: every star, also those on
+    the strips' cuts (rows 256 and 512), found once and in place, the whole disk among
+    the strong sources' pixels, and sep's process-wide settings left as they were."""
+    import sep
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:1024, :1024]
+    disk = np.hypot(xx - 512, yy - 512) < 320
+    data = rng.normal(0.0, 1.0, (1024, 1024)) + 10.0 * disk
+    stars = [(60, 60), (960, 60), (60, 512), (960, 511.5), (80, 256.5), (930, 768.5),
+             (100, 900), (900, 960)]
+    for x, y in stars:
+        data += 500.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+    settings = sep.get_extract_pixstack(), sep.get_sub_object_limit()
+    with pytest.raises(Exception, match="pixel buffer full"):  # sep alone cannot
+        sep.extract(data, 3.0, err=np.ones_like(data), minarea=5)
+    img = to_image(data, unit="electron", saturation=np.inf)
+    zero, one = np.zeros(data.shape), np.ones(data.shape)
+    detection, strong = _detect_sources(img, zero, one, strong=5.0)
+    assert (sep.get_extract_pixstack(), sep.get_sub_object_limit()) == settings
+    assert detection.of(img)
+    objects = detection.objects
+    for x, y in stars:
+        near = np.hypot(objects["x"] - x, objects["y"] - y)
+        assert np.sum(near < 2.0) == 1 and near.min() < 0.2
+    assert strong[disk].mean() > 0.99 and strong[~disk].mean() < 0.01
