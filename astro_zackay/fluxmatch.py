@@ -9,13 +9,13 @@ images on one flux scale and one pixel grid.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
 
 from ._ccd import ImageData
+from ._stats import clipped_row_stats, mad_std
 
 __all__ = [
     "StarMatch",
@@ -133,7 +133,7 @@ def flux_ratio(
             rest[worst] = False
             fit = _deming(f, ef, fr, er, rest, ratio)
             residuals = (f[rest] - fit * fr[rest]) / np.sqrt(ef[rest] ** 2 + fit**2 * er[rest] ** 2)
-            spread = max(1.0, 1.4826 * float(np.median(np.abs(residuals))))
+            spread = max(1.0, mad_std(residuals, centre=0.0))
             if abs(pulls[worst]) < CLIP_SIGMA * spread:
                 break
             keep, ratio = rest, fit
@@ -226,8 +226,6 @@ def aperture_photometry(
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool)
-    bad = bad | ~np.isfinite(data) | ~np.isfinite(variance)
     r_in, r_out = _annulus(radius)
     half = int(np.ceil(r_out)) + 1
     ny, nx = data.shape
@@ -237,33 +235,73 @@ def aperture_photometry(
     flux_err = np.full(x.size, np.nan)
     if not inside.any():
         return flux, flux_err
-    offsets = np.arange(-half, half + 1)
+    # the images flattened once: each star's pixels are read with one flat index
+    images = [np.asarray(data).reshape(-1), np.asarray(variance).reshape(-1),
+              None if mask is None else np.asarray(mask, bool).reshape(-1)]
+    ring_y, ring_x = _ring_pixels(r_in, r_out)
     half_ap = int(np.ceil(radius)) + 1
     ap_offsets = np.arange(-half_ap, half_ap + 1)
-    # stars in chunks bound the temporaries (the disk weights hold 25 samples a pixel)
+    ap_y, ap_x = (v.ravel() for v in np.meshgrid(ap_offsets, ap_offsets, indexing="ij"))
+    # stars in chunks bound the temporaries
     for k in np.array_split(np.flatnonzero(inside), max(1, int(inside.sum()) // 128)):
-        dx, dy = x[k] - ix[k], y[k] - iy[k]  # sub-pixel offsets from the cut-out centres
-        rows = iy[k, None, None] + offsets[None, :, None]
-        cols = ix[k, None, None] + offsets[None, None, :]
-        dist = np.hypot(offsets[None, None, :] - dx[:, None, None],
-                        offsets[None, :, None] - dy[:, None, None])
-        ring = (dist >= r_in) & (dist <= r_out) & ~bad[rows, cols]
-        sky, sky_std, n_sky = _clipped_ring_mean(np.where(ring, data[rows, cols], np.nan))
-        rows = iy[k, None, None] + ap_offsets[None, :, None]
-        cols = ix[k, None, None] + ap_offsets[None, None, :]
-        weight = _disk_weights(ap_offsets, dx, dy, radius)
-        area = weight.sum(axis=(1, 2))
-        flux_k = np.sum(weight * data[rows, cols], axis=(1, 2)) - sky * area
-        var_k = (np.sum(weight * variance[rows, cols], axis=(1, 2))
+        dx, dy = x[k] - ix[k], y[k] - iy[k]  # sub-pixel offsets from the star's pixel
+        centre = iy[k] * nx + ix[k]
+        ring_data, _, ring_bad = _pixels(images, centre, ring_y * nx + ring_x, False)
+        dist = np.hypot(ring_x[None, :] - dx[:, None], ring_y[None, :] - dy[:, None])
+        ring = (dist >= r_in) & (dist <= r_out) & ~ring_bad
+        sky, sky_std, n_sky = clipped_row_stats(np.where(ring, ring_data, np.nan))
+        ap_data, ap_variance, ap_bad = _pixels(images, centre, ap_y * nx + ap_x, True)
+        weight = _disk_weights(ap_offsets, dx, dy, radius).reshape(len(k), -1)
+        area = weight.sum(axis=1)
+        flux_k = np.sum(weight * ap_data, axis=1) - sky * area
+        var_k = (np.sum(weight * ap_variance, axis=1)
                  + sky_std**2 / np.maximum(n_sky, 1) * area**2)
-        holds_bad = np.any((weight > 0) & bad[rows, cols], axis=(1, 2))
+        holds_bad = np.any((weight > 0) & ap_bad, axis=1)
         valid = ~holds_bad & np.isfinite(flux_k) & (n_sky > 0)
         flux[k] = np.where(valid, flux_k, np.nan)
         flux_err[k] = np.where(valid, np.sqrt(var_k), np.nan)
     return flux, flux_err
 
 
+def _ring_pixels(r_in: float, r_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(dy, dx)`` of the pixels that can hold an annulus about a point within a pixel.
+
+    The point lies within half a pixel of the pixel ``(0, 0)`` along each axis, so
+    at most ``sqrt(2) / 2`` px from it.
+    """
+    half = int(np.ceil(r_out)) + 1
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    reach = np.hypot(dy, dx)
+    near = (reach >= r_in - _HALF_DIAGONAL) & (reach <= r_out + _HALF_DIAGONAL)
+    return dy[near], dx[near]
+
+
+def _pixels(
+    images: list[np.ndarray | None], centre: np.ndarray, offsets: np.ndarray, with_variance: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(n_stars, n_offsets)`` pixels of flattened data, variance and mask at flat offsets.
+
+    Also the bad pixels among them: the mask's (when given), and non-finite data or
+    variance (the variance is read only ``with_variance``).
+    """
+    index = centre[:, None] + offsets[None, :]
+    data, variance, mask = images
+    data = data[index]
+    bad = ~np.isfinite(data)
+    if with_variance:
+        variance = variance[index]
+        bad |= ~np.isfinite(variance)
+    if mask is not None:
+        bad |= mask[index]
+    return data, variance if with_variance else None, bad
+
+
 _SUBSAMPLE = 5
+#: Farthest a pixel's sub-samples lie from its centre: pixels farther than this from
+#: the disk's edge lie wholly inside or outside it (plus a margin for rounding).
+_SUBSAMPLE_REACH = np.hypot(0.4, 0.4) + 1e-6
+#: Farthest a point within half a pixel of a pixel's centre along each axis lies from it.
+_HALF_DIAGONAL = np.hypot(0.5, 0.5) + 1e-6
 
 
 def _disk_weights(offsets: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
@@ -271,31 +309,19 @@ def _disk_weights(offsets: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: f
 
     Each pixel is sampled on a 5 x 5 sub-grid (area error ~1e-3 of the disk for
     radii of a few pixels); `encircled_energy` uses the same sampling, so the two
-    agree exactly in how they cut the aperture.
+    agree exactly in how they cut the aperture. Only the pixels on the disk's edge
+    are sub-sampled: the others lie wholly inside (1) or outside (0).
     """
+    cx = offsets[None, None, :] - dx[:, None, None]
+    cy = offsets[None, :, None] - dy[:, None, None]
+    centre = np.hypot(cx, cy)
+    weight = (centre < radius - _SUBSAMPLE_REACH).astype(float)
+    edge = np.nonzero(np.abs(centre - radius) <= _SUBSAMPLE_REACH)
     sub = (np.arange(_SUBSAMPLE) + 0.5) / _SUBSAMPLE - 0.5
-    px = offsets[None, None, :, None, None] + sub[None, None, None, None, :] - dx[:, None, None,
-                                                                                 None, None]
-    py = offsets[None, :, None, None, None] + sub[None, None, None, :, None] - dy[:, None, None,
-                                                                                None, None]
-    return ((px**2 + py**2) <= radius**2).mean(axis=(3, 4))
-
-
-def _clipped_ring_mean(values: np.ndarray, nsigma: float = 3.0, iterations: int = 5) -> tuple:
-    """Per-row 3-sigma clipped mean, std and count of an (n, ...) array with NaN for unused."""
-    flat = values.reshape(values.shape[0], -1)
-    for _ in range(iterations):
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(flat, axis=1)
-            spread = np.nanstd(flat, axis=1)
-        clipped = np.where(np.abs(flat - centre[:, None]) > nsigma * spread[:, None], np.nan, flat)
-        if np.array_equal(np.isnan(clipped), np.isnan(flat)):
-            break
-        flat = clipped
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(flat, axis=1), np.nanstd(flat, axis=1), np.sum(~np.isnan(flat), axis=1)
+    px = offsets[edge[2], None, None] + sub[None, None, :] - dx[edge[0], None, None]
+    py = offsets[edge[1], None, None] + sub[None, :, None] - dy[edge[0], None, None]
+    weight[edge] = ((px**2 + py**2) <= radius**2).mean(axis=(1, 2))
+    return weight
 
 
 def encircled_energy(psf: np.ndarray, radius: float) -> float:
@@ -383,7 +409,7 @@ def _aperture_correction(
         energy = energy[np.isfinite(energy)]
         if energy.size:
             median = float(np.median(energy))
-            spread = 1.4826 * float(np.median(np.abs(energy - median)))
+            spread = mad_std(energy, median)
             return median, 1.2533 * spread / np.sqrt(energy.size)
     if psf is None:
         raise ValueError(
@@ -639,7 +665,7 @@ def match_stars(
 
     def scatter(delta: np.ndarray, err: np.ndarray, keep: np.ndarray, mean: float) -> float:
         # robust total scatter minus the part the centroid errors explain
-        total = 1.4826 * np.median(np.abs(delta[keep] - mean))
+        total = mad_std(delta[keep], mean)
         return float(np.sqrt(max(total**2 - np.median(err[keep] ** 2), 0.0)))
 
     table = Table(
