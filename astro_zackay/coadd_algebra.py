@@ -1,7 +1,7 @@
 """Proper coaddition (Zackay & Ofek 2017, ApJ 836, 187/188): the streaming array core.
 
-Arrays in, arrays out; no astropy objects.  With ``w_j = F_j / s_j**2`` (SCIENCE.md
-section 2)::
+Arrays in, arrays out; no astropy objects.  With ``w_j = F_j / s_j**2`` (the proper
+coaddition of Zackay & Ofek 2017)::
 
     den_R = sum_j F_j**2/s_j**2 |Pj_h|**2
     S_h   = sum_j w_j conj(Pj_h) Mj_h                 score image (matched filter)
@@ -89,7 +89,9 @@ The next round is made with the replaced values.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +99,12 @@ import numpy as np
 from scipy import ndimage
 
 from .fourier import (
+    ArrayBackend,
     abs2,
     fast_shape,
     floored_inv_sqrt,
     get_array_module,
     origin_to_stamp,
-    pad_image,
     psf_rfft,
     unit_sum_psf,
 )
@@ -236,7 +238,7 @@ class ProperCoaddAccumulator:
         border: int = 0,
         fft_shape: tuple[int, int] | None = None,
         dtype: Any = np.float64,
-        backend: str = "numpy",
+        backend: str | ArrayBackend = "numpy",
         workers: int | None = None,
     ) -> None:
         self.shape = tuple(int(n) for n in shape)
@@ -248,34 +250,44 @@ class ProperCoaddAccumulator:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
-        self._be = get_array_module(backend)
+        self._be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
         self._workers = workers
         self._ctype = np.result_type(self.dtype, np.complex64)
         half = (self.fft_shape[0], self.fft_shape[1] // 2 + 1)
         xp = self._be.xp
+        # every sum lives on the backend; PSF sums in float64
         self._num_h = xp.zeros(half, dtype=self._ctype)  # sum_j w_j conj(Pj_h) Mj_h
-        self._den_h = np.zeros(half)  # sum_j F_j**2/s_j**2 |Pj_h|**2
-        self._p2_h = np.zeros(half, dtype=complex)  # sum_j F_j**2/s_j**2 conj(rfft(P_j**2))
+        self._den_h = xp.zeros(half)  # sum_j F_j**2/s_j**2 |Pj_h|**2
+        self._p2_h = xp.zeros(half, dtype=complex)  # sum_j F_j**2/s_j**2 conj(rfft(P_j**2))
         self._deficit_h = None  # sum_j F_j**2/s_j**2 conj(rfft(P_j**2)) rfft(bad_j)
-        self._excess: np.ndarray | None = None  # E(x), the source-noise excess (docstring)
-        self._n_used = np.zeros(self.shape, dtype=np.int32)
+        self._excess = None  # E(x), the source-noise excess (docstring)
+        self._n_used = xp.zeros(self.shape, dtype=np.int32)
         self._w2 = 0.0
         self._depth_full = 0.0
         self._stamp = 1
-        self._frames: list[tuple[np.ndarray, float, float, np.ndarray | None]] = []
-        self._inner = pad_image(np.zeros(self.shape, bool), self.fft_shape)[1]
+        self._frames: list[tuple[np.ndarray, float, float, Any]] = []  # psf, F, s, packed bad
+        start = [(g - n) // 2 for g, n in zip(self.fft_shape, self.shape)]
+        self._inner = tuple(slice(a, a + n) for a, n in zip(start, self.shape))
         self.n_frames = 0
+
+    @property
+    def backend(self) -> ArrayBackend:
+        """The array backend on which the sums live."""
+        return self._be
 
     def add(
         self,
-        image: np.ndarray,
+        image: Any,
         psf: np.ndarray,
         sigma: float,
         flux_scale: float = 1.0,
-        mask: np.ndarray | None = None,
-        variance: np.ndarray | None = None,
+        mask: Any = None,
+        variance: Any = None,
     ) -> None:
         """Add one registered, background-subtracted frame.
+
+        Each frame-sized array is moved to the backend once; nothing frame-sized comes
+        back.
 
         Parameters
         ----------
@@ -302,86 +314,102 @@ class ProperCoaddAccumulator:
             For arrays of the wrong shape, a stamp without unit sum, a non-positive
             ``sigma`` or ``flux_scale``, or negative variances.
         """
-        image = np.asarray(image)
         s = _positive("sigma", sigma)
         f = _positive("flux_scale", flux_scale)
         psf = unit_sum_psf(psf, "psf")
-        bad = ~np.isfinite(image)
         for name, arr in (("image", image), ("mask", mask), ("variance", variance)):
             if arr is not None and np.shape(arr) != self.shape:
                 raise ValueError(
                     f"{name} shape {np.shape(arr)} differs from the accumulator's {self.shape}"
                 )
+        be, xp = self._be, self._be.xp
+        image = be.asarray(image)
+        bad = ~xp.isfinite(image)
         if mask is not None:
-            bad |= np.asarray(mask, dtype=bool)
+            bad |= be.asarray(mask, dtype=bool)
         if variance is not None:
-            variance = np.asarray(variance)
+            variance = be.asarray(variance)
             with np.errstate(invalid="ignore"):
-                if (variance < 0).any():
+                if bool((variance < 0).any()):
                     raise ValueError("variance has negative values")
-            bad |= ~np.isfinite(variance)
-        be, grid, inner, w2 = self._be, self.fft_shape, self._inner, f * f / (s * s)
+            bad |= ~xp.isfinite(variance)
+        w2 = f * f / (s * s)
         p2_sum = float((psf * psf).sum())
-
         if variance is not None:
             # E += w_j**2 sum(P_j**2) good_j (V_j - s_j**2); one temporary frame
-            excess = np.subtract(variance, s * s, dtype=np.float64)
+            excess = xp.subtract(variance, s * s, dtype=np.float64)
+            del variance
             excess[bad] = 0.0
             excess *= w2 / (s * s) * p2_sum
             if self._excess is None:
                 self._excess = excess
             else:
                 self._excess += excess
-                del excess
+            del excess
 
         m_h = self._frame_spectrum(image, bad)
-        p_h = psf_rfft(psf, grid, workers=self._workers)
+        del image
+        p_h = self._psf_spectrum(psf)
         self._den_h += w2 * abs2(p_h)
-        np.conjugate(p_h, out=p_h)
-        p_h *= f / (s * s)
-        m_h *= be.asarray(p_h.astype(self._ctype, copy=False))
+        m_h *= self._weight(p_h, f, s)
         del p_h
         self._num_h += m_h
         del m_h
-        p2_h = psf_rfft(psf * psf, grid, workers=self._workers)
-        np.conjugate(p2_h, out=p2_h)
+        p2_h = xp.conj(self._psf_spectrum(psf * psf))
         p2_h *= w2
         self._p2_h += p2_h
         any_bad = bool(bad.any())
         if any_bad:
-            bad_pad = np.zeros(grid)
-            bad_pad[inner] = bad
-            b_h = be.to_numpy(be.rfft2(be.asarray(bad_pad), s=grid, workers=self._workers))
-            del bad_pad
+            b_h = self._spectrum(bad)
             b_h *= p2_h
             if self._deficit_h is None:
                 self._deficit_h = b_h
             else:
                 self._deficit_h += b_h
-        self._frames.append((psf, f, s, np.packbits(bad) if any_bad else None))
+            del b_h
+        self._frames.append((psf, f, s, xp.packbits(bad.ravel()) if any_bad else None))
         self._n_used += ~bad
         self._w2 += w2
         self._depth_full += w2 * p2_sum
         self._stamp = max(self._stamp, *psf.shape)
         self.n_frames += 1
 
-    def _bad(self, index: int) -> np.ndarray:
-        """The pixels of frame ``index`` left out of the sums (masked or NaN)."""
+    def _psf_spectrum(self, stamp: np.ndarray) -> Any:
+        """The float64 transform of a stamp at the origin of the grid, on the backend."""
+        return psf_rfft(stamp, self.fft_shape, backend=self._be, workers=self._workers)
+
+    def _weight(self, p_h: Any, f: float, s: float) -> Any:
+        """A frame's matched filter ``w_j conj(Pj_h)`` in the working complex type."""
+        weight = self._be.xp.conj(p_h)
+        weight *= f / (s * s)
+        return weight.astype(self._ctype, copy=False)
+
+    def _spectrum(self, arr: Any, dtype: Any = np.float64) -> Any:
+        """The transform of an image-sized array (on the backend) zero-padded to the grid."""
+        padded = self._be.xp.zeros(self.fft_shape, dtype=dtype)
+        padded[self._inner] = arr
+        return self._be.rfft2(padded, s=self.fft_shape, workers=self._workers)
+
+    def _image(self, spectrum: Any) -> Any:
+        """The inverse transform of a half-plane spectrum, cut to the image (on the backend)."""
+        return self._be.irfft2(spectrum, s=self.fft_shape, workers=self._workers)[self._inner]
+
+    def _bad(self, index: int) -> Any:
+        """The pixels of frame ``index`` left out of the sums (masked or NaN), on the backend."""
         packed = self._frames[index][3]
+        xp = self._be.xp
         if packed is None:
-            return np.zeros(self.shape, bool)
-        n = int(np.prod(self.shape))
-        return np.unpackbits(packed, count=n).reshape(self.shape).astype(bool)
+            return xp.zeros(self.shape, bool)
+        n = self.shape[0] * self.shape[1]
+        return xp.unpackbits(packed)[:n].reshape(self.shape).astype(bool)
 
-    def _frame_spectrum(self, image: np.ndarray, bad: np.ndarray) -> Any:
-        """The transform of a frame as it was added: bad pixels 0, padded to the grid."""
-        data = np.zeros(self.fft_shape, dtype=self.dtype)
-        data[self._inner] = image
-        data[self._inner][bad] = 0.0
-        return self._be.rfft2(self._be.asarray(data), s=self.fft_shape, workers=self._workers)
+    def _frame_spectrum(self, image: Any, bad: Any) -> Any:
+        """The transform of a frame (on the backend) as it was added: bad pixels 0."""
+        return self._spectrum(self._be.xp.where(bad, 0.0, image).astype(self.dtype, copy=False),
+                              self.dtype)
 
-    def _split(self, index: int, image: np.ndarray) -> tuple[Any, ...]:
-        """Frame ``index`` and the sums of the others, on the half plane.
+    def _split(self, index: int, image: Any) -> tuple[Any, ...]:
+        """Frame ``index`` and the sums of the others, on the half plane (on the backend).
 
         Returns ``(p_h, own, others, informed, m_h, s_h)``: the frame's PSF transform,
         its and the others' ``F**2/s**2 |P_h|**2``, where the others carry information,
@@ -392,14 +420,13 @@ class ProperCoaddAccumulator:
         if np.shape(image) != self.shape:
             raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
         psf, f, s, _ = self._frames[index]
-        p_h = psf_rfft(psf, self.fft_shape, workers=self._workers)
+        p_h = self._psf_spectrum(psf)
         own = (f * f / (s * s)) * abs2(p_h)
         others = self._den_h - own
         informed = others > _OTHERS_POWER_FLOOR * self._den_h
         others[~informed] = 0.0
-        m_h = self._frame_spectrum(image, self._bad(index))
-        weight = (np.conj(p_h) * (f / (s * s))).astype(self._ctype)
-        s_h = self._num_h - m_h * self._be.asarray(weight)
+        m_h = self._frame_spectrum(self._be.asarray(image), self._bad(index))
+        s_h = self._num_h - m_h * self._weight(p_h, f, s)
         return p_h, own, others, informed, m_h, s_h
 
     def frame_residual(
@@ -432,26 +459,28 @@ class ProperCoaddAccumulator:
         ValueError
             For an index that was not added or an image of the wrong shape.
         """
+        be = self._be
+        difference, prediction = self._residual(index, be.asarray(image))
+        return (be.to_numpy(difference), be.to_numpy(prediction),
+                be.to_numpy(self._others_depth(index)))
+
+    def _residual(self, index: int, image: Any) -> tuple[Any, Any]:
+        """`frame_residual`'s difference and prediction, on the backend."""
         p_h, own, others, informed, m_h, s_h = self._split(index, image)
         _, f, s, packed = self._frames[index]
-        be, grid, inner = self._be, self.fft_shape, self._inner
+        xp = self._be.xp
         if packed is not None:  # its masked pixels filled with the others' prediction
-            bad = self._bad(index)
-            filled = self._predict(index, p_h, own, others, informed, s_h)
-            filled[~bad] = np.asarray(image)[~bad]
-            m_h = self._frame_spectrum(filled, np.zeros(self.shape, bool))
+            filled = xp.where(self._bad(index), self._predict(index, p_h, own, others, informed,
+                                                              s_h), image)
+            m_h = self._frame_spectrum(filled, xp.zeros(self.shape, bool))
             del filled
         c_h, _ = floored_inv_sqrt(s * s * (others + own))
-        inv_others = np.where(informed, 1.0 / np.sqrt(np.where(informed, others, 1.0)), 0.0)
-        t_h = s_h * be.asarray((f * p_h * c_h * inv_others).astype(self._ctype))
+        inv_others = xp.where(informed, 1.0 / xp.sqrt(xp.where(informed, others, 1.0)), 0.0)
+        t_h = s_h * (f * p_h * c_h * inv_others).astype(self._ctype)
         del s_h
-        m_h *= be.asarray((np.sqrt(others) * c_h).astype(self._ctype))
+        m_h *= (xp.sqrt(others) * c_h).astype(self._ctype)
         m_h -= t_h
-        difference = be.to_numpy(be.irfft2(m_h, s=grid, workers=self._workers)[inner])
-        prediction = be.to_numpy(be.irfft2(t_h, s=grid, workers=self._workers)[inner])
-        return np.ascontiguousarray(difference), np.ascontiguousarray(prediction), (
-            self._others_depth(index)
-        )
+        return self._image(m_h), self._image(t_h)
 
     def frame_prediction(self, index: int, image: np.ndarray) -> np.ndarray:
         """What the other frames predict frame ``index`` holds, in its units.
@@ -478,45 +507,44 @@ class ProperCoaddAccumulator:
         ValueError
             For an index that was not added or an image of the wrong shape.
         """
+        return self._be.to_numpy(self._prediction(index, self._be.asarray(image)))
+
+    def _prediction(self, index: int, image: Any) -> Any:
+        """`frame_prediction` on the backend."""
         p_h, own, others, informed, _, s_h = self._split(index, image)
         return self._predict(index, p_h, own, others, informed, s_h)
 
     def _predict(
         self, index: int, p_h: Any, own: Any, others: Any, informed: Any, s_h: Any
-    ) -> np.ndarray:
+    ) -> Any:
         """`frame_prediction` from the parts of `_split` (``s_h`` is not modified)."""
+        xp = self._be.xp
         f = self._frames[index][1]
-        gain = np.where(informed, f / np.maximum(np.maximum(others, own), 1e-300), 0.0)
-        pred_h = s_h * self._be.asarray((p_h * gain).astype(self._ctype))
-        pred = self._be.irfft2(pred_h, s=self.fft_shape, workers=self._workers)[self._inner]
-        return np.ascontiguousarray(self._be.to_numpy(pred))
+        gain = xp.where(informed, f / xp.maximum(xp.maximum(others, own), 1e-300), 0.0)
+        return xp.ascontiguousarray(self._image(s_h * (p_h * gain).astype(self._ctype)))
 
-    def _others_depth(self, index: int) -> np.ndarray:
+    def _others_depth(self, index: int) -> Any:
         """Fraction of the depth of every frame but ``index`` reached at each pixel.
 
         Only the masked pixels count (not the padding: the background-subtracted sky
         beyond the edge is 0, as the padding is).
         """
+        xp = self._be.xp
         psf, f, s, packed = self._frames[index]
         w2 = f * f / (s * s)
         full = self._depth_full - w2 * float((psf * psf).sum())
         if full <= 0:
-            return np.zeros(self.shape)
+            return xp.zeros(self.shape)
         if self._deficit_h is None:
-            return np.ones(self.shape)
+            return xp.ones(self.shape)
         lost_h = self._deficit_h.copy()
         if packed is not None:
-            p2_h = psf_rfft(psf * psf, self.fft_shape, workers=self._workers)
-            np.conjugate(p2_h, out=p2_h)
+            p2_h = xp.conj(self._psf_spectrum(psf * psf))
             p2_h *= w2
-            bad_pad = np.zeros(self.fft_shape)
-            bad_pad[self._inner] = self._bad(index)
-            lost_h -= p2_h * self._be.to_numpy(
-                self._be.rfft2(self._be.asarray(bad_pad), s=self.fft_shape,
-                               workers=self._workers)
-            )
-        lost = self._be.irfft2(lost_h, s=self.fft_shape, workers=self._workers)[self._inner]
-        return np.clip(1.0 - self._be.to_numpy(lost) / full, 0.0, 1.0)
+            p2_h *= self._spectrum(self._bad(index))
+            lost_h -= p2_h
+            del p2_h
+        return xp.clip(1.0 - self._image(lost_h) / full, 0.0, 1.0)
 
     def substitute(
         self, index: int, pixels: np.ndarray, image: np.ndarray, values: np.ndarray
@@ -548,49 +576,52 @@ class ProperCoaddAccumulator:
         for name, arr in (("pixels", pixels), ("image", image), ("values", values)):
             if np.shape(arr) != self.shape:
                 raise ValueError(f"{name} shape {np.shape(arr)} differs from {self.shape}")
+        be, xp = self._be, self._be.xp
         psf, f, s, _ = self._frames[index]
-        change = np.asarray(pixels, dtype=bool) & ~self._bad(index)
-        delta = np.where(change, np.asarray(values, dtype=np.float64) - image, 0.0)
+        change = be.asarray(pixels, dtype=bool) & ~self._bad(index)
+        delta = xp.where(change, be.asarray(values, dtype=np.float64) - be.asarray(image), 0.0)
         d_h = self._frame_spectrum(delta, ~change)
-        weight = np.conj(psf_rfft(psf, self.fft_shape, workers=self._workers)) * (f / (s * s))
-        d_h *= self._be.asarray(weight.astype(self._ctype, copy=False))
+        d_h *= self._weight(self._psf_spectrum(psf), f, s)
         self._num_h += d_h
 
-    def _local_variance_of_r(self, inv_sqrt: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    def _local_variance_of_r(self, inv_sqrt: Any, outside: Any) -> Any:
         """Local noise variance of the unscaled R (exact for background-limited noise).
 
         ``Var(R(x)) = 1 - sum_j s_j**2 ((bad_j | outside) ⊛ K_j**2)(x)`` with the
         per-frame kernels ``K_j_h = w_j conj(Pj_h) / sqrt(den_R)``; needs ``den_R``, so
         it is done here, from the stored PSF stamps and bit-packed masks.
         """
-        grid, inner = self.fft_shape, self._inner
-        if not outside.any() and all(packed is None for *_, packed in self._frames):
-            return np.ones(self.shape)
-        clean_k2 = np.zeros(grid)  # sum of s_j**2 K_j**2 over frames without masked pixels
-        lost_h = np.zeros_like(self._p2_h)
-        for psf, f, s, packed in self._frames:
-            k_h = np.conj(psf_rfft(psf, grid, workers=self._workers))
+        be, xp, grid, inner = self._be, self._be.xp, self.fft_shape, self._inner
+        if not bool(outside.any()) and all(packed is None for *_, packed in self._frames):
+            return xp.ones(self.shape)
+        clean_k2 = xp.zeros(grid)  # sum of s_j**2 K_j**2 over frames without masked pixels
+        lost_h = xp.zeros_like(self._p2_h)
+        for index, (psf, f, s, packed) in enumerate(self._frames):
+            k_h = xp.conj(self._psf_spectrum(psf))
             k_h *= inv_sqrt * (f / (s * s))
-            k2 = np.fft.irfft2(k_h, s=grid)
+            k2 = be.irfft2(k_h, s=grid, workers=self._workers)
             del k_h
             k2 *= k2 * (s * s)
             if packed is None:
                 clean_k2 += k2
                 continue
-            k2_h = np.fft.rfft2(k2)
+            k2_h = be.rfft2(k2, workers=self._workers)
             del k2
             bad = outside.copy()
-            bad[inner] = np.unpackbits(packed, count=int(np.prod(self.shape))).reshape(self.shape)
-            k2_h *= np.fft.rfft2(bad)
+            bad[inner] = self._bad(index)
+            k2_h *= be.rfft2(bad, workers=self._workers)
             del bad
             lost_h += k2_h
-        lost_h += np.fft.rfft2(outside) * np.fft.rfft2(clean_k2)
-        return 1.0 - np.fft.irfft2(lost_h, s=grid)[inner]
+        lost_h += be.rfft2(outside, workers=self._workers) * be.rfft2(clean_k2,
+                                                                      workers=self._workers)
+        return 1.0 - self._image(lost_h)
 
     def finalize(
         self, psf_stamp_size: int | None = None, min_depth_fraction: float = 1e-3
     ) -> CoaddAlgebraResult:
         """Form the coadd from the accumulated sums (the accumulator stays usable).
+
+        Everything is computed on the backend; the results come back once, as numpy.
 
         Parameters
         ----------
@@ -611,46 +642,45 @@ class ProperCoaddAccumulator:
         """
         if self.n_frames == 0:
             raise ValueError("no frame was added; call add() first")
-        be, grid = self._be, self.fft_shape
-        inv_sqrt, _ = floored_inv_sqrt(self._den_h.copy())
-        f_r = float(np.sqrt(self._w2))
-        pr_full = np.fft.irfft2(np.sqrt(self._den_h) / f_r, s=grid)
+        be, xp, grid = self._be, self._be.xp, self.fft_shape
         size = 2 * self._stamp + 1 if psf_stamp_size is None else int(psf_stamp_size)
         if size % 2 == 0:
             raise ValueError(f"psf_stamp_size must be odd, got {size}")
         size = min(size, *[n - 1 + n % 2 for n in grid])
+        inv_sqrt, _ = floored_inv_sqrt(self._den_h.copy())
+        f_r = float(np.sqrt(self._w2))
+        pr_full = be.to_numpy(be.irfft2(xp.sqrt(self._den_h) / f_r, s=grid,
+                                        workers=self._workers))
         p_r = origin_to_stamp(pr_full, size, normalize=True)
 
         # depth lost to masks and to the padding around the image
-        inner = self._inner
-        outside = np.ones(grid)
-        outside[inner] = 0.0
-        lost_h = np.fft.rfft2(outside) * self._p2_h
+        outside = xp.ones(grid)
+        outside[self._inner] = 0.0
+        lost_h = be.rfft2(outside, workers=self._workers) * self._p2_h
         if self._deficit_h is not None:
             lost_h += self._deficit_h
-        depth = self._depth_full - np.fft.irfft2(lost_h, s=grid)[inner]
+        depth = self._depth_full - self._image(lost_h)
         del lost_h
-        np.maximum(depth, 0.0, out=depth)
+        xp.maximum(depth, 0.0, out=depth)
         var_r = self._local_variance_of_r(inv_sqrt, outside)
         del outside
         flag = (depth < min_depth_fraction * self._depth_full) | (var_r < min_depth_fraction)
         var_r[flag] = 1.0
-        r_variance = np.ones(self.shape)
+        r_variance = xp.ones(self.shape)
         if self._excess is not None:
             r_variance += self._excess / (self._depth_full * var_r)
-            np.maximum(r_variance, 0.0, out=r_variance)
+            xp.maximum(r_variance, 0.0, out=r_variance)
             r_variance[flag] = 1.0
 
-        S = np.ascontiguousarray(
-            be.to_numpy(be.irfft2(self._num_h, s=grid, workers=self._workers)[inner])
-        )
-        r_h = self._num_h * be.asarray(inv_sqrt.astype(self.dtype, copy=False))
-        R = np.ascontiguousarray(be.to_numpy(be.irfft2(r_h, s=grid, workers=self._workers)[inner]))
-        del r_h
-        np.sqrt(var_r, out=var_r)
+        S = self._image(self._num_h)
+        R = self._image(self._num_h * inv_sqrt.astype(self.dtype, copy=False))
+        xp.sqrt(var_r, out=var_r)
         R /= var_r.astype(R.dtype, copy=False)
         R[flag] = 0.0
         _log.debug("proper coadd of %d frames, F_R=%g", self.n_frames, f_r)
+        out = (xp.ascontiguousarray(a) for a in (R, r_variance, S, depth.astype(self.dtype),
+                                                 self._n_used.copy(), flag))
+        R, r_variance, S, depth, n_used, flag = (be.to_numpy(a) for a in out)
         return CoaddAlgebraResult(
             R=R,
             R_variance=r_variance,
@@ -658,103 +688,152 @@ class ProperCoaddAccumulator:
             P_R=p_r,
             psf_r_at_origin=pr_full,
             F_R=f_r,
-            depth=depth.astype(self.dtype, copy=False),
+            depth=depth,
             depth_full=self._depth_full,
-            n_used=self._n_used.copy(),
+            n_used=n_used,
             mask=flag,
             n_frames=self.n_frames,
         )
 
 
+def _ndimage(be: ArrayBackend) -> Any:
+    """The image-filter module of a backend: `scipy.ndimage`, or ``cupyx.scipy.ndimage``."""
+    return ndimage if be.name == "numpy" else importlib.import_module("cupyx.scipy.ndimage")
+
+
+def _blind(acc: ProperCoaddAccumulator, index: int, reach: int) -> Any:
+    """Where the other frames cannot predict frame ``index``, bit-packed; None if nowhere.
+
+    Within ``reach`` pixels of where they reach less than `MIN_PREDICTION_DEPTH` of
+    their depth (a source masked in another frame biases their prediction out to a PSF
+    stamp). The depth does not change with the rounds of `reject_outliers`.
+    """
+    blind = acc._others_depth(index) < MIN_PREDICTION_DEPTH
+    if not bool(blind.any()):
+        return None
+    blind = _ndimage(acc.backend).maximum_filter(blind, 2 * reach + 1)
+    return acc.backend.xp.packbits(blind.ravel())
+
+
 def _significance(
     acc: ProperCoaddAccumulator,
     index: int,
-    image: np.ndarray,
-    variance: np.ndarray | None,
+    image: Any,
+    variance: Any,
+    blind: Any,
     threshold: float,
     model_error: float,
     reach: int,
-) -> np.ndarray:
+) -> Any:
     """Excess of one frame over the others' prediction, in sigma, where above ``threshold``.
 
     Tested pixel by pixel (sharp outliers: cosmic rays, hot pixels) and in 3x3 box
     means (faint extended ones: the wings of satellite trails), each against its own
     noise; the larger of the two (the box only where the pixel itself is above a third
-    of ``threshold``), 0 below ``threshold``, where the others cannot predict and on
-    the frame's masked pixels, and within ``reach`` pixels of where the others reach
-    less than `MIN_PREDICTION_DEPTH` of their depth. The noise holds the model error of
+    of ``threshold``), 0 below ``threshold``, where the others cannot predict (``blind``,
+    from `_blind`) and on the frame's masked pixels. The noise holds the model error of
     the prediction at each pixel and `_RING_FRACTION` times that error blurred by a
-    Gaussian of ``reach / 2`` pixels.
+    Gaussian of ``reach / 2`` pixels. Arrays on the accumulator's backend.
     """
-    difference, prediction, depth = acc.frame_residual(index, image)
+    xp, nd = acc.backend.xp, _ndimage(acc.backend)
+    difference, prediction = acc._residual(index, image)
     s2 = acc._frames[index][2] ** 2
-    noise = np.ones(acc.shape) if variance is None else np.maximum(
-        np.nan_to_num(np.asarray(variance, dtype=np.float64) / s2, nan=1.0), 1.0
+    noise = xp.ones(acc.shape) if variance is None else xp.maximum(
+        xp.nan_to_num(variance.astype(np.float64) / s2, nan=1.0), 1.0
     )
     prediction *= model_error
-    ring = ndimage.gaussian_filter(np.abs(prediction), reach / 2.0)
+    ring = nd.gaussian_filter(xp.abs(prediction), reach / 2.0)
     ring *= _RING_FRACTION
     noise += ring * ring
     del ring
-    sig = difference / np.sqrt(noise + prediction * prediction)
+    sig = difference / xp.sqrt(noise + prediction * prediction)
     # 3x3 box means: background noise 1/3; the model error adds coherently
-    box = ndimage.uniform_filter(difference, 3, mode="constant")
-    box_noise = ndimage.uniform_filter(noise, 3, mode="constant")
+    box = nd.uniform_filter(difference, 3, mode="constant")
+    box_noise = nd.uniform_filter(noise, 3, mode="constant")
     box_noise /= 9.0
-    box_error = ndimage.uniform_filter(prediction, 3, mode="constant")
+    box_error = nd.uniform_filter(prediction, 3, mode="constant")
     box_noise += box_error * box_error
-    box /= np.sqrt(box_noise)
+    box /= xp.sqrt(box_noise)
     # a box counts for its centre pixel only where that pixel holds some of the excess
-    np.maximum(sig, np.where(sig > threshold / 3.0, box, 0.0), out=sig)
-    blind = depth < MIN_PREDICTION_DEPTH
-    if blind.any():  # a masked source biases the prediction out to a PSF stamp
-        blind = ndimage.maximum_filter(blind, 2 * reach + 1)
-    sig[(sig <= threshold) | blind | acc._bad(index)] = 0.0
+    xp.maximum(sig, xp.where(sig > threshold / 3.0, box, 0.0), out=sig)
+    off = (sig <= threshold) | acc._bad(index)
+    if blind is not None:
+        n = acc.shape[0] * acc.shape[1]
+        off |= xp.unpackbits(blind)[:n].reshape(acc.shape).astype(bool)
+    sig[off] = 0.0
     return sig.astype(np.float32)
 
 
-def _max_of_others(
-    maps: list[np.ndarray], size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The two largest values of the maps within ``size // 2`` px, and whose the largest is.
+class _MaxOfOthers:
+    """The largest of the frames' maps within ``size // 2`` px, but for any one frame.
 
-    The largest value of the other frames' maps, for frame ``j``, is ``second`` where
-    ``owner == j`` and ``top`` elsewhere.
+    Streamed: the maps are folded in one at a time (`fold`); `of_others` is then the
+    largest value of the other frames' maps, for frame ``j``: the second largest where
+    ``j`` holds the largest, the largest elsewhere.
     """
-    top = np.zeros(maps[0].shape, np.float32)
-    second = np.zeros_like(top)
-    owner = np.full(top.shape, -1, np.int16)
-    for j, m in enumerate(maps):
-        wide = ndimage.maximum_filter(m, size) if m.any() else m
-        higher = wide > top
-        np.copyto(second, np.where(higher, top, np.maximum(second, wide)))
-        np.copyto(top, wide, where=higher)
-        owner[higher] = j
-    return top, second, owner
+
+    def __init__(self, acc: ProperCoaddAccumulator, size: int) -> None:
+        xp = acc.backend.xp
+        self._nd = _ndimage(acc.backend)
+        self._xp = xp
+        self.size = size
+        self.top = xp.zeros(acc.shape, np.float32)
+        self.second = xp.zeros_like(self.top)
+        self.owner = xp.full(acc.shape, -1, np.int16)
+
+    def fold(self, index: int, sig: Any) -> None:
+        """Take frame ``index``'s map into the maxima."""
+        if not bool(sig.any()):
+            return
+        xp = self._xp
+        wide = self._nd.maximum_filter(sig, self.size)
+        higher = wide > self.top
+        self.second = xp.where(higher, self.top, xp.maximum(self.second, wide))
+        self.top = xp.where(higher, wide, self.top)
+        self.owner[higher] = index
+
+    def of_others(self, index: int) -> Any:
+        """The largest value of the other frames' maps near each pixel."""
+        return self._xp.where(self.owner == index, self.second, self.top)
 
 
-def _alone(sigs: list[np.ndarray], grow: int, reach: int) -> list[np.ndarray]:
-    """The outliers that one frame shows alone, and that no other frame's outlier explains.
+def _alone(sig: Any, index: int, near: _MaxOfOthers, far: _MaxOfOthers) -> Any:
+    """The outliers that frame ``index`` shows alone, and that no other frame's explains.
 
-    Another frame's outlier within ``grow + 1`` px of at least `SUPPORT_RATIO` of the
-    significance makes a pixel real; one within ``reach`` px (a PSF stamp) more than
-    ``1 / SUPPORT_RATIO`` times as significant may leak into this frame's comparison
-    through the PSFs, and the pixel waits for the next round.
+    Another frame's outlier within ``near.size // 2`` px (``grow + 1``) of at least
+    `SUPPORT_RATIO` of the significance makes a pixel real; one within ``far.size // 2``
+    px (a PSF stamp) more than ``1 / SUPPORT_RATIO`` times as significant may leak into
+    this frame's comparison through the PSFs, and the pixel waits for the next round.
     """
-    near = _max_of_others(sigs, 2 * (grow + 1) + 1)
-    far = _max_of_others(sigs, 2 * reach + 1)
-    alone = []
-    for j, sig in enumerate(sigs):
-        n = np.where(near[2] == j, near[1], near[0])
-        f = np.where(far[2] == j, far[1], far[0])
-        alone.append((sig > 0) & (n < SUPPORT_RATIO * sig) & (f * SUPPORT_RATIO <= sig))
-    return alone
+    return ((sig > 0) & (near.of_others(index) < SUPPORT_RATIO * sig)
+            & (far.of_others(index) * SUPPORT_RATIO <= sig))
+
+
+class _Replaced:
+    """A frame's replaced pixels (flat indices) and their values, applied on reading."""
+
+    def __init__(self, xp: Any) -> None:
+        self.pixels = xp.zeros(0, np.int64)
+        self.values = xp.zeros(0)
+
+    def apply(self, image: Any) -> Any:
+        """``image`` (on the backend) with the replaced values, a copy when there are any."""
+        if not self.pixels.size:
+            return image
+        image = image.copy()
+        image.ravel()[self.pixels] = self.values
+        return image
+
+    def extend(self, xp: Any, pixels: Any, values: Any) -> None:
+        """Record more replaced pixels (not already replaced ones)."""
+        self.pixels = xp.concatenate([self.pixels, pixels])
+        self.values = xp.concatenate([self.values, values])
 
 
 def reject_outliers(
     acc: ProperCoaddAccumulator,
-    images: list[np.ndarray],
-    variances: list[np.ndarray | None] | None = None,
+    images: Sequence[np.ndarray],
+    variances: Sequence[np.ndarray | None] | None = None,
     *,
     threshold: float = 6.0,
     grow: int = 1,
@@ -770,16 +849,24 @@ def reject_outliers(
     other frames' predictions), until a round finds none or ``max_rounds`` is
     reached.
 
+    Memory does not grow with the number of frames: ``images[j]`` is read when
+    needed (once per round, and once more for a frame with outliers), and what is
+    kept between frames is a few image-sized maps, each frame's significant pixels
+    and replaced values (sparse) and, only where other frames are masked, a bit map
+    per frame. Each image read is moved to the accumulator's backend once; the work
+    is done there.
+
     Parameters
     ----------
     acc : ProperCoaddAccumulator
         The accumulator, with every frame added; modified in place.
-    images : list of ndarray
+    images : sequence of ndarray
         The images given to `ProperCoaddAccumulator.add`, in its order (not
-        modified: a frame with outliers is copied).
-    variances : list of ndarray or None, optional
-        Their pixel variances (with the sources' noise); default each frame's
-        ``sigma**2``.
+        modified): a list, or any sequence that reads the frame when indexed (e.g.
+        from a file), so that only one is in memory at a time.
+    variances : sequence of ndarray or None, optional
+        Their pixel variances (with the sources' noise), indexed the same way;
+        default each frame's ``sigma**2``.
     threshold : float, optional
         ``k``: the excess over the prediction, in sigma, that makes an outlier.
     grow : int, optional
@@ -793,8 +880,9 @@ def reject_outliers(
 
     Returns
     -------
-    list of ndarray of bool
-        One map per frame, True for its replaced outlier pixels.
+    list of ndarray of int
+        One array per frame: the flat indices (``numpy.ravel_multi_index`` of the
+        image shape, ascending) of its replaced outlier pixels.
 
     Raises
     ------
@@ -817,8 +905,9 @@ def reject_outliers(
     >>> acc = ProperCoaddAccumulator((48, 48), border=15)
     >>> for frame in frames:
     ...     acc.add(frame, psf, sigma=5.0)
-    >>> [int(m.sum()) for m in reject_outliers(acc, frames, grow=0)]
-    [0, 1, 0]
+    >>> outliers = reject_outliers(acc, frames, grow=0)
+    >>> [len(pixels) for pixels in outliers], divmod(int(outliers[1][0]), 48)
+    ([0, 1, 0], (10, 30))
     >>> res = acc.finalize()
     >>> bool(abs(res.R[10, 30]) < 4)  # the cosmic ray is gone from the coadd
     True
@@ -830,31 +919,78 @@ def reject_outliers(
         raise ValueError(f"grow and model_error must be >= 0, got {grow} and {model_error}")
     if len(images) != acc.n_frames:
         raise ValueError(f"{len(images)} images for {acc.n_frames} added frames")
-    variances = [None] * len(images) if variances is None else variances
-    outliers = [np.zeros(acc.shape, bool) for _ in images]
-    if acc.n_frames < 2:
-        return outliers
-    step = ndimage.generate_binary_structure(2, 2)
-    reach = max(max(psf.shape) for psf, *_ in acc._frames) // 2
-    images = list(images)  # frames with outliers are copied before they are changed
-    for round_ in range(max_rounds):
-        sigs = [_significance(acc, j, image, variance, threshold, model_error, reach)
-                for j, (image, variance) in enumerate(zip(images, variances))]
-        found = 0
-        for j, alone in enumerate(_alone(sigs, grow, reach)):
-            if not alone.any():
-                continue
-            if grow:
-                alone = ndimage.binary_dilation(alone, step, iterations=grow)
-            alone &= ~acc._bad(j) & ~outliers[j]
-            prediction = acc.frame_prediction(j, images[j])
-            acc.substitute(j, alone, images[j], prediction)
-            if not outliers[j].any():
-                images[j] = images[j].copy()
-            images[j][alone] = prediction[alone]
-            outliers[j] |= alone
-            found += int(alone.sum())
-        _log.debug("outlier round %d: %d pixels", round_ + 1, found)
-        if not found:
-            break
-    return outliers
+    be, xp = acc.backend, acc.backend.xp
+    replaced = [_Replaced(xp) for _ in range(acc.n_frames)]
+    if acc.n_frames >= 2:
+        reach = max(max(psf.shape) for psf, *_ in acc._frames) // 2
+        blind = [_blind(acc, j, reach) for j in range(acc.n_frames)]
+        for round_ in range(max_rounds):
+            found = _rejection_round(acc, images, variances, replaced, blind,
+                                     threshold=threshold, grow=grow, model_error=model_error,
+                                     reach=reach)
+            _log.debug("outlier round %d: %d pixels", round_ + 1, found)
+            if not found:
+                break
+    return [np.sort(be.to_numpy(r.pixels)) for r in replaced]
+
+
+def _rejection_round(
+    acc: ProperCoaddAccumulator,
+    images: Sequence[np.ndarray],
+    variances: Sequence[np.ndarray | None] | None,
+    replaced: list[_Replaced],
+    blind: list[Any],
+    *,
+    threshold: float,
+    grow: int,
+    model_error: float,
+    reach: int,
+) -> int:
+    """One round of `reject_outliers`: every frame compared, then its outliers replaced.
+
+    First pass: each frame's significance map, kept sparse, folded into the maxima of
+    the others near and far. Second pass: the frames with outliers alone are read
+    again and their outliers replaced. Returns the number of pixels replaced.
+    """
+    be, xp = acc.backend, acc.backend.xp
+    nd = _ndimage(be)
+
+    def frame(j: int) -> Any:
+        return replaced[j].apply(be.asarray(images[j]))
+
+    near = _MaxOfOthers(acc, 2 * (grow + 1) + 1)
+    far = _MaxOfOthers(acc, 2 * reach + 1)
+    sparse = []
+    for j in range(acc.n_frames):
+        variance = None if variances is None or variances[j] is None else be.asarray(
+            variances[j])
+        sig = _significance(acc, j, frame(j), variance, blind[j], threshold, model_error,
+                            reach)
+        del variance
+        near.fold(j, sig)
+        far.fold(j, sig)
+        pixels = xp.flatnonzero(sig)
+        sparse.append((pixels, sig.ravel()[pixels]))
+        del sig
+    step = nd.generate_binary_structure(2, 2)
+    found = 0
+    for j, (pixels, values) in enumerate(sparse):
+        if not pixels.size:
+            continue
+        sig = xp.zeros(acc.shape, np.float32)
+        sig.ravel()[pixels] = values
+        alone = _alone(sig, j, near, far)
+        del sig
+        if not bool(alone.any()):
+            continue
+        if grow:
+            alone = nd.binary_dilation(alone, step, iterations=grow)
+        alone &= ~acc._bad(j)
+        alone.ravel()[replaced[j].pixels] = False
+        image = frame(j)
+        prediction = acc._prediction(j, image)
+        acc.substitute(j, alone, image, prediction)
+        new = xp.flatnonzero(alone)
+        replaced[j].extend(xp, new, prediction.ravel()[new])
+        found += int(new.size)
+    return found

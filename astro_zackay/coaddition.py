@@ -16,20 +16,23 @@ measured against it as it arrives (aperture photometry of matched stars,
 `~astro_zackay.fluxmatch.match_stars`), so it is known before the image is added with
 its weight ``F_j / s_j**2``.
 
-Outlier rejection (the default ``reject``) needs every frame once all are added, so the
-frames' background-subtracted data and variances are then kept (a stack in memory,
-about 16 bytes a pixel per frame in float64) until each frame has been compared with
-the others and its outliers replaced in the accumulator
-(`~astro_zackay.coadd_algebra.reject_outliers`); with ``reject=None`` the memory stays
-flat in the number of frames.
+Outlier rejection (the default ``reject``) needs every frame again once all are added
+(`~astro_zackay.coadd_algebra.reject_outliers` compares each with the others'
+prediction).  As each frame is added, its background-subtracted data (working dtype)
+and variance (float32) are written to an anonymous temporary file, deleted when `coadd`
+returns; rejection reads them back one frame at a time.  So the memory stays flat in the
+number of frames whatever the input (a list, an ImageFileCollection, or a generator
+consumed once), at the price of that much temporary disk space (12 bytes a pixel per
+frame in float64, 8 in float32) and no re-reading or re-preparing of any input.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -57,6 +60,7 @@ from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, reject_outliers
 from .fluxmatch import match_stars
+from .fourier import get_array_module
 from .zogy import fit_flux_ratio
 
 __all__ = ["CoaddResult", "coadd"]
@@ -260,6 +264,7 @@ def coadd(
     reject: float | None = 6.0,
     reject_grow: int = 1,
     reject_model_error: float = 0.1,
+    backend: str = "numpy",
 ) -> CoaddResult:
     """Proper coaddition of registered images (Zackay & Ofek 2017).
 
@@ -312,11 +317,10 @@ def coadd(
        off in several images; what one image shows is not: a cosmic ray, a
        satellite trail, a hot pixel). Pixels next to the other images' masked
        pixels (e.g. saturated cores) are left alone, and only positive excesses are
-       rejected. The images are kept in memory until the end (their data and a
-       float32 variance, and a float32 map of each image's outliers while they are
-       found: about 16 bytes a pixel per image in float64), so memory
-       grows with the number of images; ``reject=None`` keeps the single streaming
-       pass whose memory does not.
+       rejected. For this second look, each image's background-subtracted data and
+       variance are written to a temporary file as it is added (12 bytes a pixel
+       per image in float64, 8 in float32; deleted on return) and read back one at
+       a time, so memory does not grow with the number of images either way.
 
     Masked pixels.  A pixel masked in some images gets the estimate of the others:
     the depth G (the squared S/N reached there) is recorded in ``depth`` and the
@@ -370,6 +374,12 @@ def coadd(
         Fractional error of the other images' prediction (PSF models, flux scales,
         registration), added to the noise of the comparison so that the cores of
         bright stars are not rejected for PSF differences.
+    backend : {"numpy", "cupy"}, optional
+        Array backend of the coaddition's sums and transforms, and of the outlier
+        rejection: with ``"cupy"`` each prepared image is moved to the GPU once (and
+        once more per rejection round) and the outputs come back once; the
+        preparation of each image (background, stars, PSF) runs on the CPU. Needs
+        CuPy (``pip install cupy-cuda12x``).
 
     Returns
     -------
@@ -385,7 +395,9 @@ def coadd(
         For no images, images of different shapes (without ``align``), per-image
         options of the wrong length, an image with no usable PSF star and no
         ``psfs`` entry (the message names the image), a flux scale that cannot
-        be fitted, or bad rejection options.
+        be fitted, bad rejection options, or an unknown ``backend``.
+    ImportError
+        For ``backend="cupy"`` without CuPy (the message names the pip package).
     astropy.units.UnitsError
         For an image whose unit cannot be converted to the first image's (electrons
         and ADU without a gain: the message names both units and ``gain=``).
@@ -437,14 +449,67 @@ def coadd(
     if method not in (False, "stars", "wcs"):
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
     rejection = _check_rejection(reject, reject_grow, reject_model_error)
+    be = get_array_module(backend)  # an unknown name, or cupy without CuPy, fails here
 
     acc = None
-    template: ImageData | None = None  # the first image's unit, shape, WCS and meta
-    # the first image and its PSF stamp, kept for the flux scales
-    reference: tuple[PreparedImage, np.ndarray] | None = None
-    target: CCDData | None = None
-    stack: list[tuple[np.ndarray, np.ndarray]] = []  # kept only to reject outliers
     rows = []
+    with _FrameFile() as spilled:  # read back only to reject outliers
+        for frame, stamp, f, f_err in _prepared_frames(
+            images, psf_list=psf_list, scale_list=scale_list, sigma_list=sigma_list, gain=gain,
+            gain_list=gain_list, method=method, unit=unit, saturation=saturation, dtype=dtype,
+        ):
+            img = frame.image
+            if acc is None:
+                template = _output_template(img)
+                acc = ProperCoaddAccumulator(
+                    img.shape, border=max(stamp.shape) if border is None else int(border),
+                    dtype=dtype, backend=be,
+                )
+            acc.add(img.data, stamp, frame.sigma, f, mask=img.mask, variance=img.variance)
+            if rejection is not None:
+                spilled.append(img.data, img.variance.astype(np.float32))
+            rows.append((frame.name, f, f_err, frame.sigma, f / frame.sigma**2,
+                         f**2 / frame.sigma**2 * float((stamp**2).sum()), int(img.mask.sum())))
+            log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
+                     frame.name, f, f_err, frame.sigma, stamp.shape, rows[-1][-1])
+            del img, frame, stamp  # released before the next image is read
+        if acc is None:
+            raise ValueError("coadd needs at least one image; got an empty input")
+        for option in (psf_list, scale_list, sigma_list, gain_list):
+            if option is not None:
+                option.check_exhausted(len(rows))
+        frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma",
+                                         "weight", "depth_share", "n_masked"))
+        frames["depth_share"] /= frames["depth_share"].sum()
+        rejected = _reject_outliers(acc, spilled, rejection, frames)
+    res = acc.finalize(min_depth_fraction=min_depth_fraction)
+    del acc  # its spectra are not needed to wrap the outputs
+    return _wrap(res, template, frames, rejected)
+
+
+def _prepared_frames(
+    images: Any,
+    *,
+    psf_list: _PerImage,
+    scale_list: _PerImage,
+    sigma_list: _PerImage,
+    gain: Any,
+    gain_list: _PerImage | None,
+    method: str | bool,
+    unit: Any,
+    saturation: Any,
+    dtype: type,
+) -> Iterator[tuple[PreparedImage, np.ndarray, float, float]]:
+    """Read, check, align and prepare each image in turn, with its flux scale.
+
+    Yields ``(prepared image, PSF stamp at its centre, F_j, error of F_j)``; the first
+    image (and, unless every flux scale is given, its prepared self, for the flux
+    scales of the others) is kept, every other one is released before the next one
+    is read.
+    """
+    first: ImageData | None = None  # the first image's unit and shape
+    reference: tuple[PreparedImage, np.ndarray] | None = None  # for the flux scales
+    target: CCDData | None = None  # for the alignment
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
         given = scale_list.next()
         if given is not None and not (np.isfinite(float(given)) and float(given) > 0):
@@ -457,49 +522,83 @@ def coadd(
             img = to_image(item, unit=unit, gain=frame_gain, saturation=saturation, hdu=hdu,
                            dtype=dtype)
             del item
-            if template is not None:
-                img = _check_like(img, template, name, frame_gain)
-            elif method:
-                target = as_ccddata(replace(img, data=img.data.copy()))
+            if first is not None:
+                img = _check_like(img, first, name, frame_gain)
+            else:
+                first = _output_template(img)
+                if method:
+                    target = as_ccddata(replace(img, data=img.data.copy()))
             frame = prepare_image(img, psf_list.next(), name=name, option="psfs=",
                                   need_stars=given is None, sigma=sigma_list.next())
+            del img
             stamp = frame.psf_stamp()
             if given is not None:
                 f, f_err = float(given), 0.0
-            elif template is None:
+            elif j == 0:
                 f, f_err = 1.0, 0.0
+                reference = (frame, stamp)
             else:
                 f, f_err = _fit_scale(frame, stamp, reference)
-        if template is None:
-            template = _output_template(img)
-            if given is None:
-                reference = (frame, stamp)
-            acc = ProperCoaddAccumulator(
-                img.shape, border=max(stamp.shape) if border is None else int(border),
-                dtype=dtype,
-            )
-        acc.add(img.data, stamp, frame.sigma, f, mask=img.mask, variance=img.variance)
-        if rejection is not None:
-            stack.append((img.data, img.variance.astype(np.float32)))
-        rows.append((name, f, f_err, frame.sigma, f / frame.sigma**2,
-                     f**2 / frame.sigma**2 * float((stamp**2).sum()), int(img.mask.sum())))
-        log.info("%s: flux scale %.6g +- %.2g, sigma %.6g, PSF stamp %s, %d masked pixels",
-                 name, f, f_err, frame.sigma, stamp.shape, rows[-1][-1])
-        del img, frame, stamp  # release this image before the next one is read (unless stacked)
-    if acc is None:
-        raise ValueError("coadd needs at least one image; got an empty input")
-    for option in (psf_list, scale_list, sigma_list, gain_list):
-        if option is not None:
-            option.check_exhausted(len(rows))
-    frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma", "weight",
-                                     "depth_share", "n_masked"))
-    frames["depth_share"] /= frames["depth_share"].sum()
-    del reference, target
-    rejected = _reject_outliers(acc, stack, rejection, frames)
-    del stack
-    res = acc.finalize(min_depth_fraction=min_depth_fraction)
-    del acc  # its spectra are not needed to wrap the outputs
-    return _wrap(res, template, frames, rejected)
+        yield frame, stamp, f, f_err
+        del frame, stamp
+
+
+class _FrameFile:
+    """Arrays of each frame written to an anonymous temporary file, read back one at a time.
+
+    A context manager: the file (opened at the first `append`) is deleted on exit.
+    """
+
+    def __init__(self) -> None:
+        self._file: Any = None
+        self._frames: list[list[tuple[int, np.dtype, tuple[int, ...]]]] = []
+
+    def __enter__(self) -> _FrameFile:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def append(self, *arrays: np.ndarray) -> None:
+        """Write one frame's arrays at the end of the file."""
+        if self._file is None:
+            # closed (and so deleted) by __exit__
+            self._file = tempfile.TemporaryFile(prefix="astro_zackay_coadd_")  # noqa: SIM115
+        self._file.seek(0, os.SEEK_END)
+        where = []
+        for arr in arrays:
+            arr = np.ascontiguousarray(arr)
+            where.append((self._file.tell(), arr.dtype, arr.shape))
+            arr.tofile(self._file)
+        self._frames.append(where)
+
+    def read(self, index: int, field: int) -> np.ndarray:
+        """Array ``field`` of frame ``index``, read from the file."""
+        offset, dtype, shape = self._frames[index][field]
+        self._file.seek(offset)
+        return np.fromfile(self._file, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def field(self, field: int) -> _FrameField:
+        """A sequence view of one array of every frame (read when indexed)."""
+        return _FrameField(self, field)
+
+
+class _FrameField(Sequence):
+    """One array of every frame of a `_FrameFile`, read from the file when indexed."""
+
+    def __init__(self, frames: _FrameFile, field: int) -> None:
+        self._frames = frames
+        self._field = field
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self._frames.read(index, self._field)
 
 
 def _per_image(gain: Any) -> bool:
@@ -526,26 +625,26 @@ def _check_rejection(
 
 def _reject_outliers(
     acc: ProperCoaddAccumulator,
-    stack: list[tuple[np.ndarray, np.ndarray]],
+    frames_file: _FrameFile,
     rejection: dict[str, float] | None,
     frames: Table,
 ) -> np.ndarray:
     """Find and replace each frame's outliers; their count per pixel and per frame.
 
+    The frames' data and variances are read back from ``frames_file`` one at a time.
     Adds the ``n_rejected`` column to ``frames`` (0 without rejection).
     """
     rejected = np.zeros(acc.shape, np.int16)
     frames["n_rejected"] = 0
     if rejection is None:
         return rejected
-    outliers = reject_outliers(acc, [data for data, _ in stack],
-                               [variance for _, variance in stack], **rejection)
+    outliers = reject_outliers(acc, frames_file.field(0), frames_file.field(1), **rejection)
+    flat = rejected.ravel()
     for j, pixels in enumerate(outliers):
-        frames["n_rejected"][j] = int(pixels.sum())
-        rejected += pixels
-        if frames["n_rejected"][j]:
-            log.info("%s: %d outlier pixels rejected", frames["name"][j],
-                     frames["n_rejected"][j])
+        frames["n_rejected"][j] = pixels.size
+        flat[pixels] += 1
+        if pixels.size:
+            log.info("%s: %d outlier pixels rejected", frames["name"][j], pixels.size)
     return rejected
 
 
