@@ -33,9 +33,11 @@ Rows (each case runs in a fresh subprocess, one at a time, so that its peak memo
 
 Run from the repository root: ``python benchmarks/bench_pipeline.py [--quick]
 [--sizes 1024,2048,4096,8192] [--backend numpy|cupy]``.  ``--quick`` (1024^2 and 2048^2,
-the real pair, 5 coadd frames) takes about 3 minutes here once the inputs are cached; the full
-run takes much longer (properimage's coadd of 20 frames alone takes minutes).  Timings are
-the best of ``--repeats`` calls; nothing is asserted.
+the real pair, 2 and 5 coadd frames, properimage on the real pair and the coadd only) takes
+about 3 minutes here once the inputs are cached; the full run takes much longer
+(properimage's coadd of 20 frames alone takes minutes).  Timings are the best of 3 calls
+up to 2048^2, of 2 at 4096^2 and of 1 at 8192^2 (fewer with ``--quick``); nothing is
+asserted.
 """
 
 from __future__ import annotations
@@ -626,13 +628,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", default="sim,real,psf,coadd",
                         help="comma-separated subset of sim,real,psf,coadd")
     parser.add_argument("--no-peers", action="store_true", help="skip properimage")
-    parser.add_argument("--peer-max-size", type=int, default=2048,
-                        help="largest simulated size properimage is run on")
+    parser.add_argument("--peer-max-size", type=int,
+                        help="largest simulated size properimage is run on (default 2048; "
+                             "0 with --quick: the real pair and the coadd only)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     default = "1024,2048" if args.quick else "1024,2048,4096,8192"
     args.sizes = [int(s) for s in (args.sizes or default).split(",")]
+    if args.peer_max_size is None:
+        args.peer_max_size = 0 if args.quick else 2048
     args.cases = set(args.cases.split(","))
     args.workdir = args.workdir.resolve()
     return args
