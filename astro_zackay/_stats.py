@@ -23,7 +23,8 @@ def mad_std(values: np.ndarray, centre: float | None = None) -> float:
     Parameters
     ----------
     values : `~numpy.ndarray`
-        The values (any shape; all of them are used, NaN included).
+        The values (any shape; all of them are used, NaN included), in their own
+        precision.
     centre : float, optional
         The value the deviations are taken from; default the median of ``values``.
 
@@ -41,7 +42,7 @@ def mad_std(values: np.ndarray, centre: float | None = None) -> float:
     >>> mad_std(np.array([-2.0, 1.0, 3.0]), centre=0.0)
     2.9652
     """
-    values = np.asarray(values, dtype=float)
+    values = np.asarray(values)
     if centre is None:
         centre = float(np.median(values))
     return MAD_TO_SIGMA * float(np.median(np.abs(values - centre)))
@@ -71,7 +72,7 @@ def median_and_std(values: np.ndarray, max_values: int | None = None) -> tuple[f
     >>> median_and_std(np.arange(10.0), max_values=5)  # the values 0, 2, 4, 6, 8
     (4.0, 2.9652)
     """
-    values = np.asarray(values, dtype=float)
+    values = np.asarray(values)
     if max_values is not None:
         values = values[:: max(values.size // int(max_values), 1)]
     median = float(np.median(values))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ._stats import median_and_std
 from .fourier import (
     abs2,
     fast_shape,
@@ -351,26 +352,15 @@ def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray
     return ~bad
 
 
-def _median_and_std(values: np.ndarray) -> tuple[float, float]:
-    """Median and standard deviation (from the median absolute deviation) of ``values``.
-
-    At most about `_ROBUST_SAMPLE` evenly strided values are used (their sampling error
-    is ~0.3 %, and the medians of whole images dominated the run time).
-    """
-    values = values[:: max(values.size // _ROBUST_SAMPLE, 1)]
-    median = float(np.median(values))
-    return median, 1.4826 * float(np.median(np.abs(values - median)))
-
-
 def _sources(x: np.ndarray, good: np.ndarray, nsigma: float, grow: int) -> np.ndarray:
     """Pixels of sources (and outliers) in ``x`` (0 on bad pixels), grown to squares."""
     smooth = ndimage.gaussian_filter(x, 1.0)
     if not good.all():
         weight = ndimage.gaussian_filter(good.astype(np.float64), 1.0)
         smooth = np.divide(smooth, weight, out=np.zeros_like(smooth), where=weight > 0.5)
-    level, scale = _median_and_std(smooth[good])
+    level, scale = median_and_std(smooth[good], _ROBUST_SAMPLE)
     hits = good & (smooth - level > nsigma * scale)
-    level, scale = _median_and_std(x[good])
+    level, scale = median_and_std(x[good], _ROBUST_SAMPLE)
     hits |= good & (np.abs(x - level) > 2 * nsigma * scale)
     if grow > 0 and hits.any():  # a (2 grow + 1)-square, as two 1-D maxima (fast)
         hits = ndimage.maximum_filter1d(hits.view(np.uint8), 2 * grow + 1, axis=0)

@@ -16,6 +16,8 @@ import logging
 import numpy as np
 from scipy import ndimage
 
+from ._stats import median_and_std
+
 __all__ = ["detect_saturation"]
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,7 @@ def _robust_level(data: np.ndarray, good: np.ndarray) -> tuple[float, float]:
     """Median and MAD-based sigma of a regular subsample of the good pixels."""
     step = max(1, data.size // _SAMPLE)
     sample = data.ravel()[::step][good.ravel()[::step]]
-    if sample.size == 0:
-        sample = data[good]
-    median = float(np.median(sample))
-    sigma = 1.4826 * float(np.median(np.abs(sample - median)))
-    return median, sigma
+    return median_and_std(data[good] if sample.size == 0 else sample)
 
 
 def _flat_top_level(

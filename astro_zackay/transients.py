@@ -43,6 +43,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy import ndimage
 
+from ._stats import mad_std
 from .fourier import correlate_fft, psf_rfft, shift_image
 from .profiles import GAUSS_FWHM
 
@@ -278,7 +279,7 @@ def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
     ring = ring[np.isfinite(ring)]
     if ring.size < 20:
         return 1.0
-    return float((1.4826 * np.median(np.abs(ring - np.median(ring)))) ** 2)
+    return mad_std(ring) ** 2
 
 
 def _psf_fits(
