@@ -1,4 +1,4 @@
-"""Tests of astro_zackay.coaddition: proper coaddition of CCDData (SCIENCE.md 4 item 5)."""
+"""Tests of astro_zackay.coaddition: proper coaddition (Zackay & Ofek 2017) of CCDData."""
 
 import os
 import warnings
@@ -81,7 +81,7 @@ def _theory(psfs, flux_scales, sky):
 
 
 # --------------------------------------------------------------------------------------
-# science: SCIENCE.md section 4 item 5
+# science: S/N, unit noise and the gain over a weighted mean
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +416,25 @@ def test_clear_errors():
         coadd(frames, psfs=psfs, align="sideways")
     with pytest.raises(ValueError, match="no unit"):
         coadd([fr.data for fr in frames], psfs=psfs)
+    with pytest.raises(ValueError, match="backend must be 'numpy' or 'cupy'"):
+        coadd(frames, psfs=psfs, backend="torch")
+
+
+def test_cupy_backend_without_cupy_names_the_package():
+    """backend='cupy' fails before any image is read when CuPy is not installed."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is installed: the error for its absence cannot be raised")
+
+    def never_read():
+        raise AssertionError("an image was read before the backend was checked")
+        yield
+
+    with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
+        coadd(never_read(), backend="cupy")
 
 
 # --------------------------------------------------------------------------------------
