@@ -19,7 +19,6 @@ import sep
 from astropy import units as u
 from astropy.nddata import CCDData
 from photutils.background import Background2D, MADStdBackgroundRMS, SExtractorBackground
-from scipy import ndimage
 
 from astro_zackay._ccd import ImageData, to_ccddata, to_image
 
@@ -333,6 +332,32 @@ def _detect_sources(
     return _Detection(objects, weakref.ref(img.data)), pixels
 
 
+def _grown(pixels: np.ndarray, grow: int) -> np.ndarray:
+    """``pixels`` grown by ``grow`` pixels in each direction (a square dilation).
+
+    Shifted ORs of the boolean image, one per step and direction: several times
+    faster than `scipy.ndimage.maximum_filter` on a sparse mask.
+    """
+    out = pixels.copy()
+    for axis in (0, 1):
+        base = out.copy()
+        for step in range(1, grow + 1):
+            lead = [slice(None), slice(None)]
+            lag = [slice(None), slice(None)]
+            lead[axis], lag[axis] = slice(step, None), slice(None, -step)
+            out[tuple(lead)] |= base[tuple(lag)]
+            out[tuple(lag)] |= base[tuple(lead)]
+    return out
+
+
+def _map_median(smooth: np.ndarray) -> float:
+    """The median of a smooth map (a spline through box values), from every 4th pixel of
+    every 4th row: 16 times faster, and within 3e-5 (relative) of the full median on
+    properimage's real image and a simulated crowded field (measured), a hundredth of
+    the sky estimate's own error."""
+    return float(np.median(smooth[::4, ::4]))
+
+
 def _first_pass(
     img: ImageData, data: np.ndarray, method: str, box: tuple[int, int], filt: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +404,7 @@ def _estimate_from(
     if detect_sources:
         sky, rms = _first_pass(img, data, method, box, filt)
         detection, sources = _detect_sources(img, sky, rms, strong=_SOURCE_THRESHOLD)
-        mask = mask | ndimage.maximum_filter(sources, size=2 * _SOURCE_GROW + 1)
+        mask = mask | _grown(sources, _SOURCE_GROW)
         del sky, rms  # freed before the second pass: two frame-sizes less at the peak
         if (~mask).sum() < box[0] * box[1]:
             raise ValueError(
@@ -400,8 +425,8 @@ def _estimate_from(
     return BackgroundResult(
         sky=to_ccddata(sky, img, mask=no_mask, step=("AZBKG", text)),
         rms=to_ccddata(rms, img, mask=no_mask, step=("AZBKG", text)),
-        global_sky=float(np.median(sky)),
-        global_rms=float(np.median(rms)),
+        global_sky=_map_median(sky),
+        global_rms=_map_median(rms),
         method=method,
         box_size=box,
         filter_size=filt,

@@ -15,7 +15,6 @@ Arrays in, arrays out.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,27 +169,50 @@ def _star_levels(
     r_mean, r_var : ``(n_star, n_bins)`` mean and variance of the kept pixels' radii.
     """
     bounds = np.searchsorted(grid, edges)
-    shape = (values.shape[0], len(edges) - 1)
-    level, variance = np.full(shape, np.nan), np.full(shape, np.inf)
-    r_mean, r_var = np.ones(shape), np.zeros(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # stars with no pixel in a bin
-        for b in range(shape[1]):
-            v = values[:, bounds[b] : bounds[b + 1]].copy()
-            centre = row_median(v)[:, None]
-            spread = 1.4826 * row_median(np.abs(v - centre))[:, None]
-            v[np.abs(v - centre) > 3.0 * spread] = np.nan
-            kept = np.isfinite(v)
-            n = kept.sum(axis=1)
-            ok = n >= 5
-            r = np.where(kept, radius[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
-            var = np.where(kept, pixel_var[:, bounds[b] : bounds[b + 1]], np.nan)[ok]
-            level[ok, b] = np.nanmean(v[ok], axis=1)
-            variance[ok, b] = np.nanmean(var, axis=1) / n[ok]
-            r_mean[ok, b] = np.nanmean(r, axis=1)
-            r_var[ok, b] = np.nanvar(r, axis=1)
+    n_star, n_bins = values.shape[0], len(edges) - 1
+    counts = np.diff(bounds)
+    centre, spread = _bin_medians(values, bounds)
+    # the bins' pixels are consecutive columns: sums over them by np.add.reduceat
+    cols = slice(bounds[0], bounds[-1])
+    in_bin = np.repeat(np.arange(n_bins), counts)
+    starts = np.minimum(bounds[:-1] - bounds[0], max(bounds[-1] - bounds[0] - 1, 0))
+    v = values[:, cols]
+    with np.errstate(invalid="ignore"):
+        kept = np.isfinite(v) & ~(np.abs(v - centre[:, in_bin]) > 3.0 * spread[:, in_bin])
+
+    def bin_sums(array: np.ndarray) -> np.ndarray:
+        if array.shape[1] == 0:
+            return np.zeros((n_star, n_bins))
+        return np.where(counts > 0, np.add.reduceat(array, starts, axis=1), 0.0)
+
+    n = bin_sums(kept.astype(float))
+    ok = n >= 5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = np.where(ok, bin_sums(np.where(kept, v, 0.0)) / n, np.nan)
+        variance = np.where(ok, bin_sums(np.where(kept, pixel_var[:, cols], 0.0)) / n**2, np.inf)
+        r = radius[:, cols]
+        r_mean = np.where(ok, bin_sums(np.where(kept, r, 0.0)) / n, 1.0)
+        deviation = np.where(kept, r - r_mean[:, in_bin], 0.0)
+        r_var = np.where(ok, bin_sums(deviation**2) / n, 0.0)
     variance[~(variance > 0)] = np.inf
     return level, variance, r_mean, r_var
+
+
+def _bin_medians(values: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and 1.4826 MAD of each star's values in each bin ``(n_star, n_bins)``.
+
+    The bins (consecutive columns between ``bounds``) are laid side by side, padded
+    with NaN to the fullest one, so that one sort serves them all.
+    """
+    n_star, n_bins = values.shape[0], len(bounds) - 1
+    width = max(int(np.max(np.diff(bounds))), 1)
+    columns = bounds[:-1, None] + np.arange(width)
+    inside = columns < bounds[1:, None]
+    padded = np.where(inside, values[:, np.where(inside, columns, 0)], np.nan)
+    padded = padded.reshape(-1, width)
+    centre = row_median(padded)
+    spread = 1.4826 * row_median(np.abs(padded - centre[:, None]))
+    return centre.reshape(n_star, n_bins), spread.reshape(n_star, n_bins)
 
 
 def light_reach(flux: np.ndarray, wing: Wing, radius: float, floor: float) -> np.ndarray:
