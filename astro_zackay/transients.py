@@ -131,11 +131,19 @@ def _as_array(value: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, WCS
     return array, None, None, None
 
 
-def _subpixel_peak(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple:
-    """Refine integer peaks with a separable parabola through the 3x3 neighbourhood."""
+def _subpixel_peak(
+    image: np.ndarray, bad: np.ndarray, rows: np.ndarray, cols: np.ndarray, signed: Any
+) -> tuple:
+    """Refine integer peaks with a separable parabola through the 3x3 neighbourhood.
+
+    Of ``signed(image)``, with ``bad`` pixels read as 0; only the peaks' neighbours are read.
+    """
     ny, nx = image.shape
     r = np.clip(rows, 1, ny - 2)
     c = np.clip(cols, 1, nx - 2)
+
+    def value(dr: int, dc: int) -> np.ndarray:
+        return np.where(bad[r + dr, c + dc], 0.0, signed(image[r + dr, c + dc]))
 
     def offset(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) -> np.ndarray:
         curvature = minus - 2.0 * centre + plus
@@ -143,8 +151,9 @@ def _subpixel_peak(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tup
             delta = 0.5 * (minus - plus) / curvature
         return np.where((curvature < 0) & np.isfinite(delta), np.clip(delta, -0.5, 0.5), 0.0)
 
-    dx = offset(image[r, c - 1], image[r, c], image[r, c + 1])
-    dy = offset(image[r - 1, c], image[r, c], image[r + 1, c])
+    centre = value(0, 0)
+    dx = offset(value(0, -1), centre, value(0, 1))
+    dy = offset(value(-1, 0), centre, value(1, 0))
     return cols + dx, rows + dy
 
 
@@ -185,35 +194,51 @@ def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[s
             slice(max(col - half, 0), min(col + half + 1, shape[1])))
 
 
-def _window_any(
-    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float, test: Any
-) -> np.ndarray:
-    """Whether ``test(pixels)`` holds for a pixel within ``radius`` of each (row, col).
+def _windows(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``2*half+1`` squares of ``image`` around each (row, col), and which pixels are in it.
 
-    Only the candidates' windows are read, so the cost does not grow with the image.
+    Shape ``(n, 2*half+1, 2*half+1)``; positions off the image read the nearest
+    image pixel and are False in the second array. Only these windows are read, so
+    the cost does not grow with the image.
     """
+    ny, nx = image.shape
+    offsets = np.arange(-half, half + 1)
+    r = rows[:, None, None] + offsets[None, :, None]
+    c = cols[:, None, None] + offsets[None, None, :]
+    inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+    return image[np.clip(r, 0, ny - 1), np.clip(c, 0, nx - 1)], inside
+
+
+def _disk_windows(
+    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_windows` of the pixels within ``radius`` (at least 1) of each (row, col)."""
     half = max(int(np.ceil(radius)), 1)
-    result = np.zeros(rows.size, bool)
-    for i, (row, col) in enumerate(zip(rows, cols)):
-        box = _stamp_box(image.shape, row, col, half)
-        yy, xx = np.mgrid[box]
-        inside = np.hypot(xx - col, yy - row) <= max(radius, 1.0)
-        result[i] = bool(np.any(test(image[box][inside])))
-    return result
+    values, inside = _windows(image, rows, cols, half)
+    offsets = np.arange(-half, half + 1)
+    disk = np.hypot(offsets[None, :], offsets[:, None]) <= max(radius, 1.0)
+    return values, inside & disk
 
 
 def _near(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float) -> np.ndarray:
     """Whether a True pixel of ``mask`` lies within ``radius`` pixels of each (row, col)."""
-    return _window_any(mask, rows, cols, radius, lambda pixels: pixels)
+    values, inside = _disk_windows(mask, rows, cols, radius)
+    return np.any(values & inside, axis=(1, 2))
 
 
-def _dipole(score: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: float,
-            threshold: float) -> np.ndarray:
-    """Whether an extremum of the opposite sign beyond ``threshold`` lies within ``radius``."""
-    positive = score[rows, cols] > 0
-    below = _window_any(score, rows, cols, radius, lambda pixels: pixels <= -threshold)
-    above = _window_any(score, rows, cols, radius, lambda pixels: pixels >= threshold)
-    return np.where(positive, below, above)
+def _dipole(score: np.ndarray, bad: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+            radius: float, threshold: float) -> np.ndarray:
+    """Whether an extremum of the opposite sign beyond ``threshold`` lies within ``radius``.
+
+    Masked (``bad``) pixels are no partner: their score is not measured.
+    """
+    values, inside = _disk_windows(score, rows, cols, radius)
+    inside &= ~_windows(bad, rows, cols, values.shape[1] // 2)[0]
+    positive = (score[rows, cols] > 0)[:, None, None]
+    opposite = np.where(positive, values <= -threshold, values >= threshold)
+    return np.any(opposite & inside, axis=(1, 2))
 
 
 def _edge(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, distance: float) -> np.ndarray:
@@ -283,20 +308,21 @@ def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
 
 
 def _psf_fits(
-    difference: np.ndarray, variance: np.ndarray, psf: Any, x: np.ndarray, y: np.ndarray,
+    difference: np.ndarray, flux_error: np.ndarray | None, psf: Any, x: np.ndarray, y: np.ndarray,
     rows: np.ndarray, cols: np.ndarray, signs: np.ndarray, radius: float, psf_error: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PSF fits to D stamps: (chi^2/dof, peak-pixel residual in sigma) of each candidate.
 
     The pixels of D within ``radius`` of each candidate are fitted with ``psf``
     (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
-    ``variance`` and its local variance around the candidate (`_local_variance`);
-    the peak residual is taken along each candidate's
-    sign (``signs``, that of its score). NaN for a candidate whose peak pixel is
+    variance (`_difference_variance`, from ``flux_error``) and its local variance
+    around the candidate (`_local_variance`); the peak residual is taken along each
+    candidate's sign (``signs``, that of its score). NaN for a candidate whose peak pixel is
     masked or whose stamp has fewer than 6 finite pixels.
     """
     chi2 = np.full(rows.size, np.nan)
     sharp = np.full(rows.size, np.nan)
+    scale = _difference_scale(flux_error)
     for i, (row, col) in enumerate(zip(rows, cols)):
         stamp_psf = _check_psf(psf(x[i], y[i])) if callable(psf) else psf
         half = min(int(np.ceil(radius)), stamp_psf.shape[0] // 2, stamp_psf.shape[1] // 2)
@@ -306,25 +332,36 @@ def _psf_fits(
         if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
             continue
         local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
-        chi2[i], sharp[i] = _fit_one(stamp, variance[box], local, stamp_psf, box, row, col,
+        variance = _difference_variance(flux_error, scale, box)
+        chi2[i], sharp[i] = _fit_one(stamp, variance, local, stamp_psf, box, row, col,
                                      x[i] - col, y[i] - row, psf_error, signs[i])
     return chi2, sharp
 
 
-def _difference_variance(flux_error: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """D's per-pixel variance: 1 where the background dominates, more near sources.
+def _difference_scale(flux_error: np.ndarray | None) -> float | None:
+    """The median of the finite positive ``flux_error`` (None without one)."""
+    if flux_error is None:
+        return None
+    finite = np.isfinite(flux_error) & (flux_error > 0)
+    return float(np.median(flux_error[finite])) if finite.any() else None
+
+
+def _difference_variance(
+    flux_error: np.ndarray | None, scale: float | None, box: tuple[slice, slice]
+) -> np.ndarray:
+    """D's per-pixel variance in ``box``: 1 where the background dominates, more near sources.
 
     D is white with unit variance where the background noise dominates; the sources'
     own noise adds to it, as it adds to the flux error, so the variance is taken as
-    ``(flux_error / median(flux_error))**2`` (1 without a flux error).
+    ``(flux_error / scale)**2`` with ``scale`` its median (`_difference_scale`; 1
+    without a flux error, and where it is not finite and positive).
     """
-    if flux_error is None:
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
+    if flux_error is None or scale is None:
         return np.ones(shape)
-    finite = np.isfinite(flux_error) & (flux_error > 0)
-    if not finite.any():
-        return np.ones(shape)
-    ratio = flux_error / np.median(flux_error[finite])
-    return np.where(finite, ratio**2, 1.0)
+    stamp = flux_error[box]
+    finite = np.isfinite(stamp) & (stamp > 0)
+    return np.where(finite, (stamp / scale) ** 2, 1.0)
 
 
 def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: float) -> np.ndarray:
@@ -430,15 +467,32 @@ def bright_sources(
 def _candidates(
     data: np.ndarray, bad: np.ndarray, threshold: float, min_separation: int, sign: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Integer peaks (rows, cols) and sub-pixel positions (x, y), by ``|score|`` descending."""
-    signed = {"both": np.abs(data), "positive": data, "negative": -data}[sign]
-    signed = np.where(bad, -np.inf, signed)
-    size = 2 * int(min_separation) + 1
-    local_max = ndimage.maximum_filter(signed, size=size, mode="constant", cval=-np.inf)
-    rows, cols = np.nonzero((signed == local_max) & (signed >= threshold))
-    order = np.argsort(-signed[rows, cols], kind="stable")
+    """Integer peaks (rows, cols) and sub-pixel positions (x, y), by ``|score|`` descending.
+
+    A peak is a good pixel at or above ``threshold`` (of ``|score|``, the score or
+    its negative, as ``sign`` asks) and the highest of the good pixels in the
+    ``2*min_separation + 1`` square around it; only the pixels above the threshold
+    and their squares are examined.
+    """
+    flip = -1.0 if sign == "negative" else 1.0
+
+    def signed(values: np.ndarray) -> np.ndarray:
+        return np.abs(values) if sign == "both" else flip * values
+
+    with np.errstate(invalid="ignore"):
+        rows, cols = np.nonzero(signed(data) >= threshold)
+    keep = ~bad[rows, cols]
+    rows, cols = rows[keep], cols[keep]
+    half = int(min_separation)
+    values, inside = _windows(data, rows, cols, half)
+    inside &= ~_windows(bad, rows, cols, half)[0]
+    window = np.where(inside, signed(values), -np.inf)
+    peak = signed(data[rows, cols])
+    is_max = peak >= window.max(axis=(1, 2), initial=-np.inf)
+    rows, cols = rows[is_max], cols[is_max]
+    order = np.argsort(-signed(data[rows, cols]), kind="stable")
     rows, cols = rows[order], cols[order]
-    x, y = _subpixel_peak(np.where(bad, 0.0, signed), rows, cols)
+    x, y = _subpixel_peak(data, bad, rows, cols, signed)
     return rows, cols, x, y
 
 
@@ -472,8 +526,9 @@ def _check_sources(sources: Table | None) -> None:
 
 
 def _flags(
-    data: np.ndarray, rows: np.ndarray, cols: np.ndarray, x: np.ndarray, y: np.ndarray,
-    fwhm: float | None, inputs: dict[str, Any], limits: dict[str, float], table: Table,
+    data: np.ndarray, bad: np.ndarray, rows: np.ndarray, cols: np.ndarray, x: np.ndarray,
+    y: np.ndarray, fwhm: float | None, inputs: dict[str, Any], limits: dict[str, float],
+    table: Table,
 ) -> np.ndarray:
     """The flags bitmask of each candidate; adds the fit columns and ``flags_computed``."""
     flags = np.zeros(rows.size, dtype=np.int32)
@@ -482,7 +537,7 @@ def _flags(
         log.info("no psf= or fwhm= and the score's scale cannot be measured: no flag computed")
         return flags
     computed += ["DIPOLE", "EDGE"]
-    flags[_dipole(data, rows, cols, limits["dipole_radius"] * fwhm,
+    flags[_dipole(data, bad, rows, cols, limits["dipole_radius"] * fwhm,
                   limits["dipole_threshold"])] |= FLAG_DIPOLE
     flags[_edge(data.shape, x, y, limits["edge_distance"] * fwhm)] |= FLAG_EDGE
     if inputs["bad_pixels"] is not None:
@@ -492,8 +547,8 @@ def _flags(
     if inputs["difference"] is not None and inputs["psf"] is not None:
         computed += ["SHARP", "CHI2"]
         radius = max(limits["fit_radius"] * fwhm, 2.0)
-        variance = _difference_variance(inputs["flux_error"], data.shape)
-        chi2, sharp = _psf_fits(inputs["difference"], variance, inputs["psf"], x, y, rows, cols,
+        chi2, sharp = _psf_fits(inputs["difference"], inputs["flux_error"], inputs["psf"], x, y,
+                                rows, cols,
                                 np.sign(data[rows, cols]), radius, limits["psf_error"])
         table["chi2_dof"] = chi2
         table["sharpness"] = sharp
@@ -678,9 +733,7 @@ def find_transients(
         "psf_error": psf_error,
         "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
     }
-    # masked pixels are no partner of a dipole (their score is not measured)
-    table["flags"] = _flags(np.where(bad, np.nan, data), rows, cols, x, y, fwhm, inputs,
-                            limits, table)
+    table["flags"] = _flags(data, bad, rows, cols, x, y, fwhm, inputs, limits, table)
     table["good"] = table["flags"] == 0
     table.meta["threshold"] = float(threshold)
     table.meta["sign"] = sign
