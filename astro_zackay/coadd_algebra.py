@@ -89,20 +89,19 @@ The next round is made with the replaced values.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from .fourier import (
     ArrayBackend,
     abs2,
     fast_shape,
     floored_inv_sqrt,
+    frequency_grids,
     get_array_module,
     origin_to_stamp,
     psf_rfft,
@@ -215,7 +214,7 @@ class ProperCoaddAccumulator:
     backend : {"numpy", "cupy"}, optional
         Array backend; results are returned as numpy.
     workers : int, optional
-        scipy.fft threads (default `~astro_zackay.fourier.DEFAULT_WORKERS`).
+        scipy.fft threads (default all the cores the process may use).
 
     Examples
     --------
@@ -696,11 +695,6 @@ class ProperCoaddAccumulator:
         )
 
 
-def _ndimage(be: ArrayBackend) -> Any:
-    """The image-filter module of a backend: `scipy.ndimage`, or ``cupyx.scipy.ndimage``."""
-    return ndimage if be.name == "numpy" else importlib.import_module("cupyx.scipy.ndimage")
-
-
 def _blind(acc: ProperCoaddAccumulator, index: int, reach: int) -> Any:
     """Where the other frames cannot predict frame ``index``, bit-packed; None if nowhere.
 
@@ -711,8 +705,23 @@ def _blind(acc: ProperCoaddAccumulator, index: int, reach: int) -> Any:
     blind = acc._others_depth(index) < MIN_PREDICTION_DEPTH
     if not bool(blind.any()):
         return None
-    blind = _ndimage(acc.backend).maximum_filter(blind, 2 * reach + 1)
+    blind = acc.backend.ndimage.maximum_filter(blind, 2 * reach + 1)
     return acc.backend.xp.packbits(blind.ravel())
+
+
+def _blurred(acc: ProperCoaddAccumulator, image: Any, sigma: float) -> Any:
+    """``image`` (on the backend) convolved with a unit-sum Gaussian of ``sigma`` px.
+
+    Through the accumulator's zero-padded FFT grid (zero beyond the image edges): two
+    transforms, a tenth of the time of a direct Gaussian filter this wide.
+    """
+    be = acc.backend
+    ky, kx = frequency_grids(acc.fft_shape)
+    g_h = be.asarray(np.exp(-2.0 * (np.pi * sigma * ky) ** 2).astype(acc.dtype))
+    g_h = g_h * be.asarray(np.exp(-2.0 * (np.pi * sigma * kx) ** 2).astype(acc.dtype))
+    spectrum = acc._spectrum(image, acc.dtype)
+    spectrum *= g_h
+    return acc._image(spectrum)
 
 
 def _significance(
@@ -733,16 +742,16 @@ def _significance(
     of ``threshold``), 0 below ``threshold``, where the others cannot predict (``blind``,
     from `_blind`) and on the frame's masked pixels. The noise holds the model error of
     the prediction at each pixel and `_RING_FRACTION` times that error blurred by a
-    Gaussian of ``reach / 2`` pixels. Arrays on the accumulator's backend.
+    Gaussian of ``reach / 2`` pixels (`_blurred`). Arrays on the accumulator's backend.
     """
-    xp, nd = acc.backend.xp, _ndimage(acc.backend)
+    xp, nd = acc.backend.xp, acc.backend.ndimage
     difference, prediction = acc._residual(index, image)
     s2 = acc._frames[index][2] ** 2
     noise = xp.ones(acc.shape) if variance is None else xp.maximum(
         xp.nan_to_num(variance.astype(np.float64) / s2, nan=1.0), 1.0
     )
     prediction *= model_error
-    ring = nd.gaussian_filter(xp.abs(prediction), reach / 2.0)
+    ring = _blurred(acc, xp.abs(prediction), reach / 2.0)
     ring *= _RING_FRACTION
     noise += ring * ring
     del ring
@@ -774,7 +783,7 @@ class _MaxOfOthers:
 
     def __init__(self, acc: ProperCoaddAccumulator, size: int) -> None:
         xp = acc.backend.xp
-        self._nd = _ndimage(acc.backend)
+        self._nd = acc.backend.ndimage
         self._xp = xp
         self.size = size
         self.top = xp.zeros(acc.shape, np.float32)
@@ -953,7 +962,7 @@ def _rejection_round(
     again and their outliers replaced. Returns the number of pixels replaced.
     """
     be, xp = acc.backend, acc.backend.xp
-    nd = _ndimage(be)
+    nd = be.ndimage
 
     def frame(j: int) -> Any:
         return replaced[j].apply(be.asarray(images[j]))
