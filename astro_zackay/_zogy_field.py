@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
-from .fourier import ArrayBackend, fast_shape, get_array_module, origin_to_stamp
+from .fourier import ArrayBackend, fast_shape, get_array_module, unit_sum_psf
 from .noise import NoiseSpectrum
 from .zogy import (
     _astrometric_variance,
@@ -47,7 +48,7 @@ _log = logging.getLogger(__name__)
 #: Largest L1 error of a PSF interpolated from the nodes, at test points between them,
 #: that `choose_nodes` accepts.  A quarter of the 0.04 L1 change within a tile that
 #: tiles of constant PSF allowed (which left no bright-star residual on the test fields).
-NODE_PSF_ERROR = 0.01
+NODE_PSF_ERROR = 0.005
 #: Most nodes per axis that `choose_nodes` tries.
 MAX_NODES = 6
 #: Test points per axis at which the interpolation error is measured.
@@ -283,8 +284,10 @@ def zogy_field(
         new_bad = new_bad | ~np.isfinite(var_new)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
     arrays = {}
-    for name, arr, arr_bad in (("new", new, new_bad), ("ref", ref, ref_bad),
-                               ("var_new", var_new, new_bad), ("var_ref", var_ref, ref_bad)):
+    # the new image's bad pixels blank both images there (as the reference's own, in its frame)
+    both = new_bad | ref_bad
+    for name, arr, arr_bad in (("new", new, new_bad), ("ref", ref, both),
+                               ("var_new", var_new, new_bad), ("var_ref", var_ref, both)):
         if arr is not None:
             arrays[name], inner = _upload(be, arr, arr_bad if arr_bad.any() else None, grid,
                                           dtype)
@@ -296,13 +299,13 @@ def zogy_field(
     del arrays
     split = max(ast[0] + ast[1] + eps) > 0
     acc = _Accumulator(be, shape, inner, m, dtype)
-    units = [None if s is None else s.spectrum(grid, sigma=1.0) for s in noise_spectra]
+    units = [None if s is None else be.asarray(s.spectrum(grid, sigma=1.0)) for s in noise_spectra]
     good = ~bad
     whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
     rows, reaches, s_sigmas, node_psfs = [], [], [], []
     for a, b, cell in acc.nodes():
         x, y = acc.x_nodes[b], acc.y_nodes[a]
-        pn, pr = psf_new(x, y), psf_ref(x, y)
+        pn, pr = unit_sum_psf(psf_new(x, y), "psf_new"), unit_sum_psf(psf_ref(x, y), "psf_ref")
         sigmas = [_node_sigma(rms, good, cell, w, s)
                   for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)]
         noise = tuple(_noise_power(s, sig, unit)
@@ -310,15 +313,15 @@ def zogy_field(
         out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers)
         den0 = _at_zero(noise[0]) + flux_ratio**2 * _at_zero(noise[1])
         acc.add(a, b, out, den0)
-        reaches += out["reach"]
+        reaches.append(out["reach"])
         s_sigmas.append(out["s_sigma"])
-        node_psfs.append(origin_to_stamp(be.to_numpy(out["P_D"]), stamp, normalize=True))
+        node_psfs.append(_stamp(be, out.pop("P_D"), stamp))
         rows.append([cell[1].start, cell[1].stop, cell[0].start, cell[0].stop, x, y,
                      sigmas[1], sigmas[0], out["F_D"], out["F_S"]])
     del spec
     images = [np.where(b, 0.0, np.nan_to_num(a)) for a, b in ((new, new_bad), (ref, ref_bad))]
-    flag = _grown_mask(bad, images, whole, (psf_new(*centre), psf_ref(*centre)),
-                       reaches, min(s_sigmas), max(abs(v) for v in shift_ref))
+    flag = _grown_mask(bad, images, whole, (psf_new(*centre), psf_ref(*centre)), acc,
+                       reaches, s_sigmas, max(abs(v) for v in shift_ref))
     result = acc.finish(be, flag, ast, eps, float(flux_ratio))
     for row, offset in zip(rows, acc.offsets):
         row.append(offset)
@@ -330,6 +333,15 @@ def zogy_field(
         F_S=float(w_centre @ np.array([r[9] for r in rows])), nodes=[tuple(r) for r in rows],
         node_psfs=np.array(node_psfs), background_offset=float(np.median(acc.offsets)),
     )
+
+
+def _stamp(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:
+    """The unit-sum centred ``size`` stamp of an origin-centred array (only it comes back)."""
+    ny, nx = at_origin.shape
+    rows = be.asarray((np.arange(size) - size // 2) % ny)
+    cols = be.asarray((np.arange(size) - size // 2) % nx)
+    stamp = np.asarray(be.to_numpy(at_origin[be.xp.ix_(rows, cols)]), dtype=np.float64)
+    return stamp / stamp.sum()
 
 
 def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
@@ -348,22 +360,22 @@ def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
 
 
 def _grown_mask(bad: np.ndarray, images: list[np.ndarray], sigmas: tuple[float, float],
-                psfs: tuple[np.ndarray, np.ndarray], reaches: list, s_sigma: float,
-                shift: float) -> np.ndarray:
-    """The bad pixels and the edge, grown once for the image by every node's kernels.
+                psfs: tuple[np.ndarray, np.ndarray], acc: _Accumulator, reaches: list,
+                s_sigmas: list[float], shift: float) -> np.ndarray:
+    """The bad pixels and the edge, grown once for the image.
 
-    ``reaches`` alternates (new, reference) per node; the lights of the masked regions
-    and the edge are paired with them in the same order.
+    Every pixel grows by the largest core radius of the nodes' kernels; each masked
+    region and each star cut by the edge grows further by the kernels of its nearest
+    node (``reaches`` holds each node's (new, reference) reaches, in `nodes` order).
     """
-    n_nodes = len(reaches) // 2
-    radius = max(r.core_radius for r in reaches)
+    radius = max(r.core_radius for node in reaches for r in node)
     flag = _grow_mask(bad, radius)
     if bad.any():
         labels, light = _masked_regions(bad, images, list(sigmas), list(psfs))
-        _grow_regions(flag, labels, light * n_nodes, reaches, s_sigma)
+        _grow_regions(flag, labels, light, reaches, s_sigmas, acc.owners(labels))
     edge = _edge_mask(bad.shape, radius + int(np.ceil(shift)))
     labels, light = _edge_sources(images, list(sigmas), list(psfs))
-    _grow_regions(edge, labels, light * n_nodes, reaches, s_sigma)
+    _grow_regions(edge, labels, light, reaches, s_sigmas, acc.owners(labels))
     return flag | edge
 
 
@@ -389,6 +401,16 @@ class _Accumulator:
         for a in range(len(self.y_nodes)):
             for b in range(len(self.x_nodes)):
                 yield a, b, (slice(ye[a], ye[a + 1]), slice(xe[b], xe[b + 1]))
+
+    def owners(self, labels: np.ndarray) -> np.ndarray:
+        """The index (in `nodes` order) of the node nearest to each labelled region's box."""
+        ye, xe = _cells(self.y_nodes, self.shape[0]), _cells(self.x_nodes, self.shape[1])
+        owner = []
+        for box in ndimage.find_objects(labels):
+            a = int(np.searchsorted(ye, (box[0].start + box[0].stop) // 2, side="right")) - 1
+            b = int(np.searchsorted(xe, (box[1].start + box[1].stop) // 2, side="right")) - 1
+            owner.append(a * len(self.x_nodes) + b)
+        return np.array(owner, dtype=int)
 
     def weights_at(self, x: float, y: float) -> np.ndarray:
         """The node weights at one position, flattened like `nodes`."""

@@ -8,13 +8,14 @@ construction.  Spectra therefore have the "half-plane" layout
 the sum over the full plane (Parseval).
 
 Threads: scipy's transforms take ``workers=``; every function here takes
-``workers=None`` meaning `DEFAULT_WORKERS` (``-1``: all cores that the process
-may use).  Pass an explicit integer to limit threads (for example inside a Dask
-worker).
+``workers=None`` meaning all the cores that the process may use (scipy's ``-1``).
+Pass an explicit integer to limit threads (for example inside a Dask worker); no
+module-level setting changes it.
 
 Array backend: `get_array_module` returns an `ArrayBackend` bundling the array
-module (numpy or cupy) with its FFT module (`scipy.fft` or `cupyx.scipy.fft`),
-so the numerical core is written once for both.
+module (numpy or cupy) with its FFT and ndimage modules (`scipy.fft` and
+`scipy.ndimage`, or ``cupyx.scipy.fft`` and ``cupyx.scipy.ndimage``), so the
+numerical core is written once for both.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 
 __all__ = [
-    "DEFAULT_WORKERS",
     "PSF_SUM_TOLERANCE",
     "ArrayBackend",
     "abs2",
@@ -50,10 +51,6 @@ __all__ = [
     "unit_sum_psf",
 ]
 
-#: Number of threads given to `scipy.fft` when a function is called with
-#: ``workers=None``; ``-1`` means all cores available to the process.
-DEFAULT_WORKERS: int = -1
-
 #: Stamps with at most this many rows get a direct (matrix-product) DFT in `psf_rfft`.
 _DIRECT_DFT_MAX = 64
 
@@ -73,22 +70,25 @@ class ArrayBackend:
         `numpy` or ``cupy``.
     fft : module
         `scipy.fft` or ``cupyx.scipy.fft``.
+    ndimage : module
+        `scipy.ndimage` or ``cupyx.scipy.ndimage``.
     """
 
     name: str
     xp: ModuleType
     fft: ModuleType
+    ndimage: ModuleType
 
     def rfft2(self, a: Any, s: tuple[int, int] | None = None, workers: int | None = None) -> Any:
-        """Unnormalised real 2-D forward transform (``workers`` ignored by cupy)."""
+        """Unnormalised real 2-D forward transform (``workers`` ignored by cupy; None: all)."""
         if self.name == "numpy":
-            return self.fft.rfft2(a, s=s, workers=DEFAULT_WORKERS if workers is None else workers)
+            return self.fft.rfft2(a, s=s, workers=-1 if workers is None else workers)
         return self.fft.rfft2(a, s=s)
 
     def irfft2(self, a: Any, s: tuple[int, int], workers: int | None = None) -> Any:
         """Inverse of `rfft2` onto the real grid of shape ``s`` (``workers`` ignored by cupy)."""
         if self.name == "numpy":
-            return self.fft.irfft2(a, s=s, workers=DEFAULT_WORKERS if workers is None else workers)
+            return self.fft.irfft2(a, s=s, workers=-1 if workers is None else workers)
         return self.fft.irfft2(a, s=s)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
@@ -129,18 +129,19 @@ def get_array_module(backend: str = "numpy") -> ArrayBackend:
     'numpy'
     """
     if backend == "numpy":
-        return ArrayBackend("numpy", np, scipy.fft)
+        return ArrayBackend("numpy", np, scipy.fft, scipy.ndimage)
     if backend == "cupy":
         try:
             cupy = importlib.import_module("cupy")
             cufft = importlib.import_module("cupyx.scipy.fft")
+            cundimage = importlib.import_module("cupyx.scipy.ndimage")
         except ImportError as exc:
             raise ImportError(
                 "backend='cupy' needs CuPy (and a CUDA GPU); install the cupy wheel that "
                 "matches your CUDA version, e.g. 'pip install cupy-cuda12x', or use "
                 "backend='numpy'."
             ) from exc
-        return ArrayBackend("cupy", cupy, cufft)
+        return ArrayBackend("cupy", cupy, cufft, cundimage)
     raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
 
 
@@ -387,7 +388,7 @@ def psf_rfft(
     backend : str or ArrayBackend, optional
         Where the result lives (default numpy).
     workers : int, optional
-        FFT threads (default `DEFAULT_WORKERS`).
+        FFT threads (default: all cores).
 
     Returns
     -------
@@ -412,11 +413,12 @@ def psf_rfft(
         ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - w // 2, np.fft.rfftfreq(shape[1])))
         # on the backend: only the stamp and the two small DFT matrices are moved there
         p_h = be.asarray(ey) @ (be.asarray(stamp.astype(np.float64)) @ be.asarray(ex))
-    else:
-        cpu = get_array_module("numpy")
-        p_h = be.asarray(cpu.rfft2(
-            psf_to_origin(stamp, shape, dtype=np.float64), s=tuple(shape), workers=workers
-        ))
+    else:  # the stamp put at the origin on the backend, then one float64 FFT there
+        origin = be.xp.zeros(tuple(shape), dtype=np.float64)
+        rows = be.asarray((np.arange(h) - h // 2) % shape[0])
+        cols = be.asarray((np.arange(w) - w // 2) % shape[1])
+        origin[be.xp.ix_(rows, cols)] = be.asarray(stamp.astype(np.float64))
+        p_h = be.rfft2(origin, s=tuple(shape), workers=workers)
     return p_h.astype(ctype, copy=False)
 
 
@@ -537,8 +539,9 @@ def frequency_grids(
 
 
 def phase_ramp(
-    shape: tuple[int, int], dx: float, dy: float, dtype: Any = np.complex128
-) -> np.ndarray:
+    shape: tuple[int, int], dx: float, dy: float, dtype: Any = np.complex128,
+    backend: str | ArrayBackend = "numpy",
+) -> Any:
     """Half-plane transfer function ``exp(-2 pi i (kx dx + ky dy))`` of a shift by ``(dx, dy)``.
 
     Multiplying an rfft2 spectrum by it moves the image content by ``+dx`` pixels
@@ -552,6 +555,8 @@ def phase_ramp(
         Shift in pixels.
     dtype : dtype, optional
         Complex dtype of the result.
+    backend : str or ArrayBackend, optional
+        Where the result is formed (only the two 1-D ramps are moved there).
 
     Returns
     -------
@@ -565,9 +570,11 @@ def phase_ramp(
     >>> np.round(phase_ramp((2, 4), 1.0, 0.0)[0], 12) + 0.0
     array([ 1.+0.j,  0.-1.j, -1.+0.j])
     """
+    be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     ky, kx = frequency_grids(shape)
-    ramp = np.exp(-2j * np.pi * kx * dx) * np.exp(-2j * np.pi * ky * dy)
-    return ramp.astype(dtype, copy=False)
+    ramp_x = np.exp(-2j * np.pi * kx * dx).astype(dtype, copy=False)
+    ramp_y = np.exp(-2j * np.pi * ky * dy).astype(dtype, copy=False)
+    return be.asarray(ramp_x) * be.asarray(ramp_y)
 
 
 def move_whole_pixels(arr: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -605,7 +612,7 @@ def shift_image(arr: np.ndarray, dx: float, dy: float, *, workers: int | None = 
         Shift in pixels along x (axis 1) and y (axis 0); content moves to larger
         indices for positive values.
     workers : int, optional
-        FFT threads (default `DEFAULT_WORKERS`).
+        FFT threads (default: all cores).
 
     Returns
     -------
@@ -661,7 +668,7 @@ def convolve_fft(
     kernel_h : ndarray
         Half-plane transform of the kernel on ``image``'s grid, e.g. from `psf_rfft`.
     workers : int, optional
-        FFT threads (default `DEFAULT_WORKERS`).
+        FFT threads (default: all cores).
 
     Returns
     -------
@@ -692,7 +699,7 @@ def correlate_fft(
     kernel_h : ndarray
         Half-plane transform of the kernel on ``image``'s grid.
     workers : int, optional
-        FFT threads (default `DEFAULT_WORKERS`).
+        FFT threads (default: all cores).
 
     Returns
     -------

@@ -435,22 +435,26 @@ def _grow_regions(
     flag: np.ndarray,
     labels: np.ndarray,
     light: list[np.ndarray],
-    reaches: list[_KernelReach],
-    s_sigma: float,
+    reaches: list,
+    s_sigma: float | list[float],
+    owner: np.ndarray | None = None,
 ) -> None:
     """Flag, in place, each region's disk beyond which its hidden light moves Scorr < 0.1 sigma.
 
     The radius is where each kernel times the region's hidden light in its image falls
     below ``MASK_SCORR_CHANGE * s_sigma`` for good (at most the kernels' ``cap``);
-    regions within their kernels' core radius (already flagged) are skipped.
+    regions within their kernels' core radius (already flagged) are skipped.  With
+    ``owner`` (the PSF node of each region), ``reaches`` and ``s_sigma`` are lists over
+    the nodes and each region grows by its own node's kernels.
     """
-    floor = max(reach.core_radius for reach in reaches)
     for i, box in enumerate(ndimage.find_objects(labels)):
+        node_reaches, sigma = (reaches, s_sigma) if owner is None else (
+            reaches[owner[i]], s_sigma[owner[i]])
         radius = max(
-            reach.radius(MASK_SCORR_CHANGE * s_sigma / x[i]) if x[i] > 0 else 0
-            for reach, x in zip(reaches, light)
+            reach.radius(MASK_SCORR_CHANGE * sigma / x[i]) if x[i] > 0 else 0
+            for reach, x in zip(node_reaches, light)
         )
-        if radius <= floor:
+        if radius <= max(reach.core_radius for reach in node_reaches):
             continue
         ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
         xs = slice(max(box[1].start - radius, 0), box[1].stop + radius)
@@ -522,7 +526,7 @@ def zogy(
     pad: bool = False,
     border: int | None = None,
     dtype: Any = np.float64,
-    backend: str = "numpy",
+    backend: str | ArrayBackend = "numpy",
     workers: int | None = None,
 ) -> ZogyResult:
     """ZOGY proper subtraction of two registered, background-subtracted images.
@@ -607,10 +611,11 @@ def zogy(
         Padding on each side with ``pad=True``; default the larger PSF stamp size.
     dtype : {numpy.float64, numpy.float32}, optional
         Working precision.
-    backend : {"numpy", "cupy"}, optional
-        Array backend for the transforms; results are always returned as numpy.
+    backend : {"numpy", "cupy"} or ArrayBackend, optional
+        Where the arrays live during the algebra (uploaded once); results are
+        always returned as numpy.
     workers : int, optional
-        scipy.fft threads (default `~astro_zackay.fourier.DEFAULT_WORKERS`).
+        FFT threads (default: all the cores the process may use).
 
     Returns
     -------
@@ -672,9 +677,11 @@ def zogy(
         _noise_power(noise_spectrum_new, sn, grid, "noise_spectrum_new"),
         _noise_power(noise_spectrum_ref, sr, grid, "noise_spectrum_ref"),
     )
-    be = get_array_module(backend)
+    be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
+    noise = tuple(power if np.isscalar(power) else be.asarray(power) for power in noise)
     out = _zogy_core(
-        be, arrays, pn, pr, noise, fn, fr, (ast_n, ast_r), sb, eps, shift_ref, dtype, workers
+        be, {name: be.asarray(a) for name, a in arrays.items()}, pn, pr, noise, fn, fr,
+        (ast_n, ast_r), sb, eps, shift_ref, dtype, workers,
     )
     radius, reach, s_sigma = out["mask_radius"], out["reach"], out["s_sigma"]
     images = [arrays[name][inner] for name in ("new", "ref")]
@@ -739,7 +746,7 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
     ctype = np.result_type(dtype, np.complex64)
     ramp = None
     if shift_ref != (0.0, 0.0):
-        ramp = be.asarray(phase_ramp(shape, *shift_ref, dtype=ctype))
+        ramp = phase_ramp(shape, *shift_ref, dtype=ctype, backend=be)
 
     def fwd(a, moved):
         a_h = be.rfft2(a, s=shape, workers=workers)
@@ -776,9 +783,9 @@ def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: f
     """
     sig_n, sig_r = noise
     npix = shape[0] * shape[1]
-    a_h = psf_rfft(pr, shape, dtype=np.float64, workers=workers)
+    a_h = psf_rfft(pr, shape, dtype=np.float64, backend=be, workers=workers)
     a_h *= fr  # A = Fr Pr_h
-    b_h = psf_rfft(pn, shape, dtype=np.float64, workers=workers)
+    b_h = psf_rfft(pn, shape, dtype=np.float64, backend=be, workers=workers)
     b_h *= fn  # B = Fn Pn_h
     inv_sqrt = abs2(a_h)
     inv_sqrt *= sig_n
@@ -793,9 +800,8 @@ def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: f
     q_h *= good
     f_s = float(half_spectrum_sum(abs2(q_h), shape[1])) / npix
     b_h *= inv_sqrt
-    wa = be.asarray(a_h.astype(ctype, copy=False))
-    wb = be.asarray(b_h.astype(ctype, copy=False))
-    return wa, wb, be.asarray(q_h.astype(ctype, copy=False)), f_s
+    return a_h.astype(ctype, copy=False), b_h.astype(ctype, copy=False), q_h.astype(
+        ctype, copy=False), f_s
 
 
 def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise, fn: float,
@@ -838,7 +844,7 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
     del d_h, t_h, q_h
 
     cap = max(pn.shape + pr.shape)
-    sigs = [sig if np.isscalar(sig) else be.asarray(sig) for sig in (sig_n, sig_r)]
+    sigs = (sig_n, sig_r)
     bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in zip((kn_h, kr_h), sigs)]
     reach = []
     variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))

@@ -1,0 +1,145 @@
+"""The varying-PSF engine (astro_zackay._zogy_field): nodes, weights, and agreement with zogy."""
+
+import numpy as np
+import pytest
+
+from astro_zackay._zogy_field import (
+    NODE_PSF_ERROR,
+    choose_nodes,
+    lagrange_weights,
+    node_positions,
+    zogy_field,
+)
+from astro_zackay.fourier import convolve_fft, psf_rfft
+from astro_zackay.zogy import zogy
+
+
+def gaussian(sigma, size=21):
+    h = size // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    p = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+    return p / p.sum()
+
+
+def pair(shape=(200, 232), seed=5, psf_n=None, psf_r=None, shift=(0.0, 0.0)):
+    """Background-subtracted noisy images of the same stars, with variance maps."""
+    rng = np.random.default_rng(seed)
+    psf_n = gaussian(2.2) if psf_n is None else psf_n
+    psf_r = gaussian(1.6) if psf_r is None else psf_r
+    sky = np.zeros(shape)
+    ys, xs = rng.integers(20, shape[0] - 20, 40), rng.integers(20, shape[1] - 20, 40)
+    sky[ys, xs] = rng.uniform(500, 20000, 40)
+    truth_n = 0.8 * convolve_fft(sky, psf_rfft(psf_n, shape))
+    truth_r = convolve_fft(sky, psf_rfft(psf_r, shape))
+    var_n, var_r = 9.0 + np.maximum(truth_n, 0), 4.0 + np.maximum(truth_r, 0)
+    new = truth_n + rng.normal(0, 1, shape) * np.sqrt(var_n)
+    ref = truth_r + rng.normal(0, 1, shape) * np.sqrt(var_r)
+    return new, ref, var_n, var_r
+
+
+def test_lagrange_weights_reproduce_quadratics():
+    nodes = node_positions(101, 3)
+    x = np.linspace(0, 100, 37)
+    w = lagrange_weights(nodes, x)
+    assert np.allclose(w.sum(axis=0), 1.0, atol=1e-12)
+    assert np.allclose(w.T @ (nodes**2 - 3 * nodes), x**2 - 3 * x, atol=1e-9)
+
+
+def test_choose_nodes_follows_the_psf_variation():
+    """A PSF mixing two profiles with a quadratic weight needs 3 nodes; a constant one 1."""
+    shape = (300, 400)
+    a, b = gaussian(1.5), gaussian(3.0)
+
+    def quadratic(x, y):
+        f = ((x - 150) / 400) ** 2 + 0.2 * y / 300
+        return (1 - f) * a + f * b
+
+    def linear(x, y):
+        f = 0.3 * x / 400
+        return (1 - f) * a + f * b
+
+    assert choose_nodes((quadratic, quadratic), (True, True), shape) == 3
+    assert choose_nodes((linear, lambda x, y: a), (True, False), shape) == 2
+    assert choose_nodes((quadratic, quadratic), (False, False), shape) == 1
+    assert NODE_PSF_ERROR < 0.04
+
+
+@pytest.mark.parametrize("bad", [None, "nan"])
+def test_one_node_equals_zogy_less_the_offset(bad):
+    """nodes=None is zogy(pad=True) of the central PSFs, less a constant background offset."""
+    new, ref, var_n, var_r = pair()
+    mask = np.zeros(new.shape, bool)
+    if bad:
+        new = new.copy()
+        new[100:103, 50:52] = np.nan
+        mask[100:103, 50:52] = True
+    psf_n, psf_r = gaussian(2.2), gaussian(1.6)
+    kw = dict(var_new=var_n, var_ref=var_r, shift_ref=(0.3, -0.4), flux_ratio_error=0.002,
+              dtype=np.float64)
+    field = zogy_field(new, ref, lambda x, y: psf_n, lambda x, y: psf_r, varying=(False, False),
+                       rms_new=np.full(new.shape, 3.0), rms_ref=np.full(new.shape, 2.0),
+                       mask_new=mask, mask_ref=np.zeros(new.shape, bool), flux_ratio=0.8,
+                       astrometric_noise=(0.02, 0.03), psf_error=(0.01, 0.01), nodes=None, **kw)
+    res = zogy(new, ref, psf_n, psf_r, sigma_new=3.0, sigma_ref=2.0, flux_new=0.8,
+               astrometric_noise_new=(0.02, 0.03), astrometric_noise_ref=(0.02, 0.03),
+               psf_error_new=0.01, psf_error_ref=0.01, pad=True, border=21, **kw)
+    np.testing.assert_array_equal(field.mask, res.mask)
+    good = ~res.mask
+    d_off = res.D - field.D
+    s_off = res.S - field.S
+    assert np.ptp(d_off[good]) < 1e-10 and np.ptp(s_off[good]) < 1e-9 * np.abs(res.S).max()
+    assert abs(d_off[good][0]) < 0.05  # the median of D over the good pixels: near 0
+    assert pytest.approx(res.F_D, rel=1e-12) == field.F_D
+    assert pytest.approx(res.F_S, rel=1e-12) == field.F_S
+    np.testing.assert_allclose(field.alpha, 0.8 * field.S / res.F_S, rtol=1e-10)
+    np.testing.assert_allclose(field.alpha_err, 0.8 * res.alpha_err, rtol=1e-6)
+    np.testing.assert_allclose(field.psf_d, res.psf_d_stamp(21, normalize=True), atol=1e-12)
+
+
+def test_varying_psf_nodes_subtract_each_star_with_its_psf():
+    """Stars drawn with a PSF whose width grows from 1.8 to 2.6 px across the field.
+
+    Each star of the science image has the PSF at its own place; the reference has one
+    Gaussian. With the nodes, no pixel within 3 px of a star leaves |Scorr| > 5 (the
+    bright stars reach S/N ~300-1000); with one central PSF the outer stars do.
+    """
+    shape = (160, 400)
+    rng = np.random.default_rng(8)
+
+    def psf_n(x, y):
+        return gaussian(1.8 + 0.8 * x / (shape[1] - 1))
+
+    n = 50
+    ys, xs = rng.integers(15, shape[0] - 15, n), rng.integers(15, shape[1] - 15, n)
+    fluxes = rng.uniform(5000, 20000, n)
+    new = rng.normal(0, 2.0, shape)
+    sky = np.zeros(shape)
+    for y, x, f in zip(ys, xs, fluxes):
+        new[y - 10:y + 11, x - 10:x + 11] += f * psf_n(x, y)
+        sky[y, x] += f
+    ref = convolve_fft(sky, psf_rfft(gaussian(1.5), shape)) + rng.normal(0, 1.0, shape)
+    near = np.zeros(shape, bool)
+    for y, x in zip(ys, xs):
+        near[y - 3:y + 4, x - 3:x + 4] = True
+    common = dict(varying=(True, False), rms_new=np.full(shape, 2.0),
+                  rms_ref=np.full(shape, 1.0), var_new=np.full(shape, 4.0) + new.clip(0),
+                  var_ref=np.full(shape, 1.0) + ref.clip(0), mask_new=np.zeros(shape, bool),
+                  mask_ref=np.zeros(shape, bool), flux_ratio=1.0)
+    field = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), nodes="auto", **common)
+    one = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), nodes=None, **common)
+    assert len(field.nodes) > 1
+    good = near & ~field.mask
+    assert good.sum() > 0.5 * near.sum()
+    assert np.abs(field.Scorr[good]).max() < 5
+    assert np.abs(one.Scorr[good]).max() > 10
+
+
+def test_bad_nodes_option_is_rejected():
+    new, ref, var_n, var_r = pair(shape=(64, 64))
+    kw = dict(varying=(False, False), rms_new=np.ones((64, 64)), rms_ref=np.ones((64, 64)),
+              var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
+              mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0)
+    psf = lambda x, y: gaussian(1.5, 9)  # noqa: E731
+    for nodes in ("tiles", 0, 2.5):
+        with pytest.raises(ValueError, match="nodes"):
+            zogy_field(new, ref, psf, psf, nodes=nodes, **kw)
