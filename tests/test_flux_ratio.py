@@ -145,3 +145,39 @@ def test_real_pair_agrees_with_wide_aperture_photometry():
     assert wide_error < 0.005  # a measure precise enough to judge by
     assert abs(match.flux_ratio - wide) < match.flux_ratio_error
     assert match.flux_ratio_error < 0.004
+
+
+def _clipped_reference(values, nsigma=3.0, iterations=5):
+    """Row by row with numpy's nan-functions: the sigma clipping that clipped_row_stats does."""
+    out = []
+    for row in values.reshape(len(values), -1):
+        kept = row[~np.isnan(row)]
+        for _ in range(iterations):
+            if kept.size == 0:
+                break
+            inside = np.abs(kept - np.median(kept)) <= nsigma * np.std(kept)
+            if inside.all():
+                break
+            kept = kept[inside]
+        out.append((np.mean(kept), np.std(kept), kept.size) if kept.size else
+                   (np.nan, np.nan, 0))
+    return [np.array(v) for v in zip(*out)]
+
+
+def test_clipped_row_stats_match_row_by_row_clipping():
+    """The vectorised annulus statistics equal a plain per-row clipping loop."""
+    from astro_zackay._stats import clipped_row_stats
+
+    rng = np.random.default_rng(11)
+    values = rng.normal(1000.0, 30.0, (200, 29, 29))
+    values[rng.random(values.shape) < 0.4] = np.nan  # pixels outside the annulus or masked
+    values[rng.random(values.shape) < 0.02] += 2000.0  # neighbours' light
+    values[5] = np.nan  # a star with no usable annulus
+    values[6] = 7.0  # a flat annulus
+    for nsigma in (3.0, 1.0):
+        mean, std, count = clipped_row_stats(values, nsigma=nsigma)
+        ref_mean, ref_std, ref_count = _clipped_reference(values, nsigma=nsigma)
+        np.testing.assert_array_equal(count, ref_count)
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+        np.testing.assert_allclose(std, ref_std, rtol=1e-9, atol=1e-9)
+    assert count[5] == 0 and np.isnan(mean[5]) and (mean[6], std[6]) == (7.0, 0.0)

@@ -165,3 +165,29 @@ def test_a_masked_pixel_is_no_dipole_partner():
     masked = find_transients(score, threshold=5.0, fwhm=2.0, sign="positive", mask=mask)
     assert unmasked["flags"][0] & FLAG_DIPOLE
     assert not masked["flags"][0] & FLAG_DIPOLE
+
+
+def test_bright_sources_moves_the_reference_by_the_shift():
+    """``shift=`` gives what the reference moved beforehand by a Fourier shift gives."""
+    from astro_zackay.fourier import shift_image
+
+    yy, xx = np.mgrid[-7:8, -7:8]
+    psf = np.exp(-(xx**2 + yy**2) / (2 * 1.5**2))
+    psf /= psf.sum()
+    rng = np.random.default_rng(3)
+    reference = rng.normal(0.0, 1.0, (96, 128))
+    science = rng.normal(0.0, 1.0, (96, 128))
+    for x, y, flux in ((30, 40, 3000.0), (90, 60, 800.0), (64, 20, 200.0)):
+        reference[y - 7 : y + 8, x - 7 : x + 8] += flux * psf
+        science[y - 7 : y + 8, x - 7 : x + 8] += 0.5 * flux * psf
+    variances = (np.ones(reference.shape),) * 2
+    shift = (2.4, -1.3)
+    moved = bright_sources((shift_image(reference, *shift), science), variances, (psf, psf))
+    inside = bright_sources((reference, science), variances, (psf, psf), shift=shift)
+    assert len(moved) == len(inside) >= 3
+    assert inside["x"].tolist() == moved["x"].tolist()
+    assert inside["y"].tolist() == moved["y"].tolist()
+    np.testing.assert_allclose(inside["snr_reference"], moved["snr_reference"], rtol=1e-4)
+    np.testing.assert_allclose(inside["snr_science"], moved["snr_science"], rtol=1e-4)
+    # the shifted reference's brightest star lands where its content moved to
+    assert (inside["x"][0], inside["y"][0]) == (32, 39)
