@@ -384,19 +384,20 @@ class _Light(NamedTuple):
     net: np.ndarray | float = 0.0  # the others' light in each star's stamp (`_net_light`)
 
 
-def _other_sources(stars: Table, fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positions and fluxes of the detections that are not ``stars`` (``meta['sources']``).
+def _other_sources(sources: dict | None, x: np.ndarray, y: np.ndarray,
+                   fwhm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions and fluxes of the detections ``sources`` that are not the stars at ``x, y``.
 
-    `~astro_zackay.stars.find_psf_stars` records every detection there, the crowded,
-    saturated and extended ones too: their wings fall on the PSF stars' stamps.
+    `~astro_zackay.stars.find_psf_stars` records every detection in its table's
+    ``meta['sources']``, the crowded, saturated and extended ones too: their wings fall
+    on the PSF stars' stamps.
     """
-    sources = stars.meta.get("sources")
     if sources is None:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     sx, sy, flux = (np.asarray(sources[k], dtype=float) for k in ("x", "y", "flux"))
     good = np.isfinite(sx) & np.isfinite(sy) & (flux > 0)
-    if len(stars):
-        xy = np.column_stack([np.asarray(stars["x"], float), np.asarray(stars["y"], float)])
+    if x.size:
+        xy = np.column_stack([x, y])
         dist, _ = cKDTree(xy).query(np.column_stack([sx, sy]))
         good &= dist > fwhm
     return sx[good], sy[good], flux[good]
@@ -756,28 +757,27 @@ def _estimate_psf(
              "pixels in the wings, positive flux)", int(stamps.valid.sum()), len(stars), *core)
     n_given = len(stars)
     order = np.random.default_rng(seed).permutation(int(stamps.valid.sum()))
-    stars = stars[stamps.valid][order]
-    stamps = stamps.select(np.flatnonzero(stamps.valid)[order])
-    x = np.asarray(stars["x"], dtype=float)
-    y = np.asarray(stars["y"], dtype=float)
+    rows = np.flatnonzero(stamps.valid)[order]  # the stars used, as rows of the table
+    stamps = stamps.select(rows)
+    x, y = x[rows], y[rows]
     n_contaminated = 0
-    if len(stars):
-        others = _other_sources(stars, star_fwhm)
+    if rows.size:
+        others = _other_sources(stars.meta.get("sources"), x, y, star_fwhm)
         wing, stamps, light = _fit_wing(img, stamps, x, y, star_fwhm, others, sky, ring, core)
         if light is not None and sky is None:
             stamps = _without_others(img, stamps, x, y, light, ring)
         if light is not None:
             keep = _uncontaminated(_contamination(stamps, light))
             n_contaminated = int((~keep).sum())
-            stars, stamps, x, y = stars[keep], stamps.select(keep), x[keep], y[keep]
+            rows, stamps, x, y = rows[keep], stamps.select(keep), x[keep], y[keep]
     scaling = image_scaling(img.shape)
     u, v = scale_coordinates(x, y, scaling)
     plan = plan_model(u, v, method=method, degree=degree, holdout_fraction=holdout_fraction,
                       have_fwhm=fwhm is not None)
-    n_usable = len(stars)
-    meta: dict[str, Any] = {"method_used": plan.method, "n_stars": len(stars),
+    n_usable = rows.size
+    meta: dict[str, Any] = {"method_used": plan.method, "n_stars": n_usable,
                             "n_contaminated": n_contaminated, "fwhm_stars": float(star_fwhm)}
-    if len(stars) == 0:
+    if n_usable == 0:
         meta["reason"] = _announce(list(plan.steps), n_usable, n_given, core)
         built = build_gaussian(core, fwhm)
         return _assemble(img, built, plan, None, None, {**built.meta, **meta}, None, None)
@@ -785,10 +785,8 @@ def _estimate_psf(
     significant = render_wing(wing, core)
     wing_stamp = None if shape is not None else significant
     outer = None if significant is not None else OUTER_FWHM * star_fwhm
-    holdout = np.zeros(len(stars), dtype=bool)
-    holdout[len(stars) - plan.n_holdout :] = True
-    x = np.asarray(stars["x"], dtype=float)
-    y = np.asarray(stars["y"], dtype=float)
+    holdout = np.zeros(n_usable, dtype=bool)
+    holdout[n_usable - plan.n_holdout :] = True
     stamps, profile = _refine(stamps, ~holdout, outer, scale_coordinates(x, y, scaling))
     norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy, outer, profile)
     x_fit = np.round(x) + stamps.dx
@@ -808,7 +806,7 @@ def _estimate_psf(
                  "wing_alpha": wing.alpha,
                  "wing_fraction": 0.0 if wing_stamp is None else float(wing_stamp.sum())})
 
-    table = stars.copy(copy_data=True)
+    table = stars[rows]  # one slice of the table (a copy), at the end
     table.meta = {}
     table["x_fit"] = x_fit
     table["y_fit"] = y_fit
