@@ -194,7 +194,7 @@ def _node_sigma(
 
 
 def _upload(be: ArrayBackend, arr: Any, bad: Any, grid: tuple[int, int], dtype: Any):
-    """``arr`` on ``be`` in ``dtype``, bad pixels 0, centred in a zero ``grid`` (one copy)."""
+    """``arr`` on ``be`` in ``dtype``, centred in a zero ``grid``, 0 where ``bad`` (on ``be``)."""
     xp = be.xp
     out = xp.zeros(grid, dtype=dtype)
     ny, nx = arr.shape
@@ -202,7 +202,7 @@ def _upload(be: ArrayBackend, arr: Any, bad: Any, grid: tuple[int, int], dtype: 
     inner = (slice(y0, y0 + ny), slice(x0, x0 + nx))
     out[inner] = be.asarray(arr, dtype=dtype)
     if bad is not None:
-        out[inner][be.asarray(bad)] = 0.0
+        out[inner][bad] = 0.0
     return out, inner
 
 
@@ -285,12 +285,13 @@ def zogy_field(
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
     arrays = {}
     # the new image's bad pixels blank both images there (as the reference's own, in its frame)
-    both = new_bad | ref_bad
-    for name, arr, arr_bad in (("new", new, new_bad), ("ref", ref, both),
-                               ("var_new", var_new, new_bad), ("var_ref", var_ref, both)):
+    blank_new, blank_both = (be.asarray(b) if b.any() else None
+                             for b in (new_bad, new_bad | ref_bad))
+    arrays = {}
+    for name, arr, blank in (("new", new, blank_new), ("ref", ref, blank_both),
+                             ("var_new", var_new, blank_new), ("var_ref", var_ref, blank_both)):
         if arr is not None:
-            arrays[name], inner = _upload(be, arr, arr_bad if arr_bad.any() else None, grid,
-                                          dtype)
+            arrays[name], inner = _upload(be, arr, blank, grid, dtype)
     correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
     eps = (float(psf_error[0]), float(psf_error[1]))
     ast = (tuple(astrometric_noise), tuple(astrometric_noise))

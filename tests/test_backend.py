@@ -1,0 +1,168 @@
+"""The array backend of the subtraction core: what goes to the device and what comes back.
+
+CuPy is optional. The logic of the device path is tested on the CPU through the same
+`~astro_zackay.fourier.ArrayBackend` interface: a backend whose arrays carry a marker
+type counts every image-sized array that crosses between host and "device".
+"""
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.ndimage
+
+from astro_zackay import subtract
+from astro_zackay._zogy_field import zogy_field
+from astro_zackay.fourier import ArrayBackend, convolve_fft, psf_rfft
+from astro_zackay.simulation import simulate_pair
+from astro_zackay.zogy import zogy
+
+
+class DeviceArray(np.ndarray):
+    """A numpy array marked as living on the test backend's "device"."""
+
+
+@dataclass(frozen=True)
+class CountingBackend(ArrayBackend):
+    """numpy with every host <-> device crossing of a 2-D array of ``min_size`` recorded."""
+
+    min_size: int = 1
+    moves: dict = field(default_factory=lambda: {"up": [], "down": []})
+
+    def _big(self, a) -> bool:
+        return np.ndim(a) == 2 and np.size(a) >= self.min_size
+
+    def asarray(self, a, dtype=None):
+        if not isinstance(a, DeviceArray) and self._big(a):
+            self.moves["up"].append(np.shape(a))
+        return np.asarray(a, dtype=dtype).view(DeviceArray)
+
+    def to_numpy(self, a):
+        if a is None or np.isscalar(a):
+            return a
+        if self._big(a):
+            self.moves["down"].append(np.shape(a))
+        return np.asarray(a).view(np.ndarray)
+
+    def rfft2(self, a, s=None, workers=None):
+        return super().rfft2(a, s=s, workers=workers).view(DeviceArray)
+
+    def irfft2(self, a, s, workers=None):
+        return super().irfft2(a, s=s, workers=workers).view(DeviceArray)
+
+
+def counting(min_size):
+    return CountingBackend("numpy", np, scipy.fft, scipy.ndimage, min_size=min_size)
+
+
+def gaussian(sigma, size=15):
+    h = size // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    p = np.exp(-0.5 * (x**2 + y**2) / sigma**2)
+    return p / p.sum()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    shape = (120, 150)
+    rng = np.random.default_rng(2)
+    sky = np.zeros(shape)
+    sky[rng.integers(10, 110, 20), rng.integers(10, 140, 20)] = rng.uniform(1e3, 1e4, 20)
+    new = convolve_fft(sky, psf_rfft(gaussian(2.0), shape)) + rng.normal(0, 2, shape)
+    ref = convolve_fft(sky, psf_rfft(gaussian(1.5), shape)) + rng.normal(0, 1, shape)
+    mask = np.zeros(shape, bool)
+    mask[60:62, 70:73] = True
+
+    def psf_new(x, y):
+        return gaussian(1.8 + 0.5 * x / 150)
+
+    return dict(new=new, ref=ref, psf_new=psf_new, psf_ref=lambda x, y: gaussian(1.5),
+                varying=(True, False), rms_new=np.full(shape, 2.0), rms_ref=np.full(shape, 1.0),
+                var_new=4.0 + new.clip(0), var_ref=1.0 + ref.clip(0), mask_new=mask,
+                mask_ref=np.zeros(shape, bool), flux_ratio=1.0, flux_ratio_error=0.01,
+                shift_ref=(0.4, -0.3), astrometric_noise=(0.02, 0.02), psf_error=(0.01, 0.01),
+                nodes=2)
+
+
+def test_field_moves_only_inputs_up_and_results_down(inputs):
+    """Only the 4 images and 3 masks go up; only the 5 result images come down; same numbers.
+
+    No grid-sized array (PSF transform, phase ramp, kernel, node output) crosses.
+    """
+    shape = inputs["new"].shape
+    be = counting(min_size=shape[0] * shape[1] // 4)
+    on_device = zogy_field(**inputs, backend=be)
+    on_host = zogy_field(**inputs, backend="numpy")
+    assert be.moves["up"] == [shape] * 7  # new, ref, 2 variances, 2 bad-pixel masks, good mask
+    assert be.moves["down"] == [shape] * 5  # D, S, Scorr, alpha, alpha_err
+    for name in ("D", "S", "Scorr", "alpha", "alpha_err", "mask", "psf_d", "node_psfs"):
+        np.testing.assert_array_equal(getattr(on_device, name), getattr(on_host, name))
+
+
+def test_zogy_backend_uploads_once(inputs):
+    """zogy(backend=...) uploads its (padded) inputs once and brings back its outputs."""
+    be = counting(min_size=inputs["new"].size // 4)
+    kw = dict(sigma_new=2.0, sigma_ref=1.0, var_new=inputs["var_new"],
+              var_ref=inputs["var_ref"], shift_ref=(0.4, -0.3), pad=True)
+    res = zogy(inputs["new"], inputs["ref"], gaussian(2.0), gaussian(1.5), backend=be, **kw)
+    plain = zogy(inputs["new"], inputs["ref"], gaussian(2.0), gaussian(1.5), **kw)
+    assert len(be.moves["up"]) == 4
+    # D, S, Scorr, V_SN, V_SR, P_D (the full grid: zogy's psf_d_at_origin)
+    assert len(be.moves["down"]) == 6
+    np.testing.assert_array_equal(res.Scorr, plain.Scorr)
+
+
+def test_cupy_backend_without_cupy_names_the_wheel():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is installed: the error for a missing CuPy cannot be raised")
+    pair = simulate_pair((64, 64), n_stars=5, seed=1)
+    with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
+        subtract(pair.reference.ccd, pair.science.ccd, backend="cupy")
+
+
+def test_unknown_backend_is_rejected_before_any_work(monkeypatch):
+    import astro_zackay.subtraction as sub
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the images were coerced before the backend was checked")
+
+    monkeypatch.setattr(sub, "to_image", no_work)
+    with pytest.raises(ValueError, match="backend"):
+        subtract(np.zeros((32, 32)), np.zeros((32, 32)), backend="torch")
+
+
+def test_cupy_field_equals_numpy(inputs):
+    """On a GPU: the same results as numpy within 1e-3 sigma (float32)."""
+    pytest.importorskip("cupy", reason="CuPy (and a CUDA GPU) is needed for the device path")
+    gpu = zogy_field(**inputs, backend="cupy", dtype=np.float32)
+    cpu = zogy_field(**inputs, backend="numpy", dtype=np.float32)
+    good = ~cpu.mask
+    assert np.max(np.abs(gpu.Scorr - cpu.Scorr)[good]) < 1e-3
+    np.testing.assert_array_equal(gpu.mask, cpu.mask)
+
+
+def test_each_image_is_coerced_once(monkeypatch):
+    """subtract passes each input through the CCDData boundary (to_image) exactly once."""
+    import astro_zackay._ccd as ccd
+
+    original, calls = ccd.to_image, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("astro_zackay") and getattr(module, "to_image", None) is original:
+            monkeypatch.setattr(module, "to_image", counted)
+    pair = simulate_pair((192, 192), n_stars=40, flux_range=(2e3, 1e5), seed=3)
+    with warnings.catch_warnings():  # only the coercions are counted here
+        warnings.simplefilter("ignore")
+        subtract(pair.reference.ccd, pair.science.ccd)
+    assert len(calls) == 2
