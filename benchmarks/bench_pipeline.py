@@ -489,6 +489,23 @@ def sim_rows(args, backend: str, peer_times: dict[int, float]) -> list[Row]:
     return rows
 
 
+def peer_subtract(args, reference: Path, science: Path, name: str) -> tuple[float, str | None]:
+    """properimage's default subtract: its wall time, and None or why it has none.
+
+    With ``--reuse-peers`` a successful earlier run in the same work folder is read back
+    instead of run again (the peer does not change between runs of this benchmark).
+    """
+    workdir = args.workdir / "peers" / name
+    earlier = workdir / "result.json"
+    if args.reuse_peers and earlier.exists():
+        result = json.loads(earlier.read_text())
+        if result.get("ok"):
+            return float(result["wall_s"]), None
+    res = _peers.run_peer_subtraction("properimage", reference, science, workdir=workdir,
+                                      threads=2, timeout=args.timeout)
+    return res.wall_s, None if res.available else res.reason
+
+
 def peer_sim_times(args) -> tuple[dict[int, float], list[Row]]:
     """properimage's default subtract on the simulated sizes it can handle."""
     times, rows = {}, []
@@ -500,15 +517,13 @@ def peer_sim_times(args) -> tuple[dict[int, float], list[Row]]:
         if ensure_pair(args.workdir, size) is not None:
             continue
         paths = pair_paths(args.workdir, size)
-        res = _peers.run_peer_subtraction(
-            "properimage", paths["reference"], paths["science"],
-            workdir=args.workdir / "peers" / f"properimage_{size}", threads=2,
-            timeout=args.timeout)
-        if res.available:
-            times[size] = res.wall_s
+        wall, reason = peer_subtract(args, paths["reference"], paths["science"],
+                                     f"properimage_{size}")
+        if reason is None:
+            times[size] = wall
         else:
             rows.append(Row("properimage subtract", _size_label(size),
-                            note="FAILED: " + res.reason[-200:]))
+                            note="FAILED: " + reason[-200:]))
     return times, rows
 
 
@@ -521,11 +536,9 @@ def real_rows(args, backend: str) -> list[Row]:
     peer = float("nan")
     note = "target <= 0.3 s"
     if not args.no_peers:
-        run = _peers.run_peer_subtraction(
-            "properimage", REAL_REFERENCE, REAL_SCIENCE, workdir=args.workdir / "peers" / "real",
-            threads=2, timeout=args.timeout)
-        peer = run.wall_s if run.available else peer
-        note += "" if run.available else "; properimage: " + run.reason[-120:]
+        wall, reason = peer_subtract(args, REAL_REFERENCE, REAL_SCIENCE, "real")
+        peer = wall if reason is None else peer
+        note += "" if reason is None else "; properimage: " + reason[-120:]
     return [Row(f"real pair e2e [{backend}]", size, res["e2e"]["seconds"],
                 res["e2e"]["peak_mb"], res["input_mb"], peer_s=peer,
                 note=f"{res['e2e']['n_candidates']} candidates; {note}")]
@@ -560,7 +573,10 @@ def coadd_rows(args) -> list[Row]:
         ours = _coadd_run([sys.executable, bench_coadd.__file__, "--worker", "ours", str(folder)],
                           folder / "out_ours.json", args.timeout)
         peer = {"error": "skipped (--no-peers or not the largest count)"}
-        if n == counts[-1] and not args.no_peers:
+        earlier = folder / "out_properimage.json"
+        if n == counts[-1] and args.reuse_peers and earlier.exists():
+            peer = json.loads(earlier.read_text())
+        elif n == counts[-1] and not args.no_peers:
             peer = _coadd_run([bench_coadd.PROPERIMAGE_PYTHON, "-c",
                                bench_coadd.PROPERIMAGE_WORKER, str(folder)],
                               folder / "out_properimage.json", args.timeout)
@@ -628,6 +644,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", default="sim,real,psf,coadd",
                         help="comma-separated subset of sim,real,psf,coadd")
     parser.add_argument("--no-peers", action="store_true", help="skip properimage")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="read properimage's results of an earlier run in --workdir back")
     parser.add_argument("--peer-max-size", type=int,
                         help="largest simulated size properimage is run on (default 2048; "
                              "0 with --quick: the real pair and the coadd only)")
@@ -664,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend == "cupy":
         rows += gpu_rows(args)
     print_table(rows)
-    print(f"(peer = properimage 0.7.2 in {_peers.PEERS_ROOT / 'properimage'}; total "
+    reused = "; its times read back from an earlier run" if args.reuse_peers else ""
+    print(f"(peer = properimage 0.7.2 in {_peers.PEERS_ROOT / 'properimage'}{reused}; total "
           f"{time.perf_counter() - t_start:.0f} s)")
 
 
