@@ -744,7 +744,7 @@ def _significance(
     the prediction at each pixel and `_RING_FRACTION` times that error blurred by a
     Gaussian of ``reach / 2`` pixels (`_blurred`). Arrays on the accumulator's backend.
     """
-    xp, nd = acc.backend.xp, acc.backend.ndimage
+    xp = acc.backend.xp
     difference, prediction = acc._residual(index, image)
     s2 = acc._frames[index][2] ** 2
     noise = xp.ones(acc.shape) if variance is None else xp.maximum(
@@ -756,21 +756,41 @@ def _significance(
     noise += ring * ring
     del ring
     sig = difference / xp.sqrt(noise + prediction * prediction)
-    # 3x3 box means: background noise 1/3; the model error adds coherently
-    box = nd.uniform_filter(difference, 3, mode="constant")
-    box_noise = nd.uniform_filter(noise, 3, mode="constant")
-    box_noise /= 9.0
-    box_error = nd.uniform_filter(prediction, 3, mode="constant")
-    box_noise += box_error * box_error
-    box /= xp.sqrt(box_noise)
-    # a box counts for its centre pixel only where that pixel holds some of the excess
-    xp.maximum(sig, xp.where(sig > threshold / 3.0, box, 0.0), out=sig)
+    # a 3x3 box mean counts for its centre pixel only where that pixel holds some of the
+    # excess: computed there only; background noise 1/3, the model error adds coherently
+    centres = xp.flatnonzero(sig > threshold / 3.0)
+    if centres.size:
+        box_error = _box_mean(xp, prediction, centres)
+        box = _box_mean(xp, difference, centres)
+        box /= xp.sqrt(_box_mean(xp, noise, centres) / 9.0 + box_error * box_error)
+        flat = sig.ravel()
+        flat[centres] = xp.maximum(flat[centres], box)
     off = (sig <= threshold) | acc._bad(index)
     if blind is not None:
         n = acc.shape[0] * acc.shape[1]
         off |= xp.unpackbits(blind)[:n].reshape(acc.shape).astype(bool)
     sig[off] = 0.0
     return sig.astype(np.float32)
+
+
+def _box_mean(xp: Any, image: Any, centres: Any) -> Any:
+    """The mean of ``image`` over the 3x3 box around each of the pixels ``centres``.
+
+    ``xp`` is the array module of ``image``; ``centres`` are flat indices; pixels
+    beyond the edges count as 0 (as ``uniform_filter(image, 3, mode="constant")`` at
+    those pixels, without filtering the whole image).
+    """
+    ny, nx = image.shape
+    ys, xs = centres // nx, centres % nx
+    total = xp.zeros(centres.shape, image.dtype)
+    for dy in (-1, 0, 1):
+        y = ys + dy
+        for dx in (-1, 0, 1):
+            x = xs + dx
+            inside = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
+            total += xp.where(inside, image[xp.clip(y, 0, ny - 1), xp.clip(x, 0, nx - 1)], 0.0)
+    total /= 9.0
+    return total
 
 
 class _MaxOfOthers:
