@@ -38,7 +38,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
-from ._moments import Moments, adaptive_moments
+from ._moments import Moments, adaptive_moments, pixels_at
 from ._threads import single_threaded_blas
 from .background import (
     BackgroundResult,
@@ -611,10 +611,11 @@ def _fit_windows(
     gy = np.rint(y).astype(int)[:, None] + oy
     inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
     gx, gy = np.clip(gx, 0, nx - 1), np.clip(gy, 0, ny - 1)
-    var = img.variance[gy, gx]
-    bad = img.mask[gy, gx] | ~(var > 0) | ~inside | (ox**2 + oy**2 > radius[:, None] ** 2)
+    var = pixels_at(img.variance, gy, gx)
+    outside = ~inside | (ox**2 + oy**2 > radius[:, None] ** 2)
+    bad = pixels_at(img.mask, gy, gx) | ~(var > 0) | outside
     w = np.where(bad, 0.0, 1.0 / np.where(var > 0, var, 1.0))
-    return data[gy, gx], w, gx.astype(float), gy.astype(float)
+    return pixels_at(data, gy, gx), w, gx.astype(float), gy.astype(float)
 
 
 def _fit_profiles(

@@ -21,6 +21,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from .._ccd import ImageData, to_image
+from .._moments import pixels_at
 from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning, user_stacklevel
 from ..profiles import GAUSS_FWHM
@@ -475,7 +476,7 @@ def _others_light(light: _Light, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
     inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     r = np.hypot(cols - x[:, None], rows - y[:, None])
     own = np.where(r <= light.reach[:, None], light.flux[:, None] * light.wing.law(r), 0.0)
-    value = light.image[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)] - own
+    value = pixels_at(light.image, np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)) - own
     return np.where(inside, value, np.nan)
 
 
@@ -496,9 +497,9 @@ def _without_others(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray,
     ny, nx = img.shape
     rows_in, cols_in = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
     bad = ~(_others_light(light, x, y, rows, cols) < CLEAN_RING * sigma[:, None])
-    bad |= img.mask[rows_in, cols_in]
+    bad |= pixels_at(img.mask, rows_in, cols_in)
     ring_level = stamps.background - light.ring_level
-    clean = clipped_mean(np.where(bad, np.nan, img.data[rows_in, cols_in]))
+    clean = clipped_mean(np.where(bad, np.nan, pixels_at(img.data, rows_in, cols_in)))
     shift = np.where((~bad).sum(axis=1) >= MIN_OUTER_PIXELS, clean - ring_level, 0.0)
     n, sy, sx = stamps.data.shape
     oy, ox = np.mgrid[-(sy // 2) : sy // 2 + 1, -(sx // 2) : sx // 2 + 1]

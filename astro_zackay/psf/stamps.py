@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import binary_dilation, uniform_filter
 
+from .._moments import pixels_at
 from ..fourier import get_array_module, phase_ramp, shift_stack
 from ..profiles import _pixel_integrated
 
@@ -194,8 +195,8 @@ def ring_background(
     ny, nx = data.shape
     inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
-    good = inside & ~mask[rows, cols]
-    values = np.where(good, data[rows, cols], np.nan)
+    good = inside & ~pixels_at(mask, rows, cols)
+    values = np.where(good, pixels_at(data, rows, cols), np.nan)
     background = clipped_mean(values)
     background[good.sum(axis=1) < min_pixels] = np.nan
     return background
@@ -294,16 +295,16 @@ def cut_stamps(
     iy = np.where(inside, np.round(y), ny // 2).astype(int)
     rows = iy[:, None, None] + np.arange(-(ny // 2), ny // 2 + 1)[None, :, None]
     cols = ix[:, None, None] + np.arange(-(nx // 2), nx // 2 + 1)[None, None, :]
-    stamps, stamp_mask = data[rows, cols], mask[rows, cols]
+    stamps, stamp_mask = pixels_at(data, rows, cols), pixels_at(mask, rows, cols)
     if sky is not None:
-        local_sky = sky[rows, cols]
+        local_sky = pixels_at(sky, rows, cols)
         stamps = stamps - local_sky
         background = local_sky.mean(axis=(1, 2))
     else:
         radius = max(ny, nx) / 2.0 if background_radius is None else float(background_radius)
         background = ring_background(data, mask, ix, iy, radius, width=annulus)
         stamps = stamps - background[:, None, None]
-    stamp_var = variance[rows, cols]
+    stamp_var = pixels_at(variance, rows, cols)
     fillable = _fillable(stamp_mask, x - ix, y - iy, max_masked, core_radius)
     stamps, stamp_var = fill_masked(stamps, stamp_var, stamp_mask & fillable[:, None, None])
     flux = stamps.sum(axis=(1, 2))

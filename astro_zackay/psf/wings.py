@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._moments import pixels_at
 from .stamps import row_median
 
 __all__ = [
@@ -139,8 +140,8 @@ def _profile_pixels(
     ny, nx = mask.shape
     good = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
-    good &= ~mask[rows, cols] & (radius >= r_min) & (radius < r_max)
-    return grid, radius, [np.where(good, image[rows, cols], np.nan) for image in images]
+    good &= ~pixels_at(mask, rows, cols) & (radius >= r_min) & (radius < r_max)
+    return grid, radius, [np.where(good, pixels_at(image, rows, cols), np.nan) for image in images]
 
 
 def _star_levels(
