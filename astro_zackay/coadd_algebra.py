@@ -129,6 +129,10 @@ SUPPORT_RATIO = 0.25
 #: rejected pixels in a frame without it, 0-9 with it).
 _RING_FRACTION = 1.0
 
+#: Above this many significant pixels in a frame, the maxima over their windows come
+#: from a maximum filter of the whole image (fewer are painted window by window).
+_PAINTED_PIXELS_MAX = 5000
+
 #: Frequencies where the other frames hold less than this fraction of the summed PSF
 #: power carry no prediction (their difference of two sums is round-off there).
 _OTHERS_POWER_FLOOR = 1e-6
@@ -811,15 +815,34 @@ class _MaxOfOthers:
         self.owner = xp.full(acc.shape, -1, np.int16)
 
     def fold(self, index: int, sig: Any) -> None:
-        """Take frame ``index``'s map into the maxima."""
+        """Take frame ``index``'s map (non-negative, mostly 0) into the maxima."""
         if not bool(sig.any()):
             return
         xp = self._xp
-        wide = self._nd.maximum_filter(sig, self.size)
+        wide = self._widened(sig)
         higher = wide > self.top
         self.second = xp.where(higher, self.top, xp.maximum(self.second, wide))
         self.top = xp.where(higher, wide, self.top)
         self.owner[higher] = index
+
+    def _widened(self, sig: Any) -> Any:
+        """``maximum_filter(sig, size)``; on the CPU, for a few pixels, window by window.
+
+        The windows of the non-zero pixels are painted in increasing order of their
+        value (the same as the filter for a non-negative map: its edge mode reflects
+        only pixels already within the window).
+        """
+        pixels = self._xp.flatnonzero(sig)
+        if self._xp is not np or pixels.size > _PAINTED_PIXELS_MAX:
+            return self._nd.maximum_filter(sig, self.size)
+        values = sig.ravel()[pixels]
+        order = np.argsort(values, kind="stable")
+        ys, xs = np.divmod(pixels[order], sig.shape[1])
+        h = self.size // 2
+        wide = np.zeros_like(sig)
+        for y, x, value in zip(ys.tolist(), xs.tolist(), values[order].tolist()):
+            wide[max(y - h, 0):y + h + 1, max(x - h, 0):x + h + 1] = value
+        return wide
 
     def of_others(self, index: int) -> Any:
         """The largest value of the other frames' maps near each pixel."""
