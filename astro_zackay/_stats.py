@@ -48,15 +48,21 @@ def mad_std(values: np.ndarray, centre: float | None = None) -> float:
     return MAD_TO_SIGMA * float(np.median(np.abs(values - centre)))
 
 
-def median_and_std(values: np.ndarray, max_values: int | None = None) -> tuple[float, float]:
-    """Median and robust standard deviation (`mad_std`) of ``values``.
+def median_and_std(
+    values: np.ndarray, good: np.ndarray | None = None, max_values: int | None = None
+) -> tuple[float, float]:
+    """Median and robust standard deviation (`mad_std`) of the ``good`` ``values``.
 
     Parameters
     ----------
     values : `~numpy.ndarray`
-        1-D values (the good pixels of an image).
+        The values (an image; any shape).
+    good : `~numpy.ndarray` of bool, optional
+        Which values to use (all by default).
     max_values : int, optional
-        Use at most about this many values, evenly strided: the medians of whole
+        Use about ``max_values`` of them at most: the good ones among every
+        ``values.size // max_values``-th value (all the good ones if none of those
+        is), so that no copy of the whole image is made. The medians of whole
         images are slow, and 10^5 values give both numbers to ~0.3 %.
 
     Returns
@@ -71,12 +77,19 @@ def median_and_std(values: np.ndarray, max_values: int | None = None) -> tuple[f
     (3.0, 1.4826)
     >>> median_and_std(np.arange(10.0), max_values=5)  # the values 0, 2, 4, 6, 8
     (4.0, 2.9652)
+    >>> median_and_std(np.arange(10.0), np.arange(10) < 5)
+    (2.0, 1.4826)
     """
-    values = np.asarray(values)
-    if max_values is not None:
-        values = values[:: max(values.size // int(max_values), 1)]
-    median = float(np.median(values))
-    return median, mad_std(values, median)
+    values = np.asarray(values).ravel()
+    good = None if good is None else np.asarray(good, dtype=bool).ravel()
+    step = 1 if max_values is None else max(values.size // int(max_values), 1)
+    sample = values[::step]
+    if good is not None:
+        sample = sample[good[::step]]
+        if sample.size == 0:
+            sample = values[good]
+    median = float(np.median(sample))
+    return median, mad_std(sample, median)
 
 
 def row_median(values: np.ndarray) -> np.ndarray:

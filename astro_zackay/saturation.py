@@ -35,13 +35,6 @@ _FLAT_ONE = 9
 _SAMPLE = 65536
 
 
-def _robust_level(data: np.ndarray, good: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based sigma of a regular subsample of the good pixels."""
-    step = max(1, data.size // _SAMPLE)
-    sample = data.ravel()[::step][good.ravel()[::step]]
-    return median_and_std(data[good] if sample.size == 0 else sample)
-
-
 def _flat_top_level(
     data: np.ndarray, good: np.ndarray, median: float, top: float
 ) -> float | None:
@@ -120,7 +113,7 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     if np.count_nonzero(good) < 16:
         return None
     top = float(np.max(data, where=good, initial=-np.inf))
-    median, sigma = _robust_level(data, good)
+    median, sigma = median_and_std(data, good, _SAMPLE)
     if not (sigma > 0 and top - median > _MIN_SIGNIFICANCE * sigma):
         return None  # noiseless (a model, not a detector) or nothing bright
     rows, cols = np.nonzero((data == top) & good)
