@@ -19,7 +19,12 @@ with its PSF (ours: the score S; ccdproc: the weighted mean of the true PSFs; pr
 its returned P_r), and the S/N of the faint sources is the mean filtered value at their
 positions, minus the mean over empty sky, divided by the standard deviation over empty sky.
 
-Run: ``python benchmarks/bench_coadd.py [--size 512] [--n-frames 8]``.
+With ``--memory-frames 5 10 20`` it instead runs ``ours (estimated)`` on the first 5, 10
+and 20 of the simulated frames and prints each run's wall time and peak memory (peak RSS
+less the RSS after imports), to show that memory does not grow with the number of frames.
+
+Run: ``python benchmarks/bench_coadd.py [--size 512] [--n-frames 8] [--methods ours,properimage]``
+or ``python benchmarks/bench_coadd.py --size 2048 --memory-frames 5 10 20``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ PROPERIMAGE_RECIPE = (
     "properimage==0.7.2   (PEERS.md; needs the stock setuptools 65)"
 )
 READ_NOISE = 5.0
+
+#: The methods compared, by the name given to --methods.
+METHODS = {"ours": "ours (estimated)", "ours-norej": "ours (no rejection)",
+           "ours-true": "ours (true PSF, F)", "ccdproc": "ccdproc.combine",
+           "properimage": "properimage coadd"}
 
 # Run by properimage's own interpreter: argv = [dir]. Writes out_properimage.npy/.json.
 PROPERIMAGE_WORKER = r"""
@@ -132,8 +142,11 @@ def _paths(directory: str) -> list[str]:
                   if f.startswith("frame") and f.endswith(".fits"))
 
 
-def worker(method: str, directory: str) -> None:
-    """Run one method in this process; save its matched-filtered coadd and costs."""
+def worker(method: str, directory: str, n_frames: int | None = None) -> None:
+    """Run one method in this process; save its matched-filtered coadd and costs.
+
+    With ``n_frames``, on the first ``n_frames`` frames only.
+    """
     from astropy.nddata import CCDData
 
     from astro_zackay.coaddition import coadd
@@ -144,6 +157,8 @@ def worker(method: str, directory: str) -> None:
     psfs = list(np.load(os.path.join(directory, "psfs.npy"), allow_pickle=True))
     flux_scales = np.array(truth["flux_scales"])
     paths = _paths(directory)
+    if n_frames is not None:
+        psfs, flux_scales, paths = psfs[:n_frames], flux_scales[:n_frames], paths[:n_frames]
     rss_imports = _rss_mb()
     t = time.perf_counter()
     extra = {}
@@ -174,7 +189,8 @@ def worker(method: str, directory: str) -> None:
     else:
         raise ValueError(method)
     wall = time.perf_counter() - t
-    np.save(os.path.join(directory, f"out_{method}.npy"), filtered)
+    if n_frames is None:
+        np.save(os.path.join(directory, f"out_{method}.npy"), filtered)
     with open(os.path.join(directory, f"out_{method}.json"), "w") as fh:
         json.dump({"wall": wall, "rss": _rss_mb(), "rss_imports": rss_imports, **extra}, fh)
 
@@ -185,15 +201,46 @@ def measured_snr(filtered: np.ndarray, truth: dict, empty: np.ndarray) -> float:
     return float((filtered[ys, xs].mean() - sky.mean()) / sky.std())
 
 
+def memory(size: int, counts: list[int], seed: int) -> None:
+    """Wall time and peak memory of ``ours (estimated)`` on the first N frames, per N."""
+    with tempfile.TemporaryDirectory() as directory:
+        simulate(directory, size, counts[-1], seed)
+        frame_mb = 2 * size * size * 4 / 2**20  # data and variance in float32
+        print(f"ours (estimated) on N frames of {size}x{size} (one frame in float32, data and "
+              f"variance: {frame_mb:.0f} MB)")
+        print(f"{'N':>4}{'wall [s]':>10}{'s/frame':>9}{'peak RSS [MB]':>15}"
+              f"{'RSS-import [MB]':>17}{'/ frame':>9}")
+        for n in counts:
+            cmd = [sys.executable, __file__, "--worker", "ours", directory,
+                   "--worker-frames", str(n)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{n}: failed\n{proc.stderr[-2000:]}")
+                continue
+            with open(os.path.join(directory, "out_ours.json")) as fh:
+                cost = json.load(fh)
+            extra = cost["rss"] - cost["rss_imports"]
+            print(f"{n:>4}{cost['wall']:>10.2f}{cost['wall'] / n:>9.3f}{cost['rss']:>15.0f}"
+                  f"{extra:>17.0f}{extra / frame_mb:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--n-frames", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--memory-frames", type=int, nargs="+", metavar="N",
+                        help="peak memory of ours (estimated) on the first N frames, per N")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-frames", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(*args.worker, n_frames=args.worker_frames)
+        return
+    if args.memory_frames:
+        memory(args.size, sorted(args.memory_frames), args.seed)
         return
 
     have_properimage = os.path.exists(PROPERIMAGE_PYTHON) and subprocess.run(
@@ -205,10 +252,10 @@ def main() -> None:
               f"{min(truth['fwhm']):.2f}-{max(truth['fwhm']):.2f} px (lognormal, sigma 0.3), "
               f"{len(truth['xs'])} faint sources of theoretical proper-coadd S/N 6")
         rows = []
-        methods = [("ours (estimated)", "ours"), ("ours (no rejection)", "ours-norej"),
-                   ("ours (true PSF, F)", "ours-true"),
-                   ("ccdproc.combine", "ccdproc"), ("properimage coadd", "properimage")]
-        for label, method in methods:
+        chosen = args.methods.split(",")
+        for method, label in METHODS.items():
+            if method not in chosen:
+                continue
             if method == "properimage":
                 if not have_properimage:
                     print(f"properimage: not installed; install with: {PROPERIMAGE_RECIPE}")
@@ -225,14 +272,15 @@ def main() -> None:
             filtered = np.load(os.path.join(directory, f"out_{method}.npy"))
             rows.append((label, cost, measured_snr(filtered, truth, empty)))
 
-    ours = next(r for r in rows if r[0].startswith("ours (true"))
+    ours = next((r for r in rows if r[0].startswith("ours")), rows[0])
     print()
-    print(f"{'method':<22}{'wall [s]':>10}{'peak RSS [MB]':>15}{'RSS-import [MB]':>17}"
-          f"{'S/N':>8}{'S/N / ours':>12}{'time / ours':>13}")
+    print(f"{'method':<22}{'wall [s]':>10}{'s/frame':>9}{'peak RSS [MB]':>15}"
+          f"{'RSS-import [MB]':>17}{'S/N':>8}{'S/N / ' + ours[0][:10]:>20}"
+          f"{'time / ' + ours[0][:10]:>20}")
     for label, cost, snr in rows:
-        print(f"{label:<22}{cost['wall']:>10.2f}{cost['rss']:>15.0f}"
-              f"{cost['rss'] - cost['rss_imports']:>17.0f}{snr:>8.3f}"
-              f"{snr / ours[2]:>12.3f}{cost['wall'] / ours[1]['wall']:>13.2f}")
+        print(f"{label:<22}{cost['wall']:>10.2f}{cost['wall'] / args.n_frames:>9.3f}"
+              f"{cost['rss']:>15.0f}{cost['rss'] - cost['rss_imports']:>17.0f}{snr:>8.3f}"
+              f"{snr / ours[2]:>20.3f}{cost['wall'] / ours[1]['wall']:>20.2f}")
     est = next((r for r in rows if r[0] == "ours (estimated)"), None)
     if est is not None and "flux_scale_error" in est[1]:
         print(f"\nours (estimated): largest flux-scale error {est[1]['flux_scale_error']:.2%}, "
