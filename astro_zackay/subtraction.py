@@ -26,19 +26,16 @@ from ._ccd import (
     to_image,
     warn_missing_source_noise,
 )
+from ._prepare import PreparedImage, prepare_image
 from ._psf_input import (
     ImageWarnings,
-    PSFSampler,
-    as_psf_sampler,
-    estimate_image_psf,
-    find_image_stars,
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
 from ._zogy_field import zogy_field
 from .fluxmatch import StarMatch, match_stars
-from .fourier import get_array_module, shift_image
+from .fourier import get_array_module
 from .noise import NoiseSpectrum, measure_pair_noise
 from .transients import bright_sources
 from .zogy import _moved_mask, fit_flux_ratio
@@ -218,17 +215,6 @@ def _unpack_coadd(image: Any, psf: Any) -> tuple[Any, Any]:
     return image, psf
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """One image made ready for ZOGY: background-subtracted data, noise and PSF."""
-
-    image: ImageData
-    data: np.ndarray
-    rms: np.ndarray
-    psf: PSFSampler
-    stars: Table | None
-
-
 def _check_noise_options(noise: Any, psf_error: Any) -> None:
     """Raise a ValueError for a ``noise=`` or ``psf_error=`` that `subtract` does not take."""
     if noise not in ("auto", "white"):
@@ -252,7 +238,7 @@ def _psf_errors(psf_error: Any) -> tuple[float, float]:
 
 
 def _pair_noise(
-    psci: _Prepared, pref: _Prepared, beta: float, shift: tuple[float, float], noise: str
+    psci: PreparedImage, pref: PreparedImage, beta: float, shift: tuple[float, float], noise: str
 ) -> tuple[NoiseSpectrum | None, NoiseSpectrum | None]:
     """The (science, reference) pixel-noise spectra with ``noise='auto'``, else (None, None).
 
@@ -293,26 +279,8 @@ def _noise_meta(spectra: tuple[NoiseSpectrum | None, NoiseSpectrum | None]) -> d
     return meta
 
 
-def _prepare(image: ImageData, psf: Any, name: str, option: str) -> _Prepared:
-    """Background, noise, stars (found once) and PSF (given, else estimated) of one image."""
-    from .background import _estimate_from
-
-    background = _estimate_from(image)  # on the coerced image: no second copy
-    sky = np.asarray(background.sky.data, dtype=image.data.dtype)
-    rms = np.asarray(background.rms.data, dtype=image.data.dtype)
-    # the coerced image itself, not a CCDData that each step would coerce again
-    stars = find_image_stars(image, background, name=name,
-                             option=option if psf is None else None)
-    if psf is None:
-        psf = estimate_image_psf(image, stars, name=name, option=option)
-    sampler = as_psf_sampler(psf)
-    log.info("%s PSF: %s", name, sampler.source)
-    data = np.where(image.mask, 0.0, image.data - sky)
-    return _Prepared(image, data, rms, sampler, stars)
-
-
 def _match(
-    pref: _Prepared, psci: _Prepared, psfs: tuple[np.ndarray, np.ndarray], needs: list[str]
+    pref: PreparedImage, psci: PreparedImage, psfs: tuple[np.ndarray, np.ndarray], needs: list[str]
 ) -> StarMatch | None:
     """Stars matched between the images; None, announced, when fewer than MIN_MATCHED_STARS.
 
@@ -343,8 +311,8 @@ def _match(
 
 
 def _pixel_fit(
-    psci: _Prepared,
-    pref: _Prepared,
+    psci: PreparedImage,
+    pref: PreparedImage,
     psfs: tuple[np.ndarray, np.ndarray],
     sigmas: tuple[float, float],
     bad: np.ndarray,
@@ -621,10 +589,17 @@ def subtract(
     sci = match_unit(sci, ref.unit, gain=_conversion_gain(sci, ref, gains),
                      name="science image", target="reference image")
 
+    needs = [what for what, needed in (("flux ratio", flux_ratio is None), ("shift", fit_shift),
+                                        ("astrometric noise", astrometric_noise == "auto"))
+             if needed]
+    # one "prepare one image" stage, shared with coadd: each image's data becomes its
+    # background-subtracted pixels (masked 0), in place in the freshly coerced copy
     with ref_warnings:
-        pref = _prepare(ref, reference_psf, "reference image", "reference_psf=")
+        pref = prepare_image(ref, reference_psf, name="reference image",
+                             option="reference_psf=", need_stars=bool(needs))
     with sci_warnings:
-        psci = _prepare(sci, science_psf, "science image", "science_psf=")
+        psci = prepare_image(sci, science_psf, name="science image", option="science_psf=",
+                             need_stars=bool(needs))
     bad = ref.mask | sci.mask
     ny, nx = sci.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
@@ -632,10 +607,6 @@ def subtract(
     sigma_r0 = float(np.median(pref.rms[~bad]))
     sigma_n0 = float(np.median(psci.rms[~bad]))
     # the fits need the bright stars unsaturated: saturation is already in the masks
-
-    needs = [what for what, needed in (("flux ratio", flux_ratio is None), ("shift", fit_shift),
-                                        ("astrometric noise", astrometric_noise == "auto"))
-             if needed]
     match = _match(pref, psci, (psf_r0, psf_n0), needs)
     shift, beta, beta_err = (0.0, 0.0), flux_ratio, 0.0
     if match is not None:
