@@ -670,13 +670,11 @@ def subtract(
         return to_ccddata(np.where(out_bad, np.nan, data), sci, unit=unit, variance=blank,
                           mask=out_bad, step=(key, text), extra_meta=extra)
 
-    # the BRIGHT flag needs both images on the science grid (ZOGY shifts inside its core)
-    ref_on_grid, ref_var_on_grid = ref_data, ref_var
-    if shift != (0.0, 0.0):
-        ref_on_grid = shift_image(ref_data, *shift)
-        ref_var_on_grid = np.clip(shift_image(np.where(ref.mask, 0.0, ref_var), *shift), 0, None)
-    sources = bright_sources((ref_on_grid, psci.data), (ref_var_on_grid, sci.variance),
-                             (psf_r0, psf_n0), mask=bad)
+    # the BRIGHT flag needs both images on the science grid: bright_sources moves the
+    # reference by the shift inside the transforms of its S/N maps
+    ref_var_good = np.where(ref.mask, 0.0, ref_var)
+    sources = bright_sources((ref_data, psci.data), (ref_var_good, sci.variance),
+                             (psf_r0, psf_n0), mask=bad, shift=shift)
 
     return SubtractionResult(
         difference=wrap(core.D, u.dimensionless_unscaled, ones, "AZSUB"),
