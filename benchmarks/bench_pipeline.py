@@ -352,7 +352,16 @@ def worker_psf(spec: dict[str, Any]) -> dict[str, Any]:
             "input_mb": ref.data.size * 4 / 2**20, "device": device_name("numpy")}
 
 
+def worker_coadd_frames(spec: dict[str, Any]) -> None:
+    """Simulate the coadd frames with ``bench_coadd``'s simulation (in a worker: Linux passes
+    a parent's peak RSS on to its children's ``ru_maxrss``, which that harness reads)."""
+    import bench_coadd
+
+    bench_coadd.simulate(spec["folder"], COADD_SIZE, spec["n"], seed=1)
+
+
 WORKERS = {"sim": worker_sim, "real": worker_real, "psf": worker_psf,
+           "coadd_frames": worker_coadd_frames,
            "simulate": lambda spec: simulate_pair_files(Path(spec["workdir"]), spec["size"])}
 
 
@@ -565,7 +574,10 @@ def coadd_rows(args) -> list[Row]:
     if not (frames_dir / "truth.json").exists():
         print(f"simulating {counts[-1]} coadd frames into {frames_dir} ...", flush=True)
         frames_dir.mkdir(parents=True, exist_ok=True)
-        bench_coadd.simulate(str(frames_dir), COADD_SIZE, counts[-1], seed=1)
+        made = run_worker("coadd_frames", {"folder": str(frames_dir), "n": counts[-1]},
+                          timeout=args.timeout)
+        if "error" in made:
+            return [Row("coadd", _size_label(COADD_SIZE), note="FAILED: " + made["error"])]
     rows = []
     frame_mb = COADD_SIZE**2 * 4 / 2**20
     for n in counts:
