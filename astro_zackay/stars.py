@@ -197,10 +197,11 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
     """
     if background is not None:
         sky, rms = _given_background(img, background)
+        residual = np.where(img.mask, 0.0, img.data - sky)
         found = getattr(background, "_detection", None)
         if found is None or not found.of(img):
-            found, _ = _detect_sources(img, sky, rms)
-        return np.where(img.mask, 0.0, img.data - sky), rms, found.objects
+            found, _ = _detect_sources(img, residual, rms)
+        return residual, rms, found.objects
     box = _default_box_size(img.shape)
     if np.count_nonzero(~img.mask) < box * box:
         raise ValueError(
@@ -211,8 +212,9 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
         sky, rms = img.sky_maps.sky, img.sky_maps.rms
     else:
         sky, rms = _sep_maps(img.filled(0.0), img.mask, (box, box), (3, 3))
-    found, _ = _detect_sources(img, sky, rms)
-    return np.where(img.mask, 0.0, img.data - sky), rms, found.objects
+    residual = np.where(img.mask, 0.0, img.data - sky)
+    found, _ = _detect_sources(img, residual, rms)
+    return residual, rms, found.objects
 
 
 def _start_fwhm(objects: Any) -> tuple[float, float]:

@@ -187,8 +187,7 @@ def test_overflowing_detection_in_strips_without_global_settings():
     with pytest.raises(Exception, match="pixel buffer full"):  # sep alone cannot
         sep.extract(data, 3.0, err=np.ones_like(data), minarea=5)
     img = to_image(data, unit="electron", saturation=np.inf)
-    zero, one = np.zeros(data.shape), np.ones(data.shape)
-    detection, strong = _detect_sources(img, zero, one, strong=5.0)
+    detection, strong = _detect_sources(img, data, np.ones(data.shape), strong=5.0)
     assert (sep.get_extract_pixstack(), sep.get_sub_object_limit()) == settings
     assert detection.of(img)
     objects = detection.objects
