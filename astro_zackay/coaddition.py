@@ -259,7 +259,7 @@ def coadd(
     saturation: Any = None,
     border: int | None = None,
     min_depth_fraction: float = 1e-3,
-    dtype: type = np.float64,
+    dtype: type = np.float32,
     gain: Any = None,
     reject: float | None = 6.0,
     reject_grow: int = 1,
@@ -358,8 +358,11 @@ def coadd(
         not wrap around to the other; default the size of the first PSF stamp.
     min_depth_fraction : float, optional
         Pixels whose depth is below this fraction of the full depth are masked.
-    dtype : {numpy.float64, numpy.float32}, optional
-        Working precision of the images and their transforms.
+    dtype : {numpy.float32, numpy.float64}, optional
+        Working precision of the images and their transforms (the PSF sums are kept in
+        float64 either way). float32, the default, halves the memory and the time of the
+        image-sized algebra; its round-off (about 1e-7 of the brightest pixel, against
+        noise of at least 1e-3 of it) does not change any measurement.
     gain : float, `~astropy.units.Quantity` or sequence, optional
         Electrons per ADU, one value for every image or one per image; default each
         image's GAIN (or EGAIN) keyword. It converts an image whose unit differs from
