@@ -403,11 +403,13 @@ def _masked_regions(
     """
     labels, n = ndimage.label(bad)
     rim = ndimage.grey_dilation(labels, size=3) * ~bad
-    index = np.arange(1, n + 1)
-    area = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    on_rim = np.flatnonzero(rim)  # the few rim pixels, read by flat index
+    rim_region = rim.ravel()[on_rim] - 1
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     light = []
     for img, sigma, psf in zip(images, sigmas, psfs):
-        peak = np.nan_to_num(ndimage.maximum(np.abs(img), rim, index), nan=0.0)
+        peak = np.zeros(n)
+        np.maximum.at(peak, rim_region, np.nan_to_num(np.abs(img.ravel()[on_rim]), nan=0.0))
         excess = np.maximum(peak - RIM_NOISE_SIGMA * sigma, 0.0)
         per_rim = _light_per_rim_value(psf, area)
         light.append(excess * np.where(excess > 0, per_rim, 0.0))
