@@ -191,3 +191,23 @@ def test_bright_sources_moves_the_reference_by_the_shift():
     np.testing.assert_allclose(inside["snr_science"], moved["snr_science"], rtol=1e-4)
     # the shifted reference's brightest star lands where its content moved to
     assert (inside["x"][0], inside["y"][0]) == (32, 39)
+
+
+def test_candidates_are_the_local_maxima_of_the_good_pixels():
+    """The peaks read from the candidates' windows are those of a full-image maximum filter."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    score = ndimage.gaussian_filter(rng.normal(size=(120, 150)), 1.5) * 12.0
+    score[0, 40], score[60, -1] = 9.0, -9.0  # peaks on the border
+    mask = np.zeros(score.shape, bool)
+    mask[30:34, 50:80] = True
+    score[70, 20] = np.nan
+    for sign, signed in (("both", np.abs(score)), ("positive", score), ("negative", -score)):
+        table = find_transients(score, threshold=3.0, mask=mask, sign=sign, fwhm=3.0)
+        values = np.where(mask | np.isnan(score), -np.inf, signed)
+        peak = values == ndimage.maximum_filter(values, size=7, mode="constant", cval=-np.inf)
+        rows, cols = np.nonzero(peak & (values >= 3.0))
+        assert len(table) > 10
+        assert sorted(zip(table["y_peak"], table["x_peak"])) == sorted(zip(rows, cols))
+        assert np.all(np.diff(np.abs(table["score"])) <= 0)
