@@ -319,6 +319,7 @@ def zogy_field(
         node_psfs.append(_stamp(be, out.pop("P_D"), stamp))
         rows.append([cell[1].start, cell[1].stop, cell[0].start, cell[0].stop, x, y,
                      sigmas[1], sigmas[0], out["F_D"], out["F_S"]])
+        del out
     del spec
     images = [np.where(b, 0.0, np.nan_to_num(a)) for a, b in ((new, new_bad), (ref, ref_bad))]
     flag = _grown_mask(bad, images, whole, (psf_new(*centre), psf_ref(*centre)), acc,
@@ -420,62 +421,74 @@ class _Accumulator:
         return np.outer(wy, wx).ravel()
 
     def add(self, a: int, b: int, out: dict, den0: float) -> None:
-        """Add one node's outputs times its weight map."""
+        """Add one node's outputs times its weight map (one node: its outputs themselves)."""
         xp = self.be.xp
-        weight = xp.multiply.outer(self.wy[a], self.wx[b])
+        one = self.wy.shape[0] == 1  # weight 1 everywhere: no multiply, no copy
+        weight = None if one else xp.multiply.outer(self.wy[a], self.wx[b])
         for name in ("D", "S", "S_N", "S_R", "V_SN", "V_SR", "V_beta"):
-            value = out.get(name)
+            value = out.pop(name, None)
             if value is None:
                 continue
             if np.isscalar(value):
-                value = weight * value
+                value = xp.full(self.shape, value, dtype=self.dtype) if one else weight * value
             else:
                 value = value[self.inner]
-                value *= weight
+                if not one:
+                    value *= weight
             if name in self.sums:
                 self.sums[name] += value
             else:
-                self.sums[name] = xp.array(value, dtype=self.dtype)
+                self.sums[name] = value
         self.inv_den[a, b] = 1.0 / np.sqrt(den0)
         self.beta_den[a, b] = 1.0 / den0
         self.f_s[a, b] = out["F_S"]
 
     def field(self, values: np.ndarray) -> Any:
-        """``sum_ab w_ab(x, y) values[a, b]`` as an image on the backend."""
+        """``sum_ab w_ab(x, y) values[a, b]`` as an image on the backend (one node: a float)."""
+        if values.size == 1:
+            return float(values[0, 0])
         v = self.be.asarray(values, dtype=self.dtype)
         return self.wy.T @ (v @ self.wx)
 
+    def _offsets(self, good: Any, g_d: Any) -> np.ndarray:
+        """The constant ``c`` of each node: the median of ``D / g_d`` over its good pixels."""
+        xp = self.be.xp
+        for *_, cell in self.nodes():
+            in_cell = good[cell]
+            ratio = self.sums["D"][cell][in_cell]
+            ratio = ratio / (g_d if np.isscalar(g_d) else g_d[cell][in_cell])
+            self.offsets.append(float(xp.median(ratio)) if ratio.size else 0.0)
+        return np.array(self.offsets).reshape(self.inv_den.shape)
+
     def finish(self, be: ArrayBackend, flag: np.ndarray, ast, eps, beta: float) -> dict:
-        """Background offset, S, Scorr, alpha and its error; downloaded once."""
+        """Background offset, S, Scorr, alpha and its error (in place where it can); downloaded."""
         xp = be.xp
         sums = self.sums
         if "S" not in sums:
             sums["S"] = sums["S_N"] - sums["S_R"]
-        good = be.asarray(~flag)
-        g_d = self.field(self.inv_den)
-        for *_, cell in self.nodes():
-            in_cell = good[cell]
-            ratio = sums["D"][cell][in_cell] / g_d[cell][in_cell]
-            self.offsets.append(float(xp.median(ratio)) if ratio.size else 0.0)
-        c = np.array(self.offsets).reshape(self.inv_den.shape)
+        c = self._offsets(be.asarray(~flag), self.field(self.inv_den))
         sums["D"] -= self.field(c * self.inv_den)
         sums["S"] -= self.field(c * beta * self.beta_den)
-        var = sums["V_SN"] + sums["V_SR"]
+        var = sums.pop("V_SN")
+        var += sums.pop("V_SR")
         f_s = self.field(self.f_s)
-        alpha_err = xp.sqrt(xp.maximum(var, 0.0)) / f_s
-        total = var
-        if "S_N" in sums:
-            v_ast = _astrometric_variance(xp, (sums["S_N"], sums["S_R"]), ast, self.dtype)
-            v_psf = _psf_variance(xp, sums.pop("S_N"), sums.pop("S_R"), eps)
-            for extra in (v_ast, v_psf):
-                if extra is not None:
-                    total = total + extra
-        if "V_beta" in sums:
-            total = total + sums["V_beta"]
-        scorr = _scorr(xp, sums["S"], total, float(self.f_s.min()))
-        alpha = sums["S"] / f_s
-        alpha *= beta
+        alpha_err = xp.maximum(var, 0.0)
+        xp.sqrt(alpha_err, out=alpha_err)
         alpha_err *= beta
-        return {name: be.to_numpy(value) for name, value in
-                (("D", sums["D"]), ("S", sums["S"]), ("Scorr", scorr), ("alpha", alpha),
-                 ("alpha_err", alpha_err))}
+        alpha_err /= f_s
+        if "S_N" in sums:
+            s_n, s_r = sums.pop("S_N"), sums.pop("S_R")
+            for extra in (_astrometric_variance(xp, (s_n, s_r), ast, self.dtype),
+                          _psf_variance(xp, s_n, s_r, eps)):
+                if extra is not None:
+                    var += extra
+            del s_n, s_r, extra
+        if "V_beta" in sums:
+            var += sums.pop("V_beta")
+        S = sums.pop("S")
+        scorr = _scorr(xp, S, var, float(self.f_s.min()))
+        alpha = S * beta
+        alpha /= f_s
+        return {"D": be.to_numpy(sums.pop("D")), "S": be.to_numpy(S),
+                "Scorr": be.to_numpy(scorr), "alpha": be.to_numpy(alpha),
+                "alpha_err": be.to_numpy(alpha_err)}
