@@ -46,8 +46,10 @@ __all__ = ["NODE_PSF_ERROR", "FieldResult", "choose_nodes", "lagrange_weights", 
 _log = logging.getLogger(__name__)
 
 #: Largest L1 error of a PSF interpolated from the nodes, at test points between them,
-#: that `choose_nodes` accepts.  A quarter of the 0.04 L1 change within a tile that
-#: tiles of constant PSF allowed (which left no bright-star residual on the test fields).
+#: that `choose_nodes` accepts.  On properimage's real pair (KL PSFs of degree 2), 3 x 3
+#: nodes (error 0.009) left Scorr within 0.27 sigma of 64 px tiles of constant PSF off
+#: the bright stars and 4 x 4 nodes (error 0.004) within 0.17 sigma, where 128 px tiles
+#: (a PSF change of up to 0.04 within each) left 0.21 sigma.
 NODE_PSF_ERROR = 0.005
 #: Most nodes per axis that `choose_nodes` tries.
 MAX_NODES = 6

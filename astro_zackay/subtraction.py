@@ -471,7 +471,7 @@ def subtract(
         The PSFs are evaluated at an ``m x m`` grid of nodes spanning the image, and
         each output is the sum of the nodes' outputs weighted by smooth (Lagrange)
         weights: ``'auto'`` takes the fewest nodes per axis whose interpolated PSFs stay
-        within 1 % (L1 norm) of the PSFs between the nodes, and one node when neither
+        within 0.5 % (L1 norm) of the PSFs between the nodes, and one node when neither
         PSF varies; an integer fixes ``m``; None uses the PSFs at the image centre.
     unit, gain, read_noise, saturation : optional
         Passed to the CCDData boundary; each may be one value or a
