@@ -320,26 +320,30 @@ def _normalised(
     map. float32 holds the correlations to ~1e-6, far below their statistical error
     (``1 / sqrt(n_pixels)``).
     """
-    x = np.asarray(data)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D image, got shape {x.shape}")
-    good = _checked_mask(mask, x.shape) & np.isfinite(x)
+    data = np.asarray(data)
+    if data.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {data.shape}")
+    good = _checked_mask(mask, data.shape) & np.isfinite(data)
     scale = 1.0
-    if rms is not None:
+    if rms is None:
+        x = data.astype(np.float32)
+    else:
         rms = np.asarray(rms)
-        if rms.shape != x.shape:
-            raise ValueError(f"rms has shape {rms.shape}, expected {x.shape} like {name}")
-        if not np.all(rms[good] > 0):
+        if rms.shape != data.shape:
+            raise ValueError(f"rms has shape {rms.shape}, expected {data.shape} like {name}")
+        if np.any(good & ~(rms > 0)):
             raise ValueError(f"rms must be positive wherever {name} is good")
         scale = median_and_std(rms, good, _ROBUST_SAMPLE)[0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = x / rms
-    return np.where(good, x, 0.0).astype(np.float32, copy=False), good, scale
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            x = np.divide(data, rms, dtype=np.float32)
+    np.copyto(x, np.float32(0.0), where=~good)
+    return x, good, scale
 
 
 def _centred(x: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``x`` less its mean over ``good``, and 0 elsewhere."""
-    return np.where(good, x - np.float32(x[good].mean(dtype=np.float64)), np.float32(0.0))
+    mean = np.sum(x, where=good, dtype=np.float64) / np.count_nonzero(good)
+    return np.where(good, x - np.float32(mean), np.float32(0.0))
 
 
 def _count(good: np.ndarray) -> int:
