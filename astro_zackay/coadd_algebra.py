@@ -709,7 +709,8 @@ def _blind(acc: ProperCoaddAccumulator, index: int, reach: int) -> Any:
     blind = acc._others_depth(index) < MIN_PREDICTION_DEPTH
     if not bool(blind.any()):
         return None
-    blind = acc.backend.ndimage.maximum_filter(blind, 2 * reach + 1)
+    # as uint8: the maximum filters of every backend take it
+    blind = acc.backend.ndimage.maximum_filter(blind.astype(np.uint8), 2 * reach + 1)
     return acc.backend.xp.packbits(blind.ravel())
 
 
