@@ -1,17 +1,17 @@
 """Robust statistics that several modules share, written once.
 
 The robust standard deviation from the median absolute deviation (MAD), the
-median and spread of an image's pixels from a regular subsample, the median of
-each row of an array with unused values as NaN, and the sigma-clipped mean of each
-row (the background in an annulus around each of many stars). Arrays in, numbers
-or arrays out.
+median and spread of an image's pixels from a regular subsample, and the
+sigma-clipped mean of each row of an array with unused values as NaN (the
+background in an annulus around each of many stars). Arrays in, numbers or arrays
+out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "clipped_row_stats", "mad_std", "median_and_std", "row_median"]
+__all__ = ["MAD_TO_SIGMA", "clipped_row_stats", "mad_std", "median_and_std"]
 
 #: The standard deviation of a Gaussian over its median absolute deviation, 1 / Phi^-1(3/4).
 MAD_TO_SIGMA = 1.4826
@@ -90,23 +90,6 @@ def median_and_std(
             sample = values[good]
     median = float(np.median(sample))
     return median, mad_std(sample, median)
-
-
-def row_median(values: np.ndarray) -> np.ndarray:
-    """Median of each row of a 2-D array, NaNs ignored (NaN for an all-NaN row).
-
-    One sort of the whole array (NaNs sort last), much faster than
-    `numpy.nanmedian` along an axis.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from astro_zackay._stats import row_median
-    >>> row_median(np.array([[3.0, np.nan, 1.0, 2.0], [4.0, 1.0, np.nan, np.nan]])).tolist()
-    [2.0, 2.5]
-    """
-    ordered = np.sort(values, axis=1)
-    return _sorted_median(ordered, np.zeros(len(ordered), int), np.isfinite(ordered).sum(axis=1))
 
 
 def _sorted_median(ordered: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
