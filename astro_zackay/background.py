@@ -312,7 +312,8 @@ def _extract(
     """
     # sep works in float32: float32 arrays give the same catalogue, 20 % faster (measured)
     data = np.ascontiguousarray(data, dtype=np.float32)
-    err = np.ascontiguousarray(np.where(rms > 0, rms, np.inf), dtype=np.float32)
+    err = np.array(rms, dtype=np.float32)  # a copy: the infinities below stay here
+    err[~(err > 0)] = np.inf
     return _extract_rows(data, err, threshold, strong, 0, data.shape[0])
 
 
@@ -392,10 +393,10 @@ def _estimate_from(
     filt = _pair(filter_size, "filter_size")
     if filt[0] % 2 == 0 or filt[1] % 2 == 0:
         raise ValueError(f"filter_size must be odd, got {filter_size!r}")
-    good = ~img.mask
-    if good.sum() < box[0] * box[1]:
+    n_good = img.mask.size - np.count_nonzero(img.mask)
+    if n_good < box[0] * box[1]:
         raise ValueError(
-            f"only {int(good.sum())} unmasked pixels, fewer than one {box[1]}x{box[0]} box: "
+            f"only {n_good} unmasked pixels, fewer than one {box[1]}x{box[0]} box: "
             "check the mask and the saturation level"
         )
     data = img.filled(0.0)
@@ -404,17 +405,18 @@ def _estimate_from(
     detection = None
     if detect_sources:
         sky, rms = _first_pass(img, data, method, box, filt)
-        residual = np.where(img.mask, 0.0, data - sky)
+        residual = np.subtract(data, sky, dtype=np.float32)  # what sep detects on
+        residual[img.mask] = 0.0
         detection, sources = _detect_sources(img, residual, rms, strong=_SOURCE_THRESHOLD)
         mask = mask | _grown(sources, _SOURCE_GROW)
         del sky, rms, residual  # freed before the second pass: frame-sizes less at the peak
-        if (~mask).sum() < box[0] * box[1]:
+        if mask.size - np.count_nonzero(mask) < box[0] * box[1]:
             raise ValueError(
                 "masking the detected sources leaves fewer unmasked pixels than one box: "
                 "pass detect_sources=False or a larger box_size"
             )
     sky, rms = maps(data, mask, box, filt)
-    masked_fraction = float(mask.mean())
+    masked_fraction = np.count_nonzero(mask) / mask.size
     log.info(
         "%s background: box %s, filter %s, %.1f%% of pixels masked",
         method,
