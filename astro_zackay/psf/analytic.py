@@ -2,9 +2,10 @@
 
 The constant PSF is the weighted mean of the recentred unit-sum star stamps. The
 analytic PSFs are fitted to that mean stamp (properimage's ``fitted_psf``) and rendered
-centred on the stamp's central pixel with unit sum, both through
-`astro_zackay.profiles.psf_stamp` (pixel-integrated profiles), so the package has one
-profile renderer and one shape convention: ``fwhm`` along the major axis, the minor
+centred on the stamp's central pixel with unit sum, both through the pixel integrator
+of `astro_zackay.profiles` (that of `~astro_zackay.profiles.psf_stamp`, here with 3x3
+Gauss-Legendre points per pixel), so the package has one profile renderer and one shape
+convention: ``fwhm`` along the major axis, the minor
 axis ``fwhm * (1 - ellipticity)``, ``theta`` (radians) the angle of the major axis from
 the x axis towards y; Moffat profiles are ``(1 + r**2 / alpha**2) ** -beta``.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..profiles import GAUSS_FWHM, psf_stamp
+from ..profiles import GAUSS_FWHM, _pixel_integrated
 
 __all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
@@ -33,6 +34,20 @@ def mean_stamp(stamps: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return mean / mean.sum()
 
 
+def _render(shape: tuple[int, int], fwhm: float, ellipticity: float, theta: float,
+            profile: str, beta: float, center: tuple[float, float]) -> np.ndarray:
+    """A unit-sum profile centred at ``center`` = ``(x, y)``, integrated over each pixel by
+    3x3 Gauss-Legendre points: closer than 5x5 midpoints (ten times for a FWHM 2 px
+    Moffat, which the midpoints widen by their own spread, 1/12 px**2 per axis), at a
+    third of the cost."""
+    ny, nx = shape
+    stamp = _pixel_integrated(np.arange(nx)[None, :] - center[0],
+                              np.arange(ny)[None, :] - center[1], np.array([fwhm]),
+                              np.array([ellipticity]), np.array([theta]), profile, beta, 3,
+                              gauss=True)[0]
+    return stamp / stamp.sum()
+
+
 def render_profile(
     shape: tuple[int, int],
     fwhm: float,
@@ -42,9 +57,10 @@ def render_profile(
 ) -> np.ndarray:
     """A unit-sum Gaussian (``beta=None``) or Moffat stamp centred on the central pixel.
 
-    Rendered by `astro_zackay.profiles.psf_stamp` (pixel-integrated), whose
-    conventions hold here: ``fwhm`` along the major axis, the minor axis
-    ``fwhm * (1 - ellipticity)``, ``theta`` the major axis' angle from +x.
+    Pixel-integrated (3x3 Gauss-Legendre points per pixel), with the conventions of
+    `astro_zackay.profiles.psf_stamp`: ``fwhm`` along the major axis, the minor axis
+    ``fwhm * (1 - ellipticity)``, ``theta`` the major axis' angle from +x. The same
+    renderer as `fit_profile`'s, so that a fitted profile renders back what it fitted.
 
     Examples
     --------
@@ -53,14 +69,9 @@ def render_profile(
     >>> round(float(stamp.sum()), 12), bool(stamp[7, 7] == stamp.max())
     (1.0, True)
     """
-    return psf_stamp(
-        shape,
-        fwhm,
-        profile="gaussian" if beta is None else "moffat",
-        ellipticity=ellipticity,
-        theta=theta,
-        beta=3.5 if beta is None else beta,
-    )
+    profile = "gaussian" if beta is None else "moffat"
+    return _render(tuple(shape), float(fwhm), float(ellipticity), float(theta), profile,
+                   3.5 if beta is None else float(beta), (shape[1] // 2, shape[0] // 2))
 
 
 def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
@@ -104,8 +115,7 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     def residual(p: np.ndarray) -> np.ndarray:
         amp, xc, yc, fwhm, ell, theta, beta, swap = unpack(p)
         theta = theta + np.pi / 2 if swap else theta
-        model = psf_stamp(stamp.shape, fwhm, profile=profile, ellipticity=ell, theta=theta,
-                          beta=beta, center=(xc, yc))
+        model = _render(stamp.shape, fwhm, ell, theta, profile, beta, (xc, yc))
         return (amp * model - stamp).ravel()
 
     start = [1.0, nx // 2, ny // 2, np.log(fwhm0), np.log(fwhm0), 0.0]
