@@ -2,8 +2,9 @@
 
 Arrays in, arrays out.  The images and variance maps are padded and transformed once;
 the PSFs are evaluated at an ``m x m`` grid of nodes that spans the image from edge
-to edge; each node's outputs (D, S_N and S_R, the source-noise variances) are
-computed on the shared transforms and summed with tensor Lagrange weights
+to edge (`node_positions`); each node's outputs (D, S_N and S_R, the source-noise variances) are
+computed on the shared transforms and summed (D excepted: each node's own
+in the pixels nearest to it, see `FieldResult`) with tensor Lagrange weights
 ``w_ab(x, y) = l_a(y) l_b(x)`` (they sum to 1 everywhere).  A PSF model whose
 coefficient fields are polynomials of degree ``m - 1`` (a KL model of that degree)
 is reproduced exactly by the same weights, and ZOGY's filters, smooth functions of
@@ -52,7 +53,7 @@ _log = logging.getLogger(__name__)
 #: (a PSF change of up to 0.04 within each) left 0.21 sigma.
 NODE_PSF_ERROR = 0.005
 #: Most nodes per axis that `choose_nodes` tries.
-MAX_NODES = 6
+MAX_NODES = 5
 #: Test points per axis at which the interpolation error is measured.
 _TEST_POINTS = 9
 
@@ -66,8 +67,9 @@ class FieldResult:
     Attributes
     ----------
     D, S, Scorr : ndarray
-        Proper difference (unit variance), score and corrected score; the
-        background offset is removed from D and S.
+        Proper difference (white, unit variance: each node's own in the pixels
+        nearest to it), score and corrected score (summed over the nodes with their
+        weights); the background offset is removed from D and S.
     alpha, alpha_err : ndarray
         Point-source flux (in the new image's units, ``S / F_S`` times ``flux_new``)
         and its 1-sigma error from source and background noise.
@@ -106,8 +108,16 @@ class FieldResult:
 
 
 def node_positions(n: int, m: int) -> np.ndarray:
-    """``m`` node positions spanning ``0 .. n - 1`` evenly (the centre for ``m = 1``)."""
-    return np.array([(n - 1) / 2.0]) if m == 1 else np.linspace(0.0, n - 1.0, m)
+    """``m`` node positions from ``0`` to ``n - 1`` (the centre for ``m = 1``).
+
+    Chebyshev-Lobatto points (even for ``m <= 3``, closer together towards the edges
+    beyond): the Lagrange weights on them stay within a few tenths of [0, 1]; on even
+    points they swing to several times that near the edges from 5 nodes on, and the
+    sum of the nodes' outputs, whose noise is not fully shared, loses variance there.
+    """
+    if m == 1:
+        return np.array([(n - 1) / 2.0])
+    return (n - 1) * (1.0 - np.cos(np.pi * np.arange(m) / (m - 1))) / 2.0
 
 
 def lagrange_weights(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -315,7 +325,7 @@ def zogy_field(
                       for s, sig, unit in zip(noise_spectra, sigmas, units))
         out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers)
         den0 = _at_zero(noise[0]) + flux_ratio**2 * _at_zero(noise[1])
-        acc.add(a, b, out, den0)
+        acc.add(a, b, cell, out, den0)
         reaches.append(out["reach"])
         s_sigmas.append(out["s_sigma"])
         node_psfs.append(_stamp(be, out.pop("P_D"), stamp))
@@ -422,11 +432,20 @@ class _Accumulator:
         wx = lagrange_weights(self.x_nodes, np.array([x]))[:, 0]
         return np.outer(wy, wx).ravel()
 
-    def add(self, a: int, b: int, out: dict, den0: float) -> None:
-        """Add one node's outputs times its weight map (one node: its outputs themselves)."""
+    def add(self, a: int, b: int, cell: tuple[slice, slice], out: dict, den0: float) -> None:
+        """Add one node's outputs times its weight map (one node: its outputs themselves).
+
+        D is the node's own in its cell (the pixels nearest to it): summed with weights,
+        the nodes' D would lose the noise of the frequencies where both PSFs vanish,
+        which their different filters whiten with unrelated phases.
+        """
         xp = self.be.xp
         one = self.wy.shape[0] == 1  # weight 1 everywhere: no multiply, no copy
         weight = None if one else xp.multiply.outer(self.wy[a], self.wx[b])
+        if not one:
+            if "D" not in self.sums:
+                self.sums["D"] = xp.empty(self.shape, dtype=self.dtype)
+            self.sums["D"][cell] = out.pop("D")[self.inner][cell]
         for name in ("D", "S", "S_N", "S_R", "V_SN", "V_SR", "V_beta"):
             value = out.pop(name, None)
             if value is None:
@@ -452,14 +471,20 @@ class _Accumulator:
         v = self.be.asarray(values, dtype=self.dtype)
         return self.wy.T @ (v @ self.wx)
 
-    def _offsets(self, good: Any, g_d: Any) -> np.ndarray:
-        """The constant ``c`` of each node: the median of ``D / g_d`` over its good pixels."""
+    def _remove_offsets(self, good: Any) -> np.ndarray:
+        """The constant ``c`` of each node, from the median of its D; removed from D.
+
+        A constant ``c`` in the new image adds ``c / sqrt(den0)`` to D (the PSFs sum to
+        one): ``c`` is the median of the node's D over the good pixels of its cell times
+        ``sqrt(den0)``.
+        """
         xp = self.be.xp
-        for *_, cell in self.nodes():
-            in_cell = good[cell]
-            ratio = self.sums["D"][cell][in_cell]
-            ratio = ratio / (g_d if np.isscalar(g_d) else g_d[cell][in_cell])
-            self.offsets.append(float(xp.median(ratio)) if ratio.size else 0.0)
+        for (a, b, cell) in self.nodes():
+            d = self.sums["D"][cell]
+            values = d[good[cell]]
+            level = float(xp.median(values)) if values.size else 0.0
+            d -= level
+            self.offsets.append(level / self.inv_den[a, b])
         return np.array(self.offsets).reshape(self.inv_den.shape)
 
     def finish(self, be: ArrayBackend, flag: np.ndarray, ast, eps, beta: float) -> dict:
@@ -468,8 +493,7 @@ class _Accumulator:
         sums = self.sums
         if "S" not in sums:
             sums["S"] = sums["S_N"] - sums["S_R"]
-        c = self._offsets(be.asarray(~flag), self.field(self.inv_den))
-        sums["D"] -= self.field(c * self.inv_den)
+        c = self._remove_offsets(be.asarray(~flag))
         sums["S"] -= self.field(c * beta * self.beta_den)
         var = sums.pop("V_SN")
         var += sums.pop("V_SR")
