@@ -40,6 +40,16 @@ def _profile_scale(fwhm: np.ndarray, profile: str, beta: float) -> np.ndarray:
     return fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
 
 
+def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` Gauss-Legendre points and weights on one pixel, ``[-0.5, 0.5]``."""
+    return tuple(0.5 * a for a in np.polynomial.legendre.leggauss(n))
+
+
+#: Gauss-Legendre points and weights for 1 to 5 points per pixel, computed once: an
+#: eigen-decomposition each time cost more than a small stamp's profile.
+_GAUSS_LEGENDRE = tuple(_gauss_legendre(n) for n in range(1, 6))
+
+
 def _pixel_integrated(
     xoff: np.ndarray,
     yoff: np.ndarray,
@@ -80,7 +90,8 @@ def _pixel_integrated(
     ny = yoff.shape[1]
     dtype = np.result_type(xoff, yoff, fwhm, ellipticity, theta)  # float32 stays float32
     if gauss:
-        sub, weights = (0.5 * a for a in np.polynomial.legendre.leggauss(oversample))
+        sub, weights = (_GAUSS_LEGENDRE[oversample - 1] if oversample <= len(_GAUSS_LEGENDRE)
+                        else _gauss_legendre(oversample))
         sub, weights = sub.astype(dtype), weights.astype(dtype)
     else:
         sub = ((np.arange(oversample) + 0.5) / oversample - 0.5).astype(dtype)
