@@ -55,8 +55,8 @@ SPECTRUM_FLOOR = 1e-3
 _MIN_PIXELS = 1000
 #: Values that the robust statistics of the source detection use, at most.
 _ROBUST_SAMPLE = 100_000
-#: Sigma in pixels of the Gaussian that smooths an image to find its sources, and the
-#: zero padding of its FFT (6 sigma: exp(-18) of the peak wraps around).
+#: Sigma in pixels of the Gaussian that smooths an image to find its sources, and its
+#: reach in pixels (6 sigma: beyond, exp(-18) of the peak), also its FFT's zero padding.
 _SMOOTH_SIGMA = 1.0
 _SMOOTH_BORDER = 6
 
@@ -377,25 +377,62 @@ def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray
 def _smoothed(images: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
     """Each image (0 on bad pixels) smoothed by a Gaussian of sigma 1 px over its good pixels.
 
-    The smoothed image over the smoothed good-pixel weight, 0 where that weight is
-    below 0.5 (in and beside large masked areas); all of them in one batched
-    float32 FFT, zero-padded by 6 sigma.
+    The smoothed image over the smoothed good-pixel weight (`_smoothed_weight`), 0
+    where that weight is below 0.5 (in and beside large masked areas). The images
+    are smoothed in one batched float32 FFT, zero-padded by the kernel's reach, by
+    the exact transfer function of the sampled kernel (`_smoothing_kernel`, as a
+    direct convolution would apply it).
     """
     shape = images[0].shape
     grid = fast_shape(shape, _SMOOTH_BORDER)
-    stack = np.empty((2 * len(images), *shape), dtype=np.float32)
-    stack[: len(images)] = images
-    stack[len(images) :] = goods
     be = get_array_module("numpy")
-    spectra = be.rfft2(stack, s=grid)
-    del stack
-    ky, kx = frequency_grids(grid, dtype=np.float32)
-    spectra *= np.exp(-2.0 * (np.pi * _SMOOTH_SIGMA * ky) ** 2)
-    spectra *= np.exp(-2.0 * (np.pi * _SMOOTH_SIGMA * kx) ** 2)
-    smooth = be.irfft2(spectra, s=grid)[:, : shape[0], : shape[1]]
-    values, weights = smooth[: len(images)], smooth[len(images) :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return list(np.where(weights > 0.5, values / weights, np.float32(0.0)))
+    spectra = be.rfft2(np.stack(images).astype(np.float32, copy=False), s=grid)
+    kernel = _smoothing_kernel()
+    for k in frequency_grids(grid):  # the kernel's transfer along y, then x
+        lags = np.arange(1, kernel.size // 2 + 1)
+        transfer = kernel[kernel.size // 2] + 2.0 * np.sum(
+            kernel[kernel.size // 2 + 1 :] * np.cos(2.0 * np.pi * k[..., None] * lags), axis=-1)
+        spectra *= transfer.astype(np.float32)
+    values = be.irfft2(spectra, s=grid)[:, : shape[0], : shape[1]]
+    out = []
+    for value, good in zip(values, goods):
+        weight = _smoothed_weight(good)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(np.where(weight > 0.5, value / weight, np.float32(0.0)))
+    return out
+
+
+def _smoothing_kernel() -> np.ndarray:
+    """The 1-D Gaussian of `_SMOOTH_SIGMA`, sampled out to `_SMOOTH_BORDER` px, unit sum."""
+    offsets = np.arange(-_SMOOTH_BORDER, _SMOOTH_BORDER + 1)
+    kernel = np.exp(-0.5 * (offsets / _SMOOTH_SIGMA) ** 2)
+    return kernel / kernel.sum()
+
+
+def _smoothed_weight(good: np.ndarray) -> np.ndarray:
+    """The good pixels (1, and 0 beyond the image) smoothed by the Gaussian of `_smoothed`.
+
+    That of the whole image (the product of its two 1-D profiles, below 1 within a
+    few pixels of the border) less that of the bad pixels, which are smoothed
+    directly: along x only in the rows that hold one, along y only in the columns
+    within the kernel's reach of one (a few hundred saturated or flagged pixels
+    cost a small part of a transform of the image).
+    """
+    kernel = _smoothing_kernel()
+    radius = kernel.size // 2
+    edges = [ndimage.correlate1d(np.ones(n), kernel, mode="constant") for n in good.shape]
+    weight = np.outer(edges[0], edges[1]).astype(np.float32)
+    bad = ~good
+    rows = np.flatnonzero(bad.any(axis=1))
+    if rows.size == 0:
+        return weight
+    reach = ndimage.maximum_filter1d(bad.any(axis=0).view(np.uint8), 2 * radius + 1)
+    cols = np.flatnonzero(reach)
+    along_x = ndimage.correlate1d(bad[rows].astype(np.float32), kernel, axis=1, mode="constant")
+    bad_x = np.zeros((good.shape[0], cols.size), dtype=np.float32)
+    bad_x[rows] = along_x[:, cols]
+    weight[:, cols] -= ndimage.correlate1d(bad_x, kernel, axis=0, mode="constant")
+    return weight
 
 
 def _sources(x: np.ndarray, smooth: np.ndarray, good: np.ndarray, nsigma: float) -> np.ndarray:

@@ -269,3 +269,25 @@ def test_subtract_small_image_assumes_white_noise_announced():
                and "white noise is assumed" in t and "noise='white'" in t for t in texts)
     assert not any("source_sigma" in t for t in texts)
     assert "AZRHOXR" not in result.score.meta
+
+
+def test_source_smoothing_is_the_direct_convolution_over_good_pixels():
+    """The FFT smoothing and the sparse weight equal a direct Gaussian convolution."""
+    from astro_zackay.noise import _smoothed, _smoothing_kernel
+
+    rng = np.random.default_rng(4)
+    good = rng.random((200, 260)) > 0.003  # scattered bad pixels
+    good[80:95, 40:75] = False  # a masked block
+    good[0, :6] = good[:, -1] = False  # bad pixels on the border
+    x = np.where(good, rng.normal(size=good.shape), 0.0).astype(np.float32)
+    kernel = _smoothing_kernel()
+
+    def direct(image):
+        along_y = ndimage.correlate1d(image.astype(float), kernel, axis=0, mode="constant")
+        return ndimage.correlate1d(along_y, kernel, axis=1, mode="constant")
+
+    weight = direct(good)
+    expected = np.where(weight > 0.5, direct(x) / np.where(weight > 0.5, weight, 1.0), 0.0)
+    (smooth,) = _smoothed([x], [good])
+    np.testing.assert_allclose(smooth, expected, atol=1e-5)
+    assert np.all(smooth[84:91, 47:68] == 0.0)  # deep in the block: no weight
