@@ -182,13 +182,24 @@ def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray
     # value always qualifies), then between the two values that bracket the solution
     low = np.log(1e-6 * np.median(variances, axis=0))
     high = np.log(np.maximum(np.max(r2, axis=0) / _CHI2_1_MEDIAN, np.exp(low)))
+    r2_t, var_t = r2.T, variances.T  # (K, n): the medians run along contiguous rows
     for _ in range(2):
         trial = np.linspace(low, high, 32)  # (32, K)
-        median = np.median(r2 / (variances + np.exp(trial)[:, None, :]), axis=1)
+        median = _last_axis_median(r2_t / (var_t + np.exp(trial)[:, :, None]))
         first = np.argmax(median <= _CHI2_1_MEDIAN, axis=0)  # the top value qualifies
         columns = np.arange(trial.shape[1])
         low, high = trial[np.maximum(first - 1, 0), columns], trial[first, columns]
     return np.where(need, np.exp(high), 0.0)
+
+
+def _last_axis_median(values: np.ndarray) -> np.ndarray:
+    """`numpy.median` along the last axis (no NaN), by one partition of contiguous rows."""
+    n = values.shape[-1]
+    middle = n // 2
+    if n % 2:
+        return np.partition(values, middle, axis=-1)[..., middle]
+    part = np.partition(values, (middle - 1, middle), axis=-1)
+    return 0.5 * (part[..., middle - 1] + part[..., middle])
 
 
 def evaluate_psf(basis: np.ndarray, fields: np.ndarray, design: np.ndarray) -> np.ndarray:
