@@ -142,11 +142,21 @@ def lagrange_weights(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return w
 
 
-def _interpolation_error(psf: PSF, shape: tuple[int, int], m: int) -> float:
-    """Largest L1 error of ``psf`` interpolated from ``m x m`` nodes at test points."""
+def _interpolation_error(psf: PSF, shape: tuple[int, int], m: tuple[int, int],
+                         seen: dict) -> float:
+    """Largest L1 error of ``psf`` interpolated from ``m = (m_y, m_x)`` nodes at test points.
+
+    ``seen`` keeps the PSF at every position already evaluated (test points, nodes).
+    """
     ny, nx = shape
-    ny_nodes, nx_nodes = node_positions(ny, m), node_positions(nx, m)
-    at_nodes = np.array([[psf(x, y) for x in nx_nodes] for y in ny_nodes])
+
+    def at(x, y):
+        if (x, y) not in seen:
+            seen[x, y] = psf(x, y)
+        return seen[x, y]
+
+    ny_nodes, nx_nodes = node_positions(ny, m[0]), node_positions(nx, m[1])
+    at_nodes = np.array([[at(x, y) for x in nx_nodes] for y in ny_nodes])
     ty = (np.arange(_TEST_POINTS) + 0.5) * (ny - 1) / _TEST_POINTS
     tx = (np.arange(_TEST_POINTS) + 0.5) * (nx - 1) / _TEST_POINTS
     wy, wx = lagrange_weights(ny_nodes, ty), lagrange_weights(nx_nodes, tx)
@@ -154,29 +164,44 @@ def _interpolation_error(psf: PSF, shape: tuple[int, int], m: int) -> float:
     for i, y in enumerate(ty):
         for j, x in enumerate(tx):
             model = np.einsum("a,b,abij->ij", wy[:, i], wx[:, j], at_nodes)
-            worst = max(worst, float(np.abs(model - psf(x, y)).sum()))
+            worst = max(worst, float(np.abs(model - at(x, y)).sum()))
     return worst
 
 
 def choose_nodes(
     psfs: tuple[PSF, PSF], varying: tuple[bool, bool], shape: tuple[int, int]
-) -> int:
-    """Nodes per axis: the fewest whose interpolated PSFs are within `NODE_PSF_ERROR`.
+) -> tuple[int, int]:
+    """Nodes along y and x: the fewest whose interpolated PSFs are within `NODE_PSF_ERROR`.
 
-    One node when neither PSF varies; at most `MAX_NODES`.  The error is the largest
-    L1 difference, over a grid of test points between the nodes, between each varying
-    PSF and its Lagrange interpolation from the nodes; the choice is logged.
+    ``(1, 1)`` when neither PSF varies; at most `MAX_NODES` per axis.  The error is the
+    largest L1 difference, over a grid of test points between the nodes, between each
+    varying PSF and its Lagrange interpolation from the nodes.  The smallest square
+    grid that passes is found first, then each axis loses nodes while it still
+    passes (a field that varies less along one axis); the choice is logged.
     """
     moving = [psf for psf, v in zip(psfs, varying) if v]
     if not moving:
-        return 1
-    error = np.inf
+        return 1, 1
+    seen = [{} for _ in moving]
+
+    def error(m):
+        return max(_interpolation_error(psf, shape, m, s) for psf, s in zip(moving, seen))
+
     for m in range(1, MAX_NODES + 1):
-        error = max(_interpolation_error(psf, shape, m) for psf in moving)
-        if error <= NODE_PSF_ERROR:
+        worst = error((m, m))
+        if worst <= NODE_PSF_ERROR:
             break
-    _log.info("PSF nodes: %d x %d (interpolated PSFs within %.4f L1 between them)", m, m, error)
-    return m
+    best = (m, m)
+    for axis in (0, 1):
+        while best[axis] > 1:
+            fewer = tuple(n - 1 if i == axis else n for i, n in enumerate(best))
+            e = error(fewer)
+            if e > NODE_PSF_ERROR:
+                break
+            best, worst = fewer, e
+    _log.info("PSF nodes: %d (y) x %d (x) (interpolated PSFs within %.4f L1 between them)",
+              best[0], best[1], worst)
+    return best
 
 
 def _cells(positions: np.ndarray, n: int) -> list[int]:
@@ -270,7 +295,8 @@ def zogy_field(
         The `~astro_zackay.noise.NoiseSpectrum` of (new, reference) to use, or None
         (white noise).
     nodes : 'auto', int or None
-        Nodes per axis: `choose_nodes` (``'auto'``), a number, or None (one node).
+        Nodes per axis: `choose_nodes` (``'auto'``, possibly fewer along one axis), a
+        number, or None (one node).
     dtype : {numpy.float32, numpy.float64}
         Working precision of the image-sized algebra (the PSF factors are float64).
     backend : str or ArrayBackend
@@ -359,10 +385,10 @@ def _stamp(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:
 
 
 def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
-                shape: tuple[int, int]) -> int:
-    """Nodes per axis from the ``nodes`` option (validated)."""
+                shape: tuple[int, int]) -> tuple[int, int]:
+    """Nodes along y and x from the ``nodes`` option (validated)."""
     if nodes is None:
-        return 1
+        return 1, 1
     if isinstance(nodes, str):
         if nodes != "auto":
             raise ValueError(f"nodes must be 'auto', None or a number of nodes, got {nodes!r}")
@@ -370,7 +396,7 @@ def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
     m = int(nodes)
     if m < 1 or m != nodes:
         raise ValueError(f"nodes must be a positive integer, 'auto' or None, got {nodes!r}")
-    return m
+    return m, m
 
 
 def _grown_mask(bad: np.ndarray, images: list[np.ndarray], sigmas: tuple[float, float],
@@ -397,16 +423,16 @@ class _Accumulator:
     """The weighted sums over the nodes of their cropped outputs, on the backend."""
 
     def __init__(self, be: ArrayBackend, shape: tuple[int, int], inner: tuple[slice, slice],
-                 m: int, dtype: Any):
+                 m: tuple[int, int], dtype: Any):
         self.be, self.shape, self.inner, self.dtype = be, shape, inner, dtype
-        self.y_nodes = node_positions(shape[0], m)
-        self.x_nodes = node_positions(shape[1], m)
+        self.y_nodes = node_positions(shape[0], m[0])
+        self.x_nodes = node_positions(shape[1], m[1])
         self.wy = be.asarray(lagrange_weights(self.y_nodes, np.arange(shape[0])), dtype=dtype)
         self.wx = be.asarray(lagrange_weights(self.x_nodes, np.arange(shape[1])), dtype=dtype)
         self.sums: dict[str, Any] = {}
-        self.inv_den = np.zeros((m, m))  # D's response to a unit constant in new, per node
-        self.f_s = np.zeros((m, m))
-        self.beta_den = np.zeros((m, m))
+        self.inv_den = np.zeros(m)  # D's response to a unit constant in new, per node
+        self.f_s = np.zeros(m)
+        self.beta_den = np.zeros(m)
         self.offsets: list[float] = []
 
     def nodes(self):
@@ -440,7 +466,7 @@ class _Accumulator:
         which their different filters whiten with unrelated phases.
         """
         xp = self.be.xp
-        one = self.wy.shape[0] == 1  # weight 1 everywhere: no multiply, no copy
+        one = self.inv_den.size == 1  # weight 1 everywhere: no multiply, no copy
         weight = None if one else xp.multiply.outer(self.wy[a], self.wx[b])
         if not one:
             if "D" not in self.sums:

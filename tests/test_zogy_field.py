@@ -46,7 +46,10 @@ def test_lagrange_weights_reproduce_quadratics():
 
 
 def test_choose_nodes_follows_the_psf_variation():
-    """A PSF mixing two profiles with a quadratic weight needs 3 nodes; a constant one 1."""
+    """A PSF mixing two profiles with a weight quadratic in x and linear in y needs 2 x 3 nodes.
+
+    Linear in x only: 1 x 2; constant: 1 x 1.
+    """
     shape = (300, 400)
     a, b = gaussian(1.5), gaussian(3.0)
 
@@ -58,9 +61,9 @@ def test_choose_nodes_follows_the_psf_variation():
         f = 0.3 * x / 400
         return (1 - f) * a + f * b
 
-    assert choose_nodes((quadratic, quadratic), (True, True), shape) == 3
-    assert choose_nodes((linear, lambda x, y: a), (True, False), shape) == 2
-    assert choose_nodes((quadratic, quadratic), (False, False), shape) == 1
+    assert choose_nodes((quadratic, quadratic), (True, True), shape) == (2, 3)
+    assert choose_nodes((linear, lambda x, y: a), (True, False), shape) == (1, 2)
+    assert choose_nodes((quadratic, quadratic), (False, False), shape) == (1, 1)
     assert NODE_PSF_ERROR < 0.04
 
 
