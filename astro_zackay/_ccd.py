@@ -302,8 +302,11 @@ def _estimate_variance(
     if log.isEnabledFor(logging.INFO):  # the median costs ~5 ms a frame: only when logged
         _log_variance_estimate(float(np.median(variance[good])), gain)
     if gain is not None:
-        excess = np.nan_to_num(data - sky, nan=0.0, posinf=0.0, neginf=0.0)
-        variance = variance + np.clip(excess, 0.0, None) / gain
+        excess = data - sky
+        excess[~np.isfinite(excess)] = 0.0  # one scan: nan_to_num makes three and a copy
+        np.clip(excess, 0.0, None, out=excess)
+        excess /= gain
+        variance = variance + excess
     return variance, maps
 
 
