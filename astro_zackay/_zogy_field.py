@@ -339,6 +339,11 @@ def zogy_field(
     split = max(ast[0] + ast[1] + eps) > 0
     acc = _Accumulator(be, shape, inner, m, dtype)
     units = [None if s is None else be.asarray(s.spectrum(grid, sigma=1.0)) for s in noise_spectra]
+    # P_D and the kernels' real-space forms on a grid of a few stamps (in float64)
+    small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
+    small = None if small[0] > grid[0] or small[1] > grid[1] else small
+    small_units = [None if s is None or small is None else be.asarray(s.spectrum(small, sigma=1.0))
+                   for s in noise_spectra]
     good = ~bad
     whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
     rows, reaches, s_sigmas, node_psfs = [], [], [], []
@@ -349,7 +354,10 @@ def zogy_field(
                   for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)]
         noise = tuple(_noise_power(s, sig, unit)
                       for s, sig, unit in zip(noise_spectra, sigmas, units))
-        out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers)
+        on_small = None if small is None else (small, tuple(
+            _noise_power(s, sig, unit) for s, sig, unit in zip(noise_spectra, sigmas, small_units)))
+        out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers,
+                    on_small)
         den0 = _at_zero(noise[0]) + flux_ratio**2 * _at_zero(noise[1])
         acc.add(a, b, cell, out, den0)
         reaches.append(out["reach"])
