@@ -269,6 +269,7 @@ class ProperCoaddAccumulator:
         self._depth_full = 0.0
         self._stamp = 1
         self._frames: list[tuple[np.ndarray, float, float, Any]] = []  # psf, F, s, packed bad
+        self._last_psf_spectrum: tuple[int, Any] = (-1, None)  # see _frame_psf_spectrum
         start = [(g - n) // 2 for g, n in zip(self.fft_shape, self.shape)]
         self._inner = tuple(slice(a, a + n) for a, n in zip(start, self.shape))
         self.n_frames = 0
@@ -381,6 +382,16 @@ class ProperCoaddAccumulator:
         """The float64 transform of a stamp at the origin of the grid, on the backend."""
         return psf_rfft(stamp, self.fft_shape, backend=self._be, workers=self._workers)
 
+    def _frame_psf_spectrum(self, index: int) -> Any:
+        """`_psf_spectrum` of frame ``index``'s PSF, kept for the next call on that frame.
+
+        (Outlier rejection asks for one frame's twice in a row; only the last one is
+        kept, so the memory does not grow with the number of frames.)
+        """
+        if self._last_psf_spectrum[0] != index:
+            self._last_psf_spectrum = (index, self._psf_spectrum(self._frames[index][0]))
+        return self._last_psf_spectrum[1]
+
     def _weight(self, p_h: Any, f: float, s: float) -> Any:
         """A frame's matched filter ``w_j conj(Pj_h)`` in the working complex type."""
         weight = self._be.xp.conj(p_h)
@@ -422,8 +433,8 @@ class ProperCoaddAccumulator:
             raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
         if np.shape(image) != self.shape:
             raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
-        psf, f, s, _ = self._frames[index]
-        p_h = self._psf_spectrum(psf)
+        _, f, s, _ = self._frames[index]
+        p_h = self._frame_psf_spectrum(index)
         own = (f * f / (s * s)) * abs2(p_h)
         others = self._den_h - own
         informed = others > _OTHERS_POWER_FLOOR * self._den_h
@@ -580,11 +591,11 @@ class ProperCoaddAccumulator:
             if np.shape(arr) != self.shape:
                 raise ValueError(f"{name} shape {np.shape(arr)} differs from {self.shape}")
         be, xp = self._be, self._be.xp
-        psf, f, s, _ = self._frames[index]
+        _, f, s, _ = self._frames[index]
         change = be.asarray(pixels, dtype=bool) & ~self._bad(index)
         delta = xp.where(change, be.asarray(values, dtype=np.float64) - be.asarray(image), 0.0)
         d_h = self._frame_spectrum(delta, ~change)
-        d_h *= self._weight(self._psf_spectrum(psf), f, s)
+        d_h *= self._weight(self._frame_psf_spectrum(index), f, s)
         self._num_h += d_h
 
     def _local_variance_of_r(self, inv_sqrt: Any, outside: Any) -> Any:
@@ -765,9 +776,8 @@ def _significance(
     # excess: computed there only; background noise 1/3, the model error adds coherently
     centres = xp.flatnonzero(sig > threshold / 3.0)
     if centres.size:
-        box_error = _box_mean(xp, prediction, centres)
-        box = _box_mean(xp, difference, centres)
-        box /= xp.sqrt(_box_mean(xp, noise, centres) / 9.0 + box_error * box_error)
+        box, box_noise, box_error = _box_means(xp, (difference, noise, prediction), centres)
+        box /= xp.sqrt(box_noise / 9.0 + box_error * box_error)
         flat = sig.ravel()
         flat[centres] = xp.maximum(flat[centres], box)
     off = (sig <= threshold) | acc._bad(index)
@@ -778,24 +788,28 @@ def _significance(
     return sig.astype(np.float32)
 
 
-def _box_mean(xp: Any, image: Any, centres: Any) -> Any:
-    """The mean of ``image`` over the 3x3 box around each of the pixels ``centres``.
+def _box_means(xp: Any, images: tuple[Any, ...], centres: Any) -> list[Any]:
+    """The means of each image over the 3x3 boxes around the pixels ``centres``.
 
-    ``xp`` is the array module of ``image``; ``centres`` are flat indices; pixels
+    ``xp`` is the array module of the images; ``centres`` are flat indices; pixels
     beyond the edges count as 0 (as ``uniform_filter(image, 3, mode="constant")`` at
-    those pixels, without filtering the whole image).
+    those pixels, without filtering the whole images): 9 gathers from each image
+    padded by one pixel of zeros.
     """
-    ny, nx = image.shape
-    ys, xs = centres // nx, centres % nx
-    total = xp.zeros(centres.shape, image.dtype)
-    for dy in (-1, 0, 1):
-        y = ys + dy
-        for dx in (-1, 0, 1):
-            x = xs + dx
-            inside = (y >= 0) & (y < ny) & (x >= 0) & (x < nx)
-            total += xp.where(inside, image[xp.clip(y, 0, ny - 1), xp.clip(x, 0, nx - 1)], 0.0)
-    total /= 9.0
-    return total
+    ny, nx = images[0].shape
+    # the centres' flat indices in the padded images, and the boxes' offsets from them
+    at = (centres // nx + 1) * (nx + 2) + centres % nx + 1
+    offsets = [dy * (nx + 2) + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    means = []
+    for image in images:
+        padded = xp.pad(image, 1).ravel()
+        total = padded[at + offsets[0]]
+        for offset in offsets[1:]:
+            total += padded[at + offset]
+        del padded
+        total /= 9.0
+        means.append(total)
+    return means
 
 
 class _MaxOfOthers:
@@ -815,25 +829,24 @@ class _MaxOfOthers:
         self.second = xp.zeros_like(self.top)
         self.owner = xp.full(acc.shape, -1, np.int16)
 
-    def fold(self, index: int, sig: Any) -> None:
-        """Take frame ``index``'s map (non-negative, mostly 0) into the maxima."""
-        if not bool(sig.any()):
+    def fold(self, index: int, sig: Any, pixels: Any) -> None:
+        """Take frame ``index``'s map (non-negative, non-zero at ``pixels`` only) in."""
+        if not pixels.size:
             return
         xp = self._xp
-        wide = self._widened(sig)
+        wide = self._widened(sig, pixels)
         higher = wide > self.top
         self.second = xp.where(higher, self.top, xp.maximum(self.second, wide))
         self.top = xp.where(higher, wide, self.top)
         self.owner[higher] = index
 
-    def _widened(self, sig: Any) -> Any:
+    def _widened(self, sig: Any, pixels: Any) -> Any:
         """``maximum_filter(sig, size)``; on the CPU, for a few pixels, window by window.
 
         The windows of the non-zero pixels are painted in increasing order of their
         value (the same as the filter for a non-negative map: its edge mode reflects
         only pixels already within the window).
         """
-        pixels = self._xp.flatnonzero(sig)
         if self._xp is not np or pixels.size > _PAINTED_PIXELS_MAX:
             return self._nd.maximum_filter(sig, self.size)
         values = sig.ravel()[pixels]
@@ -1020,9 +1033,9 @@ def _rejection_round(
         sig = _significance(acc, j, frame(j), variance, blind[j], threshold, model_error,
                             reach)
         del variance
-        near.fold(j, sig)
-        far.fold(j, sig)
         pixels = xp.flatnonzero(sig)
+        near.fold(j, sig, pixels)
+        far.fold(j, sig, pixels)
         sparse.append((pixels, sig.ravel()[pixels]))
         del sig
     step = nd.generate_binary_structure(2, 2)
