@@ -669,13 +669,14 @@ def _fit_profiles(
 
 def _fit_amplitudes(
     p: np.ndarray, pix: np.ndarray, w: np.ndarray, gx: np.ndarray, gy: np.ndarray
-) -> np.ndarray:
-    """``p`` with the weighted least-squares amplitude of `moffat_model` (a linear fit)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``p`` with the weighted least-squares amplitude of `moffat_model` (a linear fit),
+    and the model of amplitude 1 (the profile it scales)."""
     p = p.copy()
     p[:, 0] = 1.0
     unit = moffat_model(p, gx, gy)
     p[:, 0] = np.clip(np.sum(w * unit * pix, axis=1) / np.sum(w * unit**2, axis=1), 1e-30, None)
-    return p
+    return p, unit
 
 
 def _position_errors(
@@ -761,12 +762,14 @@ def _fit_stars(
     scale = float(np.median(fwhm_fit[ok] / cand.fwhm[sel[full]][ok])) if ok.any() else 1.0
     t = float(np.median(params[full][ok, 6])) if ok.any() else 0.25
     rest = np.arange(n_full, sel.size)
+    model = np.empty(pix.shape)
+    model[full] = moffat_model(params[full], gx[full], gy[full])
     if rest.size:
         start = _shape_from_moments(cand.moments, sel[rest], scale, t)
-        params[rest] = _fit_amplitudes(start, pix[rest], w[rest], gx[rest], gy[rest])
+        params[rest], unit = _fit_amplitudes(start, pix[rest], w[rest], gx[rest], gy[rest])
+        model[rest] = params[rest, :1] * unit  # the same profile, not evaluated again
     fwhm, ell, theta, integral = moffat_shape(params)
     fwhm[rest] = scale * cand.fwhm[sel[rest]]  # the moments' FWHM in the profile's terms
-    model = moffat_model(params, gx, gy)
     profile = model / (params[:, :1] * integral[:, None])
     flux_err = 1.0 / np.sqrt(np.sum(w * profile**2, axis=1))
     beta = np.full(sel.size, np.nan)
