@@ -172,6 +172,8 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
                 f"{img.shape}"
             )
         scale = (1.0 * background.sky.unit).to_value(img.unit)
+        if scale == 1.0:  # the maps themselves: read, never written
+            return background.sky.data, background.rms.data
         return scale * background.sky.data, scale * background.rms.data
     sky = float(background.to_value(img.unit) if isinstance(background, u.Quantity) else background)
     good = ~img.mask
