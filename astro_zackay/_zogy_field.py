@@ -307,59 +307,64 @@ def zogy_field(
     Returns
     -------
     FieldResult
+
+    Raises
+    ------
+    ValueError
+        For inputs of different shapes, a flux ratio that is not positive, a PSF that
+        is not a unit-sum odd stamp, or a ``nodes`` option it does not take.
+
+    Examples
+    --------
+    Identical constant PSFs and white noise: D is the noise-weighted difference.
+
+    >>> import numpy as np
+    >>> from astro_zackay._zogy_field import zogy_field
+    >>> rng = np.random.default_rng(0)
+    >>> new, ref = rng.normal(0, 2.0, (64, 64)), rng.normal(0, 1.0, (64, 64))
+    >>> psf = np.zeros((3, 3)); psf[1, 1] = 0.6; psf[0, 1] = psf[2, 1] = 0.2
+    >>> res = zogy_field(new, ref, lambda x, y: psf, lambda x, y: psf, varying=(False, False),
+    ...                  rms_new=np.full((64, 64), 2.0), rms_ref=np.ones((64, 64)),
+    ...                  var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
+    ...                  mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0, dtype=np.float64)
+    >>> d = (new - ref) / np.sqrt(5.0)
+    >>> good = ~res.mask
+    >>> bool(np.allclose(res.D[good], (d - np.median(d[good]))[good]))
+    True
+    >>> len(res.nodes), res.psf_d.shape
+    (1, (3, 3))
     """
     be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
-    shape = tuple(np.shape(new))
+    shape = _checked_shape(new, ref, var_new, var_ref, mask_new, mask_ref, flux_ratio)
     m = _node_count(nodes, (psf_new, psf_ref), varying, shape)
     centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
     stamp = max(psf_new(*centre).shape + psf_ref(*centre).shape)
     grid = fast_shape(shape, stamp)
-    ref_bad = mask_ref | ~np.isfinite(ref)
-    new_bad = mask_new | ~np.isfinite(new)
-    if var_ref is not None:
-        ref_bad = ref_bad | ~np.isfinite(var_ref)
-    if var_new is not None:
-        new_bad = new_bad | ~np.isfinite(var_new)
+    new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
-    arrays = {}
-    # the new image's bad pixels blank both images there (as the reference's own, in its frame)
-    blank_new, blank_both = (be.asarray(b) if b.any() else None
-                             for b in (new_bad, new_bad | ref_bad))
-    arrays = {}
-    for name, arr, blank in (("new", new, blank_new), ("ref", ref, blank_both),
-                             ("var_new", var_new, blank_new), ("var_ref", var_ref, blank_both)):
-        if arr is not None:
-            arrays[name], inner = _upload(be, arr, blank, grid, dtype)
-    correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
+    arrays, inner = _upload_inputs(be, {"new": new, "ref": ref, "var_new": var_new,
+                                        "var_ref": var_ref}, new_bad, ref_bad, grid, dtype)
     eps = (float(psf_error[0]), float(psf_error[1]))
     ast = (tuple(astrometric_noise), tuple(astrometric_noise))
+    correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
     spec = _spectra(be, arrays, correlated, float(flux_ratio_error), tuple(shift_ref), dtype,
                     workers)
     del arrays
-    split = max(ast[0] + ast[1] + eps) > 0
+    split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
     acc = _Accumulator(be, shape, inner, m, dtype)
-    units = [None if s is None else be.asarray(s.spectrum(grid, sigma=1.0)) for s in noise_spectra]
-    # P_D and the kernels' real-space forms on a grid of a few stamps (in float64)
-    small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
-    small = None if small[0] > grid[0] or small[1] > grid[1] else small
-    small_units = [None if s is None or small is None else be.asarray(s.spectrum(small, sigma=1.0))
-                   for s in noise_spectra]
     good = ~bad
     whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
+    noise = _NodeNoise(be, noise_spectra, grid, stamp)
     rows, reaches, s_sigmas, node_psfs = [], [], [], []
     for a, b, cell in acc.nodes():
         x, y = acc.x_nodes[b], acc.y_nodes[a]
         pn, pr = unit_sum_psf(psf_new(x, y), "psf_new"), unit_sum_psf(psf_ref(x, y), "psf_ref")
         sigmas = [_node_sigma(rms, good, cell, w, s)
                   for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)]
-        noise = tuple(_noise_power(s, sig, unit)
-                      for s, sig, unit in zip(noise_spectra, sigmas, units))
-        on_small = None if small is None else (small, tuple(
-            _noise_power(s, sig, unit) for s, sig, unit in zip(noise_spectra, sigmas, small_units)))
-        out = _node(be, spec, pn, pr, noise, float(flux_ratio), 1.0, split, dtype, workers,
-                    on_small)
-        den0 = _at_zero(noise[0]) + flux_ratio**2 * _at_zero(noise[1])
-        acc.add(a, b, cell, out, den0)
+        powers = noise.powers(sigmas)
+        out = _node(be, spec, pn, pr, powers, float(flux_ratio), 1.0, split, dtype, workers,
+                    noise.on_small(sigmas))
+        acc.add(a, b, cell, out, _at_zero(powers[0]) + flux_ratio**2 * _at_zero(powers[1]))
         reaches.append(out["reach"])
         s_sigmas.append(out["s_sigma"])
         node_psfs.append(_stamp(be, out.pop("P_D"), stamp))
@@ -381,6 +386,77 @@ def zogy_field(
         F_S=float(w_centre @ np.array([r[9] for r in rows])), nodes=[tuple(r) for r in rows],
         node_psfs=np.array(node_psfs), background_offset=float(np.median(acc.offsets)),
     )
+
+
+def _checked_shape(new: Any, ref: Any, var_new: Any, var_ref: Any, mask_new: Any,
+                   mask_ref: Any, flux_ratio: float) -> tuple[int, int]:
+    """The images' shape, after checking that every input has it and beta is positive."""
+    shape = tuple(np.shape(new))
+    if len(shape) != 2:
+        raise ValueError(f"new must be a 2-D image, got shape {shape}")
+    for name, arr in (("ref", ref), ("var_new", var_new), ("var_ref", var_ref),
+                      ("mask_new", mask_new), ("mask_ref", mask_ref)):
+        if arr is not None and tuple(np.shape(arr)) != shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}, expected {shape} like new")
+    if not (np.isfinite(flux_ratio) and flux_ratio > 0):
+        raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
+    return shape
+
+
+def _bad_pixels(image: np.ndarray, variance: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """An image's masked pixels and those where it or its variance is not finite."""
+    bad = mask | ~np.isfinite(image)
+    return bad if variance is None else bad | ~np.isfinite(variance)
+
+
+def _upload_inputs(be: ArrayBackend, inputs: dict, new_bad: np.ndarray, ref_bad: np.ndarray,
+                   grid: tuple[int, int], dtype: Any) -> tuple[dict, tuple[slice, slice]]:
+    """The images and variance maps on ``be``, padded to ``grid``, their bad pixels 0.
+
+    The new image's bad pixels blank the reference there too (as the reference's own,
+    in its frame); each mask goes up once.
+    """
+    blank_new, blank_both = (be.asarray(b) if b.any() else None
+                             for b in (new_bad, new_bad | ref_bad))
+    arrays, inner = {}, None
+    for name, blank in (("new", blank_new), ("ref", blank_both), ("var_new", blank_new),
+                        ("var_ref", blank_both)):
+        if inputs[name] is not None:
+            arrays[name], inner = _upload(be, inputs[name], blank, grid, dtype)
+    return arrays, inner
+
+
+class _NodeNoise:
+    """Each node's noise powers, on the image's grid and on the small grid of its kernels.
+
+    White noise is ``sigma**2``; a noise spectrum is computed once per grid at unit rms
+    (on the backend) and scaled to each node's sigma.  The small grid spans 4 stamps
+    (P_D and the real-space kernels of S are computed there, in float64); None when the
+    image's grid is not larger.
+    """
+
+    def __init__(self, be: ArrayBackend, spectra: tuple, grid: tuple[int, int], stamp: int):
+        small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
+        self.small = None if small[0] > grid[0] or small[1] > grid[1] else small
+        self.spectra = spectra
+        self.units = [self._unit(be, s, grid) for s in spectra]
+        self.small_units = [self._unit(be, s, self.small) for s in spectra]
+
+    @staticmethod
+    def _unit(be: ArrayBackend, spectrum: NoiseSpectrum | None, grid: Any) -> Any:
+        if spectrum is None or grid is None:
+            return None
+        return be.asarray(spectrum.spectrum(grid, sigma=1.0))
+
+    def powers(self, sigmas: list[float], small: bool = False) -> tuple:
+        """The (new, reference) noise powers for the nodes' sigmas."""
+        units = self.small_units if small else self.units
+        return tuple(_noise_power(s, sig, unit)
+                     for s, sig, unit in zip(self.spectra, sigmas, units))
+
+    def on_small(self, sigmas: list[float]) -> tuple | None:
+        """``(small grid, noise powers there)`` for `astro_zackay.zogy._node`, or None."""
+        return None if self.small is None else (self.small, self.powers(sigmas, small=True))
 
 
 def _stamp(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:

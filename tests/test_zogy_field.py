@@ -146,3 +146,17 @@ def test_bad_nodes_option_is_rejected():
     for nodes in ("tiles", 0, 2.5):
         with pytest.raises(ValueError, match="nodes"):
             zogy_field(new, ref, psf, psf, nodes=nodes, **kw)
+
+
+def test_bad_inputs_are_rejected_before_any_work():
+    new, ref, _, _ = pair(shape=(64, 64))
+    kw = dict(varying=(False, False), rms_new=np.ones((64, 64)), rms_ref=np.ones((64, 64)),
+              var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
+              mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0)
+    psf = lambda x, y: gaussian(1.5, 9)  # noqa: E731
+    with pytest.raises(ValueError, match="ref has shape"):
+        zogy_field(new, ref[:-1], psf, psf, **kw)
+    with pytest.raises(ValueError, match="flux_ratio"):
+        zogy_field(new, ref, psf, psf, **dict(kw, flux_ratio=-1.0))
+    with pytest.raises(ValueError, match="unit sum"):
+        zogy_field(new, ref, lambda x, y: 2 * gaussian(1.5, 9), psf, **kw)
