@@ -506,10 +506,11 @@ def peer_subtract(args, reference: Path, science: Path, name: str) -> tuple[floa
     """
     workdir = args.workdir / "peers" / name
     earlier = workdir / "result.json"
-    if args.reuse_peers and earlier.exists():
-        result = json.loads(earlier.read_text())
+    if args.reuse_peers:
+        result = json.loads(earlier.read_text()) if earlier.exists() else {}
         if result.get("ok"):
             return float(result["wall_s"]), None
+        return float("nan"), f"no earlier result in {workdir}"
     res = _peers.run_peer_subtraction("properimage", reference, science, workdir=workdir,
                                       threads=2, timeout=args.timeout)
     return res.wall_s, None if res.available else res.reason
@@ -586,8 +587,9 @@ def coadd_rows(args) -> list[Row]:
                           folder / "out_ours.json", args.timeout)
         peer = {"error": "skipped (--no-peers or not the largest count)"}
         earlier = folder / "out_properimage.json"
-        if n == counts[-1] and args.reuse_peers and earlier.exists():
-            peer = json.loads(earlier.read_text())
+        if n == counts[-1] and args.reuse_peers:
+            peer = (json.loads(earlier.read_text()) if earlier.exists()
+                    else {"error": f"no earlier result in {folder}"})
         elif n == counts[-1] and not args.no_peers:
             peer = _coadd_run([bench_coadd.PROPERIMAGE_PYTHON, "-c",
                                bench_coadd.PROPERIMAGE_WORKER, str(folder)],
@@ -657,7 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of sim,real,psf,coadd")
     parser.add_argument("--no-peers", action="store_true", help="skip properimage")
     parser.add_argument("--reuse-peers", action="store_true",
-                        help="read properimage's results of an earlier run in --workdir back")
+                        help="read properimage's results of an earlier run in --workdir back "
+                             "(never run it)")
     parser.add_argument("--peer-max-size", type=int,
                         help="largest simulated size properimage is run on (default 2048; "
                              "0 with --quick: the real pair and the coadd only)")
