@@ -274,13 +274,13 @@ def main() -> None:
 
     ours = next((r for r in rows if r[0].startswith("ours")), rows[0])
     print()
+    print(f"(ratios to {ours[0]})")
     print(f"{'method':<22}{'wall [s]':>10}{'s/frame':>9}{'peak RSS [MB]':>15}"
-          f"{'RSS-import [MB]':>17}{'S/N':>8}{'S/N / ' + ours[0][:10]:>20}"
-          f"{'time / ' + ours[0][:10]:>20}")
+          f"{'RSS-import [MB]':>17}{'S/N':>8}{'S/N ratio':>11}{'time ratio':>12}")
     for label, cost, snr in rows:
         print(f"{label:<22}{cost['wall']:>10.2f}{cost['wall'] / args.n_frames:>9.3f}"
               f"{cost['rss']:>15.0f}{cost['rss'] - cost['rss_imports']:>17.0f}{snr:>8.3f}"
-              f"{snr / ours[2]:>20.3f}{cost['wall'] / ours[1]['wall']:>20.2f}")
+              f"{snr / ours[2]:>11.3f}{cost['wall'] / ours[1]['wall']:>12.2f}")
     est = next((r for r in rows if r[0] == "ours (estimated)"), None)
     if est is not None and "flux_scale_error" in est[1]:
         print(f"\nours (estimated): largest flux-scale error {est[1]['flux_scale_error']:.2%}, "
