@@ -1,7 +1,9 @@
 """Proper coaddition (Zackay & Ofek 2017) of CCDData images: the image-level step.
 
 This module turns each input into arrays, estimates what the user did not give
-(background, background noise, PSF, flux scale), feeds the frames one at a time to
+(background, background noise and PSF in the preparation stage shared with
+subtraction, `~astro_zackay._prepare.prepare_image`; the flux scale against the first
+image), feeds the frames one at a time to
 the streaming array core (`~astro_zackay.coadd_algebra.ProperCoaddAccumulator`) and
 wraps the coadd back into `~astropy.nddata.CCDData`.
 
