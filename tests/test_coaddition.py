@@ -687,3 +687,38 @@ def test_moffat_encircled_energy_limits():
     # more light outside for smaller beta, less for a larger radius
     assert moffat_encircled_energy(4.0, 2.0, 6.0) < moffat_encircled_energy(4.0, 4.0, 6.0)
     assert moffat_encircled_energy(4.0, 2.5, 6.0) < moffat_encircled_energy(4.0, 2.5, 8.0)
+
+
+# --------------------------------------------------------------------------------------
+# the preparation stage shared with subtraction
+
+
+def test_prepare_image_subtracts_the_background_in_place():
+    """Sky 200 e- and noise sqrt(200 + 25) e-: the prepared data is the coerced image's
+    own array, background-subtracted (sky within 0.2 e-), masked pixels 0; sigma is
+    the true background noise; the estimated PSF's core is the true one (L1 < 0.05 within 3 px)."""
+    from astro_zackay._ccd import to_image
+    from astro_zackay._prepare import prepare_image
+
+    sim = simulate_image((256, 256), n_stars=80, flux_range=(2e3, 5e4), psf=3.0, sky=200.0,
+                         read_noise=5.0, seed=8, wcs=False)
+    ccd = sim.ccd
+    ccd.mask = np.zeros(ccd.shape, bool)
+    ccd.mask[10:14, 20:30] = True
+    original = ccd.data.copy()
+    img = to_image(ccd)
+    prep = prepare_image(img, None, name="image 0", option="psfs=")
+    np.testing.assert_array_equal(ccd.data, original)  # the input is not touched
+    assert prep.data is img.data and prep.image is img
+    assert (prep.data[10:14, 20:30] == 0).all()
+    stars = sim.truth
+    yy, xx = np.mgrid[:256, :256]
+    far = np.min([np.hypot(xx - x, yy - y) for x, y in zip(stars["x"], stars["y"])],
+                 axis=0) > 12
+    assert abs(np.median(prep.data[far & ~img.mask])) < 0.2
+    assert prep.sigma == pytest.approx(np.sqrt(200.0 + 25.0), rel=0.02)
+    assert len(prep.stars) >= 20
+    stamp = prep.psf_stamp()
+    h = stamp.shape[0] // 2
+    core = np.s_[h - 3:h + 4, h - 3:h + 4]  # the wings hold the estimate's noise
+    assert np.abs(stamp - psf_stamp(stamp.shape[0], 3.0))[core].sum() < 0.05
