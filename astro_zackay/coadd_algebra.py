@@ -341,7 +341,7 @@ class ProperCoaddAccumulator:
         p2_sum = float((psf * psf).sum())
         if variance is not None:
             # E += w_j**2 sum(P_j**2) good_j (V_j - s_j**2); one temporary frame
-            excess = xp.subtract(variance, s * s, dtype=np.float64)
+            excess = xp.subtract(variance, s * s, dtype=self.dtype)
             del variance
             excess[bad] = 0.0
             excess *= w2 / (s * s) * p2_sum
