@@ -152,7 +152,7 @@ def _subtract(args: argparse.Namespace) -> int:
 
     result = subtract(args.reference, args.science, reference_psf=args.reference_fwhm,
                       science_psf=args.science_fwhm, unit=args.unit, gain=args.gain,
-                      saturation=args.saturation)
+                      saturation=args.saturation, backend=args.backend)
     log.info("%r", result)
     science = as_ccddata(to_image(args.science, unit=args.unit))
     candidates = _save_result(result, Path(args.outdir), args.threshold, science)
@@ -164,7 +164,7 @@ def _subtract(args: argparse.Namespace) -> int:
 def _coadd(args: argparse.Namespace) -> int:
     from .coaddition import coadd
 
-    result = coadd(args.images, unit=args.unit, psfs=args.fwhm)
+    result = coadd(args.images, unit=args.unit, psfs=args.fwhm, backend=args.backend)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     result.image.write(outdir / "coadd.fits", overwrite=True)
@@ -181,6 +181,12 @@ def _append_rejected(path: Path, rejected: np.ndarray) -> None:
     header = fits.Header({"EXTNAME": "REJECTED"})
     header["COMMENT"] = "number of images whose pixel was rejected as an outlier"
     fits.append(path, rejected.astype(np.int16), header)
+
+
+def _add_backend_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                         help="array backend of the FFT algebra: numpy (CPU, default) or cupy "
+                              "(a CUDA GPU; needs CuPy, e.g. pip install cupy-cuda12x)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"FWHM of a Gaussian {image} PSF (default: estimated from "
                               "its stars)")
     sub.add_argument("--threshold", type=float, default=5.0)
+    _add_backend_option(sub)
     sub.set_defaults(func=_subtract)
 
     add = commands.add_parser("coadd", help="proper coaddition of registered FITS images")
@@ -220,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--fwhm", type=float, nargs="+", default=None, metavar="PIXELS",
                      help="FWHM of a Gaussian PSF for each image, in order (default: "
                           "estimated from their stars)")
+    _add_backend_option(add)
     add.set_defaults(func=_coadd)
     return parser
 

@@ -125,3 +125,30 @@ def test_bad_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["subtract", "coadd"])
+def test_backend_option_reaches_the_core_before_any_file_is_written(tmp_path, command):
+    """--backend cupy is passed down: without CuPy the error names the wheel, nothing is written."""
+    import importlib.util
+
+    from astro_zackay.simulation import simulate_image
+
+    names = []
+    for j in range(2):
+        names.append(str(tmp_path / f"frame{j}.fits"))
+        simulate_image((96, 96), n_stars=10, flux_range=(1e4, 1e5), seed=j).ccd.write(names[-1])
+    out = tmp_path / "out"
+    args = [command, *names, "--backend", "cupy", "--outdir", str(out)]
+    if importlib.util.find_spec("cupy") is not None:
+        assert main(args) == 0
+        return
+    with pytest.raises(ImportError, match="cupy-cuda12x"):
+        main(args)
+    assert not out.exists()
+
+
+def test_unknown_backend_is_a_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["subtract", "ref.fits", "sci.fits", "--backend", "torch"])
+    assert exit_info.value.code == 2
