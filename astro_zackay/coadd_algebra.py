@@ -598,22 +598,24 @@ class ProperCoaddAccumulator:
         d_h *= self._weight(self._frame_psf_spectrum(index), f, s)
         self._num_h += d_h
 
-    def _local_variance_of_r(self, inv_sqrt: Any, outside: Any) -> Any:
+    def _local_variance_of_r(self, inv_sqrt: Any, outside: Any, outside_h: Any) -> Any:
         """Local noise variance of the unscaled R (exact for background-limited noise).
 
         ``Var(R(x)) = 1 - sum_j s_j**2 ((bad_j | outside) ⊛ K_j**2)(x)`` with the
         per-frame kernels ``K_j_h = w_j conj(Pj_h) / sqrt(den_R)``; needs ``den_R``, so
-        it is done here, from the stored PSF stamps and bit-packed masks.
+        it is done here, from the stored PSF stamps and bit-packed masks, in the
+        working precision. ``outside_h`` is the transform of ``outside``.
         """
         be, xp, grid, inner = self._be, self._be.xp, self.fft_shape, self._inner
         if not bool(outside.any()) and all(packed is None for *_, packed in self._frames):
             return xp.ones(self.shape)
-        clean_k2 = xp.zeros(grid)  # sum of s_j**2 K_j**2 over frames without masked pixels
-        lost_h = xp.zeros_like(self._p2_h)
+        # sum of s_j**2 K_j**2 over frames without masked pixels
+        clean_k2 = xp.zeros(grid, dtype=self.dtype)
+        lost_h = xp.zeros(self._p2_h.shape, dtype=self._ctype)
         for index, (psf, f, s, packed) in enumerate(self._frames):
             k_h = xp.conj(self._psf_spectrum(psf))
             k_h *= inv_sqrt * (f / (s * s))
-            k2 = be.irfft2(k_h, s=grid, workers=self._workers)
+            k2 = be.irfft2(k_h.astype(self._ctype, copy=False), s=grid, workers=self._workers)
             del k_h
             k2 *= k2 * (s * s)
             if packed is None:
@@ -621,13 +623,12 @@ class ProperCoaddAccumulator:
                 continue
             k2_h = be.rfft2(k2, workers=self._workers)
             del k2
-            bad = outside.copy()
+            bad = outside.astype(self.dtype)
             bad[inner] = self._bad(index)
             k2_h *= be.rfft2(bad, workers=self._workers)
             del bad
             lost_h += k2_h
-        lost_h += be.rfft2(outside, workers=self._workers) * be.rfft2(clean_k2,
-                                                                      workers=self._workers)
+        lost_h += outside_h * be.rfft2(clean_k2, workers=self._workers)
         return 1.0 - self._image(lost_h)
 
     def finalize(
@@ -670,13 +671,15 @@ class ProperCoaddAccumulator:
         # depth lost to masks and to the padding around the image
         outside = xp.ones(grid)
         outside[self._inner] = 0.0
-        lost_h = be.rfft2(outside, workers=self._workers) * self._p2_h
+        outside_h = be.rfft2(outside, workers=self._workers)
+        lost_h = outside_h * self._p2_h
         if self._deficit_h is not None:
             lost_h += self._deficit_h
         depth = self._depth_full - self._image(lost_h)
         del lost_h
         xp.maximum(depth, 0.0, out=depth)
-        var_r = self._local_variance_of_r(inv_sqrt, outside)
+        var_r = self._local_variance_of_r(inv_sqrt, outside, outside_h)
+        del outside_h
         del outside
         flag = (depth < min_depth_fraction * self._depth_full) | (var_r < min_depth_fraction)
         var_r[flag] = 1.0

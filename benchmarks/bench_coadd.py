@@ -55,10 +55,13 @@ METHODS = {"ours": "ours (estimated)", "ours-norej": "ours (no rejection)",
 
 # Run by properimage's own interpreter: argv = [dir]. Writes out_properimage.npy/.json.
 PROPERIMAGE_WORKER = r"""
-import glob, json, os, resource, sys, time
+import glob, json, os, sys, time
 import numpy as np
 d = sys.argv[1]
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+rss0 = peak_mb()
 from properimage.operations import coadd
 from properimage.single_image import SingleImage
 paths = sorted(glob.glob(os.path.join(d, "frame*.fits")))
@@ -72,14 +75,20 @@ h = 12
 stamp = np.roll(P, (h - iy, h - ix), (0, 1))[: 2 * h + 1, : 2 * h + 1]
 np.save(os.path.join(d, "out_properimage.npy"), R)
 np.save(os.path.join(d, "psf_properimage.npy"), stamp / stamp.sum())
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_mb()
 with open(os.path.join(d, "out_properimage.json"), "w") as fh:
     json.dump({"wall": wall, "rss": rss, "rss_imports": rss0}, fh)
 """
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process in MB: VmHWM, which (unlike ``ru_maxrss``) does not
+    inherit the parent's peak across fork and exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def simulate(directory: str, size: int, n_frames: int, seed: int) -> dict:
