@@ -492,3 +492,36 @@ def test_bad_pixel_in_the_wing_keeps_a_star_in_the_core_rejects_it():
     assert found.query([wing["x"], wing["y"]])[0] < 0.5
     assert found.query([core["x"], core["y"]])[0] > 3.0
     assert stars.meta["n_rejected_masked"] == 1
+
+
+def test_detection_shared_with_the_background_of_the_same_image(monkeypatch):
+    """The star finder takes the background's detection of the very same image (one sep
+    pass per image) and finds the same stars as detecting again: the moments, fits and
+    cuts run on the same sky-subtracted data; only the detection's sky differs (the
+    first pass's, before the sources were masked)."""
+    import dataclasses
+
+    from astro_zackay import background as bg_module
+    from astro_zackay._ccd import to_image
+    from astro_zackay.stars import _find_stars
+
+    sim = simulate_image((384, 384), psf=3.0, n_stars=60, seed=21, flux_range=(3e3, 3e5))
+    img = to_image(sim.ccd)
+    bkg = bg_module._estimate_from(img)
+    calls = []
+    extract = bg_module._sep_extract
+    monkeypatch.setattr(bg_module, "_sep_extract", lambda *a: calls.append(1) or extract(*a))
+    shared = _find_stars(img, background=bkg)
+    assert calls == []
+    other = dataclasses.replace(img, data=img.data.copy())  # equal values, another array
+    again = _find_stars(other, background=bkg)
+    assert len(calls) == 1
+    assert len(shared) >= 40 and abs(len(shared) - len(again)) <= 1
+    dist, match = cKDTree(np.column_stack([again["x"], again["y"]])).query(
+        np.column_stack([shared["x"], shared["y"]]))
+    # the same stars: the moments start from the detections' centroids and converge to
+    # within 1e-5 px of each other; the fitted brightest ones agree to 1e-8
+    close = dist < 1e-4
+    assert close.sum() >= len(shared) - 1
+    assert np.all(dist[: N_PROFILE_FITS // 2] < 1e-8)
+    np.testing.assert_allclose(shared["flux"][close], again["flux"][match[close]], rtol=1e-5)
