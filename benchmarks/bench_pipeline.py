@@ -579,48 +579,40 @@ def coadd_rows(args) -> list[Row]:
                           timeout=args.timeout)
         if "error" in made:
             return [Row("coadd", _size_label(COADD_SIZE), note="FAILED: " + made["error"])]
+    peer = _peer_coadd(args, frames_dir)
     rows = []
     frame_mb = COADD_SIZE**2 * 4 / 2**20
     for n in counts:
-        folder = _coadd_subset(frames_dir, n)
-        ours = _coadd_run([sys.executable, bench_coadd.__file__, "--worker", "ours", str(folder)],
-                          folder / "out_ours.json", args.timeout)
-        peer = {"error": "skipped (--no-peers or not the largest count)"}
-        earlier = folder / "out_properimage.json"
-        if n == counts[-1] and args.reuse_peers:
-            peer = (json.loads(earlier.read_text()) if earlier.exists()
-                    else {"error": f"no earlier result in {folder}"})
-        elif n == counts[-1] and not args.no_peers:
-            peer = _coadd_run([bench_coadd.PROPERIMAGE_PYTHON, "-c",
-                               bench_coadd.PROPERIMAGE_WORKER, str(folder)],
-                              folder / "out_properimage.json", args.timeout)
+        label = f"coadd {n} frames, s/frame"
+        ours = _coadd_run([sys.executable, bench_coadd.__file__, "--worker", "ours",
+                           str(frames_dir), "--worker-frames", str(n)],
+                          frames_dir / "out_ours.json", args.timeout)
         if "error" in ours:
-            rows.append(Row(f"coadd {n} frames, s/frame", _size_label(COADD_SIZE),
-                            note="FAILED: " + ours["error"]))
+            rows.append(Row(label, _size_label(COADD_SIZE), note="FAILED: " + ours["error"]))
             continue
-        rows.append(Row(f"coadd {n} frames, s/frame", _size_label(COADD_SIZE),
-                        ours["wall"] / n, ours["rss"] - ours["rss_imports"], frame_mb,
-                        peer_s=peer["wall"] / n if "wall" in peer else float("nan"),
-                        note="x input = peak over one float32 frame"
-                        + ("" if "wall" in peer or n != counts[-1] else
-                           "; properimage: " + peer["error"])))
+        every = n == counts[-1]  # properimage coadds every frame of the folder
+        note = "x input = peak over one float32 frame"
+        if every and "error" in peer:
+            note += "; properimage: " + peer["error"]
+        rows.append(Row(label, _size_label(COADD_SIZE), ours["wall"] / n,
+                        ours["rss"] - ours["rss_imports"], frame_mb,
+                        peer_s=peer["wall"] / n if every and "wall" in peer else float("nan"),
+                        note=note))
     return rows
 
 
-def _coadd_subset(frames_dir: Path, n: int) -> Path:
-    """A folder with the first ``n`` frames (links) and their slice of the truth."""
-    folder = frames_dir / f"first{n}"
-    folder.mkdir(exist_ok=True)
-    truth = json.loads((frames_dir / "truth.json").read_text())
-    sliced = {k: (v[:n] if k in ("flux_scales", "sky", "fwhm") else v) for k, v in truth.items()}
-    (folder / "truth.json").write_text(json.dumps(sliced))
-    psfs = np.load(frames_dir / "psfs.npy", allow_pickle=True)
-    np.save(folder / "psfs.npy", psfs[:n], allow_pickle=True)
-    for j in range(n):
-        link = folder / f"frame{j:03d}.fits"
-        if not link.exists():
-            link.symlink_to(frames_dir / f"frame{j:03d}.fits")
-    return folder
+def _peer_coadd(args, frames_dir: Path) -> dict[str, Any]:
+    """properimage's coadd of every frame in ``frames_dir`` (or its earlier result)."""
+    import bench_coadd
+
+    out_json = frames_dir / "out_properimage.json"
+    if args.reuse_peers:
+        return (json.loads(out_json.read_text()) if out_json.exists()
+                else {"error": f"no earlier result in {frames_dir}"})
+    if args.no_peers:
+        return {"error": "not run (--no-peers)"}
+    return _coadd_run([bench_coadd.PROPERIMAGE_PYTHON, "-c", bench_coadd.PROPERIMAGE_WORKER,
+                       str(frames_dir)], out_json, args.timeout)
 
 
 def _coadd_run(cmd: list[str], out_json: Path, timeout: float) -> dict[str, Any]:
