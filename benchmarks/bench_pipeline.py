@@ -430,6 +430,17 @@ def print_table(rows: list[Row]) -> None:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
+def progress(rows: list[Row]) -> list[Row]:
+    """Echo finished rows to stderr (kept if a later case is cut off); return them.
+
+    The simulated sizes echo their rows one size at a time, in `sim_rows`.
+    """
+    for row in rows:
+        print("done: " + " | ".join(cell for cell in row.cells() if cell), file=sys.stderr,
+              flush=True)
+    return rows
+
+
 def fitted_exponent(sizes: list[int], seconds: list[float]) -> float:
     """Slope of log(seconds) against log(pixels) (NaN with fewer than two sizes)."""
     keep = [(s * s, t) for s, t in zip(sizes, seconds) if np.isfinite(t)]
@@ -476,15 +487,14 @@ def sim_rows(args, backend: str, peer_times: dict[int, float]) -> list[Row]:
             rows.append(Row(label, _size_label(size), note="FAILED: " + res["error"]))
             continue
         floor = res["floor"]["seconds"]
-        rows.append(Row(label, _size_label(size), res["e2e"]["seconds"], res["e2e"]["peak_mb"],
-                        res["input_mb"], floor, peer_times.get(size, float("nan")),
-                        f"{res['e2e']['n_candidates']} candidates; {res['device']}"))
-        rows.append(Row(f"subtract PSFs given [{backend}]", _size_label(size),
-                        res["given"]["seconds"], res["given"]["peak_mb"], res["input_mb"],
-                        floor))
-        rows.append(Row(f"fft_floor [{backend}]", _size_label(size), floor,
-                        res["floor"]["peak_mb"], res["input_mb"],
-                        note="11 float32 FFTs + algebra"))
+        rows += progress([
+            Row(label, _size_label(size), res["e2e"]["seconds"], res["e2e"]["peak_mb"],
+                res["input_mb"], floor, peer_times.get(size, float("nan")),
+                f"{res['e2e']['n_candidates']} candidates; {res['device']}"),
+            Row(f"subtract PSFs given [{backend}]", _size_label(size), res["given"]["seconds"],
+                res["given"]["peak_mb"], res["input_mb"], floor),
+            Row(f"fft_floor [{backend}]", _size_label(size), floor, res["floor"]["peak_mb"],
+                res["input_mb"], note="11 float32 FFTs + algebra")])
         sizes.append(size)
         e2e.append(res["e2e"]["seconds"])
         floors.append(floor)
@@ -677,17 +687,17 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     rows: list[Row] = []
+    if args.backend == "cupy":  # first: on a GPU machine the time is short
+        rows += gpu_rows(args)
     if "real" in args.cases:
-        rows += real_rows(args, "numpy")
+        rows += progress(real_rows(args, "numpy"))
     if "sim" in args.cases:
         peer_times, peer_notes = ({}, []) if args.no_peers else peer_sim_times(args)
-        rows += sim_rows(args, "numpy", peer_times) + peer_notes
+        rows += sim_rows(args, "numpy", peer_times) + progress(peer_notes)
     if "psf" in args.cases:
-        rows += psf_rows(args)
+        rows += progress(psf_rows(args))
     if "coadd" in args.cases:
-        rows += coadd_rows(args)
-    if args.backend == "cupy":
-        rows += gpu_rows(args)
+        rows += progress(coadd_rows(args))
     print_table(rows)
     reused = "; its times read back from an earlier run" if args.reuse_peers else ""
     print(f"(peer = properimage 0.7.2 in {_peers.PEERS_ROOT / 'properimage'}{reused}; total "
