@@ -29,7 +29,9 @@ Rows (each case runs in a fresh subprocess, one at a time, so that its peak memo
   imported; both include reading the files), and the peak memory above the imports at several
   frame counts (flat in the number of frames is the target).
 * ``--backend cupy``: the subtraction rows on the GPU (end to end and with PSFs given) and
-  the floor on the GPU, with the GPU's name; without CuPy the rows say so.
+  the floor on the GPU, with the GPU's name (their memory is the host's; GPU memory is not
+  measured); without CuPy the rows say so.  Finished rows are echoed to stderr as they
+  come, so a run cut off by a time limit keeps them.
 
 Run from the repository root: ``python benchmarks/bench_pipeline.py [--quick]
 [--sizes 1024,2048,4096,8192] [--backend numpy|cupy]``.  ``--quick`` (1024^2 and 2048^2,
@@ -68,7 +70,7 @@ REAL_REFERENCE = SHARED / "data" / "properimage" / "aligned_eso085-030-004.fit"
 REAL_SCIENCE = SHARED / "data" / "properimage" / "aligned_eso085-030-005.fit"
 REAL_KWARGS = {"gain": 1.4, "saturation": 65000.0}
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "astro_zackay_bench_pipeline"
-#: Stars per 2048^2 of the simulated pairs (the density of properimage's real pair).
+#: Stars and transients per 2048^2 of the simulated pairs.
 STARS_PER_4MPIX = 1200
 TRANSIENTS_PER_4MPIX = 80
 READ_NOISE = 5.0
@@ -102,11 +104,8 @@ def reset_peak() -> float:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
     return _status_mb("VmRSS")
 
 
