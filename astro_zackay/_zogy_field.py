@@ -1,18 +1,19 @@
-"""ZOGY over a whole image with spatially varying PSFs: PSF nodes and smooth weights.
+"""ZOGY over a whole image with spatially varying PSFs: a batched stack of tiles.
 
-Arrays in, arrays out.  The images and variance maps are padded and transformed once;
-the PSFs are evaluated at an ``m x m`` grid of nodes that spans the image from edge
-to edge (`node_positions`); each node's outputs (D, S_N and S_R, the source-noise variances) are
-computed on the shared transforms and summed (D excepted: each node's own
-in the pixels nearest to it, see `FieldResult`) with tensor Lagrange weights
-``w_ab(x, y) = l_a(y) l_b(x)`` (they sum to 1 everywhere).  A PSF model whose
-coefficient fields are polynomials of degree ``m - 1`` (a KL model of that degree)
-is reproduced exactly by the same weights, and ZOGY's filters, smooth functions of
-the PSFs, nearly so: `choose_nodes` takes the smallest ``m`` whose interpolated
-PSFs stay within `NODE_PSF_ERROR` (L1) of the PSFs between the nodes.  Everything
-that depends on a pixel's neighbourhood and not on the PSF (mask growth, edge flags)
-is done once for the image; Scorr, the flux and its error and the background offset
-are formed once, from the summed parts.
+Arrays in, arrays out.  The image is cut into equal tiles of constant PSF (the PSFs
+at each tile's centre); each tile is padded by the pixels around it (at least the
+kernels' reach: the wrap-around of a periodic transform lands within that reach of
+the opposite edge, in the border that is cropped away) and all the tiles are stacked
+into one ``(n_tiles, ny, nx)`` array.  The ZOGY algebra runs once on the stack: every
+transform takes all the tiles in one call and the filters are ``(n_tiles, ny, nx//2+1)``
+arrays built from the stack of PSF stamps, so the cost is that of a few transforms of
+the image (times the padding's area factor) whatever the number of tiles.  Each
+tile's inner pixels are written back by a reshape.  The tile side is the largest
+over which neither PSF changes by more than `MAX_PSF_CHANGE` (`choose_tile_side`);
+one tile, the whole image, when neither PSF varies.  Everything that depends on a
+pixel's neighbourhood and not on the PSF (mask growth, edge flags) is done once for
+the image, each masked region grown by its own tile's kernels; Scorr, the flux and
+its error and the background offset are formed once, from the tiles' parts.
 """
 
 from __future__ import annotations
@@ -25,37 +26,42 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .fourier import ArrayBackend, fast_shape, get_array_module, unit_sum_psf
+from .fourier import (
+    ArrayBackend,
+    abs2,
+    fast_shape,
+    get_array_module,
+    psf_rfft_stack,
+    unit_sum_psf,
+)
 from .noise import NoiseSpectrum
 from .zogy import (
+    _VAR_FLOOR,
     _astrometric_variance,
-    _at_zero,
     _edge_mask,
     _edge_sources,
     _grow_mask,
     _grow_regions,
+    _KernelReach,
     _masked_regions,
     _moved_mask,
-    _node,
     _psf_variance,
-    _scorr,
     _spectra,
 )
 
-__all__ = ["NODE_PSF_ERROR", "FieldResult", "choose_nodes", "lagrange_weights", "zogy_field"]
+__all__ = ["MAX_PSF_CHANGE", "TILE_SIDES", "FieldResult", "choose_tile_side", "zogy_field"]
 
 _log = logging.getLogger(__name__)
 
-#: Largest L1 error of a PSF interpolated from the nodes, at test points between them,
-#: that `choose_nodes` accepts.  On properimage's real pair (KL PSFs of degree 2), 3 x 3
-#: nodes (error 0.009) left Scorr within 0.27 sigma of 64 px tiles of constant PSF off
-#: the bright stars and 4 x 4 nodes (error 0.004) within 0.17 sigma, where 128 px tiles
-#: (a PSF change of up to 0.04 within each) left 0.21 sigma.
-NODE_PSF_ERROR = 0.005
-#: Most nodes per axis that `choose_nodes` tries.
-MAX_NODES = 5
-#: Test points per axis at which the interpolation error is measured.
-_TEST_POINTS = 9
+#: Inner tile sides that ``tiles='auto'`` tries, largest first, when a PSF varies.
+TILE_SIDES = (1024, 768, 512, 384, 256, 192, 128)
+#: Largest L1 difference between a PSF at a tile's centre and at its inner corners.
+#: Measured on a simulated 1536^2 pair whose FWHMs vary by +-15 % (201 stars of
+#: S/N > 50): tiles of 512, 256, 192 and 128 px left 5, 1, 3 and 0 of them above
+#: 5 sigma; the PSFs change by 0.06 (L1) over 192 px tiles and 0.04 over 128 px ones.
+MAX_PSF_CHANGE = 0.04
+#: Smallest tile side accepted (the padding would dominate below it).
+MIN_TILE_SIDE = 32
 
 PSF = Callable[[float, float], np.ndarray]
 
@@ -67,9 +73,8 @@ class FieldResult:
     Attributes
     ----------
     D, S, Scorr : ndarray
-        Proper difference (white, unit variance: each node's own in the pixels
-        nearest to it), score and corrected score (summed over the nodes with their
-        weights); the background offset is removed from D and S.
+        Proper difference (white, unit variance), score and corrected score, each
+        tile's own in its inner pixels; the background offset is removed from D and S.
     alpha, alpha_err : ndarray
         Point-source flux (in the new image's units, ``S / F_S`` times ``flux_new``)
         and its 1-sigma error from source and background noise.
@@ -79,17 +84,16 @@ class FieldResult:
     input_mask : ndarray of bool
         The input bad pixels before the growth.
     psf_d : ndarray
-        Unit-sum P_D stamp at the image centre (the nodes' stamps interpolated).
+        Unit-sum P_D stamp of the tile holding the image centre.
     F_D, F_S : float
-        Flux zero point of D and normalisation of S at the image centre.
-    nodes : list of tuple
-        Per node: ``(x_start, x_stop, y_start, y_stop, x_centre, y_centre, sigma_ref,
-        sigma_new, F_D, F_S, background_offset)``, the start/stop bounding the pixels
-        nearest to the node.
-    node_psfs : ndarray
-        The unit-sum P_D stamp of each node, one per row of ``nodes``.
+        Flux zero point of D and normalisation of S of that tile.
+    tiles : list of tuple
+        Per tile: ``(x_start, x_stop, y_start, y_stop, x_centre, y_centre, sigma_ref,
+        sigma_new, F_D, F_S, background_offset)``, start/stop bounding its inner pixels.
+    tile_psfs : ndarray
+        The unit-sum P_D stamp of each tile, one per row of ``tiles``.
     background_offset : float
-        Median over the nodes of the constant removed, in the new image's units.
+        Median over the tiles of the constant removed, in the new image's units.
     """
 
     D: np.ndarray
@@ -102,124 +106,327 @@ class FieldResult:
     psf_d: np.ndarray
     F_D: float
     F_S: float
-    nodes: list
-    node_psfs: np.ndarray
+    tiles: list
+    tile_psfs: np.ndarray
     background_offset: float
 
 
-def node_positions(n: int, m: int) -> np.ndarray:
-    """``m`` node positions from ``0`` to ``n - 1`` (the centre for ``m = 1``).
-
-    Chebyshev-Lobatto points (even for ``m <= 3``, closer together towards the edges
-    beyond): the Lagrange weights on them stay within a few tenths of [0, 1]; on even
-    points they swing to several times that near the edges from 5 nodes on, and the
-    sum of the nodes' outputs, whose noise is not fully shared, loses variance there.
-    """
-    if m == 1:
-        return np.array([(n - 1) / 2.0])
-    return (n - 1) * (1.0 - np.cos(np.pi * np.arange(m) / (m - 1))) / 2.0
-
-
-def lagrange_weights(nodes: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Lagrange basis polynomials of ``nodes`` at ``x``: shape ``(len(nodes), len(x))``.
-
-    They sum to 1 at every ``x`` and reproduce polynomials of degree ``len(nodes) - 1``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from astro_zackay._zogy_field import lagrange_weights
-    >>> w = lagrange_weights(np.array([0.0, 5.0, 10.0]), np.array([0.0, 2.5, 7.0]))
-    >>> np.round(w.sum(axis=0), 12).tolist(), np.round(w.T @ np.array([0, 25, 100.0]), 9).tolist()
-    ([1.0, 1.0, 1.0], [0.0, 6.25, 49.0])
-    """
-    x = np.asarray(x, dtype=np.float64)
-    w = np.ones((len(nodes), x.size))
-    for a, xa in enumerate(nodes):
-        for b, xb in enumerate(nodes):
-            if a != b:
-                w[a] *= (x - xb) / (xa - xb)
-    return w
-
-
-def _interpolation_error(psf: PSF, shape: tuple[int, int], m: tuple[int, int],
-                         seen: dict) -> float:
-    """Largest L1 error of ``psf`` interpolated from ``m = (m_y, m_x)`` nodes at test points.
-
-    ``seen`` keeps the PSF at every position already evaluated (test points, nodes).
-    """
-    ny, nx = shape
+def _psf_change(psf: PSF, layout: _Layout, seen: dict) -> float:
+    """Largest L1 difference between each tile's central PSF and the PSF at its inner corners."""
 
     def at(x, y):
         if (x, y) not in seen:
             seen[x, y] = psf(x, y)
         return seen[x, y]
 
-    ny_nodes, nx_nodes = node_positions(ny, m[0]), node_positions(nx, m[1])
-    at_nodes = np.array([[at(x, y) for x in nx_nodes] for y in ny_nodes])
-    ty = (np.arange(_TEST_POINTS) + 0.5) * (ny - 1) / _TEST_POINTS
-    tx = (np.arange(_TEST_POINTS) + 0.5) * (nx - 1) / _TEST_POINTS
-    wy, wx = lagrange_weights(ny_nodes, ty), lagrange_weights(nx_nodes, tx)
     worst = 0.0
-    for i, y in enumerate(ty):
-        for j, x in enumerate(tx):
-            model = np.einsum("a,b,abij->ij", wy[:, i], wx[:, j], at_nodes)
-            worst = max(worst, float(np.abs(model - at(x, y)).sum()))
+    for (ys, xs), (cx, cy) in zip(layout.cells(), layout.centres()):
+        centre = at(cx, cy)
+        for x in (xs.start, xs.stop - 1):
+            for y in (ys.start, ys.stop - 1):
+                worst = max(worst, float(np.abs(at(x, y) - centre).sum()))
     return worst
 
 
-def choose_nodes(
+def choose_tile_side(
     psfs: tuple[PSF, PSF], varying: tuple[bool, bool], shape: tuple[int, int]
-) -> tuple[int, int]:
-    """Nodes along y and x: the fewest whose interpolated PSFs are within `NODE_PSF_ERROR`.
+) -> int | None:
+    """The largest of `TILE_SIDES` over which neither PSF changes by more than `MAX_PSF_CHANGE`.
 
-    ``(1, 1)`` when neither PSF varies; at most `MAX_NODES` per axis.  The error is the
-    largest L1 difference, over a grid of test points between the nodes, between each
-    varying PSF and its Lagrange interpolation from the nodes.  The smallest square
-    grid that passes is found first, then each axis loses nodes while it still
-    passes (a field that varies less along one axis); the choice is logged.
+    None (one tile, the whole image) when neither PSF varies or when the image is no
+    larger than the largest side that passes; the smallest side when none passes.
+    The change is the largest L1 difference between a tile's central PSF and the PSF
+    at its inner corners; the choice is logged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._zogy_field import choose_tile_side
+    >>> a, b = np.zeros((3, 3)), np.zeros((3, 3))
+    >>> a[1, 1], b[1, :] = 1.0, 1 / 3
+    >>> def psf(x, y):
+    ...     f = x / 2000
+    ...     return (1 - f) * a + f * b
+    >>> choose_tile_side((psf, psf), (True, True), (1000, 2000))
+    128
+    >>> choose_tile_side((psf, psf), (False, False), (1000, 2000)) is None
+    True
     """
     moving = [psf for psf, v in zip(psfs, varying) if v]
     if not moving:
-        return 1, 1
+        return None
     seen = [{} for _ in moving]
-
-    def error(m):
-        return max(_interpolation_error(psf, shape, m, s) for psf, s in zip(moving, seen))
-
-    for m in range(1, MAX_NODES + 1):
-        worst = error((m, m))
-        if worst <= NODE_PSF_ERROR:
-            break
-    best = (m, m)
-    for axis in (0, 1):
-        while best[axis] > 1:
-            fewer = tuple(n - 1 if i == axis else n for i, n in enumerate(best))
-            e = error(fewer)
-            if e > NODE_PSF_ERROR:
-                break
-            best, worst = fewer, e
-    _log.info("PSF nodes: %d (y) x %d (x) (interpolated PSFs within %.4f L1 between them)",
-              best[0], best[1], worst)
-    return best
+    change = 0.0
+    for side in TILE_SIDES:
+        if side >= max(shape):
+            continue
+        layout = _Layout(shape, (side, side), 0)
+        change = max(_psf_change(psf, layout, s) for psf, s in zip(moving, seen))
+        if change <= MAX_PSF_CHANGE:
+            _log.info("tiles of %d px: the PSFs change by at most %.3f (L1) within one",
+                      side, change)
+            return side
+    if change == 0.0:
+        return None
+    _log.info("tiles of %d px: the PSFs change by %.3f (L1) even within one", TILE_SIDES[-1],
+              change)
+    return TILE_SIDES[-1]
 
 
-def _cells(positions: np.ndarray, n: int) -> list[int]:
-    """Edges of the pixels nearest to each node along one axis."""
-    mid = np.rint((positions[1:] + positions[:-1]) / 2.0 + 0.5).astype(int)
-    return [0, *mid.tolist(), n]
+class _Layout:
+    """Equal tiles of inner ``side`` covering the image, each padded to an FFT grid.
+
+    Tile ``(i, j)`` holds image rows from ``i * side[0] - offset[0]`` on (``grid[0]``
+    of them; zero beyond the image), and its inner pixels sit at ``offset`` in it.
+    The grid is `fast_shape` of the side with ``border`` on each side.
+    """
+
+    def __init__(self, shape: tuple[int, int], side: tuple[int, int], border: int):
+        self.shape, self.side = shape, side
+        self.counts = tuple(-(-n // t) for n, t in zip(shape, side))
+        self.n = self.counts[0] * self.counts[1]
+        self.grid = fast_shape(side, border)
+        self.offset = tuple((g - t) // 2 for g, t in zip(self.grid, side))
+
+    def cells(self) -> list[tuple[slice, slice]]:
+        """Each tile's inner pixels in the image (row by row)."""
+        ys = [slice(i * self.side[0], min((i + 1) * self.side[0], self.shape[0]))
+              for i in range(self.counts[0])]
+        xs = [slice(j * self.side[1], min((j + 1) * self.side[1], self.shape[1]))
+              for j in range(self.counts[1])]
+        return [(y, x) for y in ys for x in xs]
+
+    def extents(self) -> list[tuple[slice, slice]]:
+        """The image pixels of each tile's whole grid (its inner pixels and those around)."""
+        return [tuple(slice(max(c.start - o, 0), min(c.start - o + g, n))
+                      for c, o, g, n in zip(cell, self.offset, self.grid, self.shape))
+                for cell in self.cells()]
+
+    def centres(self) -> list[tuple[float, float]]:
+        """``(x, y)`` of each tile's inner pixels' centre (row by row)."""
+        return [((x.start + x.stop - 1) / 2.0, (y.start + y.stop - 1) / 2.0)
+                for y, x in self.cells()]
+
+    def upload(self, be: ArrayBackend, arr: np.ndarray, bad: Any, dtype: Any) -> Any:
+        """The stack of tiles of ``arr`` on ``be`` in ``dtype``, 0 where ``bad`` (on ``be``)."""
+        xp = be.xp
+        padded = xp.zeros(tuple((c - 1) * t + g for c, t, g in
+                                zip(self.counts, self.side, self.grid)), dtype=dtype)
+        inner = tuple(slice(o, o + n) for o, n in zip(self.offset, self.shape))
+        padded[inner] = be.asarray(arr, dtype=dtype)
+        if bad is not None:
+            padded[inner][bad] = 0.0
+        if self.n == 1:
+            return padded[None]
+        windows = xp.lib.stride_tricks.sliding_window_view(padded, self.grid)
+        return windows[:: self.side[0], :: self.side[1]].reshape((self.n, *self.grid))
+
+    def image(self, xp: Any, stack: Any) -> Any:
+        """The image made of each tile's inner pixels of a ``(n, *grid)`` stack."""
+        (my, mx), (ty, tx), (oy, ox) = self.counts, self.side, self.offset
+        inner = stack.reshape(my, mx, *self.grid)[:, :, oy : oy + ty, ox : ox + tx]
+        whole = inner.transpose(0, 2, 1, 3).reshape(my * ty, mx * tx)
+        return xp.ascontiguousarray(whole[: self.shape[0], : self.shape[1]])
+
+    def field(self, xp: Any, values: Any, dtype: Any) -> Any:
+        """An image holding each tile's value (``values``, one per tile) in its pixels."""
+        v = xp.asarray(np.asarray(values, dtype=dtype).reshape(self.counts))
+        whole = xp.repeat(xp.repeat(v, self.side[0], axis=0), self.side[1], axis=1)
+        return xp.ascontiguousarray(whole[: self.shape[0], : self.shape[1]])
+
+    def owners(self, labels: np.ndarray) -> np.ndarray:
+        """The tile (row by row) holding the centre of each labelled region's box."""
+        owner = [((b[0].start + b[0].stop) // 2 // self.side[0]) * self.counts[1]
+                 + (b[1].start + b[1].stop) // 2 // self.side[1]
+                 for b in ndimage.find_objects(labels)]
+        return np.array(owner, dtype=int)
 
 
-def _noise_power(spectrum: NoiseSpectrum | None, sigma: float, unit: Any) -> Any:
-    """``sigma**2`` (white) or the spectrum's power scaled to ``sigma`` (``unit`` at 1)."""
-    return sigma * sigma if spectrum is None else unit * (sigma * sigma)
+def _plane_sums(a: Any, nx: int) -> Any:
+    """Per tile, the sum over the full frequency plane of an even real ``(n, ny, nx//2+1)``."""
+    total = 2.0 * a.sum(axis=(-2, -1)) - a[..., 0].sum(axis=-1)
+    if nx % 2 == 0:
+        total = total - a[..., -1].sum(axis=-1)
+    return total
 
 
-def _node_sigma(
+class _TileNoise:
+    """The tiles' noise powers on a grid: ``sigma**2`` (white) or a spectrum times it.
+
+    A noise spectrum is computed once per grid at unit rms and scaled to each tile's
+    sigma (on the backend).
+    """
+
+    def __init__(self, be: ArrayBackend, spectra: tuple, sigmas: np.ndarray):
+        self.be, self.spectra, self.sigmas = be, spectra, sigmas
+        self._units: dict = {}
+
+    def _unit(self, grid: tuple[int, int]) -> list:
+        if grid not in self._units:
+            self._units[grid] = [None if s is None else s.spectrum(grid, sigma=1.0)
+                                 for s in self.spectra]
+        return self._units[grid]
+
+    def powers(self, grid: tuple[int, int]) -> tuple:
+        """The (new, reference) powers: ``(n, 1, 1)`` or ``(n, ny, nx//2+1)`` on the backend."""
+        out = []
+        for unit, sigma in zip(self._unit(grid), self.sigmas):
+            var = self.be.asarray((sigma * sigma)[:, None, None])
+            if unit is not None:
+                var = var * self.be.asarray(unit)[None]
+            out.append(var)
+        return tuple(out)
+
+    def at_zero(self, grid: tuple[int, int]) -> np.ndarray:
+        """``(2, n)``: each image's power at zero frequency per tile."""
+        zero = [1.0 if u is None else float(u[0, 0]) for u in self._unit(grid)]
+        return self.sigmas**2 * np.array(zero)[:, None]
+
+    def at_mean(self, grid: tuple[int, int]) -> np.ndarray:
+        """``(2, n)``: each image's per-pixel variance (mean power over the plane) per tile."""
+        means = [1.0 if u is None else float(_plane_sums(u, grid[1])) / (grid[0] * grid[1])
+                 for u in self._unit(grid)]
+        return self.sigmas**2 * np.array(means)[:, None]
+
+
+def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, beta: float,
+             grid: tuple[int, int]) -> tuple[Any, Any, Any, np.ndarray]:
+    """Per tile, in float64: ``wa = A/sqrt(den)``, ``wb = B/sqrt(den)``, ``Q = wa B`` and ``F_S``.
+
+    ``A`` is the reference's PSF transform (``F_r = 1``), ``B = beta`` times the new
+    one's.  The denominator is floored per tile at its maximum times
+    ``sqrt(tiny)`` (where it has nearly underflowed; ``Q`` is zeroed there).
+    """
+    xp = be.xp
+    a_h = psf_rfft_stack(pr, grid, backend=be)
+    b_h = psf_rfft_stack(pn, grid, backend=be)
+    b_h *= beta
+    den = abs2(a_h)
+    den *= powers[0]
+    tmp = abs2(b_h)
+    tmp *= powers[1]
+    den += tmp
+    del tmp
+    floor = den.max(axis=(1, 2), keepdims=True) * float(np.sqrt(np.finfo(np.float64).tiny))
+    good = den > floor
+    xp.maximum(den, floor, out=den)
+    xp.sqrt(den, out=den)
+    xp.divide(1.0, den, out=den)
+    a_h *= den
+    q_h = b_h * a_h
+    q_h *= good
+    b_h *= den
+    f_s = be.to_numpy(_plane_sums(abs2(q_h), grid[1])) / (grid[0] * grid[1])
+    return a_h, b_h, q_h, np.asarray(f_s, dtype=np.float64)
+
+
+def _small_kernels(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise,
+                   beta: float, grid: tuple[int, int]) -> tuple[Any, Any, Any]:
+    """Per tile, ``F_D P_D`` and the real-space kernels of S_N and S_R on ``grid`` (float64)."""
+    wa, wb, q_h, _ = _filters(be, pn, pr, noise.powers(grid), beta, grid)
+    p_d = be.irfft2(q_h, s=grid)
+    be.xp.conjugate(q_h, out=q_h)
+    wa *= q_h
+    wb *= q_h
+    return p_d, be.irfft2(wa, s=grid), be.irfft2(wb, s=grid)
+
+
+def _at_origin(be: ArrayBackend, k: Any, grid: tuple[int, int], dtype: Any) -> Any:
+    """A stack of origin-centred arrays of a smaller grid put at the origin of ``grid``."""
+    rows, cols = (np.where(np.arange(n) <= n // 2, np.arange(n), np.arange(n) - n) % size
+                  for n, size in zip(k.shape[-2:], grid))
+    out = be.xp.zeros((k.shape[0], *grid), dtype=dtype)
+    out[:, be.asarray(rows)[:, None], be.asarray(cols)[None, :]] = k
+    return out
+
+
+def _stamps(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:
+    """The unit-sum centred ``size`` stamps of a stack of origin-centred arrays."""
+    ny, nx = at_origin.shape[-2:]
+    rows = be.asarray((np.arange(size) - size // 2) % ny)
+    cols = be.asarray((np.arange(size) - size // 2) % nx)
+    stamps = np.asarray(be.to_numpy(at_origin[:, rows[:, None], cols[None, :]]),
+                        dtype=np.float64)
+    return stamps / stamps.sum(axis=(1, 2), keepdims=True)
+
+
+def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr: np.ndarray,
+                noise: _TileNoise, beta: float, split: bool, dtype: Any,
+                workers: int | None) -> dict:
+    """ZOGY of every tile at once: D, S (or S_N, S_R), the variances, reaches and P_D.
+
+    Image-sized outputs are ``(n, *grid)`` stacks on ``be``; per-tile numbers are numpy
+    vectors.  P_D and the real-space kernels of S (their reach for the mask growth,
+    their squares for the source-noise variance) come from a grid of 4 stamps in
+    float64 (or the tiles' grid when that is smaller).
+    """
+    xp = be.xp
+    grid = layout.grid
+    npix = grid[0] * grid[1]
+    ctype = np.result_type(dtype, np.complex64)
+    powers = noise.powers(grid)
+
+    def inv(a_h):
+        return be.irfft2(a_h, s=grid, workers=workers)
+
+    wa, wb, q_h, f_s = (f.astype(ctype, copy=False) if i < 3 else f for i, f in
+                        enumerate(_filters(be, pn, pr, powers, beta, grid)))
+    d_h = wa * spec.n_h
+    t_h = wb * spec.r_h
+    d_h -= t_h
+    at0 = noise.at_zero(grid)
+    f_d = beta / np.sqrt(at0[0] + at0[1] * beta**2)
+    out = {"D": inv(d_h), "F_S": f_s, "F_D": f_d, "den0": at0[0] + beta**2 * at0[1]}
+    xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
+    kn_h = q_h * wa
+    kr_h = q_h * wb
+    del wa, wb
+    if split:
+        xp.multiply(kn_h, spec.n_h, out=t_h)
+        out["S_N"] = inv(t_h)
+        xp.multiply(kr_h, spec.r_h, out=t_h)
+        out["S_R"] = inv(t_h)
+    else:
+        xp.multiply(q_h, d_h, out=t_h)
+        out["S"] = inv(t_h)
+    del d_h, t_h, q_h
+    stamp = max(pn.shape[1:] + pr.shape[1:])
+    small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
+    small = grid if small[0] > grid[0] or small[1] > grid[1] else small
+    p_d, *kernels = _small_kernels(be, pn, pr, noise, beta, small)
+    out["P_D"] = _stamps(be, p_d, stamp)
+    del p_d
+    bkg = [np.asarray(be.to_numpy(_plane_sums(abs2(k_h) * p, grid[1])), dtype=np.float64) / npix
+           for k_h, p in zip((kn_h, kr_h), powers)]
+    white = noise.at_mean(grid)
+    out["reach"] = list(zip(*(_KernelReach.of_stack(be, k, stamp) for k in kernels)))
+    out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
+    variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))
+    for i, (k_h, k, (name, v_h, beta_name)) in enumerate(zip((kn_h, kr_h), kernels, variances)):
+        out[name] = bkg[i]
+        if v_h is None and (beta_name is None or spec.vb_h is None):
+            continue
+        k *= k
+        k2_h = be.rfft2(_at_origin(be, k, grid, dtype), s=grid, workers=workers)
+        if v_h is not None:
+            var = inv(k2_h * v_h)
+            if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
+                full = np.asarray(be.to_numpy(_plane_sums(abs2(k_h), grid[1])))
+                scale = bkg[i] * npix / (white[i] * full)
+                var *= be.asarray(scale[:, None, None], dtype=dtype)
+                var += be.asarray(bkg[i][:, None, None], dtype=dtype)
+            out[name] = var
+        if beta_name is not None and spec.vb_h is not None:
+            k2_h *= spec.vb_h
+            out[beta_name] = inv(k2_h)
+    return out
+
+
+def _tile_sigma(
     rms: np.ndarray, good: np.ndarray, cell: tuple[slice, slice], whole: float,
     spectrum: NoiseSpectrum | None,
 ) -> float:
-    """A node's background rms for ZOGY: the median rms of its cell's good pixels.
+    """A tile's background rms for ZOGY: the median rms of the good pixels of its grid.
 
     With a noise spectrum, its pixel-noise share: the rms map holds the faint static
     sky too, which cancels in the difference, and ``spectrum.sigma / whole`` is the
@@ -228,19 +435,6 @@ def _node_sigma(
     in_cell = good[cell]
     sigma = float(np.median(rms[cell][in_cell])) if in_cell.any() else whole
     return sigma if spectrum is None else sigma * spectrum.sigma / whole
-
-
-def _upload(be: ArrayBackend, arr: Any, bad: Any, grid: tuple[int, int], dtype: Any):
-    """``arr`` on ``be`` in ``dtype``, centred in a zero ``grid``, 0 where ``bad`` (on ``be``)."""
-    xp = be.xp
-    out = xp.zeros(grid, dtype=dtype)
-    ny, nx = arr.shape
-    y0, x0 = (grid[0] - ny) // 2, (grid[1] - nx) // 2
-    inner = (slice(y0, y0 + ny), slice(x0, x0 + nx))
-    out[inner] = be.asarray(arr, dtype=dtype)
-    if bad is not None:
-        out[inner][bad] = 0.0
-    return out, inner
 
 
 def zogy_field(
@@ -262,7 +456,7 @@ def zogy_field(
     astrometric_noise: tuple[float, float] = (0.0, 0.0),
     psf_error: tuple[float, float] = (0.0, 0.0),
     noise_spectra: tuple[NoiseSpectrum | None, NoiseSpectrum | None] = (None, None),
-    nodes: int | str | None = "auto",
+    tiles: int | str | None = "auto",
     dtype: Any = np.float32,
     backend: str | ArrayBackend = "numpy",
     workers: int | None = None,
@@ -278,7 +472,7 @@ def zogy_field(
     varying : tuple of bool
         Whether each PSF (new, reference) changes across the field.
     rms_new, rms_ref : ndarray
-        Background rms maps: each node's noise is the median over its nearest pixels.
+        Background rms maps: each tile's noise is the median over its inner pixels.
     var_new, var_ref : ndarray or None
         Variance maps (background + source) for Scorr's source-noise terms.
     mask_new, mask_ref : ndarray of bool
@@ -294,9 +488,10 @@ def zogy_field(
     noise_spectra : tuple
         The `~astro_zackay.noise.NoiseSpectrum` of (new, reference) to use, or None
         (white noise).
-    nodes : 'auto', int or None
-        Nodes per axis: `choose_nodes` (``'auto'``, possibly fewer along one axis), a
-        number, or None (one node).
+    tiles : 'auto', int or None
+        Inner side of the square tiles of constant PSF: `choose_tile_side`
+        (``'auto'``), a number of pixels (at least `MIN_TILE_SIDE`), or None (one
+        tile, the PSFs at the image centre).
     dtype : {numpy.float32, numpy.float64}
         Working precision of the image-sized algebra (the PSF factors are float64).
     backend : str or ArrayBackend
@@ -312,7 +507,7 @@ def zogy_field(
     ------
     ValueError
         For inputs of different shapes, a flux ratio that is not positive, a PSF that
-        is not a unit-sum odd stamp, or a ``nodes`` option it does not take.
+        is not a unit-sum odd stamp, or a ``tiles`` option it does not take.
 
     Examples
     --------
@@ -331,19 +526,26 @@ def zogy_field(
     >>> good = ~res.mask
     >>> bool(np.allclose(res.D[good], (d - np.median(d[good]))[good]))
     True
-    >>> len(res.nodes), res.psf_d.shape
+    >>> len(res.tiles), res.psf_d.shape
     (1, (3, 3))
     """
     be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     shape = _checked_shape(new, ref, var_new, var_ref, mask_new, mask_ref, flux_ratio)
-    m = _node_count(nodes, (psf_new, psf_ref), varying, shape)
+    side = _tile_side(tiles, (psf_new, psf_ref), varying, shape)
     centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
     stamp = max(psf_new(*centre).shape + psf_ref(*centre).shape)
-    grid = fast_shape(shape, stamp)
+    layout = _Layout(shape, side, stamp)
     new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
-    arrays, inner = _upload_inputs(be, {"new": new, "ref": ref, "var_new": var_new,
-                                        "var_ref": var_ref}, new_bad, ref_bad, grid, dtype)
+    good = ~bad
+    whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
+    cells, centres = layout.cells(), layout.centres()
+    pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
+    pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
+    sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
+                       for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
+    arrays = _upload_inputs(be, layout, {"new": new, "ref": ref, "var_new": var_new,
+                                         "var_ref": var_ref}, new_bad, ref_bad, dtype)
     eps = (float(psf_error[0]), float(psf_error[1]))
     ast = (tuple(astrometric_noise), tuple(astrometric_noise))
     correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
@@ -351,40 +553,21 @@ def zogy_field(
                     workers)
     del arrays
     split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
-    acc = _Accumulator(be, shape, inner, m, dtype)
-    good = ~bad
-    whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
-    noise = _NodeNoise(be, noise_spectra, grid, stamp)
-    rows, reaches, s_sigmas, node_psfs = [], [], [], []
-    for a, b, cell in acc.nodes():
-        x, y = acc.x_nodes[b], acc.y_nodes[a]
-        pn, pr = unit_sum_psf(psf_new(x, y), "psf_new"), unit_sum_psf(psf_ref(x, y), "psf_ref")
-        sigmas = [_node_sigma(rms, good, cell, w, s)
-                  for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)]
-        powers = noise.powers(sigmas)
-        out = _node(be, spec, pn, pr, powers, float(flux_ratio), 1.0, split, dtype, workers,
-                    noise.on_small(sigmas))
-        acc.add(a, b, cell, out, _at_zero(powers[0]) + flux_ratio**2 * _at_zero(powers[1]))
-        reaches.append(out["reach"])
-        s_sigmas.append(out["s_sigma"])
-        node_psfs.append(_stamp(be, out.pop("P_D"), stamp))
-        rows.append([cell[1].start, cell[1].stop, cell[0].start, cell[0].stop, x, y,
-                     sigmas[1], sigmas[0], out["F_D"], out["F_S"]])
-        del out
+    out = _stack_zogy(be, spec, layout, pn, pr, _TileNoise(be, noise_spectra, sigmas),
+                      float(flux_ratio), split, dtype, workers)
     del spec
     images = [np.where(b, 0.0, np.nan_to_num(a)) for a, b in ((new, new_bad), (ref, ref_bad))]
-    flag = _grown_mask(bad, images, whole, (psf_new(*centre), psf_ref(*centre)), acc,
-                       reaches, s_sigmas, max(abs(v) for v in shift_ref))
-    result = acc.finish(be, flag, ast, eps, float(flux_ratio))
-    for row, offset in zip(rows, acc.offsets):
-        row.append(offset)
-    w_centre = acc.weights_at(*centre)
-    psf_d = np.tensordot(w_centre, np.array(node_psfs), axes=1)
+    at_centre = int(np.argmin([abs(x - centre[0]) + abs(y - centre[1]) for x, y in centres]))
+    flag = _grown_mask(bad, images, whole, (pn[at_centre], pr[at_centre]), layout,
+                       out.pop("reach"), out.pop("s_sigma"), max(abs(v) for v in shift_ref))
+    offsets, result = _finish(be, layout, out, flag, ast, eps, float(flux_ratio), dtype)
+    rows = [(c[1].start, c[1].stop, c[0].start, c[0].stop, x, y, sigmas[1][j], sigmas[0][j],
+             float(out["F_D"][j]), float(out["F_S"][j]), float(offsets[j]))
+            for j, (c, (x, y)) in enumerate(zip(cells, centres))]
     return FieldResult(
-        **result, mask=flag, input_mask=bad, psf_d=psf_d / psf_d.sum(),
-        F_D=float(w_centre @ np.array([r[8] for r in rows])),
-        F_S=float(w_centre @ np.array([r[9] for r in rows])), nodes=[tuple(r) for r in rows],
-        node_psfs=np.array(node_psfs), background_offset=float(np.median(acc.offsets)),
+        **result, mask=flag, input_mask=bad, psf_d=out["P_D"][at_centre],
+        F_D=float(out["F_D"][at_centre]), F_S=float(out["F_S"][at_centre]), tiles=rows,
+        tile_psfs=out["P_D"], background_offset=float(np.median(offsets)),
     )
 
 
@@ -403,228 +586,125 @@ def _checked_shape(new: Any, ref: Any, var_new: Any, var_ref: Any, mask_new: Any
     return shape
 
 
+def _tile_side(tiles: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
+               shape: tuple[int, int]) -> tuple[int, int]:
+    """The tiles' inner ``(side_y, side_x)`` from the ``tiles`` option (validated)."""
+    if isinstance(tiles, str):
+        if tiles != "auto":
+            raise ValueError(f"tiles must be 'auto', None or a tile side in pixels, got {tiles!r}")
+        tiles = choose_tile_side(psfs, varying, shape)
+    if tiles is None:
+        return shape
+    side = int(tiles)
+    if side != tiles or side < MIN_TILE_SIDE:
+        raise ValueError(f"tiles must be an integer side >= {MIN_TILE_SIDE} px, 'auto' or None, "
+                         f"got {tiles!r}")
+    return (min(side, shape[0]), min(side, shape[1]))
+
+
 def _bad_pixels(image: np.ndarray, variance: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
     """An image's masked pixels and those where it or its variance is not finite."""
     bad = mask | ~np.isfinite(image)
     return bad if variance is None else bad | ~np.isfinite(variance)
 
 
-def _upload_inputs(be: ArrayBackend, inputs: dict, new_bad: np.ndarray, ref_bad: np.ndarray,
-                   grid: tuple[int, int], dtype: Any) -> tuple[dict, tuple[slice, slice]]:
-    """The images and variance maps on ``be``, padded to ``grid``, their bad pixels 0.
+def _upload_inputs(be: ArrayBackend, layout: _Layout, inputs: dict, new_bad: np.ndarray,
+                   ref_bad: np.ndarray, dtype: Any) -> dict:
+    """The images and variance maps on ``be`` as stacks of tiles, their bad pixels 0.
 
     The new image's bad pixels blank the reference there too (as the reference's own,
     in its frame); each mask goes up once.
     """
     blank_new, blank_both = (be.asarray(b) if b.any() else None
                              for b in (new_bad, new_bad | ref_bad))
-    arrays, inner = {}, None
+    arrays = {}
     for name, blank in (("new", blank_new), ("ref", blank_both), ("var_new", blank_new),
                         ("var_ref", blank_both)):
         if inputs[name] is not None:
-            arrays[name], inner = _upload(be, inputs[name], blank, grid, dtype)
-    return arrays, inner
-
-
-class _NodeNoise:
-    """Each node's noise powers, on the image's grid and on the small grid of its kernels.
-
-    White noise is ``sigma**2``; a noise spectrum is computed once per grid at unit rms
-    (on the backend) and scaled to each node's sigma.  The small grid spans 4 stamps
-    (P_D and the real-space kernels of S are computed there, in float64); None when the
-    image's grid is not larger.
-    """
-
-    def __init__(self, be: ArrayBackend, spectra: tuple, grid: tuple[int, int], stamp: int):
-        small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
-        self.small = None if small[0] > grid[0] or small[1] > grid[1] else small
-        self.spectra = spectra
-        self.units = [self._unit(be, s, grid) for s in spectra]
-        self.small_units = [self._unit(be, s, self.small) for s in spectra]
-
-    @staticmethod
-    def _unit(be: ArrayBackend, spectrum: NoiseSpectrum | None, grid: Any) -> Any:
-        if spectrum is None or grid is None:
-            return None
-        return be.asarray(spectrum.spectrum(grid, sigma=1.0))
-
-    def powers(self, sigmas: list[float], small: bool = False) -> tuple:
-        """The (new, reference) noise powers for the nodes' sigmas."""
-        units = self.small_units if small else self.units
-        return tuple(_noise_power(s, sig, unit)
-                     for s, sig, unit in zip(self.spectra, sigmas, units))
-
-    def on_small(self, sigmas: list[float]) -> tuple | None:
-        """``(small grid, noise powers there)`` for `astro_zackay.zogy._node`, or None."""
-        return None if self.small is None else (self.small, self.powers(sigmas, small=True))
-
-
-def _stamp(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:
-    """The unit-sum centred ``size`` stamp of an origin-centred array (only it comes back)."""
-    ny, nx = at_origin.shape
-    rows = be.asarray((np.arange(size) - size // 2) % ny)
-    cols = be.asarray((np.arange(size) - size // 2) % nx)
-    stamp = np.asarray(be.to_numpy(at_origin[be.xp.ix_(rows, cols)]), dtype=np.float64)
-    return stamp / stamp.sum()
-
-
-def _node_count(nodes: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
-                shape: tuple[int, int]) -> tuple[int, int]:
-    """Nodes along y and x from the ``nodes`` option (validated)."""
-    if nodes is None:
-        return 1, 1
-    if isinstance(nodes, str):
-        if nodes != "auto":
-            raise ValueError(f"nodes must be 'auto', None or a number of nodes, got {nodes!r}")
-        return choose_nodes(psfs, varying, shape)
-    m = int(nodes)
-    if m < 1 or m != nodes:
-        raise ValueError(f"nodes must be a positive integer, 'auto' or None, got {nodes!r}")
-    return m, m
+            arrays[name] = layout.upload(be, inputs[name], blank, dtype)
+    return arrays
 
 
 def _grown_mask(bad: np.ndarray, images: list[np.ndarray], sigmas: tuple[float, float],
-                psfs: tuple[np.ndarray, np.ndarray], acc: _Accumulator, reaches: list,
-                s_sigmas: list[float], shift: float) -> np.ndarray:
+                psfs: tuple[np.ndarray, np.ndarray], layout: _Layout, reaches: list,
+                s_sigmas: np.ndarray, shift: float) -> np.ndarray:
     """The bad pixels and the edge, grown once for the image.
 
-    Every pixel grows by the largest core radius of the nodes' kernels; each masked
-    region and each star cut by the edge grows further by the kernels of its nearest
-    node (``reaches`` holds each node's (new, reference) reaches, in `nodes` order).
+    Every pixel grows by the largest core radius of the tiles' kernels; each masked
+    region and each star cut by the edge grows further by the kernels of its own
+    tile (``reaches`` holds each tile's (new, reference) reaches).
     """
-    radius = max(r.core_radius for node in reaches for r in node)
+    radius = max(r.core_radius for tile in reaches for r in tile)
     flag = _grow_mask(bad, radius)
+    s_sigmas = s_sigmas.tolist()
     if bad.any():
         labels, light = _masked_regions(bad, images, list(sigmas), list(psfs))
-        _grow_regions(flag, labels, light, reaches, s_sigmas, acc.owners(labels))
+        _grow_regions(flag, labels, light, reaches, s_sigmas, layout.owners(labels))
     edge = _edge_mask(bad.shape, radius + int(np.ceil(shift)))
     labels, light = _edge_sources(images, list(sigmas), list(psfs))
-    _grow_regions(edge, labels, light, reaches, s_sigmas, acc.owners(labels))
+    _grow_regions(edge, labels, light, reaches, s_sigmas, layout.owners(labels))
     return flag | edge
 
 
-class _Accumulator:
-    """The weighted sums over the nodes of their cropped outputs, on the backend."""
+def _remove_offsets(be: ArrayBackend, layout: _Layout, d: Any, good: np.ndarray,
+                    den0: np.ndarray) -> np.ndarray:
+    """The constant ``c`` of each tile, from the median of its D; removed from D in place.
 
-    def __init__(self, be: ArrayBackend, shape: tuple[int, int], inner: tuple[slice, slice],
-                 m: tuple[int, int], dtype: Any):
-        self.be, self.shape, self.inner, self.dtype = be, shape, inner, dtype
-        self.y_nodes = node_positions(shape[0], m[0])
-        self.x_nodes = node_positions(shape[1], m[1])
-        self.wy = be.asarray(lagrange_weights(self.y_nodes, np.arange(shape[0])), dtype=dtype)
-        self.wx = be.asarray(lagrange_weights(self.x_nodes, np.arange(shape[1])), dtype=dtype)
-        self.sums: dict[str, Any] = {}
-        self.inv_den = np.zeros(m)  # D's response to a unit constant in new, per node
-        self.f_s = np.zeros(m)
-        self.beta_den = np.zeros(m)
-        self.offsets: list[float] = []
+    ``d`` is the stack of the tiles' D.  A constant ``c`` in the new image adds
+    ``c / sqrt(den0)`` to D (the PSFs sum to one): ``c`` is the median of the tile's D
+    over the good pixels of its whole grid within the image (the inner pixels and
+    those around them: a small tile's own pixels would give an offset biased by the
+    stars in it) times ``sqrt(den0)``.
+    """
+    xp = be.xp
+    on_grid = layout.upload(be, good, None, bool)
+    levels = np.zeros(layout.n)
+    for j in range(layout.n):
+        values = d[j][on_grid[j]]
+        levels[j] = float(xp.median(values)) if values.size else 0.0
+    d -= be.asarray(levels[:, None, None], dtype=d.dtype)
+    return levels * np.sqrt(den0)
 
-    def nodes(self):
-        """``(a, b, cell)`` of each node: row and column index and its nearest pixels."""
-        ye, xe = _cells(self.y_nodes, self.shape[0]), _cells(self.x_nodes, self.shape[1])
-        for a in range(len(self.y_nodes)):
-            for b in range(len(self.x_nodes)):
-                yield a, b, (slice(ye[a], ye[a + 1]), slice(xe[b], xe[b + 1]))
 
-    def owners(self, labels: np.ndarray) -> np.ndarray:
-        """The index (in `nodes` order) of the node nearest to each labelled region's box."""
-        ye, xe = _cells(self.y_nodes, self.shape[0]), _cells(self.x_nodes, self.shape[1])
-        owner = []
-        for box in ndimage.find_objects(labels):
-            a = int(np.searchsorted(ye, (box[0].start + box[0].stop) // 2, side="right")) - 1
-            b = int(np.searchsorted(xe, (box[1].start + box[1].stop) // 2, side="right")) - 1
-            owner.append(a * len(self.x_nodes) + b)
-        return np.array(owner, dtype=int)
+def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast, eps,
+            beta: float, dtype: Any) -> tuple[np.ndarray, dict]:
+    """The tiles' offsets and the images: D, S, Scorr, alpha and its error (downloaded)."""
+    xp = be.xp
 
-    def weights_at(self, x: float, y: float) -> np.ndarray:
-        """The node weights at one position, flattened like `nodes`."""
-        wy = lagrange_weights(self.y_nodes, np.array([y]))[:, 0]
-        wx = lagrange_weights(self.x_nodes, np.array([x]))[:, 0]
-        return np.outer(wy, wx).ravel()
+    def image(name):
+        value = out.pop(name)
+        if isinstance(value, np.ndarray) and value.ndim == 1:  # one number per tile
+            return layout.field(xp, value, dtype)
+        return layout.image(xp, value)
 
-    def add(self, a: int, b: int, cell: tuple[slice, slice], out: dict, den0: float) -> None:
-        """Add one node's outputs times its weight map (one node: its outputs themselves).
-
-        D is the node's own in its cell (the pixels nearest to it): summed with weights,
-        the nodes' D would lose the noise of the frequencies where both PSFs vanish,
-        which their different filters whiten with unrelated phases.
-        """
-        xp = self.be.xp
-        one = self.inv_den.size == 1  # weight 1 everywhere: no multiply, no copy
-        weight = None if one else xp.multiply.outer(self.wy[a], self.wx[b])
-        if not one:
-            if "D" not in self.sums:
-                self.sums["D"] = xp.empty(self.shape, dtype=self.dtype)
-            self.sums["D"][cell] = out.pop("D")[self.inner][cell]
-        for name in ("D", "S", "S_N", "S_R", "V_SN", "V_SR", "V_beta"):
-            value = out.pop(name, None)
-            if value is None:
-                continue
-            if np.isscalar(value):
-                value = xp.full(self.shape, value, dtype=self.dtype) if one else weight * value
-            else:
-                value = value[self.inner]
-                if not one:
-                    value *= weight
-            if name in self.sums:
-                self.sums[name] += value
-            else:
-                self.sums[name] = value
-        self.inv_den[a, b] = 1.0 / np.sqrt(den0)
-        self.beta_den[a, b] = 1.0 / den0
-        self.f_s[a, b] = out["F_S"]
-
-    def field(self, values: np.ndarray) -> Any:
-        """``sum_ab w_ab(x, y) values[a, b]`` as an image on the backend (one node: a float)."""
-        if values.size == 1:
-            return float(values[0, 0])
-        v = self.be.asarray(values, dtype=self.dtype)
-        return self.wy.T @ (v @ self.wx)
-
-    def _remove_offsets(self, good: Any) -> np.ndarray:
-        """The constant ``c`` of each node, from the median of its D; removed from D.
-
-        A constant ``c`` in the new image adds ``c / sqrt(den0)`` to D (the PSFs sum to
-        one): ``c`` is the median of the node's D over the good pixels of its cell times
-        ``sqrt(den0)``.
-        """
-        xp = self.be.xp
-        for (a, b, cell) in self.nodes():
-            d = self.sums["D"][cell]
-            values = d[good[cell]]
-            level = float(xp.median(values)) if values.size else 0.0
-            d -= level
-            self.offsets.append(level / self.inv_den[a, b])
-        return np.array(self.offsets).reshape(self.inv_den.shape)
-
-    def finish(self, be: ArrayBackend, flag: np.ndarray, ast, eps, beta: float) -> dict:
-        """Background offset, S, Scorr, alpha and its error (in place where it can); downloaded."""
-        xp = be.xp
-        sums = self.sums
-        if "S" not in sums:
-            sums["S"] = sums["S_N"] - sums["S_R"]
-        c = self._remove_offsets(be.asarray(~flag))
-        sums["S"] -= self.field(c * beta * self.beta_den)
-        var = sums.pop("V_SN")
-        var += sums.pop("V_SR")
-        f_s = self.field(self.f_s)
-        alpha_err = xp.maximum(var, 0.0)
-        xp.sqrt(alpha_err, out=alpha_err)
-        alpha_err *= beta
-        alpha_err /= f_s
-        if "S_N" in sums:
-            s_n, s_r = sums.pop("S_N"), sums.pop("S_R")
-            for extra in (_astrometric_variance(xp, (s_n, s_r), ast, self.dtype),
-                          _psf_variance(xp, s_n, s_r, eps)):
-                if extra is not None:
-                    var += extra
-            del s_n, s_r, extra
-        if "V_beta" in sums:
-            var += sums.pop("V_beta")
-        S = sums.pop("S")
-        scorr = _scorr(xp, S, var, float(self.f_s.min()))
-        alpha = S * beta
-        alpha /= f_s
-        return {"D": be.to_numpy(sums.pop("D")), "S": be.to_numpy(S),
-                "Scorr": be.to_numpy(scorr), "alpha": be.to_numpy(alpha),
-                "alpha_err": be.to_numpy(alpha_err)}
+    offsets = _remove_offsets(be, layout, out["D"], ~flag, out["den0"])
+    d = image("D")
+    if "S" in out:
+        s_n = s_r = None
+        S = image("S")
+    else:
+        s_n, s_r = image("S_N"), image("S_R")
+        S = s_n - s_r
+    S -= layout.field(xp, offsets * beta / out["den0"], dtype)
+    var = image("V_SN")
+    var += image("V_SR")
+    f_s = layout.field(xp, out["F_S"], dtype)
+    alpha_err = xp.maximum(var, 0.0)
+    xp.sqrt(alpha_err, out=alpha_err)
+    alpha_err *= beta
+    alpha_err /= f_s
+    if s_n is not None:
+        for extra in (_astrometric_variance(xp, (s_n, s_r), ast, dtype),
+                      _psf_variance(xp, s_n, s_r, eps)):
+            if extra is not None:
+                var += extra
+        del s_n, s_r
+    if "V_beta" in out:
+        var += image("V_beta")
+    xp.maximum(var, _VAR_FLOOR * f_s, out=var)
+    xp.sqrt(var, out=var)
+    scorr = xp.divide(S, var, out=var)
+    alpha = S * beta
+    alpha /= f_s
+    return offsets, {"D": be.to_numpy(d), "S": be.to_numpy(S), "Scorr": be.to_numpy(scorr),
+                     "alpha": be.to_numpy(alpha), "alpha_err": be.to_numpy(alpha_err)}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -331,12 +332,13 @@ def _edge_mask(shape: tuple[int, int], radius: int) -> np.ndarray:
 class _KernelReach:
     """How far a kernel reaches, up to ``cap`` px: each ``|k|`` level's farthest radius.
 
-    ``levels`` (descending) and ``radii`` cover the pixels within ``cap`` of the origin;
-    ``outer`` is the largest ``|k|`` beyond (levels at or below it reach ``cap``);
-    ``core_radius`` holds ``1 - MASK_SCORR_CHANGE**2`` of ``sum(k**2)``.
+    ``values`` and ``radii`` are ``|k|`` and the radius of the pixels within ``cap`` of
+    the origin (in no order); ``outer`` is the largest ``|k|`` beyond (levels at or
+    below it reach ``cap``); ``core_radius`` holds ``1 - MASK_SCORR_CHANGE**2`` of
+    ``sum(k**2)``.  The levels are sorted only when `radius` is first asked.
     """
 
-    levels: np.ndarray
+    values: np.ndarray
     radii: np.ndarray
     outer: float
     cap: int
@@ -344,38 +346,53 @@ class _KernelReach:
 
     @classmethod
     def of(cls, be: ArrayBackend, k: Any, cap: int) -> _KernelReach:
-        """From an origin-centred kernel on the FFT grid (wrapping around the edges).
+        """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
+        return cls.of_stack(be, k[None], cap)[0]
 
-        ``k`` lives on ``be``; only the window within ``cap`` of the origin comes back.
+    @classmethod
+    def of_stack(cls, be: ArrayBackend, k: Any, cap: int) -> list[_KernelReach]:
+        """`of` for each kernel of an ``(n, ny, nx)`` stack on ``be``, in one pass.
+
+        Only the windows within ``cap`` of the origin and one number per kernel come back.
         """
         xp = be.xp
-        ny, nx = k.shape
+        n, ny, nx = k.shape
         rows = np.r_[0 : min(cap + 1, ny), max(ny - cap, cap + 1) : ny]
         cols = np.r_[0 : min(cap + 1, nx), max(nx - cap, cap + 1) : nx]
         a = xp.abs(k)
-        index = xp.ix_(be.asarray(rows), be.asarray(cols))
+        index = (slice(None), be.asarray(rows)[:, None], be.asarray(cols)[None, :])
         window = np.asarray(be.to_numpy(a[index]), dtype=np.float64)
         r = np.hypot(np.minimum(rows, ny - rows)[:, None], np.minimum(cols, nx - cols)[None, :])
         inside = r <= cap
-        levels, r = window[inside], r[inside]
-        outer_energy = float(xp.sum(a * a, dtype=np.float64)) - float(np.sum(levels**2))
+        levels, r = window[:, inside], r[inside]
+        total = np.asarray(be.to_numpy((a * a).sum(axis=(1, 2), dtype=np.float64)))
+        outer_energy = total - np.sum(levels**2, axis=1)
         a[index] = be.asarray(np.where(inside, 0.0, window).astype(a.dtype))
-        outer = float(a.max())
+        outer = np.asarray(be.to_numpy(a.reshape(n, -1).max(axis=1)), dtype=np.float64)
         del a
-        by_level = np.argsort(-levels, kind="stable")
         by_radius = np.argsort(r, kind="stable")
-        energy = np.cumsum(levels[by_radius] ** 2)
-        need = (1.0 - MASK_SCORR_CHANGE**2) * (energy[-1] + outer_energy)
-        n = int(np.searchsorted(energy, need))
-        core = cap if n >= r.size else int(np.ceil(r[by_radius][n]))
-        return cls(levels[by_level], np.maximum.accumulate(r[by_level]), outer, cap, core)
+        energy = np.cumsum(levels[:, by_radius] ** 2, axis=1)
+        need = (1.0 - MASK_SCORR_CHANGE**2) * (energy[:, -1] + outer_energy)
+        out = []
+        for j in range(n):
+            m = int(np.searchsorted(energy[j], need[j]))
+            core = cap if m >= r.size else int(np.ceil(r[by_radius][m]))
+            out.append(cls(levels[j], r, float(outer[j]), cap, core))
+        return out
+
+    @cached_property
+    def _by_level(self) -> tuple[np.ndarray, np.ndarray]:
+        """The levels in descending order and the largest radius down to each."""
+        order = np.argsort(-self.values, kind="stable")
+        return self.values[order], np.maximum.accumulate(self.radii[order])
 
     def radius(self, level: float) -> int:
         """Radius beyond which ``|k|`` stays below ``level`` (absolute), at most ``cap``."""
         if level <= self.outer:
             return self.cap
-        n = int(np.searchsorted(-self.levels, -level, side="right"))
-        return min(int(np.ceil(self.radii[n - 1])), self.cap) if n else 0
+        levels, radii = self._by_level
+        n = int(np.searchsorted(-levels, -level, side="right"))
+        return min(int(np.ceil(radii[n - 1])), self.cap) if n else 0
 
 
 def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
@@ -753,7 +770,7 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
              shift_ref: tuple[float, float], dtype: Any, workers: int | None) -> _Spectra:
     """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once)."""
     xp = be.xp
-    shape = arrays["new"].shape
+    shape = arrays["new"].shape[-2:]  # a stack of tiles is transformed tile by tile
     ctype = np.result_type(dtype, np.complex64)
     ramp = None
     if shift_ref != (0.0, 0.0):

@@ -84,13 +84,13 @@ def inputs():
                 var_new=4.0 + new.clip(0), var_ref=1.0 + ref.clip(0), mask_new=mask,
                 mask_ref=np.zeros(shape, bool), flux_ratio=1.0, flux_ratio_error=0.01,
                 shift_ref=(0.4, -0.3), astrometric_noise=(0.02, 0.02), psf_error=(0.01, 0.01),
-                nodes=2)
+                tiles=64)
 
 
 def test_field_moves_only_inputs_up_and_results_down(inputs):
     """Only the 4 images and 3 masks go up; only the 5 result images come down; same numbers.
 
-    No grid-sized array (PSF transform, phase ramp, kernel, node output) crosses.
+    No grid-sized array (PSF transform, phase ramp, kernel, tile output) crosses.
     """
     shape = inputs["new"].shape
     be = counting(min_size=shape[0] * shape[1] // 4)
@@ -98,7 +98,7 @@ def test_field_moves_only_inputs_up_and_results_down(inputs):
     on_host = zogy_field(**inputs, backend="numpy")
     assert be.moves["up"] == [shape] * 7  # new, ref, 2 variances, 2 bad-pixel masks, good mask
     assert be.moves["down"] == [shape] * 5  # D, S, Scorr, alpha, alpha_err
-    for name in ("D", "S", "Scorr", "alpha", "alpha_err", "mask", "psf_d", "node_psfs"):
+    for name in ("D", "S", "Scorr", "alpha", "alpha_err", "mask", "psf_d", "tile_psfs"):
         np.testing.assert_array_equal(getattr(on_device, name), getattr(on_host, name))
 
 

@@ -1,15 +1,9 @@
-"""The varying-PSF engine (astro_zackay._zogy_field): nodes, weights, and agreement with zogy."""
+"""The varying-PSF engine (astro_zackay._zogy_field): tile sides, the tile stack, zogy."""
 
 import numpy as np
 import pytest
 
-from astro_zackay._zogy_field import (
-    NODE_PSF_ERROR,
-    choose_nodes,
-    lagrange_weights,
-    node_positions,
-    zogy_field,
-)
+from astro_zackay._zogy_field import MAX_PSF_CHANGE, TILE_SIDES, choose_tile_side, zogy_field
 from astro_zackay.fourier import convolve_fft, psf_rfft
 from astro_zackay.zogy import zogy
 
@@ -37,39 +31,58 @@ def pair(shape=(200, 232), seed=5, psf_n=None, psf_r=None, shift=(0.0, 0.0)):
     return new, ref, var_n, var_r
 
 
-def test_lagrange_weights_reproduce_quadratics():
-    nodes = node_positions(101, 3)
-    x = np.linspace(0, 100, 37)
-    w = lagrange_weights(nodes, x)
-    assert np.allclose(w.sum(axis=0), 1.0, atol=1e-12)
-    assert np.allclose(w.T @ (nodes**2 - 3 * nodes), x**2 - 3 * x, atol=1e-9)
+def test_choose_tile_side_follows_the_psf_variation():
+    """The largest side over which the PSF changes by <= MAX_PSF_CHANGE from centre to corner.
 
-
-def test_choose_nodes_follows_the_psf_variation():
-    """A PSF mixing two profiles with a weight quadratic in x and linear in y needs 2 x 3 nodes.
-
-    Linear in x only: 1 x 2; constant: 1 x 1.
+    A PSF mixing two profiles with a weight linear in x changes, from a tile's centre
+    to its corner, by ``slope * (side - 1) / 2`` times the L1 distance of the profiles;
+    the expected side follows from that; a constant PSF needs one tile.
     """
-    shape = (300, 400)
+    shape = (300, 1100)
     a, b = gaussian(1.5), gaussian(3.0)
+    distance = np.abs(a - b).sum()
+    for slope in (0.2 / 1100, 0.5 / 1100, 3.0 / 1100):
 
-    def quadratic(x, y):
-        f = ((x - 150) / 400) ** 2 + 0.2 * y / 300
-        return (1 - f) * a + f * b
+        def linear(x, y, slope=slope):
+            f = slope * x
+            return (1 - f) * a + f * b
 
-    def linear(x, y):
-        f = 0.3 * x / 400
-        return (1 - f) * a + f * b
+        passing = [s for s in TILE_SIDES
+                   if s < 1100 and slope * (s - 1) / 2 * distance <= MAX_PSF_CHANGE]
+        expected = passing[0] if passing else TILE_SIDES[-1]
+        assert choose_tile_side((linear, lambda x, y: a), (True, False), shape) == expected
+    assert choose_tile_side((linear, linear), (False, False), shape) is None
 
-    assert choose_nodes((quadratic, quadratic), (True, True), shape) == (2, 3)
-    assert choose_nodes((linear, lambda x, y: a), (True, False), shape) == (1, 2)
-    assert choose_nodes((quadratic, quadratic), (False, False), shape) == (1, 1)
-    assert NODE_PSF_ERROR < 0.04
+
+def test_tiles_of_a_constant_psf_equal_one_tile():
+    """With one PSF everywhere, 64 px tiles give one tile's D and S, less each tile's offset.
+
+    The stamps (41 px) are wide enough that the tiles' border holds the kernels: each
+    tile's D and S then differ from one tile's by a constant only, the background
+    offset measured in the tile (a median of its pixels), itself small in D.
+    """
+    new, ref, var_n, var_r = pair(shape=(200, 232))
+    kw = dict(varying=(True, True), rms_new=np.full(new.shape, 3.0),
+              rms_ref=np.full(new.shape, 2.0), var_new=var_n, var_ref=var_r,
+              mask_new=np.zeros(new.shape, bool), mask_ref=np.zeros(new.shape, bool),
+              flux_ratio=0.8, shift_ref=(0.3, -0.2), dtype=np.float64)
+    psf_n, psf_r = (lambda x, y: gaussian(2.2, 41)), (lambda x, y: gaussian(1.6, 41))
+    one = zogy_field(new, ref, psf_n, psf_r, tiles=None, **kw)
+    tiled = zogy_field(new, ref, psf_n, psf_r, tiles=64, **kw)
+    assert len(tiled.tiles) == 4 * 4 and len(tiled.tile_psfs) == 16
+    assert np.allclose(tiled.tile_psfs, one.psf_d, atol=1e-9)
+    good = ~(one.mask | tiled.mask)
+    for x0, x1, y0, y1, *_ in tiled.tiles:
+        cell = (slice(y0, y1), slice(x0, x1))
+        for name in ("D", "S"):
+            diff = (getattr(tiled, name) - getattr(one, name))[cell][good[cell]]
+            assert np.ptp(diff) < 1e-4
+    assert np.abs(tiled.D - one.D)[good].max() < 0.15
 
 
 @pytest.mark.parametrize("bad", [None, "nan"])
 def test_one_node_equals_zogy_less_the_offset(bad):
-    """nodes=None is zogy(pad=True) of the central PSFs, less a constant background offset."""
+    """tiles=None is zogy(pad=True) of the central PSFs, less a constant background offset."""
     new, ref, var_n, var_r = pair()
     mask = np.zeros(new.shape, bool)
     if bad:
@@ -82,7 +95,7 @@ def test_one_node_equals_zogy_less_the_offset(bad):
     field = zogy_field(new, ref, lambda x, y: psf_n, lambda x, y: psf_r, varying=(False, False),
                        rms_new=np.full(new.shape, 3.0), rms_ref=np.full(new.shape, 2.0),
                        mask_new=mask, mask_ref=np.zeros(new.shape, bool), flux_ratio=0.8,
-                       astrometric_noise=(0.02, 0.03), psf_error=(0.01, 0.01), nodes=None, **kw)
+                       astrometric_noise=(0.02, 0.03), psf_error=(0.01, 0.01), tiles=None, **kw)
     res = zogy(new, ref, psf_n, psf_r, sigma_new=3.0, sigma_ref=2.0, flux_new=0.8,
                astrometric_noise_new=(0.02, 0.03), astrometric_noise_ref=(0.02, 0.03),
                psf_error_new=0.01, psf_error_ref=0.01, pad=True, border=21, **kw)
@@ -99,7 +112,7 @@ def test_one_node_equals_zogy_less_the_offset(bad):
     np.testing.assert_allclose(field.psf_d, res.psf_d_stamp(21, normalize=True), atol=1e-12)
 
 
-def test_varying_psf_nodes_subtract_each_star_with_its_psf():
+def test_varying_psf_tiles_subtract_each_star_with_its_psf():
     """Stars drawn with a PSF whose width grows from 1.8 to 2.6 px across the field.
 
     Each star of the science image has the PSF at its own place; the reference has one
@@ -128,24 +141,24 @@ def test_varying_psf_nodes_subtract_each_star_with_its_psf():
                   rms_ref=np.full(shape, 1.0), var_new=np.full(shape, 4.0) + new.clip(0),
                   var_ref=np.full(shape, 1.0) + ref.clip(0), mask_new=np.zeros(shape, bool),
                   mask_ref=np.zeros(shape, bool), flux_ratio=1.0)
-    field = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), nodes="auto", **common)
-    one = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), nodes=None, **common)
-    assert len(field.nodes) > 1
+    field = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), tiles="auto", **common)
+    one = zogy_field(new, ref, psf_n, lambda x, y: gaussian(1.5), tiles=None, **common)
+    assert len(field.tiles) > 1
     good = near & ~field.mask
     assert good.sum() > 0.5 * near.sum()
     assert np.abs(field.Scorr[good]).max() < 5
     assert np.abs(one.Scorr[good]).max() > 10
 
 
-def test_bad_nodes_option_is_rejected():
+def test_bad_tiles_option_is_rejected():
     new, ref, var_n, var_r = pair(shape=(64, 64))
     kw = dict(varying=(False, False), rms_new=np.ones((64, 64)), rms_ref=np.ones((64, 64)),
               var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
               mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0)
     psf = lambda x, y: gaussian(1.5, 9)  # noqa: E731
-    for nodes in ("tiles", 0, 2.5):
-        with pytest.raises(ValueError, match="nodes"):
-            zogy_field(new, ref, psf, psf, nodes=nodes, **kw)
+    for tiles in ("nodes", 0, 16, 40.5):
+        with pytest.raises(ValueError, match="tiles"):
+            zogy_field(new, ref, psf, psf, tiles=tiles, **kw)
 
 
 def test_bad_inputs_are_rejected_before_any_work():
