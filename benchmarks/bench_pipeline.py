@@ -35,7 +35,7 @@ Rows (each case runs in a fresh subprocess, one at a time, so that its peak memo
 
 Run from the repository root: ``python benchmarks/bench_pipeline.py [--quick]
 [--sizes 1024,2048,4096,8192] [--backend numpy|cupy]``.  ``--quick`` (1024^2 and 2048^2,
-the real pair, 2 and 5 coadd frames, properimage on the real pair and the coadd only) takes
+the real pair, 2 and 5 coadd frames, properimage on the real pair only) takes
 about 3 minutes here once the inputs are cached; the full run takes much longer
 (properimage's coadd of 20 frames alone takes minutes).  Timings are the best of 3 calls
 up to 2048^2, of 2 at 4096^2 and of 1 at 8192^2 (fewer with ``--quick``); nothing is
@@ -618,8 +618,8 @@ def _peer_coadd(args, frames_dir: Path) -> dict[str, Any]:
     if args.reuse_peers:
         return (json.loads(out_json.read_text()) if out_json.exists()
                 else {"error": f"no earlier result in {frames_dir}"})
-    if args.no_peers:
-        return {"error": "not run (--no-peers)"}
+    if args.no_peers or args.quick:
+        return {"error": "not run (--no-peers or --quick)"}
     return _coadd_run([bench_coadd.PROPERIMAGE_PYTHON, "-c", bench_coadd.PROPERIMAGE_WORKER,
                        str(frames_dir)], out_json, args.timeout)
 
@@ -664,7 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(never run it)")
     parser.add_argument("--peer-max-size", type=int,
                         help="largest simulated size properimage is run on (default 2048; "
-                             "0 with --quick: the real pair and the coadd only)")
+                             "0 with --quick: the real pair only)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
