@@ -833,15 +833,11 @@ def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: f
 
 
 def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise, fn: float,
-          fr: float, split: bool, dtype: Any, workers: int | None,
-          small: tuple[tuple[int, int], Any] | None = None) -> dict:
+          fr: float, split: bool, dtype: Any, workers: int | None) -> dict:
     """ZOGY of one pair of PSFs on shared transforms: D, S (or S_N, S_R), variances, P_D.
 
     Every kernel is inverse-transformed once: its reach (for the mask growth) and its
     square (for the source-noise variance) come from the same real-space kernel.
-    ``small = (grid, noise)``: P_D and the real-space kernels come from that grid (a
-    few stamps wide, the noise powers on it), in float64, instead of the image's grid;
-    the kernels' squares are put back at the origin of the image's grid.
     """
     xp = be.xp
     shape = spec.shape
@@ -857,11 +853,7 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
     d_h -= t_h
     out = {"D": inv(d_h), "F_S": f_s}
     f_d = fr * fn / np.sqrt(_at_zero(sig_n) * fr**2 + _at_zero(sig_r) * fn**2)
-    kernels = None
-    if small is None:
-        out["P_D"] = inv(q_h)
-    else:
-        out["P_D"], kernels = _small_kernels(be, pn, pr, small, fn, fr, workers)
+    out["P_D"] = inv(q_h)
     out["P_D"] /= f_d
     out["F_D"] = float(f_d)
 
@@ -884,16 +876,13 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
     bkg = [_kernel_noise(k_h, sig, shape[1]) / npix for k_h, sig in zip((kn_h, kr_h), sigs)]
     reach = []
     variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))
-    for i, (k_h, sig, background, (name, v_h, beta_name)) in enumerate(
-            zip((kn_h, kr_h), sigs, bkg, variances)):
-        k = inv(k_h) if kernels is None else kernels[i]
+    for k_h, sig, background, (name, v_h, beta_name) in zip((kn_h, kr_h), sigs, bkg, variances):
+        k = inv(k_h)
         reach.append(_KernelReach.of(be, k, cap))
         if v_h is None and (beta_name is None or spec.vb_h is None):
             out[name] = background
             continue
         k *= k
-        if kernels is not None:  # the small grid's kernel at the origin of the image's grid
-            k = _at_origin(be, k, shape, dtype)
         k2_h = be.rfft2(k, s=shape, workers=workers)
         del k
         if v_h is None:
@@ -910,28 +899,6 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
             out[beta_name] = inv(k2_h)
     out.update(reach=reach, s_sigma=float(np.sqrt(bkg[0] + bkg[1])),
                mask_radius=max(r.core_radius for r in reach))
-    return out
-
-
-def _small_kernels(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray,
-                   small: tuple[tuple[int, int], Any], fn: float, fr: float,
-                   workers: int | None) -> tuple[Any, list]:
-    """``F_D P_D`` and the real-space kernels of S_N and S_R on a small grid (float64)."""
-    grid, noise = small
-    wa, wb, q_h, _ = _node_filters(be, pn, pr, noise, fn, fr, grid, np.float64, workers)
-    p_d = be.irfft2(q_h, s=grid, workers=workers)
-    be.xp.conjugate(q_h, out=q_h)
-    wa *= q_h
-    wb *= q_h
-    return p_d, [be.irfft2(k_h, s=grid, workers=workers) for k_h in (wa, wb)]
-
-
-def _at_origin(be: ArrayBackend, k: Any, shape: tuple[int, int], dtype: Any) -> Any:
-    """An origin-centred array of a smaller grid put at the origin of a ``shape`` grid."""
-    rows, cols = (np.where(np.arange(n) <= n // 2, np.arange(n), np.arange(n) - n) % size
-                  for n, size in zip(k.shape, shape))
-    out = be.xp.zeros(shape, dtype=dtype)
-    out[be.xp.ix_(be.asarray(rows), be.asarray(cols))] = k
     return out
 
 
