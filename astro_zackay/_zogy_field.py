@@ -196,12 +196,6 @@ class _Layout:
               for j in range(self.counts[1])]
         return [(y, x) for y in ys for x in xs]
 
-    def extents(self) -> list[tuple[slice, slice]]:
-        """The image pixels of each tile's whole grid (its inner pixels and those around)."""
-        return [tuple(slice(max(c.start - o, 0), min(c.start - o + g, n))
-                      for c, o, g, n in zip(cell, self.offset, self.grid, self.shape))
-                for cell in self.cells()]
-
     def centres(self) -> list[tuple[float, float]]:
         """``(x, y)`` of each tile's inner pixels' centre (row by row)."""
         return [((x.start + x.stop - 1) / 2.0, (y.start + y.stop - 1) / 2.0)
@@ -320,10 +314,12 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, be
     return a_h, b_h, q_h, np.asarray(f_s, dtype=np.float64)
 
 
-def _small_kernels(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise,
-                   beta: float, grid: tuple[int, int]) -> tuple[Any, Any, Any]:
-    """Per tile, ``F_D P_D`` and the real-space kernels of S_N and S_R on ``grid`` (float64)."""
-    wa, wb, q_h, _ = _filters(be, pn, pr, noise.powers(grid), beta, grid)
+def _kernels(be: ArrayBackend, filters: tuple, grid: tuple[int, int]) -> tuple[Any, Any, Any]:
+    """Per tile, ``F_D P_D`` and the real-space kernels of S_N and S_R (``filters`` overwritten).
+
+    ``filters`` are `_filters`' ``wa``, ``wb`` and ``Q`` on ``grid`` (float64).
+    """
+    wa, wb, q_h = filters[:3]
     p_d = be.irfft2(q_h, s=grid)
     be.xp.conjugate(q_h, out=q_h)
     wa *= q_h
@@ -369,8 +365,19 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     def inv(a_h):
         return be.irfft2(a_h, s=grid, workers=workers)
 
-    wa, wb, q_h, f_s = (f.astype(ctype, copy=False) if i < 3 else f for i, f in
-                        enumerate(_filters(be, pn, pr, powers, beta, grid)))
+    filters = _filters(be, pn, pr, powers, beta, grid)
+    wa, wb, q_h = (f.astype(ctype) for f in filters[:3])
+    f_s = filters[3]
+    stamp = max(pn.shape[1:] + pr.shape[1:])
+    small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
+    if 2 * small[0] * small[1] > npix:  # not much smaller: the tiles' own filters
+        small = grid
+    else:
+        filters = _filters(be, pn, pr, noise.powers(small), beta, small)
+    p_d, *kernels = _kernels(be, filters, small)
+    del filters
+    out_pd = _stamps(be, p_d, stamp)
+    del p_d
     d_h = wa * spec.n_h
     t_h = wb * spec.r_h
     d_h -= t_h
@@ -390,12 +397,7 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
         xp.multiply(q_h, d_h, out=t_h)
         out["S"] = inv(t_h)
     del d_h, t_h, q_h
-    stamp = max(pn.shape[1:] + pr.shape[1:])
-    small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
-    small = grid if small[0] > grid[0] or small[1] > grid[1] else small
-    p_d, *kernels = _small_kernels(be, pn, pr, noise, beta, small)
-    out["P_D"] = _stamps(be, p_d, stamp)
-    del p_d
+    out["P_D"] = out_pd
     bkg = [np.asarray(be.to_numpy(_plane_sums(abs2(k_h) * p, grid[1])), dtype=np.float64) / npix
            for k_h, p in zip((kn_h, kr_h), powers)]
     white = noise.at_mean(grid)
@@ -426,7 +428,7 @@ def _tile_sigma(
     rms: np.ndarray, good: np.ndarray, cell: tuple[slice, slice], whole: float,
     spectrum: NoiseSpectrum | None,
 ) -> float:
-    """A tile's background rms for ZOGY: the median rms of the good pixels of its grid.
+    """A tile's background rms for ZOGY: the median rms of its inner good pixels.
 
     With a noise spectrum, its pixel-noise share: the rms map holds the faint static
     sky too, which cancels in the difference, and ``spectrum.sigma / whole`` is the
@@ -542,7 +544,7 @@ def zogy_field(
     cells, centres = layout.cells(), layout.centres()
     pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
     pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
-    sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
+    sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in cells]
                        for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
     arrays = _upload_inputs(be, layout, {"new": new, "ref": ref, "var_new": var_new,
                                          "var_ref": var_ref}, new_bad, ref_bad, dtype)
