@@ -196,6 +196,12 @@ class _Layout:
               for j in range(self.counts[1])]
         return [(y, x) for y in ys for x in xs]
 
+    def extents(self) -> list[tuple[slice, slice]]:
+        """The image pixels of each tile's whole grid (its inner pixels and those around)."""
+        return [tuple(slice(max(c.start - o, 0), min(c.start - o + g, n))
+                      for c, o, g, n in zip(cell, self.offset, self.grid, self.shape))
+                for cell in self.cells()]
+
     def centres(self) -> list[tuple[float, float]]:
         """``(x, y)`` of each tile's inner pixels' centre (row by row)."""
         return [((x.start + x.stop - 1) / 2.0, (y.start + y.stop - 1) / 2.0)
@@ -428,7 +434,7 @@ def _tile_sigma(
     rms: np.ndarray, good: np.ndarray, cell: tuple[slice, slice], whole: float,
     spectrum: NoiseSpectrum | None,
 ) -> float:
-    """A tile's background rms for ZOGY: the median rms of its inner good pixels.
+    """A tile's background rms for ZOGY: the median rms of the good pixels of its grid.
 
     With a noise spectrum, its pixel-noise share: the rms map holds the faint static
     sky too, which cancels in the difference, and ``spectrum.sigma / whole`` is the
@@ -544,7 +550,7 @@ def zogy_field(
     cells, centres = layout.cells(), layout.centres()
     pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
     pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
-    sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in cells]
+    sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
                        for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
     arrays = _upload_inputs(be, layout, {"new": new, "ref": ref, "var_new": var_new,
                                          "var_ref": var_ref}, new_bad, ref_bad, dtype)

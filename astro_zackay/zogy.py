@@ -786,8 +786,8 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
         var = arrays.get(name)
         if var is None:
             return None
-        if is_correlated:  # only the sources' excess over the background level
-            var = xp.maximum(var - xp.median(var[var > 0]), 0.0)
+        if is_correlated:  # only the sources' excess over the background level (per tile)
+            var = xp.maximum(var - _background_level(xp, var), 0.0)
         return fwd(var, moved)
 
     vb_h = None
@@ -799,6 +799,14 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
     return _Spectra(shape, fwd(arrays["new"], False), fwd(arrays["ref"], True),
                     variance("var_new", correlated[0], False),
                     variance("var_ref", correlated[1], True), vb_h)
+
+
+def _background_level(xp: Any, var: Any) -> Any:
+    """The median of a variance map's positive pixels; of each tile's for a stack of tiles."""
+    if var.ndim == 2:
+        return xp.median(var[var > 0])
+    levels = [xp.median(v[v > 0]) if bool((v > 0).any()) else 0.0 for v in var]
+    return xp.asarray(levels, dtype=var.dtype)[:, None, None]
 
 
 def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: float, fr: float,
