@@ -410,7 +410,7 @@ def test_flux_ratio_and_shift_are_recovered(injection_runs):
 
 
 # ---------------------------------------------------------------------------
-# 5. spatially varying PSFs: PSF nodes
+# 5. spatially varying PSFs: tiles of constant PSF
 # ---------------------------------------------------------------------------
 VARYING_SHAPE = (1536, 1536)
 
@@ -428,13 +428,13 @@ def varying_run():
 
 
 @pytest.mark.slow
-def test_varying_psf_is_subtracted_on_nodes(varying_run):
-    """KL PSFs evaluated at nodes: off-star Scorr calibrated, bright stars clean.
+def test_varying_psf_is_subtracted_on_tiles(varying_run):
+    """KL PSFs evaluated at each tile's centre: off-star Scorr calibrated, bright stars clean.
 
     Off-star robust std(Scorr) = 1 +- 0.02 and median ~0 (the FWHMs vary by +-21 %).
     """
     pair, result = varying_run
-    # 'auto' chose the nodes from the PSF variation: this field needs more than one
+    # 'auto' chose the tile side from the PSF variation: this field needs more than one
     assert len(result.tiles) >= 4
     off = _off_star(pair, result)
     s = result.score.data[off]
@@ -445,10 +445,10 @@ def test_varying_psf_is_subtracted_on_nodes(varying_run):
 
 @pytest.mark.slow
 def test_varying_psf_bright_stars_leave_no_residuals(varying_run):
-    """< 1 % of the S/N > 50 stars leave a |Scorr| > 5 residual with a varying PSF (nodes).
+    """< 1 % of the S/N > 50 stars leave a |Scorr| > 5 residual with a varying PSF (tiles).
 
-    As for a constant PSF: nodes="auto" interpolates the PSFs within 1 % (L1) between
-    the nodes (fixed 512 px tiles of constant PSF left 5 of 201 here, 2.5 %).
+    As for a constant PSF: tiles="auto" keeps each tile's PSF within 0.04 (L1) of the
+    PSF anywhere in it (fixed 512 px tiles left 5 of 201 here, 2.5 %).
     """
     pair, result = varying_run
     n_bright, n_residual = _bright_star_residuals(pair, result)
@@ -457,8 +457,8 @@ def test_varying_psf_bright_stars_leave_no_residuals(varying_run):
 
 
 @pytest.mark.slow
-def test_nodes_leave_no_seams(varying_run):
-    """std(D) within +-10 px of the nodes' cell boundaries equals std(D) elsewhere (2 %)."""
+def test_tiles_leave_no_seams(varying_run):
+    """std(D) within +-10 px of the tiles' boundaries equals std(D) elsewhere (2 %)."""
     pair, result = varying_run
     off = _off_star(pair, result)
     ny, nx = result.difference.shape
@@ -473,7 +473,7 @@ def test_nodes_leave_no_seams(varying_run):
                 near[edge - 10:edge + 10, :] = True
     d = result.difference.data
     band, rest = d[off & near], d[off & ~near]
-    assert band.size > 20_000  # one cell boundary per axis with 2 x 2 nodes: 0.4 % precision
+    assert band.size > 20_000  # at least one tile boundary per axis: 0.4 % precision
     assert np.std(band) == pytest.approx(np.std(rest), rel=0.02)
     assert abs(np.mean(band) - np.mean(rest)) < 0.01
     assert abs(np.std(rest) - 1.0) < 0.02
