@@ -472,17 +472,17 @@ def _grow_regions(
     The radius is where each kernel times the region's hidden light in its image falls
     below ``MASK_SCORR_CHANGE * s_sigma`` for good (at most the kernels' ``cap``);
     regions within their kernels' core radius (already flagged) are skipped.  With
-    ``owner`` (the PSF node of each region), ``reaches`` and ``s_sigma`` are lists over
-    the nodes and each region grows by its own node's kernels.
+    ``owner`` (the tile of constant PSF holding each region), ``reaches`` and ``s_sigma``
+    are lists over the tiles and each region grows by its own tile's kernels.
     """
     for i, box in enumerate(ndimage.find_objects(labels)):
-        node_reaches, sigma = (reaches, s_sigma) if owner is None else (
+        own_reaches, sigma = (reaches, s_sigma) if owner is None else (
             reaches[owner[i]], s_sigma[owner[i]])
         radius = max(
             reach.radius(MASK_SCORR_CHANGE * sigma / x[i]) if x[i] > 0 else 0
-            for reach, x in zip(node_reaches, light)
+            for reach, x in zip(own_reaches, light)
         )
-        if radius <= max(reach.core_radius for reach in node_reaches):
+        if radius <= max(reach.core_radius for reach in own_reaches):
             continue
         ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
         xs = slice(max(box[1].start - radius, 0), box[1].stop + radius)
@@ -752,9 +752,10 @@ def zogy(
 class _Spectra:
     """Forward transforms of one pair of (padded) images and their variance maps.
 
-    Taken once and shared by every PSF node: ``n_h``, ``r_h`` (the reference moved by
-    the shift's phase ramp), ``vn_h``, ``vr_h`` (the variance maps, less their median
-    level when that image's noise is correlated, the reference's moved) and ``vb_h``
+    Taken once (for an image, or every tile of a stack at once): ``n_h``, ``r_h`` (the
+    reference moved by the shift's phase ramp), ``vn_h``, ``vr_h`` (the variance maps,
+    less their median level (each tile's) when that image's noise is correlated, the
+    reference's moved) and ``vb_h``
     (``(sigma_beta R)**2``, moved), each None when not needed.
     """
 

@@ -81,7 +81,7 @@ def test_tiles_of_a_constant_psf_equal_one_tile():
 
 
 @pytest.mark.parametrize("bad", [None, "nan"])
-def test_one_node_equals_zogy_less_the_offset(bad):
+def test_one_tile_equals_zogy_less_the_offset(bad):
     """tiles=None is zogy(pad=True) of the central PSFs, less a constant background offset."""
     new, ref, var_n, var_r = pair()
     mask = np.zeros(new.shape, bool)
@@ -116,7 +116,7 @@ def test_varying_psf_tiles_subtract_each_star_with_its_psf():
     """Stars drawn with a PSF whose width grows from 1.8 to 2.6 px across the field.
 
     Each star of the science image has the PSF at its own place; the reference has one
-    Gaussian. With the nodes, no pixel within 3 px of a star leaves |Scorr| > 5 (the
+    Gaussian. With tiles, no pixel within 3 px of a star leaves |Scorr| > 5 (the
     bright stars reach S/N ~300-1000); with one central PSF the outer stars do.
     """
     shape = (160, 400)
