@@ -406,28 +406,49 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     out["P_D"] = out_pd
     bkg = [np.asarray(be.to_numpy(_plane_sums(abs2(k_h) * p, grid[1])), dtype=np.float64) / npix
            for k_h, p in zip((kn_h, kr_h), powers)]
-    white = noise.at_mean(grid)
     out["reach"] = list(zip(*(_KernelReach.of_stack(be, k, stamp) for k in kernels)))
     out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
-    variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))
-    for i, (k_h, k, (name, v_h, beta_name)) in enumerate(zip((kn_h, kr_h), kernels, variances)):
-        out[name] = bkg[i]
-        if v_h is None and (beta_name is None or spec.vb_h is None):
+    out["V_S"], out["V_beta"] = _source_variances(be, spec, (kn_h, kr_h), kernels, bkg,
+                                                  noise, dtype, workers)
+    return out
+
+
+def _source_variances(be: ArrayBackend, spec: Any, k_hs: tuple, kernels: list, bkg: list,
+                      noise: _TileNoise, dtype: Any, workers: int | None) -> tuple[Any, Any]:
+    """``V_SN + V_SR`` (one inverse transform for both) and ``V_beta`` (or None) per tile.
+
+    Each image's term is its kernel's square convolved with its variance map (for a
+    correlated noise, with the sources' excess over the sky, scaled as the sky's noise
+    is and with the sky's part, a number per tile, added); an image without a
+    variance map adds its background term, a number per tile.  A stack, or a vector
+    when neither image has a variance map.
+    """
+    grid = spec.shape
+    npix = grid[0] * grid[1]
+    white = noise.at_mean(grid)
+    total_h, v_beta, level = None, None, np.zeros(len(bkg[0]))
+    for i, (k_h, k, v_h) in enumerate(zip(k_hs, kernels, (spec.vn_h, spec.vr_h))):
+        beta_term = i == 1 and spec.vb_h is not None
+        if v_h is None or noise.spectra[i] is not None:
+            level += bkg[i]
+        if v_h is None and not beta_term:
             continue
         k *= k
         k2_h = be.rfft2(_at_origin(be, k, grid, dtype), s=grid, workers=workers)
         if v_h is not None:
-            var = inv(k2_h * v_h)
+            term = k2_h * v_h
             if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
                 full = np.asarray(be.to_numpy(_plane_sums(abs2(k_h), grid[1])))
-                scale = bkg[i] * npix / (white[i] * full)
-                var *= be.asarray(scale[:, None, None], dtype=dtype)
-                var += be.asarray(bkg[i][:, None, None], dtype=dtype)
-            out[name] = var
-        if beta_name is not None and spec.vb_h is not None:
+                term *= be.asarray((bkg[i] * npix / (white[i] * full))[:, None, None], dtype=dtype)
+            total_h = term if total_h is None else total_h + term
+        if beta_term:
             k2_h *= spec.vb_h
-            out[beta_name] = inv(k2_h)
-    return out
+            v_beta = be.irfft2(k2_h, s=grid, workers=workers)
+    if total_h is None:
+        return level, v_beta
+    total = be.irfft2(total_h, s=grid, workers=workers)
+    total += be.asarray(level[:, None, None], dtype=dtype)
+    return total, v_beta
 
 
 def _tile_sigma(
@@ -694,8 +715,7 @@ def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast,
         s_n, s_r = image("S_N"), image("S_R")
         S = s_n - s_r
     S -= layout.field(xp, offsets * beta / out["den0"], dtype)
-    var = image("V_SN")
-    var += image("V_SR")
+    var = image("V_S")
     f_s = layout.field(xp, out["F_S"], dtype)
     alpha_err = xp.maximum(var, 0.0)
     xp.sqrt(alpha_err, out=alpha_err)
@@ -707,7 +727,7 @@ def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast,
             if extra is not None:
                 var += extra
         del s_n, s_r
-    if "V_beta" in out:
+    if out["V_beta"] is not None:
         var += image("V_beta")
     xp.maximum(var, _VAR_FLOOR * f_s, out=var)
     xp.sqrt(var, out=var)
