@@ -803,10 +803,14 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
 
 
 def _background_level(xp: Any, var: Any) -> Any:
-    """The median of a variance map's positive pixels; of each tile's for a stack of tiles."""
+    """The median of a variance map's positive pixels; of each tile's for a stack of tiles.
+
+    A tile's level is the median of every other row and column of it (a level, not a
+    noise: a quarter of the pixels measure it as well).
+    """
     if var.ndim == 2:
         return xp.median(var[var > 0])
-    levels = [xp.median(v[v > 0]) if bool((v > 0).any()) else 0.0 for v in var]
+    levels = [xp.median(v[v > 0]) if bool((v > 0).any()) else 0.0 for v in var[:, ::2, ::2]]
     return xp.asarray(levels, dtype=var.dtype)[:, None, None]
 
 
