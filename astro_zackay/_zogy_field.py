@@ -112,18 +112,25 @@ class FieldResult:
 
 
 def _psf_change(psf: PSF, layout: _Layout, seen: dict) -> float:
-    """Largest L1 difference between each tile's central PSF and the PSF at its inner corners."""
+    """Largest L1 difference between each tile's central PSF and the PSF at its corners.
+
+    The corners are the boundaries between pixels (shared by the tiles that meet there,
+    each evaluated once; ``seen`` keeps the PSF at every position evaluated).
+    """
 
     def at(x, y):
         if (x, y) not in seen:
             seen[x, y] = psf(x, y)
         return seen[x, y]
 
+    def edge(i, n):  # the boundary between two pixels, a corner shared by up to 4 tiles
+        return float(min(max(i - 0.5, 0.0), n - 1.0))
+
     worst = 0.0
     for (ys, xs), (cx, cy) in zip(layout.cells(), layout.centres()):
         centre = at(cx, cy)
-        for x in (xs.start, xs.stop - 1):
-            for y in (ys.start, ys.stop - 1):
+        for x in (edge(xs.start, layout.shape[1]), edge(xs.stop, layout.shape[1])):
+            for y in (edge(ys.start, layout.shape[0]), edge(ys.stop, layout.shape[0])):
                 worst = max(worst, float(np.abs(at(x, y) - centre).sum()))
     return worst
 

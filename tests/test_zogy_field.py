@@ -35,7 +35,8 @@ def test_choose_tile_side_follows_the_psf_variation():
     """The largest side over which the PSF changes by <= MAX_PSF_CHANGE from centre to corner.
 
     A PSF mixing two profiles with a weight linear in x changes, from a tile's centre
-    to its corner, by ``slope * (side - 1) / 2`` times the L1 distance of the profiles;
+    to its corner (half a pixel beyond its last pixel), by ``slope * side / 2`` times
+    the L1 distance of the profiles;
     the expected side follows from that; a constant PSF needs one tile.
     """
     shape = (300, 1100)
@@ -48,7 +49,7 @@ def test_choose_tile_side_follows_the_psf_variation():
             return (1 - f) * a + f * b
 
         passing = [s for s in TILE_SIDES
-                   if s < 1100 and slope * (s - 1) / 2 * distance <= MAX_PSF_CHANGE]
+                   if s < 1100 and slope * s / 2 * distance <= MAX_PSF_CHANGE]
         expected = passing[0] if passing else TILE_SIDES[-1]
         assert choose_tile_side((linear, lambda x, y: a), (True, False), shape) == expected
     assert choose_tile_side((linear, linear), (False, False), shape) is None
