@@ -49,7 +49,15 @@ from .zogy import (
     _spectra,
 )
 
-__all__ = ["MAX_PSF_CHANGE", "TILE_SIDES", "FieldResult", "choose_tile_side", "zogy_field"]
+__all__ = [
+    "MAX_PSF_CHANGE",
+    "MIN_TILE_SIDE",
+    "TILE_SIDES",
+    "FieldResult",
+    "check_tiles",
+    "choose_tile_side",
+    "zogy_field",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -622,20 +630,36 @@ def _checked_shape(new: Any, ref: Any, var_new: Any, var_ref: Any, mask_new: Any
     return shape
 
 
+def check_tiles(tiles: Any) -> None:
+    """Raise ValueError unless ``tiles`` is 'auto', None or an integer side >= `MIN_TILE_SIDE`.
+
+    Examples
+    --------
+    >>> from astro_zackay._zogy_field import check_tiles
+    >>> check_tiles(128)
+    >>> check_tiles(16)
+    Traceback (most recent call last):
+    ...
+    ValueError: tiles must be 'auto', None or an integer side >= 32 px, got 16
+    """
+    if tiles is None or (isinstance(tiles, str) and tiles == "auto"):
+        return
+    message = f"tiles must be 'auto', None or an integer side >= {MIN_TILE_SIDE} px, got {tiles!r}"
+    if isinstance(tiles, str | bool) or not np.isscalar(tiles):
+        raise ValueError(message)
+    if not (np.isfinite(tiles) and int(tiles) == tiles and tiles >= MIN_TILE_SIDE):
+        raise ValueError(message)
+
+
 def _tile_side(tiles: Any, psfs: tuple[PSF, PSF], varying: tuple[bool, bool],
                shape: tuple[int, int]) -> tuple[int, int]:
     """The tiles' inner ``(side_y, side_x)`` from the ``tiles`` option (validated)."""
-    if isinstance(tiles, str):
-        if tiles != "auto":
-            raise ValueError(f"tiles must be 'auto', None or a tile side in pixels, got {tiles!r}")
+    check_tiles(tiles)
+    if tiles == "auto":
         tiles = choose_tile_side(psfs, varying, shape)
     if tiles is None:
         return shape
-    side = int(tiles)
-    if side != tiles or side < MIN_TILE_SIDE:
-        raise ValueError(f"tiles must be an integer side >= {MIN_TILE_SIDE} px, 'auto' or None, "
-                         f"got {tiles!r}")
-    return (min(side, shape[0]), min(side, shape[1]))
+    return (min(int(tiles), shape[0]), min(int(tiles), shape[1]))
 
 
 def _bad_pixels(image: np.ndarray, variance: np.ndarray | None, mask: np.ndarray) -> np.ndarray:

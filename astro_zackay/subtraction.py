@@ -33,7 +33,7 @@ from ._psf_input import (
 )
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
-from ._zogy_field import zogy_field
+from ._zogy_field import check_tiles, zogy_field
 from .fluxmatch import StarMatch, match_stars
 from .fourier import get_array_module
 from .noise import NoiseSpectrum, measure_pair_noise
@@ -563,6 +563,7 @@ def subtract(
     science, science_psf = _unpack_coadd(science, science_psf)
     _check_noise_options(noise, psf_error)
     get_array_module(backend)  # an unknown name, or cupy without CuPy, fails before any work
+    check_tiles(tiles)
     if flux_ratio is not None and not (np.isfinite(flux_ratio) and flux_ratio > 0):
         raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
     units, gains = _pair(unit, "unit"), _pair(gain, "gain")

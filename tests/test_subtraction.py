@@ -555,6 +555,15 @@ def test_shape_mismatch_raises(small_run):
         subtract(pair.reference.ccd[:300, :], pair.science.ccd)
 
 
+def test_invalid_tiles_option_raises_before_any_work(small_run, monkeypatch):
+    """tiles= other than 'auto', None or an integer side >= 32 px fails before any work."""
+    pair, _, _ = small_run
+    monkeypatch.setattr("astro_zackay.subtraction.prepare_image", None)  # any work would fail
+    for tiles in ("nodes", 16, 100.5, True):
+        with pytest.raises(ValueError, match="tiles must be"):
+            subtract(pair.reference.ccd, pair.science.ccd, tiles=tiles)
+
+
 def test_align_stars_registers_a_shifted_pair():
     """align='stars' resamples a reference offset by (3.4, -2.6) px; the transient is found.
 
