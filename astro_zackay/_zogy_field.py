@@ -375,7 +375,8 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     Image-sized outputs are ``(n, *grid)`` stacks on ``be``; per-tile numbers are numpy
     vectors.  P_D and the real-space kernels of S (their reach for the mask growth,
     their squares for the source-noise variance) come from a grid of 4 stamps in
-    float64 (or the tiles' grid when that is smaller).
+    float64, or from the tiles' own float64 filters when the tiles' grid is less than
+    twice that grid's area (small tiles: no second set of filters).
     """
     xp = be.xp
     grid = layout.grid
