@@ -38,6 +38,7 @@ from .noise import NoiseSpectrum
 from .zogy import (
     _VAR_FLOOR,
     _astrometric_variance,
+    _clipped,
     _edge_mask,
     _edge_sources,
     _grow_mask,
@@ -459,10 +460,10 @@ def _source_variances(be: ArrayBackend, spec: Any, k_hs: tuple, kernels: list, b
             total_h = term if total_h is None else total_h + term
         if beta_term:
             k2_h *= spec.vb_h
-            v_beta = be.irfft2(k2_h, s=grid, workers=workers)
+            v_beta = _clipped(be.xp, be.irfft2(k2_h, s=grid, workers=workers))
     if total_h is None:
         return level, v_beta
-    total = be.irfft2(total_h, s=grid, workers=workers)
+    total = _clipped(be.xp, be.irfft2(total_h, s=grid, workers=workers))
     total += be.asarray(level[:, None, None], dtype=dtype)
     return total, v_beta
 

@@ -901,7 +901,7 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
         if v_h is None:
             out[name] = background
         else:
-            var = inv(k2_h * v_h)
+            var = _clipped(xp, inv(k2_h * v_h))
             if not np.isscalar(sig):  # the sources' excess, correlated like the background
                 white = _at_mean(sig, shape[1]) * float(half_spectrum_sum(abs2(k_h), shape[1]))
                 var *= background * npix / white
@@ -909,10 +909,22 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
             out[name] = var
         if beta_name is not None and spec.vb_h is not None:
             k2_h *= spec.vb_h
-            out[beta_name] = inv(k2_h)
+            out[beta_name] = _clipped(xp, inv(k2_h))
     out.update(reach=reach, s_sigma=float(np.sqrt(bkg[0] + bkg[1])),
                mask_radius=max(r.core_radius for r in reach))
     return out
+
+
+def _clipped(xp, variance: Any) -> Any:
+    """A convolved variance map with its negative values set to 0 (in place).
+
+    A variance convolved with a squared kernel is non-negative, but the phase ramp
+    that moves the reference by a sub-pixel shift rings around very bright, sharp
+    light: the squared reference of ``V_beta`` (dynamic range ~1e14 around a star of
+    1e7 e-) had lobes of -1e-2 of its peak along whole rows, which sent Scorr to 1e4
+    on unmasked sky.
+    """
+    return xp.maximum(variance, 0.0, out=variance)
 
 
 def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, shift_ref, dtype,

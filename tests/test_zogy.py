@@ -524,3 +524,41 @@ def test_new_input_errors():
         zogy(img, img, psf, psf, shift_ref=(np.nan, 0.0), **kw)
     with pytest.raises(ValueError, match="mask_ref shape"):
         zogy(img, img, psf, psf, mask_ref=np.zeros((4, 4), bool), **kw)
+
+
+@pytest.mark.parametrize("engine", ["zogy", "zogy_field"])
+def test_flux_ratio_error_of_a_shifted_very_bright_star_only_adds_variance(engine):
+    """V_beta of a 1e7 e- star moved by a sub-pixel shift is >= 0: |Scorr| only shrinks.
+
+    The squared reference rings under the shift's phase ramp; unclipped, its negative
+    lobes cancelled the source noise along whole rows and sent Scorr to ~1e6.
+    """
+    from astro_zackay._zogy_field import zogy_field
+    from astro_zackay.fourier import convolve_fft, psf_rfft, shift_image
+    from astro_zackay.profiles import psf_stamp
+
+    n, rng = 128, np.random.default_rng(1)
+    psf = psf_stamp(15, 2.0)
+    star = np.zeros((n, n))
+    star[64, 64] = 1e7
+    img = convolve_fft(star, psf_rfft(psf, (n, n)))
+    # the reference's star sits where the shift (0.4, 0.3) moves it onto the new image's
+    ref = shift_image(img, -0.4, -0.3) + rng.normal(0, 10, (n, n))
+    new = img + rng.normal(0, 10, (n, n))
+    var = 100.0 + np.maximum(img, 0)
+    scores = []
+    for sigma_beta in (0.0, 0.05):
+        if engine == "zogy":
+            res = zogy(new, ref, psf, psf, sigma_new=10, sigma_ref=10, var_new=var,
+                       var_ref=var, flux_ratio_error=sigma_beta, shift_ref=(0.4, 0.3),
+                       dtype=np.float64)
+            assert res.V_beta is None or res.V_beta.min() >= 0
+        else:
+            res = zogy_field(new, ref, lambda x, y: psf, lambda x, y: psf,
+                             varying=(False, False), rms_new=np.full((n, n), 10.0),
+                             rms_ref=np.full((n, n), 10.0), var_new=var, var_ref=var,
+                             mask_new=np.zeros((n, n), bool), mask_ref=np.zeros((n, n), bool),
+                             flux_ratio=1.0, flux_ratio_error=sigma_beta,
+                             shift_ref=(0.4, 0.3), dtype=np.float64)
+        scores.append(np.abs(res.Scorr))
+    assert np.all(scores[1] <= scores[0] * (1 + 1e-9) + 1e-9)
