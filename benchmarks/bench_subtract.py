@@ -26,7 +26,7 @@ Cases
   the true uncertainty (UNCERT extension, read by ours only; the peers read the primary HDU).
 
 "True S/N" is the optimal ZOGY S/N of a point source with background noise only,
-``f / F_n * sqrt(F_S)`` (SCIENCE.md section 4), from the true PSFs (``sim``) or our
+``f / F_n * sqrt(F_S)`` (docs/science.rst), from the true PSFs (``sim``) or our
 estimated PSFs and the background rms of each frame (``real+inj``).
 
 Methods (each in its own subprocess, one at a time, ``--threads`` threads, default 1)

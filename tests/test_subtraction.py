@@ -2,14 +2,15 @@
 
 The array core (`astro_zackay.zogy`) is tested with the true PSFs in ``test_zogy.py``; here
 every PSF is estimated from the images (the default path of `subtract`), and the targets are
-those of SCIENCE.md section 4: calibrated noise, injection-recovery at the optimal S/N,
+those of the science page (docs/science.rst): calibrated noise, injection-recovery at the
+optimal S/N,
 unbiased photometry, clean bright stars, recovered flux ratio and shift, no tile seams.
 
 "True S/N" is the ZOGY optimal S/N with the TRUE PSFs and noise: ``zogy`` with the true PSF
 stamps, the true background rms (images are in electrons), ``flux_new = beta`` and
 ``flux_ref = 1`` gives ``F_S``, and a transient of science flux ``f`` (science e-) has the
-reference-unit flux ``f / beta`` and the S/N ``(f / beta) * sqrt(F_S)`` (SCIENCE.md: "a
-transient of flux alpha has optimal S/N alpha*sqrt(F_S)"; `subtract` reports
+reference-unit flux ``f / beta`` and the S/N ``(f / beta) * sqrt(F_S)`` (a transient of
+flux alpha has the optimal S/N alpha*sqrt(F_S); `subtract` reports
 ``beta * alpha`` in science units).
 """
 
@@ -285,8 +286,8 @@ def test_forced_scorr_matches_true_optimal_snr(transient_measurements):
     ratio is ~0.007, so the 2 % tolerance is for the estimated-PSF loss.
     The true S/N includes the transient's own Poisson noise, which Scorr (correctly) also
     includes: at these sky levels it is 5 % of the S/N at S/N 6, so ``alpha*sqrt(F_S)``
-    (background only) is checked to be ~5 % above the forced Scorr (SCIENCE.md's
-    "negligible source noise" premise needs a much brighter sky).
+    (background only) is checked to be ~5 % above the forced Scorr (the premise of a
+    negligible source noise needs a much brighter sky).
     """
     t = transient_measurements
     faint = t["snr"] < 9.5
@@ -384,7 +385,7 @@ def _bright_star_residuals(pair, result, snr_min=50.0, radius=2.0, threshold=5.0
 
 
 def test_bright_stars_leave_no_residuals(injection_runs):
-    """< 1 % of the S/N > 50 stars leave a |Scorr| > 5 residual within 2 px (SCIENCE.md 4.4).
+    """< 1 % of the S/N > 50 stars leave a |Scorr| > 5 residual within 2 px.
 
     Default subtraction (estimated PSFs, fitted flux ratio and shift, source-noise,
     astrometric and flux-ratio terms on); ~240 bright stars over the three pairs.
