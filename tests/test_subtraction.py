@@ -3,8 +3,8 @@
 The array core (`astro_zackay.zogy`) is tested with the true PSFs in ``test_zogy.py``; here
 every PSF is estimated from the images (the default path of `subtract`), and the targets are
 those of the science page (docs/science.rst): calibrated noise, injection-recovery at the
-optimal S/N,
-unbiased photometry, clean bright stars, recovered flux ratio and shift, no tile seams.
+optimal S/N, unbiased photometry, clean bright stars, recovered flux ratio and shift, no tile
+seams.
 
 "True S/N" is the ZOGY optimal S/N with the TRUE PSFs and noise: ``zogy`` with the true PSF
 stamps, the true background rms (images are in electrons), ``flux_new = beta`` and
