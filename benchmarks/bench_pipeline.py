@@ -352,8 +352,8 @@ def worker_psf(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_coadd_frames(spec: dict[str, Any]) -> None:
-    """Simulate the coadd frames with ``bench_coadd``'s simulation (in a worker: Linux passes
-    a parent's peak RSS on to its children's ``ru_maxrss``, which that harness reads)."""
+    """Simulate the coadd frames with ``bench_coadd``'s simulation, in a worker so that the
+    launcher, the parent of every measured process, stays small."""
     import bench_coadd
 
     bench_coadd.simulate(spec["folder"], COADD_SIZE, spec["n"], seed=1)
