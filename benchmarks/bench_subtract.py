@@ -33,8 +33,7 @@ Methods (each in its own subprocess, one at a time, ``--threads`` threads, defau
 -----------------------------------------------------------------------------------
 * ``ours``: ``astro_zackay.subtract(REF_PATH, SCI_PATH, **case kwargs)``, the default call
   end to end (FITS reading, background, PSF estimation, flux-ratio/shift fit, Scorr), run by
-  this script in a child with astro_zackay's python and ``fourier.DEFAULT_WORKERS`` set to
-  ``--threads``;
+  this script in a child with astro_zackay's python and ``subtract(workers=--threads)``;
 * the peers through ``benchmarks/_peers.py``: properimage 0.7.2 ``subtract`` default call
   (beta + shift) and Tutorial04 call, zogyp ``run_ZOGY`` default, sfft
   ``Customized_Packet.CP`` (the harness' "tutorial" variant) and ois ``optimal_system``
@@ -143,13 +142,12 @@ def ours_worker(spec_path: str) -> int:
     result: dict[str, Any] = {"ok": False, "info": {}}
     try:
         t0 = time.perf_counter()
-        import astro_zackay.fourier
         from astro_zackay import subtract
 
         result["import_s"] = time.perf_counter() - t0
-        astro_zackay.fourier.DEFAULT_WORKERS = int(spec["threads"])
         t0, c0 = time.perf_counter(), time.process_time()
-        res = subtract(spec["reference"], spec["science"], **spec["kwargs"])
+        res = subtract(spec["reference"], spec["science"], workers=int(spec["threads"]),
+                       **spec["kwargs"])
         result["wall_s"] = time.perf_counter() - t0
         result["info"]["cpu_s"] = time.process_time() - c0
         result["info"]["flux_ratio"] = res.flux_ratio
