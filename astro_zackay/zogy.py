@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ._stats import mad_std
 from .fourier import (
     ArrayBackend,
     abs2,
@@ -1263,7 +1264,7 @@ def _fit_match(
         v0, v1 = np.linalg.lstsq(design, resid**2 * w_prev, rcond=None)[0]
         v_i = max(v0, 1e-3 * float(np.median(resid**2))) + max(v1, 0.0) * xpos
         u = resid / np.sqrt(v_i)
-        u /= 1.4826 * max(float(np.median(np.abs(u - np.median(u)))), np.finfo(float).tiny)
+        u /= max(mad_std(u), np.finfo(float).tiny)
         if phase == "huber":
             w_rob = np.minimum(1.0, _HUBER_K / np.maximum(np.abs(u), np.finfo(float).tiny))
         else:
