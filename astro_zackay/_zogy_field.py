@@ -541,7 +541,9 @@ def zogy_field(
     dtype : {numpy.float32, numpy.float64}
         Working precision of the image-sized algebra (the PSF factors are float64).
     backend : str or ArrayBackend
-        Where the image-sized arrays live, from upload to the results.
+        Where the image-sized algebra runs, from upload to the results.  The bad-pixel
+        mask is not on it: it is built and grown on the host (``scipy.ndimage``, with the
+        tiles' noise levels) and then uploaded.
     workers : int, optional
         FFT threads.
 

@@ -504,8 +504,10 @@ def subtract(
         Working precision of the image-sized FFT algebra (the PSF factors are always
         computed in float64; float32 changes Scorr by ~1e-3 sigma).
     backend : {'numpy', 'cupy'}
-        Where the subtraction's image-sized arrays live: ``'cupy'`` keeps them on the
-        GPU from upload to the final Scorr (needs CuPy, ``pip install cupy-cuda12x``).
+        Where the subtraction's image-sized arrays live: ``'cupy'`` keeps the images,
+        their transforms and the ZOGY algebra on the GPU from upload to the final Scorr
+        (needs CuPy, ``pip install cupy-cuda12x``).  The bad-pixel mask is not yet
+        ported: it is grown on the host (``scipy.ndimage``) and then uploaded.
     workers : int, optional
         FFT threads (default: all the cores the process may use).
 
