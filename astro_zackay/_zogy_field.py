@@ -579,9 +579,10 @@ def zogy_field(
     """
     be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     shape = _checked_shape(new, ref, var_new, var_ref, mask_new, mask_ref, flux_ratio)
-    side = _tile_side(tiles, (psf_new, psf_ref), varying, shape)
     centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
-    stamp = max(psf_new(*centre).shape + psf_ref(*centre).shape)
+    stamp = max(unit_sum_psf(psf_new(*centre), "psf_new").shape
+                + unit_sum_psf(psf_ref(*centre), "psf_ref").shape)
+    side = _tile_side(tiles, (psf_new, psf_ref), varying, shape)
     layout = _Layout(shape, side, stamp)
     new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad

@@ -174,3 +174,12 @@ def test_bad_inputs_are_rejected_before_any_work():
         zogy_field(new, ref, psf, psf, **dict(kw, flux_ratio=-1.0))
     with pytest.raises(ValueError, match="unit sum"):
         zogy_field(new, ref, lambda x, y: 2 * gaussian(1.5, 9), psf, **kw)
+    calls = []
+
+    def bad(x, y):
+        calls.append((x, y))
+        return 2 * gaussian(1.5, 9)
+
+    with pytest.raises(ValueError, match="psf_ref must have unit sum"):  # before the tiling
+        zogy_field(new, ref, psf, bad, **dict(kw, varying=(True, True)))
+    assert calls == [(31.5, 31.5)]
