@@ -36,7 +36,6 @@ from .fourier import (
 )
 from .noise import NoiseSpectrum
 from .zogy import (
-    _VAR_FLOOR,
     _astrometric_variance,
     _clipped,
     _edge_mask,
@@ -47,7 +46,9 @@ from .zogy import (
     _masked_regions,
     _moved_mask,
     _psf_variance,
+    _scorr,
     _spectra,
+    _total_variance,
 )
 
 __all__ = [
@@ -757,17 +758,13 @@ def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast,
     xp.sqrt(alpha_err, out=alpha_err)
     alpha_err *= beta
     alpha_err /= f_s
+    v_ast = v_psf = None
     if s_n is not None:
-        for extra in (_astrometric_variance(xp, (s_n, s_r), ast, dtype),
-                      _psf_variance(xp, s_n, s_r, eps)):
-            if extra is not None:
-                var += extra
+        v_ast = _astrometric_variance(xp, (s_n, s_r), ast, dtype)
+        v_psf = _psf_variance(xp, s_n, s_r, eps)
         del s_n, s_r
-    if out["V_beta"] is not None:
-        var += image("V_beta")
-    xp.maximum(var, _VAR_FLOOR * f_s, out=var)
-    xp.sqrt(var, out=var)
-    scorr = xp.divide(S, var, out=var)
+    v_beta = None if out["V_beta"] is None else image("V_beta")
+    scorr = _scorr(xp, S, _total_variance(var, v_ast, v_beta, v_psf), f_s)
     alpha = S * beta
     alpha /= f_s
     return offsets, {"D": be.to_numpy(d), "S": be.to_numpy(S), "Scorr": be.to_numpy(scorr),

@@ -815,11 +815,12 @@ def _background_level(xp: Any, var: Any) -> Any:
     return xp.asarray(levels, dtype=var.dtype)[:, None, None]
 
 
-def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: float, fr: float,
+def _pair_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: float, fr: float,
                   shape: tuple[int, int], dtype: Any, workers: int | None):
-    """The PSF-only factors of one node: ``wa = A/sqrt(den)``, ``wb``, ``Q`` and ``F_S``.
+    """The filters of one pair of PSFs: ``wa = A/sqrt(den)``, ``wb = B/sqrt(den)``, ``Q``, ``F_S``.
 
-    Computed in float64 (see the module docstring), then cast to the working complex
+    They depend on the PSFs and the noise powers only, not on the images.  Computed in
+    float64 (see the module docstring), then cast to the working complex
     type on ``be``: ``wa`` and ``wb`` are bounded by ``1/sigma``, so float32 holds them
     even where ``|A|**2`` would underflow.
     """
@@ -846,9 +847,9 @@ def _node_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: f
         ctype, copy=False), f_s
 
 
-def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise, fn: float,
-          fr: float, split: bool, dtype: Any, workers: int | None) -> dict:
-    """ZOGY of one pair of PSFs on shared transforms: D, S (or S_N, S_R), variances, P_D.
+def _pair_outputs(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise,
+                  fn: float, fr: float, split: bool, dtype: Any, workers: int | None) -> dict:
+    """ZOGY of an image pair from its transforms: D, S (or S_N, S_R), variances, P_D, reaches.
 
     Every kernel is inverse-transformed once: its reach (for the mask growth) and its
     square (for the source-noise variance) come from the same real-space kernel.
@@ -861,7 +862,7 @@ def _node(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, nois
     def inv(a_h):
         return be.irfft2(a_h, s=shape, workers=workers)
 
-    wa, wb, q_h, f_s = _node_filters(be, pn, pr, noise, fn, fr, shape, dtype, workers)
+    wa, wb, q_h, f_s = _pair_filters(be, pn, pr, noise, fn, fr, shape, dtype, workers)
     d_h = wa * spec.n_h
     t_h = wb * spec.r_h
     d_h -= t_h
@@ -934,7 +935,7 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, sh
     correlated = (not np.isscalar(noise[0]), not np.isscalar(noise[1]))
     spec = _spectra(be, arrays, correlated, sb, shift_ref, dtype, workers)
     split = max(ast[0] + ast[1] + eps) > 0
-    out = _node(be, spec, pn, pr, noise, fn, fr, split, dtype, workers)
+    out = _pair_outputs(be, spec, pn, pr, noise, fn, fr, split, dtype, workers)
     del spec
     out.setdefault("V_beta", None)
     out["V_ast"] = out["V_psf"] = None
@@ -944,21 +945,32 @@ def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, sh
         out["V_ast"] = _astrometric_variance(xp, (s_n, s_r), ast, dtype)
         out["V_psf"] = _psf_variance(xp, s_n, s_r, eps)
         del s_n, s_r
-    out["Scorr"] = _scorr(xp, out["S"], _total_variance(out), out["F_S"])
+    var = _total_variance(out["V_SN"] + out["V_SR"], out["V_ast"], out["V_beta"], out["V_psf"])
+    out["Scorr"] = _scorr(xp, out["S"], var, out["F_S"])
     return out
 
 
-def _total_variance(out: dict) -> Any:
-    """``V_SN + V_SR`` plus each of ``V_ast``, ``V_beta``, ``V_psf`` that is there."""
-    var = out["V_SN"] + out["V_SR"]
-    for name in ("V_ast", "V_beta", "V_psf"):
-        if out.get(name) is not None:
-            var = var + out[name]
-    return var
+def _total_variance(v_s: Any, v_ast: Any, v_beta: Any, v_psf: Any) -> Any:
+    """Scorr's variance: ``V_S = V_SN + V_SR`` plus each of ``V_ast``, ``V_beta``, ``V_psf``.
+
+    Each term is an array, a number or None (not there); ``v_s`` is added to in place
+    when it is an array.
+    """
+    for extra in (v_ast, v_beta, v_psf):
+        if extra is None:
+            continue
+        if np.isscalar(v_s):
+            v_s = v_s + extra
+        else:
+            v_s += extra
+    return v_s
 
 
-def _scorr(xp, S: Any, var: Any, f_s: float) -> Any:
-    """``S / sqrt(var)``, the variance floored at ``_VAR_FLOOR * F_S`` (``var`` overwritten)."""
+def _scorr(xp, S: Any, var: Any, f_s: Any) -> Any:
+    """``S / sqrt(var)``, the variance floored at ``_VAR_FLOOR * F_S`` (``var`` overwritten).
+
+    ``f_s`` is a number, or an array on ``S``'s grid (each tile's ``F_S``).
+    """
     if np.isscalar(var):
         return S / np.sqrt(var)
     xp.maximum(var, _VAR_FLOOR * f_s, out=var)
