@@ -153,12 +153,12 @@ def prepare_image(
     >>> prep.data is img.data, round(prep.sigma, 1), abs(float(prep.data.mean())) < 0.5
     (True, 2.0, True)
     """
-    background = _estimate_from(image)  # on the coerced image: no second copy
+    background, detection = _estimate_from(image)  # on the coerced image: no second copy
     stars = None
     if psf is None or need_stars:
         # the coerced image itself, not a CCDData that each step would coerce again
         stars = find_image_stars(image, background, name=name,
-                                 option=option if psf is None else None)
+                                 option=option if psf is None else None, detection=detection)
     if psf is None:
         psf = estimate_image_psf(image, stars, name=name, option=option)
     sampler = as_psf_sampler(psf)

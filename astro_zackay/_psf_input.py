@@ -263,7 +263,7 @@ def _coerced(image: Any) -> ImageData:
 
 
 def find_image_stars(
-    image: Any, background: Any, *, name: str, option: str | None
+    image: Any, background: Any, *, name: str, option: str | None, detection: Any = None
 ) -> Table | None:
     """The stars of one image of a subtraction or coadd, found once for all their uses.
 
@@ -287,6 +287,9 @@ def find_image_stars(
         ``AZCOADD``) with its PSF given, the table then lacks the stars' Moffat fits
         (``fwhm``, ``beta``), so that the flux matching's aperture correction comes
         from the given, exact, PSF.
+    detection : `~astro_zackay.background._Detection`, optional
+        The sources that the estimate of ``background`` detected on this image
+        (`~astro_zackay.background._estimate_from`): reused, not detected again.
 
     Returns
     -------
@@ -298,7 +301,8 @@ def find_image_stars(
 
     image = _coerced(image)
     try:
-        stars = _find_stars(image, snr_min=MATCH_SNR_MIN, background=background)
+        stars = _find_stars(image, snr_min=MATCH_SNR_MIN, background=background,
+                            detection=detection)
     except ValueError as exc:
         if option is not None:
             raise _cannot_estimate(name, exc, option) from None

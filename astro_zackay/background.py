@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,9 +92,6 @@ class BackgroundResult:
     box_size: tuple[int, int]
     filter_size: tuple[int, int]
     masked_fraction: float
-    #: the sources detected for the source mask, which the star finder reuses on the
-    #: same image (`_Detection.of`) instead of detecting them again
-    _detection: _Detection | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         ny, nx = self.sky.shape
@@ -382,8 +379,18 @@ def _estimate_from(
     filter_size: Any = 3,
     method: str = "auto",
     detect_sources: bool = True,
-) -> BackgroundResult:
-    """`estimate_background` on an already coerced image."""
+) -> tuple[BackgroundResult, _Detection | None]:
+    """`estimate_background` on an already coerced image.
+
+    Returns
+    -------
+    BackgroundResult
+        The background.
+    _Detection or None
+        The sources detected for the source mask (None without ``detect_sources``),
+        which the star finder can reuse on the same image instead of detecting them
+        again; kept out of the result, which stays a plain, picklable record.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     method = DEFAULT_METHOD if method == "auto" else method
@@ -426,7 +433,7 @@ def _estimate_from(
     )
     text = f"{method} background map: box {box[1]}x{box[0]}, filter {filt[1]}x{filt[0]}"
     no_mask = np.zeros(img.shape, dtype=bool)
-    return BackgroundResult(
+    result = BackgroundResult(
         sky=to_ccddata(sky, img, mask=no_mask, step=("AZBKG", text)),
         rms=to_ccddata(rms, img, mask=no_mask, step=("AZBKG", text)),
         global_sky=_map_median(sky),
@@ -435,8 +442,8 @@ def _estimate_from(
         box_size=box,
         filter_size=filt,
         masked_fraction=masked_fraction,
-        _detection=detection,
     )
+    return result, detection
 
 
 def estimate_background(
@@ -459,8 +466,8 @@ def estimate_background(
     ``mask``, non-finite and saturated pixels) never enter. With ``detect_sources``
     a first pass is followed by source detection (sep at 3 sigma, 3x3 filter) and
     a second pass with the sources that peak at 5 sigma masked (their 3-sigma
-    isophotes grown by 2 pixels); the star finder reuses that detection on the
-    same image.
+    isophotes grown by 2 pixels); the subtraction and coaddition pipelines reuse
+    that detection to find the stars of the same image.
 
     Method choice, measured with ``benchmarks/bench_background.py`` on a simulated
     2048x2048 image in electrons (`~astro_zackay.simulation.simulate_image`: 2000
@@ -544,7 +551,7 @@ def estimate_background(
         filter_size=filter_size,
         method=method,
         detect_sources=detect_sources,
-    )
+    )[0]
 
 
 def subtract_background(
@@ -600,7 +607,7 @@ def subtract_background(
     """
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     if background is None:
-        background = _estimate_from(
+        background, _ = _estimate_from(
             img,
             box_size=box_size,
             filter_size=filter_size,

@@ -44,6 +44,7 @@ from .background import (
     BackgroundResult,
     _default_box_size,
     _detect_sources,
+    _Detection,
     _sep_maps,
 )
 from .profiles import GAUSS_FWHM, moffat_jacobian, moffat_model, moffat_shape
@@ -181,13 +182,16 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
     return np.full(img.shape, sky), np.full(img.shape, rms)
 
 
-def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+def _detect(
+    img: ImageData, background: Any, detection: _Detection | None = None
+) -> tuple[np.ndarray, np.ndarray, Any]:
     """Background-subtracted data (masked pixels 0), the rms map and the detections.
 
-    The detections are `~astro_zackay.background.estimate_background`'s when
-    ``background`` was measured on this very image (it detected the sources to mask
-    them, on its first-pass sky: they are not detected again), else sep's on the
-    data less the sky (`~astro_zackay.background._detect_sources`).
+    The detections are ``detection``, those the background estimate
+    (`~astro_zackay.background._estimate_from`) made to mask the sources, on its
+    first-pass sky, when given with ``background`` and made on this very image (they
+    are not detected again), else sep's on the data less the sky
+    (`~astro_zackay.background._detect_sources`).
 
     Without a ``background``, the sky is one pass of sep's clipped background map
     (64 px boxes, 3x3 filter). The second, source-masked pass of
@@ -200,7 +204,7 @@ def _detect(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray, An
     if background is not None:
         sky, rms = _given_background(img, background)
         residual = np.where(img.mask, 0.0, img.data - sky)
-        found = getattr(background, "_detection", None)
+        found = detection
         if found is None or not found.of(img):
             found, _ = _detect_sources(img, residual, rms)
         return residual, rms, found.objects
@@ -1086,15 +1090,17 @@ def _find_stars(
     max_stars: int | None = None,
     edge: int | None = None,
     background: BackgroundResult | float | u.Quantity | None = None,
+    detection: _Detection | None = None,
 ) -> Table:
     """`find_psf_stars` on an image already coerced (`~astro_zackay._ccd.to_image`).
 
     The array-level step that orchestrators call with the image they coerced once;
     the arguments are checked by the public function (``stamp_shape`` as the checked
-    tuple or None).
+    tuple or None). ``detection`` is the sources that the estimate of ``background``
+    detected on this image (`~astro_zackay.background._estimate_from`), reused.
     """
     user_stamp = stamp_shape
-    data, rms, objects = _detect(img, background)
+    data, rms, objects = _detect(img, background, detection)
     n_det = len(objects)
     if n_det == 0:
         raise ValueError(

@@ -1,6 +1,7 @@
 """Tests of astro_zackay.background against simulated truth."""
 
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
@@ -120,6 +121,22 @@ def test_result_subtract_and_repr(crowded):
         bkg.subtract(crowded.ccd.data, unit="adu")
     with pytest.raises(TypeError, match="BackgroundResult"):
         subtract_background(crowded.ccd, background=3.0)
+
+
+def test_result_pickles():
+    """The result is a plain record: it pickles (no detection or weak reference in it)."""
+    rng = np.random.default_rng(3)
+    bkg = estimate_background(rng.normal(100.0, 5.0, (128, 128)), unit="electron")
+    back = pickle.loads(pickle.dumps(bkg))
+    for field in dataclasses.fields(BackgroundResult):
+        value, other = getattr(bkg, field.name), getattr(back, field.name)
+        if isinstance(value, CCDData):
+            np.testing.assert_array_equal(other.data, value.data)
+            np.testing.assert_array_equal(other.mask, value.mask)
+            assert other.unit == value.unit and other.meta == value.meta
+        else:
+            assert other == value
+    assert repr(back) == repr(bkg)
 
 
 def test_unit_conversion_in_subtract(crowded):

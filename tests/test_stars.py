@@ -507,14 +507,14 @@ def test_detection_shared_with_the_background_of_the_same_image(monkeypatch):
 
     sim = simulate_image((384, 384), psf=3.0, n_stars=60, seed=21, flux_range=(3e3, 3e5))
     img = to_image(sim.ccd)
-    bkg = bg_module._estimate_from(img)
+    bkg, detection = bg_module._estimate_from(img)
     calls = []
     extract = bg_module._sep_extract
     monkeypatch.setattr(bg_module, "_sep_extract", lambda *a: calls.append(1) or extract(*a))
-    shared = _find_stars(img, background=bkg)
+    shared = _find_stars(img, background=bkg, detection=detection)
     assert calls == []
     other = dataclasses.replace(img, data=img.data.copy())  # equal values, another array
-    again = _find_stars(other, background=bkg)
+    again = _find_stars(other, background=bkg, detection=detection)
     assert len(calls) == 1
     assert len(shared) >= 40 and abs(len(shared) - len(again)) <= 1
     dist, match = cKDTree(np.column_stack([again["x"], again["y"]])).query(
