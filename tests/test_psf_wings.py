@@ -98,3 +98,38 @@ def test_stars_with_a_neighbours_wing_in_their_stamps_are_left_out():
     assert len(model.stars) == isolated.sum()
     for xs, ys in zip(stars["x"][-2:], stars["y"][-2:]):
         assert np.hypot(model.stars["x"] - xs, model.stars["y"] - ys).min() > 15
+
+
+def test_star_levels_match_a_direct_per_bin_computation():
+    """`_star_levels` sums bins as column slices; with empty trailing bins the last
+    non-empty bin keeps all its pixels (its last column included)."""
+    from astro_zackay.psf.wings import _star_levels
+
+    rng = np.random.default_rng(5)
+    n_star, n_pix = 3, 60
+    grid = np.sort(rng.uniform(0.0, 12.0, n_pix))
+    radius = grid + rng.uniform(-0.3, 0.3, (n_star, n_pix))
+    values = rng.normal(10.0, 1.0, (n_star, n_pix))
+    values[0, 7] = 50.0  # clipped
+    values[1, 20] = np.nan  # left out
+    pixel_var = rng.uniform(0.5, 2.0, (n_star, n_pix))
+    edges = np.array([0.0, 5.0, 10.0, 15.0, 20.0])  # the last bin is empty
+    level, variance, r_mean, r_var = _star_levels(grid, radius, values, pixel_var, edges)
+    for s in range(n_star):
+        for b in range(len(edges) - 1):
+            inside = (grid >= edges[b]) & (grid < edges[b + 1])
+            if inside.sum() < 5:
+                assert np.isnan(level[s, b]) and variance[s, b] == np.inf
+                continue
+            v = values[s, inside]
+            centre = np.nanmedian(v)
+            spread = 1.4826 * np.nanmedian(np.abs(v - centre))
+            kept = np.isfinite(v) & ~(np.abs(v - centre) > 3.0 * spread)
+            n = kept.sum()
+            r = radius[s, inside][kept]
+            np.testing.assert_allclose(level[s, b], v[kept].mean(), rtol=1e-12)
+            np.testing.assert_allclose(variance[s, b], pixel_var[s, inside][kept].sum() / n**2,
+                                       rtol=1e-12)
+            np.testing.assert_allclose(r_mean[s, b], r.mean(), rtol=1e-12)
+            np.testing.assert_allclose(r_var[s, b], r.var(), rtol=1e-10, atol=1e-15)
+    assert np.all(np.isnan(level[:, -1]))

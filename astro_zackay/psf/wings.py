@@ -176,15 +176,16 @@ def _star_levels(
     # the bins' pixels are consecutive columns: sums over them by np.add.reduceat
     cols = slice(bounds[0], bounds[-1])
     in_bin = np.repeat(np.arange(n_bins), counts)
-    starts = np.minimum(bounds[:-1] - bounds[0], max(bounds[-1] - bounds[0] - 1, 0))
+    starts = bounds[:-1] - bounds[0]
     v = values[:, cols]
     with np.errstate(invalid="ignore"):
         kept = np.isfinite(v) & ~(np.abs(v - centre[:, in_bin]) > 3.0 * spread[:, in_bin])
 
     def bin_sums(array: np.ndarray) -> np.ndarray:
-        if array.shape[1] == 0:
-            return np.zeros((n_star, n_bins))
-        return np.where(counts > 0, np.add.reduceat(array, starts, axis=1), 0.0)
+        # a zero column appended: the starts of empty trailing bins (at the end) stay
+        # valid indices, and the last non-empty bin keeps its last column
+        padded = np.concatenate([array, np.zeros((n_star, 1))], axis=1)
+        return np.where(counts > 0, np.add.reduceat(padded, starts, axis=1), 0.0)
 
     n = bin_sums(kept.astype(float))
     ok = n >= 5
