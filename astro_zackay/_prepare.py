@@ -10,12 +10,14 @@ Memory.  The image passed in is owned by the caller, freshly coerced at the
 CCDData boundary (`~astro_zackay._ccd.to_image` always copies the input's pixels), so
 the background is subtracted in its own data array, in place, once the stars and the
 PSF have been measured on the original pixels: no second frame-sized array is made.
-The `PreparedImage` holds that same image, whose ``data`` is then the
-background-subtracted one; the caller must not keep using the original pixels.
+The `PreparedImage` holds that same image (its cached sky maps, of the original
+pixels, dropped), whose ``data`` is then the background-subtracted one; the caller
+must not keep using the original pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +47,8 @@ class PreparedImage:
     ----------
     image : `~astro_zackay._ccd.ImageData`
         The coerced image; its ``data`` is background-subtracted, masked pixels 0
-        (the same array as `data`); variance, mask, unit, WCS and meta unchanged.
+        (the same array as `data`); variance, mask, unit, WCS and meta unchanged; no
+        cached sky maps (those were of the original pixels).
     rms : `~numpy.ndarray`
         The background rms map, in the data's dtype.
     sigma : float
@@ -83,9 +86,20 @@ class PreparedImage:
                 f"stars={n_stars} psf={self.psf.source}>")
 
 
-def _given_sigma(sigma: Any, unit: u.UnitBase) -> float:
-    """A given background noise as a float in the image unit."""
-    return float(u.Quantity(sigma, unit).value) if isinstance(sigma, u.Quantity) else float(sigma)
+def _given_sigma(sigma: Any, unit: u.UnitBase, name: str) -> float:
+    """A given background noise as a float in the image unit, checked positive and finite."""
+    if isinstance(sigma, u.Quantity):
+        try:
+            value = float(sigma.to_value(unit))
+        except u.UnitsError as exc:
+            raise u.UnitConversionError(
+                f"{name}: sigma={sigma!r} is not in a unit of the image ({unit}): {exc}"
+            ) from None
+    else:
+        value = float(sigma)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: the background noise must be positive, got {value}")
+    return value
 
 
 def _background_sigma(image: ImageData, rms: np.ndarray) -> float:
@@ -139,7 +153,10 @@ def prepare_image(
     ------
     ValueError
         When the PSF must be estimated and cannot be (the message names the image and
-        ``option``), or for a background noise that is not positive.
+        ``option``), or for a background noise that is not positive and finite (a given
+        one is checked before any work).
+    astropy.units.UnitConversionError
+        For a given ``sigma`` in a unit that does not convert to the image's.
 
     Examples
     --------
@@ -153,6 +170,7 @@ def prepare_image(
     >>> prep.data is img.data, round(prep.sigma, 1), abs(float(prep.data.mean())) < 0.5
     (True, 2.0, True)
     """
+    given = None if sigma is None else _given_sigma(sigma, image.unit, name)  # before any work
     background, detection = _estimate_from(image)  # on the coerced image: no second copy
     stars = None
     if psf is None or need_stars:
@@ -166,9 +184,13 @@ def prepare_image(
     data = image.data
     np.subtract(data, background.sky.data, out=data, casting="same_kind")
     data[image.mask] = 0.0
+    # the sky maps cached at coercion are those of the old pixels: no later step may reuse them
+    image = dataclasses.replace(image, sky_maps=None)
     rms = np.asarray(background.rms.data, dtype=data.dtype)
     del background
-    s = _background_sigma(image, rms) if sigma is None else _given_sigma(sigma, image.unit)
+    if given is not None:
+        return PreparedImage(image, rms, given, sampler, stars, name)
+    s = _background_sigma(image, rms)
     if not np.isfinite(s) or s <= 0:
         raise ValueError(f"{name}: the background noise must be positive, got {s}")
     return PreparedImage(image, rms, s, sampler, stars, name)
