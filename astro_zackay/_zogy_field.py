@@ -48,6 +48,7 @@ from .zogy import (
     _psf_variance,
     _scorr,
     _spectra,
+    _tile_medians,
     _total_variance,
 )
 
@@ -722,14 +723,10 @@ def _remove_offsets(be: ArrayBackend, layout: _Layout, d: Any, good: np.ndarray,
     those around them: a small tile's own pixels would give an offset biased by the
     stars in it) times ``sqrt(den0)``.
     """
-    xp = be.xp
     on_grid = layout.upload(be, good, None, bool)
-    levels = np.zeros(layout.n)
-    for j in range(layout.n):
-        values = d[j][on_grid[j]]
-        levels[j] = float(xp.median(values)) if values.size else 0.0
-    d -= be.asarray(levels[:, None, None], dtype=d.dtype)
-    return levels * np.sqrt(den0)
+    levels = _tile_medians(be.xp, d, on_grid)
+    d -= levels[:, None, None]
+    return np.asarray(be.to_numpy(levels), dtype=np.float64) * np.sqrt(den0)
 
 
 def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast, eps,

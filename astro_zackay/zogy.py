@@ -811,8 +811,19 @@ def _background_level(xp: Any, var: Any) -> Any:
     """
     if var.ndim == 2:
         return xp.median(var[var > 0])
-    levels = [xp.median(v[v > 0]) if bool((v > 0).any()) else 0.0 for v in var[:, ::2, ::2]]
-    return xp.asarray(levels, dtype=var.dtype)[:, None, None]
+    sub = var[:, ::2, ::2]
+    return _tile_medians(xp, sub, sub > 0)[:, None, None]
+
+
+def _tile_medians(xp: Any, stack: Any, keep: Any) -> Any:
+    """The median of each tile's ``keep`` values of a ``(n, ny, nx)`` stack, 0 where none.
+
+    One batched reduction on the stack's backend (no per-tile loop, no transfer): the
+    values not kept are NaN and ignored.
+    """
+    values = xp.where(keep, stack, xp.nan).reshape(stack.shape[0], -1)
+    values[:, 0] = xp.where(keep.reshape(stack.shape[0], -1).any(axis=1), values[:, 0], 0.0)
+    return xp.nanmedian(values, axis=1)
 
 
 def _pair_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: float, fr: float,
