@@ -34,8 +34,9 @@ DEFAULT_METHOD = "sep"
 #: sep (like SExtractor) reports the standard deviation of pixels clipped at +-3 sigma,
 #: which is this factor times the sigma of Gaussian noise: sqrt(1 - 6 phi(3) / erf(3/sqrt 2)).
 _SEP_CLIP_STD_FACTOR = 0.986578
-#: Detection threshold (in units of the first-pass rms) of the sources masked before the
-#: final estimate. High enough that noise peaks are not masked: masking them would bias
+#: Filtered-peak S/N (in units of the first-pass rms) above which a source is masked
+#: before the final estimate: its 3-sigma isophote (`DETECT_THRESHOLD`), grown by
+#: `_SOURCE_GROW`. High enough that noise peaks are not masked: masking them would bias
 #: the sky and rms low.
 _SOURCE_THRESHOLD = 5.0
 #: Source segments are grown by this many pixels in each direction to cover PSF wings.
