@@ -31,6 +31,7 @@ from .fourier import (
     abs2,
     fast_shape,
     get_array_module,
+    half_spectrum_sum,
     psf_rfft_stack,
     unit_sum_psf,
 )
@@ -260,14 +261,6 @@ class _Layout:
         return np.array(owner, dtype=int)
 
 
-def _plane_sums(a: Any, nx: int) -> Any:
-    """Per tile, the sum over the full frequency plane of an even real ``(n, ny, nx//2+1)``."""
-    total = 2.0 * a.sum(axis=(-2, -1)) - a[..., 0].sum(axis=-1)
-    if nx % 2 == 0:
-        total = total - a[..., -1].sum(axis=-1)
-    return total
-
-
 class _TileNoise:
     """The tiles' noise powers on a grid: ``sigma**2`` (white) or a spectrum times it.
 
@@ -302,7 +295,7 @@ class _TileNoise:
 
     def at_mean(self, grid: tuple[int, int]) -> np.ndarray:
         """``(2, n)``: each image's per-pixel variance (mean power over the plane) per tile."""
-        means = [1.0 if u is None else float(_plane_sums(u, grid[1])) / (grid[0] * grid[1])
+        means = [1.0 if u is None else float(half_spectrum_sum(u, grid[1])) / (grid[0] * grid[1])
                  for u in self._unit(grid)]
         return self.sigmas**2 * np.array(means)[:, None]
 
@@ -334,7 +327,7 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, be
     q_h = b_h * a_h
     q_h *= good
     b_h *= den
-    f_s = be.to_numpy(_plane_sums(abs2(q_h), grid[1])) / (grid[0] * grid[1])
+    f_s = be.to_numpy(half_spectrum_sum(abs2(q_h), grid[1])) / (grid[0] * grid[1])
     return a_h, b_h, q_h, np.asarray(f_s, dtype=np.float64)
 
 
@@ -423,8 +416,8 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
         out["S"] = inv(t_h)
     del d_h, t_h, q_h
     out["P_D"] = out_pd
-    bkg = [np.asarray(be.to_numpy(_plane_sums(abs2(k_h) * p, grid[1])), dtype=np.float64) / npix
-           for k_h, p in zip((kn_h, kr_h), powers)]
+    bkg = [np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h) * p, grid[1])),
+                      dtype=np.float64) / npix for k_h, p in zip((kn_h, kr_h), powers)]
     out["reach"] = list(zip(*(_KernelReach.of_stack(be, k, stamp) for k in kernels)))
     out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
     out["V_S"], out["V_beta"] = _source_variances(be, spec, (kn_h, kr_h), kernels, bkg,
@@ -457,7 +450,7 @@ def _source_variances(be: ArrayBackend, spec: Any, k_hs: tuple, kernels: list, b
         if v_h is not None:
             term = k2_h * v_h
             if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
-                full = np.asarray(be.to_numpy(_plane_sums(abs2(k_h), grid[1])))
+                full = np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h), grid[1])))
                 term *= be.asarray((bkg[i] * npix / (white[i] * full))[:, None, None], dtype=dtype)
             total_h = term if total_h is None else total_h + term
         if beta_term:

@@ -485,20 +485,22 @@ def half_spectrum_sum(a: Any, nx: int) -> Any:
     """Sum over the full 2-D frequency plane of a real quantity stored on the rfft half plane.
 
     Columns ``1 .. (nx - 1) // 2`` stand for two frequencies (``k`` and ``-k``); the
-    zero column and, for even ``nx``, the Nyquist column stand for one.
+    zero column and, for even ``nx``, the Nyquist column stand for one.  The sum is over
+    the last two axes, so a stack of planes gives one sum per plane.
 
     Parameters
     ----------
     a : ndarray
-        Real array of shape ``(ny, nx // 2 + 1)`` that is even in frequency
+        Real array of shape ``(..., ny, nx // 2 + 1)`` that is even in frequency
         (e.g. ``|X_h|**2``).
     nx : int
         Length of the real last axis.
 
     Returns
     -------
-    float
-        The full-plane sum; with ``a = |X_h|**2`` it equals ``Npix * sum(X**2)``.
+    scalar or ndarray
+        The full-plane sum (of each plane, shape ``a.shape[:-2]``); with
+        ``a = |X_h|**2`` it equals ``Npix * sum(X**2)``.
 
     Examples
     --------
@@ -507,10 +509,12 @@ def half_spectrum_sum(a: Any, nx: int) -> Any:
     >>> x = np.arange(12.0).reshape(3, 4)
     >>> float(half_spectrum_sum(np.abs(scipy.fft.rfft2(x))**2, 4) / x.size), float((x**2).sum())
     (506.0, 506.0)
+    >>> half_spectrum_sum(np.ones((2, 3, 3)), 4).tolist()
+    [12.0, 12.0]
     """
-    total = 2.0 * a.sum() - a[:, 0].sum()
+    total = 2.0 * a.sum(axis=(-2, -1)) - a[..., 0].sum(axis=-1)
     if nx % 2 == 0:
-        total = total - a[:, -1].sum()
+        total = total - a[..., -1].sum(axis=-1)
     return total
 
 
