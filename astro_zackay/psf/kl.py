@@ -185,21 +185,11 @@ def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray
     r2_t, var_t = r2.T, variances.T  # (K, n): the medians run along contiguous rows
     for _ in range(2):
         trial = np.linspace(low, high, 32)  # (32, K)
-        median = _last_axis_median(r2_t / (var_t + np.exp(trial)[:, :, None]))
+        median = np.median(r2_t / (var_t + np.exp(trial)[:, :, None]), axis=-1)
         first = np.argmax(median <= _CHI2_1_MEDIAN, axis=0)  # the top value qualifies
         columns = np.arange(trial.shape[1])
         low, high = trial[np.maximum(first - 1, 0), columns], trial[first, columns]
     return np.where(need, np.exp(high), 0.0)
-
-
-def _last_axis_median(values: np.ndarray) -> np.ndarray:
-    """`numpy.median` along the last axis (no NaN), by one partition of contiguous rows."""
-    n = values.shape[-1]
-    middle = n // 2
-    if n % 2:
-        return np.partition(values, middle, axis=-1)[..., middle]
-    part = np.partition(values, (middle - 1, middle), axis=-1)
-    return 0.5 * (part[..., middle - 1] + part[..., middle])
 
 
 def evaluate_psf(basis: np.ndarray, fields: np.ndarray, design: np.ndarray) -> np.ndarray:
