@@ -30,6 +30,7 @@ from .fourier import (
     ArrayBackend,
     abs2,
     fast_shape,
+    floored_inv_sqrt,
     get_array_module,
     half_spectrum_sum,
     psf_rfft_stack,
@@ -308,7 +309,6 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, be
     one's.  The denominator is floored per tile at its maximum times
     ``sqrt(tiny)`` (where it has nearly underflowed; ``Q`` is zeroed there).
     """
-    xp = be.xp
     a_h = psf_rfft_stack(pr, grid, backend=be)
     b_h = psf_rfft_stack(pn, grid, backend=be)
     b_h *= beta
@@ -318,11 +318,7 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, be
     tmp *= powers[1]
     den += tmp
     del tmp
-    floor = den.max(axis=(1, 2), keepdims=True) * float(np.sqrt(np.finfo(np.float64).tiny))
-    good = den > floor
-    xp.maximum(den, floor, out=den)
-    xp.sqrt(den, out=den)
-    xp.divide(1.0, den, out=den)
+    den, good = floored_inv_sqrt(den, per_tile=True)
     a_h *= den
     q_h = b_h * a_h
     q_h *= good

@@ -533,7 +533,7 @@ def abs2(z: Any) -> Any:
     return out
 
 
-def floored_inv_sqrt(den: Any) -> tuple[Any, Any]:
+def floored_inv_sqrt(den: Any, per_tile: bool = False) -> tuple[Any, Any]:
     """``1 / sqrt(max(den, floor))`` computed in place in ``den``, and the mask ``den > floor``.
 
     The floor is ``den.max() * sqrt(finfo(den.dtype).tiny)``: low enough that it only
@@ -545,6 +545,9 @@ def floored_inv_sqrt(den: Any) -> tuple[Any, Any]:
     ----------
     den : ndarray
         Non-negative real array (overwritten).
+    per_tile : bool, optional
+        For a stack of planes (tiles): floor each plane at its own maximum over the
+        last two axes instead of the whole array's.
 
     Returns
     -------
@@ -560,9 +563,13 @@ def floored_inv_sqrt(den: Any) -> tuple[Any, Any]:
     >>> inv, good = floored_inv_sqrt(np.array([4.0, 0.0]))
     >>> float(inv[0]), bool(np.isfinite(inv[1])), good.tolist()
     (0.5, True, [True, False])
+    >>> inv, good = floored_inv_sqrt(np.array([[[4.0, 0.0]], [[1e-100, 0.0]]]), per_tile=True)
+    >>> good.tolist()
+    [[[True, False]], [[True, False]]]
     """
     xp = np if isinstance(den, np.ndarray) else importlib.import_module("cupy")
-    floor = float(den.max()) * float(np.sqrt(np.finfo(den.dtype).tiny))
+    tiny = float(np.sqrt(np.finfo(den.dtype).tiny))
+    floor = den.max(axis=(-2, -1), keepdims=True) * tiny if per_tile else float(den.max()) * tiny
     good = den > floor
     xp.maximum(den, floor, out=den)
     xp.sqrt(den, out=den)
