@@ -370,9 +370,8 @@ def psf_rfft(
 ) -> Any:
     """Real transform of a PSF stamp placed at the origin of a ``shape`` grid.
 
-    Stamps up to 64 rows are transformed by a separable direct DFT (two matrix
-    products, about half the time of a float64 FFT of the whole grid for typical
-    stamps); larger ones by `psf_to_origin` and an FFT.  Either way the transform is
+    `psf_rfft_stack` of the one stamp (a separable direct DFT for a small stamp on a
+    larger grid, else the stamp at the origin and an FFT).  Either way the transform is
     computed in float64 and then cast to the complex type matching ``dtype``: a
     float32 FFT of a compact stamp has an absolute round-off floor of ~1e-7 that would
     replace the true (tiny) high-frequency PSF power and
@@ -404,22 +403,9 @@ def psf_rfft(
     >>> p_h.shape, complex(p_h[0, 0])
     ((8, 5), (1+0j))
     """
-    be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     ctype = np.result_type(dtype, np.complex64)
     stamp = _check_stamp(stamp, shape)
-    h, w = stamp.shape
-    if h <= _DIRECT_DFT_MAX:
-        # separable direct DFT: E_y (ny x h) @ stamp (h x w) @ E_x (w x nx//2+1)
-        ey = np.exp(-2j * np.pi * np.outer(np.fft.fftfreq(shape[0]), np.arange(h) - h // 2))
-        ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - w // 2, np.fft.rfftfreq(shape[1])))
-        # on the backend: only the stamp and the two small DFT matrices are moved there
-        p_h = be.asarray(ey) @ (be.asarray(stamp.astype(np.float64)) @ be.asarray(ex))
-    else:  # the stamp put at the origin on the backend, then one float64 FFT there
-        origin = be.xp.zeros(tuple(shape), dtype=np.float64)
-        rows = be.asarray((np.arange(h) - h // 2) % shape[0])
-        cols = be.asarray((np.arange(w) - w // 2) % shape[1])
-        origin[be.xp.ix_(rows, cols)] = be.asarray(stamp.astype(np.float64))
-        p_h = be.rfft2(origin, s=tuple(shape), workers=workers)
+    p_h = psf_rfft_stack(stamp[None], shape, backend=backend, workers=workers)[0]
     return p_h.astype(ctype, copy=False)
 
 
@@ -432,7 +418,7 @@ def psf_rfft_stack(
 ) -> Any:
     """Float64 real transforms of a stack of PSF stamps, each at the origin of a ``shape`` grid.
 
-    The batched `psf_rfft` (without its cast).  A separable direct DFT (two matrix
+    `psf_rfft` without its cast, for many stamps at once.  A separable direct DFT (two matrix
     products per stamp) costs about ``h (ny + w)`` complex operations per output
     frequency against ``2 log2(ny nx)`` for an FFT of the grid: stamps of up to 64
     rows on grids much larger than them (one tile, the whole image) take the direct
