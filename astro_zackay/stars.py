@@ -39,6 +39,7 @@ from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
 from ._moments import Moments, adaptive_moments, pixels_at
+from ._stats import mad_std
 from ._threads import single_threaded_blas
 from .background import (
     BackgroundResult,
@@ -339,7 +340,7 @@ def _fit_trend(
     for _ in range(3):
         coef = np.linalg.lstsq(terms[use], values[use], rcond=None)[0]
         resid = values - terms @ coef
-        sigma = 1.4826 * np.median(np.abs(resid[use])) + 1e-6
+        sigma = mad_std(resid[use], centre=0.0) + 1e-6
         use = np.abs(resid) < 3.0 * sigma
         if use.sum() < n_terms:
             break
