@@ -34,6 +34,7 @@ only DIPOLE and EDGE are, with the FWHM of P_D measured from the score's own noi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +48,7 @@ from .fourier import (
     get_array_module,
     move_whole_pixels,
     phase_ramp,
-    psf_to_origin,
+    psf_rfft,
     shift_image,
 )
 from .profiles import GAUSS_FWHM
@@ -86,6 +87,10 @@ FLAG_BRIGHT = 32
 #: radius; seeing-limited (Moffat) wings fall faster. Measured on NIRCam's F200W pair,
 #: candidates lie 5-19 px (2-8 FWHM) from stars of S/N 2000-6000.
 BRIGHT_GROWTH = 1.0 / 3.0
+
+#: Positions whose windows (`_windows`) are gathered at once by `_in_chunks`: a chunk of
+#: 9x9 float64 windows is 2.7 MB, whatever the number of pixels above a threshold.
+_CHUNK = 4096
 
 #: Each flag's name: its bit and what it means.
 FLAGS: dict[str, tuple[int, str]] = {
@@ -387,32 +392,51 @@ def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: fl
 
 
 def _snr_maps(
-    data: list[np.ndarray], variances: list[np.ndarray], psfs: tuple[np.ndarray, np.ndarray],
-    shift: tuple[float, float],
+    stack: np.ndarray, psfs: tuple[np.ndarray, np.ndarray], shift: tuple[float, float]
 ) -> np.ndarray:
     """Matched-filter (PSF-fit) S/N of a point source centred at each pixel, of each image.
 
     The PSF correlated with the data over the square root of the PSF squared
     correlated with the variance, the first image (the reference) moved by ``shift``
-    on the way. All eight transforms (two images, two variances, two PSFs and their
-    squares) are taken in one batched float32 call: the maps' round-off (~1e-6 of
-    their peaks) is far below any S/N that the sources are selected by.
+    on the way. ``stack`` is the float32 ``(4, ny, nx)`` planes reference data,
+    science data, reference variance, science variance (bad pixels 0); their four
+    transforms are taken in one batched float32 call and multiplied in place by the
+    PSFs' spectra (`~astro_zackay.fourier.psf_rfft`, one at a time): the maps'
+    round-off (~1e-6 of their peaks) is far below any S/N that the sources are
+    selected by. Returns the ``(2, ny, nx)`` float32 maps, 0 where the noise is not
+    positive.
     """
-    shape = data[0].shape
-    stack = np.empty((8, *shape), dtype=np.float32)
-    for i, (image, variance, psf) in enumerate(zip(data, variances, psfs)):
-        stack[2 * i], stack[2 * i + 1] = image, variance
-        stack[4 + 2 * i] = psf_to_origin(psf, shape)
-        stack[5 + 2 * i] = psf_to_origin(psf * psf, shape)
+    shape = stack.shape[1:]
     be = get_array_module("numpy")
-    spectra = be.rfft2(stack, s=shape)
-    del stack
-    products = spectra[:4] * np.conj(spectra[4:])
+    spectra = be.rfft2(stack, s=shape)  # (4, ny, nx//2+1) complex64
+    for i, psf in enumerate(psfs):
+        spectra[i] *= np.conj(psf_rfft(psf, shape, dtype=np.float32))
+        spectra[2 + i] *= np.conj(psf_rfft(psf * psf, shape, dtype=np.float32))
     if shift != (0.0, 0.0):
-        products[:2] *= phase_ramp(shape, *shift, dtype=products.dtype)
-    signal, noise = be.irfft2(products, s=shape).reshape(2, 2, *shape).transpose(1, 0, 2, 3)
+        spectra[0] *= phase_ramp(shape, *shift, dtype=spectra.dtype)
+        spectra[2] *= phase_ramp(shape, *shift, dtype=spectra.dtype)
+    maps = be.irfft2(spectra, s=shape)
+    del spectra
+    signal, noise = maps[:2], maps[2:]
+    positive = noise > 0
+    np.sqrt(noise, out=noise, where=positive)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(noise > 0, signal / np.sqrt(np.abs(noise)), 0.0)
+        np.divide(signal, noise, out=signal, where=positive)
+    signal[~positive] = 0.0
+    return signal
+
+
+def _in_chunks(
+    function: Callable[[np.ndarray, np.ndarray], np.ndarray], rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """``function(rows, cols)``, one value per position, on `_CHUNK` positions at a time.
+
+    The windows that ``function`` gathers (`_windows`) are then a bounded temporary,
+    however many pixels lie above a threshold.
+    """
+    n_chunks = max(1, -(-rows.size // _CHUNK))
+    return np.concatenate([function(r, c) for r, c in
+                           zip(np.array_split(rows, n_chunks), np.array_split(cols, n_chunks))])
 
 
 def bright_sources(
@@ -480,19 +504,26 @@ def bright_sources(
         raise ValueError(f"the images, variances and mask must be 2-D of one shape, got "
                          f"{[a.shape for a in arrays]}")
     shift = (float(shift[0]), float(shift[1]))
-    data, variances_used = [], []
-    for data_i, variance, moved in zip(arrays[:2], arrays[2:4], (shift, (0.0, 0.0))):
+    # the float32 planes the transforms take, filled in place: no image-sized float64 copy
+    stack = np.empty((4, *arrays[0].shape), dtype=np.float32)
+    for i, moved in enumerate((shift, (0.0, 0.0))):
+        data_i, variance = stack[i], stack[2 + i]
+        data_i[...], variance[...] = arrays[i], arrays[2 + i]
         bad = ~(np.isfinite(data_i) & np.isfinite(variance))
         if mask is not None:
             bad |= move_whole_pixels(arrays[4], -int(np.rint(moved[0])), -int(np.rint(moved[1])))
-        data.append(np.where(bad, 0.0, data_i))
-        variances_used.append(np.where(bad, 0.0, variance))
-    snr = _snr_maps(data, variances_used, psfs, shift)
+        data_i[bad], variance[bad] = 0.0, 0.0
+        del bad
+    snr = _snr_maps(stack, psfs, shift)
+    del stack
     larger = np.fmax(snr[0], snr[1])
     half = max(int(np.ceil(_psf_fwhm(psfs[0]))), 1)
     rows, cols = np.nonzero(larger >= snr_min)
-    peak = larger[rows, cols] >= _windows(larger, rows, cols, half)[0].max(axis=(1, 2),
-                                                                          initial=-np.inf)
+
+    def is_peak(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return larger[r, c] >= _windows(larger, r, c, half)[0].max(axis=(1, 2), initial=-np.inf)
+
+    peak = _in_chunks(is_peak, rows, cols)
     rows, cols = rows[peak], cols[peak]
     order = np.argsort(-larger[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
@@ -520,12 +551,15 @@ def _candidates(
     keep = ~bad[rows, cols]
     rows, cols = rows[keep], cols[keep]
     half = int(min_separation)
-    values, inside = _windows(data, rows, cols, half)
-    inside &= ~_windows(bad, rows, cols, half)[0]
-    window = np.where(inside, signed(values), -np.inf)
-    peak = signed(data[rows, cols])
-    is_max = peak >= window.max(axis=(1, 2), initial=-np.inf)
-    rows, cols = rows[is_max], cols[is_max]
+
+    def is_max(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        values, inside = _windows(data, r, c, half)
+        inside &= ~_windows(bad, r, c, half)[0]
+        window = np.where(inside, signed(values), -np.inf)
+        return signed(data[r, c]) >= window.max(axis=(1, 2), initial=-np.inf)
+
+    peak = _in_chunks(is_max, rows, cols)
+    rows, cols = rows[peak], cols[peak]
     order = np.argsort(-signed(data[rows, cols]), kind="stable")
     rows, cols = rows[order], cols[order]
     x, y = _subpixel_peak(data, bad, rows, cols, signed)

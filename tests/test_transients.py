@@ -155,6 +155,28 @@ def test_bright_sources_measures_each_image():
         bright_sources((reference, science[:10]), (np.ones((64, 64)),) * 2, (psf, psf))
 
 
+def test_bright_sources_in_chunks(monkeypatch):
+    """The peaks of the S/N maps are the same whether their windows are gathered at once or
+    in chunks of a few pixels."""
+    from astro_zackay import transients
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[-7:8, -7:8]
+    psf = np.exp(-(xx**2 + yy**2) / (2 * 1.5**2))
+    psf /= psf.sum()
+    images = [rng.normal(size=(96, 96)) for _ in range(2)]
+    for x, y in rng.integers(10, 86, (12, 2)):
+        for image in images:
+            image += _gaussian_blob(image.shape, x, y, rng.uniform(50.0, 500.0))
+    variances = (np.ones((96, 96)),) * 2
+    whole = bright_sources(images, variances, (psf, psf), snr_min=10.0)
+    monkeypatch.setattr(transients, "_CHUNK", 5)
+    chunked = bright_sources(images, variances, (psf, psf), snr_min=10.0)
+    assert len(whole) >= 8
+    for name in whole.colnames:
+        np.testing.assert_array_equal(chunked[name], whole[name])
+
+
 def test_a_masked_pixel_is_no_dipole_partner():
     """Only measured score pixels count as the opposite lobe of a dipole."""
     score = np.zeros((40, 40))
@@ -193,10 +215,16 @@ def test_bright_sources_moves_the_reference_by_the_shift():
     assert (inside["x"][0], inside["y"][0]) == (32, 39)
 
 
-def test_candidates_are_the_local_maxima_of_the_good_pixels():
-    """The peaks read from the candidates' windows are those of a full-image maximum filter."""
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_candidates_are_the_local_maxima_of_the_good_pixels(monkeypatch, chunk):
+    """The peaks read from the candidates' windows are those of a full-image maximum filter,
+    the windows gathered in one go or in chunks of a few pixels."""
     from scipy import ndimage
 
+    from astro_zackay import transients
+
+    if chunk is not None:
+        monkeypatch.setattr(transients, "_CHUNK", chunk)
     rng = np.random.default_rng(5)
     score = ndimage.gaussian_filter(rng.normal(size=(120, 150)), 1.5) * 12.0
     score[0, 40], score[60, -1] = 9.0, -9.0  # peaks on the border
