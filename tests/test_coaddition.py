@@ -709,7 +709,8 @@ def test_prepare_image_subtracts_the_background_in_place():
     img = to_image(ccd)
     prep = prepare_image(img, None, name="image 0", option="psfs=")
     np.testing.assert_array_equal(ccd.data, original)  # the input is not touched
-    assert prep.data is img.data and prep.image is img
+    assert prep.data is img.data and prep.image.variance is img.variance
+    assert prep.image.sky_maps is None  # those of the pixels before the subtraction
     assert (prep.data[10:14, 20:30] == 0).all()
     stars = sim.truth
     yy, xx = np.mgrid[:256, :256]
