@@ -223,13 +223,19 @@ class _PerImage:
             )
 
 
-def _check_like(img: ImageData, first: ImageData, name: str, gain: Any) -> ImageData:
-    """``img`` in the first image's unit (through ``gain`` if needed), of its shape."""
-    if img.unit != first.unit:
-        img = match_unit(img, first.unit, gain=gain, name=name, target="first image")
-    if img.shape != first.shape:
+def _check_like(
+    img: ImageData, first: tuple[u.UnitBase, tuple[int, int]], name: str, gain: Any
+) -> ImageData:
+    """``img`` in the first image's unit (through ``gain`` if needed), of its shape.
+
+    ``first`` is the first image's ``(unit, shape)``.
+    """
+    unit, shape = first
+    if img.unit != unit:
+        img = match_unit(img, unit, gain=gain, name=name, target="first image")
+    if img.shape != shape:
         raise ValueError(
-            f"{name} has shape {img.shape} but the first image has {first.shape}: give "
+            f"{name} has shape {img.shape} but the first image has {shape}: give "
             "registered images of one shape, or pass align=True"
         )
     return img
@@ -381,10 +387,11 @@ def coadd(
         bright stars are not rejected for PSF differences.
     backend : {"numpy", "cupy"}, optional
         Array backend of the coaddition's sums and transforms, and of the outlier
-        rejection: with ``"cupy"`` each prepared image is moved to the GPU once (and
-        once more per rejection round) and the outputs come back once; the
-        preparation of each image (background, stars, PSF) runs on the CPU. Needs
-        CuPy (``pip install cupy-cuda12x``).
+        rejection: with ``"cupy"`` each prepared image is moved to the GPU once; each
+        rejection round moves every frame's image and variance there again, and the
+        image once more for every frame with outliers to replace; the outputs come
+        back once. The preparation of each image (background, stars, PSF) runs on the
+        CPU. Needs CuPy (``pip install cupy-cuda12x``).
 
     Returns
     -------
@@ -512,7 +519,7 @@ def _prepared_frames(
     scales of the others) is kept, every other one is released before the next one
     is read.
     """
-    first: ImageData | None = None  # the first image's unit and shape
+    first: tuple[u.UnitBase, tuple[int, int]] | None = None  # the first image's unit, shape
     reference: tuple[PreparedImage, np.ndarray] | None = None  # for the flux scales
     target: CCDData | None = None  # for the alignment
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
@@ -530,7 +537,7 @@ def _prepared_frames(
             if first is not None:
                 img = _check_like(img, first, name, frame_gain)
             else:
-                first = _output_template(img)
+                first = (img.unit, img.shape)
                 if method:
                     target = as_ccddata(replace(img, data=img.data.copy()))
             frame = prepare_image(img, psf_list.next(), name=name, option="psfs=",
