@@ -191,9 +191,30 @@ def psf_stamp(
     >>> int(p.argmax()) == 7 * 15 + 7  # peak at the central pixel
     True
     """
-    ny, nx = _check_shape(shape, "shape")
+    return _stamp(_check_shape(shape, "shape"), fwhm, profile, ellipticity, theta, beta, center,
+                  _check_oversample(oversample))
+
+
+def _stamp(
+    shape: tuple[int, int],
+    fwhm: float,
+    profile: str,
+    ellipticity: float,
+    theta: float,
+    beta: float,
+    center: tuple[float, float] | None,
+    oversample: int,
+    *,
+    gauss: bool = False,
+) -> np.ndarray:
+    """`psf_stamp` on a checked ``shape`` and ``oversample``, with its checks of the
+    profile and the centre; ``gauss`` as in `_pixel_integrated`.
+
+    The one stamp renderer: the analytic PSFs (`astro_zackay.psf.analytic`) render
+    through it with 3x3 Gauss-Legendre points.
+    """
+    ny, nx = shape
     _check_profile(profile, beta)
-    oversample = _check_oversample(oversample)
     fwhm = float(fwhm)
     ellipticity = float(ellipticity)
     if not (np.isfinite(fwhm) and fwhm > 0):
@@ -213,6 +234,7 @@ def psf_stamp(
         profile,
         float(beta),
         oversample,
+        gauss=gauss,
     )[0]
     total = stamp.sum()
     if not total > 0:

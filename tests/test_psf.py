@@ -394,3 +394,18 @@ def test_few_bad_pixels_keep_stars(seed):
     assert n_stars[1] >= 0.9 * n_stars[0]
     assert l1[1] <= 1.2 * l1[0]
     assert np.isfinite(model.psf_at(256, 256)).all()
+
+
+def test_analytic_render_checks_like_psf_stamp():
+    """The analytic PSFs render through `profiles.psf_stamp`'s renderer and its checks: a
+    centre off the stamp is an error, not a NaN stamp."""
+    from astro_zackay.profiles import psf_stamp
+    from astro_zackay.psf.analytic import _render
+
+    with pytest.raises(ValueError, match="too far outside the \\(15, 15\\) stamp"):
+        _render((15, 15), 2.0, 0.0, 0.0, "gaussian", 3.5, (400.0, 7.0))
+    with pytest.raises(ValueError, match="ellipticity"):
+        _render((15, 15), 2.0, 1.0, 0.0, "moffat", 2.5, (7.0, 7.0))
+    stamp = _render((15, 15), 3.0, 0.2, 0.5, "moffat", 2.5, (7.0, 7.0))
+    np.testing.assert_allclose(stamp, psf_stamp(15, 3.0, profile="moffat", ellipticity=0.2,
+                                                theta=0.5, beta=2.5), atol=5e-4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..profiles import GAUSS_FWHM, _pixel_integrated
+from ..profiles import GAUSS_FWHM, _stamp
 
 __all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
@@ -39,13 +39,9 @@ def _render(shape: tuple[int, int], fwhm: float, ellipticity: float, theta: floa
     """A unit-sum profile centred at ``center`` = ``(x, y)``, integrated over each pixel by
     3x3 Gauss-Legendre points: closer than 5x5 midpoints (ten times for a FWHM 2 px
     Moffat, which the midpoints widen by their own spread, 1/12 px**2 per axis), at a
-    third of the cost."""
-    ny, nx = shape
-    stamp = _pixel_integrated(np.arange(nx)[None, :] - center[0],
-                              np.arange(ny)[None, :] - center[1], np.array([fwhm]),
-                              np.array([ellipticity]), np.array([theta]), profile, beta, 3,
-                              gauss=True)[0]
-    return stamp / stamp.sum()
+    third of the cost. `~astro_zackay.profiles.psf_stamp`'s renderer and checks: a
+    centre off the stamp, or a bad FWHM, ellipticity or beta, is a `ValueError`."""
+    return _stamp(shape, fwhm, profile, ellipticity, theta, beta, center, 3, gauss=True)
 
 
 def render_profile(
