@@ -368,7 +368,7 @@ class _KernelReach:
         levels, r = window[:, inside], r[inside]
         total = np.asarray(be.to_numpy((a * a).sum(axis=(1, 2), dtype=np.float64)))
         outer_energy = total - np.sum(levels**2, axis=1)
-        a[index] = be.asarray(np.where(inside, 0.0, window).astype(a.dtype))
+        a[index] *= be.asarray(~inside)  # the windows zeroed within cap on the device
         outer = np.asarray(be.to_numpy(a.reshape(n, -1).max(axis=1)), dtype=np.float64)
         del a
         by_radius = np.argsort(r, kind="stable")
