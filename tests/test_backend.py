@@ -2,10 +2,12 @@
 
 CuPy is optional. The logic of the device path is tested on the CPU through the same
 `~astro_zackay.fourier.ArrayBackend` interface: a backend whose arrays carry a marker
-type counts every image-sized array that crosses between host and "device".
+type counts every image-sized array (or stack) that crosses between host and "device",
+and every use of a "device" array on the host.
 """
 
 import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,18 +24,94 @@ from astro_zackay.zogy import zogy
 
 
 class DeviceArray(np.ndarray):
-    """A numpy array marked as living on the test backend's "device"."""
+    """A numpy array marked as living on the test backend's "device".
+
+    Every use that would bring a device array to the host outside the backend's
+    ``to_numpy`` is recorded in ``SYNCS`` while a `CountingBackend` runs: a host numpy
+    function applied to it (not through the backend's ``xp``), and its conversion to a
+    Python number, list or bool (a GPU synchronisation each).  ``np.asarray`` of a
+    subclass cannot be intercepted; on CuPy it raises, which
+    ``test_cupy_field_equals_numpy`` catches on a GPU.
+    """
+
+    def __array_function__(self, func, types, args, kwargs):
+        if not _OnDeviceModule.active and func.__name__ not in _METADATA:
+            _record("host " + func.__name__, self)
+        return super().__array_function__(func, types, args, kwargs)
+
+    def _synced(self, name):
+        _record(name, self)
+        return getattr(np.ndarray, name)
+
+    def __float__(self):
+        return self._synced("__float__")(self)
+
+    def __int__(self):
+        return self._synced("__int__")(self)
+
+    def __bool__(self):
+        return self._synced("__bool__")(self)
+
+    def __index__(self):
+        return self._synced("__index__")(self)
+
+    def item(self, *args):
+        return self._synced("item")(self, *args)
+
+    def tolist(self):
+        return self._synced("tolist")(self)
+
+
+#: numpy functions that read only an array's metadata (no data leaves the device).
+_METADATA = {"shape", "ndim", "size"}
+
+#: The host uses of device arrays recorded while a `CountingBackend` runs, or None.
+SYNCS = None
+
+
+def _record(what, a):
+    if SYNCS is not None:
+        SYNCS.append((what, np.ndarray.__getattribute__(a, "shape")))
+
+
+class _OnDeviceModule:
+    """A module (numpy, scipy.ndimage) run "on the device": its new arrays are `DeviceArray`."""
+
+    active = False
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if isinstance(attr, types.ModuleType):  # xp.lib.stride_tricks, xp.fft, ...
+            return _OnDeviceModule(attr)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def on_device(*args, **kwargs):
+            outer, _OnDeviceModule.active = _OnDeviceModule.active, True
+            try:
+                out = attr(*args, **kwargs)
+            finally:
+                _OnDeviceModule.active = outer
+            return out.view(DeviceArray) if type(out) is np.ndarray else out
+
+        return on_device
 
 
 @dataclass(frozen=True)
 class CountingBackend(ArrayBackend):
-    """numpy with every host <-> device crossing of a 2-D array of ``min_size`` recorded."""
+    """numpy "on a device": every host <-> device crossing of an array of ``ndim >= 2``
+    and ``min_size`` elements is recorded ("up", "down"), as is every host use of a
+    device array outside ``to_numpy`` ("host", see `DeviceArray`; any size).
+    """
 
     min_size: int = 1
     moves: dict = field(default_factory=lambda: {"up": [], "down": []})
 
     def _big(self, a) -> bool:
-        return np.ndim(a) == 2 and np.size(a) >= self.min_size
+        return np.ndim(a) >= 2 and np.size(a) >= self.min_size
 
     def asarray(self, a, dtype=None):
         if not isinstance(a, DeviceArray) and self._big(a):
@@ -55,7 +133,19 @@ class CountingBackend(ArrayBackend):
 
 
 def counting(min_size):
-    return CountingBackend("numpy", np, scipy.fft, scipy.ndimage, min_size=min_size)
+    return CountingBackend("numpy", _OnDeviceModule(np), scipy.fft,
+                           _OnDeviceModule(scipy.ndimage), min_size=min_size)
+
+
+@pytest.fixture
+def host_uses():
+    """The host uses of device arrays (`DeviceArray`) recorded during one test."""
+    global SYNCS
+    SYNCS = []
+    try:
+        yield SYNCS
+    finally:
+        SYNCS = None
 
 
 def gaussian(sigma, size=15):
@@ -87,27 +177,34 @@ def inputs():
                 tiles=64)
 
 
-def test_field_moves_only_inputs_up_and_results_down(inputs):
+def test_field_moves_only_inputs_up_and_results_down(inputs, host_uses):
     """Only the 4 images and 3 masks go up; only the 5 result images come down; same numbers.
 
-    No grid-sized array (PSF transform, phase ramp, kernel, tile output) crosses.
+    No grid-sized array or stack of tiles (PSF transform, phase ramp, kernel, tile
+    output) crosses, and no device array is used on the host.
     """
     shape = inputs["new"].shape
     be = counting(min_size=shape[0] * shape[1] // 4)
     on_device = zogy_field(**inputs, backend=be)
+    assert host_uses == []
     on_host = zogy_field(**inputs, backend="numpy")
     assert be.moves["up"] == [shape] * 7  # new, ref, 2 variances, 2 bad-pixel masks, good mask
-    assert be.moves["down"] == [shape] * 5  # D, S, Scorr, alpha, alpha_err
+    # the S kernels' windows within the 15 px stamp's reach of their origin (each tile's,
+    # for the mask growth), then D, S, Scorr, alpha, alpha_err
+    window = (len(on_device.tiles), 31, 31)
+    assert be.moves["down"] == [window] * 2 + [shape] * 5
     for name in ("D", "S", "Scorr", "alpha", "alpha_err", "mask", "psf_d", "tile_psfs"):
         np.testing.assert_array_equal(getattr(on_device, name), getattr(on_host, name))
 
 
-def test_zogy_backend_uploads_once(inputs):
+def test_zogy_backend_uploads_once(inputs, host_uses):
     """zogy(backend=...) uploads its (padded) inputs once and brings back its outputs."""
     be = counting(min_size=inputs["new"].size // 4)
     kw = dict(sigma_new=2.0, sigma_ref=1.0, var_new=inputs["var_new"],
               var_ref=inputs["var_ref"], shift_ref=(0.4, -0.3), pad=True)
     res = zogy(inputs["new"], inputs["ref"], gaussian(2.0), gaussian(1.5), backend=be, **kw)
+    # four numbers synchronise: the filters' floor and F_S, the two kernels' noise
+    assert host_uses == [("__float__", ())] * 4
     plain = zogy(inputs["new"], inputs["ref"], gaussian(2.0), gaussian(1.5), **kw)
     assert len(be.moves["up"]) == 4
     # D, S, Scorr, V_SN, V_SR, P_D (the full grid: zogy's psf_d_at_origin)
