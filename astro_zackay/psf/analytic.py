@@ -103,8 +103,11 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     moffat = profile == "moffat"
 
     def unpack(p: np.ndarray) -> tuple:
+        # the trial steps stay where the renderer is defined: centres on the stamp, axes
+        # of 0.02-400 px (a step beyond would otherwise be a ValueError mid-fit)
         amp, xc, yc, log_a, log_b, theta = p[:6]
-        a, b = np.exp(log_a), np.exp(log_b)
+        xc, yc = np.clip(xc, 0.0, nx - 1.0), np.clip(yc, 0.0, ny - 1.0)
+        a, b = np.exp(np.clip(log_a, -4.0, 6.0)), np.exp(np.clip(log_b, -4.0, 6.0))
         beta = 1.0 + np.exp(min(p[6], 7.0)) if moffat else 3.5  # beta <= 1100: a Gaussian
         return amp, xc, yc, max(a, b), 1.0 - min(a, b) / max(a, b), theta, beta, a < b
 
