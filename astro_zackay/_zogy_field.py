@@ -40,6 +40,7 @@ from .noise import NoiseSpectrum
 from .zogy import (
     _astrometric_variance,
     _clipped,
+    _difference_and_score,
     _edge_mask,
     _edge_sources,
     _grow_mask,
@@ -392,26 +393,11 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     del filters
     out_pd = _stamps(be, p_d, stamp)
     del p_d
-    d_h = wa * spec.n_h
-    t_h = wb * spec.r_h
-    d_h -= t_h
     at0 = noise.at_zero(grid)
     f_d = beta / np.sqrt(at0[0] + at0[1] * beta**2)
-    out = {"D": inv(d_h), "F_S": f_s, "F_D": f_d, "den0": at0[0] + beta**2 * at0[1]}
-    xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
-    kn_h = q_h * wa
-    kr_h = q_h * wb
-    del wa, wb
-    if split:
-        xp.multiply(kn_h, spec.n_h, out=t_h)
-        out["S_N"] = inv(t_h)
-        xp.multiply(kr_h, spec.r_h, out=t_h)
-        out["S_R"] = inv(t_h)
-    else:
-        xp.multiply(q_h, d_h, out=t_h)
-        out["S"] = inv(t_h)
-    del d_h, t_h, q_h
-    out["P_D"] = out_pd
+    out, (kn_h, kr_h) = _difference_and_score(xp, spec, wa, wb, q_h, split, inv)
+    del wa, wb, q_h
+    out.update(F_S=f_s, F_D=f_d, den0=at0[0] + beta**2 * at0[1], P_D=out_pd)
     bkg = [np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h) * p, grid[1])),
                       dtype=np.float64) / npix for k_h, p in zip((kn_h, kr_h), powers)]
     out["reach"] = list(zip(*(_KernelReach.of_stack(be, k, stamp) for k in kernels)))

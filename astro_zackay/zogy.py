@@ -858,6 +858,34 @@ def _pair_filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise, fn: f
         ctype, copy=False), f_s
 
 
+def _difference_and_score(xp, spec: _Spectra, wa: Any, wb: Any, q_h: Any, split: bool,
+                          inv: Any) -> tuple[dict, tuple[Any, Any]]:
+    """D and S (or S_N and S_R) from the shared transforms and one set of filters.
+
+    ``D_h = wa N_h - wb R_h`` and ``S_h = conj(Q) D_h``, or its two parts
+    ``kn_h N_h`` and ``kr_h R_h`` when ``split`` (for the astrometric and PSF-error
+    terms), with ``kn_h = conj(Q) wa`` and ``kr_h = conj(Q) wb``; the arrays may be one
+    grid or a stack of tiles.  ``q_h`` is conjugated in place.  Returns the outputs and
+    ``(kn_h, kr_h)``, the transforms of S's kernels.
+    """
+    d_h = wa * spec.n_h
+    t_h = wb * spec.r_h
+    d_h -= t_h
+    out = {"D": inv(d_h)}
+    xp.conjugate(q_h, out=q_h)
+    kn_h = q_h * wa
+    kr_h = q_h * wb
+    if split:
+        xp.multiply(kn_h, spec.n_h, out=t_h)
+        out["S_N"] = inv(t_h)
+        xp.multiply(kr_h, spec.r_h, out=t_h)
+        out["S_R"] = inv(t_h)
+    else:
+        xp.multiply(q_h, d_h, out=t_h)
+        out["S"] = inv(t_h)
+    return out, (kn_h, kr_h)
+
+
 def _pair_outputs(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise,
                   fn: float, fr: float, split: bool, dtype: Any, workers: int | None) -> dict:
     """ZOGY of an image pair from its transforms: D, S (or S_N, S_R), variances, P_D, reaches.
@@ -874,28 +902,12 @@ def _pair_outputs(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarr
         return be.irfft2(a_h, s=shape, workers=workers)
 
     wa, wb, q_h, f_s = _pair_filters(be, pn, pr, noise, fn, fr, shape, dtype, workers)
-    d_h = wa * spec.n_h
-    t_h = wb * spec.r_h
-    d_h -= t_h
-    out = {"D": inv(d_h), "F_S": f_s}
     f_d = fr * fn / np.sqrt(_at_zero(sig_n) * fr**2 + _at_zero(sig_r) * fn**2)
-    out["P_D"] = inv(q_h)
-    out["P_D"] /= f_d
-    out["F_D"] = float(f_d)
-
-    xp.conjugate(q_h, out=q_h)  # conj(Q): S_h = conj(Q) D_h, kn_h = conj(Q) wa
-    kn_h = q_h * wa
-    kr_h = q_h * wb
-    del wa, wb
-    if split:
-        xp.multiply(kn_h, spec.n_h, out=t_h)
-        out["S_N"] = inv(t_h)
-        xp.multiply(kr_h, spec.r_h, out=t_h)
-        out["S_R"] = inv(t_h)
-    else:
-        xp.multiply(q_h, d_h, out=t_h)
-        out["S"] = inv(t_h)
-    del d_h, t_h, q_h
+    p_d = inv(q_h)
+    p_d /= f_d
+    out, (kn_h, kr_h) = _difference_and_score(xp, spec, wa, wb, q_h, split, inv)
+    del wa, wb, q_h
+    out.update(F_S=f_s, P_D=p_d, F_D=float(f_d))
 
     cap = max(pn.shape + pr.shape)
     sigs = (sig_n, sig_r)
