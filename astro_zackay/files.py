@@ -1,0 +1,510 @@
+"""Result files: subtractions, candidate tables, ds9 regions and coadds on disk.
+
+One multi-extension FITS file holds a whole subtraction (`write_subtraction`, read
+back by `read_subtraction` or extension by extension with
+``CCDData.read(path, hdu=...)``); candidates go to an ECSV table that defines its
+flag bits (`write_candidates`) and to a ds9 region file (`write_regions`); a coadd
+goes to one FITS file whose primary image is the flux-calibrated coadd, so that it
+can be given as the reference of a subtraction as it is (`write_coadd`). Every
+file records the package version, the input files, the parameters and the fitted
+quantities (``HISTORY`` cards and short keys), so that a result can be traced back
+to what made it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.table import Table
+
+from ._version import version
+from .subtraction import SubtractionResult
+from .transients import FLAGS, describe_flags
+
+__all__ = [
+    "coadd_psf",
+    "read_subtraction",
+    "write_candidates",
+    "write_coadd",
+    "write_regions",
+    "write_subtraction",
+]
+
+log = logging.getLogger(__name__)
+
+#: Extensions of a subtraction file holding images on the science grid, and their result field.
+SUBTRACTION_IMAGES = {"DIFF": "difference", "SCORR": "score", "FLUX": "flux",
+                      "FLUXERR": "flux_error"}
+#: What each extension of a subtraction file holds (its EXTNAME comment).
+_SUBTRACTION_TEXT = {
+    "DIFF": "proper difference D (unit noise)",
+    "SCORR": "corrected score Scorr (sigma units)",
+    "FLUX": "point-source flux at each pixel (alpha)",
+    "FLUXERR": "1-sigma error of FLUX",
+    "PSF": "P_D: unit-sum PSF of D at the centre",
+    "MASK": "1 where the outputs are masked (NaN)",
+    "TILES": "tiles of constant PSF, fitted values",
+    "TILEPSF": "P_D of each tile (rows of TILES)",
+    "INMASK": "1 where an input is masked or saturated",
+    "SOURCES": "sources of both images, their S/N",
+}
+#: Most HISTORY text per card (a FITS card holds 72 characters of it).
+_HISTORY_WIDTH = 72
+
+
+def _provenance(
+    kind: str, inputs: Sequence[Any], parameters: Mapping[str, Any] | None
+) -> fits.Header:
+    """Header cards saying what made a file: version, date, inputs and every parameter.
+
+    Each input is an ``AZIN<n>`` key (its file name) and each parameter an
+    ``AZPAR<n>`` key (``name=value``); ``HISTORY`` repeats them in words.
+    """
+    header = fits.Header()
+    header["AZKIND"] = (kind, "astro_zackay result: subtraction, coadd")
+    header["AZVERS"] = (version, "astro_zackay version")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    header["DATE"] = (stamp, "file written (UTC)")
+    history = [f"astro_zackay {version} {kind}, {stamp} UTC"]
+    for n, item in enumerate(inputs, start=1):
+        name = os.fspath(item) if isinstance(item, str | os.PathLike) else str(item)
+        header[f"AZIN{n}"] = (os.path.basename(name), f"input {n}")
+        history.append(f"input {n}: {name}")
+    for n, (name, value) in enumerate((parameters or {}).items(), start=1):
+        header[f"AZPAR{n}"] = f"{name}={value}"
+        history.append(f"parameter {name} = {value}")
+    for line in history:
+        _add_history(header, line)
+    return header
+
+
+def _add_history(header: fits.Header, text: str) -> None:
+    """``text`` as HISTORY cards, wrapped at word boundaries."""
+    for part in textwrap.wrap(text, _HISTORY_WIDTH, break_on_hyphens=False):
+        header.add_history(part)
+
+
+def _fitted(result: SubtractionResult) -> fits.Header:
+    """The fitted quantities of a subtraction as short keys, and a HISTORY line."""
+    header = fits.Header()
+    tiles = result.tiles
+    sigma_ref = float(np.median(tiles["sigma_ref"])) if len(tiles) else np.nan
+    sigma_sci = float(np.median(tiles["sigma_sci"])) if len(tiles) else np.nan
+    cards = {
+        "AZBETA": (result.flux_ratio, "flux ratio science / reference"),
+        "AZBETAE": (result.flux_ratio_error, "1-sigma error of AZBETA"),
+        "AZDX": (result.shift[0], "science - reference x shift removed (pix)"),
+        "AZDY": (result.shift[1], "science - reference y shift removed (pix)"),
+        "AZBKGOFF": (result.background_offset, "background offset removed"),
+        "AZFD": (result.flux_scale, "flux zero point F_D of D at the centre"),
+        "AZASTX": (result.astrometric_noise[0], "astrometric noise x (pix)"),
+        "AZASTY": (result.astrometric_noise[1], "astrometric noise y (pix)"),
+        "AZSIGR": (sigma_ref, "median background noise, reference"),
+        "AZSIGS": (sigma_sci, "median background noise, science"),
+        "AZNTILE": (len(tiles), "tiles of constant PSF"),
+    }
+    for key, (value, comment) in cards.items():
+        header[key] = (value if isinstance(value, int) else float(value), comment)
+    _add_history(
+        header,
+        f"fitted: flux ratio {result.flux_ratio:.6g} +- {result.flux_ratio_error:.2g}, "
+        f"shift ({result.shift[0]:.4f}, {result.shift[1]:.4f}) px, background offset "
+        f"{result.background_offset:.4g}, noise {sigma_ref:.4g} (ref) {sigma_sci:.4g} (sci), "
+        f"{len(tiles)} tile(s)"
+    )
+    return header
+
+
+def _image_hdu(ccd: CCDData, name: str, extra: fits.Header) -> fits.ImageHDU:
+    """``ccd``'s data, unit, WCS and meta (less other HISTORY) with ``extra`` cards."""
+    hdu = ccd.to_hdu(hdu_mask=None, hdu_uncertainty=None, as_image_hdu=True)[0]
+    hdu.header.extend(extra, update=True)
+    hdu.name = name
+    return hdu
+
+
+def _named(hdu: fits.FitsHDU, name: str, text: str) -> fits.FitsHDU:
+    hdu.name = name
+    hdu.header["EXTNAME"] = (name, text)
+    return hdu
+
+
+def _table_hdu(table: Table, name: str, text: str) -> fits.BinTableHDU:
+    plain = table.copy(copy_data=False)
+    plain.meta = {}
+    return _named(fits.table_to_hdu(plain), name, text)
+
+
+def write_subtraction(
+    result: SubtractionResult,
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[Any] = (),
+    parameters: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a subtraction to one multi-extension FITS file.
+
+    Extensions: ``DIFF`` (D), ``SCORR``, ``FLUX``, ``FLUXERR`` (images on the science
+    grid with its WCS; masked pixels NaN), ``PSF`` (P_D), ``MASK`` (1 where masked),
+    ``TILES`` (table), ``TILEPSF`` (P_D per tile), ``INMASK`` (the inputs' masked
+    pixels) and, when there are any, ``SOURCES``. The primary header and each
+    image's header hold the package version, the inputs (``AZIN<n>``), the
+    parameters (``AZPAR<n>``), the fitted quantities (``AZBETA``, ``AZBETAE``,
+    ``AZDX``, ``AZDY``, ``AZBKGOFF``, ``AZFD``, ``AZASTX``, ``AZASTY``, ``AZSIGR``,
+    ``AZSIGS``, ``AZNTILE``), the flag bits of the candidates (``AZFLAG<bit>``) and
+    ``HISTORY`` in words. Each image reads back with ``CCDData.read(path, hdu=name)``
+    (its mask from ``MASK``); the whole result with `read_subtraction`.
+
+    Parameters
+    ----------
+    result : `~astro_zackay.subtraction.SubtractionResult`
+        What `~astro_zackay.subtract` returned.
+    path : str or path-like
+        The FITS file to write.
+    inputs : sequence of str or path-like, optional
+        The reference and science files (or descriptions), recorded in the headers.
+    parameters : mapping, optional
+        The options of the subtraction, recorded as ``name=value``.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from astropy.nddata import CCDData
+    >>> from astro_zackay import subtract
+    >>> from astro_zackay.files import read_subtraction, write_subtraction
+    >>> from astro_zackay.simulation import simulate_pair
+    >>> pair = simulate_pair((256, 256), n_stars=40, flux_range=(2e3, 2e5), seed=6)
+    >>> result = subtract(pair.reference.ccd, pair.science.ccd)
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "diff.fits"
+    >>> write_subtraction(result, path, inputs=["ref.fits", "new.fits"],
+    ...                   parameters={"threshold": 5.0})
+    >>> score = CCDData.read(path, hdu="SCORR")
+    >>> score.meta["AZIN2"], score.meta["AZPAR1"], score.shape
+    ('new.fits', 'threshold=5.0', (256, 256))
+    >>> back = read_subtraction(path)
+    >>> bool(back.flux_ratio == result.flux_ratio)
+    True
+    """
+    header = _provenance("subtraction", inputs, parameters)
+    header.extend(_fitted(result), update=True)
+    for name, (bit, text) in FLAGS.items():
+        header[f"AZFLAG{bit}"] = f"{name}: {text}"
+    mask = np.asarray(result.score.mask if result.score.mask is not None
+                      else np.zeros(result.score.shape, bool))
+    hdus: list[fits.FitsHDU] = [fits.PrimaryHDU(header=header)]
+    for name, field in SUBTRACTION_IMAGES.items():
+        hdu = _image_hdu(getattr(result, field), name, header)
+        hdu.header["EXTNAME"] = (name, _SUBTRACTION_TEXT[name])
+        hdus.append(hdu)
+    hdus += [
+        _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", _SUBTRACTION_TEXT["PSF"]),
+        _named(fits.ImageHDU(mask.astype(np.uint8)), "MASK", _SUBTRACTION_TEXT["MASK"]),
+        _table_hdu(result.tiles, "TILES", _SUBTRACTION_TEXT["TILES"]),
+    ]
+    if result.tile_psfs is not None:
+        hdus.append(_named(fits.ImageHDU(np.asarray(result.tile_psfs, float)), "TILEPSF",
+                           _SUBTRACTION_TEXT["TILEPSF"]))
+    if result.input_mask is not None:
+        hdus.append(_named(fits.ImageHDU(np.asarray(result.input_mask, np.uint8)), "INMASK",
+                           _SUBTRACTION_TEXT["INMASK"]))
+    if result.sources is not None and len(result.sources):
+        hdus.append(_table_hdu(result.sources, "SOURCES", _SUBTRACTION_TEXT["SOURCES"]))
+    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    log.debug("wrote the subtraction to %s", os.fspath(path))
+
+
+def _check_subtraction_file(hdul: fits.HDUList, path: str | os.PathLike) -> None:
+    """Raise a ValueError unless ``hdul`` is a subtraction file with every extension."""
+    if hdul[0].header.get("AZKIND") != "subtraction":
+        raise ValueError(f"{os.fspath(path)!r} is not an astro_zackay subtraction file "
+                         "(no AZKIND = 'subtraction' in its primary header)")
+    missing = [name for name in (*SUBTRACTION_IMAGES, "PSF", "MASK", "TILES")
+               if name not in hdul]
+    if missing:
+        raise ValueError(f"{os.fspath(path)!r} lacks the extension(s) {', '.join(missing)}: "
+                         "it is truncated or was not written by write_subtraction")
+
+
+def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
+    """Read a subtraction written by `write_subtraction`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The FITS file.
+
+    Returns
+    -------
+    `~astro_zackay.subtraction.SubtractionResult`
+        The images with their masks (NaN where masked), WCS and headers, and the
+        fitted quantities; its ``find_transients`` vets candidates as the original
+        did.
+
+    Raises
+    ------
+    ValueError
+        When the file is not a subtraction file or lacks an extension.
+
+    Examples
+    --------
+    See `write_subtraction`.
+    """
+    with fits.open(path) as hdul:
+        _check_subtraction_file(hdul, path)
+        header = hdul[0].header
+        psf = np.array(hdul["PSF"].data, dtype=float)
+        tiles = Table.read(hdul["TILES"])
+        tile_psfs = np.array(hdul["TILEPSF"].data, float) if "TILEPSF" in hdul else None
+        input_mask = np.array(hdul["INMASK"].data, bool) if "INMASK" in hdul else None
+        sources = Table.read(hdul["SOURCES"]) if "SOURCES" in hdul else None
+    images = {field: CCDData.read(path, hdu=name, hdu_uncertainty=None)
+              for name, field in SUBTRACTION_IMAGES.items()}
+    error = images["flux_error"].data
+    for field in ("difference", "score"):
+        images[field].uncertainty = StdDevUncertainty(np.where(np.isnan(error), np.nan, 1.0))
+    images["flux"].uncertainty = StdDevUncertainty(error.copy())
+    return SubtractionResult(
+        **images,
+        psf=psf,
+        flux_scale=float(header["AZFD"]),
+        flux_ratio=float(header["AZBETA"]),
+        flux_ratio_error=float(header["AZBETAE"]),
+        shift=(float(header["AZDX"]), float(header["AZDY"])),
+        background_offset=float(header["AZBKGOFF"]),
+        astrometric_noise=(float(header["AZASTX"]), float(header["AZASTY"])),
+        tiles=tiles,
+        input_mask=input_mask,
+        sources=sources,
+        tile_psfs=tile_psfs,
+    )
+
+
+def write_candidates(
+    candidates: Table,
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[Any] = (),
+    parameters: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a candidate table to ECSV with its flag definitions and provenance in the meta.
+
+    Parameters
+    ----------
+    candidates : `~astropy.table.Table`
+        From `~astro_zackay.subtraction.SubtractionResult.find_transients`.
+    path : str or path-like
+        The ``.ecsv`` file to write.
+    inputs : sequence of str or path-like, optional
+        The input files, recorded as ``inputs``.
+    parameters : mapping, optional
+        Recorded as ``parameters``.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from astropy.table import Table
+    >>> from astro_zackay.files import write_candidates
+    >>> table = Table({"x": [10.0], "y": [20.0], "score": [7.5], "flags": [0],
+    ...                "good": [True]})
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "cands.ecsv"
+    >>> write_candidates(table, path, inputs=["ref.fits", "new.fits"])
+    >>> back = Table.read(path)
+    >>> back.meta["FLAG_SHARP"], back.meta["inputs"]
+    ('4: sharper than the difference PSF (cosmic ray, hot pixel)', ['ref.fits', 'new.fits'])
+    """
+    table = candidates.copy(copy_data=False)
+    table.meta = dict(candidates.meta)
+    table.meta.update({f"FLAG_{name}": f"{bit}: {text}" for name, (bit, text) in FLAGS.items()})
+    table.meta["astro_zackay_version"] = version
+    table.meta["inputs"] = [os.fspath(item) if isinstance(item, os.PathLike) else str(item)
+                            for item in inputs]
+    if parameters:
+        table.meta["parameters"] = {key: _plain(value) for key, value in parameters.items()}
+    table.write(path, format="ascii.ecsv", overwrite=overwrite)
+
+
+def _plain(value: Any) -> Any:
+    """A value ECSV's YAML meta can hold: numbers, strings, lists of them."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def write_regions(
+    candidates: Table, path: str | os.PathLike, *, radius: float | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write candidates as a ds9 region file: circles, good in green, flagged in red.
+
+    Each circle is labelled with the candidate's ``id`` and score, and a flagged one
+    with the names of its flags (e.g. ``SHARP,EDGE``). Positions are in image
+    pixels (ds9's are 1-based: ``x + 1``, ``y + 1``).
+
+    Parameters
+    ----------
+    candidates : `~astropy.table.Table`
+        With ``x``, ``y``, ``score``, ``flags`` and ``good`` (and ``id``).
+    path : str or path-like
+        The ``.reg`` file to write.
+    radius : float, optional
+        Circle radius in pixels; default twice the table's ``meta['fwhm']`` (5 px
+        without one).
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Raises
+    ------
+    OSError
+        When the file exists and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from astropy.table import Table
+    >>> from astro_zackay.files import write_regions
+    >>> table = Table({"id": [1, 2], "x": [10.0, 40.0], "y": [20.0, 5.0],
+    ...                "score": [7.5, -6.0], "flags": [0, 4 | 16], "good": [True, False]})
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "cands.reg"
+    >>> write_regions(table, path, radius=4)
+    >>> print(path.read_text().splitlines()[-1])
+    circle(41.00,6.00,4.00) # color=red text={2: -6.0 SHARP,EDGE}
+    """
+    if os.path.exists(path) and not overwrite:
+        raise OSError(f"{os.fspath(path)!r} already exists (pass overwrite=True)")
+    if radius is None:
+        radius = 2.0 * float(candidates.meta.get("fwhm", 2.5))
+    lines = ["# Region file format: DS9 version 4.1",
+             f"# astro_zackay {version} transient candidates: green good, red flagged",
+             'global font="helvetica 10 normal roman" width=1', "image"]
+    ids = candidates["id"] if "id" in candidates.colnames else range(1, len(candidates) + 1)
+    for ident, row in zip(ids, candidates):
+        good = bool(row["good"])
+        text = f"{ident}: {float(row['score']):.1f}"
+        if not good:
+            text += " " + ",".join(describe_flags(row["flags"]))
+        lines.append(f"circle({float(row['x']) + 1:.2f},{float(row['y']) + 1:.2f},"
+                     f"{radius:.2f}) # color={'green' if good else 'red'} text={{{text}}}")
+    with open(path, "w") as stream:
+        stream.write("\n".join(lines) + "\n")
+
+
+def write_coadd(
+    result: Any,
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[Any] = (),
+    parameters: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a proper coadd to one FITS file, usable as a subtraction's reference.
+
+    The primary HDU is the flux-calibrated coadd (``result.calibrated``, in the first
+    image's unit) with its ``UNCERT`` and ``MASK`` extensions, so ``CCDData.read(path)``
+    and `~astro_zackay.subtract` read it as an image with its noise. Then ``PROPER``
+    (R, unit noise), ``SCORE`` (S), ``PSF`` (P_R, the PSF of both images), ``DEPTH``
+    (the fraction of the full depth reached at each pixel), ``NUSED`` (images used per
+    pixel), ``REJECTED`` (images whose pixel was rejected as an outlier) and ``FRAMES``
+    (one row per input image). The primary header holds the version, the inputs
+    (``AZIN<n>``), the parameters (``AZPAR<n>``), ``AZFR`` (F_R), ``AZSNR1`` and
+    ``HISTORY``.
+
+    Parameters
+    ----------
+    result : `~astro_zackay.coaddition.CoaddResult`
+        What `~astro_zackay.coadd` returned.
+    path : str or path-like
+        The FITS file to write.
+    inputs : sequence of str or path-like, optional
+        The input files, recorded in the header.
+    parameters : mapping, optional
+        The options of the coadd, recorded as ``name=value``.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from astropy.io import fits
+    >>> from astropy.nddata import CCDData
+    >>> from astro_zackay import coadd
+    >>> from astro_zackay.files import write_coadd
+    >>> from astro_zackay.simulation import simulate_image
+    >>> stars = simulate_image((128, 128), n_stars=20, flux_range=(1e4, 1e5), seed=0).truth
+    >>> frames = [simulate_image((128, 128), psf=fwhm, stars=stars["x", "y", "flux"],
+    ...                          seed=j).ccd for j, fwhm in enumerate((2.5, 3.5))]
+    >>> result = coadd(frames, psfs=[2.5, 3.5])
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "coadd.fits"
+    >>> write_coadd(result, path, inputs=["a.fits", "b.fits"])
+    >>> image = CCDData.read(path)
+    >>> image.shape, image.meta["AZIN2"], fits.getdata(path, "PSF").sum().round(6)
+    ((128, 128), 'b.fits', np.float64(1.0))
+    """
+    header = _provenance("coadd", inputs, parameters)
+    header["AZFR"] = (float(result.flux_scale), "flux zero point F_R of PROPER")
+    header["AZSNR1"] = (float(result.snr_full), "S/N of a unit-flux point source")
+    header["NCOMBINE"] = (len(result.frames), "images combined")
+    primary = result.calibrated.to_hdu(hdu_mask="MASK", hdu_uncertainty="UNCERT")
+    primary[0].header.extend(header, update=True)
+    depth = np.asarray(result.depth, float)
+    hdus = [
+        *primary,
+        _named(_image_hdu(result.image, "PROPER", header), "PROPER",
+               "proper coadd R (unit noise)"),
+        _named(_image_hdu(result.score, "SCORE", header), "SCORE", "score image S"),
+        _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", "P_R, unit-sum PSF"),
+        _named(fits.ImageHDU(depth), "DEPTH", "fraction of the full depth reached"),
+        _named(fits.ImageHDU(np.asarray(result.n_used, np.int16)), "NUSED",
+               "images used at each pixel"),
+        _named(fits.ImageHDU(np.asarray(result.rejected, np.int16)), "REJECTED",
+               "images whose pixel was rejected"),
+        _table_hdu(result.frames, "FRAMES", "one row per input image"),
+    ]
+    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    log.debug("wrote the coadd to %s", os.fspath(path))
+
+
+def coadd_psf(path: str | os.PathLike) -> np.ndarray | None:
+    """The PSF stored in a coadd file written by `write_coadd`, or None for another file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A FITS file.
+
+    Returns
+    -------
+    `~numpy.ndarray` or None
+        P_R (unit sum) when ``path`` is a coadd file, else None.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from astropy.io import fits
+    >>> from astro_zackay.files import coadd_psf
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "image.fits"
+    >>> fits.PrimaryHDU(np.zeros((8, 8))).writeto(path)
+    >>> coadd_psf(path) is None
+    True
+    """
+    with fits.open(path) as hdul:
+        if hdul[0].header.get("AZKIND") != "coadd" or "PSF" not in hdul:
+            return None
+        return np.array(hdul["PSF"].data, dtype=float)
+
