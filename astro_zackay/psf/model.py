@@ -35,7 +35,10 @@ __all__ = ["KLPSFModel"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+#: Extensions and primary-header keys that every PSF file has.
+_REQUIRED_EXTENSIONS = ("BASIS", "FIELDS", "EIGEN", "SELECT", "QUALITY", "META")
+_REQUIRED_KEYS = ("METHOD", "DEGREE", "IMNY", "IMNX", "XC", "XS", "YC", "YS")
 
 
 class _PSFState:
@@ -396,10 +399,33 @@ class KLPSFModel(Fittable2DModel):
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the model to a FITS file (read it back with `KLPSFModel.read`).
 
-        HDUs: primary (header: method, degree, image shape, scaling), ``BASIS``
-        ``(K, ny, nx)``, ``FIELDS`` ``(K, n_terms)``, ``EIGEN`` (eigen-spectrum),
-        ``SELECT`` (held-out chi2/dof by K), ``QUALITY`` and ``META`` (one-row
-        tables), ``WING`` (when there is one) and ``STARS``.
+        The file holds everything the model is made of, so that `KLPSFModel.read`
+        gives back an equal model: the primary header (method, degree, image shape,
+        scaling), ``BASIS`` ``(K, ny, nx)``, ``FIELDS`` ``(K, n_terms)``, ``EIGEN``
+        (eigen-spectrum), ``SELECT`` (held-out chi2/dof by K), ``QUALITY`` and
+        ``META`` (one-row tables), ``PARAMS`` (the parameters ``x_0``, ``y_0``,
+        ``flux`` with their ``fixed`` flags and bounds), ``WING`` (when there is one)
+        and ``STARS`` (when known).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The FITS file to write.
+        overwrite : bool, optional
+            Replace an existing file.
+
+        Examples
+        --------
+        >>> import tempfile, pathlib
+        >>> import numpy as np
+        >>> from astro_zackay.psf import KLPSFModel
+        >>> model = KLPSFModel(np.ones((1, 3, 3)) / 9, [[1.0]], image_shape=(50, 60),
+        ...                    degree=0, x_0=12.5, y_0=30.25, flux=7.0)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "psf.fits"
+        >>> model.write(path)
+        >>> back = KLPSFModel.read(path)
+        >>> [float(p) for p in back.parameters], back.image_shape
+        ([12.5, 30.25, 7.0], (50, 60))
         """
         s = self._state
         header = fits.Header()
@@ -418,6 +444,7 @@ class KLPSFModel(Fittable2DModel):
             fits.ImageHDU(np.asarray(s.selection), name="SELECT"),
             _mapping_to_hdu(s.quality, "QUALITY"),
             _mapping_to_hdu(s.meta, "META"),
+            self._parameters_hdu(),
         ]
         if s.wing is not None:
             hdus.append(fits.ImageHDU(np.asarray(s.wing), name="WING"))
@@ -425,15 +452,66 @@ class KLPSFModel(Fittable2DModel):
             hdus.append(_stars_to_hdu(s.stars))
         fits.HDUList(hdus).writeto(path, overwrite=overwrite)
 
+    def _parameters_hdu(self) -> fits.BinTableHDU:
+        """The parameters' values, ``fixed`` flags and bounds (NaN: unbounded) as a table."""
+        bounds = [self.bounds[name] for name in self.param_names]
+        table = Table({
+            "name": list(self.param_names),
+            "value": [float(getattr(self, name).value) for name in self.param_names],
+            "fixed": [bool(self.fixed[name]) for name in self.param_names],
+            "min": [np.nan if low is None else float(low) for low, _ in bounds],
+            "max": [np.nan if high is None else float(high) for _, high in bounds],
+        })
+        hdu = fits.table_to_hdu(table)
+        hdu.name = "PARAMS"
+        return hdu
+
     @classmethod
     def read(cls, path: str | os.PathLike) -> KLPSFModel:
-        """Read a model written by `KLPSFModel.write`."""
-        with fits.open(path) as hdul:
+        """Read a model written by `KLPSFModel.write`.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The FITS file.
+
+        Returns
+        -------
+        KLPSFModel
+            Equal to the model written: arrays, tables, quality, meta, and the
+            parameters with their ``fixed`` flags and bounds.
+
+        Raises
+        ------
+        FileNotFoundError
+            When there is no such file.
+        ValueError
+            When the file is not a FITS file, not a PSF file (no ``AZPSFVER`` key in
+            its primary header) or lacks one of the extensions or keys of the format.
+
+        Examples
+        --------
+        See `KLPSFModel.write`.
+        """
+        name = os.fspath(path)
+        try:
+            hdul = fits.open(path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise ValueError(f"{name!r} is not a FITS file ({exc})") from None
+        with hdul:
             header = hdul[0].header
             if "AZPSFVER" not in header:
-                raise ValueError(f"{os.fspath(path)!r} is not an astro_zackay PSF file")
+                raise ValueError(f"{name!r} is not an astro_zackay PSF file (no AZPSFVER key "
+                                 "in its primary header; write one with KLPSFModel.write)")
+            missing = [ext for ext in _REQUIRED_EXTENSIONS if ext not in hdul]
+            missing += [key for key in _REQUIRED_KEYS if key not in header]
+            if missing:
+                raise ValueError(f"{name!r} lacks {', '.join(missing)}: the PSF file is "
+                                 "truncated or damaged")
             stars = _stars_from_hdu(hdul["STARS"]) if "STARS" in hdul else None
-            return cls(
+            model = cls(
                 np.array(hdul["BASIS"].data, dtype=float),
                 np.array(hdul["FIELDS"].data, dtype=float),
                 image_shape=(header["IMNY"], header["IMNX"]),
@@ -447,6 +525,9 @@ class KLPSFModel(Fittable2DModel):
                 meta=_mapping_from_hdu(hdul["META"]),
                 wing=np.array(hdul["WING"].data, dtype=float) if "WING" in hdul else None,
             )
+            if "PARAMS" in hdul:  # files of format 1 have none: the defaults stay
+                _set_parameters(model, hdul["PARAMS"].data)
+        return model
 
     # --- reporting --------------------------------------------------------------------
     def quality_report(self) -> str:
@@ -546,6 +627,16 @@ def _stars_from_hdu(hdu: fits.BinTableHDU) -> Table:
         if f"AZUNIT{i}" in hdu.header:
             stars[name].unit = u.Unit(hdu.header[f"AZUNIT{i}"])
     return stars
+
+
+def _set_parameters(model: KLPSFModel, params: fits.FITS_rec) -> None:
+    """Set ``model``'s parameter values, fixed flags and bounds from the PARAMS rows."""
+    for row in params:
+        name = str(row["name"]).strip()
+        low, high = float(row["min"]), float(row["max"])
+        setattr(model, name, float(row["value"]))
+        model.fixed[name] = bool(row["fixed"])
+        model.bounds[name] = (None if np.isnan(low) else low, None if np.isnan(high) else high)
 
 
 def _optional_array(data: np.ndarray | None) -> np.ndarray:
