@@ -309,8 +309,9 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
     >>> ref, new = pair.reference.ccd, pair.science.ccd
     >>> result = subtract(ref, new)  # doctest: +IGNORE_WARNINGS
     >>> fig = plot_subtraction(result, ref, new, result.find_transients(5.0))
-    >>> [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"][3]
-    'Scorr, threshold 5 sigma\n3 candidates (3 good)'
+    >>> print([ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"][3])
+    Scorr, threshold 5 sigma
+    3 candidates (3 good)
     """
     threshold = _check_threshold(threshold)
     candidates = _check_candidates(candidates)
