@@ -315,6 +315,7 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
     """
     threshold = _check_threshold(threshold)
     candidates = _check_candidates(candidates)
+    fig = _new_figure(fig, (11.0, 9.6))
     panels = [
         ("reference", *_data_and_mask(reference), "gray", None, "reference (zscale)"),
         ("new", *_data_and_mask(science), "gray", None, "new (zscale)"),
@@ -323,7 +324,6 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
          "Scorr (sigma)"),
     ]
     ny, nx = panels[3][1].shape
-    fig = _new_figure(fig, (11.0, 9.6))
     radius = max(6.0, 0.025 * max(ny, nx))
     for k, (name, data, bad, cmap, norm, label) in enumerate(panels):
         ax = fig.add_subplot(2, 2, k + 1)
@@ -378,9 +378,8 @@ def _row_label(row: Any, good: bool) -> str:
 
     name = f"#{row['id']}" if "id" in row.colnames else f"({row['x']:.0f}, {row['y']:.0f})"
     score = f" S={row['score']:.3g}" if "score" in row.colnames else ""
-    status = "good" if good else ",".join(describe_flags(row["flags"])) or "flagged"
-    if not good and "flags" not in row.colnames:
-        status = "flagged"
+    flags = describe_flags(row["flags"]) if "flags" in row.colnames else []
+    status = "good" if good else ",".join(flags) or "flagged"
     return f"{name}{score}\n{status}\ny (pixel)"
 
 
@@ -519,9 +518,9 @@ def plot_coadd(result: Any, fig: Any = None) -> Any:
     >>> [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
     ['coadd R (zscale)', 'PSF P_R', 'depth']
     """
+    fig = _new_figure(fig, (15.0, 4.8))
     from astropy.visualization import ImageNormalize, SqrtStretch
 
-    fig = _new_figure(fig, (15.0, 4.8))
     data, bad = _data_and_mask(result.image)
     ax = fig.add_subplot(1, 3, 1)
     image = _show(ax, data, bad, cmap="gray", norm=_zscale_norm(data, bad))
