@@ -368,8 +368,9 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     Image-sized outputs are ``(n, *grid)`` stacks on ``be``; per-tile numbers are numpy
     vectors.  P_D and the real-space kernels of S (their reach for the mask growth,
     their squares for the source-noise variance) come from a grid of 4 stamps in
-    float64, or from the tiles' own float64 filters when the tiles' grid is less than
-    twice that grid's area (small tiles: no second set of filters).
+    float64, or, when the tiles' grid is less than twice that grid's area (small
+    tiles), from the tiles' own filters in the working precision: the transforms of
+    S's kernels are those that form S, and no second set of filters is built.
     """
     xp = be.xp
     grid = layout.grid
@@ -381,22 +382,25 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
         return be.irfft2(a_h, s=grid, workers=workers)
 
     filters = _filters(be, pn, pr, powers, beta, grid)
-    wa, wb, q_h = (f.astype(ctype) for f in filters[:3])
+    wa, wb, q_h = (f.astype(ctype, copy=False) for f in filters[:3])
     f_s = filters[3]
+    del filters
     stamp = max(pn.shape[1:] + pr.shape[1:])
     small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
-    if 2 * small[0] * small[1] > npix:  # not much smaller: the tiles' own filters
-        small = grid
+    own = 2 * small[0] * small[1] > npix  # not much smaller: the tiles' own filters
+    if own:
+        p_d = inv(q_h)  # before q_h is conjugated
     else:
-        filters = _filters(be, pn, pr, noise.powers(small), beta, small)
-    p_d, *kernels = _kernels(be, filters, small)
-    del filters
+        p_d, *kernels = _kernels(be, _filters(be, pn, pr, noise.powers(small), beta, small),
+                                 small)
     out_pd = _stamps(be, p_d, stamp)
     del p_d
     at0 = noise.at_zero(grid)
     f_d = beta / np.sqrt(at0[0] + at0[1] * beta**2)
     out, (kn_h, kr_h) = _difference_and_score(xp, spec, wa, wb, q_h, split, inv)
     del wa, wb, q_h
+    if own:
+        kernels = [inv(kn_h), inv(kr_h)]
     out.update(F_S=f_s, F_D=f_d, den0=at0[0] + beta**2 * at0[1], P_D=out_pd)
     bkg = [np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h) * p, grid[1])),
                       dtype=np.float64) / npix for k_h, p in zip((kn_h, kr_h), powers)]
@@ -428,7 +432,9 @@ def _source_variances(be: ArrayBackend, spec: Any, k_hs: tuple, kernels: list, b
         if v_h is None and not beta_term:
             continue
         k *= k
-        k2_h = be.rfft2(_at_origin(be, k, grid, dtype), s=grid, workers=workers)
+        if k.shape[-2:] != grid:
+            k = _at_origin(be, k, grid, dtype)
+        k2_h = be.rfft2(k, s=grid, workers=workers)
         if v_h is not None:
             term = k2_h * v_h
             if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
