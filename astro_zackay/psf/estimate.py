@@ -21,7 +21,6 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from .._ccd import ImageData, to_image
-from .._moments import pixels_at
 from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning, user_stacklevel
 from ..profiles import GAUSS_FWHM
@@ -45,7 +44,7 @@ from .stamps import (
     cut_stamps,
     fit_offsets,
     recentre,
-    recentring_bias,
+    recentre_unbiased,
     ring_offsets,
     row_median,
     stamp_fits,
@@ -232,9 +231,9 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray, outer: float |
     """
     n = len(stamps)
     shape = stamps.data.shape[1:]
-    norm = recentre(stamps.data, dx, dy) / stamps.flux[:, None, None]
-    if profile is not None:
-        norm -= recentring_bias(shape, dx, dy, profile)
+    unit_sum = stamps.data / stamps.flux[:, None, None]
+    norm = (recentre(unit_sum, dx, dy) if profile is None
+            else recentre_unbiased(unit_sum, dx, dy, profile))
     variance = stamps.variance / stamps.flux[:, None, None] ** 2
     norm, replaced = clean_neighbours(norm, variance)
     log.debug("neighbours: %d pixels replaced in %d stamps", int(replaced.sum()),
@@ -330,7 +329,7 @@ def _held_out_quality(
     dx, dy, flux, chi2 = fit_offsets(stamps, psf)
     n_pix = psf.shape[1] * psf.shape[2]
     chi2_dof = chi2 / (n_pix - 3)
-    fitted = np.stack([f * p for f, p in zip(flux, recentre(psf, -dx, -dy))])
+    fitted = flux[:, None, None] * recentre(psf, -dx, -dy)
     residual = np.abs(stamps.data - fitted).sum(axis=(1, 2)) / flux
     noise = np.sqrt(2.0 / np.pi) * np.sqrt(stamps.variance).sum(axis=(1, 2)) / flux
     size_psf, _, _ = stamp_moments(psf)
@@ -373,14 +372,42 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
     return build_analytic(train, plan.method)
 
 
+class _Pixels(NamedTuple):
+    """Pixels at fixed offsets around each star, ``(n_star, n_pix)``, and the wing law there."""
+
+    index: np.ndarray  # flat image index (clipped to the image)
+    inside: np.ndarray  # whether the pixel is inside the image
+    radius: np.ndarray  # its distance from the star
+    law: np.ndarray  # the wing law there, per unit flux
+
+
+def _star_pixels(shape: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                 offsets: tuple[np.ndarray, np.ndarray], wing: Wing) -> _Pixels:
+    """The pixels at integer ``offsets`` ``(dy, dx)`` from each star's nearest pixel."""
+    ny, nx = shape
+    rows = np.round(y).astype(int)[:, None] + offsets[0]
+    cols = np.round(x).astype(int)[:, None] + offsets[1]
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
+    radius = np.hypot(cols - x[:, None], rows - y[:, None])
+    index = np.clip(rows, 0, ny - 1) * nx + np.clip(cols, 0, nx - 1)
+    return _Pixels(index, inside, radius, wing.law(radius))
+
+
+def _stamp_offsets(core: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(dy, dx)`` offsets of a stamp's pixels from its central one, flattened."""
+    oy, ox = np.mgrid[-(core[0] // 2) : core[0] // 2 + 1, -(core[1] // 2) : core[1] // 2 + 1]
+    return oy.ravel(), ox.ravel()
+
+
 class _Light(NamedTuple):
     """The sources' light by the wing law (`~astro_zackay.psf.wings.stars_light`), and
     what it was drawn from."""
 
     image: np.ndarray
     flux: np.ndarray  # the stars' fluxes, first in the sources
-    wing: Wing
     reach: np.ndarray  # how far out each star is drawn
+    stamp: _Pixels  # the stars' stamp pixels
+    ring: _Pixels  # the pixels of their background rings
     ring_level: np.ndarray | float = 0.0  # the stars' own wing light given back from the ring
     net: np.ndarray | float = 0.0  # the others' light in each star's stamp (`_net_light`)
 
@@ -438,13 +465,17 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     samples = light_samples(img.shape, np.concatenate([x, others[0]]),
                             np.concatenate([y, others[1]]), reach(stamps.flux), wing)
 
+    # where the light is read: the stars' stamps and background rings
+    pixels = (_star_pixels(img.shape, x, y, _stamp_offsets(core), wing),
+              _star_pixels(img.shape, x, y, ring_offsets(ring, RING_WIDTH), wing))
+
     def all_light(flux: np.ndarray) -> _Light:
         radii = reach(flux)
         image = samples.image(np.concatenate([flux, others[2]]), radii)
-        return _Light(image, flux, wing, radii[: flux.size])
+        return _Light(image, flux, radii[: flux.size], *pixels)
 
     # by the first law; the stars' fluxes less the others' light in their stamps
-    net = _net_light(stamps, x, y, all_light(stamps.flux), ring)
+    net = _net_light(all_light(stamps.flux))
     own = np.maximum(stamps.flux - net, 0.1 * stamps.flux)
     light = all_light(own)._replace(net=net)
     args = (*args[:5], own[bright])
@@ -466,22 +497,14 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
                               ring_level=level)
 
 
-def _others_light(light: _Light, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
-                  cols: np.ndarray) -> np.ndarray:
-    """The other sources' light at pixels ``(rows, cols)`` ``(n_star, n_pix)`` of each star.
-
-    The light image less the star's own law; NaN outside the image.
-    """
-    ny, nx = light.image.shape
-    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    r = np.hypot(cols - x[:, None], rows - y[:, None])
-    own = np.where(r <= light.reach[:, None], light.flux[:, None] * light.wing.law(r), 0.0)
-    value = pixels_at(light.image, np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)) - own
-    return np.where(inside, value, np.nan)
+def _others_light(light: _Light, pixels: _Pixels) -> np.ndarray:
+    """The other sources' light at ``pixels`` of each star (the light image less the
+    star's own law); NaN outside the image."""
+    own = np.where(pixels.radius <= light.reach[:, None], light.flux[:, None] * pixels.law, 0.0)
+    return np.where(pixels.inside, np.take(light.image, pixels.index) - own, np.nan)
 
 
-def _without_others(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray,
-                    light: _Light, ring: float) -> StampSet:
+def _without_others(img: Any, stamps: StampSet, light: _Light) -> StampSet:
     """The stamps less the other sources' light (by the law), their background from the
     ring pixels where that light is below `CLEAN_RING` sigma of the sky.
 
@@ -490,41 +513,28 @@ def _without_others(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray,
     stamps' outer pixels 12 % low (crowded one-bright field). The law's light is what
     remains after the clipping.
     """
-    ry, rx = ring_offsets(ring, RING_WIDTH)
-    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
-    rows, cols = iy[:, None] + ry, ix[:, None] + rx
     sigma = np.sqrt(np.median(stamps.variance[:, 0], axis=1))
-    ny, nx = img.shape
-    rows_in, cols_in = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
-    bad = ~(_others_light(light, x, y, rows, cols) < CLEAN_RING * sigma[:, None])
-    bad |= pixels_at(img.mask, rows_in, cols_in)
+    bad = ~(_others_light(light, light.ring) < CLEAN_RING * sigma[:, None])
+    bad |= np.take(img.mask, light.ring.index)
     ring_level = stamps.background - light.ring_level
-    clean = clipped_mean(np.where(bad, np.nan, pixels_at(img.data, rows_in, cols_in)))
+    clean = clipped_mean(np.where(bad, np.nan, np.take(img.data, light.ring.index)))
     shift = np.where((~bad).sum(axis=1) >= MIN_OUTER_PIXELS, clean - ring_level, 0.0)
-    n, sy, sx = stamps.data.shape
-    oy, ox = np.mgrid[-(sy // 2) : sy // 2 + 1, -(sx // 2) : sx // 2 + 1]
-    in_stamp = _others_light(light, x, y, iy[:, None] + oy.ravel(), ix[:, None] + ox.ravel())
-    data = stamps.data - shift[:, None, None] - in_stamp.reshape(n, sy, sx)
+    in_stamp = _others_light(light, light.stamp).reshape(stamps.data.shape)
+    data = stamps.data - shift[:, None, None] - in_stamp
     log.debug("ring backgrounds without the other sources' light: median shift %.3g",
               float(np.median(shift)))
     return StampSet(data, stamps.variance, stamps.dx, stamps.dy, stamps.background + shift,
                     data.sum(axis=(1, 2)), stamps.valid)
 
 
-def _net_light(stamps: StampSet, x: np.ndarray, y: np.ndarray, light: _Light,
-               ring: float) -> np.ndarray:
+def _net_light(light: _Light) -> np.ndarray:
     """The other sources' light in each stamp, net of what its background ring takes off.
 
     The light in the stamp less the stamp's area times the light's median over the
     background ring (the ring background is a clipped mean), by the wing law.
     """
-    n, ny, nx = stamps.data.shape
-    ix, iy = np.round(x).astype(int), np.round(y).astype(int)
-    oy, ox = np.mgrid[-(ny // 2) : ny // 2 + 1, -(nx // 2) : nx // 2 + 1]
-    in_stamp = _others_light(light, x, y, iy[:, None] + oy.ravel(), ix[:, None] + ox.ravel())
-    ry, rx = ring_offsets(ring, RING_WIDTH)
-    in_ring = _others_light(light, x, y, iy[:, None] + ry, ix[:, None] + rx)
-    return in_stamp.sum(axis=1) - ox.size * row_median(in_ring)
+    in_stamp = _others_light(light, light.stamp)
+    return in_stamp.sum(axis=1) - in_stamp.shape[1] * row_median(_others_light(light, light.ring))
 
 
 def _contamination(stamps: StampSet, light: _Light) -> np.ndarray:
@@ -766,7 +776,7 @@ def _estimate_psf(
         others = _other_sources(stars.meta.get("sources"), x, y, star_fwhm)
         wing, stamps, light = _fit_wing(img, stamps, x, y, star_fwhm, others, sky, ring, core)
         if light is not None and sky is None:
-            stamps = _without_others(img, stamps, x, y, light, ring)
+            stamps = _without_others(img, stamps, light)
         if light is not None:
             keep = _uncontaminated(_contamination(stamps, light))
             n_contaminated = int((~keep).sum())

@@ -30,6 +30,7 @@ __all__ = [
     "fill_masked",
     "fit_offsets",
     "recentre",
+    "recentre_unbiased",
     "recentring_bias",
     "ring_background",
     "ring_offsets",
@@ -460,6 +461,56 @@ def recentring_bias(
 
     (but `recentre`'s float32 rounding, 7e-9 of the unit flux here).
     """
+    shifted, centred = _profile_stars(shape, dx, dy, profile)
+    return recentre(shifted, dx, dy) - centred
+
+
+def recentre_unbiased(
+    stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, profile: dict[str, float]
+) -> np.ndarray:
+    """`recentre` of unit-sum stamps less its `recentring_bias`, in one shift.
+
+    The shift is linear, so ``recentre(stamps) - (recentre(model) - centred model)``
+    is ``recentre(stamps - model) + centred model``, with ``model`` the stars of
+    ``profile`` at ``(dx, dy)``: the stack is shifted once instead of twice, and the
+    float32 shift rounds only the small difference.
+
+    Parameters
+    ----------
+    stamps : `~numpy.ndarray`
+        ``(n, ny, nx)`` stamps of unit sum.
+    dx, dy : `~numpy.ndarray`
+        ``(n,)`` offsets of the stars from the central pixel.
+    profile : dict
+        The Moffat profile (see `recentring_bias`).
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        ``recentre(stamps, dx, dy) - recentring_bias(shape, dx, dy, profile)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.stamps import recentre, recentre_unbiased, recentring_bias
+    >>> shape = {"fwhm": 2.5, "ellipticity": 0.1, "theta": 0.3, "beta": 3.0}
+    >>> dx, dy = np.array([0.4, -0.2]), np.array([0.1, 0.5])
+    >>> stamps = np.random.default_rng(2).uniform(0.0, 0.01, (2, 15, 15))
+    >>> two = recentre(stamps, dx, dy) - recentring_bias((15, 15), dx, dy, shape)
+    >>> bool(np.abs(recentre_unbiased(stamps, dx, dy, shape) - two).max() < 1e-7)
+    True
+
+    (the two differ by the float32 shifts' rounding).
+    """
+    shifted, centred = _profile_stars(stamps.shape[1:], dx, dy, profile)
+    return recentre(stamps - shifted, dx, dy) + centred
+
+
+def _profile_stars(
+    shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, profile: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-sum stars of ``profile`` at ``(dx, dy)`` ``(n, ny, nx)`` and centred (one, or
+    one per star when the profile varies), for `recentring_bias`."""
     dx, dy = np.asarray(dx, dtype=float), np.asarray(dy, dtype=float)
     n = dx.size
     shapes = [np.asarray(profile[k], dtype=float) for k in ("fwhm", "ellipticity", "theta")]
@@ -476,7 +527,7 @@ def recentring_bias(
     kind = "gaussian" if profile["beta"] > GAUSSIAN_BETA else "moffat"
     stars = _pixel_integrated(xoff, yoff, fwhm, ell, theta, kind, profile["beta"], 3, gauss=True)
     stars = stars / stars.sum(axis=(1, 2), keepdims=True, dtype=float)
-    return recentre(stars[n_ref:], dx, dy) - stars[:n_ref]
+    return stars[n_ref:], stars[:n_ref]
 
 
 def _taper(n: int, pad: int) -> np.ndarray:
