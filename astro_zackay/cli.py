@@ -1,132 +1,541 @@
-"""The ``astro-zackay`` command: a demo on simulated data, and subtract / coadd on FITS files."""
+"""The ``astro-zackay`` command: subtract, coadd, psf and a demo on simulated data.
+
+Every option is checked, and every input file opened far enough to know its shape
+and unit, before any work is done or any file written: a mistake costs one or two
+lines on stderr that name the problem and the option that fixes it, and exit
+status 2 (``--verbose`` adds the traceback). The results are written by
+`astro_zackay.files`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from astropy import units as u
+from astropy.io import fits
 from astropy.nddata import CCDData
 from astropy.table import Table
+from astropy.wcs import FITSFixedWarning
+
+from ._version import version
 
 __all__ = ["main"]
 
 log = logging.getLogger("astro_zackay.cli")
 
+#: Exit status of a user mistake (a bad option, a missing or unreadable file).
+USAGE_ERROR = 2
+#: FITS file name endings that a directory or glob given to ``coadd`` may hold.
+FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz")
+#: The library's option names, as they appear in its messages, and the CLI options.
+_OPTION_NAMES = {
+    "reference_psf=": "--reference-fwhm (or --psf-method)",
+    "science_psf=": "--science-fwhm (or --psf-method)",
+    "align='stars' (or 'wcs')": "--align stars (or --align wcs)",
+    "align=True": "--align stars",
+    "flux_ratio= and fit_shift=False": "--flux-ratio and --no-fit-shift",
+    "flux_ratio=": "--flux-ratio",
+    "fit_shift=False": "--no-fit-shift",
+    "noise='white'": "--noise white",
+    "read_noise=": "--read-noise",
+    "saturation=np.inf": "--saturation inf",
+    "saturation=": "--saturation",
+    "unit='adu'": "--unit adu",
+    "unit=": "--unit",
+    "gain=": "--gain",
+    "psfs=": "--fwhm",
+}
 
-def _write_png(
-    path: Path, science: CCDData, result, candidates: Table, truth: Table | None
-) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
+class UsageError(Exception):
+    """A user mistake found by the command line: the message names the option to use."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are two lines: the problem, and where to look."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n"
+                         f"see '{self.prog} --help' for the options and an example\n")
+        sys.exit(USAGE_ERROR)
+
+
+# --- option types: each rejects a bad value with a message naming it ------------------------
+def _number(text: str, *, low: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value) or value < low or (strict and value == low):
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    return _number(text, low=0.0, strict=True)
+
+
+def _saturation(text: str) -> float:
+    """A saturation level: a positive number, or inf to mask no pixel as saturated."""
+    return np.inf if text.strip().lower() == "inf" else _positive(text)
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, low=0.0, strict=False)
+
+
+def _unit(text: str) -> u.UnitBase:
+    try:
+        return u.Unit(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a unit astropy knows (e.g. adu, electron, electron/s, MJy/sr)"
+        ) from None
+
+
+def _per_image(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option type taking one value for both images, or ``REF,NEW``."""
+
+    def parse_pair(text: str) -> Any:
+        parts = text.split(",")
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(f"give one value or REF,NEW; got {text!r}")
+        values = tuple(parse(part.strip()) for part in parts)
+        return values[0] if len(values) == 1 else values
+
+    return parse_pair
+
+
+def _per_frame(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option type taking one value for every image, or one per image (comma-separated)."""
+
+    def parse_list(text: str) -> Any:
+        values = [parse(part.strip()) for part in text.split(",")]
+        return values[0] if len(values) == 1 else values
+
+    return parse_list
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An option type taking an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _tiles(text: str) -> Any:
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give auto, none or a side in pixels, got {text!r}") from None
+    if side < 32:
+        raise argparse.ArgumentTypeError(f"a tile side must be at least 32 px, got {side}")
+    return side
+
+
+# --- progress ---------------------------------------------------------------------------------
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    """Bars only on a terminal, without --quiet, and when tqdm is installed."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Stages:
+    """A bar over the named stages of a command (nothing when bars are off)."""
+
+    def __init__(self, names: Sequence[str], enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=len(names), unit="stage", leave=False, file=sys.stderr,
+                             bar_format="{desc:<24}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.debug("%s", name)
+        if self._bar is not None:
+            self._bar.set_description_str(name)
+        yield
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _frames_bar(paths: Sequence[str], enabled: bool) -> Iterable[str]:
+    """The paths, with a per-frame bar as ``coadd`` reads them when bars are on."""
+    if not enabled:
+        return paths
+    from tqdm import tqdm
+
+    return tqdm(paths, desc="reading frames", unit="frame", leave=False, file=sys.stderr)
+
+
+# --- checks of the inputs and outputs, before any work ---------------------------------------
+@dataclass(frozen=True)
+class _FitsImage:
+    """What a FITS input holds: its path, image shape and data unit (None when unknown)."""
+
+    path: str
+    shape: tuple[int, ...]
+    unit: u.UnitBase | None
+
+
+def _image_header(path: str, label: str) -> fits.Header:
+    """The header of the first image HDU with data; a UsageError for any unreadable file."""
+    if not os.path.exists(path):
+        raise UsageError(f"{label} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{label} {path!r} is a directory, not a FITS file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{label} {path!r} cannot be read (permission denied)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with fits.open(path) as hdul:
+                headers = [hdu.header for hdu in hdul]
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{label} {path!r} is not a readable FITS file ({exc})") from None
+    for warning in caught:
+        if "truncated" in str(warning.message):
+            detail = str(warning.message).split(": ", 1)[-1]
+            raise UsageError(f"{label} {path!r} is truncated ({detail})")
+    for header in headers:
+        if header.get("NAXIS", 0) == 2:
+            return header
+    raise UsageError(f"{label} {path!r} holds no 2-D image")
+
+
+def _check_image(path: str, label: str, unit: u.UnitBase | None) -> _FitsImage:
+    """An input image's shape and unit; a UsageError naming --unit when it has none."""
+    header = _image_header(path, label)
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    if unit is not None:
+        return _FitsImage(path, shape, unit)
+    bunit = header.get("BUNIT")
+    if bunit is None or not str(bunit).strip():
+        raise UsageError(f"{label} {path!r} has no BUNIT keyword, so its unit is unknown: "
+                         "give it with --unit (e.g. --unit adu)")
+    text = str(bunit).strip()
+    try:
+        parsed = u.Unit(text.lower() if text.lower() == "adu" else text)
+    except ValueError:
+        raise UsageError(f"{label} {path!r} has BUNIT = {text!r}, which astropy cannot parse: "
+                         "give its unit with --unit") from None
+    return _FitsImage(path, shape, parsed)
+
+
+def _check_output(path: str | None, option: str, overwrite: bool, taken: set[str]) -> None:
+    """An output path that can be written: its folder exists, not taken, not there already."""
+    if path is None:
+        return
+    resolved = os.path.realpath(path)
+    if resolved in taken:
+        raise UsageError(f"{option} {path!r} is also an input or another output: "
+                         "give a different file name")
+    taken.add(resolved)
+    folder = os.path.dirname(resolved)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist")
+    if os.path.isdir(resolved):
+        raise UsageError(f"{option} {path!r} is a directory: give a file name")
+    if os.path.exists(resolved) and not overwrite:
+        raise UsageError(f"{option} {path!r} already exists: pass --overwrite to replace it")
+
+
+def _check_outputs(args: argparse.Namespace, options: Sequence[str], inputs: Iterable[str]) -> None:
+    taken = {os.path.realpath(path) for path in inputs}
+    for option in options:
+        _check_output(getattr(args, option.lstrip("-").replace("-", "_")), option,
+                      args.overwrite, taken)
+    if getattr(args, "plot", None) is not None:
+        _check_plotting()
+
+
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which is not installed: "
+                         "pip install matplotlib (or drop --plot)") from None
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    return value if isinstance(value, tuple) else (value, value)
+
+
+def _check_backend(name: str) -> None:
+    from .fourier import get_array_module
+
+    try:
+        get_array_module(name)
+    except ImportError as exc:
+        raise UsageError(f"--backend {name}: {exc}") from None
+
+
+def _check_same_shape(images: Sequence[_FitsImage], align: str | None, what: str) -> None:
+    first = images[0]
+    for image in images[1:]:
+        if image.shape != first.shape and not align:
+            raise UsageError(
+                f"{what} differ in shape: {first.path!r} is {first.shape[1]}x{first.shape[0]}, "
+                f"{image.path!r} {image.shape[1]}x{image.shape[0]} (x by y): register them, or "
+                "pass --align stars (or --align wcs)"
+            )
+
+
+# --- the subcommands --------------------------------------------------------------------------
+def _subtract_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a subtraction, for the headers of its result files."""
+    names = ("threshold", "unit", "gain", "read_noise", "saturation", "align", "psf_method",
+             "reference_fwhm", "science_fwhm", "flux_ratio", "fit_shift", "tiles", "noise",
+             "backend")
+    return {name: getattr(args, name) for name in names}
+
+
+def _psf_option(args: argparse.Namespace, path: str, fwhm: float | None, index: int) -> Any:
+    """The PSF to give `subtract` for one image: a FWHM, a coadd's PSF, a model, or None."""
+    from .files import coadd_psf
+
+    if fwhm is not None:
+        return fwhm
+    stored = coadd_psf(path)
+    if stored is not None:
+        log.info("using the PSF stored in the coadd %s", path)
+        return stored
+    if args.psf_method == "auto":
+        return None
+    from .psf import estimate_psf
+
+    return estimate_psf(path, method=args.psf_method, unit=_pair(args.unit)[index],
+                        gain=_pair(args.gain)[index], saturation=_pair(args.saturation)[index])
+
+
+def _subtract(args: argparse.Namespace) -> int:
+    from .files import write_candidates, write_regions, write_subtraction
+    from .subtraction import subtract
+
+    units = _pair(args.unit)
+    images = [_check_image(args.reference, "REF", units[0]),
+              _check_image(args.science, "NEW", units[1])]
+    _check_same_shape(images, args.align, "REF and NEW")
+    _check_outputs(args, ("--output", "--catalog", "--regions", "--plot"),
+                   (args.reference, args.science))
+    _check_backend(args.backend)
+
+    stages = _Stages(["PSFs", "subtracting", "finding candidates", "writing"],
+                     _progress_enabled(args))
+    with stages("PSFs"):
+        psfs = [_psf_option(args, path, fwhm, j) for j, (path, fwhm) in enumerate(
+            ((args.reference, args.reference_fwhm), (args.science, args.science_fwhm)))]
+    with stages("subtracting"):
+        result = subtract(args.reference, args.science, reference_psf=psfs[0],
+                          science_psf=psfs[1], flux_ratio=args.flux_ratio,
+                          fit_shift=args.fit_shift, align=args.align or False, tiles=args.tiles,
+                          unit=args.unit, gain=args.gain, read_noise=args.read_noise,
+                          saturation=args.saturation, noise=args.noise, backend=args.backend)
+    log.info("%r", result)
+    with stages("finding candidates"):
+        candidates = result.find_transients(threshold=args.threshold)
+    inputs, parameters = (args.reference, args.science), _subtract_parameters(args)
+    with stages("writing"):
+        write_subtraction(result, args.output, inputs=inputs, parameters=parameters,
+                          overwrite=args.overwrite)
+        if args.catalog:
+            write_candidates(candidates, args.catalog, inputs=inputs, parameters=parameters,
+                             overwrite=args.overwrite)
+        if args.regions:
+            write_regions(candidates, args.regions, overwrite=args.overwrite)
+        if args.plot:
+            reference = CCDData.read(args.reference, unit=images[0].unit)
+            science = CCDData.read(args.science, unit=images[1].unit)
+            _plot_subtraction(args.plot, result, reference, science, candidates, args.threshold)
+    stages.close()
+    written = [p for p in (args.output, args.catalog, args.regions, args.plot) if p]
+    log.info("%d candidate(s) above %g sigma (%d good: no flag set); wrote %s",
+             len(candidates), args.threshold, int(np.sum(candidates["good"])),
+             ", ".join(written))
+    return 0
+
+
+def _save(fig: Any, path: str | Path) -> None:
     import matplotlib.pyplot as plt
-    from astropy.visualization import ImageNormalize, ZScaleInterval
 
-    panels = [
-        ("science", science.data, ImageNormalize(science.data, interval=ZScaleInterval())),
-        ("difference D (sigma)", result.difference.data, ImageNormalize(vmin=-4, vmax=4)),
-        ("Scorr (sigma)", result.score.data, ImageNormalize(vmin=-6, vmax=6)),
-    ]
-    good = np.asarray(candidates["good"], bool) if len(candidates) else np.zeros(0, bool)
-    order = np.argsort(~good, kind="stable")  # zoom on good candidates first, flagged last
-    marks = truth if truth is not None and len(truth) else candidates[order][:3]
-    n_zoom = min(len(marks), 3)
-    fig, axes = plt.subplots(2 if n_zoom else 1, 3, figsize=(15, 10.5 if n_zoom else 5.4),
-                             constrained_layout=True, squeeze=False)
-    for ax, (title, data, norm) in zip(axes[0], panels):
-        shown = ax.imshow(data, origin="lower", cmap="gray", norm=norm)
-        ax.set_title(title)
-        fig.colorbar(shown, ax=ax, shrink=0.8)
-        if truth is not None and len(truth):
-            ax.scatter(truth["x"], truth["y"], s=250, facecolors="none", edgecolors="tab:green",
-                       label="injected")
-        if good.any():
-            ax.scatter(candidates["x"][good], candidates["y"][good], s=90, marker="x",
-                       color="tab:red", label="good candidate (|Scorr| > threshold, no flag)")
-        if (~good).any():
-            ax.scatter(candidates["x"][~good], candidates["y"][~good], s=60, marker="+",
-                       color="tab:orange", label="flagged candidate")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncol=2)
-    half = 24
-    for ax, row in zip(axes[1] if n_zoom else [], marks[:n_zoom]):
-        x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
-        cut = (slice(max(y - half, 0), y + half + 1), slice(max(x - half, 0), x + half + 1))
-        extent = (cut[1].start - 0.5, cut[1].stop - 0.5, cut[0].start - 0.5, cut[0].stop - 0.5)
-        shown = ax.imshow(result.score.data[cut], origin="lower", cmap="gray",
-                          norm=ImageNormalize(vmin=-6, vmax=12), extent=extent)
-        peak = float(result.score.data[y, x])
-        ax.set_title(f"Scorr around ({x}, {y}): {peak:.1f} sigma")
-        fig.colorbar(shown, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def _flag_cards() -> dict[str, str]:
-    """FITS header cards defining the candidates' flag bits: ``AZFLAG<bit>`` = name: meaning."""
-    from .transients import FLAGS
+def _plot_subtraction(path: str | Path, result: Any, reference: Any, science: Any,
+                      candidates: Table, threshold: float) -> None:
+    """The four-panel figure at ``path``; the candidates' cut-outs beside it, if any."""
+    from .plotting import plot_candidates, plot_subtraction
 
-    return {f"AZFLAG{bit}": f"{name}: {text}" for name, (bit, text) in FLAGS.items()}
+    _save(plot_subtraction(result, reference, science, candidates, threshold=threshold), path)
+    if len(candidates):
+        path = Path(path)
+        cutouts = path.with_name(f"{path.stem}_candidates{path.suffix}")
+        _save(plot_candidates(result, reference, science, candidates), cutouts)
+        log.info("candidate cut-outs in %s", cutouts)
 
 
-def _save_result(result, outdir: Path, threshold: float, science: CCDData,
-                 truth: Table | None = None) -> Table:
-    """Write D, Scorr (with the flag definitions in its header), alpha, the candidates, a PNG.
+def _expand_images(arguments: Sequence[str]) -> list[str]:
+    """Files, directories and globs to FITS paths, listed by ccdproc's ImageFileCollection."""
+    from ccdproc import ImageFileCollection
 
-    Masked pixels are NaN in the FITS images (the mask extension says which). The
-    candidate table (ECSV) carries the flag definitions and thresholds in its meta.
-    """
-    outdir.mkdir(parents=True, exist_ok=True)
-    result.difference.write(outdir / "difference.fits", overwrite=True)
-    score = result.score.to_hdu()
-    score[0].header.update(_flag_cards())
-    score.writeto(outdir / "score.fits", overwrite=True)
-    result.flux.write(outdir / "flux.fits", overwrite=True)
-    candidates = result.find_transients(threshold=threshold)
-    candidates.write(outdir / "candidates.ecsv", overwrite=True)
-    _write_png(outdir / "subtraction.png", science, result, candidates, truth)
-    return candidates
+    paths: list[str] = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found = _collection_files(ImageFileCollection, argument, FITS_PATTERNS)
+            if not found:
+                raise UsageError(f"IMAGE {argument!r} is a directory with no FITS file in it")
+        elif glob.has_magic(argument):
+            folder, pattern = os.path.split(argument)
+            found = []
+            if os.path.isdir(folder or "."):
+                found = _collection_files(ImageFileCollection, folder or ".", (pattern,))
+            if not found:
+                raise UsageError(f"IMAGE pattern {argument!r} matches no FITS file")
+        else:
+            found = [argument]
+        paths.extend(found)
+    return paths
+
+
+def _collection_files(collection: type, folder: str, patterns: Sequence[str]) -> list[str]:
+    files: set[str] = set()
+    for pattern in patterns:
+        if glob.glob(os.path.join(glob.escape(folder), pattern)):
+            images = collection(location=folder, glob_include=pattern)
+            files.update(images.files_filtered(include_path=True))
+    return sorted(files)
+
+
+def _coadd_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("unit", "gain", "saturation", "fwhm", "align", "reject", "backend")
+    return {name: getattr(args, name) for name in names}
+
+
+def _coadd(args: argparse.Namespace) -> int:
+    from .coaddition import coadd
+    from .files import write_coadd
+
+    paths = _expand_images(args.images)
+    if len(paths) < 2:
+        raise UsageError(f"a coadd needs at least two images, got {len(paths)}")
+    images = [_check_image(path, "IMAGE", args.unit) for path in paths]
+    _check_same_shape(images, args.align, "the images")
+    for option, values in (("--fwhm", args.fwhm), ("--gain", args.gain)):
+        if isinstance(values, list) and len(values) != len(paths):
+            raise UsageError(f"{option} gives {len(values)} values for {len(paths)} images: "
+                             "give one value, or one per image separated by commas")
+    _check_outputs(args, ("--output", "--plot"), paths)
+    _check_backend(args.backend)
+    log.info("coadding %d images", len(paths))
+    enabled = _progress_enabled(args)
+    fwhm = args.fwhm if isinstance(args.fwhm, list) or args.fwhm is None else [args.fwhm] * len(
+        paths)
+    result = coadd(_frames_bar(paths, enabled), psfs=fwhm, unit=args.unit, gain=args.gain,
+                   saturation=args.saturation, align=args.align or False, reject=args.reject,
+                   backend=args.backend)
+    log.info("%r", result)
+    write_coadd(result, args.output, inputs=paths, parameters=_coadd_parameters(args),
+                overwrite=args.overwrite)
+    if args.plot:
+        from .plotting import plot_coadd
+
+        _save(plot_coadd(result), args.plot)
+    log.info("wrote %s", ", ".join(p for p in (args.output, args.plot) if p))
+    return 0
+
+
+def _psf(args: argparse.Namespace) -> int:
+    from .psf import estimate_psf
+
+    _check_image(args.image, "IMAGE", args.unit)
+    _check_outputs(args, ("--output", "--plot"), (args.image,))
+    model = estimate_psf(args.image, method=args.method, degree=args.degree,
+                         n_components=args.n_components, fwhm=args.fwhm, unit=args.unit,
+                         gain=args.gain, saturation=args.saturation)
+    log.info("%s", model.quality_report())
+    model.write(args.output, overwrite=args.overwrite)
+    if args.plot:
+        from .plotting import plot_psf_basis, plot_psf_coefficients
+
+        _save(plot_psf_basis(model), args.plot)
+        if model.is_varying:
+            path = Path(args.plot)
+            fields = path.with_name(f"{path.stem}_coefficients{path.suffix}")
+            _save(plot_psf_coefficients(model), fields)
+            log.info("coefficient fields in %s", fields)
+    log.info("wrote %s", ", ".join(p for p in (args.output, args.plot) if p))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .simulation import simulate_pair
+    from .files import write_candidates, write_regions, write_subtraction
     from .subtraction import subtract
     from .transients import describe_flags
 
-    rng = np.random.default_rng(args.seed)
-    margin = args.size // 8
-    transients = Table({
-        "x": rng.uniform(margin, args.size - margin, 3),
-        "y": rng.uniform(margin, args.size - margin, 3),
-    })
-    # fluxes for single-image S/N of 12, 25 and 50 in the science frame (sky 200 e-, FWHM 3.5)
-    sigma_psf = 3.5 / 2.3548
-    noise = np.sqrt(200.0 + 5.0**2) * np.sqrt(4 * np.pi * sigma_psf**2)
-    transients["flux"] = np.array([12.0, 25.0, 50.0]) * noise
-    pair = simulate_pair(
-        (args.size, args.size),
-        n_stars=args.stars,
-        flux_range=(2e3, 2e5),
-        reference_psf=2.5,
-        science_psf=3.5,
-        flux_ratio=0.85,
-        shift=(0.3, -0.2),
-        transients=transients,
-        seed=args.seed,
-    )
-    truth = pair.transients
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"--outdir {args.outdir!r} is a file: give a folder")
+    _check_plotting()
+    stages = _Stages(["simulating", "subtracting", "finding candidates", "writing"],
+                     _progress_enabled(args))
+    with stages("simulating"):
+        pair, truth = _demo_pair(args)
     log.info("simulated a %dx%d pair with %d stars and %d transient(s) at %s",
              args.size, args.size, args.stars, len(truth),
              [(round(float(x), 1), round(float(y), 1)) for x, y in zip(truth["x"], truth["y"])])
-    result = subtract(pair.reference.ccd, pair.science.ccd)
+    with stages("subtracting"):
+        result = subtract(pair.reference.ccd, pair.science.ccd)
     log.info("%r", result)
-    outdir = Path(args.outdir)
-    candidates = _save_result(result, outdir, args.threshold, pair.science.ccd, truth)
+    with stages("finding candidates"):
+        candidates = result.find_transients(threshold=args.threshold)
+    inputs = ("simulated reference", "simulated science")
+    parameters = {name: getattr(args, name) for name in ("size", "stars", "seed", "threshold")}
+    with stages("writing"):
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_subtraction(result, outdir / "subtraction.fits", inputs=inputs,
+                          parameters=parameters, overwrite=True)
+        write_candidates(candidates, outdir / "candidates.ecsv", inputs=inputs,
+                         parameters=parameters, overwrite=True)
+        write_regions(candidates, outdir / "candidates.reg", overwrite=True)
+        _plot_subtraction(outdir / "subtraction.png", result, pair.reference.ccd,
+                          pair.science.ccd, candidates, args.threshold)
+    stages.close()
     found = 0
     for x, y, flux in zip(truth["x"], truth["y"], truth["flux"]):
         distance = np.hypot(candidates["x"] - x, candidates["y"] - y) if len(candidates) else []
@@ -139,97 +548,231 @@ def _demo(args: argparse.Namespace) -> int:
                      row["flux"], row["flux_err"], flux, describe_flags(row["flags"]) or "none")
         else:
             log.warning("missed the transient at (%.1f, %.1f) of flux %.0f e-", x, y, flux)
-    log.info("%d candidate(s) above %.1f sigma (%d good), %d of %d injected transient(s) "
-             "recovered; wrote difference.fits, score.fits, flux.fits, candidates.ecsv and "
+    log.info("%d candidate(s) above %g sigma (%d good), %d of %d injected transient(s) "
+             "recovered; wrote subtraction.fits, candidates.ecsv, candidates.reg and "
              "subtraction.png to %s", len(candidates), args.threshold,
              int(np.sum(candidates["good"])), found, len(truth), outdir)
     return 0 if found == len(truth) else 1
 
 
-def _subtract(args: argparse.Namespace) -> int:
-    from ._ccd import as_ccddata, to_image
-    from .subtraction import subtract
+def _demo_pair(args: argparse.Namespace) -> tuple[Any, Table]:
+    """A simulated pair with three transients of S/N 12, 25 and 50 in the science image."""
+    from .simulation import simulate_pair
 
-    result = subtract(args.reference, args.science, reference_psf=args.reference_fwhm,
-                      science_psf=args.science_fwhm, unit=args.unit, gain=args.gain,
-                      saturation=args.saturation, backend=args.backend)
-    log.info("%r", result)
-    science = as_ccddata(to_image(args.science, unit=args.unit))
-    candidates = _save_result(result, Path(args.outdir), args.threshold, science)
-    log.info("%d candidate(s) above %.1f sigma (%d good: no flag set) written to %s",
-             len(candidates), args.threshold, int(np.sum(candidates["good"])), args.outdir)
-    return 0
-
-
-def _coadd(args: argparse.Namespace) -> int:
-    from .coaddition import coadd
-
-    result = coadd(args.images, unit=args.unit, psfs=args.fwhm, backend=args.backend)
-    outdir = Path(args.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    result.image.write(outdir / "coadd.fits", overwrite=True)
-    _append_rejected(outdir / "coadd.fits", result.rejected)
-    result.score.write(outdir / "coadd_score.fits", overwrite=True)
-    log.info("%r written to %s", result, outdir)
-    return 0
+    rng = np.random.default_rng(args.seed)
+    margin = args.size // 8
+    transients = Table({
+        "x": rng.uniform(margin, args.size - margin, 3),
+        "y": rng.uniform(margin, args.size - margin, 3),
+    })
+    # fluxes for single-image S/N of 12, 25 and 50 in the science frame (sky 200 e-, FWHM 3.5)
+    sigma_psf = 3.5 / 2.3548
+    noise = np.sqrt(200.0 + 5.0**2) * np.sqrt(4 * np.pi * sigma_psf**2)
+    transients["flux"] = np.array([12.0, 25.0, 50.0]) * noise
+    pair = simulate_pair((args.size, args.size), n_stars=args.stars, flux_range=(2e3, 2e5),
+                         reference_psf=2.5, science_psf=3.5, flux_ratio=0.85,
+                         shift=(0.3, -0.2), transients=transients, seed=args.seed)
+    return pair, pair.transients
 
 
-def _append_rejected(path: Path, rejected: np.ndarray) -> None:
-    """Add the outlier map of `coadd` to its FITS file as the REJECTED extension."""
-    from astropy.io import fits
+# --- the parser -------------------------------------------------------------------------------
+_SUBTRACT_EXAMPLE = """example:
+  astro-zackay subtract ref.fits new.fits -o diff.fits --catalog cands.ecsv \\
+      --regions cands.reg --plot diff.png --unit adu --gain 1.4 --saturation 65000
 
-    header = fits.Header({"EXTNAME": "REJECTED"})
-    header["COMMENT"] = "number of images whose pixel was rejected as an outlier"
-    fits.append(path, rejected.astype(np.int16), header)
+Writes D, Scorr, the flux and its error, P_D and the mask to diff.fits (read them with
+CCDData.read("diff.fits", hdu="SCORR") or astro_zackay.files.read_subtraction), the
+candidates above --threshold to the ECSV table and the ds9 regions, and a figure (with
+the candidates' cut-outs in diff_candidates.png)."""
+_COADD_EXAMPLE = """example:
+  astro-zackay coadd frames/ -o coadd.fits --unit adu --gain 1.4 --plot coadd.png
+  astro-zackay coadd 'night1/*.fits' extra.fits -o coadd.fits --fwhm 2.5,3.1,2.8
+
+The primary image of coadd.fits is the flux-calibrated coadd with its uncertainty: give
+it as the REF of 'astro-zackay subtract', which then uses the stored PSF."""
+_PSF_EXAMPLE = """example:
+  astro-zackay psf image.fits -o psf.fits --unit adu --gain 1.4 --plot psf.png
+
+Read the model back with astro_zackay.psf.KLPSFModel.read("psf.fits")."""
+_DEMO_EXAMPLE = """example:
+  astro-zackay demo --outdir demo-output
+
+Simulates a pair with three injected transients, subtracts it and writes
+subtraction.fits, candidates.ecsv, candidates.reg and subtraction.png; exits 1 when an
+injected transient is missed."""
 
 
-def _add_backend_option(command: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser) -> None:
+    """--verbose/--quiet, accepted before or after the subcommand."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log debug messages and show tracebacks of errors")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and errors; no progress bars")
+
+
+def _subcommand(commands: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text, description=help_text, epilog=example,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(command)
+    return command
+
+
+def _add_io_options(command: argparse.ArgumentParser, per: Callable[[Any], Any],
+                    per_gain: Callable[[Any], Any], meaning: str, gain_meaning: str) -> None:
+    """--unit, --saturation (values ``per``) and --gain (``per_gain``), with their meanings."""
+    command.add_argument("--unit", type=per(_unit), default=None,
+                         help=f"data unit of files without BUNIT (e.g. adu){meaning}")
+    command.add_argument("--gain", type=per_gain(_positive), default=None, metavar="G",
+                         help="gain in e-/ADU (for the source noise of images in ADU)"
+                              f"{gain_meaning}")
+    command.add_argument("--saturation", type=per(_saturation), default=None, metavar="S",
+                         help=f"saturation level in data units (inf: none){meaning}")
+
+
+def _same(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """One value for every image."""
+    return parse
+
+
+def _add_backend(command: argparse.ArgumentParser) -> None:
     command.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
-                         help="array backend of the FFT algebra: numpy (CPU, default) or cupy "
-                              "(a CUDA GPU; needs CuPy, e.g. pip install cupy-cuda12x)")
+                         help="where the FFT algebra runs: numpy (CPU, default) or cupy "
+                              "(a CUDA GPU; needs pip install cupy-cuda12x)")
+
+
+def _add_output(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("-o", "--output", required=True, metavar="OUT.fits",
+                         help=f"the FITS file to write: {what}")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace output files that exist")
+
+
+def _subtract_parser(commands: Any) -> None:
+    sub = _subcommand(commands, "subtract", "ZOGY subtraction of two FITS images",
+                      _SUBTRACT_EXAMPLE)
+    sub.add_argument("reference", metavar="REF", help="the reference image (FITS)")
+    sub.add_argument("science", metavar="NEW", help="the new (science) image (FITS)")
+    _add_output(sub, "D, Scorr, flux, flux error, P_D and mask with provenance")
+    sub.add_argument("--catalog", metavar="CANDS.ecsv", help="write the candidates (ECSV)")
+    sub.add_argument("--regions", metavar="CANDS.reg",
+                     help="write the candidates as ds9 regions (good green, flagged red)")
+    sub.add_argument("--plot", metavar="OUT.png", help="write a figure (needs matplotlib)")
+    sub.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
+                     help="detection threshold on |Scorr| in sigma (default 5)")
+    per_image = "; one value, or REF,NEW"
+    _add_io_options(sub, _per_image, _per_image, per_image, per_image)
+    sub.add_argument("--read-noise", type=_per_image(_non_negative), default=None, metavar="RN",
+                     help=f"read noise in data units{per_image}")
+    sub.add_argument("--align", choices=("stars", "wcs"), default=None,
+                     help="resample REF onto NEW's grid first: by matching stars or by WCS")
+    sub.add_argument("--psf-method", choices=("auto", "kl", "constant", "gaussian", "moffat"),
+                     default="auto", help="PSF model estimated from each image's stars "
+                     "(default auto: a varying KL PSF, stepping down when stars are few)")
+    for image in ("reference", "science"):
+        sub.add_argument(f"--{image}-fwhm", type=_positive, default=None, metavar="PIXELS",
+                         help=f"a Gaussian {image} PSF of this FWHM instead of an estimate")
+    sub.add_argument("--flux-ratio", type=_positive, default=None, metavar="BETA",
+                     help="science / reference flux ratio (default: fitted)")
+    sub.add_argument("--no-fit-shift", dest="fit_shift", action="store_false",
+                     help="do not fit and remove a sub-pixel shift")
+    sub.add_argument("--tiles", type=_tiles, default="auto", metavar="auto|none|PIXELS",
+                     help="tiles of constant PSF: auto (default), none, or a side in pixels")
+    sub.add_argument("--noise", choices=("auto", "white"), default="auto",
+                     help="auto: measure correlated noise (resampled images); white: assume none")
+    _add_backend(sub)
+    sub.set_defaults(func=_subtract)
+
+
+def _coadd_parser(commands: Any) -> None:
+    add = _subcommand(commands, "coadd", "proper coaddition of registered FITS images",
+                      _COADD_EXAMPLE)
+    add.add_argument("images", nargs="+", metavar="IMAGE",
+                     help="FITS files, directories of them, or quoted globs")
+    _add_output(add, "the calibrated coadd, its PSF, score, depth and provenance")
+    add.add_argument("--plot", metavar="OUT.png", help="write a figure (needs matplotlib)")
+    _add_io_options(add, _same, _per_frame, "", "; one value, or one per image (comma-separated)")
+    add.add_argument("--fwhm", type=_per_frame(_positive), default=None, metavar="PIXELS",
+                     help="Gaussian PSFs of this FWHM (one, or one per image) instead of "
+                          "estimates")
+    add.add_argument("--align", choices=("stars", "wcs"), default=None,
+                     help="resample every image onto the first one's grid")
+    add.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
+                     help="reject what one image alone shows above SIGMA (default 6)")
+    add.add_argument("--no-reject", dest="reject", action="store_const", const=None,
+                     help="keep every pixel (no outlier rejection)")
+    _add_backend(add)
+    add.set_defaults(func=_coadd)
+
+
+def _psf_parser(commands: Any) -> None:
+    psf = _subcommand(commands, "psf", "estimate an image's PSF from its stars", _PSF_EXAMPLE)
+    psf.add_argument("image", metavar="IMAGE", help="the image (FITS)")
+    _add_output(psf, "the PSF model (astro_zackay.psf.KLPSFModel.read reads it)")
+    psf.add_argument("--plot", metavar="OUT.png",
+                     help="write the PSF basis (and its coefficient fields when it varies)")
+    psf.add_argument("--method", choices=("kl", "constant", "gaussian", "moffat"), default="kl",
+                     help="the model asked for (default kl, stepping down when stars are few)")
+    psf.add_argument("--degree", type=_int_in(0, 3), default=None,
+                     metavar="D",
+                     help="degree of the coefficient fields (default: chosen from the stars)")
+    psf.add_argument("--n-components", type=_int_in(1, 8), default=None,
+                     metavar="K", help="number of eigen-PSFs, 1-8 (default: chosen)")
+    psf.add_argument("--fwhm", type=_positive, default=None, metavar="PIXELS",
+                     help="a Gaussian PSF of this FWHM when the image has no usable star")
+    _add_io_options(psf, _same, _same, "", "")
+    psf.set_defaults(func=_psf)
+
+
+def _demo_parser(commands: Any) -> None:
+    demo = _subcommand(commands, "demo", "subtract a simulated pair with injected transients",
+                       _DEMO_EXAMPLE)
+    demo.add_argument("--outdir", default="demo-output",
+                      help="folder for the FITS file, tables and PNG (default demo-output)")
+    demo.add_argument("--size", type=_int_in(128, 8192), default=1024,
+                      metavar="PIXELS", help="image side in pixels, 128-8192 (default 1024)")
+    demo.add_argument("--stars", type=_int_in(0, 100000), default=500, metavar="N",
+                      help="number of stars (default 500)")
+    demo.add_argument("--seed", type=int, default=2016, help="random seed (default 2016)")
+    demo.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
+                      help="detection threshold in sigma (default 5)")
+    demo.set_defaults(func=_demo)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="astro-zackay",
-        description="Proper image subtraction (ZOGY) and proper coaddition on FITS images.",
+        description="Proper image subtraction (ZOGY), proper coaddition and PSFs on FITS "
+                    "images. Run 'astro-zackay COMMAND --help' for a command's options.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="subtract a simulated pair with an injected transient")
-    demo.add_argument("--outdir", default="demo-output", help="folder for the FITS, table and PNG")
-    demo.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    demo.add_argument("--stars", type=int, default=500, help="number of stars")
-    demo.add_argument("--seed", type=int, default=2016, help="random seed")
-    demo.add_argument("--threshold", type=float, default=5.0, help="detection threshold (sigma)")
-    demo.set_defaults(func=_demo)
-
-    sub = commands.add_parser("subtract", help="ZOGY subtraction of two registered FITS images")
-    sub.add_argument("reference")
-    sub.add_argument("science")
-    sub.add_argument("--outdir", default="subtraction-output")
-    sub.add_argument("--unit", default=None, help="data unit when the files have no BUNIT")
-    sub.add_argument("--gain", type=float, default=None, help="e-/ADU when there is no GAIN")
-    sub.add_argument("--saturation", type=float, default=None, help="saturation level")
-    for image in ("reference", "science"):
-        sub.add_argument(f"--{image}-fwhm", type=float, default=None, metavar="PIXELS",
-                         help=f"FWHM of a Gaussian {image} PSF (default: estimated from "
-                              "its stars)")
-    sub.add_argument("--threshold", type=float, default=5.0)
-    _add_backend_option(sub)
-    sub.set_defaults(func=_subtract)
-
-    add = commands.add_parser("coadd", help="proper coaddition of registered FITS images")
-    add.add_argument("images", nargs="+")
-    add.add_argument("--outdir", default="coadd-output")
-    add.add_argument("--unit", default=None)
-    add.add_argument("--fwhm", type=float, nargs="+", default=None, metavar="PIXELS",
-                     help="FWHM of a Gaussian PSF for each image, in order (default: "
-                          "estimated from their stars)")
-    _add_backend_option(add)
-    add.set_defaults(func=_coadd)
+    parser.add_argument("--version", action="version", version=f"astro-zackay {version}")
+    _common(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+    _subtract_parser(commands)
+    _coadd_parser(commands)
+    _psf_parser(commands)
+    _demo_parser(commands)
     return parser
+
+
+# --- running ----------------------------------------------------------------------------------
+def _cli_words(message: str) -> str:
+    """The library's option names in a message replaced by the command's options."""
+    for name, option in _OPTION_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """Warnings as one log line each: ``WARNING <category>: <message>``.
+
+    astropy's notes on the FITS headers it fixed are debug messages.
+    """
+    level = logging.DEBUG if issubclass(category, FITSFixedWarning) else logging.WARNING
+    logging.getLogger("astro_zackay").log(level, "%s: %s", category.__name__,
+                                          _cli_words(str(message)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,17 +786,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status: 0 on success; for ``demo``, 1 when the injected transient
-        was not recovered.
+        The exit status: 0 on success; 2 for a user mistake (a bad option, a missing,
+        unreadable or unusable file: the message on stderr names the option that fixes
+        it); for ``demo``, 1 when an injected transient was missed.
+
+    Examples
+    --------
+    >>> from astro_zackay.cli import main
+    >>> main(["subtract", "no-such-ref.fits", "no-such-new.fits", "-o", "out.fits"])
+    2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    args.quiet = quiet
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("astro_zackay")
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    previous = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False  # one line per message, whatever handlers the root has
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _log_warning
+            return args.func(args)
+    except (UsageError, ValueError, OSError, ImportError, u.UnitsError) as exc:
+        if verbose:
+            traceback.print_exc()
+        sys.stderr.write(f"astro-zackay {args.command}: error: {_cli_words(str(exc))}\n")
+        return USAGE_ERROR
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous[0])
+        package.propagate = previous[1]

@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -157,6 +157,36 @@ class CoaddResult:
         data = np.where(mask, 0.0, self.score.data / np.where(mask | (sigma == 0), 1.0, sigma))
         return CCDData(data, unit=u.dimensionless_unscaled, mask=mask.copy(),
                        wcs=self.score.wcs, meta=self.score.meta.copy())
+
+    def write(
+        self,
+        path: str | os.PathLike,
+        *,
+        inputs: Sequence[Any] = (),
+        parameters: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Write the coadd, its PSF, score and depth to one FITS file.
+
+        The file's primary image is `calibrated` with its uncertainty, so it can be
+        given as the reference of `~astro_zackay.subtract` as it is; see
+        `astro_zackay.files.write_coadd` for its extensions and headers.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The FITS file to write.
+        inputs : sequence of str or path-like, optional
+            The input files recorded in the header (default: the ``name`` column of
+            `frames`).
+        parameters : mapping, optional
+            The options of the coadd, recorded as ``name=value``.
+        overwrite : bool, optional
+            Replace an existing file.
+        """
+        from .files import write_coadd
+
+        write_coadd(self, path, inputs=inputs, parameters=parameters, overwrite=overwrite)
 
     def __repr__(self) -> str:
         ny, nx = self.image.shape

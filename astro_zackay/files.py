@@ -431,7 +431,8 @@ def write_coadd(
     path : str or path-like
         The FITS file to write.
     inputs : sequence of str or path-like, optional
-        The input files, recorded in the header.
+        The input files, recorded in the header; default the ``name`` column of
+        ``result.frames``.
     parameters : mapping, optional
         The options of the coadd, recorded as ``name=value``.
     overwrite : bool, optional
@@ -455,7 +456,7 @@ def write_coadd(
     >>> image.shape, image.meta["AZIN2"], fits.getdata(path, "PSF").sum().round(6)
     ((128, 128), 'b.fits', np.float64(1.0))
     """
-    header = _provenance("coadd", inputs, parameters)
+    header = _provenance("coadd", inputs or list(result.frames["name"]), parameters)
     header["AZFR"] = (float(result.flux_scale), "flux zero point F_R of PROPER")
     header["AZSNR1"] = (float(result.snr_full), "S/N of a unit-flux point source")
     header["NCOMBINE"] = (len(result.frames), "images combined")
