@@ -168,6 +168,10 @@ def adaptive_moments(
     pix = np.where(valid, np.take(data, flat), 0.0)
     var = np.where(valid, np.take(variance, flat), 0.0)
     gx, gy = gx.astype(float), gy.astype(float)
+    # the window's offsets from the rounded position, and their products: every weighted
+    # sum of a pass is one matrix product with them
+    ox, oy = np.repeat(off, off.size).astype(float), np.tile(off, off.size).astype(float)
+    powers = np.column_stack([np.ones_like(ox), ox, oy, ox**2, oy**2, ox * oy])
 
     n = ix.size
     xc, yc = np.asarray(x, float).copy(), np.asarray(y, float).copy()
@@ -175,15 +179,16 @@ def adaptive_moments(
     ok = np.ones(n, dtype=bool)
     max_var = (0.5 * half) ** 2
     for _ in range(n_iter):
-        weight, dx, dy = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
-        s0 = np.sum(weight * pix, axis=1)
+        weight, _, _ = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
+        s0, sx, sy, sxx, syy, sxy = ((weight * pix) @ powers).T  # about the rounded position
+        ex, ey = xc - ix, yc - iy  # the centroid from it
         good = s0 > 0
         s0 = np.where(good, s0, 1.0)
-        mx = np.clip(np.sum(weight * pix * dx, axis=1) / s0, -_MAX_STEP / 2, _MAX_STEP / 2)
-        my = np.clip(np.sum(weight * pix * dy, axis=1) / s0, -_MAX_STEP / 2, _MAX_STEP / 2)
-        mxx = np.sum(weight * pix * dx**2, axis=1) / s0 - mx**2
-        myy = np.sum(weight * pix * dy**2, axis=1) / s0 - my**2
-        mxy = np.sum(weight * pix * dx * dy, axis=1) / s0 - mx * my
+        mx = np.clip((sx - ex * s0) / s0, -_MAX_STEP / 2, _MAX_STEP / 2)
+        my = np.clip((sy - ey * s0) / s0, -_MAX_STEP / 2, _MAX_STEP / 2)
+        mxx = (sxx - 2.0 * ex * sx + ex**2 * s0) / s0 - mx**2
+        myy = (syy - 2.0 * ey * sy + ey**2 * s0) / s0 - my**2
+        mxy = (sxy - ex * sy - ey * sx + ex * ey * s0) / s0 - mx * my
         definite = good & (mxx > 0) & (myy > 0) & (mxx * myy > mxy**2)
         ok &= definite
         # the weighted mean offset of a source under a matched weight (W = C) is half
@@ -197,10 +202,11 @@ def adaptive_moments(
         wxy[ok] = np.clip(cxy[ok], -limit, limit)
     weight, dx, dy = _weights(gx, gy, xc, yc, wxx, wxy, wyy, valid)
     s0 = np.sum(weight * pix, axis=1)
-    err = np.sqrt(np.sum(weight**2 * var, axis=1))
+    noise = weight**2 * var
+    err = np.sqrt(np.sum(noise, axis=1))
     # the centroid moves by twice the weighted mean offset, 2 sum(w I dx) / sum(w I)
-    x_err = 2.0 * np.sqrt(np.sum(weight**2 * var * dx**2, axis=1)) / np.abs(s0)
-    y_err = 2.0 * np.sqrt(np.sum(weight**2 * var * dy**2, axis=1)) / np.abs(s0)
+    x_err = 2.0 * np.sqrt(np.sum(noise * dx**2, axis=1)) / np.abs(s0)
+    y_err = 2.0 * np.sqrt(np.sum(noise * dy**2, axis=1)) / np.abs(s0)
     broad, _, _ = _weights(gx, gy, xc, yc, 4.0 * wxx, 4.0 * wxy, 4.0 * wyy, valid)
     s_broad = np.sum(broad * pix, axis=1)
     ok &= (s0 > 0) & (err > 0) & np.isfinite(s0)
