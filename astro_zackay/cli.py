@@ -41,8 +41,11 @@ USAGE_ERROR = 2
 FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz")
 #: The library's option names, as they appear in its messages, and the CLI options.
 _OPTION_NAMES = {
-    "reference_psf=": "--reference-fwhm (or --psf-method)",
-    "science_psf=": "--science-fwhm (or --psf-method)",
+    " (a PSF model, an odd-sized array, or the FWHM in pixels of a Gaussian PSF)":
+        " FWHM (a Gaussian PSF of that FWHM in pixels)",
+    "reference_psf=": "--reference-fwhm",
+    "science_psf=": "--science-fwhm",
+    "fwhm=": "--fwhm",
     "align='stars' (or 'wcs')": "--align stars (or --align wcs)",
     "align=True": "--align stars",
     "flux_ratio= and fit_shift=False": "--flux-ratio and --no-fit-shift",
@@ -200,7 +203,7 @@ def _frames_bar(paths: Sequence[str], enabled: bool) -> Iterable[str]:
         return paths
     from tqdm import tqdm
 
-    return tqdm(paths, desc="reading frames", unit="frame", leave=False, file=sys.stderr)
+    return tqdm(paths, desc="reading frames", unit="frame", file=sys.stderr)
 
 
 # --- checks of the inputs and outputs, before any work ---------------------------------------
@@ -775,6 +778,15 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
                                           _cli_words(str(message)))
 
 
+def _log_through_bars(logger: logging.Logger, enabled: bool) -> Any:
+    """Log lines written above the progress bars (tqdm's redirect) when bars are on."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logger])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``astro-zackay`` command line.
 
@@ -808,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     package.setLevel(level)
     package.propagate = False  # one line per message, whatever handlers the root has
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _log_through_bars(package, _progress_enabled(args)):
             warnings.simplefilter("default")
             warnings.showwarning = _log_warning
             return args.func(args)

@@ -112,7 +112,9 @@ def _fitted(result: SubtractionResult) -> fits.Header:
         "AZNTILE": (len(tiles), "tiles of constant PSF"),
     }
     for key, (value, comment) in cards.items():
-        header[key] = (value if isinstance(value, int) else float(value), comment)
+        value = value if isinstance(value, int) else float(value)
+        # FITS headers hold no NaN or inf: those are written as text ('nan'), read by float()
+        header[key] = (value if np.isfinite(value) else str(value), comment)
     _add_history(
         header,
         f"fitted: flux ratio {result.flux_ratio:.6g} +- {result.flux_ratio_error:.2g}, "
