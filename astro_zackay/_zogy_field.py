@@ -303,13 +303,17 @@ class _TileNoise:
 
 
 def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, beta: float,
-             grid: tuple[int, int]) -> tuple[Any, Any, Any, np.ndarray]:
-    """Per tile, in float64: ``wa = A/sqrt(den)``, ``wb = B/sqrt(den)``, ``Q = wa B`` and ``F_S``.
+             grid: tuple[int, int], ctype: Any) -> tuple[Any, Any, Any, np.ndarray]:
+    """Per tile: ``wa = A/sqrt(den)``, ``wb = B/sqrt(den)``, ``Q = wa B`` in ``ctype`` and ``F_S``.
 
     ``A`` is the reference's PSF transform (``F_r = 1``), ``B = beta`` times the new
-    one's.  The denominator is floored per tile at its maximum times
-    ``sqrt(tiny)`` (where it has nearly underflowed; ``Q`` is zeroed there).
+    one's, both float64 (their tiny high-frequency values need it); each filter is
+    formed from them and written in ``ctype`` in one pass (bounded by ``1/sigma``,
+    complex64 holds it even where ``|A|**2`` would underflow).  The denominator is
+    floored per tile at its maximum times ``sqrt(tiny)`` (where it has nearly
+    underflowed; ``Q`` is zeroed there).
     """
+    xp = be.xp
     a_h = psf_rfft_stack(pr, grid, backend=be)
     b_h = psf_rfft_stack(pn, grid, backend=be)
     b_h *= beta
@@ -320,12 +324,19 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, be
     den += tmp
     del tmp
     den, good = floored_inv_sqrt(den, per_tile=True)
-    a_h *= den
-    q_h = b_h * a_h
+    wa = xp.multiply(a_h, den, out=_in_type(xp, a_h, ctype))  # float64 products, cast on output
+    del a_h
+    q_h = xp.multiply(b_h, wa, out=xp.empty(b_h.shape, dtype=ctype))
     q_h *= good
-    b_h *= den
+    wb = xp.multiply(b_h, den, out=_in_type(xp, b_h, ctype))
+    del b_h, den
     f_s = be.to_numpy(half_spectrum_sum(abs2(q_h), grid[1])) / (grid[0] * grid[1])
-    return a_h, b_h, q_h, np.asarray(f_s, dtype=np.float64)
+    return wa, wb, q_h, np.asarray(f_s, dtype=np.float64)
+
+
+def _in_type(xp: Any, a: Any, ctype: Any) -> Any:
+    """``a`` itself when it has ``ctype`` (to be overwritten), else a new empty array of it."""
+    return a if a.dtype == ctype else xp.empty(a.shape, dtype=ctype)
 
 
 def _kernels(be: ArrayBackend, filters: tuple, grid: tuple[int, int]) -> tuple[Any, Any, Any]:
@@ -381,18 +392,15 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     def inv(a_h):
         return be.irfft2(a_h, s=grid, workers=workers)
 
-    filters = _filters(be, pn, pr, powers, beta, grid)
-    wa, wb, q_h = (f.astype(ctype, copy=False) for f in filters[:3])
-    f_s = filters[3]
-    del filters
+    wa, wb, q_h, f_s = _filters(be, pn, pr, powers, beta, grid, ctype)
     stamp = max(pn.shape[1:] + pr.shape[1:])
     small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
     own = 2 * small[0] * small[1] > npix  # not much smaller: the tiles' own filters
     if own:
         p_d = inv(q_h)  # before q_h is conjugated
     else:
-        p_d, *kernels = _kernels(be, _filters(be, pn, pr, noise.powers(small), beta, small),
-                                 small)
+        p_d, *kernels = _kernels(be, _filters(be, pn, pr, noise.powers(small), beta, small,
+                                              np.complex128), small)
     out_pd = _stamps(be, p_d, stamp)
     del p_d
     at0 = noise.at_zero(grid)
@@ -457,12 +465,17 @@ def _tile_sigma(
 ) -> float:
     """A tile's background rms for ZOGY: the median rms of the good pixels of its grid.
 
+    ``whole`` is that median over the whole image (a tile's own when it covers the image).
+
     With a noise spectrum, its pixel-noise share: the rms map holds the faint static
     sky too, which cancels in the difference, and ``spectrum.sigma / whole`` is the
     pixel noise's share of it over the image.
     """
     in_cell = good[cell]
-    sigma = float(np.median(rms[cell][in_cell])) if in_cell.any() else whole
+    if in_cell.size == good.size or not in_cell.any():  # the whole image (one tile), or no pixel
+        sigma = whole
+    else:
+        sigma = float(np.median(rms[cell][in_cell]))
     return sigma if spectrum is None else sigma * spectrum.sigma / whole
 
 
