@@ -92,6 +92,17 @@ def _add_history(header: fits.Header, text: str) -> None:
         header.add_history(part)
 
 
+def _fitted_table(result: SubtractionResult) -> fits.BinTableHDU:
+    """The fitted scalars of a subtraction as a one-row table: exact float64 values."""
+    values = {"flux_scale": result.flux_scale, "flux_ratio": result.flux_ratio,
+              "flux_ratio_error": result.flux_ratio_error, "shift_x": result.shift[0],
+              "shift_y": result.shift[1], "background_offset": result.background_offset,
+              "astrometric_noise_x": result.astrometric_noise[0],
+              "astrometric_noise_y": result.astrometric_noise[1]}
+    table = Table({name: np.array([value], dtype=float) for name, value in values.items()})
+    return _named(fits.table_to_hdu(table), "FITTED", "fitted scalars (exact values)")
+
+
 def _fitted(result: SubtractionResult) -> fits.Header:
     """The fitted quantities of a subtraction as short keys, and a HISTORY line."""
     header = fits.Header()
@@ -113,7 +124,7 @@ def _fitted(result: SubtractionResult) -> fits.Header:
     }
     for key, (value, comment) in cards.items():
         value = value if isinstance(value, int) else float(value)
-        # FITS headers hold no NaN or inf: those are written as text ('nan'), read by float()
+        # FITS headers hold no NaN or inf: those are written as text ('nan')
         header[key] = (value if np.isfinite(value) else str(value), comment)
     _add_history(
         header,
@@ -157,8 +168,9 @@ def write_subtraction(
 
     Extensions: ``DIFF`` (D), ``SCORR``, ``FLUX``, ``FLUXERR`` (images on the science
     grid with its WCS; masked pixels NaN), ``PSF`` (P_D), ``MASK`` (1 where masked),
-    ``TILES`` (table), ``TILEPSF`` (P_D per tile), ``INMASK`` (the inputs' masked
-    pixels) and, when there are any, ``SOURCES``. The primary header and each
+    ``TILES`` (table), ``FITTED`` (the fitted scalars as exact float64 values: header
+    cards may round the last digit), ``TILEPSF`` (P_D per tile), ``INMASK`` (the
+    inputs' masked pixels) and, when there are any, ``SOURCES``. The primary header and each
     image's header hold the package version, the inputs (``AZIN<n>``), the
     parameters (``AZPAR<n>``), the fitted quantities (``AZBETA``, ``AZBETAE``,
     ``AZDX``, ``AZDY``, ``AZBKGOFF``, ``AZFD``, ``AZASTX``, ``AZASTY``, ``AZSIGR``,
@@ -213,6 +225,7 @@ def write_subtraction(
         _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", _SUBTRACTION_TEXT["PSF"]),
         _named(fits.ImageHDU(mask.astype(np.uint8)), "MASK", _SUBTRACTION_TEXT["MASK"]),
         _table_hdu(result.tiles, "TILES", _SUBTRACTION_TEXT["TILES"]),
+        _fitted_table(result),
     ]
     if result.tile_psfs is not None:
         hdus.append(_named(fits.ImageHDU(np.asarray(result.tile_psfs, float)), "TILEPSF",
@@ -231,7 +244,7 @@ def _check_subtraction_file(hdul: fits.HDUList, path: str | os.PathLike) -> None
     if hdul[0].header.get("AZKIND") != "subtraction":
         raise ValueError(f"{os.fspath(path)!r} is not an astro_zackay subtraction file "
                          "(no AZKIND = 'subtraction' in its primary header)")
-    missing = [name for name in (*SUBTRACTION_IMAGES, "PSF", "MASK", "TILES")
+    missing = [name for name in (*SUBTRACTION_IMAGES, "PSF", "MASK", "TILES", "FITTED")
                if name not in hdul]
     if missing:
         raise ValueError(f"{os.fspath(path)!r} lacks the extension(s) {', '.join(missing)}: "
@@ -264,7 +277,8 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
     """
     with fits.open(path) as hdul:
         _check_subtraction_file(hdul, path)
-        header = hdul[0].header
+        fitted = {name: float(hdul["FITTED"].data[name][0])
+                  for name in hdul["FITTED"].columns.names}
         psf = np.array(hdul["PSF"].data, dtype=float)
         tiles = Table.read(hdul["TILES"])
         tile_psfs = np.array(hdul["TILEPSF"].data, float) if "TILEPSF" in hdul else None
@@ -279,12 +293,12 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
     return SubtractionResult(
         **images,
         psf=psf,
-        flux_scale=float(header["AZFD"]),
-        flux_ratio=float(header["AZBETA"]),
-        flux_ratio_error=float(header["AZBETAE"]),
-        shift=(float(header["AZDX"]), float(header["AZDY"])),
-        background_offset=float(header["AZBKGOFF"]),
-        astrometric_noise=(float(header["AZASTX"]), float(header["AZASTY"])),
+        flux_scale=fitted["flux_scale"],
+        flux_ratio=fitted["flux_ratio"],
+        flux_ratio_error=fitted["flux_ratio_error"],
+        shift=(fitted["shift_x"], fitted["shift_y"]),
+        background_offset=fitted["background_offset"],
+        astrometric_noise=(fitted["astrometric_noise_x"], fitted["astrometric_noise_y"]),
         tiles=tiles,
         input_mask=input_mask,
         sources=sources,

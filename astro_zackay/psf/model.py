@@ -586,7 +586,7 @@ def _check_wing(wing: Any, core_shape: tuple[int, int]) -> np.ndarray | None:
 def _mapping_to_hdu(mapping: Mapping[str, Any], name: str) -> fits.BinTableHDU:
     """A one-row table of numbers and strings (exact float64 / int64 / bool round trip).
 
-    Strings get one padding space (FITS has no empty string column), stripped on reading.
+    Strings get one padding space (FITS has no empty string column), gone on reading.
     """
     table = Table(
         {key: [value + " " if isinstance(value, str) else value] for key, value in mapping.items()}
@@ -602,7 +602,8 @@ def _mapping_from_hdu(hdu: fits.BinTableHDU) -> dict[str, Any]:
     values = {}
     for name in hdu.columns.names:
         value = hdu.data[name][0]
-        values[name] = value[:-1] if isinstance(value, str) else value.item()
+        # FITS drops a string's trailing spaces on reading, the padding one with them
+        values[name] = value.removesuffix(" ") if isinstance(value, str) else value.item()
     return values
 
 
