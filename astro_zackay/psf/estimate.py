@@ -50,7 +50,7 @@ from .stamps import (
     stamp_fits,
     stamp_moments,
 )
-from .wings import Wing, fit_wing, light_reach, light_samples, render_wing
+from .wings import Wing, fit_wing, light_reach, light_samples, profile_pixels, render_wing
 
 __all__ = ["estimate_psf"]
 
@@ -450,10 +450,11 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     """
     bright = np.argsort(stamps.flux)[::-1][:WING_STARS]
     r_max = min(WING_FIT_FWHM * fwhm, WING_FIT_MAX)
-    args = (img.data, img.variance, img.mask, x[bright], y[bright], stamps.flux[bright])
-    kwargs = {"fwhm": fwhm, "r_min": 2.0 * fwhm, "r_max": r_max, "sky": sky,
+    profiles = profile_pixels(img.data, img.variance, img.mask, x[bright], y[bright],
+                              2.0 * fwhm, r_max)
+    kwargs = {"fwhm": fwhm, "sky": sky,
               "background": stamps.background[bright] if sky is None else 0.0}
-    wing, _ = fit_wing(*args, **kwargs)
+    wing, _ = fit_wing(profiles, stamps.flux[bright], **kwargs)
     if render_wing(wing, core) is None:  # no (significant) wing
         return wing, stamps, None
     floor = LIGHT_FLOOR * float(np.sqrt(np.median(stamps.variance[:, 0])))
@@ -478,8 +479,7 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     net = _net_light(all_light(stamps.flux))
     own = np.maximum(stamps.flux - net, 0.1 * stamps.flux)
     light = all_light(own)._replace(net=net)
-    args = (*args[:5], own[bright])
-    wing, _ = fit_wing(*args, **kwargs, neighbours=(light.image, wing))
+    wing, _ = fit_wing(profiles, own[bright], **kwargs, neighbours=(light.image, wing))
     if render_wing(wing, core) is None:
         return wing, stamps, None
     if sky is not None:

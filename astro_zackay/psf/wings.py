@@ -19,15 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._moments import pixels_at
 from .stamps import row_median
 
 __all__ = [
     "LightSamples",
+    "ProfilePixels",
     "Wing",
     "fit_wing",
     "light_reach",
     "light_samples",
+    "profile_pixels",
     "render_wing",
     "stars_light",
 ]
@@ -113,20 +114,63 @@ class Wing:
         return float(np.sqrt(a2 * max(q ** (1.0 / (1.0 - b)) - 1.0, 0.0)))
 
 
-def _profile_pixels(
-    images: tuple[np.ndarray, ...],
+@dataclass(frozen=True)
+class ProfilePixels:
+    """The pixels of stars' outer profiles (`profile_pixels`), read once for several fits.
+
+    Attributes
+    ----------
+    grid : `~numpy.ndarray`
+        The radii of the sampled offsets on the pixel grid (sorted, shared by all stars).
+    radius : `~numpy.ndarray`
+        ``(n_star, n_pix)``: each pixel's distance from its star.
+    index : `~numpy.ndarray`
+        ``(n_star, n_pix)``: its flat index in the image (clipped to the image).
+    good : `~numpy.ndarray`
+        ``(n_star, n_pix)``: inside the image, unmasked and within the radial range.
+    data, variance : `~numpy.ndarray`
+        ``(n_star, n_pix)``: the image and its variance there (NaN where not good).
+    r_min, r_max : float
+        The radial range, pixels.
+    """
+
+    grid: np.ndarray
+    radius: np.ndarray
+    index: np.ndarray
+    good: np.ndarray
+    data: np.ndarray
+    variance: np.ndarray
+    r_min: float
+    r_max: float
+
+    def at(self, image: np.ndarray) -> np.ndarray:
+        """Another image of the same shape at these pixels (NaN where not good)."""
+        return np.where(self.good, np.take(image, self.index), np.nan)
+
+
+def profile_pixels(
+    data: np.ndarray,
+    variance: np.ndarray,
     mask: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
     r_min: float,
     r_max: float,
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The ``images``' values ``(n_star, n_pix)`` between ``r_min`` and ``r_max``.
+) -> ProfilePixels:
+    """The pixels between ``r_min`` and ``r_max`` of the stars at ``(x, y)``, for `fit_wing`.
 
-    Returns the offsets' radii on the pixel grid (sorted, shared by all stars), each
-    pixel's radius from its star, and the values (NaN outside the image, masked, or
-    outside the radial range).
+    Every pixel out to `MAX_SAMPLES` pixels, every n-th pixel (in both axes) beyond.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.wings import profile_pixels
+    >>> img = np.ones((50, 50))
+    >>> pixels = profile_pixels(img, img, img < 0, np.array([25.0]), np.array([25.0]), 2.0, 3.0)
+    >>> int(pixels.good.sum()), float(np.nanmax(pixels.radius[pixels.good]))  # 2 <= r < 3
+    (16, 2.8284271247461903)
     """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     h = int(np.ceil(r_max)) + 1
     step = max(1, int(round(r_max / MAX_SAMPLES)))  # every pixel out to MAX_SAMPLES, then fewer
     oy, ox = np.mgrid[-h : h + 1 : step, -h : h + 1 : step]
@@ -139,9 +183,11 @@ def _profile_pixels(
     radius = np.hypot(cols - x[:, None], rows - y[:, None])
     ny, nx = mask.shape
     good = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    rows, cols = np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)
-    good &= ~pixels_at(mask, rows, cols) & (radius >= r_min) & (radius < r_max)
-    return grid, radius, [np.where(good, pixels_at(image, rows, cols), np.nan) for image in images]
+    index = np.clip(rows, 0, ny - 1) * nx + np.clip(cols, 0, nx - 1)
+    good &= ~np.take(mask, index) & (radius >= r_min) & (radius < r_max)
+    return ProfilePixels(grid, radius, index, good,
+                         *(np.where(good, np.take(image, index), np.nan)
+                           for image in (data, variance)), float(r_min), float(r_max))
 
 
 def _star_levels(
@@ -341,40 +387,31 @@ def _disk_samples(shape: tuple[int, int], stars: np.ndarray, x: np.ndarray, y: n
 
 
 def fit_wing(
-    data: np.ndarray,
-    variance: np.ndarray,
-    mask: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
+    pixels: ProfilePixels,
     flux: np.ndarray,
     *,
     fwhm: float,
-    r_min: float,
-    r_max: float,
     background: np.ndarray | float = 0.0,
     sky: np.ndarray | None = None,
     neighbours: tuple[np.ndarray, Wing] | None = None,
 ) -> tuple[Wing, np.ndarray]:
     """Fit a Moffat law of the stars' FWHM to their outer profiles, with their backgrounds.
 
-    Each star's profile between ``r_min`` and ``r_max`` (binned, neighbours clipped)
-    is modelled as ``A law(r) + c``: the law is common, the offset ``c`` is the
+    Each star's profile between ``pixels.r_min`` and ``pixels.r_max`` (binned,
+    neighbours clipped) is modelled as ``A law(r) + c``: the law is common, the offset ``c`` is the
     star's own residual background (a local background measured in a ring carries
     the light of neighbours and of the star's own wing; this one is fitted where the
     star's profile is known).
 
     Parameters
     ----------
-    data, variance : `~numpy.ndarray`
-        The image and its variance.
-    mask : `~numpy.ndarray`
-        Boolean bad-pixel mask.
-    x, y, flux : `~numpy.ndarray`
-        The stars' positions and core-stamp fluxes (the wing is relative to them).
+    pixels : ProfilePixels
+        The stars' pixels over the radial range of the fit (`profile_pixels`, from
+        about 2 FWHM).
+    flux : `~numpy.ndarray`
+        The stars' core-stamp fluxes (the wing is relative to them).
     fwhm : float
         The stars' FWHM, which ties the law's ``alpha`` to its ``beta``.
-    r_min, r_max : float
-        The radial range of the fit, pixels (from about 2 FWHM).
     background : float or `~numpy.ndarray`, optional
         Each star's local background, subtracted from its pixels.
     sky : `~numpy.ndarray`, optional
@@ -396,34 +433,32 @@ def fit_wing(
     --------
     >>> import numpy as np
     >>> from astro_zackay.profiles import psf_stamp
-    >>> from astro_zackay.psf.wings import fit_wing
+    >>> from astro_zackay.psf.wings import fit_wing, profile_pixels
     >>> img = 1e6 * psf_stamp(201, 3.0, profile="moffat", beta=2.5)
-    >>> wing, offsets = fit_wing(img + 3.0, img + 1.0, img < 0, np.array([100.0]),
-    ...                          np.array([100.0]), np.array([1e6]), fwhm=3.0, r_min=6.0,
-    ...                          r_max=40.0)
+    >>> pixels = profile_pixels(img + 3.0, img + 1.0, img < 0, np.array([100.0]),
+    ...                         np.array([100.0]), 6.0, 40.0)
+    >>> wing, offsets = fit_wing(pixels, np.array([1e6]), fwhm=3.0)
     >>> round(wing.beta, 2), round(float(offsets[0]) * 1e6, 1)  # and the 3-unit sky
     (2.5, 3.0)
     """
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     # the neighbours' light is taken off the sampled pixels, not off the whole image
-    images = (data, variance) + ((sky,) if sky is not None else ()) + (
-        (neighbours[0],) if neighbours is not None else ())
-    grid, radius, pixels = _profile_pixels(images, mask, x, y, r_min, r_max)
-    values = pixels[0] - pixels[-1] if neighbours is not None else pixels[0]
-    values = values - (pixels[2] if sky is not None else 0.0)
-    background = np.broadcast_to(np.asarray(background, dtype=float), x.shape)
-    flux = np.asarray(flux, dtype=float)[:, None]
+    values = pixels.data - pixels.at(neighbours[0]) if neighbours is not None else pixels.data
+    values = values - (pixels.at(sky) if sky is not None else 0.0)
+    radius, r_min, r_max = pixels.radius, pixels.r_min, pixels.r_max
+    flux = np.asarray(flux, dtype=float)
+    background = np.broadcast_to(np.asarray(background, dtype=float), flux.shape)
+    flux = flux[:, None]
     if neighbours is not None:
         values = values + flux * neighbours[1].law(radius)
     values = (values - background[:, None]) / flux
     edges = np.linspace(r_min, r_max, max(int(np.ceil((r_max - r_min) / BIN_WIDTH)), 4) + 1)
-    level, level_var, r_mean, r_var = _star_levels(grid, radius, values, pixels[1] / flux**2,
-                                                   edges)
+    level, level_var, r_mean, r_var = _star_levels(pixels.grid, radius, values,
+                                                   pixels.variance / flux**2, edges)
     weight = np.where(np.isfinite(level), 1.0 / level_var, 0.0)
     level = np.nan_to_num(level)
     alphas = moffat_alpha(fwhm, BETAS)
     if np.sum(weight.sum(axis=0) > 0) < 4:
-        return Wing(0.0, float(BETAS[-1]), float(alphas[-1]), np.inf), np.zeros(len(x))
+        return Wing(0.0, float(BETAS[-1]), float(alphas[-1]), np.inf), np.zeros(len(flux))
     beta, alpha2 = BETAS[:, None, None], alphas[:, None, None] ** 2
 
     def law(r: np.ndarray) -> np.ndarray:
