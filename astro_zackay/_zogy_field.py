@@ -409,49 +409,75 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     del wa, wb, q_h
     if own:
         kernels = [inv(kn_h), inv(kr_h)]
+    for k in kernels:
+        k *= k  # the squares give each kernel's reach and its source-noise variance
     out.update(F_S=f_s, F_D=f_d, den0=at0[0] + beta**2 * at0[1], P_D=out_pd)
-    bkg = [np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h) * p, grid[1])),
-                      dtype=np.float64) / npix for k_h, p in zip((kn_h, kr_h), powers)]
-    out["reach"] = list(zip(*(_KernelReach.of_stack(be, k, stamp) for k in kernels)))
+    sums = _power_sums(be, (kn_h, kr_h), noise, powers, grid[1])
+    bkg = [weighted / npix for _, weighted in sums]
+    out["reach"] = list(zip(*(_KernelReach.of_stack(be, k2, stamp) for k2 in kernels)))
     out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
-    out["V_S"], out["V_beta"] = _source_variances(be, spec, (kn_h, kr_h), kernels, bkg,
-                                                  noise, dtype, workers)
+    out["V_S"], out["V_beta"] = _source_variances(be, spec, [full for full, _ in sums], kernels,
+                                                  bkg, noise, dtype, workers)
     return out
 
 
-def _source_variances(be: ArrayBackend, spec: Any, k_hs: tuple, kernels: list, bkg: list,
+def _power_sums(be: ArrayBackend, k_hs: tuple, noise: _TileNoise, powers: tuple,
+                nx: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per kernel of S and tile: ``sum |k_h|**2`` over the plane, and weighted by the noise.
+
+    ``powers`` are `_TileNoise.powers` on the grid; white noise weighs each tile's sum
+    by its ``sigma**2`` (a number), a noise spectrum frequency by frequency.
+    """
+    out = []
+    for k_h, power, spectrum, sigma in zip(k_hs, powers, noise.spectra, noise.sigmas):
+        a2 = abs2(k_h)
+        full = np.asarray(be.to_numpy(half_spectrum_sum(a2, nx)), dtype=np.float64)
+        if spectrum is None:
+            weighted = full * sigma**2
+        else:
+            weighted = np.asarray(be.to_numpy(half_spectrum_sum(a2 * power, nx)),
+                                  dtype=np.float64)
+        out.append((full, weighted))
+    return out
+
+
+def _source_variances(be: ArrayBackend, spec: Any, fulls: list, squares: list, bkg: list,
                       noise: _TileNoise, dtype: Any, workers: int | None) -> tuple[Any, Any]:
     """``V_SN + V_SR`` (one inverse transform for both) and ``V_beta`` (or None) per tile.
 
-    Each image's term is its kernel's square convolved with its variance map (for a
-    correlated noise, with the sources' excess over the sky, scaled as the sky's noise
-    is and with the sky's part, a number per tile, added); an image without a
-    variance map adds its background term, a number per tile.  A stack, or a vector
-    when neither image has a variance map.
+    Each image's term is its kernel's square (``squares``) convolved with its variance
+    map (for a correlated noise, with the sources' excess over the sky, scaled as the
+    sky's noise is, by ``bkg`` over the white noise's ``fulls`` of `_power_sums`, and
+    with the sky's part, a number per tile, added); an image without a variance map
+    adds its background term, a number per tile.  A stack, or a vector when neither
+    image has a variance map.
     """
     grid = spec.shape
     npix = grid[0] * grid[1]
     white = noise.at_mean(grid)
     total_h, v_beta, level = None, None, np.zeros(len(bkg[0]))
-    for i, (k_h, k, v_h) in enumerate(zip(k_hs, kernels, (spec.vn_h, spec.vr_h))):
+    for i, (full, k2, v_h) in enumerate(zip(fulls, squares, (spec.vn_h, spec.vr_h))):
         beta_term = i == 1 and spec.vb_h is not None
         if v_h is None or noise.spectra[i] is not None:
             level += bkg[i]
         if v_h is None and not beta_term:
             continue
-        k *= k
-        if k.shape[-2:] != grid:
-            k = _at_origin(be, k, grid, dtype)
-        k2_h = be.rfft2(k, s=grid, workers=workers)
+        if k2.shape[-2:] != grid:
+            k2 = _at_origin(be, k2, grid, dtype)
+        k2_h = be.rfft2(k2, s=grid, workers=workers)
         if v_h is not None:
-            term = k2_h * v_h
+            term = k2_h * v_h if beta_term else be.xp.multiply(k2_h, v_h, out=k2_h)
             if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
-                full = np.asarray(be.to_numpy(half_spectrum_sum(abs2(k_h), grid[1])))
                 term *= be.asarray((bkg[i] * npix / (white[i] * full))[:, None, None], dtype=dtype)
-            total_h = term if total_h is None else total_h + term
+            if total_h is None:
+                total_h = term
+            else:
+                total_h += term
+            del term
         if beta_term:
             k2_h *= spec.vb_h
             v_beta = _clipped(be.xp, be.irfft2(k2_h, s=grid, workers=workers))
+        del k2_h
     if total_h is None:
         return level, v_beta
     total = _clipped(be.xp, be.irfft2(total_h, s=grid, workers=workers))

@@ -352,40 +352,53 @@ class _KernelReach:
     core_radius: int
 
     @classmethod
-    def of(cls, be: ArrayBackend, k: Any, cap: int) -> _KernelReach:
-        """From an origin-centred kernel on the FFT grid (wrapping around the edges)."""
-        return cls.of_stack(be, k[None], cap)[0]
+    def of(cls, be: ArrayBackend, k2: Any, cap: int) -> _KernelReach:
+        """From the square of an origin-centred kernel on the FFT grid (wrapping around)."""
+        return cls.of_stack(be, k2[None], cap)[0]
 
     @classmethod
-    def of_stack(cls, be: ArrayBackend, k: Any, cap: int) -> list[_KernelReach]:
-        """`of` for each kernel of an ``(n, ny, nx)`` stack on ``be``, in one pass.
+    def of_stack(cls, be: ArrayBackend, k2: Any, cap: int) -> list[_KernelReach]:
+        """`of` for each squared kernel of an ``(n, ny, nx)`` stack on ``be``, in one pass.
 
-        Only the windows within ``cap`` of the origin and one number per kernel come back.
+        The squares are those that the source-noise variance convolves, so no other
+        image-sized array is formed; only the windows within ``cap`` of the origin and a
+        few numbers per kernel come back.
         """
-        xp = be.xp
-        n, ny, nx = k.shape
+        n, ny, nx = k2.shape
         rows = np.r_[0 : min(cap + 1, ny), max(ny - cap, cap + 1) : ny]
         cols = np.r_[0 : min(cap + 1, nx), max(nx - cap, cap + 1) : nx]
-        a = xp.abs(k)
         index = (slice(None), be.asarray(rows)[:, None], be.asarray(cols)[None, :])
-        window = np.asarray(be.to_numpy(a[index]), dtype=np.float64)
+        window = np.asarray(be.to_numpy(k2[index]), dtype=np.float64)
         r = np.hypot(np.minimum(rows, ny - rows)[:, None], np.minimum(cols, nx - cols)[None, :])
         inside = r <= cap
-        levels, r = window[:, inside], r[inside]
-        total = np.asarray(be.to_numpy((a * a).sum(axis=(1, 2), dtype=np.float64)))
-        outer_energy = total - np.sum(levels**2, axis=1)
-        a[index] *= be.asarray(~inside)  # the windows zeroed within cap on the device
-        outer = np.asarray(be.to_numpy(a.reshape(n, -1).max(axis=1)), dtype=np.float64)
-        del a
+        squares, r = window[:, inside], r[inside]
+        total = np.asarray(be.to_numpy(k2.sum(axis=(1, 2), dtype=np.float64)))
+        outer_energy = total - np.sum(squares, axis=1)
+        outer = np.sqrt(cls._largest_beyond(be, k2, window[:, ~inside], cap))
         by_radius = np.argsort(r, kind="stable")
-        energy = np.cumsum(levels[:, by_radius] ** 2, axis=1)
+        energy = np.cumsum(squares[:, by_radius], axis=1)
         need = (1.0 - MASK_SCORR_CHANGE**2) * (energy[:, -1] + outer_energy)
+        levels = np.sqrt(squares)
         out = []
         for j in range(n):
             m = int(np.searchsorted(energy[j], need[j]))
             core = cap if m >= r.size else int(np.ceil(r[by_radius][m]))
             out.append(cls(levels[j], r, float(outer[j]), cap, core))
         return out
+
+    @staticmethod
+    def _largest_beyond(be: ArrayBackend, k2: Any, corners: np.ndarray, cap: int) -> np.ndarray:
+        """Each squared kernel's largest value beyond ``cap`` of the origin (0 where none).
+
+        ``corners`` are the window's values beyond ``cap``; the rest lies in the rows or
+        the columns farther than ``cap`` from the origin (read in place, no copy).
+        """
+        n, ny, nx = k2.shape
+        parts = [corners.max(axis=1)] if corners.shape[1] else []
+        for far in (k2[:, cap + 1 : ny - cap, :], k2[:, :, cap + 1 : nx - cap]):
+            if far.size:
+                parts.append(np.asarray(be.to_numpy(far.max(axis=(1, 2))), dtype=np.float64))
+        return np.max(parts, axis=0) if parts else np.zeros(n)
 
     @cached_property
     def _by_level(self) -> tuple[np.ndarray, np.ndarray]:
@@ -924,11 +937,11 @@ def _pair_outputs(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarr
     variances = (("V_SN", spec.vn_h, None), ("V_SR", spec.vr_h, "V_beta"))
     for k_h, sig, background, (name, v_h, beta_name) in zip((kn_h, kr_h), sigs, bkg, variances):
         k = inv(k_h)
+        k *= k
         reach.append(_KernelReach.of(be, k, cap))
         if v_h is None and (beta_name is None or spec.vb_h is None):
             out[name] = background
             continue
-        k *= k
         k2_h = be.rfft2(k, s=shape, workers=workers)
         del k
         if v_h is None:
