@@ -188,7 +188,11 @@ class _Stages:
         log.debug("%s", name)
         if self._bar is not None:
             self._bar.set_description_str(name)
-        yield
+        try:
+            yield
+        except BaseException:
+            self.close()  # the error message goes on a line of its own
+            raise
         if self._bar is not None:
             self._bar.update(1)
 
@@ -579,6 +583,11 @@ def _demo_pair(args: argparse.Namespace) -> tuple[Any, Table]:
 
 
 # --- the parser -------------------------------------------------------------------------------
+_MAIN_EXAMPLE = """examples:
+  astro-zackay subtract ref.fits new.fits -o diff.fits --catalog cands.ecsv --unit adu
+  astro-zackay coadd frames/ -o coadd.fits
+  astro-zackay psf image.fits -o psf.fits
+  astro-zackay demo --outdir demo-output"""
 _SUBTRACT_EXAMPLE = """example:
   astro-zackay subtract ref.fits new.fits -o diff.fits --catalog cands.ecsv \\
       --regions cands.reg --plot diff.png --unit adu --gain 1.4 --saturation 65000
@@ -747,6 +756,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="astro-zackay",
         description="Proper image subtraction (ZOGY), proper coaddition and PSFs on FITS "
                     "images. Run 'astro-zackay COMMAND --help' for a command's options.",
+        epilog=_MAIN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"astro-zackay {version}")
     _common(parser)
