@@ -14,6 +14,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -276,6 +277,8 @@ def _check_output(path: str | None, option: str, overwrite: bool, taken: set[str
     folder = os.path.dirname(resolved)
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path!r}: the folder {folder!r} is not writable")
     if os.path.isdir(resolved):
         raise UsageError(f"{option} {path!r} is a directory: give a file name")
     if os.path.exists(resolved) and not overwrite:
@@ -618,7 +621,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     """--verbose/--quiet, accepted before or after the subcommand."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="log debug messages and show tracebacks of errors")
+                       help="log every step of the library (debug messages too) and show "
+                            "the traceback of an error")
     group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="only warnings and errors; no progress bars")
 
@@ -773,8 +777,16 @@ def _parser() -> argparse.ArgumentParser:
 def _cli_words(message: str) -> str:
     """The library's option names in a message replaced by the command's options."""
     for name, option in _OPTION_NAMES.items():
-        message = message.replace(name, option)
+        # advice ("pass gain= or ..."), not a value ("flux_ratio=1.02")
+        message = re.sub(re.escape(name) + r"(?![\d.+-])", option, message)
     return message
+
+
+class _CLIFormatter(logging.Formatter):
+    """Log lines with the library's option names replaced by the command's options."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _cli_words(super().format(record))
 
 
 def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -784,8 +796,7 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
     astropy's notes on the FITS headers it fixed are debug messages.
     """
     level = logging.DEBUG if issubclass(category, FITSFixedWarning) else logging.WARNING
-    logging.getLogger("astro_zackay").log(level, "%s: %s", category.__name__,
-                                          _cli_words(str(message)))
+    logging.getLogger("astro_zackay").log(level, "%s: %s", category.__name__, message)
 
 
 def _log_through_bars(logger: logging.Logger, enabled: bool) -> Any:
@@ -822,12 +833,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     args.quiet = quiet
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_CLIFormatter("%(levelname)s %(name)s: %(message)s"))
     package = logging.getLogger("astro_zackay")
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    previous = package.level, package.propagate
+    # the command's own steps at INFO; the library's at INFO too only with --verbose
+    levels = ((logging.DEBUG, logging.DEBUG) if verbose else
+              (logging.WARNING, logging.WARNING) if quiet else (logging.WARNING, logging.INFO))
+    previous = package.level, package.propagate, log.level
     package.addHandler(handler)
-    package.setLevel(level)
+    package.setLevel(levels[0])
+    log.setLevel(levels[1])
     package.propagate = False  # one line per message, whatever handlers the root has
     try:
         with warnings.catch_warnings(), _log_through_bars(package, _progress_enabled(args)):
@@ -843,3 +857,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         package.removeHandler(handler)
         package.setLevel(previous[0])
         package.propagate = previous[1]
+        log.setLevel(previous[2])
