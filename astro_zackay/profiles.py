@@ -348,15 +348,15 @@ def moffat_jacobian(
     c = np.expm1(t * _LN2)
     log_term = np.log1p(c * q)
     g = np.exp(-log_term / t)
-    dg_dq = -g * c / (t * (1.0 + c * q))
+    a_dg_dq = g * (-a * c / t) / (1.0 + c * q)  # a dg/dq
     xy = ddx * ddy
     derivatives = [
         lambda: g,
-        lambda: a * dg_dq * -2.0 * (m11 * ddx + m12 * ddy),
-        lambda: a * dg_dq * -2.0 * (m12 * ddx + m22 * ddy),
-        lambda: a * dg_dq * (m11 * ddx**2 + m12 * xy),
-        lambda: a * dg_dq * (m22 * ddy**2 + m12 * xy),
-        lambda: a * dg_dq * 2.0 * xy * (1.0 - tanh_s**2) * root,
+        lambda: a_dg_dq * (-2.0 * m11 * ddx - 2.0 * m12 * ddy),
+        lambda: a_dg_dq * (-2.0 * m12 * ddx - 2.0 * m22 * ddy),
+        lambda: a_dg_dq * (m11 * ddx**2 + m12 * xy),
+        lambda: a_dg_dq * (m22 * ddy**2 + m12 * xy),
+        lambda: a_dg_dq * xy * (2.0 * (1.0 - tanh_s**2) * root),
         lambda: a * g * (log_term / t**2 - q * (c + 1.0) * _LN2 / (t * (1.0 + c * q))),
     ]
     return np.stack([d().mean(axis=2) for d in derivatives[:n_params]], axis=2)

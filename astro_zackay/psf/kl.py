@@ -183,10 +183,11 @@ def _weighted_fits(design: np.ndarray, values: np.ndarray, weights: np.ndarray) 
     solved together (ten times faster than one `numpy.linalg.lstsq` per column); a
     singular system (stars on a line) takes lstsq's minimum-norm solutions.
     """
-    normal = np.einsum("nt,nk,ns->kts", design, weights, design)
-    rhs = np.einsum("nt,nk->kt", design, weights * values)
+    weighted = design.T[None] * weights.T[:, None, :]  # (K, n_terms, n)
+    normal = weighted @ design
+    rhs = weighted @ values.T[:, :, None]
     try:
-        return np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+        return np.linalg.solve(normal, rhs)[:, :, 0]
     except np.linalg.LinAlgError:
         root = np.sqrt(weights)
         return np.array([np.linalg.lstsq(design * root[:, k, None], values[:, k] * root[:, k],
