@@ -24,6 +24,10 @@ COSMIC = (60, 100)  # (x, y) of a cosmic ray in the science image: a SHARP candi
 MASKED = (slice(30, 34), 200)  # bad pixels of the science image: NaN in the outputs
 
 
+def _has(module):
+    return importlib.util.find_spec(module) is not None
+
+
 def robust_std(values):
     """The standard deviation of the bulk of ``values`` (normalised median absolute deviation)."""
     return 1.4826 * np.median(np.abs(values - np.median(values)))
@@ -140,8 +144,10 @@ def test_coadd_of_a_folder_with_bars_then_subtract_against_it(frames, tmp_path, 
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     out = tmp_path / "coadd.fits"
-    assert main(["coadd", str(frames), "-o", str(out), "--fwhm", "2.5,3.5,3.0"]) == 0
+    plot = ["--plot", str(tmp_path / "coadd.png")] if _has("matplotlib") else []
+    assert main(["coadd", str(frames), "-o", str(out), "--fwhm", "2.5,3.5,3.0", *plot]) == 0
     assert "reading frames" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    assert not plot or (tmp_path / "coadd.png").stat().st_size > 0
     coadd = CCDData.read(out)  # the primary image: the calibrated coadd, with its noise
     assert coadd.unit == "electron" and coadd.uncertainty is not None
     assert coadd.meta["NCOMBINE"] == 3 and coadd.meta["AZIN3"] == "frame2.fits"
@@ -168,8 +174,10 @@ def test_coadd_of_a_glob(frames, tmp_path):
 
 def test_psf_command_writes_a_model_that_reads_back(frames, tmp_path):
     out = tmp_path / "psf.fits"
+    plot = ["--plot", str(tmp_path / "psf.png")] if _has("matplotlib") else []
     assert main(["-q", "psf", str(frames / "frame1.fits"), "-o", str(out),
-                 "--method", "constant"]) == 0
+                 "--method", "constant", *plot]) == 0
+    assert not plot or (tmp_path / "psf.png").stat().st_size > 0
     model = KLPSFModel.read(out)
     stamp = model.psf_at(64.0, 64.0)
     ny, nx = stamp.shape
@@ -241,7 +249,7 @@ MISTAKES = {
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_user_mistakes_are_two_lines_exit_2_and_write_nothing(
         mistake, pair_files, bad_files, tmp_path, capsys):
-    if mistake == "cupy" and importlib.util.find_spec("cupy") is not None:
+    if mistake == "cupy" and _has("cupy"):
         pytest.skip("CuPy is installed: --backend cupy is not a mistake here")
     args, words = MISTAKES[mistake]
     out = tmp_path / "out.fits"
