@@ -431,7 +431,8 @@ def write_coadd(
     """Write a proper coadd to one FITS file, usable as a subtraction's reference.
 
     The primary HDU is the flux-calibrated coadd (``result.calibrated``, in the first
-    image's unit) with its ``UNCERT`` and ``MASK`` extensions, so ``CCDData.read(path)``
+    image's unit) with its ``UNCERT`` and ``MASK`` extensions (masked pixels are NaN in
+    every image), so ``CCDData.read(path)``
     and `~astro_zackay.subtract` read it as an image with its noise. Then ``PROPER``
     (R, unit noise), ``SCORE`` (S), ``PSF`` (P_R, the PSF of both images), ``DEPTH``
     (the fraction of the full depth reached at each pixel), ``NUSED`` (images used per
@@ -476,14 +477,14 @@ def write_coadd(
     header["AZFR"] = (float(result.flux_scale), "flux zero point F_R of PROPER")
     header["AZSNR1"] = (float(result.snr_full), "S/N of a unit-flux point source")
     header["NCOMBINE"] = (len(result.frames), "images combined")
-    primary = result.calibrated.to_hdu(hdu_mask="MASK", hdu_uncertainty="UNCERT")
+    primary = _blanked(result.calibrated).to_hdu(hdu_mask="MASK", hdu_uncertainty="UNCERT")
     primary[0].header.extend(header, update=True)
     depth = np.asarray(result.depth, float)
     hdus = [
         *primary,
-        _named(_image_hdu(result.image, "PROPER", header), "PROPER",
+        _named(_image_hdu(_blanked(result.image), "PROPER", header), "PROPER",
                "proper coadd R (unit noise)"),
-        _named(_image_hdu(result.score, "SCORE", header), "SCORE", "score image S"),
+        _named(_image_hdu(_blanked(result.score), "SCORE", header), "SCORE", "score image S"),
         _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", "P_R, unit-sum PSF"),
         _named(fits.ImageHDU(depth), "DEPTH", "fraction of the full depth reached"),
         _named(fits.ImageHDU(np.asarray(result.n_used, np.int16)), "NUSED",
@@ -494,6 +495,14 @@ def write_coadd(
     ]
     fits.HDUList(hdus).writeto(path, overwrite=overwrite)
     log.debug("wrote the coadd to %s", os.fspath(path))
+
+
+def _blanked(ccd: CCDData) -> CCDData:
+    """A copy of ``ccd`` whose masked pixels are NaN, so that no viewer shows them as sources."""
+    blank = ccd.copy()
+    if ccd.mask is not None and np.any(ccd.mask):
+        blank.data = np.where(ccd.mask, np.nan, ccd.data).astype(ccd.data.dtype, copy=False)
+    return blank
 
 
 def coadd_psf(path: str | os.PathLike) -> np.ndarray | None:

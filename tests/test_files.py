@@ -130,18 +130,26 @@ def test_coadd_file(tmp_path):
     stars = simulate_image((128, 128), n_stars=20, flux_range=(1e4, 1e5), seed=0).truth
     frames = [simulate_image((128, 128), psf=fwhm, stars=stars["x", "y", "flux"], seed=j).ccd
               for j, fwhm in enumerate((2.5, 3.5))]
+    for frame in frames:
+        frame.mask = np.zeros(frame.shape, bool)
+        frame.mask[10:13, 20:23] = True  # masked in every frame: masked in the coadd
     result = coadd(frames, psfs=[2.5, 3.5])
     path = tmp_path / "coadd.fits"
     result.write(path, parameters={"reject": 6.0})
     image = CCDData.read(path)
-    assert _same(image.data, result.calibrated.data) and image.unit == result.calibrated.unit
+    good = ~result.calibrated.mask
+    assert result.calibrated.mask[10:13, 20:23].all() and _same(image.mask, ~good)
+    assert np.isnan(image.data[~good]).all()  # masked pixels are NaN in the file
+    assert _same(image.data[good], result.calibrated.data[good])
+    assert image.unit == result.calibrated.unit
     assert _same(image.uncertainty.array, result.calibrated.uncertainty.array)
     assert image.meta["AZIN1"] == "image 0" and image.meta["AZPAR1"] == "reject=6.0"
     assert image.meta["AZFR"] == result.flux_scale and image.meta["NCOMBINE"] == 2
     assert _same(coadd_psf(path), result.psf)
     assert _same(fits.getdata(path, "DEPTH"), result.depth)
     assert _same(fits.getdata(path, "REJECTED"), result.rejected)
-    assert _same(CCDData.read(path, hdu="PROPER", hdu_uncertainty=None).data, result.image.data)
+    proper = CCDData.read(path, hdu="PROPER", hdu_uncertainty=None).data
+    assert _same(proper[good], result.image.data[good]) and np.isnan(proper[~good]).all()
     assert list(Table.read(path, hdu="FRAMES")["flux_scale"]) == list(
         result.frames["flux_scale"])
     write_coadd(result, tmp_path / "named.fits", inputs=["a.fits", "b.fits"])
