@@ -39,6 +39,7 @@ from .ladder import Plan, plan_model
 from .model import KLPSFModel
 from .stamps import (
     StampSet,
+    _distance,
     clean_neighbours,
     clipped_mean,
     cut_stamps,
@@ -388,7 +389,7 @@ def _star_pixels(shape: tuple[int, int], x: np.ndarray, y: np.ndarray,
     rows = np.round(y).astype(int)[:, None] + offsets[0]
     cols = np.round(x).astype(int)[:, None] + offsets[1]
     inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
-    radius = np.hypot(cols - x[:, None], rows - y[:, None])
+    radius = _distance(cols - x[:, None], rows - y[:, None])
     index = np.clip(rows, 0, ny - 1) * nx + np.clip(cols, 0, nx - 1)
     return _Pixels(index, inside, radius, wing.law(radius))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stamps import row_median
+from .stamps import _distance, row_median
 
 __all__ = [
     "LightSamples",
@@ -180,7 +180,7 @@ def profile_pixels(
     grid, oy, ox = grid[near], oy.ravel()[near], ox.ravel()[near]
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     rows, cols = iy[:, None] + oy, ix[:, None] + ox
-    radius = np.hypot(cols - x[:, None], rows - y[:, None])
+    radius = _distance(cols - x[:, None], rows - y[:, None])
     ny, nx = mask.shape
     good = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)
     index = np.clip(rows, 0, ny - 1) * nx + np.clip(cols, 0, nx - 1)
@@ -379,7 +379,7 @@ def _disk_samples(shape: tuple[int, int], stars: np.ndarray, x: np.ndarray, y: n
     x, y = x[stars], y[stars]
     rows = np.round(y).astype(int)[:, None, None] + offsets[None, :, None]
     cols = np.round(x).astype(int)[:, None, None] + offsets[None, None, :]
-    r = np.hypot(cols - x[:, None, None], rows - y[:, None, None])
+    r = _distance(cols - x[:, None, None], rows - y[:, None, None])
     keep = ((r <= reach[stars][:, None, None]) & (rows >= 0) & (rows < shape[0])
             & (cols >= 0) & (cols < shape[1]))
     source = np.broadcast_to(stars[:, None, None], keep.shape)
