@@ -42,6 +42,10 @@ USAGE_ERROR = 2
 FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz")
 #: The library's option names, as they appear in its messages, and the CLI options.
 _OPTION_NAMES = {
+    "Give the PSF (reference_psf= / science_psf= to subtract, psfs= to coadd), or fwhm= for "
+    "a Gaussian PSF of that FWHM": "Give --fwhm for a Gaussian PSF of that FWHM in pixels",
+    "backend='cupy' needs": "it needs",
+    "backend='numpy'": "--backend numpy",
     " (a PSF model, an odd-sized array, or the FWHM in pixels of a Gaussian PSF)":
         " FWHM (a Gaussian PSF of that FWHM in pixels)",
     "reference_psf=": "--reference-fwhm",
@@ -778,7 +782,8 @@ def _cli_words(message: str) -> str:
     """The library's option names in a message replaced by the command's options."""
     for name, option in _OPTION_NAMES.items():
         # advice ("pass gain= or ..."), not a value ("flux_ratio=1.02")
-        message = re.sub(re.escape(name) + r"(?![\d.+-])", option, message)
+        value_follows = r"(?![\d.+-])" if name.endswith("=") else ""
+        message = re.sub(re.escape(name) + value_follows, option, message)
     return message
 
 
