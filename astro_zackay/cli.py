@@ -244,8 +244,8 @@ def _image_header(path: str, label: str) -> fits.Header:
         if "truncated" in str(warning.message):
             detail = str(warning.message).split(": ", 1)[-1]
             raise UsageError(f"{label} {path!r} is truncated ({detail})")
-    for header in headers:
-        if header.get("NAXIS", 0) == 2:
+    for header in headers:  # tables have NAXIS = 2 too
+        if header.get("NAXIS", 0) == 2 and header.get("XTENSION", "IMAGE").strip() == "IMAGE":
             return header
     raise UsageError(f"{label} {path!r} holds no 2-D image")
 

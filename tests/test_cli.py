@@ -210,6 +210,7 @@ def bad_files(tmp_path_factory, pair_files):
     data = (folder / "nounit.fits").read_bytes()
     (folder / "truncated.fits").write_bytes(data[: len(data) // 2])
     (folder / "notes.fits").write_text("not an image")
+    Table({"x": [1.0, 2.0]}).write(folder / "table.fits")
     CCDData(good[:200], unit="electron").write(folder / "small.fits")
     rng = np.random.default_rng(1)
     CCDData(rng.normal(100.0, 10.0, (128, 128)), unit="electron").write(folder / "blank.fits")
@@ -221,6 +222,7 @@ MISTAKES = {
     "directory": (["subtract", "{pair}", "{pair}/new.fits"], ["is a directory"]),
     "truncated": (["subtract", "{bad}/truncated.fits", "{pair}/new.fits"], ["is truncated"]),
     "not FITS": (["subtract", "{bad}/notes.fits", "{pair}/new.fits"], ["not a readable FITS"]),
+    "a table": (["subtract", "{bad}/table.fits", "{pair}/new.fits"], ["holds no 2-D image"]),
     "no unit": (["subtract", "{bad}/nounit.fits", "{pair}/new.fits"], ["no BUNIT", "--unit"]),
     "bad BUNIT": (["subtract", "{bad}/badunit.fits", "{pair}/new.fits"], ["bananas", "--unit"]),
     "bad --unit": (["subtract", "{pair}/ref.fits", "{pair}/new.fits", "--unit", "bananas"],
