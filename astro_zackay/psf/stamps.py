@@ -146,13 +146,20 @@ def row_median(values: np.ndarray) -> np.ndarray:
 
 
 def _clip_rows(values: np.ndarray, nsigma: float, iterations: int) -> np.ndarray:
+    """`clipped_mean` on ``values`` (clipped in place): each round on the rows that the
+    last one changed, the others having converged (the same values clip the same)."""
+    active = np.arange(len(values))
     for _ in range(iterations):
-        centre = row_median(values)[:, None]
-        spread = 1.4826 * row_median(np.abs(values - centre))[:, None]
-        out = np.abs(values - centre) > nsigma * np.maximum(spread, np.finfo(float).tiny)
-        if not out.any():
+        rows = values[active]
+        deviation = np.abs(rows - row_median(rows)[:, None])
+        spread = 1.4826 * row_median(deviation)[:, None]
+        out = deviation > nsigma * np.maximum(spread, np.finfo(float).tiny)
+        changed = out.any(axis=1)
+        if not changed.any():
             break
-        values[out] = np.nan
+        rows[out] = np.nan
+        active = active[changed]
+        values[active] = rows[changed]
     return np.nanmean(values, axis=1)
 
 
