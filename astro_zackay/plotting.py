@@ -206,10 +206,12 @@ def plot_psf_basis(model: Any, fig: Any = None) -> Any:
         image.set_clim(-limit, limit)
         share = model.eigenvalues[k] / total if k < model.eigenvalues.size else np.nan
         ax.set_title(f"P{k + 1}" + ("" if np.isnan(share) else f" ({100 * share:.3g} %)"))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"{model.method} PSF basis, K={model.n_components}")
+        ax.set_xlabel("x in the stamp (pixel)")
+        ax.set_ylabel("y in the stamp (pixel)")
+        fig.colorbar(image, ax=ax, shrink=0.8, label="eigen-PSF value")
+    fig.suptitle(f"{model.method} PSF basis, K={model.n_components} "
+                 "(% of the eigen-spectrum)")
+    fig.tight_layout()
     return fig
 
 
@@ -252,13 +254,16 @@ def plot_psf_coefficients(model: Any, fig: Any = None, *, n_grid: int = 64) -> A
         image = ax.imshow(
             maps[k], origin="lower", extent=(-0.5, nx - 0.5, -0.5, ny - 0.5), aspect="auto"
         )
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=f"coefficient a{k + 1}")
         if stars is not None and {"x_fit", "y_fit", "subset"} <= set(stars.colnames):
             held = np.asarray(stars["subset"]) == "holdout"
             ax.plot(stars["x_fit"][~held], stars["y_fit"][~held], "k.", ms=2)
             ax.plot(stars["x_fit"][held], stars["y_fit"][held], "wx", ms=3)
         ax.set_title(f"a{k + 1}(x, y)")
-    fig.suptitle(f"{model.method} PSF coefficient fields (degree {model.degree})")
+        _label_pixels(ax)
+    fig.suptitle(f"{model.method} PSF coefficient fields (degree {model.degree}); "
+                 "stars: fitted (dots), held out (crosses)")
+    fig.tight_layout()
     return fig
 
 

@@ -27,3 +27,12 @@ else:
             "photutils": ("https://photutils.readthedocs.io/en/stable/", None),
         }
     )
+
+# Figures of the tutorials: the code of every ``.. plot::`` block runs at build time.
+if "matplotlib.sphinxext.plot_directive" not in extensions:  # noqa: F405
+    extensions.append("matplotlib.sphinxext.plot_directive")  # noqa: F405
+plot_include_source = True
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 80)]
+plot_rcparams = {"figure.max_open_warning": 0}
