@@ -293,7 +293,7 @@ def _estimate_variance(
         sky, rms = _sep_maps(np.where(good, data, 0.0), ~good, (box, box), (3, 3))
         sky.flags.writeable = rms.flags.writeable = False  # shared through the maps
         maps = SkyMaps(data, box, sky, rms)
-        variance = rms**2
+        variance = np.square(rms, dtype=np.result_type(rms, data))
     else:  # too small for a map: one clipped value
         _, median, std = sigma_clipped_stats(data[good], sigma=4.0, maxiters=10,
                                              stdfunc="mad_std")
@@ -301,12 +301,12 @@ def _estimate_variance(
         maps = None
     if log.isEnabledFor(logging.INFO):  # the median costs ~5 ms a frame: only when logged
         _log_variance_estimate(float(np.median(variance[good])), gain)
-    if gain is not None:
-        excess = data - sky
+    if gain is not None:  # in place, in the data's precision: no frame-sized temporary more
+        excess = np.subtract(data, sky, dtype=variance.dtype)
         excess[~np.isfinite(excess)] = 0.0  # one scan: nan_to_num makes three and a copy
         np.clip(excess, 0.0, None, out=excess)
         excess /= gain
-        variance = variance + excess
+        variance += excess
     return variance, maps
 
 

@@ -158,8 +158,10 @@ class BackgroundResult:
             f"filter {self.filter_size[1]}x{self.filter_size[0]}, "
             f"sky {self.global_sky:.6g}, rms {self.global_rms:.6g} {self.sky.unit}"
         )
+        # the sky maps are float32 (sep's precision): scaled in the image's own precision
+        sky = np.multiply(self.sky.data, scale, dtype=img.data.dtype)
         return to_ccddata(
-            img.data - scale * self.sky.data,
+            np.subtract(img.data, sky, out=sky),
             img,
             variance=None if img.variance_estimated else img.variance,
             step=("AZBKG", text),
@@ -169,17 +171,23 @@ class BackgroundResult:
 def _sep_maps(
     data: np.ndarray, mask: np.ndarray, box: tuple[int, int], filt: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """sep's clipped sky and rms maps, float32.
+
+    sep computes in float32 whatever it is given: float32 in and out gives the very
+    same maps as float64 (measured: bit for bit), without two frame-sized conversions
+    and with half the memory.
+    """
     bkg = sep.Background(
-        np.ascontiguousarray(data, dtype=np.float64),
+        np.ascontiguousarray(data, dtype=np.float32),
         mask=np.ascontiguousarray(mask),
         bw=box[1],
         bh=box[0],
         fw=filt[1],
         fh=filt[0],
     )
-    rms = bkg.rms(dtype=np.float64)
-    rms /= _SEP_CLIP_STD_FACTOR
-    return bkg.back(dtype=np.float64), rms
+    rms = bkg.rms(dtype=np.float32)
+    rms /= np.float32(_SEP_CLIP_STD_FACTOR)
+    return bkg.back(dtype=np.float32), rms
 
 
 def _photutils_maps(

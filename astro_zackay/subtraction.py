@@ -604,6 +604,9 @@ def subtract(
     with sci_warnings:
         psci = prepare_image(sci, science_psf, name="science image", option="science_psf=",
                              need_stars=bool(needs))
+    # the prepared images hold the same arrays without the sky maps cached at coercion
+    # (two frame-sized maps each): only they stay alive from here on
+    ref, sci = pref.image, psci.image
     bad = ref.mask | sci.mask
     ny, nx = sci.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
@@ -627,7 +630,6 @@ def subtract(
     # the shift is applied inside ZOGY (a phase ramp on the reference's transform): the
     # reference's data, variance and mask stay in its own frame; its mask moves by the
     # rounded shift, grown by a pixel, to mark the outputs
-    ref_data, ref_var = pref.data, ref.variance
     bad = _moved_mask(ref.mask, shift) | sci.mask
     eps = _psf_errors(psf_error)
     spectra = _pair_noise(psci, pref, beta, shift, noise)
@@ -641,9 +643,15 @@ def subtract(
         ast = _pair(astrometric_noise, "astrometric_noise")
         ast = (float(ast[0]), float(ast[1]))
 
+    # the BRIGHT flag needs both images on the science grid: bright_sources moves the
+    # reference by the shift inside the transforms of its S/N maps; run before the core,
+    # whose outputs would otherwise be alive under its transforms
+    sources = bright_sources((pref.data, psci.data),
+                             (np.where(ref.mask, 0.0, ref.variance), sci.variance),
+                             (psf_r0, psf_n0), mask=bad, shift=shift)
     core = zogy_field(
-        psci.data, ref_data, psci.psf, pref.psf, varying=(psci.psf.varying, pref.psf.varying),
-        rms_new=psci.rms, rms_ref=pref.rms, var_new=sci.variance, var_ref=ref_var,
+        psci.data, pref.data, psci.psf, pref.psf, varying=(psci.psf.varying, pref.psf.varying),
+        rms_new=psci.rms, rms_ref=pref.rms, var_new=sci.variance, var_ref=ref.variance,
         mask_new=sci.mask, mask_ref=ref.mask, flux_ratio=beta, flux_ratio_error=beta_err,
         shift_ref=shift, astrometric_noise=ast, psf_error=(eps[1], eps[0]),
         noise_spectra=(_used(spectra[0]), _used(spectra[1])), tiles=tiles, dtype=dtype,
@@ -666,24 +674,22 @@ def subtract(
     extra = {"AZBETA": beta, "AZBETAE": beta_err, "AZDX": shift[0], "AZDY": shift[1],
              "AZBKGOFF": offset, "AZFD": flux_scale, "AZNTILE": n_tiles}
     extra.update(_noise_meta(spectra))  # the measured noise correlations
-    ones = np.ones(sci.shape)
+    unit_variance = np.where(out_bad, np.nan, np.ones(1, dtype=core.D.dtype))
+    flux_variance = np.square(core.alpha_err)
 
     def wrap(data: np.ndarray, unit: Any, variance: np.ndarray | None, key: str) -> CCDData:
-        # masked pixels are NaN (mask set): no viewer shows them as sources
-        blank = None if variance is None else np.where(out_bad, np.nan, variance)
-        return to_ccddata(np.where(out_bad, np.nan, data), sci, unit=unit, variance=blank,
-                          mask=out_bad, step=(key, text), extra_meta=extra)
-
-    # the BRIGHT flag needs both images on the science grid: bright_sources moves the
-    # reference by the shift inside the transforms of its S/N maps
-    ref_var_good = np.where(ref.mask, 0.0, ref_var)
-    sources = bright_sources((ref_data, psci.data), (ref_var_good, sci.variance),
-                             (psf_r0, psf_n0), mask=bad, shift=shift)
+        # masked pixels are NaN (mask set): no viewer shows them as sources; the core's
+        # fresh outputs are blanked in place, not copied
+        np.copyto(data, np.nan, where=out_bad)
+        if variance is not None:
+            np.copyto(variance, np.nan, where=out_bad)
+        return to_ccddata(data, sci, unit=unit, variance=variance, mask=out_bad,
+                          step=(key, text), extra_meta=extra)
 
     return SubtractionResult(
-        difference=wrap(core.D, u.dimensionless_unscaled, ones, "AZSUB"),
-        score=wrap(core.Scorr, u.dimensionless_unscaled, ones, "AZSCORR"),
-        flux=wrap(core.alpha, sci.unit, core.alpha_err**2, "AZFLUX"),
+        difference=wrap(core.D, u.dimensionless_unscaled, unit_variance, "AZSUB"),
+        score=wrap(core.Scorr, u.dimensionless_unscaled, unit_variance, "AZSCORR"),
+        flux=wrap(core.alpha, sci.unit, flux_variance, "AZFLUX"),
         flux_error=wrap(core.alpha_err, sci.unit, None, "AZFLUXE"),
         psf=core.psf_d,
         flux_scale=float(flux_scale),
