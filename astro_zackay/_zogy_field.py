@@ -33,7 +33,7 @@ from .fourier import (
     floored_inv_sqrt,
     get_array_module,
     half_spectrum_sum,
-    psf_rfft_stack,
+    psf_rfft_blocks,
     unit_sum_psf,
 )
 from .noise import NoiseSpectrum
@@ -76,6 +76,8 @@ TILE_SIDES = (1024, 768, 512, 384, 256, 192, 128)
 MAX_PSF_CHANGE = 0.04
 #: Smallest tile side accepted (the padding would dominate below it).
 MIN_TILE_SIDE = 32
+#: Complex values per block of the float64 filter algebra (1 MiB a plane: in the cache).
+_BLOCK = 2**16
 
 PSF = Callable[[float, float], np.ndarray]
 
@@ -290,6 +292,19 @@ class _TileNoise:
             out.append(var)
         return tuple(out)
 
+    def top(self, grid: tuple[int, int], pn: np.ndarray, pr: np.ndarray,
+            beta: float) -> np.ndarray:
+        """Per tile, the largest value ZOGY's denominator ``|A|**2 P_n + |B|**2 P_r`` can take.
+
+        A PSF's transform is at most the sum of its stamp's absolute values (1 at zero
+        frequency for a non-negative unit-sum PSF, where the largest value is then
+        taken with white noise).
+        """
+        largest = [1.0 if u is None else float(u.max()) for u in self._unit(grid)]
+        reach = [np.abs(p).sum(axis=(1, 2)) ** 2 for p in (pr, pn)]
+        return (self.sigmas[0] ** 2 * largest[0] * reach[0]
+                + self.sigmas[1] ** 2 * largest[1] * beta**2 * reach[1])
+
     def at_zero(self, grid: tuple[int, int]) -> np.ndarray:
         """``(2, n)``: each image's power at zero frequency per tile."""
         zero = [1.0 if u is None else float(u[0, 0]) for u in self._unit(grid)]
@@ -302,41 +317,62 @@ class _TileNoise:
         return self.sigmas**2 * np.array(means)[:, None]
 
 
-def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, powers: tuple, beta: float,
-             grid: tuple[int, int], ctype: Any) -> tuple[Any, Any, Any, np.ndarray]:
+def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise, powers: tuple,
+             beta: float, grid: tuple[int, int], ctype: Any) -> tuple[Any, Any, Any, np.ndarray]:
     """Per tile: ``wa = A/sqrt(den)``, ``wb = B/sqrt(den)``, ``Q = wa B`` in ``ctype`` and ``F_S``.
 
     ``A`` is the reference's PSF transform (``F_r = 1``), ``B = beta`` times the new
-    one's, both float64 (their tiny high-frequency values need it); each filter is
-    formed from them and written in ``ctype`` in one pass (bounded by ``1/sigma``,
-    complex64 holds it even where ``|A|**2`` would underflow).  The denominator is
-    floored per tile at its maximum times ``sqrt(tiny)`` (where it has nearly
+    one's, both float64 (their tiny high-frequency values need it); the filters are
+    formed from them in blocks of tiles and rows (`_blocks`: the float64 planes exist
+    only a block at a time, in the cache) and written in ``ctype`` (bounded by
+    ``1/sigma``, complex64 holds them even where ``|A|**2`` would underflow).  ``powers``
+    are ``noise``'s on ``grid``.  The denominator is floored per tile at the largest
+    value it can take (`_TileNoise.top`) times ``sqrt(tiny)`` (where it has nearly
     underflowed; ``Q`` is zeroed there).
     """
     xp = be.xp
-    a_h = psf_rfft_stack(pr, grid, backend=be)
-    b_h = psf_rfft_stack(pn, grid, backend=be)
-    b_h *= beta
+    n, half = len(pn), (grid[0], grid[1] // 2 + 1)
+    wa, wb, q_h = (xp.empty((n, *half), dtype=ctype) for _ in range(3))
+    top = noise.top(grid, pn, pr, beta)
+    f_s = xp.zeros(n)
+    tiles, rows = _blocks(n, half)
+    for t in range(0, n, tiles):
+        ts = slice(t, min(t + tiles, n))
+        a_parts = psf_rfft_blocks(pr[ts], grid, rows, backend=be)
+        for (block, a_h), (_, b_h) in zip(a_parts, psf_rfft_blocks(pn[ts], grid, rows,
+                                                                    backend=be)):
+            part = (ts, block)
+            f_s[ts] += _filter_block(xp, a_h, b_h * beta, [p[ts] if p.shape[1] == 1 else p[part]
+                                                           for p in powers],
+                                     top[ts], (wa[part], wb[part], q_h[part]), grid[1])
+    f_s = np.asarray(be.to_numpy(f_s), dtype=np.float64)
+    return wa, wb, q_h, f_s / (grid[0] * grid[1])
+
+
+def _blocks(n: int, half: tuple[int, int]) -> tuple[int, int]:
+    """Tiles and rows per block of `_filters`: about `_BLOCK` complex values each."""
+    plane = half[0] * half[1]
+    if plane >= _BLOCK:
+        return 1, max(1, _BLOCK // half[1])
+    return max(1, _BLOCK // plane), half[0]
+
+
+def _filter_block(xp: Any, a_h: Any, b_h: Any, powers: list, top: np.ndarray, out: tuple,
+                  nx: int) -> Any:
+    """`_filters` of one block: ``out = (wa, wb, Q)`` written, ``Npix F_S``'s part returned."""
+    wa, wb, q_h = out
     den = abs2(a_h)
     den *= powers[0]
     tmp = abs2(b_h)
     tmp *= powers[1]
     den += tmp
     del tmp
-    den, good = floored_inv_sqrt(den, per_tile=True)
-    wa = xp.multiply(a_h, den, out=_in_type(xp, a_h, ctype))  # float64 products, cast on output
-    del a_h
-    q_h = xp.multiply(b_h, wa, out=xp.empty(b_h.shape, dtype=ctype))
+    den, good = floored_inv_sqrt(den, per_tile=True, top=top)
+    xp.multiply(a_h, den, out=wa)  # float64 products, cast on output
+    xp.multiply(b_h, wa, out=q_h)
     q_h *= good
-    wb = xp.multiply(b_h, den, out=_in_type(xp, b_h, ctype))
-    del b_h, den
-    f_s = be.to_numpy(half_spectrum_sum(abs2(q_h), grid[1])) / (grid[0] * grid[1])
-    return wa, wb, q_h, np.asarray(f_s, dtype=np.float64)
-
-
-def _in_type(xp: Any, a: Any, ctype: Any) -> Any:
-    """``a`` itself when it has ``ctype`` (to be overwritten), else a new empty array of it."""
-    return a if a.dtype == ctype else xp.empty(a.shape, dtype=ctype)
+    xp.multiply(b_h, den, out=wb)
+    return half_spectrum_sum(abs2(q_h), nx)
 
 
 def _kernels(be: ArrayBackend, filters: tuple, grid: tuple[int, int]) -> tuple[Any, Any, Any]:
@@ -392,15 +428,15 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     def inv(a_h):
         return be.irfft2(a_h, s=grid, workers=workers)
 
-    wa, wb, q_h, f_s = _filters(be, pn, pr, powers, beta, grid, ctype)
+    wa, wb, q_h, f_s = _filters(be, pn, pr, noise, powers, beta, grid, ctype)
     stamp = max(pn.shape[1:] + pr.shape[1:])
     small = fast_shape((4 * stamp + 1, 4 * stamp + 1))
     own = 2 * small[0] * small[1] > npix  # not much smaller: the tiles' own filters
     if own:
         p_d = inv(q_h)  # before q_h is conjugated
     else:
-        p_d, *kernels = _kernels(be, _filters(be, pn, pr, noise.powers(small), beta, small,
-                                              np.complex128), small)
+        p_d, *kernels = _kernels(be, _filters(be, pn, pr, noise, noise.powers(small), beta,
+                                              small, np.complex128), small)
     out_pd = _stamps(be, p_d, stamp)
     del p_d
     at0 = noise.at_zero(grid)

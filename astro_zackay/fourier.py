@@ -21,6 +21,7 @@ numerical core is written once for both.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "pad_image",
     "phase_ramp",
     "psf_rfft",
+    "psf_rfft_blocks",
     "psf_rfft_stack",
     "psf_to_origin",
     "shift_image",
@@ -449,22 +451,63 @@ def psf_rfft_stack(
     >>> bool(np.allclose(psf_rfft_stack(stamps, (16, 12))[1], psf_rfft(stamps[1], (16, 12))))
     True
     """
+    return next(psf_rfft_blocks(stamps, shape, shape[0], backend=backend, workers=workers))[1]
+
+
+def psf_rfft_blocks(
+    stamps: np.ndarray,
+    shape: tuple[int, int],
+    rows: int,
+    *,
+    backend: str | ArrayBackend = "numpy",
+    workers: int | None = None,
+) -> Iterator[tuple[slice, Any]]:
+    """`psf_rfft_stack` in blocks of ``rows`` rows of the half plane, first to last.
+
+    Yields ``(block, transforms)``: the rows ``block`` of every stamp's transform,
+    ``(n, rows, nx // 2 + 1)`` complex128.  With the direct DFT each block is computed
+    alone (only one block is ever held: an image-sized plane is formed in pieces that
+    stay in the cache); with an FFT the stamps are transformed once and the blocks are
+    views of it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import psf_rfft_blocks, psf_rfft_stack
+    >>> stamps = np.random.default_rng(2).random((2, 5, 5))
+    >>> whole = psf_rfft_stack(stamps, (300, 200))
+    >>> parts = list(psf_rfft_blocks(stamps, (300, 200), 128))
+    >>> [p[0] for p in parts]
+    [slice(0, 128, None), slice(128, 256, None), slice(256, 300, None)]
+    >>> bool(np.allclose(np.concatenate([p[1] for p in parts], axis=1), whole))
+    True
+    """
     be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     stamps = np.asarray(stamps, dtype=np.float64)
     if stamps.ndim != 3:
         raise ValueError(f"stamps must be an (n, h, w) stack, got shape {stamps.shape}")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     for stamp in stamps[:1]:
         _check_stamp(stamp, shape)
     n, h, w = stamps.shape
+    blocks = [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
     if h <= _DIRECT_DFT_MAX and h * (shape[0] + w) < 2 * shape[0] * np.log2(shape[0] * shape[1]):
-        ey = np.exp(-2j * np.pi * np.outer(np.fft.fftfreq(shape[0]), np.arange(h) - h // 2))
+        ky = np.fft.fftfreq(shape[0])
         ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - w // 2, np.fft.rfftfreq(shape[1])))
-        return be.asarray(ey) @ (be.asarray(stamps) @ be.asarray(ex))
+        along_x = be.asarray(stamps) @ be.asarray(ex)
+        for block in blocks:
+            ey = np.exp(-2j * np.pi * np.outer(ky[block], np.arange(h) - h // 2))
+            yield block, be.asarray(ey) @ along_x
+        return
     origin = be.xp.zeros((n, *shape), dtype=np.float64)
-    rows = be.asarray((np.arange(h) - h // 2) % shape[0])
-    cols = be.asarray((np.arange(w) - w // 2) % shape[1])
-    origin[:, rows[:, None], cols[None, :]] = be.asarray(stamps)
-    return be.rfft2(origin, s=tuple(shape), workers=workers)
+    at_rows = be.asarray((np.arange(h) - h // 2) % shape[0])
+    at_cols = be.asarray((np.arange(w) - w // 2) % shape[1])
+    origin[:, at_rows[:, None], at_cols[None, :]] = be.asarray(stamps)
+    whole = be.rfft2(origin, s=tuple(shape), workers=workers)
+    del origin
+    for block in blocks:
+        yield block, whole[:, block]
 
 
 def half_spectrum_sum(a: Any, nx: int) -> Any:
@@ -523,7 +566,7 @@ def abs2(z: Any) -> Any:
     return out
 
 
-def floored_inv_sqrt(den: Any, per_tile: bool = False) -> tuple[Any, Any]:
+def floored_inv_sqrt(den: Any, per_tile: bool = False, top: Any = None) -> tuple[Any, Any]:
     """``1 / sqrt(max(den, floor))`` computed in place in ``den``, and the mask ``den > floor``.
 
     The floor is ``den.max() * sqrt(finfo(den.dtype).tiny)``: low enough that it only
@@ -538,6 +581,10 @@ def floored_inv_sqrt(den: Any, per_tile: bool = False) -> tuple[Any, Any]:
     per_tile : bool, optional
         For a stack of planes (tiles): floor each plane at its own maximum over the
         last two axes instead of the whole array's.
+    top : float or ndarray, optional
+        The value to floor at ``sqrt(tiny)`` times instead of the maximum: the largest
+        value that the denominator can take (one per plane with ``per_tile``), for a
+        denominator formed and floored in pieces.
 
     Returns
     -------
@@ -556,10 +603,19 @@ def floored_inv_sqrt(den: Any, per_tile: bool = False) -> tuple[Any, Any]:
     >>> inv, good = floored_inv_sqrt(np.array([[[4.0, 0.0]], [[1e-100, 0.0]]]), per_tile=True)
     >>> good.tolist()
     [[[True, False]], [[True, False]]]
+    >>> inv, good = floored_inv_sqrt(np.array([[[4.0, 0.0]]]), per_tile=True, top=[16.0])
+    >>> float(inv[0, 0, 0]), good.tolist()
+    (0.5, [[[True, False]]])
     """
     xp = np if isinstance(den, np.ndarray) else importlib.import_module("cupy")
     tiny = float(np.sqrt(np.finfo(den.dtype).tiny))
-    floor = den.max(axis=(-2, -1), keepdims=True) * tiny if per_tile else float(den.max()) * tiny
+    if top is not None:
+        top = np.asarray(top, dtype=np.float64)
+        floor = xp.asarray(top.reshape(-1, 1, 1) * tiny) if per_tile else float(top) * tiny
+    elif per_tile:
+        floor = den.max(axis=(-2, -1), keepdims=True) * tiny
+    else:
+        floor = float(den.max()) * tiny
     good = den > floor
     xp.maximum(den, floor, out=den)
     xp.sqrt(den, out=den)
