@@ -486,6 +486,17 @@ def plot_candidates(result: Any, reference: Any, science: Any, candidates: Any, 
     return fig
 
 
+def _psf_core(psf: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """The centred part of a PSF stamp holding every pixel above 0.1 % of its peak
+    (at least 11x11 pixels), and its half sizes."""
+    ny, nx = psf.shape
+    rows, cols = np.nonzero(psf > 1e-3 * psf.max())
+    cy, cx = ny // 2, nx // 2
+    half_y = min(max(int(np.abs(rows - cy).max()) if rows.size else 0, 5), cy)
+    half_x = min(max(int(np.abs(cols - cx).max()) if cols.size else 0, 5), cx)
+    return psf[cy - half_y:cy + half_y + 1, cx - half_x:cx + half_x + 1], half_y, half_x
+
+
 def plot_coadd(result: Any, fig: Any = None) -> Any:
     """Show a proper coadd, its PSF and its depth map.
 
@@ -500,9 +511,10 @@ def plot_coadd(result: Any, fig: Any = None) -> Any:
     -------
     `~matplotlib.figure.Figure`
         Three panels with labelled colour bars: the coadd R (zscale, unit noise,
-        masked pixels in `MASK_COLOUR`), its unit-sum PSF P_R (square-root stretch)
-        and the depth ``G / G_full``, the fraction of the full squared S/N reached
-        at each pixel.
+        masked pixels in `MASK_COLOUR`), the core of its unit-sum PSF P_R (the
+        pixels above 0.1 % of the peak; square-root stretch) and the depth
+        ``G / G_full``, the fraction of the full squared S/N reached at each pixel
+        (its lowest value in the title).
 
     Raises
     ------
@@ -520,8 +532,8 @@ def plot_coadd(result: Any, fig: Any = None) -> Any:
     ...           for s, w in [(2, 2.5), (3, 4.0)]]  # seen twice, in different seeing
     >>> result = coadd(frames)  # doctest: +IGNORE_WARNINGS
     >>> fig = plot_coadd(result)
-    >>> [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    ['coadd R (zscale)', 'PSF P_R', 'depth']
+    >>> [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"][:2]
+    ['coadd R (zscale)', 'PSF P_R (core)']
     """
     fig = _new_figure(fig, (15.0, 4.8))
     from astropy.visualization import ImageNormalize, SqrtStretch
@@ -533,22 +545,22 @@ def plot_coadd(result: Any, fig: Any = None) -> Any:
     ax.set_title("coadd R (zscale)")
     _label_pixels(ax)
 
-    psf = np.asarray(result.psf, dtype=float)
-    half_y, half_x = psf.shape[0] // 2, psf.shape[1] // 2
+    psf, half_y, half_x = _psf_core(np.asarray(result.psf, dtype=float))
     ax = fig.add_subplot(1, 3, 2)
     image = ax.imshow(psf, origin="lower", cmap="viridis",
                       norm=ImageNormalize(vmin=0.0, vmax=psf.max(), stretch=SqrtStretch()),
                       extent=(-half_x - 0.5, half_x + 0.5, -half_y - 0.5, half_y + 0.5))
     fig.colorbar(image, ax=ax, shrink=0.85, label="fraction of the flux per pixel")
-    ax.set_title("PSF P_R")
+    ax.set_title("PSF P_R (core)")
     ax.set_xlabel("x offset (pixel)")
     ax.set_ylabel("y offset (pixel)")
 
+    depth = np.asarray(result.depth, dtype=float)
     ax = fig.add_subplot(1, 3, 3)
-    image = _show(ax, np.asarray(result.depth, dtype=float), bad, cmap="viridis",
-                  norm=ImageNormalize(vmin=0.0, vmax=1.0))
+    image = _show(ax, depth, bad, cmap="viridis", norm=ImageNormalize(vmin=0.0, vmax=1.0))
     fig.colorbar(image, ax=ax, shrink=0.85, label="G / G_full")
-    ax.set_title("depth")
+    shallowest = depth[~bad].min() if np.any(~bad) else np.nan
+    ax.set_title(f"depth (lowest {shallowest:.2f})")
     _label_pixels(ax)
     fig.suptitle(f"proper coadd of {len(result.frames)} images, "
                  f"flux scale {result.flux_scale:.4g}")

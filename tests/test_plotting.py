@@ -166,8 +166,18 @@ def test_coadd_panels():
         result = coadd(frames)
     fig = plot_coadd(result)
     axes = _image_axes(fig)
-    assert [ax.get_title() for ax in axes] == ["coadd R (zscale)", "PSF P_R", "depth"]
-    assert np.array_equal(axes[1].images[0].get_array(), result.psf)
+    titles = [ax.get_title() for ax in axes]
+    assert titles[:2] == ["coadd R (zscale)", "PSF P_R (core)"]
+    assert titles[2] == f"depth (lowest {result.depth[~result.image.mask].min():.2f})"
+    # the PSF panel is the centred core of P_R, in pixel offsets from its centre
+    core = axes[1].images[0].get_array()
+    half_y, half_x = core.shape[0] // 2, core.shape[1] // 2
+    cy, cx = result.psf.shape[0] // 2, result.psf.shape[1] // 2
+    centre = result.psf[cy - half_y:cy + half_y + 1, cx - half_x:cx + half_x + 1]
+    assert np.array_equal(core, centre)
+    assert core.shape[0] >= 11 and core.sum() > 0.99 * result.psf.sum()
+    assert axes[1].images[0].get_extent() == [-half_x - 0.5, half_x + 0.5, -half_y - 0.5,
+                                              half_y + 0.5]
     assert np.array_equal(np.ma.getdata(axes[2].images[0].get_array()), result.depth)
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
     assert "2 images" in fig._suptitle.get_text()
