@@ -255,17 +255,20 @@ def _refine(stamps: StampSet, train: np.ndarray, outer: float | None,
 
     Also returns the Moffat profile of each star for `recentring_bias`: fitted to that
     mean, or where the PSF varies strongly to the mean stamps of tiles of the field
-    (`_local_profile`; ``uv``: the stars' scaled coordinates).
+    (`_local_profile`; ``uv``: the stars' scaled coordinates). Only the training
+    stamps are normalised for the means (the held-out stars take no part in them).
     """
     dx, dy = stamps.dx, stamps.dy
+    training = stamps.select(train)
     for _ in range(REFINE):
-        norm, _, weights, shape = _normalised(stamps, dx, dy, outer)
-        mean = np.tensordot(weights[train] ** 2, norm[train], axes=1).reshape(shape)
+        norm, _, weights, shape = _normalised(training, dx[train], dy[train], outer)
+        mean = np.tensordot(weights**2, norm, axes=1).reshape(shape)
         dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())
     refined = StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
                        stamps.valid)
     profile = fit_profile(mean / mean.sum(), "moffat")
-    return refined, _local_profile(norm.reshape(-1, *shape), weights, train, uv, profile)
+    uv_train = (uv[0][train], uv[1][train])
+    return refined, _local_profile(norm.reshape(-1, *shape), weights, uv_train, uv, profile)
 
 
 def _tile_means(stamps: np.ndarray, weights: np.ndarray, u: np.ndarray,
@@ -285,9 +288,10 @@ def _tile_means(stamps: np.ndarray, weights: np.ndarray, u: np.ndarray,
     return means, centres.reshape(-1, 2), np.array([k.sum() for k in members])
 
 
-def _local_profile(stamps: np.ndarray, weights: np.ndarray, train: np.ndarray,
+def _local_profile(stamps: np.ndarray, weights: np.ndarray, uv_train: tuple[np.ndarray, ...],
                    uv: tuple[np.ndarray, np.ndarray], profile: dict[str, float]) -> dict[str, Any]:
-    """The Moffat profile at each star, for its `recentring_bias`.
+    """The Moffat profile at each star (scaled coordinates ``uv``), for its `recentring_bias`,
+    from the training stars' ``stamps`` (normalised) and ``weights`` at ``uv_train``.
 
     ``profile`` (fitted to the mean stamp) everywhere, unless the mean stamps of tiles
     of the field (`_tile_means`) differ in size (their second moments in a window of
@@ -299,7 +303,7 @@ def _local_profile(stamps: np.ndarray, weights: np.ndarray, train: np.ndarray,
     pixels left the sharp corner's PSF with an L1 error of 0.23.
     """
     u, v = uv
-    means, centres, counts = _tile_means(stamps[train], weights[train], u[train], v[train])
+    means, centres, counts = _tile_means(stamps, weights, *uv_train)
     degree = 2 if len(counts) >= 6 else 1 if len(counts) >= 3 else None
     if degree is None:
         return profile
