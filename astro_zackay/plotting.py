@@ -320,7 +320,10 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
     """
     threshold = _check_threshold(threshold)
     candidates = _check_candidates(candidates)
-    fig = _new_figure(fig, (11.0, 9.6))
+    ny, nx = _data_and_mask(result.score)[0].shape
+    row_height = 3.4 * ny / nx + 1.0  # inches: an image panel and its labels
+    height = 2 * row_height + 1.4
+    fig = _new_figure(fig, (11.0, height))
     panels = [
         ("reference", *_data_and_mask(reference), "gray", None, "reference (zscale)"),
         ("new", *_data_and_mask(science), "gray", None, "new (zscale)"),
@@ -328,7 +331,6 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
         ("Scorr", *_data_and_mask(result.score), "RdBu_r", _symmetric_norm(threshold),
          "Scorr (sigma)"),
     ]
-    ny, nx = panels[3][1].shape
     radius = max(6.0, 0.025 * max(ny, nx))
     for k, (name, data, bad, cmap, norm, label) in enumerate(panels):
         ax = fig.add_subplot(2, 2, k + 1)
@@ -345,7 +347,8 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
     fig.suptitle(f"ZOGY subtraction, flux ratio {result.flux_ratio:.4g}, "
                  f"shift ({result.shift[0]:.2f}, {result.shift[1]:.2f}) px")
     _legend(fig, candidates is not None)
-    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.1, top=0.9, hspace=0.3, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.75 / height, top=1 - 0.75 / height,
+                        hspace=0.35, wspace=0.25)
     return fig
 
 
@@ -388,6 +391,16 @@ def _row_label(row: Any, good: bool) -> str:
     return f"{name}{score}\n{status}\ny (pixel)"
 
 
+def _score_limit(score_stamps: list, half: int) -> float:
+    """The Scorr colour limit of the cut-outs: the median of the candidates' peak |Scorr|
+    (within 2 px of the stamps' centres), at least 5, so that typical candidates show
+    in full colour and a few bright residuals saturate rather than wash them out."""
+    centre = slice(half - 2, half + 3)
+    peaks = [np.abs(np.where(bad, 0.0, stamp)[centre, centre]).max()
+             for stamp, bad, _ in score_stamps]
+    return max(float(np.median(peaks)), 5.0)
+
+
 def plot_candidates(result: Any, reference: Any, science: Any, candidates: Any, *,
                     size: int = 21, max_candidates: int = 12, fig: Any = None) -> Any:
     """Cut-outs of the reference, new image, D and Scorr around each candidate.
@@ -416,7 +429,9 @@ def plot_candidates(result: Any, reference: Any, science: Any, candidates: Any, 
         One row per candidate (labelled with its id, score and ``good`` or its
         flags, green when good and red when flagged) and four columns: reference,
         new and D each with their own zscale stretch, and Scorr on a common
-        symmetric scale with one colour bar in sigma. A ring marks the candidate;
+        symmetric scale (up to the candidates' median peak, at least 5 sigma) with one
+        colour bar in sigma. A ring around the candidate (green when good, red when
+        flagged) marks it;
         axes are in image pixels; masked or off-image pixels are in `MASK_COLOUR`.
 
     Raises
@@ -455,22 +470,24 @@ def plot_candidates(result: Any, reference: Any, science: Any, candidates: Any, 
         axes[0][1].text(0.5, 0.5, "no candidates", ha="center", va="center",
                         transform=axes[0][1].transAxes)
         return fig
+    from matplotlib.patches import Circle
+
     images = [_data_and_mask(im) for im in (reference, science, result.difference)]
     score, score_bad = _data_and_mask(result.score)
     half = size // 2
     stamps = [[_cutout(d, b, row["x"], row["y"], half) for d, b in [*images, (score, score_bad)]]
               for row in shown]
-    score_values = np.concatenate([s[3][0][~s[3][1]] for s in stamps] + [np.zeros(1)])
-    limit = max(float(np.abs(score_values).max()), 1.0)
+    limit = _score_limit([row_stamps[3] for row_stamps in stamps], half)
     good = _is_good(shown)
+    ring = max(3.0, size / 7)
     for i, (row, row_stamps) in enumerate(zip(shown, stamps)):
         for j, (stamp, bad, extent) in enumerate(row_stamps):
             ax = axes[i][j]
             norm = _symmetric_norm(limit) if j == 3 else _zscale_norm(stamp, bad)
             image = _show(ax, stamp, bad, cmap="RdBu_r" if j == 3 else "gray", norm=norm,
                           extent=extent)
-            ax.plot([row["x"]], [row["y"]], "o", ms=14, mfc="none",
-                    mec=_GOOD_COLOUR if good[i] else _FLAGGED_COLOUR)
+            ax.add_patch(Circle((float(row["x"]), float(row["y"])), ring, fill=False, lw=1.2,
+                                edgecolor=_GOOD_COLOUR if good[i] else _FLAGGED_COLOUR))
             ax.tick_params(labelsize=7)
             if i == 0:
                 ax.set_title(("reference", "new", "D", "Scorr")[j])
@@ -480,7 +497,9 @@ def plot_candidates(result: Any, reference: Any, science: Any, candidates: Any, 
                               color="green" if good[i] else "red")
     fig.suptitle(f"{len(shown)} of {len(candidates)} candidates, {size}x{size} px "
                  "(reference, new, D: zscale per stamp)")
-    fig.subplots_adjust(left=0.15, right=0.86, wspace=0.35, hspace=0.3)
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.15, right=0.86, wspace=0.35, hspace=0.3,
+                        top=1 - 0.75 / height, bottom=0.55 / height)
     cax = fig.add_axes((0.89, 0.15, 0.02, 0.7))
     fig.colorbar(image, cax=cax, label="Scorr (sigma)")
     return fig

@@ -132,8 +132,9 @@ def test_candidate_stamps(subtraction):
             left, right, bottom, top = ax.images[0].get_extent()
             assert (right - left, top - bottom) == (15, 15)
             assert (left + 7.5, bottom + 7.5) == (col, line)  # centred on the candidate
-            (x,), (y,) = ax.lines[0].get_data()
-            assert (x, y) == (row["x"], row["y"])
+            (ring,) = ax.patches
+            assert ring.center == (row["x"], row["y"])
+            assert to_rgba(ring.get_edgecolor()) == to_rgba("lime" if row["good"] else "red")
         # the stamp holds the image's pixels: its centre is the new image's pixel there
         assert axes[4 * i + 1].images[0].get_array()[7, 7] == new.data[line, col]
         label = axes[4 * i].get_ylabel()
