@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import binary_dilation, uniform_filter
+from scipy.ndimage import uniform_filter
 
 from .._moments import pixels_at
 from ..fourier import get_array_module, phase_ramp, shift_stack
@@ -661,6 +661,18 @@ def stamp_moments(
     return size, (mxx - myy) / size, 2.0 * mxy / size
 
 
+def _grown_by_one(mask: np.ndarray) -> np.ndarray:
+    """Each ``(n, ny, nx)`` boolean plane dilated by one pixel (3x3), by shifted ORs:
+    several times faster than `scipy.ndimage.binary_dilation` on small stamps."""
+    rows = mask.copy()
+    rows[:, 1:] |= mask[:, :-1]
+    rows[:, :-1] |= mask[:, 1:]
+    grown = rows.copy()
+    grown[:, :, 1:] |= rows[:, :, :-1]
+    grown[:, :, :-1] |= rows[:, :, 1:]
+    return grown
+
+
 def clean_neighbours(
     stamps: np.ndarray,
     variance: np.ndarray,
@@ -727,7 +739,8 @@ def clean_neighbours(
     noise = np.sqrt(np.maximum(variance + mirror_var, np.finfo(float).tiny))
     replaced = (stamps - mirror) > nsigma * noise
     if grow > 0:
-        replaced = binary_dilation(replaced, structure=np.ones((1, 3, 3), bool), iterations=grow)
+        for _ in range(grow):
+            replaced = _grown_by_one(replaced)
     replaced &= wing[None] & ~replaced[:, ::-1, ::-1]
     cleaned = np.where(replaced, mirror, stamps)
     log.debug("replaced %d neighbour pixels in %d stamps", int(replaced.sum()),
