@@ -1,5 +1,6 @@
 """Figures of astro_zackay.plotting: panels, titles, masked pixels and candidate marks."""
 
+import subprocess
 import sys
 import warnings
 
@@ -21,6 +22,7 @@ from astro_zackay.plotting import (  # noqa: E402
     plot_candidates,
     plot_coadd,
     plot_psf_basis,
+    plot_psf_coefficients,
     plot_subtraction,
 )
 
@@ -223,3 +225,24 @@ def test_clear_import_error_without_matplotlib(subtraction, monkeypatch, plot):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"needs matplotlib.*pip install matplotlib"):
         calls[plot]()
+
+
+def test_package_imports_without_matplotlib():
+    """Importing the package, its plotting module and the CLI never needs matplotlib."""
+    code = ("import sys; sys.modules['matplotlib'] = None; "
+            "import astro_zackay, astro_zackay.plotting, astro_zackay.cli; "
+            "print('matplotlib' in [m.split('.')[0] for m in sys.modules if sys.modules[m]])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_psf_figures_label_axes_and_colour_bars():
+    model = KLPSFModel(np.ones((2, 5, 5)) / 25, [[1.0, 0.1, 0.0], [0.0, 0.2, 0.1]],
+                       image_shape=(50, 80), degree=1)
+    for fig in (plot_psf_basis(model), plot_psf_coefficients(model, n_grid=8)):
+        panels = _image_axes(fig)
+        assert len(panels) == 2
+        assert all(ax.get_xlabel() and ax.get_ylabel() for ax in panels)
+        assert all(ax.get_ylabel() for ax in fig.axes if not ax.images)  # colour bars
+        plt.close(fig)
