@@ -336,14 +336,13 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise
     top = noise.top(grid, pn, pr, beta)
     f_s = xp.zeros(n)
     tiles, rows = _blocks(n, half)
-    for t in range(0, n, tiles):
-        ts = slice(t, min(t + tiles, n))
-        a_parts = psf_rfft_blocks(pr[ts], grid, rows, backend=be)
-        for (block, a_h), (_, b_h) in zip(a_parts, psf_rfft_blocks(pn[ts], grid, rows,
-                                                                    backend=be)):
+    a_parts = psf_rfft_blocks(pr, grid, rows, backend=be)
+    for (block, a_h), (_, b_h) in zip(a_parts, psf_rfft_blocks(pn, grid, rows, backend=be)):
+        for t in range(0, n, tiles):
+            ts = slice(t, min(t + tiles, n))
             part = (ts, block)
-            f_s[ts] += _filter_block(xp, a_h, b_h * beta, [p[ts] if p.shape[1] == 1 else p[part]
-                                                           for p in powers],
+            f_s[ts] += _filter_block(xp, a_h[ts], b_h[ts] * beta,
+                                     [p[ts] if p.shape[1] == 1 else p[part] for p in powers],
                                      top[ts], (wa[part], wb[part], q_h[part]), grid[1])
     f_s = np.asarray(be.to_numpy(f_s), dtype=np.float64)
     return wa, wb, q_h, f_s / (grid[0] * grid[1])

@@ -415,6 +415,20 @@ class _KernelReach:
         return min(int(np.ceil(radii[n - 1])), self.cap) if n else 0
 
 
+def _largest_around(labels: np.ndarray) -> np.ndarray:
+    """The largest value of each pixel's 3x3 neighbourhood within the image.
+
+    Two separable passes of shifted maxima (a 3x3 grey dilation, ~10x faster).
+    """
+    rows = labels.copy()
+    np.maximum(rows[1:], labels[:-1], out=rows[1:])
+    np.maximum(rows[:-1], labels[1:], out=rows[:-1])
+    out = rows.copy()
+    np.maximum(out[:, 1:], rows[:, :-1], out=out[:, 1:])
+    np.maximum(out[:, :-1], rows[:, 1:], out=out[:, :-1])
+    return out
+
+
 def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
     """Light of a star whose masked core has each area, per unit of its brightest rim pixel.
 
@@ -448,7 +462,8 @@ def _masked_regions(
     kernels' core radius covers.
     """
     labels, n = ndimage.label(bad)
-    rim = ndimage.grey_dilation(labels, size=3) * ~bad
+    rim = _largest_around(labels)
+    rim[bad] = 0
     on_rim = np.flatnonzero(rim)  # the few rim pixels, read by flat index
     rim_region = rim.ravel()[on_rim] - 1
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
