@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -32,7 +33,8 @@ from .fourier import (
     psf_rfft,
 )
 
-__all__ = ["CORRELATION_THRESHOLD", "NoiseSpectrum", "measure_noise_spectrum", "measure_pair_noise"]
+__all__ = ["CORRELATION_THRESHOLD", "SAMPLE_PIXELS", "NoiseSpectrum", "measure_noise_spectrum",
+           "measure_pair_noise"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,6 +60,13 @@ _ROBUST_SAMPLE = 100_000
 #: reach in pixels (6 sigma: beyond, exp(-18) of the peak), also its FFT's zero padding.
 _SMOOTH_SIGMA = 1.0
 _SMOOTH_BORDER = 6
+#: Pixels above which the noise is measured on a sample of boxes, not the whole image:
+#: ~1.5e6 source-free pixels measure each correlation to ~1e-3 (``1 / sqrt(n_pixels)``),
+#: 50 times below `CORRELATION_THRESHOLD`, and the noise scale that the spectrum sets to
+#: ~0.1 %; more pixels cost time (the transforms of a 4096^2 pair) without a gain.
+SAMPLE_PIXELS = 2**21
+#: Side of the sampled boxes in pixels (each measured with a margin of its own pixels).
+_SAMPLE_BOX = 256
 
 
 @dataclass(frozen=True, repr=False)
@@ -152,7 +161,10 @@ def measure_noise_spectrum(
     at each lag is ``(x ⋆ x) / (w ⋆ w)``, both from zero-padded FFTs.  Lags up to
     ``max_lag`` are kept, less the median autocovariance at lags from ``max_lag`` to
     ``2 * max_lag``: structure larger than that (residual background, faint wings,
-    row patterns) is not pixel noise.
+    row patterns) is not pixel noise.  An image of more than `SAMPLE_PIXELS` pixels is
+    measured on a fixed random sample of 256^2 boxes that many pixels in all (each with
+    a margin of its own pixels for the source detection): enough for the correlations'
+    precision, at a bounded cost.
 
     Parameters
     ----------
@@ -198,9 +210,12 @@ def measure_noise_spectrum(
     (0.36, -0.0)
     """
     max_lag = _checked_lag(max_lag)
+    (data,), (mask,), (rms,), core = _sample([data], [mask], [rms], (0, 0), max_lag, grow)
     x, good, scale = _normalised(data, mask, rms, "data")
     (smooth,) = _smoothed([x], [good])
     good &= ~_grown(_sources(x, smooth, good, source_sigma), grow)
+    if core is not None:
+        good &= core
     n_good = _count(good)
     x = _centred(x, good)
     (cov,) = _covariances([x], good, 2 * max_lag, [(0, 0)])
@@ -232,7 +247,8 @@ def measure_pair_noise(
     image's autocovariance (``flux_ratio * rms_ref / rms_new`` times it from ``new``'s,
     its inverse from ``ref``'s) before the steps of `measure_noise_spectrum`, on the
     pixels that are source-free in both.  ``sigma`` of each result is then the rms of
-    its pixel noise alone.
+    its pixel noise alone.  Images of more than `SAMPLE_PIXELS` pixels are measured on a
+    sample of boxes, as in `measure_noise_spectrum`, the reference's cut at the shift.
 
     Parameters
     ----------
@@ -278,18 +294,24 @@ def measure_pair_noise(
     [0.0, 0.0]
     """
     max_lag = _checked_lag(max_lag)
-    xn, good_n, scale_n = _normalised(new, mask_new, rms_new, "new")
-    xr, good_r, scale_r = _normalised(ref, mask_ref, rms_ref, "ref")
-    if xn.shape != xr.shape:
-        raise ValueError(f"new {xn.shape} and ref {xr.shape} differ in shape")
+    if np.shape(new) != np.shape(ref):
+        raise ValueError(f"new {np.shape(new)} and ref {np.shape(ref)} differ in shape")
     if not (np.isfinite(flux_ratio) and flux_ratio > 0):
         raise ValueError(f"flux_ratio must be positive, got {flux_ratio}")
-    smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r])
     move = (int(np.rint(shift[1])), int(np.rint(shift[0])))
+    (new, ref), (mask_new, mask_ref), (rms_new, rms_ref), core = _sample(
+        [new, ref], [mask_new, mask_ref], [rms_new, rms_ref], move, max_lag, grow)
+    if core is not None:  # the reference's boxes were cut at the move: no move is left
+        move = (0, 0)
+    xn, good_n, scale_n = _normalised(new, mask_new, rms_new, "new")
+    xr, good_r, scale_r = _normalised(ref, mask_ref, rms_ref, "ref")
+    smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r])
     # one growth of both images' sources, on new's grid (a growth commutes with the move)
     sources = (_sources(xn, smooth_n, good_n, source_sigma)
                | move_whole_pixels(_sources(xr, smooth_r, good_r, source_sigma), *move[::-1]))
     good = good_n & move_whole_pixels(good_r, move[1], move[0]) & ~_grown(sources, grow)
+    if core is not None:
+        good &= core
     n_good = _count(good)
     good_in_ref = move_whole_pixels(good, -move[1], -move[0])
     xn, xr = _centred(xn, good), _centred(xr, good_in_ref)
@@ -301,6 +323,99 @@ def measure_pair_noise(
                _spectrum(cov_r - shared / k, max_lag, scale_r, n_good))
     _log.debug("pair noise spectra (new, ref): %s", spectra)
     return spectra
+
+
+@dataclass(frozen=True)
+class _Boxes:
+    """A sample of boxes of an image laid side by side in a mosaic (see `_sample`).
+
+    ``starts`` are the windows' first pixels (row, column) in the image, ``places``
+    theirs in the mosaic; ``windows`` marks the windows in the mosaic, ``core`` the
+    boxes without their margins.
+    """
+
+    starts: list[tuple[int, int]]
+    places: list[tuple[int, int]]
+    window: int
+    windows: np.ndarray
+    core: np.ndarray
+
+    def cut(self, array: np.ndarray | None, move: tuple[int, int], fill: Any) -> Any:
+        """``array``'s windows, taken ``move`` (dy, dx) back, ``fill`` in the gaps.
+
+        No mask (``fill`` True) gives the gaps as bad pixels; no rms map stays None.
+        """
+        if array is None:
+            return ~self.windows if fill is True else None
+        array = np.asarray(array)
+        dtype = bool if fill is True else np.result_type(array, np.float32)
+        out = np.full(self.windows.shape, fill, dtype=dtype)
+        w = self.window
+        for (y0, x0), (py, px) in zip(self.starts, self.places):
+            ys, xs = y0 - move[0], x0 - move[1]
+            out[py : py + w, px : px + w] = array[ys : ys + w, xs : xs + w]
+        return out
+
+
+def _boxes(shape: tuple[int, ...], move: tuple[int, int], max_lag: int, grow: int) -> Any:
+    """The `_Boxes` of `_sample` on an image of ``shape``; None to measure it whole.
+
+    ``SAMPLE_PIXELS / _SAMPLE_BOX**2`` boxes are drawn without replacement (a fixed
+    seed: the same boxes each call) from a grid of non-overlapping windows, each a box
+    with a margin as wide as the smoothing and the growth reach, within the part of the
+    image that meets the other image moved by ``move``; in the mosaic, masked gaps wider
+    than ``2 max_lag`` keep the boxes' lags apart.
+    """
+    n_boxes = -(-SAMPLE_PIXELS // _SAMPLE_BOX**2)
+    margin = _SMOOTH_BORDER + max(int(grow), 0)
+    window = _SAMPLE_BOX + 2 * margin
+    if len(shape) != 2 or np.prod(shape) <= SAMPLE_PIXELS:
+        return None
+    grid = ((shape[0] - abs(move[0])) // window, (shape[1] - abs(move[1])) // window)
+    if grid[0] * grid[1] <= n_boxes:
+        return None
+    cells = np.sort(np.random.default_rng(0).choice(grid[0] * grid[1], n_boxes, replace=False))
+    starts = [(max(move[0], 0) + int(c // grid[1]) * window,
+               max(move[1], 0) + int(c % grid[1]) * window) for c in cells]
+    step = window + 2 * max_lag + 1
+    columns = int(np.ceil(np.sqrt(n_boxes)))
+    places = [((i // columns) * step, (i % columns) * step) for i in range(n_boxes)]
+    windows = np.zeros((-(-n_boxes // columns) * step, columns * step), bool)
+    core = np.zeros_like(windows)
+    for py, px in places:
+        windows[py : py + window, px : px + window] = True
+        core[py + margin : py + window - margin, px + margin : px + window - margin] = True
+    return _Boxes(starts, places, window, windows, core)
+
+
+def _sample(
+    images: list[np.ndarray],
+    masks: list[np.ndarray | None],
+    rms_maps: list[np.ndarray | None],
+    move: tuple[int, int],
+    max_lag: int,
+    grow: int,
+) -> tuple[list, list, list, np.ndarray | None]:
+    """The images, masks and rms maps cut to a random sample of boxes, and the boxes' cores.
+
+    Images of at most `SAMPLE_PIXELS` pixels come back as they are (core None), as do
+    arrays of mismatched shapes (for `_normalised` to reject).  Larger ones are cut to
+    the boxes of `_boxes`, each with a margin of its own pixels so that the sources by
+    its edges are found as on the whole image, laid side by side in a mosaic (gaps
+    masked, data 0, rms 1); ``core`` marks the boxes without their margins, the only
+    pixels measured.  Every image after the first is cut where it meets the first when
+    moved by ``move`` (``(dy, dx)``): the mosaics are aligned.
+    """
+    shape = np.shape(images[0])
+    given = [a for a in (*images, *masks, *rms_maps) if a is not None]
+    boxes = None if any(np.shape(a) != shape for a in given) else _boxes(shape, move,
+                                                                         max_lag, grow)
+    if boxes is None:
+        return images, masks, rms_maps, None
+    moves = [(0, 0)] + [move] * (len(images) - 1)
+    return ([boxes.cut(a, m, 0.0) for a, m in zip(images, moves)],
+            [boxes.cut(a, m, True) for a, m in zip(masks, moves)],
+            [boxes.cut(a, m, 1.0) for a, m in zip(rms_maps, moves)], boxes.core)
 
 
 def _checked_lag(max_lag: int) -> int:
