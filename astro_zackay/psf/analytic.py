@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import least_squares
 
-from ..profiles import GAUSS_FWHM, _stamp
+from ..profiles import GAUSS_FWHM, _pixel_integrated, _stamp
 
 __all__ = ["fit_profile", "mean_stamp", "render_profile"]
 
@@ -101,29 +101,70 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     myy = float((stamp * (yy - ny // 2) ** 2).sum() / total)
     fwhm0 = GAUSS_FWHM * np.sqrt(max(0.5 * (mxx + myy), 0.25))
     moffat = profile == "moffat"
-
-    def unpack(p: np.ndarray) -> tuple:
-        # the trial steps stay where the renderer is defined: centres on the stamp, axes
-        # of 0.02-400 px (a step beyond would otherwise be a ValueError mid-fit)
-        amp, xc, yc, log_a, log_b, theta = p[:6]
-        xc, yc = np.clip(xc, 0.0, nx - 1.0), np.clip(yc, 0.0, ny - 1.0)
-        a, b = np.exp(np.clip(log_a, -4.0, 6.0)), np.exp(np.clip(log_b, -4.0, 6.0))
-        beta = 1.0 + np.exp(min(p[6], 7.0)) if moffat else 3.5  # beta <= 1100: a Gaussian
-        return amp, xc, yc, max(a, b), 1.0 - min(a, b) / max(a, b), theta, beta, a < b
-
-    def residual(p: np.ndarray) -> np.ndarray:
-        amp, xc, yc, fwhm, ell, theta, beta, swap = unpack(p)
-        theta = theta + np.pi / 2 if swap else theta
-        model = _render(stamp.shape, fwhm, ell, theta, profile, beta, (xc, yc))
-        return (amp * model - stamp).ravel()
-
     start = [1.0, nx // 2, ny // 2, np.log(fwhm0), np.log(fwhm0), 0.0]
     if moffat:
         start.append(np.log(2.5))
-    result = least_squares(residual, np.array(start, dtype=float), method="lm")
-    _, _, _, fwhm, ell, theta, beta, swap = unpack(result.x)
-    theta = (theta + (np.pi / 2 if swap else 0.0)) % np.pi
-    fit = {"fwhm": float(fwhm), "ellipticity": float(ell), "theta": float(theta)}
+    residuals = _ProfileResiduals(stamp, moffat)
+    result = least_squares(residuals, np.array(start, dtype=float), jac=residuals.jacobian,
+                           method="lm")
+    _, _, _, fwhm, ell, theta, beta = residuals.unpack(result.x[None])
+    fit = {"fwhm": float(fwhm[0]), "ellipticity": float(ell[0]), "theta": float(theta[0] % np.pi)}
     if moffat:
-        fit["beta"] = float(beta)
+        fit["beta"] = float(beta[0])
     return fit
+
+
+class _ProfileResiduals:
+    """The residuals of `fit_profile` (``amp * profile - stamp``) and their Jacobian by
+    forward differences (MINPACK's steps), the perturbed profiles rendered together.
+
+    The parameters are amplitude, centre ``(x, y)``, the logs of the two axes, the angle
+    and (Moffat) ``ln(beta - 1)``. Rendering the 7 profiles of a Jacobian as one batch
+    takes a third of the time of 7 renders.
+    """
+
+    #: MINPACK's forward-difference step relative to the parameter
+    STEP = float(np.sqrt(np.finfo(float).eps))
+
+    def __init__(self, stamp: np.ndarray, moffat: bool) -> None:
+        self.stamp = stamp
+        self.moffat = moffat
+
+    def unpack(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(n, n_par)`` parameters as amplitude, x, y, FWHM, ellipticity, angle, beta.
+
+        The trial steps stay where the renderer is defined: centres on the stamp, axes
+        of 0.02-400 px, beta at most 1100 (a Gaussian).
+        """
+        ny, nx = self.stamp.shape
+        a, b = np.exp(np.clip(p[:, 3], -4.0, 6.0)), np.exp(np.clip(p[:, 4], -4.0, 6.0))
+        major = np.maximum(a, b)
+        beta = 1.0 + np.exp(np.minimum(p[:, 6], 7.0)) if self.moffat else np.full(len(p), 3.5)
+        theta = np.where(a < b, p[:, 5] + np.pi / 2, p[:, 5])
+        return (p[:, 0], np.clip(p[:, 1], 0.0, nx - 1.0), np.clip(p[:, 2], 0.0, ny - 1.0),
+                major, 1.0 - np.minimum(a, b) / major, theta, beta)
+
+    def models(self, p: np.ndarray) -> np.ndarray:
+        """``(n, ny * nx)`` unit-sum profiles times their amplitudes; ``p`` of one beta."""
+        ny, nx = self.stamp.shape
+        amp, xc, yc, fwhm, ell, theta, beta = self.unpack(p)
+        stars = _pixel_integrated(np.arange(nx) - xc[:, None], np.arange(ny) - yc[:, None],
+                                  fwhm, ell, theta, "moffat" if self.moffat else "gaussian",
+                                  float(beta[0]), 3, gauss=True).reshape(len(p), -1)
+        return amp[:, None] * stars / stars.sum(axis=1, keepdims=True)
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return self.models(p[None])[0] - self.stamp.ravel()
+
+    def jacobian(self, p: np.ndarray) -> np.ndarray:
+        """``(ny * nx, n_par)`` forward differences, each step ``STEP * |p_j|``."""
+        step = self.STEP * np.abs(p)
+        step[step == 0] = self.STEP
+        trials = p + np.diag(step)
+        same_beta = 6  # the last, beta, trial is rendered on its own
+        base, *shifted = np.split(self.models(np.vstack([p[None], trials[:same_beta]])),
+                                  [1], axis=0)
+        columns = [shifted[0]]
+        if self.moffat:
+            columns.append(self.models(trials[same_beta:]))
+        return ((np.concatenate(columns) - base) / step[:, None]).T
