@@ -620,7 +620,8 @@ def to_ccddata(
     if variance is not None:
         variance = np.asarray(variance)
         out_mask |= ~np.isfinite(variance)
-        uncertainty = StdDevUncertainty(np.sqrt(np.clip(variance, 0.0, None)))
+        std = np.maximum(variance, 0.0)  # one frame-sized array: the square root in place
+        uncertainty = StdDevUncertainty(np.sqrt(std, out=std))
     meta = _copy_meta(template.meta)
     if step is not None:
         record_step(meta, *step)

@@ -611,8 +611,6 @@ def subtract(
     ny, nx = sci.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     psf_r0, psf_n0 = pref.psf(*centre), psci.psf(*centre)
-    sigma_r0 = float(np.median(pref.rms[~bad]))
-    sigma_n0 = float(np.median(psci.rms[~bad]))
     # the fits need the bright stars unsaturated: saturation is already in the masks
     match = _match(pref, psci, (psf_r0, psf_n0), needs)
     shift, beta, beta_err = (0.0, 0.0), flux_ratio, 0.0
@@ -622,8 +620,10 @@ def subtract(
         if flux_ratio is None:
             beta, beta_err = match.flux_ratio, match.flux_ratio_error
     elif fit_shift or flux_ratio is None:
-        shift, beta, beta_err = _pixel_fit(psci, pref, (psf_n0, psf_r0), (sigma_n0, sigma_r0),
-                                           bad, flux_ratio, fit_shift)
+        # the median background noises, needed only by the fit (two frame-sized medians)
+        sigmas = (float(np.median(psci.rms[~bad])), float(np.median(pref.rms[~bad])))
+        shift, beta, beta_err = _pixel_fit(psci, pref, (psf_n0, psf_r0), sigmas, bad,
+                                           flux_ratio, fit_shift)
     if flux_ratio is not None:
         beta, beta_err = float(flux_ratio), 0.0
 
