@@ -806,7 +806,11 @@ class _Spectra:
 
 def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: float,
              shift_ref: tuple[float, float], dtype: Any, workers: int | None) -> _Spectra:
-    """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once)."""
+    """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once).
+
+    Each array is taken out of ``arrays`` once transformed (freed there and then
+    unless the caller holds it).
+    """
     xp = be.xp
     shape = arrays["new"].shape[-2:]  # a stack of tiles is transformed tile by tile
     ctype = np.result_type(dtype, np.complex64)
@@ -821,7 +825,7 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
         return a_h
 
     def variance(name, is_correlated, moved):
-        var = arrays.get(name)
+        var = arrays.pop(name, None)
         if var is None:
             return None
         if is_correlated:  # only the sources' excess over the background level (per tile)
@@ -834,8 +838,9 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
         ref_beta *= ref_beta
         vb_h = fwd(ref_beta, True)
         del ref_beta
-    return _Spectra(shape, fwd(arrays["new"], False), fwd(arrays["ref"], True),
-                    variance("var_new", correlated[0], False),
+    n_h = fwd(arrays.pop("new"), False)
+    r_h = fwd(arrays.pop("ref"), True)
+    return _Spectra(shape, n_h, r_h, variance("var_new", correlated[0], False),
                     variance("var_ref", correlated[1], True), vb_h)
 
 
@@ -901,24 +906,28 @@ def _difference_and_score(xp, spec: _Spectra, wa: Any, wb: Any, q_h: Any, split:
     ``D_h = wa N_h - wb R_h`` and ``S_h = conj(Q) D_h``, or its two parts
     ``kn_h N_h`` and ``kr_h R_h`` when ``split`` (for the astrometric and PSF-error
     terms), with ``kn_h = conj(Q) wa`` and ``kr_h = conj(Q) wb``; the arrays may be one
-    grid or a stack of tiles.  ``q_h`` is conjugated in place.  Returns the outputs and
-    ``(kn_h, kr_h)``, the transforms of S's kernels.
+    grid or a stack of tiles.  Everything is done in place: ``q_h`` is conjugated,
+    ``wa`` and ``wb`` are overwritten and ``spec``'s image transforms are used up (and
+    dropped from it), so that only ``kn_h`` and ``kr_h`` are new.  Returns the outputs
+    and ``(kn_h, kr_h)``, the transforms of S's kernels.
     """
-    d_h = wa * spec.n_h
-    t_h = wb * spec.r_h
-    d_h -= t_h
-    out = {"D": inv(d_h)}
+    n_h, r_h = spec.n_h, spec.r_h
+    spec.n_h = spec.r_h = None
     xp.conjugate(q_h, out=q_h)
     kn_h = q_h * wa
     kr_h = q_h * wb
+    wa *= n_h
+    wb *= r_h
+    wa -= wb  # D_h
+    out = {"D": inv(wa)}
     if split:
-        xp.multiply(kn_h, spec.n_h, out=t_h)
-        out["S_N"] = inv(t_h)
-        xp.multiply(kr_h, spec.r_h, out=t_h)
-        out["S_R"] = inv(t_h)
+        n_h *= kn_h
+        out["S_N"] = inv(n_h)
+        r_h *= kr_h
+        out["S_R"] = inv(r_h)
     else:
-        xp.multiply(q_h, d_h, out=t_h)
-        out["S"] = inv(t_h)
+        wa *= q_h
+        out["S"] = inv(wa)
     return out, (kn_h, kr_h)
 
 
