@@ -183,6 +183,13 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
     return np.full(img.shape, sky), np.full(img.shape, rms)
 
 
+def _residual(img: ImageData, sky: np.ndarray) -> np.ndarray:
+    """The data less the sky, masked pixels 0 (one new array, written in place)."""
+    residual = img.data - sky
+    residual[img.mask] = 0.0
+    return residual
+
+
 def _detect(
     img: ImageData, background: Any, detection: _Detection | None = None
 ) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -204,7 +211,7 @@ def _detect(
     """
     if background is not None:
         sky, rms = _given_background(img, background)
-        residual = np.where(img.mask, 0.0, img.data - sky)
+        residual = _residual(img, sky)
         found = detection
         if found is None or not found.of(img):
             found, _ = _detect_sources(img, residual, rms)
@@ -219,7 +226,7 @@ def _detect(
         sky, rms = img.sky_maps.sky, img.sky_maps.rms
     else:
         sky, rms = _sep_maps(img.filled(0.0), img.mask, (box, box), (3, 3))
-    residual = np.where(img.mask, 0.0, img.data - sky)
+    residual = _residual(img, sky)
     found, _ = _detect_sources(img, residual, rms)
     return residual, rms, found.objects
 
