@@ -662,10 +662,10 @@ def zogy_field(
     out = _stack_zogy(be, spec, layout, pn, pr, _TileNoise(be, noise_spectra, sigmas),
                       float(flux_ratio), split, dtype, workers)
     del spec
-    images = [np.where(b, 0.0, np.nan_to_num(a)) for a, b in ((new, new_bad), (ref, ref_bad))]
     at_centre = int(np.argmin([abs(x - centre[0]) + abs(y - centre[1]) for x, y in centres]))
-    flag = _grown_mask(bad, images, whole, (pn[at_centre], pr[at_centre]), layout,
-                       out.pop("reach"), out.pop("s_sigma"), max(abs(v) for v in shift_ref))
+    flag = _grown_mask(bad, ((new, new_bad), (ref, ref_bad)), whole,
+                       (pn[at_centre], pr[at_centre]), layout, out.pop("reach"),
+                       out.pop("s_sigma"), max(abs(v) for v in shift_ref))
     offsets, result = _finish(be, layout, out, flag, ast, eps, float(flux_ratio), dtype)
     rows = [(c[1].start, c[1].stop, c[0].start, c[0].stop, x, y, sigmas[1][j], sigmas[0][j],
              float(out["F_D"][j]), float(out["F_S"][j]), float(offsets[j]))
@@ -747,23 +747,25 @@ def _upload_inputs(be: ArrayBackend, layout: _Layout, inputs: dict, new_bad: np.
     return arrays
 
 
-def _grown_mask(bad: np.ndarray, images: list[np.ndarray], sigmas: tuple[float, float],
+def _grown_mask(bad: np.ndarray, images: tuple, sigmas: tuple[float, float],
                 psfs: tuple[np.ndarray, np.ndarray], layout: _Layout, reaches: list,
                 s_sigmas: np.ndarray, shift: float) -> np.ndarray:
     """The bad pixels and the edge, grown once for the image.
 
     Every pixel grows by the largest core radius of the tiles' kernels; each masked
     region and each star cut by the edge grows further by the kernels of its own
-    tile (``reaches`` holds each tile's (new, reference) reaches).
+    tile (``reaches`` holds each tile's (new, reference) reaches).  ``images`` are the
+    (image, its own bad pixels) pairs of the new image and the reference.
     """
     radius = max(r.core_radius for tile in reaches for r in tile)
     flag = _grow_mask(bad, radius)
     s_sigmas = s_sigmas.tolist()
+    pixels, blanks = [img for img, _ in images], tuple(b for _, b in images)
     if bad.any():
-        labels, light = _masked_regions(bad, images, list(sigmas), list(psfs))
+        labels, light = _masked_regions(bad, pixels, list(sigmas), list(psfs), blanks)
         _grow_regions(flag, labels, light, reaches, s_sigmas, layout.owners(labels))
     edge = _edge_mask(bad.shape, radius + int(np.ceil(shift)))
-    labels, light = _edge_sources(images, list(sigmas), list(psfs))
+    labels, light = _edge_sources(pixels, list(sigmas), list(psfs), blanks)
     _grow_regions(edge, labels, light, reaches, s_sigmas, layout.owners(labels))
     return flag | edge
 

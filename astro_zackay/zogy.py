@@ -449,8 +449,20 @@ def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pixels(img: np.ndarray, blank: np.ndarray | None, at: np.ndarray) -> np.ndarray:
+    """``img``'s values at the flat indices ``at``: 0 where ``blank`` (its bad pixels) or NaN.
+
+    The few pixels read are cleaned, not the image (no image-sized copy).
+    """
+    values = img.ravel()[at]
+    if blank is not None:
+        values = np.where(blank.ravel()[at], 0.0, values)
+    return np.nan_to_num(values, nan=0.0)
+
+
 def _masked_regions(
-    bad: np.ndarray, images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray]
+    bad: np.ndarray, images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray],
+    blanks: tuple = (None, None),
 ) -> tuple[np.ndarray, list]:
     """Labels of the masked regions and, per image, the light each makes unreliable.
 
@@ -459,7 +471,8 @@ def _masked_regions(
     counts, from its brightest rim pixel beyond the noise (less ``RIM_NOISE_SIGMA``
     times the image's sigma) and `_light_per_rim_value` of its area.  A bad pixel
     whose rim is at sky level hides no star: only its own sky noise, which the
-    kernels' core radius covers.
+    kernels' core radius covers.  ``blanks`` are each image's own bad pixels, read as
+    0 (None where the image is clean).
     """
     labels, n = ndimage.label(bad)
     rim = _largest_around(labels)
@@ -468,9 +481,9 @@ def _masked_regions(
     rim_region = rim.ravel()[on_rim] - 1
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     light = []
-    for img, sigma, psf in zip(images, sigmas, psfs):
+    for img, blank, sigma, psf in zip(images, blanks, sigmas, psfs):
         peak = np.zeros(n)
-        np.maximum.at(peak, rim_region, np.nan_to_num(np.abs(img.ravel()[on_rim]), nan=0.0))
+        np.maximum.at(peak, rim_region, np.abs(_pixels(img, blank, on_rim)))
         excess = np.maximum(peak - RIM_NOISE_SIGMA * sigma, 0.0)
         per_rim = _light_per_rim_value(psf, area)
         light.append(excess * np.where(excess > 0, per_rim, 0.0))
@@ -478,20 +491,25 @@ def _masked_regions(
 
 
 def _edge_sources(
-    images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray]
+    images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray],
+    blanks: tuple = (None, None),
 ) -> tuple[np.ndarray, list]:
-    """Labels of the runs of edge pixels above EDGE_SOURCE_SIGMA and the light each hides."""
-    edge = _edge_mask(images[0].shape, 1)
-    seeds = np.zeros(edge.shape, bool)
-    for img, sigma in zip(images, sigmas):
-        seeds |= edge & (np.abs(img) > EDGE_SOURCE_SIGMA * sigma)
+    """Labels of the runs of edge pixels above EDGE_SOURCE_SIGMA and the light each hides.
+
+    Only the edge pixels are read (``blanks`` as in `_masked_regions`).
+    """
+    shape = images[0].shape
+    ring = np.flatnonzero(_edge_mask(shape, 1))
+    seeds = np.zeros(shape, bool)
+    for img, blank, sigma in zip(images, blanks, sigmas):
+        seeds.ravel()[ring] |= np.abs(_pixels(img, blank, ring)) > EDGE_SOURCE_SIGMA * sigma
     labels, n = ndimage.label(seeds, structure=np.ones((3, 3)))
     on_edge = np.flatnonzero(labels)  # the few labelled pixels, read by flat index
     owner = labels.ravel()[on_edge]
     light = [
-        np.bincount(owner, weights=np.abs(img.ravel()[on_edge]), minlength=n + 1)[1:]
+        np.bincount(owner, weights=np.abs(_pixels(img, blank, on_edge)), minlength=n + 1)[1:]
         / np.sqrt(np.sum(psf**2))
-        for img, psf in zip(images, psfs)
+        for img, blank, psf in zip(images, blanks, psfs)
     ]
     return labels, light
 
@@ -907,28 +925,30 @@ def _difference_and_score(xp, spec: _Spectra, wa: Any, wb: Any, q_h: Any, split:
     ``kn_h N_h`` and ``kr_h R_h`` when ``split`` (for the astrometric and PSF-error
     terms), with ``kn_h = conj(Q) wa`` and ``kr_h = conj(Q) wb``; the arrays may be one
     grid or a stack of tiles.  Everything is done in place: ``q_h`` is conjugated,
-    ``wa`` and ``wb`` are overwritten and ``spec``'s image transforms are used up (and
-    dropped from it), so that only ``kn_h`` and ``kr_h`` are new.  Returns the outputs
-    and ``(kn_h, kr_h)``, the transforms of S's kernels.
+    ``wa`` and ``wb`` become ``kn_h`` and ``kr_h`` and ``spec``'s image transforms are
+    used up (and dropped from it), so that at most one grid-sized buffer is new.
+    Returns the outputs and ``(kn_h, kr_h)``, the transforms of S's kernels.
     """
     n_h, r_h = spec.n_h, spec.r_h
     spec.n_h = spec.r_h = None
+    n_h *= wa
+    r_h *= wb
     xp.conjugate(q_h, out=q_h)
-    kn_h = q_h * wa
-    kr_h = q_h * wb
-    wa *= n_h
-    wb *= r_h
-    wa -= wb  # D_h
-    out = {"D": inv(wa)}
-    if split:
-        n_h *= kn_h
+    wa *= q_h
+    wb *= q_h
+    if split:  # S_N and S_R are conj(Q) times the two terms of D
+        out = {"D": inv(n_h - r_h)}
+        n_h *= q_h
         out["S_N"] = inv(n_h)
-        r_h *= kr_h
+        r_h *= q_h
         out["S_R"] = inv(r_h)
     else:
-        wa *= q_h
-        out["S"] = inv(wa)
-    return out, (kn_h, kr_h)
+        n_h -= r_h
+        del r_h
+        out = {"D": inv(n_h)}
+        n_h *= q_h
+        out["S"] = inv(n_h)
+    return out, (wa, wb)
 
 
 def _pair_outputs(be: ArrayBackend, spec: _Spectra, pn: np.ndarray, pr: np.ndarray, noise,
