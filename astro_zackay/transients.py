@@ -48,7 +48,7 @@ from .fourier import (
     get_array_module,
     move_whole_pixels,
     phase_ramp,
-    psf_rfft,
+    psf_to_origin,
     shift_image,
 )
 from .profiles import GAUSS_FWHM
@@ -391,39 +391,38 @@ def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: fl
     return (distance <= reach[None, :]).any(axis=1)
 
 
-def _snr_maps(
-    stack: np.ndarray, psfs: tuple[np.ndarray, np.ndarray], shift: tuple[float, float]
-) -> np.ndarray:
-    """Matched-filter (PSF-fit) S/N of a point source centred at each pixel, of each image.
+def _snr_map(
+    planes: np.ndarray, psf: np.ndarray, shift: tuple[float, float], out: np.ndarray
+) -> None:
+    """Matched-filter (PSF-fit) S/N of a point source centred at each pixel of one image.
 
     The PSF correlated with the data over the square root of the PSF squared
-    correlated with the variance, the first image (the reference) moved by ``shift``
-    on the way. ``stack`` is the float32 ``(4, ny, nx)`` planes reference data,
-    science data, reference variance, science variance (bad pixels 0); their four
-    transforms are taken in one batched float32 call and multiplied in place by the
-    PSFs' spectra (`~astro_zackay.fourier.psf_rfft`, one at a time): the maps'
-    round-off (~1e-6 of their peaks) is far below any S/N that the sources are
-    selected by. Returns the ``(2, ny, nx)`` float32 maps, 0 where the noise is not
-    positive.
+    correlated with the variance, moved by ``shift`` on the way (the reference's onto
+    the science grid). ``planes`` is the float32 ``(2, ny, nx)`` data and variance (bad
+    pixels 0), overwritten; the map, 0 where the noise is not positive, goes to ``out``.
+    Both planes and both kernels (the PSF and its square at the origin) are transformed
+    in float32, two batched calls: the round-off (~1e-6 of the maps' peaks) is far below
+    any S/N that the sources are selected by, and no frame-sized float64 array is made.
     """
-    shape = stack.shape[1:]
+    shape = planes.shape[1:]
     be = get_array_module("numpy")
-    spectra = be.rfft2(stack, s=shape)  # (4, ny, nx//2+1) complex64
-    for i, psf in enumerate(psfs):
-        spectra[i] *= np.conj(psf_rfft(psf, shape, dtype=np.float32))
-        spectra[2 + i] *= np.conj(psf_rfft(psf * psf, shape, dtype=np.float32))
+    spectra = be.rfft2(planes, s=shape)  # (2, ny, nx//2+1) complex64
+    kernels = np.stack([psf_to_origin(psf, shape, np.float32),
+                        psf_to_origin(psf * psf, shape, np.float32)])
+    kernel_spectra = be.rfft2(kernels, s=shape)
+    del kernels
+    spectra *= np.conj(kernel_spectra, out=kernel_spectra)
+    del kernel_spectra
     if shift != (0.0, 0.0):
-        spectra[0] *= phase_ramp(shape, *shift, dtype=spectra.dtype)
-        spectra[2] *= phase_ramp(shape, *shift, dtype=spectra.dtype)
+        spectra *= phase_ramp(shape, *shift, dtype=spectra.dtype)
     maps = be.irfft2(spectra, s=shape)
     del spectra
-    signal, noise = maps[:2], maps[2:]
+    signal, noise = maps
     positive = noise > 0
     np.sqrt(noise, out=noise, where=positive)
+    out[...] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(signal, noise, out=signal, where=positive)
-    signal[~positive] = 0.0
-    return signal
+        np.divide(signal, noise, out=out, where=positive)
 
 
 def _in_chunks(
@@ -504,18 +503,19 @@ def bright_sources(
         raise ValueError(f"the images, variances and mask must be 2-D of one shape, got "
                          f"{[a.shape for a in arrays]}")
     shift = (float(shift[0]), float(shift[1]))
-    # the float32 planes the transforms take, filled in place: no image-sized float64 copy
-    stack = np.empty((4, *arrays[0].shape), dtype=np.float32)
+    # each image's float32 data and variance planes, filled in place and transformed in
+    # turn: no image-sized float64 copy, and one image's transforms at a time
+    snr = np.empty((2, *arrays[0].shape), dtype=np.float32)
+    planes = np.empty((2, *arrays[0].shape), dtype=np.float32)
     for i, moved in enumerate((shift, (0.0, 0.0))):
-        data_i, variance = stack[i], stack[2 + i]
-        data_i[...], variance[...] = arrays[i], arrays[2 + i]
-        bad = ~(np.isfinite(data_i) & np.isfinite(variance))
+        planes[0], planes[1] = arrays[i], arrays[2 + i]
+        bad = ~(np.isfinite(planes[0]) & np.isfinite(planes[1]))
         if mask is not None:
             bad |= move_whole_pixels(arrays[4], -int(np.rint(moved[0])), -int(np.rint(moved[1])))
-        data_i[bad], variance[bad] = 0.0, 0.0
+        np.copyto(planes, np.float32(0.0), where=bad)
         del bad
-    snr = _snr_maps(stack, psfs, shift)
-    del stack
+        _snr_map(planes, psfs[i], moved, snr[i])
+    del planes
     larger = np.fmax(snr[0], snr[1])
     half = max(int(np.ceil(_psf_fwhm(psfs[0]))), 1)
     rows, cols = np.nonzero(larger >= snr_min)
