@@ -315,14 +315,24 @@ def _noise_power(
 def _grow_mask(bad: np.ndarray, radius: int) -> np.ndarray:
     """Flag every pixel within ``radius`` pixels (Euclidean) of a True pixel.
 
-    The distance transform runs on the bounding box of the True pixels grown by
-    ``radius`` (nothing beyond it is that close), so a few bad pixels cost little.
+    A few True pixels (their disks covering at most a sixteenth of the image) are
+    painted with the disk of offsets; otherwise the distance transform runs on the
+    bounding box of the True pixels grown by ``radius`` (nothing beyond it is that
+    close).  Both flag the pixels at ``dx**2 + dy**2 <= radius**2`` from a True one.
     """
-    rows, cols = np.flatnonzero(bad.any(axis=1)), np.flatnonzero(bad.any(axis=0))
-    if rows.size == 0:
+    ys, xs = np.nonzero(bad)
+    if ys.size == 0:
         return bad.copy()
-    box = (slice(max(rows[0] - radius, 0), rows[-1] + radius + 1),
-           slice(max(cols[0] - radius, 0), cols[-1] + radius + 1))
+    dy, dx = np.nonzero(np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1])
+                        <= radius)
+    if ys.size * dy.size <= bad.size // 16:
+        rows, cols = (ys[:, None] + (dy - radius)).ravel(), (xs[:, None] + (dx - radius)).ravel()
+        inside = (rows >= 0) & (rows < bad.shape[0]) & (cols >= 0) & (cols < bad.shape[1])
+        grown = np.zeros(bad.shape, bool)
+        grown[rows[inside], cols[inside]] = True
+        return grown
+    box = (slice(max(ys.min() - radius, 0), ys.max() + radius + 1),
+           slice(max(xs.min() - radius, 0), xs.max() + radius + 1))
     grown = np.zeros(bad.shape, bool)
     grown[box] = ndimage.distance_transform_edt(~bad[box]) <= radius
     return grown

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from astro_zackay.fourier import convolve_fft, correlate_fft, psf_rfft, shift_image
-from astro_zackay.zogy import fit_flux_ratio, fit_shift, zogy
+from astro_zackay.zogy import _grow_mask, fit_flux_ratio, fit_shift, zogy
 
 
 def gaussian_psf(sigma, size=None, ellip=0.0):
@@ -562,3 +562,23 @@ def test_flux_ratio_error_of_a_shifted_very_bright_star_only_adds_variance(engin
                              shift_ref=(0.4, 0.3), dtype=np.float64)
         scores.append(np.abs(res.Scorr))
     assert np.all(scores[1] <= scores[0] * (1 + 1e-9) + 1e-9)
+
+
+@pytest.mark.parametrize("n_bad", [3, 210])
+def test_grown_mask_flags_the_euclidean_disk_around_each_bad_pixel(n_bad):
+    """A few bad pixels (disks painted) or many (a distance transform): the same disks.
+
+    Every pixel with ``dx**2 + dy**2 <= radius**2`` from a bad pixel is flagged and no
+    other, brute force over the bad pixels, including those on the image's edges.
+    """
+    shape = (60, 70)
+    rng = np.random.default_rng(4)
+    bad = np.zeros(shape, bool)
+    bad.ravel()[rng.choice(bad.size, n_bad, replace=False)] = True
+    bad[0, 5] = bad[-1, -1] = True
+    ys, xs = np.nonzero(bad)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d2 = np.min((yy[..., None] - ys) ** 2 + (xx[..., None] - xs) ** 2, axis=-1)
+    for radius in (0, 1, 4):
+        np.testing.assert_array_equal(_grow_mask(bad, radius), d2 <= radius**2)
+    assert not _grow_mask(np.zeros(shape, bool), 4).any()
