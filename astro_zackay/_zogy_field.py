@@ -448,6 +448,7 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
         k *= k  # the squares give each kernel's reach and its source-noise variance
     out.update(F_S=f_s, F_D=f_d, den0=at0[0] + beta**2 * at0[1], P_D=out_pd)
     sums = _power_sums(be, (kn_h, kr_h), noise, powers, grid[1])
+    del kn_h, kr_h
     bkg = [weighted / npix for _, weighted in sums]
     out["reach"] = list(zip(*(_KernelReach.of_stack(be, k2, stamp) for k2 in kernels)))
     out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
@@ -485,13 +486,18 @@ def _source_variances(be: ArrayBackend, spec: Any, fulls: list, squares: list, b
     sky's noise is, by ``bkg`` over the white noise's ``fulls`` of `_power_sums`, and
     with the sky's part, a number per tile, added); an image without a variance map
     adds its background term, a number per tile.  A stack, or a vector when neither
-    image has a variance map.
+    image has a variance map.  The variance spectra of ``spec`` and the ``squares`` are
+    used up (overwritten and dropped), so that only one squared kernel's transform is new
+    at a time.
     """
     grid = spec.shape
     npix = grid[0] * grid[1]
     white = noise.at_mean(grid)
     total_h, v_beta, level = None, None, np.zeros(len(bkg[0]))
-    for i, (full, k2, v_h) in enumerate(zip(fulls, squares, (spec.vn_h, spec.vr_h))):
+    for i, (full, name) in enumerate(zip(fulls, ("vn_h", "vr_h"))):
+        v_h, k2 = getattr(spec, name), squares[i]
+        setattr(spec, name, None)
+        squares[i] = None
         beta_term = i == 1 and spec.vb_h is not None
         if v_h is None or noise.spectra[i] is not None:
             level += bkg[i]
@@ -500,22 +506,26 @@ def _source_variances(be: ArrayBackend, spec: Any, fulls: list, squares: list, b
         if k2.shape[-2:] != grid:
             k2 = _at_origin(be, k2, grid, dtype)
         k2_h = be.rfft2(k2, s=grid, workers=workers)
+        del k2
         if v_h is not None:
-            term = k2_h * v_h if beta_term else be.xp.multiply(k2_h, v_h, out=k2_h)
+            v_h *= k2_h
             if noise.spectra[i] is not None:  # the sources' excess, correlated like the sky
-                term *= be.asarray((bkg[i] * npix / (white[i] * full))[:, None, None], dtype=dtype)
+                v_h *= be.asarray((bkg[i] * npix / (white[i] * full))[:, None, None], dtype=dtype)
             if total_h is None:
-                total_h = term
+                total_h = v_h
             else:
-                total_h += term
-            del term
+                total_h += v_h
+            del v_h
         if beta_term:
-            k2_h *= spec.vb_h
-            v_beta = _clipped(be.xp, be.irfft2(k2_h, s=grid, workers=workers))
-        del k2_h
+            vb_h, spec.vb_h = spec.vb_h, None
+            vb_h *= k2_h
+            del k2_h
+            v_beta = _clipped(be.xp, be.irfft2(vb_h, s=grid, workers=workers))
+            del vb_h
     if total_h is None:
         return level, v_beta
     total = _clipped(be.xp, be.irfft2(total_h, s=grid, workers=workers))
+    del total_h
     total += be.asarray(level[:, None, None], dtype=dtype)
     return total, v_beta
 
