@@ -252,8 +252,13 @@ class _Layout:
         return xp.ascontiguousarray(whole[: self.shape[0], : self.shape[1]])
 
     def field(self, xp: Any, values: Any, dtype: Any) -> Any:
-        """An image holding each tile's value (``values``, one per tile) in its pixels."""
+        """An image holding each tile's value (``values``, one per tile) in its pixels.
+
+        For one tile, a ``(1, 1)`` array that broadcasts over the image.
+        """
         v = xp.asarray(np.asarray(values, dtype=dtype).reshape(self.counts))
+        if self.n == 1:
+            return v
         whole = xp.repeat(xp.repeat(v, self.side[0], axis=0), self.side[1], axis=1)
         return xp.ascontiguousarray(whole[: self.shape[0], : self.shape[1]])
 

@@ -1077,10 +1077,14 @@ def _scorr(xp, S: Any, var: Any, f_s: Any) -> Any:
 
 
 def _psf_variance(xp, s_n: Any, s_r: Any, eps: tuple[float, float]) -> Any:
-    """``(eps_n**2 + eps_r**2) min(|S_N|, |S_R|)**2``: the light that cancels, or None."""
+    """``(eps_n**2 + eps_r**2) min(|S_N|, |S_R|)**2``: the light that cancels, or None.
+
+    Formed in ``s_n``'s array (``s_n`` and ``s_r`` are overwritten).
+    """
     if max(eps) == 0:
         return None
-    v_psf = xp.minimum(xp.abs(s_n), xp.abs(s_r))
+    v_psf = xp.abs(s_n, out=s_n)
+    xp.minimum(v_psf, xp.abs(s_r, out=s_r), out=v_psf)
     v_psf *= v_psf
     v_psf *= eps[0] ** 2 + eps[1] ** 2
     return v_psf
