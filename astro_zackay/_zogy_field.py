@@ -551,7 +551,7 @@ def _tile_sigma(
     if in_cell.size == good.size or not in_cell.any():  # the whole image (one tile), or no pixel
         sigma = whole
     else:
-        sigma = float(np.median(rms[cell][in_cell]))
+        sigma = float(np.median(rms[cell][in_cell], overwrite_input=True))  # a copy: sorted
     return sigma if spectrum is None else sigma * spectrum.sigma / whole
 
 

@@ -888,8 +888,13 @@ def _tile_medians(xp: Any, stack: Any, keep: Any) -> Any:
     """The median of each tile's ``keep`` values of a ``(n, ny, nx)`` stack, 0 where none.
 
     One batched reduction on the stack's backend (no per-tile loop, no transfer): the
-    values not kept are NaN and ignored.
+    values not kept are NaN and ignored.  One tile: the median of its kept values.
     """
+    if stack.shape[0] == 1:
+        kept = stack[keep]
+        if kept.size == 0:
+            return xp.zeros(1, dtype=stack.dtype)
+        return xp.median(kept, overwrite_input=True).reshape(1)
     values = xp.where(keep, stack, xp.nan).reshape(stack.shape[0], -1)
     values[:, 0] = xp.where(keep.reshape(stack.shape[0], -1).any(axis=1), values[:, 0], 0.0)
     return xp.nanmedian(values, axis=1)
