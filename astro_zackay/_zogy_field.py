@@ -659,7 +659,8 @@ def zogy_field(
     new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
     good = ~bad
-    whole = (float(np.median(rms_new[good])), float(np.median(rms_ref[good])))
+    whole = tuple(float(np.median(rms[good], overwrite_input=True))  # a copy: sorted in place
+                  for rms in (rms_new, rms_ref))
     cells, centres = layout.cells(), layout.centres()
     pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
     pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
