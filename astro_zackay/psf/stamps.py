@@ -319,8 +319,13 @@ def cut_stamps(
         background = ring_background(data, mask, ix, iy, radius, width=annulus)
         stamps = stamps - background[:, None, None]
     stamp_var = pixels_at(variance, rows, cols)
-    fillable = _fillable(stamp_mask, x - ix, y - iy, max_masked, core_radius)
-    stamps, stamp_var = fill_masked(stamps, stamp_var, stamp_mask & fillable[:, None, None])
+    # only the stamps with masked pixels are examined and filled
+    masked = np.flatnonzero(stamp_mask.any(axis=(1, 2)))
+    fillable = np.ones(len(x), dtype=bool)
+    fillable[masked] = _fillable(stamp_mask[masked], (x - ix)[masked], (y - iy)[masked],
+                                 max_masked, core_radius)
+    fill = masked[fillable[masked]]
+    stamps[fill], stamp_var[fill] = fill_masked(stamps[fill], stamp_var[fill], stamp_mask[fill])
     flux = stamps.sum(axis=(1, 2))
     valid = (
         inside
