@@ -357,24 +357,48 @@ class _Boxes:
         return out
 
 
-def _boxes(shape: tuple[int, ...], move: tuple[int, int], max_lag: int, grow: int) -> Any:
-    """The `_Boxes` of `_sample` on an image of ``shape``; None to measure it whole.
+def _usable_windows(
+    bads: list[np.ndarray], move: tuple[int, int], grid: tuple[int, int], window: int
+) -> np.ndarray:
+    """Indices of the grid's windows at least half good in every image (`_boxes`).
+
+    ``bads`` are each image's bad pixels; every image after the first is looked at
+    where it meets the first moved by ``move``.
+    """
+    worst = np.zeros(grid, dtype=np.int64)
+    y0, x0 = max(move[0], 0), max(move[1], 0)
+    for i, bad in enumerate(bads):
+        oy, ox = (y0, x0) if i == 0 else (y0 - move[0], x0 - move[1])
+        part = bad[oy : oy + grid[0] * window, ox : ox + grid[1] * window]
+        counts = part.reshape(grid[0], window, grid[1], window).sum(axis=(1, 3))
+        np.maximum(worst, counts, out=worst)
+    return np.flatnonzero(worst <= window * window // 2)
+
+
+def _boxes(
+    bads: list[np.ndarray], move: tuple[int, int], max_lag: int, grow: int
+) -> _Boxes | None:
+    """The `_Boxes` of `_sample` on images with bad pixels ``bads``; None to measure whole.
 
     ``SAMPLE_PIXELS / _SAMPLE_BOX**2`` boxes are drawn without replacement (a fixed
     seed: the same boxes each call) from a grid of non-overlapping windows, each a box
     with a margin as wide as the smoothing and the growth reach, within the part of the
-    image that meets the other image moved by ``move``; in the mosaic, masked gaps wider
-    than ``2 max_lag`` keep the boxes' lags apart.
+    image that meets the other image moved by ``move``, among the windows at least half
+    good in every image (mosaics with large blank areas); too few such windows, and
+    the images are measured whole.  In the mosaic, masked gaps wider than ``2 max_lag``
+    keep the boxes' lags apart.
     """
+    shape = bads[0].shape
     n_boxes = -(-SAMPLE_PIXELS // _SAMPLE_BOX**2)
     margin = _SMOOTH_BORDER + max(int(grow), 0)
     window = _SAMPLE_BOX + 2 * margin
-    if len(shape) != 2 or np.prod(shape) <= SAMPLE_PIXELS:
-        return None
     grid = ((shape[0] - abs(move[0])) // window, (shape[1] - abs(move[1])) // window)
-    if grid[0] * grid[1] <= n_boxes:
+    if min(grid) < 1:
         return None
-    cells = np.sort(np.random.default_rng(0).choice(grid[0] * grid[1], n_boxes, replace=False))
+    usable = _usable_windows(bads, move, grid, window)
+    if usable.size <= n_boxes:
+        return None
+    cells = np.sort(np.random.default_rng(0).choice(usable, n_boxes, replace=False))
     starts = [(max(move[0], 0) + int(c // grid[1]) * window,
                max(move[1], 0) + int(c % grid[1]) * window) for c in cells]
     step = window + 2 * max_lag + 1
@@ -408,8 +432,13 @@ def _sample(
     """
     shape = np.shape(images[0])
     given = [a for a in (*images, *masks, *rms_maps) if a is not None]
-    boxes = None if any(np.shape(a) != shape for a in given) else _boxes(shape, move,
-                                                                         max_lag, grow)
+    if (len(shape) != 2 or np.prod(shape) <= SAMPLE_PIXELS
+            or any(np.shape(a) != shape for a in given)):
+        return images, masks, rms_maps, None
+    bads = [~np.isfinite(a) if m is None else ~np.isfinite(a) | np.asarray(m, dtype=bool)
+            for a, m in zip(images, masks)]
+    boxes = _boxes(bads, move, max_lag, grow)
+    del bads
     if boxes is None:
         return images, masks, rms_maps, None
     moves = [(0, 0)] + [move] * (len(images) - 1)

@@ -134,6 +134,27 @@ def test_large_pair_measured_on_a_sample_of_boxes(monkeypatch, shift):
         assert a.sigma == pytest.approx(b.sigma, rel=0.01)
 
 
+def test_sample_boxes_are_drawn_where_both_images_have_data(monkeypatch):
+    """Large blank areas (a mosaic's NaN border in one image, a masked band in the other):
+    the sampled boxes lie where both have data, so the sample keeps its size and the
+    lag-1 correlations (0.37 and 0) are recovered.
+    """
+    from astro_zackay import noise
+
+    shape = (1024, 1024)
+    rng = np.random.default_rng(12)
+    new = smooth(rng.normal(0.0, 1.0, shape), 0.2)
+    ref = rng.normal(0.0, 1.0, shape)
+    new[:, :300] = np.nan
+    mask_ref = np.zeros(shape, bool)
+    mask_ref[:300] = True
+    monkeypatch.setattr(noise, "SAMPLE_PIXELS", 2 * 256**2)
+    spectra = noise.measure_pair_noise(new, ref, None, mask_ref)
+    for spectrum, truth in zip(spectra, (lag1(0.2), 0.0)):
+        assert 0.9 * 2 * 256**2 < spectrum.n_pixels <= 2 * 256**2
+        assert spectrum.lag1 == pytest.approx((truth, truth), abs=0.015)
+
+
 def test_measure_noise_spectrum_errors():
     with pytest.raises(ValueError, match="2-D"):
         measure_noise_spectrum(np.zeros(10))
