@@ -53,6 +53,7 @@ from .zogy import (
     _spectra,
     _tile_medians,
     _total_variance,
+    _variance_spectra,
 )
 
 __all__ = [
@@ -411,10 +412,13 @@ def _stamps(be: ArrayBackend, at_origin: Any, size: int) -> np.ndarray:
     return stamps / stamps.sum(axis=(1, 2), keepdims=True)
 
 
-def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr: np.ndarray,
-                noise: _TileNoise, beta: float, split: bool, dtype: Any,
-                workers: int | None) -> dict:
+def _stack_zogy(be: ArrayBackend, spec: Any, variances: Callable, layout: _Layout,
+                pn: np.ndarray, pr: np.ndarray, noise: _TileNoise, beta: float, split: bool,
+                dtype: Any, workers: int | None) -> dict:
     """ZOGY of every tile at once: D, S (or S_N, S_R), the variances, reaches and P_D.
+
+    ``spec`` holds the images' transforms; ``variances()`` gives those of the variance
+    maps, asked for once D and S are formed (the images' transforms are then gone).
 
     Image-sized outputs are ``(n, *grid)`` stacks on ``be``; per-tile numbers are numpy
     vectors.  P_D and the real-space kernels of S (their reach for the mask growth,
@@ -454,6 +458,7 @@ def _stack_zogy(be: ArrayBackend, spec: Any, layout: _Layout, pn: np.ndarray, pr
     out.update(F_S=f_s, F_D=f_d, den0=at0[0] + beta**2 * at0[1], P_D=out_pd)
     sums = _power_sums(be, (kn_h, kr_h), noise, powers, grid[1])
     del kn_h, kr_h
+    spec.vn_h, spec.vr_h = variances()
     bkg = [weighted / npix for _, weighted in sums]
     out["reach"] = list(zip(*(_KernelReach.of_stack(be, k2, stamp) for k2 in kernels)))
     out["s_sigma"] = np.sqrt(bkg[0] + bkg[1])
@@ -666,17 +671,21 @@ def zogy_field(
     pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
     sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
                        for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
-    arrays = _upload_inputs(be, layout, {"new": new, "ref": ref, "var_new": var_new,
-                                         "var_ref": var_ref}, new_bad, ref_bad, dtype)
+    blanks = _blanks(be, new_bad, ref_bad)
     eps = (float(psf_error[0]), float(psf_error[1]))
     ast = (tuple(astrometric_noise), tuple(astrometric_noise))
     correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
-    spec = _spectra(be, arrays, correlated, float(flux_ratio_error), tuple(shift_ref), dtype,
-                    workers)
-    del arrays
+    spec = _spectra(be, _upload_inputs(be, layout, {"new": new, "ref": ref}, blanks, dtype),
+                    correlated, float(flux_ratio_error), tuple(shift_ref), dtype, workers)
+
+    def variances():  # uploaded and transformed once D and S are formed (less memory held)
+        maps = _upload_inputs(be, layout, {"var_new": var_new, "var_ref": var_ref}, blanks, dtype)
+        return _variance_spectra(be, maps, correlated, tuple(shift_ref), dtype, workers)
+
     split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
-    out = _stack_zogy(be, spec, layout, pn, pr, _TileNoise(be, noise_spectra, sigmas),
-                      float(flux_ratio), split, dtype, workers)
+    out = _stack_zogy(be, spec, variances, layout, pn, pr,
+                      _TileNoise(be, noise_spectra, sigmas), float(flux_ratio), split, dtype,
+                      workers)
     del spec
     at_centre = int(np.argmin([abs(x - centre[0]) + abs(y - centre[1]) for x, y in centres]))
     flag = _grown_mask(bad, ((new, new_bad), (ref, ref_bad)), whole,
@@ -746,21 +755,22 @@ def _bad_pixels(image: np.ndarray, variance: np.ndarray | None, mask: np.ndarray
     return bad if variance is None else bad | ~np.isfinite(variance)
 
 
-def _upload_inputs(be: ArrayBackend, layout: _Layout, inputs: dict, new_bad: np.ndarray,
-                   ref_bad: np.ndarray, dtype: Any) -> dict:
-    """The images and variance maps on ``be`` as stacks of tiles, their bad pixels 0.
+def _blanks(be: ArrayBackend, new_bad: np.ndarray, ref_bad: np.ndarray) -> dict:
+    """Each input's pixels to blank, on ``be`` (each mask goes up once; None: none).
 
     The new image's bad pixels blank the reference there too (as the reference's own,
-    in its frame); each mask goes up once.
+    in its frame).
     """
     blank_new, blank_both = (be.asarray(b) if b.any() else None
                              for b in (new_bad, new_bad | ref_bad))
-    arrays = {}
-    for name, blank in (("new", blank_new), ("ref", blank_both), ("var_new", blank_new),
-                        ("var_ref", blank_both)):
-        if inputs[name] is not None:
-            arrays[name] = layout.upload(be, inputs[name], blank, dtype)
-    return arrays
+    return {"new": blank_new, "ref": blank_both, "var_new": blank_new, "var_ref": blank_both}
+
+
+def _upload_inputs(be: ArrayBackend, layout: _Layout, inputs: dict, blanks: dict,
+                   dtype: Any) -> dict:
+    """The given images or variance maps on ``be`` as stacks of tiles, ``blanks`` 0."""
+    return {name: layout.upload(be, arr, blanks[name], dtype)
+            for name, arr in inputs.items() if arr is not None}
 
 
 def _grown_mask(bad: np.ndarray, images: tuple, sigmas: tuple[float, float],

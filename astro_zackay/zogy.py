@@ -837,39 +837,61 @@ def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: 
     """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once).
 
     Each array is taken out of ``arrays`` once transformed (freed there and then
-    unless the caller holds it).
+    unless the caller holds it); variance maps that ``arrays`` lacks are None (they
+    may be transformed later by `_variance_spectra`).
     """
-    xp = be.xp
     shape = arrays["new"].shape[-2:]  # a stack of tiles is transformed tile by tile
-    ctype = np.result_type(dtype, np.complex64)
-    ramp = None
-    if shift_ref != (0.0, 0.0):
-        ramp = phase_ramp(shape, *shift_ref, dtype=ctype, backend=be)
-
-    def fwd(a, moved):
-        a_h = be.rfft2(a, s=shape, workers=workers)
-        if moved and ramp is not None:
-            a_h *= ramp
-        return a_h
-
-    def variance(name, is_correlated, moved):
-        var = arrays.pop(name, None)
-        if var is None:
-            return None
-        if is_correlated:  # only the sources' excess over the background level (per tile)
-            var = xp.maximum(var - _background_level(xp, var), 0.0)
-        return fwd(var, moved)
-
+    ramp = _ramp(be, shape, shift_ref, dtype)
     vb_h = None
     if sb > 0:
         ref_beta = arrays["ref"] * sb
         ref_beta *= ref_beta
-        vb_h = fwd(ref_beta, True)
+        vb_h = _forward(be, ref_beta, ramp, workers)
         del ref_beta
-    n_h = fwd(arrays.pop("new"), False)
-    r_h = fwd(arrays.pop("ref"), True)
-    return _Spectra(shape, n_h, r_h, variance("var_new", correlated[0], False),
-                    variance("var_ref", correlated[1], True), vb_h)
+    n_h = _forward(be, arrays.pop("new"), None, workers)
+    r_h = _forward(be, arrays.pop("ref"), ramp, workers)
+    del ramp
+    return _Spectra(shape, n_h, r_h, *_variance_spectra(be, arrays, correlated, shift_ref, dtype,
+                                                         workers), vb_h)
+
+
+def _variance_spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool],
+                      shift_ref: tuple[float, float], dtype: Any,
+                      workers: int | None) -> tuple[Any, Any]:
+    """The transforms of ``arrays``' variance maps (taken out of it), each None when absent.
+
+    A correlated noise's map keeps only the sources' excess over its background level
+    (each tile's); the reference's is moved by ``shift_ref``.
+    """
+    out = []
+    for name, is_correlated, moved in (("var_new", correlated[0], False),
+                                       ("var_ref", correlated[1], True)):
+        var = arrays.pop(name, None)
+        if var is None:
+            out.append(None)
+            continue
+        if is_correlated:
+            var = be.xp.maximum(var - _background_level(be.xp, var), 0.0)
+        ramp = _ramp(be, var.shape[-2:], shift_ref, dtype) if moved else None
+        out.append(_forward(be, var, ramp, workers))
+        del var
+    return out[0], out[1]
+
+
+def _ramp(be: ArrayBackend, shape: tuple[int, int], shift_ref: tuple[float, float],
+          dtype: Any) -> Any:
+    """The phase ramp that moves the reference by ``shift_ref`` on ``shape``, or None."""
+    if shift_ref == (0.0, 0.0):
+        return None
+    return phase_ramp(shape, *shift_ref, dtype=np.result_type(dtype, np.complex64), backend=be)
+
+
+def _forward(be: ArrayBackend, a: Any, ramp: Any, workers: int | None) -> Any:
+    """``a``'s transform (of each tile of a stack), times ``ramp`` when given."""
+    a_h = be.rfft2(a, s=a.shape[-2:], workers=workers)
+    if ramp is not None:
+        a_h *= ramp
+    return a_h
 
 
 def _background_level(xp: Any, var: Any) -> Any:
