@@ -11,7 +11,8 @@ from conftest import data_path
 
 from astro_zackay import FewStarsWarning, find_psf_stars
 from astro_zackay.psf import estimate_psf
-from astro_zackay.psf.analytic import fit_profile
+from astro_zackay.psf.analytic import BETA_MIN, ProfileFitError, fit_profile, render_profile
+from astro_zackay.psf.builders import TrainingSet, build_analytic
 from astro_zackay.psf.ladder import plan_model, spread_ok
 from astro_zackay.psf.stamps import stamp_moments
 from astro_zackay.simulation import PSFField, simulate_image
@@ -196,3 +197,36 @@ def test_jwst_stamp_default_call():
     assert 2.0 <= model.meta["fwhm_stars"] <= 2.4
     assert model.meta["n_stars"] < 15 and model.quality["measured"] is False
     assert abs(model.psf_at(450, 450).sum() - 1) < 1e-12
+
+
+def _pedestal_stamp(fwhm, pedestal):
+    """A unit-sum elliptical Gaussian star on a flat pedestal (``pedestal`` per pixel)."""
+    stamp = render_profile((33, 33), fwhm, 0.2, 0.4) + pedestal
+    return stamp / stamp.sum()
+
+
+def test_failed_moffat_fit_is_reported_not_rendered():
+    """A pedestal drives the Moffat index to 1 (the flux diverges): a ProfileFitError
+    that says why, never a beta <= 1 handed to the renderer; a clean star still fits."""
+    with pytest.raises(ProfileFitError, match="Moffat index ran down"):
+        fit_profile(_pedestal_stamp(3.0, 2e-3), "moffat")
+    fit = fit_profile(_pedestal_stamp(3.0, 0.0), "moffat")
+    assert fit["beta"] > BETA_MIN
+    assert fit["fwhm"] == pytest.approx(3.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("pedestal, used", [(2e-3, "an elliptical Gaussian"),
+                                            (1e-2, "a round Gaussian")])
+def test_failed_fit_steps_down_the_ladder(pedestal, used):
+    """A failed Moffat fit gives an elliptical Gaussian fit, and a failed Gaussian fit a
+    round Gaussian of the stars' FWHM: each says what was used and why."""
+    stamp = _pedestal_stamp(3.0, pedestal).reshape(1, -1)
+    train = TrainingSet(stamp, np.ones_like(stamp), np.ones(1), np.zeros(1), np.zeros(1),
+                        (33, 33))
+    built = build_analytic(train, "moffat", 2.9)
+    assert built.method == "gaussian"
+    assert built.steps[0].startswith(f"using {used}")
+    assert "Moffat index ran down" in built.steps[0]
+    # the model keeps the star's size (truth: a major-axis FWHM of 3 px, 2.9 px measured)
+    assert built.meta["fwhm"] == pytest.approx(3.0, rel=0.05)
+    assert abs(built.basis.sum() - 1) < 1e-12

@@ -12,12 +12,28 @@ the x axis towards y; Moffat profiles are ``(1 + r**2 / alpha**2) ** -beta``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.optimize import least_squares
 
 from ..profiles import GAUSS_FWHM, _pixel_integrated, _stamp
 
-__all__ = ["fit_profile", "mean_stamp", "render_profile"]
+__all__ = ["BETA_MIN", "ProfileFitError", "fit_profile", "mean_stamp", "render_profile"]
+
+#: the smallest Moffat index a fit may take: a profile whose light falls off as
+#: ``r**-2.2`` or slower is not a star's but a background or a neighbour's, and at
+#: ``beta = 1`` its flux diverges
+BETA_MIN = 1.1
+
+
+class ProfileFitError(RuntimeError):
+    """`fit_profile` found no profile that describes the stamp (a failed fit).
+
+    Raised when the fit does not converge, when a Moffat index runs down to
+    `BETA_MIN`, or when the profile's FWHM grows over half the stamp: the stamp is
+    dominated by something else than one star (a background, neighbours, noise).
+    """
 
 
 def mean_stamp(stamps: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -85,6 +101,13 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     dict
         ``fwhm``, ``ellipticity``, ``theta`` and, for Moffat, ``beta``.
 
+    Raises
+    ------
+    ProfileFitError
+        When no profile of the kind describes the stamp (see `ProfileFitError`);
+        the steps of the fit stay where the profile is defined (``beta > 1``), and
+        a fit that ends where it describes no star is reported, never returned.
+
     Examples
     --------
     >>> from astro_zackay.psf.analytic import fit_profile, render_profile
@@ -111,7 +134,22 @@ def fit_profile(stamp: np.ndarray, profile: str) -> dict[str, float]:
     fit = {"fwhm": float(fwhm[0]), "ellipticity": float(ell[0]), "theta": float(theta[0] % np.pi)}
     if moffat:
         fit["beta"] = float(beta[0])
+    failure = _failure(result, fit, stamp.shape)
+    if failure:
+        raise ProfileFitError(f"the {profile} fit to the mean stamp failed: {failure}")
     return fit
+
+
+def _failure(result: Any, fit: dict[str, float], shape: tuple[int, int]) -> str:
+    """Why a fit of `fit_profile` does not describe its stamp ("" when it does)."""
+    if result.status <= 0 or not np.all(np.isfinite(result.x)):
+        return f"no convergence ({result.message})"
+    if "beta" in fit and fit["beta"] <= BETA_MIN * (1.0 + 1e-6):
+        return f"the Moffat index ran down to {BETA_MIN} (a background or neighbours' light)"
+    if fit["fwhm"] > min(shape) / 2.0:
+        return (f"a FWHM of {fit['fwhm']:.3g} px, over half the {shape[0]}x{shape[1]} stamp "
+                "(a background or neighbours' light)")
+    return ""
 
 
 class _ProfileResiduals:
@@ -134,12 +172,14 @@ class _ProfileResiduals:
         """``(n, n_par)`` parameters as amplitude, x, y, FWHM, ellipticity, angle, beta.
 
         The trial steps stay where the renderer is defined: centres on the stamp, axes
-        of 0.02-400 px, beta at most 1100 (a Gaussian).
+        of 0.02-400 px, beta from ``1 + 1.7e-15`` (never 1, where the flux diverges) to
+        1100 (a Gaussian); a fit that ends below `BETA_MIN` is reported as failed.
         """
         ny, nx = self.stamp.shape
         a, b = np.exp(np.clip(p[:, 3], -4.0, 6.0)), np.exp(np.clip(p[:, 4], -4.0, 6.0))
         major = np.maximum(a, b)
-        beta = 1.0 + np.exp(np.minimum(p[:, 6], 7.0)) if self.moffat else np.full(len(p), 3.5)
+        beta = (1.0 + np.exp(np.clip(p[:, 6], -34.0, 7.0)) if self.moffat
+                else np.full(len(p), 3.5))
         theta = np.where(a < b, p[:, 5] + np.pi / 2, p[:, 5])
         return (p[:, 0], np.clip(p[:, 1], 0.0, nx - 1.0), np.clip(p[:, 2], 0.0, ny - 1.0),
                 major, 1.0 - np.minimum(a, b) / major, theta, beta)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .analytic import fit_profile, mean_stamp, render_profile
+from .analytic import ProfileFitError, fit_profile, mean_stamp, render_profile
 from .kl import (
     design_matrix,
     fit_fields,
@@ -102,6 +102,10 @@ class Built:
     eigenvalues: np.ndarray | None = None
     selection: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the method used, when a builder had to step down from the one asked ("": as asked)
+    method: str = ""
+    #: why it stepped down, for the caller's warning
+    steps: tuple[str, ...] = ()
 
 
 def build_constant(train: TrainingSet) -> Built:
@@ -120,13 +124,50 @@ def build_constant(train: TrainingSet) -> Built:
     return Built(train.mean()[None], np.ones((1, 1)))
 
 
-def build_analytic(train: TrainingSet, profile: str) -> Built:
-    """An elliptical ``profile`` ('gaussian' or 'moffat') fitted to the weighted mean stamp."""
-    fit = fit_profile(train.mean(), profile)
-    log.info("fitted %s PSF: %s", profile, fit)
-    basis = render_profile(train.shape, fit["fwhm"], fit["ellipticity"], fit["theta"],
-                           fit.get("beta"))
-    return Built(basis[None], np.ones((1, 1)), meta=fit)
+def build_analytic(train: TrainingSet, profile: str, fwhm: float) -> Built:
+    """An elliptical ``profile`` ('gaussian' or 'moffat') fitted to the weighted mean stamp.
+
+    A fit that fails (`~astro_zackay.psf.analytic.ProfileFitError`: the mean stamp is
+    dominated by a background or neighbours) steps down the ladder: a failed Moffat
+    fit to an elliptical Gaussian fit, a failed Gaussian fit to a round Gaussian of
+    ``fwhm`` (the stars' measured FWHM); the ``method`` and ``steps`` of the result
+    say what was used and why.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.psf.builders import TrainingSet, build_analytic
+    >>> flat = np.full((1, 21 * 21), 1.0 / 21**2)  # no star at all
+    >>> train = TrainingSet(flat, np.ones_like(flat), np.ones(1), np.zeros(1), np.zeros(1),
+    ...                     (21, 21))
+    >>> built = build_analytic(train, "moffat", 3.0)
+    >>> built.method, built.meta["fwhm"], built.steps[0][:42]
+    ('gaussian', 3.0, "using a round Gaussian of the stars' FWHM ")
+    """
+    mean = train.mean()
+    failures: list[str] = []
+    for kind in ("moffat", "gaussian") if profile == "moffat" else ("gaussian",):
+        try:
+            fit = fit_profile(mean, kind)
+        except ProfileFitError as error:
+            log.info("%s", error)
+            failures.append(str(error))
+            continue
+        log.info("fitted %s PSF: %s", kind, fit)
+        basis = render_profile(train.shape, fit["fwhm"], fit["ellipticity"], fit["theta"],
+                               fit.get("beta"))
+        used = "an elliptical Gaussian fitted to the mean stamp"
+        return _stepped(Built(basis[None], np.ones((1, 1)), meta=fit), kind, used, failures)
+    used = f"a round Gaussian of the stars' FWHM ({fwhm:.3g} px)"
+    return _stepped(build_gaussian(train.shape, fwhm), "gaussian", used, failures)
+
+
+def _stepped(built: Built, method: str, used: str, failures: list[str]) -> Built:
+    """``built`` marked as made by ``method`` (described by ``used``) after ``failures``."""
+    if not failures:
+        return built
+    return Built(built.basis, built.fields, meta=built.meta, method=method,
+                 steps=(f"using {used} ({'; '.join(failures)})",))
 
 
 def build_gaussian(shape: tuple[int, int], fwhm: float) -> Built:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,7 +26,7 @@ from .._threads import single_threaded_blas
 from .._warnings import FewStarsWarning, PSFQualityWarning, user_stacklevel
 from ..profiles import GAUSS_FWHM
 from ..stars import MASKED_MAX_FRACTION, _find_stars
-from .analytic import fit_profile, mean_stamp
+from .analytic import ProfileFitError, fit_profile, mean_stamp
 from .builders import (
     Built,
     TrainingSet,
@@ -250,13 +251,16 @@ def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray, outer: float |
 
 
 def _refine(stamps: StampSet, train: np.ndarray, outer: float | None,
-            uv: tuple[np.ndarray, np.ndarray]) -> tuple[StampSet, dict[str, Any]]:
+            uv: tuple[np.ndarray, np.ndarray]
+            ) -> tuple[StampSet, dict[str, Any] | None, tuple[str, ...]]:
     """Sub-pixel offsets refined against the mean of the training stamps (REFINE times).
 
     Also returns the Moffat profile of each star for `recentring_bias`: fitted to that
     mean, or where the PSF varies strongly to the mean stamps of tiles of the field
     (`_local_profile`; ``uv``: the stars' scaled coordinates). Only the training
     stamps are normalised for the means (the held-out stars take no part in them).
+    When no Moffat profile describes the mean (a failed fit), the profile is None (no
+    correction) and the third value says so, for the caller's warning.
     """
     dx, dy = stamps.dx, stamps.dy
     training = stamps.select(train)
@@ -266,9 +270,14 @@ def _refine(stamps: StampSet, train: np.ndarray, outer: float | None,
         dx, dy, _, _ = fit_offsets(stamps, mean / mean.sum())
     refined = StampSet(stamps.data, stamps.variance, dx, dy, stamps.background, stamps.flux,
                        stamps.valid)
-    profile = fit_profile(mean / mean.sum(), "moffat")
+    try:
+        profile = fit_profile(mean / mean.sum(), "moffat")
+    except ProfileFitError as error:
+        return refined, None, (f"stars recentred without the correction of the recentring "
+                               f"error ({error})",)
     uv_train = (uv[0][train], uv[1][train])
-    return refined, _local_profile(norm.reshape(-1, *shape), weights, uv_train, uv, profile)
+    return refined, _local_profile(norm.reshape(-1, *shape), weights, uv_train, uv,
+                                   profile), ()
 
 
 def _tile_means(stamps: np.ndarray, weights: np.ndarray, u: np.ndarray,
@@ -310,7 +319,11 @@ def _local_profile(stamps: np.ndarray, weights: np.ndarray, uv_train: tuple[np.n
     size, _, _ = stamp_moments(means, profile["fwhm"] / GAUSS_FWHM * 2.0)
     if not (size.min() > 0 and size.max() > LOCAL_PROFILE_SPREAD**2 * size.min()):
         return profile
-    fits = [fit_profile(mean, "moffat") for mean in means]
+    try:
+        fits = [fit_profile(mean, "moffat") for mean in means]
+    except ProfileFitError as error:
+        log.info("recentring bias from the whole field's profile: a tile's %s", error)
+        return profile
     values = np.array([(f["fwhm"], f["ellipticity"] * np.cos(2 * f["theta"]),
                         f["ellipticity"] * np.sin(2 * f["theta"])) for f in fits])
     terms = polynomial_terms(degree)
@@ -374,7 +387,7 @@ def _build(plan: Plan, train: TrainingSet, hold: TrainingSet | None, n_component
                         aperture=_aperture(train.shape, SELECT_FWHM * fwhm))
     if plan.method == "constant":
         return build_constant(train)
-    return build_analytic(train, plan.method)
+    return build_analytic(train, plan.method, fwhm)
 
 
 class _Pixels(NamedTuple):
@@ -803,7 +816,8 @@ def _estimate_psf(
     outer = None if significant is not None else OUTER_FWHM * star_fwhm
     holdout = np.zeros(n_usable, dtype=bool)
     holdout[n_usable - plan.n_holdout :] = True
-    stamps, profile = _refine(stamps, ~holdout, outer, scale_coordinates(x, y, scaling))
+    stamps, profile, refine_steps = _refine(stamps, ~holdout, outer,
+                                            scale_coordinates(x, y, scaling))
     norm, norm_var, weights, _ = _normalised(stamps, stamps.dx, stamps.dy, outer, profile)
     x_fit = np.round(x) + stamps.dx
     y_fit = np.round(y) + stamps.dy
@@ -812,7 +826,10 @@ def _estimate_psf(
     hold = everything.select(holdout) if plan.n_holdout else None
     built = _build(plan, everything.select(~holdout), hold, n_components, inf_loss,
                    star_fwhm)
-    steps = list(plan.steps)
+    steps = list(plan.steps + built.steps + refine_steps)
+    if built.method:
+        plan = replace(plan, method=built.method)
+        meta["method_used"] = built.method
     if plan.method == "kl" and n_components is not None and len(built.basis) < n_components:
         steps.append(f"K={len(built.basis)} instead of n_components={n_components} "
                      f"({int((~holdout).sum())} training stars)")
