@@ -149,6 +149,7 @@ def measure_noise_spectrum(
     max_lag: int = 2,
     source_sigma: float = 4.0,
     grow: int = 4,
+    workers: int | None = None,
 ) -> NoiseSpectrum:
     """Measure the noise autocorrelation of a background-subtracted image from source-free pixels.
 
@@ -184,6 +185,8 @@ def measure_noise_spectrum(
         Detection threshold of the sources left out.
     grow : int, optional
         Pixels by which the sources are grown along x and y (to a square).
+    workers : int, optional
+        FFT threads (default: all the cores the process may use).
 
     Returns
     -------
@@ -212,13 +215,13 @@ def measure_noise_spectrum(
     max_lag = _checked_lag(max_lag)
     (data,), (mask,), (rms,), core = _sample([data], [mask], [rms], (0, 0), max_lag, grow)
     x, good, scale = _normalised(data, mask, rms, "data")
-    (smooth,) = _smoothed([x], [good])
+    (smooth,) = _smoothed([x], [good], workers)
     good &= ~_grown(_sources(x, smooth, good, source_sigma), grow)
     if core is not None:
         good &= core
     n_good = _count(good)
     x = _centred(x, good)
-    (cov,) = _covariances([x], good, 2 * max_lag, [(0, 0)])
+    (cov,) = _covariances([x], good, 2 * max_lag, [(0, 0)], workers=workers)
     spectrum = _spectrum(cov, max_lag, scale, n_good)
     _log.debug("noise spectrum: %s", spectrum)
     return spectrum
@@ -237,6 +240,7 @@ def measure_pair_noise(
     max_lag: int = 2,
     source_sigma: float = 4.0,
     grow: int = 4,
+    workers: int | None = None,
 ) -> tuple[NoiseSpectrum, NoiseSpectrum]:
     """The pixel noise of two images of the same sky, less the sky they share.
 
@@ -263,7 +267,7 @@ def measure_pair_noise(
     shift : tuple of float, optional
         ``(dx, dy)`` position of ``new``'s content relative to ``ref``'s; ``ref`` is
         moved by the rounded shift to compare the same sky.
-    max_lag, source_sigma, grow
+    max_lag, source_sigma, grow, workers
         As in `measure_noise_spectrum`.
 
     Returns
@@ -305,7 +309,7 @@ def measure_pair_noise(
         move = (0, 0)
     xn, good_n, scale_n = _normalised(new, mask_new, rms_new, "new")
     xr, good_r, scale_r = _normalised(ref, mask_ref, rms_ref, "ref")
-    smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r])
+    smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r], workers)
     # one growth of both images' sources, on new's grid (a growth commutes with the move)
     sources = (_sources(xn, smooth_n, good_n, source_sigma)
                | move_whole_pixels(_sources(xr, smooth_r, good_r, source_sigma), *move[::-1]))
@@ -317,7 +321,7 @@ def measure_pair_noise(
     xn, xr = _centred(xn, good), _centred(xr, good_in_ref)
     # the shared part comes out symmetrised: static sky is symmetric; noise is not shared
     cov_n, cov_r, shared = _covariances([xn, xr], good, 2 * max_lag,
-                                        [(0, 0), (1, 1), (0, 1)], move)
+                                        [(0, 0), (1, 1), (0, 1)], move, workers)
     k = flux_ratio * scale_r / scale_n
     spectra = (_spectrum(cov_n - k * shared, max_lag, scale_n, n_good),
                _spectrum(cov_r - shared / k, max_lag, scale_r, n_good))
@@ -517,7 +521,9 @@ def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray
     return ~bad
 
 
-def _smoothed(images: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndarray]:
+def _smoothed(
+    images: list[np.ndarray], goods: list[np.ndarray], workers: int | None = None
+) -> list[np.ndarray]:
     """Each image (0 on bad pixels) smoothed by a Gaussian of sigma 1 px over its good pixels.
 
     The smoothed image over the smoothed good-pixel weight (`_smoothed_weight`), 0
@@ -529,14 +535,14 @@ def _smoothed(images: list[np.ndarray], goods: list[np.ndarray]) -> list[np.ndar
     shape = images[0].shape
     grid = fast_shape(shape, _SMOOTH_BORDER)
     be = get_array_module("numpy")
-    spectra = be.rfft2(np.stack(images).astype(np.float32, copy=False), s=grid)
+    spectra = be.rfft2(np.stack(images).astype(np.float32, copy=False), s=grid, workers=workers)
     kernel = _smoothing_kernel()
     for k in frequency_grids(grid):  # the kernel's transfer along y, then x
         lags = np.arange(1, kernel.size // 2 + 1)
         transfer = kernel[kernel.size // 2] + 2.0 * np.sum(
             kernel[kernel.size // 2 + 1 :] * np.cos(2.0 * np.pi * k[..., None] * lags), axis=-1)
         spectra *= transfer.astype(np.float32)
-    values = be.irfft2(spectra, s=grid)[:, : shape[0], : shape[1]]
+    values = be.irfft2(spectra, s=grid, workers=workers)[:, : shape[0], : shape[1]]
     out = []
     for value, good in zip(values, goods):
         weight = _smoothed_weight(good)
@@ -616,6 +622,7 @@ def _covariances(
     max_lag: int,
     pairs: list[tuple[int, int]],
     move: tuple[int, int] = (0, 0),
+    workers: int | None = None,
 ) -> list[np.ndarray]:
     """``(x_i ⋆ x_j) / (w ⋆ w)`` for each pair ``(i, j)`` at lags up to ``max_lag`` (stamps).
 
@@ -630,7 +637,7 @@ def _covariances(
     stack[:-1] = images
     stack[-1] = good
     be = get_array_module("numpy")
-    spectra = be.rfft2(stack, s=shape)
+    spectra = be.rfft2(stack, s=shape, workers=workers)
     del stack
     if len(images) > 1 and move != (0, 0):
         spectra[1:-1] *= phase_ramp(shape, move[1], move[0], dtype=spectra.dtype)

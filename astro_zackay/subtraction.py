@@ -238,7 +238,8 @@ def _psf_errors(psf_error: Any) -> tuple[float, float]:
 
 
 def _pair_noise(
-    psci: PreparedImage, pref: PreparedImage, beta: float, shift: tuple[float, float], noise: str
+    psci: PreparedImage, pref: PreparedImage, beta: float, shift: tuple[float, float], noise: str,
+    workers: int | None,
 ) -> tuple[NoiseSpectrum | None, NoiseSpectrum | None]:
     """The (science, reference) pixel-noise spectra with ``noise='auto'``, else (None, None).
 
@@ -251,7 +252,7 @@ def _pair_noise(
     try:
         spectra = measure_pair_noise(psci.data, pref.data, psci.image.mask, pref.image.mask,
                                      rms_new=psci.rms, rms_ref=pref.rms, flux_ratio=beta,
-                                     shift=shift)
+                                     shift=shift, workers=workers)
     except ValueError as exc:
         reason = str(exc).split(";")[0]  # measure_pair_noise's options are not subtract's
         warnings.warn(f"the noise correlation cannot be measured ({reason}): white noise is "
@@ -632,7 +633,7 @@ def subtract(
     # rounded shift, grown by a pixel, to mark the outputs
     bad = _moved_mask(ref.mask, shift) | sci.mask
     eps = _psf_errors(psf_error)
-    spectra = _pair_noise(psci, pref, beta, shift, noise)
+    spectra = _pair_noise(psci, pref, beta, shift, noise, workers)
 
     if astrometric_noise == "auto":
         # the matched-star scatter is that of both images together: half the variance each
@@ -648,7 +649,7 @@ def subtract(
     # whose outputs would otherwise be alive under its transforms
     sources = bright_sources((pref.data, psci.data),
                              (np.where(ref.mask, 0.0, ref.variance), sci.variance),
-                             (psf_r0, psf_n0), mask=bad, shift=shift)
+                             (psf_r0, psf_n0), mask=bad, shift=shift, workers=workers)
     core = zogy_field(
         psci.data, pref.data, psci.psf, pref.psf, varying=(psci.psf.varying, pref.psf.varying),
         rms_new=psci.rms, rms_ref=pref.rms, var_new=sci.variance, var_ref=ref.variance,

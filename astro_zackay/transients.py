@@ -392,7 +392,8 @@ def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: fl
 
 
 def _snr_map(
-    planes: np.ndarray, psf: np.ndarray, shift: tuple[float, float], out: np.ndarray
+    planes: np.ndarray, psf: np.ndarray, shift: tuple[float, float], out: np.ndarray,
+    workers: int | None = None,
 ) -> None:
     """Matched-filter (PSF-fit) S/N of a point source centred at each pixel of one image.
 
@@ -406,16 +407,16 @@ def _snr_map(
     """
     shape = planes.shape[1:]
     be = get_array_module("numpy")
-    spectra = be.rfft2(planes, s=shape)  # (2, ny, nx//2+1) complex64
+    spectra = be.rfft2(planes, s=shape, workers=workers)  # (2, ny, nx//2+1) complex64
     kernels = np.stack([psf_to_origin(psf, shape, np.float32),
                         psf_to_origin(psf * psf, shape, np.float32)])
-    kernel_spectra = be.rfft2(kernels, s=shape)
+    kernel_spectra = be.rfft2(kernels, s=shape, workers=workers)
     del kernels
     spectra *= np.conj(kernel_spectra, out=kernel_spectra)
     del kernel_spectra
     if shift != (0.0, 0.0):
         spectra *= phase_ramp(shape, *shift, dtype=spectra.dtype)
-    maps = be.irfft2(spectra, s=shape)
+    maps = be.irfft2(spectra, s=shape, workers=workers)
     del spectra
     signal, noise = maps
     positive = noise > 0
@@ -446,6 +447,7 @@ def bright_sources(
     mask: np.ndarray | None = None,
     snr_min: float = 20.0,
     shift: tuple[float, float] = (0.0, 0.0),
+    workers: int | None = None,
 ) -> Table:
     """Sources of a (reference, science) pair with their S/N in each image.
 
@@ -474,6 +476,8 @@ def bright_sources(
         image's grid (as `~astro_zackay.fourier.shift_image` moves it); the S/N maps
         and the positions are on that grid. Applied inside the transforms that
         the S/N maps take anyway.
+    workers : int, optional
+        FFT threads (default: all the cores the process may use).
 
     Returns
     -------
@@ -514,7 +518,7 @@ def bright_sources(
             bad |= move_whole_pixels(arrays[4], -int(np.rint(moved[0])), -int(np.rint(moved[1])))
         np.copyto(planes, np.float32(0.0), where=bad)
         del bad
-        _snr_map(planes, psfs[i], moved, snr[i])
+        _snr_map(planes, psfs[i], moved, snr[i], workers)
     del planes
     larger = np.fmax(snr[0], snr[1])
     half = max(int(np.ceil(_psf_fwhm(psfs[0]))), 1)

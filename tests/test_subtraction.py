@@ -827,3 +827,29 @@ def test_real_pair_injected_sources_are_recovered(real_run):
         assert np.mean(measured[target == level]) / level == pytest.approx(1.0, abs=0.1)
     pulls = (result.flux.data[ys, xs] - flux) / result.flux_error.data[ys, xs]
     assert np.all(np.abs(pulls) < 3)
+
+
+def test_workers_reach_the_steps_around_the_core(monkeypatch):
+    """``workers=`` goes to the noise measure and the bright-source S/N maps (whose own
+    transforms take it: tests of noise and transients), not only to the core, and the
+    result is that of the default threads.
+    """
+    from astro_zackay import subtraction as module
+
+    pair = simulate_pair((384, 384), n_stars=100, flux_range=(2e3, 2e5), flux_ratio=0.8,
+                         seed=4)
+    default = subtract(pair.reference.ccd, pair.science.ccd)
+    seen = {"noise": [], "bright": []}
+
+    def spy(step, function):
+        def call(*args, **kwargs):
+            seen[step].append(kwargs.get("workers"))
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(module, "measure_pair_noise", spy("noise", module.measure_pair_noise))
+    monkeypatch.setattr(module, "bright_sources", spy("bright", module.bright_sources))
+    one = subtract(pair.reference.ccd, pair.science.ccd, workers=1)
+    assert seen == {"noise": [1], "bright": [1]}
+    np.testing.assert_array_equal(one.score.data, default.score.data)
+    assert one.sources.pformat() == default.sources.pformat()
