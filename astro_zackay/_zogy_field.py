@@ -820,7 +820,10 @@ def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast,
     def image(name):
         value = out.pop(name)
         if isinstance(value, np.ndarray) and value.ndim == 1:  # one number per tile
-            return layout.field(xp, value, dtype)
+            per_tile = layout.field(xp, value, dtype)
+            if per_tile.shape == layout.shape:
+                return per_tile
+            return xp.broadcast_to(per_tile, layout.shape).copy()  # one tile: a whole image
         return layout.image(xp, value)
 
     offsets = _remove_offsets(be, layout, out["D"], ~flag, out["den0"])

@@ -183,3 +183,24 @@ def test_bad_inputs_are_rejected_before_any_work():
     with pytest.raises(ValueError, match="psf_ref must have unit sum"):  # before the tiling
         zogy_field(new, ref, psf, bad, **dict(kw, varying=(True, True)))
     assert calls == [(31.5, 31.5)]
+
+
+@pytest.mark.parametrize("tiles", [None, 48])
+def test_without_variance_maps_scorr_is_white_over_the_image(tiles):
+    """No variance maps: each tile's source-noise term is its background, a number.
+
+    On pure noise Scorr (S over that term) has unit variance over the whole image, and
+    the flux error is the same everywhere in a tile (one tile, or tiles of one PSF).
+    """
+    rng = np.random.default_rng(11)
+    shape = (120, 144)
+    new, ref = rng.normal(0, 2.0, shape), rng.normal(0, 1.0, shape)
+    psf = gaussian(1.5, 9)
+    res = zogy_field(new, ref, lambda x, y: psf, lambda x, y: psf, varying=(True, True),
+                     rms_new=np.full(shape, 2.0), rms_ref=np.ones(shape), var_new=None,
+                     var_ref=None, mask_new=np.zeros(shape, bool),
+                     mask_ref=np.zeros(shape, bool), flux_ratio=1.0, tiles=tiles)
+    good = ~res.mask
+    assert res.Scorr.shape == res.alpha_err.shape == shape
+    assert 0.9 < np.std(res.Scorr[good]) < 1.1
+    assert np.ptp(res.alpha_err[good]) < 1e-4 * res.alpha_err[good].mean()
