@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from ._stats import median_and_std
 
@@ -41,18 +42,57 @@ def _flat_top_level(
     """The lowest value of flat-topped cores within 2 % of ``top``, or None.
 
     Pixels beside masked ones do not count: they are the rims of cores masked
-    already (an image coerced a second time must not find them again).
+    already (an image coerced a second time must not find them again).  Only the few
+    pixels near the top are examined (`_clumps`), not the whole image.
     """
     near = good & (data >= median + (1.0 - _FLAT_TOLERANCE) * (top - median))
     if np.count_nonzero(near) < 2 * _FLAT_CLUMP:
         return None
-    near &= ~ndimage.binary_dilation(~good, structure=np.ones((3, 3), dtype=bool))
-    labels, n = ndimage.label(near, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    clumps = np.flatnonzero(sizes >= _FLAT_CLUMP) + 1
-    if not (clumps.size >= 2 or (clumps.size == 1 and sizes[clumps[0] - 1] >= _FLAT_ONE)):
+    rows, cols = np.nonzero(near)
+    keep = ~_beside_bad(good, rows, cols)
+    rows, cols = rows[keep], cols[keep]
+    labels = _clumps(rows, cols, data.shape[1])
+    sizes = np.bincount(labels)
+    clumps = np.flatnonzero(sizes >= _FLAT_CLUMP)
+    if not (clumps.size >= 2 or (clumps.size == 1 and sizes[clumps[0]] >= _FLAT_ONE)):
         return None
-    return float(data[np.isin(labels, clumps)].min())
+    return float(data[rows, cols][np.isin(labels, clumps)].min())
+
+
+def _beside_bad(good: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether a bad pixel (not ``good``) lies in the 3x3 square around each pixel.
+
+    Beyond the image nothing is bad: a neighbour off the edge is clipped onto the
+    edge, a pixel of the square anyway.
+    """
+    ny, nx = good.shape
+    beside = np.zeros(rows.size, dtype=bool)
+    for dy in (-1, 0, 1):
+        r = np.clip(rows + dy, 0, ny - 1)
+        for dx in (-1, 0, 1):
+            beside |= ~good[r, np.clip(cols + dx, 0, nx - 1)]
+    return beside
+
+
+def _clumps(rows: np.ndarray, cols: np.ndarray, nx: int) -> np.ndarray:
+    """Labels 0, 1, ... of the 8-connected clumps of pixels (row-major ``rows``, ``cols``).
+
+    The connected components of the graph that joins each pixel to its right and
+    lower neighbours, found among the pixels' sorted flat indices.
+    """
+    flat = rows.astype(np.int64) * nx + cols
+    n = flat.size
+    first, second = [], []
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        inside = (cols + dx >= 0) & (cols + dx < nx)
+        target = flat + dy * nx + dx
+        at = np.minimum(np.searchsorted(flat, target), n - 1)
+        hit = inside & (flat[at] == target)
+        first.append(np.flatnonzero(hit))
+        second.append(at[hit])
+    edges = np.concatenate(first), np.concatenate(second)
+    graph = coo_matrix((np.ones(edges[0].size, dtype=np.int8), edges), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float | None:

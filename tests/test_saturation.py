@@ -152,3 +152,49 @@ def test_symmetric_peaks_and_noiseless_images_are_not_saturation():
     # a noiseless model, even with a clipped star, is not a detector image
     model = 100.0 + np.minimum(star, 5e4)
     assert detect_saturation(model) is None
+
+
+def test_flat_top_clumps_as_the_dense_labelling():
+    """The flat tops are found among the few pixels near the top only; on fields of small
+    clipped cores at the borders and beside masked pixels, they are those that a
+    labelling of the whole image (scipy.ndimage) finds: the same level or None.
+    """
+    from scipy import ndimage
+
+    from astro_zackay.saturation import _FLAT_CLUMP, _FLAT_ONE
+
+    def dense(data, bad):
+        good = ~bad
+        top = data[good].max()
+        near = good & (data >= 100.0 + 0.98 * (top - 100.0))
+        near &= ~ndimage.binary_dilation(bad, structure=np.ones((3, 3), bool))
+        labels, _ = ndimage.label(near, structure=np.ones((3, 3), bool))
+        sizes = np.bincount(labels.ravel())[1:]
+        clumps = np.flatnonzero(sizes >= _FLAT_CLUMP) + 1
+        if not (clumps.size >= 2 or (clumps.size == 1 and sizes[clumps[0] - 1] >= _FLAT_ONE)):
+            return None
+        return float(data[np.isin(labels, clumps)].min())
+
+    rng = np.random.default_rng(5)
+    levels = []
+    for _ in range(80):
+        data = rng.normal(100.0, 5.0, (96, 96))
+        bad = np.zeros(data.shape, bool)
+        for _ in range(rng.integers(1, 5)):  # ragged cores (diagonal links), some on a border
+            y, x = rng.integers(-2, 94, 2)
+            core = (slice(max(y, 0), max(y + 5, 0)), slice(max(x, 0), max(x + 5, 0)))
+            hot = rng.random(data[core].shape) < 0.5
+            data[core][hot] = 6e4 * (1.0 - 0.015 * rng.random(hot.sum()))
+            bad[core] |= rng.random(hot.shape) < 0.04  # a few masked pixels beside them
+        expected = dense(data, bad)
+        assert detect_saturation(data, bad) == expected
+        levels.append(expected)
+    assert 10 < sum(level is not None for level in levels) < 70  # both outcomes tested
+    # two pairs at opposite borders of adjacent rows are no clump of 4: with one true
+    # clump of 3, no saturation
+    data = rng.normal(100.0, 5.0, (96, 96))
+    for row, col in ((10, 94), (10, 95), (11, 0), (11, 1), (50, 50), (50, 51), (51, 52)):
+        data[row, col] = 6e4
+    data[50, 50] = 6.01e4  # not a pile-up at the highest value
+    bad = np.zeros(data.shape, bool)
+    assert dense(data, bad) is None and detect_saturation(data) is None
