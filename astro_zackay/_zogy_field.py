@@ -49,6 +49,7 @@ from .zogy import (
     _masked_regions,
     _moved_mask,
     _psf_variance,
+    _sample_step,
     _scorr,
     _spectra,
     _tile_medians,
@@ -664,7 +665,9 @@ def zogy_field(
     new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
     good = ~bad
-    whole = tuple(float(np.median(rms[good], overwrite_input=True))  # a copy: sorted in place
+    step = _sample_step(good.size)  # the level of a smooth map: a grid of pixels reads it
+    whole = tuple(float(np.median(rms[::step, ::step][good[::step, ::step]],
+                                  overwrite_input=True))  # a copy: sorted in place
                   for rms in (rms_new, rms_ref))
     cells, centres = layout.cells(), layout.centres()
     pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
