@@ -107,6 +107,11 @@ _LOCUS_BAND = math.log(1.2)
 #: Nearest candidates for the local locus, and locus members for the size model.
 _LOCUS_NEIGHBOURS = 40
 _MODEL_NEIGHBOURS = 15
+#: The nearest candidates count in the local locus by a Gaussian in their distance, of
+#: the distance of this many (an effective sample of about twice as many) ...
+_WEIGHT_NEIGHBOURS = 8
+#: ... and that locus is taken where its band holds this fraction of the nearest candidates.
+_LOCAL_FRACTION = 0.25
 #: The moment S/N pre-cut, a fraction of snr_min (the fitted S/N decides in the end).
 _MOMENT_SNR_FRACTION = 0.8
 #: Stars fitted with the full Moffat profile (the brightest); the rest keep their shape fixed.
@@ -395,17 +400,53 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
     with the PSF, are all larger and spread over sizes. So the locus is the band of
     the smallest sizes that holds at least a quarter as many candidates as the
     densest band (and 3): the stars' even where galaxies outnumber them.
+
+    Where the PSF changes abruptly (a mosaic of detectors) and the stars are sparse,
+    the nearest candidates reach across the border, and the sharper stars there
+    would pass for the locus of the broader ones. So the bands are also weighed with
+    the neighbours counted by their distance (`_neighbour_weights`): where the
+    smallest band weighs less than `_LOCUS_FRACTION` of the heaviest (its members lie
+    away from the candidate), and the heaviest holds at least `_LOCAL_FRACTION` of
+    the nearest candidates (a dense population of one size around the candidate:
+    stars, not the spread sizes of galaxies) off the smallest band, the heaviest band
+    is the locus.
     """
     k = min(_LOCUS_NEIGHBOURS, x.size)
-    _, nearest = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
-    values = np.sort(log_size[nearest.reshape(x.size, k)], axis=1)
+    distance, nearest = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
+    distance, nearest = distance.reshape(x.size, k), nearest.reshape(x.size, k)
+    order = np.argsort(log_size[nearest], axis=1)
+    values = np.take_along_axis(log_size[nearest], order, axis=1)
     counts = _counts_within(values, _LOCUS_WIDTH)
     enough = counts >= np.maximum(np.minimum(3, k), _LOCUS_FRACTION * counts.max(axis=1))[:, None]
-    start = np.argmax(enough, axis=1)
-    count = counts[np.arange(x.size), start]
-    # the band is a run of the sorted values: its median from the middle one or two
+    first = np.argmax(enough, axis=1)
+    smallest = _band_median(values, counts, first)
+    weights = np.take_along_axis(_neighbour_weights(distance), order, axis=1)
+    cumulative = np.concatenate([np.zeros((x.size, 1)), np.cumsum(weights, axis=1)], axis=1)
+    weighted = np.take_along_axis(cumulative, np.arange(k) + counts, axis=1) - cumulative[:, :k]
     rows = np.arange(x.size)
+    heaviest = np.argmax(weighted, axis=1)
+    local = _band_median(values, counts, heaviest)
+    # the smallest band lies away from the candidate (across a border), the heaviest
+    # is a dense population of another size around it
+    remote = weighted[rows, first] < _LOCUS_FRACTION * weighted[rows, heaviest]
+    dense = counts[rows, heaviest] >= _LOCAL_FRACTION * k
+    return np.where(remote & dense & (np.abs(local - smallest) > _LOCUS_BAND), local, smallest)
+
+
+def _band_median(values: np.ndarray, counts: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The median of the band of each row of sorted ``values`` that begins at ``start``
+    (a run of ``counts[start]`` values: the middle one or two)."""
+    rows = np.arange(len(values))
+    count = counts[rows, start]
     return 0.5 * (values[rows, start + (count - 1) // 2] + values[rows, start + count // 2])
+
+
+def _neighbour_weights(distance: np.ndarray) -> np.ndarray:
+    """Weights of the ``(n, k)`` nearest candidates at ``distance``: a Gaussian in the
+    distance whose scale is the distance of the `_WEIGHT_NEIGHBOURS`-th (where the
+    candidates are fewer, of the farthest)."""
+    scale = distance[:, min(_WEIGHT_NEIGHBOURS, distance.shape[1]) - 1]
+    return np.exp(-0.5 * (distance / np.maximum(scale, 1e-9)[:, None]) ** 2)
 
 
 def _counts_within(values: np.ndarray, width: float) -> np.ndarray:
@@ -477,8 +518,9 @@ def _reference_shape(
     trend = _trend_terms(x, y, shape, coef.size) @ coef
     locus = _local_locus(x, y, log_size - trend) + trend
     # stars are the smallest sources: where the detrended locus lies well above the
-    # first one, the trend was pulled by galaxies among the first members
-    locus = np.where(locus - first > _LOCUS_BAND, first, locus)
+    # first one, the trend was pulled by galaxies among the first members; where well
+    # below, the PSF changes by a jump (a mosaic) that no smooth trend follows
+    locus = np.where(np.abs(locus - first) > _LOCUS_BAND, first, locus)
     member = np.abs(log_size - locus) < _LOCUS_BAND
     if not member.any():
         member = np.ones(idx.size, dtype=bool)

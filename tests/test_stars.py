@@ -11,7 +11,7 @@ from conftest import data_path
 from scipy.spatial import cKDTree
 
 from astro_zackay._warnings import SaturationWarning
-from astro_zackay.simulation import PSFField, simulate_image, simulate_mosaic
+from astro_zackay.simulation import PSFField, simulate_image, simulate_mosaic, tutorial2_frame
 from astro_zackay.stars import N_PROFILE_FITS, REASONS, find_psf_stars
 
 SHAPE = (1024, 1024)
@@ -360,6 +360,25 @@ def test_tutorial2_quadrants_all_give_stars():
     assert stars.meta["fwhm_range"][1] > 1.9 * stars.meta["fwhm_range"][0]
     # the default stamps hold the broadest PSF to +-3 FWHM
     assert stars.meta["stamp_shape"][0] >= 6 * 10.4
+
+
+def test_sparse_quadrants_each_judged_by_their_own_stars():
+    """Tutorial 2 with 256^2 quadrants of 30 stars: the size model's neighbourhoods reach
+    across the borders into sharper quadrants, whose stars (5 to 8.8 px) must not pass
+    for the locus of the broadest one (10.4 px, e = 0.52): its stars were all rejected
+    as extended. Stars come from all four quadrants, each at its own true FWHM; one
+    unresolved blend (two stars 2.2 px apart, 0.3 FWHM, 2.7:1 in flux) gets through."""
+    frame = tutorial2_frame(256, n_stars=30, seed=0)
+    stars = find_psf_stars(frame.ccd)
+    idx, dist = _match(stars, frame.truth)
+    assert np.sum(dist >= 0.5) <= 1
+    tile = np.asarray(frame.truth["tile"][idx])
+    assert np.bincount(tile, minlength=4).min() >= 3
+    fwhm, _, _ = frame.psf.params(np.asarray(stars["x"]), np.asarray(stars["y"]))
+    for k in range(4):
+        here = tile == k
+        assert abs(np.median(stars["fwhm_local"][here] / fwhm[here]) - 1) < 0.03
+    assert stars.meta["fwhm_range"][1] == pytest.approx(10.4, rel=0.03)
 
 
 @pytest.mark.parametrize("profile", ["gaussian", "moffat"])
