@@ -127,15 +127,25 @@ def describe_flags(flags: int) -> list[str]:
     return [name for name, (bit, _) in FLAGS.items() if int(flags) & bit]
 
 
+def _floating(values: Any) -> np.ndarray:
+    """``values`` as a floating-point array; float32 stays float32, uncopied.
+
+    The images are only read at the candidates' pixels and their neighbourhoods,
+    which are taken to float64 there: no frame-sized float64 copy is made.
+    """
+    array = np.asarray(values)
+    return array if array.dtype.kind == "f" else array.astype(float)
+
+
 def _as_array(value: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, WCS | None, Any]:
-    """(data, mask, wcs, unit) of an NDData or plain array."""
+    """(data, mask, wcs, unit) of an NDData or plain array (floating, see `_floating`)."""
     if isinstance(value, NDData):
         mask = None if value.mask is None else np.asarray(value.mask, dtype=bool)
         wcs = value.wcs if isinstance(value.wcs, WCS) else None
-        return np.asarray(value.data, dtype=float), mask, wcs, value.unit
+        return _floating(value.data), mask, wcs, value.unit
     if isinstance(value, u.Quantity):
-        return np.asarray(value.value, dtype=float), None, None, value.unit
-    array = np.asarray(value, dtype=float)
+        return _floating(value.value), None, None, value.unit
+    array = _floating(value)
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D image, got shape {array.shape}")
     return array, None, None, None
@@ -153,7 +163,7 @@ def _subpixel_peak(
     c = np.clip(cols, 1, nx - 2)
 
     def value(dr: int, dc: int) -> np.ndarray:
-        return np.where(bad[r + dr, c + dc], 0.0, signed(image[r + dr, c + dc]))
+        return np.where(bad[r + dr, c + dc], 0.0, signed(image[r + dr, c + dc].astype(float)))
 
     def offset(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) -> np.ndarray:
         curvature = minus - 2.0 * centre + plus
@@ -247,7 +257,8 @@ def _dipole(score: np.ndarray, bad: np.ndarray, rows: np.ndarray, cols: np.ndarr
     values, inside = _disk_windows(score, rows, cols, radius)
     inside &= ~_windows(bad, rows, cols, values.shape[1] // 2)[0]
     positive = (score[rows, cols] > 0)[:, None, None]
-    opposite = np.where(positive, values <= -threshold, values >= threshold)
+    limit = np.float64(threshold)  # compared in float64 with float32 scores too
+    opposite = np.where(positive, values <= -limit, values >= limit)
     return np.any(opposite & inside, axis=(1, 2))
 
 
@@ -310,7 +321,7 @@ def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
     box = _stamp_box(difference.shape, int(round(y)), int(round(x)), int(np.ceil(outer)))
     yy, xx = np.mgrid[box]
     r = np.hypot(xx - x, yy - y)
-    ring = difference[box][(r > inner) & (r <= outer)]
+    ring = difference[box][(r > inner) & (r <= outer)].astype(float)
     ring = ring[np.isfinite(ring)]
     if ring.size < 20:
         return 1.0
@@ -338,7 +349,8 @@ def _psf_fits(
         half = min(int(np.ceil(radius)), stamp_psf.shape[0] // 2, stamp_psf.shape[1] // 2)
         box = _stamp_box(difference.shape, row, col, half)
         yy, xx = np.mgrid[box]
-        stamp = np.where(np.hypot(xx - x[i], yy - y[i]) <= radius, difference[box], np.nan)
+        stamp = np.where(np.hypot(xx - x[i], yy - y[i]) <= radius,
+                         difference[box].astype(float), np.nan)
         if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
             continue
         local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
@@ -369,7 +381,7 @@ def _difference_variance(
     shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
     if flux_error is None or scale is None:
         return np.ones(shape)
-    stamp = flux_error[box]
+    stamp = flux_error[box].astype(float)
     finite = np.isfinite(stamp) & (stamp > 0)
     return np.where(finite, (stamp / scale) ** 2, 1.0)
 
@@ -551,7 +563,8 @@ def _candidates(
         return np.abs(values) if sign == "both" else flip * values
 
     with np.errstate(invalid="ignore"):
-        rows, cols = np.nonzero(signed(data) >= threshold)
+        # a float64 threshold: a float32 score is compared exactly, not with a rounded one
+        rows, cols = np.nonzero(signed(data) >= np.float64(threshold))
     keep = ~bad[rows, cols]
     rows, cols = rows[keep], cols[keep]
     half = int(min_separation)
@@ -578,6 +591,16 @@ def _check_image(value: Any, shape: tuple[int, int], name: str) -> np.ndarray | 
     if array.shape != shape:
         raise ValueError(f"{name} shape {array.shape} does not match score {shape}")
     return array
+
+
+def _check_mask(value: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """``bad_pixels`` as a boolean array of the score's shape (or None)."""
+    if value is None:
+        return None
+    mask = np.asarray(value, dtype=bool)
+    if mask.shape != shape:
+        raise ValueError(f"bad_pixels shape {mask.shape} does not match score {shape}")
+    return mask
 
 
 def _check_psf(psf: Any) -> Any:
@@ -772,12 +795,10 @@ def find_transients(
     inputs = {
         "difference": _check_image(difference, data.shape, "difference"),
         "psf": _check_psf(psf),
-        "bad_pixels": _check_image(bad_pixels, data.shape, "bad_pixels"),
+        "bad_pixels": _check_mask(bad_pixels, data.shape),
         "sources": sources,
         "flux_error": _check_image(flux_error, data.shape, "flux_error"),
     }
-    if inputs["bad_pixels"] is not None:
-        inputs["bad_pixels"] = inputs["bad_pixels"].astype(bool)
     _check_sources(sources)
     if fwhm is None:
         fwhm = _score_fwhm(data, bad) if inputs["psf"] is None else _psf_fwhm(
@@ -794,7 +815,7 @@ def find_transients(
     table["y"] = y
     table["x_peak"] = cols
     table["y_peak"] = rows
-    table["score"] = data[rows, cols]
+    table["score"] = data[rows, cols].astype(float)
     _add_flux(table, flux, flux_error, rows, cols)
     if wcs is not None and wcs.has_celestial:
         sky = wcs.celestial.pixel_to_world(x, y)
@@ -822,14 +843,14 @@ def _add_flux(table: Table, flux: Any, flux_error: Any, rows: np.ndarray,
     """Add the ``flux``, ``flux_err`` and ``snr`` columns sampled at the peak pixels."""
     if flux is not None:
         flux_data, _, _, flux_unit = _as_array(flux, "flux")
-        table["flux"] = flux_data[rows, cols]
+        table["flux"] = flux_data[rows, cols].astype(float)
         if flux_unit is not None:
             table["flux"].unit = flux_unit
     if flux_error is not None:
         err_data, _, _, err_unit = _as_array(flux_error, "flux_error")
-        table["flux_err"] = err_data[rows, cols]
+        table["flux_err"] = err_data[rows, cols].astype(float)
         if err_unit is not None:
             table["flux_err"].unit = err_unit
         if flux is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
-                table["snr"] = flux_data[rows, cols] / err_data[rows, cols]
+                table["snr"] = table["flux"].value / table["flux_err"].value
