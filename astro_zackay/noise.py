@@ -61,10 +61,10 @@ _ROBUST_SAMPLE = 100_000
 _SMOOTH_SIGMA = 1.0
 _SMOOTH_BORDER = 6
 #: Pixels above which the noise is measured on a sample of boxes, not the whole image:
-#: ~1.5e6 source-free pixels measure each correlation to ~1e-3 (``1 / sqrt(n_pixels)``),
+#: ~1e6 source-free pixels measure each correlation to ~1e-3 (``1 / sqrt(n_pixels)``),
 #: 50 times below `CORRELATION_THRESHOLD`, and the noise scale that the spectrum sets to
-#: ~0.1 %; more pixels cost time (the transforms of a 4096^2 pair) without a gain.
-SAMPLE_PIXELS = 2**21
+#: ~0.1 %; more pixels cost time and memory (a 4096^2 pair's transforms) without a gain.
+SAMPLE_PIXELS = 2**20
 #: Side of the sampled boxes in pixels (each measured with a margin of its own pixels).
 _SAMPLE_BOX = 256
 

@@ -8,6 +8,7 @@ and wraps the results back into `~astropy.nddata.CCDData`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -185,6 +186,18 @@ class SubtractionResult:
             f"astrometric_noise=({self.astrometric_noise[0]:.3f}, {self.astrometric_noise[1]:.3f})"
             f" F_D={self.flux_scale:.5g} tiles={len(self.tiles)}>"
         )
+
+
+def _template(image: ImageData) -> ImageData:
+    """``image`` without its pixels: what `~astro_zackay._ccd.to_ccddata` takes from it.
+
+    Its frame-sized arrays become read-only broadcasts of one value (no memory), so
+    that the image's own can be freed while the outputs are formed.
+    """
+    shape = image.shape
+    return dataclasses.replace(image, data=np.broadcast_to(np.float32(0.0), shape),
+                               variance=np.broadcast_to(np.float32(0.0), shape),
+                               mask=np.broadcast_to(False, shape), sky_maps=None)
 
 
 def _pair(value: Any, name: str) -> tuple[Any, Any]:
@@ -658,6 +671,10 @@ def subtract(
         noise_spectra=(_used(spectra[0]), _used(spectra[1])), tiles=tiles, dtype=dtype,
         backend=backend, workers=workers,
     )
+    # the images are not read again: their pixels are freed before the outputs are made,
+    # which take only the science image's WCS, meta and unit
+    sci = _template(sci)
+    del pref, psci, ref
     out_bad = core.mask | bad
     offset = core.background_offset
     tiles_table = Table(
