@@ -419,11 +419,11 @@ def _snr_map(
     """
     shape = planes.shape[1:]
     be = get_array_module("numpy")
-    spectra = be.rfft2(planes, s=shape, workers=workers)  # (2, ny, nx//2+1) complex64
     kernels = np.stack([psf_to_origin(psf, shape, np.float32),
                         psf_to_origin(psf * psf, shape, np.float32)])
     kernel_spectra = be.rfft2(kernels, s=shape, workers=workers)
-    del kernels
+    del kernels  # before the planes' transforms: never both alive
+    spectra = be.rfft2(planes, s=shape, workers=workers)  # (2, ny, nx//2+1) complex64
     spectra *= np.conj(kernel_spectra, out=kernel_spectra)
     del kernel_spectra
     if shift != (0.0, 0.0):
