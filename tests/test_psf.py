@@ -265,6 +265,23 @@ def test_constant_path_on_varying_field_warns(varying):
     assert model.quality["chi2_dof"] > 1.3
 
 
+def test_held_out_chi2_is_one_on_a_crowded_clean_simulation(recwarn):
+    """150 stars on 256^2 (one faint neighbour per 21x21 stamp on average), the
+    simulation's own (exact) uncertainty: the held-out chi2/dof is ~1 and no
+    PSFQualityWarning fires. The neighbours' light, not the PSF, made it 1.52: the
+    true PSF scored the same on the same stamps, and the data less the noiseless
+    image scores 1.0; the held-out stars are now scored without their neighbours'
+    pixels, as the training stamps are cleaned of them."""
+    sim = simulate_image((256, 256), psf=3.0, n_stars=150, flux_range=(1e3, 2e5), seed=1)
+    model = estimate_psf(sim.ccd)
+    assert model.quality["n_holdout"] >= 8
+    # the median of ~9 stars' chi2/dof over ~400 pixels scatters by ~0.03
+    assert abs(model.quality["chi2_dof"] - 1.0) < 0.1
+    assert not [w for w in recwarn if issubclass(w.category, PSFQualityWarning)]
+    held = model.stars[model.stars["subset"] == "holdout"]
+    assert np.nanmax(held["chi2_dof"]) < 1.3
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
