@@ -1016,7 +1016,10 @@ def find_psf_stars(
     of each position's 40 nearest candidates as the densest band, then the median of
     the 15 nearest locus members), so a PSF that
     varies across the field keeps its stars everywhere, and galaxies, which spread to
-    larger sizes, are told from stars even where they outnumber them.
+    larger sizes, are told from stars even where they outnumber them. Where the PSF
+    jumps (a mosaic of detectors) and the smallest band's members lie across the
+    border, a dense band of one size around the candidate (the neighbours weighed
+    by their distance) is its locus instead.
 
     The 20 brightest selected stars are fitted by weighted least squares (the image
     uncertainty) with an elliptical Moffat profile whose index ``beta`` is free (a
