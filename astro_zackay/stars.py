@@ -393,8 +393,10 @@ class _SizeModel:
         )
 
 
-def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarray:
-    """ln FWHM of the stellar locus among each candidate's nearest candidates.
+def _local_locus(x: np.ndarray, y: np.ndarray,
+                 log_size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ln FWHM of the stellar locus among each candidate's nearest candidates, and
+    where it is the band around the candidate across a jump of the PSF (see below).
 
     Point sources share one size and pile into a narrow band; galaxies, convolved
     with the PSF, are all larger and spread over sizes. So the locus is the band of
@@ -430,7 +432,8 @@ def _local_locus(x: np.ndarray, y: np.ndarray, log_size: np.ndarray) -> np.ndarr
     # is a dense population of another size around it
     remote = weighted[rows, first] < _LOCUS_FRACTION * weighted[rows, heaviest]
     dense = counts[rows, heaviest] >= _LOCAL_FRACTION * k
-    return np.where(remote & dense & (np.abs(local - smallest) > _LOCUS_BAND), local, smallest)
+    jump = remote & dense & (np.abs(local - smallest) > _LOCUS_BAND)
+    return np.where(jump, local, smallest), jump
 
 
 def _band_median(values: np.ndarray, counts: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -512,15 +515,15 @@ def _reference_shape(
     if idx.size == 0:
         return _SizeModel(*(np.empty(0),) * 6, fwhm0)
     x, y, log_size = cand.x[idx], cand.y[idx], np.log(cand.fwhm[idx])
-    first = _local_locus(x, y, log_size)
+    first, jump = _local_locus(x, y, log_size)
     member = np.abs(log_size - first) < _LOCUS_BAND
     coef = _fit_trend(x[member], y[member], log_size[member], shape)
     trend = _trend_terms(x, y, shape, coef.size) @ coef
-    locus = _local_locus(x, y, log_size - trend) + trend
+    locus = _local_locus(x, y, log_size - trend)[0] + trend
     # stars are the smallest sources: where the detrended locus lies well above the
-    # first one, the trend was pulled by galaxies among the first members; where well
-    # below, the PSF changes by a jump (a mosaic) that no smooth trend follows
-    locus = np.where(np.abs(locus - first) > _LOCUS_BAND, first, locus)
+    # first one, the trend was pulled by galaxies among the first members; across a
+    # jump of the PSF (a mosaic), which no smooth trend follows, the first one holds
+    locus = np.where((locus - first > _LOCUS_BAND) | jump, first, locus)
     member = np.abs(log_size - locus) < _LOCUS_BAND
     if not member.any():
         member = np.ones(idx.size, dtype=bool)
