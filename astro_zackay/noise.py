@@ -16,6 +16,7 @@ Arrays in, arrays out; no astropy objects.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from ._stats import median_and_std
+from ._warnings import NoiseEstimateWarning, user_stacklevel
 from .fourier import (
     abs2,
     fast_shape,
@@ -33,8 +35,8 @@ from .fourier import (
     psf_rfft,
 )
 
-__all__ = ["CORRELATION_THRESHOLD", "SAMPLE_PIXELS", "NoiseSpectrum", "measure_noise_spectrum",
-           "measure_pair_noise"]
+__all__ = ["CORRELATION_THRESHOLD", "SAMPLE_PIXELS", "SHARED_NOISE_LIMIT", "NoiseSpectrum",
+           "measure_noise_spectrum", "measure_pair_noise"]
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ _SMOOTH_BORDER = 6
 SAMPLE_PIXELS = 2**20
 #: Side of the sampled boxes in pixels (each measured with a margin of its own pixels).
 _SAMPLE_BOX = 256
+#: Correlation of two images' source-free pixels above which `measure_pair_noise` takes
+#: their common part for shared noise, not shared sky: faint static sky gives ~0.1 (a real
+#: ground-based pair: 0.10), independent noise ~0, a coadd and one of its own frames
+#: 0.5-0.9.
+SHARED_NOISE_LIMIT = 0.5
 
 
 @dataclass(frozen=True, repr=False)
@@ -322,11 +329,36 @@ def measure_pair_noise(
     # the shared part comes out symmetrised: static sky is symmetric; noise is not shared
     cov_n, cov_r, shared = _covariances([xn, xr], good, 2 * max_lag,
                                         [(0, 0), (1, 1), (0, 1)], move, workers)
+    shared = _sky_part(cov_n, cov_r, shared)
     k = flux_ratio * scale_r / scale_n
     spectra = (_spectrum(cov_n - k * shared, max_lag, scale_n, n_good),
                _spectrum(cov_r - shared / k, max_lag, scale_r, n_good))
     _log.debug("pair noise spectra (new, ref): %s", spectra)
     return spectra
+
+
+def _sky_part(cov_n: np.ndarray, cov_r: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """``shared``, the two images' common covariance, if it can be faint static sky; else 0.
+
+    Static sky below the detection limit is a small part of each image's pixel
+    variance.  When the two images' source-free pixels correlate by more than
+    `SHARED_NOISE_LIMIT`, they share noise (one is a coadd that includes the other, or
+    both were resampled from the same exposures): ZOGY's premise of independent noise
+    fails, and taking the common part off would leave a negative variance.  Each
+    image's noise is then measured alone, with a `NoiseEstimateWarning`.
+    """
+    centre = tuple(n // 2 for n in shared.shape)
+    correlation = shared[centre] / np.sqrt(cov_n[centre] * cov_r[centre])
+    _log.debug("the images' source-free pixels correlate by %.3f", correlation)
+    if correlation <= SHARED_NOISE_LIMIT:
+        return shared
+    warnings.warn(
+        f"the reference and new images share noise: their source-free pixels correlate "
+        f"by {correlation:.2f} (faint static sky gives ~0.1); is one of them a coadd that "
+        "includes the other? ZOGY assumes independent noise, so Scorr is not calibrated; "
+        "each image's noise is measured alone. Subtract against a reference built without "
+        "the new image", NoiseEstimateWarning, stacklevel=user_stacklevel())
+    return np.zeros_like(shared)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from conftest import data_path
 from scipy import ndimage
 
 from astro_zackay import subtract
+from astro_zackay._warnings import NoiseEstimateWarning
 from astro_zackay.fourier import half_spectrum_sum
 from astro_zackay.noise import NoiseSpectrum, measure_noise_spectrum
 from astro_zackay.simulation import simulate_pair
@@ -101,6 +102,25 @@ def test_pair_noise_leaves_out_the_static_sky(shift):
         assert rho == pytest.approx(0.0, abs=0.015)
     assert spec_n.sigma == pytest.approx(1.0, rel=0.015)
     assert spec_r.sigma == pytest.approx(1.0, rel=0.015)
+
+
+def test_pair_sharing_noise_is_measured_image_by_image_with_a_warning():
+    """A coadd of three frames against one of them: the two share noise, not sky.
+
+    Their source-free pixels correlate by 1/sqrt(3) = 0.58; taking that common part off
+    as sky would leave the coadd a negative variance (its sigma came out NaN and
+    `subtract` failed).  Each image is measured alone instead, and the user is told.
+    """
+    from astro_zackay.noise import SHARED_NOISE_LIMIT, measure_pair_noise
+
+    rng = np.random.default_rng(4)
+    frames = rng.normal(0.0, 1.0, (3, *SHAPE))
+    coadd = frames.mean(axis=0)
+    assert 1 / np.sqrt(3) > SHARED_NOISE_LIMIT
+    with pytest.warns(NoiseEstimateWarning, match="share noise.*correlate by 0.5[5-9]"):
+        spec_n, spec_r = measure_pair_noise(frames[0], coadd)
+    assert spec_n.sigma == pytest.approx(1.0, rel=0.015)
+    assert spec_r.sigma == pytest.approx(1 / np.sqrt(3), rel=0.015)
 
 
 @pytest.mark.parametrize("shift", [(0.0, 0.0), (-3.4, 2.2)])
@@ -309,8 +329,6 @@ def test_psf_error_term_removes_bright_star_candidates():
 
 def test_subtract_small_image_assumes_white_noise_announced():
     """Too few source-free pixels to measure the correlation: white noise, with a warning."""
-    from astro_zackay._warnings import NoiseEstimateWarning
-
     pair = simulate_pair((30, 30), n_stars=0, seed=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
