@@ -19,19 +19,20 @@ from scipy.optimize import least_squares
 
 from ..profiles import GAUSS_FWHM, _pixel_integrated, _stamp
 
-__all__ = ["BETA_MIN", "ProfileFitError", "fit_profile", "mean_stamp", "render_profile"]
+__all__ = ["BETA_EDGE", "ProfileFitError", "fit_profile", "mean_stamp", "render_profile"]
 
-#: the smallest Moffat index a fit may take: a profile whose light falls off as
-#: ``r**-2.2`` or slower is not a star's but a background or a neighbour's, and at
-#: ``beta = 1`` its flux diverges
-BETA_MIN = 1.1
+#: a Moffat fit that ends with ``beta - 1`` below this ran to the edge of the index's
+#: domain (at ``beta = 1`` the flux diverges): a flat pedestal under the stars that no
+#: profile describes. A heavy halo converges at a finite index (1.03 for a 3 px core in
+#: a 12 px halo of 4 times its flux) and is kept.
+BETA_EDGE = 1e-6
 
 
 class ProfileFitError(RuntimeError):
     """`fit_profile` found no profile that describes the stamp (a failed fit).
 
-    Raised when the fit does not converge, when a Moffat index runs down to
-    `BETA_MIN`, or when the profile's FWHM grows over half the stamp: the stamp is
+    Raised when the fit does not converge, when a Moffat index runs down to 1
+    (`BETA_EDGE`), or when the profile's FWHM grows over half the stamp: the stamp is
     dominated by something else than one star (a background, neighbours, noise).
     """
 
@@ -144,8 +145,8 @@ def _failure(result: Any, fit: dict[str, float], shape: tuple[int, int]) -> str:
     """Why a fit of `fit_profile` does not describe its stamp ("" when it does)."""
     if result.status <= 0 or not np.all(np.isfinite(result.x)):
         return f"no convergence ({result.message})"
-    if "beta" in fit and fit["beta"] <= BETA_MIN * (1.0 + 1e-6):
-        return f"the Moffat index ran down to {BETA_MIN} (a background or neighbours' light)"
+    if "beta" in fit and fit["beta"] - 1.0 < BETA_EDGE:
+        return "the Moffat index ran down to 1 (a pedestal of background or neighbours' light)"
     if fit["fwhm"] > min(shape) / 2.0:
         return (f"a FWHM of {fit['fwhm']:.3g} px, over half the {shape[0]}x{shape[1]} stamp "
                 "(a background or neighbours' light)")
@@ -173,7 +174,7 @@ class _ProfileResiduals:
 
         The trial steps stay where the renderer is defined: centres on the stamp, axes
         of 0.02-400 px, beta from ``1 + 1.7e-15`` (never 1, where the flux diverges) to
-        1100 (a Gaussian); a fit that ends below `BETA_MIN` is reported as failed.
+        1100 (a Gaussian); a fit that ends within `BETA_EDGE` of 1 is reported as failed.
         """
         ny, nx = self.stamp.shape
         a, b = np.exp(np.clip(p[:, 3], -4.0, 6.0)), np.exp(np.clip(p[:, 4], -4.0, 6.0))
