@@ -11,7 +11,7 @@ from conftest import data_path
 
 from astro_zackay import FewStarsWarning, find_psf_stars
 from astro_zackay.profiles import psf_stamp
-from astro_zackay.psf import estimate_psf
+from astro_zackay.psf import builders, estimate_psf
 from astro_zackay.psf.analytic import BETA_EDGE, ProfileFitError, fit_profile, render_profile
 from astro_zackay.psf.builders import TrainingSet, build_analytic
 from astro_zackay.psf.ladder import plan_model, spread_ok
@@ -252,3 +252,22 @@ def test_heavy_halo_keeps_its_moffat_fit():
     psf = model.psf_at(64, 64)
     truth = 0.2 * psf_stamp(psf.shape, 3.0) + 0.8 * psf_stamp(psf.shape, 12.0)
     assert np.abs(psf - truth / truth.sum()).sum() < 0.35
+
+
+def test_failed_moffat_fit_steps_down_in_estimate_psf(field, monkeypatch):
+    """When the Moffat fit fails inside `estimate_psf` (forced here: the field's stars
+    would fit), the ladder goes on to an elliptical Gaussian, the FewStarsWarning and
+    the model say so, and the Gaussian field's PSF is recovered."""
+    def no_moffat(stamp, profile):
+        if profile == "moffat":
+            raise ProfileFitError("the moffat fit to the mean stamp failed: forced")
+        return fit_profile(stamp, profile)
+
+    monkeypatch.setattr(builders, "fit_profile", no_moffat)
+    with pytest.warns(FewStarsWarning, match="using an elliptical Gaussian fitted .* forced"):
+        model = estimate_psf(field.ccd, _bright(field, 3))
+    assert model.method == "gaussian" and model.meta["method_used"] == "gaussian"
+    assert "forced" in model.meta["reason"]
+    assert model.meta["fwhm"] == pytest.approx(FWHM, rel=0.03)
+    assert model.meta["ellipticity"] == pytest.approx(0.1, abs=0.03)
+    assert _peak_error(model, field) < 0.05
