@@ -12,6 +12,7 @@ from conftest import data_path
 from astro_zackay import FewStarsWarning, find_psf_stars
 from astro_zackay.profiles import psf_stamp
 from astro_zackay.psf import builders, estimate_psf
+from astro_zackay.psf import estimate as psf_estimate
 from astro_zackay.psf.analytic import BETA_EDGE, ProfileFitError, fit_profile, render_profile
 from astro_zackay.psf.builders import TrainingSet, build_analytic
 from astro_zackay.psf.ladder import plan_model, spread_ok
@@ -270,4 +271,18 @@ def test_failed_moffat_fit_steps_down_in_estimate_psf(field, monkeypatch):
     assert "forced" in model.meta["reason"]
     assert model.meta["fwhm"] == pytest.approx(FWHM, rel=0.03)
     assert model.meta["ellipticity"] == pytest.approx(0.1, abs=0.03)
+    assert _peak_error(model, field) < 0.05
+
+
+def test_failed_profile_fit_skips_the_recentring_correction(field, monkeypatch):
+    """When no Moffat profile fits the training stars' mean (forced here), the stamps
+    are recentred without the correction of the recentring error, which the warning
+    says; a 3 px Gaussian is sampled well enough for the PSF still to be close."""
+    def failing(stamp, profile):
+        raise ProfileFitError(f"the {profile} fit to the mean stamp failed: forced")
+
+    monkeypatch.setattr(psf_estimate, "fit_profile", failing)
+    with pytest.warns(FewStarsWarning, match="without the correction of the recentring error"):
+        model = estimate_psf(field.ccd, _bright(field, 8))
+    assert model.method == "constant"
     assert _peak_error(model, field) < 0.05
