@@ -38,16 +38,14 @@ log = logging.getLogger("astro_zackay.cli")
 
 #: Exit status of a user mistake (a bad option, a missing or unreadable file).
 USAGE_ERROR = 2
+#: The files that ``demo`` writes to its --outdir (with the cut-outs beside the figure).
+_DEMO_FILES = ("subtraction.fits", "candidates.ecsv", "candidates.reg", "subtraction.png")
 #: FITS file name endings that a directory or glob given to ``coadd`` may hold.
 FITS_PATTERNS = ("*.fits", "*.fit", "*.fts", "*.fits.gz", "*.fit.gz", "*.fts.gz")
 #: The library's option names, as they appear in its messages, and the CLI options.
 _OPTION_NAMES = {
-    "Give the PSF (reference_psf= / science_psf= to subtract, psfs= to coadd), or fwhm= for "
-    "a Gaussian PSF of that FWHM": "Give --fwhm for a Gaussian PSF of that FWHM in pixels",
     "backend='cupy' needs": "it needs",
     "backend='numpy'": "--backend numpy",
-    " (a PSF model, an odd-sized array, or the FWHM in pixels of a Gaussian PSF)":
-        " FWHM (a Gaussian PSF of that FWHM in pixels)",
     "reference_psf=": "--reference-fwhm",
     "science_psf=": "--science-fwhm",
     "fwhm=": "--fwhm",
@@ -65,6 +63,20 @@ _OPTION_NAMES = {
     "gain=": "--gain",
     "psfs=": "--fwhm",
 }
+#: Words of a library error about a PSF that cannot be estimated from an image's stars:
+#: the keywords through which a Python caller gives the PSF instead.
+_PSF_FAILURE = ("reference_psf=", "science_psf=", "psfs=", "fwhm=", "PSF star")
+#: Where the library's advice starts in such an error (it names Python keywords and
+#: parameters that the command does not have, such as ``snr_min``).
+_LIBRARY_ADVICE = re.compile(r"[.;:]\s+(?:or\s+)?(?:try|give|pass)\b", re.IGNORECASE)
+#: Each command's advice when an image's PSF cannot be estimated, in its own options.
+_PSF_ADVICE = {
+    "subtract": "give the PSFs as Gaussians of known FWHM in pixels "
+                "(--reference-fwhm, --science-fwhm)",
+    "coadd": "give Gaussian PSFs of known FWHM in pixels with --fwhm (one value, or one "
+             "per image)",
+    "psf": "give --fwhm, the FWHM in pixels of a Gaussian PSF to write instead",
+}
 
 
 class UsageError(Exception):
@@ -81,28 +93,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- option types: each rejects a bad value with a message naming it ------------------------
-def _number(text: str, *, low: float, strict: bool) -> float:
+def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not np.isfinite(value) or value < low or (strict and value == low):
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
-
-
-def _positive(text: str) -> float:
-    return _number(text, low=0.0, strict=True)
 
 
 def _saturation(text: str) -> float:
     """A saturation level: a positive number, or inf to mask no pixel as saturated."""
     return np.inf if text.strip().lower() == "inf" else _positive(text)
-
-
-def _non_negative(text: str) -> float:
-    return _number(text, low=0.0, strict=False)
 
 
 def _unit(text: str) -> u.UnitBase:
@@ -289,13 +292,24 @@ def _check_output(path: str | None, option: str, overwrite: bool, taken: set[str
         raise UsageError(f"{option} {path!r} already exists: pass --overwrite to replace it")
 
 
-def _check_outputs(args: argparse.Namespace, options: Sequence[str], inputs: Iterable[str]) -> None:
+def _check_outputs(args: argparse.Namespace, options: Sequence[str], inputs: Iterable[str],
+                   beside_plot: str | None = None) -> None:
+    """Check the output options and, with ``--plot``, the figure ``beside_plot`` beside it."""
     taken = {os.path.realpath(path) for path in inputs}
     for option in options:
         _check_output(getattr(args, option.lstrip("-").replace("-", "_")), option,
                       args.overwrite, taken)
     if getattr(args, "plot", None) is not None:
         _check_plotting()
+        if beside_plot is not None:
+            _check_output(str(_beside(args.plot, beside_plot)), f"--plot's {beside_plot}",
+                          args.overwrite, taken)
+
+
+def _beside(path: str | Path, what: str) -> Path:
+    """The second figure written beside the figure ``path``: ``OUT_<what>.png``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{what}{path.suffix}")
 
 
 def _check_plotting() -> None:
@@ -330,6 +344,26 @@ def _check_same_shape(images: Sequence[_FitsImage], align: str | None, what: str
             )
 
 
+@contextlib.contextmanager
+def _psf_advice(command: str, label: str | None = None) -> Iterator[None]:
+    """A library error about a PSF that cannot be estimated, as a UsageError.
+
+    The library's diagnosis (which image, how many sources, why they were rejected) is
+    kept, prefixed with ``label`` when given; its advice is replaced by ``command``'s
+    options.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if not any(word in text for word in _PSF_FAILURE):
+            raise
+        diagnosis = _LIBRARY_ADVICE.split(text, maxsplit=1)[0].rstrip(". ")
+        prefix = f"{label}: " if label else ""
+        check = "" if "mask" in diagnosis else "check its mask and --saturation, or "
+        raise UsageError(f"{prefix}{diagnosis}; {check}{_PSF_ADVICE[command]}") from None
+
+
 # --- the subcommands --------------------------------------------------------------------------
 def _subtract_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The options of a subtraction, for the headers of its result files."""
@@ -353,8 +387,10 @@ def _psf_option(args: argparse.Namespace, path: str, fwhm: float | None, index: 
         return None
     from .psf import estimate_psf
 
-    return estimate_psf(path, method=args.psf_method, unit=_pair(args.unit)[index],
-                        gain=_pair(args.gain)[index], saturation=_pair(args.saturation)[index])
+    with _psf_advice("subtract", f"{('REF', 'NEW')[index]} {path!r}"):
+        return estimate_psf(path, method=args.psf_method, unit=_pair(args.unit)[index],
+                            gain=_pair(args.gain)[index],
+                            saturation=_pair(args.saturation)[index])
 
 
 def _subtract(args: argparse.Namespace) -> int:
@@ -366,7 +402,7 @@ def _subtract(args: argparse.Namespace) -> int:
               _check_image(args.science, "NEW", units[1])]
     _check_same_shape(images, args.align, "REF and NEW")
     _check_outputs(args, ("--output", "--catalog", "--regions", "--plot"),
-                   (args.reference, args.science))
+                   (args.reference, args.science), beside_plot="candidates")
     _check_backend(args.backend)
 
     stages = _Stages(["PSFs", "subtracting", "finding candidates", "writing"],
@@ -374,7 +410,7 @@ def _subtract(args: argparse.Namespace) -> int:
     with stages("PSFs"):
         psfs = [_psf_option(args, path, fwhm, j) for j, (path, fwhm) in enumerate(
             ((args.reference, args.reference_fwhm), (args.science, args.science_fwhm)))]
-    with stages("subtracting"):
+    with stages("subtracting"), _psf_advice("subtract"):
         result = subtract(args.reference, args.science, reference_psf=psfs[0],
                           science_psf=psfs[1], flux_ratio=args.flux_ratio,
                           fit_shift=args.fit_shift, align=args.align or False, tiles=args.tiles,
@@ -418,8 +454,7 @@ def _plot_subtraction(path: str | Path, result: Any, reference: Any, science: An
 
     _save(plot_subtraction(result, reference, science, candidates, threshold=threshold), path)
     if len(candidates):
-        path = Path(path)
-        cutouts = path.with_name(f"{path.stem}_candidates{path.suffix}")
+        cutouts = _beside(path, "candidates")
         _save(plot_candidates(result, reference, science, candidates), cutouts)
         log.info("candidate cut-outs in %s", cutouts)
 
@@ -480,9 +515,10 @@ def _coadd(args: argparse.Namespace) -> int:
     enabled = _progress_enabled(args)
     fwhm = args.fwhm if isinstance(args.fwhm, list) or args.fwhm is None else [args.fwhm] * len(
         paths)
-    result = coadd(_frames_bar(paths, enabled), psfs=fwhm, unit=args.unit, gain=args.gain,
-                   saturation=args.saturation, align=args.align or False, reject=args.reject,
-                   backend=args.backend)
+    with _psf_advice("coadd"):
+        result = coadd(_frames_bar(paths, enabled), psfs=fwhm, unit=args.unit, gain=args.gain,
+                       saturation=args.saturation, align=args.align or False,
+                       reject=args.reject, backend=args.backend)
     log.info("%r", result)
     write_coadd(result, args.output, inputs=paths, parameters=_coadd_parameters(args),
                 overwrite=args.overwrite)
@@ -498,10 +534,11 @@ def _psf(args: argparse.Namespace) -> int:
     from .psf import estimate_psf
 
     _check_image(args.image, "IMAGE", args.unit)
-    _check_outputs(args, ("--output", "--plot"), (args.image,))
-    model = estimate_psf(args.image, method=args.method, degree=args.degree,
-                         n_components=args.n_components, fwhm=args.fwhm, unit=args.unit,
-                         gain=args.gain, saturation=args.saturation)
+    _check_outputs(args, ("--output", "--plot"), (args.image,), beside_plot="coefficients")
+    with _psf_advice("psf", f"IMAGE {args.image!r}"):
+        model = estimate_psf(args.image, method=args.method, degree=args.degree,
+                             n_components=args.n_components, fwhm=args.fwhm, unit=args.unit,
+                             gain=args.gain, saturation=args.saturation)
     log.info("%s", model.quality_report())
     model.write(args.output, overwrite=args.overwrite)
     if args.plot:
@@ -509,8 +546,7 @@ def _psf(args: argparse.Namespace) -> int:
 
         _save(plot_psf_basis(model), args.plot)
         if model.is_varying:
-            path = Path(args.plot)
-            fields = path.with_name(f"{path.stem}_coefficients{path.suffix}")
+            fields = _beside(args.plot, "coefficients")
             _save(plot_psf_coefficients(model), fields)
             log.info("coefficient fields in %s", fields)
     log.info("wrote %s", ", ".join(p for p in (args.output, args.plot) if p))
@@ -522,10 +558,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .subtraction import subtract
     from .transients import describe_flags
 
-    outdir = Path(args.outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"--outdir {args.outdir!r} is a file: give a folder")
-    _check_plotting()
+    outdir = _demo_outdir(args)
     stages = _Stages(["simulating", "subtracting", "finding candidates", "writing"],
                      _progress_enabled(args))
     with stages("simulating"):
@@ -541,12 +574,11 @@ def _demo(args: argparse.Namespace) -> int:
     inputs = ("simulated reference", "simulated science")
     parameters = {name: getattr(args, name) for name in ("size", "stars", "seed", "threshold")}
     with stages("writing"):
-        outdir.mkdir(parents=True, exist_ok=True)
         write_subtraction(result, outdir / "subtraction.fits", inputs=inputs,
-                          parameters=parameters, overwrite=True)
+                          parameters=parameters, overwrite=args.overwrite)
         write_candidates(candidates, outdir / "candidates.ecsv", inputs=inputs,
-                         parameters=parameters, overwrite=True)
-        write_regions(candidates, outdir / "candidates.reg", overwrite=True)
+                         parameters=parameters, overwrite=args.overwrite)
+        write_regions(candidates, outdir / "candidates.reg", overwrite=args.overwrite)
         _plot_subtraction(outdir / "subtraction.png", result, pair.reference.ccd,
                           pair.science.ccd, candidates, args.threshold)
     stages.close()
@@ -567,6 +599,25 @@ def _demo(args: argparse.Namespace) -> int:
              "subtraction.png to %s", len(candidates), args.threshold,
              int(np.sum(candidates["good"])), found, len(truth), outdir)
     return 0 if found == len(truth) else 1
+
+
+def _demo_outdir(args: argparse.Namespace) -> Path:
+    """The demo's folder, created, after checking that its files can be written."""
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"--outdir {args.outdir!r} is a file: give a folder")
+    _check_plotting()
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--outdir {args.outdir!r} cannot be created ({exc.strerror}): "
+                         "give a folder that can be written") from None
+    taken: set[str] = set()
+    for name in _DEMO_FILES:
+        _check_output(str(outdir / name), "--outdir", args.overwrite, taken)
+    _check_output(str(_beside(outdir / "subtraction.png", "candidates")), "--outdir",
+                  args.overwrite, taken)
+    return outdir
 
 
 def _demo_pair(args: argparse.Namespace) -> tuple[Any, Table]:
@@ -682,8 +733,8 @@ def _subtract_parser(commands: Any) -> None:
                      help="detection threshold on |Scorr| in sigma (default 5)")
     per_image = "; one value, or REF,NEW"
     _add_io_options(sub, _per_image, _per_image, per_image, per_image)
-    sub.add_argument("--read-noise", type=_per_image(_non_negative), default=None, metavar="RN",
-                     help=f"read noise in data units{per_image}")
+    sub.add_argument("--read-noise", type=_per_image(_positive), default=None, metavar="RN",
+                     help=f"read noise in electrons{per_image}")
     sub.add_argument("--align", choices=("stars", "wcs"), default=None,
                      help="resample REF onto NEW's grid first: by matching stars or by WCS")
     sub.add_argument("--psf-method", choices=("auto", "kl", "constant", "gaussian", "moffat"),
@@ -756,6 +807,8 @@ def _demo_parser(commands: Any) -> None:
     demo.add_argument("--seed", type=int, default=2016, help="random seed (default 2016)")
     demo.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
                       help="detection threshold in sigma (default 5)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the files of an earlier run in --outdir")
     demo.set_defaults(func=_demo)
 
 
