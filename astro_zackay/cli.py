@@ -360,7 +360,7 @@ def _psf_advice(command: str, label: str | None = None) -> Iterator[None]:
             raise
         diagnosis = _LIBRARY_ADVICE.split(text, maxsplit=1)[0].rstrip(". ")
         prefix = f"{label}: " if label else ""
-        check = "" if "mask" in diagnosis else "check its mask and --saturation, or "
+        check = "" if "check" in diagnosis else "check its mask and --saturation, or "
         raise UsageError(f"{prefix}{diagnosis}; {check}{_PSF_ADVICE[command]}") from None
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from astropy.table import Table
 from conftest import data_path
 
 import astro_zackay
+from astro_zackay._stats import mad_std
 from astro_zackay.cli import main
 from astro_zackay.files import read_subtraction
 from astro_zackay.psf import KLPSFModel
@@ -26,11 +28,6 @@ MASKED = (slice(30, 34), 200)  # bad pixels of the science image: NaN in the out
 
 def _has(module):
     return importlib.util.find_spec(module) is not None
-
-
-def robust_std(values):
-    """The standard deviation of the bulk of ``values`` (normalised median absolute deviation)."""
-    return 1.4826 * np.median(np.abs(values - np.median(values)))
 
 
 def run(*args, cwd):
@@ -62,7 +59,8 @@ def test_subtract_in_a_subprocess_writes_every_result_file(pair_files, tmp_path)
                cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-    assert "stage" not in done.stderr and "frames" not in done.stderr  # no bar off a terminal
+    # no bar off a terminal: no stage name and no carriage return of a redrawn bar
+    assert "subtracting" not in done.stderr and "\r" not in done.stderr
     for name in ("DIFF", "SCORR", "FLUX", "FLUXERR"):
         image = CCDData.read(tmp_path / "diff.fits", hdu=name)
         assert image.shape == (256, 256) and image.wcs is not None
@@ -71,7 +69,7 @@ def test_subtract_in_a_subprocess_writes_every_result_file(pair_files, tmp_path)
         assert image.meta["AZVERS"] == astro_zackay.__version__
         assert image.meta["AZIN1"] == "ref.fits" and image.meta["AZIN2"] == "new.fits"
     score = CCDData.read(tmp_path / "diff.fits", hdu="SCORR")
-    assert abs(robust_std(score.data[~score.mask]) - 1.0) < 0.1  # Scorr is in sigma units
+    assert abs(mad_std(score.data[~score.mask]) - 1.0) < 0.1  # Scorr is in sigma units
     header = fits.getheader(tmp_path / "diff.fits")
     parameters = [header[key] for key in header if key.startswith("AZPAR")]
     assert "threshold=5.0" in parameters and "align=None" in parameters
@@ -115,7 +113,7 @@ def test_subtract_the_real_pair(tmp_path):
                "--unit", "adu", "--gain", "1.4", "--saturation", "65000", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     score = CCDData.read(tmp_path / "diff.fits", hdu="SCORR")
-    assert abs(robust_std(score.data[~score.mask]) - 1.0) < 0.1
+    assert abs(mad_std(score.data[~score.mask]) - 1.0) < 0.1
     assert score.meta["AZIN1"] == "aligned_eso085-030-004.fit"
     assert abs(score.meta["AZBETA"] - 1.0) < 0.01  # wide-aperture photometry: 1.0015
     candidates = Table.read(tmp_path / "cands.ecsv")
@@ -214,6 +212,9 @@ def bad_files(tmp_path_factory, pair_files):
     CCDData(good[:200], unit="electron").write(folder / "small.fits")
     rng = np.random.default_rng(1)
     CCDData(rng.normal(100.0, 10.0, (128, 128)), unit="electron").write(folder / "blank.fits")
+    for seed in (4, 5):  # three stars of S/N 5-10 each: detected, too faint for a PSF
+        sim = simulate_image((128, 128), n_stars=3, flux_range=(300.0, 600.0), seed=seed)
+        sim.ccd.write(folder / f"faint{seed}.fits")
     return folder
 
 
@@ -236,8 +237,10 @@ MISTAKES = {
                     ["--gain", "REF,NEW"]),
     "nan saturation": (["subtract", "{pair}/ref.fits", "{pair}/new.fits", "--saturation",
                         "nan"], ["--saturation", "finite"]),
+    "read noise 0": (["subtract", "{pair}/ref.fits", "{pair}/new.fits", "--read-noise", "0"],
+                     ["--read-noise", "> 0"]),
     "no stars": (["subtract", "{bad}/blank.fits", "{bad}/blank.fits"],
-                 ["reference image", "--reference-fwhm FWHM"]),
+                 ["reference image", "--reference-fwhm"]),
     "cupy": (["subtract", "{pair}/ref.fits", "{pair}/new.fits", "--backend", "cupy"],
              ["--backend cupy", "cupy-cuda12x"]),
     "one frame": (["coadd", "{pair}/ref.fits"], ["at least two"]),
@@ -269,6 +272,47 @@ def test_user_mistakes_are_two_lines_exit_2_and_write_nothing(
     assert not out.exists()
 
 
+#: Images without a usable PSF star, given to each command: what its advice must name.
+NO_PSF_STARS = {
+    "subtract, no star": (["subtract", "blank.fits", "blank.fits"],
+                          ["reference image: no sources detected", "--reference-fwhm",
+                           "--science-fwhm"]),
+    "subtract, faint stars": (["subtract", "faint4.fits", "faint5.fits"],
+                              ["reference image: no PSF star passed the cuts", "low_snr: 3",
+                               "--saturation", "--reference-fwhm", "--science-fwhm"]),
+    "subtract --psf-method kl": (["subtract", "faint4.fits", "faint5.fits", "--psf-method",
+                                  "kl"], ["REF", "faint4.fits", "--reference-fwhm"]),
+    "coadd, no star": (["coadd", "blank.fits", "faint4.fits"], ["blank.fits", "--fwhm"]),
+    "coadd, faint stars": (["coadd", "faint4.fits", "faint5.fits"],
+                           ["faint4.fits: no PSF star", "--fwhm (one value, or one per image)"]),
+    "psf, no star": (["psf", "blank.fits"], ["IMAGE", "no sources detected", "--fwhm"]),
+    "psf, faint stars": (["psf", "faint4.fits"], ["IMAGE", "no PSF star", "--fwhm"]),
+}
+
+
+@pytest.mark.parametrize("case", NO_PSF_STARS)
+def test_images_without_psf_stars_get_the_commands_own_advice(
+        case, bad_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(bad_files)
+    args, words = NO_PSF_STARS[case]
+    out = tmp_path / "out.fits"
+    assert main([*args, "-o", str(out)]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith(f"astro-zackay {args[0]}: error: ")]
+    assert len(error) == 1
+    for word in words:
+        assert word in error[0]
+    # no Python keyword (``fwhm=``, ``stars=``) and no parameter the command lacks
+    for python_only in ("=", "snr_min", "isolation", "stars with positions", "psfs"):
+        assert python_only not in error[0]
+    with pytest.raises(SystemExit, match="0"):
+        main([args[0], "--help"])
+    options = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+    named = set(re.findall(r"--[a-z-]+", error[0]))
+    assert named and named <= options  # every option it names is one of this command's
+    assert not out.exists()
+
+
 def test_outputs_are_checked_before_any_work(pair_files, tmp_path, capsys):
     existing = tmp_path / "cands.ecsv"
     existing.write_text("keep me")
@@ -283,6 +327,36 @@ def test_outputs_are_checked_before_any_work(pair_files, tmp_path, capsys):
     assert not (tmp_path / "diff.fits").exists()
 
 
+@pytest.mark.skipif(not _has("matplotlib"), reason="--plot needs matplotlib (the 'all' extra)")
+def test_the_figures_beside_a_plot_are_checked_too(pair_files, frames, tmp_path, capsys):
+    cutouts = tmp_path / "diff_candidates.png"
+    cutouts.write_text("keep me")
+    assert main(["subtract", str(pair_files / "ref.fits"), str(pair_files / "new.fits"),
+                 "-o", str(tmp_path / "diff.fits"), "--plot", str(tmp_path / "diff.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot's candidates" in err and "--overwrite" in err
+    fields = tmp_path / "psf_coefficients.png"
+    fields.write_text("keep me")
+    assert main(["psf", str(frames / "frame0.fits"), "-o", str(tmp_path / "psf.fits"),
+                 "--plot", str(tmp_path / "psf.png")]) == 2
+    assert "--plot's coefficients" in capsys.readouterr().err
+    assert cutouts.read_text() == fields.read_text() == "keep me"
+    assert not list(tmp_path.glob("*.fits"))
+
+
+def test_demo_checks_its_folder_and_files_before_simulating(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the demo's PNG needs matplotlib (the 'all' extra)")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(["demo", "--outdir", str(tmp_path / "notes.txt" / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "--outdir" in err and "cannot be created" in err and "simulated" not in err
+    (tmp_path / "candidates.reg").write_text("keep me")
+    assert main(["demo", "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "candidates.reg' already exists: pass --overwrite" in err and "simulated" not in err
+    assert (tmp_path / "candidates.reg").read_text() == "keep me"
+
+
 def test_verbose_shows_the_traceback_in_a_subprocess(tmp_path):
     quiet = run("subtract", "nope.fits", "new.fits", "-o", "out.fits", cwd=tmp_path)
     loud = run("subtract", "nope.fits", "new.fits", "-o", "out.fits", "--verbose", cwd=tmp_path)
@@ -295,9 +369,11 @@ def test_demo_writes_outputs_and_recovers_the_transients(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the demo's PNG needs matplotlib (the 'all' extra)")
     # a smaller field than the default demo; with seed 2016 at this size the faintest
     # transient sits on a 4-sigma downward noise excursion (Scorr 4.99), so seed 3
+    (tmp_path / "candidates.reg").write_text("an earlier run")
     status = main(["demo", "--outdir", str(tmp_path), "--size", "512", "--stars", "150",
-                   "--seed", "3"])
+                   "--seed", "3", "--overwrite"])
     assert status == 0  # 0 only when every injected transient was recovered
+    assert (tmp_path / "candidates.reg").read_text().startswith("# Region file format: DS9")
     for name in ("subtraction.fits", "candidates.reg", "subtraction.png"):
         assert (tmp_path / name).stat().st_size > 0
     score = CCDData.read(tmp_path / "subtraction.fits", hdu="SCORR")
