@@ -137,7 +137,7 @@ def _fitted(result: SubtractionResult) -> fits.Header:
 
 
 def _image_hdu(ccd: CCDData, name: str, extra: fits.Header) -> fits.ImageHDU:
-    """``ccd``'s data, unit, WCS and meta (less other HISTORY) with ``extra`` cards."""
+    """``ccd``'s data, unit, WCS and meta, updated by ``extra``'s cards (HISTORY appended)."""
     hdu = ccd.to_hdu(hdu_mask=None, hdu_uncertainty=None, as_image_hdu=True)[0]
     hdu.header.extend(extra, update=True)
     hdu.name = name
@@ -431,9 +431,9 @@ def write_coadd(
     """Write a proper coadd to one FITS file, usable as a subtraction's reference.
 
     The primary HDU is the flux-calibrated coadd (``result.calibrated``, in the first
-    image's unit) with its ``UNCERT`` and ``MASK`` extensions (masked pixels are NaN in
-    every image), so ``CCDData.read(path)``
-    and `~astro_zackay.subtract` read it as an image with its noise. Then ``PROPER``
+    image's unit) with its ``UNCERT`` and ``MASK`` extensions, so ``CCDData.read(path)``
+    and `~astro_zackay.subtract` read it as an image with its noise. Masked pixels are
+    NaN in the coadd and in its uncertainty, and in ``PROPER`` and ``SCORE``. Then ``PROPER``
     (R, unit noise), ``SCORE`` (S), ``PSF`` (P_R, the PSF of both images), ``DEPTH``
     (the fraction of the full depth reached at each pixel), ``NUSED`` (images used per
     pixel), ``REJECTED`` (images whose pixel was rejected as an outlier) and ``FRAMES``
@@ -498,10 +498,17 @@ def write_coadd(
 
 
 def _blanked(ccd: CCDData) -> CCDData:
-    """A copy of ``ccd`` whose masked pixels are NaN, so that no viewer shows them as sources."""
+    """A copy of ``ccd`` whose masked pixels are NaN, so that no viewer shows them as sources.
+
+    Their uncertainty is NaN too: a NaN value has no meaningful error.
+    """
     blank = ccd.copy()
     if ccd.mask is not None and np.any(ccd.mask):
         blank.data = np.where(ccd.mask, np.nan, ccd.data).astype(ccd.data.dtype, copy=False)
+        if blank.uncertainty is not None:
+            error = blank.uncertainty.array
+            blank.uncertainty.array = np.where(ccd.mask, np.nan, error).astype(error.dtype,
+                                                                                 copy=False)
     return blank
 
 

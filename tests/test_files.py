@@ -142,7 +142,10 @@ def test_coadd_file(tmp_path):
     assert np.isnan(image.data[~good]).all()  # masked pixels are NaN in the file
     assert _same(image.data[good], result.calibrated.data[good])
     assert image.unit == result.calibrated.unit
-    assert _same(image.uncertainty.array, result.calibrated.uncertainty.array)
+    error = image.uncertainty.array  # NaN where the coadd is NaN, exact elsewhere
+    assert np.isnan(error[~good]).all()
+    assert _same(error[good], result.calibrated.uncertainty.array[good])
+    assert np.isfinite(result.calibrated.uncertainty.array).all()  # the result is untouched
     assert image.meta["AZIN1"] == "image 0" and image.meta["AZPAR1"] == "reject=6.0"
     assert image.meta["AZFR"] == result.flux_scale and image.meta["NCOMBINE"] == 2
     assert _same(coadd_psf(path), result.psf)
@@ -185,7 +188,7 @@ def test_bad_psf_files_are_named(tmp_path):
     text.write_text("not a FITS file")
     with pytest.raises(ValueError, match="is not a FITS file"):
         KLPSFModel.read(text)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="absent.fits"):
         KLPSFModel.read(tmp_path / "absent.fits")
     model = KLPSFModel(np.ones((1, 3, 3)) / 9, [[1.0]], image_shape=(20, 20), degree=0)
     model.write(tmp_path / "psf.fits")
