@@ -106,9 +106,9 @@ def test_subtraction_circles_candidates_at_their_positions(subtraction):
         kinds = [c.get_gid() for c in circles]
         assert kinds == ["good" if g else "flagged" for g in candidates["good"]]
         flagged = circles[beside]
-        assert flagged.get_linestyle() == "--"
-        assert to_rgba(flagged.get_edgecolor()) != to_rgba(circles[1 - beside if beside else 1]
-                                                           .get_edgecolor())
+        good = circles[int(np.flatnonzero(candidates["good"])[0])]
+        assert flagged.get_linestyle() == "--" and good.get_linestyle() == "-"
+        assert to_rgba(flagged.get_edgecolor()) != to_rgba(good.get_edgecolor())
 
 
 def test_subtraction_without_candidates_and_on_a_given_figure(subtraction):
