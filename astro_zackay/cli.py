@@ -668,8 +668,9 @@ _DEMO_EXAMPLE = """example:
   astro-zackay demo --outdir demo-output
 
 Simulates a pair with three injected transients, subtracts it and writes
-subtraction.fits, candidates.ecsv, candidates.reg and subtraction.png; exits 1 when an
-injected transient is missed."""
+subtraction.fits, candidates.ecsv, candidates.reg and subtraction.png (with the
+cut-outs in subtraction_candidates.png); exits 1 when an injected transient is missed.
+Give --overwrite to replace the files of an earlier run."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
