@@ -28,3 +28,30 @@ def record_warnings(call):
         warnings.simplefilter("always")
         result = call()
     return result, caught
+
+
+@pytest.fixture
+def record_transform_workers(monkeypatch):
+    """A function that starts recording the ``workers`` of every array-backend transform.
+
+    Calling it patches `~astro_zackay.fourier.ArrayBackend`'s ``rfft2`` and ``irfft2``
+    (for this test only) and returns the list that each transform from then on appends
+    its ``workers`` to.
+    """
+    from astro_zackay import fourier
+
+    def start() -> list:
+        threads = []
+
+        def counted(original):
+            def transform(self, a, s=None, workers=None):
+                threads.append(workers)
+                return original(self, a, s=s, workers=workers)
+            return transform
+
+        for name in ("rfft2", "irfft2"):
+            original = getattr(fourier.ArrayBackend, name)
+            monkeypatch.setattr(fourier.ArrayBackend, name, counted(original))
+        return threads
+
+    return start

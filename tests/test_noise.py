@@ -363,25 +363,7 @@ def test_source_smoothing_is_the_direct_convolution_over_good_pixels():
     assert np.all(smooth[84:91, 47:68] == 0.0)  # deep in the block: no weight
 
 
-def _count_transform_threads(monkeypatch) -> list:
-    """Record the ``workers`` of every array-backend transform from now on."""
-    from astro_zackay import fourier
-
-    threads = []
-
-    def counted(original):
-        def transform(self, a, s=None, workers=None):
-            threads.append(workers)
-            return original(self, a, s=s, workers=workers)
-        return transform
-
-    for name in ("rfft2", "irfft2"):
-        original = getattr(fourier.ArrayBackend, name)
-        monkeypatch.setattr(fourier.ArrayBackend, name, counted(original))
-    return threads
-
-
-def test_pair_noise_transforms_take_workers(monkeypatch):
+def test_pair_noise_transforms_take_workers(record_transform_workers):
     """The pair measure's three transforms (smoothing forth and back, the covariances)
     run on ``workers`` threads, with the spectra of the default threads.
     """
@@ -390,7 +372,7 @@ def test_pair_noise_transforms_take_workers(monkeypatch):
     rng = np.random.default_rng(3)
     new, ref = rng.normal(size=SHAPE), rng.normal(size=SHAPE)
     default = measure_pair_noise(new, ref, shift=(1.2, -0.4))
-    threads = _count_transform_threads(monkeypatch)
+    threads = record_transform_workers()
     one = measure_pair_noise(new, ref, shift=(1.2, -0.4), workers=1)
     assert threads == [1] * 3
     for a, b in zip(one, default):

@@ -241,25 +241,7 @@ def test_candidates_are_the_local_maxima_of_the_good_pixels(monkeypatch, chunk):
         assert np.all(np.diff(np.abs(table["score"])) <= 0)
 
 
-def _count_transform_threads(monkeypatch) -> list:
-    """Record the ``workers`` of every array-backend transform from now on."""
-    from astro_zackay import fourier
-
-    threads = []
-
-    def counted(original):
-        def transform(self, a, s=None, workers=None):
-            threads.append(workers)
-            return original(self, a, s=s, workers=workers)
-        return transform
-
-    for name in ("rfft2", "irfft2"):
-        original = getattr(fourier.ArrayBackend, name)
-        monkeypatch.setattr(fourier.ArrayBackend, name, counted(original))
-    return threads
-
-
-def test_bright_sources_transforms_take_workers(monkeypatch):
+def test_bright_sources_transforms_take_workers(record_transform_workers):
     """The S/N maps' six transforms (two images, their planes and kernels) run on
     ``workers`` threads, with the maps of the default threads.
     """
@@ -271,7 +253,7 @@ def test_bright_sources_transforms_take_workers(monkeypatch):
     image[20:31, 30:41] = 5000 * psf
     args = ((image, image), (np.ones((64, 64)),) * 2, (psf, psf))
     default = bright_sources(*args, shift=(0.4, 0.0))
-    threads = _count_transform_threads(monkeypatch)
+    threads = record_transform_workers()
     one = bright_sources(*args, shift=(0.4, 0.0), workers=1)
     assert threads == [1] * 6
     assert one.pformat() == default.pformat()
