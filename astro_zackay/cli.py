@@ -361,7 +361,7 @@ def _psf_advice(command: str, label: str | None = None) -> Iterator[None]:
         diagnosis = _LIBRARY_ADVICE.split(text, maxsplit=1)[0].rstrip(". ")
         prefix = f"{label}: " if label else ""
         check = "" if "check" in diagnosis else "check its mask and --saturation, or "
-        raise UsageError(f"{prefix}{diagnosis}; {check}{_PSF_ADVICE[command]}") from None
+        raise UsageError(f"{prefix}{diagnosis}; {check}{_PSF_ADVICE[command]}") from exc
 
 
 # --- the subcommands --------------------------------------------------------------------------
