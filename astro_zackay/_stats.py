@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "clipped_row_stats", "mad_std", "median_and_std"]
+__all__ = ["MAD_TO_SIGMA", "clipped_row_stats", "good_sample", "mad_std", "median_and_std",
+           "sampled_median"]
 
 #: The standard deviation of a Gaussian over its median absolute deviation, 1 / Phi^-1(3/4).
 MAD_TO_SIGMA = 1.4826
@@ -48,6 +49,63 @@ def mad_std(values: np.ndarray, centre: float | None = None) -> float:
     return MAD_TO_SIGMA * float(np.median(np.abs(values - centre)))
 
 
+def good_sample(
+    values: np.ndarray, good: np.ndarray | None = None, max_values: int | None = None
+) -> np.ndarray:
+    """The ``good`` ``values`` among a regular subsample of about ``max_values`` of them.
+
+    Parameters
+    ----------
+    values : `~numpy.ndarray`
+        The values (an image; any shape).
+    good : `~numpy.ndarray` of bool, optional
+        Which values to use (all by default).
+    max_values : int, optional
+        Keep about ``max_values`` values at most: the good ones among every
+        ``values.size // max_values``-th value of the flattened array (all the good
+        ones if none of those is), with no copy of the whole image.  On an image of
+        rows longer than the stride, every ``gcd(stride, nx)``-th column is read: a
+        smooth map is read across its whole width.
+
+    Returns
+    -------
+    `~numpy.ndarray`
+        The kept values, 1-D (a new array when ``good`` is given).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._stats import good_sample
+    >>> good_sample(np.arange(10.0), max_values=5).tolist()
+    [0.0, 2.0, 4.0, 6.0, 8.0]
+    >>> good_sample(np.arange(10.0), np.arange(10) == 7, max_values=5).tolist()  # no good one
+    [7.0]
+    """
+    values = np.asarray(values).ravel()
+    step = 1 if max_values is None else max(values.size // int(max_values), 1)
+    sample = values[::step]
+    if good is None:
+        return sample
+    good = np.asarray(good, dtype=bool).ravel()
+    sample = sample[good[::step]]
+    return values[good] if sample.size == 0 else sample
+
+
+def sampled_median(
+    values: np.ndarray, good: np.ndarray | None = None, max_values: int | None = None
+) -> float:
+    """The median of `good_sample` (the level of a smooth map, read on a subsample).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._stats import sampled_median
+    >>> sampled_median(np.arange(12.0).reshape(3, 4), max_values=6)  # 0, 2, 4, ..., 10
+    5.0
+    """
+    return float(np.median(good_sample(values, good, max_values)))
+
+
 def median_and_std(
     values: np.ndarray, good: np.ndarray | None = None, max_values: int | None = None
 ) -> tuple[float, float]:
@@ -60,10 +118,8 @@ def median_and_std(
     good : `~numpy.ndarray` of bool, optional
         Which values to use (all by default).
     max_values : int, optional
-        Use about ``max_values`` of them at most: the good ones among every
-        ``values.size // max_values``-th value (all the good ones if none of those
-        is), so that no copy of the whole image is made. The medians of whole
-        images are slow, and 10^5 values give both numbers to ~0.3 %.
+        Use about ``max_values`` of them at most (`good_sample`).  The medians of
+        whole images are slow, and 10^5 values give both numbers to ~0.3 %.
 
     Returns
     -------
@@ -80,14 +136,7 @@ def median_and_std(
     >>> median_and_std(np.arange(10.0), np.arange(10) < 5)
     (2.0, 1.4826)
     """
-    values = np.asarray(values).ravel()
-    good = None if good is None else np.asarray(good, dtype=bool).ravel()
-    step = 1 if max_values is None else max(values.size // int(max_values), 1)
-    sample = values[::step]
-    if good is not None:
-        sample = sample[good[::step]]
-        if sample.size == 0:
-            sample = values[good]
+    sample = good_sample(values, good, max_values)
     median = float(np.median(sample))
     return median, mad_std(sample, median)
 

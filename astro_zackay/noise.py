@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ._stats import median_and_std
+from ._stats import median_and_std, sampled_median
 from ._warnings import NoiseEstimateWarning, user_stacklevel
 from .fourier import (
     abs2,
@@ -183,7 +183,8 @@ def measure_noise_spectrum(
     rms : ndarray, optional
         Background noise map of ``data`` (positive); the correlation is measured on
         ``data / rms`` and `NoiseSpectrum.sigma` is then the median of ``rms``
-        times the measured per-pixel rms of ``data / rms``.
+        over the whole image's good pixels (sampled or not) times the measured
+        per-pixel rms of ``data / rms``.
     max_lag : int, optional
         Largest lag kept, in pixels along each axis (default 2: resampling kernels
         correlate pixels within 1-2 px; every extra lag adds estimation noise and
@@ -220,8 +221,9 @@ def measure_noise_spectrum(
     (0.36, -0.0)
     """
     max_lag = _checked_lag(max_lag)
+    scale = _rms_level(data, mask, rms, "data")
     (data,), (mask,), (rms,), core = _sample([data], [mask], [rms], (0, 0), max_lag, grow)
-    x, good, scale = _normalised(data, mask, rms, "data")
+    x, good = _normalised(data, mask, rms, "data")
     (smooth,) = _smoothed([x], [good], workers)
     good &= ~_grown(_sources(x, smooth, good, source_sigma), grow)
     if core is not None:
@@ -310,12 +312,14 @@ def measure_pair_noise(
     if not (np.isfinite(flux_ratio) and flux_ratio > 0):
         raise ValueError(f"flux_ratio must be positive, got {flux_ratio}")
     move = (int(np.rint(shift[1])), int(np.rint(shift[0])))
+    scale_n, scale_r = _rms_level(new, mask_new, rms_new, "new"), _rms_level(ref, mask_ref,
+                                                                           rms_ref, "ref")
     (new, ref), (mask_new, mask_ref), (rms_new, rms_ref), core = _sample(
         [new, ref], [mask_new, mask_ref], [rms_new, rms_ref], move, max_lag, grow)
     if core is not None:  # the reference's boxes were cut at the move: no move is left
         move = (0, 0)
-    xn, good_n, scale_n = _normalised(new, mask_new, rms_new, "new")
-    xr, good_r, scale_r = _normalised(ref, mask_ref, rms_ref, "ref")
+    xn, good_n = _normalised(new, mask_new, rms_new, "new")
+    xr, good_r = _normalised(ref, mask_ref, rms_ref, "ref")
     smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r], workers)
     # one growth of both images' sources, on new's grid (a growth commutes with the move)
     sources = (_sources(xn, smooth_n, good_n, source_sigma)
@@ -459,7 +463,7 @@ def _sample(
     """The images, masks and rms maps cut to a random sample of boxes, and the boxes' cores.
 
     Images of at most `SAMPLE_PIXELS` pixels come back as they are (core None), as do
-    arrays of mismatched shapes (for `_normalised` to reject).  Larger ones are cut to
+    arrays of mismatched shapes (for `_rms_level` to reject).  Larger ones are cut to
     the boxes of `_boxes`, each with a margin of its own pixels so that the sources by
     its edges are found as on the whole image, laid side by side in a mosaic (gaps
     masked, data 0, rms 1); ``core`` marks the boxes without their margins, the only
@@ -490,33 +494,49 @@ def _checked_lag(max_lag: int) -> int:
     return max_lag
 
 
+def _rms_level(
+    data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str
+) -> float:
+    """The median ``rms`` over ``data``'s good pixels (1 without an rms map), inputs checked.
+
+    Of the whole image, from a regular sample of 10^5 of its good pixels, before any
+    sampling of boxes (`_sample`): the boxes' own median rms may be far from it, yet
+    ``sigma`` is compared with the whole image's rms level (each zogy tile's rms is
+    scaled by their ratio).
+    """
+    shape = np.shape(data)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {shape}")
+    if mask is not None and np.shape(mask) != shape:
+        raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape} like data")
+    if rms is None:
+        return 1.0
+    if np.shape(rms) != shape:
+        raise ValueError(f"rms has shape {np.shape(rms)}, expected {shape} like {name}")
+    good = _checked_mask(mask, shape) & np.isfinite(data)
+    return sampled_median(rms, good, _ROBUST_SAMPLE)
+
+
 def _normalised(
     data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """``data / rms`` in float32 (0 on bad pixels), its good pixels and the median ``rms``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """``data / rms`` in float32 (0 on bad pixels) and its good pixels (shapes checked).
 
-    The median ``rms`` (of a regular sample of 10^5 good pixels) is 1 without an rms
-    map. float32 holds the correlations to ~1e-6, far below their statistical error
+    float32 holds the correlations to ~1e-6, far below their statistical error
     (``1 / sqrt(n_pixels)``).
     """
     data = np.asarray(data)
-    if data.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D image, got shape {data.shape}")
     good = _checked_mask(mask, data.shape) & np.isfinite(data)
-    scale = 1.0
     if rms is None:
         x = data.astype(np.float32)
     else:
         rms = np.asarray(rms)
-        if rms.shape != data.shape:
-            raise ValueError(f"rms has shape {rms.shape}, expected {data.shape} like {name}")
         if np.any(good & ~(rms > 0)):
             raise ValueError(f"rms must be positive wherever {name} is good")
-        scale = median_and_std(rms, good, _ROBUST_SAMPLE)[0]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             x = np.divide(data, rms, dtype=np.float32)
     np.copyto(x, np.float32(0.0), where=~good)
-    return x, good, scale
+    return x, good
 
 
 def _centred(x: np.ndarray, good: np.ndarray) -> np.ndarray:

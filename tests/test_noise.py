@@ -154,6 +154,27 @@ def test_large_pair_measured_on_a_sample_of_boxes(monkeypatch, shift):
         assert a.sigma == pytest.approx(b.sigma, rel=0.01)
 
 
+def test_sampled_sigma_is_scaled_by_the_whole_images_rms(monkeypatch):
+    """With an rms map, sigma is the median rms of the whole image (not of the sampled
+    boxes) times the rms of ``data / rms``: white noise whose rms rises from 1 to 4 across
+    the image gives the whole image's median rms whether sampled or not, alone or paired
+    (a zogy tile's sigma is scaled by ``sigma`` over that whole-image median).
+    """
+    from astro_zackay import noise
+
+    shape = (1024, 1024)
+    rng = np.random.default_rng(13)
+    rms = np.broadcast_to(1.0 + 3.0 * np.linspace(0.0, 1.0, shape[1]) ** 2, shape)
+    new, ref = rms * rng.normal(size=shape), rms * rng.normal(size=shape)
+    level = float(np.median(rms))
+    monkeypatch.setattr(noise, "SAMPLE_PIXELS", 4 * 256**2)
+    single = noise.measure_noise_spectrum(new, rms=rms)
+    pair = noise.measure_pair_noise(new, ref, rms_new=rms, rms_ref=rms, shift=(2.3, -1.6))
+    for spectrum in (single, *pair):
+        assert spectrum.n_pixels <= 4 * 256**2  # sampled
+        assert spectrum.sigma == pytest.approx(level, rel=0.01)
+
+
 def test_sample_boxes_are_drawn_where_both_images_have_data(monkeypatch):
     """Large blank areas (a mosaic's NaN border in one image, a masked band in the other):
     the sampled boxes lie where both have data, so the sample keeps its size and the
