@@ -835,8 +835,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cli_words(message: str) -> str:
     """The library's option names in a message replaced by the command's options."""
     for name, option in _OPTION_NAMES.items():
-        # advice ("pass gain= or ..."), not a value ("flux_ratio=1.02")
-        value_follows = r"(?![\d.+-])" if name.endswith("=") else ""
+        # advice ("pass gain= or ..."), not a value ("flux_ratio=1.02", "unit=adu")
+        value_follows = r"(?![\w'\"(\[]|[.+-]+\d)" if name.endswith("=") else ""
         message = re.sub(re.escape(name) + value_follows, option, message)
     return message
 

@@ -381,3 +381,16 @@ def test_demo_writes_outputs_and_recovers_the_transients(tmp_path, capsys):
     candidates = Table.read(tmp_path / "candidates.ecsv")
     assert len(candidates) >= 3 and candidates.meta["parameters"]["seed"] == 3
     assert "3 of 3 injected transient(s) recovered" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ("pass gain= or read_noise=.", "pass --gain or --read-noise."),
+    ("give unit='adu' or reference_psf= (a FWHM)", "give --unit adu or --reference-fwhm (a FWHM)"),
+    ("<CoaddResult 64x64 unit=adu flux_scale=0.1>", "<CoaddResult 64x64 unit=adu flux_scale=0.1>"),
+    ("flux_ratio=1.02, flux_ratio=-.5, gain=+2", "flux_ratio=1.02, flux_ratio=-.5, gain=+2"),
+])
+def test_library_keywords_become_options_but_values_stay(message, expected):
+    """Advice naming a keyword takes the command's option; a value shown (a repr) is kept."""
+    from astro_zackay.cli import _cli_words
+
+    assert _cli_words(message) == expected
