@@ -342,7 +342,8 @@ def plot_subtraction(result: Any, reference: Any, science: Any, candidates: Any 
             _circle_candidates(ax, candidates, radius)
     title = f"Scorr, threshold {threshold:g} sigma"
     if candidates is not None:
-        title += f"\n{len(candidates)} candidates ({int(_is_good(candidates).sum())} good)"
+        n = len(candidates)
+        title += f"\n{n} candidate{'' if n == 1 else 's'} ({int(_is_good(candidates).sum())} good)"
     ax.set_title(title)
     fig.suptitle(f"ZOGY subtraction, flux ratio {result.flux_ratio:.4g}, "
                  f"shift ({result.shift[0]:.2f}, {result.shift[1]:.2f}) px")
@@ -584,5 +585,5 @@ def plot_coadd(result: Any, fig: Any = None) -> Any:
     fig.suptitle(f"proper coadd of {len(result.frames)} images, "
                  f"flux scale {result.flux_scale:.4g}")
     _legend(fig, False)
-    fig.subplots_adjust(bottom=0.15, wspace=0.3)
+    fig.subplots_adjust(bottom=0.15, wspace=0.5)
     return fig

@@ -67,6 +67,9 @@ def test_subtraction_panels_titles_and_colour_bars(subtraction):
         "reference", "new", "D", "Scorr, threshold 4.5 sigma"]
     n_good = int(np.sum(candidates["good"]))
     assert axes[3].get_title().splitlines()[1] == f"{len(candidates)} candidates ({n_good} good)"
+    one = plot_subtraction(result, ref, new, candidates[:1], threshold=4.5)
+    assert _image_axes(one)[3].get_title().endswith(
+        f"1 candidate ({int(candidates['good'][0])} good)")
     colour_bars = [ax for ax in fig.axes if not ax.images]
     assert len(colour_bars) == 4
     assert all(cb.get_ylabel() for cb in colour_bars)
