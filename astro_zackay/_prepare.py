@@ -28,6 +28,7 @@ from astropy.table import Table
 
 from ._ccd import ImageData
 from ._psf_input import PSFSampler, as_psf_sampler, estimate_image_psf, find_image_stars
+from ._stats import MAP_LEVEL_SAMPLES, sampled_median
 from .background import _estimate_from
 
 __all__ = ["BACKGROUND_CLIP", "PreparedImage", "prepare_image"]
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 #: Pixels brighter than this many background rms above the sky are not background
 #: pixels when the noise is taken from the uncertainty (see `prepare_image`).
 BACKGROUND_CLIP = 3.0
-#: Pixels from which the median of an estimated rms map is taken on a regular sample.
-_SAMPLED_MEDIAN_PIXELS = 2**20
 
 
 @dataclass(frozen=True, repr=False)
@@ -108,15 +107,13 @@ def _background_sigma(image: ImageData, rms: np.ndarray) -> float:
     """The median background noise of a background-subtracted image.
 
     The uncertainty over unmasked pixels less than `BACKGROUND_CLIP` rms above the
-    sky; the rms map itself when the variance was estimated from the data, from every
-    4th pixel of every 4th row of a large image: the map is smooth (a spline through
-    box values), so a sixteenth of its pixels give its median within a hundredth of
-    the estimate's own error, at a sixteenth of the cost.
+    sky; the rms map itself when the variance was estimated from the data, read on a
+    regular sample of `~astro_zackay._stats.MAP_LEVEL_SAMPLES` pixels of a large image
+    (the map is smooth: a spline through box values).
     """
     good = ~image.mask
     if image.variance_estimated:
-        step = 4 if image.data.size >= _SAMPLED_MEDIAN_PIXELS else 1
-        return float(np.median(rms[::step, ::step][good[::step, ::step]]))
+        return sampled_median(rms, good, MAP_LEVEL_SAMPLES)
     with np.errstate(invalid="ignore"):
         background = good & (image.data < BACKGROUND_CLIP * rms)
     return float(np.sqrt(np.median(image.variance[background])))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ._stats import MAP_LEVEL_SAMPLES, sampled_median
 from .fourier import (
     ArrayBackend,
     abs2,
@@ -49,7 +50,6 @@ from .zogy import (
     _masked_regions,
     _moved_mask,
     _psf_variance,
-    _sample_step,
     _scorr,
     _spectra,
     _tile_medians,
@@ -665,10 +665,8 @@ def zogy_field(
     new_bad, ref_bad = _bad_pixels(new, var_new, mask_new), _bad_pixels(ref, var_ref, mask_ref)
     bad = _moved_mask(ref_bad, shift_ref) | new_bad
     good = ~bad
-    step = _sample_step(good.size)  # the level of a smooth map: a grid of pixels reads it
-    whole = tuple(float(np.median(rms[::step, ::step][good[::step, ::step]],
-                                  overwrite_input=True))  # a copy: sorted in place
-                  for rms in (rms_new, rms_ref))
+    # the level of a smooth map: a regular sample of pixels reads it
+    whole = tuple(sampled_median(rms, good, MAP_LEVEL_SAMPLES) for rms in (rms_new, rms_ref))
     cells, centres = layout.cells(), layout.centres()
     pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
     pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])

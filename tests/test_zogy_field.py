@@ -204,3 +204,28 @@ def test_without_variance_maps_scorr_is_white_over_the_image(tiles):
     assert res.Scorr.shape == res.alpha_err.shape == shape
     assert 0.9 < np.std(res.Scorr[good]) < 1.1
     assert np.ptp(res.alpha_err[good]) < 1e-4 * res.alpha_err[good].mean()
+
+
+def test_rms_level_read_on_a_sample_falls_back_to_every_good_pixel(monkeypatch):
+    """The rms level of each image is read on a regular sample of its good pixels; when
+    no good pixel falls on the sample (here every sampled pixel is in a masked column),
+    it is the median over all of them, not NaN.
+    """
+    from astro_zackay import _zogy_field
+
+    shape = (128, 128)
+    rng = np.random.default_rng(5)
+    rms_new = np.broadcast_to(np.linspace(1.0, 3.0, shape[1]), shape)
+    new, ref = rms_new * rng.normal(size=shape), rng.normal(size=shape)
+    mask_new = np.zeros(shape, bool)
+    mask_new[:, 0] = True
+    new[:, 0] = np.nan
+    monkeypatch.setattr(_zogy_field, "MAP_LEVEL_SAMPLES", shape[0] // 2)  # column 0 only
+    psf = gaussian(1.5)
+    res = zogy_field(new, ref, lambda x, y: psf, lambda x, y: psf, varying=(False, False),
+                     rms_new=rms_new, rms_ref=np.ones(shape), var_new=None, var_ref=None,
+                     mask_new=mask_new, mask_ref=np.zeros(shape, bool), flux_ratio=1.0,
+                     tiles=None)
+    sigma_ref, sigma_new = res.tiles[0][6:8]
+    assert sigma_ref == 1.0
+    assert sigma_new == pytest.approx(float(np.median(rms_new[:, 1:])), rel=1e-12)
