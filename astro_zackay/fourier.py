@@ -470,7 +470,13 @@ def psf_rfft_blocks(
     ``(n, rows, nx // 2 + 1)`` complex128.  With the direct DFT each block is computed
     alone (only one block is ever held: an image-sized plane is formed in pieces that
     stay in the cache); with an FFT the stamps are transformed once and the blocks are
-    views of it.
+    views of it.  The arguments are checked at the call, before the first block.
+
+    Raises
+    ------
+    ValueError
+        For ``stamps`` that are not an ``(n, h, w)`` stack, ``rows < 1`` or stamps
+        larger than ``shape``.
 
     Examples
     --------
@@ -492,6 +498,12 @@ def psf_rfft_blocks(
         raise ValueError(f"rows must be >= 1, got {rows}")
     for stamp in stamps[:1]:
         _check_stamp(stamp, shape)
+    return _psf_rfft_blocks(stamps, shape, rows, be, workers)
+
+
+def _psf_rfft_blocks(stamps: np.ndarray, shape: tuple[int, int], rows: int, be: ArrayBackend,
+                     workers: int | None) -> Iterator[tuple[slice, Any]]:
+    """The generator of `psf_rfft_blocks`, on checked inputs (float64 ``stamps``)."""
     n, h, w = stamps.shape
     blocks = [slice(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
     if h <= _DIRECT_DFT_MAX and h * (shape[0] + w) < 2 * shape[0] * np.log2(shape[0] * shape[1]):

@@ -15,6 +15,7 @@ from astro_zackay.fourier import (
     origin_to_stamp,
     pad_image,
     psf_rfft,
+    psf_rfft_blocks,
     psf_to_origin,
     shift_image,
     unit_sum_psf,
@@ -86,6 +87,19 @@ def test_even_or_oversized_stamp_rejected():
     with pytest.raises(ValueError, match="unit sum"):
         unit_sum_psf(np.ones((3, 3)))
 
+
+
+def test_psf_rfft_blocks_checks_its_arguments_at_the_call():
+    """Bad arguments raise when psf_rfft_blocks is called, not at the first block taken."""
+    stamps = np.ones((2, 5, 5)) / 25
+    with pytest.raises(ValueError, match=r"\(n, h, w\) stack"):
+        psf_rfft_blocks(stamps[0], (16, 16), 4)
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        psf_rfft_blocks(stamps, (16, 16), 0)
+    with pytest.raises(ValueError, match="larger than the image grid"):
+        psf_rfft_blocks(stamps, (4, 16), 4)
+    with pytest.raises(ValueError, match="odd sizes"):
+        psf_rfft_blocks(np.ones((2, 4, 5)), (16, 16), 4)
 
 @pytest.mark.parametrize("shape,border", [((2049, 2049), 0), ((1000, 1500), 12), ((7, 13), 3)])
 def test_fast_shape(shape, border):
