@@ -330,8 +330,8 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise
 
     ``A`` is the reference's PSF transform (``F_r = 1``), ``B = beta`` times the new
     one's, both float64 (their tiny high-frequency values need it); the filters are
-    formed from them in blocks of tiles and rows (`_blocks`: the float64 planes exist
-    only a block at a time, in the cache) and written in ``ctype`` (bounded by
+    formed from them in blocks of tiles and rows (`_blocks`: on numpy the float64 planes
+    exist only a block at a time, in the cache) and written in ``ctype`` (bounded by
     ``1/sigma``, complex64 holds them even where ``|A|**2`` would underflow).  ``powers``
     are ``noise``'s on ``grid``.  The denominator is floored per tile at the largest
     value it can take (`_TileNoise.top`) times ``sqrt(tiny)`` (where it has nearly
@@ -340,9 +340,9 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise
     xp = be.xp
     n, half = len(pn), (grid[0], grid[1] // 2 + 1)
     wa, wb, q_h = (xp.empty((n, *half), dtype=ctype) for _ in range(3))
-    top = noise.top(grid, pn, pr, beta)
+    top = be.asarray(noise.top(grid, pn, pr, beta), dtype=np.float64)  # uploaded once
     f_s = xp.zeros(n)
-    tiles, rows = _blocks(n, half)
+    tiles, rows = _blocks(n, half, be)
     a_parts = psf_rfft_blocks(pr, grid, rows, backend=be)
     for (block, a_h), (_, b_h) in zip(a_parts, psf_rfft_blocks(pn, grid, rows, backend=be)):
         for t in range(0, n, tiles):
@@ -355,15 +355,21 @@ def _filters(be: ArrayBackend, pn: np.ndarray, pr: np.ndarray, noise: _TileNoise
     return wa, wb, q_h, f_s / (grid[0] * grid[1])
 
 
-def _blocks(n: int, half: tuple[int, int]) -> tuple[int, int]:
-    """Tiles and rows per block of `_filters`: about `_BLOCK` complex values each."""
+def _blocks(n: int, half: tuple[int, int], be: ArrayBackend) -> tuple[int, int]:
+    """Tiles and rows per block of `_filters`: about `_BLOCK` complex values each on numpy.
+
+    On any other backend (a GPU) one block: every block costs a dozen kernel launches,
+    and the device has no CPU cache to keep the float64 planes in.
+    """
+    if be.name != "numpy":
+        return n, half[0]
     plane = half[0] * half[1]
     if plane >= _BLOCK:
         return 1, max(1, _BLOCK // half[1])
     return max(1, _BLOCK // plane), half[0]
 
 
-def _filter_block(xp: Any, a_h: Any, b_h: Any, powers: list, top: np.ndarray, out: tuple,
+def _filter_block(xp: Any, a_h: Any, b_h: Any, powers: list, top: Any, out: tuple,
                   nx: int) -> Any:
     """`_filters` of one block: ``out = (wa, wb, Q)`` written, ``Npix F_S``'s part returned."""
     wa, wb, q_h = out

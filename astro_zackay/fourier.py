@@ -604,7 +604,8 @@ def floored_inv_sqrt(den: Any, per_tile: bool = False, top: Any = None) -> tuple
     top : float or ndarray, optional
         The value to floor at ``sqrt(tiny)`` times instead of the maximum: the largest
         value that the denominator can take (one per plane with ``per_tile``), for a
-        denominator formed and floored in pieces.
+        denominator formed and floored in pieces (best on ``den``'s device already:
+        then it is not copied there at each call).
 
     Returns
     -------
@@ -630,8 +631,8 @@ def floored_inv_sqrt(den: Any, per_tile: bool = False, top: Any = None) -> tuple
     xp = np if isinstance(den, np.ndarray) else importlib.import_module("cupy")
     tiny = float(np.sqrt(np.finfo(den.dtype).tiny))
     if top is not None:
-        top = np.asarray(top, dtype=np.float64)
-        floor = xp.asarray(top.reshape(-1, 1, 1) * tiny) if per_tile else float(top) * tiny
+        top = xp.asarray(top, dtype=np.float64)  # no copy when already on den's device
+        floor = top.reshape(-1, 1, 1) * tiny if per_tile else float(top) * tiny
     elif per_tile:
         floor = den.max(axis=(-2, -1), keepdims=True) * tiny
     else:

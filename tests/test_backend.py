@@ -18,7 +18,7 @@ import scipy.ndimage
 
 from astro_zackay import subtract
 from astro_zackay._zogy_field import zogy_field
-from astro_zackay.fourier import ArrayBackend, convolve_fft, psf_rfft
+from astro_zackay.fourier import ArrayBackend, convolve_fft, floored_inv_sqrt, psf_rfft
 from astro_zackay.simulation import simulate_pair
 from astro_zackay.zogy import zogy
 
@@ -263,3 +263,44 @@ def test_each_image_is_coerced_once(monkeypatch):
         warnings.simplefilter("ignore")
         subtract(pair.reference.ccd, pair.science.ccd)
     assert len(calls) == 2
+
+
+def test_device_filters_are_formed_in_one_block_with_top_uploaded_once(monkeypatch, host_uses):
+    """On a device backend the filters are one block, not CPU-cache-sized ones (a dozen
+    kernel launches each): the denominator is floored once per grid of tiles, at
+    per-tile tops uploaded once (already on the device), with the numbers of numpy's
+    blocks.
+    """
+    from astro_zackay import _zogy_field
+
+    calls = []
+
+    def floored(den, per_tile=False, top=None):
+        calls.append((np.shape(den), isinstance(top, DeviceArray)))
+        return floored_inv_sqrt(den, per_tile=per_tile, top=top)
+
+    monkeypatch.setattr(_zogy_field, "floored_inv_sqrt", floored)
+    shape = (512, 512)
+    rng = np.random.default_rng(4)
+    new, ref = rng.normal(0, 2, shape), rng.normal(0, 1, shape)
+    kw = dict(psf_new=lambda x, y: gaussian(1.8 + 0.5 * x / 512),
+              psf_ref=lambda x, y: gaussian(1.5), varying=(True, False),
+              rms_new=np.full(shape, 2.0), rms_ref=np.ones(shape), var_new=None, var_ref=None,
+              mask_new=np.zeros(shape, bool), mask_ref=np.zeros(shape, bool), flux_ratio=1.0,
+              tiles=128)
+    on_host = zogy_field(new, ref, **kw, backend="numpy")
+    blocks = len(calls)
+    calls.clear()
+    be = CountingBackend("cupy", _OnDeviceModule(np), scipy.fft, _OnDeviceModule(scipy.ndimage),
+                         min_size=shape[0] * shape[1] // 4)
+    on_device = zogy_field(new, ref, **kw, backend=be)
+    n_tiles = len(on_device.tiles)
+    # one call per grid of tiles (the filters' and a smaller one's), each of every tile and
+    # frequency, at tops already on the device; numpy took cache-sized blocks
+    grids = {den[1:] for den, _ in calls}
+    assert len(calls) == len(grids) < blocks
+    assert all(den[0] == n_tiles and den[1] in (2 * den[2] - 2, 2 * den[2] - 1)  # square grids
+               for den, _ in calls)
+    assert all(uploaded for _, uploaded in calls)
+    assert host_uses == []
+    np.testing.assert_allclose(on_device.Scorr, on_host.Scorr, rtol=1e-5, atol=1e-5)
