@@ -11,6 +11,7 @@ The limit is scoped to each public call (threadpoolctl), never set globally.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,10 +22,17 @@ __all__ = ["single_threaded_blas"]
 F = TypeVar("F", bound=Callable)
 
 
-@functools.cache
-def _controller() -> ThreadpoolController:
-    """The loaded thread pools, found once: finding them (what `threadpoolctl.threadpool_limits`
-    does at every call) reads the process's library map, 2-3 ms a call (measured)."""
+@functools.lru_cache(maxsize=1)
+def _controller(n_modules: int) -> ThreadpoolController:
+    """The loaded thread pools, found again only when ``n_modules`` (``len(sys.modules)``) changes.
+
+    Finding them (what `threadpoolctl.threadpool_limits` does at every call) reads the
+    process's library map, 2-3 ms a call (measured); counting the imported modules is
+    free.  A BLAS is loaded by importing the extension module that links it (numpy,
+    scipy.linalg, torch, ...), which adds to ``sys.modules``: one loaded after the first
+    call is then found and limited too.  One loaded by other means (``ctypes``) with no
+    import since is not.
+    """
     return ThreadpoolController()
 
 
@@ -33,7 +41,7 @@ def single_threaded_blas(function: F) -> F:
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with _controller().limit(limits=1, user_api="blas"):
+        with _controller(len(sys.modules)).limit(limits=1, user_api="blas"):
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

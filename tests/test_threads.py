@@ -21,3 +21,21 @@ def test_blas_is_single_threaded_inside_and_restored_after():
     assert work() == "done"
     assert seen and all(n == 1 for n in seen)
     assert _blas_threads() == before
+
+
+def test_thread_pools_are_found_again_after_an_import(monkeypatch):
+    """The loaded pools are found once (2-3 ms a search) and again after any import: a
+    BLAS loaded since (by importing the module that links it) is limited too.
+    """
+    import sys
+    import types
+
+    from astro_zackay import _threads
+
+    first = _threads._controller(len(sys.modules))
+    assert _threads._controller(len(sys.modules)) is first
+    monkeypatch.setitem(sys.modules, "_newly_imported_blas_user", types.ModuleType("m"))
+    again = _threads._controller(len(sys.modules))
+    assert again is not first
+    assert {p.filepath for p in again.lib_controllers} >= {
+        p.filepath for p in first.lib_controllers}
