@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ._stats import median_and_std, sampled_median
+from ._stats import MAP_LEVEL_SAMPLES, median_and_std, sampled_median
 from ._warnings import NoiseEstimateWarning, user_stacklevel
 from .fourier import (
     abs2,
@@ -499,10 +499,10 @@ def _rms_level(
 ) -> float:
     """The median ``rms`` over ``data``'s good pixels (1 without an rms map), inputs checked.
 
-    Of the whole image, from a regular sample of 10^5 of its good pixels, before any
-    sampling of boxes (`_sample`): the boxes' own median rms may be far from it, yet
-    ``sigma`` is compared with the whole image's rms level (each zogy tile's rms is
-    scaled by their ratio).
+    Of the whole image, read as zogy reads its level (`~astro_zackay._stats.sampled_median`
+    of ``MAP_LEVEL_SAMPLES`` good pixels) and before any sampling of boxes (`_sample`):
+    the boxes' own median rms may be far from it, yet ``sigma`` is compared with the
+    whole image's rms level (each zogy tile's rms is scaled by their ratio).
     """
     shape = np.shape(data)
     if len(shape) != 2:
@@ -514,7 +514,7 @@ def _rms_level(
     if np.shape(rms) != shape:
         raise ValueError(f"rms has shape {np.shape(rms)}, expected {shape} like {name}")
     good = _checked_mask(mask, shape) & np.isfinite(data)
-    return sampled_median(rms, good, _ROBUST_SAMPLE)
+    return sampled_median(rms, good, MAP_LEVEL_SAMPLES)
 
 
 def _normalised(
