@@ -110,8 +110,11 @@ _MODEL_NEIGHBOURS = 15
 #: The nearest candidates count in the local locus by a Gaussian in their distance, of
 #: the distance of this many (an effective sample of about twice as many) ...
 _WEIGHT_NEIGHBOURS = 8
-#: ... and that locus is taken where its band holds this fraction of the nearest candidates.
+#: ... and that locus is taken where its band holds this fraction of the nearest candidates
 _LOCAL_FRACTION = 0.25
+#: and the smallest band's members weigh, each on average, under this fraction of the
+#: heaviest band's (stars across a border; stars among galaxies weigh about the same).
+_REMOTE_FRACTION = 0.15
 #: The moment S/N pre-cut, a fraction of snr_min (the fitted S/N decides in the end).
 _MOMENT_SNR_FRACTION = 0.8
 #: Stars fitted with the full Moffat profile (the brightest); the rest keep their shape fixed.
@@ -407,11 +410,14 @@ def _local_locus(x: np.ndarray, y: np.ndarray,
     the nearest candidates reach across the border, and the sharper stars there
     would pass for the locus of the broader ones. So the bands are also weighed with
     the neighbours counted by their distance (`_neighbour_weights`): where the
-    smallest band weighs less than `_LOCUS_FRACTION` of the heaviest (its members lie
-    away from the candidate), and the heaviest holds at least `_LOCAL_FRACTION` of
-    the nearest candidates (a dense population of one size around the candidate:
-    stars, not the spread sizes of galaxies) off the smallest band, the heaviest band
-    is the locus.
+    smallest band's members weigh, each on average, less than `_REMOTE_FRACTION` of
+    the heaviest band's (they lie away from the candidate), and the heaviest holds at
+    least `_LOCAL_FRACTION` of the nearest candidates (a dense population of one size
+    around the candidate) off the smallest band, the heaviest band is the locus.
+
+    The weight is compared per member, not in total: where galaxies are the dense
+    population, their band outweighs the few stars among them by numbers alone,
+    though the stars lie as near the candidate as the galaxies do.
     """
     k = min(_LOCUS_NEIGHBOURS, x.size)
     distance, nearest = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=k)
@@ -430,7 +436,8 @@ def _local_locus(x: np.ndarray, y: np.ndarray,
     local = _band_median(values, counts, heaviest)
     # the smallest band lies away from the candidate (across a border), the heaviest
     # is a dense population of another size around it
-    remote = weighted[rows, first] < _LOCUS_FRACTION * weighted[rows, heaviest]
+    mean_weight = weighted / counts
+    remote = mean_weight[rows, first] < _REMOTE_FRACTION * mean_weight[rows, heaviest]
     dense = counts[rows, heaviest] >= _LOCAL_FRACTION * k
     jump = remote & dense & (np.abs(local - smallest) > _LOCUS_BAND)
     return np.where(jump, local, smallest), jump

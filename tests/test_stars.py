@@ -407,6 +407,21 @@ def test_galaxies_outnumber_stars(profile):
     assert stars.meta["n_rejected_extended"] > 150
 
 
+def test_galaxies_dense_around_every_star_are_not_the_locus():
+    """400 galaxies (half-light radii 1-5 px) and 60 stars: around every candidate the
+    galaxies' band outweighs the few stars by numbers alone, yet the stars lie as near
+    as the galaxies do, so the stars' band stays the locus. No galaxy is selected and
+    the FWHM is the stars' (a rule that compared total weights took 47 galaxies of 78,
+    FWHM 3.6 px)."""
+    sim = simulate_image((512, 512), psf=PSFField(3.0), n_stars=60, n_galaxies=400,
+                         flux_range=(5e3, 3e5), flux_distribution="loguniform", seed=11)
+    stars = find_psf_stars(sim.ccd)
+    _, dist = _match(stars, sim.truth)
+    assert len(stars) >= 20
+    assert np.all(dist < 0.5)
+    assert abs(stars.meta["fwhm"] / 3.0 - 1) < 0.02
+
+
 def test_real_properimage_image():
     """properimage's sample frame (1024x682, ADU, no SATURATE keyword): the saturation
     found at 65535, none of the clipped stars selected, a FWHM near the 3.5 px
