@@ -11,6 +11,7 @@ from photutils.psf import GriddedPSFModel, PSFPhotometry
 
 from astro_zackay import PSFQualityWarning
 from astro_zackay.psf import KLPSFModel, estimate_psf
+from astro_zackay.psf.kl import design_matrix, fit_fields, kl_basis, polynomial_terms
 from astro_zackay.psf.stamps import stamp_moments
 from astro_zackay.simulation import PSFField, simulate_image
 
@@ -426,3 +427,42 @@ def test_analytic_render_checks_like_psf_stamp():
     stamp = _render((15, 15), 3.0, 0.2, 0.5, "moffat", 2.5, (7.0, 7.0))
     np.testing.assert_allclose(stamp, psf_stamp(15, 3.0, profile="moffat", ellipticity=0.2,
                                                 theta=0.5, beta=2.5), atol=5e-4)
+
+
+# --- KL building blocks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_a_line", [False, True])
+def test_coefficient_fields_are_the_minimum_norm_least_squares_fit(on_a_line):
+    """Coefficient fields of degree 2 from 30 stars, spread or all on the line u = 0.3
+    (where the polynomial is undetermined across the line and the normal matrix is
+    singular up to rounding): the fields are lstsq's minimum-norm fit, and follow the
+    true fields at the stars. A plain solve of the normal equations gave coefficients
+    of thousands on the line."""
+    rng = np.random.default_rng(1)
+    terms = polynomial_terms(2)
+    v = rng.uniform(-1, 1, 30)
+    u = np.full(30, 0.3) if on_a_line else rng.uniform(-1, 1, 30)
+    truth = np.column_stack([1 + 0.5 * v - 0.2 * u, 2 - v**2 + 0.3 * u * v])
+    values = truth + 0.01 * rng.normal(size=truth.shape)
+    design = design_matrix(u, v, terms)
+    fields, used = fit_fields(values, np.full(values.shape, 1e-4), design)
+    assert used.all()
+    reference = np.array([np.linalg.lstsq(design, column, rcond=1e-5)[0] for column in values.T])
+    np.testing.assert_allclose(fields, reference, rtol=1e-6, atol=1e-8)
+    assert np.max(np.abs(design @ fields.T - truth)) < 0.05
+    assert np.max(np.abs(fields)) < 10
+
+
+def test_eigen_psfs_orthonormal_beyond_the_rank():
+    """Six copies of one 11x11 Gaussian stamp (rank 1) with six components asked for:
+    the eigen-PSFs are orthonormal (from the Gram matrix they were not: |B B^T - I|
+    up to 0.99), the first is the stamp and only it carries variance."""
+    yy, xx = np.mgrid[-5:6, -5:6]
+    stamp = np.exp(-0.5 * (xx**2 + yy**2) / 1.5**2).ravel()
+    stamp /= stamp.sum()
+    basis, eigenvalues = kl_basis(np.tile(stamp, (6, 1)), np.ones(6), 6)
+    assert basis.shape == (6, stamp.size)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-10)
+    np.testing.assert_allclose(basis[0], stamp / np.linalg.norm(stamp), atol=1e-12)
+    assert np.all(eigenvalues[1:] < 1e-12 * eigenvalues[0])

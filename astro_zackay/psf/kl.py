@@ -108,26 +108,40 @@ def kl_basis(stamps: np.ndarray, weights: np.ndarray, n_max: int) -> tuple[np.nd
     return basis * sign[:, None], eigenvalues
 
 
+#: Squared singular values from the Gram matrix below this fraction of the largest are
+#: rounding: their vectors are not orthogonal to the others.
+_GRAM_RCOND = 1e-12
+
+
 def _right_singular(matrix: np.ndarray, n_max: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n_max`` right singular vectors of ``matrix`` and all squared singular
     values, largest first, from the eigen-decomposition of its smaller Gram matrix.
 
     Three times faster than `numpy.linalg.svd` for a few hundred stamps of a few
     hundred pixels; the squared singular values carry an absolute rounding of ~1e-16
-    of the largest, far below the noise components that K is chosen against.
+    of the largest, far below the noise components that K is chosen against. Where
+    fewer stamps than pixels leave a wanted component at that rounding (stamps that
+    repeat one another), the vectors it would give are not orthogonal, and the SVD
+    gives them instead.
     """
     n, n_pix = matrix.shape
     if n_pix <= n:
         eigenvalues, vectors = np.linalg.eigh(matrix.T @ matrix)
         return vectors[:, ::-1][:, :n_max].T, np.maximum(eigenvalues[::-1], 0.0)
     eigenvalues, vectors = np.linalg.eigh(matrix @ matrix.T)
-    basis = vectors[:, ::-1][:, :n_max].T @ matrix
-    norm = np.linalg.norm(basis, axis=1, keepdims=True)
-    return basis / np.where(norm > 0, norm, 1.0), np.maximum(eigenvalues[::-1], 0.0)
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1][:, :n_max]
+    if eigenvalues[min(n_max, n) - 1] <= _GRAM_RCOND * eigenvalues[0]:
+        _, singular, basis = np.linalg.svd(matrix, full_matrices=False)
+        return basis[:n_max], singular**2  # n of them: fewer stamps than pixels
+    basis = vectors.T @ matrix
+    return basis / np.linalg.norm(basis, axis=1, keepdims=True), np.maximum(eigenvalues, 0.0)
 
 
 #: median of a chi-square of one degree of freedom
 _CHI2_1_MEDIAN = 0.454936
+#: Eigenvalues of a normal matrix below this fraction of its largest are rounding (a
+#: condition number of 1e10: singular values of the weighted design 1e-5 of the largest).
+_NORMAL_RCOND = 1e-10
 
 
 def fit_fields(
@@ -180,18 +194,19 @@ def _weighted_fits(design: np.ndarray, values: np.ndarray, weights: np.ndarray) 
     """``(K, n_terms)`` weighted least-squares fits of the ``K`` columns of ``values``.
 
     The normal equations of all the columns (each with its own ``weights`` column) are
-    solved together (ten times faster than one `numpy.linalg.lstsq` per column); a
-    singular system (stars on a line) takes lstsq's minimum-norm solutions.
+    solved together from their eigen-decompositions (ten times faster than one
+    `numpy.linalg.lstsq` per column). Directions whose eigenvalue is below
+    `_NORMAL_RCOND` of the largest are left out: the minimum-norm solution, as lstsq
+    gives it. Stars on a line leave the polynomial undetermined across it, and there
+    the normal matrix is singular only up to rounding, which a plain solve turns into
+    coefficients of thousands.
     """
     weighted = design.T[None] * weights.T[:, None, :]  # (K, n_terms, n)
-    normal = weighted @ design
-    rhs = weighted @ values.T[:, :, None]
-    try:
-        return np.linalg.solve(normal, rhs)[:, :, 0]
-    except np.linalg.LinAlgError:
-        root = np.sqrt(weights)
-        return np.array([np.linalg.lstsq(design * root[:, k, None], values[:, k] * root[:, k],
-                                          rcond=None)[0] for k in range(values.shape[1])])
+    eigenvalues, vectors = np.linalg.eigh(weighted @ design)
+    kept = eigenvalues > _NORMAL_RCOND * eigenvalues[:, -1:]
+    inverse = np.where(kept, 1.0 / np.where(kept, eigenvalues, 1.0), 0.0)
+    projected = np.swapaxes(vectors, 1, 2) @ (weighted @ values.T[:, :, None])
+    return (vectors @ (inverse[:, :, None] * projected))[:, :, 0]
 
 
 def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray:
