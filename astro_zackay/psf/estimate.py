@@ -523,7 +523,7 @@ def _fit_wing(img: Any, stamps: StampSet, x: np.ndarray, y: np.ndarray, fwhm: fl
     if sky is not None:
         return wing, stamps, light
     ring_dy, ring_dx = ring_offsets(ring, RING_WIDTH)
-    level = -float(np.mean(wing.law(np.hypot(ring_dy, ring_dx)))) * stamps.flux
+    level = -float(np.mean(wing.law(_distance(ring_dy, ring_dx)))) * stamps.flux
     data = stamps.data - level[:, None, None]
     flux = data.sum(axis=(1, 2))
     wing = Wing(wing.amplitude / float(np.median(flux / stamps.flux)), wing.beta, wing.alpha,
