@@ -466,3 +466,31 @@ def test_eigen_psfs_orthonormal_beyond_the_rank():
     np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-10)
     np.testing.assert_allclose(basis[0], stamp / np.linalg.norm(stamp), atol=1e-12)
     assert np.all(eigenvalues[1:] < 1e-12 * eigenvalues[0])
+
+
+@pytest.mark.parametrize("n_stars", [7, 8, 14, 15, 40])
+def test_excess_variance_is_the_exact_median_root(n_stars):
+    """The excess variance is the smallest s with numpy's median of r2 / (var + s) at 0.455.
+
+    For an even number of stars numpy's median is the mean of the two middle ratios;
+    the upper middle order statistic alone (a faster shortcut) gave a larger s, which
+    changed K on a field with one bright star and left 11 false candidates there.
+    """
+    from astro_zackay.psf.kl import _CHI2_1_MEDIAN, _excess_variance
+
+    rng = np.random.default_rng(n_stars)
+    variances = rng.uniform(0.5, 3.0, (n_stars, 6)) ** 2
+    residuals = rng.normal(0.0, 1.0, (n_stars, 6)) * np.sqrt(variances) * [1, 1.5, 2, 3, 4, 6]
+    r2 = residuals**2
+    excess = _excess_variance(residuals, variances)
+    for k in range(6):
+        def above(s, k=k):
+            return np.median(r2[:, k] / (variances[:, k] + s)) > _CHI2_1_MEDIAN
+        if not above(0.0):
+            assert excess[k] == 0.0
+            continue
+        low, high = 0.0, float(np.max(r2[:, k]) / _CHI2_1_MEDIAN)
+        for _ in range(200):  # bisection on the median itself: the brute-force answer
+            mid = 0.5 * (low + high)
+            low, high = (mid, high) if above(mid) else (low, mid)
+        assert excess[k] == pytest.approx(high, rel=1e-9, abs=1e-12)

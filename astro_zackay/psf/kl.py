@@ -218,28 +218,66 @@ def _excess_variance(residuals: np.ndarray, variances: np.ndarray) -> np.ndarray
     swing it where stars are few (a field's corners: L1 errors of 0.26 in a corner of
     a 2.5x varying field against 0.02-0.05 elsewhere).
 
-    A star's ratio is at most 0.455 from ``s**2 >= t = r**2 / 0.455 - var`` on, so
-    the median is once the middle order statistic of the ``t`` is reached: one
-    partial sort per component (for an even number of stars the upper of the two
-    middle ones, where both middle ratios are at most 0.455).
+    A star's ratio is at most 0.455 from ``s**2 >= t = r**2 / 0.455 - var`` on. For an
+    odd number of stars the median is the middle ratio, so the answer is the middle
+    order statistic of the ``t``. For an even number numpy's median is the mean of the
+    two middle ratios: the answer lies between the two middle ``t``, where the stars
+    below (set A) have ratios at most 0.455 and those above (B) more, and it is the
+    smallest ``s**2`` at which every star of A has a partner in B with whom its mean
+    ratio is at most 0.455, ``max_A min_B`` of the pairs' roots (each a quadratic).
+    Exact, with no search (a log-space search to 3 % changed K on a field with one
+    bright star, where the mean ratio sits on the edge).
 
     Examples
     --------
     >>> import numpy as np
     >>> from astro_zackay.psf.kl import _excess_variance
     >>> rng = np.random.default_rng(1)
-    >>> variances = np.full((2001, 2), 1.0)
-    >>> residuals = rng.normal(0.0, [1.0, 2.0], size=(2001, 2))  # excess 0 and 3
-    >>> np.round(_excess_variance(residuals, variances), 1).tolist()
+    >>> variances = np.full((2000, 2), 1.0)
+    >>> residuals = rng.normal(0.0, [1.0, 2.0], size=(2000, 2))  # excess 0 and 3
+    >>> excess = _excess_variance(residuals, variances)
+    >>> np.round(excess, 1).tolist()
     [0.0, 3.0]
+    >>> def median_ratio(s):  # exactly 0.455 at the excess, above it just below
+    ...     return np.median(residuals[:, 1] ** 2 / (1.0 + s))
+    >>> bool(median_ratio(excess[1]) <= 0.455 < median_ratio(0.999 * excess[1]))
+    True
     """
     r2 = residuals**2
     need = np.median(r2 / variances, axis=0) > _CHI2_1_MEDIAN
     if not need.any():
         return np.zeros(r2.shape[1])
-    middle = len(r2) // 2
-    threshold = np.partition(r2 / _CHI2_1_MEDIAN - variances, middle, axis=0)[middle]
-    return np.where(need, np.maximum(threshold, 0.0), 0.0)
+    n = len(r2)
+    middle = n // 2
+    t = r2 / _CHI2_1_MEDIAN - variances
+    if n % 2:
+        excess = np.partition(t, middle, axis=0)[middle]
+    else:
+        excess = _even_median_root(r2, variances, t, middle)
+    return np.where(need, np.maximum(excess, 0.0), 0.0)
+
+
+def _even_median_root(
+    r2: np.ndarray, variances: np.ndarray, t: np.ndarray, middle: int
+) -> np.ndarray:
+    """The smallest ``s`` at which the mean of the two middle ``r2 / (var + s)`` is 0.455.
+
+    See `_excess_variance`: ``max`` over the lower half A of the ``t``, ``min`` over
+    the upper half B, of the larger root of ``r_a / (v_a + s) + r_b / (v_b + s) =
+    2 c``, kept between the two middle ``t``.
+    """
+    order = np.argsort(t, axis=0)
+    lower, upper = order[:middle], order[middle:]
+    ra = np.take_along_axis(r2, lower, 0)[:, None]
+    va = np.take_along_axis(variances, lower, 0)[:, None]
+    rb = np.take_along_axis(r2, upper, 0)[None]
+    vb = np.take_along_axis(variances, upper, 0)[None]
+    two_c = 2.0 * _CHI2_1_MEDIAN
+    b = two_c * (va + vb) - ra - rb
+    c = two_c * va * vb - ra * vb - rb * va
+    root = (np.sqrt(np.maximum(b * b - 4.0 * two_c * c, 0.0)) - b) / (2.0 * two_c)
+    sorted_t = np.take_along_axis(t, order, 0)
+    return np.clip(root.min(axis=1).max(axis=0), sorted_t[middle - 1], sorted_t[middle])
 
 
 def evaluate_psf(basis: np.ndarray, fields: np.ndarray, design: np.ndarray) -> np.ndarray:
