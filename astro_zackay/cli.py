@@ -897,10 +897,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the command's own steps at INFO; the library's at INFO too only with --verbose
     levels = ((logging.DEBUG, logging.DEBUG) if verbose else
               (logging.WARNING, logging.WARNING) if quiet else (logging.WARNING, logging.INFO))
-    previous = package.level, package.propagate, log.level
+    astropy_log = logging.getLogger("astropy")  # its INFO notes ("first HDU with data ...")
+    previous = package.level, package.propagate, log.level, astropy_log.level
     package.addHandler(handler)
     package.setLevel(levels[0])
     log.setLevel(levels[1])
+    astropy_log.setLevel(logging.INFO if verbose else logging.WARNING)
     package.propagate = False  # one line per message, whatever handlers the root has
     try:
         with warnings.catch_warnings(), _log_through_bars(package, _progress_enabled(args)):
@@ -917,3 +919,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         package.setLevel(previous[0])
         package.propagate = previous[1]
         log.setLevel(previous[2])
+        astropy_log.setLevel(previous[3])

@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -394,3 +395,27 @@ def test_library_keywords_become_options_but_values_stay(message, expected):
     from astro_zackay.cli import _cli_words
 
     assert _cli_words(message) == expected
+
+
+def test_astropy_info_notes_only_with_verbose(frames, tmp_path):
+    """A file with its image in an extension: astropy's INFO note is not a line of output."""
+    data = fits.getdata(frames / "frame1.fits")
+    header = fits.getheader(frames / "frame1.fits")
+    path = tmp_path / "extension.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header, name="SCI")]).writeto(path)
+    astropy_log = logging.getLogger("astropy")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    astropy_log.addHandler(handler)
+    before = astropy_log.level
+    try:
+        for flags, shown in (([], False), (["--verbose"], True)):
+            records.clear()
+            out = tmp_path / f"psf{len(flags)}.fits"
+            assert main([*flags, "psf", str(path), "-o", str(out), "--fwhm", "3.0"]) == 0
+            notes = [r for r in records if "first HDU with data" in r.getMessage()]
+            assert bool(notes) is shown
+            assert astropy_log.level == before
+    finally:
+        astropy_log.removeHandler(handler)
