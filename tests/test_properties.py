@@ -1,0 +1,399 @@
+"""Property-based tests (hypothesis) of the ZOGY array core and of the CCDData boundary.
+
+Every property draws its PSFs, noise levels, flux zero points and image shapes at
+random, with a fixed derandomised search and no example database, so that a run is
+reproducible.  Statistical tolerances are set from the number of pixels (and, for
+correlated outputs, from the number of independent pixels), at 5 sigma unless said
+otherwise, so that a correct implementation fails with negligible probability.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from astro_zackay._ccd import as_ccddata, match_unit, to_image
+from astro_zackay.fourier import (
+    abs2,
+    correlate_fft,
+    get_array_module,
+    half_spectrum_sum,
+    psf_to_origin,
+)
+from astro_zackay.profiles import psf_stamp
+from astro_zackay.zogy import zogy
+
+
+def _bounded(max_examples: int):
+    """Reproducible hypothesis settings: derandomised, no database, no deadline."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# strategies
+# --------------------------------------------------------------------------------------
+
+@st.composite
+def psfs(draw) -> np.ndarray:
+    """A unit-sum Gaussian or Moffat stamp: FWHM 1.5-5 px, ellipticity 0-0.4, any
+    orientation, its centre up to 0.4 px off the central pixel in each axis."""
+    fwhm = draw(st.floats(1.5, 5.0))
+    half = int(np.ceil(2.5 * fwhm)) + 2
+    size = 2 * half + 1
+    offset = draw(st.tuples(st.floats(-0.4, 0.4), st.floats(-0.4, 0.4)))
+    return psf_stamp(
+        size,
+        fwhm,
+        profile=draw(st.sampled_from(["gaussian", "moffat"])),
+        ellipticity=draw(st.floats(0.0, 0.4)),
+        theta=draw(st.floats(0.0, np.pi)),
+        center=(half + offset[0], half + offset[1]),
+    )
+
+
+@st.composite
+def pairs(draw) -> dict:
+    """Everything `zogy` needs for a pair, apart from the images: a shape of 48-96 px
+    per side (odd, even and non-square), two PSFs, two noise levels, zero points with a
+    flux ratio of 0.3-3, and a seed for the noise."""
+    f_ref = draw(st.floats(0.2, 5.0))
+    return {
+        "shape": (draw(st.integers(48, 96)), draw(st.integers(48, 96))),
+        "psf_new": draw(psfs()),
+        "psf_ref": draw(psfs()),
+        "sigma_new": draw(st.floats(0.1, 30.0)),
+        "sigma_ref": draw(st.floats(0.1, 30.0)),
+        "flux_ref": f_ref,
+        "flux_new": f_ref * draw(st.floats(0.3, 3.0)),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _noise(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Pure white background noise of the pair's levels: (new, ref)."""
+    rng = np.random.default_rng(p["seed"])
+    return (rng.normal(0.0, p["sigma_new"], p["shape"]),
+            rng.normal(0.0, p["sigma_ref"], p["shape"]))
+
+
+def _zogy(new: np.ndarray, ref: np.ndarray, p: dict, **kwargs):
+    args = {k: p[k] for k in ("psf_new", "psf_ref", "sigma_new", "sigma_ref",
+                              "flux_new", "flux_ref")}
+    args.update(kwargs)
+    return zogy(new, ref, args.pop("psf_new"), args.pop("psf_ref"), **args)
+
+
+def _star(stamp: np.ndarray, shape: tuple[int, int], y: int, x: int) -> np.ndarray:
+    """The stamp placed (circularly) with its central pixel on pixel ``(y, x)``."""
+    return np.roll(psf_to_origin(stamp, shape), (y, x), axis=(0, 1))
+
+
+def _rfft2(a: np.ndarray) -> np.ndarray:
+    return get_array_module("numpy").rfft2(a, s=a.shape)
+
+
+def _std_tolerance(n_independent: float) -> float:
+    """5 sigma of the relative error of a sample rms of ``n_independent`` normal values."""
+    return 5.0 / np.sqrt(2.0 * n_independent)
+
+
+# --------------------------------------------------------------------------------------
+# the numerical core
+# --------------------------------------------------------------------------------------
+
+@_bounded(25)
+@given(p=pairs())
+def test_d_is_white_unit_variance_noise(p):
+    """On background noise alone, D has unit variance and no correlation between
+    neighbouring pixels, for any PSFs, noise levels and flux ratio: the denominator
+    ``sn**2 |Fr Pr_h|**2 + sr**2 |Fn Pn_h|**2`` is exactly the power of the numerator,
+    frequency by frequency."""
+    new, ref = _noise(p)
+    d = _zogy(new, ref, p).D
+    npix = d.size
+    assert np.all(np.isfinite(d))
+    assert abs(np.sqrt(np.mean(d**2)) - 1.0) < _std_tolerance(npix)
+    # lag-1 correlations along x and y: each has a standard error 1 / sqrt(Npix)
+    for axis in (0, 1):
+        rho = np.mean(d * np.roll(d, 1, axis=axis)) / np.mean(d**2)
+        assert abs(rho) < 5.0 / np.sqrt(npix)
+
+
+@_bounded(25)
+@given(p=pairs())
+def test_scorr_is_standard_normal_on_noise(p):
+    """On background noise alone, Scorr has zero mean and unit variance.
+
+    S is D cross-correlated with P_D, so its pixels are correlated: the variance of its
+    sample variance is ``2 sum(rho**2) / Npix`` with ``rho`` the autocorrelation of
+    P_D, ``sum(rho**2) = Npix sum|PD_h|**4 / (sum|PD_h|**2)**2``.  With constant variance
+    maps equal to the noise levels, the source-noise path gives the same Scorr, and
+    ``F_S == F_D**2 sum(P_D**2)``."""
+    new, ref = _noise(p)
+    res = _zogy(new, ref, p)
+    npix = res.S.size
+    pd_h2 = abs2(_rfft2(res.psf_d_at_origin))
+    nx = res.S.shape[1]
+    sum_rho2 = npix * half_spectrum_sum(pd_h2**2, nx) / half_spectrum_sum(pd_h2, nx) ** 2
+    n_eff = npix / sum_rho2
+    assert abs(np.sqrt(np.mean(res.Scorr**2)) - 1.0) < _std_tolerance(n_eff)
+    assert abs(np.mean(res.Scorr)) < 5.0 * np.sqrt(sum_rho2 / npix)
+    np.testing.assert_allclose(res.Scorr, res.S / np.sqrt(res.F_S), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        res.F_S, res.F_D**2 * np.sum(res.psf_d_at_origin**2), rtol=1e-10
+    )
+    with_maps = _zogy(new, ref, p, var_new=np.full(p["shape"], p["sigma_new"] ** 2),
+                      var_ref=np.full(p["shape"], p["sigma_ref"] ** 2))
+    np.testing.assert_allclose(with_maps.Scorr, res.Scorr, rtol=1e-8, atol=1e-8)
+
+
+@_bounded(20)
+@given(p=pairs(), y=st.floats(0, 1), x=st.floats(0, 1), flux=st.floats(0.0, 1e4))
+def test_s_is_f_d_times_d_correlated_with_p_d(p, y, x, flux):
+    """``S == F_D * (D ⋆ P_D)`` (circular cross-correlation with P_D) for any images:
+    noise plus a transient of any flux."""
+    new, ref = _noise(p)
+    ny, nx = p["shape"]
+    new = new + flux * p["flux_new"] * _star(p["psf_new"], p["shape"], int(y * (ny - 1)),
+                                             int(x * (nx - 1)))
+    res = _zogy(new, ref, p)
+    expected = res.F_D * correlate_fft(res.D, _rfft2(res.psf_d_at_origin))
+    scale = np.max(np.abs(res.S))
+    np.testing.assert_allclose(res.S, expected, rtol=0, atol=1e-10 * scale)
+    assert res.psf_d_at_origin.sum() == pytest.approx(1.0, abs=1e-10)
+
+
+@_bounded(20)
+@given(p=pairs(), flux=st.floats(0.0, 1e4))
+def test_swapping_images_negates_the_difference(p, flux):
+    """Exchanging new and reference (with their PSFs, noises and zero points) negates
+    D, S and Scorr and leaves F_D and F_S unchanged: every formula is antisymmetric in
+    the pair (numerators) or symmetric (denominators and zero points)."""
+    new, ref = _noise(p)
+    ny, nx = p["shape"]
+    new = new + flux * p["flux_new"] * _star(p["psf_new"], p["shape"], ny // 3, nx // 2)
+    res = _zogy(new, ref, p)
+    swapped = zogy(ref, new, p["psf_ref"], p["psf_new"], sigma_new=p["sigma_ref"],
+                   sigma_ref=p["sigma_new"], flux_new=p["flux_ref"], flux_ref=p["flux_new"])
+    for name in ("D", "S", "Scorr"):
+        a, b = getattr(res, name), getattr(swapped, name)
+        np.testing.assert_allclose(b, -a, rtol=0, atol=1e-10 * np.max(np.abs(a)))
+    np.testing.assert_allclose(swapped.F_D, res.F_D, rtol=1e-12)
+    np.testing.assert_allclose(swapped.F_S, res.F_S, rtol=1e-12)
+
+
+@_bounded(30)
+@given(p=pairs(), snr=st.floats(5.0, 200.0), y=st.floats(0, 1), x=st.floats(0, 1),
+       static=st.floats(0.0, 1e5))
+def test_transient_flux_is_recovered_within_its_error(p, snr, y, x, static):
+    """A point source of flux ``alpha`` in the new image only (``Fn alpha P_n`` on the
+    pixel grid) is measured by ``alpha = S / F_S`` at its pixel, with a pull
+    ``(alpha_hat - alpha) / alpha_err`` within 4 sigma; a static star elsewhere,
+    ``Fn f P_n`` in the new and ``Fr f P_r`` in the reference image, leaves nothing in
+    D beyond the noise-free round-off."""
+    new, ref = _noise(p)
+    shape = p["shape"]
+    ny, nx = shape
+    yt, xt = int(y * (ny - 1)), int(x * (nx - 1))
+    # a static star half the image away from the transient
+    ys, xs = (yt + ny // 2) % ny, (xt + nx // 2) % nx
+    fn, fr = p["flux_new"], p["flux_ref"]
+    # the S/N of a PSF fit on the new image alone: the transient's true S/N is lower
+    alpha = snr * p["sigma_new"] / (fn * np.sqrt(np.sum(p["psf_new"] ** 2)))
+    star_new = static * fn * _star(p["psf_new"], shape, ys, xs)
+    star_ref = static * fr * _star(p["psf_ref"], shape, ys, xs)
+    res = _zogy(new + alpha * fn * _star(p["psf_new"], shape, yt, xt) + star_new,
+                ref + star_ref, p)
+    pull = (res.alpha[yt, xt] - alpha) / res.alpha_err[yt, xt]
+    assert abs(pull) < 4.0
+    if static > 0:
+        clean = _zogy(star_new, star_ref, p).D
+        alone = _zogy(star_new, np.zeros(shape), p).D
+        assert np.max(np.abs(clean)) < 1e-10 * np.max(np.abs(alone))
+
+
+@_bounded(20)
+@given(p=pairs(), a=st.floats(-3.0, 3.0), b=st.floats(-3.0, 3.0), c=st.floats(0.01, 100.0))
+def test_linearity_and_unit_scaling(p, a, b, c):
+    """With fixed noises and zero points, D, S and Scorr are linear in the images:
+    ``(a N1 + b N2, a R1 + b R2) -> a D1 + b D2``.
+
+    Changing the images' unit by ``c`` (images and noises times ``c``) leaves the
+    denominator's square root times ``c``, so D and Scorr are unchanged, while
+    ``Q = Fr Fn Pr_h Pn_h / sqrt(den)`` is divided by ``c``: S and F_D scale by ``1/c``,
+    F_S by ``1/c**2`` and the flux ``alpha = S / F_S`` (with its error) by ``c``.
+    Changing both zero points by ``c`` keeps the flux ratio and D, multiplies F_D and S
+    by ``c``, F_S by ``c**2`` and divides ``alpha`` by ``c``."""
+    n1, r1 = _noise(p)
+    n2, r2 = _noise({**p, "seed": p["seed"] ^ 0x5A5A5A5A})
+    res1, res2 = _zogy(n1, r1, p), _zogy(n2, r2, p)
+    mix = _zogy(a * n1 + b * n2, a * r1 + b * r2, p)
+    for name in ("D", "S", "Scorr"):
+        expected = a * getattr(res1, name) + b * getattr(res2, name)
+        scale = np.max(np.abs(getattr(res1, name))) + np.max(np.abs(getattr(res2, name)))
+        np.testing.assert_allclose(getattr(mix, name), expected, rtol=0, atol=1e-10 * scale)
+
+    unit = _zogy(c * n1, c * r1, p, sigma_new=c * p["sigma_new"], sigma_ref=c * p["sigma_ref"])
+    np.testing.assert_allclose(unit.D, res1.D, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(unit.Scorr, res1.Scorr, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(unit.S, res1.S / c, rtol=1e-9, atol=1e-9 * np.abs(res1.S).max() / c)
+    np.testing.assert_allclose(unit.F_D, res1.F_D / c, rtol=1e-12)
+    np.testing.assert_allclose(unit.F_S, res1.F_S / c**2, rtol=1e-12)
+    np.testing.assert_allclose(unit.alpha_err, c * res1.alpha_err, rtol=1e-9)
+
+    zp = _zogy(n1, r1, p, flux_new=c * p["flux_new"], flux_ref=c * p["flux_ref"])
+    np.testing.assert_allclose(zp.D, res1.D, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(zp.S, c * res1.S, rtol=1e-9, atol=1e-9 * c * np.abs(res1.S).max())
+    np.testing.assert_allclose(zp.F_D, c * res1.F_D, rtol=1e-12)
+    np.testing.assert_allclose(zp.F_S, c**2 * res1.F_S, rtol=1e-12)
+    np.testing.assert_allclose(zp.alpha_err, res1.alpha_err / c, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# the CCDData boundary
+# --------------------------------------------------------------------------------------
+
+#: (unit, extra keyword arguments of to_image, header) of each unit tried.
+_UNITS = {
+    "electron": (u.electron, {}, {}),
+    "adu+gain": (u.adu, {"gain": 1.7}, {}),
+    "adu+GAIN": (u.adu, {}, {"GAIN": 2.3}),
+    "electron/s": (u.electron / u.s, {}, {"EXPTIME": 30.0}),
+}
+_UNCERTAINTIES = {
+    "none": None,
+    "stddev": lambda var: StdDevUncertainty(np.sqrt(var)),
+    "variance": VarianceUncertainty,
+    "inverse": lambda var: InverseVariance(1.0 / var),
+}
+_DTYPES = ["float32", "float64", "int16", ">f8"]
+
+
+@st.composite
+def ccds(draw) -> tuple[CCDData, dict, str, np.ndarray]:
+    """A CCDData of any unit, mask, uncertainty class and dtype (including big-endian),
+    with a few NaN pixels for floating types; returns it, the extra arguments of
+    to_image, the unit key and the variance put in (the data's own units squared)."""
+    shape = (draw(st.integers(8, 40)), draw(st.integers(8, 40)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+    data = rng.normal(100.0, 10.0, shape)
+    if dtype.kind == "i":
+        data = np.round(data)
+    data = data.astype(dtype)
+    if dtype.kind == "f" and draw(st.booleans()):
+        data[rng.integers(0, shape[0], 3), rng.integers(0, shape[1], 3)] = np.nan
+    mask = rng.random(shape) < 0.1 if draw(st.booleans()) else None
+    var = rng.uniform(1.0, 50.0, shape)
+    unc_key = draw(st.sampled_from(sorted(_UNCERTAINTIES)))
+    unc = _UNCERTAINTIES[unc_key]
+    unit_key = draw(st.sampled_from(sorted(_UNITS)))
+    unit, kwargs, header = _UNITS[unit_key]
+    ccd = CCDData(data, unit=unit, mask=mask, uncertainty=None if unc is None else unc(var),
+                  meta=dict(header))
+    return ccd, kwargs, unit_key, var if unc is not None else None
+
+
+def _snapshot(ccd: CCDData) -> dict:
+    unc = ccd.uncertainty
+    return {
+        "data": ccd.data.copy(),
+        "dtype": ccd.data.dtype,
+        "mask": None if ccd.mask is None else ccd.mask.copy(),
+        "uncertainty": None if unc is None else (type(unc), unc.array.copy()),
+        "meta": copy.deepcopy(dict(ccd.meta)),
+        "unit": ccd.unit,
+    }
+
+
+def _assert_unchanged(ccd: CCDData, before: dict) -> None:
+    after = _snapshot(ccd)
+    assert after["dtype"] == before["dtype"]
+    np.testing.assert_array_equal(after["data"], before["data"])
+    if before["mask"] is None:
+        assert after["mask"] is None
+    else:
+        np.testing.assert_array_equal(after["mask"], before["mask"])
+    if before["uncertainty"] is None:
+        assert after["uncertainty"] is None
+    else:
+        assert after["uncertainty"][0] is before["uncertainty"][0]
+        np.testing.assert_array_equal(after["uncertainty"][1], before["uncertainty"][1])
+    assert after["meta"] == before["meta"]
+    assert after["unit"] == before["unit"]
+
+
+@_bounded(60)
+@given(case=ccds())
+def test_ccddata_round_trip(case):
+    """to_image then as_ccddata keeps the values (as native float64), the unit, the
+    mask (the input's OR the non-finite pixels) and the uncertainty (as a standard
+    deviation, any input class), and leaves the caller's CCDData untouched."""
+    ccd, kwargs, _, var = case
+    before = _snapshot(ccd)
+    img = to_image(ccd, saturation=np.inf, **kwargs)
+    _assert_unchanged(ccd, before)
+
+    assert img.data.dtype == np.float64 and img.data.dtype.isnative
+    assert img.data is not ccd.data
+    expected = np.asarray(ccd.data, dtype=np.float64)
+    np.testing.assert_array_equal(img.data, expected)
+    bad = ~np.isfinite(expected)
+    if ccd.mask is not None:
+        bad |= ccd.mask
+    if var is not None:
+        np.testing.assert_array_equal(img.mask, bad)
+        np.testing.assert_allclose(img.variance, var, rtol=1e-12)
+        assert not img.variance_estimated
+    else:
+        assert img.variance_estimated
+        assert np.all(img.mask[bad])
+        good = ~img.mask
+        assert np.all(np.isfinite(img.variance[good])) and np.all(img.variance[good] > 0)
+
+    back = as_ccddata(img)
+    assert back.unit == ccd.unit
+    np.testing.assert_array_equal(back.data, expected)
+    np.testing.assert_array_equal(back.mask, img.mask)
+    back_var = back.uncertainty.represent_as(VarianceUncertainty).array
+    np.testing.assert_allclose(back_var, img.variance, rtol=1e-12)
+    # as_ccddata is a view of the ImageData: coercing it again gives the same arrays
+    again = to_image(back, saturation=np.inf, **kwargs)
+    np.testing.assert_array_equal(again.data, img.data)
+    np.testing.assert_array_equal(again.mask, img.mask)
+    np.testing.assert_allclose(again.variance, img.variance, rtol=1e-12)
+
+
+@_bounded(40)
+@given(case=ccds())
+def test_unit_conversion_round_trip(case):
+    """Converting to electrons (through the gain or the exposure time) multiplies the
+    data by the factor and the variance by its square, and converting back restores
+    both; neither the ImageData nor the CCDData is modified."""
+    ccd, kwargs, unit_key, _ = case
+    img = to_image(ccd, saturation=np.inf, **kwargs)
+    data, variance = img.data.copy(), img.variance.copy()
+    factor = {"electron": 1.0, "adu+gain": 1.7, "adu+GAIN": 2.3, "electron/s": 30.0}[unit_key]
+    gain = kwargs.get("gain")
+    electrons = match_unit(img, u.electron, gain=gain, name="image", target="electrons")
+    assert electrons.unit == u.electron
+    np.testing.assert_allclose(electrons.data, factor * data, rtol=1e-12)
+    np.testing.assert_allclose(electrons.variance, factor**2 * variance, rtol=1e-12)
+    np.testing.assert_array_equal(electrons.mask, img.mask)
+    back = match_unit(electrons, ccd.unit, gain=factor if ccd.unit == u.adu else None,
+                      name="image", target="original")
+    assert back.unit == ccd.unit
+    np.testing.assert_allclose(back.data, data, rtol=1e-12)
+    np.testing.assert_allclose(back.variance, variance, rtol=1e-12)
+    np.testing.assert_array_equal(img.data, data)
+    np.testing.assert_array_equal(img.variance, variance)
