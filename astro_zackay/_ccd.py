@@ -27,6 +27,7 @@ from astropy.nddata import (
     VarianceUncertainty,
 )
 from astropy.stats import sigma_clipped_stats
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS
 
 from ._warnings import NoiseEstimateWarning, SaturationWarning, user_stacklevel
@@ -167,22 +168,68 @@ def _as_float(value: Any, unit: u.UnitBase | None = None, name: str = "value") -
     return value
 
 
+def _unparsable_bunit(values: list[Any], source: str) -> ValueError | None:
+    """The error for the first BUNIT among ``values`` that astropy cannot parse, else None."""
+    for value in values:
+        if value is None:
+            continue
+        try:
+            u.Unit(value)
+        except ValueError:
+            return ValueError(
+                f"{source} has BUNIT = {value!r}, which astropy cannot parse as a unit: pass "
+                "unit= explicitly (e.g. unit='electron' for 'e-', unit='electron/s' for "
+                "'e-/s', unit='adu' for 'counts')"
+            )
+    return None
+
+
+def _check_fits_file(path: str) -> None:
+    """Raise a clear error for a path that is not a complete FITS file, before reading it.
+
+    A directory, an empty, garbage or truncated file is named with what is wrong
+    (astropy would ask for a ``format`` argument, fail with "buffer is too small", or
+    read a truncated file as a valid image with a warning). Only the headers are read.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not a FITS file: give the path of "
+                                "a FITS image")
+    what = f"{path!r} is not a readable FITS file"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyUserWarning)
+            fits.open(path, memmap=False, lazy_load_hdus=False).close()  # headers only
+    except PermissionError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        raise OSError(f"{what} ({exc}): it is empty or corrupt; check that it is a FITS "
+                      "image, or copy or download it again") from None
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        raise OSError(f"{what} ({truncated[0]}): it is truncated; copy or download it again")
+
+
 def _read_fits(path: str | os.PathLike, hdu: int | str | None, unit: Any) -> CCDData:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no FITS file at {path!r}")
+    _check_fits_file(path)
     kwargs: dict[str, Any] = {}
     if hdu is not None:
         kwargs["hdu"] = hdu
     try:
-        return CCDData.read(path, unit=unit, **kwargs)
+        return CCDData.read(path, unit=unit, format="fits", **kwargs)
     except ValueError as exc:
-        if "unit" in str(exc).lower():
-            raise ValueError(
-                f"{path!r} has no BUNIT keyword, so its unit is unknown: pass unit='adu' "
-                "(or 'electron', ...) explicitly"
-            ) from None
-        raise
+        if "unit" not in str(exc).lower():
+            raise
+        with fits.open(path) as hdul:
+            unparsable = _unparsable_bunit([h.header.get("BUNIT") for h in hdul], repr(path))
+        if unparsable is not None:
+            raise unparsable from None
+        raise ValueError(
+            f"{path!r} has no BUNIT keyword, so its unit is unknown: pass unit='adu' "
+            "(or 'electron', ...) explicitly"
+        ) from None
 
 
 def _from_hdu(hdu: Any, unit: Any) -> CCDData:
@@ -201,7 +248,10 @@ def _from_hdu(hdu: Any, unit: Any) -> CCDData:
                 "the HDU has no BUNIT keyword, so its unit is unknown: pass unit='adu' "
                 "(or 'electron', ...) explicitly"
             )
-        unit = u.Unit(bunit, parse_strict="warn")
+        unparsable = _unparsable_bunit([bunit], f"the {type(hdu).__name__}")
+        if unparsable is not None:
+            raise unparsable
+        unit = u.Unit(bunit)
     wcs = None
     if header.get("CTYPE1"):
         wcs = WCS(header)
@@ -230,6 +280,19 @@ def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
     )
 
 
+def _check_not_negative(unc: Any) -> None:
+    """Raise a ValueError for an uncertainty with negative values (never taken as ``|x|``)."""
+    with np.errstate(invalid="ignore"):
+        negative = np.asarray(unc.array) < 0
+    if np.any(negative):
+        kind = type(unc).__name__
+        raise ValueError(
+            f"the {kind} has {int(negative.sum())} negative values (min "
+            f"{float(np.min(unc.array)):.4g}): an uncertainty must be >= 0; fix it, or set the "
+            "bad pixels' uncertainty to NaN (they are then masked)"
+        )
+
+
 def _variance_from_uncertainty(
     unc: Any, shape: tuple[int, ...], unit: u.UnitBase
 ) -> np.ndarray | None:
@@ -242,6 +305,7 @@ def _variance_from_uncertainty(
             f"uncertainty of type {type(unc).__name__} is not supported: use "
             "StdDevUncertainty, VarianceUncertainty or InverseVariance"
         )
+    _check_not_negative(unc)
     values = np.array(var.array, dtype=np.float64)
     if var.unit is not None and unit is not None and var.unit != unit**2:
         try:

@@ -77,6 +77,49 @@ def _unit_sum(stamp: np.ndarray, what: str) -> np.ndarray:
     return stamp / total
 
 
+#: Largest offset (px) of a given PSF stamp's centroid from its central pixel.
+MAX_CENTRE_OFFSET = 0.5
+#: Largest negative pixel of a given PSF stamp, as a fraction of its peak, and largest
+#: negative flux, as a fraction of its positive flux (noise is fine).
+MAX_NEGATIVE_FRACTION = 0.1
+#: The core of a stamp whose centroid is measured: pixels above this fraction of the peak.
+_CORE_FRACTION = 0.05
+
+
+def _check_stamp_shape(stamp: np.ndarray, what: str) -> None:
+    """Raise a ValueError for a unit-sum stamp not centred or too negative to be a PSF.
+
+    The centroid is that of the core (pixels above 5 % of the peak), so that noise in
+    the wings does not move it; a PSF 4 px off its central pixel would otherwise shift
+    every source of the difference image and leave thousands of false pixels.
+    """
+    peak = stamp.max()
+    if stamp.min() < -MAX_NEGATIVE_FRACTION * peak:
+        raise ValueError(
+            f"{what} has a pixel of {stamp.min():.3g} against a peak of {peak:.3g} (after "
+            "normalising to unit sum): a PSF must be non-negative up to its noise; give a "
+            "background-subtracted, non-negative stamp"
+        )
+    negative = -stamp[stamp < 0].sum()
+    if negative > MAX_NEGATIVE_FRACTION * (1.0 + negative):
+        raise ValueError(
+            f"{what} has {negative:.3g} of its unit sum in negative pixels (more than "
+            f"{MAX_NEGATIVE_FRACTION:g} of its positive flux): a PSF must be non-negative up to "
+            "its noise; give a background-subtracted, non-negative stamp"
+        )
+    core = np.where(stamp > _CORE_FRACTION * peak, stamp, 0.0)
+    ny, nx = stamp.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    dx = round(float((core * xx).sum() / core.sum()) - nx // 2, 2) + 0.0  # no "-0.00"
+    dy = round(float((core * yy).sum() / core.sum()) - ny // 2, 2) + 0.0
+    if math.hypot(dx, dy) > MAX_CENTRE_OFFSET:
+        raise ValueError(
+            f"{what} is not centred: its centroid is ({dx:+.2f}, {dy:+.2f}) px (x, y) from its "
+            f"central pixel ({nx // 2}, {ny // 2}), more than {MAX_CENTRE_OFFSET} px; recentre "
+            "the stamp on its central pixel (e.g. scipy.ndimage.shift) or give a PSF model"
+        )
+
+
 def _model_sampler(model: Model, stamp_shape: tuple[int, int]) -> PSFSampler:
     names = next(
         (pair for pair in _POSITION_PARAMETERS if all(n in model.param_names for n in pair)),
@@ -122,11 +165,13 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
 
     Parameters
     ----------
-    psf : KLPSFModel, astropy/photutils model, `~numpy.ndarray` or float
-        A model with a ``psf_at(x, y)`` method (`~astro_zackay.psf.KLPSFModel`), an
-        astropy 2-D model with ``x_0``/``y_0`` (photutils PSF models) or
+    psf : PSFSampler, KLPSFModel, astropy/photutils model, `~numpy.ndarray` or float
+        A `PSFSampler` (returned as it is), a model with a ``psf_at(x, y)`` method
+        (`~astro_zackay.psf.KLPSFModel`), an astropy 2-D model with ``x_0``/``y_0``
+        (photutils PSF models) or
         ``x_mean``/``y_mean`` (`~astropy.modeling.functional_models.Gaussian2D`), an
-        odd-sized stamp centred on its central pixel (normalised to unit sum), or a
+        odd-sized stamp centred on its central pixel (normalised to unit sum; its
+        centroid within `MAX_CENTRE_OFFSET` px of that pixel), or a
         FWHM in pixels: a circular pixel-integrated Gaussian of that FWHM
         (`~astro_zackay.profiles.psf_stamp`) on a stamp reaching 2.5 FWHM from its
         centre.
@@ -142,7 +187,9 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
     TypeError
         For a PSF of none of these kinds.
     ValueError
-        For an even-sized or non-finite stamp, or a FWHM that is not positive.
+        For an even-sized or non-finite stamp, one without a positive sum, with a
+        centroid more than `MAX_CENTRE_OFFSET` px from its central pixel or a pixel
+        below ``-MAX_NEGATIVE_FRACTION`` times its peak, or a FWHM that is not positive.
 
     Examples
     --------
@@ -160,6 +207,8 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
     >>> gaussian.source, gaussian(10.0, 20.0).shape, gaussian.varying
     ('Gaussian of FWHM 3 px', (17, 17), False)
     """
+    if isinstance(psf, PSFSampler):
+        return psf
     if hasattr(psf, "psf_at"):
         varying = bool(getattr(psf, "is_varying", True))
         return PSFSampler(lambda x, y: _unit_sum(psf.psf_at(x, y), "the PSF"), varying,
@@ -172,6 +221,7 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         return _fwhm_sampler(float(psf))
     if isinstance(psf, np.ndarray | list | tuple):
         stamp = _unit_sum(psf, "the PSF array")
+        _check_stamp_shape(stamp, "the PSF array")
         return PSFSampler(lambda x, y: stamp, False, "array")
     raise TypeError(
         f"cannot use a {type(psf).__name__} as a PSF: give a KLPSFModel, an astropy or "

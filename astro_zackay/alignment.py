@@ -58,6 +58,32 @@ def _warp_by_stars(
     return data, variance, bad, params
 
 
+#: Points per side of the grid of pixels whose sky positions test two footprints' overlap.
+_OVERLAP_GRID = 17
+
+
+def _lands_inside(source: ImageData, target: ImageData) -> bool:
+    """Whether any point of a grid over ``source`` falls on ``target``, through their WCSs."""
+    ny, nx = source.shape
+    y, x = np.meshgrid(np.linspace(-0.5, ny - 0.5, _OVERLAP_GRID),
+                       np.linspace(-0.5, nx - 0.5, _OVERLAP_GRID), indexing="ij")
+    with np.errstate(invalid="ignore"):
+        tx, ty = target.wcs.world_to_pixel(source.wcs.pixel_to_world(x.ravel(), y.ravel()))
+    ty_max, tx_max = target.shape
+    inside = (tx >= -0.5) & (tx <= tx_max - 0.5) & (ty >= -0.5) & (ty <= ty_max - 0.5)
+    return bool(np.any(inside))
+
+
+def _check_overlap(source: ImageData, target: ImageData) -> None:
+    """Raise a ValueError when the images' footprints on the sky do not overlap."""
+    if not (_lands_inside(source, target) or _lands_inside(target, source)):
+        raise ValueError(
+            "method='wcs': no overlap between the images' footprints on the sky, so no pixel "
+            "of the image lands on the target; check the WCS of both images (CRVAL, CRPIX, "
+            "CD/CDELT), or use method='stars'"
+        )
+
+
 def _warp_by_wcs(
     source: ImageData, target: ImageData, order: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
@@ -75,6 +101,7 @@ def _warp_by_wcs(
     orders = {0: "nearest-neighbor", 1: "bilinear", 3: "bicubic"}
     if order not in orders:
         raise ValueError(f"order must be 0, 1 or 3 for method='wcs', got {order}")
+    _check_overlap(source, target)
     kwargs = {"output_projection": target.wcs, "shape_out": target.shape}
     data, footprint = reproject_interp(
         (source.filled(0.0), source.wcs), order=orders[order], **kwargs
@@ -130,7 +157,8 @@ def align(
     Raises
     ------
     ValueError
-        If the images cannot be matched, or 'wcs' is asked for without WCSs.
+        If the images cannot be matched, or 'wcs' is asked for without WCSs or with
+        footprints that do not overlap.
 
     Examples
     --------

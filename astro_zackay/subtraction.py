@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from ._ccd import (
 from ._prepare import PreparedImage, prepare_image
 from ._psf_input import (
     ImageWarnings,
+    as_psf_sampler,
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
@@ -239,6 +242,71 @@ def _check_noise_options(noise: Any, psf_error: Any) -> None:
     values = np.asarray(_pair(psf_error, "psf_error"), dtype=float)
     if not np.all(np.isfinite(values) & (values >= 0)):
         raise ValueError(f"psf_error must be >= 0, got {psf_error!r}")
+
+
+def _is_positive(value: Any) -> bool:
+    """Whether ``value`` is a finite real number > 0 (not a bool or a string)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _check_astrometric_noise(value: Any) -> None:
+    """Raise a ValueError for an ``astrometric_noise=`` that is not 'auto', None or sigmas >= 0."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return
+    values = _pair(value, "astrometric_noise")
+    if not all(_is_positive(v) or (isinstance(v, numbers.Real) and v == 0) for v in values):
+        raise ValueError(
+            f"astrometric_noise must be 'auto', None, or finite sigmas >= 0 in pixels (one "
+            f"value or an (x, y) pair), got {value!r}; pass 0 for no registration noise"
+        )
+
+
+def _check_options(
+    flux_ratio: Any, astrometric_noise: Any, fit_shift: Any, align: Any, dtype: Any
+) -> None:
+    """Raise a ValueError for any of these options of `subtract` that it does not take."""
+    if flux_ratio is not None and not _is_positive(flux_ratio):
+        raise ValueError(
+            f"flux_ratio must be a positive finite number (science / reference flux), got "
+            f"{flux_ratio!r}; pass None to fit it"
+        )
+    _check_astrometric_noise(astrometric_noise)
+    if not isinstance(fit_shift, bool | np.bool_):
+        raise ValueError(f"fit_shift must be True or False, got {fit_shift!r}")
+    if align not in (False, None, True) and align not in ("stars", "wcs"):
+        raise ValueError(f"align must be False, 'stars' or 'wcs', got {align!r}")
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}")
+
+
+def _given_psf(psf: Any, name: str) -> Any:
+    """A PSF given to `subtract` as a `PSFSampler`, checked before any work; None as is.
+
+    Its error names the option: ``"reference_psf: the PSF array is not centred..."``.
+    """
+    if psf is None:
+        return None
+    try:
+        return as_psf_sampler(psf)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+
+
+def _named(step: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``step(*args, **kwargs)`` with the image's name ahead of its error's message.
+
+    A bad input (a corrupt file, an unparsable unit, negative uncertainties) is then
+    reported as ``"science image: ..."`` or ``"reference image: ..."``, in the same class.
+    """
+    try:
+        return step(*args, **kwargs)
+    except (OSError, TypeError, ValueError) as exc:
+        try:
+            named = type(exc)(f"{name}: {exc}")
+        except TypeError:  # an exception class that needs other arguments: kept as it is
+            raise exc from None
+        raise named from None
 
 
 def _psf_errors(psf_error: Any) -> tuple[float, float]:
@@ -580,24 +648,25 @@ def subtract(
     _check_noise_options(noise, psf_error)
     get_array_module(backend)  # an unknown name, or cupy without CuPy, fails before any work
     check_tiles(tiles)
-    if flux_ratio is not None and not (np.isfinite(flux_ratio) and flux_ratio > 0):
-        raise ValueError(f"flux_ratio must be a positive number, got {flux_ratio}")
+    _check_options(flux_ratio, astrometric_noise, fit_shift, align, dtype)
+    reference_psf = _given_psf(reference_psf, "reference_psf")
+    science_psf = _given_psf(science_psf, "science_psf")
     units, gains = _pair(unit, "unit"), _pair(gain, "gain")
     noises, saturations = _pair(read_noise, "read_noise"), _pair(saturation, "saturation")
     ref_warnings, sci_warnings = ImageWarnings("reference image"), ImageWarnings("science image")
     with sci_warnings:
-        sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
-                       saturation=saturations[1], dtype=dtype)
+        sci = _named(to_image, "science image", science, unit=units[1], gain=gains[1],
+                     read_noise=noises[1], saturation=saturations[1], dtype=dtype)
         warn_missing_source_noise(sci)
     with ref_warnings:
         if align:
             from .alignment import align as align_images
 
             method = "stars" if align is True else align
-            reference = align_images(reference, as_ccddata(sci), method=method, unit=units[0],
-                                     saturation=saturations[0])
-        ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
-                       saturation=saturations[0], dtype=dtype)
+            reference = _named(align_images, "reference image", reference, as_ccddata(sci),
+                               method=method, unit=units[0], saturation=saturations[0])
+        ref = _named(to_image, "reference image", reference, unit=units[0], gain=gains[0],
+                     read_noise=noises[0], saturation=saturations[0], dtype=dtype)
         warn_missing_source_noise(ref)
     if ref.shape != sci.shape:
         raise ValueError(

@@ -1,0 +1,201 @@
+"""Malformed inputs at the image boundary and in `subtract`: each a specific, explaining error.
+
+Every test checks the exception class and a message that names the input, what was
+wrong and what to do, and that the caller's CCDData is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData, StdDevUncertainty, VarianceUncertainty
+
+from astro_zackay import subtract
+from astro_zackay._psf_input import as_psf_sampler
+from astro_zackay.alignment import align
+from astro_zackay.profiles import psf_stamp
+from astro_zackay.psf import estimate_psf
+from astro_zackay.simulation import simulate_pair
+
+#: Paths that do not exist: a parameter error raised with them proves it came before any work.
+MISSING = ("/nonexistent/reference.fits", "/nonexistent/science.fits")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return simulate_pair((128, 128), n_stars=30, flux_range=(2e3, 2e5), seed=1)
+
+
+def _snapshot(ccd: CCDData) -> tuple:
+    unc = None if ccd.uncertainty is None else ccd.uncertainty.array.copy()
+    mask = None if ccd.mask is None else ccd.mask.copy()
+    return ccd.data.copy(), mask, unc, copy.deepcopy(dict(ccd.meta))
+
+
+def _assert_unchanged(ccd: CCDData, before: tuple) -> None:
+    data, mask, unc, meta = before
+    np.testing.assert_array_equal(ccd.data, data)
+    np.testing.assert_array_equal(ccd.mask, mask)
+    np.testing.assert_array_equal(ccd.uncertainty.array, unc)
+    assert dict(ccd.meta) == meta
+
+
+def _write(pair, tmp_path) -> tuple:
+    good = tmp_path / "good.fits"
+    pair.science.ccd.write(good)
+    return good, good.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [2880, None])
+def test_truncated_fits_is_refused(pair, tmp_path, cut):
+    good, raw = _write(pair, tmp_path)
+    bad = tmp_path / "truncated.fits"
+    bad.write_bytes(raw[: len(raw) - cut] if cut else raw[: len(raw) // 2])
+    before = _snapshot(pair.science.ccd)
+    with pytest.raises(OSError, match=r"reference image: .*truncated.fits.* is not a readable "
+                                      r"FITS file .*truncated; copy or download it again"):
+        subtract(str(bad), pair.science.ccd)
+    _assert_unchanged(pair.science.ccd, before)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a FITS file at all\n" * 200])
+def test_empty_or_garbage_file_is_refused(pair, tmp_path, content):
+    bad = tmp_path / "garbage.fits"
+    bad.write_bytes(content)
+    before = _snapshot(pair.reference.ccd)
+    with pytest.raises(OSError, match=r"science image: .*garbage.fits.* is not a readable FITS "
+                                      r"file .*empty or corrupt; check that it is a FITS image"):
+        subtract(pair.reference.ccd, bad)
+    _assert_unchanged(pair.reference.ccd, before)
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a FITS file: give the "
+                                                r"path of a FITS image"):
+        estimate_psf(tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"science image: .* is a directory"):
+        subtract(tmp_path, tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")
+@pytest.mark.parametrize("bunit", ["counts", "e-", "e-/s"])
+def test_unparsable_bunit_is_named(pair, tmp_path, bunit):
+    hdu = fits.PrimaryHDU(pair.science.ccd.data, header=fits.Header({"BUNIT": bunit}))
+    path = tmp_path / "bunit.fits"
+    hdu.writeto(path)
+    expected = rf"has BUNIT = {re.escape(repr(bunit))}, which astropy cannot parse as a unit: " \
+               r"pass unit= explicitly"
+    with pytest.raises(ValueError, match=expected):
+        estimate_psf(path)
+    with pytest.raises(ValueError, match=expected):
+        estimate_psf(hdu)
+    # the advice works: the same file reads with the unit given
+    assert estimate_psf(path, unit="electron").image_shape == (128, 128)
+
+
+def test_off_centre_psf_array_is_refused(pair):
+    ref, sci = pair.reference.ccd, pair.science.ccd
+    before = _snapshot(ref), _snapshot(sci)
+    stamp = psf_stamp(25, 3.5)
+    with pytest.raises(ValueError, match=r"reference_psf: the PSF array is not centred: its "
+                                         r"centroid is \(\+4.00, \+0.00\) px .*recentre"):
+        subtract(ref, sci, reference_psf=np.roll(stamp, 4, axis=1), science_psf=stamp)
+    _assert_unchanged(ref, before[0])
+    _assert_unchanged(sci, before[1])
+
+
+@pytest.mark.parametrize(
+    ("psf", "match"),
+    [
+        (np.roll(psf_stamp(25, 3.5), -3, axis=0), r"not centred: .* is \(\+0.00, -3.00\)"),
+        (psf_stamp(24, 3.5), r"odd sides .* got shape \(24, 24\)"),
+        (np.where(np.arange(25)[:, None] == 0, np.nan, psf_stamp(25, 3.5)), "non-finite"),
+        (psf_stamp(25, 3.5) - psf_stamp(25, 3.5).mean(), "in negative pixels .* must be non-neg"),
+        (np.where(np.arange(25)[:, None] == 3, -0.01, psf_stamp(25, 3.5)), "a pixel of -"),
+        (-psf_stamp(25, 3.5), "a PSF must have a positive sum"),
+    ],
+)
+def test_bad_psf_arrays_are_refused_before_any_work(psf, match):
+    # the images do not exist: the PSF is checked first
+    with pytest.raises(ValueError, match=f"science_psf: .*({match})"):
+        subtract(*MISSING, science_psf=psf)
+
+
+def test_centred_psf_array_is_normalised():
+    stamp = psf_stamp(25, 3.5)
+    shifted = np.roll(stamp, 1, axis=0) * 0.2 + stamp * 0.8  # centroid 0.2 px off: accepted
+    sampled = as_psf_sampler(3.0 * shifted)(10.0, 10.0)
+    assert sampled.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(sampled, shifted / shifted.sum())
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("astrometric_noise", np.nan, r"astrometric_noise must be .* finite sigmas >= 0"),
+        ("astrometric_noise", -0.1, r"astrometric_noise must be .* got -0.1"),
+        ("astrometric_noise", (0.1, np.inf), r"astrometric_noise must be .* got \(0.1, inf\)"),
+        ("flux_ratio", 0.0, r"flux_ratio must be a positive finite number .* got 0.0"),
+        ("flux_ratio", np.nan, r"flux_ratio must be a positive finite number .* got nan"),
+        ("flux_ratio", -2.0, r"flux_ratio must be a positive finite number .* pass None"),
+        ("flux_ratio", "1.0", r"flux_ratio must be a positive finite number .* got '1.0'"),
+        ("tiles", 8, r"tiles must be .* >= 32 px, got 8"),
+        ("fit_shift", "yes", r"fit_shift must be True or False, got 'yes'"),
+        ("align", "sky", r"align must be False, 'stars' or 'wcs', got 'sky'"),
+        ("dtype", np.int32, r"dtype must be numpy.float32 or numpy.float64"),
+    ],
+)
+def test_parameters_are_checked_before_any_work(option, value, match):
+    with pytest.raises(ValueError, match=match):
+        subtract(*MISSING, **{option: value})
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")
+def test_valid_astrometric_noise_is_reported_as_used(pair):
+    result = subtract(pair.reference.ccd, pair.science.ccd, astrometric_noise=(0.0, 0.05),
+                      noise="white")
+    assert result.astrometric_noise == (0.0, 0.05)
+
+
+@pytest.mark.parametrize("kind", [StdDevUncertainty, VarianceUncertainty])
+def test_negative_uncertainty_is_refused(pair, kind):
+    sci = pair.science.ccd.copy()
+    values = pair.science.ccd.uncertainty.array.copy()
+    values[10:12, 20:25] *= -1.0
+    sci.uncertainty = kind(values if kind is StdDevUncertainty else np.sign(values) * values**2)
+    before = _snapshot(sci), _snapshot(pair.reference.ccd)
+    with pytest.raises(ValueError, match=rf"science image: the {kind.__name__} has 10 negative "
+                                         r"values .* must be >= 0; fix it"):
+        subtract(pair.reference.ccd, sci)
+    _assert_unchanged(sci, before[0])
+    _assert_unchanged(pair.reference.ccd, before[1])
+
+
+def _far_away(ccd: CCDData) -> CCDData:
+    moved = ccd.copy()
+    moved.wcs.wcs.crval = [ccd.wcs.wcs.crval[0] + 10.0, ccd.wcs.wcs.crval[1]]
+    return moved
+
+
+def test_align_wcs_without_overlap_is_refused(pair):
+    ref, sci = _far_away(pair.reference.ccd), pair.science.ccd
+    before = _snapshot(ref), _snapshot(sci)
+    match = r"no overlap between the images' footprints on the sky.*check the WCS"
+    with pytest.raises(ValueError, match=match):
+        align(ref, sci, method="wcs")
+    with pytest.raises(ValueError, match=f"reference image: method='wcs': {match}"):
+        subtract(ref, sci, align="wcs")
+    _assert_unchanged(ref, before[0])
+    _assert_unchanged(sci, before[1])
+
+
+def test_align_wcs_with_partial_overlap_still_works(pair):
+    ref = pair.reference.ccd.copy()
+    ref.wcs.wcs.crpix = [ref.wcs.wcs.crpix[0] + 100.0, ref.wcs.wcs.crpix[1]]  # 100 of 128 px off
+    aligned = align(ref, pair.science.ccd, method="wcs")
+    covered = ~aligned.mask
+    assert 0.1 < covered.mean() < 0.35
