@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "sep", "photutils")
 #: The method used for ``method="auto"`` (see the measurements in `estimate_background`).
 DEFAULT_METHOD = "sep"
+#: The smallest box side, in pixels, that measures a sky and its rms (see `_check_options`).
+MIN_BOX_SIZE = 5
 
 #: sep (like SExtractor) reports the standard deviation of pixels clipped at +-3 sigma,
 #: which is this factor times the sigma of Gaussian noise: sqrt(1 - 6 phi(3) / erf(3/sqrt 2)).
@@ -43,6 +45,26 @@ _SOURCE_THRESHOLD = 5.0
 _SOURCE_GROW = 2
 
 
+def _check_options(box_size: Any, filter_size: Any, method: str) -> None:
+    """Refuse a bad ``method``, ``filter_size`` or ``box_size`` before the image is read.
+
+    A box needs at least `MIN_BOX_SIZE` pixels per side: on pure noise a box of 1 px
+    gives an rms of 0, and boxes of 2-4 px give one 3-12 % low (the clipped statistics
+    of a handful of pixels), while 5 px gives one within 5 %.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    filt = _pair(filter_size, "filter_size")
+    if filt[0] % 2 == 0 or filt[1] % 2 == 0:
+        raise ValueError(f"filter_size must be odd (the median filter has a centre pixel), "
+                         f"got {filter_size!r}: use e.g. 3")
+    if box_size is not None and min(_pair(box_size, "box_size")) < MIN_BOX_SIZE:
+        raise ValueError(
+            f"box_size={box_size!r} is too small to measure a sky and its rms: each side "
+            f"needs at least {MIN_BOX_SIZE} px (default: 64 px, or an eighth of the short "
+            "side of a smaller image)")
+
+
 def _default_box_size(shape: tuple[int, int]) -> int:
     """64 px for images of 512 px and more; an eighth of the short side (>= 16 px) below."""
     return int(min(64, max(16, min(shape) // 8)))
@@ -50,9 +72,14 @@ def _default_box_size(shape: tuple[int, int]) -> int:
 
 def _pair(value: Any, name: str, shape: tuple[int, int] | None = None) -> tuple[int, int]:
     """Normalise an int or (ny, nx) pair of positive ints."""
-    pair = np.broadcast_to(np.asarray(value), (2,))
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf" or array.size not in (1, 2) or array.ndim > 1:
+        raise ValueError(f"{name} must be a positive integer or a pair of them (ny, nx), "
+                         f"got {value!r}")
+    pair = np.broadcast_to(array, (2,))
     if not np.all(np.equal(np.mod(pair, 1), 0)) or np.any(pair < 1):
-        raise ValueError(f"{name} must be a positive integer or a pair of them, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer or a pair of them (ny, nx), "
+                         f"got {value!r}")
     ny, nx = (int(v) for v in pair)
     if shape is not None and (ny > shape[0] or nx > shape[1]):
         raise ValueError(f"{name}={value!r} is larger than the image {shape}")
@@ -400,15 +427,12 @@ def _estimate_from(
         which the star finder can reuse on the same image instead of detecting them
         again; kept out of the result, which stays a plain, picklable record.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_options(box_size, filter_size, method)
     method = DEFAULT_METHOD if method == "auto" else method
     box = _pair(
         _default_box_size(img.shape) if box_size is None else box_size, "box_size", img.shape
     )
     filt = _pair(filter_size, "filter_size")
-    if filt[0] % 2 == 0 or filt[1] % 2 == 0:
-        raise ValueError(f"filter_size must be odd, got {filter_size!r}")
     n_good = img.mask.size - np.count_nonzero(img.mask)
     if n_good < box[0] * box[1]:
         raise ValueError(
@@ -510,9 +534,9 @@ def estimate_background(
         The image; anything :func:`~astro_zackay._ccd.to_image` accepts.
     box_size : int or (int, int), optional
         Mesh box size in pixels, ``(ny, nx)`` or one int for both. Default 64 for
-        images of 512 px and more, an eighth of the shorter side (at least 16) below.
-        Choose boxes several times larger than the sources and smaller than the
-        scale on which the sky varies.
+        images of 512 px and more, an eighth of the shorter side (at least 16) below;
+        at least ``MIN_BOX_SIZE`` (5) px per side. Choose boxes several times larger
+        than the sources and smaller than the scale on which the sky varies.
     filter_size : int or (int, int), optional
         Size of the median filter applied to the box values, in boxes (odd).
     method : {"auto", "sep", "photutils"}, optional
@@ -535,7 +559,8 @@ def estimate_background(
     Raises
     ------
     ValueError
-        For an unknown method, bad box or filter sizes, or too few unmasked pixels.
+        For an unknown method, a box smaller than ``MIN_BOX_SIZE`` or larger than the
+        image, a filter size that is even or not positive, or too few unmasked pixels.
 
     See Also
     --------
@@ -553,6 +578,7 @@ def estimate_background(
     >>> round(bkg.global_sky), round(bkg.global_rms)
     (100, 5)
     """
+    _check_options(box_size, filter_size, method)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     return _estimate_from(
         img,
@@ -614,6 +640,13 @@ def subtract_background(
     >>> out.meta["AZBKG"].split(",")[0]
     'subtracted sep background: box 16x16'
     """
+    if background is None:
+        _check_options(box_size, filter_size, method)
+    elif not isinstance(background, BackgroundResult):
+        raise TypeError(
+            f"background must be a BackgroundResult (from estimate_background), got "
+            f"{type(background).__name__}"
+        )
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     if background is None:
         background, _ = _estimate_from(
@@ -622,10 +655,5 @@ def subtract_background(
             filter_size=filter_size,
             method=method,
             detect_sources=detect_sources,
-        )
-    elif not isinstance(background, BackgroundResult):
-        raise TypeError(
-            f"background must be a BackgroundResult (from estimate_background), got "
-            f"{type(background).__name__}"
         )
     return background._subtract_from(img)

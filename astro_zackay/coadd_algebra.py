@@ -138,6 +138,43 @@ _PAINTED_PIXELS_MAX = 5000
 _OTHERS_POWER_FLOOR = 1e-6
 
 
+def working_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as numpy's float32 or float64, or a TypeError saying what it takes.
+
+    Examples
+    --------
+    >>> working_dtype("float32")
+    dtype('float32')
+    """
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(
+            f"dtype must be numpy.float32 or numpy.float64 (the working precision; integer "
+            f"images are converted to it), got {dtype!r}: pass dtype=np.float32 or np.float64")
+    return resolved
+
+
+def check_depth_fraction(min_depth_fraction: Any) -> None:
+    """``min_depth_fraction`` must be a number in [0, 1] (a fraction of the full depth).
+
+    Examples
+    --------
+    >>> check_depth_fraction(2)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_depth_fraction must be a fraction of the full depth in [0, 1], got 2: ...
+    """
+    value = np.asarray(min_depth_fraction)
+    if value.ndim != 0 or value.dtype.kind not in "iuf" or not 0 <= value <= 1:
+        raise ValueError(
+            f"min_depth_fraction must be a fraction of the full depth in [0, 1], got "
+            f"{min_depth_fraction!r}: pixels shallower than this fraction are masked "
+            "(default 1e-3)")
+
+
 @dataclass(frozen=True, repr=False)
 class CoaddAlgebraResult:
     """Output of `ProperCoaddAccumulator.finalize` (numpy arrays on the image grid).
@@ -250,9 +287,7 @@ class ProperCoaddAccumulator:
         self.fft_shape = fast_shape(self.shape, border) if fft_shape is None else tuple(fft_shape)
         if any(f < s for f, s in zip(self.fft_shape, self.shape)):
             raise ValueError(f"fft_shape {self.fft_shape} is smaller than shape {self.shape}")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.dtype = working_dtype(dtype)
         self._be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
         self._workers = workers
         self._ctype = np.result_type(self.dtype, np.complex64)
@@ -655,6 +690,7 @@ class ProperCoaddAccumulator:
         ValueError
             If no frame was added.
         """
+        check_depth_fraction(min_depth_fraction)
         if self.n_frames == 0:
             raise ValueError("no frame was added; call add() first")
         be, xp, grid = self._be, self._be.xp, self.fft_shape

@@ -42,7 +42,7 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.modeling import Model
-from astropy.nddata import CCDData
+from astropy.nddata import CCDData, NDData
 from astropy.table import Table
 
 from ._ccd import (
@@ -60,7 +60,13 @@ from ._psf_input import ImageWarnings
 from ._threads import single_threaded_blas
 from ._warnings import FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
-from .coadd_algebra import CoaddAlgebraResult, ProperCoaddAccumulator, reject_outliers
+from .coadd_algebra import (
+    CoaddAlgebraResult,
+    ProperCoaddAccumulator,
+    check_depth_fraction,
+    reject_outliers,
+    working_dtype,
+)
 from .fluxmatch import match_stars
 from .fourier import get_array_module
 from .zogy import fit_flux_ratio
@@ -217,6 +223,21 @@ def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
     for j, item in enumerate(images):
         name = os.path.basename(item) if isinstance(item, str | os.PathLike) else f"image {j}"
         yield item, name, None
+
+
+def _check_shapes(images: Any) -> None:
+    """A list of in-memory images must share one shape (checked before any is prepared).
+
+    Files and generators are checked as they are read (`_check_like`).
+    """
+    if not isinstance(images, list | tuple):
+        return
+    shapes = [np.shape(getattr(item, "data", item)) for item in images
+              if isinstance(item, np.ndarray | NDData | u.Quantity)]
+    if len(shapes) == len(images) and len(set(shapes)) > 1:
+        listed = ", ".join(f"image {j} {shape}" for j, shape in enumerate(shapes))
+        raise ValueError(f"images must be registered frames of one shape, got {listed}: "
+                         "crop or resample them to one grid, or pass align=True")
 
 
 class _PerImage:
@@ -483,13 +504,17 @@ def coadd(
     >>> result.frames["n_rejected"].tolist(), int(result.rejected[30, 30])
     ([0, 9, 0], 1)
     """
+    dtype = working_dtype(dtype)
+    check_depth_fraction(min_depth_fraction)
+    if align not in (False, True, "stars", "wcs"):
+        raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
+    if not align:
+        _check_shapes(images)
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
     sigma_list = _PerImage(sigmas, "sigmas")
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
     method = "stars" if align is True else align
-    if method not in (False, "stars", "wcs"):
-        raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
     rejection = _check_rejection(reject, reject_grow, reject_model_error)
     be = get_array_module(backend)  # an unknown name, or cupy without CuPy, fails here
 
@@ -516,7 +541,8 @@ def coadd(
                      frame.name, f, f_err, frame.sigma, stamp.shape, rows[-1][-1])
             del img, frame, stamp  # released before the next image is read
         if acc is None:
-            raise ValueError("coadd needs at least one image; got an empty input")
+            raise ValueError("images is empty: coadd needs at least one image (a list, a "
+                             "generator or an ImageFileCollection that yields one)")
         for option in (psf_list, scale_list, sigma_list, gain_list):
             if option is not None:
                 option.check_exhausted(len(rows))

@@ -137,18 +137,28 @@ def _floating(values: Any) -> np.ndarray:
     return array if array.dtype.kind == "f" else array.astype(float)
 
 
+def _numeric(values: Any, name: str) -> np.ndarray:
+    """``values`` as a 2-D floating array, or a TypeError / ValueError naming ``name``."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must be a 2-D numeric image (a CCDData, NDData, Quantity or array), got "
+            f"{type(values).__name__}; read a FITS file or HDU into a CCDData first "
+            "(astropy.nddata.CCDData.read)")
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {array.shape}")
+    return _floating(array)
+
+
 def _as_array(value: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, WCS | None, Any]:
     """(data, mask, wcs, unit) of an NDData or plain array (floating, see `_floating`)."""
     if isinstance(value, NDData):
         mask = None if value.mask is None else np.asarray(value.mask, dtype=bool)
         wcs = value.wcs if isinstance(value.wcs, WCS) else None
-        return _floating(value.data), mask, wcs, value.unit
+        return _numeric(value.data, name), mask, wcs, value.unit
     if isinstance(value, u.Quantity):
-        return _floating(value.value), None, None, value.unit
-    array = _floating(value)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D image, got shape {array.shape}")
-    return array, None, None, None
+        return _numeric(value.value, name), None, None, value.unit
+    return _numeric(value, name), None, None, None
 
 
 def _subpixel_peak(
@@ -614,6 +624,41 @@ def _check_psf(psf: Any) -> Any:
     return psf
 
 
+def _check_separation(min_separation: Any) -> None:
+    """``min_separation`` must be a non-negative whole number of pixels."""
+    value = np.asarray(min_separation)
+    if (value.ndim != 0 or value.dtype.kind not in "iuf" or not np.isfinite(value)
+            or value < 0 or value != np.floor(value)):
+        raise ValueError(f"min_separation must be a non-negative whole number of pixels (the "
+                         f"half-side of the local-extremum box), got {min_separation!r}")
+
+
+def _check_limits(limits: dict[str, Any]) -> None:
+    """The flags' radii and thresholds must be positive numbers (``psf_error``,
+    ``edge_distance`` >= 0); infinity is allowed (it turns a flag off or on everywhere)."""
+    for key, value in limits.items():
+        zero_ok = key in ("psf_error", "edge_distance")
+        number = np.asarray(value)
+        fine = (number.ndim == 0 and number.dtype.kind in "iuf" and not np.isnan(number)
+                and (number >= 0 if zero_ok else number > 0))
+        if not fine:
+            need = "a number >= 0" if zero_ok else "a positive number"
+            raise ValueError(f"{key} must be {need}, got {value!r}")
+
+
+def _check_not_constant(data: np.ndarray, bad: np.ndarray, threshold: float) -> None:
+    """Refuse a zero-variance score that reaches ``threshold``: it is no map in sigma.
+
+    Every one of its pixels would be a local extremum above the threshold.
+    """
+    good = data[~bad]
+    if good.size and good.min() == good.max() and abs(float(good[0])) >= threshold:
+        raise ValueError(
+            f"score is constant ({float(good[0]):g} in every unmasked pixel): a zero-variance "
+            "image is not a score in sigma units; pass the Scorr of a subtraction "
+            "(SubtractionResult.score)")
+
+
 def _check_sources(sources: Table | None) -> None:
     """``sources`` must have the columns of `bright_sources`."""
     needed = {"x", "y", "snr_reference", "snr_science"}
@@ -785,6 +830,15 @@ def find_transients(
         raise ValueError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
     if not np.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"threshold must be a positive number of sigma, got {threshold}")
+    _check_separation(min_separation)
+    limits = {
+        "dipole_radius": dipole_radius, "dipole_threshold": dipole_threshold,
+        "mask_radius": mask_radius, "fit_radius": fit_radius,
+        "sharp_threshold": sharp_threshold, "chi2_threshold": chi2_threshold,
+        "psf_error": psf_error,
+        "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
+    }
+    _check_limits(limits)
     data, own_mask, own_wcs, _ = _as_array(score, "score")
     bad = ~np.isfinite(data)
     for extra in (own_mask, mask):
@@ -792,6 +846,7 @@ def find_transients(
             if extra.shape != data.shape:
                 raise ValueError(f"mask shape {extra.shape} does not match score {data.shape}")
             bad |= extra
+    _check_not_constant(data, bad, threshold)
     inputs = {
         "difference": _check_image(difference, data.shape, "difference"),
         "psf": _check_psf(psf),
@@ -821,13 +876,6 @@ def find_transients(
         sky = wcs.celestial.pixel_to_world(x, y)
         table["ra"] = sky.ra.deg * u.deg
         table["dec"] = sky.dec.deg * u.deg
-    limits = {
-        "dipole_radius": dipole_radius, "dipole_threshold": dipole_threshold,
-        "mask_radius": mask_radius, "fit_radius": fit_radius,
-        "sharp_threshold": sharp_threshold, "chi2_threshold": chi2_threshold,
-        "psf_error": psf_error,
-        "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
-    }
     table["flags"] = _flags(data, bad, rows, cols, x, y, fwhm, inputs, limits, table)
     table["good"] = table["flags"] == 0
     table.meta["threshold"] = float(threshold)
