@@ -149,8 +149,8 @@ def working_dtype(dtype: Any) -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError:
-        resolved = None
-    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        resolved = np.dtype(object)
+    if dtype is None or resolved.name not in ("float32", "float64"):
         raise TypeError(
             f"dtype must be numpy.float32 or numpy.float64 (the working precision; integer "
             f"images are converted to it), got {dtype!r}: pass dtype=np.float32 or np.float64")

@@ -1,0 +1,262 @@
+"""Malformed inputs of `find_transients`, `coadd` and the background: each a specific error.
+
+Every refusal is checked for its exception class and a message that names the input,
+what was wrong and what to do; a parameter error raised with a path that does not
+exist (or an image that could not be read) proves it came before any work; the
+callers' arrays and CCDData are left as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData
+from astropy.stats import mad_std
+
+from astro_zackay import coadd, subtract
+from astro_zackay.background import estimate_background, subtract_background
+from astro_zackay.coadd_algebra import ProperCoaddAccumulator
+from astro_zackay.simulation import psf_stamp, simulate_image, simulate_pair
+from astro_zackay.transients import find_transients
+
+#: A path that does not exist: a parameter error raised with it came before any reading.
+MISSING = "/nonexistent/frame.fits"
+PSF = psf_stamp((15, 15), 3.0)
+
+
+def _snapshot(ccd: CCDData) -> tuple:
+    unc = None if ccd.uncertainty is None else ccd.uncertainty.array.copy()
+    mask = None if ccd.mask is None else ccd.mask.copy()
+    return ccd.data.copy(), mask, unc, copy.deepcopy(dict(ccd.meta))
+
+
+def _assert_unchanged(ccd: CCDData, before: tuple) -> None:
+    data, mask, unc, meta = before
+    np.testing.assert_array_equal(ccd.data, data)
+    if mask is not None:
+        np.testing.assert_array_equal(ccd.mask, mask)
+    if unc is not None:
+        np.testing.assert_array_equal(ccd.uncertainty.array, unc)
+    assert dict(ccd.meta) == meta
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Three sky-subtracted 128^2 frames of one field, with PSF and flux scale known."""
+    return [simulate_image((128, 128), psf=3.0, n_stars=20, flux_range=(2e3, 2e4), seed=s,
+                           subtract_sky=True).ccd for s in range(3)]
+
+
+def _coadd(images, **kwargs):
+    n = len(images) if isinstance(images, list) else 3
+    return coadd(images, psfs=[PSF] * n, flux_scales=[1.0] * n, **kwargs)
+
+
+# find_transients ------------------------------------------------------------------------
+
+
+def _noise_score(seed=0):
+    return np.random.default_rng(seed).normal(size=(64, 64))
+
+
+@pytest.mark.parametrize(
+    ("score", "error", "match"),
+    [
+        (np.zeros(100), ValueError, r"score must be a 2-D image, got shape \(100,\)"),
+        (CCDData(np.zeros(100), unit=""), ValueError, r"score must be a 2-D image"),
+        (np.zeros((2, 8, 8)), ValueError, r"score must be a 2-D image, got shape \(2, 8, 8\)"),
+        (fits.PrimaryHDU(np.zeros((8, 8))), TypeError,
+         r"score must be a 2-D numeric image .* got PrimaryHDU; read a FITS file or HDU into "
+         r"a CCDData first"),
+        (MISSING, TypeError, r"score must be a 2-D numeric image .* got str; read a FITS"),
+    ],
+)
+def test_find_transients_refuses_what_is_not_an_image(score, error, match):
+    with pytest.raises(error, match=match):
+        find_transients(score)
+
+
+def test_constant_score_refused_or_empty():
+    """A constant score above the threshold is no significance map (every pixel would be
+    a peak: 4096 candidates before); one below it has nothing to find."""
+    score = np.full((64, 64), 10.0)
+    with pytest.raises(ValueError, match=r"score is constant \(10 in every unmasked pixel\).*"
+                                         r"pass the Scorr of a subtraction"):
+        find_transients(score)
+    np.testing.assert_array_equal(score, 10.0)
+    assert len(find_transients(np.zeros((64, 64)), fwhm=2.0)) == 0
+
+
+def test_constant_score_with_one_masked_outlier_is_refused():
+    """The masked pixels do not count: the unmasked ones are constant."""
+    score = np.full((64, 64), 7.0)
+    score[5, 5] = 50.0
+    mask = np.zeros(score.shape, bool)
+    mask[5, 5] = True
+    with pytest.raises(ValueError, match=r"score is constant \(7 in every unmasked pixel\)"):
+        find_transients(score, mask=mask)
+
+
+@pytest.mark.parametrize("value", [-2, 2.5, np.nan, "3"])
+def test_min_separation_must_be_a_whole_non_negative_number(value):
+    with pytest.raises(ValueError, match=r"min_separation must be a non-negative whole number "
+                                         r"of pixels .* got"):
+        find_transients(MISSING, min_separation=value)  # before the score is looked at
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": -2.0}, r"threshold must be a positive number of sigma, got -2"),
+        ({"threshold": np.nan}, r"threshold must be a positive number of sigma, got nan"),
+        ({"dipole_threshold": -1.0}, r"dipole_threshold must be a positive number, got -1"),
+        ({"sharp_threshold": 0.0}, r"sharp_threshold must be a positive number, got 0"),
+        ({"chi2_threshold": np.nan}, r"chi2_threshold must be a positive number, got nan"),
+        ({"bright_snr": -100.0}, r"bright_snr must be a positive number"),
+        ({"mask_radius": -1.0}, r"mask_radius must be a positive number"),
+        ({"psf_error": -0.05}, r"psf_error must be a number >= 0, got -0.05"),
+        ({"edge_distance": -1.0}, r"edge_distance must be a number >= 0"),
+    ],
+)
+def test_negative_thresholds_refused_before_any_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        find_transients(MISSING, **kwargs)
+
+
+def test_valid_limits_still_find_the_source():
+    """Zero edge distance and an infinite bright_snr are allowed and change nothing else."""
+    score = _noise_score()
+    score[30, 40] = 9.0
+    before = score.copy()
+    table = find_transients(score, fwhm=2.0, edge_distance=0.0, bright_snr=np.inf,
+                            min_separation=np.int64(3))
+    assert table["x_peak"].tolist() == [40] and table["y_peak"].tolist() == [30]
+    np.testing.assert_array_equal(score, before)
+
+
+@pytest.fixture(scope="module")
+def subtraction():
+    pair = simulate_pair((192, 192), n_stars=80, flux_range=(5e3, 2e5), seed=1)
+    return subtract(pair.reference.ccd, pair.science.ccd)
+
+
+def test_subtraction_result_find_transients_checks_first(subtraction):
+    with pytest.raises(ValueError, match=r"min_separation must be a non-negative whole"):
+        subtraction.find_transients(min_separation=-2)
+    with pytest.raises(ValueError, match=r"chi2_threshold must be a positive number"):
+        subtraction.find_transients(chi2_threshold=-4.0)
+
+
+# coadd ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int32, "int16", bool, None, "not a dtype"])
+def test_coadd_refuses_non_float_dtype_before_reading(dtype):
+    with pytest.raises(TypeError, match=r"dtype must be numpy.float32 or numpy.float64 .*"
+                                        r"pass dtype=np.float32 or np.float64"):
+        coadd([MISSING, MISSING], dtype=dtype)
+
+
+def test_accumulator_refuses_non_float_dtype():
+    with pytest.raises(TypeError, match=r"dtype must be numpy.float32 or numpy.float64"):
+        ProperCoaddAccumulator((16, 16), dtype=np.int32)
+
+
+@pytest.mark.parametrize("fraction", [2, -0.1, np.nan, "0.5"])
+def test_coadd_depth_fraction_in_unit_interval(fraction):
+    with pytest.raises(ValueError, match=r"min_depth_fraction must be a fraction of the full "
+                                         r"depth in \[0, 1\]"):
+        coadd([MISSING, MISSING], min_depth_fraction=fraction)
+
+
+def test_accumulator_finalize_checks_depth_fraction():
+    acc = ProperCoaddAccumulator((16, 16))
+    with pytest.raises(ValueError, match=r"min_depth_fraction .* \[0, 1\], got 2"):
+        acc.finalize(min_depth_fraction=2)
+
+
+@pytest.mark.parametrize("images", [[], (), iter([])])
+def test_coadd_of_nothing(images):
+    with pytest.raises(ValueError, match=r"images is empty: coadd needs at least one image"):
+        coadd(images)
+
+
+def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
+    small = CCDData(np.zeros((96, 128)), unit="electron")
+    before = [_snapshot(f) for f in frames[:2]]
+    with pytest.raises(ValueError, match=r"images must be registered frames of one shape, got "
+                                         r"image 0 \(128, 128\), image 1 \(128, 128\), image 2 "
+                                         r"\(96, 128\): .* or pass align=True"):
+        coadd([frames[0], frames[1], small])
+    for ccd, snap in zip(frames[:2], before):
+        _assert_unchanged(ccd, snap)
+    # plain arrays without a unit: the shapes are refused before the missing unit is seen
+    with pytest.raises(ValueError, match=r"image 1 \(32, 64\)"):
+        coadd([np.zeros((64, 64)), np.zeros((32, 64))])
+
+
+def test_coadd_of_one_frame_is_that_frame_whitened():
+    """One frame's proper coadd: white noise of unit variance, the frame's own depth."""
+    sim = simulate_image((128, 128), psf=3.0, n_stars=0, seed=3, subtract_sky=True)
+    before = _snapshot(sim.ccd)
+    result = _coadd([sim.ccd])
+    assert len(result.frames) == 1 and not result.image.mask.any()
+    assert abs(mad_std(result.image.data) - 1.0) < 0.05
+    sigma = float(result.frames["sigma"][0])
+    expected_snr = np.sqrt((PSF**2).sum()) / sigma  # S/N of a unit-flux source
+    assert result.snr_full == pytest.approx(expected_snr, rel=1e-3)
+    _assert_unchanged(sim.ccd, before)
+
+
+def test_coadd_of_a_generator_consumes_it_once(frames):
+    listed = _coadd(list(frames))
+    gen = (f for f in frames)
+    streamed = _coadd(gen)
+    np.testing.assert_array_equal(streamed.image.data, listed.image.data)
+    assert next(gen, None) is None  # consumed
+
+
+# background -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("box", [1, 4, 7, (16, 2)])
+def test_background_box_too_small(box):
+    with pytest.raises(ValueError, match=r"box_size=.* is too small to measure a sky and its "
+                                         r"rms: each side needs at least 8 px"):
+        estimate_background(MISSING, box_size=box)
+    with pytest.raises(ValueError, match=r"box_size=.* is too small"):
+        subtract_background(MISSING, box_size=box)
+
+
+@pytest.mark.parametrize(
+    ("filter_size", "match"),
+    [
+        (2, r"filter_size must be odd \(the median filter has a centre pixel\), got 2"),
+        ((3, 4), r"filter_size must be odd"),
+        (0, r"filter_size must be a positive integer or a pair of them \(ny, nx\), got 0"),
+        (-3, r"filter_size must be a positive integer or a pair of them \(ny, nx\), got -3"),
+        ("3", r"filter_size must be a positive integer"),
+    ],
+)
+def test_background_filter_size(filter_size, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_background(MISSING, filter_size=filter_size)
+
+
+def test_subtract_background_refuses_wrong_background_first():
+    with pytest.raises(TypeError, match=r"background must be a BackgroundResult"):
+        subtract_background(MISSING, background=3.0)
+
+
+@pytest.mark.parametrize("method", ["sep", "photutils"])
+def test_smallest_box_measures_the_rms(method):
+    """At the smallest box allowed (8 px) the rms of pure noise (sigma 5) is within 3 %."""
+    ccd = CCDData(np.random.default_rng(0).normal(100.0, 5.0, (128, 128)), unit="adu")
+    before = _snapshot(ccd)
+    bkg = estimate_background(ccd, box_size=8, method=method, detect_sources=False)
+    assert abs(bkg.global_rms - 5.0) < 0.15
+    assert abs(bkg.global_sky - 100.0) < 0.25
+    _assert_unchanged(ccd, before)
