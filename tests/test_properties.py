@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from astro_zackay._ccd import as_ccddata, match_unit, to_image
 from astro_zackay.fourier import (
     abs2,
+    convolve_fft,
     correlate_fft,
     get_array_module,
     half_spectrum_sum,
@@ -102,6 +103,15 @@ def _rfft2(a: np.ndarray) -> np.ndarray:
     return get_array_module("numpy").rfft2(a, s=a.shape)
 
 
+def _correlating_kernel(draw, shape: tuple[int, int]) -> np.ndarray:
+    """Transform of ``(1 - w) delta + w G``: G a unit-sum Gaussian, w < 0.45, so that it
+    vanishes nowhere (``|K_h| >= 1 - 2 w``)."""
+    weight = draw(st.floats(0.0, 0.45))
+    kernel = weight * psf_stamp(9, draw(st.floats(1.0, 3.0)))
+    kernel[4, 4] += 1.0 - weight
+    return _rfft2(psf_to_origin(kernel, shape))
+
+
 def _std_tolerance(n_independent: float) -> float:
     """5 sigma of the relative error of a sample rms of ``n_independent`` normal values."""
     return 5.0 / np.sqrt(2.0 * n_independent)
@@ -132,22 +142,18 @@ def test_d_is_white_unit_variance_noise(p):
 @_bounded(25)
 @given(p=pairs())
 def test_scorr_is_standard_normal_on_noise(p):
-    """On background noise alone, Scorr has zero mean and unit variance.
-
-    S is D cross-correlated with P_D, so its pixels are correlated: the variance of its
-    sample variance is ``2 sum(rho**2) / Npix`` with ``rho`` the autocorrelation of
-    P_D, ``sum(rho**2) = Npix sum|PD_h|**4 / (sum|PD_h|**2)**2``.  With constant variance
+    """On background noise alone, Scorr has zero mean and unit variance (its tolerance
+    from the independent pixels of S, see `_scorr_n_eff`; the mean of S is ``F_D``
+    times the mean of D, so the mean of Scorr has the variance
+    ``F_D**2 / (Npix F_S) = 1 / (Npix sum(P_D**2))``).  With constant variance
     maps equal to the noise levels, the source-noise path gives the same Scorr, and
     ``F_S == F_D**2 sum(P_D**2)``."""
     new, ref = _noise(p)
     res = _zogy(new, ref, p)
-    npix = res.S.size
-    pd_h2 = abs2(_rfft2(res.psf_d_at_origin))
-    nx = res.S.shape[1]
-    sum_rho2 = npix * half_spectrum_sum(pd_h2**2, nx) / half_spectrum_sum(pd_h2, nx) ** 2
-    n_eff = npix / sum_rho2
+    n_eff = _scorr_n_eff(res)
     assert abs(np.sqrt(np.mean(res.Scorr**2)) - 1.0) < _std_tolerance(n_eff)
-    assert abs(np.mean(res.Scorr)) < 5.0 * np.sqrt(sum_rho2 / npix)
+    mean_sigma = 1.0 / np.sqrt(res.S.size * np.sum(res.psf_d_at_origin**2))
+    assert abs(np.mean(res.Scorr)) < 5.0 * mean_sigma
     np.testing.assert_allclose(res.Scorr, res.S / np.sqrt(res.F_S), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
         res.F_S, res.F_D**2 * np.sum(res.psf_d_at_origin**2), rtol=1e-10
@@ -155,6 +161,59 @@ def test_scorr_is_standard_normal_on_noise(p):
     with_maps = _zogy(new, ref, p, var_new=np.full(p["shape"], p["sigma_new"] ** 2),
                       var_ref=np.full(p["shape"], p["sigma_ref"] ** 2))
     np.testing.assert_allclose(with_maps.Scorr, res.Scorr, rtol=1e-8, atol=1e-8)
+
+
+def _scorr_n_eff(res) -> float:
+    """Independent pixels of S on background noise, for the rms of Scorr.
+
+    S is D cross-correlated with P_D, so for white D its pixels are correlated like
+    P_D's autocorrelation ``rho``: the variance of its sample variance is
+    ``2 sum(rho**2) / Npix``, and ``sum(rho**2) = Npix sum|PD_h|**4 / (sum|PD_h|**2)**2``.
+    """
+    npix = res.S.size
+    pd_h2 = abs2(_rfft2(res.psf_d_at_origin))
+    nx = res.S.shape[1]
+    sum_rho2 = npix * half_spectrum_sum(pd_h2**2, nx) / half_spectrum_sum(pd_h2, nx) ** 2
+    return npix / sum_rho2
+
+
+@_bounded(20)
+@given(p=pairs(), data=st.data())
+def test_correlated_noise_is_whitened(p, data):
+    """Background noise correlated by a kernel K (resampling does that) has the power
+    per pixel ``sigma**2 |K_h|**2``; given that spectrum, D is again white with unit
+    variance and ``Scorr = S / sqrt(F_S)`` is standard normal."""
+    white_new, white_ref = _noise(p)
+    k_new = _correlating_kernel(data.draw, p["shape"])
+    k_ref = _correlating_kernel(data.draw, p["shape"])
+    new, ref = convolve_fft(white_new, k_new), convolve_fft(white_ref, k_ref)
+    res = _zogy(new, ref, p, noise_spectrum_new=p["sigma_new"] ** 2 * abs2(k_new),
+                noise_spectrum_ref=p["sigma_ref"] ** 2 * abs2(k_ref))
+    npix = res.D.size
+    assert abs(np.sqrt(np.mean(res.D**2)) - 1.0) < _std_tolerance(npix)
+    for axis in (0, 1):
+        rho = np.mean(res.D * np.roll(res.D, 1, axis=axis)) / np.mean(res.D**2)
+        assert abs(rho) < 5.0 / np.sqrt(npix)
+    n_eff = _scorr_n_eff(res)
+    assert abs(np.sqrt(np.mean(res.Scorr**2)) - 1.0) < _std_tolerance(n_eff)
+    np.testing.assert_allclose(res.Scorr, res.S / np.sqrt(res.F_S), rtol=1e-10, atol=1e-12)
+
+
+@_bounded(15)
+@given(p=pairs(), flux=st.floats(0.0, 1e4))
+def test_float32_matches_float64(p, flux):
+    """Working in float32 changes D and Scorr by far less than their noise (0.01 sigma),
+    noise only or with a bright transient (the PSF transforms stay float64, and the
+    denominator's floor keeps the far tails of the PSFs finite)."""
+    new, ref = _noise(p)
+    ny, nx = p["shape"]
+    new = new + flux * p["flux_new"] * _star(p["psf_new"], p["shape"], ny // 2, nx // 3)
+    r64 = _zogy(new, ref, p)
+    r32 = _zogy(new, ref, p, dtype=np.float32)
+    assert r32.D.dtype == np.float32 and r32.S.dtype == np.float32
+    for name in ("D", "Scorr"):
+        a64, a32 = getattr(r64, name), getattr(r32, name)
+        assert np.max(np.abs(a32 - a64)) < 1e-2 + 1e-5 * np.max(np.abs(a64))
 
 
 @_bounded(20)
