@@ -424,7 +424,11 @@ def to_image(
     TypeError
         For inputs that are not images.
     ValueError
-        For inputs with no unit, not 2-D, or of mismatched shapes.
+        For inputs with no unit or an unparsable BUNIT (the value is named), not 2-D,
+        of mismatched shapes, or with negative uncertainties.
+    OSError
+        For a path that is a directory, or an empty, corrupt or truncated FITS file
+        (`IsADirectoryError` for a directory).
 
     Warns
     -----

@@ -601,9 +601,14 @@ def subtract(
     Raises
     ------
     ValueError
-        When the images differ in shape (and ``align`` is off), an option is invalid,
-        or a PSF must be estimated from an image with no usable star (the message
-        names the image and the option that gives its PSF).
+        When the images differ in shape (and ``align`` is off), an option is invalid
+        (every option is checked before any work), a given PSF array is not a centred,
+        non-negative stamp with a positive sum, an image has negative uncertainties or
+        an unparsable BUNIT, ``align='wcs'`` finds no overlap between the images'
+        footprints, or a PSF must be estimated from an image with no usable star (the
+        message names the image or the option).
+    OSError
+        When an image path is a directory, or an empty, corrupt or truncated FITS file.
     astropy.units.UnitsError
         When the images' units differ and cannot be converted: electrons and ADU
         without a gain (the message names both units and ``gain=``).
