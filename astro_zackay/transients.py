@@ -510,7 +510,8 @@ def bright_sources(
     Raises
     ------
     ValueError
-        When the images, variances and mask differ in shape.
+        When the images, variances and mask differ in shape, or ``snr_min`` is not
+        positive.
 
     Examples
     --------
@@ -522,6 +523,8 @@ def bright_sources(
     >>> table["x"].tolist(), table["y"].tolist(), bool(table["snr_science"][0] > 100)
     ([35], [25], True)
     """
+    if not (np.ndim(snr_min) == 0 and float(snr_min) > 0):
+        raise ValueError(f"snr_min must be a positive signal-to-noise ratio, got {snr_min!r}")
     arrays = [np.asarray(a) for a in (*images, *variances)]
     if mask is not None:
         arrays.append(np.asarray(mask, dtype=bool))
@@ -841,7 +844,7 @@ def find_transients(
     _check_limits(limits)
     data, own_mask, own_wcs, _ = _as_array(score, "score")
     bad = ~np.isfinite(data)
-    for extra in (own_mask, mask):
+    for extra in (own_mask, None if mask is None else np.asarray(mask, dtype=bool)):
         if extra is not None:
             if extra.shape != data.shape:
                 raise ValueError(f"mask shape {extra.shape} does not match score {data.shape}")
@@ -852,6 +855,7 @@ def find_transients(
         "psf": _check_psf(psf),
         "bad_pixels": _check_mask(bad_pixels, data.shape),
         "sources": sources,
+        "flux": _check_image(flux, data.shape, "flux"),
         "flux_error": _check_image(flux_error, data.shape, "flux_error"),
     }
     _check_sources(sources)

@@ -20,7 +20,7 @@ from astro_zackay import coadd, subtract
 from astro_zackay.background import estimate_background, subtract_background
 from astro_zackay.coadd_algebra import ProperCoaddAccumulator
 from astro_zackay.simulation import psf_stamp, simulate_image, simulate_pair
-from astro_zackay.transients import find_transients
+from astro_zackay.transients import bright_sources, find_transients
 
 #: A path that does not exist: a parameter error raised with it came before any reading.
 MISSING = "/nonexistent/frame.fits"
@@ -135,6 +135,31 @@ def test_valid_limits_still_find_the_source():
                             min_separation=np.int64(3))
     assert table["x_peak"].tolist() == [40] and table["y_peak"].tolist() == [30]
     np.testing.assert_array_equal(score, before)
+
+
+def test_flux_image_checked_before_the_search():
+    score = _noise_score()
+    with pytest.raises(TypeError, match=r"flux must be a 2-D numeric image .* got PrimaryHDU"):
+        find_transients(score, flux=fits.PrimaryHDU(np.zeros((64, 64))))
+    with pytest.raises(ValueError, match=r"flux shape \(32, 64\) does not match score"):
+        find_transients(score, flux=np.zeros((32, 64)))
+
+
+def test_mask_as_nested_list():
+    """A mask given as a list of lists masks the same pixels as the array."""
+    score = _noise_score()
+    score[30, 40] = 9.0
+    mask = np.zeros(score.shape, bool)
+    mask[28:33, 38:43] = True
+    assert len(find_transients(score, fwhm=2.0, mask=mask.tolist())) == 0
+    assert len(find_transients(score, fwhm=2.0)) == 1
+
+
+@pytest.mark.parametrize("snr_min", [-20.0, 0.0, np.nan])
+def test_bright_sources_snr_min_positive(snr_min):
+    image = np.zeros((32, 32))
+    with pytest.raises(ValueError, match=r"snr_min must be a positive signal-to-noise ratio"):
+        bright_sources((image, image), (image + 1, image + 1), (PSF, PSF), snr_min=snr_min)
 
 
 @pytest.fixture(scope="module")
