@@ -225,6 +225,10 @@ def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
         yield item, name, None
 
 
+_EMPTY = ("images is empty: coadd needs at least one image (a list, a generator or an "
+          "ImageFileCollection that yields one)")
+
+
 def _check_shapes(images: Any) -> None:
     """A list of in-memory images must share one shape (checked before any is prepared).
 
@@ -257,6 +261,15 @@ class _PerImage:
             self._values = list(values)
         self._n = 0
 
+    def check_positive(self) -> None:
+        """Every value given (None aside) must be a positive finite number or Quantity."""
+        for j, value in enumerate(self._values if self.given else []):
+            number = value.value if isinstance(value, u.Quantity) else value
+            if value is not None and not (np.ndim(number) == 0
+                                          and np.isfinite(float(number)) and float(number) > 0):
+                raise ValueError(f"{self.name}[{j}] must be a positive number (or None to "
+                                 f"measure it), got {value!r}")
+
     def next(self) -> Any:
         if not self.given:
             return None
@@ -270,7 +283,8 @@ class _PerImage:
     def check_exhausted(self, n_images: int) -> None:
         if self.given and len(self._values) != n_images:
             raise ValueError(
-                f"{self.name} has {len(self._values)} entries for {n_images} images"
+                f"{self.name} has {len(self._values)} entries for {n_images} images: give "
+                "one per image, in the order of the images"
             )
 
 
@@ -510,10 +524,20 @@ def coadd(
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
     if not align:
         _check_shapes(images)
+    if border is not None and not (float(border) == int(border) and int(border) >= 0):
+        raise ValueError(f"border must be a non-negative whole number of pixels, got {border!r}")
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
     sigma_list = _PerImage(sigmas, "sigmas")
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
+    for option in (scale_list, sigma_list):
+        option.check_positive()
+    if isinstance(images, list | tuple):  # the counts, when known before reading
+        if not images:
+            raise ValueError(_EMPTY)
+        for option in (psf_list, scale_list, sigma_list, gain_list):
+            if option is not None:
+                option.check_exhausted(len(images))
     method = "stars" if align is True else align
     rejection = _check_rejection(reject, reject_grow, reject_model_error)
     be = get_array_module(backend)  # an unknown name, or cupy without CuPy, fails here
@@ -541,8 +565,7 @@ def coadd(
                      frame.name, f, f_err, frame.sigma, stamp.shape, rows[-1][-1])
             del img, frame, stamp  # released before the next image is read
         if acc is None:
-            raise ValueError("images is empty: coadd needs at least one image (a list, a "
-                             "generator or an ImageFileCollection that yields one)")
+            raise ValueError(_EMPTY)
         for option in (psf_list, scale_list, sigma_list, gain_list):
             if option is not None:
                 option.check_exhausted(len(rows))
@@ -580,8 +603,6 @@ def _prepared_frames(
     target: CCDData | None = None  # for the alignment
     for j, (item, name, hdu) in enumerate(_iter_inputs(images)):
         given = scale_list.next()
-        if given is not None and not (np.isfinite(float(given)) and float(given) > 0):
-            raise ValueError(f"flux_scales[{j}] must be a positive number, got {given}")
         frame_gain = gain if gain_list is None else gain_list.next()
         with ImageWarnings(name):
             if method and target is not None:

@@ -209,6 +209,22 @@ def test_coadd_of_nothing(images):
         coadd(images)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"flux_scales": [1.0, -1.0]}, r"flux_scales\[1\] must be a positive number \(or None "
+                                       r"to measure it\), got -1"),
+        ({"sigmas": [1.0, np.nan]}, r"sigmas\[1\] must be a positive number .* got nan"),
+        ({"psfs": [PSF]}, r"psfs has 1 entries for 2 images: give one per image"),
+        ({"border": -1}, r"border must be a non-negative whole number of pixels, got -1"),
+        ({"border": 2.5}, r"border must be a non-negative whole number of pixels, got 2.5"),
+    ],
+)
+def test_coadd_per_image_options_checked_before_reading(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        coadd([MISSING, MISSING], **kwargs)
+
+
 def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
     small = CCDData(np.zeros((96, 128)), unit="electron")
     before = [_snapshot(f) for f in frames[:2]]
