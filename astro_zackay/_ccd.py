@@ -280,17 +280,40 @@ def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
     )
 
 
-def _check_not_negative(unc: Any) -> None:
-    """Raise a ValueError for an uncertainty with negative values (never taken as ``|x|``)."""
+#: Largest fraction of an uncertainty's finite values that may be negative: those few are
+#: masked (a pipeline's rounding, e.g. one pixel of JWST's ERR); more is an error of sign.
+MAX_NEGATIVE_UNCERTAINTY_FRACTION = 0.01
+
+
+def _negative_uncertainties(unc: Any) -> np.ndarray:
+    """Where ``unc`` is negative: masked when few, a ValueError when more (never ``|x|``)."""
+    values = np.asarray(unc.array)
     with np.errstate(invalid="ignore"):
-        negative = np.asarray(unc.array) < 0
-    if np.any(negative):
-        kind = type(unc).__name__
+        negative = values < 0
+    n_negative = int(negative.sum())
+    if n_negative > MAX_NEGATIVE_UNCERTAINTY_FRACTION * max(int(np.isfinite(values).sum()), 1):
         raise ValueError(
-            f"the {kind} has {int(negative.sum())} negative values (min "
-            f"{float(np.min(unc.array)):.4g}): an uncertainty must be >= 0; fix it, or set the "
-            "bad pixels' uncertainty to NaN (they are then masked)"
+            f"the {type(unc).__name__} has {n_negative} negative values (min "
+            f"{float(np.nanmin(values)):.4g}) out of {values.size}: an uncertainty must be >= 0; "
+            "fix its sign, or set the bad pixels' uncertainty to NaN (they are then masked)"
         )
+    if n_negative:
+        log.info("%d pixels have a negative %s: they are masked", n_negative,
+                 type(unc).__name__)
+    return negative
+
+
+def _zero_variance(variance: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Pixels of a given uncertainty with zero variance: masked, as no pixel is noiseless.
+
+    Their infinite weight would otherwise dominate every fit (a star's chi2 becomes
+    infinite and the PSF model selection has no finite score to choose from).
+    """
+    zero = variance == 0
+    if log.isEnabledFor(logging.INFO) and np.any(zero & ~bad):
+        log.info("%d unmasked pixels have a zero uncertainty: they are masked",
+                 int((zero & ~bad).sum()))
+    return zero
 
 
 def _variance_from_uncertainty(
@@ -305,7 +328,7 @@ def _variance_from_uncertainty(
             f"uncertainty of type {type(unc).__name__} is not supported: use "
             "StdDevUncertainty, VarianceUncertainty or InverseVariance"
         )
-    _check_not_negative(unc)
+    negative = _negative_uncertainties(unc)
     values = np.array(var.array, dtype=np.float64)
     if var.unit is not None and unit is not None and var.unit != unit**2:
         try:
@@ -314,7 +337,9 @@ def _variance_from_uncertainty(
             raise u.UnitsError(
                 f"the uncertainty's unit ({var.unit}) does not match the data unit ({unit})"
             ) from None
-    return np.broadcast_to(values, shape).copy()
+    values = np.broadcast_to(values, shape).copy()
+    values[np.broadcast_to(negative, shape)] = np.nan  # masked, never taken as |x|
+    return values
 
 
 def _log_variance_estimate(background: float, gain: float | None) -> None:
@@ -425,7 +450,8 @@ def to_image(
         For inputs that are not images.
     ValueError
         For inputs with no unit or an unparsable BUNIT (the value is named), not 2-D,
-        of mismatched shapes, or with negative uncertainties.
+        of mismatched shapes, or with more than 1 % negative uncertainties (fewer are
+        masked).
     OSError
         For a path that is a directory, or an empty, corrupt or truncated FITS file
         (`IsADirectoryError` for a directory).
@@ -488,6 +514,8 @@ def to_image(
         variance, maps = _estimate_variance(data, bad, gain_value)
     variance = variance.astype(data.dtype, copy=False)
     invalid = ~np.isfinite(variance) | (variance < 0)
+    if not estimated:
+        invalid |= _zero_variance(variance, bad)
     if maps is not None and np.any(invalid & ~bad):  # the maps were made with another mask
         maps = None
     bad |= invalid

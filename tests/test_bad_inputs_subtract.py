@@ -15,6 +15,7 @@ from astropy.io import fits
 from astropy.nddata import CCDData, StdDevUncertainty, VarianceUncertainty
 
 from astro_zackay import subtract
+from astro_zackay._ccd import to_image
 from astro_zackay._psf_input import as_psf_sampler
 from astro_zackay.alignment import align
 from astro_zackay.profiles import psf_stamp
@@ -165,14 +166,25 @@ def test_valid_astrometric_noise_is_reported_as_used(pair):
 def test_negative_uncertainty_is_refused(pair, kind):
     sci = pair.science.ccd.copy()
     values = pair.science.ccd.uncertainty.array.copy()
-    values[10:12, 20:25] *= -1.0
+    values[10:30, 20:30] *= -1.0  # 200 pixels: 1.2 % of the image, a sign error
     sci.uncertainty = kind(values if kind is StdDevUncertainty else np.sign(values) * values**2)
     before = _snapshot(sci), _snapshot(pair.reference.ccd)
-    with pytest.raises(ValueError, match=rf"science image: the {kind.__name__} has 10 negative "
-                                         r"values .* must be >= 0; fix it"):
+    with pytest.raises(ValueError, match=rf"science image: the {kind.__name__} has 200 negative "
+                                         r"values .* must be >= 0; fix its sign"):
         subtract(pair.reference.ccd, sci)
     _assert_unchanged(sci, before[0])
     _assert_unchanged(pair.reference.ccd, before[1])
+
+
+def test_few_negative_uncertainties_are_masked_not_taken_as_abs(pair):
+    sci = pair.science.ccd.copy()
+    values = pair.science.ccd.uncertainty.array.copy()
+    values[10:12, 20:25] *= -1.0
+    sci.uncertainty = StdDevUncertainty(values)
+    img = to_image(sci)
+    assert img.mask[10:12, 20:25].all()
+    assert img.mask.sum() == to_image(pair.science.ccd).mask.sum() + 10
+    np.testing.assert_array_equal(sci.uncertainty.array, values)
 
 
 def _far_away(ccd: CCDData) -> CCDData:
@@ -199,3 +211,41 @@ def test_align_wcs_with_partial_overlap_still_works(pair):
     aligned = align(ref, pair.science.ccd, method="wcs")
     covered = ~aligned.mask
     assert 0.1 < covered.mean() < 0.35
+
+
+def _zero_uncertainty(ccd: CCDData, where) -> CCDData:
+    out = ccd.copy()
+    values = ccd.uncertainty.array.copy()
+    values[where] = 0.0
+    out.uncertainty = StdDevUncertainty(values)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")
+def test_zero_variance_patch_is_masked(pair):
+    patch = (slice(40, 80), slice(40, 80))
+    sci = _zero_uncertainty(pair.science.ccd, patch)
+    before = _snapshot(sci)
+    result = subtract(pair.reference.ccd, sci, noise="white")
+    assert result.score.mask[patch].all()
+    outside = ~result.score.mask
+    assert outside.mean() > 0.15  # the patch and the stars' cores of the small field
+    assert 0.7 < np.std(result.score.data[outside]) < 1.3
+    _assert_unchanged(sci, before)
+
+
+def test_scattered_zero_variance_names_the_masked_stars(pair):
+    rng = np.random.default_rng(0)
+    sci = _zero_uncertainty(pair.science.ccd, rng.random(pair.science.ccd.shape) < 0.5)
+    with pytest.raises(ValueError, match=r"no PSF star passed the cuts .*masked: [1-9].* check "
+                                         r"the mask"):
+        estimate_psf(sci)
+
+
+def test_select_n_components_refuses_infinite_chi2():
+    from astro_zackay.psf.kl import select_n_components
+
+    chi2 = np.array([[1.8, np.inf, 1.7], [1.2, np.inf, 1.3]])
+    with pytest.raises(ValueError, match=r"chi2/dof are not all finite .* check the image's "
+                                         r"uncertainty"):
+        select_n_components(chi2)

@@ -324,6 +324,11 @@ def select_n_components(chi2_dof: np.ndarray) -> tuple[int, np.ndarray, float]:
     sigma : float
         The standard error used.
 
+    Raises
+    ------
+    ValueError
+        When some chi2/dof are not finite (zero or non-finite variances).
+
     Examples
     --------
     >>> import numpy as np
@@ -333,6 +338,11 @@ def select_n_components(chi2_dof: np.ndarray) -> tuple[int, np.ndarray, float]:
     >>> select_n_components(chi2)[0]
     3
     """
+    if not np.all(np.isfinite(chi2_dof)):
+        raise ValueError(
+            "the held-out stars' chi2/dof are not all finite (their stamps hold pixels of "
+            "zero or non-finite variance): check the image's uncertainty, or give n_components"
+        )
     scores = np.median(chi2_dof, axis=1)
     best = int(np.argmin(scores))
     n = chi2_dof.shape[1]
