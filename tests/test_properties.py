@@ -233,17 +233,25 @@ def test_s_is_f_d_times_d_correlated_with_p_d(p, y, x, flux):
 
 
 @_bounded(80)
-@given(p=pairs(), flux=st.floats(0.0, 1e4))
-def test_swapping_images_negates_the_difference(p, flux):
-    """Exchanging new and reference (with their PSFs, noises and zero points) negates
-    D, S and Scorr and leaves F_D and F_S unchanged: every formula is antisymmetric in
-    the pair (numerators) or symmetric (denominators and zero points)."""
+@given(p=pairs(), flux=st.floats(0.0, 1e4), maps=st.booleans(),
+       ast=st.tuples(*[st.floats(0.0, 0.5)] * 4))
+def test_swapping_images_negates_the_difference(p, flux, maps, ast):
+    """Exchanging new and reference (with their PSFs, noises, zero points, variance maps
+    and astrometric noises) negates D, S and Scorr and leaves F_D and F_S unchanged:
+    every formula is antisymmetric in the pair (numerators) or symmetric (denominators,
+    zero points and the variances of Scorr)."""
     new, ref = _noise(p)
     ny, nx = p["shape"]
     new = new + flux * p["flux_new"] * _star(p["psf_new"], p["shape"], ny // 3, nx // 2)
-    res = _zogy(new, ref, p)
+    var_new = p["sigma_new"] ** 2 + np.abs(new) if maps else None
+    var_ref = p["sigma_ref"] ** 2 + np.abs(ref) if maps else None
+    ast_new, ast_ref = ast[:2], ast[2:]
+    res = _zogy(new, ref, p, var_new=var_new, var_ref=var_ref,
+                astrometric_noise_new=ast_new, astrometric_noise_ref=ast_ref)
     swapped = zogy(ref, new, p["psf_ref"], p["psf_new"], sigma_new=p["sigma_ref"],
-                   sigma_ref=p["sigma_new"], flux_new=p["flux_ref"], flux_ref=p["flux_new"])
+                   sigma_ref=p["sigma_new"], flux_new=p["flux_ref"], flux_ref=p["flux_new"],
+                   var_new=var_ref, var_ref=var_new, astrometric_noise_new=ast_ref,
+                   astrometric_noise_ref=ast_new)
     for name in ("D", "S", "Scorr"):
         a, b = getattr(res, name), getattr(swapped, name)
         np.testing.assert_allclose(b, -a, rtol=0, atol=1e-10 * np.max(np.abs(a)))
@@ -329,11 +337,15 @@ _UNITS = {
     "adu+GAIN": (u.adu, {}, {"GAIN": 2.3}),
     "electron/s": (u.electron / u.s, {}, {"EXPTIME": 30.0}),
 }
+#: Each uncertainty class, without a unit (it takes the data's) or with the data's unit.
 _UNCERTAINTIES = {
     "none": None,
-    "stddev": lambda var: StdDevUncertainty(np.sqrt(var)),
-    "variance": VarianceUncertainty,
-    "inverse": lambda var: InverseVariance(1.0 / var),
+    "stddev": lambda var, unit: StdDevUncertainty(np.sqrt(var)),
+    "variance": lambda var, unit: VarianceUncertainty(var),
+    "inverse": lambda var, unit: InverseVariance(1.0 / var),
+    "stddev+unit": lambda var, unit: StdDevUncertainty(np.sqrt(var), unit=unit),
+    "variance+unit": lambda var, unit: VarianceUncertainty(var, unit=unit**2),
+    "inverse+unit": lambda var, unit: InverseVariance(1.0 / var, unit=unit**-2),
 }
 _DTYPES = ["float32", "float64", "int16", ">f8"]
 
@@ -358,8 +370,8 @@ def ccds(draw) -> tuple[CCDData, dict, str, np.ndarray]:
     unc = _UNCERTAINTIES[unc_key]
     unit_key = draw(st.sampled_from(sorted(_UNITS)))
     unit, kwargs, header = _UNITS[unit_key]
-    ccd = CCDData(data, unit=unit, mask=mask, uncertainty=None if unc is None else unc(var),
-                  meta=dict(header))
+    ccd = CCDData(data, unit=unit, mask=mask,
+                  uncertainty=None if unc is None else unc(var, unit), meta=dict(header))
     return ccd, kwargs, unit_key, var if unc is not None else None
 
 
@@ -393,26 +405,29 @@ def _assert_unchanged(ccd: CCDData, before: dict) -> None:
 
 
 @_bounded(200)
-@given(case=ccds())
-def test_ccddata_round_trip(case):
-    """to_image then as_ccddata keeps the values (as native float64), the unit, the
-    mask (the input's OR the non-finite pixels) and the uncertainty (as a standard
-    deviation, any input class), and leaves the caller's CCDData untouched."""
+@given(case=ccds(), dtype=st.sampled_from([np.float64, np.float32]))
+def test_ccddata_round_trip(case, dtype):
+    """to_image (in float64 or float32) then as_ccddata keeps the values (native byte
+    order), the unit, the mask (the input's OR the non-finite pixels) and the
+    uncertainty (as a standard deviation, any input class, with or without its own
+    unit), and leaves the caller's CCDData untouched."""
     ccd, kwargs, _, var = case
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
     before = _snapshot(ccd)
-    img = to_image(ccd, saturation=np.inf, **kwargs)
+    img = to_image(ccd, saturation=np.inf, dtype=dtype, **kwargs)
     _assert_unchanged(ccd, before)
 
-    assert img.data.dtype == np.float64 and img.data.dtype.isnative
-    assert img.data is not ccd.data
-    expected = np.asarray(ccd.data, dtype=np.float64)
+    assert img.data.dtype == dtype and img.data.dtype.isnative
+    assert img.variance.dtype == dtype
+    assert not np.shares_memory(img.data, ccd.data)
+    expected = np.asarray(ccd.data, dtype=dtype)
     np.testing.assert_array_equal(img.data, expected)
     bad = ~np.isfinite(expected)
     if ccd.mask is not None:
         bad |= ccd.mask
     if var is not None:
         np.testing.assert_array_equal(img.mask, bad)
-        np.testing.assert_allclose(img.variance, var, rtol=1e-12)
+        np.testing.assert_allclose(img.variance, var, rtol=rtol)
         assert not img.variance_estimated
     else:
         assert img.variance_estimated
@@ -425,12 +440,13 @@ def test_ccddata_round_trip(case):
     np.testing.assert_array_equal(back.data, expected)
     np.testing.assert_array_equal(back.mask, img.mask)
     back_var = back.uncertainty.represent_as(VarianceUncertainty).array
-    np.testing.assert_allclose(back_var, img.variance, rtol=1e-12)
+    np.testing.assert_allclose(back_var, img.variance, rtol=rtol)
     # as_ccddata is a view of the ImageData: coercing it again gives the same arrays
-    again = to_image(back, saturation=np.inf, **kwargs)
+    again = to_image(back, saturation=np.inf, dtype=dtype, **kwargs)
     np.testing.assert_array_equal(again.data, img.data)
     np.testing.assert_array_equal(again.mask, img.mask)
-    np.testing.assert_allclose(again.variance, img.variance, rtol=1e-12)
+    np.testing.assert_allclose(again.variance, img.variance, rtol=rtol)
+    _assert_unchanged(ccd, before)
 
 
 @_bounded(150)
