@@ -10,6 +10,7 @@ image's bad pixels, the caller's mask and (by default) the detected sources.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from astropy.nddata import CCDData
 from photutils.background import Background2D, MADStdBackgroundRMS, SExtractorBackground
 
 from astro_zackay._ccd import ImageData, to_ccddata, to_image
+from astro_zackay._warnings import NoiseEstimateWarning, user_stacklevel
 
 __all__ = ["BackgroundResult", "estimate_background", "subtract_background"]
 
@@ -65,9 +67,21 @@ def _check_options(box_size: Any, filter_size: Any, method: str) -> None:
             "side of a smaller image)")
 
 
+def _warn_zero_rms(rms: np.ndarray) -> None:
+    """Warn when the rms map is 0 somewhere: constant pixels, not noise, filled those boxes."""
+    flat = np.count_nonzero(~(rms > 0))
+    if flat:
+        warnings.warn(
+            f"the background rms is 0 (or not finite) in {100 * flat / rms.size:.3g}% of the "
+            "image: its boxes hold constant pixels (a flat or zero-filled region), not sky "
+            "noise; mask those pixels, or give the image an uncertainty",
+            NoiseEstimateWarning, stacklevel=user_stacklevel())
+
+
 def _default_box_size(shape: tuple[int, int]) -> int:
-    """64 px for images of 512 px and more; an eighth of the short side (>= 16 px) below."""
-    return int(min(64, max(16, min(shape) // 8)))
+    """64 px for images of 512 px and more; an eighth of the short side (>= 16 px) below,
+    at most the short side itself."""
+    return int(min(64, max(16, min(shape) // 8), min(shape)))
 
 
 def _pair(value: Any, name: str, shape: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -428,6 +442,9 @@ def _estimate_from(
         again; kept out of the result, which stays a plain, picklable record.
     """
     _check_options(box_size, filter_size, method)
+    if min(img.shape) < MIN_BOX_SIZE:
+        raise ValueError(f"the image of shape {img.shape} is too small for a background map: "
+                         f"each side needs at least {MIN_BOX_SIZE} px (one box)")
     method = DEFAULT_METHOD if method == "auto" else method
     box = _pair(
         _default_box_size(img.shape) if box_size is None else box_size, "box_size", img.shape
@@ -456,6 +473,7 @@ def _estimate_from(
                 "pass detect_sources=False or a larger box_size"
             )
     sky, rms = maps(data, mask, box, filt)
+    _warn_zero_rms(rms)
     masked_fraction = np.count_nonzero(mask) / mask.size
     log.info(
         "%s background: box %s, filter %s, %.1f%% of pixels masked",

@@ -650,12 +650,16 @@ def _check_limits(limits: dict[str, Any]) -> None:
 
 
 def _check_not_constant(data: np.ndarray, bad: np.ndarray, threshold: float) -> None:
-    """Refuse a zero-variance score that reaches ``threshold``: it is no map in sigma.
+    """Refuse a fully masked score, and a zero-variance one that reaches ``threshold``.
 
-    Every one of its pixels would be a local extremum above the threshold.
+    Every pixel of the latter would be a local extremum above the threshold: it is no
+    map in sigma.
     """
     good = data[~bad]
-    if good.size and good.min() == good.max() and abs(float(good[0])) >= threshold:
+    if not good.size:
+        raise ValueError("score has no finite unmasked pixel (all NaN or masked): there is "
+                         "nothing to search; check the subtraction's inputs and masks")
+    if good.min() == good.max() and abs(float(good[0])) >= threshold:
         raise ValueError(
             f"score is constant ({float(good[0]):g} in every unmasked pixel): a zero-variance "
             "image is not a score in sigma units; pass the Scorr of a subtraction "

@@ -17,6 +17,7 @@ from astropy.nddata import CCDData
 from astropy.stats import mad_std
 
 from astro_zackay import coadd, subtract
+from astro_zackay._warnings import NoiseEstimateWarning
 from astro_zackay.background import estimate_background, subtract_background
 from astro_zackay.coadd_algebra import ProperCoaddAccumulator
 from astro_zackay.simulation import psf_stamp, simulate_image, simulate_pair
@@ -153,6 +154,15 @@ def test_mask_as_nested_list():
     mask[28:33, 38:43] = True
     assert len(find_transients(score, fwhm=2.0, mask=mask.tolist())) == 0
     assert len(find_transients(score, fwhm=2.0)) == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "masked"])
+def test_fully_masked_score_refused(bad):
+    score = np.full((32, 32), np.nan) if bad == "nan" else _noise_score()[:32, :32]
+    mask = None if bad == "nan" else np.ones(score.shape, bool)
+    with pytest.raises(ValueError, match=r"score has no finite unmasked pixel \(all NaN or "
+                                         r"masked\): there is nothing to search"):
+        find_transients(score, mask=mask)
 
 
 @pytest.mark.parametrize("snr_min", [-20.0, 0.0, np.nan])
@@ -301,3 +311,28 @@ def test_smallest_box_measures_the_rms(method):
     assert abs(bkg.global_rms - 5.0) < 0.15
     assert abs(bkg.global_sky - 100.0) < 0.25
     _assert_unchanged(ccd, before)
+
+
+def test_constant_image_warns_of_zero_rms():
+    """A constant image has no sky noise to measure: the rms of 0 comes with a warning
+    that points at the caller's line."""
+    ccd = CCDData(np.full((64, 64), 100.0), unit="adu")
+    with pytest.warns(NoiseEstimateWarning, match=r"background rms is 0 .* in 100% of the "
+                                                  r"image: .* mask those pixels") as record:
+        bkg = estimate_background(ccd, detect_sources=False)
+    assert record[0].filename == __file__
+    assert bkg.global_sky == pytest.approx(100.0) and bkg.global_rms == 0.0
+
+
+def test_image_smaller_than_a_box():
+    with pytest.raises(ValueError, match=r"image of shape \(6, 40\) is too small for a "
+                                         r"background map: each side needs at least 8 px"):
+        estimate_background(np.zeros((6, 40)), unit="adu")
+
+
+def test_default_box_fits_a_small_image():
+    """A 12^2 image (smaller than the default 16 px box) gets one 12 px box."""
+    data = np.random.default_rng(2).normal(50.0, 2.0, (12, 12))
+    bkg = estimate_background(data, unit="adu", detect_sources=False)
+    assert bkg.box_size == (12, 12)
+    assert abs(bkg.global_sky - 50.0) < 1.0 and abs(bkg.global_rms - 2.0) < 0.4
