@@ -472,14 +472,19 @@ def coadd(
         For no images, images of different shapes (without ``align``), per-image
         options of the wrong length, an image with no usable PSF star and no
         ``psfs`` entry (the message names the image), a flux scale that cannot
-        be fitted, bad rejection options, or an unknown ``backend``.
+        be fitted, bad rejection options, an unknown ``backend``, a
+        ``min_depth_fraction`` outside [0, 1], a negative ``border``, or a non-positive
+        flux scale or sigma. Everything that can be checked without reading an image
+        (the options, and the shapes and number of images of a list of arrays or
+        NDData) is checked before any image is read.
     ImportError
         For ``backend="cupy"`` without CuPy (the message names the pip package).
     astropy.units.UnitsError
         For an image whose unit cannot be converted to the first image's (electrons
         and ADU without a gain: the message names both units and ``gain=``).
     TypeError
-        For inputs that are not iterables of images.
+        For inputs that are not iterables of images, or a ``dtype`` other than
+        float32 and float64.
 
     Warns
     -----

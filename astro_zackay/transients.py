@@ -817,8 +817,14 @@ def find_transients(
     Raises
     ------
     ValueError
-        For an invalid ``sign``, ``threshold``, an image or mask whose shape differs
-        from the score's, a malformed ``psf`` or ``sources``.
+        For an invalid ``sign``, ``threshold``, ``min_separation`` (a non-negative
+        whole number) or flag limit (negative or NaN), an image that is not 2-D or
+        whose shape differs from the score's, a malformed ``psf`` or ``sources``, a
+        score with no unmasked finite pixel, or a constant score at or above the
+        threshold (every pixel would be a candidate). All before the search.
+    TypeError
+        For a score or image that is not numeric (a FITS path or HDU: read it into a
+        CCDData first).
 
     Examples
     --------
