@@ -168,13 +168,14 @@ def _scorr_n_eff(res) -> float:
 
     S is D cross-correlated with P_D, so for white D its pixels are correlated like
     P_D's autocorrelation ``rho``: the variance of its sample variance is
-    ``2 sum(rho**2) / Npix``, and ``sum(rho**2) = Npix sum|PD_h|**4 / (sum|PD_h|**2)**2``.
+    ``2 sum(rho**2) / Npix``, and ``sum(rho**2) = Ngrid sum|PD_h|**4 / (sum|PD_h|**2)**2``
+    on P_D's grid of ``Ngrid`` pixels (the padded one with ``pad=True``).
     """
-    npix = res.S.size
-    pd_h2 = abs2(_rfft2(res.psf_d_at_origin))
-    nx = res.S.shape[1]
-    sum_rho2 = npix * half_spectrum_sum(pd_h2**2, nx) / half_spectrum_sum(pd_h2, nx) ** 2
-    return npix / sum_rho2
+    grid = res.psf_d_at_origin
+    pd_h2 = abs2(_rfft2(grid))
+    nx = grid.shape[1]
+    sum_rho2 = grid.size * half_spectrum_sum(pd_h2**2, nx) / half_spectrum_sum(pd_h2, nx) ** 2
+    return res.S.size / sum_rho2
 
 
 @_bounded(80)
@@ -197,6 +198,26 @@ def test_correlated_noise_is_whitened(p, data):
     n_eff = _scorr_n_eff(res)
     assert abs(np.sqrt(np.mean(res.Scorr**2)) - 1.0) < _std_tolerance(n_eff)
     np.testing.assert_allclose(res.Scorr, res.S / np.sqrt(res.F_S), rtol=1e-10, atol=1e-12)
+
+
+@_bounded(60)
+@given(p=pairs())
+def test_padded_scorr_is_calibrated_off_the_mask(p):
+    """With ``pad=True`` the images are zero-padded, and the zeros hide sky noise from
+    S near the edge.  Beyond the flagged border (``mask_radius``: the kernels of S hold
+    all but ``MASK_SCORR_CHANGE**2 = 1 %`` of their squared weight inside it) Scorr's
+    variance is between 0.99 and 1, so its rms over the unflagged pixels lies in
+    ``[sqrt(0.99), 1]`` within the sampling tolerance (which uses the unflagged share
+    of S's independent pixels)."""
+    new, ref = _noise(p)
+    res = _zogy(new, ref, p, pad=True)
+    assert res.D.shape == p["shape"] and res.mask is not None
+    good = ~res.mask
+    assert good.any()
+    n_eff = _scorr_n_eff(res) * good.mean()
+    rms = np.sqrt(np.mean(res.Scorr[good] ** 2))
+    tol = _std_tolerance(max(n_eff, 1.0))
+    assert np.sqrt(0.99) - tol < rms < 1.0 + tol
 
 
 @_bounded(60)
