@@ -58,7 +58,7 @@ from ._ccd import (
 from ._prepare import PreparedImage, prepare_image
 from ._psf_input import ImageWarnings
 from ._threads import single_threaded_blas
-from ._warnings import FewStarsWarning, user_stacklevel
+from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .coadd_algebra import (
     CoaddAlgebraResult,
@@ -580,7 +580,17 @@ def coadd(
         rejected = _reject_outliers(acc, spilled, rejection, frames)
     res = acc.finalize(min_depth_fraction=min_depth_fraction)
     del acc  # its spectra are not needed to wrap the outputs
+    _warn_if_all_masked(res.mask | (res.n_used == 0), min_depth_fraction)
     return _wrap(res, template, frames, rejected)
+
+
+def _warn_if_all_masked(mask: np.ndarray, min_depth_fraction: float) -> None:
+    """Warn when no pixel of the coadd is left unmasked."""
+    if mask.all():
+        warnings.warn(
+            f"every pixel of the coadd is masked (min_depth_fraction={min_depth_fraction:g}): "
+            "the frames' masks leave no pixel deep enough; lower min_depth_fraction or check "
+            "the masks", AstroZackayWarning, stacklevel=user_stacklevel())
 
 
 def _prepared_frames(

@@ -17,7 +17,7 @@ from astropy.nddata import CCDData
 from astropy.stats import mad_std
 
 from astro_zackay import coadd, subtract
-from astro_zackay._warnings import NoiseEstimateWarning
+from astro_zackay._warnings import AstroZackayWarning, NoiseEstimateWarning
 from astro_zackay.background import estimate_background, subtract_background
 from astro_zackay.coadd_algebra import ProperCoaddAccumulator
 from astro_zackay.simulation import psf_stamp, simulate_image, simulate_pair
@@ -260,6 +260,22 @@ def test_coadd_of_one_frame_is_that_frame_whitened():
     expected_snr = np.sqrt((PSF**2).sum()) / sigma  # S/N of a unit-flux source
     assert result.snr_full == pytest.approx(expected_snr, rel=1e-3)
     _assert_unchanged(sim.ccd, before)
+
+
+def test_fully_masked_coadd_warns(frames):
+    """Two frames masked on complementary halves: no pixel has the full depth, so a
+    min_depth_fraction of 1 masks everything, and says so at the caller's line."""
+    half = np.zeros(frames[0].shape, bool)
+    half[:, :64] = True
+    halves = [CCDData(f.data, unit=f.unit, uncertainty=f.uncertainty, mask=m)
+              for f, m in zip(frames[:2], (half, ~half))]
+    with pytest.warns(AstroZackayWarning, match=r"every pixel of the coadd is masked "
+                                                r"\(min_depth_fraction=1\): .* lower "
+                                                r"min_depth_fraction") as record:
+        result = _coadd(halves, min_depth_fraction=1.0)
+    assert record[0].filename == __file__
+    assert result.image.mask.all()
+    assert _coadd(halves, min_depth_fraction=0.4).image.mask.mean() < 0.05  # half depth: kept
 
 
 def test_coadd_of_a_generator_consumes_it_once(frames):
