@@ -172,6 +172,19 @@ def test_bright_sources_snr_min_positive(snr_min):
         bright_sources((image, image), (image + 1, image + 1), (PSF, PSF), snr_min=snr_min)
 
 
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">i4", "<i2"])
+def test_big_endian_and_integer_scores(dtype):
+    """The byte order and an integer type change nothing; a CCDData score is not mutated."""
+    score = _noise_score()
+    score[30, 40] = 9.0
+    ccd = CCDData(score.astype(dtype), unit="", mask=np.zeros(score.shape, bool))
+    before = _snapshot(ccd)
+    table = find_transients(ccd, fwhm=2.0)
+    assert table["x_peak"].tolist() == [40] and table["y_peak"].tolist() == [30]
+    assert table["score"][0] == 9.0
+    _assert_unchanged(ccd, before)
+
+
 @pytest.fixture(scope="module")
 def subtraction():
     pair = simulate_pair((192, 192), n_stars=80, flux_range=(5e3, 2e5), seed=1)
