@@ -282,13 +282,18 @@ def test_swapping_images_negates_the_difference(p, flux, maps, ast):
 
 @_bounded(120)
 @given(p=pairs(), snr=st.floats(5.0, 200.0), y=st.floats(0, 1), x=st.floats(0, 1),
-       static=st.one_of(st.just(0.0), st.floats(1.0, 1e5)))
-def test_transient_flux_is_recovered_within_its_error(p, snr, y, x, static):
+       static=st.one_of(st.just(0.0), st.floats(1.0, 1e5)), source_noise=st.booleans())
+def test_transient_flux_is_recovered_within_its_error(p, snr, y, x, static, source_noise):
     """A point source of flux ``alpha`` in the new image only (``Fn alpha P_n`` on the
     pixel grid) is measured by ``alpha = S / F_S`` at its pixel, with a pull
     ``(alpha_hat - alpha) / alpha_err`` within 4 sigma; a static star elsewhere,
     ``Fn f P_n`` in the new and ``Fr f P_r`` in the reference image, leaves nothing in
-    D beyond the noise-free round-off."""
+    D beyond the noise-free round-off.
+
+    With ``source_noise`` the sources carry their own Gaussian noise of variance equal
+    to their expected counts (Poisson at gain 1), and the variance maps
+    ``sigma**2 + model`` given to `zogy` put it into ``alpha_err``: ``S_N = kn ⊛ N``
+    has the variance ``V_N ⊛ kn**2`` exactly for independent pixels."""
     new, ref = _noise(p)
     shape = p["shape"]
     ny, nx = shape
@@ -300,8 +305,16 @@ def test_transient_flux_is_recovered_within_its_error(p, snr, y, x, static):
     alpha = snr * p["sigma_new"] / (fn * np.sqrt(np.sum(p["psf_new"] ** 2)))
     star_new = static * fn * _star(p["psf_new"], shape, ys, xs)
     star_ref = static * fr * _star(p["psf_ref"], shape, ys, xs)
-    res = _zogy(new + alpha * fn * _star(p["psf_new"], shape, yt, xt) + star_new,
-                ref + star_ref, p)
+    model_new = alpha * fn * _star(p["psf_new"], shape, yt, xt) + star_new
+    maps = {}
+    if source_noise:
+        rng = np.random.default_rng(p["seed"] + 1)
+        model_new, star_ref = np.clip(model_new, 0, None), np.clip(star_ref, 0, None)
+        new = new + rng.normal(size=shape) * np.sqrt(model_new)
+        ref = ref + rng.normal(size=shape) * np.sqrt(star_ref)
+        maps = {"var_new": p["sigma_new"] ** 2 + model_new,
+                "var_ref": p["sigma_ref"] ** 2 + star_ref}
+    res = _zogy(new + model_new, ref + star_ref, p, **maps)
     pull = (res.alpha[yt, xt] - alpha) / res.alpha_err[yt, xt]
     assert abs(pull) < 4.0
     if static > 0:
