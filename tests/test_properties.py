@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 from astropy import units as u
-from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
+from astropy.nddata import CCDData, InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -400,6 +400,8 @@ def ccds(draw) -> tuple[CCDData, dict, str, np.ndarray]:
         data[rng.integers(0, shape[0], 3), rng.integers(0, shape[1], 3)] = np.nan
     mask = rng.random(shape) < 0.1 if draw(st.booleans()) else None
     var = rng.uniform(1.0, 50.0, shape)
+    if not dtype.isnative:
+        var = var.astype(dtype)  # a big-endian uncertainty too
     unc_key = draw(st.sampled_from(sorted(_UNCERTAINTIES)))
     unc = _UNCERTAINTIES[unc_key]
     unit_key = draw(st.sampled_from(sorted(_UNITS)))
@@ -439,16 +441,28 @@ def _assert_unchanged(ccd: CCDData, before: dict) -> None:
 
 
 @_bounded(200)
-@given(case=ccds(), dtype=st.sampled_from([np.float64, np.float32]))
-def test_ccddata_round_trip(case, dtype):
+@given(case=ccds(), dtype=st.sampled_from([np.float64, np.float32]),
+       container=st.sampled_from(["CCDData", "NDData", "array"]))
+def test_ccddata_round_trip(case, dtype, container):
     """to_image (in float64 or float32) then as_ccddata keeps the values (native byte
     order), the unit, the mask (the input's OR the non-finite pixels) and the
     uncertainty (as a standard deviation, any input class, with or without its own
-    unit), and leaves the caller's CCDData untouched."""
+    unit), and leaves the caller's CCDData untouched.  The same image given as an
+    NDData, or as a plain array with ``unit``, ``mask`` and ``uncertainty`` passed to
+    to_image, gives the same ImageData."""
     ccd, kwargs, _, var = case
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     before = _snapshot(ccd)
-    img = to_image(ccd, saturation=np.inf, dtype=dtype, **kwargs)
+    if container == "NDData":
+        image = NDData(ccd.data, unit=ccd.unit, mask=ccd.mask, uncertainty=ccd.uncertainty,
+                       meta=ccd.meta)
+    elif container == "array":
+        image = ccd.data
+        kwargs = {**kwargs, "unit": ccd.unit, "mask": ccd.mask,
+                  "uncertainty": ccd.uncertainty, "gain": kwargs.get("gain", ccd.meta.get("GAIN"))}
+    else:
+        image = ccd
+    img = to_image(image, saturation=np.inf, dtype=dtype, **kwargs)
     _assert_unchanged(ccd, before)
 
     assert img.data.dtype == dtype and img.data.dtype.isnative
@@ -476,7 +490,7 @@ def test_ccddata_round_trip(case, dtype):
     back_var = back.uncertainty.represent_as(VarianceUncertainty).array
     np.testing.assert_allclose(back_var, img.variance, rtol=rtol)
     # as_ccddata is a view of the ImageData: coercing it again gives the same arrays
-    again = to_image(back, saturation=np.inf, dtype=dtype, **kwargs)
+    again = to_image(back, saturation=np.inf, dtype=dtype, **case[1])
     np.testing.assert_array_equal(again.data, img.data)
     np.testing.assert_array_equal(again.mask, img.mask)
     np.testing.assert_allclose(again.variance, img.variance, rtol=rtol)
