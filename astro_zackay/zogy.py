@@ -1120,7 +1120,7 @@ def _scorr(xp, S: Any, var: Any, f_s: Any) -> Any:
     ``f_s`` is a number, or an array on ``S``'s grid (each tile's ``F_S``).
     """
     if np.isscalar(var):
-        return S / np.sqrt(var)
+        return S / float(np.sqrt(var))  # a Python float keeps S's precision (NumPy 2)
     xp.maximum(var, _VAR_FLOOR * f_s, out=var)
     xp.sqrt(var, out=var)
     return xp.divide(S, var, out=var)
@@ -1138,7 +1138,6 @@ def _psf_variance(xp, s_n: Any, s_r: Any, eps: tuple[float, float]) -> Any:
     v_psf *= v_psf
     v_psf *= eps[0] ** 2 + eps[1] ** 2
     return v_psf
-
 
 
 def _at_zero(power: float | np.ndarray) -> float:
