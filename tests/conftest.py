@@ -55,3 +55,26 @@ def record_transform_workers(monkeypatch):
         return threads
 
     return start
+
+
+def ccd_state(ccd) -> tuple:
+    """Copies of a CCDData's data, mask, uncertainty and meta, for `assert_ccd_unchanged`."""
+    import copy
+
+    unc = None if ccd.uncertainty is None else ccd.uncertainty.array.copy()
+    mask = None if ccd.mask is None else ccd.mask.copy()
+    return ccd.data.copy(), mask, unc, copy.deepcopy(dict(ccd.meta))
+
+
+def assert_ccd_unchanged(ccd, before: tuple) -> None:
+    """The caller's CCDData is as `ccd_state` saw it: no input is ever mutated."""
+    import numpy as np
+
+    data, mask, unc, meta = before
+    np.testing.assert_array_equal(ccd.data, data)
+    for now, then in ((ccd.mask, mask),
+                      (None if ccd.uncertainty is None else ccd.uncertainty.array, unc)):
+        assert (now is None) == (then is None)
+        if then is not None:
+            np.testing.assert_array_equal(now, then)
+    assert dict(ccd.meta) == meta

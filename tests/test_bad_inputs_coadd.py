@@ -8,13 +8,12 @@ callers' arrays and CCDData are left as they were.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData
 from astropy.stats import mad_std
+from conftest import assert_ccd_unchanged, ccd_state
 
 from astro_zackay import coadd, subtract
 from astro_zackay._warnings import AstroZackayWarning, NoiseEstimateWarning
@@ -28,20 +27,8 @@ MISSING = "/nonexistent/frame.fits"
 PSF = psf_stamp((15, 15), 3.0)
 
 
-def _snapshot(ccd: CCDData) -> tuple:
-    unc = None if ccd.uncertainty is None else ccd.uncertainty.array.copy()
-    mask = None if ccd.mask is None else ccd.mask.copy()
-    return ccd.data.copy(), mask, unc, copy.deepcopy(dict(ccd.meta))
 
 
-def _assert_unchanged(ccd: CCDData, before: tuple) -> None:
-    data, mask, unc, meta = before
-    np.testing.assert_array_equal(ccd.data, data)
-    if mask is not None:
-        np.testing.assert_array_equal(ccd.mask, mask)
-    if unc is not None:
-        np.testing.assert_array_equal(ccd.uncertainty.array, unc)
-    assert dict(ccd.meta) == meta
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +165,11 @@ def test_big_endian_and_integer_scores(dtype):
     score = _noise_score()
     score[30, 40] = 9.0
     ccd = CCDData(score.astype(dtype), unit="", mask=np.zeros(score.shape, bool))
-    before = _snapshot(ccd)
+    before = ccd_state(ccd)
     table = find_transients(ccd, fwhm=2.0)
     assert table["x_peak"].tolist() == [40] and table["y_peak"].tolist() == [30]
     assert table["score"][0] == 9.0
-    _assert_unchanged(ccd, before)
+    assert_ccd_unchanged(ccd, before)
 
 
 @pytest.fixture(scope="module")
@@ -250,13 +237,13 @@ def test_coadd_per_image_options_checked_before_reading(kwargs, match):
 
 def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
     small = CCDData(np.zeros((96, 128)), unit="electron")
-    before = [_snapshot(f) for f in frames[:2]]
+    before = [ccd_state(f) for f in frames[:2]]
     with pytest.raises(ValueError, match=r"images must be registered frames of one shape, got "
                                          r"image 0 \(128, 128\), image 1 \(128, 128\), image 2 "
                                          r"\(96, 128\): .* or pass align=True"):
         coadd([frames[0], frames[1], small])
     for ccd, snap in zip(frames[:2], before):
-        _assert_unchanged(ccd, snap)
+        assert_ccd_unchanged(ccd, snap)
     # plain arrays without a unit: the shapes are refused before the missing unit is seen
     with pytest.raises(ValueError, match=r"image 1 \(32, 64\)"):
         coadd([np.zeros((64, 64)), np.zeros((32, 64))])
@@ -265,14 +252,14 @@ def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
 def test_coadd_of_one_frame_is_that_frame_whitened():
     """One frame's proper coadd: white noise of unit variance, the frame's own depth."""
     sim = simulate_image((128, 128), psf=3.0, n_stars=0, seed=3, subtract_sky=True)
-    before = _snapshot(sim.ccd)
+    before = ccd_state(sim.ccd)
     result = _coadd([sim.ccd])
     assert len(result.frames) == 1 and not result.image.mask.any()
     assert abs(mad_std(result.image.data) - 1.0) < 0.05
     sigma = float(result.frames["sigma"][0])
     expected_snr = np.sqrt((PSF**2).sum()) / sigma  # S/N of a unit-flux source
     assert result.snr_full == pytest.approx(expected_snr, rel=1e-3)
-    _assert_unchanged(sim.ccd, before)
+    assert_ccd_unchanged(sim.ccd, before)
 
 
 def test_fully_masked_coadd_warns(frames):
@@ -335,11 +322,11 @@ def test_subtract_background_refuses_wrong_background_first():
 def test_smallest_box_measures_the_rms(method):
     """At the smallest box allowed (8 px) the rms of pure noise (sigma 5) is within 3 %."""
     ccd = CCDData(np.random.default_rng(0).normal(100.0, 5.0, (128, 128)), unit="adu")
-    before = _snapshot(ccd)
+    before = ccd_state(ccd)
     bkg = estimate_background(ccd, box_size=8, method=method, detect_sources=False)
     assert abs(bkg.global_rms - 5.0) < 0.15
     assert abs(bkg.global_sky - 100.0) < 0.25
-    _assert_unchanged(ccd, before)
+    assert_ccd_unchanged(ccd, before)
 
 
 def test_constant_image_warns_of_zero_rms():

@@ -6,13 +6,13 @@ wrong and what to do, and that the caller's CCDData is left as it was.
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import CCDData, StdDevUncertainty, VarianceUncertainty
+from conftest import assert_ccd_unchanged, ccd_state
 
 from astro_zackay import subtract
 from astro_zackay._ccd import to_image
@@ -31,18 +31,8 @@ def pair():
     return simulate_pair((128, 128), n_stars=30, flux_range=(2e3, 2e5), seed=1)
 
 
-def _snapshot(ccd: CCDData) -> tuple:
-    unc = None if ccd.uncertainty is None else ccd.uncertainty.array.copy()
-    mask = None if ccd.mask is None else ccd.mask.copy()
-    return ccd.data.copy(), mask, unc, copy.deepcopy(dict(ccd.meta))
 
 
-def _assert_unchanged(ccd: CCDData, before: tuple) -> None:
-    data, mask, unc, meta = before
-    np.testing.assert_array_equal(ccd.data, data)
-    np.testing.assert_array_equal(ccd.mask, mask)
-    np.testing.assert_array_equal(ccd.uncertainty.array, unc)
-    assert dict(ccd.meta) == meta
 
 
 def _write(pair, tmp_path) -> tuple:
@@ -56,22 +46,22 @@ def test_truncated_fits_is_refused(pair, tmp_path, cut):
     good, raw = _write(pair, tmp_path)
     bad = tmp_path / "truncated.fits"
     bad.write_bytes(raw[: len(raw) - cut] if cut else raw[: len(raw) // 2])
-    before = _snapshot(pair.science.ccd)
+    before = ccd_state(pair.science.ccd)
     with pytest.raises(OSError, match=r"reference image: .*truncated.fits.* is not a readable "
                                       r"FITS file .*truncated; copy or download it again"):
         subtract(str(bad), pair.science.ccd)
-    _assert_unchanged(pair.science.ccd, before)
+    assert_ccd_unchanged(pair.science.ccd, before)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a FITS file at all\n" * 200])
 def test_empty_or_garbage_file_is_refused(pair, tmp_path, content):
     bad = tmp_path / "garbage.fits"
     bad.write_bytes(content)
-    before = _snapshot(pair.reference.ccd)
+    before = ccd_state(pair.reference.ccd)
     with pytest.raises(OSError, match=r"science image: .*garbage.fits.* is not a readable FITS "
                                       r"file .*empty or corrupt; check that it is a FITS image"):
         subtract(pair.reference.ccd, bad)
-    _assert_unchanged(pair.reference.ccd, before)
+    assert_ccd_unchanged(pair.reference.ccd, before)
 
 
 def test_directory_is_refused(tmp_path):
@@ -100,13 +90,13 @@ def test_unparsable_bunit_is_named(pair, tmp_path, bunit):
 
 def test_off_centre_psf_array_is_refused(pair):
     ref, sci = pair.reference.ccd, pair.science.ccd
-    before = _snapshot(ref), _snapshot(sci)
+    before = ccd_state(ref), ccd_state(sci)
     stamp = psf_stamp(25, 3.5)
     with pytest.raises(ValueError, match=r"reference_psf: the PSF array is not centred: its "
                                          r"centroid is \(\+4.00, \+0.00\) px .*recentre"):
         subtract(ref, sci, reference_psf=np.roll(stamp, 4, axis=1), science_psf=stamp)
-    _assert_unchanged(ref, before[0])
-    _assert_unchanged(sci, before[1])
+    assert_ccd_unchanged(ref, before[0])
+    assert_ccd_unchanged(sci, before[1])
 
 
 @pytest.mark.parametrize(
@@ -168,12 +158,12 @@ def test_negative_uncertainty_is_refused(pair, kind):
     values = pair.science.ccd.uncertainty.array.copy()
     values[10:30, 20:30] *= -1.0  # 200 pixels: 1.2 % of the image, a sign error
     sci.uncertainty = kind(values if kind is StdDevUncertainty else np.sign(values) * values**2)
-    before = _snapshot(sci), _snapshot(pair.reference.ccd)
+    before = ccd_state(sci), ccd_state(pair.reference.ccd)
     with pytest.raises(ValueError, match=rf"science image: the {kind.__name__} has 200 negative "
                                          r"values .* must be >= 0; fix its sign"):
         subtract(pair.reference.ccd, sci)
-    _assert_unchanged(sci, before[0])
-    _assert_unchanged(pair.reference.ccd, before[1])
+    assert_ccd_unchanged(sci, before[0])
+    assert_ccd_unchanged(pair.reference.ccd, before[1])
 
 
 def test_few_negative_uncertainties_are_masked_not_taken_as_abs(pair):
@@ -195,14 +185,14 @@ def _far_away(ccd: CCDData) -> CCDData:
 
 def test_align_wcs_without_overlap_is_refused(pair):
     ref, sci = _far_away(pair.reference.ccd), pair.science.ccd
-    before = _snapshot(ref), _snapshot(sci)
+    before = ccd_state(ref), ccd_state(sci)
     match = r"no overlap between the images' footprints on the sky.*check the WCS"
     with pytest.raises(ValueError, match=match):
         align(ref, sci, method="wcs")
     with pytest.raises(ValueError, match=f"reference image: method='wcs': {match}"):
         subtract(ref, sci, align="wcs")
-    _assert_unchanged(ref, before[0])
-    _assert_unchanged(sci, before[1])
+    assert_ccd_unchanged(ref, before[0])
+    assert_ccd_unchanged(sci, before[1])
 
 
 def test_align_wcs_with_partial_overlap_still_works(pair):
@@ -225,13 +215,13 @@ def _zero_uncertainty(ccd: CCDData, where) -> CCDData:
 def test_zero_variance_patch_is_masked(pair):
     patch = (slice(40, 80), slice(40, 80))
     sci = _zero_uncertainty(pair.science.ccd, patch)
-    before = _snapshot(sci)
+    before = ccd_state(sci)
     result = subtract(pair.reference.ccd, sci, noise="white")
     assert result.score.mask[patch].all()
     outside = ~result.score.mask
     assert outside.mean() > 0.15  # the patch and the stars' cores of the small field
     assert 0.7 < np.std(result.score.data[outside]) < 1.3
-    _assert_unchanged(sci, before)
+    assert_ccd_unchanged(sci, before)
 
 
 def test_scattered_zero_variance_names_the_masked_stars(pair):
