@@ -419,3 +419,14 @@ def test_astropy_info_notes_only_with_verbose(frames, tmp_path):
             assert astropy_log.level == before
     finally:
         astropy_log.removeHandler(handler)
+
+
+def test_python_dash_m_runs_the_command(monkeypatch, capsys):
+    """``python -m astro_zackay`` is the same command (run in-process here)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["python -m astro_zackay", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("astro_zackay", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"astro-zackay {astro_zackay.__version__}"
