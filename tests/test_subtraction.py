@@ -851,5 +851,9 @@ def test_workers_reach_the_steps_around_the_core(monkeypatch):
     monkeypatch.setattr(module, "bright_sources", spy("bright", module.bright_sources))
     one = subtract(pair.reference.ccd, pair.science.ccd, workers=1)
     assert seen == {"noise": [1], "bright": [1]}
-    np.testing.assert_array_equal(one.score.data, default.score.data)
-    assert one.sources.pformat() == default.sources.pformat()
+    # float32 transforms split over threads differently may differ in the last bits
+    # (scipy 1.18: ~5e-6 sigma): the same result, not the same rounding
+    np.testing.assert_allclose(one.score.data, default.score.data, rtol=0, atol=1e-4)
+    assert len(one.sources) == len(default.sources)
+    for name in one.sources.colnames:
+        np.testing.assert_allclose(one.sources[name], default.sources[name], rtol=1e-5)
