@@ -151,11 +151,16 @@ def test_varying_psf_tiles_subtract_each_star_with_its_psf():
     assert np.abs(one.Scorr[good]).max() > 10
 
 
+def _constant_field_options(shape: tuple[int, int]) -> dict:
+    """zogy_field's options for white unit noise, no mask and constant PSFs."""
+    return dict(varying=(False, False), rms_new=np.ones(shape), rms_ref=np.ones(shape),
+                var_new=None, var_ref=None, mask_new=np.zeros(shape, bool),
+                mask_ref=np.zeros(shape, bool), flux_ratio=1.0)
+
+
 def test_bad_tiles_option_is_rejected():
     new, ref, var_n, var_r = pair(shape=(64, 64))
-    kw = dict(varying=(False, False), rms_new=np.ones((64, 64)), rms_ref=np.ones((64, 64)),
-              var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
-              mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0)
+    kw = _constant_field_options((64, 64))
     psf = lambda x, y: gaussian(1.5, 9)  # noqa: E731
     for tiles in ("nodes", 0, 16, 40.5):
         with pytest.raises(ValueError, match="tiles"):
@@ -164,9 +169,7 @@ def test_bad_tiles_option_is_rejected():
 
 def test_bad_inputs_are_rejected_before_any_work():
     new, ref, _, _ = pair(shape=(64, 64))
-    kw = dict(varying=(False, False), rms_new=np.ones((64, 64)), rms_ref=np.ones((64, 64)),
-              var_new=None, var_ref=None, mask_new=np.zeros((64, 64), bool),
-              mask_ref=np.zeros((64, 64), bool), flux_ratio=1.0)
+    kw = _constant_field_options((64, 64))
     psf = lambda x, y: gaussian(1.5, 9)  # noqa: E731
     with pytest.raises(ValueError, match="ref has shape"):
         zogy_field(new, ref[:-1], psf, psf, **kw)
