@@ -655,13 +655,14 @@ def _check_not_constant(data: np.ndarray, bad: np.ndarray, threshold: float) -> 
     Every pixel of the latter would be a local extremum above the threshold: it is no
     map in sigma.
     """
-    good = data[~bad]
-    if not good.size:
+    if bad.all():
         raise ValueError("score has no finite unmasked pixel (all NaN or masked): there is "
                          "nothing to search; check the subtraction's inputs and masks")
-    if good.min() == good.max() and abs(float(good[0])) >= threshold:
+    low = float(np.min(data, where=~bad, initial=np.inf))  # no copy of the good pixels
+    high = float(np.max(data, where=~bad, initial=-np.inf))
+    if low == high and abs(low) >= threshold:
         raise ValueError(
-            f"score is constant ({float(good[0]):g} in every unmasked pixel): a zero-variance "
+            f"score is constant ({low:g} in every unmasked pixel): a zero-variance "
             "image is not a score in sigma units; pass the Scorr of a subtraction "
             "(SubtractionResult.score)")
 
