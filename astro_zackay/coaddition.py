@@ -244,6 +244,23 @@ def _check_shapes(images: Any) -> None:
                          "crop or resample them to one grid, or pass align=True")
 
 
+def _positive_number(value: Any) -> bool:
+    """Whether ``value`` is one finite number > 0 (a string or an array is not)."""
+    try:
+        return np.ndim(value) == 0 and np.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _whole_non_negative(value: Any) -> bool:
+    """Whether ``value`` is a finite whole number >= 0 (inf, NaN and strings are not)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return np.isfinite(number) and number == int(number) and number >= 0
+
+
 class _PerImage:
     """A per-image option given as a sequence, consumed in step with the images."""
 
@@ -265,8 +282,7 @@ class _PerImage:
         """Every value given (None aside) must be a positive finite number or Quantity."""
         for j, value in enumerate(self._values if self.given else []):
             number = value.value if isinstance(value, u.Quantity) else value
-            if value is not None and not (np.ndim(number) == 0
-                                          and np.isfinite(float(number)) and float(number) > 0):
+            if value is not None and not _positive_number(number):
                 raise ValueError(f"{self.name}[{j}] must be a positive number (or None to "
                                  f"measure it), got {value!r}")
 
@@ -529,7 +545,7 @@ def coadd(
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
     if not align:
         _check_shapes(images)
-    if border is not None and not (float(border) == int(border) and int(border) >= 0):
+    if border is not None and not _whole_non_negative(border):
         raise ValueError(f"border must be a non-negative whole number of pixels, got {border!r}")
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")

@@ -228,6 +228,8 @@ def test_coadd_of_nothing(images):
         ({"psfs": [PSF]}, r"psfs has 1 entries for 2 images: give one per image"),
         ({"border": -1}, r"border must be a non-negative whole number of pixels, got -1"),
         ({"border": 2.5}, r"border must be a non-negative whole number of pixels, got 2.5"),
+        ({"border": np.inf}, r"border must be a non-negative whole number of pixels, got inf"),
+        ({"flux_scales": ["x", 1.0, 1.0]}, r"flux_scales\[0\] must be a positive number"),
     ],
 )
 def test_coadd_per_image_options_checked_before_reading(kwargs, match):
