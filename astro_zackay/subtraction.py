@@ -274,9 +274,14 @@ def _check_options(
     _check_astrometric_noise(astrometric_noise)
     if not isinstance(fit_shift, bool | np.bool_):
         raise ValueError(f"fit_shift must be True or False, got {fit_shift!r}")
-    if align not in (False, None, True) and align not in ("stars", "wcs"):
+    if not (align is None or isinstance(align, bool | np.bool_)
+            or (isinstance(align, str) and align in ("stars", "wcs"))):
         raise ValueError(f"align must be False, 'stars' or 'wcs', got {align!r}")
-    if np.dtype(dtype) not in (np.float32, np.float64):
+    try:
+        known = np.dtype(dtype) in (np.float32, np.float64)
+    except TypeError:  # a name numpy does not know
+        known = False
+    if not known:
         raise ValueError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}")
 
 
@@ -306,7 +311,7 @@ def _named(step: Any, name: str, *args: Any, **kwargs: Any) -> Any:
             named = type(exc)(f"{name}: {exc}")
         except TypeError:  # an exception class that needs other arguments: kept as it is
             raise exc from None
-        raise named from None
+        raise named from exc
 
 
 def _psf_errors(psf_error: Any) -> tuple[float, float]:

@@ -137,7 +137,9 @@ def test_centred_psf_array_is_normalised():
         ("tiles", 8, r"tiles must be .* >= 32 px, got 8"),
         ("fit_shift", "yes", r"fit_shift must be True or False, got 'yes'"),
         ("align", "sky", r"align must be False, 'stars' or 'wcs', got 'sky'"),
+        ("align", 1, r"align must be False, 'stars' or 'wcs', got 1"),
         ("dtype", np.int32, r"dtype must be numpy.float32 or numpy.float64"),
+        ("dtype", "foo", r"dtype must be numpy.float32 or numpy.float64, got 'foo'"),
     ],
 )
 def test_parameters_are_checked_before_any_work(option, value, match):
