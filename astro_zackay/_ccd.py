@@ -285,21 +285,22 @@ def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
 MAX_NEGATIVE_UNCERTAINTY_FRACTION = 0.01
 
 
-def _negative_uncertainties(unc: Any) -> np.ndarray:
-    """Where ``unc`` is negative: masked when few, a ValueError when more (never ``|x|``)."""
+def _negative_uncertainties(unc: Any) -> np.ndarray | None:
+    """Where ``unc`` is negative (None: nowhere): masked when few, a ValueError when more
+    (never ``|x|``)."""
     values = np.asarray(unc.array)
     with np.errstate(invalid="ignore"):
         negative = values < 0
-    n_negative = int(negative.sum())
+    n_negative = int(np.count_nonzero(negative))
+    if not n_negative:  # the common case: no count of the finite values, no masking
+        return None
     if n_negative > MAX_NEGATIVE_UNCERTAINTY_FRACTION * max(int(np.isfinite(values).sum()), 1):
         raise ValueError(
             f"the {type(unc).__name__} has {n_negative} negative values (min "
             f"{float(np.nanmin(values)):.4g}) out of {values.size}: an uncertainty must be >= 0; "
             "fix its sign, or set the bad pixels' uncertainty to NaN (they are then masked)"
         )
-    if n_negative:
-        log.info("%d pixels have a negative %s: they are masked", n_negative,
-                 type(unc).__name__)
+    log.info("%d pixels have a negative %s: they are masked", n_negative, type(unc).__name__)
     return negative
 
 
@@ -338,7 +339,8 @@ def _variance_from_uncertainty(
                 f"the uncertainty's unit ({var.unit}) does not match the data unit ({unit})"
             ) from None
     values = np.broadcast_to(values, shape).copy()
-    values[np.broadcast_to(negative, shape)] = np.nan  # masked, never taken as |x|
+    if negative is not None:
+        values[np.broadcast_to(negative, shape)] = np.nan  # masked, never taken as |x|
     return values
 
 
