@@ -221,8 +221,7 @@ def _iter_inputs(images: Any) -> Iterator[tuple[Any, str, Any]]:
             f"got {type(images).__name__}"
         )
     for j, item in enumerate(images):
-        name = os.path.basename(item) if isinstance(item, str | os.PathLike) else f"image {j}"
-        yield item, name, None
+        yield item, _input_name(item, j), None
 
 
 _EMPTY = ("images is empty: coadd needs at least one image (a list, a generator or an "
@@ -230,18 +229,69 @@ _EMPTY = ("images is empty: coadd needs at least one image (a list, a generator 
 
 
 def _check_shapes(images: Any) -> None:
-    """A list of in-memory images must share one shape (checked before any is prepared).
+    """Images of a list or an ImageFileCollection must share one shape, checked first.
 
-    Files and generators are checked as they are read (`_check_like`).
+    The shapes of arrays and NDData are read from the objects, those of FITS files from
+    their headers (``NAXIS1``/``NAXIS2`` of the image HDU that would be read), so a
+    stack of files of mixed shapes is refused before any image is read or prepared.
+    Inputs whose shape cannot be known without reading them (an HDU list, a file that
+    is missing or unreadable: its reader names it) are left to `_check_like`, and so is
+    a generator, which can be consumed only once.
     """
-    if not isinstance(images, list | tuple):
+    if isinstance(images, list | tuple):
+        items = [(item, _input_name(item, j), None) for j, item in enumerate(images)]
+    elif hasattr(images, "files_filtered") and hasattr(images, "location"):
+        items = list(_iter_inputs(images))
+    else:
         return
-    shapes = [np.shape(getattr(item, "data", item)) for item in images
-              if isinstance(item, np.ndarray | NDData | u.Quantity)]
-    if len(shapes) == len(images) and len(set(shapes)) > 1:
-        listed = ", ".join(f"image {j} {shape}" for j, shape in enumerate(shapes))
-        raise ValueError(f"images must be registered frames of one shape, got {listed}: "
-                         "crop or resample them to one grid, or pass align=True")
+    shapes = [(name, _known_shape(item, hdu)) for item, name, hdu in items]
+    known = [(name, shape) for name, shape in shapes if shape is not None]
+    if len({shape for _, shape in known}) < 2:
+        return
+    first = known[0][1]
+    listed = known if len(known) <= 8 else [known[0]] + [k for k in known if k[1] != first][:7]
+    text = ", ".join(f"{name} {shape}" for name, shape in listed)
+    raise ValueError(f"images must be registered frames of one shape, got {text}: "
+                     "crop or resample them to one grid, or pass align=True")
+
+
+def _input_name(item: Any, j: int) -> str:
+    """How an input image is named in messages: its file name, else ``image <j>``."""
+    return os.path.basename(item) if isinstance(item, str | os.PathLike) else f"image {j}"
+
+
+def _known_shape(item: Any, hdu: int | str | None) -> tuple[int, ...] | None:
+    """The shape of an input image, known without reading its pixels, or None."""
+    if isinstance(item, np.ndarray | NDData | u.Quantity):
+        return tuple(np.shape(getattr(item, "data", item)))
+    if isinstance(item, str | os.PathLike):
+        return _fits_shape(item, hdu)
+    return None
+
+
+def _fits_shape(path: str | os.PathLike, hdu: int | str | None) -> tuple[int, ...] | None:
+    """The image shape in a FITS file's header (HDU ``hdu``, else the first with data).
+
+    None for a file that cannot be opened: reading it later raises the error that
+    names what is wrong with it.
+    """
+    if os.path.isdir(path) or not os.path.isfile(path):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged file is reported when it is read
+            with fits.open(path, memmap=False) as hdul:
+                if hdu is not None:
+                    headers = [hdul[hdu].header]
+                else:
+                    headers = [h.header for h in hdul if h.is_image]
+                for header in headers:
+                    naxis = int(header.get("NAXIS", 0))
+                    if naxis > 0:
+                        return tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return None
+    return None
 
 
 def _positive_number(value: Any) -> bool:

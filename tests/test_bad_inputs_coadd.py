@@ -251,6 +251,59 @@ def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
         coadd([np.zeros((64, 64)), np.zeros((32, 64))])
 
 
+def _no_reading(*args, **kwargs):
+    raise AssertionError("an image was read before the shapes were checked")
+
+
+def test_coadd_of_fits_files_of_mixed_shapes_fails_before_reading(tmp_path, monkeypatch):
+    """The shapes of FITS files come from their headers (the image in an extension too),
+    so the odd frame is named with the first one before any image is read."""
+    for name, shape in (("a.fits", (64, 64)), ("b.fits", (64, 64))):
+        fits.PrimaryHDU(np.zeros(shape, np.float32)).writeto(tmp_path / name)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((48, 64), np.float32))]).writeto(
+        tmp_path / "odd.fits")
+    monkeypatch.setattr("astro_zackay.coaddition.to_image", _no_reading)
+    paths = [tmp_path / "a.fits", tmp_path / "b.fits", tmp_path / "odd.fits"]
+    with pytest.raises(ValueError, match=r"images must be registered frames of one shape, got "
+                                         r"a.fits \(64, 64\), b.fits \(64, 64\), odd.fits "
+                                         r"\(48, 64\): crop or resample .* align=True"):
+        coadd(paths, unit="adu")
+    # a path of str, an in-memory frame and a missing file (its reader names it later)
+    with pytest.raises(ValueError, match=r"image 0 \(64, 64\), odd.fits \(48, 64\)"):
+        coadd([np.zeros((64, 64)), MISSING, str(tmp_path / "odd.fits")], unit="adu")
+
+
+def test_coadd_of_many_files_names_the_first_and_the_odd_ones(tmp_path, monkeypatch):
+    paths = []
+    for j in range(12):
+        paths.append(tmp_path / f"f{j:02d}.fits")
+        fits.PrimaryHDU(np.zeros((32, 40 if j == 9 else 32), np.float32)).writeto(paths[-1])
+    monkeypatch.setattr("astro_zackay.coaddition.to_image", _no_reading)
+    with pytest.raises(ValueError, match=r"got f00.fits \(32, 32\), f09.fits \(32, 40\): "):
+        coadd(paths, unit="adu")
+
+
+def test_coadd_of_a_collection_of_mixed_shapes_fails_before_reading(tmp_path, monkeypatch):
+    from ccdproc import ImageFileCollection
+
+    fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto(tmp_path / "a.fits")
+    fits.PrimaryHDU(np.zeros((30, 32), np.float32)).writeto(tmp_path / "b.fits")
+    collection = ImageFileCollection(str(tmp_path))
+    monkeypatch.setattr("astro_zackay.coaddition.to_image", _no_reading)
+    with pytest.raises(ValueError, match=r"a.fits \(32, 32\), b.fits \(30, 32\)"):
+        coadd(collection, unit="adu")
+
+
+def test_coadd_of_fits_files_of_one_shape_passes_the_check(tmp_path, monkeypatch):
+    """Files of one shape (and unreadable ones, left to their reader) are not refused by
+    the shape check: the first image is read."""
+    fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto(tmp_path / "a.fits")
+    (tmp_path / "junk.fits").write_bytes(b"not a FITS file")
+    monkeypatch.setattr("astro_zackay.coaddition.to_image", _no_reading)
+    with pytest.raises(AssertionError, match=r"an image was read before"):
+        coadd([tmp_path / "a.fits", tmp_path / "a.fits", tmp_path / "junk.fits"], unit="adu")
+
+
 def test_coadd_of_one_frame_is_that_frame_whitened():
     """One frame's proper coadd: white noise of unit variance, the frame's own depth."""
     sim = simulate_image((128, 128), psf=3.0, n_stars=0, seed=3, subtract_sky=True)
