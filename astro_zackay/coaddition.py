@@ -176,7 +176,8 @@ class CoaddResult:
 
         The file's primary image is `calibrated` with its uncertainty, so it can be
         given as the reference of `~astro_zackay.subtract` as it is; see
-        `astro_zackay.files.write_coadd` for its extensions and headers.
+        `astro_zackay.files.write_coadd` for its extensions and headers, and
+        `astro_zackay.files.read_coadd` to read the whole result back.
 
         Parameters
         ----------

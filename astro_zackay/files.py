@@ -26,11 +26,13 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 
 from ._version import version
+from .coaddition import CoaddResult
 from .subtraction import SubtractionResult
 from .transients import FLAGS, describe_flags
 
 __all__ = [
     "coadd_psf",
+    "read_coadd",
     "read_subtraction",
     "write_candidates",
     "write_coadd",
@@ -156,6 +158,68 @@ def _table_hdu(table: Table, name: str, text: str) -> fits.BinTableHDU:
     return _named(fits.table_to_hdu(plain), name, text)
 
 
+#: Header keys that describe an HDU's layout, not the image: dropped from a meta read back.
+_STRUCTURE_KEYS = ("SIMPLE", "EXTEND", "XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT",
+                   "EXTNAME")
+
+
+def _exact_hdu(hdus: Sequence[fits.FitsHDU]) -> fits.BinTableHDU:
+    """The float header cards of the named image HDUs as exact float64 values.
+
+    A FITS card holds at most 20 characters of a number, so a float64 card may lose its
+    last digits on disk; this table (``EXTNAME``, ``KEY``, ``VALUE``) gives them back.
+    """
+    rows = [(hdu.name, key, float(value)) for hdu in hdus if hdu.is_image and hdu.name
+            for key, value in hdu.header.items()
+            if isinstance(value, float) and key not in ("", "HISTORY", "COMMENT")]
+    table = Table(rows=rows or None, names=("EXTNAME", "KEY", "VALUE"),
+                  dtype=(str, str, float))
+    return _named(fits.table_to_hdu(table), "EXACT", "exact float64 values of header cards")
+
+
+def _exact_values(hdul: fits.HDUList) -> dict[str, dict[str, float]]:
+    """``{extname: {key: value}}`` from the EXACT table (empty for files without one)."""
+    exact: dict[str, dict[str, float]] = {}
+    if "EXACT" in hdul and hdul["EXACT"].data is not None:
+        for row in hdul["EXACT"].data:
+            exact.setdefault(str(row["EXTNAME"]), {})[str(row["KEY"])] = float(row["VALUE"])
+    return exact
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (FITS stores big-endian), the same dtype otherwise."""
+    array = np.asarray(array)
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def _read_image(path: str | os.PathLike, name: str, exact: Mapping[str, Mapping[str, float]],
+                **kwargs: Any) -> CCDData:
+    """Extension ``name`` as a CCDData in native byte order, its meta as it was written:
+    the layout keys dropped and the float cards exact."""
+    ccd = CCDData.read(path, hdu=name, **kwargs)
+    ccd.data = _native(ccd.data)
+    if ccd.uncertainty is not None:
+        ccd.uncertainty.array = _native(ccd.uncertainty.array)
+    for key in list(ccd.meta):
+        if key.rstrip("0123456789") in _STRUCTURE_KEYS:
+            del ccd.meta[key]
+    for key, value in exact.get(name, {}).items():
+        if key in ccd.meta:
+            ccd.meta[key] = value
+    return ccd
+
+
+def _read_table(hdu: fits.BinTableHDU) -> Table:
+    """A table extension as it was written: native byte order, no EXTNAME in its meta."""
+    table = Table.read(hdu)
+    for name in table.colnames:
+        if table[name].dtype.kind in "iufb" and not table[name].dtype.isnative:
+            table[name] = table[name].astype(table[name].dtype.newbyteorder("="))
+    for key in _STRUCTURE_KEYS:
+        table.meta.pop(key, None)
+    return table
+
+
 def write_subtraction(
     result: SubtractionResult,
     path: str | os.PathLike,
@@ -170,7 +234,8 @@ def write_subtraction(
     grid with its WCS; masked pixels NaN), ``PSF`` (P_D), ``MASK`` (1 where masked),
     ``TILES`` (table), ``FITTED`` (the fitted scalars as exact float64 values: header
     cards may round the last digit), ``TILEPSF`` (P_D per tile), ``INMASK`` (the
-    inputs' masked pixels) and, when there are any, ``SOURCES``. The primary header and each
+    inputs' masked pixels), when there are any, ``SOURCES``, and ``EXACT`` (the header
+    cards' float values, which a card may round). The primary header and each
     image's header hold the package version, the inputs (``AZIN<n>``), the
     parameters (``AZPAR<n>``), the fitted quantities (``AZBETA``, ``AZBETAE``,
     ``AZDX``, ``AZDY``, ``AZBKGOFF``, ``AZFD``, ``AZASTX``, ``AZASTY``, ``AZSIGR``,
@@ -235,6 +300,7 @@ def write_subtraction(
                            _SUBTRACTION_TEXT["INMASK"]))
     if result.sources is not None and len(result.sources):
         hdus.append(_table_hdu(result.sources, "SOURCES", _SUBTRACTION_TEXT["SOURCES"]))
+    hdus.append(_exact_hdu(hdus))
     fits.HDUList(hdus).writeto(path, overwrite=overwrite)
     log.debug("wrote the subtraction to %s", os.fspath(path))
 
@@ -262,9 +328,14 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
     Returns
     -------
     `~astro_zackay.subtraction.SubtractionResult`
-        The images with their masks (NaN where masked), WCS and headers, and the
-        fitted quantities; its ``find_transients`` vets candidates as the original
-        did.
+        Equal to the result written: the images (their dtype in native byte order)
+        with their masks (NaN where masked), uncertainties, units and WCS, the fitted
+        quantities as exact float64 values, P_D, the tiles with their P_D, the input
+        mask and the sources; its ``find_transients`` vets candidates as the original
+        did. Each image's ``meta`` holds every card of the original (floats exact)
+        and the provenance cards `write_subtraction` added (``AZVERS``, ``AZIN<n>``,
+        ``AZPAR<n>``, ``HISTORY``, ...); the cards of the FITS layout (``NAXIS``,
+        ``EXTNAME``, ...) are dropped.
 
     Raises
     ------
@@ -280,11 +351,12 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
         fitted = {name: float(hdul["FITTED"].data[name][0])
                   for name in hdul["FITTED"].columns.names}
         psf = np.array(hdul["PSF"].data, dtype=float)
-        tiles = Table.read(hdul["TILES"])
+        tiles = _read_table(hdul["TILES"])
         tile_psfs = np.array(hdul["TILEPSF"].data, float) if "TILEPSF" in hdul else None
         input_mask = np.array(hdul["INMASK"].data, bool) if "INMASK" in hdul else None
-        sources = Table.read(hdul["SOURCES"]) if "SOURCES" in hdul else None
-    images = {field: CCDData.read(path, hdu=name, hdu_uncertainty=None)
+        sources = _read_table(hdul["SOURCES"]) if "SOURCES" in hdul else None
+        exact = _exact_values(hdul)
+    images = {field: _read_image(path, name, exact, hdu_uncertainty=None)
               for name, field in SUBTRACTION_IMAGES.items()}
     error = images["flux_error"].data
     for field in ("difference", "score"):
@@ -436,10 +508,14 @@ def write_coadd(
     NaN in the coadd and in its uncertainty, and in ``PROPER`` and ``SCORE``. Then ``PROPER``
     (R, unit noise), ``SCORE`` (S), ``PSF`` (P_R, the PSF of both images), ``DEPTH``
     (the fraction of the full depth reached at each pixel), ``NUSED`` (images used per
-    pixel), ``REJECTED`` (images whose pixel was rejected as an outlier) and ``FRAMES``
-    (one row per input image). The primary header holds the version, the inputs
-    (``AZIN<n>``), the parameters (``AZPAR<n>``), ``AZFR`` (F_R), ``AZSNR1`` and
-    ``HISTORY``.
+    pixel), ``REJECTED`` (images whose pixel was rejected as an outlier), ``FRAMES``
+    (one row per input image), ``PROPERUN`` and ``SCOREUN`` (the uncertainties of
+    ``PROPER`` and ``SCORE``), ``MASKED`` (the masked pixels, their mask in each image
+    and the values shown there as NaN), ``FITTED`` (F_R and ``snr_full`` as exact
+    float64 values) and ``EXACT`` (the header cards' float values, which a card may
+    round). The primary header holds the version, the inputs (``AZIN<n>``), the
+    parameters (``AZPAR<n>``), ``AZFR`` (F_R), ``AZSNR1`` and ``HISTORY``.
+    `read_coadd` reads the whole result back.
 
     Parameters
     ----------
@@ -479,22 +555,133 @@ def write_coadd(
     header["NCOMBINE"] = (len(result.frames), "images combined")
     primary = _blanked(result.calibrated).to_hdu(hdu_mask="MASK", hdu_uncertainty="UNCERT")
     primary[0].header.extend(header, update=True)
-    depth = np.asarray(result.depth, float)
     hdus = [
         *primary,
         _named(_image_hdu(_blanked(result.image), "PROPER", header), "PROPER",
                "proper coadd R (unit noise)"),
         _named(_image_hdu(_blanked(result.score), "SCORE", header), "SCORE", "score image S"),
         _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", "P_R, unit-sum PSF"),
-        _named(fits.ImageHDU(depth), "DEPTH", "fraction of the full depth reached"),
-        _named(fits.ImageHDU(np.asarray(result.n_used, np.int16)), "NUSED",
-               "images used at each pixel"),
-        _named(fits.ImageHDU(np.asarray(result.rejected, np.int16)), "REJECTED",
+        _named(fits.ImageHDU(np.asarray(result.depth)), "DEPTH",
+               "fraction of the full depth reached"),
+        _named(fits.ImageHDU(np.asarray(result.n_used)), "NUSED", "images used at each pixel"),
+        _named(fits.ImageHDU(np.asarray(result.rejected)), "REJECTED",
                "images whose pixel was rejected"),
         _table_hdu(result.frames, "FRAMES", "one row per input image"),
+        _named(fits.ImageHDU(_blanked(result.image).uncertainty.array), "PROPERUN",
+               "1-sigma uncertainty of PROPER"),
+        _named(fits.ImageHDU(_blanked(result.score).uncertainty.array), "SCOREUN",
+               "1-sigma uncertainty of SCORE (sqrt(G))"),
+        _masked_values(result),
+        _named(fits.table_to_hdu(Table({"flux_scale": [float(result.flux_scale)],
+                                        "snr_full": [float(result.snr_full)]})),
+               "FITTED", "F_R, S/N of a unit flux (exact values)"),
     ]
+    hdus.append(_exact_hdu(hdus))
     fits.HDUList(hdus).writeto(path, overwrite=overwrite)
     log.debug("wrote the coadd to %s", os.fspath(path))
+
+
+#: The images of a coadd result and their extension in a coadd file.
+_COADD_IMAGES = {"calibrated": "PRIMARY", "image": "PROPER", "score": "SCORE"}
+#: Extensions that every coadd file has.
+_COADD_EXTENSIONS = ("UNCERT", "MASK", "PROPER", "SCORE", "PSF", "DEPTH", "NUSED", "REJECTED",
+                     "FRAMES", "PROPERUN", "SCOREUN", "MASKED", "FITTED")
+
+
+def _masked_values(result: Any) -> fits.BinTableHDU:
+    """The pixels masked in any image of a coadd, their mask in each and the values
+    that the file shows as NaN: the data and uncertainty of every image there."""
+    masks = {field: np.asarray(getattr(result, field).mask if getattr(result, field).mask
+                               is not None else np.zeros(result.image.shape, bool))
+             for field in _COADD_IMAGES}
+    rows, cols = np.nonzero(np.logical_or.reduce(list(masks.values())))
+    columns: dict[str, Any] = {"y": rows, "x": cols}
+    for field in _COADD_IMAGES:
+        ccd = getattr(result, field)
+        columns[f"{field}_mask"] = masks[field][rows, cols]
+        columns[field] = ccd.data[rows, cols]
+        columns[f"{field}_error"] = ccd.uncertainty.array[rows, cols]
+    return _named(fits.table_to_hdu(Table(columns)), "MASKED",
+                  "masked pixels: their masks and values")
+
+
+def read_coadd(path: str | os.PathLike) -> CoaddResult:
+    """Read a coadd written by `write_coadd` (or `~astro_zackay.coaddition.CoaddResult.write`).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The FITS file.
+
+    Returns
+    -------
+    `~astro_zackay.coaddition.CoaddResult`
+        Equal to the result written: ``image``, ``score`` and ``calibrated`` with
+        their data (the values under their masks too, although the file shows those
+        pixels as NaN), masks, uncertainties, units and WCS; ``psf``, ``depth``,
+        ``n_used`` and ``rejected`` with their dtypes; ``flux_scale`` and ``snr_full``
+        as exact float64 values; the ``frames`` table. Each image's ``meta`` holds
+        every card of the original (floats exact) and the provenance cards that
+        `write_coadd` added; the cards of the FITS layout are dropped.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no such file.
+    ValueError
+        When the file is not a coadd file (no ``AZKIND = 'coadd'`` in its primary
+        header) or lacks one of its extensions (the message names them).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from astro_zackay import coadd
+    >>> from astro_zackay.files import read_coadd, write_coadd
+    >>> from astro_zackay.simulation import simulate_image
+    >>> frames = [simulate_image((64, 64), psf=3.0, n_stars=5, seed=j).ccd for j in range(2)]
+    >>> result = coadd(frames, psfs=[3.0, 3.0], flux_scales=[1.0, 1.0])
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "coadd.fits"
+    >>> write_coadd(result, path)
+    >>> back = read_coadd(path)
+    >>> bool(back.flux_scale == result.flux_scale), back.frames["name"].tolist()
+    (True, ['image 0', 'image 1'])
+    >>> bool(np.array_equal(back.image.data, result.image.data))
+    True
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"no coadd file at {name!r}")
+    with fits.open(path) as hdul:
+        if hdul[0].header.get("AZKIND") != "coadd":
+            raise ValueError(f"{name!r} is not an astro_zackay coadd file (no AZKIND = "
+                             "'coadd' in its primary header; write one with write_coadd)")
+        missing = [ext for ext in _COADD_EXTENSIONS if ext not in hdul]
+        if missing:
+            raise ValueError(f"{name!r} lacks the extension(s) {', '.join(missing)}: it is "
+                             "truncated or was not written by write_coadd")
+        arrays = {field: _native(hdul[ext].data) for field, ext in
+                  (("psf", "PSF"), ("depth", "DEPTH"), ("n_used", "NUSED"),
+                   ("rejected", "REJECTED"), ("image", "PROPERUN"), ("score", "SCOREUN"))}
+        frames = _read_table(hdul["FRAMES"])
+        masked = _read_table(hdul["MASKED"])
+        fitted = {key: float(hdul["FITTED"].data[key][0]) for key in ("flux_scale", "snr_full")}
+        exact = _exact_values(hdul)
+    images = {"calibrated": _read_image(path, "PRIMARY", exact, hdu_mask="MASK",
+                                        hdu_uncertainty="UNCERT")}
+    for field in ("image", "score"):
+        ccd = _read_image(path, _COADD_IMAGES[field], exact, hdu_mask=None,
+                          hdu_uncertainty=None)
+        ccd.uncertainty = StdDevUncertainty(arrays.pop(field))
+        images[field] = ccd
+    rows, cols = np.asarray(masked["y"]), np.asarray(masked["x"])
+    for field, ccd in images.items():
+        mask = np.zeros(ccd.shape, bool)
+        mask[rows, cols] = masked[f"{field}_mask"]
+        ccd.mask = mask
+        ccd.data[rows, cols] = masked[field]
+        ccd.uncertainty.array[rows, cols] = masked[f"{field}_error"]
+    return CoaddResult(**images, frames=frames, **arrays, **fitted)
 
 
 def _blanked(ccd: CCDData) -> CCDData:

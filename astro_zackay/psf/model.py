@@ -623,8 +623,12 @@ def _stars_to_hdu(stars: Table) -> fits.BinTableHDU:
 
 
 def _stars_from_hdu(hdu: fits.BinTableHDU) -> Table:
+    """The stars as written: their units, native byte order, no header cards as meta."""
     stars = Table.read(hdu)
+    stars.meta = {}
     for i, name in enumerate(stars.colnames, start=1):
+        if stars[name].dtype.kind in "iufb" and not stars[name].dtype.isnative:
+            stars[name] = stars[name].astype(stars[name].dtype.newbyteorder("="))
         if f"AZUNIT{i}" in hdu.header:
             stars[name].unit = u.Unit(hdu.header[f"AZUNIT{i}"])
     return stars
