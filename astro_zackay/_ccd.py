@@ -30,7 +30,12 @@ from astropy.stats import sigma_clipped_stats
 from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS
 
-from ._warnings import NoiseEstimateWarning, SaturationWarning, user_stacklevel
+from ._warnings import (
+    NoiseEstimateWarning,
+    SaturationWarning,
+    UncertaintyWarning,
+    user_stacklevel,
+)
 from .saturation import detect_saturation
 
 __all__ = [
@@ -300,7 +305,6 @@ def _negative_uncertainties(unc: Any) -> np.ndarray | None:
             f"{float(np.nanmin(values)):.4g}) out of {values.size}: an uncertainty must be >= 0; "
             "fix its sign, or set the bad pixels' uncertainty to NaN (they are then masked)"
         )
-    log.info("%d pixels have a negative %s: they are masked", n_negative, type(unc).__name__)
     return negative
 
 
@@ -310,18 +314,89 @@ def _zero_variance(variance: np.ndarray, bad: np.ndarray) -> np.ndarray:
     Their infinite weight would otherwise dominate every fit (a star's chi2 becomes
     infinite and the PSF model selection has no finite score to choose from).
     """
-    zero = variance == 0
-    if log.isEnabledFor(logging.INFO) and np.any(zero & ~bad):
-        log.info("%d unmasked pixels have a zero uncertainty: they are masked",
-                 int((zero & ~bad).sum()))
-    return zero
+    return variance == 0
+
+
+def _warn_unusable_uncertainty(
+    what: str, kind: str, n_zero: int, negative: np.ndarray | None, bad: np.ndarray
+) -> None:
+    """One `~astro_zackay._warnings.UncertaintyWarning` for an image whose given
+    uncertainty had zero or (a few) negative values that were masked.
+
+    ``n_zero`` counts the zero-variance pixels that were not already masked;
+    ``negative`` is where the uncertainty was negative (None: nowhere), ``bad`` the
+    mask before either was applied.
+    """
+    n_negative = 0 if negative is None else int(np.count_nonzero(negative & ~bad))
+    if not (n_zero or n_negative):
+        return
+    parts = []
+    if n_zero:
+        parts.append(f"{n_zero} pixels with a zero uncertainty")
+    if n_negative:
+        parts.append(f"{n_negative} pixels with a negative uncertainty")
+    warnings.warn(
+        f"{what}'s {kind} has {' and '.join(parts)}: such an uncertainty cannot weigh "
+        f"a pixel, so {n_zero + n_negative} pixels are masked; give those pixels their "
+        "true uncertainty, or set it to NaN or mask them yourself to silence this",
+        UncertaintyWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def _check_narrowing(
+    source: np.ndarray, cast: np.ndarray, what: str, name: str, good: np.ndarray | None = None
+) -> None:
+    """Refuse values that a narrower float type (float64 to float32) turns into inf or 0.
+
+    ``good`` limits the check to the pixels that are used (default all). Nothing is
+    checked (no pass over the arrays) when the type is not narrowed.
+    """
+    if not (np.issubdtype(source.dtype, np.floating)
+            and source.dtype.itemsize > cast.dtype.itemsize):
+        return
+    with np.errstate(invalid="ignore"):
+        lost = np.isfinite(source) & ~np.isfinite(cast)
+        if name == "variance":  # positive values that became 0: an underflow
+            lost |= (source > 0) & (cast == 0)
+    if good is not None:
+        lost &= good
+    if lost.any():
+        values = np.abs(source[lost])
+        raise ValueError(
+            f"{what}'s {name} has {int(lost.sum())} values (from {values.min():.3g} to "
+            f"{values.max():.3g}) outside the range of {cast.dtype.name} (about 1e-38 to "
+            f"3e38): rescale the image (e.g. to electrons, or by a power of 10) or pass "
+            "dtype=np.float64"
+        )
+
+
+def _refuse_fully_masked(
+    what: str, data: np.ndarray, own_mask: Any, mask: Any, saturation: float | None
+) -> None:
+    """The ValueError for an image none of whose pixels can be used, saying why."""
+    reasons = [f"{int(np.count_nonzero(~np.isfinite(data)))} not finite (NaN or inf)"]
+    for name, extra in (("its mask", own_mask), ("mask=", mask)):
+        if extra is not None:
+            reasons.append(f"{int(np.count_nonzero(extra))} masked by {name}")
+    if saturation is not None:
+        with np.errstate(invalid="ignore"):
+            n_saturated = int(np.count_nonzero(data >= saturation))
+        reasons.append(f"{n_saturated} at or above the saturation level {saturation:.6g}")
+    raise ValueError(
+        f"{what} has no usable pixel: of its {data.size} pixels, {', '.join(reasons)}; "
+        "check the data, the mask and saturation= (an all-NaN or fully masked image "
+        "cannot be used)"
+    )
 
 
 def _variance_from_uncertainty(
     unc: Any, shape: tuple[int, ...], unit: u.UnitBase
-) -> np.ndarray | None:
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The variance of ``unc`` in ``unit**2`` (None without one), and where ``unc`` was
+    negative (None: nowhere; those pixels' variance is NaN)."""
     if unc is None:
-        return None
+        return None, None
     if isinstance(unc, StdDevUncertainty | VarianceUncertainty | InverseVariance):
         var = unc.represent_as(VarianceUncertainty)
     else:
@@ -340,8 +415,9 @@ def _variance_from_uncertainty(
             ) from None
     values = np.broadcast_to(values, shape).copy()
     if negative is not None:
-        values[np.broadcast_to(negative, shape)] = np.nan  # masked, never taken as |x|
-    return values
+        negative = np.broadcast_to(negative, shape)
+        values[negative] = np.nan  # masked, never taken as |x|
+    return values, negative
 
 
 def _log_variance_estimate(background: float, gain: float | None) -> None:
@@ -452,8 +528,9 @@ def to_image(
         For inputs that are not images.
     ValueError
         For inputs with no unit or an unparsable BUNIT (the value is named), not 2-D,
-        of mismatched shapes, or with more than 1 % negative uncertainties (fewer are
-        masked).
+        of mismatched shapes, with no usable pixel (all NaN, masked or saturated), with
+        data or variance outside the range of ``dtype``, or with more than 1 % negative
+        uncertainties (fewer are masked).
     OSError
         For a path that is a directory, or an empty, corrupt or truncated FITS file
         (`IsADirectoryError` for a directory).
@@ -464,6 +541,9 @@ def to_image(
         When the saturation level was found in the data (no ``saturation=`` and no
         keyword); pixels already masked never trigger it, so an image coerced twice
         warns once.
+    UncertaintyWarning
+        When the given uncertainty has zero values (no pixel is noiseless) or a few
+        negative ones, once, with the count of pixels so masked.
 
     Examples
     --------
@@ -487,7 +567,13 @@ def to_image(
     data = np.asarray(nd.data)
     if data.ndim != 2:
         raise ValueError(f"expected a 2-D image, got an array of shape {data.shape}")
-    data = np.array(data, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
+    what = repr(os.fspath(image)) if isinstance(image, str | os.PathLike) else (
+        f"the {type(image).__name__}")
+    source = data
+    with np.errstate(over="ignore"):
+        data = np.array(data, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
+    _check_narrowing(source, data, what, "data")
+    del source
 
     bad = ~np.isfinite(data)
     for extra in (nd.mask, mask):
@@ -506,18 +592,27 @@ def to_image(
     if saturation_value is not None:
         with np.errstate(invalid="ignore"):
             bad |= data >= saturation_value
+    if bad.all():
+        _refuse_fully_masked(what, data, nd.mask, mask, saturation_value)
 
     if uncertainty is None:
         uncertainty = nd.uncertainty
-    variance = _variance_from_uncertainty(uncertainty, data.shape, data_unit)
+    variance, negative = _variance_from_uncertainty(uncertainty, data.shape, data_unit)
     estimated = variance is None
     maps = None
     if estimated:
         variance, maps = _estimate_variance(data, bad, gain_value)
-    variance = variance.astype(data.dtype, copy=False)
+    source = variance
+    with np.errstate(over="ignore", under="ignore"):
+        variance = variance.astype(data.dtype, copy=False)
+    _check_narrowing(source, variance, what, "variance", ~bad)
+    del source
     invalid = ~np.isfinite(variance) | (variance < 0)
     if not estimated:
-        invalid |= _zero_variance(variance, bad)
+        zero = _zero_variance(variance, bad)
+        invalid |= zero
+        _warn_unusable_uncertainty(what, type(uncertainty).__name__,
+                                   int(np.count_nonzero(zero & ~bad)), negative, bad)
     if maps is not None and np.any(invalid & ~bad):  # the maps were made with another mask
         maps = None
     bad |= invalid

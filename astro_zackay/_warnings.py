@@ -23,6 +23,7 @@ __all__ = [
     "NoiseEstimateWarning",
     "PSFQualityWarning",
     "SaturationWarning",
+    "UncertaintyWarning",
     "user_stacklevel",
 ]
 
@@ -35,6 +36,10 @@ class AstroZackayWarning(AstropyUserWarning):
 
 class NoiseEstimateWarning(AstroZackayWarning):
     """A noise level had to be estimated or is unreliable."""
+
+
+class UncertaintyWarning(NoiseEstimateWarning):
+    """Pixels of a given uncertainty could not be used (zero or a few negative) and were masked."""
 
 
 class PSFQualityWarning(AstroZackayWarning):

@@ -17,6 +17,7 @@ from conftest import assert_ccd_unchanged, ccd_state
 from astro_zackay import subtract
 from astro_zackay._ccd import to_image
 from astro_zackay._psf_input import as_psf_sampler
+from astro_zackay._warnings import UncertaintyWarning
 from astro_zackay.alignment import align
 from astro_zackay.profiles import psf_stamp
 from astro_zackay.psf import estimate_psf
@@ -173,7 +174,11 @@ def test_few_negative_uncertainties_are_masked_not_taken_as_abs(pair):
     values = pair.science.ccd.uncertainty.array.copy()
     values[10:12, 20:25] *= -1.0
     sci.uncertainty = StdDevUncertainty(values)
-    img = to_image(sci)
+    with pytest.warns(UncertaintyWarning, match=r"the CCDData's StdDevUncertainty has 10 pixels "
+                                                r"with a negative uncertainty: .* 10 pixels are "
+                                                r"masked; give those pixels their true") as caught:
+        img = to_image(sci)
+    assert len(caught) == 1 and caught[0].filename == __file__
     assert img.mask[10:12, 20:25].all()
     assert img.mask.sum() == to_image(pair.science.ccd).mask.sum() + 10
     np.testing.assert_array_equal(sci.uncertainty.array, values)
@@ -218,7 +223,12 @@ def test_zero_variance_patch_is_masked(pair):
     patch = (slice(40, 80), slice(40, 80))
     sci = _zero_uncertainty(pair.science.ccd, patch)
     before = ccd_state(sci)
-    result = subtract(pair.reference.ccd, sci, noise="white")
+    n_zero = int((~pair.science.ccd.mask[patch]).sum())  # masked ones are not counted
+    with pytest.warns(UncertaintyWarning, match=rf"^science image: the CCDData's StdDevUncertainty "
+                                                rf"has {n_zero} pixels with a zero uncertainty"
+                      ) as caught:
+        result = subtract(pair.reference.ccd, sci, noise="white")
+    assert [w.filename for w in caught if w.category is UncertaintyWarning] == [__file__]
     assert result.score.mask[patch].all()
     outside = ~result.score.mask
     assert outside.mean() > 0.15  # the patch and the stars' cores of the small field
@@ -229,8 +239,9 @@ def test_zero_variance_patch_is_masked(pair):
 def test_scattered_zero_variance_names_the_masked_stars(pair):
     rng = np.random.default_rng(0)
     sci = _zero_uncertainty(pair.science.ccd, rng.random(pair.science.ccd.shape) < 0.5)
-    with pytest.raises(ValueError, match=r"no PSF star passed the cuts .*masked: [1-9].* check "
-                                         r"the mask"):
+    with (pytest.warns(UncertaintyWarning, match=r"zero uncertainty: .* pixels are masked"),
+          pytest.raises(ValueError, match=r"no PSF star passed the cuts .*masked: [1-9].* check "
+                                          r"the mask")):
         estimate_psf(sci)
 
 
