@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Literal
 
 import numpy as np
@@ -116,6 +117,20 @@ def _warp_by_wcs(
     return data, variance, bad, {}
 
 
+def _check_align_options(method: str, order: Any, max_control_points: Any) -> None:
+    """Raise a ValueError for an interpolation order or star count `align` cannot use."""
+    orders = (0, 1, 3) if method == "wcs" else (0, 1, 2, 3, 4, 5)
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in orders:
+        allowed = ", ".join(str(o) for o in orders[:-1]) + f" or {orders[-1]}"
+        raise ValueError(f"order must be {allowed} for method={method!r}, got {order!r}: "
+                         "the interpolation order (3, bicubic, by default)")
+    if (isinstance(max_control_points, bool)
+            or not isinstance(max_control_points, numbers.Integral) or max_control_points < 3):
+        raise ValueError(f"max_control_points must be a whole number >= 3, got "
+                         f"{max_control_points!r}: astroalign matches triangles of stars "
+                         "(50 by default)")
+
+
 def align(
     image: Any,
     target: Any,
@@ -172,6 +187,7 @@ def align(
     """
     if method not in ("stars", "wcs"):
         raise ValueError(f"method must be 'stars' or 'wcs', got {method!r}")
+    _check_align_options(method, order, max_control_points)
     source = to_image(image, unit=unit, saturation=saturation)
     reference = to_image(target, unit=unit, saturation=saturation)
     if method == "stars":

@@ -9,7 +9,9 @@ images on one flux scale and one pixel grid.
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -547,6 +549,27 @@ class StarMatch:
     table: Table
 
 
+def _check_match_options(radius: Any, offset: Any, min_matches: Any) -> None:
+    """Raise a ValueError or TypeError for `match_stars` options it cannot use, before any work."""
+    try:
+        value = float(radius)
+    except (TypeError, ValueError):
+        raise TypeError(f"radius must be a number of pixels, got {radius!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"radius must be a positive finite number of pixels, got {radius!r}: "
+                         "give the largest distance of a match, e.g. radius=1.5")
+    try:
+        pair = np.asarray(offset, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"offset must be a (dx, dy) pair of numbers, got {offset!r}") from None
+    if pair.shape != (2,) or not np.all(np.isfinite(pair)):
+        raise ValueError(f"offset must be a finite (dx, dy) pair in pixels, got {offset!r}")
+    if (isinstance(min_matches, bool) or not isinstance(min_matches, numbers.Integral)
+            or min_matches < 1):
+        raise ValueError(f"min_matches must be a whole number >= 1, got {min_matches!r}: a flux "
+                         "ratio needs at least one matched star (5 by default)")
+
+
 def match_stars(
     reference: Table,
     image: Table,
@@ -590,7 +613,10 @@ def match_stars(
     Raises
     ------
     ValueError
-        If fewer than ``min_matches`` stars match.
+        If fewer than ``min_matches`` stars match, or ``radius``, ``offset`` or
+        ``min_matches`` is not usable (checked before any work).
+    TypeError
+        If a star list is not an `~astropy.table.Table`.
 
     Examples
     --------
@@ -605,7 +631,13 @@ def match_stars(
     >>> round(m.flux_ratio, 6), round(m.offset[0], 6), round(m.offset[1], 6)
     (0.8, 0.3, -0.2)
     """
+    _check_match_options(radius, offset, min_matches)
     for name, table in (("reference", reference), ("image", image)):
+        if not isinstance(table, Table):
+            raise TypeError(
+                f"the {name} star list is a {type(table).__name__}, not an astropy Table: "
+                "give a Table with x, y, flux and flux_err columns (e.g. from find_psf_stars)"
+            )
         missing = {"x", "y", "flux", "flux_err"} - set(table.colnames)
         if missing:
             raise ValueError(f"the {name} star list lacks the columns {sorted(missing)}")
