@@ -8,6 +8,7 @@ import pytest
 from astropy import units as u
 from astropy.nddata import CCDData
 
+from astro_zackay import background as bg_module
 from astro_zackay._ccd import to_image
 from astro_zackay.background import (
     BackgroundResult,
@@ -170,6 +171,13 @@ def test_saturation_masks_pixels():
     assert abs(np.median(bkg.sky.data[40:60, 40:60]) - 100.0) < 1.0
 
 
+def _all_but_corner() -> np.ndarray:
+    """A 64x64 mask leaving 5x5 pixels: enough to coerce, fewer than one 16x16 box."""
+    mask = np.ones((64, 64), bool)
+    mask[:5, :5] = False
+    return mask
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -177,7 +185,7 @@ def test_saturation_masks_pixels():
         ({"filter_size": 2}, "filter_size must be odd"),
         ({"box_size": 0}, "box_size must be a positive integer"),
         ({"box_size": 500}, "larger than the image"),
-        ({"mask": np.ones((64, 64), bool)}, "unmasked pixels"),
+        ({"mask": _all_but_corner()}, "only 25 unmasked pixels, fewer than one 16x16 box"),
     ],
 )
 def test_errors(kwargs, match):
@@ -213,3 +221,18 @@ def test_overflowing_detection_in_strips_without_global_settings():
         near = np.hypot(objects["x"] - x, objects["y"] - y)
         assert np.sum(near < 2.0) == 1 and near.min() < 0.2
     assert strong[disk].mean() > 0.99 and strong[~disk].mean() < 0.01
+
+
+def test_options_checked_once(monkeypatch):
+    """estimate_background checks its options once, before the image is coerced."""
+    calls = []
+    check = bg_module._check_options
+
+    def counting(*args):
+        calls.append(args)
+        return check(*args)
+
+    monkeypatch.setattr(bg_module, "_check_options", counting)
+    data = np.random.default_rng(5).normal(10.0, 1.0, (64, 64))
+    estimate_background(data, unit="adu", box_size=16)
+    assert calls == [(16, 3, "auto")]
