@@ -62,9 +62,11 @@ __all__ = [
     "MIN_TILE_SIDE",
     "TILE_SIDES",
     "FieldResult",
+    "TilePlan",
     "check_tiles",
     "choose_tile_side",
     "zogy_field",
+    "zogy_tiles",
 ]
 
 _log = logging.getLogger(__name__)
@@ -679,26 +681,18 @@ def zogy_field(
     sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
                        for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
     blanks = _blanks(be, new_bad, ref_bad)
-    eps = (float(psf_error[0]), float(psf_error[1]))
-    ast = (tuple(astrometric_noise), tuple(astrometric_noise))
-    correlated = (noise_spectra[0] is not None, noise_spectra[1] is not None)
-    spec = _spectra(be, _upload_inputs(be, layout, {"new": new, "ref": ref}, blanks, dtype),
-                    correlated, float(flux_ratio_error), tuple(shift_ref), dtype, workers)
-
-    def variances():  # uploaded and transformed once D and S are formed (less memory held)
-        maps = _upload_inputs(be, layout, {"var_new": var_new, "var_ref": var_ref}, blanks, dtype)
-        return _variance_spectra(be, maps, correlated, tuple(shift_ref), dtype, workers)
-
-    split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
-    out = _stack_zogy(be, spec, variances, layout, pn, pr,
-                      _TileNoise(be, noise_spectra, sigmas), float(flux_ratio), split, dtype,
-                      workers)
-    del spec
     at_centre = int(np.argmin([abs(x - centre[0]) + abs(y - centre[1]) for x, y in centres]))
-    flag = _grown_mask(bad, ((new, new_bad), (ref, ref_bad)), whole,
-                       (pn[at_centre], pr[at_centre]), layout, out.pop("reach"),
-                       out.pop("s_sigma"), max(abs(v) for v in shift_ref))
-    offsets, result = _finish(be, layout, out, flag, ast, eps, float(flux_ratio), dtype)
+
+    def grow(reach, s_sigma):  # the whole image's mask, once, with every tile's kernels
+        return _grown_mask(bad, ((new, new_bad), (ref, ref_bad)), whole,
+                           (pn[at_centre], pr[at_centre]), layout, reach, s_sigma,
+                           max(abs(v) for v in shift_ref))
+
+    plan = TilePlan(float(flux_ratio), float(flux_ratio_error), tuple(shift_ref),
+                    tuple(astrometric_noise), tuple(psf_error), tuple(noise_spectra))
+    out, flag, offsets, result = zogy_tiles(
+        be, layout, {"new": new, "ref": ref, "var_new": var_new, "var_ref": var_ref}, blanks,
+        pn, pr, sigmas, plan, grow, dtype, workers)
     rows = [(c[1].start, c[1].stop, c[0].start, c[0].stop, x, y, sigmas[1][j], sigmas[0][j],
              float(out["F_D"][j]), float(out["F_S"][j]), float(offsets[j]))
             for j, (c, (x, y)) in enumerate(zip(cells, centres))]
@@ -707,6 +701,72 @@ def zogy_field(
         F_D=float(out["F_D"][at_centre]), F_S=float(out["F_S"][at_centre]), tiles=rows,
         tile_psfs=out["P_D"], background_offset=float(np.median(offsets)),
     )
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The global quantities of a subtraction that every tile shares (`zogy_tiles`).
+
+    Attributes
+    ----------
+    flux_ratio, flux_ratio_error : float
+        ``beta`` and its error.
+    shift_ref : tuple of float
+        ``(dx, dy)`` moving the reference onto the new image.
+    astrometric_noise : tuple of float
+        ``(sigma_x, sigma_y)`` of each image.
+    psf_error : tuple of float
+        Fractional PSF errors of (new, reference).
+    noise_spectra : tuple
+        The (new, reference) `~astro_zackay.noise.NoiseSpectrum` or None (white).
+    """
+
+    flux_ratio: float
+    flux_ratio_error: float = 0.0
+    shift_ref: tuple = (0.0, 0.0)
+    astrometric_noise: tuple = (0.0, 0.0)
+    psf_error: tuple = (0.0, 0.0)
+    noise_spectra: tuple = (None, None)
+
+
+def zogy_tiles(
+    be: ArrayBackend, layout: Any, inputs: dict, blanks: dict, pn: np.ndarray, pr: np.ndarray,
+    sigmas: np.ndarray, plan: TilePlan, grow: Callable, dtype: Any, workers: int | None,
+) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """ZOGY of a stack of tiles from their padded windows: the unit both tiled paths run.
+
+    `zogy_field` gives it every tile of an image at once (one stack, the image's
+    `_Layout`); the out-of-core path (`astro_zackay.parallel`) one tile at a time,
+    its windows read from files (a one-tile layout).  Everything here is per tile;
+    what is global comes in ``plan``, the tiles' PSF stamps ``pn``, ``pr`` and noise
+    ``sigmas`` (``(2, n)``: new, reference), and ``grow(reach, s_sigma)``, which gives
+    the grown bad-pixel mask (True = bad) that `_finish` reads through the layout.
+
+    Returns ``(out, flag, offsets, images)``: `_stack_zogy`'s per-tile numbers
+    (``F_D``, ``F_S``, ``P_D``...), the mask, each tile's background offset and the
+    images D, S, Scorr, alpha, alpha_err on the host.
+    """
+    eps = (float(plan.psf_error[0]), float(plan.psf_error[1]))
+    ast = (tuple(plan.astrometric_noise), tuple(plan.astrometric_noise))
+    spectra = tuple(plan.noise_spectra)
+    correlated = (spectra[0] is not None, spectra[1] is not None)
+    shift = tuple(plan.shift_ref)
+    images = {k: inputs[k] for k in ("new", "ref")}
+    spec = _spectra(be, _upload_inputs(be, layout, images, blanks, dtype), correlated,
+                    float(plan.flux_ratio_error), shift, dtype, workers)
+
+    def variances():  # uploaded and transformed once D and S are formed (less memory held)
+        maps = _upload_inputs(be, layout, {k: inputs.get(k) for k in ("var_new", "var_ref")},
+                              blanks, dtype)
+        return _variance_spectra(be, maps, correlated, shift, dtype, workers)
+
+    split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
+    out = _stack_zogy(be, spec, variances, layout, pn, pr, _TileNoise(be, spectra, sigmas),
+                      float(plan.flux_ratio), split, dtype, workers)
+    del spec
+    flag = grow(out.pop("reach"), out.pop("s_sigma"))
+    offsets, result = _finish(be, layout, out, flag, ast, eps, float(plan.flux_ratio), dtype)
+    return out, flag, offsets, result
 
 
 def _checked_shape(new: Any, ref: Any, var_new: Any, var_ref: Any, mask_new: Any,

@@ -1,0 +1,498 @@
+"""ZOGY of one image pair larger than a worker's memory, tile by tile on Dask.
+
+The image is cut into the same overlapping tiles as `~astro_zackay.subtract`'s
+varying-PSF path (`astro_zackay._zogy_field._Layout`: inner side ``tile``, each padded
+to an FFT grid by the PSF stamp's side).  One Dask task per tile reads its padded
+window of both files by sections (``hdul[i].section``: an uncompressed image HDU is
+never read whole), prepares it, runs the per-tile core
+(`astro_zackay._zogy_field.zogy_tiles`, the function `subtract` runs on its stack of
+tiles) and writes the tile's inner pixels into the output file, created at full size
+first, through a memory map of its own region: no process holds a full-size array.
+
+What is global, and whence (the "plan", computed once on the client):
+
+* PSFs: given, or estimated on a central cutout of ``plan_size`` pixels (a varying
+  model is evaluated at positions clamped to the cutout);
+* flux ratio, shift, astrometric noise: given, or from the stars matched on that
+  cutout (as `subtract` measures them on the whole image);
+* the background noise level used to grow the mask: the cutout's.
+
+Per tile, on its worker: the background (``background='auto'``: estimated on the
+tile's window with a margin, as `subtract` estimates it on the whole image; ``'none'``:
+the files are already background-subtracted, of noise ``sigmas``), the tile's noise
+level, PSFs at its centre, the grown mask (on its window with a margin) and the
+background offset of its D.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+__all__ = ["subtract_tiled"]
+
+_log = logging.getLogger(__name__)
+
+#: Output images written by `subtract_tiled`, one image extension each.
+OUTPUTS = ("DIFF", "SCORR", "FLUX", "FLUXERR")
+#: Side of the central cutout on which the global plan is estimated.
+PLAN_SIZE = 2048
+
+
+@contextlib.contextmanager
+def _cluster(client: Any) -> Iterator[Any]:
+    """The given client, or a LocalCluster's for the block (processes, loopback, no dashboard)."""
+    if client is not None:
+        yield client
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:  # pragma: no cover - dask is in the 'all' extra
+        raise ImportError("the parallel functions need dask.distributed: "
+                          'pip install "dask[distributed]"') from exc
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as own:
+        yield own
+
+
+def _image_hdu(path: str | os.PathLike, hdu: int | str, name: str) -> tuple[tuple[int, int],
+                                                                          fits.Header]:
+    """``(shape, header)`` of an uncompressed 2-D image HDU, checked; its data not read."""
+    try:
+        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            h = hdul[hdu]
+            if isinstance(h, fits.CompImageHDU):
+                raise ValueError(
+                    f"{name} ({path}) HDU {hdu!r} is tile-compressed: sections of it cannot "
+                    "be read without decompressing whole tiles; write it uncompressed "
+                    "(astropy ImageHDU) for subtract_tiled"
+                )
+            if not isinstance(h, fits.PrimaryHDU | fits.ImageHDU) or h.header.get("NAXIS") != 2:
+                raise ValueError(
+                    f"{name} ({path}) HDU {hdu!r} is not a 2-D image "
+                    f"({type(h).__name__}, NAXIS={h.header.get('NAXIS')}); pass hdu= the image"
+                )
+            header = h.header.copy()
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"{name} ({path}) has no HDU {hdu!r}") from exc
+    return (int(header["NAXIS2"]), int(header["NAXIS1"])), header
+
+
+def _read(path: str | os.PathLike, hdu: int | str, rows: slice, cols: slice) -> np.ndarray:
+    """A section of an image HDU as float64 (only those pixels are read)."""
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        return np.asarray(hdul[hdu].section[rows, cols], dtype=np.float64)
+
+
+class _Window:
+    """The layout of one tile read alone: its FFT grid, the image inside it, its inner cell.
+
+    Quacks as `astro_zackay._zogy_field._Layout` for `zogy_tiles`: the arrays it is
+    given are already grid-shaped (zero beyond the image).
+    """
+
+    n = 1
+
+    def __init__(self, grid: tuple[int, int], offset: tuple[int, int],
+                 cell: tuple[slice, slice]):
+        self.grid, self.offset = grid, offset
+        self.shape = tuple(s.stop - s.start for s in cell)
+
+    def upload(self, be: Any, arr: np.ndarray, bad: Any, dtype: Any) -> Any:
+        out = be.asarray(arr, dtype=dtype).copy()
+        if bad is not None:
+            out[bad] = 0.0
+        return out[None]
+
+    def image(self, xp: Any, stack: Any) -> Any:
+        (oy, ox), (ny, nx) = self.offset, self.shape
+        return xp.ascontiguousarray(stack[0, oy:oy + ny, ox:ox + nx])
+
+    def field(self, xp: Any, values: Any, dtype: Any) -> Any:
+        return xp.asarray(np.asarray(values, dtype=dtype).reshape(1, 1))
+
+
+class _ClampedPSF:
+    """A PSF model of a cutout, evaluated in the whole image's pixels (clamped to the cutout)."""
+
+    def __init__(self, sampler: Any, origin: tuple[int, int], size: tuple[int, int]):
+        self.sampler, self.origin, self.size = sampler, origin, size
+        self.varying = bool(getattr(sampler, "varying", False))
+
+    def __call__(self, x: float, y: float) -> np.ndarray:
+        x = min(max(x - self.origin[1], 0.0), self.size[1] - 1.0)
+        y = min(max(y - self.origin[0], 0.0), self.size[0] - 1.0)
+        return self.sampler(x, y)
+
+
+def _layout(shape: tuple[int, int], tile: int, stamp: int) -> Any:
+    from .._zogy_field import _Layout
+
+    side = (min(int(tile), shape[0]), min(int(tile), shape[1]))
+    return _Layout(shape, side, stamp)
+
+
+def _prepared_window(path: str, hdu: Any, rows: slice, cols: slice, plan: dict,
+                     which: int) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+    """One image's window: background-subtracted data (bad 0), rms, variance, bad pixels."""
+    raw = _read(path, hdu, rows, cols)
+    if plan["background"] == "none":
+        bad = ~np.isfinite(raw)
+        raw[bad] = 0.0
+        return raw, np.full(raw.shape, plan["sigmas"][which]), None, bad
+    from astropy.nddata import CCDData
+
+    from .._ccd import to_image
+    from .._prepare import prepare_image
+
+    psf = plan["psfs"][which]
+    cy, cx = (rows.start + rows.stop - 1) / 2.0, (cols.start + cols.stop - 1) / 2.0
+    img = to_image(CCDData(raw, unit=plan["units"][which]), gain=plan["gain"][which],
+                   saturation=plan["saturation"][which], dtype=np.float64)
+    prep = prepare_image(img, psf(cx, cy), name=f"tile of {path}", option="psf",
+                         need_stars=False)
+    return prep.data, prep.rms, prep.image.variance, prep.image.mask
+
+
+def _window_mask(bad: np.ndarray, pixels: tuple, blanks: tuple, origin: tuple[int, int],
+                 shape: tuple[int, int], plan: dict, psfs: tuple, reach: list,
+                 s_sigma: np.ndarray) -> np.ndarray:
+    """The grown mask of a window (origin in the image, the image's ``shape``).
+
+    As `astro_zackay._zogy_field._grown_mask` on the whole image, with this tile's
+    kernels for every region in the window and the image's edge (not the window's).
+    """
+    from scipy import ndimage
+
+    from ..zogy import (
+        EDGE_SOURCE_SIGMA,
+        _grow_mask,
+        _grow_regions,
+        _masked_regions,
+        _pixels,
+    )
+
+    radius = max(r.core_radius for r in reach[0])
+    flag = _grow_mask(bad, radius)
+    sig = float(s_sigma[0])
+    sigmas = list(plan["whole"])
+    if bad.any():
+        labels, light = _masked_regions(bad, list(pixels), sigmas, list(psfs), blanks)
+        _grow_regions(flag, labels, light, reach[0], sig)
+    edge_r = radius + int(np.ceil(max(abs(v) for v in plan["shift"])))
+    ys = np.arange(origin[0], origin[0] + bad.shape[0])
+    xs = np.arange(origin[1], origin[1] + bad.shape[1])
+    edge = (((ys < edge_r) | (ys >= shape[0] - edge_r))[:, None]
+            | ((xs < edge_r) | (xs >= shape[1] - edge_r))[None, :])
+    on_ring = (((ys == 0) | (ys == shape[0] - 1))[:, None]
+               | ((xs == 0) | (xs == shape[1] - 1))[None, :])
+    ring = np.flatnonzero(on_ring)
+    if ring.size:
+        seeds = np.zeros(bad.shape, bool)
+        for img, blank, sigma in zip(pixels, blanks, sigmas):
+            seeds.ravel()[ring] |= np.abs(_pixels(img, blank, ring)) > EDGE_SOURCE_SIGMA * sigma
+        labels, n = ndimage.label(seeds, structure=np.ones((3, 3)))
+        on_edge = np.flatnonzero(labels)
+        owner = labels.ravel()[on_edge]
+        light = [np.bincount(owner, weights=np.abs(_pixels(img, blank, on_edge)),
+                             minlength=n + 1)[1:] / np.sqrt(np.sum(psf**2))
+                 for img, blank, psf in zip(pixels, blanks, psfs)]
+        _grow_regions(edge, labels, light, reach[0], sig)
+    return flag | edge
+
+
+def _tile_task(index: int, paths: tuple, hdus: tuple, shape: tuple[int, int], tile: int,
+               stamp: int, plan: dict, output: str, offsets: dict, dtype: Any) -> dict:
+    """Subtract one tile from its windows and write its inner pixels (on a worker)."""
+    from .._zogy_field import TilePlan, _blanks, _tile_sigma, zogy_tiles
+    from ..fourier import get_array_module, unit_sum_psf
+    from ..zogy import _moved_mask
+
+    start = time.perf_counter()
+    layout = _layout(shape, tile, stamp)
+    cell, extent = layout.cells()[index], layout.extents()[index]
+    cx, cy = layout.centres()[index]
+    margin = max(layout.offset) + stamp
+    ext = tuple(slice(max(e.start - margin, 0), min(e.stop + margin, n))
+                for e, n in zip(extent, shape))
+    new, rms_n, var_n, bad_n = _prepared_window(paths[1], hdus[1], *ext, plan, 1)
+    ref, rms_r, var_r, bad_r = _prepared_window(paths[0], hdus[0], *ext, plan, 0)
+    bad = _moved_mask(bad_r, plan["shift"]) | bad_n
+    good = ~bad
+    in_ext = tuple(slice(e.start - x.start, e.stop - x.start) for e, x in zip(extent, ext))
+    sigmas = np.array([[_tile_sigma(rms, good, in_ext, w, None)]
+                       for rms, w in zip((rms_n, rms_r), plan["whole"])])
+    # the grid: the extent at its place, zero beyond the image
+    at = tuple(slice(e.start - (c.start - o), e.stop - (c.start - o))
+               for e, c, o in zip(extent, cell, layout.offset))
+
+    def on_grid(arr, fill=0):
+        if arr is None:
+            return None
+        out = np.full(layout.grid, fill, dtype=arr.dtype)
+        out[at] = arr[in_ext]
+        return out
+
+    be = get_array_module("numpy")
+    new_bad_g, ref_bad_g = on_grid(bad_n, False), on_grid(bad_r, False)
+    pn = unit_sum_psf(plan["psfs"][1](cx, cy), "science PSF")[None]
+    pr = unit_sum_psf(plan["psfs"][0](cx, cy), "reference PSF")[None]
+    centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+    psfs_c = (unit_sum_psf(plan["psfs"][1](*centre), "science PSF"),
+              unit_sum_psf(plan["psfs"][0](*centre), "reference PSF"))
+
+    def grow(reach, s_sigma):
+        flag = _window_mask(bad, (new, ref), (bad_n, bad_r), (ext[0].start, ext[1].start),
+                            shape, plan, psfs_c, reach, s_sigma)
+        return on_grid(flag, True)
+
+    window = _Window(layout.grid, layout.offset, cell)
+    tplan = TilePlan(plan["beta"], plan["beta_err"], plan["shift"], plan["ast"], plan["eps"])
+    out, flag, offs, images = zogy_tiles(
+        be, window, {"new": on_grid(new), "ref": on_grid(ref), "var_new": on_grid(var_n),
+                     "var_ref": on_grid(var_r)}, _blanks(be, new_bad_g, ref_bad_g),
+        pn, pr, sigmas, tplan, grow, dtype, 1)
+    oy, ox = layout.offset
+    masked = (flag | on_grid(bad, False))[oy:oy + window.shape[0], ox:ox + window.shape[1]]
+    for name, key in zip(OUTPUTS, ("D", "Scorr", "alpha", "alpha_err")):
+        data = np.asarray(images[key], dtype=np.float32)
+        data[masked] = np.nan
+        mm = np.memmap(output, dtype=">f4", mode="r+", offset=offsets[name], shape=shape)
+        mm[cell] = data
+        mm.flush()
+        del mm
+    return {"index": index, "x_start": cell[1].start, "x_stop": cell[1].stop,
+            "y_start": cell[0].start, "y_stop": cell[0].stop, "x_centre": cx, "y_centre": cy,
+            "sigma_ref": float(sigmas[1][0]), "sigma_sci": float(sigmas[0][0]),
+            "F_D": float(out["F_D"][0]) / plan["beta"], "F_S": float(out["F_S"][0]) / plan["beta"],
+            "background_offset": float(offs[0]), "n_masked": int(masked.sum()),
+            "seconds": time.perf_counter() - start}
+
+
+def _create_output(path: str | os.PathLike, shape: tuple[int, int], header: fits.Header,
+                   meta: dict, overwrite: bool) -> dict:
+    """Write the output file's headers with zero-filled data (sparse); the data offsets."""
+    if os.path.exists(path) and not overwrite:
+        raise OSError(f"{path} exists: pass overwrite=True to replace it")
+    nbytes = shape[0] * shape[1] * 4
+    padded = -(-nbytes // 2880) * 2880
+    primary = fits.PrimaryHDU()
+    for key, value in meta.items():
+        primary.header[key] = value
+    offsets = {}
+    with open(path, "wb") as f:
+        f.write(primary.header.tostring().encode("ascii"))
+        for name in OUTPUTS:
+            h = fits.Header()
+            h["XTENSION"] = "IMAGE"
+            h["BITPIX"] = -32
+            h["NAXIS"] = 2
+            h["NAXIS1"] = shape[1]
+            h["NAXIS2"] = shape[0]
+            h["PCOUNT"] = 0
+            h["GCOUNT"] = 1
+            h["EXTNAME"] = name
+            if header is not None:
+                from astropy.wcs import WCS
+
+                with contextlib.suppress(Exception):
+                    h.update(WCS(header).to_header())
+            f.write(h.tostring().encode("ascii"))
+            offsets[name] = f.tell()
+            f.seek(padded, os.SEEK_CUR)
+        f.truncate(f.tell())
+    return offsets
+
+
+def subtract_tiled(
+    reference_path: str | os.PathLike,
+    science_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    client: Any = None,
+    tile: int = 1024,
+    reference_psf: Any = None,
+    science_psf: Any = None,
+    flux_ratio: float | None = None,
+    fit_shift: bool = True,
+    astrometric_noise: Any = "auto",
+    psf_error: Any = "auto",
+    background: str = "auto",
+    sigmas: tuple[float, float] | None = None,
+    unit: Any = None,
+    gain: Any = None,
+    saturation: Any = None,
+    hdu: int | str = 0,
+    plan_size: int = PLAN_SIZE,
+    dtype: Any = np.float32,
+    overwrite: bool = False,
+) -> Table:
+    """ZOGY of one image pair larger than memory: tiles on Dask workers, read by sections.
+
+    Parameters
+    ----------
+    reference_path, science_path : str or path-like
+        Registered FITS images of one shape (uncompressed image HDUs ``hdu``).
+    output_path : str or path-like
+        The FITS file written: image extensions DIFF (D), SCORR, FLUX and FLUXERR,
+        masked pixels NaN, the plan in the primary header.
+    client : distributed.Client, optional
+        Used as it is; None starts a LocalCluster (worker processes, loopback, no
+        dashboard) for the call and closes it.
+    tile : int
+        Inner side of the square tiles (at least 32); each task holds about
+        ``60 * (tile + 2 * stamp)**2`` bytes plus its window's background estimate.
+    reference_psf, science_psf : optional
+        As `~astro_zackay.subtract` takes them; None: estimated on the central cutout.
+    flux_ratio, fit_shift, astrometric_noise, psf_error
+        As `~astro_zackay.subtract`; what is fitted is fitted on the central cutout.
+    background : {'auto', 'none'}
+        ``'auto'``: each tile's background estimated on its window (with a margin);
+        ``'none'``: the files are background-subtracted with noise ``sigmas``.
+    sigmas : (float, float), optional
+        ``(reference, science)`` background noise, required by ``background='none'``.
+    unit, gain, saturation : optional
+        One value or ``(reference, science)``; the unit defaults to each file's BUNIT,
+        else electrons.
+    hdu : int or str
+        The image HDU of both files.
+    plan_size : int
+        Side of the central cutout on which PSFs, flux ratio and shift are estimated.
+    dtype : {numpy.float32, numpy.float64}
+        Working precision.
+    overwrite : bool
+        Replace an existing ``output_path``.
+
+    Returns
+    -------
+    `~astropy.table.Table`
+        One row per tile (inner pixels, centre, noises, F_D, F_S, background offset,
+        masked pixels, seconds), the plan in ``meta``.
+
+    Raises
+    ------
+    ValueError
+        For images of different shapes, a compressed or non-image HDU, or bad options
+        (checked before any tile runs).
+    """
+    from .._psf_input import as_psf_sampler
+    from .._zogy_field import check_tiles
+
+    check_tiles(tile)
+    if tile is None or tile == "auto":
+        raise ValueError(f"tile must be an integer side >= 32 px for subtract_tiled, got {tile!r}")
+    if background not in ("auto", "none"):
+        raise ValueError(f"background must be 'auto' or 'none', got {background!r}")
+    if background == "none" and (sigmas is None or len(sigmas) != 2
+                                 or not all(np.isfinite(s) and s > 0 for s in sigmas)):
+        raise ValueError("background='none' needs sigmas=(reference, science): the background "
+                         f"noise of each file, positive; got {sigmas!r}")
+    shape, ref_header = _image_hdu(reference_path, hdu, "reference image")
+    sci_shape, sci_header = _image_hdu(science_path, hdu, "science image")
+    if sci_shape != shape:
+        raise ValueError(f"the reference {shape} and science {sci_shape} images differ in "
+                         "shape: give registered images of one shape")
+    paths = (os.fspath(reference_path), os.fspath(science_path))
+    units = tuple(_pair(unit)[i] or h.get("BUNIT", "electron")
+                  for i, h in enumerate((ref_header, sci_header)))
+    psfs = [None if p is None else as_psf_sampler(p) for p in (reference_psf, science_psf)]
+    plan = _plan(paths, hdu, shape, psfs, units, flux_ratio, fit_shift, astrometric_noise,
+                 psf_error, background, sigmas, gain, saturation, plan_size)
+    centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+    stamp = max(plan["psfs"][1](*centre).shape + plan["psfs"][0](*centre).shape)
+    layout = _layout(shape, tile, stamp)
+    meta = {"AZBETA": plan["beta"], "AZBETAE": plan["beta_err"], "AZDX": plan["shift"][0],
+            "AZDY": plan["shift"][1], "AZASTX": plan["ast"][0], "AZASTY": plan["ast"][1],
+            "AZNTILE": layout.n, "AZTILE": int(tile)}
+    offsets = _create_output(output_path, shape, sci_header, meta, overwrite)
+    start = time.perf_counter()
+    with _cluster(client) as used:
+        futures = [used.submit(_tile_task, i, paths, (hdu, hdu), shape, int(tile), stamp, plan,
+                               os.fspath(output_path), offsets, dtype, pure=False)
+                   for i in range(layout.n)]
+        rows = used.gather(futures)
+    table = Table(rows=[list(r.values()) for r in rows], names=list(rows[0]))
+    table.meta.update(meta)
+    table.meta["seconds"] = time.perf_counter() - start
+    _log.info("subtract_tiled: %d tiles of %d px in %.1f s", layout.n, tile,
+              table.meta["seconds"])
+    return table
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    if isinstance(value, tuple | list):
+        return value[0], value[1]
+    return value, value
+
+
+def _plan(paths: tuple, hdu: Any, shape: tuple[int, int], psfs: list, units: tuple,
+          flux_ratio: Any, fit_shift: bool, astrometric_noise: Any, psf_error: Any,
+          background: str, sigmas: Any, gain: Any, saturation: Any, plan_size: int) -> dict:
+    """The global quantities, from a central cutout read by sections."""
+    from astropy.nddata import CCDData
+
+    from .._ccd import to_image
+    from .._prepare import prepare_image
+    from .._stats import MAP_LEVEL_SAMPLES, sampled_median
+    from ..subtraction import _check_options, _match, _pixel_fit, _psf_errors
+
+    _check_options(flux_ratio, astrometric_noise, fit_shift, None, np.float32)
+    size = (min(plan_size, shape[0]), min(plan_size, shape[1]))
+    origin = ((shape[0] - size[0]) // 2, (shape[1] - size[1]) // 2)
+    rows, cols = slice(origin[0], origin[0] + size[0]), slice(origin[1], origin[1] + size[1])
+    needs = [w for w, n in (("flux ratio", flux_ratio is None), ("shift", fit_shift),
+                            ("astrometric noise", astrometric_noise == "auto")) if n]
+    gains, sats = _pair(gain), _pair(saturation)
+    prepared = []
+    for i, (path, name) in enumerate(zip(paths, ("reference image", "science image"))):
+        if psfs[i] is not None and not needs and background == "none":
+            prepared.append(None)
+            continue
+        img = to_image(CCDData(_read(path, hdu, rows, cols), unit=units[i]), gain=gains[i],
+                       saturation=sats[i], dtype=np.float64)
+        prepared.append(prepare_image(img, psfs[i], name=name, option=f"{name} PSF",
+                                      need_stars=bool(needs)))
+    samplers = [psfs[i] if psfs[i] is not None
+                else _ClampedPSF(prepared[i].psf, origin, size) for i in range(2)]
+    shift, beta, beta_err, ast = (0.0, 0.0), flux_ratio, 0.0, (0.0, 0.0)
+    pref, psci = prepared
+    if needs:
+        c = ((size[1] - 1) / 2.0, (size[0] - 1) / 2.0)
+        p0 = (pref.psf(*c), psci.psf(*c))
+        match = _match(pref, psci, p0, needs)
+        if match is not None:
+            shift = match.offset if fit_shift else shift
+            if flux_ratio is None:
+                beta, beta_err = match.flux_ratio, match.flux_ratio_error
+            if astrometric_noise == "auto":
+                ast = tuple(float(v) / np.sqrt(2.0) for v in match.scatter)
+        else:
+            bad = pref.image.mask | psci.image.mask
+            sig = (float(np.median(psci.rms[~bad])), float(np.median(pref.rms[~bad])))
+            shift, beta, beta_err = _pixel_fit(psci, pref, (p0[1], p0[0]), sig, bad,
+                                               flux_ratio, fit_shift)
+    if flux_ratio is not None:
+        beta, beta_err = float(flux_ratio), 0.0
+    if astrometric_noise not in ("auto", None):
+        ast = tuple(float(v) for v in _pair(astrometric_noise))
+    if background == "none":
+        whole = (float(sigmas[1]), float(sigmas[0]))  # (new, reference)
+    else:
+        whole = tuple(sampled_median(p.rms, ~p.image.mask, MAP_LEVEL_SAMPLES)
+                      for p in (psci, pref))
+    eps = _psf_errors(psf_error)
+    return {"psfs": samplers, "beta": float(beta), "beta_err": float(beta_err),
+            "shift": (float(shift[0]), float(shift[1])), "ast": ast, "eps": (eps[1], eps[0]),
+            "whole": whole, "background": background,
+            "sigmas": None if sigmas is None else tuple(float(s) for s in sigmas),
+            "units": units, "gain": gains, "saturation": sats}
