@@ -666,6 +666,93 @@ class ProperCoaddAccumulator:
         lost_h += outside_h * be.rfft2(clean_k2, workers=self._workers)
         return 1.0 - self._image(lost_h)
 
+    def merge(self, other: ProperCoaddAccumulator) -> ProperCoaddAccumulator:
+        """Add the frames of another accumulator to this one (in place), as if added here.
+
+        Every sum is linear in the frames, so two partial accumulators built from
+        disjoint sets of frames (on different workers, say) merge into the one that
+        would have taken all of them: ``other``'s frames come after this one's, in
+        their order.  ``other`` is not modified.
+
+        Parameters
+        ----------
+        other : ProperCoaddAccumulator
+            An accumulator of the same ``shape``, FFT grid, ``dtype`` and backend.
+
+        Returns
+        -------
+        ProperCoaddAccumulator
+            This accumulator (merged).
+
+        Raises
+        ------
+        TypeError
+            When ``other`` is not a ProperCoaddAccumulator.
+        ValueError
+            When the accumulators differ in shape, FFT grid, dtype or backend, or
+            ``other`` is this accumulator.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from astro_zackay.coadd_algebra import ProperCoaddAccumulator
+        >>> rng = np.random.default_rng(1)
+        >>> psf = np.zeros((3, 3)); psf[1, 1] = 0.5; psf[1, 0] = psf[1, 2] = 0.25
+        >>> frames = [rng.normal(0, s, (32, 32)) for s in (1.0, 2.0)]
+        >>> whole, a, b = (ProperCoaddAccumulator((32, 32)) for _ in range(3))
+        >>> for frame, s in zip(frames, (1.0, 2.0)):
+        ...     whole.add(frame, psf, sigma=s)
+        >>> a.add(frames[0], psf, sigma=1.0); b.add(frames[1], psf, sigma=2.0)
+        >>> merged = a.merge(b).finalize()
+        >>> merged.n_frames, bool(np.allclose(merged.R, whole.finalize().R))
+        (2, True)
+        """
+        if not isinstance(other, ProperCoaddAccumulator):
+            raise TypeError(f"can merge only a ProperCoaddAccumulator, got {type(other).__name__}")
+        if other is self:
+            raise ValueError("cannot merge an accumulator with itself: its frames would count "
+                             "twice")
+        for what, mine, theirs in (("shape", self.shape, other.shape),
+                                   ("FFT grid", self.fft_shape, other.fft_shape),
+                                   ("dtype", self.dtype, other.dtype),
+                                   ("backend", self._be.name, other._be.name)):
+            if mine != theirs:
+                raise ValueError(
+                    f"cannot merge accumulators of different {what}: {mine} and {theirs}; "
+                    "build every partial accumulator with the same shape, border (or "
+                    "fft_shape), dtype and backend"
+                )
+        xp = self._be.xp
+        self._num_h += other._num_h
+        self._den_h += other._den_h
+        self._p2_h += other._p2_h
+        for name in ("_deficit_h", "_excess"):  # None until a frame brings one
+            theirs = getattr(other, name)
+            if theirs is not None:
+                mine = getattr(self, name)
+                setattr(self, name, xp.array(theirs, copy=True) if mine is None
+                        else mine + theirs)
+        self._n_used += other._n_used
+        self._w2 += other._w2
+        self._depth_full += other._depth_full
+        self._stamp = max(self._stamp, other._stamp)
+        self._frames.extend(other._frames)  # the arrays in them are never written to
+        self.n_frames += other.n_frames
+        return self
+
+    def __getstate__(self) -> dict:
+        """The state to pickle (to ship to another process): the backend by its name."""
+        state = self.__dict__.copy()
+        state["_be"] = self._be.name
+        state["_last_psf_spectrum"] = (-1, None)  # a cache
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore a pickled accumulator, the backend looked up by its name."""
+        state = dict(state)
+        state["_be"] = get_array_module(state["_be"])
+        self.__dict__.update(state)
+
     def finalize(
         self, psf_stamp_size: int | None = None, min_depth_fraction: float = 1e-3
     ) -> CoaddAlgebraResult:
