@@ -5,10 +5,13 @@ back by `read_subtraction` or extension by extension with
 ``CCDData.read(path, hdu=...)``); candidates go to an ECSV table that defines its
 flag bits (`write_candidates`) and to a ds9 region file (`write_regions`); a coadd
 goes to one FITS file whose primary image is the flux-calibrated coadd, so that it
-can be given as the reference of a subtraction as it is (`write_coadd`). Every
+can be given as the reference of a subtraction as it is (`write_coadd`, read back
+whole by `read_coadd`); a background estimate goes to one FITS file of its maps and
+numbers (`write_background`, `read_background`). Every
 file records the package version, the input files, the parameters and the fitted
 quantities (``HISTORY`` cards and short keys), so that a result can be traced back
-to what made it.
+to what made it. Each reader gives back a result equal to the one written: values,
+dtypes, masks, uncertainties, units, WCS, meta and the fitted numbers exactly.
 """
 
 from __future__ import annotations
@@ -22,18 +25,21 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
 from astropy.table import Table
 
 from ._version import version
+from .background import BackgroundResult
 from .coaddition import CoaddResult
 from .subtraction import SubtractionResult
 from .transients import FLAGS, describe_flags
 
 __all__ = [
     "coadd_psf",
+    "read_background",
     "read_coadd",
     "read_subtraction",
+    "write_background",
     "write_candidates",
     "write_coadd",
     "write_regions",
@@ -71,7 +77,7 @@ def _provenance(
     ``AZPAR<n>`` key (``name=value``); ``HISTORY`` repeats them in words.
     """
     header = fits.Header()
-    header["AZKIND"] = (kind, "astro_zackay result: subtraction, coadd")
+    header["AZKIND"] = (kind, "astro_zackay result: subtraction, coadd, ...")
     header["AZVERS"] = (version, "astro_zackay version")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     header["DATE"] = (stamp, "file written (UTC)")
@@ -360,7 +366,8 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
               for name, field in SUBTRACTION_IMAGES.items()}
     error = images["flux_error"].data
     for field in ("difference", "score"):
-        images[field].uncertainty = StdDevUncertainty(np.where(np.isnan(error), np.nan, 1.0))
+        unit_noise = np.where(np.isnan(error), np.nan, 1.0).astype(error.dtype)
+        images[field].uncertainty = StdDevUncertainty(unit_noise)
     images["flux"].uncertainty = StdDevUncertainty(error.copy())
     return SubtractionResult(
         **images,
@@ -728,3 +735,153 @@ def coadd_psf(path: str | os.PathLike) -> np.ndarray | None:
             return None
         return np.array(hdul["PSF"].data, dtype=float)
 
+
+
+#: Uncertainty classes a background file can hold, by the name in its UTYPE card.
+_UNCERTAINTY_CLASSES = {cls.__name__: cls for cls in
+                        (StdDevUncertainty, VarianceUncertainty, InverseVariance)}
+#: The maps of a background result and their extension in a background file.
+_BACKGROUND_IMAGES = {"sky": "SKY", "rms": "RMS"}
+
+
+def _ccd_hdus(ccd: CCDData, name: str, header: fits.Header) -> list[fits.FitsHDU]:
+    """``ccd`` as extension ``name`` (data, unit, WCS, meta), with ``<name>MSK`` for
+    its mask and ``<name>UNC`` for its uncertainty (class in ``UTYPE``) when it has them."""
+    hdus: list[fits.FitsHDU] = [_image_hdu(ccd, name, header)]
+    if ccd.mask is not None:
+        hdus.append(_named(fits.ImageHDU(np.asarray(ccd.mask, np.uint8)), f"{name}MSK",
+                           f"1 where {name} is masked"))
+    if ccd.uncertainty is not None:
+        unc = _named(fits.ImageHDU(np.asarray(ccd.uncertainty.array)), f"{name}UNC",
+                     f"uncertainty of {name}")
+        unc.header["UTYPE"] = type(ccd.uncertainty).__name__
+        hdus.append(unc)
+    return hdus
+
+
+def _read_ccd(path: str | os.PathLike, hdul: fits.HDUList, name: str,
+              exact: Mapping[str, Mapping[str, float]]) -> CCDData:
+    """Extension ``name`` written by `_ccd_hdus`, with its mask and uncertainty if any."""
+    ccd = _read_image(path, name, exact, hdu_mask=None, hdu_uncertainty=None)
+    if f"{name}MSK" in hdul:
+        ccd.mask = np.array(hdul[f"{name}MSK"].data, bool)
+    if f"{name}UNC" in hdul:
+        unc = hdul[f"{name}UNC"]
+        cls = _UNCERTAINTY_CLASSES.get(unc.header.get("UTYPE"), StdDevUncertainty)
+        ccd.uncertainty = cls(_native(unc.data))
+    return ccd
+
+
+def write_background(
+    result: BackgroundResult,
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[Any] = (),
+    parameters: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a background estimate to one FITS file (read it back with `read_background`).
+
+    Extensions: ``SKY`` and ``RMS`` (the maps with their unit, WCS and meta;
+    ``SKYMSK``/``RMSMSK`` and ``SKYUNC``/``RMSUNC`` for their masks and uncertainties
+    when they have them), ``FITTED`` (``global_sky``, ``global_rms``,
+    ``masked_fraction``, ``box_size``, ``filter_size`` and ``method``, exact) and
+    ``EXACT`` (the header cards' float values). The primary header holds the version,
+    the inputs (``AZIN<n>``), the parameters (``AZPAR<n>``) and ``HISTORY``.
+
+    Parameters
+    ----------
+    result : `~astro_zackay.background.BackgroundResult`
+        What `~astro_zackay.background.estimate_background` returned.
+    path : str or path-like
+        The FITS file to write.
+    inputs : sequence of str or path-like, optional
+        The image files (or descriptions), recorded in the headers.
+    parameters : mapping, optional
+        The options of the estimate, recorded as ``name=value``.
+    overwrite : bool, optional
+        Replace an existing file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from astro_zackay.background import estimate_background
+    >>> from astro_zackay.files import read_background, write_background
+    >>> from astro_zackay.simulation import simulate_image
+    >>> result = estimate_background(simulate_image((64, 64), n_stars=5, seed=1).ccd)
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "background.fits"
+    >>> write_background(result, path, inputs=["image.fits"])
+    >>> back = read_background(path)
+    >>> back.box_size == result.box_size, bool(back.global_rms == result.global_rms)
+    (True, True)
+    >>> bool(np.array_equal(back.sky.data, result.sky.data)), back.sky.unit
+    (True, Unit("electron"))
+    """
+    header = _provenance("background", inputs, parameters)
+    hdus: list[fits.FitsHDU] = [fits.PrimaryHDU(header=header)]
+    for field, name in _BACKGROUND_IMAGES.items():
+        hdus += _ccd_hdus(getattr(result, field), name, header)
+    fitted = Table({
+        "global_sky": [float(result.global_sky)], "global_rms": [float(result.global_rms)],
+        "masked_fraction": [float(result.masked_fraction)],
+        "box_size": [np.array(result.box_size, np.int64)],
+        "filter_size": [np.array(result.filter_size, np.int64)],
+        "method": [str(result.method)],
+    })
+    hdus += [_named(fits.table_to_hdu(fitted), "FITTED", "fitted numbers and options (exact)")]
+    hdus.append(_exact_hdu(hdus))
+    fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    log.debug("wrote the background to %s", os.fspath(path))
+
+
+def read_background(path: str | os.PathLike) -> BackgroundResult:
+    """Read a background estimate written by `write_background`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The FITS file.
+
+    Returns
+    -------
+    `~astro_zackay.background.BackgroundResult`
+        Equal to the result written: the sky and rms maps (dtype, unit, WCS, mask,
+        uncertainty; their ``meta`` with the provenance cards added and the FITS layout
+        cards dropped) and the numbers and options, exact.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no such file.
+    ValueError
+        When the file is not a background file or lacks one of its extensions.
+
+    Examples
+    --------
+    See `write_background`.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"no background file at {name!r}")
+    with fits.open(path) as hdul:
+        if hdul[0].header.get("AZKIND") != "background":
+            raise ValueError(f"{name!r} is not an astro_zackay background file (no AZKIND = "
+                             "'background' in its primary header; write one with "
+                             "write_background)")
+        missing = [ext for ext in (*_BACKGROUND_IMAGES.values(), "FITTED") if ext not in hdul]
+        if missing:
+            raise ValueError(f"{name!r} lacks the extension(s) {', '.join(missing)}: it is "
+                             "truncated or was not written by write_background")
+        exact = _exact_values(hdul)
+        row = hdul["FITTED"].data[0]
+        maps = {field: _read_ccd(path, hdul, ext, exact)
+                for field, ext in _BACKGROUND_IMAGES.items()}
+        return BackgroundResult(
+            **maps,
+            global_sky=float(row["global_sky"]), global_rms=float(row["global_rms"]),
+            method=str(row["method"]).strip(),
+            box_size=tuple(int(n) for n in row["box_size"]),
+            filter_size=tuple(int(n) for n in row["filter_size"]),
+            masked_fraction=float(row["masked_fraction"]),
+        )
