@@ -59,8 +59,11 @@ def _cluster(client: Any) -> Iterator[Any]:
         raise ImportError("the parallel functions need dask.distributed: "
                           'pip install "dask[distributed]"') from exc
     workers = max(1, min(4, os.cpu_count() or 1))
+    # no dashboard; the scheduler's small HTTP server (health, metrics) on a free
+    # loopback port, not 8787, which another cluster on the machine may hold
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
+                      host="127.0.0.1", dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
             Client(cluster) as own:
         yield own
 

@@ -1,0 +1,249 @@
+"""Proper coaddition of many frames on Dask: partial accumulators merged as a tree.
+
+Each leaf task reads, prepares and adds one group of frames to its own
+`~astro_zackay.coadd_algebra.ProperCoaddAccumulator` on a worker (the frames are
+files: a worker reads its own); the partial accumulators are then merged pairwise on
+the workers (`~astro_zackay.coadd_algebra.ProperCoaddAccumulator.merge`), level by
+level, until one is left, which is finalized.  Every sum of the accumulator is linear
+in the frames, so the tree gives the streamed `~astro_zackay.coaddition.coadd` of the
+same frames (without outlier rejection) within float rounding.
+
+What does not split.  The flux scale of each frame is measured against the first
+frame, so every leaf prepares the first frame too (it adds it only in the first
+leaf); the FFT border is the first frame's PSF stamp side, as in ``coadd``.  Outlier
+rejection compares each frame with the coadd of all the others: it needs every
+frame again after the whole stack is summed and does not merge, so ``reject`` must be
+None (the default here).  Memory per worker: one accumulator (a few FFT-grid
+spectra and two frame-sized maps) plus one frame being prepared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from astropy.table import Table, vstack
+
+__all__ = ["coadd_tree"]
+
+_log = logging.getLogger(__name__)
+
+#: The options of `~astro_zackay.coaddition.coadd` that give one value per frame.
+_PER_FRAME = ("psfs", "flux_scales", "sigmas")
+#: The options of `~astro_zackay.coaddition.coadd` that `coadd_tree` passes on.
+_OPTIONS = frozenset(("psfs", "flux_scales", "sigmas", "align", "unit", "saturation", "border",
+                      "min_depth_fraction", "dtype", "gain", "reject", "reject_grow",
+                      "reject_model_error", "backend"))
+
+
+def _groups(paths_or_groups: Any, n_leaves: int) -> list[list[Any]]:
+    """The frames cut into groups: the given ones, or ``n_leaves`` runs of a flat list."""
+    if isinstance(paths_or_groups, str | os.PathLike) or not isinstance(paths_or_groups,
+                                                                         Sequence):
+        raise TypeError(
+            "paths_or_groups must be a list of FITS paths or a list of lists of them, got "
+            f"{type(paths_or_groups).__name__}"
+        )
+    items = list(paths_or_groups)
+    if not items:
+        raise ValueError("paths_or_groups is empty: coadd_tree needs at least one frame")
+    nested = [isinstance(g, list | tuple) for g in items]
+    if all(nested):
+        groups = [list(g) for g in items]
+        if not all(groups):
+            raise ValueError("paths_or_groups has an empty group: give at least one frame each")
+        return groups
+    if any(nested):
+        raise TypeError("paths_or_groups mixes paths and groups: give a flat list of paths or "
+                        "a list of lists of paths")
+    size = math.ceil(len(items) / max(1, min(n_leaves, len(items))))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _leaf(first: Any, group: list[Any], index: int, options: dict) -> tuple:
+    """One group of frames prepared and added to a partial accumulator (on a worker).
+
+    ``options`` are `~astro_zackay.coaddition.coadd`'s, per-frame lists already cut to
+    the first frame and this group.  Returns ``(accumulator, rows, template or None)``:
+    the frames' table rows and, from the first leaf, the output template.
+    """
+    from ..coadd_algebra import ProperCoaddAccumulator, working_dtype
+    from ..coaddition import _output_template, _per_image, _PerImage, _prepared_frames
+    from ..fourier import get_array_module
+
+    dtype = working_dtype(options.get("dtype", np.float32))
+    gain = options.get("gain")
+    frames = [first, *group] if index > 0 else list(group)
+    acc, rows, template = None, [], None
+    prepared = _prepared_frames(
+        frames, psf_list=_PerImage(options.get("psfs"), "psfs"),
+        scale_list=_PerImage(options.get("flux_scales"), "flux_scales"),
+        sigma_list=_PerImage(options.get("sigmas"), "sigmas"), gain=gain,
+        gain_list=_PerImage(gain, "gain") if _per_image(gain) else None,
+        method="stars" if options.get("align") is True else options.get("align", False),
+        unit=options.get("unit"), saturation=options.get("saturation"), dtype=dtype,
+    )
+    for j, (frame, stamp, f, f_err) in enumerate(prepared):
+        img = frame.image
+        if acc is None:
+            border = options.get("border")
+            acc = ProperCoaddAccumulator(
+                img.shape, border=max(stamp.shape) if border is None else int(border),
+                dtype=dtype, backend=get_array_module(options.get("backend", "numpy")))
+            if index == 0:
+                template = _output_template(img)
+        if index > 0 and j == 0:
+            continue  # the first frame: prepared here only for the flux scales and border
+        acc.add(img.data, stamp, frame.sigma, f, mask=img.mask, variance=img.variance)
+        rows.append((frame.name, f, f_err, frame.sigma, f / frame.sigma**2,
+                     f**2 / frame.sigma**2 * float((stamp**2).sum()), int(img.mask.sum())))
+        del img, frame, stamp
+    return acc, rows, template
+
+
+def _merge(left: tuple, right: tuple) -> tuple:
+    """Two leaves' (or merges') results merged: the accumulators summed, rows in order."""
+    acc, rows, template = left
+    acc.merge(right[0])
+    return acc, rows + right[1], template if template is not None else right[2]
+
+
+def _cut(options: dict, groups: list[list[Any]]) -> list[dict]:
+    """Per leaf, the options with the per-frame lists cut to the first frame and its group."""
+    n = sum(len(g) for g in groups)
+    for name in _PER_FRAME:
+        values = options.get(name)
+        if values is not None and (isinstance(values, str) or not isinstance(values, Sequence)
+                                   or len(values) != n):
+            raise ValueError(f"{name} must give one value per frame ({n} frames), in the order "
+                             f"of the frames, got {values!r}")
+    out, start = [], 0
+    for index, group in enumerate(groups):
+        leaf = dict(options)
+        for name in _PER_FRAME:
+            values = options.get(name)
+            if values is not None:
+                own = list(values[start:start + len(group)])
+                leaf[name] = own if index == 0 else [values[0], *own]
+        out.append(leaf)
+        start += len(group)
+    return out
+
+
+def _check_options(options: dict) -> None:
+    """Refuse an option that ``coadd`` does not take or that does not merge."""
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"coadd_tree got options that coadd does not take: {', '.join(unknown)}")
+    if options.get("reject") not in (None, False):
+        raise ValueError(
+            f"reject={options['reject']!r}: outlier rejection compares each frame with the "
+            "coadd of all the others and cannot be split into partial coadds; pass "
+            "reject=None (coadd_tree's default) or use coadd for a stack that needs it"
+        )
+    from ..coadd_algebra import check_depth_fraction, working_dtype
+
+    working_dtype(options.get("dtype", np.float32))
+    check_depth_fraction(options.get("min_depth_fraction", 1e-3))
+
+
+def coadd_tree(
+    paths_or_groups: Sequence[Any],
+    output_path: str | os.PathLike | None = None,
+    *,
+    client: Any = None,
+    overwrite: bool = False,
+    **coadd_options: Any,
+) -> Any:
+    """Proper coadd of many frames on Dask: partial coadds on workers, merged as a tree.
+
+    Parameters
+    ----------
+    paths_or_groups : list of path, or list of lists of path
+        The registered frames (FITS files the workers read), the first frame being the
+        flux reference as in `~astro_zackay.coaddition.coadd`; a flat list is cut into
+        as many consecutive groups as the cluster has workers (at least one frame
+        each), a list of lists gives the groups (one leaf task each).
+    output_path : str or path-like, optional
+        Where to write the coadd (`~astro_zackay.coaddition.CoaddResult.write`).
+    client : distributed.Client, optional
+        Used as it is; None starts a `~distributed.LocalCluster` (worker processes,
+        loopback only, no dashboard) for the call and closes it.
+    overwrite : bool, optional
+        Replace an existing ``output_path``.
+    **coadd_options
+        `~astro_zackay.coaddition.coadd`'s options; per-frame lists (``psfs``,
+        ``flux_scales``, ``sigmas``) in the order of the frames.  ``reject`` must be
+        None (outlier rejection does not split into partial coadds).
+
+    Returns
+    -------
+    `~astro_zackay.coaddition.CoaddResult`
+        As ``coadd(frames, reject=None, ...)`` gives it (its ``frames`` table in the
+        order of the frames).
+
+    Raises
+    ------
+    ValueError
+        For an empty input or group, per-frame lists of the wrong length, or
+        ``reject`` set.
+    TypeError
+        For an input that is not a list, or options ``coadd`` does not take.
+    ImportError
+        Without ``dask.distributed`` (``pip install "dask[distributed]"``).
+
+    Examples
+    --------
+    >>> from astro_zackay.parallel._coadd_tree import coadd_tree
+    >>> coadd_tree([], reject=None)
+    Traceback (most recent call last):
+    ...
+    ValueError: paths_or_groups is empty: coadd_tree needs at least one frame
+    """
+    _check_options(coadd_options)
+    if not isinstance(paths_or_groups, Sequence) or isinstance(paths_or_groups, str):
+        _groups(paths_or_groups, 1)  # raises the TypeError
+    if len(paths_or_groups) == 0:
+        raise ValueError("paths_or_groups is empty: coadd_tree needs at least one frame")
+    from ._tiled import _cluster
+
+    with _cluster(client) as used:
+        n_workers = max(1, len(used.scheduler_info().get("workers", {})))
+        groups = _groups(paths_or_groups, n_workers)
+        leaf_options = _cut(coadd_options, groups)
+        first = groups[0][0]
+        level = [used.submit(_leaf, first, group, i, leaf_options[i], pure=False)
+                 for i, group in enumerate(groups)]
+        _log.info("coadd_tree: %d frames in %d leaves on %d workers",
+                  sum(map(len, groups)), len(groups), n_workers)
+        while len(level) > 1:  # pairwise, on the workers
+            nxt = [used.submit(_merge, level[i], level[i + 1], pure=False)
+                   for i in range(0, len(level) - 1, 2)]
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level = nxt
+        acc, rows, template = level[0].result()
+    return _finish(acc, rows, template, coadd_options, output_path, overwrite)
+
+
+def _finish(acc: Any, rows: list, template: Any, options: dict,
+            output_path: str | os.PathLike | None, overwrite: bool) -> Any:
+    """Finalize the merged accumulator and wrap it as ``coadd`` does; written if asked."""
+    from ..coaddition import _reject_outliers, _warn_if_all_masked, _wrap
+
+    frames = Table(rows=rows, names=("name", "flux_scale", "flux_scale_err", "sigma", "weight",
+                                     "depth_share", "n_masked"))
+    frames = vstack([frames])  # a fresh table whose columns may be set
+    frames["depth_share"] /= frames["depth_share"].sum()
+    rejected = _reject_outliers(acc, None, None, frames)
+    res = acc.finalize(min_depth_fraction=options.get("min_depth_fraction", 1e-3))
+    del acc
+    _warn_if_all_masked(res.mask | (res.n_used == 0), options.get("min_depth_fraction", 1e-3))
+    result = _wrap(res, template, frames, rejected)
+    if output_path is not None:
+        result.write(output_path, overwrite=overwrite)
+    return result
