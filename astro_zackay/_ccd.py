@@ -344,6 +344,21 @@ def _warn_unusable_uncertainty(
     )
 
 
+def _parse_unit(unit: Any) -> u.UnitBase | None:
+    """``unit=`` as an astropy unit (None stays None); a ValueError names a string astropy
+    cannot parse, with what to give instead."""
+    if unit is None or isinstance(unit, u.UnitBase):
+        return unit
+    try:
+        return u.Unit(unit)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"unit={unit!r} is not a unit astropy can parse: pass "
+            "e.g. unit='adu', unit='electron' or unit='electron/s' (write 'electron' for "
+            "'e-', 'adu' for 'counts')"
+        ) from None
+
+
 def _check_narrowing(
     source: np.ndarray, cast: np.ndarray, what: str, name: str, good: np.ndarray | None = None
 ) -> None:
@@ -553,6 +568,7 @@ def to_image(
     >>> img.shape, str(img.unit), bool(img.mask.any())
     ((4, 5), 'adu', False)
     """
+    unit = _parse_unit(unit)
     nd = _as_nddata(image, unit, hdu)
     if nd.unit is None:
         if unit is None:

@@ -78,3 +78,86 @@ def assert_ccd_unchanged(ccd, before: tuple) -> None:
         if then is not None:
             np.testing.assert_array_equal(now, then)
     assert dict(ccd.meta) == meta
+
+
+def input_hash(value) -> str:
+    """A digest of everything a public call could mutate in one input.
+
+    For a CCDData or NDData: the data (values, dtype and shape), the mask, the
+    uncertainty (its class and array), the meta and the WCS header; for a Table: its
+    columns and meta; for an array: its bytes, dtype and shape; lists, tuples and dicts
+    are hashed item by item; anything else by its ``repr``. Two equal digests before
+    and after a call mean the call left the input as it was.
+    """
+    import hashlib
+
+    import numpy as np
+    from astropy.nddata import NDData
+    from astropy.table import Table
+
+    digest = hashlib.sha256()
+
+    def array(a) -> None:
+        a = np.asarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+
+    def meta(m) -> None:
+        digest.update(repr(sorted((str(k), repr(v)) for k, v in dict(m).items())).encode())
+
+    def walk(v) -> None:
+        digest.update(type(v).__name__.encode())
+        if isinstance(v, NDData):
+            array(v.data)
+            digest.update(b"mask")
+            if v.mask is not None:
+                array(v.mask)
+            digest.update(b"uncertainty")
+            if v.uncertainty is not None:
+                digest.update(type(v.uncertainty).__name__.encode())
+                array(v.uncertainty.array)
+            meta(v.meta)
+            digest.update(b"wcs")
+            if v.wcs is not None:
+                digest.update(v.wcs.to_header_string(relax=True).encode())
+        elif isinstance(v, Table):
+            for name in v.colnames:
+                digest.update(name.encode())
+                array(v[name])
+            meta(v.meta)
+        elif isinstance(v, np.ndarray):
+            array(v)
+        elif isinstance(v, list | tuple):
+            for item in v:
+                walk(item)
+        elif isinstance(v, dict):
+            meta(v)
+        else:
+            digest.update(repr(v).encode())
+
+    walk(value)
+    return digest.hexdigest()
+
+
+def assert_inputs_unchanged(call, *inputs):
+    """``call()``'s result after checking that it left every one of ``inputs`` unchanged.
+
+    The inputs are hashed with `input_hash` before and after; an exception from
+    ``call`` is re-raised after the same check, so a refused call is checked too.
+    """
+    before = [input_hash(v) for v in inputs]
+    try:
+        return call()
+    finally:
+        after = [input_hash(v) for v in inputs]
+        changed = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
+        assert not changed, f"inputs {changed} were mutated by the call"
+
+
+@pytest.fixture(scope="session")
+def small_pair():
+    """A small simulated pair (96x96 px, 25 stars in electrons, with WCS and uncertainty),
+    shared by the bad-input matrix and the mutation tests: never modify it."""
+    from astro_zackay.simulation import simulate_pair
+
+    return simulate_pair((96, 96), n_stars=25, flux_range=(3e3, 2e5), seed=2)
