@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy import units as u
 from astropy.nddata import CCDData, InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from astro_zackay._ccd import as_ccddata, match_unit, to_image
@@ -27,6 +27,10 @@ from astro_zackay.fourier import (
 )
 from astro_zackay.profiles import psf_stamp
 from astro_zackay.zogy import zogy
+
+#: Fewest independent pixels from which an rms is compared with the 5-sigma normal
+#: tolerance of `_std_tolerance` (below it the sample rms is visibly non-normal).
+N_EFF_MIN = 50
 
 
 def _bounded(max_examples: int):
@@ -208,15 +212,22 @@ def test_padded_scorr_is_calibrated_off_the_mask(p):
     all but ``MASK_SCORR_CHANGE**2 = 1 %`` of their squared weight inside it) Scorr's
     variance is between 0.99 and 1, so its rms over the unflagged pixels lies in
     ``[sqrt(0.99), 1]`` within the sampling tolerance (which uses the unflagged share
-    of S's independent pixels)."""
+    of S's independent pixels).  Draws with fewer than ``N_EFF_MIN`` independent
+    unflagged pixels are rejected (`hypothesis.assume`), so that a tiny sample cannot
+    make the property flaky."""
     new, ref = _noise(p)
     res = _zogy(new, ref, p, pad=True)
     assert res.D.shape == p["shape"] and res.mask is not None
     good = ~res.mask
     assert good.any()
     n_eff = _scorr_n_eff(res) * good.mean()
+    note(f"independent unflagged pixels of S: {n_eff:.1f}")
+    # a small image with wide PSFs leaves few independent pixels beyond the flagged
+    # border: their rms is then far from normal (skewed, heavy upper tail) and the
+    # 5-sigma normal tolerance would no longer bound the false-failure rate
+    assume(n_eff >= N_EFF_MIN)
     rms = np.sqrt(np.mean(res.Scorr[good] ** 2))
-    tol = _std_tolerance(max(n_eff, 1.0))
+    tol = _std_tolerance(n_eff)
     assert np.sqrt(0.99) - tol < rms < 1.0 + tol
 
 
@@ -381,7 +392,9 @@ _UNCERTAINTIES = {
     "variance+unit": lambda var, unit: VarianceUncertainty(var, unit=unit**2),
     "inverse+unit": lambda var, unit: InverseVariance(1.0 / var, unit=unit**-2),
 }
-_DTYPES = ["float32", "float64", "int16", ">f8"]
+#: Pixel types: native and big-endian (as FITS stores them) floats and integers, and
+#: the unsigned 16 bits of most cameras.
+_DTYPES = ["float32", "float64", "int16", "int32", "uint16", ">f8", ">f4", ">i2", ">i4"]
 
 
 @st.composite
@@ -451,7 +464,9 @@ def test_ccddata_round_trip(case, dtype, container):
     NDData, or as a plain array with ``unit``, ``mask`` and ``uncertainty`` passed to
     to_image, gives the same ImageData."""
     ccd, kwargs, _, var = case
-    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    # float32 round-off where the work or the given uncertainty (e.g. >f4) is float32
+    single = var is not None and var.dtype.kind == "f" and var.dtype.itemsize < 8
+    rtol = 1e-12 if dtype == np.float64 and not single else 1e-6
     before = _snapshot(ccd)
     if container == "NDData":
         image = NDData(ccd.data, unit=ccd.unit, mask=ccd.mask, uncertainty=ccd.uncertainty,
