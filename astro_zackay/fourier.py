@@ -45,6 +45,7 @@ __all__ = [
     "origin_to_stamp",
     "pad_image",
     "phase_ramp",
+    "psf_correlation_blocks",
     "psf_rfft",
     "psf_rfft_blocks",
     "psf_rfft_stack",
@@ -528,6 +529,85 @@ def _psf_rfft_blocks(stamps: np.ndarray, shape: tuple[int, int], rows: int, be: 
     del origin
     for block in blocks:
         yield block, whole[:, block]
+
+
+def psf_correlation_blocks(
+    stamps: np.ndarray,
+    shape: tuple[int, int],
+    shift: tuple[float, float] = (0.0, 0.0),
+    rows: int = 128,
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """The complex64 spectra that correlate an image with each stamp and move it by ``shift``.
+
+    ``conj(psf_rfft(stamp)) * phase_ramp(shape, *shift)`` for each stamp, in blocks of
+    ``rows`` rows of the half plane, first to last: multiplying an image's `rfft2` by
+    them and transforming back gives the image correlated with the stamp, moved by
+    ``(dx, dy)``.  Each is a separable direct DFT of the compact stamp (its x transform
+    once, in float64; each block of rows one complex64 matrix product, the shift inside
+    the DFT's exponents), several times cheaper at a large image than the FFT of the
+    stamp at the origin followed by a multiplication by the ramp, and no image-sized
+    array is made.  The float32 round-off is that of a float32 FFT of the stamp.
+
+    Parameters
+    ----------
+    stamps : ndarray
+        ``(n, h, w)`` odd-sized PSF stamps (see `psf_to_origin`).
+    shape : tuple of int
+        Real grid shape.
+    shift : tuple of float, optional
+        ``(dx, dy)`` in pixels, as in `phase_ramp`.
+    rows : int, optional
+        Rows of the half plane per block (128: a block of two stamps, 4 MB at 4096^2,
+        stays in the cache while the caller multiplies it in).
+
+    Yields
+    ------
+    block : slice
+        The rows of the half plane.
+    spectra : ndarray
+        ``(n, rows, nx // 2 + 1)`` complex64.
+
+    Raises
+    ------
+    ValueError
+        For stamps that are not an ``(n, h, w)`` stack of odd sizes no larger than
+        ``shape``, or ``rows < 1`` (checked at the call, before the first block).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay.fourier import phase_ramp, psf_correlation_blocks, psf_rfft
+    >>> stamp = np.random.default_rng(3).random((5, 5))
+    >>> whole = np.concatenate([b for _, b in psf_correlation_blocks(stamp[None], (40, 30),
+    ...                                                              (0.3, -1.2), rows=16)], 1)
+    >>> expected = np.conj(psf_rfft(stamp, (40, 30))) * phase_ramp((40, 30), 0.3, -1.2)
+    >>> whole.shape, bool(np.allclose(whole[0], expected, atol=1e-5))
+    ((1, 40, 16), True)
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    if stamps.ndim != 3:
+        raise ValueError(f"stamps must be an (n, h, w) stack, got shape {stamps.shape}")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    _check_stamp(stamps[0], shape)
+    return _psf_correlation_blocks(stamps, tuple(shape), (float(shift[0]), float(shift[1])),
+                                   rows)
+
+
+def _psf_correlation_blocks(stamps: np.ndarray, shape: tuple[int, int],
+                            shift: tuple[float, float], rows: int
+                            ) -> Iterator[tuple[slice, np.ndarray]]:
+    """The generator of `psf_correlation_blocks`, on checked inputs."""
+    _, h, w = stamps.shape
+    ky, kx = frequency_grids(shape)
+    # conj of the stamp's DFT times the ramp: exp(+2 pi i k (pixel - centre - shift))
+    ex = np.exp(2j * np.pi * np.outer(np.arange(w) - w // 2 - shift[0], kx[0]))
+    along_x = (stamps @ ex).astype(np.complex64)  # (n, h, nx // 2 + 1)
+    offsets = np.arange(h) - h // 2 - shift[1]
+    for start in range(0, shape[0], rows):
+        block = slice(start, min(start + rows, shape[0]))
+        ey = np.exp(2j * np.pi * np.outer(ky[block, 0], offsets)).astype(np.complex64)
+        yield block, ey @ along_x
 
 
 def half_spectrum_sum(a: Any, nx: int) -> Any:

@@ -47,8 +47,7 @@ from ._stats import mad_std
 from .fourier import (
     get_array_module,
     move_whole_pixels,
-    phase_ramp,
-    psf_to_origin,
+    psf_correlation_blocks,
     shift_image,
 )
 from .profiles import GAUSS_FWHM
@@ -423,21 +422,19 @@ def _snr_map(
     correlated with the variance, moved by ``shift`` on the way (the reference's onto
     the science grid). ``planes`` is the float32 ``(2, ny, nx)`` data and variance (bad
     pixels 0), overwritten; the map, 0 where the noise is not positive, goes to ``out``.
-    Both planes and both kernels (the PSF and its square at the origin) are transformed
-    in float32, two batched calls: the round-off (~1e-6 of the maps' peaks) is far below
-    any S/N that the sources are selected by, and no frame-sized float64 array is made.
+    Both planes are transformed in float32 in one batched call, and multiplied in place,
+    a block of rows at a time, by the kernels' conjugate spectra with the shift's ramp
+    (`~astro_zackay.fourier.psf_correlation_blocks`: a direct DFT of the compact PSF and
+    its square, no transform of an image-sized kernel): the round-off (~1e-6 of the
+    maps' peaks) is far below any S/N that the sources are selected by, and no
+    frame-sized float64 array is made.
     """
     shape = planes.shape[1:]
     be = get_array_module("numpy")
-    kernels = np.stack([psf_to_origin(psf, shape, np.float32),
-                        psf_to_origin(psf * psf, shape, np.float32)])
-    kernel_spectra = be.rfft2(kernels, s=shape, workers=workers)
-    del kernels  # before the planes' transforms: never both alive
+    psf = np.asarray(psf, dtype=np.float64)
     spectra = be.rfft2(planes, s=shape, workers=workers)  # (2, ny, nx//2+1) complex64
-    spectra *= np.conj(kernel_spectra, out=kernel_spectra)
-    del kernel_spectra
-    if shift != (0.0, 0.0):
-        spectra *= phase_ramp(shape, *shift, dtype=spectra.dtype)
+    for block, kernels in psf_correlation_blocks(np.stack([psf, psf * psf]), shape, shift):
+        spectra[:, block] *= kernels
     maps = be.irfft2(spectra, s=shape, workers=workers)
     del spectra
     signal, noise = maps

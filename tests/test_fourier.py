@@ -14,6 +14,8 @@ from astro_zackay.fourier import (
     half_spectrum_sum,
     origin_to_stamp,
     pad_image,
+    phase_ramp,
+    psf_correlation_blocks,
     psf_rfft,
     psf_rfft_blocks,
     psf_to_origin,
@@ -100,6 +102,50 @@ def test_psf_rfft_blocks_checks_its_arguments_at_the_call():
         psf_rfft_blocks(stamps, (4, 16), 4)
     with pytest.raises(ValueError, match="odd sizes"):
         psf_rfft_blocks(np.ones((2, 4, 5)), (16, 16), 4)
+
+@pytest.mark.parametrize("shape", [(64, 48), (33, 31), (9, 7)])
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (0.37, -1.6), (-3.0, 2.0)])
+def test_psf_correlation_blocks_equal_the_conjugate_transform_times_the_ramp(shape, shift):
+    """The direct DFT's blocks, joined, are conj(psf_rfft) x phase_ramp (odd and even
+    sides, a stamp as large as a side, blocks that do not divide the rows)."""
+    rng = np.random.default_rng(11)
+    stamps = rng.random((2, 7, 7))
+    joined = np.concatenate([b for _, b in psf_correlation_blocks(stamps, shape, shift, rows=5)],
+                            axis=1)
+    assert joined.dtype == np.complex64
+    for stamp, got in zip(stamps, joined):
+        expected = np.conj(psf_rfft(stamp, shape)) * phase_ramp(shape, *shift)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
+
+
+def test_psf_correlation_blocks_correlate_and_move_an_image():
+    """An image times the blocks, transformed back, is the image correlated with the
+    stamp and moved by a whole-pixel shift (a direct sum)."""
+    rng = np.random.default_rng(12)
+    image = rng.normal(size=(20, 24))
+    stamp = rng.random((3, 5))
+    spectrum = scipy.fft.rfft2(image)
+    for block, kernel in psf_correlation_blocks(stamp[None], image.shape, (2.0, -1.0), rows=7):
+        spectrum[block] *= kernel[0]
+    got = scipy.fft.irfft2(spectrum, s=image.shape)
+    expected = np.zeros_like(image)
+    for dy in range(-1, 2):
+        for dx in range(-2, 3):
+            expected += stamp[dy + 1, dx + 2] * np.roll(image, (-dy, -dx), axis=(0, 1))
+    np.testing.assert_allclose(got, np.roll(expected, (-1, 2), axis=(0, 1)), atol=1e-5)
+
+
+def test_psf_correlation_blocks_check_their_arguments_at_the_call():
+    stamps = np.ones((2, 5, 5)) / 25
+    with pytest.raises(ValueError, match=r"\(n, h, w\) stack"):
+        psf_correlation_blocks(stamps[0], (16, 16))
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        psf_correlation_blocks(stamps, (16, 16), rows=0)
+    with pytest.raises(ValueError, match="larger than the image grid"):
+        psf_correlation_blocks(stamps, (4, 16))
+    with pytest.raises(ValueError, match="odd sizes"):
+        psf_correlation_blocks(np.ones((2, 4, 5)), (16, 16))
+
 
 @pytest.mark.parametrize("shape,border", [((2049, 2049), 0), ((1000, 1500), 12), ((7, 13), 3)])
 def test_fast_shape(shape, border):
