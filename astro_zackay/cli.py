@@ -1,4 +1,4 @@
-"""The ``astro-zackay`` command: subtract, coadd, psf and a demo on simulated data.
+"""The ``astro-zackay`` command: subtract, coadd, psf, batches on Dask and a demo.
 
 Every option is checked, and every input file opened far enough to know its shape
 and unit, before any work is done or any file written: a mistake costs one or two
@@ -640,11 +640,90 @@ def _demo_pair(args: argparse.Namespace) -> tuple[Any, Table]:
     return pair, pair.transients
 
 
+# --- batches on a Dask cluster ----------------------------------------------------------------
+#: The summary table that ``batch`` and ``coadd-batch`` write in --outdir.
+SUMMARY = "summary.ecsv"
+
+
+def _batch_progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and _progress_enabled(args)
+
+
+def _batch_output(args: argparse.Namespace) -> str:
+    """The summary file's path, checked before any work."""
+    summary = os.path.join(args.outdir, SUMMARY)
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        raise UsageError(f"--outdir {args.outdir!r} is a file: give a folder")
+    if os.path.isdir(args.outdir):
+        _check_output(summary, "--outdir's summary", args.overwrite, set())
+    return summary
+
+
+@contextlib.contextmanager
+def _batch_client(args: argparse.Namespace) -> Iterator[Any]:
+    """A client of the scheduler at --scheduler (closed at the end), or None."""
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError("batches run on Dask, which is not installed: "
+                         "pip install 'dask[distributed]' (or astro-zackay[all])") from None
+    if args.scheduler is None:
+        yield None
+        return
+    try:
+        client = distributed.Client(args.scheduler, timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--scheduler {args.scheduler!r}: no Dask scheduler answered "
+                         f"({exc}); check the address (tcp://HOST:PORT) and that it runs") from None
+    with client:
+        yield client
+
+
+def _finish_batch(summary: Table, path: str, overwrite: bool) -> int:
+    """Write the summary; exit status 0 when every row is ok, else 1."""
+    summary.write(path, format="ascii.ecsv", overwrite=overwrite)
+    failed = int(np.sum(summary["status"] != "ok"))
+    log.info("%d of %d row(s) ok; wrote %s", len(summary) - failed, len(summary), path)
+    return 1 if failed else 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .parallel import subtract_batch
+
+    summary_path = _batch_output(args)
+    options = {"unit": args.unit, "gain": args.gain, "read_noise": args.read_noise,
+               "saturation": args.saturation, "align": args.align or False,
+               "reference_psf": args.reference_fwhm, "science_psf": args.science_fwhm,
+               "flux_ratio": args.flux_ratio, "fit_shift": args.fit_shift,
+               "tiles": args.tiles, "noise": args.noise}
+    with _batch_client(args) as client:
+        summary = subtract_batch(args.pairs, args.outdir, client=client,
+                                 progress=_batch_progress(args), overwrite=args.overwrite,
+                                 threshold=args.threshold, n_workers=args.workers, **options)
+    return _finish_batch(summary, summary_path, args.overwrite)
+
+
+def _coadd_batch(args: argparse.Namespace) -> int:
+    from .parallel import coadd_batch
+
+    summary_path = _batch_output(args)
+    options = {"unit": args.unit, "gain": args.gain, "saturation": args.saturation,
+               "psfs": args.fwhm, "align": args.align or False, "reject": args.reject}
+    with _batch_client(args) as client:
+        summary = coadd_batch(args.groups, args.outdir, client=client,
+                              progress=_batch_progress(args), overwrite=args.overwrite,
+                              n_workers=args.workers, **options)
+    return _finish_batch(summary, summary_path, args.overwrite)
+
+
+
 # --- the parser -------------------------------------------------------------------------------
 _MAIN_EXAMPLE = """examples:
   astro-zackay subtract ref.fits new.fits -o diff.fits --catalog cands.ecsv --unit adu
   astro-zackay coadd frames/ -o coadd.fits
   astro-zackay psf image.fits -o psf.fits
+  astro-zackay batch pairs.csv --outdir results --workers 2
+  astro-zackay coadd-batch groups.csv --outdir coadds --scheduler tcp://HOST:8786
   astro-zackay demo --outdir demo-output"""
 _SUBTRACT_EXAMPLE = """example:
   astro-zackay subtract ref.fits new.fits -o diff.fits --catalog cands.ecsv \\
@@ -664,6 +743,27 @@ _PSF_EXAMPLE = """example:
   astro-zackay psf image.fits -o psf.fits --unit adu --gain 1.4 --plot psf.png
 
 Read the model back with astro_zackay.psf.KLPSFModel.read("psf.fits")."""
+_BATCH_EXAMPLE = """example:
+  astro-zackay batch pairs.csv --outdir results --unit adu --gain 1.4 --workers 2
+
+pairs.csv is a CSV table with a header line and the columns reference and science
+(paths), and optionally name:
+
+  reference,science,name
+  ref/field1.fits,night3/field1.fits,field1
+
+Each pair is one Dask task that writes NAME.fits and NAME_candidates.ecsv in --outdir;
+the summary (one row per pair: status, error, seconds, flux ratio, good candidates)
+goes to results/summary.ecsv. Exit status 0 when every pair succeeded, 1 when any
+failed (its row holds the message; the others are done), 2 for a mistake found before
+any work. Without --scheduler, a local cluster of --workers processes (default one
+per core) runs on this machine; the files must be readable by the workers."""
+_COADD_BATCH_EXAMPLE = """example:
+  astro-zackay coadd-batch groups.csv --outdir coadds --unit adu --fwhm 2.5
+
+groups.csv is a CSV table with a header line and the columns group and path, one row
+per image; each group is coadded into coadds/GROUP.fits by one Dask task. The summary
+goes to coadds/summary.ecsv; exit status as for 'astro-zackay batch'."""
 _DEMO_EXAMPLE = """example:
   astro-zackay demo --outdir demo-output
 
@@ -796,6 +896,71 @@ def _psf_parser(commands: Any) -> None:
     psf.set_defaults(func=_psf)
 
 
+def _add_batch_options(command: argparse.ArgumentParser, table: str, meaning: str) -> None:
+    """The CSV table, --outdir, where the tasks run, progress and --overwrite."""
+    command.add_argument(table, metavar=f"{table.upper()}.csv", help=meaning)
+    command.add_argument("--outdir", required=True, metavar="DIR",
+                         help=f"folder of the results and of {SUMMARY} (created if needed)")
+    where = command.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                       help="address of a running Dask scheduler (tcp://HOST:PORT); "
+                            "default: a local cluster on this machine")
+    where.add_argument("--workers", type=_int_in(1, 1024), default=None, metavar="N",
+                       help="worker processes of the local cluster (default: one per core, "
+                            "at most one per task)")
+    command.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
+                         help="how long to wait for --scheduler to answer (default 30)")
+    command.add_argument("--no-progress", action="store_true",
+                         help="no progress bar (there is none off a terminal or with --quiet)")
+    command.add_argument("--overwrite", action="store_true",
+                         help=f"replace the results and {SUMMARY} of an earlier run")
+
+
+def _batch_parser(commands: Any) -> None:
+    batch = _subcommand(commands, "batch", "ZOGY subtractions of many pairs on a Dask cluster",
+                        _BATCH_EXAMPLE)
+    _add_batch_options(batch, "pairs", "CSV table of the pairs: columns reference, science "
+                                       "and optionally name")
+    batch.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
+                       help="detection threshold on |Scorr| in sigma (default 5)")
+    per_image = "; one value, or REF,NEW"
+    _add_io_options(batch, _per_image, _per_image, per_image, per_image)
+    batch.add_argument("--read-noise", type=_per_image(_positive), default=None, metavar="RN",
+                       help=f"read noise in electrons{per_image}")
+    batch.add_argument("--align", choices=("stars", "wcs"), default=None,
+                       help="resample REF onto NEW's grid first: by matching stars or by WCS")
+    for image in ("reference", "science"):
+        batch.add_argument(f"--{image}-fwhm", type=_positive, default=None, metavar="PIXELS",
+                           help=f"a Gaussian {image} PSF of this FWHM instead of an estimate")
+    batch.add_argument("--flux-ratio", type=_positive, default=None, metavar="BETA",
+                       help="science / reference flux ratio (default: fitted)")
+    batch.add_argument("--no-fit-shift", dest="fit_shift", action="store_false",
+                       help="do not fit and remove a sub-pixel shift")
+    batch.add_argument("--tiles", type=_tiles, default="auto", metavar="auto|none|PIXELS",
+                       help="tiles of constant PSF: auto (default), none, or a side in pixels")
+    batch.add_argument("--noise", choices=("auto", "white"), default="auto",
+                       help="auto: measure correlated noise (resampled images); white: none")
+    batch.set_defaults(func=_batch)
+
+
+def _coadd_batch_parser(commands: Any) -> None:
+    add = _subcommand(commands, "coadd-batch",
+                      "proper coadds of many groups of images on a Dask cluster",
+                      _COADD_BATCH_EXAMPLE)
+    _add_batch_options(add, "groups", "CSV table of the images: columns group and path, one "
+                                      "row per image")
+    _add_io_options(add, _same, _same, "", "")
+    add.add_argument("--fwhm", type=_positive, default=None, metavar="PIXELS",
+                     help="Gaussian PSFs of this FWHM for every image instead of estimates")
+    add.add_argument("--align", choices=("stars", "wcs"), default=None,
+                     help="resample every image onto its group's first image's grid")
+    add.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
+                     help="reject what one image alone shows above SIGMA (default 6)")
+    add.add_argument("--no-reject", dest="reject", action="store_const", const=None,
+                     help="keep every pixel (no outlier rejection)")
+    add.set_defaults(func=_coadd_batch)
+
+
 def _demo_parser(commands: Any) -> None:
     demo = _subcommand(commands, "demo", "subtract a simulated pair with injected transients",
                        _DEMO_EXAMPLE)
@@ -827,6 +992,8 @@ def _parser() -> argparse.ArgumentParser:
     _subtract_parser(commands)
     _coadd_parser(commands)
     _psf_parser(commands)
+    _batch_parser(commands)
+    _coadd_batch_parser(commands)
     _demo_parser(commands)
     return parser
 
