@@ -203,11 +203,15 @@ def _template(image: ImageData) -> ImageData:
                                mask=np.broadcast_to(False, shape), sky_maps=None)
 
 
-def _pair(value: Any, name: str) -> tuple[Any, Any]:
-    """A per-image option: one value for both images, or (reference, science)."""
+def _pair(value: Any, name: str, pair: str = "(reference, science)") -> tuple[Any, Any]:
+    """A two-valued option: one value for both, or a ``pair`` (default per image).
+
+    ``pair`` names the two values in the error for a sequence of another length.
+    """
     if isinstance(value, tuple | list):
         if len(value) != 2:
-            raise ValueError(f"{name} must be one value or a (reference, science) pair")
+            raise ValueError(f"{name} must be one value or a {pair} pair, got {len(value)} "
+                             f"values: {value!r}")
         return value[0], value[1]
     return value, value
 
@@ -254,7 +258,7 @@ def _check_astrometric_noise(value: Any) -> None:
     """Raise a ValueError for an ``astrometric_noise=`` that is not 'auto', None or sigmas >= 0."""
     if value is None or (isinstance(value, str) and value == "auto"):
         return
-    values = _pair(value, "astrometric_noise")
+    values = _pair(value, "astrometric_noise", "(sigma_x, sigma_y)")
     if not all(_is_positive(v) or (isinstance(v, numbers.Real) and v == 0) for v in values):
         raise ValueError(
             f"astrometric_noise must be 'auto', None, or finite sigmas >= 0 in pixels (one "
@@ -733,7 +737,7 @@ def subtract(
     elif astrometric_noise is None:
         ast = (0.0, 0.0)
     else:
-        ast = _pair(astrometric_noise, "astrometric_noise")
+        ast = _pair(astrometric_noise, "astrometric_noise", "(sigma_x, sigma_y)")
         ast = (float(ast[0]), float(ast[1]))
 
     # the BRIGHT flag needs both images on the science grid: bright_sources moves the

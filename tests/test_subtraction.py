@@ -567,6 +567,14 @@ def test_invalid_tiles_option_raises_before_any_work(small_run, monkeypatch):
             subtract(pair.reference.ccd, pair.science.ccd, tiles=tiles)
 
 
+def test_astrometric_noise_of_three_values_names_its_sigmas(small_run, monkeypatch):
+    """A wrong-length astrometric_noise names its (sigma_x, sigma_y) pair, before any work."""
+    pair, _, _ = small_run
+    monkeypatch.setattr("astro_zackay.subtraction.prepare_image", None)  # any work would fail
+    with pytest.raises(ValueError, match=r"astrometric_noise .*\(sigma_x, sigma_y\) pair"):
+        subtract(pair.reference.ccd, pair.science.ccd, astrometric_noise=(0.1, 0.1, 0.1))
+
+
 def test_align_stars_registers_a_shifted_pair():
     """align='stars' resamples a reference offset by (3.4, -2.6) px; the transient is found.
 
