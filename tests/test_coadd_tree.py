@@ -23,7 +23,8 @@ def frames(tmp_path_factory):
     from scipy.signal import fftconvolve
     paths = []
     for j, (fwhm, s) in enumerate([(2.5, 3.0), (3.0, 4.0), (3.5, 2.0), (2.8, 5.0), (4.0, 3.0)]):
-        img = fftconvolve(sky, psf_stamp(21, fwhm), mode="same") + 50.0 + rng.normal(0, s, sky.shape)
+        img = fftconvolve(sky, psf_stamp(21, fwhm), mode="same") + 50.0
+        img += rng.normal(0, s, sky.shape)
         path = d / f"f{j}.fits"
         hdu = fits.PrimaryHDU(img.astype(np.float32))
         hdu.header["BUNIT"] = "electron"
@@ -34,9 +35,10 @@ def frames(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
+    http = {"dashboard_address": "127.0.0.1:0"}  # not 8787, which another cluster may hold
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None,
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
+                                  scheduler_kwargs=http) as cluster, \
             distributed.Client(cluster) as c:
         yield c
 

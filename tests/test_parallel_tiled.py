@@ -17,9 +17,10 @@ SHAPE = (512, 512)
 
 @pytest.fixture(scope="module")
 def client():
+    http = {"dashboard_address": "127.0.0.1:0"}  # not 8787, which another cluster may hold
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None,
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
+                                  scheduler_kwargs=http) as cluster, \
             distributed.Client(cluster) as c:
         yield c
 
