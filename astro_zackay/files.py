@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
 from astropy.table import Table
@@ -147,9 +148,23 @@ def _fitted(result: SubtractionResult) -> fits.Header:
 def _image_hdu(ccd: CCDData, name: str, extra: fits.Header) -> fits.ImageHDU:
     """``ccd``'s data, unit, WCS and meta, updated by ``extra``'s cards (HISTORY appended)."""
     hdu = ccd.to_hdu(hdu_mask=None, hdu_uncertainty=None, as_image_hdu=True)[0]
+    if _same_unit(ccd.meta.get("BUNIT"), ccd.unit):
+        # the meta's spelling of the unit (e.g. '1' for dimensionless, which to_hdu
+        # writes as '' or '1' depending on how the unit object was made) stays as it was
+        hdu.header["BUNIT"] = ccd.meta["BUNIT"]
     hdu.header.extend(extra, update=True)
     hdu.name = name
     return hdu
+
+
+def _same_unit(text: Any, unit: Any) -> bool:
+    """Whether a BUNIT card's text names ``unit``."""
+    if not isinstance(text, str) or unit is None:
+        return False
+    try:
+        return u.Unit(text) == unit
+    except ValueError:
+        return False
 
 
 def _named(hdu: fits.FitsHDU, name: str, text: str) -> fits.FitsHDU:

@@ -167,6 +167,9 @@ def test_subtraction_round_trip(subtraction, tmp_path):
     # the fitted numbers have more digits than a header card holds: compared exactly
     assert back.shift == subtraction.shift and back.flux_scale == subtraction.flux_scale
     assert back.score.meta["AZIN2"] == "new.fits"
+    # what the reader gives back writes an equal file again
+    write_subtraction(back, tmp_path / "again.fits")
+    assert_same(subtraction, read_subtraction(tmp_path / "again.fits"), "written twice")
 
 
 def test_comparison_catches_a_change(subtraction, tmp_path):
@@ -215,6 +218,8 @@ def test_coadd_round_trip(coadd_result, tmp_path):
     # CoaddResult.write is the same file
     result.write(tmp_path / "method.fits")
     assert_same(result, read_coadd(tmp_path / "method.fits"), "coadd via write")
+    write_coadd(back, tmp_path / "again.fits")
+    assert_same(result, read_coadd(tmp_path / "again.fits"), "coadd written twice")
 
 
 def test_coadd_file_errors_name_the_file(coadd_result, tmp_path):
