@@ -147,6 +147,34 @@ def test_psf_correlation_blocks_check_their_arguments_at_the_call():
         psf_correlation_blocks(np.ones((2, 4, 5)), (16, 16))
 
 
+def test_default_threads_follow_the_transform_size():
+    """workers=None: one thread for a transform of fewer than THREADED_MIN_SIZE real
+    values (a stamp), all cores (-1) for a larger one, counting a padded grid ``s`` and
+    the stacked planes; an explicit number is passed on as it is."""
+    import types
+
+    from astro_zackay.fourier import THREADED_MIN_SIZE, ArrayBackend
+
+    seen = []
+
+    def recorded(name):
+        def transform(a, s=None, workers=None):
+            seen.append(workers)
+            return getattr(scipy.fft, name)(a, s=s, workers=workers)
+        return transform
+
+    fake = types.SimpleNamespace(rfft2=recorded("rfft2"), irfft2=recorded("irfft2"))
+    be = ArrayBackend("numpy", np, fake, None)
+    side = int(np.sqrt(THREADED_MIN_SIZE))
+    small = np.ones((side // 2, side // 2))
+    spectrum = be.rfft2(small)
+    be.irfft2(spectrum, s=small.shape)
+    be.rfft2(small, s=(side, side))  # padded onto a grid of THREADED_MIN_SIZE values
+    be.rfft2(np.ones((4, side // 2, side // 2)))  # four stacked planes: as many values
+    be.rfft2(small, workers=3)
+    assert seen == [1, 1, -1, -1, 3]
+
+
 @pytest.mark.parametrize("shape,border", [((2049, 2049), 0), ((1000, 1500), 12), ((7, 13), 3)])
 def test_fast_shape(shape, border):
     out = fast_shape(shape, border)
