@@ -728,7 +728,11 @@ def _fit_profiles(
         jtj = jac.transpose(0, 2, 1) @ jac  # batched BLAS: six times faster than einsum
         grad = np.einsum("npi,np->ni", jac, res)
         diag = np.einsum("nii->ni", jtj)
-        damped = jtj + (lam[idx, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(7)
+        # Marquardt's scaling by the diagonal itself: invariant under a rescaling of the
+        # data (an absolute floor damped the amplitude of images in large units, e.g.
+        # electrons x 1e6, whose diagonal entry is ~1/variance, and stopped its fit early);
+        # a parameter the pixels do not constrain (diagonal 0) is damped by lam alone
+        damped = jtj + (lam[idx, None] * np.where(diag > 0, diag, 1.0))[:, :, None] * np.eye(7)
         try:
             delta = -np.linalg.solve(damped, grad[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:  # a singular system (e.g. all weights zero)

@@ -559,3 +559,26 @@ def test_detection_shared_with_the_background_of_the_same_image(monkeypatch):
     assert close.sum() >= len(shared) - 1
     assert np.all(dist[: N_PROFILE_FITS // 2] < 1e-8)
     np.testing.assert_allclose(shared["flux"][close], again["flux"][match[close]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [1e-10, 1e6, 1e10])
+def test_stars_do_not_depend_on_the_data_unit_scale(factor):
+    """Data and uncertainty in a unit 1e-10 to 1e10 times another give the same stars.
+
+    The Moffat fit damped each parameter by at least 1e-12: for images in large units
+    (the amplitude's curvature ~ 1/variance) that stopped the fit early, 1 % off in FWHM.
+    """
+    from astropy.nddata import StdDevUncertainty
+
+    ccd = simulate_image((96, 96), n_stars=25, flux_range=(3e3, 2e5), seed=2).ccd
+
+    def stars(scale):
+        scaled = CCDData(ccd.data * scale, unit="MJy/sr", mask=ccd.mask,
+                         uncertainty=StdDevUncertainty(ccd.uncertainty.array * scale))
+        return find_psf_stars(scaled, saturation=np.inf)
+
+    one, other = stars(1.0), stars(factor)
+    assert len(one) >= 5 and len(other) == len(one)
+    np.testing.assert_allclose(other["x"], one["x"], atol=1e-4)
+    np.testing.assert_allclose(other["flux"] / factor, one["flux"], rtol=1e-5)
+    assert other.meta["fwhm"] == pytest.approx(one.meta["fwhm"], rel=1e-5)
