@@ -232,12 +232,12 @@ _EMPTY = ("images is empty: coadd needs at least one image (a list, a generator 
 def _check_shapes(images: Any) -> None:
     """Images of a list or an ImageFileCollection must share one shape, checked first.
 
-    The shapes of arrays and NDData are read from the objects, those of FITS files from
-    their headers (``NAXIS1``/``NAXIS2`` of the image HDU that would be read), so a
-    stack of files of mixed shapes is refused before any image is read or prepared.
-    Inputs whose shape cannot be known without reading them (an HDU list, a file that
-    is missing or unreadable: its reader names it) are left to `_check_like`, and so is
-    a generator, which can be consumed only once.
+    The shapes of arrays and NDData are read from the objects, those of FITS files and
+    HDUs from their headers (``NAXIS1``/``NAXIS2`` of the image HDU that would be read),
+    so a stack of files of mixed shapes is refused before any image is read or prepared.
+    Inputs whose shape cannot be known without reading them (a file that is missing or
+    unreadable, or holds no image: its reader names it) are left to `_check_like`, and
+    so is a generator, which can be consumed only once.
     """
     if isinstance(images, list | tuple):
         items = [(item, _input_name(item, j), None) for j, item in enumerate(images)]
@@ -267,6 +267,19 @@ def _known_shape(item: Any, hdu: int | str | None) -> tuple[int, ...] | None:
         return tuple(np.shape(getattr(item, "data", item)))
     if isinstance(item, str | os.PathLike):
         return _fits_shape(item, hdu)
+    if isinstance(item, fits.HDUList):
+        return _header_shape([h.header for h in item if h.is_image])
+    if isinstance(item, fits.PrimaryHDU | fits.ImageHDU):
+        return _header_shape([item.header])
+    return None
+
+
+def _header_shape(headers: Sequence[fits.Header]) -> tuple[int, ...] | None:
+    """The image shape of the first header with data (``NAXIS`` > 0), or None."""
+    for header in headers:
+        naxis = int(header.get("NAXIS", 0))
+        if naxis > 0:
+            return tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
     return None
 
 
@@ -283,16 +296,10 @@ def _fits_shape(path: str | os.PathLike, hdu: int | str | None) -> tuple[int, ..
             warnings.simplefilter("ignore")  # a damaged file is reported when it is read
             with fits.open(path, memmap=False) as hdul:
                 if hdu is not None:
-                    headers = [hdul[hdu].header]
-                else:
-                    headers = [h.header for h in hdul if h.is_image]
-                for header in headers:
-                    naxis = int(header.get("NAXIS", 0))
-                    if naxis > 0:
-                        return tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+                    return _header_shape([hdul[hdu].header])
+                return _header_shape([h.header for h in hdul if h.is_image])
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return None
-    return None
 
 
 def _positive_number(value: Any) -> bool:
@@ -542,8 +549,10 @@ def coadd(
         be fitted, bad rejection options, an unknown ``backend``, a
         ``min_depth_fraction`` outside [0, 1], a negative ``border``, or a non-positive
         flux scale or sigma. Everything that can be checked without reading an image
-        (the options, and the shapes and number of images of a list of arrays or
-        NDData) is checked before any image is read.
+        is checked before any image is read: the options, the number of images of a
+        list, and the shapes of a list's or an ImageFileCollection's images (arrays,
+        NDData and HDUs from the objects, FITS files from their headers; the message
+        names the images and their shapes).
     ImportError
         For ``backend="cupy"`` without CuPy (the message names the pip package).
     astropy.units.UnitsError

@@ -299,9 +299,18 @@ def test_coadd_of_fits_files_of_one_shape_passes_the_check(tmp_path, monkeypatch
     the shape check: the first image is read."""
     fits.PrimaryHDU(np.zeros((32, 32), np.float32)).writeto(tmp_path / "a.fits")
     (tmp_path / "junk.fits").write_bytes(b"not a FITS file")
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column("x", "E", array=np.zeros(3))])]).writeto(tmp_path / "table.fits")
+    in_memory = fits.HDUList([fits.PrimaryHDU(np.zeros((32, 32), np.float32))])
     monkeypatch.setattr("astro_zackay.coaddition.to_image", _no_reading)
     with pytest.raises(AssertionError, match=r"an image was read before"):
-        coadd([tmp_path / "a.fits", tmp_path / "a.fits", tmp_path / "junk.fits"], unit="adu")
+        coadd([tmp_path / "a.fits", tmp_path / "a.fits", tmp_path / "junk.fits",
+               tmp_path / "table.fits", in_memory, tmp_path / "absent.fits"], unit="adu")
+    # HDUs in memory are checked from their headers too
+    odd = fits.ImageHDU(np.zeros((16, 32), np.float32))
+    with pytest.raises(ValueError, match=r"a.fits \(32, 32\), image 1 \(32, 32\), image 2 "
+                                         r"\(16, 32\): crop"):
+        coadd([tmp_path / "a.fits", in_memory, odd], unit="adu")
 
 
 def test_coadd_of_one_frame_is_that_frame_whitened():
