@@ -784,8 +784,14 @@ def _position_errors(
     jac = moffat_jacobian(p, gx, gy, n_params=3) * sw[:, :, None]
     fisher = jac.transpose(0, 2, 1) @ jac
     cov = np.full_like(fisher, np.nan)
-    ok = np.linalg.cond(fisher) < 1e14
-    cov[ok] = np.linalg.inv(fisher[ok])
+    # conditioned as a correlation matrix: the amplitude's entries scale as 1/unit**2 and
+    # the positions' do not, so the raw matrix of an image in large units (x1e6) looked
+    # singular and every star lost its position error
+    diag = np.einsum("nii->ni", fisher)
+    scale = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
+    normed = fisher * scale[:, :, None] * scale[:, None, :]
+    ok = np.all(diag > 0, axis=1) & (np.linalg.cond(normed) < 1e14)
+    cov[ok] = np.linalg.inv(normed[ok]) * scale[ok][:, :, None] * scale[ok][:, None, :]
     chi2 = np.sum(((moffat_model(p, gx, gy) - pix) * sw) ** 2, axis=1)
     dof = np.maximum(np.count_nonzero(w, axis=1) - 7, 1)
     inflation = np.sqrt(np.maximum(chi2 / dof, 1.0))

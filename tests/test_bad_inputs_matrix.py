@@ -398,6 +398,24 @@ def test_subtract_converts_adu_with_a_gain_option(small_pair, baseline):
     assert result.flux_ratio == pytest.approx(baseline["subtract"].flux_ratio, rel=1e-3)
 
 
+@pytest.mark.parametrize("factor", [1e-6, 1e6])
+def test_subtract_does_not_depend_on_the_unit_scale(small_pair, baseline, factor):
+    """A pair in a unit 1e-6 or 1e6 times another (MJy/sr, say) gives the same Scorr.
+
+    In large units every star's position error was NaN (its fit's Fisher matrix looked
+    singular), which changed the astrometric noise and Scorr by up to 0.56 sigma.
+    """
+    ref = _scaled(small_pair.reference.ccd, factor, unit="MJy/sr", meta={})
+    sci = _scaled(small_pair.science.ccd, factor, unit="MJy/sr", meta={})
+    result = assert_inputs_unchanged(lambda: subtract(ref, sci), ref, sci)
+    want = baseline["subtract"]
+    assert result.astrometric_noise == pytest.approx(want.astrometric_noise, rel=1e-4)
+    assert result.flux_ratio == pytest.approx(want.flux_ratio, rel=1e-5)
+    np.testing.assert_array_equal(result.score.mask, want.score.mask)
+    good = ~want.score.mask
+    np.testing.assert_allclose(result.score.data[good], want.score.data[good], atol=2e-3)
+
+
 def test_unparsable_unit_string_is_named(small_pair):
     data = small_pair.science.ccd.data
     with pytest.raises(ValueError, match=r"unit='e-' is not a unit astropy can parse: pass e.g. "

@@ -566,7 +566,8 @@ def test_stars_do_not_depend_on_the_data_unit_scale(factor):
     """Data and uncertainty in a unit 1e-10 to 1e10 times another give the same stars.
 
     The Moffat fit damped each parameter by at least 1e-12: for images in large units
-    (the amplitude's curvature ~ 1/variance) that stopped the fit early, 1 % off in FWHM.
+    (the amplitude's curvature ~ 1/variance) that stopped the fit early, 1 % off in FWHM;
+    and the position errors were NaN there (the Fisher matrix's condition number).
     """
     from astropy.nddata import StdDevUncertainty
 
@@ -581,4 +582,8 @@ def test_stars_do_not_depend_on_the_data_unit_scale(factor):
     assert len(one) >= 5 and len(other) == len(one)
     np.testing.assert_allclose(other["x"], one["x"], atol=1e-4)
     np.testing.assert_allclose(other["flux"] / factor, one["flux"], rtol=1e-5)
+    # the position errors too: the fit's Fisher matrix looked singular in large units
+    assert np.isfinite(one["x_err"]).all()
+    np.testing.assert_allclose(other["x_err"], one["x_err"], rtol=1e-4)
+    np.testing.assert_allclose(other["y_err"], one["y_err"], rtol=1e-4)
     assert other.meta["fwhm"] == pytest.approx(one.meta["fwhm"], rel=1e-5)
