@@ -43,7 +43,7 @@ from astropy.nddata import NDData
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from ._stats import mad_std
+from ._stats import mad_std, positive_median
 from .fourier import (
     get_array_module,
     move_whole_pixels,
@@ -373,8 +373,7 @@ def _difference_scale(flux_error: np.ndarray | None) -> float | None:
     """The median of the finite positive ``flux_error`` (None without one)."""
     if flux_error is None:
         return None
-    finite = np.isfinite(flux_error) & (flux_error > 0)
-    return float(np.median(flux_error[finite])) if finite.any() else None
+    return positive_median(flux_error)  # exact; no copy and partition of the whole frame
 
 
 def _difference_variance(
@@ -572,9 +571,17 @@ def _candidates(
     def signed(values: np.ndarray) -> np.ndarray:
         return np.abs(values) if sign == "both" else flip * values
 
+    # a float64 threshold: a float32 score is compared exactly, not with a rounded one;
+    # boolean passes only (no frame-sized |score| or signed copy of the score)
+    limit = np.float64(threshold)
     with np.errstate(invalid="ignore"):
-        # a float64 threshold: a float32 score is compared exactly, not with a rounded one
-        rows, cols = np.nonzero(signed(data) >= np.float64(threshold))
+        if sign == "both":
+            above = data >= limit
+            above |= data <= -limit
+        else:
+            above = data >= limit if sign == "positive" else data <= -limit
+    rows, cols = np.nonzero(above)
+    del above
     keep = ~bad[rows, cols]
     rows, cols = rows[keep], cols[keep]
     half = int(min_separation)

@@ -258,3 +258,27 @@ def test_bright_sources_transforms_take_workers(record_transform_workers):
     one = bright_sources(*args, shift=(0.4, 0.0), workers=1)
     assert threads == [1] * 4
     assert one.pformat() == default.pformat()
+
+
+@pytest.mark.parametrize("layout", ["random", "ties", "sorted", "sample_misleads", "odd"])
+def test_positive_median_is_numpys_median_of_the_finite_positive_values(layout):
+    """The bracketed median (used for the PSF fits' variance scale) equals np.median of
+    the finite positive values exactly, whatever the layout, including one whose regular
+    sample sees only outliers (the bracket then misses and the plain median is taken)."""
+    from astro_zackay._stats import positive_median
+
+    rng = np.random.default_rng(21)
+    values = rng.lognormal(size=(1100, 1100)).astype(np.float32)
+    values[rng.random(values.shape) < 0.05] = np.nan
+    values[rng.random(values.shape) < 0.05] = -1.0
+    flat = values.ravel()
+    if layout == "ties":
+        flat[: flat.size // 2] = 2.5
+    elif layout == "sorted":
+        flat.sort()
+    elif layout == "sample_misleads":
+        flat[:: flat.size // 2**16] = 1e6  # exactly what the sample reads
+    elif layout == "odd":
+        flat[np.flatnonzero(flat > 0)[:1]] = np.nan  # one value fewer
+    expected = float(np.median(flat[np.isfinite(flat) & (flat > 0)]))
+    assert positive_median(values) == expected
