@@ -577,11 +577,11 @@ def write_coadd(
     header["NCOMBINE"] = (len(result.frames), "images combined")
     primary = _blanked(result.calibrated).to_hdu(hdu_mask="MASK", hdu_uncertainty="UNCERT")
     primary[0].header.extend(header, update=True)
+    image, score = _blanked(result.image), _blanked(result.score)
     hdus = [
         *primary,
-        _named(_image_hdu(_blanked(result.image), "PROPER", header), "PROPER",
-               "proper coadd R (unit noise)"),
-        _named(_image_hdu(_blanked(result.score), "SCORE", header), "SCORE", "score image S"),
+        _named(_image_hdu(image, "PROPER", header), "PROPER", "proper coadd R (unit noise)"),
+        _named(_image_hdu(score, "SCORE", header), "SCORE", "score image S"),
         _named(fits.ImageHDU(np.asarray(result.psf, float)), "PSF", "P_R, unit-sum PSF"),
         _named(fits.ImageHDU(np.asarray(result.depth)), "DEPTH",
                "fraction of the full depth reached"),
@@ -589,9 +589,9 @@ def write_coadd(
         _named(fits.ImageHDU(np.asarray(result.rejected)), "REJECTED",
                "images whose pixel was rejected"),
         _table_hdu(result.frames, "FRAMES", "one row per input image"),
-        _named(fits.ImageHDU(_blanked(result.image).uncertainty.array), "PROPERUN",
+        _named(fits.ImageHDU(image.uncertainty.array), "PROPERUN",
                "1-sigma uncertainty of PROPER"),
-        _named(fits.ImageHDU(_blanked(result.score).uncertainty.array), "SCOREUN",
+        _named(fits.ImageHDU(score.uncertainty.array), "SCOREUN",
                "1-sigma uncertainty of SCORE (sqrt(G))"),
         _masked_values(result),
         _named(fits.table_to_hdu(Table({"flux_scale": [float(result.flux_scale)],

@@ -115,6 +115,48 @@ def assert_table_same(written, read, what, meta_added=()):
     assert_meta_kept(dict(written.meta), dict(read.meta), f"{what}.meta", tuple(meta_added))
 
 
+def _state(result):
+    """Copies of every array, table and meta of a result, to show a writer left it alone."""
+    state = {}
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if isinstance(value, CCDData):
+            state[field.name] = (value.data.copy(), dict(value.meta),
+                                 None if value.mask is None else value.mask.copy(),
+                                 None if value.uncertainty is None
+                                 else value.uncertainty.array.copy())
+        elif isinstance(value, Table):
+            state[field.name] = (value.copy(), dict(value.meta))
+        elif isinstance(value, np.ndarray):
+            state[field.name] = value.copy()
+        else:
+            state[field.name] = value
+    return state
+
+
+def assert_unchanged(result, state):
+    for name, before in state.items():
+        value = getattr(result, name)
+        if isinstance(value, CCDData):
+            data, meta, mask, error = before
+            assert np.array_equal(value.data, data, equal_nan=True), name
+            assert dict(value.meta) == meta, f"{name}.meta changed"
+            assert (value.mask is None) == (mask is None), name
+            if mask is not None:
+                assert np.array_equal(value.mask, mask), name
+            if error is not None:
+                assert np.array_equal(value.uncertainty.array, error, equal_nan=True), name
+        elif isinstance(value, Table):
+            table, meta = before
+            assert value.colnames == table.colnames and dict(value.meta) == meta, name
+            for col in table.colnames:
+                assert np.array_equal(np.asarray(value[col]), np.asarray(table[col])), name
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(value, before, equal_nan=True), name
+        else:
+            assert value == before, name
+
+
 def assert_same(written, read, what="result"):
     """Compare a value of any type a result holds, recursing into dataclasses."""
     if dataclasses.is_dataclass(written):
@@ -159,8 +201,10 @@ def subtraction():
 
 def test_subtraction_round_trip(subtraction, tmp_path):
     path = tmp_path / "diff.fits"
+    state = _state(subtraction)
     write_subtraction(subtraction, path, inputs=["ref.fits", "new.fits"],
                       parameters={"threshold": 5.0})
+    assert_unchanged(subtraction, state)
     back = read_subtraction(path)
     assert isinstance(back, SubtractionResult)
     assert_same(subtraction, back, "subtraction")
@@ -205,7 +249,9 @@ def test_coadd_round_trip(coadd_result, tmp_path):
     result = coadd_result
     assert result.image.mask.any() and result.rejected.any()  # both are written
     path = tmp_path / "coadd.fits"
+    state = _state(result)
     write_coadd(result, path, parameters={"reject": 6.0})
+    assert_unchanged(result, state)  # the masked pixels were blanked in copies
     back = read_coadd(path)
     assert isinstance(back, CoaddResult)
     assert_same(result, back, "coadd")
@@ -247,7 +293,9 @@ def test_background_round_trip(method, tmp_path):
     image.mask[5:9, 5:9] = True
     result = estimate_background(image, method=method, box_size=(16, 20))
     path = tmp_path / "background.fits"
+    state = _state(result)
     write_background(result, path, inputs=["image.fits"], parameters={"method": method})
+    assert_unchanged(result, state)
     back = read_background(path)
     assert isinstance(back, BackgroundResult)
     assert_same(result, back, "background")
