@@ -18,10 +18,13 @@ What is global, and whence (the "plan", computed once on the client):
 * the background noise level used to grow the mask: the cutout's.
 
 Per tile, on its worker: the background (``background='auto'``: estimated on the
-tile's window with a margin, as `subtract` estimates it on the whole image; ``'none'``:
-the files are already background-subtracted, of noise ``sigmas``), the tile's noise
-level, PSFs at its centre, the grown mask (on its window with a margin) and the
-background offset of its D.
+tile's window, which reaches 3 background boxes beyond the tile's padded grid and
+starts and ends on the whole image's box boundaries, so that the boxes near the tile
+hold the pixels they hold in `subtract`'s map of the whole image; ``'none'``: the
+files are already background-subtracted, of noise ``sigmas``), the variance map, the
+tile's noise level, PSFs at its centre, the grown mask (on its window) and the
+background offset of its D.  The noise is taken as white (`subtract`'s
+``noise='white'``): the noise spectrum of a resampled image is not measured here.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _log = logging.getLogger(__name__)
 
 #: Output images written by `subtract_tiled`, one image extension each.
 OUTPUTS = ("DIFF", "SCORR", "FLUX", "FLUXERR")
+#: Background boxes read beyond a tile's padded grid on each side (see `_window`).
+BACKGROUND_BOXES = 3
 #: Side of the central cutout on which the global plan is estimated.
 PLAN_SIZE = 2048
 
@@ -214,6 +219,24 @@ def _window_mask(bad: np.ndarray, pixels: tuple, blanks: tuple, origin: tuple[in
     return flag | edge
 
 
+def _window(extent: tuple[slice, slice], shape: tuple[int, int],
+            margin: int) -> tuple[slice, slice]:
+    """The pixels a tile reads: its grid's extent, ``margin`` and `BACKGROUND_BOXES` more.
+
+    The window's edges fall on the boundaries of the whole image's background boxes
+    (`astro_zackay.background`'s default box for the image), so that the boxes inside
+    it hold the pixels they hold in `subtract`'s map of the whole image; the boxes
+    beyond the extent keep the interpolation between boxes near the tile as it is there.
+    """
+    from ..background import _default_box_size
+
+    box = _default_box_size(shape)
+    reach = margin + BACKGROUND_BOXES * box
+    return tuple(slice(max((e.start - reach) // box * box, 0),
+                       min(-(-(e.stop + reach) // box) * box, n))
+                 for e, n in zip(extent, shape))
+
+
 def _tile_task(index: int, paths: tuple, hdus: tuple, shape: tuple[int, int], tile: int,
                stamp: int, plan: dict, output: str, offsets: dict, dtype: Any) -> dict:
     """Subtract one tile from its windows and write its inner pixels (on a worker)."""
@@ -225,9 +248,7 @@ def _tile_task(index: int, paths: tuple, hdus: tuple, shape: tuple[int, int], ti
     layout = _layout(shape, tile, stamp)
     cell, extent = layout.cells()[index], layout.extents()[index]
     cx, cy = layout.centres()[index]
-    margin = max(layout.offset) + stamp
-    ext = tuple(slice(max(e.start - margin, 0), min(e.stop + margin, n))
-                for e, n in zip(extent, shape))
+    ext = _window(extent, shape, max(layout.offset) + stamp)
     new, rms_n, var_n, bad_n = _prepared_window(paths[1], hdus[1], *ext, plan, 1)
     ref, rms_r, var_r, bad_r = _prepared_window(paths[0], hdus[0], *ext, plan, 0)
     bad = _moved_mask(bad_r, plan["shift"]) | bad_n
