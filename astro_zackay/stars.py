@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,8 +150,8 @@ def _check_arguments(
     max_stars: int | None,
     edge: int | None,
 ) -> None:
-    if not snr_min > 0:
-        raise ValueError(f"snr_min must be positive, got {snr_min}")
+    if not (isinstance(snr_min, numbers.Real) and np.isfinite(snr_min) and snr_min > 0):
+        raise ValueError(f"snr_min must be a positive finite number, got {snr_min!r}")
     if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
         raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
     if isolation is not None and not isolation >= 0:
@@ -173,6 +174,23 @@ def _default_stamp_shape(fwhm: float) -> tuple[int, int]:
 
 # Stage 1: detect
 # ---------------
+def _check_background(background: Any) -> None:
+    """Raise for a ``background=`` that is not a BackgroundResult, None or one finite sky
+    level (a TypeError for another kind of thing, a ValueError for NaN or inf)."""
+    if background is None or isinstance(background, BackgroundResult):
+        return
+    value = background.value if isinstance(background, u.Quantity) else background
+    if np.ndim(value) == 0 and isinstance(value, numbers.Real | np.ndarray):
+        if not np.isfinite(value):
+            raise ValueError(f"background must be a finite sky level, got {background!r}")
+        return
+    raise TypeError(
+        f"background must be a BackgroundResult (from estimate_background) or one finite "
+        f"sky level (a number or Quantity), got {type(background).__name__} "
+        f"{np.shape(background) if np.ndim(background) else background!r}"
+    )
+
+
 def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.ndarray]:
     """Sky and rms maps (image unit) from a BackgroundResult or a constant sky."""
     if isinstance(background, BackgroundResult):
@@ -185,7 +203,15 @@ def _given_background(img: ImageData, background: Any) -> tuple[np.ndarray, np.n
         if scale == 1.0:  # the maps themselves: read, never written
             return background.sky.data, background.rms.data
         return scale * background.sky.data, scale * background.rms.data
-    sky = float(background.to_value(img.unit) if isinstance(background, u.Quantity) else background)
+    _check_background(background)
+    if isinstance(background, u.Quantity):
+        try:
+            sky = float(background.to_value(img.unit))
+        except u.UnitConversionError:
+            raise u.UnitsError(f"background={background} cannot be converted to the image's "
+                               f"unit {img.unit}") from None
+    else:
+        sky = float(background)
     good = ~img.mask
     rms = math.sqrt(float(np.median(img.variance[good]))) if good.any() else 0.0
     return np.full(img.shape, sky), np.full(img.shape, rms)
@@ -1168,6 +1194,7 @@ def find_psf_stars(
     (0, 0)
     """
     _check_arguments(snr_min, fwhm, isolation, max_stars, edge)
+    _check_background(background)
     user_stamp = _check_stamp_shape(stamp_shape)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     return _find_stars(img, snr_min=snr_min, fwhm=fwhm, stamp_shape=user_stamp,

@@ -609,3 +609,47 @@ def test_cli_all_nan_image_exits_2_naming_it(pair_files, tmp_path):
         err.getvalue())
     assert not out.exists()
 
+
+
+#: A path that does not exist: an option's error raised with it came before any reading.
+MISSING = "/nonexistent/image.fits"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: estimate_psf(MISSING, snr_min=np.nan), ValueError,
+         r"snr_min must be a positive finite number, got nan: the lowest S/N of a PSF star"),
+        (lambda: estimate_psf(MISSING, snr_min=-3.0), ValueError,
+         r"snr_min must be a positive finite number, got -3.0"),
+        (lambda: estimate_psf(MISSING, seed="a"), TypeError,
+         r"seed must be an int, None or a numpy Generator, got 'a'"),
+        (lambda: find_psf_stars(MISSING, snr_min=np.inf), ValueError,
+         r"snr_min must be a positive finite number, got inf"),
+        (lambda: find_psf_stars(MISSING, background=np.ones((3, 3))), TypeError,
+         r"background must be a BackgroundResult \(from estimate_background\) or one finite "
+         r"sky level .*got ndarray \(3, 3\)"),
+        (lambda: find_psf_stars(MISSING, background=np.nan), ValueError,
+         r"background must be a finite sky level, got nan"),
+        (lambda: align(MISSING, MISSING, order=-1), ValueError,
+         r"order must be 0, 1, 2, 3, 4 or 5 for method='stars', got -1: the interpolation "
+         r"order"),
+        (lambda: align(MISSING, MISSING, method="wcs", order=2), ValueError,
+         r"order must be 0, 1 or 3 for method='wcs', got 2"),
+        (lambda: align(MISSING, MISSING, max_control_points=2), ValueError,
+         r"max_control_points must be a whole number >= 3, got 2"),
+    ],
+)
+def test_options_are_checked_before_the_image_is_read(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_background_quantity_in_another_unit_is_refused(small_pair):
+    sci = small_pair.science.ccd
+    with pytest.raises(u.UnitsError, match=r"background=3.0 m cannot be converted to the "
+                                            r"image's unit electron"):
+        assert_inputs_unchanged(lambda: find_psf_stars(sci, background=3.0 * u.m), sci)
+    found = assert_inputs_unchanged(lambda: find_psf_stars(sci, background=200.0 * u.electron),
+                                    sci)
+    assert len(found) >= 5

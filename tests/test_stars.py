@@ -263,7 +263,7 @@ def test_few_and_no_stars_and_max_stars(gaussian_field):
         find_psf_stars(cut, snr_min=1e7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match="snr_min must be positive"):
+        with pytest.raises(ValueError, match="snr_min must be a positive finite number, got 0"):
             find_psf_stars(cut, snr_min=0)
     with pytest.raises(ValueError, match="no sources detected"):
         find_psf_stars(np.zeros((64, 64)), unit="adu", background=0.0)

@@ -12,6 +12,7 @@ method (`astro_zackay.psf.builders`) -> quality on held-out stars.
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -113,6 +114,8 @@ def _check_arguments(
     stamp_shape: Any,
     holdout_fraction: float,
     fwhm: float | None,
+    snr_min: float = 20.0,
+    seed: Any = 0,
 ) -> tuple[int, int] | None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -130,6 +133,14 @@ def _check_arguments(
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     if fwhm is not None and not (np.isfinite(fwhm) and fwhm > 0):
         raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm!r}")
+    if not (isinstance(snr_min, numbers.Real) and np.isfinite(snr_min) and snr_min > 0):
+        raise ValueError(f"snr_min must be a positive finite number, got {snr_min!r}: the "
+                         "lowest S/N of a PSF star (20 by default)")
+    try:
+        np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise TypeError(f"seed must be an int, None or a numpy Generator, got {seed!r}: it "
+                        "picks the held-out stars") from None
     if stamp_shape is None:
         return None
     shape = (stamp_shape, stamp_shape) if np.isscalar(stamp_shape) else tuple(stamp_shape)
@@ -758,7 +769,7 @@ def estimate_psf(
     ('moffat', False, 'FewStarsWarning')
     """
     shape = _check_arguments(method, n_components, inf_loss, degree, stamp_shape,
-                             holdout_fraction, fwhm)
+                             holdout_fraction, fwhm, snr_min, seed)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation, gain=gain)
     return _estimate_psf(img, stars, n_components=n_components, inf_loss=inf_loss,
                          degree=degree, stamp_shape=shape, method=method,
