@@ -238,12 +238,17 @@ def test_cli_batch_writes_the_summary_and_exits_1_on_a_failed_row(
     assert list(Table.read(tmp_path / "out" / "summary.ecsv")["name"]) == ["good"]
 
 
-def test_cli_coadd_batch_on_its_own_local_cluster(frames, tmp_path, capsys):
+def test_cli_coadd_batch_on_its_own_local_cluster(frames, tmp_path, capsys, monkeypatch):
+    """Its own cluster, closed at the end; Dask's nanny leaves our environment as it was."""
+    for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
     (tmp_path / "groups.csv").write_text(
         "group,path\n" + "".join(f"all,{frames / f'frame{j}.fits'}\n" for j in range(3)))
     assert main(["-q", "coadd-batch", str(tmp_path / "groups.csv"), "--outdir",
                  str(tmp_path / "out"), "--workers", "1", "--fwhm", "3", "--no-reject"]) == 0
     assert capsys.readouterr().err == ""  # --quiet: no progress, no info line
+    assert dict(os.environ) == before
     summary = Table.read(tmp_path / "out" / "summary.ecsv")
     assert list(summary["status"]) == ["ok"] and summary["n_images"][0] == 3
     assert fits.getheader(tmp_path / "out" / "all.fits")["NCOMBINE"] == 3

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 _FITS_ENDINGS = (".fits", ".fit", ".fts")
 _COMPRESSED = (".gz", ".fz", ".bz2")
 #: Keywords of `subtract_batch` itself, which `subtract` must not receive.
+#: Dask's setting that makes its workers' glibc return freed memory at once (64 KiB):
+#: every array of the subtraction is then mapped and faulted in afresh. Measured on a
+#: 512^2 pair: 0.65 s of CPU and 214 000 page faults with it, 0.26 s and < 3000 without.
+_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 #: Options of `coadd` that take one value per image.
 _PER_IMAGE = ("psfs", "flux_scales", "sigmas", "gain")
 
@@ -369,6 +373,7 @@ def _cluster_client(client: Any, n_tasks: int, n_workers: int | None) -> Iterato
     if client is not None:
         yield client
         return
+    import dask
     from distributed import Client, LocalCluster
 
     workers = n_workers or max(1, min(os.cpu_count() or 1, n_tasks))
@@ -376,11 +381,24 @@ def _cluster_client(client: Any, n_tasks: int, n_workers: int | None) -> Iterato
     # no dashboard; the scheduler's HTTP server (health checks) on a free loopback port,
     # not on 8787, which another cluster of this machine may hold
     scheduler = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-    with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    with (_environment_kept(), dask.config.set({_TRIM: None}),
+          LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                        host="127.0.0.1", dashboard_address=None,
                        scheduler_kwargs=scheduler) as cluster,
           Client(cluster) as local):
         yield local
+
+
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Restore the caller's environment variables: Dask's nanny sets its workers' in ours."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def _progress_bar(iterable: Iterable[Any], total: int, enabled: bool, what: str) -> Iterable[Any]:
@@ -502,8 +520,9 @@ def subtract_batch(
     client : `distributed.Client`, optional
         The client of a running cluster, used as it is and left open. By default a
         `distributed.LocalCluster` is started on this machine (worker processes of one
-        thread each, on the loopback interface only, no dashboard) and closed at the end,
-        also on error.
+        thread each, on the loopback interface only, no dashboard, without Dask's
+        ``MALLOC_TRIM_THRESHOLD_``, which makes a subtraction 2.5 times as costly) and
+        closed at the end, also on error; the caller's environment variables are kept.
     progress : bool, optional
         Show a progress bar (tqdm, on stderr; when tqdm is installed).
     overwrite : bool, optional
