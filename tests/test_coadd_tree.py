@@ -78,6 +78,11 @@ def test_unmergeable_and_bad_options_are_refused(frames):
         coadd_tree([str(p) for p in frames], tiles=3)
     with pytest.raises(ValueError, match="empty"):
         coadd_tree([])
+    psfs = np.array([psf_stamp(21, 3.0)] * 4)  # an array of 4 stamps for 5 frames
+    with pytest.raises(ValueError, match=r"psfs must give one value per frame \(5 frames\)"):
+        coadd_tree([str(p) for p in frames], psfs=psfs)
+    with pytest.raises(TypeError, match="mixes paths and groups"):
+        coadd_tree([str(frames[0]), [str(frames[1])]])
 
 
 def test_merge_refuses_other_grids_and_itself():

@@ -113,18 +113,25 @@ def _merge(left: tuple, right: tuple) -> tuple:
 
 
 def _cut(options: dict, groups: list[list[Any]]) -> list[dict]:
-    """Per leaf, the options with the per-frame lists cut to the first frame and its group."""
+    """Per leaf, the options with the per-frame lists cut to the first frame and its group.
+
+    The per-frame lists are ``psfs``, ``flux_scales``, ``sigmas`` and a ``gain`` of one
+    value per frame (lists, tuples or arrays).
+    """
+    from ..coaddition import _per_image
+
     n = sum(len(g) for g in groups)
-    for name in _PER_FRAME:
+    per_frame = _PER_FRAME + (("gain",) if _per_image(options.get("gain")) else ())
+    for name in per_frame:
         values = options.get(name)
-        if values is not None and (isinstance(values, str) or not isinstance(values, Sequence)
+        if values is not None and (isinstance(values, str) or not hasattr(values, "__len__")
                                    or len(values) != n):
             raise ValueError(f"{name} must give one value per frame ({n} frames), in the order "
                              f"of the frames, got {values!r}")
     out, start = [], 0
     for index, group in enumerate(groups):
         leaf = dict(options)
-        for name in _PER_FRAME:
+        for name in per_frame:
             values = options.get(name)
             if values is not None:
                 own = list(values[start:start + len(group)])
@@ -209,6 +216,7 @@ def coadd_tree(
         _groups(paths_or_groups, 1)  # raises the TypeError
     if len(paths_or_groups) == 0:
         raise ValueError("paths_or_groups is empty: coadd_tree needs at least one frame")
+    _cut(coadd_options, _groups(paths_or_groups, 1))  # the per-frame lists, before any work
     from ._tiled import _cluster
 
     with _cluster(client) as used:

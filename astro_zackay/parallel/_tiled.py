@@ -408,6 +408,16 @@ def subtract_tiled(
     ValueError
         For images of different shapes, a compressed or non-image HDU, or bad options
         (checked before any tile runs).
+
+    Examples
+    --------
+    Options are checked before any file is opened or any worker started:
+
+    >>> from astro_zackay.parallel._tiled import subtract_tiled
+    >>> subtract_tiled("ref.fits", "sci.fits", "out.fits", background="flat")
+    Traceback (most recent call last):
+    ...
+    ValueError: background must be 'auto' or 'none', got 'flat'
     """
     from .._psf_input import as_psf_sampler
     from .._zogy_field import check_tiles
