@@ -680,6 +680,17 @@ def match_stars(
         aperture = 1.5 * stars.fwhm
         (f_ref, e_ref), (f_img, e_img) = stars.photometry(aperture)
         factor, factor_err = _correction_ratio(stars, aperture, (f_ref, e_ref, f_img, e_img))
+    with np.errstate(invalid="ignore"):
+        measured = np.isfinite(f_img) & np.isfinite(e_img) & np.isfinite(f_ref) & np.isfinite(
+            e_ref) & (f_ref != 0)
+    if measured.sum() < min_matches:
+        where = ("apertures of 1.5 FWHM and their sky annuli (the others lie near the edge or "
+                 "touch a masked pixel)" if images is not None else "finite flux and flux_err")
+        raise ValueError(
+            f"only {int(measured.sum())} of the {int(sel.size)} matched stars have {where}: "
+            f"too few for a flux ratio (need {min_matches}); give the flux ratio, or use "
+            "larger images"
+        )
     raw_value, raw_error, used = flux_ratio(f_img, e_img, f_ref, e_ref)
     ratio_value = raw_value * factor
     ratio_error = ratio_value * float(np.hypot(raw_error / raw_value, factor_err / factor))

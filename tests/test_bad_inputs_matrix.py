@@ -23,6 +23,7 @@ from astropy.table import Table
 from conftest import assert_inputs_unchanged
 
 from astro_zackay import (
+    FewStarsWarning,
     KLPSFModel,
     NoiseEstimateWarning,
     align,
@@ -653,3 +654,27 @@ def test_background_quantity_in_another_unit_is_refused(small_pair):
     found = assert_inputs_unchanged(lambda: find_psf_stars(sci, background=200.0 * u.electron),
                                     sci)
     assert len(found) >= 5
+
+
+def test_match_stars_without_measurable_fluxes_is_refused(star_lists):
+    """Matched stars whose fluxes are NaN gave a NaN flux ratio, silently."""
+    ref, img = (table.copy() for table in star_lists)
+    img["flux"] = np.nan
+    with pytest.raises(ValueError, match=r"only 0 of the \d+ matched stars have finite flux and "
+                                         r"flux_err: too few for a flux ratio \(need 5\)"):
+        assert_inputs_unchanged(lambda: match_stars(ref, img), ref, img)
+
+
+def test_coadd_of_frames_too_small_for_star_apertures_falls_back_to_a_pixel_fit():
+    """On 64 px frames every matched star's sky annulus crosses the edge: the flux scale
+    was NaN ('flux_scale must be a finite positive number, got nan'); now the pixel fit
+    gives it, announced."""
+    pair = simulate_pair(64, n_stars=10, flux_range=(3e3, 2e5), seed=2)
+    frames = [pair.reference.ccd, pair.science.ccd]
+    with pytest.warns(FewStarsWarning, match=r"^image 1: no star matches the first image "
+                                             r"\(only 0 of the \d matched stars have apertures "
+                                             r".*comes from a pixel fit"):
+        result = assert_inputs_unchanged(lambda: coadd(frames), *frames)
+    scale = result.frames["flux_scale"][1]
+    assert np.isfinite(scale) and 0.8 < scale < 1.2  # simulated with equal fluxes
+    assert np.isfinite(result.image.data[~result.image.mask]).all()
