@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -485,13 +486,19 @@ def _draw_fluxes(
     distribution: str,
     powerlaw_index: float,
 ) -> np.ndarray:
-    lo, hi = (float(f) for f in flux_range)
+    try:
+        lo, hi = (float(f) for f in flux_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"flux_range must be a (low, high) pair of fluxes, got "
+                         f"{flux_range!r}.") from None
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
         raise ValueError(f"flux_range must be (low, high) with 0 < low <= high, got {flux_range}.")
     if distribution not in _FLUX_DISTRIBUTIONS:
         raise ValueError(
             f"flux_distribution must be one of {_FLUX_DISTRIBUTIONS}, got {distribution!r}."
         )
+    if not (isinstance(powerlaw_index, numbers.Real) and np.isfinite(powerlaw_index)):
+        raise ValueError(f"powerlaw_index must be a finite number, got {powerlaw_index!r}.")
     uu = rng.random(n)
     if distribution == "uniform" or lo == hi:
         return lo + uu * (hi - lo)
@@ -515,6 +522,8 @@ def _draw_positions(
     Conflicting positions are redrawn in vectorised rounds (no loop over stars).
     """
     ny, nx = shape
+    if min_separation is not None:
+        _check_nonneg(min_separation, "min_separation")
     if edge < 0 or nx - 1 - 2 * edge < 0 or ny - 1 - 2 * edge < 0:
         raise ValueError(
             f"edge={edge:.4g} px leaves no room for sources in a {shape} image; "
@@ -1013,6 +1022,25 @@ def _make_wcs(shape: tuple[int, int], shift: tuple[float, float] = (0.0, 0.0)) -
     return w
 
 
+def _rng(seed: Any) -> np.random.Generator:
+    """`numpy.random.default_rng` of ``seed``; a TypeError names the option otherwise."""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"seed must be an int, None or a numpy Generator, got {seed!r}."
+        ) from None
+
+
+def _check_wcs(wcs: Any) -> None:
+    """Raise a TypeError for a ``wcs=`` that is neither a bool nor a WCS."""
+    if not isinstance(wcs, bool | WCS):
+        raise TypeError(
+            f"wcs must be True (a default TAN WCS), False (none) or an astropy WCS, "
+            f"got {type(wcs).__name__} {wcs!r}."
+        )
+
+
 def _check_nonneg(value: float, name: str, strict: bool = False) -> float:
     value = float(value)
     if not np.isfinite(value) or value < 0 or (strict and value == 0):
@@ -1357,11 +1385,12 @@ def simulate_image(
     True
     """
     shape = _check_shape(shape, "shape")
+    _check_wcs(wcs)
     sky, read_noise, gain, saturation = _common_checks(sky, read_noise, gain, saturation)
     n_bad_pixels = _check_count(n_bad_pixels, "n_bad_pixels")
     n_cosmic_rays = _check_count(n_cosmic_rays, "n_cosmic_rays")
     psf = _as_psf_field(psf, shape, "psf")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     edge = float(psf.half_size()) if edge is None else _check_nonneg(edge, "edge")
     if stars is not None:
         x, y, flux = _check_sources(stars, "stars")
@@ -1528,9 +1557,10 @@ galaxy_ellipticity_max
     reference_sky, rn_r, gain, saturation = _common_checks(reference_sky, rn_r, gain, saturation)
     science_sky, rn_s, _, _ = _common_checks(science_sky, rn_s, gain, saturation)
     n_transients = _check_count(n_transients, "n_transients")
+    _check_wcs(wcs)
     rpsf = _as_psf_field(reference_psf, shape, "reference_psf")
     spsf = _as_psf_field(science_psf, shape, "science_psf")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     rng_stars, rng_ref, rng_sci = rng.spawn(3)
     if edge is None:
         edge = float(max(rpsf.half_size(), spsf.half_size())) + math.ceil(max(abs(dx), abs(dy)))
@@ -1724,7 +1754,7 @@ def simulate_bright_star_pair(
         raise TypeError(f"simulate_bright_star_pair sets {sorted(taken)} itself")
     ref_psf = _as_psf_field(reference_psf, shape, "reference_psf")
     sci_psf = _as_psf_field(science_psf, shape, "science_psf")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     edge = max(ref_psf.half_size(), sci_psf.half_size()) + 1
     x = rng.uniform(edge, shape[1] - 1 - edge, count + 1)
     y = rng.uniform(edge, shape[0] - 1 - edge, count + 1)
@@ -1957,7 +1987,7 @@ def simulate_mosaic(
     tile_shape = _check_shape(tile_shape, "tile_shape")
     grid = _check_shape(grid, "grid")
     mosaic = PSFMosaic(tuple(psfs), grid, tile_shape)
-    children = np.random.default_rng(seed).spawn(len(mosaic.fields))
+    children = _rng(seed).spawn(len(mosaic.fields))
     tiles = [
         simulate_image(tile_shape, psf=psf, seed=child, wcs=False, **kwargs)
         for psf, child in zip(mosaic.fields, children)
@@ -2170,7 +2200,10 @@ def inject_sources(
         else:
             stamp = np.asarray(psf, dtype=float)
             if stamp.ndim != 2:
-                raise ValueError(f"psf must be a 2-D stamp, got shape {stamp.shape}.")
+                raise ValueError(
+                    f"psf must be a 2-D stamp, a callable or a PSFField, got shape "
+                    f"{stamp.shape}; for a Gaussian of FWHM f give PSFField(fwhm=f)."
+                )
             stack = stamp[None]
         if not np.all(np.isfinite(stack)):
             raise ValueError("The PSF stamp(s) contain non-finite values.")
@@ -2207,7 +2240,7 @@ def inject_sources(
     data = np.asarray(ccd.data, dtype=float)
     if add_noise and n:
         g = _data_gain(ccd, gain)
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         lam = np.clip(added, 0, None) * g
         noisy = added + (rng.poisson(lam) - lam) / g  # zero-mean noise, exact expected flux
         out.data = data + noisy

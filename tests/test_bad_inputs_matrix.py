@@ -545,10 +545,38 @@ def test_read_subtraction_refuses_an_image_file(small_pair, tmp_path):
         (lambda: simulate_pair(64, shift=(np.nan, 0.0)), r"shift must be finite"),
         (lambda: simulate_pair(64, n_transients=-1), r"n_transients must be a non-negative"),
         (lambda: tutorial2_frame(-1), r"tile_shape must hold positive integers"),
+        (lambda: simulate_image(64, powerlaw_index=np.nan),
+         r"powerlaw_index must be a finite number, got nan"),
+        (lambda: simulate_image(64, min_separation=-1.0),
+         r"min_separation must be a finite number >= 0, got -1.0"),
+        (lambda: simulate_image(64, flux_range="ab"),
+         r"flux_range must be a \(low, high\) pair of fluxes, got 'ab'"),
     ],
 )
 def test_simulation_parameters_are_refused_by_name(call, match):
     with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: simulate_image(64, seed="x"), TypeError,
+         r"seed must be an int, None or a numpy Generator"),
+        (lambda: simulate_pair(64, seed=1.5), TypeError,
+         r"seed must be an int, None or a numpy Generator"),
+        (lambda: simulate_image(64, wcs="yes"), TypeError,
+         r"wcs must be True \(a default TAN WCS\), False \(none\) or an astropy WCS, got "
+         r"str 'yes'"),
+        (lambda: simulate_pair(64, wcs=None), TypeError, r"wcs must be True .*got NoneType"),
+        (lambda: inject_sources(simulate_image(32, n_stars=0, seed=1).ccd,
+                                Table({"x": [9.0], "y": [9.0], "flux": [1.0]}), 2.5),
+         ValueError, r"psf must be a 2-D stamp, a callable or a PSFField, got shape \(\); for "
+         r"a Gaussian of FWHM f give PSFField\(fwhm=f\)"),
+    ],
+)
+def test_simulation_options_of_the_wrong_kind_are_refused_by_name(call, error, match):
+    with pytest.raises(error, match=match):
         call()
 
 
