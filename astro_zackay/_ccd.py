@@ -34,6 +34,7 @@ from ._warnings import (
     NoiseEstimateWarning,
     SaturationWarning,
     UncertaintyWarning,
+    UnitConversionWarning,
     user_stacklevel,
 )
 from .saturation import detect_saturation
@@ -897,6 +898,15 @@ def _unit_gain(img: ImageData, gain: Any, name: str, target: str, unit: u.UnitBa
         value = img.gain
     if value is None:
         value = _header_float(img.meta, GAIN_KEYS)
+        if value is not None and img.unit != u.adu:
+            # the keyword of an image in electrons: a guess that it is the ADU side's gain
+            warnings.warn(
+                f"the {target} is in {unit} and the {name} in {img.unit}: the conversion "
+                f"uses the {name}'s gain keyword ({value:.6g} e-/ADU) as the gain of the "
+                f"{target}'s ADU; pass gain= for the {target} if it differs",
+                UnitConversionWarning,
+                stacklevel=user_stacklevel(),
+            )
     if value is None:
         raise u.UnitsError(
             f"the {name} is in {img.unit} and the {target} in {unit}: converting between "
@@ -969,6 +979,12 @@ def match_unit(
     astropy.units.UnitsError
         When electrons and ADU must be converted without a gain, a count rate without
         an exposure time, or the units are not related at all.
+
+    Warns
+    -----
+    UnitConversionWarning
+        When ``img`` is in electrons and no ``gain`` is given, so that its own GAIN
+        keyword is taken for the gain of the other image's ADU.
 
     Examples
     --------

@@ -24,6 +24,7 @@ __all__ = [
     "PSFQualityWarning",
     "SaturationWarning",
     "UncertaintyWarning",
+    "UnitConversionWarning",
     "user_stacklevel",
 ]
 
@@ -40,6 +41,10 @@ class NoiseEstimateWarning(AstroZackayWarning):
 
 class UncertaintyWarning(NoiseEstimateWarning):
     """Pixels of a given uncertainty could not be used (zero or a few negative) and were masked."""
+
+
+class UnitConversionWarning(AstroZackayWarning):
+    """A unit conversion used a value that was not given for it (another image's keyword)."""
 
 
 class PSFQualityWarning(AstroZackayWarning):

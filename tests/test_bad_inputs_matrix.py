@@ -706,3 +706,20 @@ def test_coadd_of_frames_too_small_for_star_apertures_falls_back_to_a_pixel_fit(
     scale = result.frames["flux_scale"][1]
     assert np.isfinite(scale) and 0.8 < scale < 1.2  # simulated with equal fluxes
     assert np.isfinite(result.image.data[~result.image.mask]).all()
+
+
+def test_a_gain_keyword_of_the_image_in_electrons_is_a_guess_and_warned(small_pair):
+    """The reference in ADU with no gain, the science in electrons with GAIN = 1: the
+    science image's keyword is taken for the reference's ADU, which is announced."""
+    from astro_zackay._warnings import UnitConversionWarning
+
+    ref = _scaled(small_pair.reference.ccd, 0.5, unit="adu", meta={})
+    sci = small_pair.science.ccd
+    assert sci.meta["GAIN"] == 1.0  # the simulation's keyword for data in electrons
+    with pytest.warns(UnitConversionWarning, match=r"the reference image is in adu and the "
+                                                   r"science image in electron: the conversion "
+                                                   r"uses the science image's gain keyword "
+                                                   r"\(1 e-/ADU\)") as caught:
+        result = assert_inputs_unchanged(lambda: subtract(ref, sci), ref, sci)
+    assert [w.filename for w in caught if w.category is UnitConversionWarning] == [__file__]
+    assert result.flux.unit == u.adu

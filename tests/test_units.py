@@ -11,6 +11,7 @@ from astropy.nddata import CCDData, StdDevUncertainty
 
 from astro_zackay import subtract
 from astro_zackay._ccd import match_unit, to_image
+from astro_zackay._warnings import UnitConversionWarning
 from astro_zackay.simulation import simulate_pair
 
 GAIN = 1.4  # e-/ADU of the simulated pairs
@@ -58,7 +59,13 @@ def test_match_unit_converts_everything_in_data_units():
 
 def test_match_unit_back_to_adu_and_identity():
     electrons = _image("electron", meta={"EGAIN": 2.0}, value=20.0)
-    out = match_unit(electrons, u.adu, gain=None, name="science image", target="reference")
+    with pytest.warns(UnitConversionWarning, match=r"the reference is in adu and the science "
+                                                   r"image in electron: the conversion uses the "
+                                                   r"science image's gain keyword \(2 e-/ADU\) "
+                                                   r"as the gain of the reference's ADU; pass "
+                                                   r"gain=") as caught:
+        out = match_unit(electrons, u.adu, gain=None, name="science image", target="reference")
+    assert [w.filename for w in caught] == [__file__]
     np.testing.assert_allclose(out.data, 10.0)  # the EGAIN keyword: 20 e- = 10 ADU
     assert out.gain == pytest.approx(2.0)  # e- per ADU again
     assert match_unit(electrons, u.electron, gain=None, name="a", target="b") is electrons
