@@ -681,6 +681,7 @@ def _batch_client(args: argparse.Namespace) -> Iterator[Any]:
 
 def _finish_batch(summary: Table, path: str, overwrite: bool) -> int:
     """Write the summary; exit status 0 when every row is ok, else 1."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # none made if no row ran
     summary.write(path, format="ascii.ecsv", overwrite=overwrite)
     failed = int(np.sum(summary["status"] != "ok"))
     log.info("%d of %d row(s) ok; wrote %s", len(summary) - failed, len(summary), path)

@@ -264,7 +264,20 @@ def test_cli_usage_errors_exit_2_before_any_work(files, tmp_path, capsys):
         main(["batch", str(tmp_path / "bad.csv"), "--outdir", "o", "--workers", "2",
               "--scheduler", "tcp://127.0.0.1:1"])
     assert "not allowed with" in capsys.readouterr().err
+    (tmp_path / "pairs.csv").write_text("reference,science\na.fits,b.fits\n")
+    assert main(["batch", str(tmp_path / "pairs.csv"), "--outdir", str(tmp_path / "o"),
+                 "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1"]) == 2
+    assert "no Dask scheduler answered" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_batch_of_missing_files_writes_its_summary_and_exits_1(tmp_path, capsys):
+    """No row can run: no cluster starts, and the summary still says why."""
+    (tmp_path / "pairs.csv").write_text("reference,science\na.fits,b.fits\n")
+    assert main(["batch", str(tmp_path / "pairs.csv"), "--outdir", str(tmp_path / "o")]) == 1
+    summary = Table.read(tmp_path / "o" / "summary.ecsv")
+    assert summary["status"][0] == "failed" and "'a.fits' does not exist" in summary["error"][0]
+    assert "failed b" in capsys.readouterr().err
 
 
 def test_the_package_imports_without_dask():
