@@ -108,6 +108,13 @@ GOOD = {
     "subtract_background(background=)": lambda w: (
         lambda: subtract_background(w["sci"], estimate_background(w["sci"])), [w["sci"]]),
     "find_psf_stars": lambda w: (lambda: find_psf_stars(w["variance"]), [w["variance"]]),
+    "estimate_psf": lambda w: (lambda: estimate_psf(w["variance"]), [w["variance"]]),
+    "subtract": lambda w: (lambda: subtract(w["ref"], w["sci"]), [w["ref"], w["sci"]]),
+    "subtract(paths)": lambda w: (
+        lambda: subtract(w["folder"] / "ref.fits", w["folder"] / "new.fits"),
+        _files(w, "ref.fits", "new.fits")),
+    "coadd(default)": lambda w: (lambda: coadd([w["ref"], w["sci"], w["ref"]]),
+                                 [w["ref"], w["sci"]]),
     "estimate_psf(stars)": lambda w: (lambda: estimate_psf(w["sci"], w["stars"]),
                                       [w["sci"], w["stars"]]),
     "align(stars)": lambda w: (lambda: align(w["sci"], w["ref"]), [w["sci"], w["ref"]]),
@@ -160,11 +167,15 @@ def test_good_calls_leave_their_inputs_unchanged(world, name):
     assert result is not None
 
 
-def test_cli_leaves_its_files_and_arguments_unchanged(world, tmp_path):
+@pytest.mark.parametrize("command", [
+    ["subtract", "{ref}", "{new}", "--reference-fwhm", "2.5", "--science-fwhm", "3.5"],
+    ["coadd", "{ref}", "{new}", "--fwhm", "2.5,3.5"],
+    ["psf", "{new}"],
+])
+def test_cli_leaves_its_files_and_arguments_unchanged(world, tmp_path, command):
     files = _files(world, "ref.fits", "new.fits")
-    argv = ["subtract", str(world["folder"] / "ref.fits"), str(world["folder"] / "new.fits"),
-            "-o", str(tmp_path / "out.fits"), "--reference-fwhm", "2.5", "--science-fwhm",
-            "3.5", "-q"]
+    paths = {"ref": world["folder"] / "ref.fits", "new": world["folder"] / "new.fits"}
+    argv = [a.format(**paths) for a in command] + ["-o", str(tmp_path / "out.fits"), "-q"]
     frozen = list(argv)
     with redirect_stderr(io.StringIO()):
         status = assert_inputs_unchanged(lambda: main(argv), *files)
