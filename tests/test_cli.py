@@ -430,3 +430,23 @@ def test_python_dash_m_runs_the_command(monkeypatch, capsys):
         runpy.run_module("astro_zackay", run_name="__main__")
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"astro-zackay {astro_zackay.__version__}"
+
+
+def test_quiet_keeps_the_warnings_and_errors_but_not_the_info_lines(tmp_path, capsys):
+    """--quiet means what its help says: only warnings and errors."""
+    few = simulate_image((128, 128), n_stars=8, flux_range=(1e4, 1e5), seed=0)
+    few.ccd.write(tmp_path / "few.fits")
+    args = ["psf", str(tmp_path / "few.fits"), "-o", str(tmp_path / "psf.fits"), "--overwrite"]
+    assert main(["-q", *args]) == 0
+    quiet = capsys.readouterr().err
+    assert "WARNING astro_zackay: FewStarsWarning" in quiet and "INFO" not in quiet
+    assert main(args) == 0
+    loud = capsys.readouterr().err
+    assert "FewStarsWarning" in loud and "INFO astro_zackay.cli: wrote" in loud
+    assert "only warnings and errors" in _help_text(capsys)
+
+
+def _help_text(capsys):
+    with pytest.raises(SystemExit, match="0"):
+        main(["psf", "--help"])
+    return capsys.readouterr().out
