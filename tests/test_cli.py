@@ -186,7 +186,7 @@ def test_psf_command_writes_a_model_that_reads_back(frames, tmp_path):
 
 
 def test_help_shows_an_example_for_each_command(capsys):
-    for command in ("subtract", "coadd", "psf", "demo"):
+    for command in ("subtract", "coadd", "psf", "batch", "coadd-batch", "demo"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
