@@ -61,6 +61,9 @@ class PSFSampler:
 
 
 def _unit_sum(stamp: np.ndarray, what: str) -> np.ndarray:
+    kind = np.asarray(stamp).dtype
+    if kind.kind not in "iuf":  # a complex stamp lost its imaginary part with a ComplexWarning
+        raise TypeError(f"{what} must hold real numbers, got an array of dtype {kind}")
     stamp = np.asarray(stamp, dtype=np.float64)
     if stamp.ndim != 2 or stamp.shape[0] % 2 == 0 or stamp.shape[1] % 2 == 0:
         raise ValueError(

@@ -723,3 +723,13 @@ def test_a_gain_keyword_of_the_image_in_electrons_is_a_guess_and_warned(small_pa
         result = assert_inputs_unchanged(lambda: subtract(ref, sci), ref, sci)
     assert [w.filename for w in caught if w.category is UnitConversionWarning] == [__file__]
     assert result.flux.unit == u.adu
+
+
+@pytest.mark.parametrize("dtype", [complex, bool])
+def test_psf_arrays_of_other_than_real_numbers_are_refused(dtype):
+    """A complex stamp lost its imaginary part with a bare ComplexWarning, then was used."""
+    stamp = np.zeros((9, 9), dtype)
+    stamp[4, 4] = 1
+    with pytest.raises(TypeError, match=rf"^science_psf: the PSF array must hold real numbers, "
+                                        rf"got an array of dtype {np.dtype(dtype)}"):
+        subtract(MISSING, MISSING, reference_psf=2.5, science_psf=stamp)
