@@ -75,6 +75,26 @@ def _lands_inside(source: ImageData, target: ImageData) -> bool:
     return bool(np.any(inside))
 
 
+def _check_wcs_pair(source: ImageData, target: ImageData) -> None:
+    """Raise a ValueError for WCSs that cannot map one image onto the other: not both
+    celestial, or with a reference point or pixel scale that is not finite."""
+    for name, img in (("image", source), ("target", target)):
+        wcs = img.wcs.wcs
+        if not img.wcs.has_celestial:
+            raise ValueError(
+                f"method='wcs': the {name}'s WCS is not celestial (CTYPE {list(wcs.ctype)}), "
+                "so the images cannot be matched on the sky; give both images a celestial "
+                "WCS (e.g. RA---TAN/DEC--TAN) or use method='stars'"
+            )
+        with np.errstate(invalid="ignore", over="ignore"):  # inf x 0 in the matrix
+            values = [wcs.crval, wcs.crpix, img.wcs.pixel_scale_matrix]
+        if not all(np.all(np.isfinite(v)) for v in values):
+            raise ValueError(
+                f"method='wcs': the {name}'s WCS has a CRVAL, CRPIX or CD/CDELT that is not "
+                "finite (NaN or inf); fix its header or use method='stars'"
+            )
+
+
 def _check_overlap(source: ImageData, target: ImageData) -> None:
     """Raise a ValueError when the images' footprints on the sky do not overlap."""
     if not (_lands_inside(source, target) or _lands_inside(target, source)):
@@ -102,6 +122,7 @@ def _warp_by_wcs(
     orders = {0: "nearest-neighbor", 1: "bilinear", 3: "bicubic"}
     if order not in orders:
         raise ValueError(f"order must be 0, 1 or 3 for method='wcs', got {order}")
+    _check_wcs_pair(source, target)
     _check_overlap(source, target)
     kwargs = {"output_projection": target.wcs, "shape_out": target.shape}
     data, footprint = reproject_interp(

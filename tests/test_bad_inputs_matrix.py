@@ -354,6 +354,33 @@ def test_align_wcs_of_images_apart_on_the_sky(small_pair):
         assert_inputs_unchanged(lambda: align(far, sci, method="wcs"), far, sci)
 
 
+def _with_wcs(ccd: CCDData, **cards) -> CCDData:
+    out = _ccd(ccd)
+    for name, value in cards.items():
+        setattr(out.wcs.wcs, name, value)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cards", "match"),
+    [
+        ({"ctype": ["", ""]}, r"the image's WCS is not celestial \(CTYPE \['', ''\]\), so the "
+                              r"images cannot be matched on the sky; give both images a "
+                              r"celestial WCS"),
+        ({"crval": [np.nan, 2.2]}, r"the image's WCS has a CRVAL, CRPIX or CD/CDELT that is not "
+                                   r"finite \(NaN or inf\); fix its header"),
+        ({"cdelt": [np.inf, 1.0]}, r"the image's WCS has a CRVAL, CRPIX or CD/CDELT that is not "
+                                   r"finite"),
+    ],
+)
+def test_align_wcs_with_a_wcs_that_cannot_map_the_sky(small_pair, cards, match):
+    """A linear WCS gave astropy's 'Expected the following order of world arguments:
+    SkyCoord'; a NaN CRVAL was blamed on the footprints not overlapping."""
+    bad, sci = _with_wcs(small_pair.reference.ccd, **cards), small_pair.science.ccd
+    with pytest.raises(ValueError, match=r"^method='wcs': " + match):
+        assert_inputs_unchanged(lambda: align(bad, sci, method="wcs"), bad, sci)
+
+
 def test_subtract_align_wcs_without_a_wcs(small_pair):
     ref, sci = _ccd(small_pair.reference.ccd, wcs=None, meta={}), small_pair.science.ccd
     with pytest.raises(ValueError, match=r"^reference image: method='wcs' needs a WCS on both"):
