@@ -280,12 +280,25 @@ def test_cli_batch_of_missing_files_writes_its_summary_and_exits_1(tmp_path, cap
     assert "failed b" in capsys.readouterr().err
 
 
-def test_the_package_imports_without_dask():
-    """astro_zackay.parallel imports no Dask module until a batch runs."""
+def test_the_package_imports_and_refuses_batches_clearly_without_dask(tmp_path):
+    """With Dask absent, the package imports; a batch is refused with what to install."""
     import subprocess
 
-    code = ("import sys; import astro_zackay.parallel, astro_zackay.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
+    code = f"""
+import sys
+for name in ("dask", "distributed"):
+    sys.modules[name] = None  # as if not installed: importing them raises ImportError
+import astro_zackay.cli, astro_zackay.parallel
+try:
+    astro_zackay.parallel.subtract_batch([("a.fits", "b.fits")], {str(tmp_path)!r})
+except ImportError as exc:
+    print("refused:", exc)
+sys.exit(astro_zackay.cli.main(["batch", "pairs.csv", "--outdir", {str(tmp_path)!r}]))
+"""
+    (tmp_path / "pairs.csv").write_text("reference,science\na.fits,b.fits\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert done.stdout.strip() == "[]"
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "refused: batches run on dask.distributed" in done.stdout
+    assert "pip install 'dask[distributed]'" in done.stderr
+    assert os.listdir(tmp_path) == ["pairs.csv"]

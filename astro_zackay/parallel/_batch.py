@@ -338,6 +338,11 @@ def _check_keywords(function: Callable[..., Any], kwargs: Mapping[str, Any],
 
 def _check_batch_options(progress: Any, overwrite: Any, retries: Any,
                          n_workers: Any, client: Any) -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("batches run on dask.distributed, which is not installed: pip "
+                          "install 'dask[distributed]' (or 'astro-zackay[all]')") from exc
     for name, value in (("progress", progress), ("overwrite", overwrite)):
         if not isinstance(value, bool | np.bool_):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -562,6 +567,8 @@ def subtract_batch(
     ValueError
         For a malformed ``pairs`` (not two paths per pair, columns missing, names
         clashing) or an option that `~astro_zackay.subtract` refuses.
+    ImportError
+        When ``distributed`` is not installed.
     FileExistsError
         When an output exists and ``overwrite`` is False.
     OSError
@@ -704,6 +711,8 @@ def coadd_batch(
         ``client`` of the wrong type.
     ValueError
         For a malformed ``groups`` (a group of fewer than two files included).
+    ImportError
+        When ``distributed`` is not installed.
     FileExistsError
         When an output exists and ``overwrite`` is False.
     OSError
