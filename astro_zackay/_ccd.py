@@ -11,6 +11,7 @@ record of the step in ``meta``). Inputs are never mutated.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -158,17 +159,27 @@ def _header_float(meta: Any, keys: tuple[str, ...]) -> float | None:
 
 
 def _as_float(value: Any, unit: u.UnitBase | None = None, name: str = "value") -> float | None:
-    """Convert a float or Quantity to a plain float (in ``unit`` when it is a Quantity)."""
+    """One positive finite float from a number or Quantity (in ``unit`` when a Quantity);
+    a ValueError names ``name`` for anything else (a string, an array, NaN, 0 or less)."""
     if value is None:
         return None
+    given = value
     if isinstance(value, u.Quantity):
         if unit is None:
-            return float(value.value)
-        try:
-            return float(value.to_value(unit))
-        except u.UnitConversionError as exc:
-            raise u.UnitsError(f"{name}={value} cannot be converted to {unit}: {exc}") from None
-    value = float(value)
+            value = value.value
+        else:
+            try:
+                value = value.to_value(unit)
+            except u.UnitConversionError as exc:
+                raise u.UnitsError(
+                    f"{name}={given} cannot be converted to {unit}: {exc}"
+                ) from None
+    try:
+        if np.ndim(value) != 0 or isinstance(value, str | bytes | bool):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be one positive finite number, got {given!r}") from None
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
@@ -215,6 +226,19 @@ def _check_fits_file(path: str) -> None:
         raise OSError(f"{what} ({truncated[0]}): it is truncated; copy or download it again")
 
 
+def _check_hdu(path: str, hdu: int | str) -> None:
+    """Raise a ValueError naming the HDUs of ``path`` when it has no HDU ``hdu``."""
+    with fits.open(path, memmap=False) as hdul:
+        names = [h.name for h in hdul]
+        try:
+            hdul[hdu]
+        except (KeyError, IndexError):
+            raise ValueError(
+                f"{path!r} has no HDU {hdu!r}: its HDUs are {names} (index 0 to "
+                f"{len(names) - 1}); pass hdu= one of them"
+            ) from None
+
+
 def _read_fits(path: str | os.PathLike, hdu: int | str | None, unit: Any) -> CCDData:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -222,6 +246,7 @@ def _read_fits(path: str | os.PathLike, hdu: int | str | None, unit: Any) -> CCD
     _check_fits_file(path)
     kwargs: dict[str, Any] = {}
     if hdu is not None:
+        _check_hdu(path, hdu)
         kwargs["hdu"] = hdu
     try:
         return CCDData.read(path, unit=unit, format="fits", **kwargs)
@@ -279,6 +304,8 @@ def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
             raise ValueError(
                 "a plain array has no unit: pass unit='adu' or unit='electron' (or give a CCDData)"
             )
+        if isinstance(image, np.ma.MaskedArray):  # its mask is kept, not dropped
+            return NDData(np.ma.getdata(image), mask=np.ma.getmaskarray(image), unit=unit)
         return NDData(np.asarray(image), unit=unit)
     raise TypeError(
         f"cannot use a {type(image).__name__} as an image: give a CCDData, NDData, "
@@ -429,7 +456,13 @@ def _variance_from_uncertainty(
             raise u.UnitsError(
                 f"the uncertainty's unit ({var.unit}) does not match the data unit ({unit})"
             ) from None
-    values = np.broadcast_to(values, shape).copy()
+    try:
+        values = np.broadcast_to(values, shape).copy()
+    except ValueError:
+        raise ValueError(
+            f"the {type(unc).__name__}'s shape {np.shape(values)} does not match the image "
+            f"{tuple(shape)}: give one uncertainty per pixel"
+        ) from None
     if negative is not None:
         negative = np.broadcast_to(negative, shape)
         values[negative] = np.nan  # masked, never taken as |x|
@@ -467,7 +500,10 @@ def _estimate_variance(
     """
     good = ~mask & np.isfinite(data)
     if good.sum() < 16:
-        raise ValueError("too few unmasked pixels to estimate the noise; give an uncertainty")
+        raise ValueError(
+            f"only {int(good.sum())} unmasked pixels, too few (16) to estimate the noise "
+            "from the data; give an uncertainty"
+        )
     box = min(64, max(8, min(data.shape) // 8))
     if min(data.shape) >= 4 * box:
         # imported here: the background module builds on this one
@@ -569,6 +605,13 @@ def to_image(
     >>> img.shape, str(img.unit), bool(img.mask.any())
     ((4, 5), 'adu', False)
     """
+    try:
+        float_type = np.issubdtype(np.dtype(dtype), np.floating)
+    except TypeError:
+        float_type = False
+    if not float_type:
+        raise ValueError(f"dtype must be a floating-point type (np.float32 or np.float64), "
+                         f"got {dtype!r}")
     unit = _parse_unit(unit)
     nd = _as_nddata(image, unit, hdu)
     if nd.unit is None:
@@ -586,6 +629,11 @@ def to_image(
         raise ValueError(f"expected a 2-D image, got an array of shape {data.shape}")
     what = repr(os.fspath(image)) if isinstance(image, str | os.PathLike) else (
         f"the {type(image).__name__}")
+    if data.dtype.kind not in "iuf":  # complex, bool (a mask?), strings, objects
+        raise TypeError(
+            f"{what} holds {data.dtype} values, not real numbers: give the pixel values "
+            "(integers or floats)"
+        )
     source = data
     with np.errstate(over="ignore"):
         data = np.array(data, dtype=np.dtype(dtype).newbyteorder("="), copy=True)
@@ -632,6 +680,12 @@ def to_image(
                                    int(np.count_nonzero(zero & ~bad)), negative, bad)
     if maps is not None and np.any(invalid & ~bad):  # the maps were made with another mask
         maps = None
+    if not estimated and np.all(invalid | bad):
+        raise ValueError(
+            f"{what}'s {type(uncertainty).__name__} leaves no usable pixel: it is NaN, inf, "
+            f"zero or negative at all {int(np.count_nonzero(~bad))} pixels not already masked; "
+            "give a valid uncertainty, or none (the noise is then estimated from the data)"
+        )
     bad |= invalid
 
     wcs = nd.wcs if isinstance(nd.wcs, WCS) else None
@@ -713,7 +767,7 @@ def _saturation_level(
     ``saturation=np.inf`` (or an infinite Quantity) disables masking and detection.
     """
     raw = saturation.value if isinstance(saturation, u.Quantity) else saturation
-    if raw is not None and np.ndim(raw) == 0 and np.isposinf(float(raw)):
+    if isinstance(raw, numbers.Real) and np.isposinf(raw):
         return None
     level = _as_float(saturation, unit, "saturation")
     if level is None:

@@ -36,6 +36,7 @@ from astro_zackay import (
     subtract,
     subtract_background,
 )
+from astro_zackay._ccd import to_image
 from astro_zackay.cli import main
 from astro_zackay.files import read_subtraction
 from astro_zackay.simulation import (
@@ -760,3 +761,82 @@ def test_psf_arrays_of_other_than_real_numbers_are_refused(dtype):
     with pytest.raises(TypeError, match=rf"^science_psf: the PSF array must hold real numbers, "
                                         rf"got an array of dtype {np.dtype(dtype)}"):
         subtract(MISSING, MISSING, reference_psf=2.5, science_psf=stamp)
+
+
+def _with_uncertainty(ccd: CCDData, values) -> CCDData:
+    return _ccd(ccd, uncertainty=StdDevUncertainty(values))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda s: _with_uncertainty(s, np.full(s.shape, np.nan)), ValueError,
+         r"the CCDData's StdDevUncertainty leaves no usable pixel: it is NaN, inf, zero or "
+         r"negative at all \d+ pixels not already masked; give a valid uncertainty, or none"),
+        (lambda s: _with_uncertainty(s, np.full(s.shape, np.inf)), ValueError,
+         r"StdDevUncertainty leaves no usable pixel"),
+        (lambda s: np.ma.masked_array(s.data, mask=np.ones(s.shape, bool)), ValueError,
+         r"the MaskedArray has no usable pixel: .* 9216 masked by its mask"),
+        (lambda s: np.ones(s.shape, complex), TypeError,
+         r"the ndarray holds complex128 values, not real numbers: give the pixel values"),
+        (lambda s: np.ones(s.shape, bool), TypeError, r"the ndarray holds bool values, not real"),
+        (lambda s: np.full(s.shape, "a"), TypeError, r"the ndarray holds <U1 values, not real"),
+        (lambda s: np.ones((1, 1)), ValueError,
+         r"only 1 unmasked pixels, too few \(16\) to estimate the noise from the data; give an "
+         r"uncertainty"),
+    ],
+)
+def test_images_no_pixel_of_which_can_be_used(small_pair, build, error, match):
+    """An all-NaN uncertainty or a fully masked MaskedArray gave a fully masked image
+    without a word (the MaskedArray's mask was dropped); complex data lost their
+    imaginary part with a bare ComplexWarning."""
+    bad = build(small_pair.science.ccd)
+    with pytest.raises(error, match=match):
+        assert_inputs_unchanged(lambda: find_psf_stars(bad, unit="electron"), bad)
+
+
+def test_a_masked_array_keeps_its_mask(small_pair):
+    sci = small_pair.science.ccd
+    mask = np.zeros(sci.shape, bool)
+    mask[:, :48] = True
+    data = np.ma.masked_array(sci.data, mask=mask)
+    stars = assert_inputs_unchanged(lambda: find_psf_stars(data, unit="electron"), data)
+    assert len(stars) >= 1 and (stars["x"] > 48).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"hdu": "NOPE"}, ValueError, r"new.fits' has no HDU 'NOPE': its HDUs are \['PRIMARY', "
+                                      r"'MASK', 'UNCERT'\] \(index 0 to 2\); pass hdu="),
+        ({"hdu": 7}, ValueError, r"has no HDU 7: its HDUs are"),
+        ({"saturation": "high"}, ValueError, r"saturation must be one positive finite number, "
+                                             r"got 'high'"),
+        ({"saturation": np.ones(3)}, ValueError, r"saturation must be one positive finite"),
+        ({"gain": "two"}, ValueError, r"gain must be one positive finite number, got 'two'"),
+    ],
+)
+def test_reading_options_are_named(pair_files, kwargs, error, match):
+    """A missing HDU gave a bare KeyError or IndexError; a string gain or saturation
+    numpy's 'could not convert string to float' (at the CCDData boundary every public
+    function reads its images through)."""
+    with pytest.raises(error, match=match):
+        to_image(pair_files / "new.fits", **kwargs)
+
+
+def test_a_string_gain_is_named_by_estimate_psf(pair_files):
+    with pytest.raises(ValueError, match=r"gain must be one positive finite number, got 'two'"):
+        estimate_psf(pair_files / "new.fits", gain="two")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, "int16", bool, "not a dtype"])
+def test_subtract_refuses_non_float_dtypes(small_pair, dtype):
+    with pytest.raises(ValueError, match=r"dtype"):
+        subtract(small_pair.reference.ccd, small_pair.science.ccd, dtype=dtype)
+
+
+def test_uncertainty_of_another_shape_is_named(small_pair):
+    sci = small_pair.science.ccd
+    with pytest.raises(ValueError, match=r"the StdDevUncertainty's shape \(3, 3\) does not "
+                                         r"match the image \(96, 96\): give one uncertainty"):
+        to_image(sci, uncertainty=StdDevUncertainty(np.ones((3, 3))))
