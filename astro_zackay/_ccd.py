@@ -577,12 +577,15 @@ def to_image(
     Raises
     ------
     TypeError
-        For inputs that are not images.
+        For inputs that are not images, or whose data are not real numbers (complex,
+        boolean, strings).
     ValueError
         For inputs with no unit or an unparsable BUNIT (the value is named), not 2-D,
-        of mismatched shapes, with no usable pixel (all NaN, masked or saturated), with
-        data or variance outside the range of ``dtype``, or with more than 1 % negative
-        uncertainties (fewer are masked).
+        of mismatched shapes (mask, uncertainty), with no usable pixel (all NaN, masked
+        or saturated, or an uncertainty NaN, inf or 0 everywhere), with data or variance
+        outside the range of ``dtype``, with more than 1 % negative uncertainties (fewer
+        are masked), an HDU the file lacks, a non-float ``dtype``, or a gain, read noise
+        or saturation that is not one positive number.
     OSError
         For a path that is a directory, or an empty, corrupt or truncated FITS file
         (`IsADirectoryError` for a directory).
