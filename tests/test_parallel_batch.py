@@ -113,18 +113,18 @@ def test_the_summary_round_trips_through_ecsv(batch, tmp_path):
     assert back["seconds"].unit == "s"
 
 
-def test_a_worker_killed_mid_task_is_rerun_and_the_row_says_so(cluster, tmp_path):
-    """Kill the worker process running a pair; Dask reruns it on the other worker."""
+def kill_mid_task(client, folder):
+    """Subtract one large pair, SIGKILL the worker process running it; the batch's row."""
     pair = simulate_pair((768, 768), n_stars=300, flux_range=(2e3, 2e5), seed=9)
-    pair.reference.ccd.write(tmp_path / "ref.fits")
-    pair.science.ccd.write(tmp_path / "new.fits")
-    out = tmp_path / "out"
-    marker = out / ".new.attempts"
+    pair.reference.ccd.write(folder / "ref.fits")
+    pair.science.ccd.write(folder / "new.fits")
+    out = folder / "out"
+    marker = out / ".new.attempts"  # each attempt writes its host:pid there first
     done = {}
 
     def run():
-        done["summary"] = subtract_batch([(tmp_path / "ref.fits", tmp_path / "new.fits")], out,
-                                         client=cluster[1], progress=False)
+        done["summary"] = subtract_batch([(folder / "ref.fits", folder / "new.fits")], out,
+                                         client=client, progress=False)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -133,13 +133,32 @@ def test_a_worker_killed_mid_task_is_rerun_and_the_row_says_so(cluster, tmp_path
         time.sleep(0.01)
     host, pid = marker.read_text().split()[0].rsplit(":", 1)
     assert host == socket.gethostname() and int(pid) != os.getpid()
-    os.kill(int(pid), signal.SIGKILL)  # the worker process that our own cluster started
+    os.kill(int(pid), signal.SIGKILL)  # a worker process that our own cluster started
     thread.join(timeout=120)
-    row = done["summary"][0]
+    assert not marker.exists()
+    return done["summary"][0]
+
+
+def test_a_worker_killed_mid_task_is_rerun_and_the_row_says_so(cluster, tmp_path):
+    """Dask reruns the task on a live worker; the row is ok and counts the rerun."""
+    row = kill_mid_task(cluster[1], tmp_path)
     assert row["status"] == "ok", row["error"]
     assert row["retries"] == 1 and "died" in row["note"]
-    assert not marker.exists()
     cluster[1].wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+
+
+def test_a_task_whose_worker_dies_too_often_fails_its_row(tmp_path):
+    """With no failure allowed, Dask gives up (KilledWorker): the row says the worker died."""
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        local = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                         host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    with local, distributed.Client(local) as client:
+        row = kill_mid_task(client, tmp_path)
+    assert row["status"] == "failed" and row["retries"] == 0
+    assert "worker died each of the 1 time(s)" in row["error"] and "KilledWorker" in row["error"]
+    assert row["flux_ratio"] is np.ma.masked
 
 
 def test_inputs_are_checked_before_any_cluster_starts(files, tmp_path):
