@@ -64,6 +64,7 @@ def good_pairs(folder):
 def batch(cluster, files, tmp_path_factory):
     """The three pairs, the truncated one and a missing one, through the cluster."""
     out = tmp_path_factory.mktemp("batch")
+    (out / ".new1.attempts").write_text("host:1\n")  # left by an interrupted earlier run
     pairs = [*good_pairs(files), (files / "ref0.fits", files / "cut.fits"),
              (files / "ref1.fits", files / "gone.fits")]
     summary = subtract_batch(pairs, out, client=cluster[1], progress=False, threshold=5.0)

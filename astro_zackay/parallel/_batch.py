@@ -428,6 +428,9 @@ def _run(jobs: Sequence[_Job], output_dir: str, task: Callable[..., dict[str, An
     if not todo:
         return rows
     os.makedirs(output_dir, exist_ok=True)
+    for j in todo:  # a marker of an interrupted earlier run would count as attempts
+        with contextlib.suppress(FileNotFoundError):
+            _marker(output_dir, jobs[j].name).unlink()
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
