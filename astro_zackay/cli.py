@@ -1048,7 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The exit status: 0 on success; 2 for a user mistake (a bad option, a missing,
         unreadable or unusable file: the message on stderr names the option that fixes
-        it); for ``demo``, 1 when an injected transient was missed.
+        it); for ``demo``, 1 when an injected transient was missed; for ``batch`` and
+        ``coadd-batch``, 1 when any row of the summary failed.
 
     Examples
     --------
