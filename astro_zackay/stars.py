@@ -1197,6 +1197,11 @@ def find_psf_stars(
     _check_background(background)
     user_stamp = _check_stamp_shape(stamp_shape)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
+    if user_stamp is not None and (user_stamp[0] > img.shape[0] or user_stamp[1] > img.shape[1]):
+        raise ValueError(
+            f"stamp_shape {user_stamp} is larger than the image {img.shape}: give a stamp_shape "
+            "that fits the image (a few FWHM of the stars)"
+        )
     return _find_stars(img, snr_min=snr_min, fwhm=fwhm, stamp_shape=user_stamp,
                        isolation=isolation, max_stars=max_stars, edge=edge,
                        background=background)

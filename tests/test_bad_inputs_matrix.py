@@ -328,8 +328,8 @@ def _tiny(pair) -> CCDData:
 def test_image_smaller_than_the_psf_stamp(small_pair, call):
     tiny = _tiny(small_pair)
     function = {"find_psf_stars": find_psf_stars, "estimate_psf": estimate_psf}[call]
-    with pytest.raises(ValueError, match=r"no PSF star passed the cuts \(1 detected; rejected "
-                                         r"by edge: 1.*Try .*or edge"):
+    with pytest.raises(ValueError, match=r"stamp_shape \(25, 25\) is larger than the image "
+                                         r"\(9, 9\): give a stamp_shape that fits the image"):
         assert_inputs_unchanged(lambda: function(tiny, stamp_shape=25), tiny)
 
 
@@ -840,3 +840,24 @@ def test_uncertainty_of_another_shape_is_named(small_pair):
     with pytest.raises(ValueError, match=r"the StdDevUncertainty's shape \(3, 3\) does not "
                                          r"match the image \(96, 96\): give one uncertainty"):
         to_image(sci, uncertainty=StdDevUncertainty(np.ones((3, 3))))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"stamp_shape": 201}, ValueError, r"stamp_shape \(201, 201\) is larger than the image "
+                                           r"\(96, 96\): give a stamp_shape that fits"),
+        ({"background": np.ones((3, 3))}, ValueError,
+         r"background is a map of shape \(3, 3\), not of the image's \(96, 96\): give the "
+         r"image's own background map"),
+        ({"background": np.nan}, ValueError, r"background is a map of shape \(\), not of the "
+                                             r"image's"),
+        ({"stars": Table({"x": ["a"], "y": ["b"]})}, TypeError,
+         r"the stars' 'x' column holds <U1 values: give pixel positions as numbers"),
+    ],
+)
+def test_estimate_psf_options_the_image_cannot_take(small_pair, kwargs, error, match):
+    """Each was an IndexError (or numpy's 'could not convert string to float')."""
+    sci = small_pair.science.ccd
+    with pytest.raises(error, match=match):
+        assert_inputs_unchanged(lambda: estimate_psf(sci, **kwargs), sci)

@@ -171,6 +171,10 @@ def _select_stars(
         return stars
     if not isinstance(stars, Table) or not {"x", "y"} <= set(stars.colnames):
         raise TypeError("stars must be an astropy Table with columns 'x' and 'y' (0-based pixels)")
+    for name in ("x", "y"):
+        if np.asarray(stars[name]).dtype.kind not in "iuf":
+            raise TypeError(f"the stars' {name!r} column holds {stars[name].dtype} values: give "
+                            "pixel positions as numbers (0-based)")
     stars = Table(stars, copy=True)
     if "snr" in stars.colnames:
         keep = np.asarray(stars["snr"], dtype=float) >= snr_min
@@ -225,11 +229,25 @@ def _core_shape(stars: Table, img: Any, fwhm: float) -> tuple[int, int]:
     return side, side
 
 
-def _sky_map(background: Any) -> np.ndarray | None:
+def _sky_map(background: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The sky map of ``background`` (a BackgroundResult, NDData or array) as floats,
+    refused by name unless it is a map of ``shape``."""
     if background is None:
         return None
     sky = getattr(background, "sky", background)
-    return np.asarray(sky.data if isinstance(sky, NDData) else sky, dtype=float)
+    try:
+        sky = np.asarray(sky.data if isinstance(sky, NDData) else sky, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"background must be a BackgroundResult, CCDData or array map of the image, got "
+            f"{type(background).__name__}"
+        ) from None
+    if sky.shape != tuple(shape):
+        raise ValueError(
+            f"background is a map of shape {sky.shape}, not of the image's {tuple(shape)}: "
+            "give the image's own background map (e.g. estimate_background(image)), or none"
+        )
+    return sky
 
 
 def _normalised(stamps: StampSet, dx: np.ndarray, dy: np.ndarray, outer: float | None,
@@ -799,6 +817,12 @@ def _estimate_psf(
     by the public function (``stamp_shape`` as the checked tuple or None).
     """
     shape = stamp_shape
+    if shape is not None and (shape[0] > img.shape[0] or shape[1] > img.shape[1]):
+        raise ValueError(
+            f"stamp_shape {shape} is larger than the image {img.shape}: give a stamp_shape "
+            "that fits the image (a few FWHM of the stars)"
+        )
+    sky = _sky_map(background, img.shape)
     stars = _select_stars(stars, img, snr_min, shape, fwhm)
     star_fwhm = _measured_fwhm(stars, img)
     if star_fwhm is None and fwhm is None:
@@ -806,7 +830,6 @@ def _estimate_psf(
                    holdout_fraction=holdout_fraction, have_fwhm=False)  # raises: no star
     star_fwhm = fwhm if star_fwhm is None else star_fwhm
     core = shape if shape is not None else _core_shape(stars, img, star_fwhm)
-    sky = _sky_map(background)
     ring = max(RING_FWHM * star_fwhm, max(core) / 2.0 + 2.0)
     x = np.asarray(stars["x"], dtype=float)
     y = np.asarray(stars["y"], dtype=float)
