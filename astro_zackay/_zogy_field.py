@@ -14,6 +14,11 @@ one tile, the whole image, when neither PSF varies.  Everything that depends on 
 pixel's neighbourhood and not on the PSF (mask growth, edge flags) is done once for
 the image, each masked region grown by its own tile's kernels; Scorr, the flux and
 its error and the background offset are formed once, from the tiles' parts.
+
+The per-tile algebra, from the tiles' padded windows to their outputs, is one function,
+`zogy_tiles`, with what the tiles share (flux ratio, shift, astrometric noise, PSF
+errors, noise spectra) in a `TilePlan`: `zogy_field` runs it on the whole stack, the
+out-of-core path of `astro_zackay.parallel` on one tile at a time, read from files.
 """
 
 from __future__ import annotations

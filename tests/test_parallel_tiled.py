@@ -109,6 +109,23 @@ def test_everything_estimated_equals_subtract(client, tmp_path):
     assert worst < 5e-3
 
 
+def test_without_a_client_a_local_cluster_does_the_same(files, tmp_path):
+    """client=None starts its own LocalCluster: the same output as on a given cluster."""
+    _, s_r = _noise(files[0])
+    _, s_n = _noise(files[1])
+    kw = dict(tile=256, reference_psf=psf_stamp(21, 2.5), science_psf=psf_stamp(21, 3.0),
+              flux_ratio=0.8, fit_shift=False, astrometric_noise=0.0, psf_error=None,
+              background="none", sigmas=(s_r, s_n))
+    subtract_tiled(files[0], files[1], tmp_path / "own.fits", client=None, **kw)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as c, \
+            distributed.Client(c) as given:
+        subtract_tiled(files[0], files[1], tmp_path / "given.fits", client=given, **kw)
+    with fits.open(tmp_path / "own.fits") as own, fits.open(tmp_path / "given.fits") as ref:
+        np.testing.assert_array_equal(own["SCORR"].data, ref["SCORR"].data)
+
+
 def test_compressed_and_table_hdus_are_refused(files, tmp_path):
     comp = tmp_path / "comp.fits"
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(fits.getdata(files[0]))]).writeto(comp)
