@@ -25,6 +25,8 @@ from ._warnings import (
     NoiseEstimateWarning,
     PSFQualityWarning,
     SaturationWarning,
+    UncertaintyWarning,
+    UnitConversionWarning,
 )
 from .alignment import align
 from .background import BackgroundResult, estimate_background, subtract_background
@@ -46,6 +48,8 @@ __all__ = [
     "SaturationWarning",
     "StarMatch",
     "SubtractionResult",
+    "UncertaintyWarning",
+    "UnitConversionWarning",
     "__version__",
     "align",
     "coadd",
