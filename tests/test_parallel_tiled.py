@@ -126,6 +126,31 @@ def test_without_a_client_a_local_cluster_does_the_same(files, tmp_path):
         np.testing.assert_array_equal(own["SCORR"].data, ref["SCORR"].data)
 
 
+def test_plan_from_a_grid_of_cutouts(client, tmp_path):
+    """Stars matched in 2 x 2 cutouts of 512 px: a flux ratio as good as the whole image's."""
+    from astropy.nddata import CCDData
+
+    from astro_zackay import subtract
+
+    pair = simulate_pair((1024, 1024), n_stars=600, flux_range=(2e3, 2e5), flux_ratio=0.8,
+                         seed=6)
+    paths = []
+    for name, ccd in (("ref", pair.reference.ccd), ("sci", pair.science.ccd)):
+        paths.append(tmp_path / f"{name}.fits")
+        fits.writeto(paths[-1], np.asarray(ccd.data, np.float32))
+    whole = subtract(*[CCDData(fits.getdata(p), unit="electron") for p in paths],
+                     noise="white")
+    kw = dict(client=client, tile=512, plan_size=512, reference_psf=psf_stamp(21, 2.5),
+              science_psf=psf_stamp(21, 3.5))
+    central = subtract_tiled(*paths, tmp_path / "c.fits", plan_grid=1, **kw).meta
+    grid = subtract_tiled(*paths, tmp_path / "g.fits", plan_grid=2, **kw).meta
+    # four times the stars of the central cutout: about half its error
+    assert grid["AZBETAE"] < 0.75 * central["AZBETAE"]
+    assert grid["AZBETAE"] == pytest.approx(whole.flux_ratio_error, rel=0.3)
+    assert abs(grid["AZBETA"] - whole.flux_ratio) < 2 * whole.flux_ratio_error
+    assert abs(grid["AZBETA"] - 0.8) < 3 * grid["AZBETAE"]
+
+
 def test_compressed_and_table_hdus_are_refused(files, tmp_path):
     comp = tmp_path / "comp.fits"
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(fits.getdata(files[0]))]).writeto(comp)
@@ -148,6 +173,8 @@ def test_bad_options_are_refused_before_work(files, tmp_path):
         subtract_tiled(files[0], files[1], tmp_path / "o.fits", background="flat")
     with pytest.raises(ValueError, match="tiles must be"):
         subtract_tiled(files[0], files[1], tmp_path / "o.fits", tile=16)
+    with pytest.raises(ValueError, match="plan_grid must be an integer >= 1"):
+        subtract_tiled(files[0], files[1], tmp_path / "o.fits", plan_grid=0)
     small = tmp_path / "small.fits"
     fits.writeto(small, np.zeros((64, 64), np.float32))
     with pytest.raises(ValueError, match="differ in shape"):

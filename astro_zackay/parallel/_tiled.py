@@ -13,8 +13,9 @@ What is global, and whence (the "plan", computed once on the client):
 
 * PSFs: given, or estimated on a central cutout of ``plan_size`` pixels (a varying
   model is evaluated at positions clamped to the cutout);
-* flux ratio, shift, astrometric noise: given, or from the stars matched on that
-  cutout (as `subtract` measures them on the whole image);
+* flux ratio, shift, astrometric noise: given, or from the stars matched in a grid of
+  ``plan_grid`` x ``plan_grid`` cutouts spread over the image (one task each; as
+  `subtract` measures them on the whole image), combined;
 * the background noise level used to grow the mask: the cutout's.
 
 Per tile, on its worker: the background (``background='auto'``: estimated on the
@@ -358,6 +359,7 @@ def subtract_tiled(
     saturation: Any = None,
     hdu: int | str = 0,
     plan_size: int = PLAN_SIZE,
+    plan_grid: int = 3,
     dtype: Any = np.float32,
     overwrite: bool = False,
 ) -> Table:
@@ -391,7 +393,11 @@ def subtract_tiled(
     hdu : int or str
         The image HDU of both files.
     plan_size : int
-        Side of the central cutout on which PSFs, flux ratio and shift are estimated.
+        Side of the central cutout on which the PSFs are estimated.
+    plan_grid : int
+        The flux ratio, shift and astrometric noise come from the stars matched in
+        ``plan_grid`` x ``plan_grid`` cutouts of ``plan_size`` spread over the image
+        (one task each), combined; 1: the central cutout alone.
     dtype : {numpy.float32, numpy.float64}
         Working precision.
     overwrite : bool
@@ -425,6 +431,9 @@ def subtract_tiled(
     check_tiles(tile)
     if tile is None or tile == "auto":
         raise ValueError(f"tile must be an integer side >= 32 px for subtract_tiled, got {tile!r}")
+    for name, value, least in (("plan_grid", plan_grid, 1), ("plan_size", plan_size, 64)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if background not in ("auto", "none"):
         raise ValueError(f"background must be 'auto' or 'none', got {background!r}")
     if background == "none" and (sigmas is None or len(sigmas) != 2
@@ -440,17 +449,20 @@ def subtract_tiled(
     units = tuple(_pair(unit)[i] or h.get("BUNIT", "electron")
                   for i, h in enumerate((ref_header, sci_header)))
     psfs = [None if p is None else as_psf_sampler(p) for p in (reference_psf, science_psf)]
-    plan = _plan(paths, hdu, shape, psfs, units, flux_ratio, fit_shift, astrometric_noise,
-                 psf_error, background, sigmas, gain, saturation, plan_size)
-    centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
-    stamp = max(plan["psfs"][1](*centre).shape + plan["psfs"][0](*centre).shape)
-    layout = _layout(shape, tile, stamp)
-    meta = {"AZBETA": plan["beta"], "AZBETAE": plan["beta_err"], "AZDX": plan["shift"][0],
-            "AZDY": plan["shift"][1], "AZASTX": plan["ast"][0], "AZASTY": plan["ast"][1],
-            "AZNTILE": layout.n, "AZTILE": int(tile)}
-    offsets = _create_output(output_path, shape, sci_header, meta, overwrite)
-    start = time.perf_counter()
+    if os.path.exists(output_path) and not overwrite:
+        raise OSError(f"{output_path} exists: pass overwrite=True to replace it")
     with _cluster(client) as used:
+        plan = _plan(paths, hdu, shape, psfs, units, flux_ratio, fit_shift, astrometric_noise,
+                     psf_error, background, sigmas, gain, saturation, plan_size, plan_grid,
+                     used)
+        centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+        stamp = max(plan["psfs"][1](*centre).shape + plan["psfs"][0](*centre).shape)
+        layout = _layout(shape, tile, stamp)
+        meta = {"AZBETA": plan["beta"], "AZBETAE": plan["beta_err"], "AZDX": plan["shift"][0],
+                "AZDY": plan["shift"][1], "AZASTX": plan["ast"][0], "AZASTY": plan["ast"][1],
+                "AZNTILE": layout.n, "AZTILE": int(tile)}
+        offsets = _create_output(output_path, shape, sci_header, meta, overwrite)
+        start = time.perf_counter()
         futures = [used.submit(_tile_task, i, paths, (hdu, hdu), shape, int(tile), stamp, plan,
                                os.fspath(output_path), offsets, dtype, pure=False)
                    for i in range(layout.n)]
@@ -469,10 +481,94 @@ def _pair(value: Any) -> tuple[Any, Any]:
     return value, value
 
 
+def _cutout_match(paths: tuple, hdu: Any, rows: slice, cols: slice, units: tuple,
+                  gains: tuple, sats: tuple, stamps: tuple, needs: list) -> tuple | None:
+    """The stars of one cutout of both images matched (on a worker): the match's numbers."""
+    import warnings
+
+    from astropy.nddata import CCDData
+
+    from .._ccd import to_image
+    from .._prepare import prepare_image
+    from .._warnings import FewStarsWarning
+    from ..subtraction import _match
+
+    prepared = []
+    for i, name in enumerate(("reference image", "science image")):
+        img = to_image(CCDData(_read(paths[i], hdu, rows, cols), unit=units[i]),
+                       gain=gains[i], saturation=sats[i], dtype=np.float64)
+        prepared.append(prepare_image(img, stamps[i], name=name, option="psf",
+                                      need_stars=True))
+    with warnings.catch_warnings():  # a cutout with too few stars is left out, said below
+        warnings.simplefilter("ignore", FewStarsWarning)
+        match = _match(prepared[0], prepared[1], stamps, needs)
+    if match is None:
+        return None
+    return (match.flux_ratio, match.flux_ratio_error, tuple(match.offset),
+            tuple(match.scatter), int(match.n_matched))
+
+
+class _Combined:
+    """The matches of several cutouts combined, read as one match by `_plan`."""
+
+    def __init__(self, found: list) -> None:
+        w = np.array([1.0 / max(f[1], 1e-12) ** 2 for f in found])
+        n = np.array([f[4] for f in found], dtype=float)
+        self.flux_ratio = float(np.sum(w * [f[0] for f in found]) / w.sum())
+        self.flux_ratio_error = float(1.0 / np.sqrt(w.sum()))
+        self.offset = tuple(float(v) for v in np.average([f[2] for f in found], axis=0,
+                                                         weights=n))
+        self.scatter = tuple(float(v) for v in np.sqrt(np.average(
+            np.square([f[3] for f in found]), axis=0, weights=n)))
+        self.n_matched = int(n.sum())
+
+
+def _grid_match(client: Any, central: Any, paths: tuple, hdu: Any, shape: tuple[int, int],
+                size: tuple[int, int], samplers: list, units: tuple, gains: tuple,
+                sats: tuple, needs: list, grid: int) -> Any:
+    """The central cutout's match combined with those of a ``grid`` x ``grid`` of cutouts.
+
+    The cutouts (of the central one's ``size``) are centred on a regular grid over the
+    image, no more per side than fit in it side by side (so that they do not overlap);
+    each is matched on a worker, the PSFs those of the plan at its
+    centre.  The flux ratios are averaged with their inverse variances, the shifts and
+    scatters with the numbers of matched stars; cutouts with too few matched stars are
+    left out (logged).  The central match alone when the cutout covers the image.
+    """
+    if size[0] >= shape[0] and size[1] >= shape[1]:
+        return central
+    futures = []
+    # no more cutouts per side than fit side by side: no star is counted twice
+    counts = [max(1, min(grid, n // s)) for n, s in zip(shape, size)]
+    for gy in range(counts[0]):
+        for gx in range(counts[1]):
+            cy = shape[0] * (2 * gy + 1) // (2 * counts[0])
+            cx = shape[1] * (2 * gx + 1) // (2 * counts[1])
+            y0 = min(max(cy - size[0] // 2, 0), shape[0] - size[0])
+            x0 = min(max(cx - size[1] // 2, 0), shape[1] - size[1])
+            rows, cols = slice(y0, y0 + size[0]), slice(x0, x0 + size[1])
+            centre = (x0 + (size[1] - 1) / 2.0, y0 + (size[0] - 1) / 2.0)
+            stamps = tuple(s(*centre) for s in samplers)
+            futures.append(client.submit(_cutout_match, paths, hdu, rows, cols, units, gains,
+                                         sats, stamps, needs, pure=False))
+    found = [f for f in client.gather(futures) if f is not None]
+    _log.info("plan: stars matched in %d of %d cutouts of %dx%d px", len(found),
+              len(futures), size[1], size[0])
+    if not found:
+        return central
+    return _Combined(found)
+
+
 def _plan(paths: tuple, hdu: Any, shape: tuple[int, int], psfs: list, units: tuple,
           flux_ratio: Any, fit_shift: bool, astrometric_noise: Any, psf_error: Any,
-          background: str, sigmas: Any, gain: Any, saturation: Any, plan_size: int) -> dict:
-    """The global quantities, from a central cutout read by sections."""
+          background: str, sigmas: Any, gain: Any, saturation: Any, plan_size: int,
+          plan_grid: int = 1, client: Any = None) -> dict:
+    """The global quantities, from a central cutout read by sections.
+
+    With ``plan_grid`` > 1 and an image larger than the cutout, the stars matched in
+    ``plan_grid**2`` cutouts spread over the image (on the workers of ``client``) give
+    the flux ratio, shift and astrometric noise (`_grid_match`).
+    """
     from astropy.nddata import CCDData
 
     from .._ccd import to_image
@@ -504,6 +600,9 @@ def _plan(paths: tuple, hdu: Any, shape: tuple[int, int], psfs: list, units: tup
         c = ((size[1] - 1) / 2.0, (size[0] - 1) / 2.0)
         p0 = (pref.psf(*c), psci.psf(*c))
         match = _match(pref, psci, p0, needs)
+        if match is not None and client is not None and plan_grid > 1:
+            match = _grid_match(client, match, paths, hdu, shape, size, samplers, units,
+                                gains, sats, needs, plan_grid)
         if match is not None:
             shift = match.offset if fit_shift else shift
             if flux_ratio is None:
