@@ -12,8 +12,9 @@ travels back to the caller, so the scheduler never ships images.
   written by sections, one task per tile of the in-memory path's tiling;
 - `coadd_tree`: one coadd of many frames as partial accumulators merged on the workers.
 
-The two batch functions return an `~astropy.table.Table` with one row per input (its status, error message,
-timing and key fitted numbers) and never fail the batch for one bad input. Dask and
+The two batch functions return an `~astropy.table.Table` with one row per input (its
+status, error message, timing and key fitted numbers) and never fail the batch for one
+bad input. Dask and
 ``distributed`` (the ``all`` extra) are imported only when a function runs: the package
 imports without them. See the "Scaling out with Dask" page of the documentation.
 """
