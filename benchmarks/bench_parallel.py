@@ -79,7 +79,7 @@ def on_cluster(pairs: list[tuple[Path, Path]], out: Path, n_workers: int,
     from distributed import Client, LocalCluster
 
     from astro_zackay.parallel import subtract_batch
-    from astro_zackay.parallel._batch import _cluster_client, _environment_kept
+    from astro_zackay.parallel._cluster import _environment_kept, cluster_client
 
     start = time.perf_counter()
     if dask_default:  # with Dask's MALLOC_TRIM_THRESHOLD_ in the workers
@@ -88,7 +88,7 @@ def on_cluster(pairs: list[tuple[Path, Path]], out: Path, n_workers: int,
         context = _environment_kept()
     else:
         cluster = contextlib.nullcontext()
-        context = _cluster_client(None, len(pairs), n_workers)
+        context = cluster_client(None, len(pairs), n_workers)
     with cluster, context as client:
         if dask_default:
             client = Client(cluster)

@@ -10,6 +10,8 @@ from astro_zackay.profiles import psf_stamp
 
 distributed = pytest.importorskip("distributed")
 
+from _dask_cluster import local_cluster  # noqa: E402
+
 from astro_zackay.parallel._coadd_tree import coadd_tree  # noqa: E402
 
 
@@ -35,11 +37,8 @@ def frames(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    http = {"dashboard_address": "127.0.0.1:0"}  # not 8787, which another cluster may hold
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  scheduler_kwargs=http) as cluster, \
-            distributed.Client(cluster) as c:
+    """Two single-threaded worker processes on 127.0.0.1, closed after the module."""
+    with local_cluster(2) as (_, c):
         yield c
 
 

@@ -21,6 +21,8 @@ from astropy.table import Table
 distributed = pytest.importorskip(
     "distributed", reason="batches run on dask.distributed (the 'all' extra)")
 
+from _dask_cluster import local_cluster  # noqa: E402
+
 from astro_zackay import coadd, subtract  # noqa: E402
 from astro_zackay.cli import main  # noqa: E402
 from astro_zackay.files import read_subtraction  # noqa: E402
@@ -32,14 +34,9 @@ RATIOS = (0.85, 1.0, 1.2)
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two single-threaded worker processes on 127.0.0.1, closed after the module.
-
-    The dashboard on a free port: 8787 may be held by another cluster on this machine.
-    """
-    with (distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address="127.0.0.1:0") as local,
-          distributed.Client(local) as client):
-        yield local, client
+    """Two single-threaded worker processes on 127.0.0.1, closed after the module."""
+    with local_cluster(2) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +269,28 @@ def test_cli_coadd_batch_on_its_own_local_cluster(frames, tmp_path, capsys, monk
     summary = Table.read(tmp_path / "out" / "summary.ecsv")
     assert list(summary["status"]) == ["ok"] and summary["n_images"][0] == 3
     assert fits.getheader(tmp_path / "out" / "all.fits")["NCOMBINE"] == 3
+
+
+def test_the_one_local_cluster_of_the_parallel_functions(monkeypatch):
+    """subtract_batch, coadd_batch, subtract_tiled and coadd_tree share it: sized to the
+    tasks, workers without Dask's malloc trim threshold, the caller's environment kept."""
+    from astro_zackay.parallel import _batch, _coadd_tree, _tiled
+    from astro_zackay.parallel._cluster import cluster_client
+
+    assert _batch.cluster_client is _tiled.cluster_client is _coadd_tree.cluster_client
+    for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    with cluster_client(None, n_tasks=1) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        info = client.scheduler_info()
+        assert str(client.scheduler.address).startswith("tcp://127.0.0.1:")
+    assert list(seen.values()) == [None]  # one worker (one task), no trim threshold
+    assert all(w["nthreads"] == 1 for w in info["workers"].values())
+    assert client.status == "closed"
+    assert dict(os.environ) == before
+    with cluster_client(client) as same:  # a given client is used as is, left as it was
+        assert same is client
 
 
 def test_cli_usage_errors_exit_2_before_any_work(files, tmp_path, capsys):

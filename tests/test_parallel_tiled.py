@@ -10,6 +10,8 @@ from astro_zackay.simulation import simulate_pair
 
 distributed = pytest.importorskip("distributed")
 
+from _dask_cluster import local_cluster  # noqa: E402
+
 from astro_zackay.parallel._tiled import subtract_tiled  # noqa: E402
 
 SHAPE = (512, 512)
@@ -17,11 +19,8 @@ SHAPE = (512, 512)
 
 @pytest.fixture(scope="module")
 def client():
-    http = {"dashboard_address": "127.0.0.1:0"}  # not 8787, which another cluster may hold
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  scheduler_kwargs=http) as cluster, \
-            distributed.Client(cluster) as c:
+    """Two single-threaded worker processes on 127.0.0.1, closed after the module."""
+    with local_cluster(2) as (_, c):
         yield c
 
 
@@ -117,10 +116,7 @@ def test_without_a_client_a_local_cluster_does_the_same(files, tmp_path):
               flux_ratio=0.8, fit_shift=False, astrometric_noise=0.0, psf_error=None,
               background="none", sigmas=(s_r, s_n))
     subtract_tiled(files[0], files[1], tmp_path / "own.fits", client=None, **kw)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None,
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as c, \
-            distributed.Client(c) as given:
+    with local_cluster(1, processes=False) as (_, given):
         subtract_tiled(files[0], files[1], tmp_path / "given.fits", client=given, **kw)
     with fits.open(tmp_path / "own.fits") as own, fits.open(tmp_path / "given.fits") as ref:
         np.testing.assert_array_equal(own["SCORR"].data, ref["SCORR"].data)

@@ -21,13 +21,15 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from astropy.table import MaskedColumn, Table
+
+from ._cluster import cluster_client
 
 __all__ = ["coadd_batch", "subtract_batch"]
 
@@ -37,10 +39,6 @@ log = logging.getLogger(__name__)
 _FITS_ENDINGS = (".fits", ".fit", ".fts")
 _COMPRESSED = (".gz", ".fz", ".bz2")
 #: Keywords of `subtract_batch` itself, which `subtract` must not receive.
-#: Dask's setting that makes its workers' glibc return freed memory at once (64 KiB):
-#: every array of the subtraction is then mapped and faulted in afresh. Measured on a
-#: 512^2 pair: 0.65 s of CPU and 214 000 page faults with it, 0.26 s and < 3000 without.
-_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 #: Options of `coadd` that take one value per image.
 _PER_IMAGE = ("psfs", "flux_scales", "sigmas", "gain")
 
@@ -372,40 +370,6 @@ def _plain_parameters(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- running ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _cluster_client(client: Any, n_tasks: int, n_workers: int | None) -> Iterator[Any]:
-    """The given client as is, or a LocalCluster's (closed at the end, also on error)."""
-    if client is not None:
-        yield client
-        return
-    import dask
-    from distributed import Client, LocalCluster
-
-    workers = n_workers or max(1, min(os.cpu_count() or 1, n_tasks))
-    log.info("starting a LocalCluster of %d worker process(es) on 127.0.0.1", workers)
-    # no dashboard; the scheduler's HTTP server (health checks) on a free loopback port,
-    # not on 8787, which another cluster of this machine may hold
-    scheduler = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
-    with (_environment_kept(), dask.config.set({_TRIM: None}),
-          LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                       host="127.0.0.1", dashboard_address=None,
-                       scheduler_kwargs=scheduler) as cluster,
-          Client(cluster) as local):
-        yield local
-
-
-@contextlib.contextmanager
-def _environment_kept() -> Iterator[None]:
-    """Restore the caller's environment variables: Dask's nanny sets its workers' in ours."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if dict(os.environ) != saved:
-            os.environ.clear()
-            os.environ.update(saved)
-
-
 def _progress_bar(iterable: Iterable[Any], total: int, enabled: bool, what: str) -> Iterable[Any]:
     if not enabled:
         return iterable
@@ -434,7 +398,7 @@ def _run(jobs: Sequence[_Job], output_dir: str, task: Callable[..., dict[str, An
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
-    with _cluster_client(client, len(todo), n_workers) as dask_client:
+    with cluster_client(client, len(todo), n_workers) as dask_client:
         futures = {dask_client.submit(task, jobs[j], output_dir, *arguments, pure=False,
                                       retries=retries, key=f"{what}-{jobs[j].name}-{token}"): j
                    for j in todo}
@@ -714,12 +678,9 @@ def coadd_batch(
         ``client`` of the wrong type.
     ValueError
         For a malformed ``groups`` (a group of fewer than two files included).
-    ImportError
-        When ``distributed`` is not installed.
-    FileExistsError
-        When an output exists and ``overwrite`` is False.
-    OSError
-        When ``output_dir`` is a file or cannot be written, or the CSV is missing.
+    ImportError, FileExistsError, OSError
+        As `subtract_batch` raises them: no ``distributed``, an existing output
+        without ``overwrite``, an unusable ``output_dir`` or a missing CSV.
 
     See Also
     --------

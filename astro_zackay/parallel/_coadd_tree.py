@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from astropy.table import Table, vstack
 
+from ._cluster import cluster_client
+
 __all__ = ["coadd_tree"]
 
 _log = logging.getLogger(__name__)
@@ -216,10 +218,10 @@ def coadd_tree(
         _groups(paths_or_groups, 1)  # raises the TypeError
     if len(paths_or_groups) == 0:
         raise ValueError("paths_or_groups is empty: coadd_tree needs at least one frame")
-    _cut(coadd_options, _groups(paths_or_groups, 1))  # the per-frame lists, before any work
-    from ._tiled import _cluster
-
-    with _cluster(client) as used:
+    given = _groups(paths_or_groups, 1)
+    _cut(coadd_options, given)  # the per-frame lists, before any work
+    n_frames = sum(len(g) for g in given)  # no more local workers than frames
+    with cluster_client(client, n_frames) as used:
         n_workers = max(1, len(used.scheduler_info().get("workers", {})))
         groups = _groups(paths_or_groups, n_workers)
         leaf_options = _cut(coadd_options, groups)

@@ -34,12 +34,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+
+from ._cluster import cluster_client
 
 __all__ = ["subtract_tiled"]
 
@@ -51,27 +52,6 @@ OUTPUTS = ("DIFF", "SCORR", "FLUX", "FLUXERR")
 BACKGROUND_BOXES = 3
 #: Side of the central cutout on which the global plan is estimated.
 PLAN_SIZE = 2048
-
-
-@contextlib.contextmanager
-def _cluster(client: Any) -> Iterator[Any]:
-    """The given client, or a LocalCluster's for the block (processes, loopback, no dashboard)."""
-    if client is not None:
-        yield client
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as exc:  # pragma: no cover - dask is in the 'all' extra
-        raise ImportError("the parallel functions need dask.distributed: "
-                          'pip install "dask[distributed]"') from exc
-    workers = max(1, min(4, os.cpu_count() or 1))
-    # no dashboard; the scheduler's small HTTP server (health, metrics) on a free
-    # loopback port, not 8787, which another cluster on the machine may hold
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None,
-                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            Client(cluster) as own:
-        yield own
 
 
 def _image_hdu(path: str | os.PathLike, hdu: int | str, name: str) -> tuple[tuple[int, int],
@@ -451,7 +431,7 @@ def subtract_tiled(
     psfs = [None if p is None else as_psf_sampler(p) for p in (reference_psf, science_psf)]
     if os.path.exists(output_path) and not overwrite:
         raise OSError(f"{output_path} exists: pass overwrite=True to replace it")
-    with _cluster(client) as used:
+    with cluster_client(client) as used:
         plan = _plan(paths, hdu, shape, psfs, units, flux_ratio, fit_shift, astrometric_noise,
                      psf_error, background, sigmas, gain, saturation, plan_size, plan_grid,
                      used)
