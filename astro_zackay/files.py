@@ -29,6 +29,7 @@ from astropy.io import fits
 from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
 from astropy.table import Table
 
+from ._ccd import _check_fits_file
 from ._version import version
 from .background import BackgroundResult
 from .coaddition import CoaddResult
@@ -326,6 +327,23 @@ def write_subtraction(
     log.debug("wrote the subtraction to %s", os.fspath(path))
 
 
+def _check_result_file(path: str | os.PathLike, kind: str, writer: str) -> str:
+    """The path of a readable FITS file as a string, or an error naming it and what to do.
+
+    A missing file, a directory and a file that is no FITS file (empty, garbage,
+    truncated) are refused before astropy reads it, so the error names the path.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name!r} is a directory, not a {kind} file: give the path of "
+                                f"a file written by {writer}")
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"no {kind} file at {name!r}: check the path, or write one "
+                                f"with {writer}")
+    _check_fits_file(name)
+    return name
+
+
 def _check_subtraction_file(hdul: fits.HDUList, path: str | os.PathLike) -> None:
     """Raise a ValueError unless ``hdul`` is a subtraction file with every extension."""
     if hdul[0].header.get("AZKIND") != "subtraction":
@@ -360,6 +378,12 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
 
     Raises
     ------
+    FileNotFoundError
+        When there is no such file.
+    IsADirectoryError
+        When the path is a directory.
+    OSError
+        When the file is not a readable FITS file (empty, corrupt or truncated).
     ValueError
         When the file is not a subtraction file or lacks an extension.
 
@@ -367,6 +391,7 @@ def read_subtraction(path: str | os.PathLike) -> SubtractionResult:
     --------
     See `write_subtraction`.
     """
+    _check_result_file(path, "subtraction", "write_subtraction")
     with fits.open(path) as hdul:
         _check_subtraction_file(hdul, path)
         fitted = {name: float(hdul["FITTED"].data[name][0])
@@ -650,6 +675,10 @@ def read_coadd(path: str | os.PathLike) -> CoaddResult:
     ------
     FileNotFoundError
         When there is no such file.
+    IsADirectoryError
+        When the path is a directory.
+    OSError
+        When the file is not a readable FITS file (empty, corrupt or truncated).
     ValueError
         When the file is not a coadd file (no ``AZKIND = 'coadd'`` in its primary
         header) or lacks one of its extensions (the message names them).
@@ -671,9 +700,7 @@ def read_coadd(path: str | os.PathLike) -> CoaddResult:
     >>> bool(np.array_equal(back.image.data, result.image.data))
     True
     """
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f"no coadd file at {name!r}")
+    name = _check_result_file(path, "coadd", "write_coadd")
     with fits.open(path) as hdul:
         if hdul[0].header.get("AZKIND") != "coadd":
             raise ValueError(f"{name!r} is not an astro_zackay coadd file (no AZKIND = "
@@ -869,6 +896,10 @@ def read_background(path: str | os.PathLike) -> BackgroundResult:
     ------
     FileNotFoundError
         When there is no such file.
+    IsADirectoryError
+        When the path is a directory.
+    OSError
+        When the file is not a readable FITS file (empty, corrupt or truncated).
     ValueError
         When the file is not a background file or lacks one of its extensions.
 
@@ -876,9 +907,7 @@ def read_background(path: str | os.PathLike) -> BackgroundResult:
     --------
     See `write_background`.
     """
-    name = os.fspath(path)
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f"no background file at {name!r}")
+    name = _check_result_file(path, "background", "write_background")
     with fits.open(path) as hdul:
         if hdul[0].header.get("AZKIND") != "background":
             raise ValueError(f"{name!r} is not an astro_zackay background file (no AZKIND = "

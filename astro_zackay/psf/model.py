@@ -23,6 +23,7 @@ from astropy.nddata import NDData
 from astropy.table import Table
 from scipy.ndimage import map_coordinates
 
+from .._ccd import _check_fits_file
 from .kl import (
     design_matrix,
     evaluate_psf,
@@ -485,22 +486,32 @@ class KLPSFModel(Fittable2DModel):
         ------
         FileNotFoundError
             When there is no such file.
+        IsADirectoryError
+            When the path is a directory.
         ValueError
-            When the file is not a FITS file, not a PSF file (no ``AZPSFVER`` key in
-            its primary header) or lacks one of the extensions or keys of the format.
+            When the file is not a readable FITS file (empty, corrupt or truncated),
+            not a PSF file (no ``AZPSFVER`` key in its primary header) or lacks one
+            of the extensions or keys of the format.
 
         Examples
         --------
         See `KLPSFModel.write`.
         """
         name = os.fspath(path)
+        if os.path.isdir(name):
+            raise IsADirectoryError(f"{name!r} is a directory, not a PSF file: give the path "
+                                    "of a file written by KLPSFModel.write")
+        if not os.path.exists(name):
+            raise FileNotFoundError(f"no PSF file at {name!r}: check the path, or write one "
+                                    "with KLPSFModel.write")
         try:
-            hdul = fits.open(path)
-        except FileNotFoundError:
+            _check_fits_file(name)
+        except PermissionError:
             raise
-        except OSError as exc:
-            raise ValueError(f"{name!r} is not a FITS file ({exc})") from None
-        with hdul:
+        except OSError as exc:  # its message begins with the path: said once
+            why = str(exc).removeprefix(f"{name!r} is not a readable FITS file ")
+            raise ValueError(f"{name!r} is not a FITS file {why}") from None
+        with fits.open(name) as hdul:
             header = hdul[0].header
             if "AZPSFVER" not in header:
                 raise ValueError(f"{name!r} is not an astro_zackay PSF file (no AZPSFVER key "
