@@ -35,6 +35,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -50,13 +51,14 @@ from ._ccd import (
     READ_NOISE_KEYS,
     SATURATION_KEYS,
     ImageData,
+    _parse_unit,
     as_ccddata,
     match_unit,
     to_ccddata,
     to_image,
 )
 from ._prepare import PreparedImage, prepare_image
-from ._psf_input import ImageWarnings
+from ._psf_input import ImageWarnings, as_psf_sampler
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
@@ -344,6 +346,22 @@ class _PerImage:
                 raise ValueError(f"{self.name}[{j}] must be a positive number (or None to "
                                  f"measure it), got {value!r}")
 
+    def check_psfs(self, images: Any) -> None:
+        """Turn every PSF given (None aside) into a `PSFSampler`, naming a bad one's image.
+
+        ``images`` is the list of images (for their names) or None (a generator:
+        ``image <j>``). Run before any image is read, so a bad PSF of the last image
+        is refused before the work on the others.
+        """
+        for j, value in enumerate(self._values if self.given else []):
+            if value is None:
+                continue
+            item = images[j] if images is not None and j < len(images) else None
+            try:
+                self._values[j] = as_psf_sampler(value)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{self.name}[{j}] ({_input_name(item, j)}): {exc}") from None
+
     def next(self) -> Any:
         if not self.given:
             return None
@@ -607,12 +625,14 @@ def coadd(
         _check_shapes(images)
     if border is not None and not _whole_non_negative(border):
         raise ValueError(f"border must be a non-negative whole number of pixels, got {border!r}")
+    unit = _parse_unit(unit)  # an unparsable unit= is refused before any image is read
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
     sigma_list = _PerImage(sigmas, "sigmas")
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
     for option in (scale_list, sigma_list):
         option.check_positive()
+    psf_list.check_psfs(images if isinstance(images, list | tuple) else None)
     if isinstance(images, list | tuple):  # the counts, when known before reading
         if not images:
             raise ValueError(_EMPTY)
@@ -669,6 +689,23 @@ def _warn_if_all_masked(mask: np.ndarray, min_depth_fraction: float) -> None:
             "the masks", AstroZackayWarning, stacklevel=user_stacklevel())
 
 
+@contextmanager
+def _named(name: str) -> Iterator[None]:
+    """Put the image's name ahead of the message of a bad input's error, in its class.
+
+    A frame that cannot be used (all NaN, fully masked, no unit, out of the range of
+    ``dtype``) is then reported as ``"image 3: ..."`` or ``"night2.fits: ..."``.
+    """
+    try:
+        yield
+    except (OSError, TypeError, ValueError) as exc:
+        try:
+            named = type(exc)(f"{name}: {exc}")
+        except TypeError:  # an exception class that needs other arguments: kept as it is
+            raise exc from None
+        raise named from exc
+
+
 def _prepared_frames(
     images: Any,
     *,
@@ -699,8 +736,9 @@ def _prepared_frames(
             if method and target is not None:
                 item = align_image(item, target, method=method, unit=unit,
                                    saturation=saturation)
-            img = to_image(item, unit=unit, gain=frame_gain, saturation=saturation, hdu=hdu,
-                           dtype=dtype)
+            with _named(name):
+                img = to_image(item, unit=unit, gain=frame_gain, saturation=saturation,
+                               hdu=hdu, dtype=dtype)
             del item
             if first is not None:
                 img = _check_like(img, first, name, frame_gain)

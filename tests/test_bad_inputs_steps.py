@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from astropy.nddata import CCDData
 
+from astro_zackay import coadd
 from astro_zackay.files import read_background, read_coadd, read_subtraction
 from astro_zackay.psf.model import KLPSFModel
+
+#: A path that does not exist: an error raised with it came before any reading.
+MISSING = "/nonexistent/frame.fits"
 
 #: Each reader of a result file, with the kind of file it reads and its writer.
 READERS = {
@@ -61,3 +65,48 @@ def test_psf_model_read_names_a_bad_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no PSF file at .*absent.fits.*: check the "
                                                 r"path, or write one with KLPSFModel.write"):
         KLPSFModel.read(tmp_path / "absent.fits")
+
+
+def _frame(ccd, **changes):
+    """A copy of ``ccd`` with its data or mask replaced."""
+    out = ccd.copy()
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def _known(n):
+    """PSFs and flux scales given for ``n`` frames: no star is looked for in the good ones."""
+    return {"psfs": [2.5] * n, "flux_scales": [1.0] * n}
+
+
+def test_coadd_names_the_frame_that_cannot_be_used(small_pair):
+    ref = small_pair.reference.ccd
+    nan = _frame(ref, data=np.full(ref.shape, np.nan))
+    with pytest.raises(ValueError, match=r"^image 3: the CCDData has no usable pixel: .* 9216 "
+                                         r"not finite .*check the data, the mask"):
+        coadd([ref, ref, ref, nan], **_known(4))
+    masked = _frame(ref, mask=np.ones(ref.shape, bool))
+    with pytest.raises(ValueError, match=r"^image 2: the CCDData has no usable pixel: .* 9216 "
+                                         r"masked by its mask"):
+        coadd([ref, ref, masked], **_known(3))
+    with pytest.raises(ValueError, match=r"^image 1: a plain array has no unit: pass unit="):
+        coadd([ref, np.asarray(ref.data)], **_known(2))
+    huge = _frame(ref, data=ref.data * 1e39)
+    with pytest.raises(ValueError, match=r"^image 1: the CCDData's data has 9216 values .* "
+                                         r"outside the range of float32 .*dtype=np.float64"):
+        coadd([ref, huge], dtype=np.float32, **_known(2))
+
+
+def test_coadd_refuses_bad_options_by_name_before_reading(small_pair):
+    ref = small_pair.reference.ccd
+    # the missing file would fail when read: these errors come first
+    with pytest.raises(ValueError, match=r"unit='foo' is not a unit astropy can parse: pass "):
+        coadd([MISSING, MISSING], unit="foo")
+    with pytest.raises(TypeError, match=r"^psfs\[1\] \(frame.fits\): cannot use a str as a "
+                                        r"PSF: give a KLPSFModel"):
+        coadd([ref, MISSING], psfs=[2.5, "3"])
+    with pytest.raises(ValueError, match=r"^psfs\[0\] \(image 0\): the PSF array must .*odd"):
+        coadd([ref, MISSING], psfs=[np.ones((4, 4)), None])
+    with pytest.raises(TypeError, match=r"^psfs\[1\] \(image 1\): cannot use a str"):
+        coadd(iter([ref, ref]), psfs=[2.5, "3"])
