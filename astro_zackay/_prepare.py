@@ -29,7 +29,7 @@ from astropy.table import Table
 from ._ccd import ImageData
 from ._psf_input import PSFSampler, as_psf_sampler, estimate_image_psf, find_image_stars
 from ._stats import MAP_LEVEL_SAMPLES, sampled_median
-from .background import _estimate_from
+from .background import MIN_BOX_SIZE, _estimate_from
 
 __all__ = ["BACKGROUND_CLIP", "PreparedImage", "prepare_image"]
 
@@ -119,6 +119,27 @@ def _background_sigma(image: ImageData, rms: np.ndarray) -> float:
     return float(np.sqrt(np.median(image.variance[background])))
 
 
+def _check_size(shape: tuple[int, ...], psf: Any, name: str, option: str) -> PSFSampler | None:
+    """The given PSF as a `PSFSampler` (None if none), or a ValueError for an image too small.
+
+    An image needs at least one background box (`MIN_BOX_SIZE` px) on each side and
+    must hold the PSF's stamp (at its centre); the error names the image, what it is
+    too small for and what to do, before any work on it.
+    """
+    if min(shape) < MIN_BOX_SIZE:
+        raise ValueError(f"{name}: its shape {tuple(shape)} is too small: each side needs at "
+                         f"least {MIN_BOX_SIZE} px for a background map; give a larger image")
+    if psf is None:
+        return None
+    sampler = as_psf_sampler(psf)
+    stamp = np.shape(sampler((shape[1] - 1) / 2, (shape[0] - 1) / 2))
+    if stamp[0] > shape[0] or stamp[1] > shape[1]:
+        raise ValueError(f"{name}: its shape {tuple(shape)} is smaller than the PSF stamp "
+                         f"{stamp} of {option}: give a larger image, or a PSF on a smaller "
+                         "stamp (a smaller FWHM)")
+    return sampler
+
+
 def prepare_image(
     image: ImageData,
     psf: Any,
@@ -155,9 +176,10 @@ def prepare_image(
     Raises
     ------
     ValueError
-        When the PSF must be estimated and cannot be (the message names the image and
-        ``option``), or for a background noise that is not positive and finite (a given
-        one is checked before any work).
+        When the image is smaller than one background box or than the given PSF's
+        stamp (checked before any work), when the PSF must be estimated and cannot be
+        (the message names the image and ``option``), or for a background noise that
+        is not positive and finite (a given one is checked before any work).
     astropy.units.UnitConversionError
         For a given ``sigma`` in a unit that does not convert to the image's.
 
@@ -174,6 +196,7 @@ def prepare_image(
     (True, 2.0, True)
     """
     given = None if sigma is None else _given_sigma(sigma, image.unit, name)  # before any work
+    given_psf = _check_size(image.shape, psf, name, option)
     background, detection = _estimate_from(image)  # on the coerced image: no second copy
     stars = None
     if psf is None or need_stars:
@@ -182,7 +205,7 @@ def prepare_image(
                                  option=option if psf is None else None, detection=detection)
     if psf is None:
         psf = estimate_image_psf(image, stars, name=name, option=option)
-    sampler = as_psf_sampler(psf)
+    sampler = as_psf_sampler(psf) if given_psf is None else given_psf
     log.info("%s PSF: %s", name, sampler.source)
     data = image.data
     np.subtract(data, background.sky.data, out=data, casting="same_kind")

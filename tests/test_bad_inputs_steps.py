@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from astropy.nddata import CCDData
 
-from astro_zackay import coadd
+from astro_zackay import coadd, subtract
 from astro_zackay.files import read_background, read_coadd, read_subtraction
 from astro_zackay.psf.model import KLPSFModel
+from astro_zackay.simulation import psf_stamp
 
 #: A path that does not exist: an error raised with it came before any reading.
 MISSING = "/nonexistent/frame.fits"
@@ -110,3 +111,25 @@ def test_coadd_refuses_bad_options_by_name_before_reading(small_pair):
         coadd([ref, MISSING], psfs=[np.ones((4, 4)), None])
     with pytest.raises(TypeError, match=r"^psfs\[1\] \(image 1\): cannot use a str"):
         coadd(iter([ref, ref]), psfs=[2.5, "3"])
+
+
+def test_an_image_smaller_than_its_psf_or_a_box_is_refused_by_name(small_pair):
+    ref, sci = small_pair.reference.ccd, small_pair.science.ccd
+    tiny, stamp = ref[:9, :9], psf_stamp((25, 25), 3.0)
+    with pytest.raises(ValueError, match=r"^reference image: its shape \(9, 9\) is smaller than "
+                                         r"the PSF stamp \(25, 25\) of reference_psf=: give a "
+                                         r"larger image"):
+        subtract(tiny, tiny, reference_psf=stamp, science_psf=stamp, flux_ratio=1.0,
+                 fit_shift=False, astrometric_noise=0.0)
+    for psf, side in ((psf_stamp((201, 201), 3.0), 201), (60.0, 301)):
+        with pytest.raises(ValueError, match=rf"^science image: its shape \(96, 96\) is smaller "
+                                             rf"than the PSF stamp \({side}, {side}\) of "
+                                             r"science_psf=: .*smaller FWHM"):
+            subtract(ref, sci, reference_psf=3.0, science_psf=psf)
+    with pytest.raises(ValueError, match=r"^image 0: its shape \(9, 9\) is smaller than the PSF "
+                                         r"stamp \(25, 25\) of psfs="):
+        coadd([tiny, tiny], psfs=[stamp, stamp], flux_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"^image 0: its shape \(6, 96\) is too small: each side "
+                                         r"needs at least 8 px for a background map; give a "
+                                         r"larger image"):
+        coadd([ref[:6], ref[:6]], **_known(2))
