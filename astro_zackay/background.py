@@ -209,6 +209,36 @@ class BackgroundResult:
         )
 
 
+#: sep squares the pixel values in float32: data whose largest value lies outside
+#: ``[2**-_SEP_SAFE_EXP, 2**_SEP_SAFE_EXP]`` is rescaled by a power of two (exact) first.
+_SEP_SAFE_EXP = 32
+
+#: The catalogue columns of ``sep.extract`` in data units (the others are in pixels, or
+#: ratios of two data values, such as the position errors).
+_SEP_DATA_COLUMNS = ("thresh", "flux", "cflux", "peak", "cpeak")
+
+
+def _sep_scale(data: np.ndarray) -> float:
+    """A power of two that brings the largest finite value of ``data`` near 1 for sep, or 1.
+
+    sep works in float32 and squares the pixels: data in a unit of ~1e19 (the squares
+    overflow) lost every source and came 7-32 % off in rms. Scaling by a power of two
+    is exact (no bit of a float changes but the exponent), so the maps and catalogue
+    scaled back are those of the same image in a unit of ~1. Data already in the safe
+    range is left alone (scale 1: no frame-sized copy).
+    """
+    if data.size == 0:
+        return 1.0
+    peak = max(float(np.max(data)), -float(np.min(data)))  # no frame-sized copy
+    if not np.isfinite(peak):  # NaN or inf: the finite values set the scale
+        finite = data[np.isfinite(data)]
+        peak = max(float(np.max(finite)), -float(np.min(finite))) if finite.size else 0.0
+    if peak == 0.0:
+        return 1.0
+    exponent = int(np.floor(np.log2(peak)))
+    return 1.0 if abs(exponent) <= _SEP_SAFE_EXP else float(2.0 ** -exponent)
+
+
 def _sep_maps(
     data: np.ndarray, mask: np.ndarray, box: tuple[int, int], filt: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +248,12 @@ def _sep_maps(
     same maps as float64 (measured: bit for bit), without two frame-sized conversions
     and with half the memory.
     """
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    scale = _sep_scale(data)  # its masked pixels are 0
+    if scale != 1.0:
+        data = data * np.float32(scale)  # exact: a power of two
     bkg = sep.Background(
-        np.ascontiguousarray(data, dtype=np.float32),
+        data,
         mask=np.ascontiguousarray(mask),
         bw=box[1],
         bh=box[0],
@@ -227,8 +261,11 @@ def _sep_maps(
         fh=filt[0],
     )
     rms = bkg.rms(dtype=np.float32)
-    rms /= np.float32(_SEP_CLIP_STD_FACTOR)
-    return bkg.back(dtype=np.float32), rms
+    rms /= np.float32(_SEP_CLIP_STD_FACTOR * scale)
+    back = bkg.back(dtype=np.float32)
+    if scale != 1.0:
+        back /= np.float32(scale)
+    return back, rms
 
 
 def _photutils_maps(
@@ -361,7 +398,15 @@ def _extract(
     data = np.ascontiguousarray(data, dtype=np.float32)
     err = np.array(rms, dtype=np.float32)  # a copy (sep needs it writable): infinities stay here
     err[~(err > 0)] = np.inf
-    return _extract_rows(data, err, threshold, strong, 0, data.shape[0])
+    scale = _sep_scale(data)
+    if scale == 1.0:
+        return _extract_rows(data, err, threshold, strong, 0, data.shape[0])
+    err *= np.float32(scale)  # exact, powers of two: the catalogue is scaled back
+    objects, pixels = _extract_rows(data * np.float32(scale), err, threshold, strong, 0,
+                                    data.shape[0])
+    for name in _SEP_DATA_COLUMNS:
+        objects[name] /= scale
+    return objects, pixels
 
 
 def _detect_sources(

@@ -236,3 +236,21 @@ def test_options_checked_once(monkeypatch):
     data = np.random.default_rng(5).normal(10.0, 1.0, (64, 64))
     estimate_background(data, unit="adu", box_size=16)
     assert calls == [(16, 3, "auto")]
+
+
+@pytest.mark.parametrize("factor", [1e19, 1e-19, 2.0**80])
+def test_any_unit_scale_gives_the_same_background(factor):
+    # sep works in float32 and squares the pixels: at ~1e19 its rms came 7-32 % off
+    # and it detected nothing; the data is now rescaled by a power of two around sep
+    data = simulate_image((128, 128), psf=3.0, n_stars=30, flux_range=(2e3, 5e4),
+                          seed=4).ccd.data
+    plain = estimate_background(CCDData(data, unit="MJy/sr"))
+    scaled = estimate_background(CCDData(data * factor, unit="MJy/sr"))
+    if np.log2(factor).is_integer():  # a power of two: exactly the same maps
+        assert np.array_equal(scaled.sky.data, plain.sky.data * np.float32(factor))
+        assert np.array_equal(scaled.rms.data, plain.rms.data * np.float32(factor))
+    else:  # the data differ by float rounding only
+        rms = plain.rms.data.astype(float)
+        np.testing.assert_allclose(scaled.rms.data / factor, rms, rtol=1e-5)
+        np.testing.assert_allclose(scaled.sky.data / factor, plain.sky.data,
+                                   atol=1e-4 * float(np.mean(rms)))
