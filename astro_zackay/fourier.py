@@ -292,7 +292,9 @@ def _check_stamp(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
             "pad it with one row/column of zeros on the side away from the centre."
         )
     if stamp.shape[0] > shape[0] or stamp.shape[1] > shape[1]:
-        raise ValueError(f"PSF stamp {stamp.shape} is larger than the image grid {tuple(shape)}")
+        raise ValueError(f"PSF stamp {stamp.shape} is larger than the image grid {tuple(shape)}: "
+                         "give a PSF on a stamp no larger than the image (crop its wings, "
+                         "or a smaller FWHM), or a larger image")
     return stamp
 
 
