@@ -11,8 +11,11 @@ first, through a memory map of its own region: no process holds a full-size arra
 
 What is global, and whence (the "plan", computed once on the client):
 
-* PSFs: given, or estimated on a central cutout of ``plan_size`` pixels (a varying
-  model is evaluated at positions clamped to the cutout);
+* PSFs: given, or estimated as `subtract` estimates them on the whole image, one
+  model over the image's coordinates, from the stars found in cutouts of
+  ``plan_size`` that cover the image (one task each; ``field_psf=True``,
+  `astro_zackay.parallel._field_psf`), or on the central cutout alone (a varying
+  model then evaluated at positions clamped to it);
 * flux ratio, shift, astrometric noise: given, or from the stars matched in a grid of
   ``plan_grid`` x ``plan_grid`` cutouts spread over the image (one task each; as
   `subtract` measures them on the whole image), combined;
@@ -340,6 +343,7 @@ def subtract_tiled(
     hdu: int | str = 0,
     plan_size: int = PLAN_SIZE,
     plan_grid: int = 3,
+    field_psf: bool = True,
     dtype: Any = np.float32,
     overwrite: bool = False,
 ) -> Table:
@@ -359,7 +363,7 @@ def subtract_tiled(
         Inner side of the square tiles (at least 32); each task holds about
         ``60 * (tile + 2 * stamp)**2`` bytes plus its window's background estimate.
     reference_psf, science_psf : optional
-        As `~astro_zackay.subtract` takes them; None: estimated on the central cutout.
+        As `~astro_zackay.subtract` takes them; None: estimated (see ``field_psf``).
     flux_ratio, fit_shift, astrometric_noise, psf_error
         As `~astro_zackay.subtract`; what is fitted is fitted on the central cutout.
     background : {'auto', 'none'}
@@ -378,6 +382,13 @@ def subtract_tiled(
         The flux ratio, shift and astrometric noise come from the stars matched in
         ``plan_grid`` x ``plan_grid`` cutouts of ``plan_size`` spread over the image
         (one task each), combined; 1: the central cutout alone.
+    field_psf : bool
+        With ``plan_grid`` > 1, estimate a PSF that is not given from the stars of the
+        whole image, found in cutouts of ``plan_size`` covering it: one model over the
+        image, as `~astro_zackay.subtract` estimates it. The client then holds the
+        pixels around every star (up to the whole image in float64 for a dense field)
+        and a mask of the full shape. False: estimated on the central cutout (the
+        client holds that cutout only).
     dtype : {numpy.float32, numpy.float64}
         Working precision.
     overwrite : bool
@@ -411,6 +422,8 @@ def subtract_tiled(
     check_tiles(tile)
     if tile is None or tile == "auto":
         raise ValueError(f"tile must be an integer side >= 32 px for subtract_tiled, got {tile!r}")
+    if not isinstance(field_psf, bool | np.bool_):
+        raise TypeError(f"field_psf must be True or False, got {field_psf!r}")
     for name, value, least in (("plan_grid", plan_grid, 1), ("plan_size", plan_size, 64)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -433,8 +446,8 @@ def subtract_tiled(
         raise OSError(f"{output_path} exists: pass overwrite=True to replace it")
     with cluster_client(client) as used:
         plan = _plan(paths, hdu, shape, psfs, units, flux_ratio, fit_shift, astrometric_noise,
-                     psf_error, background, sigmas, gain, saturation, plan_size, plan_grid,
-                     used)
+                     psf_error, background, sigmas, gain, saturation, plan_size,
+                     plan_grid, used, field_psf)
         centre = ((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
         stamp = max(plan["psfs"][1](*centre).shape + plan["psfs"][0](*centre).shape)
         layout = _layout(shape, tile, stamp)
@@ -539,15 +552,29 @@ def _grid_match(client: Any, central: Any, paths: tuple, hdu: Any, shape: tuple[
     return _Combined(found)
 
 
+def _whole_field(client: Any, central: Any, given: Any, path: str, hdu: Any,
+                 shape: tuple[int, int], size: tuple[int, int], unit: Any, gain: Any,
+                 saturation: Any, name: str) -> Any:
+    """A given PSF as is; else one estimated from the stars of the whole field."""
+    if given is not None:
+        return given
+    from .._psf_input import as_psf_sampler
+    from ._field_psf import field_psf
+
+    model = field_psf(client, path, hdu, shape, size, unit, gain, saturation, name)
+    return central if model is None else as_psf_sampler(model)
+
+
 def _plan(paths: tuple, hdu: Any, shape: tuple[int, int], psfs: list, units: tuple,
           flux_ratio: Any, fit_shift: bool, astrometric_noise: Any, psf_error: Any,
           background: str, sigmas: Any, gain: Any, saturation: Any, plan_size: int,
-          plan_grid: int = 1, client: Any = None) -> dict:
+          plan_grid: int = 1, client: Any = None, field_psf: bool = False) -> dict:
     """The global quantities, from a central cutout read by sections.
 
     With ``plan_grid`` > 1 and an image larger than the cutout, the stars matched in
     ``plan_grid**2`` cutouts spread over the image (on the workers of ``client``) give
-    the flux ratio, shift and astrometric noise (`_grid_match`).
+    the flux ratio, shift and astrometric noise (`_grid_match`), and with ``field_psf``
+    the PSFs not given come from the stars of cutouts covering it (`_whole_field`).
     """
     from astropy.nddata import CCDData
 
@@ -574,6 +601,10 @@ def _plan(paths: tuple, hdu: Any, shape: tuple[int, int], psfs: list, units: tup
                                       need_stars=bool(needs)))
     samplers = [psfs[i] if psfs[i] is not None
                 else _ClampedPSF(prepared[i].psf, origin, size) for i in range(2)]
+    if field_psf and client is not None and plan_grid > 1 and size != tuple(shape):
+        samplers = [_whole_field(client, samplers[i], psfs[i], paths[i], hdu, shape, size,
+                                 units[i], gains[i], sats[i], name)
+                    for i, name in enumerate(("reference image", "science image"))]
     shift, beta, beta_err, ast = (0.0, 0.0), flux_ratio, 0.0, (0.0, 0.0)
     pref, psci = prepared
     if needs:
