@@ -31,7 +31,7 @@ from ._psf_input import PSFSampler, as_psf_sampler, estimate_image_psf, find_ima
 from ._stats import MAP_LEVEL_SAMPLES, sampled_median
 from .background import MIN_BOX_SIZE, _estimate_from
 
-__all__ = ["BACKGROUND_CLIP", "PreparedImage", "prepare_image"]
+__all__ = ["BACKGROUND_CLIP", "PreparedImage", "check_image_size", "prepare_image"]
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,46 @@ def _background_sigma(image: ImageData, rms: np.ndarray) -> float:
     return float(np.sqrt(np.median(image.variance[background])))
 
 
-def _check_size(shape: tuple[int, ...], psf: Any, name: str, option: str) -> PSFSampler | None:
-    """The given PSF as a `PSFSampler` (None if none), or a ValueError for an image too small.
+def check_image_size(
+    shape: tuple[int, ...], psf: Any, name: str, option: str
+) -> PSFSampler | None:
+    """Refuse an image too small to prepare, before any work on it.
 
     An image needs at least one background box (`MIN_BOX_SIZE` px) on each side and
-    must hold the PSF's stamp (at its centre); the error names the image, what it is
-    too small for and what to do, before any work on it.
+    must hold the stamp of its given PSF (evaluated at the image centre).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The image's shape ``(ny, nx)``.
+    psf : any PSF input or None
+        The PSF given for the image (`~astro_zackay._psf_input.as_psf_sampler`); None
+        when it is to be estimated.
+    name : str
+        The image as the user knows it ("science image", a file name).
+    option : str
+        The argument that gives this image's PSF (``"science_psf="``).
+
+    Returns
+    -------
+    PSFSampler or None
+        The given PSF as a sampler; None without one.
+
+    Raises
+    ------
+    ValueError
+        Naming the image, what it is too small for and what to do.
+
+    Examples
+    --------
+    >>> from astro_zackay._prepare import check_image_size
+    >>> check_image_size((64, 64), 3.0, "image 0", "psfs=").source
+    'Gaussian of FWHM 3 px'
+    >>> try:
+    ...     check_image_size((9, 9), 3.0, "image 0", "psfs=")
+    ... except ValueError as exc:
+    ...     print(str(exc)[:64])
+    image 0: its shape (9, 9) is smaller than the PSF stamp (17, 17)
     """
     if min(shape) < MIN_BOX_SIZE:
         raise ValueError(f"{name}: its shape {tuple(shape)} is too small: each side needs at "
@@ -196,7 +230,7 @@ def prepare_image(
     (True, 2.0, True)
     """
     given = None if sigma is None else _given_sigma(sigma, image.unit, name)  # before any work
-    given_psf = _check_size(image.shape, psf, name, option)
+    given_psf = check_image_size(image.shape, psf, name, option)
     background, detection = _estimate_from(image)  # on the coerced image: no second copy
     stars = None
     if psf is None or need_stars:

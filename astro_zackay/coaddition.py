@@ -57,7 +57,7 @@ from ._ccd import (
     to_ccddata,
     to_image,
 )
-from ._prepare import PreparedImage, prepare_image
+from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import ImageWarnings, as_psf_sampler
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
@@ -231,8 +231,10 @@ _EMPTY = ("images is empty: coadd needs at least one image (a list, a generator 
           "ImageFileCollection that yields one)")
 
 
-def _check_shapes(images: Any) -> None:
+def _check_shapes(images: Any) -> list[tuple[str, tuple[int, ...] | None]]:
     """Images of a list or an ImageFileCollection must share one shape, checked first.
+
+    Returns ``(name, shape or None)`` of each image, in order (empty for a generator).
 
     The shapes of arrays and NDData are read from the objects, those of FITS files and
     HDUs from their headers (``NAXIS1``/``NAXIS2`` of the image HDU that would be read),
@@ -246,11 +248,11 @@ def _check_shapes(images: Any) -> None:
     elif hasattr(images, "files_filtered") and hasattr(images, "location"):
         items = list(_iter_inputs(images))
     else:
-        return
+        return []
     shapes = [(name, _known_shape(item, hdu)) for item, name, hdu in items]
     known = [(name, shape) for name, shape in shapes if shape is not None]
     if len({shape for _, shape in known}) < 2:
-        return
+        return shapes
     first = known[0][1]
     listed = known if len(known) <= 8 else [known[0]] + [k for k in known if k[1] != first][:7]
     text = ", ".join(f"{name} {shape}" for name, shape in listed)
@@ -361,6 +363,10 @@ class _PerImage:
                 self._values[j] = as_psf_sampler(value)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{self.name}[{j}] ({_input_name(item, j)}): {exc}") from None
+
+    def peek(self, j: int) -> Any:
+        """Entry ``j`` (None when not given or beyond the entries), not consumed."""
+        return self._values[j] if self.given and j < len(self._values) else None
 
     def next(self) -> Any:
         if not self.given:
@@ -621,8 +627,7 @@ def coadd(
     check_depth_fraction(min_depth_fraction)
     if align not in (False, True, "stars", "wcs"):
         raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
-    if not align:
-        _check_shapes(images)
+    shapes = [] if align else _check_shapes(images)
     if border is not None and not _whole_non_negative(border):
         raise ValueError(f"border must be a non-negative whole number of pixels, got {border!r}")
     unit = _parse_unit(unit)  # an unparsable unit= is refused before any image is read
@@ -633,6 +638,9 @@ def coadd(
     for option in (scale_list, sigma_list):
         option.check_positive()
     psf_list.check_psfs(images if isinstance(images, list | tuple) else None)
+    for j, (name, shape) in enumerate(shapes):  # too small for a background or its PSF
+        if shape is not None and len(shape) == 2:
+            check_image_size(shape, psf_list.peek(j), name, "psfs=")
     if isinstance(images, list | tuple):  # the counts, when known before reading
         if not images:
             raise ValueError(_EMPTY)

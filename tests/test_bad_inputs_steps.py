@@ -133,3 +133,11 @@ def test_an_image_smaller_than_its_psf_or_a_box_is_refused_by_name(small_pair):
                                          r"needs at least 8 px for a background map; give a "
                                          r"larger image"):
         coadd([ref[:6], ref[:6]], **_known(2))
+
+
+def test_coadd_refuses_a_frame_too_small_before_any_reading(small_pair):
+    ref = small_pair.reference.ccd
+    # a frame of the list too small for its PSF is refused before the missing file is read
+    with pytest.raises(ValueError, match=r"^image 1: its shape \(9, 9\) is smaller than the PSF "
+                                         r"stamp \(17, 17\) of psfs="):
+        coadd([MISSING, ref[:9, :9]], psfs=[None, 3.0])
