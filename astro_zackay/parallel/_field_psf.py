@@ -44,6 +44,11 @@ def _cutout_stars(path: str, hdu: Any, rows: slice, cols: slice, unit: Any, gain
     stars = find_image_stars(img, background, name=name, option=None, detection=detection)
     if stars is None or not len(stars):
         return None
+    # the estimator's first step drops the stars under its S/N cut: drop them here, so
+    # that their pixels are never sent (the fainter stars are the many)
+    stars = stars[np.asarray(stars["snr"], dtype=float) >= _psf_snr_min()]
+    if not len(stars):
+        return None
     reach = int(np.ceil(WINDOW_FWHM * float(stars.meta.get("fwhm", np.nanmedian(
         stars["fwhm"]))))) + 2
     windows = []
@@ -66,6 +71,15 @@ def _cutout_stars(path: str, hdu: Any, rows: slice, cols: slice, unit: Any, gain
                                                    "variance_estimated")}}
     stars.meta = {}
     return stars, windows, meta
+
+
+def _psf_snr_min() -> float:
+    """The S/N cut of the PSF stars in the estimator that `subtract` runs."""
+    import inspect
+
+    from ..psf.estimate import _estimate_psf
+
+    return float(inspect.signature(_estimate_psf).parameters["snr_min"].default)
 
 
 def _cutouts(shape: tuple[int, int], size: tuple[int, int]) -> list[tuple[slice, slice]]:

@@ -386,9 +386,9 @@ def subtract_tiled(
         With ``plan_grid`` > 1, estimate a PSF that is not given from the stars of the
         whole image, found in cutouts of ``plan_size`` covering it: one model over the
         image, as `~astro_zackay.subtract` estimates it. The client then holds the
-        pixels around every star (up to the whole image in float64 for a dense field)
-        and a mask of the full shape. False: estimated on the central cutout (the
-        client holds that cutout only).
+        pixels around the PSF stars in arrays of the full shape (at most 17 bytes a
+        pixel, of which only the stars' pages are mapped). False: estimated on the
+        central cutout (the client holds that cutout only).
     dtype : {numpy.float32, numpy.float64}
         Working precision.
     overwrite : bool
