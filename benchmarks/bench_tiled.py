@@ -6,14 +6,15 @@ Gaussian stars, FWHM 2.5 px in the reference and 3.2 px in the science image, on
 of 100 e- with read noise 5 e-, flux ratio 0.9, 100 stars per 1024^2), then subtracted
 by `astro_zackay.parallel._tiled.subtract_tiled` on a LocalCluster of ``--workers``
 worker processes (one thread each) with a Dask ``memory_limit`` per worker, everything
-estimated (PSFs, flux ratio, shift from the central 2048^2 cutout; each tile's background
+estimated (PSFs from the stars of the whole field, or of the central 2048^2 cutout with
+``--central-psf``; flux ratio and shift from a grid of cutouts; each tile's background
 on its window).  Printed: the wall time (plan, tiles and file creation included), each
 worker's peak resident memory (VmHWM of the worker process, imports included; the
 simulation runs in a child process) and the client's, and the largest |Scorr| in a
 central 2048^2 section of the output as a sanity check.
 
 Run from the repository root: ``python benchmarks/bench_tiled.py [--size 16384]
-[--tile 1024] [--workers 2] [--memory-limit 900MB] [--workdir DIR]``.
+[--tile 1024] [--workers 2] [--memory-limit 900MB] [--workdir DIR] [--central-psf]``.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="900MB")
     parser.add_argument("--workdir", default="/tmp/astro_zackay_bench_tiled")
+    parser.add_argument("--central-psf", action="store_true",
+                        help="estimate the PSFs on the central cutout (field_psf=False)")
     parser.add_argument("--simulate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -138,7 +141,8 @@ def main() -> None:
         client.run(_warm)  # imports: not timed
         base = client.run(_peak_mb)
         t1 = time.perf_counter()
-        table = subtract_tiled(ref, sci, out, client=client, tile=args.tile, overwrite=True)
+        table = subtract_tiled(ref, sci, out, client=client, tile=args.tile, overwrite=True,
+                               field_psf=not args.central_psf)
         wall = time.perf_counter() - t1
         peaks = client.run(_peak_mb)
     with fits.open(out, memmap=True) as hdul:
