@@ -180,8 +180,9 @@ def coadd_tree(
     output_path : str or path-like, optional
         Where to write the coadd (`~astro_zackay.coaddition.CoaddResult.write`).
     client : distributed.Client, optional
-        Used as it is; None starts a `~distributed.LocalCluster` (worker processes,
-        loopback only, no dashboard) for the call and closes it.
+        Used as it is; None starts the LocalCluster of `subtract_batch` for the call
+        (one single-threaded worker process per core, loopback only, no dashboard,
+        without Dask's malloc trim threshold) and closes it.
     overwrite : bool, optional
         Replace an existing ``output_path``.
     **coadd_options

@@ -357,8 +357,9 @@ def subtract_tiled(
         The FITS file written: image extensions DIFF (D), SCORR, FLUX and FLUXERR,
         masked pixels NaN, the plan in the primary header.
     client : distributed.Client, optional
-        Used as it is; None starts a LocalCluster (worker processes, loopback, no
-        dashboard) for the call and closes it.
+        Used as it is; None starts the LocalCluster of `subtract_batch` for the call
+        (one single-threaded worker process per core, loopback only, no dashboard,
+        without Dask's malloc trim threshold) and closes it.
     tile : int
         Inner side of the square tiles (at least 32); each task holds about
         ``60 * (tile + 2 * stamp)**2`` bytes plus its window's background estimate.
