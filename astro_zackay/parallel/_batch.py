@@ -523,8 +523,8 @@ def subtract_batch(
         ``"failed"``), ``error`` (the message of a failure, else empty), ``retries`` and
         ``note`` (reruns after the worker died), ``seconds`` (on the worker),
         ``flux_ratio`` (fitted) and ``n_candidates`` (good candidates: no flag set),
-        both masked in failed rows, and ``warnings`` (the library's warnings, ``; ``
-        separated).
+        both masked in failed rows, and ``warnings`` (the library's warnings, joined
+        by semicolons).
 
     Raises
     ------
