@@ -33,6 +33,9 @@ from ._cluster import cluster_client
 
 __all__ = ["coadd_batch", "subtract_batch"]
 
+# The examples start a LocalCluster, which needs dask.distributed (the `all` extra).
+__doctest_requires__ = {("subtract_batch", "coadd_batch"): ["distributed"]}
+
 log = logging.getLogger(__name__)
 
 #: File name endings stripped from an input's name to make a row's default name.
