@@ -60,6 +60,7 @@ from .zogy import (
     _tile_medians,
     _total_variance,
     _variance_spectra,
+    _warn_if_large,
 )
 
 __all__ = [
@@ -860,8 +861,10 @@ def _grown_mask(bad: np.ndarray, images: tuple, sigmas: tuple[float, float],
     s_sigmas = s_sigmas.tolist()
     pixels, blanks = [img for img, _ in images], tuple(b for _, b in images)
     if bad.any():
+        sky = float(np.mean(flag))
         labels, light = _masked_regions(bad, pixels, list(sigmas), list(psfs), blanks)
         _grow_regions(flag, labels, light, reaches, s_sigmas, layout.owners(labels))
+        _warn_if_large(bad, flag, sky, radius)
     edge = _edge_mask(bad.shape, radius + int(np.ceil(shift)))
     labels, light = _edge_sources(pixels, list(sigmas), list(psfs), blanks)
     _grow_regions(edge, labels, light, reaches, s_sigmas, layout.owners(labels))

@@ -30,6 +30,7 @@ denominator.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -38,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from ._stats import mad_std
+from ._warnings import AstroZackayWarning, user_stacklevel
 from .fourier import (
     ArrayBackend,
     abs2,
@@ -86,6 +88,10 @@ EDGE_SOURCE_SIGMA = 5.0
 #: bad pixel at sky level is not taken to hide a star (with the rim's bare maximum, 50
 #: scattered NaN pixels masked 12 % of a 512^2 difference).
 RIM_NOISE_SIGMA = 4.0
+#: Fraction of the image that the masked regions taken to hide stars (rims brighter
+#: than the noise) may flag beyond the growth of every bad pixel by the kernels' core
+#: radius, before a warning says how much was masked and why.
+LARGE_MASK_FRACTION = 0.25
 #: Tukey biweight and Huber tuning constants (95 % Gaussian efficiency).
 _BIWEIGHT_C = 4.685
 _HUBER_K = 1.345
@@ -444,23 +450,22 @@ def _largest_around(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _light_per_rim_value(psf: np.ndarray, areas: np.ndarray) -> np.ndarray:
-    """Light of a star whose masked core has each area, per unit of its brightest rim pixel.
+def _light_per_rim_value(psf: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Light of a star whose masked core has each radius, per unit of its brightest rim pixel.
 
-    The core is taken as the centred disk of that area: the star's light is its
-    brightest rim pixel over the PSF's largest value on the ring 1.5 px outside it
-    (infinite where that is not positive, as for masked regions wider than the PSF).
+    The star's light is its brightest rim pixel over the PSF's largest value on the
+    ring 1.5 px outside the core (infinite where that is not positive, as for masked
+    cores wider than the PSF).
     """
     cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
     yy, xx = np.mgrid[-cy : psf.shape[0] - cy, -cx : psf.shape[1] - cx]
     r = np.hypot(yy, xx)
-    out = np.full(areas.shape, np.inf)
-    for area in np.unique(areas):
-        r_a = np.sqrt(area / np.pi)
+    out = np.full(radii.shape, np.inf)
+    for r_a in np.unique(radii):
         ring = (r > r_a) & (r <= r_a + 1.5)
         rim = float(psf[ring].max()) if ring.any() else 0.0
         if rim > 0:
-            out[areas == area] = 1.0 / rim
+            out[radii == r_a] = 1.0 / rim
     return out
 
 
@@ -479,30 +484,68 @@ def _masked_regions(
     bad: np.ndarray, images: list[np.ndarray], sigmas: list[float], psfs: list[np.ndarray],
     blanks: tuple = (None, None),
 ) -> tuple[np.ndarray, list]:
-    """Labels of the masked regions and, per image, the light each makes unreliable.
+    """Labels of the masked parts that may hide a star and, per image, the light each hides.
 
     Each region is taken as a star's masked core (a saturated star): its flux, centre
     and the non-linear pixels on its rim are uncertain, so the star's whole light
     counts, from its brightest rim pixel beyond the noise (less ``RIM_NOISE_SIGMA``
-    times the image's sigma) and `_light_per_rim_value` of its area.  A bad pixel
-    whose rim is at sky level hides no star: only its own sky noise, which the
-    kernels' core radius covers.  ``blanks`` are each image's own bad pixels, read as
-    0 (None where the image is clean).
+    times the image's sigma) and `_light_per_rim_value` of the core's radius.  A bad
+    pixel whose rim is at sky level hides no star: only its own sky noise, which the
+    kernels' core radius covers, so such regions are left out.
+
+    The core is the largest disk the region holds: the smaller of ``sqrt(area / pi)``
+    and its inscribed radius (the largest distance of its pixels from the unmasked
+    ones).  A thin region (a bad row or column, a trail) hides at most a strip of the
+    stars crossing it, so only its pixels within ``2 r + 1.5`` px (``r`` that radius)
+    of its bright rim are returned, split into pieces, each with the light of its own
+    bright rim: a bad row crossing a star grows around the star, not along the whole
+    row.  A compact region (a saturated core, a cosmic ray) lies within that distance
+    of its rim and comes back whole.  ``blanks`` are each image's own bad pixels, read
+    as 0 (None where the image is clean).
     """
     labels, n = ndimage.label(bad)
     rim = _largest_around(labels)
     rim[bad] = 0
     on_rim = np.flatnonzero(rim)  # the few rim pixels, read by flat index
     rim_region = rim.ravel()[on_rim] - 1
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    over = []  # each rim pixel's excess over the noise allowance, per image
+    for img, blank, sigma in zip(images, blanks, sigmas):
+        over.append(np.maximum(np.abs(_pixels(img, blank, on_rim)) - RIM_NOISE_SIGMA * sigma,
+                               0.0))
+    lit = np.zeros(n, bool)
+    lit[rim_region[np.any(over, axis=0)]] = True
+    out = np.zeros(bad.shape, np.int32)
+    radii, excess = [], [[] for _ in images]
+    count = 0
+    boxes = ndimage.find_objects(labels)
+    for i in np.flatnonzero(lit):
+        # the region's box, 1 px wider (its rim), within the image
+        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, size))
+                    for b, size in zip(boxes[i], bad.shape))
+        region = labels[box] == i + 1
+        r_core = min(np.sqrt(region.sum() / np.pi),
+                     float(ndimage.distance_transform_edt(np.pad(region, 1)).max()))
+        flat = np.ravel_multi_index(np.mgrid[box].reshape(2, -1), bad.shape)
+        at = np.searchsorted(on_rim, flat).clip(max=on_rim.size - 1)
+        own = (on_rim[at] == flat) & (rim_region[at] == i)
+        values = [np.where(own, o[at], 0.0).reshape(region.shape) for o in over]
+        bright = np.any(values, axis=0)
+        pieces, m = ndimage.label(region & (ndimage.distance_transform_edt(~bright)
+                                            <= 2 * r_core + 1.5))
+        owner = _largest_around(pieces)  # each bright rim pixel's piece
+        for v, e in zip(values, excess):
+            peak = np.zeros(m + 1)
+            np.maximum.at(peak, owner[bright], v[bright])
+            e.append(peak[1:])
+        out[box][pieces > 0] = pieces[pieces > 0] + count
+        radii.append(np.full(m, r_core))
+        count += m
+    radii = np.concatenate(radii) if radii else np.zeros(0)
     light = []
-    for img, blank, sigma, psf in zip(images, blanks, sigmas, psfs):
-        peak = np.zeros(n)
-        np.maximum.at(peak, rim_region, np.abs(_pixels(img, blank, on_rim)))
-        excess = np.maximum(peak - RIM_NOISE_SIGMA * sigma, 0.0)
-        per_rim = _light_per_rim_value(psf, area)
-        light.append(excess * np.where(excess > 0, per_rim, 0.0))
-    return labels, light
+    for e, psf in zip(excess, psfs):
+        e = np.concatenate(e) if e else np.zeros(0)
+        light.append(e * np.where(e > 0, _light_per_rim_value(psf, radii), 0.0))
+    return out, light
 
 
 def _edge_sources(
@@ -557,6 +600,26 @@ def _grow_regions(
         ys = slice(max(box[0].start - radius, 0), box[0].stop + radius)
         xs = slice(max(box[1].start - radius, 0), box[1].stop + radius)
         flag[ys, xs] |= ndimage.distance_transform_edt(labels[ys, xs] != i + 1) <= radius
+
+
+def _warn_if_large(bad: np.ndarray, flag: np.ndarray, sky: float, radius: int) -> None:
+    """Warn when the regions taken to hide stars flagged much of the image.
+
+    ``flag`` is the grown mask of the bad pixels ``bad`` (no edge), ``sky`` the
+    fraction of the image that their growth by the kernels' core ``radius`` alone
+    flags (a band of a few PSF widths around a bad row, never a warning).
+    """
+    masked, grown = float(np.mean(bad)), float(np.mean(flag))
+    if grown - sky <= LARGE_MASK_FRACTION:
+        return
+    warnings.warn(
+        f"the masked pixels ({masked:.1%} of the image) grew to mask {grown:.0%} of it: "
+        f"{sky:.0%} within the {radius} px of S's kernel cores (their hidden sky noise), "
+        f"{grown - sky:.0%} more around masked regions whose rim is brighter than the noise, "
+        "taken as stars whose light they hide (saturated cores, stars crossing bad "
+        "pixels). Scorr is NaN there; mask only pixels that are bad.",
+        AstroZackayWarning, stacklevel=user_stacklevel(),
+    )
 
 
 def _prepare(
@@ -786,7 +849,9 @@ def zogy(
     flag = None
     if bad is not None:
         flag = _grow_mask(bad, radius)
+        sky = float(np.mean(flag))
         _grow_regions(flag, *_masked_regions(bad, images, [sn, sr], [pn, pr]), reach, s_sigma)
+        _warn_if_large(bad, flag, sky, radius)
     if pad:
         # the zero padding beyond the edge hides sky, and parts of the stars cut by it; the
         # shifted reference brings up to |shift| px of it into the image
