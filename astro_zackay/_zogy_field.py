@@ -59,6 +59,7 @@ from .zogy import (
     _spectra,
     _tile_medians,
     _total_variance,
+    _unit_scale,
     _variance_spectra,
     _warn_if_large,
 )
@@ -758,20 +759,28 @@ def zogy_tiles(
     correlated = (spectra[0] is not None, spectra[1] is not None)
     shift = tuple(plan.shift_ref)
     images = {k: inputs[k] for k in ("new", "ref")}
+    scale = _unit_scale(sigmas)  # the algebra runs on the data over it, in any unit
     spec = _spectra(be, _upload_inputs(be, layout, images, blanks, dtype), correlated,
-                    float(plan.flux_ratio_error), shift, dtype, workers)
+                    float(plan.flux_ratio_error), shift, dtype, workers, scale)
 
     def variances():  # uploaded and transformed once D and S are formed (less memory held)
         maps = _upload_inputs(be, layout, {k: inputs.get(k) for k in ("var_new", "var_ref")},
                               blanks, dtype)
-        return _variance_spectra(be, maps, correlated, shift, dtype, workers)
+        return _variance_spectra(be, maps, correlated, shift, dtype, workers, scale)
 
     split = max(ast[0] + ast[1] + eps) > 0  # S_N and S_R for V_ast and V_psf
-    out = _stack_zogy(be, spec, variances, layout, pn, pr, _TileNoise(be, spectra, sigmas),
+    out = _stack_zogy(be, spec, variances, layout, pn, pr,
+                      _TileNoise(be, spectra, np.asarray(sigmas) / scale),
                       float(plan.flux_ratio), split, dtype, workers)
     del spec
-    flag = grow(out.pop("reach"), out.pop("s_sigma"))
-    offsets, result = _finish(be, layout, out, flag, ast, eps, float(plan.flux_ratio), dtype)
+    # S's kernels are scale**2 times, its noise scale times those of the data's units: the
+    # light the masks hide, read in the data's units, is weighed by their ratio
+    flag = grow(out.pop("reach"), out.pop("s_sigma") * scale)
+    offsets, result = _finish(be, layout, out, flag, ast, eps, float(plan.flux_ratio), dtype,
+                              scale)
+    out["F_D"] = out["F_D"] / scale
+    out["F_S"] = out["F_S"] / scale**2
+    out["den0"] = out["den0"] * scale**2
     return out, flag, offsets, result
 
 
@@ -888,8 +897,12 @@ def _remove_offsets(be: ArrayBackend, layout: _Layout, d: Any, good: np.ndarray,
 
 
 def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast, eps,
-            beta: float, dtype: Any) -> tuple[np.ndarray, dict]:
-    """The tiles' offsets and the images: D, S, Scorr, alpha and its error (downloaded)."""
+            beta: float, dtype: Any, scale: float = 1.0) -> tuple[np.ndarray, dict]:
+    """The tiles' offsets and the images: D, S, Scorr, alpha and its error (downloaded).
+
+    ``out`` is in the algebra's units (the data over ``scale``, `_unit_scale`); the
+    offsets, S, alpha and its error come back in the data's.
+    """
     xp = be.xp
 
     def image(name):
@@ -925,5 +938,10 @@ def _finish(be: ArrayBackend, layout: _Layout, out: dict, flag: np.ndarray, ast,
     scorr = _scorr(xp, S, _total_variance(var, v_ast, v_beta, v_psf), f_s)
     alpha = S * beta
     alpha /= f_s
+    if scale != 1.0:
+        S *= 1.0 / scale
+        alpha *= scale
+        alpha_err *= scale
+        offsets = offsets * scale
     return offsets, {"D": be.to_numpy(d), "S": be.to_numpy(S), "Scorr": be.to_numpy(scorr),
                      "alpha": be.to_numpy(alpha), "alpha_err": be.to_numpy(alpha_err)}

@@ -304,13 +304,17 @@ def _moved_mask(bad: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
 
 
 def _noise_power(
-    spectrum: NoiseSpectrum | np.ndarray | None, sigma: float, grid: tuple[int, int], name: str
+    spectrum: NoiseSpectrum | np.ndarray | None, sigma: float, grid: tuple[int, int], name: str,
+    scale: float = 1.0,
 ) -> float | np.ndarray:
-    """The noise power per pixel on ``grid``'s rfft half plane: ``sigma**2`` or a spectrum."""
+    """The noise power per pixel on ``grid``'s rfft half plane: ``sigma**2`` or a spectrum.
+
+    In the algebra's units: the data divided by ``scale`` (`_unit_scale`).
+    """
     if spectrum is None:
-        return sigma * sigma
+        return (sigma / scale) ** 2
     if isinstance(spectrum, NoiseSpectrum):
-        return spectrum.spectrum(grid, sigma=sigma)
+        return spectrum.spectrum(grid, sigma=sigma / scale)
     power = np.asarray(spectrum, dtype=np.float64)
     expected = (grid[0], grid[1] // 2 + 1)
     if power.shape != expected:
@@ -320,7 +324,29 @@ def _noise_power(
         )
     if not np.all(np.isfinite(power) & (power > 0)):
         raise ValueError(f"{name} must be finite and positive")
-    return power
+    return power / scale**2
+
+
+def _unit_scale(sigmas: Any) -> float:
+    """The unit of the ZOGY algebra: the power of 2 nearest the noises' geometric mean.
+
+    The images' transforms are divided by it (exactly: a power of 2 changes no bit
+    of a float's mantissa), so that the algebra's noise is near 1 in any unit of the
+    data: S's kernels scale as ``1 / sigma**2`` and their squares, summed in float32,
+    overflowed for data of ~1e-12 (erg/s/cm2/A: ``sum |k_h|**2 ~ 1e48``) and
+    underflowed to 0 for data of ~1e12.  1 when no noise is positive and finite.
+
+    Examples
+    --------
+    >>> from astro_zackay.zogy import _unit_scale
+    >>> _unit_scale([15.0, 12.0]), _unit_scale([3e-12, 5e-12]), _unit_scale([0.0])
+    (16.0, 3.637978807091713e-12, 1.0)
+    """
+    values = np.asarray(sigmas, dtype=np.float64).ravel()
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size == 0:
+        return 1.0
+    return float(2.0 ** np.round(np.mean(np.log2(values))))
 
 
 def _grow_mask(bad: np.ndarray, radius: int) -> np.ndarray:
@@ -704,7 +730,14 @@ def zogy(
     region that hides a bright star (a saturated core: the star's light from its
     brightest rim pixel and the PSF) or a star cut by the edge grows until that light
     moves Scorr by less than ``MASK_SCORR_CHANGE`` (0.1 sigma), at most by a stamp.
-    The FFT algebra and the padding use the whole stamps.
+    A thin region (a bad row or column) grows so only around the stars crossing it;
+    when such growth flags more than ``LARGE_MASK_FRACTION`` of the image, a warning
+    says how much.  The FFT algebra and the padding use the whole stamps.
+
+    Units: the algebra runs on the data divided by the power of 2 nearest the noises
+    (exact in binary floating point), so that data in any unit (1e-17 erg/s/cm2/A or
+    1e15) give the same D and Scorr, in float32 too; S, the variances, ``F_D`` and
+    ``F_S`` come back in the data's units.
 
     Correlated noise: ``noise_spectrum_*`` replace ``sigma**2`` by the noise power
     per pixel at each frequency in ``den``, ``F_D``, ``F_S``, ``P_D`` and S's kernels,
@@ -788,6 +821,12 @@ def zogy(
         For mismatched shapes, non-positive noises or fluxes, PSFs that are not
         unit-sum odd stamps, negative variances or an unsupported ``dtype``.
 
+    Warns
+    -----
+    AstroZackayWarning
+        When masked regions taken to hide stars flag more than
+        ``LARGE_MASK_FRACTION`` of the image (how much, and why).
+
     Examples
     --------
     Identical PSFs reduce ZOGY to the noise-weighted plain difference:
@@ -834,17 +873,20 @@ def zogy(
         moved = _moved_mask(ref_bad, shift_ref)
         bad = moved if bad is None else bad | moved
     grid = arrays["new"].shape
+    scale = _unit_scale([sn, sr])  # the algebra runs on the data over it, in any unit
     noise = (
-        _noise_power(noise_spectrum_new, sn, grid, "noise_spectrum_new"),
-        _noise_power(noise_spectrum_ref, sr, grid, "noise_spectrum_ref"),
+        _noise_power(noise_spectrum_new, sn, grid, "noise_spectrum_new", scale),
+        _noise_power(noise_spectrum_ref, sr, grid, "noise_spectrum_ref", scale),
     )
     be = backend if isinstance(backend, ArrayBackend) else get_array_module(backend)
     noise = tuple(power if np.isscalar(power) else be.asarray(power) for power in noise)
     out = _zogy_core(
         be, {name: be.asarray(a) for name, a in arrays.items()}, pn, pr, noise, fn, fr,
-        (ast_n, ast_r), sb, eps, shift_ref, dtype, workers,
+        (ast_n, ast_r), sb, eps, shift_ref, dtype, workers, scale,
     )
-    radius, reach, s_sigma = out["mask_radius"], out["reach"], out["s_sigma"]
+    # the kernels of S are scale**2 times, S's noise scale times those of the data's
+    # units: the light that the masks hide, in the data's units, grows by their ratio
+    radius, reach, s_sigma = out["mask_radius"], out["reach"], out["s_sigma"] * scale
     images = [arrays[name][inner] for name in ("new", "ref")]
     flag = None
     if bad is not None:
@@ -859,20 +901,27 @@ def zogy(
         _grow_regions(edge, *_edge_sources(images, [sn, sr], [pn, pr]), reach, s_sigma)
         flag = edge if flag is None else flag | edge
 
-    def crop(a):
-        return a if a is None or np.isscalar(a) else be.to_numpy(a[inner])
+    def crop(a, power=0):  # back to the data's units: times scale**power
+        if a is None:
+            return None
+        if np.isscalar(a):
+            return a * scale**power
+        a = be.to_numpy(a[inner])
+        if power:
+            a *= scale**power  # the algebra's own arrays, not the caller's
+        return a
 
     return ZogyResult(
         D=crop(out["D"]),
-        S=crop(out["S"]),
+        S=crop(out["S"], -1),
         Scorr=crop(out["Scorr"]),
-        F_D=out["F_D"],
-        F_S=out["F_S"],
-        V_SN=crop(out["V_SN"]),
-        V_SR=crop(out["V_SR"]),
-        V_ast=crop(out["V_ast"]),
-        V_beta=crop(out["V_beta"]),
-        V_psf=crop(out["V_psf"]),
+        F_D=out["F_D"] / scale,
+        F_S=out["F_S"] / scale**2,
+        V_SN=crop(out["V_SN"], -2),
+        V_SR=crop(out["V_SR"], -2),
+        V_ast=crop(out["V_ast"], -2),
+        V_beta=crop(out["V_beta"], -2),
+        V_psf=crop(out["V_psf"], -2),
         psf_d_at_origin=be.to_numpy(out["P_D"]),
         mask=flag,
         flux_new=fn,
@@ -903,35 +952,39 @@ class _Spectra:
 
 
 def _spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool], sb: float,
-             shift_ref: tuple[float, float], dtype: Any, workers: int | None) -> _Spectra:
+             shift_ref: tuple[float, float], dtype: Any, workers: int | None,
+             scale: float = 1.0) -> _Spectra:
     """The forward transforms of `_Spectra` (arrays on ``be``; each transformed once).
 
     Each array is taken out of ``arrays`` once transformed (freed there and then
     unless the caller holds it); variance maps that ``arrays`` lacks are None (they
-    may be transformed later by `_variance_spectra`).
+    may be transformed later by `_variance_spectra`).  The transforms are in the
+    algebra's units (`_unit_scale`): the images' divided by ``scale``, the variances'
+    by its square; the reference is divided before it is squared for ``vb_h``.
     """
     shape = arrays["new"].shape[-2:]  # a stack of tiles is transformed tile by tile
     ramp = _ramp(be, shape, shift_ref, dtype)
     vb_h = None
     if sb > 0:
-        ref_beta = arrays["ref"] * sb
+        ref_beta = arrays["ref"] * (sb / scale)
         ref_beta *= ref_beta
         vb_h = _forward(be, ref_beta, ramp, workers)
         del ref_beta
-    n_h = _forward(be, arrays.pop("new"), None, workers)
-    r_h = _forward(be, arrays.pop("ref"), ramp, workers)
+    n_h = _forward(be, arrays.pop("new"), None, workers, scale)
+    r_h = _forward(be, arrays.pop("ref"), ramp, workers, scale)
     del ramp
     return _Spectra(shape, n_h, r_h, *_variance_spectra(be, arrays, correlated, shift_ref, dtype,
-                                                         workers), vb_h)
+                                                         workers, scale), vb_h)
 
 
 def _variance_spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bool],
                       shift_ref: tuple[float, float], dtype: Any,
-                      workers: int | None) -> tuple[Any, Any]:
+                      workers: int | None, scale: float = 1.0) -> tuple[Any, Any]:
     """The transforms of ``arrays``' variance maps (taken out of it), each None when absent.
 
     A correlated noise's map keeps only the sources' excess over its background level
-    (each tile's); the reference's is moved by ``shift_ref``.
+    (each tile's); the reference's is moved by ``shift_ref``.  Both are divided by
+    ``scale**2`` (the algebra's units, `_unit_scale`).
     """
     out = []
     for name, is_correlated, moved in (("var_new", correlated[0], False),
@@ -943,7 +996,7 @@ def _variance_spectra(be: ArrayBackend, arrays: dict, correlated: tuple[bool, bo
         if is_correlated:
             var = be.xp.maximum(var - _background_level(be.xp, var), 0.0)
         ramp = _ramp(be, var.shape[-2:], shift_ref, dtype) if moved else None
-        out.append(_forward(be, var, ramp, workers))
+        out.append(_forward(be, var, ramp, workers, scale**2))
         del var
     return out[0], out[1]
 
@@ -956,9 +1009,12 @@ def _ramp(be: ArrayBackend, shape: tuple[int, int], shift_ref: tuple[float, floa
     return phase_ramp(shape, *shift_ref, dtype=np.result_type(dtype, np.complex64), backend=be)
 
 
-def _forward(be: ArrayBackend, a: Any, ramp: Any, workers: int | None) -> Any:
-    """``a``'s transform (of each tile of a stack), times ``ramp`` when given."""
+def _forward(be: ArrayBackend, a: Any, ramp: Any, workers: int | None,
+             scale: float = 1.0) -> Any:
+    """``a``'s transform (of each tile of a stack) over ``scale``, times ``ramp`` when given."""
     a_h = be.rfft2(a, s=a.shape[-2:], workers=workers)
+    if scale != 1.0:
+        a_h *= 1.0 / scale
     if ramp is not None:
         a_h *= ramp
     return a_h
@@ -1143,10 +1199,10 @@ def _clipped(xp, variance: Any) -> Any:
 
 
 def _zogy_core(be: ArrayBackend, arrays, pn, pr, noise, fn, fr, ast, sb, eps, shift_ref, dtype,
-               workers):
+               workers, scale):
     xp = be.xp
     correlated = (not np.isscalar(noise[0]), not np.isscalar(noise[1]))
-    spec = _spectra(be, arrays, correlated, sb, shift_ref, dtype, workers)
+    spec = _spectra(be, arrays, correlated, sb, shift_ref, dtype, workers, scale)
     split = max(ast[0] + ast[1] + eps) > 0
     out = _pair_outputs(be, spec, pn, pr, noise, fn, fr, split, dtype, workers)
     del spec

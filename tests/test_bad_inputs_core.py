@@ -9,8 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+from astropy.nddata import CCDData, StdDevUncertainty
 
-from astro_zackay import AstroZackayWarning, subtract
+from astro_zackay import AstroZackayWarning, FewStarsWarning, subtract
 from astro_zackay.fourier import convolve_fft, psf_rfft
 from astro_zackay.simulation import simulate_pair
 from astro_zackay.zogy import MASK_SCORR_CHANGE, zogy
@@ -128,3 +129,69 @@ def test_large_masking_around_saturated_stars_warns_how_much_and_why():
     assert [w.filename for w in caught] == [__file__]
     whole = zogy(new, ref, pn, pr, sigma_new=1, sigma_ref=1)
     assert np.max(np.abs(res.Scorr - whole.Scorr)[~res.mask]) < MASK_SCORR_CHANGE
+
+
+# --------------------------------------------------------------------------------------
+# data in tiny or huge units (erg/s/cm2/A is ~1e-17): the algebra runs in units of the noise
+
+UNIT = "erg / (s cm2 Angstrom)"
+
+
+def in_unit(ccd: CCDData, factor: float) -> CCDData:
+    """``ccd`` times ``factor`` (data and uncertainty, float64) in `UNIT`."""
+    return CCDData(ccd.data.astype(float) * factor, unit=UNIT, mask=ccd.mask, wcs=ccd.wcs,
+                   uncertainty=StdDevUncertainty(ccd.uncertainty.array * factor))
+
+
+@pytest.fixture(scope="module")
+def unit_pair():
+    """A 256^2 pair (PSFs estimated) and its float32 subtraction in units of 1."""
+    pair = simulate_pair(SHAPE, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewStarsWarning)
+        return pair, subtract(in_unit(pair.reference.ccd, 1.0), in_unit(pair.science.ccd, 1.0))
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")
+@pytest.mark.parametrize("factor", [1e-15, 1e-12, 1e12, 1e15])
+def test_subtract_in_tiny_or_huge_units_gives_the_same_scorr(unit_pair, factor):
+    """The pair times 1e-15 ... 1e15: Scorr within 1e-3 sigma, the flux times the factor.
+
+    S's kernels scale as 1/sigma**2: at 1e-12 their squares overflowed float32 (every
+    pixel masked), at 1e12 they underflowed (Scorr off by 3000 sigma).
+    """
+    pair, base = unit_pair
+    res = subtract(in_unit(pair.reference.ccd, factor), in_unit(pair.science.ccd, factor))
+    np.testing.assert_array_equal(res.score.mask, base.score.mask)
+    good = ~base.score.mask
+    assert good.mean() > 0.8
+    assert np.max(np.abs(res.score.data - base.score.data)[good]) < 1e-3
+    flux_change = (res.flux.data / factor - base.flux.data) / base.flux_error.data
+    assert np.max(np.abs(flux_change)[good]) < 1e-3
+    assert res.flux_scale * factor == pytest.approx(base.flux_scale, rel=1e-5)
+    assert res.flux.unit == UNIT
+
+
+@pytest.mark.parametrize("factor", [1e-12, 1e12])
+def test_zogy_float32_in_tiny_or_huge_units(sky_pair, factor):
+    """`zogy` in float32 on data times 1e-12 or 1e12: the same Scorr, S and F_S in its units."""
+    pair, (psf_ref, psf_sci) = sky_pair
+    sci, ref = pair.science.ccd.data, pair.reference.ccd.data
+    var_n, var_r = np.clip(sci, 0, None) + 225.0, np.clip(ref, 0, None) + 225.0
+    kw = dict(dtype=np.float32, pad=True)
+    base = zogy(sci, ref, psf_sci, psf_ref, sigma_new=15.0, sigma_ref=15.0, var_new=var_n,
+                var_ref=var_r, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow, no division by zero
+        res = zogy(sci * factor, ref * factor, psf_sci, psf_ref, sigma_new=15.0 * factor,
+                   sigma_ref=15.0 * factor, var_new=var_n * factor**2,
+                   var_ref=var_r * factor**2, **kw)
+    np.testing.assert_array_equal(res.mask, base.mask)
+    good = ~base.mask
+    assert np.max(np.abs(res.Scorr - base.Scorr)[good]) < 1e-3
+    np.testing.assert_allclose(res.S * factor, base.S, rtol=1e-4,
+                               atol=1e-4 * np.abs(base.S).max())
+    assert res.F_S * factor**2 == pytest.approx(base.F_S, rel=1e-6)
+    assert res.F_D * factor == pytest.approx(base.F_D, rel=1e-6)
+    np.testing.assert_allclose(res.V_SN * factor**2, base.V_SN, rtol=1e-4,
+                               atol=1e-4 * base.V_SN.max())
