@@ -35,14 +35,12 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from astropy.modeling import Model
 from astropy.nddata import CCDData, NDData
 from astropy.table import Table
 
@@ -57,15 +55,16 @@ from ._ccd import (
     to_ccddata,
     to_image,
 )
+from ._checks import check_coadd_options, named_errors, per_image_values
+from ._checks import is_per_image_gain as _per_image
 from ._prepare import PreparedImage, check_image_size, prepare_image
-from ._psf_input import ImageWarnings, as_psf_sampler
+from ._psf_input import ImageWarnings
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
 from .coadd_algebra import (
     CoaddAlgebraResult,
     ProperCoaddAccumulator,
-    check_depth_fraction,
     reject_outliers,
     working_dtype,
 )
@@ -306,23 +305,6 @@ def _fits_shape(path: str | os.PathLike, hdu: int | str | None) -> tuple[int, ..
         return None
 
 
-def _positive_number(value: Any) -> bool:
-    """Whether ``value`` is one finite number > 0 (a string or an array is not)."""
-    try:
-        return np.ndim(value) == 0 and np.isfinite(float(value)) and float(value) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def _whole_non_negative(value: Any) -> bool:
-    """Whether ``value`` is a finite whole number >= 0 (inf, NaN and strings are not)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return False
-    return np.isfinite(number) and number == int(number) and number >= 0
-
-
 class _PerImage:
     """A per-image option given as a sequence, consumed in step with the images."""
 
@@ -330,39 +312,8 @@ class _PerImage:
         self.name = name
         self.given = values is not None
         if self.given:
-            ndim = values.ndim if isinstance(values, np.ndarray) else None
-            single = isinstance(values, str | Model) or not isinstance(values, Iterable)
-            if single or ndim == 0 or (name == "psfs" and ndim == 2):
-                raise TypeError(
-                    f"{name} must give one value per image (a list or array), got a single "
-                    f"{type(values).__name__}"
-                )
-            self._values = list(values)
+            self._values = per_image_values(values, name)
         self._n = 0
-
-    def check_positive(self) -> None:
-        """Every value given (None aside) must be a positive finite number or Quantity."""
-        for j, value in enumerate(self._values if self.given else []):
-            number = value.value if isinstance(value, u.Quantity) else value
-            if value is not None and not _positive_number(number):
-                raise ValueError(f"{self.name}[{j}] must be a positive number (or None to "
-                                 f"measure it), got {value!r}")
-
-    def check_psfs(self, images: Any) -> None:
-        """Turn every PSF given (None aside) into a `PSFSampler`, naming a bad one's image.
-
-        ``images`` is the list of images (for their names) or None (a generator:
-        ``image <j>``). Run before any image is read, so a bad PSF of the last image
-        is refused before the work on the others.
-        """
-        for j, value in enumerate(self._values if self.given else []):
-            if value is None:
-                continue
-            item = images[j] if images is not None and j < len(images) else None
-            try:
-                self._values[j] = as_psf_sampler(value)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{self.name}[{j}] ({_input_name(item, j)}): {exc}") from None
 
     def peek(self, j: int) -> Any:
         """Entry ``j`` (None when not given or beyond the entries), not consumed."""
@@ -573,8 +524,9 @@ def coadd(
         be fitted, bad rejection options, an unknown ``backend``, a
         ``min_depth_fraction`` outside [0, 1], a negative ``border``, or a non-positive
         flux scale or sigma. Everything that can be checked without reading an image
-        is checked before any image is read: the options, the number of images of a
-        list, and the shapes of a list's or an ImageFileCollection's images (arrays,
+        is checked before any image is read: the options
+        (`~astro_zackay._checks.check_coadd_options`), the number of images of a list, and
+        the shapes of a list's or an ImageFileCollection's images (arrays,
         NDData and HDUs from the objects, FITS files from their headers; the message
         names the images and their shapes).
     ImportError
@@ -583,8 +535,8 @@ def coadd(
         For an image whose unit cannot be converted to the first image's (electrons
         and ADU without a gain: the message names both units and ``gain=``).
     TypeError
-        For inputs that are not iterables of images, or a ``dtype`` other than
-        float32 and float64.
+        For inputs that are not iterables of images, a per-image option given as one
+        value, or a ``dtype`` other than float32 and float64.
 
     Warns
     -----
@@ -623,21 +575,27 @@ def coadd(
     >>> result.frames["n_rejected"].tolist(), int(result.rejected[30, 30])
     ([0, 9, 0], 1)
     """
+    names = ([_input_name(item, j) for j, item in enumerate(images)]
+             if isinstance(images, list | tuple) else None)
+    check_coadd_options(
+        image_names=names, psfs=psfs, flux_scales=flux_scales, sigmas=sigmas, align=align,
+        unit=unit, saturation=saturation, border=border, min_depth_fraction=min_depth_fraction,
+        dtype=dtype, gain=gain, reject=reject, reject_grow=reject_grow,
+        reject_model_error=reject_model_error, backend=backend,
+    )
     dtype = working_dtype(dtype)
-    check_depth_fraction(min_depth_fraction)
-    if align not in (False, True, "stars", "wcs"):
-        raise ValueError(f"align must be True, False, 'stars' or 'wcs', got {align!r}")
+    unit = _parse_unit(unit)
+    be = get_array_module(backend)
+    method = "stars" if align is True else align
+    rejection = (None if reject is None or reject is False else
+                 {"threshold": float(reject), "grow": int(reject_grow),
+                  "model_error": float(reject_model_error)})
+    # what depends on the images: their shapes, sizes and number, before any is read
     shapes = [] if align else _check_shapes(images)
-    if border is not None and not _whole_non_negative(border):
-        raise ValueError(f"border must be a non-negative whole number of pixels, got {border!r}")
-    unit = _parse_unit(unit)  # an unparsable unit= is refused before any image is read
     psf_list = _PerImage(psfs, "psfs")
     scale_list = _PerImage(flux_scales, "flux_scales")
     sigma_list = _PerImage(sigmas, "sigmas")
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
-    for option in (scale_list, sigma_list):
-        option.check_positive()
-    psf_list.check_psfs(images if isinstance(images, list | tuple) else None)
     for j, (name, shape) in enumerate(shapes):  # too small for a background or its PSF
         if shape is not None and len(shape) == 2:
             check_image_size(shape, psf_list.peek(j), name, "psfs=")
@@ -647,9 +605,6 @@ def coadd(
         for option in (psf_list, scale_list, sigma_list, gain_list):
             if option is not None:
                 option.check_exhausted(len(images))
-    method = "stars" if align is True else align
-    rejection = _check_rejection(reject, reject_grow, reject_model_error)
-    be = get_array_module(backend)  # an unknown name, or cupy without CuPy, fails here
 
     acc = None
     rows = []
@@ -697,23 +652,6 @@ def _warn_if_all_masked(mask: np.ndarray, min_depth_fraction: float) -> None:
             "the masks", AstroZackayWarning, stacklevel=user_stacklevel())
 
 
-@contextmanager
-def _named(name: str) -> Iterator[None]:
-    """Put the image's name ahead of the message of a bad input's error, in its class.
-
-    A frame that cannot be used (all NaN, fully masked, no unit, out of the range of
-    ``dtype``) is then reported as ``"image 3: ..."`` or ``"night2.fits: ..."``.
-    """
-    try:
-        yield
-    except (OSError, TypeError, ValueError) as exc:
-        try:
-            named = type(exc)(f"{name}: {exc}")
-        except TypeError:  # an exception class that needs other arguments: kept as it is
-            raise exc from None
-        raise named from exc
-
-
 def _prepared_frames(
     images: Any,
     *,
@@ -744,7 +682,7 @@ def _prepared_frames(
             if method and target is not None:
                 item = align_image(item, target, method=method, unit=unit,
                                    saturation=saturation)
-            with _named(name):
+            with named_errors(name):
                 img = to_image(item, unit=unit, gain=frame_gain, saturation=saturation,
                                hdu=hdu, dtype=dtype)
             del item
@@ -825,28 +763,6 @@ class _FrameField(Sequence):
 
     def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
         return self._frames.read(index, self._field)
-
-
-def _per_image(gain: Any) -> bool:
-    """Whether ``gain`` gives one value per image (else one value, or None, for all)."""
-    if gain is None or isinstance(gain, str | u.Quantity) and np.ndim(gain) == 0:
-        return False
-    return isinstance(gain, Iterable) and np.ndim(gain) == 1
-
-
-def _check_rejection(
-    reject: float | None, grow: int, model_error: float
-) -> dict[str, float] | None:
-    """The outlier options for `reject_outliers`, checked; None when rejection is off."""
-    if reject is None or reject is False:
-        return None
-    if isinstance(reject, bool) or not (np.isfinite(float(reject)) and float(reject) > 0):
-        raise ValueError(f"reject must be a positive threshold in sigma or None, got {reject!r}")
-    if int(grow) != grow or grow < 0:
-        raise ValueError(f"reject_grow must be a non-negative integer, got {grow!r}")
-    if not (np.isfinite(float(model_error)) and float(model_error) >= 0):
-        raise ValueError(f"reject_model_error must be >= 0, got {model_error!r}")
-    return {"threshold": float(reject), "grow": int(grow), "model_error": float(model_error)}
 
 
 def _reject_outliers(

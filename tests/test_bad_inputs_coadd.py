@@ -8,14 +8,18 @@ callers' arrays and CCDData are left as they were.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
+from astropy import units as u
 from astropy.io import fits
 from astropy.nddata import CCDData
 from astropy.stats import mad_std
 from conftest import assert_ccd_unchanged, ccd_state
 
 from astro_zackay import coadd, subtract
+from astro_zackay._checks import check_coadd_options
 from astro_zackay._warnings import AstroZackayWarning, NoiseEstimateWarning
 from astro_zackay.background import estimate_background, subtract_background
 from astro_zackay.coadd_algebra import ProperCoaddAccumulator
@@ -235,6 +239,56 @@ def test_coadd_of_nothing(images):
 def test_coadd_per_image_options_checked_before_reading(kwargs, match):
     with pytest.raises(ValueError, match=match):
         coadd([MISSING, MISSING], **kwargs)
+
+
+#: Options `coadd` refuses before any image is read: (options, error class, pattern).
+BAD_COADD_OPTIONS = [
+    ({"reject": -1.0}, ValueError, r"reject must be a positive threshold in sigma or None, "
+                                   r"got -1.0"),
+    ({"reject": "6"}, ValueError, r"reject must be a positive threshold .* got '6'"),
+    ({"reject_grow": 1.5}, ValueError, r"reject_grow must be a non-negative integer, got 1.5"),
+    ({"reject_grow": np.inf}, ValueError, r"reject_grow must be a non-negative integer"),
+    ({"reject_model_error": -0.1}, ValueError, r"reject_model_error must be >= 0, got -0.1"),
+    ({"align": "sky"}, ValueError, r"align must be False, 'stars' or 'wcs', got 'sky'"),
+    ({"saturation": "high"}, ValueError, r"saturation must be one positive finite number"),
+    ({"gain": [1.0, "x"]}, ValueError, r"gain\[1\] must be one positive finite number, "
+                                       r"got 'x'"),
+    ({"gain": -2.0}, ValueError, r"gain must be a positive finite number, got -2.0"),
+    ({"psfs": PSF}, TypeError, r"psfs must give one value per image \(a list or array\), got "
+                               r"a single ndarray"),
+    ({"flux_scales": 1.0}, TypeError, r"flux_scales must give one value per image"),
+    ({"psfs": [3.0, -3.0]}, ValueError, r"^psfs\[1\] \(frame.fits\): "),
+    ({"unit": "notaunit"}, ValueError, r"unit='notaunit' is not a unit astropy can parse"),
+    ({"backend": "torch"}, ValueError, r"backend"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_COADD_OPTIONS)
+def test_coadd_options_refused_before_reading(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        coadd([MISSING, MISSING], **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_COADD_OPTIONS)
+def test_check_coadd_options_refuses_what_coadd_refuses(kwargs, error, match):
+    """The check the batch and tree functions run before a cluster starts: the options in
+    a mapping, the same error as `coadd`'s."""
+    options = {"flux_scales": [1.0, 1.0], **kwargs}
+    with pytest.raises(error, match=match):
+        check_coadd_options(image_names=["frame.fits", "frame.fits"], **options)
+
+
+def test_check_coadd_options_takes_what_coadd_takes():
+    check_coadd_options(**{name: p.default
+                           for name, p in inspect.signature(coadd).parameters.items()
+                           if p.kind is inspect.Parameter.KEYWORD_ONLY})
+    check_coadd_options(psfs=[PSF, 3.0, None], flux_scales=np.array([1.0, 2.0, 0.5]),
+                        sigmas=[2.0 * u.adu, None, 1.0], gain=[1.4, None, 2.0],
+                        saturation=np.inf, align=True, border=np.int64(4), reject=False,
+                        dtype="float64")
+    with pytest.raises(TypeError, match=r"coadd\(\) does not take the option\(s\) "
+                                        r"'threshold'; it takes dtype"):
+        check_coadd_options(threshold=5.0)
 
 
 def test_coadd_of_mixed_shapes_names_frames_before_any_work(frames):
