@@ -322,6 +322,7 @@ class ProperCoaddAccumulator:
         flux_scale: float = 1.0,
         mask: Any = None,
         variance: Any = None,
+        name: str | None = None,
     ) -> None:
         """Add one registered, background-subtracted frame.
 
@@ -346,20 +347,26 @@ class ProperCoaddAccumulator:
             modified); its excess over ``sigma**2`` enters ``R_variance`` (see the
             module docstring). Non-finite pixels are treated as masked. Default:
             ``sigma**2`` everywhere (background-limited).
+        name : str, optional
+            What the frame is (a file name), for the error messages, which name the
+            frame by its index (the number of frames added before it) and this.
 
         Raises
         ------
         ValueError
             For arrays of the wrong shape, a stamp without unit sum, a non-positive
-            ``sigma`` or ``flux_scale``, or negative variances.
+            ``sigma`` or ``flux_scale``, or negative variances (each message names the
+            frame).
         """
-        s = _positive("sigma", sigma)
-        f = _positive("flux_scale", flux_scale)
-        psf = unit_sum_psf(psf, "psf")
-        for name, arr in (("image", image), ("mask", mask), ("variance", variance)):
+        frame = f"frame {self.n_frames}" + ("" if name is None else f" ({name})")
+        s = _positive(f"{frame}: sigma", sigma)
+        f = _positive(f"{frame}: flux_scale", flux_scale)
+        psf = unit_sum_psf(psf, f"{frame}: psf")
+        for what, arr in (("image", image), ("mask", mask), ("variance", variance)):
             if arr is not None and np.shape(arr) != self.shape:
                 raise ValueError(
-                    f"{name} shape {np.shape(arr)} differs from the accumulator's {self.shape}"
+                    f"{frame}: {what} shape {np.shape(arr)} differs from the accumulator's "
+                    f"{self.shape}"
                 )
         be, xp = self._be, self._be.xp
         image = be.asarray(image)
@@ -369,8 +376,11 @@ class ProperCoaddAccumulator:
         if variance is not None:
             variance = be.asarray(variance)
             with np.errstate(invalid="ignore"):
-                if bool((variance < 0).any()):
-                    raise ValueError("variance has negative values")
+                negative = int((variance < 0).sum())
+            if negative:
+                raise ValueError(
+                    f"{frame}: variance has {negative} negative values; pass the "
+                    "background + source variance (>= 0, NaN where unknown)")
             bad |= ~xp.isfinite(variance)
         w2 = f * f / (s * s)
         p2_sum = float((psf * psf).sum())
@@ -467,7 +477,8 @@ class ProperCoaddAccumulator:
         if not 0 <= index < self.n_frames:
             raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
         if np.shape(image) != self.shape:
-            raise ValueError(f"image shape {np.shape(image)} differs from {self.shape}")
+            raise ValueError(f"frame {index}: image shape {np.shape(image)} differs from the "
+                             f"accumulator's {self.shape}")
         _, f, s, _ = self._frames[index]
         p_h = self._frame_psf_spectrum(index)
         own = (f * f / (s * s)) * abs2(p_h)
@@ -624,7 +635,8 @@ class ProperCoaddAccumulator:
             raise ValueError(f"frame {index} was not added ({self.n_frames} frames)")
         for name, arr in (("pixels", pixels), ("image", image), ("values", values)):
             if np.shape(arr) != self.shape:
-                raise ValueError(f"{name} shape {np.shape(arr)} differs from {self.shape}")
+                raise ValueError(f"frame {index}: {name} shape {np.shape(arr)} differs from "
+                                 f"the accumulator's {self.shape}")
         be, xp = self._be, self._be.xp
         _, f, s, _ = self._frames[index]
         change = be.asarray(pixels, dtype=bool) & ~self._bad(index)

@@ -217,6 +217,36 @@ def test_float32_and_errors():
     assert convolve_fft(frames[0], psf_rfft(psfs[0], shape)).shape == shape
 
 
+def test_errors_of_a_bad_frame_name_it():
+    """A bad flux scale, sigma, PSF, shape or variance names the frame: its index and name.
+
+    With 20 frames in a loop, 'flux_scale must be a finite positive number, got nan' did
+    not say which frame to look at.
+    """
+    shape = (32, 32)
+    psf = gaussian_psf(1.5)
+    acc = ProperCoaddAccumulator(shape)
+    acc.add(np.zeros(shape), psf, 1.0)
+    acc.add(np.zeros(shape), psf, 1.0)
+    good = dict(image=np.zeros(shape), psf=psf, sigma=1.0)
+    for change, match in (
+        (dict(flux_scale=np.nan), r"^frame 2: flux_scale must be a finite positive number, "
+                                  r"got nan"),
+        (dict(flux_scale=0.0, name="night3.fits"), r"^frame 2 \(night3.fits\): flux_scale"),
+        (dict(sigma=-1.0), r"^frame 2: sigma must be"),
+        (dict(psf=3 * psf), r"^frame 2: psf must have unit sum"),
+        (dict(image=np.zeros((8, 8))), r"^frame 2: image shape \(8, 8\) differs"),
+        (dict(variance=np.full(shape, -1.0)), r"^frame 2: variance has 1024 negative values"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            acc.add(**{**good, **change})
+    assert acc.n_frames == 2  # nothing of the bad frames was added
+    with pytest.raises(ValueError, match=r"^frame 1: image shape \(8, 8\) differs"):
+        acc.frame_residual(1, np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"^frame 0: pixels shape \(8, 8\) differs"):
+        acc.substitute(0, np.zeros((8, 8), bool), np.zeros(shape), np.zeros(shape))
+
+
 # --------------------------------------------------------------------------------------
 # source noise: the variance of R from per-frame variance maps
 
