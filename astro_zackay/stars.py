@@ -321,7 +321,8 @@ def _measure(
     npix = np.maximum(np.asarray(objects["npix"]), 1)
     ix = np.clip(np.rint(x_det).astype(int), 0, data.shape[1] - 1)
     iy = np.clip(np.rint(y_det).astype(int), 0, data.shape[0] - 1)
-    noise = rms[iy, ix]  # the background rms at each detection
+    noise = rms[iy, ix].astype(float)  # the background rms at each detection (float64: its
+    # square overflows float32 for data above ~1e19)
     # cheap pre-cut on the isophotal S/N (generously below the PSF S/N); source Poisson
     # noise only with a known gain (the estimated variance has none without one)
     poisson = np.clip(flux_det, 0, None) / img.gain if img.gain else 0.0
