@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +27,8 @@ from ._ccd import (
     to_image,
     warn_missing_source_noise,
 )
-from ._prepare import PreparedImage, prepare_image
+from ._checks import as_pair, check_subtract_options, named_errors
+from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import (
     ImageWarnings,
     as_psf_sampler,
@@ -37,9 +36,8 @@ from ._psf_input import (
 )
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, NoiseEstimateWarning
-from ._zogy_field import check_tiles, zogy_field
+from ._zogy_field import zogy_field
 from .fluxmatch import StarMatch, match_stars
-from .fourier import get_array_module
 from .noise import NoiseSpectrum, measure_pair_noise
 from .transients import bright_sources
 from .zogy import _moved_mask, fit_flux_ratio
@@ -203,19 +201,6 @@ def _template(image: ImageData) -> ImageData:
                                mask=np.broadcast_to(False, shape), sky_maps=None)
 
 
-def _pair(value: Any, name: str, pair: str = "(reference, science)") -> tuple[Any, Any]:
-    """A two-valued option: one value for both, or a ``pair`` (default per image).
-
-    ``pair`` names the two values in the error for a sequence of another length.
-    """
-    if isinstance(value, tuple | list):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be one value or a {pair} pair, got {len(value)} "
-                             f"values: {value!r}")
-        return value[0], value[1]
-    return value, value
-
-
 def _conversion_gain(sci: ImageData, ref: ImageData, gains: tuple[Any, Any]) -> Any:
     """The e-/ADU that converts between the images' units: that of the image in ADU.
 
@@ -235,96 +220,13 @@ def _unpack_coadd(image: Any, psf: Any) -> tuple[Any, Any]:
     return image, psf
 
 
-def _check_noise_options(noise: Any, psf_error: Any) -> None:
-    """Raise a ValueError for a ``noise=`` or ``psf_error=`` that `subtract` does not take."""
-    if noise not in ("auto", "white"):
-        raise ValueError(f"noise must be 'auto' or 'white', got {noise!r}")
-    if isinstance(psf_error, str) or psf_error is None:
-        if psf_error not in ("auto", None):
-            raise ValueError(f"psf_error must be 'auto', None or numbers, got {psf_error!r}")
-        return
-    values = np.asarray(_pair(psf_error, "psf_error"), dtype=float)
-    if not np.all(np.isfinite(values) & (values >= 0)):
-        raise ValueError(f"psf_error must be >= 0, got {psf_error!r}")
-
-
-def _is_positive(value: Any) -> bool:
-    """Whether ``value`` is a finite real number > 0 (not a bool or a string)."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
-
-
-def _check_astrometric_noise(value: Any) -> None:
-    """Raise a ValueError for an ``astrometric_noise=`` that is not 'auto', None or sigmas >= 0."""
-    if value is None or (isinstance(value, str) and value == "auto"):
-        return
-    values = _pair(value, "astrometric_noise", "(sigma_x, sigma_y)")
-    if not all(_is_positive(v) or (isinstance(v, numbers.Real) and v == 0) for v in values):
-        raise ValueError(
-            f"astrometric_noise must be 'auto', None, or finite sigmas >= 0 in pixels (one "
-            f"value or an (x, y) pair), got {value!r}; pass 0 for no registration noise"
-        )
-
-
-def _check_options(
-    flux_ratio: Any, astrometric_noise: Any, fit_shift: Any, align: Any, dtype: Any
-) -> None:
-    """Raise a ValueError for any of these options of `subtract` that it does not take."""
-    if flux_ratio is not None and not _is_positive(flux_ratio):
-        raise ValueError(
-            f"flux_ratio must be a positive finite number (science / reference flux), got "
-            f"{flux_ratio!r}; pass None to fit it"
-        )
-    _check_astrometric_noise(astrometric_noise)
-    if not isinstance(fit_shift, bool | np.bool_):
-        raise ValueError(f"fit_shift must be True or False, got {fit_shift!r}")
-    if not (align is None or isinstance(align, bool | np.bool_)
-            or (isinstance(align, str) and align in ("stars", "wcs"))):
-        raise ValueError(f"align must be False, 'stars' or 'wcs', got {align!r}")
-    try:
-        known = np.dtype(dtype) in (np.float32, np.float64)
-    except TypeError:  # a name numpy does not know
-        known = False
-    if not known:
-        raise ValueError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}")
-
-
-def _given_psf(psf: Any, name: str) -> Any:
-    """A PSF given to `subtract` as a `PSFSampler`, checked before any work; None as is.
-
-    Its error names the option: ``"reference_psf: the PSF array is not centred..."``.
-    """
-    if psf is None:
-        return None
-    try:
-        return as_psf_sampler(psf)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{name}: {exc}") from None
-
-
-def _named(step: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-    """``step(*args, **kwargs)`` with the image's name ahead of its error's message.
-
-    A bad input (a corrupt file, an unparsable unit, negative uncertainties) is then
-    reported as ``"science image: ..."`` or ``"reference image: ..."``, in the same class.
-    """
-    try:
-        return step(*args, **kwargs)
-    except (OSError, TypeError, ValueError) as exc:
-        try:
-            named = type(exc)(f"{name}: {exc}")
-        except TypeError:  # an exception class that needs other arguments: kept as it is
-            raise exc from None
-        raise named from exc
-
-
 def _psf_errors(psf_error: Any) -> tuple[float, float]:
     """``(reference, science)`` PSF errors for ZOGY's ``psf_error_*`` from ``psf_error=``."""
     if psf_error is None:
         return 0.0, 0.0
     if isinstance(psf_error, str):
         return PSF_ERROR_FLOOR, PSF_ERROR_FLOOR
-    return tuple(float(v) for v in _pair(psf_error, "psf_error"))
+    return tuple(float(v) for v in as_pair(psf_error, "psf_error"))
 
 
 def _pair_noise(
@@ -611,8 +513,11 @@ def subtract(
     ------
     ValueError
         When the images differ in shape (and ``align`` is off), an option is invalid
-        (every option is checked before any work), a given PSF array is not a centred,
-        non-negative stamp with a positive sum, an image has negative uncertainties or
+        (every option is checked before any image is read, by
+        `~astro_zackay._checks.check_subtract_options`), a given PSF array is not a
+        centred, non-negative stamp with a positive sum, an image is smaller than a
+        background box or its given PSF's stamp (both images are checked before either
+        is prepared), an image has negative uncertainties or
         an unparsable BUNIT, ``align='wcs'`` finds no overlap between the images'
         footprints, or a PSF must be estimated from an image with no usable star (the
         message names the image or the option).
@@ -659,34 +564,39 @@ def subtract(
     """
     reference, reference_psf = _unpack_coadd(reference, reference_psf)
     science, science_psf = _unpack_coadd(science, science_psf)
-    _check_noise_options(noise, psf_error)
-    get_array_module(backend)  # an unknown name, or cupy without CuPy, fails before any work
-    check_tiles(tiles)
-    _check_options(flux_ratio, astrometric_noise, fit_shift, align, dtype)
-    reference_psf = _given_psf(reference_psf, "reference_psf")
-    science_psf = _given_psf(science_psf, "science_psf")
-    units, gains = _pair(unit, "unit"), _pair(gain, "gain")
-    noises, saturations = _pair(read_noise, "read_noise"), _pair(saturation, "saturation")
+    check_subtract_options(
+        reference_psf=reference_psf, science_psf=science_psf, flux_ratio=flux_ratio,
+        fit_shift=fit_shift, astrometric_noise=astrometric_noise, align=align, tiles=tiles,
+        unit=unit, gain=gain, read_noise=read_noise, saturation=saturation, noise=noise,
+        psf_error=psf_error, dtype=dtype, backend=backend, workers=workers,
+    )
+    reference_psf = None if reference_psf is None else as_psf_sampler(reference_psf)
+    science_psf = None if science_psf is None else as_psf_sampler(science_psf)
+    units, gains = as_pair(unit, "unit"), as_pair(gain, "gain")
+    noises, saturations = as_pair(read_noise, "read_noise"), as_pair(saturation, "saturation")
     ref_warnings, sci_warnings = ImageWarnings("reference image"), ImageWarnings("science image")
-    with sci_warnings:
-        sci = _named(to_image, "science image", science, unit=units[1], gain=gains[1],
-                     read_noise=noises[1], saturation=saturations[1], dtype=dtype)
+    with sci_warnings, named_errors("science image"):
+        sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
+                       saturation=saturations[1], dtype=dtype)
         warn_missing_source_noise(sci)
-    with ref_warnings:
+    with ref_warnings, named_errors("reference image"):
         if align:
             from .alignment import align as align_images
 
             method = "stars" if align is True else align
-            reference = _named(align_images, "reference image", reference, as_ccddata(sci),
-                               method=method, unit=units[0], saturation=saturations[0])
-        ref = _named(to_image, "reference image", reference, unit=units[0], gain=gains[0],
-                     read_noise=noises[0], saturation=saturations[0], dtype=dtype)
+            reference = align_images(reference, as_ccddata(sci), method=method, unit=units[0],
+                                     saturation=saturations[0])
+        ref = to_image(reference, unit=units[0], gain=gains[0], read_noise=noises[0],
+                       saturation=saturations[0], dtype=dtype)
         warn_missing_source_noise(ref)
     if ref.shape != sci.shape:
         raise ValueError(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
+    # both images' sizes, before either is prepared (background, stars, PSF)
+    check_image_size(ref.shape, reference_psf, "reference image", "reference_psf=")
+    check_image_size(sci.shape, science_psf, "science image", "science_psf=")
     sci = match_unit(sci, ref.unit, gain=_conversion_gain(sci, ref, gains),
                      name="science image", target="reference image")
 
@@ -737,7 +647,7 @@ def subtract(
     elif astrometric_noise is None:
         ast = (0.0, 0.0)
     else:
-        ast = _pair(astrometric_noise, "astrometric_noise", "(sigma_x, sigma_y)")
+        ast = as_pair(astrometric_noise, "astrometric_noise", "(sigma_x, sigma_y)")
         ast = (float(ast[0]), float(ast[1]))
 
     # the BRIGHT flag needs both images on the science grid: bright_sources moves the

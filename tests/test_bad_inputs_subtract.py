@@ -6,6 +6,7 @@ wrong and what to do, and that the caller's CCDData is left as it was.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import assert_ccd_unchanged, ccd_state
 
 from astro_zackay import subtract
 from astro_zackay._ccd import to_image
+from astro_zackay._checks import check_subtract_options
 from astro_zackay._psf_input import as_psf_sampler
 from astro_zackay._warnings import UncertaintyWarning
 from astro_zackay.alignment import align
@@ -125,27 +127,75 @@ def test_centred_psf_array_is_normalised():
     np.testing.assert_allclose(sampled, shifted / shifted.sum())
 
 
-@pytest.mark.parametrize(
-    ("option", "value", "match"),
-    [
-        ("astrometric_noise", np.nan, r"astrometric_noise must be .* finite sigmas >= 0"),
-        ("astrometric_noise", -0.1, r"astrometric_noise must be .* got -0.1"),
-        ("astrometric_noise", (0.1, np.inf), r"astrometric_noise must be .* got \(0.1, inf\)"),
-        ("flux_ratio", 0.0, r"flux_ratio must be a positive finite number .* got 0.0"),
-        ("flux_ratio", np.nan, r"flux_ratio must be a positive finite number .* got nan"),
-        ("flux_ratio", -2.0, r"flux_ratio must be a positive finite number .* pass None"),
-        ("flux_ratio", "1.0", r"flux_ratio must be a positive finite number .* got '1.0'"),
-        ("tiles", 8, r"tiles must be .* >= 32 px, got 8"),
-        ("fit_shift", "yes", r"fit_shift must be True or False, got 'yes'"),
-        ("align", "sky", r"align must be False, 'stars' or 'wcs', got 'sky'"),
-        ("align", 1, r"align must be False, 'stars' or 'wcs', got 1"),
-        ("dtype", np.int32, r"dtype must be numpy.float32 or numpy.float64"),
-        ("dtype", "foo", r"dtype must be numpy.float32 or numpy.float64, got 'foo'"),
-    ],
-)
+#: Options `subtract` refuses before any work: (option, value, the message's pattern).
+BAD_OPTIONS = [
+    ("astrometric_noise", np.nan, r"astrometric_noise must be .* finite sigmas >= 0"),
+    ("astrometric_noise", -0.1, r"astrometric_noise must be .* got -0.1"),
+    ("astrometric_noise", (0.1, np.inf), r"astrometric_noise must be .* got \(0.1, inf\)"),
+    ("flux_ratio", 0.0, r"flux_ratio must be a positive finite number .* got 0.0"),
+    ("flux_ratio", np.nan, r"flux_ratio must be a positive finite number .* got nan"),
+    ("flux_ratio", -2.0, r"flux_ratio must be a positive finite number .* pass None"),
+    ("flux_ratio", "1.0", r"flux_ratio must be a positive finite number .* got '1.0'"),
+    ("tiles", 8, r"tiles must be .* >= 32 px, got 8"),
+    ("fit_shift", "yes", r"fit_shift must be True or False, got 'yes'"),
+    ("align", "sky", r"align must be False, 'stars' or 'wcs', got 'sky'"),
+    ("align", 1, r"align must be False, 'stars' or 'wcs', got 1"),
+    ("dtype", np.int32, r"dtype must be numpy.float32 or numpy.float64"),
+    ("dtype", "foo", r"dtype must be numpy.float32 or numpy.float64, got 'foo'"),
+    ("psf_error", -3, r"psf_error must be >= 0 .*, got -3"),
+    ("noise", "pink", r"noise must be 'auto' or 'white', got 'pink'"),
+    ("unit", "notaunit", r"^science image: unit='notaunit' is not a unit astropy can parse"),
+    ("unit", ("notaunit", "adu"), r"^reference image: unit='notaunit' is not a unit"),
+    ("unit", ("adu", "adu", "adu"), r"unit must be one value or a \(reference, science\) "
+                                    r"pair, got 3 values"),
+    ("gain", -1.0, r"^science image: gain must be a positive finite number, got -1.0"),
+    ("read_noise", (2.0, "x"), r"^science image: read_noise must be one positive finite "
+                               r"number, got 'x'"),
+    ("saturation", np.nan, r"^science image: saturation must be a positive finite number"),
+    ("science_psf", -3.0, r"^science_psf: "),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "match"), BAD_OPTIONS)
 def test_parameters_are_checked_before_any_work(option, value, match):
     with pytest.raises(ValueError, match=match):
         subtract(*MISSING, **{option: value})
+
+
+@pytest.mark.parametrize(("option", "value", "match"), BAD_OPTIONS)
+def test_check_subtract_options_refuses_what_subtract_refuses(option, value, match):
+    """The check that the batch, tiled and tree functions run before a cluster starts: the
+    options in a mapping, the same error as `subtract`'s."""
+    options = {"flux_ratio": 1.0, "tiles": 64, option: value}
+    with pytest.raises(ValueError, match=match):
+        check_subtract_options(**options)
+
+
+def test_check_subtract_options_takes_what_subtract_takes():
+    check_subtract_options(**{name: p.default
+                              for name, p in inspect.signature(subtract).parameters.items()
+                              if p.kind is inspect.Parameter.KEYWORD_ONLY})
+    check_subtract_options(saturation=np.inf, unit=("adu", "electron"), gain=(1.4, None),
+                           astrometric_noise=(0.0, 0.05), psf_error=(0.01, 0.02),
+                           science_psf=psf_stamp(25, 3.5), align=np.True_)
+    with pytest.raises(TypeError, match=r"subtract\(\) does not take the option\(s\) "
+                                        r"'threshold'; it takes noise, psf_error"):
+        check_subtract_options(threshold=5.0)
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")
+def test_both_images_sizes_are_checked_before_either_is_prepared(pair, monkeypatch):
+    """The science image too small for its PSF is refused before the reference's
+    background, stars and PSF are measured (it was refused after)."""
+    def no_preparing(*args, **kwargs):
+        raise AssertionError("an image was prepared before both sizes were checked")
+
+    monkeypatch.setattr("astro_zackay.subtraction.prepare_image", no_preparing)
+    with pytest.raises(ValueError, match=r"^science image: its shape \(128, 128\) is smaller "
+                                         r"than the PSF stamp \(201, 201\) of science_psf="):
+        subtract(pair.reference.ccd, pair.science.ccd, science_psf=psf_stamp(201, 3.0))
+    with pytest.raises(AssertionError, match=r"an image was prepared"):
+        subtract(pair.reference.ccd, pair.science.ccd, science_psf=psf_stamp(25, 3.0))
 
 
 @pytest.mark.filterwarnings("ignore::astro_zackay.FewStarsWarning")

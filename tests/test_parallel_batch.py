@@ -191,6 +191,70 @@ def test_inputs_are_checked_before_any_cluster_starts(files, tmp_path):
     assert not out.exists()  # nothing made: each mistake was found before any work
 
 
+class _NoCluster:
+    """A client that must not be used: a task submitted to it fails the test."""
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("a task was submitted")
+
+
+def _placeholders(folder):
+    """Files that exist (so that their rows would be submitted) but are never read."""
+    paths = [folder / name for name in ("ref.fits", "new.fits", "old.fits")]
+    for path in paths:
+        path.write_text("never read")
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"tiles": 16}, r"tiles must be 'auto', None or an integer side >= 32 px, got 16"),
+        ({"unit": "notaunit"}, r"science image: unit='notaunit' is not a unit astropy can "
+                               r"parse"),
+        ({"psf_error": -3}, r"psf_error must be >= 0 .*, got -3"),
+        ({"gain": (1.4, 0.0)}, r"science image: gain must be a positive finite number"),
+    ],
+)
+def test_subtract_options_that_would_fail_every_row_fail_before_any_task(
+        tmp_path, options, match):
+    """They passed the batch's checks and failed each row on the workers."""
+    ref, new, _ = _placeholders(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        subtract_batch([(ref, new)], out, client=_NoCluster(), progress=False, **options)
+    assert not out.exists()
+    # the same pair with valid options reaches the client: the check above came first
+    with pytest.raises(AssertionError, match=r"a task was submitted"):
+        subtract_batch([(ref, new)], out, client=_NoCluster(), progress=False, tiles=64)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"psfs": -3.0}, ValueError, r"psfs\[0\] \(image 0\): "),
+        ({"flux_scales": 0.0}, ValueError, r"flux_scales\[0\] must be a positive number"),
+        ({"psfs": np.ones((5, 5))}, TypeError, r"psfs must give one value per image"),
+        ({"sigmas": [1.0, np.nan]}, ValueError, r"sigmas\[1\] must be a positive number"),
+        ({"unit": "notaunit"}, ValueError, r"unit='notaunit' is not a unit astropy can parse"),
+        ({"reject": -1.0}, ValueError, r"reject must be a positive threshold"),
+        ({"min_depth_fraction": 2}, ValueError, r"min_depth_fraction must be a fraction"),
+        ({"dtype": np.int32}, TypeError, r"dtype must be numpy.float32 or numpy.float64"),
+    ],
+)
+def test_coadd_options_that_would_fail_every_row_fail_before_any_task(
+        tmp_path, options, error, match):
+    """A per-image option given as one number is checked as every image's value."""
+    paths = _placeholders(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        coadd_batch({"g": paths[:2]}, out, client=_NoCluster(), progress=False, **options)
+    assert not out.exists()
+    with pytest.raises(AssertionError, match=r"a task was submitted"):
+        coadd_batch({"g": paths[:2]}, out, client=_NoCluster(), progress=False, psfs=3.0,
+                    flux_scales=[1.0, 2.0])
+
+
 def test_existing_outputs_are_refused_before_any_work(batch, files, cluster):
     summary, out = batch
     before = os.stat(summary["output"][0]).st_mtime_ns

@@ -5,9 +5,10 @@ and writes the results under the output folder (to a temporary name first, renam
 when complete, so a worker that dies mid-write leaves no half file behind). It returns
 a small dict; the caller assembles the summary table in input order.
 
-A row whose task the worker died while running is rerun by Dask (the scheduler's
-``distributed.scheduler.allowed-failures``, 3 by default); each attempt appends a line
-to a hidden marker file beside the outputs, so the row can say how many times it ran.
+A row whose task the worker died while running is run again by Dask (up to the
+scheduler's ``distributed.scheduler.allowed-failures`` more times, 3 by default); each
+attempt appends a line to a hidden marker file beside the outputs, so the row can say
+how many times it ran (its ``retries``: the runs after the first, as Dask counts them).
 """
 
 from __future__ import annotations
@@ -480,7 +481,8 @@ def subtract_batch(
 
     Everything that can be checked without reading the images is checked before any
     work and before a cluster starts: the ``pairs`` argument, the keywords of
-    `~astro_zackay.subtract`, ``output_dir`` and the outputs. An input that is missing,
+    `~astro_zackay.subtract` and their values (as `~astro_zackay.subtract` checks them
+    first), ``output_dir`` and the outputs. An input that is missing,
     a folder or not readable fails its own row (not submitted), and so does an error
     on a worker (a corrupt file, too few stars...): its message is kept in the row and
     the other rows go on.
@@ -506,10 +508,14 @@ def subtract_batch(
     threshold : float, optional
         Detection threshold of the candidates on ``|Scorr|`` in sigma (default 5).
     retries : int, optional
-        How many times Dask reruns a task that raised an error outside the subtraction
-        (errors of the subtraction itself fail the row at once). A task whose worker
-        *dies* is rerun by Dask anyway, up to its ``distributed.scheduler.allowed-failures``
-        setting (3 by default); the row's ``retries`` counts those reruns.
+        Dask's ``retries`` (of `distributed.Client.submit`): how many more times, after
+        the first, a task that raised is run (default 1: at most two runs). A task raises
+        only for an error outside the subtraction, such as an ``output_dir`` that its
+        worker cannot write; an error of the subtraction itself (a corrupt file, too few
+        stars) fails its row at once, never retried. A task whose worker *died* is run
+        again whatever ``retries`` is, up to the scheduler's
+        ``distributed.scheduler.allowed-failures`` more times (3 by default): the row's
+        ``retries`` counts those runs after the first.
     n_workers : int, optional
         Worker processes of the LocalCluster started when ``client`` is None (default:
         the number of cores, at most one per pair).
@@ -524,7 +530,8 @@ def subtract_batch(
         One row per pair, in input order: ``name``, ``reference``, ``science``,
         ``output``, ``candidates`` (the paths written), ``status`` (``"ok"`` or
         ``"failed"``), ``error`` (the message of a failure, else empty), ``retries`` and
-        ``note`` (reruns after the worker died), ``seconds`` (on the worker),
+        ``note`` (how many more times than once the row's task ran: Dask ran it again
+        after its worker died), ``seconds`` (on the worker),
         ``flux_ratio`` (fitted) and ``n_candidates`` (good candidates: no flag set),
         both masked in failed rows, and ``warnings`` (the library's warnings, joined
         by semicolons).
@@ -590,15 +597,12 @@ def subtract_batch(
         summary = subtract_batch("pairs.csv", "results", unit="adu", gain=1.4)
     """
     _check_batch_options(progress, overwrite, retries, n_workers, client)
-    from ..subtraction import _check_options, subtract
+    from .._checks import check_subtract_options, is_positive
+    from ..subtraction import subtract
 
     _check_keywords(subtract, subtract_kwargs, "subtract_batch")
-    defaults = {name: p.default for name, p in inspect.signature(subtract).parameters.items()}
-    options = {**defaults, **subtract_kwargs}
-    _check_options(options["flux_ratio"], options["astrometric_noise"], options["fit_shift"],
-                   options["align"], options["dtype"])
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number) or not (
-            np.isfinite(threshold) and threshold > 0):
+    check_subtract_options(**subtract_kwargs)  # what would fail every row, before any work
+    if not is_positive(threshold):
         raise ValueError(f"threshold must be a finite number of sigma > 0, got {threshold!r}")
     rows = _pair_rows(pairs)
     folder = _check_output_dir(output_dir)
@@ -656,7 +660,8 @@ def coadd_batch(
     overwrite : bool, optional
         Replace outputs that exist (else an error before any work).
     retries : int, optional
-        Reruns by Dask of a task that raised outside the coadd (see `subtract_batch`).
+        Dask's ``retries``: how many more times, after the first, a task that raised
+        outside the coadd is run (default 1; see `subtract_batch`).
     n_workers : int, optional
         Worker processes of the LocalCluster started when ``client`` is None.
     **coadd_kwargs
@@ -680,7 +685,9 @@ def coadd_batch(
         For a keyword that `~astro_zackay.coadd` does not take, or a ``groups`` or
         ``client`` of the wrong type.
     ValueError
-        For a malformed ``groups`` (a group of fewer than two files included).
+        For a malformed ``groups`` (a group of fewer than two files included), or an
+        option that `~astro_zackay.coadd` refuses (a per-image option given as one
+        number is checked as the value of every image).
     ImportError, FileExistsError, OSError
         As `subtract_batch` raises them: no ``distributed``, an existing output
         without ``overwrite``, an unusable ``output_dir`` or a missing CSV.
@@ -715,9 +722,13 @@ def coadd_batch(
     >>> client.close(); cluster.close()
     """
     _check_batch_options(progress, overwrite, retries, n_workers, client)
+    from .._checks import check_coadd_options
     from ..coaddition import coadd
 
     _check_keywords(coadd, coadd_kwargs, "coadd_batch")
+    # what would fail every row, before any work: a per-image option given as one number
+    # is checked as the list of one value that each image of a group gets
+    check_coadd_options(**_per_group(coadd_kwargs, 1))
     rows = _group_rows(groups)
     for name, paths in rows:
         if len(paths) < 2:
