@@ -30,6 +30,7 @@ from astropy.nddata import CCDData
 from astropy.table import Table
 from astropy.wcs import FITSFixedWarning
 
+from ._checks import as_pair, is_positive
 from ._version import version
 
 __all__ = ["main"]
@@ -98,7 +99,7 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not np.isfinite(value) or value <= 0:
+    if not is_positive(value):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
@@ -320,10 +321,6 @@ def _check_plotting() -> None:
                          "pip install matplotlib (or drop --plot)") from None
 
 
-def _pair(value: Any) -> tuple[Any, Any]:
-    return value if isinstance(value, tuple) else (value, value)
-
-
 def _check_backend(name: str) -> None:
     from .fourier import get_array_module
 
@@ -387,17 +384,18 @@ def _psf_option(args: argparse.Namespace, path: str, fwhm: float | None, index: 
         return None
     from .psf import estimate_psf
 
+    units, gains = as_pair(args.unit, "--unit"), as_pair(args.gain, "--gain")
+    saturations = as_pair(args.saturation, "--saturation")
     with _psf_advice("subtract", f"{('REF', 'NEW')[index]} {path!r}"):
-        return estimate_psf(path, method=args.psf_method, unit=_pair(args.unit)[index],
-                            gain=_pair(args.gain)[index],
-                            saturation=_pair(args.saturation)[index])
+        return estimate_psf(path, method=args.psf_method, unit=units[index], gain=gains[index],
+                            saturation=saturations[index])
 
 
 def _subtract(args: argparse.Namespace) -> int:
     from .files import write_candidates, write_regions, write_subtraction
     from .subtraction import subtract
 
-    units = _pair(args.unit)
+    units = as_pair(args.unit, "--unit")
     images = [_check_image(args.reference, "REF", units[0]),
               _check_image(args.science, "NEW", units[1])]
     _check_same_shape(images, args.align, "REF and NEW")
@@ -643,6 +641,8 @@ def _demo_pair(args: argparse.Namespace) -> tuple[Any, Table]:
 # --- batches on a Dask cluster ----------------------------------------------------------------
 #: The summary table that ``batch`` and ``coadd-batch`` write in --outdir.
 SUMMARY = "summary.ecsv"
+#: Seconds to wait for --scheduler to answer, without --timeout.
+SCHEDULER_TIMEOUT = 30.0
 
 
 def _batch_progress(args: argparse.Namespace) -> bool:
@@ -662,6 +662,9 @@ def _batch_output(args: argparse.Namespace) -> str:
 @contextlib.contextmanager
 def _batch_client(args: argparse.Namespace) -> Iterator[Any]:
     """A client of the scheduler at --scheduler (closed at the end), or None."""
+    if args.timeout is not None and args.scheduler is None:
+        raise UsageError("--timeout is how long to wait for --scheduler to answer, and there "
+                         "is no --scheduler: give both, or neither")
     try:
         import distributed
     except ImportError:
@@ -671,7 +674,7 @@ def _batch_client(args: argparse.Namespace) -> Iterator[Any]:
         yield None
         return
     try:
-        client = distributed.Client(args.scheduler, timeout=args.timeout)
+        client = distributed.Client(args.scheduler, timeout=args.timeout or SCHEDULER_TIMEOUT)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--scheduler {args.scheduler!r}: no Dask scheduler answered "
                          f"({exc}); check the address (tcp://HOST:PORT) and that it runs") from None
@@ -821,6 +824,38 @@ def _add_output(command: argparse.ArgumentParser, what: str) -> None:
                          help="replace output files that exist")
 
 
+def _add_subtraction_options(command: argparse.ArgumentParser) -> None:
+    """The options of `subtract` and of its candidates, shared by subtract and batch."""
+    command.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
+                         help="detection threshold on |Scorr| in sigma (default 5)")
+    per_image = "; one value, or REF,NEW"
+    _add_io_options(command, _per_image, _per_image, per_image, per_image)
+    command.add_argument("--read-noise", type=_per_image(_positive), default=None, metavar="RN",
+                         help=f"read noise in electrons{per_image}")
+    command.add_argument("--align", choices=("stars", "wcs"), default=None,
+                         help="resample REF onto NEW's grid first: by matching stars or by WCS")
+    for image in ("reference", "science"):
+        command.add_argument(f"--{image}-fwhm", type=_positive, default=None, metavar="PIXELS",
+                             help=f"a Gaussian {image} PSF of this FWHM instead of an estimate")
+    command.add_argument("--flux-ratio", type=_positive, default=None, metavar="BETA",
+                         help="science / reference flux ratio (default: fitted)")
+    command.add_argument("--no-fit-shift", dest="fit_shift", action="store_false",
+                         help="do not fit and remove a sub-pixel shift")
+    command.add_argument("--tiles", type=_tiles, default="auto", metavar="auto|none|PIXELS",
+                         help="tiles of constant PSF: auto (default), none, or a side in pixels")
+    command.add_argument("--noise", choices=("auto", "white"), default="auto",
+                         help="auto: measure correlated noise (resampled images); white: assume "
+                              "none")
+
+
+def _add_reject(command: argparse.ArgumentParser) -> None:
+    """--reject and --no-reject, of coadd and coadd-batch."""
+    command.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
+                         help="reject what one image alone shows above SIGMA (default 6)")
+    command.add_argument("--no-reject", dest="reject", action="store_const", const=None,
+                         help="keep every pixel (no outlier rejection)")
+
+
 def _subtract_parser(commands: Any) -> None:
     sub = _subcommand(commands, "subtract", "ZOGY subtraction of two FITS images",
                       _SUBTRACT_EXAMPLE)
@@ -831,28 +866,10 @@ def _subtract_parser(commands: Any) -> None:
     sub.add_argument("--regions", metavar="CANDS.reg",
                      help="write the candidates as ds9 regions (good green, flagged red)")
     sub.add_argument("--plot", metavar="OUT.png", help="write a figure (needs matplotlib)")
-    sub.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
-                     help="detection threshold on |Scorr| in sigma (default 5)")
-    per_image = "; one value, or REF,NEW"
-    _add_io_options(sub, _per_image, _per_image, per_image, per_image)
-    sub.add_argument("--read-noise", type=_per_image(_positive), default=None, metavar="RN",
-                     help=f"read noise in electrons{per_image}")
-    sub.add_argument("--align", choices=("stars", "wcs"), default=None,
-                     help="resample REF onto NEW's grid first: by matching stars or by WCS")
+    _add_subtraction_options(sub)
     sub.add_argument("--psf-method", choices=("auto", "kl", "constant", "gaussian", "moffat"),
                      default="auto", help="PSF model estimated from each image's stars "
                      "(default auto: a varying KL PSF, stepping down when stars are few)")
-    for image in ("reference", "science"):
-        sub.add_argument(f"--{image}-fwhm", type=_positive, default=None, metavar="PIXELS",
-                         help=f"a Gaussian {image} PSF of this FWHM instead of an estimate")
-    sub.add_argument("--flux-ratio", type=_positive, default=None, metavar="BETA",
-                     help="science / reference flux ratio (default: fitted)")
-    sub.add_argument("--no-fit-shift", dest="fit_shift", action="store_false",
-                     help="do not fit and remove a sub-pixel shift")
-    sub.add_argument("--tiles", type=_tiles, default="auto", metavar="auto|none|PIXELS",
-                     help="tiles of constant PSF: auto (default), none, or a side in pixels")
-    sub.add_argument("--noise", choices=("auto", "white"), default="auto",
-                     help="auto: measure correlated noise (resampled images); white: assume none")
     _add_backend(sub)
     sub.set_defaults(func=_subtract)
 
@@ -870,10 +887,7 @@ def _coadd_parser(commands: Any) -> None:
                           "estimates")
     add.add_argument("--align", choices=("stars", "wcs"), default=None,
                      help="resample every image onto the first one's grid")
-    add.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
-                     help="reject what one image alone shows above SIGMA (default 6)")
-    add.add_argument("--no-reject", dest="reject", action="store_const", const=None,
-                     help="keep every pixel (no outlier rejection)")
+    _add_reject(add)
     _add_backend(add)
     add.set_defaults(func=_coadd)
 
@@ -909,8 +923,9 @@ def _add_batch_options(command: argparse.ArgumentParser, table: str, meaning: st
     where.add_argument("--workers", type=_int_in(1, 1024), default=None, metavar="N",
                        help="worker processes of the local cluster (default: one per core, "
                             "at most one per task)")
-    command.add_argument("--timeout", type=_positive, default=30.0, metavar="SECONDS",
-                         help="how long to wait for --scheduler to answer (default 30)")
+    command.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
+                         help="with --scheduler: how long to wait for it to answer (default "
+                              f"{SCHEDULER_TIMEOUT:g})")
     command.add_argument("--no-progress", action="store_true",
                          help="no progress bar (there is none off a terminal or with --quiet)")
     command.add_argument("--overwrite", action="store_true",
@@ -922,25 +937,7 @@ def _batch_parser(commands: Any) -> None:
                         _BATCH_EXAMPLE)
     _add_batch_options(batch, "pairs", "CSV table of the pairs: columns reference, science "
                                        "and optionally name")
-    batch.add_argument("--threshold", type=_positive, default=5.0, metavar="SIGMA",
-                       help="detection threshold on |Scorr| in sigma (default 5)")
-    per_image = "; one value, or REF,NEW"
-    _add_io_options(batch, _per_image, _per_image, per_image, per_image)
-    batch.add_argument("--read-noise", type=_per_image(_positive), default=None, metavar="RN",
-                       help=f"read noise in electrons{per_image}")
-    batch.add_argument("--align", choices=("stars", "wcs"), default=None,
-                       help="resample REF onto NEW's grid first: by matching stars or by WCS")
-    for image in ("reference", "science"):
-        batch.add_argument(f"--{image}-fwhm", type=_positive, default=None, metavar="PIXELS",
-                           help=f"a Gaussian {image} PSF of this FWHM instead of an estimate")
-    batch.add_argument("--flux-ratio", type=_positive, default=None, metavar="BETA",
-                       help="science / reference flux ratio (default: fitted)")
-    batch.add_argument("--no-fit-shift", dest="fit_shift", action="store_false",
-                       help="do not fit and remove a sub-pixel shift")
-    batch.add_argument("--tiles", type=_tiles, default="auto", metavar="auto|none|PIXELS",
-                       help="tiles of constant PSF: auto (default), none, or a side in pixels")
-    batch.add_argument("--noise", choices=("auto", "white"), default="auto",
-                       help="auto: measure correlated noise (resampled images); white: none")
+    _add_subtraction_options(batch)
     batch.set_defaults(func=_batch)
 
 
@@ -955,10 +952,7 @@ def _coadd_batch_parser(commands: Any) -> None:
                      help="Gaussian PSFs of this FWHM for every image instead of estimates")
     add.add_argument("--align", choices=("stars", "wcs"), default=None,
                      help="resample every image onto its group's first image's grid")
-    add.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
-                     help="reject what one image alone shows above SIGMA (default 6)")
-    add.add_argument("--no-reject", dest="reject", action="store_const", const=None,
-                     help="keep every pixel (no outlier rejection)")
+    _add_reject(add)
     add.set_defaults(func=_coadd_batch)
 
 

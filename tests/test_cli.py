@@ -345,6 +345,19 @@ def test_the_figures_beside_a_plot_are_checked_too(pair_files, frames, tmp_path,
     assert not list(tmp_path.glob("*.fits"))
 
 
+@pytest.mark.parametrize("command", ["batch", "coadd-batch"])
+def test_a_timeout_without_a_scheduler_is_refused(command, tmp_path, capsys):
+    """--timeout waits for --scheduler only: alone, it was silently ignored."""
+    (tmp_path / "table.csv").write_text("reference,science,group,path\n")
+    args = [command, str(tmp_path / "table.csv"), "--outdir", str(tmp_path / "out")]
+    assert main([*args, "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"astro-zackay {command}: error: --timeout is how long to wait "
+                                "for --scheduler to answer, and there is no --scheduler: give "
+                                "both, or neither"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_checks_its_folder_and_files_before_simulating(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the demo's PNG needs matplotlib (the 'all' extra)")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
