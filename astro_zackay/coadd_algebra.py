@@ -385,11 +385,14 @@ class ProperCoaddAccumulator:
         w2 = f * f / (s * s)
         p2_sum = float((psf * psf).sum())
         if variance is not None:
-            # E += w_j**2 sum(P_j**2) good_j (V_j - s_j**2); one temporary frame
-            excess = xp.subtract(variance, s * s, dtype=self.dtype)
+            # E += w_j**2 sum(P_j**2) good_j (V_j - s_j**2); one temporary frame, formed
+            # as (V_j / s_j**2 - 1) w_j**2 ...: the factor w2 / s**2 alone (1/s**4)
+            # overflowed float32 for data of ~1e-15 and underflowed to 0 for ~1e15
+            excess = xp.divide(variance, s * s, dtype=self.dtype)
             del variance
+            excess -= 1.0
             excess[bad] = 0.0
-            excess *= w2 / (s * s) * p2_sum
+            excess *= w2 * p2_sum
             if self._excess is None:
                 self._excess = excess
             else:

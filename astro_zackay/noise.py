@@ -223,7 +223,7 @@ def measure_noise_spectrum(
     max_lag = _checked_lag(max_lag)
     scale = _rms_level(data, mask, rms, "data")
     (data,), (mask,), (rms,), core = _sample([data], [mask], [rms], (0, 0), max_lag, grow)
-    x, good = _normalised(data, mask, rms, "data")
+    x, good = _normalised(data, mask, rms, "data", scale)
     (smooth,) = _smoothed([x], [good], workers)
     good &= ~_grown(_sources(x, smooth, good, source_sigma), grow)
     if core is not None:
@@ -318,8 +318,8 @@ def measure_pair_noise(
         [new, ref], [mask_new, mask_ref], [rms_new, rms_ref], move, max_lag, grow)
     if core is not None:  # the reference's boxes were cut at the move: no move is left
         move = (0, 0)
-    xn, good_n = _normalised(new, mask_new, rms_new, "new")
-    xr, good_r = _normalised(ref, mask_ref, rms_ref, "ref")
+    xn, good_n = _normalised(new, mask_new, rms_new, "new", scale_n)
+    xr, good_r = _normalised(ref, mask_ref, rms_ref, "ref", scale_r)
     smooth_n, smooth_r = _smoothed([xn, xr], [good_n, good_r], workers)
     # one growth of both images' sources, on new's grid (a growth commutes with the move)
     sources = (_sources(xn, smooth_n, good_n, source_sigma)
@@ -497,30 +497,37 @@ def _checked_lag(max_lag: int) -> int:
 def _rms_level(
     data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str
 ) -> float:
-    """The median ``rms`` over ``data``'s good pixels (1 without an rms map), inputs checked.
+    """The median ``rms`` over ``data``'s good pixels, inputs checked.
 
     Of the whole image, read as zogy reads its level (`~astro_zackay._stats.sampled_median`
     of ``MAP_LEVEL_SAMPLES`` good pixels) and before any sampling of boxes (`_sample`):
     the boxes' own median rms may be far from it, yet ``sigma`` is compared with the
     whole image's rms level (each zogy tile's rms is scaled by their ratio).
+
+    Without an rms map, the power of 2 nearest the median ``|data|`` of those pixels
+    (1 when it is 0): the data are measured in that unit (`_normalised`), whose float32
+    squares neither overflow (data of 1e19 gave NaN correlations) nor underflow.
     """
     shape = np.shape(data)
     if len(shape) != 2:
         raise ValueError(f"{name} must be a 2-D image, got shape {shape}")
     if mask is not None and np.shape(mask) != shape:
         raise ValueError(f"mask has shape {np.shape(mask)}, expected {shape} like data")
-    if rms is None:
-        return 1.0
-    if np.shape(rms) != shape:
+    if rms is not None and np.shape(rms) != shape:
         raise ValueError(f"rms has shape {np.shape(rms)}, expected {shape} like {name}")
     good = _checked_mask(mask, shape) & np.isfinite(data)
-    return sampled_median(rms, good, MAP_LEVEL_SAMPLES)
+    if rms is not None:
+        return sampled_median(rms, good, MAP_LEVEL_SAMPLES)
+    level = abs(sampled_median(np.abs(data), good, MAP_LEVEL_SAMPLES)) if good.any() else 0.0
+    return float(2.0 ** np.round(np.log2(level))) if 0 < level < np.inf else 1.0
 
 
 def _normalised(
-    data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str
+    data: np.ndarray, mask: np.ndarray | None, rms: np.ndarray | None, name: str,
+    level: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``data / rms`` in float32 (0 on bad pixels) and its good pixels (shapes checked).
+    """``data / rms`` (without ``rms``: ``data / level``, `_rms_level`) in float32, 0 on bad
+    pixels, and its good pixels (shapes checked).
 
     float32 holds the correlations to ~1e-6, far below their statistical error
     (``1 / sqrt(n_pixels)``).
@@ -528,7 +535,8 @@ def _normalised(
     data = np.asarray(data)
     good = _checked_mask(mask, data.shape) & np.isfinite(data)
     if rms is None:
-        x = data.astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            x = np.divide(data, level, dtype=np.float32)
     else:
         rms = np.asarray(rms)
         if np.any(good & ~(rms > 0)):

@@ -195,3 +195,29 @@ def test_zogy_float32_in_tiny_or_huge_units(sky_pair, factor):
     assert res.F_D * factor == pytest.approx(base.F_D, rel=1e-6)
     np.testing.assert_allclose(res.V_SN * factor**2, base.V_SN, rtol=1e-4,
                                atol=1e-4 * base.V_SN.max())
+
+
+@pytest.mark.parametrize("factor", [1e-25, 1e19, 1e25])
+def test_noise_spectrum_without_rms_in_tiny_or_huge_units(factor):
+    """Correlated noise times 1e-25 ... 1e25 without an rms map: the same spectrum.
+
+    Measured in float32 as it came, the autocovariance's squares overflowed at 1e19
+    (NaN correlations and sigma, with a RuntimeWarning only).
+    """
+    from scipy import ndimage
+
+    from astro_zackay.noise import measure_noise_spectrum, measure_pair_noise
+
+    rng = np.random.default_rng(1)
+    white = rng.normal(size=(256, 256))
+    noise = ndimage.convolve1d(white, [0.2, 1.0, 0.2], axis=1, mode="wrap")
+    ref = rng.normal(size=(256, 256))
+    one, scaled = measure_noise_spectrum(noise), measure_noise_spectrum(noise * factor)
+    assert scaled.sigma / factor == pytest.approx(one.sigma, rel=1e-4)
+    np.testing.assert_allclose(scaled.lag1, one.lag1, atol=1e-4)
+    assert one.lag1[0] == pytest.approx(0.37, abs=0.02)
+    pair_one = measure_pair_noise(noise, ref)
+    pair_scaled = measure_pair_noise(noise * factor, ref * factor)
+    for a, b in zip(pair_scaled, pair_one):
+        assert a.sigma / factor == pytest.approx(b.sigma, rel=1e-4)
+        np.testing.assert_allclose(a.lag1, b.lag1, atol=1e-4)

@@ -275,6 +275,36 @@ def test_variance_equal_to_sigma_squared_changes_nothing():
         with_var.add(frames[0], psfs[0], 1.0, variance=np.ones((3, 3)))
 
 
+@pytest.mark.parametrize("factor", [1e-15, 1e15])
+def test_float32_source_variance_in_tiny_or_huge_units(factor):
+    """Frames, noises and variances times 1e-15 or 1e15 in float32: the float64 coadd of 1.
+
+    The source-noise excess was scaled by ``w**2 / s**2`` (``1 / s**4``) cast to float32:
+    1e60 overflowed (R_variance NaN) and 1e-60 underflowed to 0 (R_variance wrong by 400).
+    """
+    rng = np.random.default_rng(47)
+    shape, seeing = (96, 96), (1.5, 2.0, 2.5)
+    sig, flux = (1.0, 2.0, 1.5), (1.0, 1.0, 1.0)
+    frames, psfs = _noise_stack(rng, shape, seeing, sig, flux, [(40, 40, 5000.0)])
+    variances = [s**2 + np.clip(m, 0, None) for m, s in zip(frames, sig)]
+    bad = np.zeros(shape, bool)
+    bad[10:14, 60:70] = True
+
+    def run(scale, dtype):
+        acc = ProperCoaddAccumulator(shape, border=16, dtype=dtype)
+        for m, p, s, v in zip(frames, psfs, sig, variances):
+            acc.add(m * scale, p, s * scale, variance=v * scale**2, mask=bad)
+        return acc.finalize()
+
+    base = run(1.0, np.float64)
+    res = run(factor, np.float32)
+    assert np.abs(base.R_variance - 1).max() > 1.0  # the star's source noise counts
+    np.testing.assert_allclose(res.R_variance, base.R_variance, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res.R, base.R, atol=1e-3 * np.abs(base.R).max())
+    np.testing.assert_allclose(res.S * factor, base.S, atol=1e-5 * np.abs(base.S).max())
+    assert res.F_R * factor == pytest.approx(base.F_R, rel=1e-12)
+
+
 def _brute_force_var_r(variances, psfs, sig, flux, shape):
     """Var(R(x)) = sum_j sum_y V_j(y) kappa_j(y - x)**2, pixel by pixel (circular grid)."""
     p_h = [psf_rfft(p, shape) for p in psfs]
