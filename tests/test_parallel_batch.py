@@ -127,7 +127,8 @@ def kill_mid_task(client, folder):
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
+    # the worker creates the marker, then writes its line: wait for the line
+    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.01)
     host, pid = marker.read_text().split()[0].rsplit(":", 1)
     assert host == socket.gethostname() and int(pid) != os.getpid()
