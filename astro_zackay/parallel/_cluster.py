@@ -17,6 +17,12 @@ started for the call and closed at its end (also on error), with
 
 A given client (for a remote scheduler, or a cluster the caller manages) is used as it
 is and left open.
+
+The warnings of a task would stay in its worker's log: `captured` runs a task with
+its warnings recorded and returns them with its result, and `gather_warned` gathers
+such tasks and issues each distinct warning once on the client, at the caller's line
+(``catch_warnings`` is process state: on a worker of several threads, the warnings of
+concurrent tasks may mix).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["cluster_client"]
+from .._warnings import user_stacklevel
+
+__all__ = ["captured", "cluster_client", "gather_warned", "reemit"]
 
 _log = logging.getLogger(__name__)
 
@@ -88,11 +97,55 @@ def cluster_client(client: Any = None, n_tasks: int | None = None,
 
 @contextlib.contextmanager
 def _environment_kept() -> Iterator[None]:
-    """Restore the caller's environment variables: Dask's nanny sets its workers' in ours."""
+    """Restore the caller's environment variables: Dask's nanny sets its workers' in ours.
+
+    Only the variables that differ afterwards are set back (or removed): the others are
+    never touched, so that another thread never sees them missing.
+    """
     saved = dict(os.environ)
     try:
         yield
     finally:
-        if dict(os.environ) != saved:
-            os.environ.clear()
-            os.environ.update(saved)
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+#: A warning as `captured` records it: its category and message.
+Record = tuple[type[Warning], str]
+
+
+def captured(func: Callable[..., Any], *args: Any) -> tuple[Any, list[Record]]:
+    """``func(*args)`` with the warnings it issues recorded (run on a worker).
+
+    Returns ``(result, records)``: each distinct ``(category, message)`` once, in the
+    order first issued.  Every warning is recorded (the ``"always"`` filter): the
+    client's filters decide in `reemit` which are shown.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = func(*args)
+    return result, list(dict.fromkeys((w.category, str(w.message)) for w in caught))
+
+
+def reemit(records: Iterable[Record]) -> None:
+    """Issue each distinct recorded warning once, at the line of the package's caller."""
+    for category, message in dict.fromkeys(records):
+        warnings.warn(message, category, stacklevel=user_stacklevel())
+
+
+def gather_warned(client: Any, futures: Sequence[Any]) -> list[Any]:
+    """The results of tasks that return `captured`'s pairs; their warnings issued once.
+
+    When a task fails, the others are cancelled (those not yet started never run) and
+    its error is raised.
+    """
+    try:
+        pairs = client.gather(list(futures))
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    reemit(record for _, records in pairs for record in records)
+    return [result for result, _ in pairs]
