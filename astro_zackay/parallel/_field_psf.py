@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from astropy.table import vstack
 
+from ._cluster import captured, gather_warned
+
 __all__ = ["field_psf"]
 
 _log = logging.getLogger(__name__)
@@ -28,18 +30,18 @@ _log = logging.getLogger(__name__)
 WINDOW_FWHM = 14.0
 
 
-def _cutout_stars(path: str, hdu: Any, rows: slice, cols: slice, unit: Any, gain: Any,
+def _cutout_stars(source: Any, rows: slice, cols: slice, unit: Any, gain: Any,
                   saturation: Any, name: str) -> tuple | None:
-    """The stars of one cutout (image coordinates) and their windows (on a worker)."""
-    from astropy.nddata import CCDData
+    """The stars of one cutout (image coordinates) and their windows (on a worker).
 
-    from .._ccd import to_image
+    ``source`` is the file's `astro_zackay.parallel._tiled._Source` (read as
+    `subtract` reads it: its mask and uncertainty extensions, its header's keywords).
+    """
     from .._psf_input import find_image_stars
     from ..background import _estimate_from
-    from ._tiled import _read
+    from ._tiled import _section_image
 
-    img = to_image(CCDData(_read(path, hdu, rows, cols), unit=unit), gain=gain,
-                   saturation=saturation, dtype=np.float64)
+    img = _section_image(source, rows, cols, unit, gain, saturation)
     background, detection = _estimate_from(img)
     stars = find_image_stars(img, background, name=name, option=None, detection=detection)
     if stars is None or not len(stars):
@@ -89,20 +91,22 @@ def _cutouts(shape: tuple[int, int], size: tuple[int, int]) -> list[tuple[slice,
             for y in starts[0] for x in starts[1]]
 
 
-def field_psf(client: Any, path: str, hdu: Any, shape: tuple[int, int], size: tuple[int, int],
+def field_psf(client: Any, source: Any, shape: tuple[int, int], size: tuple[int, int],
               unit: Any, gain: Any, saturation: Any, name: str) -> Any:
     """The PSF of the whole image from the stars of cutouts of ``size`` covering it.
 
-    Returns a `~astro_zackay.psf.KLPSFModel` over the image's coordinates, or None
-    when no cutout has a star (the caller then keeps its central estimate).
+    ``source`` is the file's `astro_zackay.parallel._tiled._Source`.  Returns a
+    `~astro_zackay.psf.KLPSFModel` over the image's coordinates, or None when no
+    cutout has a star (the caller then keeps its central estimate).  The workers'
+    warnings are issued here, each once.
     """
     from .._ccd import ImageData
     from .._psf_input import estimate_image_psf
 
     cuts = _cutouts(shape, size)
-    futures = [client.submit(_cutout_stars, path, hdu, rows, cols, unit, gain, saturation,
-                             name, pure=False) for rows, cols in cuts]
-    found = [f for f in client.gather(futures) if f is not None]
+    futures = [client.submit(captured, _cutout_stars, source, rows, cols, unit, gain,
+                             saturation, name, pure=False) for rows, cols in cuts]
+    found = [f for f in gather_warned(client, futures) if f is not None]
     _log.info("%s: PSF stars found in %d of %d cutouts of %dx%d px", name, len(found),
               len(cuts), size[1], size[0])
     if not found:
