@@ -13,12 +13,19 @@ frame, so every leaf prepares the first frame too (it adds it only in the first
 leaf); the FFT border is the first frame's PSF stamp side, as in ``coadd``.  Outlier
 rejection compares each frame with the coadd of all the others: it needs every
 frame again after the whole stack is summed and does not merge, so ``reject`` must be
-None (the default here).  Memory per worker: one accumulator (a few FFT-grid
-spectra and two frame-sized maps) plus one frame being prepared.
+None (the default here) and its tuning options (``reject_grow``,
+``reject_model_error``) are refused.  Memory per worker: one accumulator (a few
+FFT-grid spectra and two frame-sized maps) plus one frame being prepared; a merge
+holds three (its two inputs and their sum, a new accumulator: the inputs are results
+Dask may hand to another task or compute again, so they are never changed).
+
+Each task returns its warnings with its result (`~astro_zackay.parallel._cluster.captured`),
+and each distinct one is issued once on the client.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Table, vstack
 
-from ._cluster import cluster_client
+from ._cluster import Record, captured, cluster_client, reemit
 
 __all__ = ["coadd_tree"]
 
@@ -38,8 +45,9 @@ _log = logging.getLogger(__name__)
 _PER_FRAME = ("psfs", "flux_scales", "sigmas")
 #: The options of `~astro_zackay.coaddition.coadd` that `coadd_tree` passes on.
 _OPTIONS = frozenset(("psfs", "flux_scales", "sigmas", "align", "unit", "saturation", "border",
-                      "min_depth_fraction", "dtype", "gain", "reject", "reject_grow",
-                      "reject_model_error", "backend"))
+                      "min_depth_fraction", "dtype", "gain", "reject", "backend"))
+#: The options of `~astro_zackay.coaddition.coadd` that tune its outlier rejection.
+_REJECTION = ("reject_grow", "reject_model_error")
 
 
 def _groups(paths_or_groups: Any, n_leaves: int) -> list[list[Any]]:
@@ -107,11 +115,21 @@ def _leaf(first: Any, group: list[Any], index: int, options: dict) -> tuple:
     return acc, rows, template
 
 
-def _merge(left: tuple, right: tuple) -> tuple:
-    """Two leaves' (or merges') results merged: the accumulators summed, rows in order."""
-    acc, rows, template = left
+def _merge(left: tuple[tuple, list[Record]], right: tuple[tuple, list[Record]]
+           ) -> tuple[tuple, list[Record]]:
+    """Two leaves' (or merges') results merged into a new one: the sums added, rows in order.
+
+    Each is ``((accumulator, rows, template), warnings)`` as `captured` returns a leaf;
+    neither is changed (the left accumulator is copied, then the right one added).
+    """
+    (acc, rows, template), records = captured(_merged, left[0], right[0])
+    return (acc, rows, template), list(dict.fromkeys(left[1] + right[1] + records))
+
+
+def _merged(left: tuple, right: tuple) -> tuple:
+    acc = copy.deepcopy(left[0])
     acc.merge(right[0])
-    return acc, rows + right[1], template if template is not None else right[2]
+    return acc, left[1] + right[1], left[2] if left[2] is not None else right[2]
 
 
 def _cut(options: dict, groups: list[list[Any]]) -> list[dict]:
@@ -143,9 +161,17 @@ def _cut(options: dict, groups: list[list[Any]]) -> list[dict]:
     return out
 
 
-def _check_options(options: dict) -> None:
-    """Refuse an option that ``coadd`` does not take or that does not merge."""
-    unknown = sorted(set(options) - _OPTIONS)
+def _check_options(options: dict, frames: list[Any]) -> None:
+    """Refuse an option that ``coadd`` does not take, that does not merge, or that is bad.
+
+    As ``coadd`` checks them before reading an image (the frames' shapes from their
+    headers, each frame large enough for its PSF), and the per-frame lists' lengths.
+    """
+    from .._checks import check_coadd_options
+    from .._prepare import check_image_size
+    from ..coaddition import _check_shapes
+
+    unknown = sorted(set(options) - _OPTIONS - set(_REJECTION))
     if unknown:
         raise TypeError(f"coadd_tree got options that coadd does not take: {', '.join(unknown)}")
     if options.get("reject") not in (None, False):
@@ -154,10 +180,23 @@ def _check_options(options: dict) -> None:
             "coadd of all the others and cannot be split into partial coadds; pass "
             "reject=None (coadd_tree's default) or use coadd for a stack that needs it"
         )
-    from ..coadd_algebra import check_depth_fraction, working_dtype
-
-    working_dtype(options.get("dtype", np.float32))
-    check_depth_fraction(options.get("min_depth_fraction", 1e-3))
+    tuning = [name for name in _REJECTION if name in options]
+    if tuning:
+        raise ValueError(
+            f"{', '.join(tuning)} tune{'s' if len(tuning) == 1 else ''} the outlier rejection, "
+            "which coadd_tree does not do (reject must be None): leave "
+            f"{'it' if len(tuning) == 1 else 'them'} out, or use coadd for a stack that "
+            "needs rejection"
+        )
+    names = [os.fspath(f) if isinstance(f, str | os.PathLike) else f"image {j}"
+             for j, f in enumerate(frames)]
+    check_coadd_options(image_names=names, **options)
+    _cut(options, [frames])
+    if not options.get("align"):
+        psfs = options.get("psfs")
+        for j, (name, shape) in enumerate(_check_shapes(frames)):
+            if shape is not None and len(shape) == 2:
+                check_image_size(shape, None if psfs is None else psfs[j], name, "psfs=")
 
 
 def coadd_tree(
@@ -176,9 +215,11 @@ def coadd_tree(
         The registered frames (FITS files the workers read), the first frame being the
         flux reference as in `~astro_zackay.coaddition.coadd`; a flat list is cut into
         as many consecutive groups as the cluster has workers (at least one frame
-        each), a list of lists gives the groups (one leaf task each).
+        each; a ValueError when it has none), a list of lists gives the groups (one
+        leaf task each).
     output_path : str or path-like, optional
-        Where to write the coadd (`~astro_zackay.coaddition.CoaddResult.write`).
+        Where to write the coadd (`~astro_zackay.coaddition.CoaddResult.write`, on the
+        client); its folder must exist.
     client : distributed.Client, optional
         Used as it is; None starts the LocalCluster of `subtract_batch` for the call
         (one single-threaded worker process per core, loopback only, no dashboard,
@@ -186,9 +227,11 @@ def coadd_tree(
     overwrite : bool, optional
         Replace an existing ``output_path``.
     **coadd_options
-        `~astro_zackay.coaddition.coadd`'s options; per-frame lists (``psfs``,
-        ``flux_scales``, ``sigmas``) in the order of the frames.  ``reject`` must be
-        None (outlier rejection does not split into partial coadds).
+        `~astro_zackay.coaddition.coadd`'s options, checked as ``coadd`` checks them
+        before any cluster starts; per-frame lists (``psfs``, ``flux_scales``,
+        ``sigmas``) in the order of the frames.  ``reject`` must be None (outlier
+        rejection does not split into partial coadds) and ``reject_grow`` and
+        ``reject_model_error``, which tune it, are refused.
 
     Returns
     -------
@@ -199,10 +242,20 @@ def coadd_tree(
     Raises
     ------
     ValueError
-        For an empty input or group, per-frame lists of the wrong length, or
-        ``reject`` set.
+        For an empty input or group, per-frame lists of the wrong length, an option
+        ``coadd`` refuses, ``reject``, ``reject_grow`` or ``reject_model_error`` set, or
+        a flat list of frames and a ``client`` whose cluster has no workers.
     TypeError
         For an input that is not a list, or options ``coadd`` does not take.
+    OSError
+        For an ``output_path`` that exists (without ``overwrite``) or whose folder does
+        not (checked before any cluster starts).
+
+    Warns
+    -----
+    AstropyUserWarning
+        The warnings of the tasks (a frame's saturation, uncertainty...), each distinct
+        one once, at the caller's line, as ``coadd`` issues them.
     ImportError
         Without ``dask.distributed`` (``pip install "dask[distributed]"``).
 
@@ -214,31 +267,48 @@ def coadd_tree(
     ...
     ValueError: paths_or_groups is empty: coadd_tree needs at least one frame
     """
-    _check_options(coadd_options)
-    if not isinstance(paths_or_groups, Sequence) or isinstance(paths_or_groups, str):
-        _groups(paths_or_groups, 1)  # raises the TypeError
-    if len(paths_or_groups) == 0:
-        raise ValueError("paths_or_groups is empty: coadd_tree needs at least one frame")
-    given = _groups(paths_or_groups, 1)
-    _cut(coadd_options, given)  # the per-frame lists, before any work
-    n_frames = sum(len(g) for g in given)  # no more local workers than frames
-    with cluster_client(client, n_frames) as used:
-        n_workers = max(1, len(used.scheduler_info().get("workers", {})))
-        groups = _groups(paths_or_groups, n_workers)
+    from ._tiled import _check_output
+
+    given = _groups(paths_or_groups, 1)  # a bad input refused; the given groups
+    frames = [frame for group in given for frame in group]
+    _check_options(coadd_options, frames)
+    if output_path is not None:
+        _check_output(output_path, overwrite)
+    nested = all(isinstance(g, list | tuple) for g in paths_or_groups)
+    with cluster_client(client, len(frames)) as used:  # no more local workers than frames
+        groups = given if nested else _groups(frames, _worker_count(used))
         leaf_options = _cut(coadd_options, groups)
-        first = groups[0][0]
-        level = [used.submit(_leaf, first, group, i, leaf_options[i], pure=False)
+        level = [used.submit(captured, _leaf, frames[0], group, i, leaf_options[i], pure=False)
                  for i, group in enumerate(groups)]
-        _log.info("coadd_tree: %d frames in %d leaves on %d workers",
-                  sum(map(len, groups)), len(groups), n_workers)
+        submitted = list(level)
+        _log.info("coadd_tree: %d frames in %d leaves", len(frames), len(groups))
         while len(level) > 1:  # pairwise, on the workers
             nxt = [used.submit(_merge, level[i], level[i + 1], pure=False)
                    for i in range(0, len(level) - 1, 2)]
+            submitted += nxt
             if len(level) % 2:
                 nxt.append(level[-1])
             level = nxt
-        acc, rows, template = level[0].result()
+        try:
+            (acc, rows, template), records = level[0].result()
+        except BaseException:
+            used.cancel(submitted)  # the tasks not started never run
+            raise
+    reemit(records)
     return _finish(acc, rows, template, coadd_options, output_path, overwrite)
+
+
+def _worker_count(client: Any) -> int:
+    """The workers of the client's cluster, among which a flat list of frames is cut."""
+    n = len(client.nthreads())
+    if n == 0:
+        raise ValueError(
+            "the cluster of client= has no workers, and a flat list of frames is cut into "
+            "one group per worker: start workers first (cluster.scale(n), then "
+            "client.wait_for_workers(n)), or give the groups as a list of lists (one leaf "
+            "task each, run when workers come)"
+        )
+    return n
 
 
 def _finish(acc: Any, rows: list, template: Any, options: dict,
