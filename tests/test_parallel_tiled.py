@@ -249,8 +249,9 @@ def test_mask_and_uncertainty_extensions_as_subtract_reads_them(client, tmp_path
 
 @pytest.fixture(scope="module")
 def small_ccd(tmp_path_factory):
-    """A 256^2 background-free pair written by CCDData.write, with a MASK extension."""
-    from astropy.nddata import CCDData
+    """A 256^2 background-free pair written by CCDData.write, with a MASK extension (and
+    for the science image an UNCERT one, zero at one pixel)."""
+    from astropy.nddata import CCDData, StdDevUncertainty
 
     pair = simulate_pair((256, 256), n_stars=40, flux_range=(2e3, 2e5), flux_ratio=0.8,
                          subtract_sky=True, seed=8, reference_psf=2.5, science_psf=3.0)
@@ -259,8 +260,13 @@ def small_ccd(tmp_path_factory):
     for name, ccd in (("ref", pair.reference.ccd), ("sci", pair.science.ccd)):
         mask = np.zeros(ccd.shape, bool)
         mask[40:44, 20:120] = name == "sci"
+        std = None
+        if name == "sci":
+            std = np.full(ccd.shape, 5.0)
+            std[220, 220] = 0.0  # no pixel is noiseless: masked
         paths.append(folder / f"{name}.fits")
-        CCDData(np.asarray(ccd.data, np.float32), unit="electron", mask=mask).write(paths[-1])
+        CCDData(np.asarray(ccd.data, np.float32), unit="electron", mask=mask,
+                uncertainty=None if std is None else StdDevUncertainty(std)).write(paths[-1])
     return paths
 
 
@@ -286,7 +292,8 @@ def _psf_model(fwhm, *, warn=False, fail_beyond=None):
 
 
 def test_mask_honoured_and_tile_warnings_reach_the_caller(client, small_ccd, tmp_path):
-    """background='none': the MASK extension's pixels are NaN in the outputs; the warning
+    """background='none': the MASK extension's pixels, and the pixel of zero uncertainty,
+    are NaN in the outputs; the warning
     that each of the 4 tiles' tasks issues reaches the caller once, at its line."""
     from astropy.utils.exceptions import AstropyUserWarning
 
@@ -302,6 +309,7 @@ def test_mask_honoured_and_tile_warnings_reach_the_caller(client, small_ccd, tmp
     with fits.open(out) as hdul:
         scorr = hdul["SCORR"].data
     assert np.isnan(scorr[40:44, 20:120]).all()
+    assert np.isnan(scorr[220, 220])
     assert np.isfinite(scorr[128:200, 128:200]).all()
 
 
