@@ -6,7 +6,10 @@ ADU in many raw frames) or, after bias subtraction and flat fielding, flat-toppe
 of its brightest sources: many adjacent pixels within a few per cent of the highest
 value, where an unsaturated PSF has one sharp peak. :func:`detect_saturation` looks
 for both (arrays in, a level or None out); :func:`~astro_zackay._ccd.to_image` calls it
-when neither ``saturation=`` nor a header keyword gives the level.
+when neither ``saturation=`` nor a header keyword gives the level. A lone pixel absurdly
+far above everything else (a 1e30 written by a broken pipeline or converter) is masked
+the same way: no detector records it, and left in it blinds the float32 source detection
+and the Fourier transforms.
 """
 
 from __future__ import annotations
@@ -34,6 +37,40 @@ _FLAT_CLUMP = 3
 _FLAT_ONE = 9
 #: Pixels sampled for the median and the robust sigma.
 _SAMPLE = 65536
+#: An isolated spike lies this many robust sigma above the median ...
+_SPIKE_SIGMA = 1e7
+#: ... and this many times higher above it than each of its 8 neighbours (a star's
+#: neighbours reach several per cent of its peak, even for a PSF of 1 px FWHM).
+_SPIKE_ISOLATION = 100.0
+
+
+def _isolated_spikes(
+    data: np.ndarray, good: np.ndarray, median: float, sigma: float
+) -> np.ndarray:
+    """Whether each pixel is an isolated spike (`_SPIKE_SIGMA`, `_SPIKE_ISOLATION`).
+
+    Only the few pixels above `_SPIKE_SIGMA` sigma are examined; their neighbours off
+    the image, masked or not finite do not count.
+    """
+    spikes = np.zeros(data.shape, dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        rows, cols = np.nonzero(good & (data - median > _SPIKE_SIGMA * sigma))
+    if rows.size == 0:
+        return spikes
+    ny, nx = data.shape
+    excess = data[rows, cols].astype(np.float64) - median
+    highest = np.full(rows.size, -np.inf)  # the highest neighbour, above the median
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            r, c = rows + dy, cols + dx
+            inside = (dy, dx) != (0, 0)
+            inside &= (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+            r, c = np.clip(r, 0, ny - 1), np.clip(c, 0, nx - 1)
+            use = inside & good[r, c]
+            highest[use] = np.maximum(highest[use], data[r[use], c[use]] - median)
+    lone = excess > _SPIKE_ISOLATION * np.maximum(highest, sigma)
+    spikes[rows[lone], cols[lone]] = True
+    return spikes
 
 
 def _flat_top_level(
@@ -115,6 +152,12 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     images (models, whose robust sigma is 0), nor for equal highest values within
     one 2x2 block (a symmetric peak centred on a pixel corner).
 
+    Isolated spikes, single pixels 1e7 robust sigma above the median and 100 times
+    higher above it than each of their neighbours (no star, cosmic ray or saturated
+    core: a value such as 1e30 written by a broken pipeline), are left out of both
+    searches and masked too: the level returned is then at most the lowest spike's
+    value.
+
     Parameters
     ----------
     data : ndarray
@@ -156,6 +199,24 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     median, sigma = median_and_std(data, good, _SAMPLE)
     if not (sigma > 0 and top - median > _MIN_SIGNIFICANCE * sigma):
         return None  # noiseless (a model, not a detector) or nothing bright
+    spikes = _isolated_spikes(data, good, median, sigma)
+    if not spikes.any():
+        return _level(data, good, median, sigma, top)
+    lowest = float(data[spikes].min())
+    log.debug("saturation: %d isolated pixels at and above %.6g", np.count_nonzero(spikes),
+              lowest)
+    rest = good & ~spikes
+    top = float(np.max(data, where=rest, initial=-np.inf))
+    level = _level(data, rest, median, sigma, top) if rest.any() else None
+    return lowest if level is None else min(level, lowest)
+
+
+def _level(
+    data: np.ndarray, good: np.ndarray, median: float, sigma: float, top: float
+) -> float | None:
+    """The saturation level of the ``good`` pixels, whose highest is ``top``, or None."""
+    if not top - median > _MIN_SIGNIFICANCE * sigma:
+        return None
     rows, cols = np.nonzero((data == top) & good)
     # a symmetric peak on a pixel corner repeats its value in a 2x2 block: not a pile-up
     in_one_block = np.ptp(rows) <= 1 and np.ptp(cols) <= 1

@@ -1,0 +1,60 @@
+"""Held-out bad inputs of the star finder, background, alignment, flux matching, files,
+saturation and coadd tree: each refused by name before any work, or handled right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.nddata import CCDData
+
+from astro_zackay._warnings import SaturationWarning
+from astro_zackay.saturation import detect_saturation
+from astro_zackay.stars import find_psf_stars
+
+
+def _with_hot_pixel(ccd: CCDData, value: float = 1e30) -> CCDData:
+    """A copy of ``ccd`` with one pixel of ``value`` between the stars."""
+    data = ccd.data.copy()
+    data[50, 50] = value
+    return CCDData(data, unit=ccd.unit, uncertainty=ccd.uncertainty, meta=dict(ccd.meta))
+
+
+def test_detect_saturation_masks_an_isolated_spike_only():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100.0, 5.0, (64, 64))
+    assert detect_saturation(image) is None
+    image[20, 40] = 1e30
+    assert detect_saturation(image) == 1e30
+    # with clipped cores too, the cores' level (which masks the spike as well)
+    image[30:33, 30:34] = 65535.0
+    assert detect_saturation(image) == 65535.0
+
+
+def test_detect_saturation_keeps_a_bright_star_and_a_cosmic_ray():
+    rng = np.random.default_rng(4)
+    image = rng.normal(100.0, 5.0, (64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    image += 1e9 * np.exp(-((xx - 20) ** 2 + (yy - 20) ** 2) / (2 * 0.6**2))  # sharp star
+    image[40, 40] = 1e5  # a cosmic ray of 2e4 sigma
+    assert detect_saturation(image) is None
+
+
+def test_find_psf_stars_with_a_1e30_pixel_finds_the_stars(small_pair):
+    science = small_pair.science.ccd
+    clean = find_psf_stars(science)
+    with pytest.warns(SaturationWarning, match=r"1 pixels at or above 1e\+30"):
+        hot = find_psf_stars(_with_hot_pixel(science))
+    assert len(hot) >= len(clean) - 2
+    assert np.isfinite(hot["flux"]).all()
+    assert hot.meta["saturation"] == 1e30
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.FewStarsWarning")
+def test_subtract_with_a_1e30_pixel_masks_it(small_pair):
+    from astro_zackay import subtract
+
+    with pytest.warns(SaturationWarning, match=r"1 pixels at or above 1e\+30"):
+        result = subtract(small_pair.reference.ccd, _with_hot_pixel(small_pair.science.ccd))
+    difference = result.difference
+    assert difference.mask[50, 50]
+    assert np.nanmax(np.abs(difference.data[~difference.mask])) < 1e6
