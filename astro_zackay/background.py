@@ -22,6 +22,7 @@ from astropy.nddata import CCDData
 from photutils.background import Background2D, MADStdBackgroundRMS, SExtractorBackground
 
 from astro_zackay._ccd import ImageData, to_ccddata, to_image
+from astro_zackay._checks import check_flag
 from astro_zackay._warnings import NoiseEstimateWarning, user_stacklevel
 
 __all__ = ["BackgroundResult", "estimate_background", "subtract_background"]
@@ -47,8 +48,9 @@ _SOURCE_THRESHOLD = 5.0
 _SOURCE_GROW = 2
 
 
-def _check_options(box_size: Any, filter_size: Any, method: str) -> None:
-    """Refuse a bad ``method``, ``filter_size`` or ``box_size`` before the image is read.
+def _check_options(box_size: Any, filter_size: Any, method: str, detect_sources: Any) -> None:
+    """Refuse a bad ``method``, ``filter_size``, ``box_size`` or ``detect_sources`` before
+    the image is read.
 
     A box needs at least `MIN_BOX_SIZE` pixels per side: on pure noise a box of 1 px
     gives an rms of 0, boxes of 2-6 px give one 3-30 % low (the clipped statistics of a
@@ -56,6 +58,7 @@ def _check_options(box_size: Any, filter_size: Any, method: str) -> None:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_flag(detect_sources, "detect_sources", TypeError)
     filt = _pair(filter_size, "filter_size")
     if filt[0] % 2 == 0 or filt[1] % 2 == 0:
         raise ValueError(f"filter_size must be odd (the median filter has a centre pixel), "
@@ -636,6 +639,8 @@ def estimate_background(
     ValueError
         For an unknown method, a box smaller than ``MIN_BOX_SIZE`` or larger than the
         image, a filter size that is even or not positive, or too few unmasked pixels.
+    TypeError
+        For a ``detect_sources`` that is not True or False (``'no'`` is not False).
 
     See Also
     --------
@@ -653,7 +658,7 @@ def estimate_background(
     >>> round(bkg.global_sky), round(bkg.global_rms)
     (100, 5)
     """
-    _check_options(box_size, filter_size, method)
+    _check_options(box_size, filter_size, method, detect_sources)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     return _estimate_from(
         img,
@@ -716,7 +721,7 @@ def subtract_background(
     'subtracted sep background: box 16x16'
     """
     if background is None:
-        _check_options(box_size, filter_size, method)
+        _check_options(box_size, filter_size, method, detect_sources)
     elif not isinstance(background, BackgroundResult):
         raise TypeError(
             f"background must be a BackgroundResult (from estimate_background), got "

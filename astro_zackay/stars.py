@@ -39,6 +39,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ._ccd import ImageData, to_image
+from ._checks import is_whole
 from ._moments import Moments, adaptive_moments, pixels_at
 from ._stats import mad_std
 from ._threads import single_threaded_blas
@@ -156,8 +157,9 @@ def _check_arguments(
         raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
     if isolation is not None and not isolation >= 0:
         raise ValueError(f"isolation must be a radius >= 0 in pixels, got {isolation}")
-    if max_stars is not None and int(max_stars) < 1:
-        raise ValueError(f"max_stars must be at least 1, got {max_stars}")
+    if max_stars is not None and not is_whole(max_stars, 1):
+        raise ValueError(f"max_stars must be a whole number >= 1 (the stars kept), got "
+                         f"{max_stars!r}")
     if edge is not None and int(edge) < 0:
         raise ValueError(f"edge must be >= 0 pixels, got {edge}")
 

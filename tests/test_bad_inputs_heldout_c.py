@@ -58,3 +58,17 @@ def test_subtract_with_a_1e30_pixel_masks_it(small_pair):
     difference = result.difference
     assert difference.mask[50, 50]
     assert np.nanmax(np.abs(difference.data[~difference.mask])) < 1e6
+
+
+@pytest.mark.parametrize("max_stars", [2.5, "3", 0, True])
+def test_find_psf_stars_refuses_a_max_stars_not_whole(small_pair, max_stars):
+    with pytest.raises(ValueError, match="max_stars must be a whole number >= 1"):
+        find_psf_stars(small_pair.science.ccd, max_stars=max_stars)
+
+
+@pytest.mark.parametrize("call", ["estimate_background", "subtract_background"])
+def test_background_refuses_a_detect_sources_not_bool(small_pair, call):
+    from astro_zackay import background
+
+    with pytest.raises(TypeError, match="detect_sources must be True or False, got 'no'"):
+        getattr(background, call)(small_pair.science.ccd, detect_sources="no")
