@@ -48,9 +48,8 @@ _SOURCE_THRESHOLD = 5.0
 _SOURCE_GROW = 2
 
 
-def _check_options(box_size: Any, filter_size: Any, method: str, detect_sources: Any) -> None:
-    """Refuse a bad ``method``, ``filter_size``, ``box_size`` or ``detect_sources`` before
-    the image is read.
+def _check_options(box_size: Any, filter_size: Any, method: str) -> None:
+    """Refuse a bad ``method``, ``filter_size`` or ``box_size`` before the image is read.
 
     A box needs at least `MIN_BOX_SIZE` pixels per side: on pure noise a box of 1 px
     gives an rms of 0, boxes of 2-6 px give one 3-30 % low (the clipped statistics of a
@@ -58,7 +57,6 @@ def _check_options(box_size: Any, filter_size: Any, method: str, detect_sources:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_flag(detect_sources, "detect_sources", TypeError)
     filt = _pair(filter_size, "filter_size")
     if filt[0] % 2 == 0 or filt[1] % 2 == 0:
         raise ValueError(f"filter_size must be odd (the median filter has a centre pixel), "
@@ -658,7 +656,8 @@ def estimate_background(
     >>> round(bkg.global_sky), round(bkg.global_rms)
     (100, 5)
     """
-    _check_options(box_size, filter_size, method, detect_sources)
+    _check_options(box_size, filter_size, method)
+    check_flag(detect_sources, "detect_sources", TypeError)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation)
     return _estimate_from(
         img,
@@ -721,7 +720,8 @@ def subtract_background(
     'subtracted sep background: box 16x16'
     """
     if background is None:
-        _check_options(box_size, filter_size, method, detect_sources)
+        _check_options(box_size, filter_size, method)
+        check_flag(detect_sources, "detect_sources", TypeError)
     elif not isinstance(background, BackgroundResult):
         raise TypeError(
             f"background must be a BackgroundResult (from estimate_background), got "
