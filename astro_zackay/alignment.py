@@ -10,6 +10,7 @@ import numpy as np
 from astropy.nddata import CCDData
 
 from ._ccd import ImageData, to_ccddata, to_image
+from ._checks import named_errors
 
 __all__ = ["align"]
 
@@ -195,6 +196,8 @@ def align(
     ValueError
         If the images cannot be matched, or 'wcs' is asked for without WCSs or with
         footprints that do not overlap.
+    TypeError
+        For a ``target`` that is a shape (a tuple of numbers) instead of an image.
 
     Examples
     --------
@@ -209,8 +212,16 @@ def align(
     if method not in ("stars", "wcs"):
         raise ValueError(f"method must be 'stars' or 'wcs', got {method!r}")
     _check_align_options(method, order, max_control_points)
-    source = to_image(image, unit=unit, saturation=saturation)
-    reference = to_image(target, unit=unit, saturation=saturation)
+    if isinstance(target, tuple | list) and all(isinstance(v, numbers.Real) for v in target):
+        raise TypeError(
+            f"target must be the image whose pixel grid the result takes (a CCDData, a 2-D "
+            f"array, a FITS path or HDU), got the numbers {target!r}: a shape alone gives no "
+            "grid to register on (no stars, no WCS)"
+        )
+    with named_errors("image"):
+        source = to_image(image, unit=unit, saturation=saturation)
+    with named_errors("target"):
+        reference = to_image(target, unit=unit, saturation=saturation)
     if method == "stars":
         data, variance, bad, params = _warp_by_stars(source, reference, order, max_control_points)
     else:

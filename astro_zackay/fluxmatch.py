@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from ._ccd import ImageData
+from ._ccd import ImageData, to_image
+from ._checks import named_errors
 from ._stats import clipped_row_stats, mad_std
 
 __all__ = [
@@ -570,6 +571,41 @@ def _check_match_options(radius: Any, offset: Any, min_matches: Any) -> None:
                          "ratio needs at least one matched star (5 by default)")
 
 
+def _match_images(
+    images: Any, psfs: Any
+) -> tuple[ImageData, ImageData] | None:
+    """``images`` as two `ImageData` (None when not given), after checking ``psfs``.
+
+    Images that are not `ImageData` go through `~astro_zackay._ccd.to_image`; a TypeError
+    or ValueError names the option for anything else (before any matching).
+    """
+    if psfs is not None:
+        if images is None:
+            raise ValueError("psfs= is used only with images= (for the aperture correction of "
+                             "the photometry in the images): give images=(reference, image) "
+                             "or leave psfs out")
+        if not (isinstance(psfs, tuple | list) and len(psfs) == 2):
+            raise TypeError(f"psfs must be a (reference, image) pair of 2-D PSF stamps, got "
+                            f"{psfs!r:.80}")
+        for which, stamp in zip(("reference", "image"), psfs):
+            if stamp is not None and not (isinstance(stamp, np.ndarray) and stamp.ndim == 2):
+                raise TypeError(f"psfs: the {which}'s PSF must be a 2-D array stamp (or None), "
+                                f"got {type(stamp).__name__}")
+    if images is None:
+        return None
+    if not (isinstance(images, tuple | list) and len(images) == 2):
+        count = f"{len(images)} values" if isinstance(images, tuple | list) else repr(images)
+        raise ValueError(f"images must be the two images (reference, image) whose stars are "
+                         f"matched, got {count:.80}")
+    converted = []
+    for which, img in zip(("reference", "image"), images):
+        if not isinstance(img, ImageData):
+            with named_errors(f"images ({which})"):
+                img = to_image(img)
+        converted.append(img)
+    return converted[0], converted[1]
+
+
 def match_stars(
     reference: Table,
     image: Table,
@@ -594,7 +630,9 @@ def match_stars(
     min_matches : int
         Fewest matches accepted.
     images : (ImageData, ImageData), optional
-        The reference and the image. When given, the flux ratio comes from
+        The reference and the image (a `~astropy.nddata.CCDData` or anything
+        :func:`~astro_zackay._ccd.to_image` accepts is converted). When given, the
+        flux ratio comes from
         `aperture_photometry` of the matched stars in apertures of radius 1.5 FWHM (of
         the broader PSF; the tables' ``meta['fwhm']``, else 3 px), times the ratio of
         the two images' aperture corrections: measured on at least
@@ -603,8 +641,9 @@ def match_stars(
         (`moffat_encircled_energy`), else from ``psfs``; its error is in the ratio's.
         Otherwise the ratio comes from the tables' ``flux`` columns.
     psfs : (ndarray, ndarray), optional
-        Unit-sum PSF stamps of the reference and the image, for the aperture
-        correction of star tables without Moffat-fit columns.
+        Unit-sum PSF stamps of the reference and the image (either may be None), for
+        the aperture correction of star tables without Moffat-fit columns; only with
+        ``images``.
 
     Returns
     -------
@@ -613,10 +652,12 @@ def match_stars(
     Raises
     ------
     ValueError
-        If fewer than ``min_matches`` stars match, or ``radius``, ``offset`` or
-        ``min_matches`` is not usable (checked before any work).
+        If fewer than ``min_matches`` stars match, or ``radius``, ``offset``,
+        ``min_matches`` or ``images`` is not usable, or ``psfs`` is given without
+        ``images`` (checked before any work).
     TypeError
-        If a star list is not an `~astropy.table.Table`.
+        If a star list is not an `~astropy.table.Table`, or ``psfs`` is not a pair of
+        2-D stamps.
 
     Examples
     --------
@@ -641,6 +682,7 @@ def match_stars(
         missing = {"x", "y", "flux", "flux_err"} - set(table.colnames)
         if missing:
             raise ValueError(f"the {name} star list lacks the columns {sorted(missing)}")
+    images = _match_images(images, psfs)
     rx = np.asarray(reference["x"], float) + offset[0]
     ry = np.asarray(reference["y"], float) + offset[1]
     ix, iy = np.asarray(image["x"], float), np.asarray(image["y"], float)

@@ -72,3 +72,50 @@ def test_background_refuses_a_detect_sources_not_bool(small_pair, call):
 
     with pytest.raises(TypeError, match="detect_sources must be True or False, got 'no'"):
         getattr(background, call)(small_pair.science.ccd, detect_sources="no")
+
+
+@pytest.fixture(scope="module")
+def pair_stars(small_pair):
+    return [find_psf_stars(small_pair.reference.ccd), find_psf_stars(small_pair.science.ccd)]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"images": "one"}, ValueError, "images must be the two images .* got 'one'"),
+    ({"psfs": "gauss"}, ValueError, "psfs= is used only with images="),
+])
+def test_match_stars_refuses_bad_images_and_psfs(pair_stars, kwargs, error, match):
+    from astro_zackay.fluxmatch import match_stars
+
+    with pytest.raises(error, match=match):
+        match_stars(*pair_stars, **kwargs)
+
+
+def test_match_stars_refuses_one_image_and_psfs_not_stamps(small_pair, pair_stars):
+    from astro_zackay.fluxmatch import match_stars
+
+    ref = small_pair.reference.ccd
+    with pytest.raises(ValueError, match=r"images must be the two images .* got 1 values"):
+        match_stars(*pair_stars, images=(ref,))
+    with pytest.raises(TypeError, match="psfs must be a .reference, image. pair"):
+        match_stars(*pair_stars, images=(ref, small_pair.science.ccd), psfs="gauss")
+    with pytest.raises(TypeError, match="psfs: the image's PSF must be a 2-D array"):
+        match_stars(*pair_stars, images=(ref, small_pair.science.ccd), psfs=(None, 2.5))
+
+
+def test_match_stars_takes_ccddata_images(small_pair, pair_stars):
+    from astro_zackay.fluxmatch import match_stars
+
+    images = (small_pair.reference.ccd, small_pair.science.ccd)
+    matched = match_stars(*pair_stars, radius=2.0, min_matches=3, images=images)
+    assert matched.n_matched >= 3
+    assert np.isfinite(matched.flux_ratio) and matched.flux_ratio > 0
+
+
+def test_align_refuses_a_shape_as_target_and_names_the_target(small_pair):
+    from astro_zackay.alignment import align
+
+    science = small_pair.science.ccd
+    with pytest.raises(TypeError, match=r"target must be the image .* got the numbers \(96, 96\)"):
+        align(science, (96, 96))
+    with pytest.raises(ValueError, match="^target: a plain array has no unit"):
+        align(science, np.ones((96, 96)))
