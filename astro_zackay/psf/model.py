@@ -40,6 +40,9 @@ _FORMAT_VERSION = 2
 #: Extensions and primary-header keys that every PSF file has.
 _REQUIRED_EXTENSIONS = ("BASIS", "FIELDS", "EIGEN", "SELECT", "QUALITY", "META")
 _REQUIRED_KEYS = ("METHOD", "DEGREE", "IMNY", "IMNX", "XC", "XS", "YC", "YS")
+#: positions up to this fraction of the image's side outside it are evaluated (the
+#: polynomials barely extrapolated); further out a varying model refuses them
+POSITION_MARGIN = 0.1
 
 
 class _PSFState:
@@ -271,14 +274,70 @@ class KLPSFModel(Fittable2DModel):
         return self._state.scaling
 
     # --- the PSF field ----------------------------------------------------------------
-    def _design(self, x: Any, y: Any) -> tuple[np.ndarray, bool]:
+    @property
+    def position_margin(self) -> tuple[float, float]:
+        """``(margin_x, margin_y)``: how far outside the image a position may lie, in pixels.
+
+        ``POSITION_MARGIN`` of the image's side (the polynomials in scaled coordinates
+        reach at most ``1 + 2 * POSITION_MARGIN``), and at least half the stamp's side
+        (any star whose stamp overlaps the image). Further out a varying model refuses
+        positions (see `psf_at`).
+        """
+        (sy, sx), (ny, nx) = self.stamp_shape, self.image_shape
+        return (max(float(sx // 2), POSITION_MARGIN * nx),
+                max(float(sy // 2), POSITION_MARGIN * ny))
+
+    def _design(self, x: Any, y: Any, *, bounded: bool) -> tuple[np.ndarray, bool]:
+        """The design matrix at ``(x, y)`` (checked), and whether both were scalars.
+
+        ``bounded``: refuse positions beyond `position_margin` outside the image.
+        """
         scalar = np.ndim(x) == 0 and np.ndim(y) == 0
-        x, y = np.broadcast_arrays(np.atleast_1d(x), np.atleast_1d(y))
-        u, v = scale_coordinates(x.ravel(), y.ravel(), self._state.scaling)
+        x, y = _positions(x, y)
+        if bounded:
+            self._check_inside(x, y)
+        u, v = scale_coordinates(x, y, self._state.scaling)
         return design_matrix(u, v, self._state.terms), scalar
+
+    def _check_inside(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Refuse positions beyond `position_margin` outside the image (ValueError)."""
+        (ny, nx), (mx, my) = self.image_shape, self.position_margin
+        x_range, y_range = (-mx, nx - 1 + mx), (-my, ny - 1 + my)
+        outside = ((x < x_range[0]) | (x > x_range[1]) | (y < y_range[0]) | (y > y_range[1]))
+        if outside.any():
+            i = int(np.argmax(outside))
+            many = f" ({int(outside.sum())} of {x.size} positions)" if x.size > 1 else ""
+            raise ValueError(
+                f"x, y = ({x[i]:g}, {y[i]:g}) lies outside the {ny}x{nx} image the PSF model "
+                f"was fitted on{many}: x must be in [{x_range[0]:g}, {x_range[1]:g}] and y in "
+                f"[{y_range[0]:g}, {y_range[1]:g}] (the image and a margin around it); "
+                "the coefficient polynomials are not extrapolated further. Give positions "
+                "on the image, or estimate the PSF on the image you evaluate it on"
+            )
 
     def coefficients(self, x: Any, y: Any) -> np.ndarray:
         """The coefficients ``a_k`` at ``(x, y)``: ``(K,)`` for scalars, else ``(K, N)``.
+
+        Parameters
+        ----------
+        x, y : float or array-like
+            Position(s): x column, y row, 0-based; finite real numbers of shapes that
+            broadcast together.
+
+        Returns
+        -------
+        `~numpy.ndarray`
+            ``(K,)`` for scalars, else ``(K, N)`` (N the broadcast size).
+
+        Raises
+        ------
+        TypeError
+            When ``x`` or ``y`` is not made of real numbers.
+        ValueError
+            When ``x`` or ``y`` is not finite, their shapes do not broadcast, or (degree
+            > 0, the coefficients depend on the position) a position lies further
+            outside the image than `position_margin`: the polynomials were fitted
+            over the image only and are not extrapolated.
 
         Examples
         --------
@@ -289,7 +348,7 @@ class KLPSFModel(Fittable2DModel):
         >>> model.coefficients(10.0, 5.0).tolist()
         [1.5]
         """
-        design, scalar = self._design(x, y)
+        design, scalar = self._design(x, y, bounded=self.degree > 0)
         coef = self._state.fields @ design.T
         return coef[:, 0] if scalar else coef
 
@@ -299,14 +358,28 @@ class KLPSFModel(Fittable2DModel):
         Parameters
         ----------
         x, y : float or array-like
-            Position(s): x column, y row, 0-based.
+            Position(s): x column, y row, 0-based; finite real numbers of shapes that
+            broadcast together.
 
         Returns
         -------
         `~numpy.ndarray`
             ``(ny, nx)`` for scalars, else ``(N, ny, nx)``.
+
+        Raises
+        ------
+        TypeError
+            When ``x`` or ``y`` is not made of real numbers.
+        ValueError
+            When ``x`` or ``y`` is not finite, their shapes do not broadcast, or, for a
+            varying model (`is_varying`), a position lies further outside the image
+            ``(0..nx-1, 0..ny-1)`` than `position_margin` (a tenth of its side): the
+            coefficient polynomials were fitted over the image only, and far outside
+            they give a wrong PSF (refused, never extrapolated or clamped silently).
+            A model that does not vary is the same PSF at any finite position.
         """
-        design, scalar = self._design(x, y)
+        design, scalar = self._design(x, y, bounded=self.is_varying)
+
         k = self.n_components
         psf = evaluate_psf(self._state.basis.reshape(k, -1), self._state.fields, design)
         psf = psf.reshape(-1, *self.core_shape)
@@ -368,12 +441,19 @@ class KLPSFModel(Fittable2DModel):
         Returns
         -------
         `photutils.psf.GriddedPSFModel`
+
+        Raises
+        ------
+        ValueError
+            When ``grid_shape`` is not two positive integers, ``oversampling`` is not a
+            positive integer, or a position is refused by `psf_at` (not finite, or
+            far outside the image for a varying model).
         """
         from photutils.psf import GriddedPSFModel
 
         if positions is None:
             ny, nx = self.image_shape
-            gy, gx = grid_shape
+            gy, gx = _grid_shape(grid_shape)
             xs, ys = np.meshgrid(np.linspace(0, nx - 1, gx), np.linspace(0, ny - 1, gy))
             positions = np.column_stack([xs.ravel(), ys.ravel()])
         positions = np.asarray(positions, dtype=float).reshape(-1, 2)
@@ -573,6 +653,40 @@ class KLPSFModel(Fittable2DModel):
             f"stamp={self.stamp_shape} image={self.image_shape}{n_stars}{chi2} "
             f"x_0={self.x_0.value:g} y_0={self.y_0.value:g} flux={self.flux.value:g}>"
         )
+
+
+def _positions(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as flat float arrays of one length, refused by name unless they are
+    finite real numbers of shapes that broadcast together."""
+    arrays = []
+    for name, value in (("x", x), ("y", y)):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be a real number or an array of them (a pixel "
+                            f"position, 0-based), got {value!r:.60}")
+        arrays.append(np.atleast_1d(array).astype(float, copy=False))
+    try:
+        x, y = np.broadcast_arrays(*arrays)
+    except ValueError:
+        raise ValueError(f"x and y must have the same length (or broadcast together), got "
+                         f"shapes {np.shape(arrays[0])} and {np.shape(arrays[1])}") from None
+    x, y = x.ravel(), y.ravel()
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"x and y must be finite pixel positions, got x={x[i]}, y={y[i]} "
+                         f"({int(bad.sum())} of {x.size} not finite)")
+    return x, y
+
+
+def _grid_shape(grid_shape: Any) -> tuple[int, int]:
+    """``grid_shape`` as two positive integers, refused by name otherwise."""
+    values = np.asarray(grid_shape) if isinstance(grid_shape, (tuple, list)) else None
+    if (values is None or values.shape != (2,) or values.dtype.kind not in "iu"
+            or (values < 1).any()):
+        raise ValueError(f"grid_shape must be two positive integers (n_y, n_x), the nodes "
+                         f"along each axis, got {grid_shape!r}")
+    return int(values[0]), int(values[1])
 
 
 def _check_wing(wing: Any, core_shape: tuple[int, int]) -> np.ndarray | None:
