@@ -34,6 +34,7 @@ only DIPOLE and EDGE are, with the FWHM of P_D measured from the score's own noi
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -139,7 +140,10 @@ def _floating(values: Any) -> np.ndarray:
 def _numeric(values: Any, name: str) -> np.ndarray:
     """``values`` as a 2-D floating array, or a TypeError / ValueError naming ``name``."""
     array = np.asarray(values)
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind == "b":
+        raise TypeError(f"{name} is a boolean array: give the image's numbers (a score in "
+                        "sigma, a flux or a difference), not a mask of them")
+    if array.dtype.kind not in "iuf":
         raise TypeError(
             f"{name} must be a 2-D numeric image (a CCDData, NDData, Quantity or array), got "
             f"{type(values).__name__}; read a FITS file or HDU into a CCDData first "
@@ -752,7 +756,8 @@ def find_transients(
     ----------
     score : `~astropy.nddata.CCDData` or `~numpy.ndarray`
         The score image in sigma units (the ``Scorr`` of a subtraction). Its mask
-        and WCS are used when it is a CCDData.
+        and WCS are used when it is a CCDData; its unit, if any, must be
+        dimensionless.
     threshold : float
         Detection threshold on ``|score|`` in sigma.
     flux, flux_error : `~astropy.nddata.CCDData` or `~numpy.ndarray`, optional
@@ -829,7 +834,11 @@ def find_transients(
         threshold (every pixel would be a candidate). All before the search.
     TypeError
         For a score or image that is not numeric (a FITS path or HDU: read it into a
-        CCDData first).
+        CCDData first) or is boolean, a ``threshold`` that is not a real number (a
+        bool or a string), or a ``wcs`` that is not an `~astropy.wcs.WCS`.
+    astropy.units.UnitsError
+        For a score with a unit other than dimensionless (a score is in sigma: an
+        image or a difference in data units is not one).
 
     Examples
     --------
@@ -846,8 +855,14 @@ def find_transients(
     """
     if sign not in ("both", "positive", "negative"):
         raise ValueError(f"sign must be 'both', 'positive' or 'negative', got {sign!r}")
+    if isinstance(threshold, bool | np.bool_) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number of sigma, got {threshold!r} "
+                        f"({type(threshold).__name__})")
     if not np.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"threshold must be a positive number of sigma, got {threshold}")
+    if wcs is not None and not isinstance(wcs, WCS):
+        raise TypeError(f"wcs must be an astropy.wcs.WCS (or None: the score's own), got "
+                        f"{type(wcs).__name__}")
     _check_separation(min_separation)
     limits = {
         "dipole_radius": dipole_radius, "dipole_threshold": dipole_threshold,
@@ -857,7 +872,11 @@ def find_transients(
         "edge_distance": edge_distance, "bright_snr": bright_snr, "bright_radius": bright_radius,
     }
     _check_limits(limits)
-    data, own_mask, own_wcs, _ = _as_array(score, "score")
+    data, own_mask, own_wcs, unit = _as_array(score, "score")
+    if unit is not None and unit != u.dimensionless_unscaled:
+        raise u.UnitsError(f"score has the unit {unit}: a score is in sigma (dimensionless, "
+                           "the Scorr of a subtraction, SubtractionResult.score), not an image "
+                           "or a difference in data units")
     bad = ~np.isfinite(data)
     for extra in (own_mask, None if mask is None else np.asarray(mask, dtype=bool)):
         if extra is not None:
