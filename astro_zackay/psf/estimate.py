@@ -136,6 +136,9 @@ def _check_arguments(
     if not (isinstance(snr_min, numbers.Real) and np.isfinite(snr_min) and snr_min > 0):
         raise ValueError(f"snr_min must be a positive finite number, got {snr_min!r}: the "
                          "lowest S/N of a PSF star (20 by default)")
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (or None, or a numpy Generator), got "
+                         f"{seed!r}: it picks the held-out stars")
     try:
         np.random.default_rng(seed)
     except (TypeError, ValueError):
@@ -169,12 +172,6 @@ def _select_stars(
             return Table({"x": np.zeros(0), "y": np.zeros(0)})
         log.info("find_psf_stars found %d PSF stars", len(stars))
         return stars
-    if not isinstance(stars, Table) or not {"x", "y"} <= set(stars.colnames):
-        raise TypeError("stars must be an astropy Table with columns 'x' and 'y' (0-based pixels)")
-    for name in ("x", "y"):
-        if np.asarray(stars[name]).dtype.kind not in "iuf":
-            raise TypeError(f"the stars' {name!r} column holds {stars[name].dtype} values: give "
-                            "pixel positions as numbers (0-based)")
     stars = Table(stars, copy=True)
     if "snr" in stars.colnames:
         keep = np.asarray(stars["snr"], dtype=float) >= snr_min
@@ -229,9 +226,22 @@ def _core_shape(stars: Table, img: Any, fwhm: float) -> tuple[int, int]:
     return side, side
 
 
-def _sky_map(background: Any, shape: tuple[int, int]) -> np.ndarray | None:
-    """The sky map of ``background`` (a BackgroundResult, NDData or array) as floats,
-    refused by name unless it is a map of ``shape``."""
+def _check_stars(stars: Table | None) -> None:
+    """Refuse given ``stars`` that are not a Table with numeric ``x`` and ``y`` columns."""
+    if stars is None:
+        return
+    if not isinstance(stars, Table) or not {"x", "y"} <= set(stars.colnames):
+        raise TypeError("stars must be an astropy Table with columns 'x' and 'y' (0-based "
+                        f"pixels), got {type(stars).__name__}")
+    for name in ("x", "y"):
+        if np.asarray(stars[name]).dtype.kind not in "iuf":
+            raise TypeError(f"the stars' {name!r} column holds {stars[name].dtype} values: give "
+                            "pixel positions as numbers (0-based)")
+
+
+def _sky_array(background: Any) -> np.ndarray | None:
+    """The sky map of ``background`` (a BackgroundResult, NDData or array) as a float
+    array, refused by name otherwise (its shape is checked against the image later)."""
     if background is None:
         return None
     sky = getattr(background, "sky", background)
@@ -242,6 +252,15 @@ def _sky_map(background: Any, shape: tuple[int, int]) -> np.ndarray | None:
             f"background must be a BackgroundResult, CCDData or array map of the image, got "
             f"{type(background).__name__}"
         ) from None
+    return sky
+
+
+def _sky_map(background: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The sky map of ``background`` (`_sky_array`), refused by name unless it is a map
+    of ``shape``."""
+    sky = _sky_array(background)
+    if sky is None:
+        return None
     if sky.shape != tuple(shape):
         raise ValueError(
             f"background is a map of shape {sky.shape}, not of the image's {tuple(shape)}: "
@@ -751,7 +770,8 @@ def estimate_psf(
         Electrons per data unit, to add source Poisson noise to an estimated variance
         when the image has no uncertainty.
     seed : int, optional
-        Seed of the random train/holdout split.
+        Seed (an integer >= 0, None or a `numpy.random.Generator`) of the random
+        train/holdout split.
 
     Returns
     -------
@@ -763,7 +783,13 @@ def estimate_psf(
     ------
     ValueError
         For inconsistent arguments (both ``n_components`` and ``inf_loss``, an even
-        ``stamp_shape``, ...), or no usable star and no ``fwhm``.
+        ``stamp_shape``, a negative ``seed``, a ``background`` that is not a map of
+        the image's shape, ...), or no usable star and no ``fwhm``.
+    TypeError
+        For ``stars`` that are not a Table with numeric ``x`` and ``y`` columns, a
+        ``background`` that is not a map of numbers, or a ``seed`` that is not an
+        integer, None or a Generator; these and the arguments' values are checked
+        before the image is read.
 
     Examples
     --------
@@ -788,11 +814,13 @@ def estimate_psf(
     """
     shape = _check_arguments(method, n_components, inf_loss, degree, stamp_shape,
                              holdout_fraction, fwhm, snr_min, seed)
+    _check_stars(stars)
+    sky = _sky_array(background)
     img = to_image(image, unit=unit, mask=mask, saturation=saturation, gain=gain)
     return _estimate_psf(img, stars, n_components=n_components, inf_loss=inf_loss,
                          degree=degree, stamp_shape=shape, method=method,
                          holdout_fraction=holdout_fraction, snr_min=snr_min, fwhm=fwhm,
-                         background=background, seed=seed)
+                         background=sky, seed=seed)
 
 
 def _estimate_psf(
