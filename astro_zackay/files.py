@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import numbers
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -68,6 +69,13 @@ _SUBTRACTION_TEXT = {
 }
 #: Most HISTORY text per card (a FITS card holds 72 characters of it).
 _HISTORY_WIDTH = 72
+
+
+def _check_result(result: Any, kind: type, producer: str, writer: str) -> None:
+    """A TypeError naming ``writer``'s ``result`` unless it is a ``kind`` (before any work)."""
+    if not isinstance(result, kind):
+        raise TypeError(f"{writer}: result must be a {kind.__name__} (what {producer} returns), "
+                        f"got {type(result).__name__}")
 
 
 def _provenance(
@@ -297,6 +305,7 @@ def write_subtraction(
     >>> bool(back.flux_ratio == result.flux_ratio)
     True
     """
+    _check_result(result, SubtractionResult, "subtract", "write_subtraction")
     header = _provenance("subtraction", inputs, parameters)
     header.extend(_fitted(result), update=True)
     for name, (bit, text) in FLAGS.items():
@@ -481,6 +490,10 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+#: The columns `write_regions` reads.
+_REGION_COLUMNS = ("x", "y", "score", "flags", "good")
+
+
 def write_regions(
     candidates: Table, path: str | os.PathLike, *, radius: float | None = None,
     overwrite: bool = False,
@@ -507,6 +520,11 @@ def write_regions(
     ------
     OSError
         When the file exists and ``overwrite`` is False.
+    TypeError
+        When ``candidates`` is not a Table.
+    ValueError
+        When ``candidates`` lacks a column the regions need, or ``radius`` (or the
+        table's ``meta['fwhm']``) is not a positive finite number.
 
     Examples
     --------
@@ -520,10 +538,24 @@ def write_regions(
     >>> print(path.read_text().splitlines()[-1])
     circle(41.00,6.00,4.00) # color=red text={2: -6.0 SHARP,EDGE}
     """
-    if os.path.exists(path) and not overwrite:
-        raise OSError(f"{os.fspath(path)!r} already exists (pass overwrite=True)")
+    if not isinstance(candidates, Table):
+        raise TypeError(f"candidates must be an astropy Table (from find_transients), got "
+                        f"{type(candidates).__name__}")
+    missing = [name for name in _REGION_COLUMNS if name not in candidates.colnames]
+    if missing:
+        raise ValueError(f"candidates lacks the columns {missing} that write_regions needs "
+                         f"({', '.join(_REGION_COLUMNS)}): give the table find_transients made")
     if radius is None:
         radius = 2.0 * float(candidates.meta.get("fwhm", 2.5))
+        what = "twice the table's meta['fwhm']"
+    else:
+        what = "radius"
+    if not (isinstance(radius, numbers.Real) and not isinstance(radius, bool | np.bool_)
+            and np.isfinite(radius) and radius > 0):
+        raise ValueError(f"{what} must be a positive finite circle radius in pixels, got "
+                         f"{radius!r}")
+    if os.path.exists(path) and not overwrite:
+        raise OSError(f"{os.fspath(path)!r} already exists (pass overwrite=True)")
     lines = ["# Region file format: DS9 version 4.1",
              f"# astro_zackay {version} transient candidates: green good, red flagged",
              'global font="helvetica 10 normal roman" width=1', "image"]
@@ -596,6 +628,7 @@ def write_coadd(
     >>> image.shape, image.meta["AZIN2"], fits.getdata(path, "PSF").sum().round(6)
     ((128, 128), 'b.fits', np.float64(1.0))
     """
+    _check_result(result, CoaddResult, "coadd", "write_coadd")
     header = _provenance("coadd", inputs or list(result.frames["name"]), parameters)
     header["AZFR"] = (float(result.flux_scale), "flux zero point F_R of PROPER")
     header["AZSNR1"] = (float(result.snr_full), "S/N of a unit-flux point source")
@@ -860,6 +893,7 @@ def write_background(
     >>> bool(np.array_equal(back.sky.data, result.sky.data)), back.sky.unit
     (True, Unit("electron"))
     """
+    _check_result(result, BackgroundResult, "estimate_background", "write_background")
     header = _provenance("background", inputs, parameters)
     hdus: list[fits.FitsHDU] = [fits.PrimaryHDU(header=header)]
     for field, name in _BACKGROUND_IMAGES.items():

@@ -119,3 +119,51 @@ def test_align_refuses_a_shape_as_target_and_names_the_target(small_pair):
         align(science, (96, 96))
     with pytest.raises(ValueError, match="^target: a plain array has no unit"):
         align(science, np.ones((96, 96)))
+
+
+@pytest.mark.parametrize(("writer", "result", "match"), [
+    ("write_subtraction", "x", "write_subtraction: result must be a SubtractionResult .* got str"),
+    ("write_coadd", "sub", "write_coadd: result must be a CoaddResult .* got SubtractionResult"),
+    ("write_background", "ccd", "write_background: result must be a BackgroundResult .* "
+                                "got CCDData"),
+])
+def test_writers_refuse_the_wrong_result_type(small_pair, tmp_path, writer, result, match):
+    from astro_zackay import files
+    from astro_zackay.subtraction import SubtractionResult
+
+    values = {"x": "x", "ccd": small_pair.science.ccd,
+              "sub": SubtractionResult.__new__(SubtractionResult)}
+    with pytest.raises(TypeError, match=match):
+        getattr(files, writer)(values[result], tmp_path / "out.fits")
+    assert not (tmp_path / "out.fits").exists()
+
+
+def _candidates():
+    from astropy.table import Table
+
+    return Table({"id": [1], "x": [10.0], "y": [20.0], "score": [7.5], "flags": [0],
+                  "good": [True]})
+
+
+@pytest.mark.parametrize(("table", "kwargs", "error", "match"), [
+    ("no_xy", {}, ValueError, r"candidates lacks the columns \['x', 'y', 'score', 'flags', "
+                              r"'good'\]"),
+    ("good", {"radius": -1.0}, ValueError, "radius must be a positive finite circle radius"),
+    ("good", {"radius": np.nan}, ValueError, "radius must be a positive finite circle radius"),
+    ("good", {"radius": "4"}, ValueError, "radius must be a positive finite circle radius"),
+    ("bad_fwhm", {}, ValueError, r"twice the table's meta\['fwhm'\] must be a positive"),
+    ("array", {}, TypeError, "candidates must be an astropy Table"),
+])
+def test_write_regions_refuses_bad_tables_and_radii(tmp_path, table, kwargs, error, match):
+    from astropy.table import Table
+
+    from astro_zackay.files import write_regions
+
+    good = _candidates()
+    bad_fwhm = _candidates()
+    bad_fwhm.meta["fwhm"] = -2.0
+    tables = {"no_xy": Table({"a": [1]}), "good": good, "bad_fwhm": bad_fwhm,
+              "array": np.ones((3, 2))}
+    with pytest.raises(error, match=match):
+        write_regions(tables[table], tmp_path / "c.reg", **kwargs)
+    assert not (tmp_path / "c.reg").exists()
