@@ -167,3 +167,31 @@ def test_write_regions_refuses_bad_tables_and_radii(tmp_path, table, kwargs, err
     with pytest.raises(error, match=match):
         write_regions(tables[table], tmp_path / "c.reg", **kwargs)
     assert not (tmp_path / "c.reg").exists()
+
+
+class _NoClient:
+    """A Dask client stand-in that fails the test if any task is submitted."""
+
+    def nthreads(self):
+        return {"worker": 1}
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("a task was submitted before the frames were checked")
+
+
+@pytest.mark.parametrize("bad", ["missing", "garbage", "folder"])
+def test_coadd_tree_checks_the_frames_before_any_task(small_pair, tmp_path, bad):
+    from astro_zackay.parallel import coadd_tree
+
+    good = tmp_path / "ref.fits"
+    small_pair.reference.ccd.write(good)
+    paths = {"missing": tmp_path / "no_such_image.fits", "garbage": tmp_path / "garbage.fits",
+             "folder": tmp_path / "folder"}
+    (tmp_path / "garbage.fits").write_bytes(b"x" * 3000)
+    (tmp_path / "folder").mkdir()
+    frames = [str(good), str(paths[bad])]
+    match = {"missing": "frame 1 .*no_such_image.fits' does not exist",
+             "garbage": "garbage.fits' is not a readable FITS file",
+             "folder": "folder' is a directory"}[bad]
+    with pytest.raises(OSError, match=match):
+        coadd_tree(frames, client=_NoClient())

@@ -199,6 +199,25 @@ def _check_options(options: dict, frames: list[Any]) -> None:
                 check_image_size(shape, None if psfs is None else psfs[j], name, "psfs=")
 
 
+def _check_frames(frames: list[Any]) -> None:
+    """Refuse a frame path that is missing or not a readable FITS file (headers read only).
+
+    The workers would fail on it only after the other leaves had run.
+    """
+    from .._ccd import _check_fits_file
+
+    for j, frame in enumerate(frames):
+        if not isinstance(frame, str | os.PathLike):
+            continue
+        path = os.fspath(frame)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"frame {j} {path!r} does not exist: give the paths of "
+                                    "FITS files that every worker can read")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"frame {j} {path!r} cannot be read (permission denied)")
+        _check_fits_file(path)
+
+
 def coadd_tree(
     paths_or_groups: Sequence[Any],
     output_path: str | os.PathLike | None = None,
@@ -248,8 +267,9 @@ def coadd_tree(
     TypeError
         For an input that is not a list, or options ``coadd`` does not take.
     OSError
-        For an ``output_path`` that exists (without ``overwrite``) or whose folder does
-        not (checked before any cluster starts).
+        For a frame path that does not exist or is not a readable FITS file, or an
+        ``output_path`` that exists (without ``overwrite``) or whose folder does not
+        (checked before any cluster starts).
 
     Warns
     -----
@@ -272,6 +292,7 @@ def coadd_tree(
     given = _groups(paths_or_groups, 1)  # a bad input refused; the given groups
     frames = [frame for group in given for frame in group]
     _check_options(coadd_options, frames)
+    _check_frames(frames)
     if output_path is not None:
         _check_output(output_path, overwrite)
     nested = all(isinstance(g, list | tuple) for g in paths_or_groups)
