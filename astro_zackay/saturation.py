@@ -53,8 +53,7 @@ def _isolated_spikes(
     the image, masked or not finite do not count.
     """
     spikes = np.zeros(data.shape, dtype=bool)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rows, cols = np.nonzero(good & (data - median > _SPIKE_SIGMA * sigma))
+    rows, cols = np.nonzero(good & (data > median + _SPIKE_SIGMA * sigma))
     if rows.size == 0:
         return spikes
     ny, nx = data.shape
@@ -199,6 +198,8 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     median, sigma = median_and_std(data, good, _SAMPLE)
     if not (sigma > 0 and top - median > _MIN_SIGNIFICANCE * sigma):
         return None  # noiseless (a model, not a detector) or nothing bright
+    if not top - median > _SPIKE_SIGMA * sigma:  # no spike: no search through the image
+        return _level(data, good, median, sigma, top)
     spikes = _isolated_spikes(data, good, median, sigma)
     if not spikes.any():
         return _level(data, good, median, sigma, top)
