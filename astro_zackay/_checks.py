@@ -47,6 +47,7 @@ __all__ = [
     "check_coadd_options",
     "check_flag",
     "check_subtract_options",
+    "check_workers",
     "is_non_negative",
     "is_per_image_gain",
     "is_positive",
@@ -260,6 +261,33 @@ def _check_subtract_dtype(dtype: Any) -> None:
         raise ValueError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from None
 
 
+def check_workers(workers: Any) -> None:
+    """``workers=`` of `subtract` (its FFT threads): None, or a whole number other than 0.
+
+    As `scipy.fft` takes it: a negative number counts back from the cores
+    (-1 all of them, -2 all but one).
+
+    Examples
+    --------
+    >>> from astro_zackay._checks import check_workers
+    >>> check_workers(4), check_workers(-1), check_workers(None)
+    (None, None, None)
+    >>> try:
+    ...     check_workers(0)
+    ... except ValueError as exc:
+    ...     print(str(exc)[:55])
+    workers must be None (all the cores) or a whole number
+    """
+    if workers is None:
+        return
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool | np.bool_):
+        raise TypeError(f"workers must be None (all the cores) or a whole number of FFT "
+                        f"threads, got {workers!r} ({type(workers).__name__}): give an int")
+    if workers == 0:
+        raise ValueError("workers must be None (all the cores) or a whole number of FFT "
+                         "threads other than 0 (-1 all the cores, -2 all but one), got 0")
+
+
 def _psf_check(name: str) -> Callable[[Any], None]:
     """The check of ``reference_psf`` or ``science_psf``: None, or a PSF, named in its error."""
 
@@ -302,7 +330,7 @@ _SUBTRACT_CHECKS: dict[str, Callable[[Any], None]] = {
     "gain": _per_image_check("gain", lambda value: _check_level(value, "gain")),
     "read_noise": _per_image_check("read_noise", lambda value: _check_level(value, "read_noise")),
     "saturation": _per_image_check("saturation", lambda value: _check_level(value, "saturation")),
-    "workers": lambda value: None,  # the FFT threads: scipy takes any int, negative ones too
+    "workers": check_workers,
 }
 
 
