@@ -44,6 +44,7 @@ __all__ = [
     "ImageData",
     "SkyMaps",
     "as_ccddata",
+    "check_not_constant",
     "match_unit",
     "missing_source_noise",
     "record_step",
@@ -304,9 +305,15 @@ def _as_nddata(image: Any, unit: Any, hdu: int | str | None) -> NDData:
             raise ValueError(
                 "a plain array has no unit: pass unit='adu' or unit='electron' (or give a CCDData)"
             )
+        array = np.ma.getdata(image)
+        if array.dtype.kind == "O":  # NDData refuses it with no word of why
+            raise TypeError(
+                f"the {type(image).__name__} holds object values, not real numbers: give the "
+                "pixel values as integers or floats (e.g. array.astype(float))"
+            )
         if isinstance(image, np.ma.MaskedArray):  # its mask is kept, not dropped
-            return NDData(np.ma.getdata(image), mask=np.ma.getmaskarray(image), unit=unit)
-        return NDData(np.asarray(image), unit=unit)
+            return NDData(array, mask=np.ma.getmaskarray(image), unit=unit)
+        return NDData(array, unit=unit)
     raise TypeError(
         f"cannot use a {type(image).__name__} as an image: give a CCDData, NDData, "
         "ndarray (with unit=), FITS path or FITS HDU"
@@ -456,15 +463,12 @@ def _variance_from_uncertainty(
             raise u.UnitsError(
                 f"the uncertainty's unit ({var.unit}) does not match the data unit ({unit})"
             ) from None
-    try:
-        values = np.broadcast_to(values, shape).copy()
-    except ValueError:
+    if values.shape != tuple(shape):  # not broadcast: a row of values is no pixel's noise
         raise ValueError(
-            f"the {type(unc).__name__}'s shape {np.shape(values)} does not match the image "
-            f"{tuple(shape)}: give one uncertainty per pixel"
-        ) from None
+            f"the {type(unc).__name__}'s shape {values.shape} does not match the image "
+            f"{tuple(shape)}: give one uncertainty per pixel, of the image's shape"
+        )
     if negative is not None:
-        negative = np.broadcast_to(negative, shape)
         values[negative] = np.nan  # masked, never taken as |x|
     return values, negative
 
@@ -716,6 +720,46 @@ def _data_gain(gain: Any, meta: Any, unit: u.UnitBase) -> float | None:
         return 1.0
     value = _as_float(gain, u.electron / unit, "gain")
     return _header_float(meta, GAIN_KEYS) if value is None else value
+
+
+def check_not_constant(img: ImageData, name: str) -> None:
+    """Refuse an image whose unmasked pixels all hold one value, before it is prepared.
+
+    Such an image (a blank or zero-filled frame, a wrong extension) has no sky noise:
+    its background rms is 0 and no pixel is background below it, so its noise would
+    come out 0 or NaN far downstream.
+
+    Parameters
+    ----------
+    img : ImageData
+        The image as coerced at the boundary (`to_image`).
+    name : str
+        The image as the user knows it ("science image", a file name).
+
+    Raises
+    ------
+    ValueError
+        Naming the image and its one value, and what to check.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._ccd import check_not_constant, to_image
+    >>> check_not_constant(to_image(np.arange(64.0).reshape(8, 8), unit="adu"), "image 0")
+    >>> try:
+    ...     check_not_constant(to_image(np.zeros((8, 8)), unit="adu"), "image 0")
+    ... except ValueError as exc:
+    ...     print(str(exc)[:50])
+    image 0: all its 64 unmasked pixels are 0 (a const
+    """
+    good = ~img.mask
+    low = np.min(img.data, where=good, initial=np.inf)
+    if low == np.max(img.data, where=good, initial=-np.inf):
+        raise ValueError(
+            f"{name}: all its {int(good.sum())} unmasked pixels are {float(low):g} (a constant "
+            "image): it has no sky noise to measure; check that the right image (or FITS "
+            "extension) was read, not a blank or zero-filled frame, or mask its constant part"
+        )
 
 
 def missing_source_noise(img: ImageData) -> bool:
