@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import astropy.units as u
 import numpy as np
 from astropy.modeling import Model
 from astropy.table import Table
@@ -25,8 +26,8 @@ from ._ccd import ImageData, to_image
 from ._warnings import AstroZackayWarning, user_stacklevel
 from .profiles import psf_stamp
 
-__all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "estimate_image_psf",
-           "find_image_stars"]
+__all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "check_stamp_fits",
+           "estimate_image_psf", "find_image_stars"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,16 @@ class PSFSampler:
         False when the PSF is the same everywhere (one evaluation serves the image).
     source : str
         What the PSF came from, for the log and the meta record.
+    shape : tuple of int or None
+        The stamp's shape when it is known without sampling (a FWHM's Gaussian, built
+        on its first use), so that a stamp larger than the image is refused before it
+        is built (`check_stamp_fits`); None otherwise.
     """
 
     sample: Callable[[float, float], np.ndarray]
     varying: bool
     source: str
+    shape: tuple[int, int] | None = None
 
     def __call__(self, x: float, y: float) -> np.ndarray:
         return self.sample(x, y)
@@ -154,13 +160,82 @@ def _model_sampler(model: Model, stamp_shape: tuple[int, int]) -> PSFSampler:
 FWHM_STAMP_REACH = 2.5
 
 
+class _GaussianStamp:
+    """``(x, y) -> stamp``: one Gaussian stamp of ``fwhm`` px, built on the first call.
+
+    Built lazily so that its shape can be checked against the image first
+    (`check_stamp_fits`); a class, not a closure, so that a sampler pickles.
+    """
+
+    def __init__(self, side: int, fwhm: float) -> None:
+        self.side, self.fwhm = side, fwhm
+        self.stamp: np.ndarray | None = None
+
+    def __call__(self, x: float, y: float) -> np.ndarray:
+        if self.stamp is None:
+            self.stamp = psf_stamp(self.side, self.fwhm)
+        return self.stamp
+
+
 def _fwhm_sampler(fwhm: float) -> PSFSampler:
     """A circular pixel-integrated Gaussian of ``fwhm`` pixels, the same everywhere."""
     if not (math.isfinite(fwhm) and fwhm > 0):
         raise ValueError(f"a PSF given as a FWHM must be a positive number of pixels, got {fwhm}")
-    half = max(3, math.ceil(FWHM_STAMP_REACH * fwhm))
-    stamp = psf_stamp(2 * half + 1, fwhm)
-    return PSFSampler(lambda x, y: stamp, False, f"Gaussian of FWHM {fwhm:g} px")
+    side = 2 * max(3, math.ceil(FWHM_STAMP_REACH * fwhm)) + 1
+    return PSFSampler(_GaussianStamp(side, fwhm), False, f"Gaussian of FWHM {fwhm:g} px",
+                      (side, side))
+
+
+def _fwhm_quantity(psf: u.Quantity) -> float:
+    """A FWHM given as a Quantity: in pixels (or dimensionless), as a plain number."""
+    if psf.ndim != 0:
+        raise ValueError(f"a PSF given as a Quantity must be one FWHM in pixels, got a "
+                         f"Quantity of shape {psf.shape}: give a stamp as a plain array")
+    if psf.unit.physical_type != "dimensionless" and psf.unit != u.pix:
+        raise u.UnitConversionError(f"a PSF given as a Quantity is a FWHM in pixels, got "
+                                    f"{psf}: give the FWHM as a number of pixels (or in u.pix)")
+    return float(psf.to_value(u.pix if psf.unit == u.pix else u.dimensionless_unscaled))
+
+
+def check_stamp_fits(sampler: PSFSampler, shape: tuple[int, ...], name: str,
+                     option: str) -> None:
+    """Refuse a given PSF whose stamp, known without sampling, is larger than the image.
+
+    Run before the stamp is first built: a FWHM of 1e4 px would need a stamp of
+    50001 x 50001 pixels (and five times that while it is integrated over pixels).
+
+    Parameters
+    ----------
+    sampler : PSFSampler
+        The PSF given for the image; one without a known ``shape`` passes.
+    shape : tuple of int
+        The image's shape ``(ny, nx)``.
+    name : str
+        The image as the user knows it ("science image", a file name).
+    option : str
+        The argument that gave the PSF (``"science_psf"``, ``"psfs[1]"``).
+
+    Raises
+    ------
+    ValueError
+        Naming the option, the stamp, the image and what to give instead.
+
+    Examples
+    --------
+    >>> from astro_zackay._psf_input import as_psf_sampler, check_stamp_fits
+    >>> try:
+    ...     check_stamp_fits(as_psf_sampler(1e4), (96, 96), "science image", "science_psf")
+    ... except ValueError as exc:
+    ...     print(str(exc)[:72])
+    science_psf: its stamp (50001, 50001) (Gaussian of FWHM 10000 px) is lar
+    """
+    stamp = sampler.shape
+    if stamp is not None and (stamp[0] > shape[0] or stamp[1] > shape[1]):
+        raise ValueError(
+            f"{option}: its stamp {stamp} ({sampler.source}) is larger than the {name} "
+            f"{tuple(shape)}: give a smaller FWHM in pixels (its Gaussian stamp reaches "
+            f"{FWHM_STAMP_REACH:g} FWHM from its centre)"
+        )
 
 
 def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFSampler:
@@ -175,9 +250,9 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         ``x_mean``/``y_mean`` (`~astropy.modeling.functional_models.Gaussian2D`), an
         odd-sized stamp centred on its central pixel (normalised to unit sum; its
         centroid within `MAX_CENTRE_OFFSET` px of that pixel), or a
-        FWHM in pixels: a circular pixel-integrated Gaussian of that FWHM
-        (`~astro_zackay.profiles.psf_stamp`) on a stamp reaching 2.5 FWHM from its
-        centre.
+        FWHM in pixels (a number, or a Quantity in ``u.pix``): a circular
+        pixel-integrated Gaussian of that FWHM (`~astro_zackay.profiles.psf_stamp`) on
+        a stamp reaching 2.5 FWHM from its centre, built on its first use.
     stamp_shape : tuple of int
         The odd stamp shape for astropy models, which have no stamp of their own.
 
@@ -192,7 +267,10 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
     ValueError
         For an even-sized or non-finite stamp, one without a positive sum, with a
         centroid more than `MAX_CENTRE_OFFSET` px from its central pixel or a pixel
-        below ``-MAX_NEGATIVE_FRACTION`` times its peak, or a FWHM that is not positive.
+        below ``-MAX_NEGATIVE_FRACTION`` times its peak, a FWHM that is not positive,
+        or a Quantity that is not one value.
+    astropy.units.UnitConversionError
+        For a FWHM given as a Quantity in a unit other than pixels (a ValueError too).
 
     Examples
     --------
@@ -222,6 +300,8 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         return _model_sampler(psf, tuple(stamp_shape))
     if isinstance(psf, numbers.Real) and not isinstance(psf, bool):
         return _fwhm_sampler(float(psf))
+    if isinstance(psf, u.Quantity):
+        return _fwhm_sampler(_fwhm_quantity(psf))
     if isinstance(psf, np.ndarray | list | tuple):
         stamp = _unit_sum(psf, "the PSF array")
         _check_stamp_shape(stamp, "the PSF array")

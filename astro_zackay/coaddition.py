@@ -51,6 +51,7 @@ from ._ccd import (
     ImageData,
     _parse_unit,
     as_ccddata,
+    check_not_constant,
     match_unit,
     to_ccddata,
     to_image,
@@ -58,7 +59,7 @@ from ._ccd import (
 from ._checks import check_coadd_options, named_errors, per_image_values
 from ._checks import is_per_image_gain as _per_image
 from ._prepare import PreparedImage, check_image_size, prepare_image
-from ._psf_input import ImageWarnings
+from ._psf_input import ImageWarnings, as_psf_sampler, check_stamp_fits
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
@@ -457,15 +458,15 @@ def coadd(
         array with ``unit=``), or an ImageFileCollection (its filtered files,
         HDU ``collection.ext``). Of one shape unless ``align``; images in another
         unit than the first are converted to it (see ``gain``).
-    psfs : sequence, optional
+    psfs : sequence or iterator, optional
         One PSF per image: a `~astro_zackay.psf.KLPSFModel`, an astropy/photutils
         model, an odd-sized stamp, or a FWHM in pixels (a Gaussian PSF). Default:
         estimated from each image's stars.
-    flux_scales : sequence of float, optional
+    flux_scales : sequence or iterator of float, optional
         One flux scale ``F_j`` per image (flux ratios, not magnitudes: 0.5 for an
         image recording half the counts of a star). Default: fitted against the
         first image, whose scale is 1.
-    sigmas : sequence of float or `~astropy.units.Quantity`, optional
+    sigmas : sequence or iterator of float or `~astropy.units.Quantity`, optional
         One background noise ``s_j`` per image, in the image unit. Default: from
         the uncertainty or the data (step 3 above).
     align : {'stars', 'wcs'} or bool, optional
@@ -522,8 +523,9 @@ def coadd(
         options of the wrong length, an image with no usable PSF star and no
         ``psfs`` entry (the message names the image), a flux scale that cannot
         be fitted, bad rejection options, an unknown ``backend``, a
-        ``min_depth_fraction`` outside [0, 1], a negative ``border``, or a non-positive
-        flux scale or sigma. Everything that can be checked without reading an image
+        ``min_depth_fraction`` outside [0, 1], a negative ``border``, a non-positive
+        flux scale or sigma, or a FWHM of ``psfs`` whose stamp is larger than its
+        image. Everything that can be checked without reading an image
         is checked before any image is read: the options
         (`~astro_zackay._checks.check_coadd_options`), the number of images of a list, and
         the shapes of a list's or an ImageFileCollection's images (arrays,
@@ -535,8 +537,8 @@ def coadd(
         For an image whose unit cannot be converted to the first image's (electrons
         and ADU without a gain: the message names both units and ``gain=``).
     TypeError
-        For inputs that are not iterables of images, a per-image option given as one
-        value, or a ``dtype`` other than float32 and float64.
+        For inputs that are not iterables of images (a dict among them), a per-image
+        option given as one value, or a ``dtype`` other than float32 and float64.
 
     Warns
     -----
@@ -575,6 +577,18 @@ def coadd(
     >>> result.frames["n_rejected"].tolist(), int(result.rejected[30, 30])
     ([0, 9, 0], 1)
     """
+    if isinstance(images, Mapping):
+        raise TypeError(
+            f"images must be a list, a generator or a ccdproc ImageFileCollection, got a "
+            f"{type(images).__name__} (its keys would be read as images): give "
+            f"list(images.values())"
+        )
+    # a per-image option given as an iterator is read once, here: the checks and the
+    # images' loop both go through it
+    psfs, flux_scales, sigmas, gain = (
+        list(values) if isinstance(values, Iterator) else values
+        for values in (psfs, flux_scales, sigmas, gain)
+    )
     names = ([_input_name(item, j) for j, item in enumerate(images)]
              if isinstance(images, list | tuple) else None)
     check_coadd_options(
@@ -598,6 +612,7 @@ def coadd(
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
     for j, (name, shape) in enumerate(shapes):  # too small for a background or its PSF
         if shape is not None and len(shape) == 2:
+            _check_psf_fits(psf_list.peek(j), shape, name, j)
             check_image_size(shape, psf_list.peek(j), name, "psfs=")
     if isinstance(images, list | tuple):  # the counts, when known before reading
         if not images:
@@ -652,6 +667,12 @@ def _warn_if_all_masked(mask: np.ndarray, min_depth_fraction: float) -> None:
             "the masks", AstroZackayWarning, stacklevel=user_stacklevel())
 
 
+def _check_psf_fits(psf: Any, shape: tuple[int, ...], name: str, j: int) -> None:
+    """Refuse a FWHM of ``psfs`` whose stamp is larger than image ``j``, before building it."""
+    if psf is not None:
+        check_stamp_fits(as_psf_sampler(psf), shape, name, f"psfs[{j}]")
+
+
 def _prepared_frames(
     images: Any,
     *,
@@ -692,7 +713,10 @@ def _prepared_frames(
                 first = (img.unit, img.shape)
                 if method:
                     target = as_ccddata(replace(img, data=img.data.copy()))
-            frame = prepare_image(img, psf_list.next(), name=name, option="psfs=",
+            psf = psf_list.next()
+            _check_psf_fits(psf, img.shape, name, j)
+            check_not_constant(img, name)
+            frame = prepare_image(img, psf, name=name, option="psfs=",
                                   need_stars=given is None, sigma=sigma_list.next())
             del img
             stamp = frame.psf_stamp()

@@ -22,6 +22,7 @@ from astropy.table import Table
 from ._ccd import (
     ImageData,
     as_ccddata,
+    check_not_constant,
     match_unit,
     to_ccddata,
     to_image,
@@ -32,6 +33,7 @@ from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import (
     ImageWarnings,
     as_psf_sampler,
+    check_stamp_fits,
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
@@ -594,9 +596,16 @@ def subtract(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
-    # both images' sizes, before either is prepared (background, stars, PSF)
+    # both images' sizes, before either is prepared (background, stars, PSF); a FWHM's
+    # stamp before it is built
+    for psf, image, option in ((reference_psf, "reference image", "reference_psf"),
+                               (science_psf, "science image", "science_psf")):
+        if psf is not None:
+            check_stamp_fits(psf, sci.shape, image, option)
     check_image_size(ref.shape, reference_psf, "reference image", "reference_psf=")
     check_image_size(sci.shape, science_psf, "science image", "science_psf=")
+    check_not_constant(sci, "science image")
+    check_not_constant(ref, "reference image")
     sci = match_unit(sci, ref.unit, gain=_conversion_gain(sci, ref, gains),
                      name="science image", target="reference image")
 
