@@ -849,11 +849,12 @@ def _add_subtraction_options(command: argparse.ArgumentParser) -> None:
 
 
 def _add_reject(command: argparse.ArgumentParser) -> None:
-    """--reject and --no-reject, of coadd and coadd-batch."""
-    command.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
-                         help="reject what one image alone shows above SIGMA (default 6)")
-    command.add_argument("--no-reject", dest="reject", action="store_const", const=None,
-                         help="keep every pixel (no outlier rejection)")
+    """--reject and --no-reject, of coadd and coadd-batch: one or the other (they contradict)."""
+    reject = command.add_mutually_exclusive_group()
+    reject.add_argument("--reject", type=_positive, default=6.0, metavar="SIGMA",
+                        help="reject what one image alone shows above SIGMA (default 6)")
+    reject.add_argument("--no-reject", dest="reject", action="store_const", const=None,
+                        help="keep every pixel (no outlier rejection)")
 
 
 def _subtract_parser(commands: Any) -> None:
