@@ -873,10 +873,6 @@ def find_transients(
     }
     _check_limits(limits)
     data, own_mask, own_wcs, unit = _as_array(score, "score")
-    if unit is not None and unit != u.dimensionless_unscaled:
-        raise u.UnitsError(f"score has the unit {unit}: a score is in sigma (dimensionless, "
-                           "the Scorr of a subtraction, SubtractionResult.score), not an image "
-                           "or a difference in data units")
     bad = ~np.isfinite(data)
     for extra in (own_mask, None if mask is None else np.asarray(mask, dtype=bool)):
         if extra is not None:
@@ -884,6 +880,10 @@ def find_transients(
                 raise ValueError(f"mask shape {extra.shape} does not match score {data.shape}")
             bad |= extra
     _check_not_constant(data, bad, threshold)
+    if unit is not None and unit != u.dimensionless_unscaled:
+        raise u.UnitsError(f"score has the unit {unit}: a score is in sigma (dimensionless, "
+                           "the Scorr of a subtraction, SubtractionResult.score), not an image "
+                           "or a difference in data units")
     inputs = {
         "difference": _check_image(difference, data.shape, "difference"),
         "psf": _check_psf(psf),
