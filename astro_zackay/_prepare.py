@@ -166,7 +166,9 @@ def check_image_size(
     if psf is None:
         return None
     sampler = as_psf_sampler(psf)
-    stamp = np.shape(sampler((shape[1] - 1) / 2, (shape[0] - 1) / 2))
+    stamp = sampler.shape  # a FWHM's stamp is known before it is built (1e4 px: 50001^2)
+    if stamp is None:
+        stamp = np.shape(sampler((shape[1] - 1) / 2, (shape[0] - 1) / 2))
     if stamp[0] > shape[0] or stamp[1] > shape[1]:
         raise ValueError(f"{name}: its shape {tuple(shape)} is smaller than the PSF stamp "
                          f"{stamp} of {option}: give a larger image, or a PSF on a smaller "

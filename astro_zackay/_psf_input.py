@@ -26,8 +26,8 @@ from ._ccd import ImageData, to_image
 from ._warnings import AstroZackayWarning, user_stacklevel
 from .profiles import psf_stamp
 
-__all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "check_stamp_fits",
-           "estimate_image_psf", "find_image_stars"]
+__all__ = ["ImageWarnings", "PSFSampler", "as_psf_sampler", "estimate_image_psf",
+           "find_image_stars"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class PSFSampler:
     shape : tuple of int or None
         The stamp's shape when it is known without sampling (a FWHM's Gaussian, built
         on its first use), so that a stamp larger than the image is refused before it
-        is built (`check_stamp_fits`); None otherwise.
+        is built (`astro_zackay._prepare.check_image_size`); None otherwise.
     """
 
     sample: Callable[[float, float], np.ndarray]
@@ -164,7 +164,7 @@ class _GaussianStamp:
     """``(x, y) -> stamp``: one Gaussian stamp of ``fwhm`` px, built on the first call.
 
     Built lazily so that its shape can be checked against the image first
-    (`check_stamp_fits`); a class, not a closure, so that a sampler pickles.
+    (`astro_zackay._prepare.check_image_size`); a class, not a closure, so that a sampler pickles.
     """
 
     def __init__(self, side: int, fwhm: float) -> None:
@@ -195,47 +195,6 @@ def _fwhm_quantity(psf: u.Quantity) -> float:
         raise u.UnitConversionError(f"a PSF given as a Quantity is a FWHM in pixels, got "
                                     f"{psf}: give the FWHM as a number of pixels (or in u.pix)")
     return float(psf.to_value(u.pix if psf.unit == u.pix else u.dimensionless_unscaled))
-
-
-def check_stamp_fits(sampler: PSFSampler, shape: tuple[int, ...], name: str,
-                     option: str) -> None:
-    """Refuse a given PSF whose stamp, known without sampling, is larger than the image.
-
-    Run before the stamp is first built: a FWHM of 1e4 px would need a stamp of
-    50001 x 50001 pixels (and five times that while it is integrated over pixels).
-
-    Parameters
-    ----------
-    sampler : PSFSampler
-        The PSF given for the image; one without a known ``shape`` passes.
-    shape : tuple of int
-        The image's shape ``(ny, nx)``.
-    name : str
-        The image as the user knows it ("science image", a file name).
-    option : str
-        The argument that gave the PSF (``"science_psf"``, ``"psfs[1]"``).
-
-    Raises
-    ------
-    ValueError
-        Naming the option, the stamp, the image and what to give instead.
-
-    Examples
-    --------
-    >>> from astro_zackay._psf_input import as_psf_sampler, check_stamp_fits
-    >>> try:
-    ...     check_stamp_fits(as_psf_sampler(1e4), (96, 96), "science image", "science_psf")
-    ... except ValueError as exc:
-    ...     print(str(exc)[:72])
-    science_psf: its stamp (50001, 50001) (Gaussian of FWHM 10000 px) is lar
-    """
-    stamp = sampler.shape
-    if stamp is not None and (stamp[0] > shape[0] or stamp[1] > shape[1]):
-        raise ValueError(
-            f"{option}: its stamp {stamp} ({sampler.source}) is larger than the {name} "
-            f"{tuple(shape)}: give a smaller FWHM in pixels (its Gaussian stamp reaches "
-            f"{FWHM_STAMP_REACH:g} FWHM from its centre)"
-        )
 
 
 def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFSampler:

@@ -59,7 +59,7 @@ from ._ccd import (
 from ._checks import check_coadd_options, named_errors, per_image_values
 from ._checks import is_per_image_gain as _per_image
 from ._prepare import PreparedImage, check_image_size, prepare_image
-from ._psf_input import ImageWarnings, as_psf_sampler, check_stamp_fits
+from ._psf_input import ImageWarnings
 from ._threads import single_threaded_blas
 from ._warnings import AstroZackayWarning, FewStarsWarning, user_stacklevel
 from .alignment import align as align_image
@@ -612,7 +612,6 @@ def coadd(
     gain_list = _PerImage(gain, "gain") if _per_image(gain) else None
     for j, (name, shape) in enumerate(shapes):  # too small for a background or its PSF
         if shape is not None and len(shape) == 2:
-            _check_psf_fits(psf_list.peek(j), shape, name, j)
             check_image_size(shape, psf_list.peek(j), name, "psfs=")
     if isinstance(images, list | tuple):  # the counts, when known before reading
         if not images:
@@ -667,12 +666,6 @@ def _warn_if_all_masked(mask: np.ndarray, min_depth_fraction: float) -> None:
             "the masks", AstroZackayWarning, stacklevel=user_stacklevel())
 
 
-def _check_psf_fits(psf: Any, shape: tuple[int, ...], name: str, j: int) -> None:
-    """Refuse a FWHM of ``psfs`` whose stamp is larger than image ``j``, before building it."""
-    if psf is not None:
-        check_stamp_fits(as_psf_sampler(psf), shape, name, f"psfs[{j}]")
-
-
 def _prepared_frames(
     images: Any,
     *,
@@ -714,7 +707,6 @@ def _prepared_frames(
                 if method:
                     target = as_ccddata(replace(img, data=img.data.copy()))
             psf = psf_list.next()
-            _check_psf_fits(psf, img.shape, name, j)
             check_not_constant(img, name)
             frame = prepare_image(img, psf, name=name, option="psfs=",
                                   need_stars=given is None, sigma=sigma_list.next())

@@ -33,7 +33,6 @@ from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import (
     ImageWarnings,
     as_psf_sampler,
-    check_stamp_fits,
     user_stacklevel,
 )
 from ._threads import single_threaded_blas
@@ -598,10 +597,6 @@ def subtract(
         )
     # both images' sizes, before either is prepared (background, stars, PSF); a FWHM's
     # stamp before it is built
-    for psf, image, option in ((reference_psf, "reference image", "reference_psf"),
-                               (science_psf, "science image", "science_psf")):
-        if psf is not None:
-            check_stamp_fits(psf, sci.shape, image, option)
     check_image_size(ref.shape, reference_psf, "reference image", "reference_psf=")
     check_image_size(sci.shape, science_psf, "science image", "science_psf=")
     check_not_constant(sci, "science image")
