@@ -121,6 +121,7 @@ class _NoCluster:
 
 def test_subtract_batch_refuses_workers_before_any_task(tmp_path):
     """Each row was submitted and failed on a worker with scipy's 'workers must not be zero'."""
+    pytest.importorskip("distributed", reason="batches run on dask.distributed (the 'all' extra)")
     ref, new = tmp_path / "ref.fits", tmp_path / "new.fits"
     for path in (ref, new):
         path.write_text("never read")
@@ -128,8 +129,17 @@ def test_subtract_batch_refuses_workers_before_any_task(tmp_path):
     with pytest.raises(ValueError, match=r"^workers must be None .* other than 0"):
         subtract_batch([(ref, new)], out, client=_NoCluster(), progress=False, workers=0)
     assert not out.exists()
-    with pytest.raises(AssertionError, match=r"a task was submitted"):  # valid: reaches it
-        subtract_batch([(ref, new)], out, client=_NoCluster(), progress=False, workers=2)
+
+
+def test_subtract_batch_with_valid_workers_reaches_the_client(tmp_path):
+    """The sentinel client of the test above is reached by valid options (so it proves it)."""
+    pytest.importorskip("distributed", reason="batches run on dask.distributed (the 'all' extra)")
+    ref, new = tmp_path / "ref.fits", tmp_path / "new.fits"
+    for path in (ref, new):
+        path.write_text("never read")
+    with pytest.raises(AssertionError, match=r"a task was submitted"):
+        subtract_batch([(ref, new)], tmp_path / "out", client=_NoCluster(), progress=False,
+                       workers=2)
 
 
 # --- the image boundary ------------------------------------------------------------------------

@@ -38,6 +38,9 @@ from .._warnings import user_stacklevel
 
 __all__ = ["captured", "cluster_client", "gather_warned", "reemit"]
 
+# The example starts a LocalCluster, which needs dask.distributed (the `all` extra).
+__doctest_requires__ = {"cluster_client": ["distributed"]}
+
 _log = logging.getLogger(__name__)
 
 #: Dask's setting that makes its workers' glibc return freed memory at once (see above).
