@@ -44,12 +44,12 @@ from astropy.nddata import NDData
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from ._stats import mad_std, positive_median
+from ._stats import MAD_TO_SIGMA, positive_median
 from .fourier import (
     get_array_module,
     move_whole_pixels,
     psf_correlation_blocks,
-    shift_image,
+    shift_stack,
 )
 from .profiles import GAUSS_FWHM
 
@@ -91,6 +91,8 @@ BRIGHT_GROWTH = 1.0 / 3.0
 #: Positions whose windows (`_windows`) are gathered at once by `_in_chunks`: a chunk of
 #: 9x9 float64 windows is 2.7 MB, whatever the number of pixels above a threshold.
 _CHUNK = 4096
+#: Candidates fitted together by `_psf_fits` (their windows and PSF stamps a bounded temporary).
+_FIT_CHUNK = 256
 
 #: Each flag's name: its bit and what it means.
 FLAGS: dict[str, tuple[int, str]] = {
@@ -221,12 +223,6 @@ def _centre(shape: tuple[int, int]) -> tuple[float, float]:
     return (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
 
 
-def _stamp_box(shape: tuple[int, int], row: int, col: int, half: int) -> tuple[slice, slice]:
-    """The ``2*half+1`` square around ``(row, col)``, clipped to the image."""
-    return (slice(max(row - half, 0), min(row + half + 1, shape[0])),
-            slice(max(col - half, 0), min(col + half + 1, shape[1])))
-
-
 def _windows(
     image: np.ndarray, rows: np.ndarray, cols: np.ndarray, half: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -281,64 +277,106 @@ def _edge(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, distance: float)
     return np.minimum.reduce([x, y, nx - 1 - x, ny - 1 - y]) < distance
 
 
-def _fit_one(
-    stamp: np.ndarray, variance: np.ndarray, local: float, psf: np.ndarray,
-    box: tuple[slice, slice], row: int, col: int, dx: float, dy: float, psf_error: float,
-    sign: float,
-) -> tuple[float, float]:
-    """(chi^2/dof, peak-pixel residual in sigma along ``sign``) of the PSF fit to one D stamp.
-
-    The amplitude and position are fitted by two Gauss-Newton steps from the score
-    peak's sub-pixel offset ``(dx, dy)`` (each step linear in the amplitude and the
-    PSF's gradient, the shift kept within 1 px). Each pixel's variance in the fit and
-    its chi^2 is ``max(variance, local) + (psf_error * model)**2``: D's noise, raised
-    to its ``local`` level around the candidate, plus the PSF model's own error. The
-    peak residual is measured against ``variance`` without ``local``: a defect's own
-    ringing in D, which raises ``local``, must not hide how sharp it is.
-    """
-    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
-    cut = (slice(cy - (row - box[0].start), cy + (box[0].stop - row)),
-           slice(cx - (col - box[1].start), cx + (box[1].stop - col)))
-    good = np.isfinite(stamp)
-    data = stamp[good]
-    for _ in range(2):
-        model = shift_image(psf, dx, dy)
-        grad_y, grad_x = np.gradient(model)
-        design = np.stack([m[cut][good] for m in (model, grad_x, grad_y)], axis=1)
-        coef = np.linalg.lstsq(design, data, rcond=None)[0]
-        if coef[0] == 0:
-            break
-        dx = float(np.clip(dx - coef[1] / coef[0], -1.0, 1.0))
-        dy = float(np.clip(dy - coef[2] / coef[0], -1.0, 1.0))
-    p = shift_image(psf, dx, dy)[cut]
-    model_variance = (psf_error * coef[0] * p) ** 2
-    weight = 1.0 / (np.maximum(variance, local) + model_variance)
-    amplitude = float(np.sum(weight * p * stamp, where=good) / np.sum(weight * p * p, where=good))
-    residual = stamp - amplitude * p
-    chi2 = float(np.sum(weight * residual**2, where=good) / max(good.sum() - 3, 1))
-    centre = (row - box[0].start, col - box[1].start)
-    leverage = weight[centre] * p[centre] ** 2 / np.sum(weight * p * p, where=good)
-    sigma = np.sqrt(max(1.0 - leverage, 1e-3) * (variance[centre] + model_variance[centre]))
-    return chi2, float(sign * residual[centre] / sigma)
-
-
-def _local_variance(difference: np.ndarray, x: float, y: float, inner: float,
-                    outer: float) -> float:
-    """D's robust variance (MAD) in the annulus ``inner < r <= outer`` around ``(x, y)``.
+def _local_variances(difference: np.ndarray, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                     cols: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """D's robust variance (MAD) in the annulus ``inner < r <= outer`` around each ``(x, y)``.
 
     D is white with unit variance far from sources; near stars its pixels also carry
     the stars' pixel-scale residuals (sub-pixel shifts of undersampled images, PSF
-    model errors), which Scorr smooths away but a pixel fit sees. 1 with fewer than
-    20 finite annulus pixels.
+    model errors), which Scorr smooths away but a pixel fit sees. 1 for a candidate
+    with fewer than 20 finite annulus pixels. ``(rows, cols)`` are the pixels nearest
+    to the positions; the annuli are read as windows around them, all at once.
     """
-    box = _stamp_box(difference.shape, int(round(y)), int(round(x)), int(np.ceil(outer)))
-    yy, xx = np.mgrid[box]
-    r = np.hypot(xx - x, yy - y)
-    ring = difference[box][(r > inner) & (r <= outer)].astype(float)
-    ring = ring[np.isfinite(ring)]
-    if ring.size < 20:
-        return 1.0
-    return mad_std(ring) ** 2
+    half = int(np.ceil(outer)) + 1  # the positions lie within a pixel of (rows, cols)
+    values, inside = _windows(difference, rows, cols, half)
+    offsets = np.arange(-half, half + 1)
+    r = np.hypot((cols - x)[:, None, None] + offsets[None, None, :],
+                 (rows - y)[:, None, None] + offsets[None, :, None])
+    ring = np.where(inside & (r > inner) & (r <= outer), values.astype(float), np.nan)
+    ring = ring.reshape(len(rows), -1)
+    ring[~np.isfinite(ring)] = np.nan
+    out = np.ones(len(rows))
+    enough = np.count_nonzero(~np.isnan(ring), axis=1) >= 20
+    if enough.any():
+        ring = ring[enough]
+        centre = np.nanmedian(ring, axis=1, keepdims=True)
+        out[enough] = (MAD_TO_SIGMA * np.nanmedian(np.abs(ring - centre), axis=1)) ** 2
+    return out
+
+
+def _difference_variances(flux_error: np.ndarray | None, scale: float | None, rows: np.ndarray,
+                          cols: np.ndarray, half: int) -> np.ndarray:
+    """D's per-pixel variance in the windows around ``(rows, cols)``: 1 where the background
+    dominates, more near sources.
+
+    D is white with unit variance where the background noise dominates; the sources'
+    own noise adds to it, as it adds to the flux error, so the variance is taken as
+    ``(flux_error / scale)**2`` with ``scale`` its median (`_difference_scale`; 1
+    without a flux error, and where it is not finite and positive).
+    """
+    side = 2 * half + 1
+    if flux_error is None or scale is None:
+        return np.ones((len(rows), side, side))
+    stamps = _windows(flux_error, rows, cols, half)[0].astype(float)
+    finite = np.isfinite(stamps) & (stamps > 0)
+    return np.where(finite, (stamps / scale) ** 2, 1.0)
+
+
+def _fit_stack(stamps: np.ndarray, variance: np.ndarray, local: np.ndarray, psfs: np.ndarray,
+               dx: np.ndarray, dy: np.ndarray, psf_error: float,
+               signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chi^2/dof, peak-pixel residual in sigma along ``signs``) of PSF fits to D stamps.
+
+    ``stamps`` are the ``(n, w, w)`` windows of D centred on each candidate's peak
+    pixel (NaN outside the fit radius and off the image), ``psfs`` the ``(n, py, px)``
+    PSF stamps (at least ``w`` on a side), ``(dx, dy)`` the score peaks' sub-pixel
+    offsets. The amplitude and position are fitted by two Gauss-Newton steps (each
+    step linear in the amplitude and the PSF's gradient, the shift kept within 1 px;
+    a candidate whose amplitude comes out 0 stops there). Each pixel's variance in the
+    fit and its chi^2 is ``max(variance, local) + (psf_error * model)**2``: D's noise,
+    raised to its ``local`` level around the candidate, plus the PSF model's own error.
+    The peak residual is measured against ``variance`` without ``local``: a defect's
+    own ringing in D, which raises ``local``, must not hide how sharp it is.
+    """
+    n, w = stamps.shape[0], stamps.shape[1]
+    half = w // 2
+    cy, cx = psfs.shape[1] // 2, psfs.shape[2] // 2
+    cut = (slice(None), slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
+    good = np.isfinite(stamps)
+    data = np.where(good, stamps, 0.0)
+    dx, dy = dx.astype(float), dy.astype(float)
+    amplitude_fit = np.zeros(n)
+    moving = np.ones(n, dtype=bool)
+    for _ in range(2):
+        step = np.flatnonzero(moving)
+        if step.size == 0:
+            break
+        model = shift_stack(psfs[step], dx[step], dy[step])
+        grad_y, grad_x = np.gradient(model, axis=(1, 2))
+        design = np.stack([m[cut] for m in (model, grad_x, grad_y)], axis=-1)
+        design *= good[step, :, :, None]
+        normal = np.einsum("kpqi,kpqj->kij", design, design)
+        right = np.einsum("kpqi,kpq->ki", design, data[step])
+        coef = np.einsum("kij,kj->ki", np.linalg.pinv(normal), right)
+        amplitude_fit[step] = coef[:, 0]
+        update = coef[:, 0] != 0
+        moving[step[~update]] = False
+        step, coef = step[update], coef[update]
+        dx[step] = np.clip(dx[step] - coef[:, 1] / coef[:, 0], -1.0, 1.0)
+        dy[step] = np.clip(dy[step] - coef[:, 2] / coef[:, 0], -1.0, 1.0)
+    p = shift_stack(psfs, dx, dy)[cut]
+    model_variance = (psf_error * amplitude_fit[:, None, None] * p) ** 2
+    weight = 1.0 / (np.maximum(variance, local[:, None, None]) + model_variance)
+    weight[~good] = 0.0
+    wpp = np.sum(weight * p * p, axis=(1, 2))
+    amplitude = np.sum(weight * p * data, axis=(1, 2)) / wpp
+    residual = data - amplitude[:, None, None] * p
+    dof = np.maximum(np.count_nonzero(good, axis=(1, 2)) - 3, 1)
+    chi2 = np.sum(weight * residual**2, axis=(1, 2)) / dof
+    leverage = weight[:, half, half] * p[:, half, half] ** 2 / wpp
+    sigma = np.sqrt(np.maximum(1.0 - leverage, 1e-3)
+                    * (variance[:, half, half] + model_variance[:, half, half]))
+    return chi2, signs * residual[:, half, half] / sigma
 
 
 def _psf_fits(
@@ -348,28 +386,46 @@ def _psf_fits(
     """PSF fits to D stamps: (chi^2/dof, peak-pixel residual in sigma) of each candidate.
 
     The pixels of D within ``radius`` of each candidate are fitted with ``psf``
-    (a stamp, or a callable of the position) by `_fit_one`, with D's per-pixel
-    variance (`_difference_variance`, from ``flux_error``) and its local variance
-    around the candidate (`_local_variance`); the peak residual is taken along each
+    (a stamp, or a callable of the position) by `_fit_stack`, with D's per-pixel
+    variance (`_difference_variances`, from ``flux_error``) and its local variance
+    around the candidate (`_local_variances`); the peak residual is taken along each
     candidate's sign (``signs``, that of its score). NaN for a candidate whose peak pixel is
-    masked or whose stamp has fewer than 6 finite pixels.
+    masked or whose stamp has fewer than 6 finite pixels. The candidates are fitted
+    together, `_FIT_CHUNK` at a time, in groups of equal PSF stamp shapes.
     """
     chi2 = np.full(rows.size, np.nan)
     sharp = np.full(rows.size, np.nan)
+    if rows.size == 0:
+        return chi2, sharp
     scale = _difference_scale(flux_error)
-    for i, (row, col) in enumerate(zip(rows, cols)):
-        stamp_psf = _check_psf(psf(x[i], y[i])) if callable(psf) else psf
-        half = min(int(np.ceil(radius)), stamp_psf.shape[0] // 2, stamp_psf.shape[1] // 2)
-        box = _stamp_box(difference.shape, row, col, half)
-        yy, xx = np.mgrid[box]
-        stamp = np.where(np.hypot(xx - x[i], yy - y[i]) <= radius,
-                         difference[box].astype(float), np.nan)
-        if np.isfinite(stamp).sum() < 6 or not np.isfinite(difference[row, col]):
-            continue
-        local = _local_variance(difference, x[i], y[i], radius, radius + 2 * half)
-        variance = _difference_variance(flux_error, scale, box)
-        chi2[i], sharp[i] = _fit_one(stamp, variance, local, stamp_psf, box, row, col,
-                                     x[i] - col, y[i] - row, psf_error, signs[i])
+    if callable(psf):
+        stamps = [_check_psf(psf(xi, yi)) for xi, yi in zip(x, y)]
+    else:
+        stamps = [psf] * rows.size
+    shapes = [s.shape for s in stamps]
+    for shape in set(shapes):
+        members = np.flatnonzero([s == shape for s in shapes])
+        half = min(int(np.ceil(radius)), shape[0] // 2, shape[1] // 2)
+        for part in np.array_split(members, -(-members.size // _FIT_CHUNK)):
+            r, c, xs, ys = rows[part], cols[part], x[part], y[part]
+            values, inside = _windows(difference, r, c, half)
+            offsets = np.arange(-half, half + 1)
+            distance = np.hypot((c - xs)[:, None, None] + offsets[None, None, :],
+                                (r - ys)[:, None, None] + offsets[None, :, None])
+            window = np.where(inside & (distance <= radius), values.astype(float), np.nan)
+            window[~np.isfinite(window)] = np.nan
+            fit = ((np.count_nonzero(np.isfinite(window), axis=(1, 2)) >= 6)
+                   & np.isfinite(difference[r, c]))
+            if not fit.any():
+                continue
+            keep = part[fit]
+            local = _local_variances(difference, xs[fit], ys[fit], r[fit], c[fit], radius,
+                                     radius + 2 * half)
+            variance = _difference_variances(flux_error, scale, r[fit], c[fit], half)
+            psfs = np.stack([np.asarray(stamps[i], dtype=float) for i in keep])
+            chi2[keep], sharp[keep] = _fit_stack(window[fit], variance, local, psfs,
+                                                 xs[fit] - c[fit], ys[fit] - r[fit], psf_error,
+                                                 signs[keep])
     return chi2, sharp
 
 
@@ -378,24 +434,6 @@ def _difference_scale(flux_error: np.ndarray | None) -> float | None:
     if flux_error is None:
         return None
     return positive_median(flux_error)  # exact; no copy and partition of the whole frame
-
-
-def _difference_variance(
-    flux_error: np.ndarray | None, scale: float | None, box: tuple[slice, slice]
-) -> np.ndarray:
-    """D's per-pixel variance in ``box``: 1 where the background dominates, more near sources.
-
-    D is white with unit variance where the background noise dominates; the sources'
-    own noise adds to it, as it adds to the flux error, so the variance is taken as
-    ``(flux_error / scale)**2`` with ``scale`` its median (`_difference_scale`; 1
-    without a flux error, and where it is not finite and positive).
-    """
-    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start)
-    if flux_error is None or scale is None:
-        return np.ones(shape)
-    stamp = flux_error[box].astype(float)
-    finite = np.isfinite(stamp) & (stamp > 0)
-    return np.where(finite, (stamp / scale) ** 2, 1.0)
 
 
 def _bright(sources: Table, x: np.ndarray, y: np.ndarray, snr: float, radius: float) -> np.ndarray:

@@ -124,6 +124,40 @@ def test_psf_fit_tells_a_point_source_from_a_spike():
     np.testing.assert_allclose(by_position["chi2_dof"], table["chi2_dof"])
 
 
+
+def test_psf_fits_of_candidates_together_equal_each_alone(monkeypatch):
+    """The candidates' PSF fits, made together (in chunks, grouped by the PSF stamp's
+    shape), equal those of each candidate fitted alone: at the border, beside masked
+    pixels, with a flux error, and for a PSF whose stamp size changes across the image."""
+    from astro_zackay import transients
+
+    difference, psf, score = _white_difference(seed=3)
+    difference[40, 53:55] = np.nan  # masked pixels in the source's fit window
+    big = np.pad(psf, 2)
+
+    def by_position(x, y):  # two stamp shapes: two groups
+        return psf if x < 64 else big
+
+    flux_error = np.sqrt(1.0 + np.abs(difference))
+    rows = np.array([40, 90, 0, 127, 64, 5, 100])
+    cols = np.array([50, 70, 30, 127, 0, 120, 100])
+    x, y = cols + np.linspace(-0.4, 0.4, 7), rows + np.linspace(0.3, -0.3, 7)
+    signs = np.where(np.arange(7) % 2 == 0, 1.0, -1.0)
+    args = (difference, flux_error, by_position, x, y, rows, cols, signs, 3.5, 0.05)
+    monkeypatch.setattr(transients, "_FIT_CHUNK", 3)
+    chi2, sharp = transients._psf_fits(*args)
+    assert np.all(np.isfinite(chi2)) and np.all(np.isfinite(sharp))
+    for i in range(rows.size):
+        alone = transients._psf_fits(difference, flux_error, by_position, x[i:i + 1],
+                                     y[i:i + 1], rows[i:i + 1], cols[i:i + 1], signs[i:i + 1],
+                                     3.5, 0.05)
+        np.testing.assert_allclose([alone[0][0], alone[1][0]], [chi2[i], sharp[i]],
+                                   rtol=1e-12)
+    # a candidate on a masked pixel is not fitted
+    masked = transients._psf_fits(difference, None, psf, np.array([53.0]), np.array([40.0]),
+                                  np.array([40]), np.array([53]), np.ones(1), 3.5, 0.05)
+    assert np.isnan(masked[0][0]) and np.isnan(masked[1][0])
+
 def test_bad_pixels_and_bright_sources_flag_their_neighbours():
     difference, psf, score = _white_difference()
     bad = np.zeros(score.shape, bool)
