@@ -111,6 +111,28 @@ def test_the_summary_round_trips_through_ecsv(batch, tmp_path):
     assert back["seconds"].unit == "s"
 
 
+def wait_for_first_attempt(marker, timeout):
+    """The ``host:pid`` line the first attempt writes to ``marker``, once it is whole.
+
+    The worker opens the marker (creating it) and then appends its line with a trailing
+    newline, so the file can be seen empty or half written; it is unlinked when the task
+    ends. Polls until the first line is complete, for at most ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = marker.read_text()
+        except FileNotFoundError:  # not created yet (or already removed)
+            text = ""
+        if "\n" in text:
+            return text.split("\n", 1)[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no whole 'host:pid' line in {marker} after {timeout} s "
+                         f"(last read: {text!r}): the task never started on a worker, "
+                         f"or ended and removed it between two reads")
+
+
 def kill_mid_task(client, folder):
     """Subtract one large pair, SIGKILL the worker process running it; the batch's row."""
     pair = simulate_pair((768, 768), n_stars=300, flux_range=(2e3, 2e5), seed=9)
@@ -126,12 +148,13 @@ def kill_mid_task(client, folder):
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 60
-    # the worker creates the marker, then writes its line: wait for the line
-    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    host, pid = marker.read_text().split()[0].rsplit(":", 1)
+    first = wait_for_first_attempt(marker, timeout=60)
+    host, pid = first.rsplit(":", 1)
     assert host == socket.gethostname() and int(pid) != os.getpid()
+    # the task unlinks its marker when it ends: both say the attempt is still running
+    assert thread.is_alive() and marker.exists(), (
+        "the batch finished before its worker could be killed: the test needs a task "
+        "that runs longer than the wait for its marker (make the pair larger)")
     os.kill(int(pid), signal.SIGKILL)  # a worker process that our own cluster started
     thread.join(timeout=120)
     assert not marker.exists()
