@@ -55,15 +55,38 @@ class PSFSampler:
         The stamp's shape when it is known without sampling (a FWHM's Gaussian, built
         on its first use), so that a stamp larger than the image is refused before it
         is built (`astro_zackay._prepare.check_image_size`); None otherwise.
+    sample_many : callable or None
+        ``(x, y) -> ndarray`` of shape ``(N, ny, nx)`` for arrays of positions, each
+        stamp unit-sum: one batched evaluation (a `~astro_zackay.psf.KLPSFModel`'s
+        ``psf_at``); None when the PSF is sampled one position at a time.
     """
 
     sample: Callable[[float, float], np.ndarray]
     varying: bool
     source: str
     shape: tuple[int, int] | None = None
+    sample_many: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def __call__(self, x: float, y: float) -> np.ndarray:
         return self.sample(x, y)
+
+    def at_positions(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The stamps at many positions, ``(N, ny, nx)`` (``x`` columns, ``y`` rows, 0-based).
+
+        One batched evaluation when the PSF offers one (`sample_many`), else one
+        `sample` per position.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from astro_zackay._psf_input import as_psf_sampler
+        >>> as_psf_sampler(3.0).at_positions(np.array([1.0, 9.0]), np.array([2.0, 4.0])).shape
+        (2, 17, 17)
+        """
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if self.sample_many is not None:
+            return self.sample_many(x, y)
+        return np.array([self.sample(xi, yi) for xi, yi in zip(x.tolist(), y.tolist())])
 
 
 def _unit_sum(stamp: np.ndarray, what: str) -> np.ndarray:
@@ -76,14 +99,30 @@ def _unit_sum(stamp: np.ndarray, what: str) -> np.ndarray:
             f"{what} must be a 2-D stamp with odd sides (centred on its central pixel), "
             f"got shape {stamp.shape}"
         )
-    if not np.all(np.isfinite(stamp)):
+    return _unit_sum_stack(stamp[None], what)[0]
+
+
+def _unit_sum_stack(stamps: np.ndarray, what: str) -> np.ndarray:
+    """`_unit_sum` of each stamp of an ``(N, ny, nx)`` stack, in one pass."""
+    stamps = np.asarray(stamps, dtype=np.float64)
+    if stamps.ndim != 3:
+        raise ValueError(f"{what} must give a stack of 2-D stamps, got shape {stamps.shape}")
+    if stamps.shape[0] == 0:
+        return stamps
+    if stamps.shape[1] % 2 == 0 or stamps.shape[2] % 2 == 0:
+        raise ValueError(
+            f"{what} must be a 2-D stamp with odd sides (centred on its central pixel), "
+            f"got shape {stamps.shape[1:]}"
+        )
+    if not np.all(np.isfinite(stamps)):
         raise ValueError(f"{what} has non-finite values")
-    total = stamp.sum()
-    if not total > 0:
-        raise ValueError(f"{what} sums to {total}; a PSF must have a positive sum")
-    if abs(total - 1.0) > 1e-3:
-        log.info("%s sums to %.6g; normalised to unit sum", what, total)
-    return stamp / total
+    totals = stamps.sum(axis=(1, 2))
+    if not np.all(totals > 0):
+        raise ValueError(f"{what} sums to {totals.min()}; a PSF must have a positive sum")
+    if np.any(np.abs(totals - 1.0) > 1e-3):
+        log.info("%s sums to %.6g; normalised to unit sum", what, totals[np.argmax(
+            np.abs(totals - 1.0))])
+    return stamps / totals[:, None, None]
 
 
 #: Largest offset (px) of a given PSF stamp's centroid from its central pixel.
@@ -252,7 +291,8 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
     if hasattr(psf, "psf_at"):
         varying = bool(getattr(psf, "is_varying", True))
         return PSFSampler(lambda x, y: _unit_sum(psf.psf_at(x, y), "the PSF"), varying,
-                          type(psf).__name__)
+                          type(psf).__name__,
+                          sample_many=lambda x, y: _unit_sum_stack(psf.psf_at(x, y), "the PSF"))
     if isinstance(psf, Model):
         if any(n % 2 == 0 for n in stamp_shape):
             raise ValueError(f"stamp_shape must be odd, got {stamp_shape}")

@@ -138,27 +138,42 @@ class FieldResult:
     background_offset: float
 
 
+def _stamps_at(psf: PSF, positions: list[tuple[float, float]]) -> np.ndarray:
+    """The PSF's stamps at ``(x, y)`` positions, ``(N, ny, nx)``.
+
+    One batched evaluation when ``psf`` offers one (an ``at_positions(x, y)`` method,
+    as `~astro_zackay._psf_input.PSFSampler` has), else one call per position.
+    """
+    at_positions = getattr(psf, "at_positions", None)
+    if at_positions is not None and positions:
+        x, y = np.array(positions, dtype=float).T
+        return np.asarray(at_positions(x, y))
+    return np.array([psf(x, y) for x, y in positions])
+
+
 def _psf_change(psf: PSF, layout: _Layout, seen: dict) -> float:
     """Largest L1 difference between each tile's central PSF and the PSF at its corners.
 
     The corners are the boundaries between pixels (shared by the tiles that meet there,
-    each evaluated once; ``seen`` keeps the PSF at every position evaluated).
+    each evaluated once; ``seen`` keeps the PSF at every position evaluated, and the
+    positions not yet seen are evaluated together, `_stamps_at`).
     """
-
-    def at(x, y):
-        if (x, y) not in seen:
-            seen[x, y] = psf(x, y)
-        return seen[x, y]
 
     def edge(i, n):  # the boundary between two pixels, a corner shared by up to 4 tiles
         return float(min(max(i - 0.5, 0.0), n - 1.0))
 
+    tiles = []
+    for (ys, xs), centre in zip(layout.cells(), layout.centres()):
+        corners = [(x, y) for x in (edge(xs.start, layout.shape[1]), edge(xs.stop, layout.shape[1]))
+                   for y in (edge(ys.start, layout.shape[0]), edge(ys.stop, layout.shape[0]))]
+        tiles.append((tuple(centre), corners))
+    new = list(dict.fromkeys(p for centre, corners in tiles for p in (centre, *corners)
+                             if p not in seen))
+    seen.update(zip(new, _stamps_at(psf, new)))
     worst = 0.0
-    for (ys, xs), (cx, cy) in zip(layout.cells(), layout.centres()):
-        centre = at(cx, cy)
-        for x in (edge(xs.start, layout.shape[1]), edge(xs.stop, layout.shape[1])):
-            for y in (edge(ys.start, layout.shape[0]), edge(ys.stop, layout.shape[0])):
-                worst = max(worst, float(np.abs(at(x, y) - centre).sum()))
+    for centre, corners in tiles:
+        for corner in corners:
+            worst = max(worst, float(np.abs(seen[corner] - seen[centre]).sum()))
     return worst
 
 
@@ -683,8 +698,8 @@ def zogy_field(
     # the level of a smooth map: a regular sample of pixels reads it
     whole = tuple(sampled_median(rms, good, MAP_LEVEL_SAMPLES) for rms in (rms_new, rms_ref))
     cells, centres = layout.cells(), layout.centres()
-    pn = np.array([unit_sum_psf(psf_new(x, y), "psf_new") for x, y in centres])
-    pr = np.array([unit_sum_psf(psf_ref(x, y), "psf_ref") for x, y in centres])
+    pn = np.array([unit_sum_psf(p, "psf_new") for p in _stamps_at(psf_new, centres)])
+    pr = np.array([unit_sum_psf(p, "psf_ref") for p in _stamps_at(psf_ref, centres)])
     sigmas = np.array([[_tile_sigma(rms, good, cell, w, s) for cell in layout.extents()]
                        for rms, w, s in zip((rms_new, rms_ref), whole, noise_spectra)])
     blanks = _blanks(be, new_bad, ref_bad)

@@ -55,6 +55,37 @@ def test_choose_tile_side_follows_the_psf_variation():
     assert choose_tile_side((linear, linear), (False, False), shape) is None
 
 
+
+def test_a_varying_psf_model_is_sampled_in_one_batch_with_the_same_stamps():
+    """A KLPSFModel's sampler evaluates many positions in one call (``at_positions``), with
+    the stamps of one call per position; the tile side and the tiles' PSFs chosen from it
+    are those of the same PSF sampled one position at a time."""
+    from astro_zackay._psf_input import as_psf_sampler
+    from astro_zackay.psf import KLPSFModel
+
+    a, b = gaussian(1.5), gaussian(3.0)
+    shape = (300, 1100)
+    model = KLPSFModel(np.stack([a, b - a]), [[1.0, 0.0, 0.0], [0.0, 1.5, 0.4]],
+                       image_shape=shape, degree=1)
+    batched = as_psf_sampler(model)
+    one_by_one = lambda x, y: batched(x, y)  # noqa: E731  (no at_positions: one call each)
+    x, y = np.array([0.0, 550.5, 1099.0]), np.array([0.0, 10.0, 299.0])
+    stamps = batched.at_positions(x, y)
+    np.testing.assert_allclose(stamps, [batched(xi, yi) for xi, yi in zip(x, y)], rtol=1e-12)
+    np.testing.assert_allclose(stamps.sum(axis=(1, 2)), 1.0, rtol=1e-12)
+    side = choose_tile_side((batched, batched), (True, True), shape)
+    assert side == choose_tile_side((one_by_one, one_by_one), (True, True), shape)
+    assert side is not None and side < 1100  # the model does vary
+    rng = np.random.default_rng(2)
+    new, ref = rng.normal(size=shape), rng.normal(size=shape)
+    common = dict(varying=(True, True), rms_new=np.ones(shape), rms_ref=np.ones(shape),
+                  var_new=None, var_ref=None, mask_new=np.zeros(shape, bool),
+                  mask_ref=np.zeros(shape, bool), flux_ratio=1.0, dtype=np.float64)
+    fast = zogy_field(new, ref, batched, batched, **common)
+    slow = zogy_field(new, ref, one_by_one, one_by_one, **common)
+    np.testing.assert_allclose(fast.tile_psfs, slow.tile_psfs, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fast.Scorr, slow.Scorr, rtol=0, atol=1e-7, equal_nan=True)
+
 def test_tiles_of_a_constant_psf_equal_one_tile():
     """With one PSF everywhere, 64 px tiles give one tile's D and S, less each tile's offset.
 
