@@ -6,10 +6,10 @@ ADU in many raw frames) or, after bias subtraction and flat fielding, flat-toppe
 of its brightest sources: many adjacent pixels within a few per cent of the highest
 value, where an unsaturated PSF has one sharp peak. :func:`detect_saturation` looks
 for both (arrays in, a level or None out); :func:`~astro_zackay._ccd.to_image` calls it
-when neither ``saturation=`` nor a header keyword gives the level. A lone pixel absurdly
-far above everything else (a 1e30 written by a broken pipeline or converter) is masked
-the same way: no detector records it, and left in it blinds the float32 source detection
-and the Fourier transforms.
+when neither ``saturation=`` nor a header keyword gives the level. A lone pixel, or a
+clump of up to 4 adjacent pixels, absurdly far above everything around it (a 1e30
+written by a broken pipeline or converter) is masked the same way: no detector records
+it, and left in it blinds the float32 source detection and the Fourier transforms.
 """
 
 from __future__ import annotations
@@ -37,38 +37,52 @@ _FLAT_CLUMP = 3
 _FLAT_ONE = 9
 #: Pixels sampled for the median and the robust sigma.
 _SAMPLE = 65536
-#: An isolated spike lies this many robust sigma above the median ...
+#: A spike (one pixel, or a clump of at most `_SPIKE_CLUMP` 8-connected pixels) lies
+#: this many robust sigma above the median ...
 _SPIKE_SIGMA = 1e7
-#: ... and this many times higher above it than each of its 8 neighbours (a star's
-#: neighbours reach several per cent of its peak, even for a PSF of 1 px FWHM).
+#: ... and its lowest pixel this many times higher above it than the highest pixel of the
+#: ring around it (a star's neighbours reach several per cent of its peak, even for a PSF
+#: of 1 px FWHM; a saturated core spreads over many more pixels, with a rim at tens of
+#: per cent of its level).
 _SPIKE_ISOLATION = 100.0
+#: The most pixels a spike's clump may have (a 2x2 block of absurd values, say).
+_SPIKE_CLUMP = 4
 
 
-def _isolated_spikes(
-    data: np.ndarray, good: np.ndarray, median: float, sigma: float
-) -> np.ndarray:
-    """Whether each pixel is an isolated spike (`_SPIKE_SIGMA`, `_SPIKE_ISOLATION`).
+def _spikes(data: np.ndarray, good: np.ndarray, median: float, sigma: float) -> np.ndarray:
+    """Whether each pixel belongs to a spike (`_SPIKE_SIGMA`, `_SPIKE_ISOLATION`, `_SPIKE_CLUMP`).
 
-    Only the few pixels above `_SPIKE_SIGMA` sigma are examined; their neighbours off
-    the image, masked or not finite do not count.
+    Only the few pixels above `_SPIKE_SIGMA` sigma (the candidates) are examined: they
+    are grouped into 8-connected clumps (`_clumps`), and a clump of at most
+    `_SPIKE_CLUMP` pixels is a spike when its lowest pixel stands `_SPIKE_ISOLATION`
+    times higher above the median than the highest pixel of its ring (its 8-connected
+    neighbours outside it, none of them a candidate).  Ring pixels off the image,
+    masked or not finite do not count.
     """
     spikes = np.zeros(data.shape, dtype=bool)
-    rows, cols = np.nonzero(good & (data > median + _SPIKE_SIGMA * sigma))
+    candidates = good & (data > median + _SPIKE_SIGMA * sigma)
+    rows, cols = np.nonzero(candidates)
     if rows.size == 0:
         return spikes
     ny, nx = data.shape
+    labels = _clumps(rows, cols, nx)
+    sizes = np.bincount(labels)
     excess = data[rows, cols].astype(np.float64) - median
-    highest = np.full(rows.size, -np.inf)  # the highest neighbour, above the median
+    lowest = np.full(sizes.size, np.inf)  # each clump's lowest pixel, above the median
+    np.minimum.at(lowest, labels, excess)
+    ring = np.full(sizes.size, -np.inf)  # each clump's highest ring pixel, above the median
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
+            if (dy, dx) == (0, 0):
+                continue
             r, c = rows + dy, cols + dx
-            inside = (dy, dx) != (0, 0)
-            inside &= (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
+            inside = (r >= 0) & (r < ny) & (c >= 0) & (c < nx)
             r, c = np.clip(r, 0, ny - 1), np.clip(c, 0, nx - 1)
-            use = inside & good[r, c]
-            highest[use] = np.maximum(highest[use], data[r[use], c[use]] - median)
-    lone = excess > _SPIKE_ISOLATION * np.maximum(highest, sigma)
-    spikes[rows[lone], cols[lone]] = True
+            use = inside & good[r, c] & ~candidates[r, c]
+            np.maximum.at(ring, labels[use], data[r[use], c[use]] - median)
+    isolated = (sizes <= _SPIKE_CLUMP) & (lowest > _SPIKE_ISOLATION * np.maximum(ring, sigma))
+    hit = isolated[labels]
+    spikes[rows[hit], cols[hit]] = True
     return spikes
 
 
@@ -151,11 +165,15 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
     images (models, whose robust sigma is 0), nor for equal highest values within
     one 2x2 block (a symmetric peak centred on a pixel corner).
 
-    Isolated spikes, single pixels 1e7 robust sigma above the median and 100 times
-    higher above it than each of their neighbours (no star, cosmic ray or saturated
-    core: a value such as 1e30 written by a broken pipeline), are left out of both
-    searches and masked too: the level returned is then at most the lowest spike's
-    value.
+    Spikes are left out of both searches and masked too: single pixels, or clumps of
+    at most 4 pixels (8-connected, such as two adjacent pixels or a 2x2 block), whose
+    every pixel lies 1e7 robust sigma above the median and whose lowest pixel is 100
+    times higher above it than the highest of the neighbours around the clump. No
+    star, cosmic ray or saturated core looks like that (their neighbours reach several
+    per cent of the peak, and a saturated core spreads over many more pixels): they
+    are values such as 1e30 written by a broken pipeline. The level returned is then
+    at most the lowest spike pixel's value, so that the spikes are at or above it;
+    a clump of 5 or more such pixels is not a spike (it may be a pile-up).
 
     Parameters
     ----------
@@ -200,12 +218,11 @@ def detect_saturation(data: np.ndarray, mask: np.ndarray | None = None) -> float
         return None  # noiseless (a model, not a detector) or nothing bright
     if not top - median > _SPIKE_SIGMA * sigma:  # no spike: no search through the image
         return _level(data, good, median, sigma, top)
-    spikes = _isolated_spikes(data, good, median, sigma)
+    spikes = _spikes(data, good, median, sigma)
     if not spikes.any():
         return _level(data, good, median, sigma, top)
     lowest = float(data[spikes].min())
-    log.debug("saturation: %d isolated pixels at and above %.6g", np.count_nonzero(spikes),
-              lowest)
+    log.debug("saturation: %d spike pixels at and above %.6g", np.count_nonzero(spikes), lowest)
     rest = good & ~spikes
     top = float(np.max(data, where=rest, initial=-np.inf))
     level = _level(data, rest, median, sigma, top) if rest.any() else None

@@ -198,3 +198,99 @@ def test_flat_top_clumps_as_the_dense_labelling():
     data[50, 50] = 6.01e4  # not a pile-up at the highest value
     bad = np.zeros(data.shape, bool)
     assert dense(data, bad) is None and detect_saturation(data) is None
+
+
+# clumps of absurd values (1e30 from a broken pipeline): two adjacent pixels, a 2x2 block
+SPIKE_CLUMPS = {"pair": (50, slice(50, 52)), "2x2 block": (slice(50, 52), slice(50, 52))}
+
+
+@pytest.mark.parametrize("where", SPIKE_CLUMPS.values(), ids=SPIKE_CLUMPS.keys())
+def test_small_clumps_of_absurd_pixels_are_spikes(where):
+    """A clump of up to 4 pixels of 1e30 is masked like a single one: on a field of
+    unsaturated stars the level is the clump's value, and it leaves the level of clipped
+    cores (pile-up or flat tops) as it was without it."""
+    sim = simulate_image((128, 128), psf=PSFField(2.5), n_stars=30, flux_range=(1e3, 1e6),
+                         flux_distribution="loguniform", n_cosmic_rays=5, seed=21)
+    data = np.asarray(sim.ccd.data, dtype=float).copy()
+    assert detect_saturation(data) is None
+    data[where] = 1e30
+    assert detect_saturation(data) == 1e30  # as for one spike: the clump is at the level
+    # with a pile-up of clipped cores: their level, which masks the clump as well
+    _, ccd = _saturated_field()
+    clipped = np.asarray(ccd.data, dtype=float)
+    assert detect_saturation(clipped) == FULL_WELL
+    clipped[where] = 1e30
+    assert detect_saturation(clipped) == FULL_WELL
+    # flat tops (no two clipped pixels equal): the same level as without the clump
+    flat = clipped * np.random.default_rng(0).normal(1.0, 0.003, clipped.shape)
+    flat[where] = np.nan
+    level = detect_saturation(flat)
+    assert level is not None and 0.98 * FULL_WELL < level < FULL_WELL
+    flat[where] = 1e30
+    assert detect_saturation(flat) == level
+
+
+def test_spike_clumps_stop_at_four_pixels_and_spare_stars():
+    """A clump of 5 pixels is no spike (it stays a pile-up at its value), nor is a small
+    saturated core, however high, whose rim is at tens of per cent of its level."""
+    from astro_zackay.saturation import _spikes
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 5.0, (64, 64))
+    image[30:33, 30:34] = 65535.0  # clipped cores
+    four = image.copy()
+    four[10, 10:14] = 1e30
+    assert _spikes(four, np.ones(four.shape, bool), 100.0, 5.0).sum() == 4
+    assert detect_saturation(four) == 65535.0
+    five = image.copy()
+    five[10, 10:15] = 1e30
+    assert not _spikes(five, np.ones(five.shape, bool), 100.0, 5.0).any()
+    assert detect_saturation(five) == 1e30  # a pile-up of 5 at the highest value
+    # a 2x2 core clipped at 1e12 (2e11 sigma) with its rim at 30 %: a star, not a spike
+    core = rng.normal(100.0, 5.0, (64, 64))
+    core[19:23, 39:43] = 3e11
+    core[20:22, 40:42] = 1e12
+    assert not _spikes(core, np.ones(core.shape, bool), 100.0, 5.0).any()
+    # the ring decides: a pair at 1e9 (2e8 sigma) is a spike on the sky, but not beside
+    # a pixel of 4e7 (below the 1e7 sigma of the candidates, yet within 100x of the pair)
+    pair = rng.normal(100.0, 5.0, (64, 64))
+    pair[40, 40:42] = 1e9
+    assert detect_saturation(pair) == 1e9
+    pair[41, 42] = 4e7
+    assert detect_saturation(pair) is None
+    bad = np.zeros(pair.shape, bool)
+    bad[41, 42] = True  # masked, the ring pixel no longer counts
+    assert detect_saturation(pair, bad) == 1e9
+    # an absurd pixel beside the pair joins its clump (of 3): the lowest is the level
+    pair[41, 42] = 1e8
+    assert detect_saturation(pair) == 1e8
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.FewStarsWarning")
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.AstroZackayWarning")
+@pytest.mark.parametrize("where", SPIKE_CLUMPS.values(), ids=SPIKE_CLUMPS.keys())
+def test_subtract_with_a_clump_of_1e30_pixels_masks_it(small_pair, where):
+    """Two adjacent 1e30 pixels (or a 2x2 block) in the science image are masked as
+    saturated, and the score off the mask is finite with the robust std of the clean
+    subtraction's (before, no source was detected in the image)."""
+    from astropy.stats import mad_std
+
+    from astro_zackay import subtract
+
+    science = small_pair.science.ccd
+    data = science.data.copy()
+    data[where] = 1e30
+    n_clump = np.count_nonzero(data == 1e30)
+    hot = CCDData(data, unit=science.unit, uncertainty=science.uncertainty,
+                  meta=dict(science.meta))
+    with pytest.warns(SaturationWarning, match=rf"{n_clump} pixels at or above 1e\+30"):
+        result = subtract(small_pair.reference.ccd, hot)
+    clean = subtract(small_pair.reference.ccd, science).score
+    score = result.score
+    off = ~score.mask
+    assert score.mask[where].all() and result.difference.mask[where].all()
+    assert np.isfinite(score.data[off]).all()
+    robust = mad_std(score.data[off])
+    assert 0.7 < robust < 1.5
+    assert abs(robust / mad_std(clean.data[~clean.mask]) - 1) < 0.1
+    assert np.abs(score.data[off]).max() < 50
