@@ -160,8 +160,9 @@ def _check_arguments(
     if max_stars is not None and not is_whole(max_stars, 1):
         raise ValueError(f"max_stars must be a whole number >= 1 (the stars kept), got "
                          f"{max_stars!r}")
-    if edge is not None and int(edge) < 0:
-        raise ValueError(f"edge must be >= 0 pixels, got {edge}")
+    if edge is not None and not is_whole(edge):
+        raise ValueError(f"edge must be a whole number of pixels >= 0 (the margin a star's box "
+                         f"keeps from the image border), or None for no margin, got {edge!r}")
 
 
 def _default_stamp_shape(fwhm: float) -> tuple[int, int]:
@@ -1141,8 +1142,9 @@ def find_psf_stars(
     mask : array-like of bool, optional
         Extra bad pixels (True = bad), OR-combined with the image's mask.
     edge : int, optional
-        Minimum distance of a star's +-2 FWHM box from the image border in pixels
-        (default 0).
+        Minimum distance of a star's +-2 FWHM box from the image border, a whole
+        number of pixels >= 0 (an integral float such as ``2.0`` is accepted); None
+        (the default) is no margin.
     background : BackgroundResult, float or `~astropy.units.Quantity`, optional
         The sky: a `~astro_zackay.background.BackgroundResult`, or a constant level
         (0 for a sky-subtracted image, whose noise then comes from the variance).
@@ -1174,7 +1176,8 @@ def find_psf_stars(
     Raises
     ------
     ValueError
-        For an even ``stamp_shape`` or one smaller than +-1 FWHM, bad numbers, or
+        For an even ``stamp_shape`` or one smaller than +-1 FWHM, bad numbers (such
+        as an ``edge`` that is not a whole number of pixels >= 0), or
         when no star passes the cuts (the message gives the counts per cut and what
         to pass instead). One to four stars are returned without a warning: the PSF
         estimation chooses what they support and says so.

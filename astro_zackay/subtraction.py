@@ -28,7 +28,7 @@ from ._ccd import (
     to_image,
     warn_missing_source_noise,
 )
-from ._checks import as_pair, check_subtract_options, named_errors
+from ._checks import as_pair, check_psf_covers_image, check_subtract_options, named_errors
 from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import (
     ImageWarnings,
@@ -516,7 +516,9 @@ def subtract(
         When the images differ in shape (and ``align`` is off), an option is invalid
         (every option is checked before any image is read, by
         `~astro_zackay._checks.check_subtract_options`), a given PSF array is not a
-        centred, non-negative stamp with a positive sum, an image is smaller than a
+        centred, non-negative stamp with a positive sum, a given varying PSF model
+        was fitted on an image smaller than the one it is given for (checked as soon
+        as that image is read; the message names the option), an image is smaller than a
         background box or its given PSF's stamp (both images are checked before either
         is prepared), an image has negative uncertainties or
         an unparsable BUNIT, ``align='wcs'`` finds no overlap between the images'
@@ -571,6 +573,8 @@ def subtract(
         unit=unit, gain=gain, read_noise=read_noise, saturation=saturation, noise=noise,
         psf_error=psf_error, dtype=dtype, backend=backend, workers=workers,
     )
+    # the PSFs as given: a varying model is checked against its image once that is read
+    given_psfs = reference_psf, science_psf
     reference_psf = None if reference_psf is None else as_psf_sampler(reference_psf)
     science_psf = None if science_psf is None else as_psf_sampler(science_psf)
     units, gains = as_pair(unit, "unit"), as_pair(gain, "gain")
@@ -580,6 +584,7 @@ def subtract(
         sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
                        saturation=saturations[1], dtype=dtype)
         warn_missing_source_noise(sci)
+    check_psf_covers_image(given_psfs[1], sci.shape, "science_psf", "science image")
     with ref_warnings, named_errors("reference image"):
         if align:
             from .alignment import align as align_images
@@ -595,6 +600,7 @@ def subtract(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
+    check_psf_covers_image(given_psfs[0], ref.shape, "reference_psf", "reference image")
     # both images' sizes, before either is prepared (background, stars, PSF); a FWHM's
     # stamp before it is built
     check_image_size(ref.shape, reference_psf, "reference image", "reference_psf=")

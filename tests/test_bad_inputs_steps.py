@@ -141,3 +141,44 @@ def test_coadd_refuses_a_frame_too_small_before_any_reading(small_pair):
     with pytest.raises(ValueError, match=r"^image 1: its shape \(9, 9\) is smaller than the PSF "
                                          r"stamp \(17, 17\) of psfs="):
         coadd([MISSING, ref[:9, :9]], psfs=[None, 3.0])
+
+
+def _kl_model(fitted_on, varying):
+    """A KLPSFModel on a 9x9 stamp fitted on an image of shape ``fitted_on``: a FWHM 3 px
+    Gaussian, and with ``varying`` a second component widening it across the image."""
+    core = psf_stamp((9, 9), 3.0)
+    if not varying:
+        return KLPSFModel(core[None], [[1.0]], image_shape=fitted_on, degree=0)
+    basis = np.array([core, psf_stamp((9, 9), 3.3) - core])
+    model = KLPSFModel(basis, [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], image_shape=fitted_on,
+                       degree=1)
+    assert model.is_varying
+    return model
+
+
+def test_subtract_refuses_a_varying_psf_model_fitted_on_a_smaller_image(small_pair, monkeypatch):
+    """A varying model fitted on a 40x40 image, given for the 96x96 images, is refused by its
+    option before any image is prepared (it failed inside, in psf_at, naming no option)."""
+    import astro_zackay.subtraction as subtraction
+
+    ref, sci = small_pair.reference.ccd, small_pair.science.ccd
+    small = _kl_model((40, 40), varying=True)
+    with monkeypatch.context() as patch:
+        def no_work(*args, **kwargs):
+            raise AssertionError("an image was prepared before the PSF model was checked")
+
+        patch.setattr(subtraction, "prepare_image", no_work)
+        patch.setattr(KLPSFModel, "psf_at", no_work)  # nor sampled
+        for option, image in (("science_psf", "science image"),
+                              ("reference_psf", "reference image")):
+            with pytest.raises(ValueError, match=rf"^{option}: the KLPSFModel was fitted on a "
+                                                 rf"40x40 image but the {image} is 96x96; .*"
+                                                 rf"Estimate the PSF on the {image} .*, or leave "
+                                                 rf"{option}=None"):
+                subtract(ref, sci, **{option: small})
+    # a constant model serves any image, and a varying one fitted on an image 6 px smaller
+    # covers these within its margin (as before): both subtract
+    for given in (_kl_model((40, 40), varying=False), _kl_model((90, 90), varying=True)):
+        result = subtract(ref, sci, reference_psf=given, science_psf=given, flux_ratio=1.0,
+                          fit_shift=False, astrometric_noise=0.0)
+        assert result.difference.shape == (96, 96)

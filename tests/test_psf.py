@@ -199,6 +199,29 @@ def test_to_gridded_matches_psf_at_nodes(varying):
     np.testing.assert_allclose(values, model.psf_at(900.0, 100.0), atol=1e-12)
 
 
+def test_to_gridded_oversampling_is_a_whole_number(monkeypatch):
+    """1, 2 and 2.0 (as before) sample the ePSFs; 2.5 (was truncated to 2), 0, a negative,
+    a bool or a non-finite value is refused by name before any PSF is evaluated."""
+    basis = np.zeros((2, 5, 5))
+    basis[0, 2, 2], basis[1, 2, 1:4] = 1.0, 1.0
+    model = KLPSFModel(basis, [[1.0, 0.0, 0.0], [0.0, 0.2, 0.1]], image_shape=(60, 80),
+                       degree=1)
+    assert model.to_gridded((2, 2), oversampling=1).data.shape == (4, 5, 5)
+    twice = model.to_gridded((2, 2), oversampling=2)
+    assert twice.data.shape == (4, 9, 9) and twice.oversampling.tolist() == [2, 2]
+    np.testing.assert_array_equal(model.to_gridded((2, 2), oversampling=2.0).data, twice.data)
+
+    def no_work(*args):
+        raise AssertionError("psf_at called before oversampling was checked")
+
+    monkeypatch.setattr(KLPSFModel, "psf_at", no_work)
+    for bad, shown in ((2.5, "2.5"), (0, "0"), (-2, "-2"), (True, "True"),
+                       (float("nan"), "nan"), (float("inf"), "inf")):
+        with pytest.raises(ValueError, match=rf"^oversampling must be a whole number >= 1 "
+                                             rf"\(.*\), got {shown}$"):
+            model.to_gridded((2, 2), oversampling=bad)
+
+
 # --- I/O and repr ---------------------------------------------------------------------
 
 

@@ -297,6 +297,26 @@ def test_edge_stars_kept_with_their_stamp_max():
     assert abs(edge_star["x"] - 8.2) < 0.1 and edge_star["stamp_max"] == 17
 
 
+def test_edge_is_a_whole_number_of_pixels():
+    """``edge`` cuts whole pixels: 0 and None keep the star 8 px from the border, 2 (or 2.0)
+    rejects it; a fraction, a negative, a bool or a non-finite value is refused by name
+    (2.5 and 1.5 were silently truncated to 2 and 1) before the image is read."""
+    stars_in = Table({"x": [8.2, 128.4, 4.1], "y": [128.3, 60.2, 200.0],
+                      "flux": [5e4, 5e4, 5e4]})
+    sim = simulate_image((256, 256), psf=3.0, stars=stars_in, seed=3)
+    for edge in (None, 0, 1):
+        stars = find_psf_stars(sim.ccd, edge=edge)
+        assert len(stars) == 2 and stars.meta["n_rejected_edge"] == 1, edge
+    for edge in (2, 2.0, np.int64(2)):
+        stars = find_psf_stars(sim.ccd, edge=edge)
+        assert len(stars) == 1 and stars.meta["n_rejected_edge"] == 2, edge
+    for bad, shown in ((2.5, "2.5"), (1.5, "1.5"), (-1, "-1"), (True, "True"),
+                       (float("nan"), "nan"), (float("inf"), "inf"), ("2", "'2'")):
+        with pytest.raises(ValueError, match=rf"^edge must be a whole number of pixels >= 0 "
+                                             rf"\(.*\), or None for no margin, got {shown}$"):
+            find_psf_stars("/nonexistent/image.fits", edge=bad)
+
+
 def _kept_fraction(stars, truth, ref):
     dist, _ = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(
         np.column_stack([truth["x"][ref], truth["y"][ref]])

@@ -24,6 +24,7 @@ from astropy.table import Table
 from scipy.ndimage import map_coordinates
 
 from .._ccd import _check_fits_file
+from .._checks import is_whole
 from .kl import (
     design_matrix,
     evaluate_psf,
@@ -435,8 +436,9 @@ class KLPSFModel(Fittable2DModel):
             Explicit node positions (must form a rectangular grid); overrides
             ``grid_shape``.
         oversampling : int, optional
-            Oversampling of the ePSFs (values sampled every ``1/oversampling`` pixel
-            by cubic-spline interpolation, as the model itself is evaluated).
+            Oversampling of the ePSFs, a whole number >= 1 (an integral float such as
+            ``2.0`` is accepted): values sampled every ``1/oversampling`` pixel by
+            cubic-spline interpolation, as the model itself is evaluated.
 
         Returns
         -------
@@ -446,20 +448,23 @@ class KLPSFModel(Fittable2DModel):
         ------
         ValueError
             When ``grid_shape`` is not two positive integers, ``oversampling`` is not a
-            positive integer, or a position is refused by `psf_at` (not finite, or
-            far outside the image for a varying model).
+            whole number >= 1 (both checked before any work), or a position is refused
+            by `psf_at` (not finite, or far outside the image for a varying model).
         """
         from photutils.psf import GriddedPSFModel
 
+        if not is_whole(oversampling, 1):
+            raise ValueError(
+                f"oversampling must be a whole number >= 1 (the ePSF samples per pixel, "
+                f"1 for none), got {oversampling!r}"
+            )
+        oversampling = int(oversampling)
         if positions is None:
             ny, nx = self.image_shape
             gy, gx = _grid_shape(grid_shape)
             xs, ys = np.meshgrid(np.linspace(0, nx - 1, gx), np.linspace(0, ny - 1, gy))
             positions = np.column_stack([xs.ravel(), ys.ravel()])
         positions = np.asarray(positions, dtype=float).reshape(-1, 2)
-        oversampling = int(oversampling)
-        if oversampling < 1:
-            raise ValueError(f"oversampling must be a positive integer, got {oversampling}")
         psfs = self.psf_at(positions[:, 0], positions[:, 1])
         if oversampling > 1:
             # odd grids of (n - 1) * oversampling + 1 nodes, the centre node on the star
