@@ -46,7 +46,6 @@ __all__ = [
     "check_choice",
     "check_coadd_options",
     "check_flag",
-    "check_psf_covers_image",
     "check_subtract_options",
     "check_workers",
     "is_non_negative",
@@ -313,64 +312,6 @@ def _per_image_check(name: str, check: Callable[[Any], None]) -> Callable[[Any],
                 check(one)
 
     return check_pair
-
-
-def check_psf_covers_image(psf: Any, shape: tuple[int, ...], option: str, image: str) -> None:
-    """Refuse a varying PSF model fitted on an image that does not cover this one.
-
-    A varying model (a `~astro_zackay.psf.KLPSFModel` with ``is_varying``) is not
-    extrapolated beyond the image it was fitted on and its `position_margin`: given for
-    a larger image, it would fail deep inside `subtract`, at the first position beyond
-    it. This refuses it once the image's shape is known, before any work on the image,
-    naming the option. A constant PSF (and anything that is not such a model) serves
-    any image; a model fitted on a larger image covers a smaller one.
-
-    Parameters
-    ----------
-    psf : any PSF input or None
-        The PSF as the user gave it (before `~astro_zackay._psf_input.as_psf_sampler`).
-    shape : tuple of int
-        The image's shape ``(ny, nx)``.
-    option : str
-        The option that gave the PSF (``"science_psf"``).
-    image : str
-        The image as the user knows it (``"science image"``).
-
-    Raises
-    ------
-    ValueError
-        Naming the option, both shapes and what to give instead.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from astro_zackay._checks import check_psf_covers_image
-    >>> from astro_zackay.psf import KLPSFModel
-    >>> basis = np.zeros((2, 5, 5))
-    >>> basis[:, 2, 2] = 1.0
-    >>> model = KLPSFModel(basis, [[1.0, 0.0, 0.0], [0.0, 0.1, 0.0]], image_shape=(100, 100),
-    ...                    degree=1)
-    >>> check_psf_covers_image(model, (100, 105), "science_psf", "science image")
-    >>> try:
-    ...     check_psf_covers_image(model, (256, 256), "science_psf", "science image")
-    ... except ValueError as exc:
-    ...     print(str(exc)[:90])
-    science_psf: the KLPSFModel was fitted on a 100x100 image but the science image is 256x256
-    """
-    if not (bool(getattr(psf, "is_varying", False)) and hasattr(psf, "image_shape")
-            and hasattr(psf, "position_margin")):
-        return
-    (fit_y, fit_x), (ny, nx) = psf.image_shape, shape[-2:]
-    margin_x, margin_y = psf.position_margin
-    if nx - 1 <= fit_x - 1 + margin_x and ny - 1 <= fit_y - 1 + margin_y:
-        return
-    raise ValueError(
-        f"{option}: the {type(psf).__name__} was fitted on a {fit_y}x{fit_x} image but the "
-        f"{image} is {ny}x{nx}; a varying PSF model is not extrapolated beyond the image it "
-        f"was fitted on (and a margin of {margin_x:g} x {margin_y:g} px). Estimate the PSF "
-        f"on the {image} (astro_zackay.psf.estimate_psf), or leave {option}=None to have "
-        "it estimated there"
-    )
 
 
 _SUBTRACT_CHECKS: dict[str, Callable[[Any], None]] = {

@@ -125,7 +125,9 @@ def check_image_size(
     """Refuse an image too small to prepare, before any work on it.
 
     An image needs at least one background box (`MIN_BOX_SIZE` px) on each side and
-    must hold the stamp of its given PSF (evaluated at the image centre).
+    must hold the stamp of its given PSF (evaluated at the image centre); a given
+    varying PSF model must have been fitted on an image that covers it
+    (`check_psf_covers_image`).
 
     Parameters
     ----------
@@ -165,6 +167,7 @@ def check_image_size(
                          f"least {MIN_BOX_SIZE} px for a background map; give a larger image")
     if psf is None:
         return None
+    check_psf_covers_image(psf, shape, option, name)
     sampler = as_psf_sampler(psf)
     stamp = sampler.shape  # a FWHM's stamp is known before it is built (1e4 px: 50001^2)
     if stamp is None:
@@ -174,6 +177,69 @@ def check_image_size(
                          f"{stamp} of {option}: give a larger image, or a PSF on a smaller "
                          "stamp (a smaller FWHM)")
     return sampler
+
+
+def check_psf_covers_image(psf: Any, shape: tuple[int, ...], option: str, image: str) -> None:
+    """Refuse a varying PSF model fitted on an image that does not cover this one.
+
+    A varying model (a `~astro_zackay.psf.KLPSFModel` with ``is_varying``) is not
+    extrapolated beyond the image it was fitted on and its `position_margin`: given for
+    a larger image, it would fail deep inside `subtract`, at the first position beyond
+    it. This refuses it once the image's shape is known, before any work on the image,
+    naming the option (`check_image_size` runs it on every given PSF). A constant PSF
+    (and anything that is not such a model) serves any image; a model fitted on a
+    larger image covers a smaller one.
+
+    Parameters
+    ----------
+    psf : any PSF input or None
+        The PSF as the user gave it, or its `~astro_zackay._psf_input.PSFSampler` (whose
+        ``model`` is then checked).
+    shape : tuple of int
+        The image's shape ``(ny, nx)``.
+    option : str
+        The option that gave the PSF (``"science_psf"``; a trailing ``=`` is dropped).
+    image : str
+        The image as the user knows it (``"science image"``).
+
+    Raises
+    ------
+    ValueError
+        Naming the option, both shapes and what to give instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from astro_zackay._prepare import check_psf_covers_image
+    >>> from astro_zackay.psf import KLPSFModel
+    >>> basis = np.zeros((2, 5, 5))
+    >>> basis[:, 2, 2] = 1.0
+    >>> model = KLPSFModel(basis, [[1.0, 0.0, 0.0], [0.0, 0.1, 0.0]], image_shape=(100, 100),
+    ...                    degree=1)
+    >>> check_psf_covers_image(model, (100, 105), "science_psf", "science image")
+    >>> try:
+    ...     check_psf_covers_image(model, (256, 256), "science_psf", "science image")
+    ... except ValueError as exc:
+    ...     print(str(exc)[:90])
+    science_psf: the KLPSFModel was fitted on a 100x100 image but the science image is 256x256
+    """
+    if isinstance(psf, PSFSampler):
+        psf = psf.model
+    if not (bool(getattr(psf, "is_varying", False)) and hasattr(psf, "image_shape")
+            and hasattr(psf, "position_margin")):
+        return
+    option = option.rstrip("=")
+    (fit_y, fit_x), (ny, nx) = psf.image_shape, shape[-2:]
+    margin_x, margin_y = psf.position_margin
+    if nx - 1 <= fit_x - 1 + margin_x and ny - 1 <= fit_y - 1 + margin_y:
+        return
+    raise ValueError(
+        f"{option}: the {type(psf).__name__} was fitted on a {fit_y}x{fit_x} image but the "
+        f"{image} is {ny}x{nx}; a varying PSF model is not extrapolated beyond the image it "
+        f"was fitted on (and a margin of {margin_x:g} x {margin_y:g} px). Estimate the PSF "
+        f"on the {image} (astro_zackay.psf.estimate_psf), or leave {option}=None to have "
+        "it estimated there"
+    )
 
 
 def prepare_image(

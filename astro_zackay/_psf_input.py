@@ -59,6 +59,9 @@ class PSFSampler:
         ``(x, y) -> ndarray`` of shape ``(N, ny, nx)`` for arrays of positions, each
         stamp unit-sum: one batched evaluation (a `~astro_zackay.psf.KLPSFModel`'s
         ``psf_at``); None when the PSF is sampled one position at a time.
+    model : object or None
+        The PSF model sampled (a `~astro_zackay.psf.KLPSFModel`), for the checks that
+        need its own attributes (the image it was fitted on); None for other PSFs.
     """
 
     sample: Callable[[float, float], np.ndarray]
@@ -66,6 +69,7 @@ class PSFSampler:
     source: str
     shape: tuple[int, int] | None = None
     sample_many: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    model: Any = None
 
     def __call__(self, x: float, y: float) -> np.ndarray:
         return self.sample(x, y)
@@ -292,7 +296,8 @@ def as_psf_sampler(psf: Any, *, stamp_shape: tuple[int, int] = (25, 25)) -> PSFS
         varying = bool(getattr(psf, "is_varying", True))
         return PSFSampler(lambda x, y: _unit_sum(psf.psf_at(x, y), "the PSF"), varying,
                           type(psf).__name__,
-                          sample_many=lambda x, y: _unit_sum_stack(psf.psf_at(x, y), "the PSF"))
+                          sample_many=lambda x, y: _unit_sum_stack(psf.psf_at(x, y), "the PSF"),
+                          model=psf)
     if isinstance(psf, Model):
         if any(n % 2 == 0 for n in stamp_shape):
             raise ValueError(f"stamp_shape must be odd, got {stamp_shape}")

@@ -28,7 +28,7 @@ from ._ccd import (
     to_image,
     warn_missing_source_noise,
 )
-from ._checks import as_pair, check_psf_covers_image, check_subtract_options, named_errors
+from ._checks import as_pair, check_subtract_options, named_errors
 from ._prepare import PreparedImage, check_image_size, prepare_image
 from ._psf_input import (
     ImageWarnings,
@@ -573,8 +573,6 @@ def subtract(
         unit=unit, gain=gain, read_noise=read_noise, saturation=saturation, noise=noise,
         psf_error=psf_error, dtype=dtype, backend=backend, workers=workers,
     )
-    # the PSFs as given: a varying model is checked against its image once that is read
-    given_psfs = reference_psf, science_psf
     reference_psf = None if reference_psf is None else as_psf_sampler(reference_psf)
     science_psf = None if science_psf is None else as_psf_sampler(science_psf)
     units, gains = as_pair(unit, "unit"), as_pair(gain, "gain")
@@ -584,7 +582,8 @@ def subtract(
         sci = to_image(science, unit=units[1], gain=gains[1], read_noise=noises[1],
                        saturation=saturations[1], dtype=dtype)
         warn_missing_source_noise(sci)
-    check_psf_covers_image(given_psfs[1], sci.shape, "science_psf", "science image")
+    # its size and given PSF before the reference is read (a FWHM's stamp before it is built)
+    check_image_size(sci.shape, science_psf, "science image", "science_psf=")
     with ref_warnings, named_errors("reference image"):
         if align:
             from .alignment import align as align_images
@@ -600,11 +599,7 @@ def subtract(
             f"the reference ({ref.shape}) and science ({sci.shape}) images differ in shape: "
             "give registered images or pass align='stars' (or 'wcs')"
         )
-    check_psf_covers_image(given_psfs[0], ref.shape, "reference_psf", "reference image")
-    # both images' sizes, before either is prepared (background, stars, PSF); a FWHM's
-    # stamp before it is built
     check_image_size(ref.shape, reference_psf, "reference image", "reference_psf=")
-    check_image_size(sci.shape, science_psf, "science image", "science_psf=")
     check_not_constant(sci, "science image")
     check_not_constant(ref, "reference image")
     sci = match_unit(sci, ref.unit, gain=_conversion_gain(sci, ref, gains),

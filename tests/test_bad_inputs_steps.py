@@ -119,6 +119,11 @@ def test_an_image_smaller_than_its_psf_or_a_box_is_refused_by_name(small_pair):
     with pytest.raises(ValueError, match=r"^reference image: its shape \(9, 9\) is smaller than "
                                          r"the PSF stamp \(25, 25\) of reference_psf=: give a "
                                          r"larger image"):
+        subtract(tiny, tiny, reference_psf=stamp, science_psf=psf_stamp((9, 9), 3.0),
+                 flux_ratio=1.0, fit_shift=False, astrometric_noise=0.0)
+    # the science image is checked first, before the reference is read
+    with pytest.raises(ValueError, match=r"^science image: its shape \(9, 9\) is smaller than "
+                                         r"the PSF stamp \(25, 25\) of science_psf="):
         subtract(tiny, tiny, reference_psf=stamp, science_psf=stamp, flux_ratio=1.0,
                  fit_shift=False, astrometric_noise=0.0)
     for psf, side in ((psf_stamp((201, 201), 3.0), 201), (60.0, 301)):
@@ -182,3 +187,32 @@ def test_subtract_refuses_a_varying_psf_model_fitted_on_a_smaller_image(small_pa
         result = subtract(ref, sci, reference_psf=given, science_psf=given, flux_ratio=1.0,
                           fit_shift=False, astrometric_noise=0.0)
         assert result.difference.shape == (96, 96)
+
+
+def test_coadd_and_tiled_subtract_refuse_a_varying_psf_model_fitted_on_a_smaller_image(
+        small_pair, tmp_path, monkeypatch):
+    """coadd's psfs= and subtract_tiled's PSFs go through the same check as subtract's: the
+    model is refused by its option, naming the image, before any frame is prepared."""
+    import astro_zackay._prepare as prepare
+
+    ref, sci = small_pair.reference.ccd, small_pair.science.ccd
+    small = _kl_model((40, 40), varying=True)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("an image was prepared before the PSF model was checked")
+
+    monkeypatch.setattr(prepare, "prepare_image", no_work)
+    monkeypatch.setattr(KLPSFModel, "psf_at", no_work)
+    with pytest.raises(ValueError, match=r"^psfs: the KLPSFModel was fitted on a 40x40 image "
+                                         r"but the image 1 is 96x96"):
+        coadd([ref, sci], psfs=[None, small])
+    pytest.importorskip("dask")
+    from astro_zackay.parallel import subtract_tiled
+
+    paths = []
+    for name, image in (("ref", ref), ("sci", sci)):
+        paths.append(tmp_path / f"{name}.fits")
+        image.write(paths[-1])
+    with pytest.raises(ValueError, match=r"^science_psf: the KLPSFModel was fitted on a 40x40 "
+                                         r"image"):
+        subtract_tiled(paths[0], paths[1], tmp_path / "out.fits", science_psf=small)
