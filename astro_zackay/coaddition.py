@@ -565,7 +565,7 @@ def coadd(
     >>> result = coadd(frames, psfs=psfs, flux_scales=[1.0, 1.0, 1.0])
     >>> result
     <CoaddResult 64x64 n_frames=3 unit=electron flux_scale=1.16667 snr_full=0.283789
-     psf=31x31 masked=0>
+     psf=15x15 masked=0>
     >>> round(float(result.psf.sum()), 12), result.weights.round(3).tolist()
     (1.0, [1.0, 0.25, 0.111])
 

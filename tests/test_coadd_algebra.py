@@ -12,6 +12,7 @@ from astro_zackay.fourier import (
     ArrayBackend,
     convolve_fft,
     correlate_fft,
+    origin_to_stamp,
     psf_rfft,
     psf_to_origin,
 )
@@ -52,8 +53,8 @@ def test_noise_only_coadd_is_white_unit_variance():
     assert pytest.approx(np.sqrt(np.sum(flux**2 / sig**2)), rel=1e-14) == res.F_R
     assert res.psf_r_at_origin.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.fft.rfft2(res.psf_r_at_origin)[0, 0].real == pytest.approx(1.0, abs=1e-12)
-    assert res.P_R.sum() == pytest.approx(1.0, abs=1e-12) and res.P_R.shape == (63, 63)
-    assert np.unravel_index(np.argmax(res.P_R), res.P_R.shape) == (31, 31)
+    assert res.P_R.sum() == pytest.approx(1.0, abs=1e-12) and res.P_R.shape == (31, 31)
+    assert np.unravel_index(np.argmax(res.P_R), res.P_R.shape) == (15, 15)
     assert not res.mask.any() and np.all(res.n_used == n)
     # S is the matched filter of R with P_R, scaled by F_R
     s_check = res.F_R * correlate_fft(res.R, np.fft.rfft2(res.psf_r_at_origin))
@@ -128,6 +129,53 @@ def test_snr_gain_over_weighted_mean():
     measured, predicted = snr_gain(rng, rng.uniform(2.5, 8.0, 20) / 2.3548)
     assert 1.06 < predicted < 1.2
     assert measured == pytest.approx(predicted, abs=0.015)
+
+
+def _pr_frames(shape, psfs, sig, flux, **kw):
+    """P_R of noise-free (zero) frames of ``shape`` with these PSFs, sigmas and flux scales."""
+    acc = ProperCoaddAccumulator(shape, **kw)
+    for p, s, f in zip(psfs, sig, flux):
+        acc.add(np.zeros(shape), p, s, f)
+    return acc.finalize()
+
+
+def test_psf_r_of_identical_gaussians_is_that_gaussian_on_any_grid():
+    """Identical PSFs: P_R is the PSF itself, also on an image grid barely wider than it."""
+    psf = gaussian_psf(2.0, size=31)  # cut at 7.5 sigma: its transform is positive
+    for shape, border in (((32, 32), 0), ((40, 36), 0), ((512, 512), 31)):
+        res = _pr_frames(shape, [psf] * 3, [1.0, 2.0, 1.5], [1.0, 0.7, 1.3], border=border)
+        assert res.P_R.shape == psf.shape
+        np.testing.assert_allclose(res.P_R, psf, rtol=0, atol=1e-13)
+
+
+def test_psf_r_stamp_holds_its_light_and_does_not_depend_on_the_image():
+    """P_R of mixed Moffat and Gaussian PSFs, on images of 40 px (no padding) and 512 px.
+
+    The default stamp (the largest input stamp) holds all but 2e-4 of the light of the
+    full P_R (its wings on a 512 px grid), and is the same for both images: it is formed
+    on a grid of its own (on a 40 px image grid the old stamp, twice as wide, was cut to
+    the grid and aliased).
+    """
+    from astro_zackay.profiles import psf_stamp
+
+    psfs = [psf_stamp(11, 1.5), psf_stamp(27, 4.0, profile="moffat"),
+            psf_stamp(39, 6.0, profile="moffat", ellipticity=0.3, theta=0.5,
+                      center=(19.3, 18.8))]
+    sig, flux = [1.0, 1.5, 2.0], [1.0, 0.8, 1.2]
+    small = _pr_frames((40, 40), psfs, sig, flux)
+    large = _pr_frames((512, 512), psfs, sig, flux, border=39)
+    assert small.P_R.shape == large.P_R.shape == (39, 39)
+    np.testing.assert_allclose(small.P_R, large.P_R, rtol=0, atol=1e-12)
+    held = origin_to_stamp(large.psf_r_at_origin, 39).sum()
+    assert 1.0 - 2e-4 < held <= 1.0
+    np.testing.assert_allclose(large.P_R, origin_to_stamp(large.psf_r_at_origin, 39) / held,
+                               rtol=0, atol=1e-12)
+    # a size of one's own is still honoured (wider than the image grid too), and checked
+    acc = ProperCoaddAccumulator((40, 40))
+    acc.add(np.zeros((40, 40)), psfs[0], 1.0)
+    assert acc.finalize(psf_stamp_size=61).P_R.shape == (61, 61)
+    with pytest.raises(ValueError, match="psf_stamp_size must be a positive odd number, got 20"):
+        acc.finalize(psf_stamp_size=20)
 
 
 def test_masked_pixels_never_leak():

@@ -591,6 +591,51 @@ def test_coadd_pair_flux_ratio_from_the_exact_psfs():
     assert result.flux_ratio == pytest.approx(0.8, abs=0.004)
 
 
+def _negative_fraction(stamp):
+    """The fraction of a stamp's sum in its negative pixels."""
+    stamp = stamp / stamp.sum()
+    return float(-stamp[stamp < 0].sum())
+
+
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.PSFQualityWarning")
+@pytest.mark.filterwarnings("ignore::astro_zackay._warnings.FewStarsWarning")
+def test_coadd_of_small_frames_subtracts(monkeypatch):
+    """Four 96 px frames of 25 stars, PSFs estimated: their coadd goes into `subtract`.
+
+    The estimated stamps hold noise in their wings (the noisiest here a third of its sum
+    in negative pixels); P_R's zero-phase modulus spread it over a stamp twice the input
+    stamps, which held 14 % of P_R's sum in negative pixels, and `subtract` refused it.
+    Cut at the input stamps, P_R is no noisier than its inputs weighted by their depth,
+    and the difference with a fifth frame has unit Scorr noise.
+    """
+    from astro_zackay.coadd_algebra import ProperCoaddAccumulator
+    from astro_zackay.subtraction import subtract
+
+    stamps = []
+    add = ProperCoaddAccumulator.add
+
+    def spy(self, image, psf, *args, **kwargs):
+        stamps.append(np.array(psf))
+        return add(self, image, psf, *args, **kwargs)
+
+    monkeypatch.setattr(ProperCoaddAccumulator, "add", spy)
+    fwhm = (2.5, 3.5, 3.0, 4.0)
+    first = simulate_image((96, 96), n_stars=25, flux_range=(3e3, 2e5), psf=fwhm[0], seed=20,
+                           wcs=False)
+    frames = [first.ccd] + [simulate_image((96, 96), stars=first.truth, psf=w, seed=20 + j,
+                                           wcs=False).ccd for j, w in enumerate(fwhm[1:], 1)]
+    res = coadd(frames)
+    assert len(stamps) == 4 and res.psf.shape == (max(s.shape[0] for s in stamps),) * 2
+    inputs = np.dot(res.frames["depth_share"], [_negative_fraction(s) for s in stamps])
+    assert _negative_fraction(res.psf) < inputs
+
+    science = simulate_image((96, 96), stars=first.truth, psf=3.0, seed=29, wcs=False).ccd
+    score = subtract(res, science).score
+    values = score.data[~score.mask]
+    robust_std = 1.4826 * np.median(np.abs(values - np.median(values)))
+    assert 0.8 < robust_std < 1.3
+
+
 # --------------------------------------------------------------------------------------
 # the default path: background, noise, PSF and flux scales all estimated; alignment
 
