@@ -108,7 +108,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.fft
 
 from .fourier import (
     ArrayBackend,
@@ -801,7 +800,7 @@ class ProperCoaddAccumulator:
         den = np.zeros((side, side // 2 + 1))
         for psf, f, s, _ in self._frames:
             den += (f * f / (s * s)) * abs2(psf_rfft(psf, grid, workers=self._workers))
-        full = scipy.fft.irfft2(np.sqrt(den), s=grid, workers=self._workers)
+        full = get_array_module("numpy").irfft2(np.sqrt(den), s=grid, workers=self._workers)
         return origin_to_stamp(full, size, normalize=True)
 
     def finalize(
